@@ -13,7 +13,7 @@ from fake_runner import fake_run
 from mirage.bench.config import load_config
 from mirage.bench.results import ResultStore
 from mirage.bench.runs import expand
-from mirage.bench.sweep import run_sweep, sweep_status
+from mirage.bench.sweep import RunFilter, run_sweep, sweep_status
 
 
 def test_expansion_counts_and_stable_ids(small_config):
@@ -49,6 +49,19 @@ def test_inline_sweep_then_rerun_does_nothing(tmp_path, small_config):
     before = results.read_text()
     run_sweep(small_config, results, runner=fake_run, executor="inline", show_progress=False)
     assert results.read_text() == before
+
+
+def test_filter_runs_only_matching_runs_and_rejects_unknown_names(tmp_path, small_config):
+    results = tmp_path / "r.jsonl"
+    only = RunFilter(defenses=frozenset({"fake"}), attacks=frozenset({"knockoff"}))
+    run_sweep(small_config, results, runner=fake_run, executor="inline", only=only, show_progress=False)
+    records = ResultStore(results).read()
+    assert len(records) == 6 and {r["defense_label"] for r in records} == {"fake"}
+    assert sweep_status(small_config, ResultStore(results)).done == 6
+    with pytest.raises(ValueError, match="no defense"):
+        run_sweep(small_config, results, runner=fake_run, executor="inline",
+                  only=RunFilter(defenses=frozenset({"nonexistent"})), show_progress=False)
+    assert len(ResultStore(results).read()) == 6
 
 
 def test_limit_and_status(tmp_path, small_config):

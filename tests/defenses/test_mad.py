@@ -109,6 +109,18 @@ def test_kl_bisection_meets_its_budget_tightly(eps):
     assert (distance(y, target, "kl")[~inside] <= eps).all()
 
 
+@pytest.mark.parametrize("norm", ["l1", "l2", "kl"])
+def test_vertex_step_equals_the_general_step(norm):
+    model = model64("lenet", 7, 3)
+    x, y = batch(16, 7, 4)
+    mad = create_defense("mad", epsilon=0.4, norm=norm, surrogate=model)
+    vertex = mad.vertex(x, y)
+    target = torch.nn.functional.one_hot(vertex, 7).double()
+    alpha = mad.vertex_step(y, vertex)
+    torch.testing.assert_close(alpha, mad.step(y, target), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(mad(x, y), y + alpha.unsqueeze(1) * (target - y), rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("norm", ["l1", "l2"])
 def test_closed_form_step_spends_exactly_the_budget(norm):
     model = model64("lenet", 5, 2)
@@ -221,3 +233,18 @@ def test_subset_table_is_every_subset():
     from mirage.defenses.mad_argmax import subset_table
 
     assert {tuple(r) for r in subset_table(4).tolist()} == set(itertools.product([0.0, 1.0], repeat=3))
+
+
+@settings(max_examples=20, deadline=None)
+@given(k=st.integers(3, 12), seed=st.integers(0, 10_000), b=st.integers(1, 16))
+def test_cosine_fast_path_picks_the_vertex_of_the_general_objective(k, seed, b):
+    from mirage.defenses.mad import last_layer_cosine_vertex, last_layer_vertex_objective
+
+    g = torch.Generator().manual_seed(seed)
+    features_sq = torch.rand(b, generator=g, dtype=torch.float64) * 5
+    probs = torch.softmax(3 * torch.randn(b, k, generator=g, dtype=torch.float64), 1)
+    clean = torch.softmax(3 * torch.randn(b, k, generator=g, dtype=torch.float64), 1)
+    features_sq[0] = 0          # G = 0: every vertex ties
+    clean[-1] = probs[-1]       # y = p: every vertex ties
+    general = last_layer_vertex_objective(features_sq, probs, clean, "cosine").argmax(1)
+    assert torch.equal(last_layer_cosine_vertex(features_sq.sqrt(), probs, clean), general)

@@ -42,19 +42,50 @@ def sweep_status(config: SweepConfig, store: ResultStore) -> SweepStatus:
                        seconds_done=sum(r.get("wall_seconds", 0.0) for r in finished))
 
 
+@dataclass(frozen=True)
+class RunFilter:
+    """Which pending runs to execute now (empty = any): lets a long sweep run its most telling
+    part first. Matches scenario names, attack labels and defense labels."""
+
+    scenarios: frozenset[str] = frozenset()
+    attacks: frozenset[str] = frozenset()
+    defenses: frozenset[str] = frozenset()
+
+    def validate(self, config: SweepConfig) -> None:
+        known = {"scenario": set(config.scenarios), "attack": {a.display for a in config.attacks},
+                 "defense": {d.display for d in config.defenses}}
+        for kind, wanted in (("scenario", self.scenarios), ("attack", self.attacks),
+                             ("defense", self.defenses)):
+            unknown = wanted - known[kind]
+            if unknown:
+                raise ValueError(f"no {kind} {sorted(unknown)} in sweep {config.name!r} "
+                                 f"(it has {sorted(known[kind])})")
+
+    def __call__(self, run: RunSpec) -> bool:
+        return ((not self.scenarios or run.scenario in self.scenarios)
+                and (not self.attacks or run.attack_label in self.attacks)
+                and (not self.defenses or run.defense_label in self.defenses))
+
+
 def run_sweep(config: SweepConfig, results: str | Path, *, runner: Callable[[RunSpec], dict[str, Any]] | None = None,
               executor: str = "local", workers: int = 1, scheduler: Any = None,
-              limit: int | None = None, show_progress: bool = True) -> SweepStatus:
+              limit: int | None = None, only: RunFilter | None = None,
+              show_progress: bool = True) -> SweepStatus:
     """Execute every pending run of ``config``; returns the status after the sweep.
 
     ``executor``: ``inline`` (this process), ``local`` (process pool of ``workers``) or ``dask``
-    (``scheduler`` = address or Client). ``limit`` caps how many runs this call executes.
+    (``scheduler`` = address or Client). ``only`` restricts this call to matching runs and
+    ``limit`` caps how many it executes.
     """
     if runner is None:
         from mirage.bench.execute import execute_run as runner
     store = ResultStore(results)
     status = sweep_status(config, store)
-    pending = status.pending[:limit] if limit is not None else status.pending
+    pending = status.pending
+    if only is not None:
+        only.validate(config)
+        pending = [run for run in pending if only(run)]
+    pending = pending[:limit] if limit is not None else pending
     log.info("sweep %s: %d runs, %d done, %d to run now", config.name, status.total, status.done, len(pending))
     if executor == "inline":
         stream = run_inline(runner, pending)

@@ -29,18 +29,27 @@ def run(
     workers: Annotated[int, typer.Option(help="process-pool workers")] = 1,
     scheduler: Annotated[str | None, typer.Option(help="dask scheduler address, tcp://host:port")] = None,
     limit: Annotated[int | None, typer.Option(help="run at most this many pending runs")] = None,
+    scenario: Annotated[list[str] | None, typer.Option(help="only these scenarios (repeatable)")] = None,
+    attack: Annotated[list[str] | None, typer.Option(help="only these attack labels (repeatable)")] = None,
+    defense: Annotated[list[str] | None, typer.Option(help="only these defense labels (repeatable)")] = None,
     report: Annotated[bool, typer.Option(help="write the report when the sweep ends")] = True,
 ) -> None:
     """Run every pending run of a sweep; finished runs are skipped, so this resumes."""
     from mirage.bench.config import load_config
     from mirage.bench.report import build_report
-    from mirage.bench.sweep import run_sweep
+    from mirage.bench.sweep import RunFilter, run_sweep
 
     cfg = load_config(config)
     path = _results_path(cfg.name, results)
     if scheduler:
         executor = "dask"
-    status = run_sweep(cfg, path, executor=executor, workers=workers, scheduler=scheduler, limit=limit)
+    only = RunFilter(frozenset(scenario or ()), frozenset(attack or ()), frozenset(defense or ()))
+    try:
+        only.validate(cfg)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    status = run_sweep(cfg, path, executor=executor, workers=workers, scheduler=scheduler,
+                       limit=limit, only=only)
     console.print(f"[bold]{cfg.name}[/]: {status.done}/{status.total} runs done -> {path}")
     if report:
         console.print(f"report: {build_report(cfg, path, path.parent)}")

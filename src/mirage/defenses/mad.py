@@ -119,6 +119,26 @@ def last_layer_vertex_objective(features_sq: Tensor, probs: Tensor, clean: Tenso
     return objective_from_terms(cmc, cmy, ymy, objective)
 
 
+def last_layer_cosine_vertex(features_norm: Tensor, probs: Tensor, clean: Tensor) -> Tensor:
+    """argmax_k of the cosine objective at the vertices e_k for the last layer, (B,) — the same
+    choice as :func:`last_layer_vertex_objective` in a dozen ops (the per-query cost that matters
+    at batch 1). The positive factors ‖h‖² and ‖y − p‖ cancel from the cosine, so the best vertex
+    minimises ⟨e_k − p, y − p⟩ / ‖e_k − p‖. ``features_norm``: ‖h‖ (B,), only used so that when
+    G = 0 (‖h‖ = 0) — as when y = p — every score is 0 and, like the general path, the first
+    vertex is taken."""
+    residual = clean - probs
+    along = residual - (probs * residual).sum(1, keepdim=True)                 # ⟨e_k − p, y − p⟩
+    length_sq = torch.add(probs.square().sum(1, keepdim=True), probs, alpha=-2).add_(1)
+    scale = length_sq.clamp_min_(torch.finfo(probs.dtype).tiny).rsqrt_().mul_(features_norm.unsqueeze(1))
+    return (along * scale).argmin(1)
+
+
+def move_to_vertex(clean: Tensor, vertex: Tensor, alpha: Tensor) -> Tensor:
+    """(1 − α) y + α e_k per row: ``clean`` (B, K), ``vertex`` k (B,), ``alpha`` (B,)."""
+    alpha = alpha.unsqueeze(1)
+    return (clean * (1 - alpha)).scatter_add_(1, vertex.unsqueeze(1), alpha)
+
+
 @register_defense("mad", params=MADParams)
 class MAD(Defense):
     """MAD (ICLR 2020): move towards the simplex vertex of largest angular gradient deviation."""
@@ -142,9 +162,8 @@ class MAD(Defense):
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         y = probs.double()
-        target = self.target(x, y)
-        alpha = self.step(y, target)
-        return (y + alpha.unsqueeze(1) * (target - y)).to(probs.dtype)
+        vertex = self.vertex(x, y)
+        return move_to_vertex(y, vertex, self.vertex_step(y, vertex)).to(probs.dtype)
 
     # -- pieces, public so tests and benchmarks can check them one by one -------------------
 
@@ -154,34 +173,51 @@ class MAD(Defense):
         if self.params.jacobian == "identity":
             return torch.eye(k, dtype=torch.float64, device=y.device).expand(b, k, k)
         if self.params.layers == "last":
-            features_sq, probs = self._last_layer(x, k)
-            return last_layer_gram_from_norms(features_sq, probs)
+            features, logits = self._last_layer(x, k)
+            return last_layer_gram_from_norms(features.square().sum(1), torch.softmax(logits, dim=1))
         model = self._surrogate(x, k)
         gram, surrogate_probs = full_network_gram(model, x.to(self._dtype), num_classes=k)
         self._check_classes(surrogate_probs, k)
         return gram.double()
 
-    def target(self, x: Tensor | None, y: Tensor) -> Tensor:
-        """y* per query, (B, K)."""
+    def vertex(self, x: Tensor | None, y: Tensor) -> Tensor:
+        """The index k of y* = e_k per query, (B,)."""
         b, k = y.shape
         if self.params.oracle == "random":
-            pick = torch.randint(0, k, (b,), generator=self.generator).to(y.device)
-        elif self.params.jacobian == "surrogate" and self.params.layers == "last":
-            features_sq, probs = self._last_layer(x, k)
-            pick = last_layer_vertex_objective(features_sq, probs, y, self.params.objective).argmax(1)
-        else:
-            vertices = torch.eye(k, dtype=y.dtype, device=y.device).expand(b, k, k)
-            pick = candidate_objective(self.gram(x, y), y, vertices, self.params.objective).argmax(1)
-        return nn.functional.one_hot(pick, k).to(y.dtype)
+            return torch.randint(0, k, (b,), generator=self.generator).to(y.device)
+        if self.params.jacobian == "surrogate" and self.params.layers == "last":
+            features, logits = self._last_layer(x, k)
+            probs = torch.softmax(logits, dim=1)
+            if self.params.objective == "cosine":
+                return last_layer_cosine_vertex(torch.linalg.vector_norm(features, dim=1), probs, y)
+            return last_layer_vertex_objective(features.square().sum(1), probs, y, self.params.objective).argmax(1)
+        vertices = torch.eye(k, dtype=y.dtype, device=y.device).expand(b, k, k)
+        return candidate_objective(self.gram(x, y), y, vertices, self.params.objective).argmax(1)
+
+    def target(self, x: Tensor | None, y: Tensor) -> Tensor:
+        """y* per query, (B, K)."""
+        return nn.functional.one_hot(self.vertex(x, y), y.shape[1]).to(y.dtype)
+
+    def vertex_step(self, y: Tensor, vertex: Tensor) -> Tensor:
+        """:meth:`step` towards y* = e_k, with ‖e_k − y‖ in closed form for L1 and L2, (B,)."""
+        eps, norm = self.params.epsilon, self.params.norm
+        if norm == "kl":
+            return self.step(y, nn.functional.one_hot(vertex, y.shape[1]).to(y.dtype))
+        y_k = y.gather(1, vertex.unsqueeze(1)).squeeze(1)
+        if norm == "l1":                                   # ‖e_k − y‖₁ = 2 (1 − y_k)
+            length = (1 - y_k).mul_(2)
+        else:                                              # ‖e_k − y‖₂² = 1 − 2 y_k + ‖y‖²
+            length = torch.add(y.square().sum(1), y_k, alpha=-2).add_(1).clamp_min_(0).sqrt_()
+        return (eps / length.clamp_min(1e-300)).clamp_max_(1)
 
     def _last_layer(self, x: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-        """One surrogate forward: (‖h‖² (B,), surrogate probabilities (B, K)), float64."""
+        """One surrogate forward: (features h (B, H), logits (B, K)), float64."""
         model = self._surrogate(x, k)
-        with torch.no_grad():
-            features = model.features(x.to(self._dtype))
+        with torch.inference_mode():
+            features = model.features(x if x.dtype == self._dtype else x.to(self._dtype))
             logits = model.classifier(features)
         self._check_classes(logits, k)
-        return features.double().pow(2).sum(1), torch.softmax(logits.double(), dim=1)
+        return features.double(), logits.double()
 
     def step(self, y: Tensor, target: Tensor) -> Tensor:
         """Largest α ∈ [0, 1] with dist(y, (1−α)y + αy*) ≤ ε, (B,)."""

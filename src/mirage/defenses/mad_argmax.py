@@ -50,6 +50,11 @@ class MADArgmax(MAD):
         super().__init__(params, **kwargs)
         self.evaluations = 0  # candidates scored per query in the last call (for tests/benchmarks)
 
+    def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
+        y = probs.double()
+        target = self.target(x, y)                       # not a vertex: the general step
+        return torch.lerp(y, target, self.step(y, target).unsqueeze(1)).to(probs.dtype)
+
     def target(self, x: Tensor | None, y: Tensor) -> Tensor:
         gram = self.gram(x, y)
         if y.shape[1] <= self.params.exhaustive_max_classes:
