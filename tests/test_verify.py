@@ -85,3 +85,26 @@ def test_surrogate_early_stop_and_cache(isolated_cache):
     assert len(random_members) == 1
     with pytest.raises(ValueError):
         SurrogateConfig(stop_epoch=60)
+
+
+def test_distilled_surrogate_never_sees_the_victims_test_split(monkeypatch):
+    import mirage.training.surrogate as surrogate_module
+    from mirage.scenarios import get_scenario
+    from mirage.training.surrogate import SurrogateConfig, train_surrogate
+
+    seen = []
+
+    def record(model, images):
+        seen.append(images)
+        raise StopIteration  # the images are all this test needs
+
+    monkeypatch.setattr(surrogate_module, "clean_posteriors", record)
+    scenario = get_scenario("digits")  # in-distribution: the pool is the victim's own dataset
+    data = load_dataset("digits")
+    model = create_model("lenet", data.input_shape, 10, data.mean, data.std)
+    with pytest.raises(StopIteration):
+        train_surrogate(scenario, model, None, SurrogateConfig(kind="distilled"))
+    images = seen[0].flatten(1)
+    assert len(images) == len(data.train.images)
+    test_rows = data.test.images.flatten(1)
+    assert not (torch.cdist(test_rows, images).amin(1) == 0).any()

@@ -2,7 +2,7 @@
 
 Kinds:
 - ``distilled``: same architecture as the victim, trained on the victim's clean posteriors over
-  query-like data (the scenario's pool) and **stopped early** — epoch E of an N-epoch cosine
+  query-like data (the scenario's query pool, without the victim's test split) and **stopped early** — epoch E of an N-epoch cosine
   schedule (default 10 of 50): a partly trained model resembles the attacker's clone better than
   a converged one.
 - ``random``: randomly initialised (transfers badly; kept as the paper's baseline).
@@ -93,8 +93,10 @@ def train_early_stopped(model: nn.Module, images: Tensor, targets: Tensor, confi
 
 
 def surrogate_dir(scenario: Scenario, config: SurrogateConfig, victim_card: ModelCard) -> Path:
+    # "pool": distillation data = attacks.pools.query_pool (before, in-distribution scenarios
+    # also distilled on the victim's test split); a new value retires surrogates cached before.
     key = config_key("surrogate", {"scenario": scenario.model_dump(), "config": config.model_dump(),
-                                   "victim_created": victim_card.created})
+                                   "victim_created": victim_card.created, "pool": "query_pool"})
     return paths.cache_dir() / "surrogates" / f"{scenario.name}-{config.kind}-{key}"
 
 
@@ -111,9 +113,9 @@ def train_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCar
         snapshots, seconds = [{k: v.detach().clone() for k, v in model.state_dict().items()}], 0.0
     else:
         if config.kind == "distilled":
-            pool = load_dataset(scenario.pool_dataset, scenario.pool_root)
-            parts = {"train": [pool.train], "test": [pool.test], "all": [pool.train, pool.test]}[scenario.pool_split]
-            images = torch.cat([p.images for p in parts])
+            from mirage.attacks.pools import query_pool  # the attacker-side module owns the pool rules
+
+            images = query_pool(scenario).images  # never the victim's test split (the evaluation set)
             if config.num_queries is not None:
                 pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.training.seed))
                 images = images[pick[:config.num_queries]]
