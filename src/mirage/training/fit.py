@@ -104,8 +104,10 @@ def train_loop(model: nn.Module, n: int, config: TrainConfig,
 
 
 def fit(model: nn.Module, images: Tensor, targets: Tensor, config: TrainConfig, *,
+        loss: Callable[[Tensor, Tensor], Tensor] = soft_cross_entropy,
         description: str = "training", show_progress: bool = True) -> dict[str, float]:
-    """Train ``model`` in place on (images, targets); returns loss and wall time.
+    """Train ``model`` in place on (images, targets) minimising ``loss(logits, targets)`` (default:
+    the soft-label cross-entropy); returns the final loss and the wall time.
 
     Deterministic given ``config.seed`` (shuffling and augmentation use their own generator).
     """
@@ -119,7 +121,7 @@ def fit(model: nn.Module, images: Tensor, targets: Tensor, config: TrainConfig, 
         x = images[index]
         if config.augment:
             x = random_shift(x, generator)
-        return soft_cross_entropy(model(x.to(device)), targets[index].to(device))
+        return loss(model(x.to(device)), targets[index].to(device))
 
     return train_loop(model, len(images), config, batch_loss, description=description,
                       show_progress=show_progress)

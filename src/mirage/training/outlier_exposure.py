@@ -12,11 +12,10 @@ Stealing Attacks with Adaptive Misinformation", CVPR 2020; SPEC section 2.3).
 
 from __future__ import annotations
 
-
 import torch
 from torch import Tensor, nn
 
-from mirage.training.fit import TrainConfig, random_shift, train_loop
+from mirage.training.fit import TrainConfig, fit, random_shift, train_loop
 
 
 def outlier_exposure_loss(logits_in: Tensor, labels: Tensor, logits_out: Tensor, weight: float) -> Tensor:
@@ -56,18 +55,8 @@ def train_outlier_exposure(model: nn.Module, images: Tensor, labels: Tensor, out
 def train_misinformation(model: nn.Module, images: Tensor, labels: Tensor, config: TrainConfig, *,
                          show_progress: bool = True) -> dict[str, float]:
     """Train ``model`` in place to minimise −log(1 − p_y): the misinformation model F̂."""
-    if len(images) != len(labels) or len(images) == 0:
-        raise ValueError("need equally many images and labels, at least one")
-    device = next(model.parameters()).device
-
-    def step(index: Tensor, generator: torch.Generator) -> Tensor:
-        x = images[index]
-        if config.augment:
-            x = random_shift(x, generator)
-        return misinformation_loss(model(x.to(device)), labels[index].to(device))
-
-    return train_loop(model, len(images), config, step, description="misinformation",
-                      show_progress=show_progress)
+    return fit(model, images, labels, config, loss=misinformation_loss, description="misinformation",
+               show_progress=show_progress)
 
 
 @torch.no_grad()
