@@ -25,3 +25,20 @@ def test_training_time_defenses_replace_the_victim_and_serve_undefended():
     assert split_defense("dpsgd", {"noise_multiplier": 1.0}) == (("dpsgd", '{"noise_multiplier": 1.0}'), ("none", {}))
     assert split_defense("grad2", {"epsilon": 0.5}) == (("none", "{}"), ("grad2", {"epsilon": 0.5}))
     assert split_defense("none", {}) == (("none", "{}"), ("none", {}))
+
+
+def test_victim_epochs_override_is_its_own_scenario_and_run():
+    import hashlib
+    import json
+
+    from mirage.bench.execute import _scenario
+
+    assert _scenario(("digits", None)).victim_training.epochs == 15
+    assert _scenario(("digits", 3)).victim_training.epochs == 3
+    spec = RunSpec(scenario="digits", defense="none", defense_label="none", defense_params={},
+                   attack="knockoff", attack_label="knockoff", attack_params={}, budget=300, seed=0,
+                   clone_training=TrainConfig(epochs=2))
+    # ids of runs recorded before the field existed are unchanged
+    legacy = spec.model_dump(mode="json", exclude={"defense_label", "attack_label", "victim_epochs"})
+    assert spec.run_id == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
+    assert spec.model_copy(update={"victim_epochs": 3}).run_id != spec.run_id

@@ -114,3 +114,12 @@ def test_killed_sweep_resumes_without_losing_or_redoing_runs(tmp_path, small_con
     assert status.done == 10 and len(ids) == len(set(ids)) == 10
     assert records[: len(finished)] == finished  # nothing finished was rewritten
     json.dumps(records)
+
+
+def test_victim_epochs_must_name_a_scenario_of_the_sweep(small_config):
+    from mirage.bench.config import SweepConfig
+
+    data = small_config.model_dump()
+    assert expand(SweepConfig.model_validate({**data, "victim_epochs": {"digits": 2}}))[0].victim_epochs == 2
+    with pytest.raises(ValueError, match="victim_epochs"):
+        SweepConfig.model_validate({**data, "victim_epochs": {"fmnist": 2}})

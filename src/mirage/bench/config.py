@@ -65,12 +65,18 @@ class SweepConfig(_Strict):
         default_factory=dict,
         description="optional: scenario -> attack labels to run there (default: all attacks)")
     eval_size: int | None = Field(None, gt=0, description="defender accuracy on the first N test images")
+    victim_epochs: dict[str, int] = Field(
+        default_factory=dict,
+        description="optional: scenario -> victim training epochs (a cheaper, separately cached victim)")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> SweepConfig:
         labels = [a.display for a in self.attacks]
         if len(labels) != len(set(labels)):
             raise ValueError(f"attack labels must be unique, got {labels}")
+        unknown = set(self.victim_epochs) - set(self.scenarios)
+        if unknown or any(e < 1 for e in self.victim_epochs.values()):
+            raise ValueError(f"victim_epochs must map this sweep's scenarios to epochs ≥ 1, got {self.victim_epochs}")
         return self
 
 

@@ -28,17 +28,29 @@ from mirage.bench.angles import angular_deviation
 from mirage.bench.defenses import build_defense
 from mirage.bench.runs import RunSpec
 from mirage.data import ImageData, load_dataset
-from mirage.scenarios import get_scenario
+from mirage.scenarios import Scenario, get_scenario
 from mirage.training.registry import get_defended_victim, list_training_defenses
 
 ANGLE_SAMPLES = 64
 OVERHEAD_BATCH = 256
 
 
+ScenarioKey = tuple[str, int | None]
+"""(scenario name, victim-epochs override): what the per-process caches below are keyed by."""
+
+
+def _scenario(key: ScenarioKey) -> Scenario:
+    """The named scenario, with the sweep's victim-epochs override (a separately cached victim)."""
+    name, victim_epochs = key
+    scenario = get_scenario(name)
+    if victim_epochs is None:
+        return scenario
+    return get_scenario(name, victim_training=scenario.victim_training.model_copy(update={"epochs": victim_epochs}))
+
+
 @functools.lru_cache(maxsize=4)
-def _victim(scenario_name: str, method: str = "none", params_json: str = "{}"):
-    model, card, _ = get_defended_victim(get_scenario(scenario_name), method, json.loads(params_json),
-                                         show_progress=False)
+def _victim(key: ScenarioKey, method: str = "none", params_json: str = "{}"):
+    model, card, _ = get_defended_victim(_scenario(key), method, json.loads(params_json), show_progress=False)
     return model, card
 
 
@@ -49,22 +61,22 @@ def split_defense(name: str, params: dict[str, Any]) -> tuple[tuple[str, str], t
     return ("none", "{}"), (name, params)
 
 
-def _eval_data(scenario_name: str, eval_size: int | None) -> ImageData:
-    scenario = get_scenario(scenario_name)
+def _eval_data(scenario: Scenario, eval_size: int | None) -> ImageData:
     test = load_dataset(scenario.victim_dataset, scenario.data_root).test
     return test if eval_size is None else test.subset(torch.arange(min(eval_size, len(test))))
 
 
 @functools.lru_cache(maxsize=64)
-def _defender_metrics(scenario_name: str, defense: str, params_json: str, eval_size: int | None) -> dict:
+def _defender_metrics(key: ScenarioKey, defense: str, params_json: str, eval_size: int | None) -> dict:
     (method, method_params), (query_defense, query_params) = split_defense(defense, json.loads(params_json))
-    victim, card = _victim(scenario_name, method, method_params)
-    built = build_defense(query_defense, query_params, get_scenario(scenario_name), victim, card)
-    data = _eval_data(scenario_name, eval_size)
+    victim, card = _victim(key, method, method_params)
+    scenario = _scenario(key)
+    built = build_defense(query_defense, query_params, scenario, victim, card)
+    data = _eval_data(scenario, eval_size)
     result = defended_accuracy(victim, built, data)
     # victim_accuracy: the plain victim on the same images as defender_accuracy, so their
     # difference is the defense's accuracy cost even when eval_size takes a subset.
-    plain = result.clean_accuracy if method == "none" else accuracy(_victim(scenario_name)[0], data)
+    plain = result.clean_accuracy if method == "none" else accuracy(_victim(key)[0], data)
     return {"victim_accuracy": plain, "defender_accuracy": result.defended_accuracy,
             "defender_l1": result.effective_l1, "defender_top1_agreement": result.top1_agreement}
 
@@ -86,9 +98,10 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     """Run one (scenario, defense point, attack, budget, seed) and return its metrics."""
     start = time.perf_counter()
     torch.manual_seed(spec.seed)
-    scenario = get_scenario(spec.scenario)
+    key = (spec.scenario, spec.victim_epochs)
+    scenario = _scenario(key)
     (method, method_params), (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
-    victim, card = _victim(spec.scenario, method, method_params)
+    victim, card = _victim(key, method, method_params)
     defense = build_defense(query_defense, query_params, scenario, victim, card)
     api = InProcessAPI(victim, defense, query_budget=None)
     attack = create_attack(spec.attack, **spec.attack_params)
@@ -104,7 +117,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     angles = angular_deviation(fresh, probe[:ANGLE_SAMPLES], clean, served)
 
     return {
-        **_defender_metrics(spec.scenario, spec.defense, json.dumps(spec.defense_params, sort_keys=True),
+        **_defender_metrics(key, spec.defense, json.dumps(spec.defense_params, sort_keys=True),
                             spec.eval_size),
         "victim_test_accuracy": card.test_accuracy,
         "clone_accuracy": accuracy(result.clone, test),

@@ -26,11 +26,14 @@ class RunSpec(BaseModel):
     seed: int
     clone_training: TrainConfig
     eval_size: int | None = None
+    victim_epochs: int | None = None
 
     @property
     def run_id(self) -> str:
-        blob = json.dumps(self.model_dump(mode="json", exclude={"defense_label", "attack_label"}),
-                          sort_keys=True)
+        fields = self.model_dump(mode="json", exclude={"defense_label", "attack_label"})
+        if fields["victim_epochs"] is None:  # runs recorded before the field existed keep their id
+            del fields["victim_epochs"]
+        blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def describe(self) -> str:
@@ -56,6 +59,6 @@ def expand(config: SweepConfig) -> list[RunSpec]:
                             defense_params=params, attack=attack.name, attack_label=attack.display,
                             attack_params=attack.params, budget=attack.budget, seed=seed,
                             clone_training=config.clone_training.model_copy(update={"seed": seed}),
-                            eval_size=config.eval_size,
+                            eval_size=config.eval_size, victim_epochs=config.victim_epochs.get(scenario),
                         ))
     return runs
