@@ -19,4 +19,5 @@ def _deterministic_torch():
 def isolated_cache(tmp_path, monkeypatch):
     """A private MIRAGE_CACHE so tests never read or write the user's cache."""
     monkeypatch.setenv("MIRAGE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("MIRAGE_MODELS", raising=False)
     return tmp_path / "cache"

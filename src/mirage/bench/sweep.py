@@ -3,7 +3,10 @@ append each result as it finishes. Killing and restarting resumes without redoin
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -67,18 +70,53 @@ class RunFilter:
                 and (not self.defenses or run.defense_label in self.defenses))
 
 
+def prepare_shared_models(pending: list[RunSpec], preparer: Callable[[RunSpec], None]) -> int:
+    """Call ``preparer`` once per distinct (scenario, victim epochs, defense point) among
+    ``pending``, in this process; returns how many it prepared."""
+    seen: set[tuple] = set()
+    for run in pending:
+        key = (run.scenario, run.victim_epochs, run.defense, json.dumps(run.defense_params, sort_keys=True))
+        if key not in seen:
+            seen.add(key)
+            preparer(run)
+    return len(seen)
+
+
+@contextlib.contextmanager
+def models_in(directory: Path | None):
+    """Within the block, trained models live in ``directory`` (``MIRAGE_MODELS``, inherited by
+    pool workers); ``None`` leaves the setting alone."""
+    if directory is None:
+        yield
+        return
+    previous = os.environ.get("MIRAGE_MODELS")
+    os.environ["MIRAGE_MODELS"] = str(directory.resolve())
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["MIRAGE_MODELS"]
+        else:
+            os.environ["MIRAGE_MODELS"] = previous
+
+
 def run_sweep(config: SweepConfig, results: str | Path, *, runner: Callable[[RunSpec], dict[str, Any]] | None = None,
-              executor: str = "local", workers: int = 1, scheduler: Any = None,
+              preparer: Callable[[RunSpec], None] | None = None, executor: str = "local", workers: int = 1, scheduler: Any = None,
               limit: int | None = None, only: RunFilter | None = None,
               show_progress: bool = True) -> SweepStatus:
     """Execute every pending run of ``config``; returns the status after the sweep.
 
     ``executor``: ``inline`` (this process), ``local`` (process pool of ``workers``) or ``dask``
-    (``scheduler`` = address or Client). ``only`` restricts this call to matching runs and
-    ``limit`` caps how many it executes.
+    (``scheduler`` = address or Client). Before runs go to a pool or cluster, ``preparer``
+    (default with the default runner: :func:`mirage.bench.execute.prepare_run`) trains the models
+    they share here, once each. ``only`` restricts this call to matching runs and ``limit`` caps
+    how many it executes.
     """
     if runner is None:
         from mirage.bench.execute import execute_run as runner
+        from mirage.bench.execute import prepare_run
+
+        preparer = preparer or prepare_run
     store = ResultStore(results)
     status = sweep_status(config, store)
     pending = status.pending
@@ -87,6 +125,17 @@ def run_sweep(config: SweepConfig, results: str | Path, *, runner: Callable[[Run
         pending = [run for run in pending if only(run)]
     pending = pending[:limit] if limit is not None else pending
     log.info("sweep %s: %d runs, %d done, %d to run now", config.name, status.total, status.done, len(pending))
+    with models_in(store.path.parent / config.models_dir if config.models_dir else None):
+        _execute(pending, store, runner, preparer, executor=executor, workers=workers, scheduler=scheduler,
+                 title=f"sweep {config.name}", show_progress=show_progress)
+    return sweep_status(config, store)
+
+
+def _execute(pending: list[RunSpec], store: ResultStore, runner: Callable[[RunSpec], dict[str, Any]],
+             preparer: Callable[[RunSpec], None] | None, *, executor: str, workers: int, scheduler: Any,
+             title: str, show_progress: bool) -> None:
+    if executor != "inline" and preparer is not None and pending:
+        log.info("prepared the models of %d defense points", prepare_shared_models(pending, preparer))
     if executor == "inline":
         stream = run_inline(runner, pending)
     elif executor == "local":
@@ -98,9 +147,8 @@ def run_sweep(config: SweepConfig, results: str | Path, *, runner: Callable[[Run
     else:
         raise ValueError(f"unknown executor {executor!r} (inline, local, dask)")
     start = time.perf_counter()
-    with progress_bar(f"sweep {config.name}", total=len(pending), enabled=show_progress) as advance:
+    with progress_bar(title, total=len(pending), enabled=show_progress) as advance:
         for spec, result in stream:
             store.append({"run_id": spec.run_id, **spec.model_dump(mode="json"), **result})
             log.info("done %s -> clone %.4f", spec.describe(), result.get("clone_accuracy", float("nan")))
             advance(1, elapsed=time.perf_counter() - start)
-    return sweep_status(config, store)

@@ -51,7 +51,7 @@ def get_misinformation_models(scenario: Scenario, config: MisinformationConfig |
     config = config or MisinformationConfig()
     key = config_key("adaptive-misinformation", {"scenario": scenario.model_dump(mode="json"),
                                                  "config": config.model_dump(mode="json")})
-    root = paths.cache_dir() / "adaptive_misinformation" / f"{scenario.name}-{key}"
+    root = paths.models_dir() / "adaptive_misinformation" / f"{scenario.name}-{key}"
     if has_checkpoint(root / "oe") and has_checkpoint(root / "mis"):
         return load_checkpoint(root / "oe")[0], load_checkpoint(root / "mis")[0]
     data = load_dataset(scenario.victim_dataset, scenario.data_root)

@@ -5,7 +5,7 @@ defense is ``none``. The benchmark sweeps them next to the inference-time defens
 
 Registered: ``none`` (the plain victim of :func:`mirage.training.victim.get_victim`), ``ini``
 (:mod:`mirage.training.ini`) and ``dpsgd`` (:mod:`mirage.training.dpsgd`). Trained victims are
-cached under ``$MIRAGE_CACHE/victims/<dataset>-<arch>-<method>-<key>/`` where ``key`` is
+cached under ``$MIRAGE_MODELS/victims/<dataset>-<arch>-<method>-<key>/`` where ``key`` is
 ``config_key`` of the scenario's victim settings plus the method's full, validated config.
 """
 
@@ -80,7 +80,7 @@ def defended_victim_dir(scenario: Scenario, method: str, config: BaseModel) -> P
         "plain_training": scenario.victim_training.model_dump(),
         "config": config.model_dump(mode="json"),
     })
-    return paths.cache_dir() / "victims" / f"{scenario.victim_dataset}-{scenario.architecture}-{method}-{key}"
+    return paths.models_dir() / "victims" / f"{scenario.victim_dataset}-{scenario.architecture}-{method}-{key}"
 
 
 def get_defended_victim(scenario: Scenario, method: str, params: BaseModel | dict[str, Any] | None = None,

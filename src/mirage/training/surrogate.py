@@ -9,7 +9,7 @@ Kinds:
 - ``defender``: trained on the defender's own labelled training data, same early stop.
 
 ``checkpoints`` > 1 keeps snapshots from the last epochs of the run; GRAD² samples one per
-scoring batch. Trained surrogates are cached under ``$MIRAGE_CACHE/surrogates/<key>/`` keyed by
+scoring batch. Trained surrogates are cached under ``$MIRAGE_MODELS/surrogates/<key>/`` keyed by
 ``config_key`` of the whole configuration, like victims.
 """
 
@@ -97,7 +97,7 @@ def surrogate_dir(scenario: Scenario, config: SurrogateConfig, victim_card: Mode
     # also distilled on the victim's test split); a new value retires surrogates cached before.
     key = config_key("surrogate", {"scenario": scenario.model_dump(), "config": config.model_dump(),
                                    "victim_created": victim_card.created, "pool": "query_pool"})
-    return paths.cache_dir() / "surrogates" / f"{scenario.name}-{config.kind}-{key}"
+    return paths.models_dir() / "surrogates" / f"{scenario.name}-{config.kind}-{key}"
 
 
 def train_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCard,

@@ -40,7 +40,7 @@ def victim_dir(scenario: Scenario) -> Path:
         "training": scenario.victim_training.model_dump(),
         "data_root": scenario.data_root,
     }
-    return paths.cache_dir() / "victims" / f"{scenario.victim_dataset}-{scenario.architecture}-{config_key('victim', config)}"
+    return paths.models_dir() / "victims" / f"{scenario.victim_dataset}-{scenario.architecture}-{config_key('victim', config)}"
 
 
 def train_model(architecture: str, arch_kwargs: dict, dataset: str, training: TrainConfig, *,
