@@ -17,6 +17,21 @@ def test_one_real_run_on_tiny_digits(isolated_cache):
     assert result["defender_accuracy"] == pytest.approx(result["victim_accuracy"], abs=0.05)
     assert max(result["angular_deviation"]) < 1.0  # undefended: the served gradient is the clean one
     assert result["overhead_ratio"] > 0
+    assert result["clone_diverged"] is False and result["clone_final_loss"] > 0
+
+
+def test_clone_health_flags_a_diverged_clone():
+    import torch
+
+    from mirage.bench.execute import clone_health
+
+    clone = torch.nn.Linear(2, 2)
+    assert clone_health(clone, [{"final_loss": 0.5}]) == {"clone_final_loss": 0.5, "clone_diverged": False}
+    assert clone_health(clone, [{"final_loss": float("nan")}]) == {"clone_final_loss": None, "clone_diverged": True}
+    assert clone_health(clone, []) == {"clone_final_loss": None, "clone_diverged": False}
+    with torch.no_grad():
+        clone.weight[0, 0] = float("inf")
+    assert clone_health(clone, [{"final_loss": 0.5}])["clone_diverged"] is True
 
 
 def test_training_time_defenses_replace_the_victim_and_serve_undefended():

@@ -43,3 +43,13 @@ def test_report_files(tmp_path, small_config):
     assert (tmp_path / "out" / "plots" / "angular_deviation_digits.png").is_file()
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<img" in html and "tradeoff_digits_knockoff.png" in html
+
+
+def test_report_warns_about_mixed_victims_and_diverged_clones(tmp_path, small_config):
+    from mirage.bench.report import consistency_warnings
+
+    base = {"scenario": "digits", "defense": "none", "clone_diverged": False}
+    assert consistency_warnings([{**base, "victim_fingerprint": "a"}, {**base, "victim_fingerprint": "a"}]) == []
+    warnings = consistency_warnings([{**base, "victim_fingerprint": "a"},
+                                     {**base, "victim_fingerprint": "b", "clone_diverged": True}])
+    assert len(warnings) == 2 and "2 different victims" in warnings[0] and "1 run(s)" in warnings[1]

@@ -10,6 +10,7 @@ from mirage.models import (
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    weights_fingerprint,
 )
 
 
@@ -51,6 +52,15 @@ def test_checkpoint_round_trip(tmp_path, name):
     assert torch.equal(loaded(x), model(x))
     assert loaded_card.seed == 4 and loaded_card.versions["torch"] == torch.__version__
     assert json.loads((tmp_path / "ckpt" / "card.json").read_text())["architecture"] == name
+    assert weights_fingerprint(loaded) == weights_fingerprint(model)
+
+
+def test_fingerprint_changes_with_any_weight():
+    model = create_model("lenet", (1, 28, 28), 10, [0.5], [0.5])
+    before = weights_fingerprint(model)
+    with torch.no_grad():
+        model.classifier.bias[3] += 1e-7
+    assert weights_fingerprint(model) != before and len(before) == 16
 
 
 def test_incomplete_checkpoint_is_refused(tmp_path):

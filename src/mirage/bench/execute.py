@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import platform
 import statistics
 import time
@@ -28,6 +29,7 @@ from mirage.bench.angles import angular_deviation
 from mirage.bench.defenses import build_defense
 from mirage.bench.runs import RunSpec
 from mirage.data import ImageData, load_dataset
+from mirage.models import weights_fingerprint
 from mirage.scenarios import Scenario, get_scenario
 from mirage.training.registry import get_defended_victim, list_training_defenses
 
@@ -94,6 +96,27 @@ def measure_overhead(victim: torch.nn.Module, defense, x: torch.Tensor, *, repea
     return statistics.median(ratios)
 
 
+def clone_health(clone: torch.nn.Module, history: list[dict[str, Any]]) -> dict[str, Any]:
+    """Did the clone's training diverge? A clone at chance accuracy means something else when its
+    weights are NaN: the attacker would see the diverged loss and retrain, so the report flags it.
+    ``clone_final_loss`` is ``None`` when the last training loss is not finite."""
+    final_loss = history[-1].get("final_loss") if history else None
+    loss_diverged = final_loss is not None and not math.isfinite(final_loss)
+    weights_diverged = not all(bool(torch.isfinite(w).all()) for w in clone.parameters())
+    return {"clone_final_loss": None if final_loss is None or loss_diverged else final_loss,
+            "clone_diverged": loss_diverged or weights_diverged}
+
+
+def prepare_run(spec: RunSpec) -> None:
+    """Train (or load) and cache every model ``spec`` needs — its victim, a training-time
+    defense's victim, surrogates, detectors — so that parallel workers only read them from disk
+    instead of training the same model side by side."""
+    key = (spec.scenario, spec.victim_epochs)
+    (method, method_params), (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
+    victim, card = _victim(key, method, method_params)
+    build_defense(query_defense, query_params, _scenario(key), victim, card)
+
+
 def execute_run(spec: RunSpec) -> dict[str, Any]:
     """Run one (scenario, defense point, attack, budget, seed) and return its metrics."""
     start = time.perf_counter()
@@ -120,7 +143,10 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         **_defender_metrics(key, spec.defense, json.dumps(spec.defense_params, sort_keys=True),
                             spec.eval_size),
         "victim_test_accuracy": card.test_accuracy,
+        "victim_fingerprint": weights_fingerprint(_victim(key)[0]),   # the scenario's plain victim
+        "served_model_fingerprint": weights_fingerprint(victim),      # differs for ini, dpsgd
         "clone_accuracy": accuracy(result.clone, test),
+        **clone_health(result.clone, result.history),
         "effective_l1": result.effective_l1,
         "queries": result.queries,
         "transfer_size": result.transfer_size,

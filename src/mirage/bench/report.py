@@ -39,6 +39,24 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
+    """What makes runs of one sweep not comparable: several plain victims in one scenario (a
+    victim retrained on another CPU), clones whose training diverged."""
+    warnings = []
+    victims: dict[str, set[str]] = {}
+    for r in records:
+        if r.get("victim_fingerprint"):
+            victims.setdefault(r["scenario"], set()).add(r["victim_fingerprint"])
+    for scenario, prints in sorted(victims.items()):
+        if len(prints) > 1:
+            warnings.append(f"{scenario}: runs come from {len(prints)} different victims ({', '.join(sorted(prints))})")
+    diverged = [r for r in records if r.get("clone_diverged")]
+    if diverged:
+        warnings.append(f"{len(diverged)} run(s) trained a clone whose loss or weights diverged "
+                        "(marked in the table of all runs); an attacker would notice and retrain")
+    return warnings
+
+
 def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) -> Path:
     """Write plots, ``report.md`` and ``report.html`` into ``out_dir``; returns the Markdown path."""
     out_dir = Path(out_dir)
@@ -77,6 +95,9 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
     page = [f"<h1>mirage benchmark — {html.escape(config.name)}</h1>",
             f"<p>{len(records)} runs. Clone and defender accuracy on the victim's test set; "
             "effective L1 = mean ‖ỹ − y‖₁ served to the attacker.</p>"]
+    for warning in consistency_warnings(records):
+        md.append(f"> **Warning:** {warning}\n")
+        page.append(f"<p><strong>Warning:</strong> {html.escape(warning)}</p>")
     for title, image, table in sections:
         md.append(f"## {title}\n")
         page.append(f"<h2>{html.escape(title)}</h2>")
@@ -100,7 +121,8 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
     md.append("## All runs\n")
     run_rows = [{k: r.get(k) for k in ("scenario", "defense_label", "defense_params", "attack_label",
                                         "budget", "seed", "victim_accuracy", "defender_accuracy",
-                                        "clone_accuracy", "effective_l1", "overhead_ratio", "wall_seconds")}
+                                        "clone_accuracy", "clone_diverged", "effective_l1", "overhead_ratio",
+                                        "wall_seconds")}
                 for r in records]
     md.append(_markdown_table(run_rows))
     page.append("<h2>All runs</h2>" + _html_table(run_rows))

@@ -10,6 +10,7 @@ from mirage.models.checkpoints import (
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    weights_fingerprint,
 )
 from mirage.models.lenet import LeNet
 from mirage.models.resnet import ResNet
@@ -27,5 +28,5 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int,
 
 __all__ = [
     "MODELS", "CompactVGG", "ImageClassifier", "LeNet", "ModelCard", "Normalize", "ResNet",
-    "create_model", "has_checkpoint", "load_checkpoint", "save_checkpoint",
+    "create_model", "has_checkpoint", "load_checkpoint", "save_checkpoint", "weights_fingerprint",
 ]
