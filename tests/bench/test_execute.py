@@ -20,40 +20,20 @@ def test_one_real_run_on_tiny_digits(isolated_cache):
     assert result["clone_diverged"] is False and result["clone_final_loss"] > 0
 
 
-def test_clone_health_flags_a_diverged_clone():
+def test_clone_health_flags_diverged_and_collapsed_clones():
     import torch
 
     from mirage.bench.execute import clone_health
 
     clone = torch.nn.Linear(2, 2)
-    assert clone_health(clone, [{"final_loss": 0.5}]) == {"clone_final_loss": 0.5, "clone_diverged": False}
-    assert clone_health(clone, [{"final_loss": float("nan")}]) == {"clone_final_loss": None, "clone_diverged": True}
-    assert clone_health(clone, []) == {"clone_final_loss": None, "clone_diverged": False}
+    spread = torch.arange(10)
+    assert clone_health(clone, [{"final_loss": 0.5}], spread) == {
+        "clone_final_loss": 0.5, "clone_diverged": False, "clone_majority_fraction": 0.1, "clone_collapsed": False}
+    health = clone_health(clone, [{"final_loss": float("nan")}], spread)
+    assert health["clone_final_loss"] is None and health["clone_diverged"] is True
+    assert clone_health(clone, [], spread)["clone_diverged"] is False
+    constant = torch.tensor([3] * 9 + [1])
+    assert clone_health(clone, [{"final_loss": 2.3}], constant)["clone_collapsed"] is True
     with torch.no_grad():
         clone.weight[0, 0] = float("inf")
-    assert clone_health(clone, [{"final_loss": 0.5}])["clone_diverged"] is True
-
-
-def test_training_time_defenses_replace_the_victim_and_serve_undefended():
-    from mirage.bench.execute import split_defense
-
-    assert split_defense("dpsgd", {"noise_multiplier": 1.0}) == (("dpsgd", '{"noise_multiplier": 1.0}'), ("none", {}))
-    assert split_defense("grad2", {"epsilon": 0.5}) == (("none", "{}"), ("grad2", {"epsilon": 0.5}))
-    assert split_defense("none", {}) == (("none", "{}"), ("none", {}))
-
-
-def test_victim_epochs_override_is_its_own_scenario_and_run():
-    import hashlib
-    import json
-
-    from mirage.bench.execute import _scenario
-
-    assert _scenario(("digits", None)).victim_training.epochs == 15
-    assert _scenario(("digits", 3)).victim_training.epochs == 3
-    spec = RunSpec(scenario="digits", defense="none", defense_label="none", defense_params={},
-                   attack="knockoff", attack_label="knockoff", attack_params={}, budget=300, seed=0,
-                   clone_training=TrainConfig(epochs=2))
-    # ids of runs recorded before the field existed are unchanged
-    legacy = spec.model_dump(mode="json", exclude={"defense_label", "attack_label", "victim_epochs"})
-    assert spec.run_id == hashlib.sha256(json.dumps(legacy, sort_keys=True).encode()).hexdigest()[:16]
-    assert spec.model_copy(update={"victim_epochs": 3}).run_id != spec.run_id
+    assert clone_health(clone, [{"final_loss": 0.5}], spread)["clone_diverged"] is True

@@ -50,6 +50,7 @@ def test_report_warns_about_mixed_victims_and_diverged_clones(tmp_path, small_co
 
     base = {"scenario": "digits", "defense": "none", "clone_diverged": False}
     assert consistency_warnings([{**base, "victim_fingerprint": "a"}, {**base, "victim_fingerprint": "a"}]) == []
-    warnings = consistency_warnings([{**base, "victim_fingerprint": "a"},
+    warnings = consistency_warnings([{**base, "victim_fingerprint": "a", "clone_collapsed": True},
                                      {**base, "victim_fingerprint": "b", "clone_diverged": True}])
-    assert len(warnings) == 2 and "2 different victims" in warnings[0] and "1 run(s)" in warnings[1]
+    assert len(warnings) == 3 and "2 different victims" in warnings[0]
+    assert "diverged" in warnings[1] and "one class" in warnings[2]

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import torch
+from torch import Tensor
 
 import mirage
 from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accuracy
@@ -96,15 +97,23 @@ def measure_overhead(victim: torch.nn.Module, defense, x: torch.Tensor, *, repea
     return statistics.median(ratios)
 
 
-def clone_health(clone: torch.nn.Module, history: list[dict[str, Any]]) -> dict[str, Any]:
-    """Did the clone's training diverge? A clone at chance accuracy means something else when its
-    weights are NaN: the attacker would see the diverged loss and retrain, so the report flags it.
-    ``clone_final_loss`` is ``None`` when the last training loss is not finite."""
+COLLAPSE_MAJORITY = 0.9
+
+
+def clone_health(clone: torch.nn.Module, history: list[dict[str, Any]], predictions: Tensor) -> dict[str, Any]:
+    """Did the clone's training fail? A clone at chance accuracy means something else when its
+    weights are NaN (diverged) or it answers one class for nearly every image (collapsed, its
+    loss stalled near log K): an attacker sees either and retrains, so the report flags them.
+    ``predictions``: the clone's test-set argmax. ``clone_final_loss`` is ``None`` when the
+    last training loss is not finite."""
     final_loss = history[-1].get("final_loss") if history else None
     loss_diverged = final_loss is not None and not math.isfinite(final_loss)
     weights_diverged = not all(bool(torch.isfinite(w).all()) for w in clone.parameters())
+    majority = float(predictions.bincount().max()) / len(predictions)
     return {"clone_final_loss": None if final_loss is None or loss_diverged else final_loss,
-            "clone_diverged": loss_diverged or weights_diverged}
+            "clone_diverged": loss_diverged or weights_diverged,
+            "clone_majority_fraction": majority,
+            "clone_collapsed": majority >= COLLAPSE_MAJORITY}
 
 
 def prepare_run(spec: RunSpec) -> None:
@@ -131,6 +140,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     clone_spec = CloneSpec.like(card, training=spec.clone_training)
     result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
     test = load_dataset(scenario.victim_dataset, scenario.data_root).test
+    clone_predictions = clean_posteriors(result.clone, test.images).argmax(1)
 
     pool = query_pool(scenario)
     probe = pool.images[torch.randperm(len(pool), generator=torch.Generator().manual_seed(spec.seed))[:OVERHEAD_BATCH]]
@@ -145,8 +155,8 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         "victim_test_accuracy": card.test_accuracy,
         "victim_fingerprint": weights_fingerprint(_victim(key)[0]),   # the scenario's plain victim
         "served_model_fingerprint": weights_fingerprint(victim),      # differs for ini, dpsgd
-        "clone_accuracy": accuracy(result.clone, test),
-        **clone_health(result.clone, result.history),
+        "clone_accuracy": float((clone_predictions == test.labels).float().mean()),
+        **clone_health(result.clone, result.history, clone_predictions),
         "effective_l1": result.effective_l1,
         "queries": result.queries,
         "transfer_size": result.transfer_size,

@@ -54,6 +54,11 @@ def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
     if diverged:
         warnings.append(f"{len(diverged)} run(s) trained a clone whose loss or weights diverged "
                         "(marked in the table of all runs); an attacker would notice and retrain")
+    collapsed = [r for r in records if r.get("clone_collapsed") and not r.get("clone_diverged")]
+    if collapsed:
+        warnings.append(f"{len(collapsed)} run(s) trained a clone that answers one class for nearly every "
+                        "image (clone_collapsed in the table of all runs): its training stalled, which "
+                        "an attacker would notice and retrain; check such a point across seeds")
     return warnings
 
 
@@ -121,7 +126,7 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
     md.append("## All runs\n")
     run_rows = [{k: r.get(k) for k in ("scenario", "defense_label", "defense_params", "attack_label",
                                         "budget", "seed", "victim_accuracy", "defender_accuracy",
-                                        "clone_accuracy", "clone_diverged", "effective_l1", "overhead_ratio",
+                                        "clone_accuracy", "clone_diverged", "clone_collapsed", "effective_l1", "overhead_ratio",
                                         "wall_seconds")}
                 for r in records]
     md.append(_markdown_table(run_rows))
