@@ -53,3 +53,20 @@ def test_train_clone_fits_the_renormalised_answers(digits):
     fit(reference, x, truncated / truncated.sum(1, keepdim=True), spec.training, show_progress=False)
     assert all(torch.allclose(p, q, atol=1e-6) for p, q in zip(model.parameters(), reference.parameters(),
                                                                strict=True))
+
+
+def test_restarts_keep_the_clone_that_fits_the_transfer_set_best(digits):
+    from mirage.attacks.clone import transfer_loss
+
+    x, y = digits.train.images[:128], digits.train.labels[:128]
+    answers = torch.nn.functional.one_hot(y, 10).float() * 0.9 + 0.01
+    spec = CloneSpec(mean=digits.mean, std=digits.std, training=MAD_RECIPE.model_copy(update={"epochs": 1}))
+    losses = []
+    for seed in range(3):  # the same three runs, one by one
+        single = spec.model_copy(update={"training": spec.training.model_copy(update={"seed": seed})})
+        model, _ = train_clone(single, x, answers, 10, show_progress=False)
+        losses.append(transfer_loss(model, x, training_targets(answers)))
+    model, stats = train_clone(spec.model_copy(update={"restarts": 3}), x, answers, 10, show_progress=False)
+    assert stats["restart"] == min(range(3), key=losses.__getitem__)
+    assert stats["transfer_loss"] == pytest.approx(min(losses))
+    assert transfer_loss(model, x, training_targets(answers)) == pytest.approx(min(losses))

@@ -79,6 +79,14 @@ def test_adam_and_augmentation_change_the_training_recipe(victim, digits, clone_
     assert captured["spec"].training.optimizer == "adam" and captured["spec"].training.augment
 
 
+def test_restarts_reach_the_clone_spec_and_cost_no_queries():
+    spec, total = apply_countermeasures(Countermeasures(restarts=3), CloneSpec(), 100)
+    assert spec.restarts == 3 and total == 100 and spec.training == CloneSpec().training
+    assert apply_countermeasures(Countermeasures(), CloneSpec(), 100)[0].restarts == 1
+    with pytest.raises(ValueError):
+        Countermeasures(restarts=0)
+
+
 def test_repeats_average_n_answers_and_cost_n_queries(victim, digits):
     noisy = CountingNoise()
     client = QueryClient(InProcessAPI(victim, noisy), budget=9, repeats=2)

@@ -11,19 +11,24 @@ less than 1, as a real API would serve them. The attacker renormalises each row 
 (:func:`training_targets`) — the natural reading of a truncated posterior, and what makes the
 soft-label cross-entropy a proper cross-entropy again. A row that is all zeros (everything
 rounded away) carries no information and becomes uniform.
+
+``restarts = n`` trains n clones (training seeds s, s+1, …) and keeps the one that fits the
+transfer set best (lowest soft cross-entropy on it) — what an attacker does when a training run
+stalls, using nothing but its own data.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import Tensor
+from torch import Tensor, nn
 
 from mirage.models import ImageClassifier, ModelCard, create_model
-from mirage.training.fit import GRAD2_RECIPE, MAD_RECIPE, TrainConfig, fit
+from mirage.training.fit import GRAD2_RECIPE, MAD_RECIPE, TrainConfig, fit, soft_cross_entropy
 
 RECIPES: dict[str, TrainConfig] = {"mad": MAD_RECIPE, "grad2": GRAD2_RECIPE}
 
@@ -38,6 +43,7 @@ class CloneSpec(BaseModel):
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     training: TrainConfig = GRAD2_RECIPE
+    restarts: int = Field(1, ge=1, description="clones trained (seeds s, s+1, …); the best fit is kept")
 
     @classmethod
     def like(cls, card: ModelCard, *, training: TrainConfig | str = "grad2") -> CloneSpec:
@@ -85,10 +91,28 @@ def train_clone(spec: CloneSpec, images: Tensor, answers: Tensor, num_classes: i
                 show_progress: bool = True) -> tuple[ImageClassifier, dict[str, float]]:
     """Build a fresh clone and fit it on (images (N, C, H, W), answers (N, K)).
 
-    ``epochs`` overrides the recipe's (JBDA's per-round substitutes train shorter).
+    ``epochs`` overrides the recipe's (JBDA's per-round substitutes train shorter). With
+    ``spec.restarts > 1`` the clone with the lowest ``transfer_loss`` (soft cross-entropy on the
+    whole transfer set) is returned; its stats say which ``restart`` it was.
     """
     config = spec.training if epochs is None else spec.training.model_copy(update={"epochs": epochs})
-    model = spec.build(images.shape[1:], num_classes)
-    stats = fit(model, images, training_targets(answers), config, description=description,
-                show_progress=show_progress)
-    return model, stats
+    targets = training_targets(answers)
+    candidates = []
+    for restart in range(spec.restarts):
+        attempt = spec.model_copy(update={"training": config.model_copy(update={"seed": config.seed + restart})})
+        model = attempt.build(images.shape[1:], num_classes)
+        stats = fit(model, images, targets, attempt.training, description=description,
+                    show_progress=show_progress)
+        stats.update(transfer_loss=transfer_loss(model, images, targets), restart=restart)
+        candidates.append((model, stats))
+    return min(candidates, key=lambda c: c[1]["transfer_loss"] if math.isfinite(c[1]["transfer_loss"]) else math.inf)
+
+
+@torch.no_grad()
+def transfer_loss(model: nn.Module, images: Tensor, targets: Tensor, batch_size: int = 1024) -> float:
+    """Mean soft cross-entropy of ``model`` on (images, target rows)."""
+    device = next(model.parameters()).device
+    total = 0.0
+    for x, t in zip(images.split(batch_size), targets.split(batch_size), strict=True):
+        total += float(soft_cross_entropy(model(x.to(device)), t.to(device))) * len(x)
+    return total / len(images)

@@ -11,6 +11,9 @@ Every attack's parameters inherit these fields, so any attack can be combined wi
 * ``repeats=n``: send each image n times and average the answers; defeats zero-mean random
   defenses at n× the query cost (the budget counts every repetition).
 * ``budget_factor=f``: spend f× the nominal budget.
+* ``restarts=n``: train n clones with different seeds and keep the one that fits the transfer set
+  best — the attacker's answer to a defense that makes clone training stall (n× the training cost,
+  no extra queries).
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ class Countermeasures(BaseModel):
     augment: bool = False
     repeats: int = Field(1, ge=1)
     budget_factor: float = Field(1.0, gt=0)
+    restarts: int = Field(1, ge=1)
 
     def active(self) -> dict[str, Any]:
         """The switches that differ from the plain attacker (for labels and logs)."""
@@ -62,6 +66,8 @@ def apply_countermeasures(params: Countermeasures, clone: CloneSpec, budget: int
         training["augment"] = True
     if training:
         update["training"] = clone.training.model_copy(update=training)
+    if params.restarts != 1:
+        update["restarts"] = params.restarts
     total = int(budget * params.budget_factor)
     if total < 1:
         raise ValueError(f"budget {budget} × budget_factor {params.budget_factor} leaves no queries")
