@@ -3,7 +3,14 @@ from fake_runner import fake_run
 
 from mirage.bench.report import build_report
 from mirage.bench.results import ResultStore
-from mirage.bench.summary import curves, interpolate, overhead_table, references, tradeoff_table
+from mirage.bench.summary import (
+    best_within_table,
+    curves,
+    interpolate,
+    overhead_table,
+    references,
+    tradeoff_table,
+)
 from mirage.bench.sweep import run_sweep
 
 
@@ -27,6 +34,11 @@ def test_summaries_from_records(tmp_path, small_config):
     assert abs(row["clone@drop2"] - (0.8005 - 0.15)) < 1e-9
     assert row["clone@drop5"] is None  # beyond the largest measured drop (0.04)
     assert abs(row["clone@L1=0.2"] - (0.8005 - 0.06)) < 1e-9
+    best = best_within_table(panel)[0]
+    # fake points: drop 0.004/0.02/0.04, clone 0.7705/0.6505/0.5005; the origin: drop 0, 0.8005
+    assert abs(best["best@drop≤1"] - (0.8005 - 0.03)) < 1e-9
+    assert abs(best["best@drop≤5"] - (0.8005 - 0.3)) < 1e-9
+    assert abs(best["best@L1≤0.1"] - (0.8005 - 0.03)) < 1e-9
     refs = references(records, {"knockoff-hard": "knockoff"})
     assert set(refs[("digits", "knockoff")]) == {"undefended", "knockoff-hard"}
     assert {r["defense"] for r in overhead_table(records)} == {"none", "fake"}
@@ -52,5 +64,17 @@ def test_report_warns_about_mixed_victims_and_diverged_clones(tmp_path, small_co
     assert consistency_warnings([{**base, "victim_fingerprint": "a"}, {**base, "victim_fingerprint": "a"}]) == []
     warnings = consistency_warnings([{**base, "victim_fingerprint": "a", "clone_collapsed": True},
                                      {**base, "victim_fingerprint": "b", "clone_diverged": True}])
-    assert len(warnings) == 3 and "2 different victims" in warnings[0]
-    assert "diverged" in warnings[1] and "one class" in warnings[2]
+    assert len(warnings) == 4 and "2 different victims" in warnings[0]
+    assert "diverged" in warnings[1] and "one class" in warnings[2] and "2 run(s)" in warnings[3]
+
+
+def test_failed_clones_are_left_out_of_curves_and_references(tmp_path, small_config):
+    results = tmp_path / "r.jsonl"
+    run_sweep(small_config, results, runner=fake_run, executor="inline", show_progress=False)
+    records = ResultStore(results).read()
+    fake = [r for r in records if r["defense"] == "fake" and r["attack_label"] == "knockoff"]
+    collapsed = {**fake[0], "clone_accuracy": 0.1, "clone_collapsed": True}
+    kept = [collapsed if r is fake[0] else r for r in records]
+    panel = curves(kept)[("digits", "knockoff")]
+    assert min(p["clone_accuracy"] for p in panel["fake"].points) > 0.4
+    assert len(panel["fake"].points) == 4  # the other seed of that point remains

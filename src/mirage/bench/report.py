@@ -9,7 +9,14 @@ from typing import Any
 from mirage.bench.config import SweepConfig
 from mirage.bench.plots import angular_deviation_figure, overhead_figure, tradeoff_figure
 from mirage.bench.results import ResultStore
-from mirage.bench.summary import curves, overhead_table, references, tradeoff_table
+from mirage.bench.summary import (
+    best_within_table,
+    curves,
+    failed_clone,
+    overhead_table,
+    references,
+    tradeoff_table,
+)
 
 
 def _fmt(value: Any) -> str:
@@ -59,6 +66,9 @@ def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
         warnings.append(f"{len(collapsed)} run(s) trained a clone that answers one class for nearly every "
                         "image (clone_collapsed in the table of all runs): its training stalled, which "
                         "an attacker would notice and retrain; check such a point across seeds")
+    if diverged or collapsed:
+        warnings.append(f"the {sum(map(failed_clone, records))} run(s) with a failed clone are left out "
+                        "of the curves and tables (an attacker's `restarts` countermeasure measures them)")
     return warnings
 
 
@@ -77,7 +87,10 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
         tradeoff_figure(scenario, attack, panel, refs.get((scenario, attack), {}), stem)
         ref_rows = [{"reference": k, "clone_accuracy": v} for k, v in sorted(refs.get((scenario, attack), {}).items())]
         sections.append((f"{scenario} — {attack}", f"plots/{stem.name}.png", ref_rows))
-        sections.append((f"{scenario} — {attack}: clone accuracy at equal cost", "", tradeoff_table(panel)))
+        sections.append((f"{scenario} — {attack}: clone accuracy at equal cost (interpolated)", "",
+                         tradeoff_table(panel)))
+        sections.append((f"{scenario} — {attack}: best operating point within a cost", "",
+                         best_within_table(panel)))
 
     angles = {}
     for r in records:

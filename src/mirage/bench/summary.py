@@ -1,6 +1,12 @@
 """Turn run records into the protocol's summaries (SPEC section 6): per-defense trade-off curves,
 clone accuracy interpolated at fixed defender-accuracy drops and at fixed effective L1, the
-reference clones, and the per-query overhead."""
+reference clones, and the per-query overhead.
+
+Runs whose clone training failed — diverged (NaN) or collapsed to one class — are left out of the
+curves and tables (:func:`failed_clone`): an attacker sees the stalled loss and retrains, and a
+fluke of one training run must not pass for a defense's effect. They stay in the list of all runs
+and the report counts them; ``restarts`` (an attacker countermeasure) measures the retrained clone.
+"""
 
 from __future__ import annotations
 
@@ -39,10 +45,17 @@ def _mean_over_seeds(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def failed_clone(record: dict[str, Any]) -> bool:
+    return bool(record.get("clone_diverged") or record.get("clone_collapsed"))
+
+
 def curves(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Curve]]:
-    """(scenario, attack label) -> defense label -> Curve; the undefended point starts every curve."""
+    """(scenario, attack label) -> defense label -> Curve; the undefended point starts every curve.
+    Runs with a failed clone are left out."""
     grouped: dict[tuple, list] = defaultdict(list)
     for r in records:
+        if failed_clone(r):
+            continue
         key = (r["scenario"], r["attack_label"], r["defense_label"],
                tuple(sorted((k, str(v)) for k, v in r["defense_params"].items())))
         grouped[key].append(r)
@@ -69,6 +82,29 @@ def interpolate(x: np.ndarray, y: np.ndarray, at: float) -> float | None:
     return float(np.interp(at, unique_x, mean_y))
 
 
+def best_within(cost: np.ndarray, clone: np.ndarray, limit: float) -> float:
+    """The lowest clone accuracy among measured points whose cost is at most ``limit`` (the
+    defender's best operating point within that cost; the undefended origin always qualifies)."""
+    return float(clone[cost <= limit + 1e-12].min())
+
+
+def best_within_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
+    """Per defense: the lowest clone accuracy at a defender-accuracy drop ≤ 1/2/5 points and at
+    effective L1 ≤ 0.1/0.2/0.5 — unlike interpolation, defined for every defense."""
+    rows = []
+    for name, curve in sorted(panel.items()):
+        if name == "none":
+            continue
+        drop = np.array([p["victim_accuracy"] - p["defender_accuracy"] for p in curve.points])
+        clone = np.array([p["clone_accuracy"] for p in curve.points])
+        l1 = np.array([p["effective_l1"] for p in curve.points])
+        row: dict[str, Any] = {"defense": name}
+        row.update({f"best@drop≤{int(d * 100)}": best_within(drop, clone, d) for d in ACCURACY_DROPS})
+        row.update({f"best@L1≤{level}": best_within(l1, clone, level) for level in L1_LEVELS})
+        rows.append(row)
+    return rows
+
+
 def tradeoff_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
     """Clone accuracy at defender-accuracy drops of 1/2/5 points and at effective L1 0.1/0.2/0.5."""
     rows = []
@@ -92,7 +128,7 @@ def references(records: list[dict[str, Any]], reference_of: dict[str, str]) -> d
     """(scenario, attack) -> {"undefended": acc, "<reference attack>": acc} from the ``none`` runs."""
     refs: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in records:
-        if r["defense"] != "none":
+        if r["defense"] != "none" or failed_clone(r):
             continue
         refs[(r["scenario"], r["attack_label"])]["undefended"].append(r["clone_accuracy"])
         target = reference_of.get(r["attack_label"])
