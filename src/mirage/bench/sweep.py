@@ -100,10 +100,11 @@ def models_in(directory: Path | None):
             os.environ["MIRAGE_MODELS"] = previous
 
 
-def run_sweep(config: SweepConfig, results: str | Path, *, runner: Callable[[RunSpec], dict[str, Any]] | None = None,
-              preparer: Callable[[RunSpec], None] | None = None, executor: str = "local", workers: int = 1, scheduler: Any = None,
-              limit: int | None = None, only: RunFilter | None = None,
-              show_progress: bool = True) -> SweepStatus:
+def run_sweep(config: SweepConfig, results: str | Path, *,
+              runner: Callable[[RunSpec], dict[str, Any]] | None = None,
+              preparer: Callable[[RunSpec], None] | None = None, executor: str = "local",
+              workers: int = 1, scheduler: Any = None, limit: int | None = None,
+              only: RunFilter | None = None, show_progress: bool = True) -> SweepStatus:
     """Execute every pending run of ``config``; returns the status after the sweep.
 
     ``executor``: ``inline`` (this process), ``local`` (process pool of ``workers``) or ``dask``
