@@ -14,6 +14,13 @@ from mirage.bench.summary import (
 from mirage.bench.sweep import run_sweep
 
 
+def test_best_within_is_none_when_no_point_qualifies():
+    from mirage.bench.summary import best_within
+
+    assert best_within(np.array([0.5, 1.0]), np.array([0.3, 0.2]), 0.1) is None
+    assert best_within(np.array([0.0, 0.5, 1.0]), np.array([0.9, 0.3, 0.2]), 0.5) == 0.3
+
+
 def test_interpolate_inside_range_only():
     x, y = np.array([0.0, 0.5, 1.0]), np.array([1.0, 0.5, 0.0])
     assert interpolate(x, y, 0.25) == 0.75

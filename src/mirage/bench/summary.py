@@ -82,10 +82,19 @@ def interpolate(x: np.ndarray, y: np.ndarray, at: float) -> float | None:
     return float(np.interp(at, unique_x, mean_y))
 
 
-def best_within(cost: np.ndarray, clone: np.ndarray, limit: float) -> float:
+def best_within(cost: np.ndarray, clone: np.ndarray, limit: float) -> float | None:
     """The lowest clone accuracy among measured points whose cost is at most ``limit`` (the
-    defender's best operating point within that cost; the undefended origin always qualifies)."""
-    return float(clone[cost <= limit + 1e-12].min())
+    defender's best operating point within that cost; the undefended origin qualifies when the
+    panel has it); ``None`` if no point does."""
+    within = clone[cost <= limit + 1e-12]
+    return float(within.min()) if len(within) else None
+
+
+def _costs(curve: Curve) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(defender-accuracy drop, clone accuracy, effective L1) of a curve's points."""
+    pts = curve.points
+    return (np.array([p["victim_accuracy"] - p["defender_accuracy"] for p in pts]),
+            np.array([p["clone_accuracy"] for p in pts]), np.array([p["effective_l1"] for p in pts]))
 
 
 def best_within_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
@@ -95,9 +104,7 @@ def best_within_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
     for name, curve in sorted(panel.items()):
         if name == "none":
             continue
-        drop = np.array([p["victim_accuracy"] - p["defender_accuracy"] for p in curve.points])
-        clone = np.array([p["clone_accuracy"] for p in curve.points])
-        l1 = np.array([p["effective_l1"] for p in curve.points])
+        drop, clone, l1 = _costs(curve)
         row: dict[str, Any] = {"defense": name}
         row.update({f"best@drop≤{int(d * 100)}": best_within(drop, clone, d) for d in ACCURACY_DROPS})
         row.update({f"best@L1≤{level}": best_within(l1, clone, level) for level in L1_LEVELS})
@@ -111,10 +118,7 @@ def tradeoff_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
     for name, curve in sorted(panel.items()):
         if name == "none":
             continue
-        pts = curve.points
-        drop = np.array([p["victim_accuracy"] - p["defender_accuracy"] for p in pts])
-        clone = np.array([p["clone_accuracy"] for p in pts])
-        l1 = np.array([p["effective_l1"] for p in pts])
+        drop, clone, l1 = _costs(curve)
         row: dict[str, Any] = {"defense": name}
         for d in ACCURACY_DROPS:
             row[f"clone@drop{int(d * 100)}"] = interpolate(np.maximum(drop, 0), clone, d)
