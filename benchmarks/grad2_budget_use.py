@@ -1,0 +1,83 @@
+"""Where GRAD²'s L1 budget goes, per scenario (issue 5: why GRAD² does what it does).
+
+The redirection step (exact LP) moves probability mass towards the classes of highest score
+a_k. When that class is already the victim's top-1, the step can add at most 1 − y_top to it,
+so the L1 actually spent is at most 2 (1 − y_top) whatever ε is, and the answer only gets
+sharper — closer to the hard label the attacker could have had anyway. This script measures
+it on ``--queries`` images of each scenario's query pool, with the models of the full sweep
+(``--models``, default results/models) and GRAD² exactly as the sweep builds it::
+
+    .venv/bin/python benchmarks/grad2_budget_use.py --json results/grad2/budget_use.json
+
+Per (scenario, ε): mean effective L1, share of queries whose highest-score class is the
+victim's top-1, mean top-1 mass before and after, share of answers whose top-1 mass grew, and
+the defender's top-1 agreement on these queries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from mirage.api import clean_posteriors
+from mirage.attacks.pools import query_pool
+from mirage.bench.defenses import build_defense
+from mirage.scenarios import get_scenario
+from mirage.training.victim import get_victim
+
+log = logging.getLogger("grad2_budget_use")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenarios", nargs="+", default=["fmnist-id", "fmnist"])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 1.5])
+    parser.add_argument("--queries", type=int, default=2000)
+    parser.add_argument("--models", type=Path, default=Path("results/models"))
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ["MIRAGE_MODELS"] = str(args.models.resolve())  # the sweep's pinned models
+
+    rows = []
+    for name in args.scenarios:
+        scenario = get_scenario(name)
+        victim, card, cached = get_victim(scenario, show_progress=False)
+        if not cached:
+            log.warning("%s: no pinned victim in %s, trained one", name, args.models)
+        pool = query_pool(scenario)
+        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:args.queries]
+        x = pool.images[pick]
+        clean = clean_posteriors(victim, x)
+        top = clean.argmax(1)
+        top_mass = clean.gather(1, top[:, None]).squeeze(1)
+        for epsilon in args.epsilons:
+            defense = build_defense("grad2", {"epsilon": epsilon, "target": "all-ones"}, scenario, victim, card)
+            scores = defense.scores(x, clean)
+            served = defense(x, clean)
+            served_top_mass = served.gather(1, top[:, None]).squeeze(1)
+            row = {
+                "scenario": name, "epsilon": epsilon, "queries": len(x),
+                "effective_l1": float((served - clean).abs().sum(1).mean()),
+                "best_score_is_top1": float((scores.argmax(1) == top).float().mean()),
+                "top1_mass_clean": float(top_mass.mean()),
+                "top1_mass_served": float(served_top_mass.mean()),
+                "top1_mass_grew": float((served_top_mass > top_mass + 1e-6).float().mean()),
+                "top1_kept": float((served.argmax(1) == top).float().mean()),
+            }
+            log.info("%-9s ε=%-4g L1 %.3f | best score = top-1 %.2f | top-1 mass %.3f -> %.3f (grew %.2f) "
+                     "| top-1 kept %.3f", name, epsilon, row["effective_l1"], row["best_score_is_top1"],
+                     row["top1_mass_clean"], row["top1_mass_served"], row["top1_mass_grew"], row["top1_kept"])
+            rows.append(row)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"torch": torch.__version__, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
