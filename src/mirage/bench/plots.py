@@ -23,18 +23,24 @@ def _save(fig, stem: Path) -> list[Path]:
     return paths
 
 
+ZOOM_DROP = 0.05
+MARKERS = "os^Dv<>PX*"
+
+
 def tradeoff_figure(scenario: str, attack: str, panel: dict[str, Curve],
                     refs: dict[str, float], stem: Path) -> list[Path]:
-    """Left: clone accuracy vs defender accuracy. Right: clone accuracy vs effective L1."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for name, curve in sorted(panel.items()):
-        if name == "none":
-            continue
-        for ax, key in zip(axes, ("defender_accuracy", "effective_l1")):
+    """Clone accuracy vs defender accuracy (all of it, and zoomed on the first ``ZOOM_DROP`` of
+    the defender's loss, where a deployable defense lives) and vs effective L1."""
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    colors = plt.get_cmap("tab20").colors
+    victim = max((p["victim_accuracy"] for c in panel.values() for p in c.points), default=None)
+    for i, (name, curve) in enumerate(sorted(n for n in panel.items() if n[0] != "none")):
+        style = {"marker": MARKERS[i % len(MARKERS)], "ms": 4, "color": colors[i % len(colors)], "label": name}
+        for ax, key in zip(axes, ("defender_accuracy", "defender_accuracy", "effective_l1")):
             x, y = curve.xy(key)
-            ax.plot(x, y, marker="o", ms=3.5, label=name)
+            ax.plot(x, y, **style)
     for ax in axes:
-        for i, (ref_name, value) in enumerate(sorted(refs.items())):
+        for ref_name, value in sorted(refs.items()):
             ax.axhline(value, color="k" if ref_name == "undefended" else "tab:gray",
                        ls="--" if ref_name == "undefended" else ":", lw=1,
                        label=f"{ref_name} clone")
@@ -42,8 +48,16 @@ def tradeoff_figure(scenario: str, attack: str, panel: dict[str, Curve],
         ax.grid(alpha=0.3)
     axes[0].set_xlabel("defender accuracy")
     axes[0].invert_xaxis()
-    axes[1].set_xlabel("effective L1 served to the attacker")
-    axes[1].legend(fontsize=7, loc="best")
+    axes[1].set_xlabel(f"defender accuracy (within {ZOOM_DROP * 100:.0f} points of the victim)")
+    if victim is not None:
+        axes[1].set_xlim(victim + 0.005, victim - ZOOM_DROP)
+        shown = [p["clone_accuracy"] for c in panel.values() for p in c.points
+                 if p["defender_accuracy"] >= victim - ZOOM_DROP] + list(refs.values())
+        axes[1].set_ylim(min(shown) - 0.01, max(shown) + 0.01)
+    else:
+        axes[1].invert_xaxis()
+    axes[2].set_xlabel("effective L1 served to the attacker")
+    axes[2].legend(fontsize=7, loc="best")
     fig.suptitle(f"{scenario} — {attack}")
     return _save(fig, stem)
 
