@@ -97,35 +97,29 @@ def _costs(curve: Curve) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
             np.array([p["clone_accuracy"] for p in pts]), np.array([p["effective_l1"] for p in pts]))
 
 
-def best_within_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
-    """Per defense: the lowest clone accuracy at a defender-accuracy drop ≤ 1/2/5 points and at
-    effective L1 ≤ 0.1/0.2/0.5 — unlike interpolation, defined for every defense."""
+def _cost_table(panel: dict[str, Curve], at, prefix: str, drop_fmt: str, l1_fmt: str) -> list[dict[str, Any]]:
+    """One row per defense: ``at(cost, clone, level)`` at each defender-accuracy drop and L1 level."""
     rows = []
     for name, curve in sorted(panel.items()):
         if name == "none":
             continue
         drop, clone, l1 = _costs(curve)
         row: dict[str, Any] = {"defense": name}
-        row.update({f"best@drop≤{int(d * 100)}": best_within(drop, clone, d) for d in ACCURACY_DROPS})
-        row.update({f"best@L1≤{level}": best_within(l1, clone, level) for level in L1_LEVELS})
+        row.update({f"{prefix}@{drop_fmt}{int(d * 100)}": at(np.maximum(drop, 0), clone, d) for d in ACCURACY_DROPS})
+        row.update({f"{prefix}@{l1_fmt}{level}": at(l1, clone, level) for level in L1_LEVELS})
         rows.append(row)
     return rows
+
+
+def best_within_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
+    """Per defense: the lowest clone accuracy at a defender-accuracy drop ≤ 1/2/5 points and at
+    effective L1 ≤ 0.1/0.2/0.5 — unlike interpolation, defined for every defense."""
+    return _cost_table(panel, best_within, "best", "drop≤", "L1≤")
 
 
 def tradeoff_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
     """Clone accuracy at defender-accuracy drops of 1/2/5 points and at effective L1 0.1/0.2/0.5."""
-    rows = []
-    for name, curve in sorted(panel.items()):
-        if name == "none":
-            continue
-        drop, clone, l1 = _costs(curve)
-        row: dict[str, Any] = {"defense": name}
-        for d in ACCURACY_DROPS:
-            row[f"clone@drop{int(d * 100)}"] = interpolate(np.maximum(drop, 0), clone, d)
-        for level in L1_LEVELS:
-            row[f"clone@L1={level}"] = interpolate(l1, clone, level)
-        rows.append(row)
-    return rows
+    return _cost_table(panel, interpolate, "clone", "drop", "L1=")
 
 
 def references(records: list[dict[str, Any]], reference_of: dict[str, str]) -> dict[tuple[str, str], dict[str, float]]:
