@@ -19,6 +19,7 @@ def test_best_within_is_none_when_no_point_qualifies():
 
     assert best_within(np.array([0.5, 1.0]), np.array([0.3, 0.2]), 0.1) is None
     assert best_within(np.array([0.0, 0.5, 1.0]), np.array([0.9, 0.3, 0.2]), 0.5) == 0.3
+    assert best_within(np.array([0.0, np.float32(0.5) + 6e-8]), np.array([0.9, 0.3]), 0.5) == 0.3
 
 
 def test_interpolate_inside_range_only():

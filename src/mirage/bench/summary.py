@@ -86,7 +86,7 @@ def best_within(cost: np.ndarray, clone: np.ndarray, limit: float) -> float | No
     """The lowest clone accuracy among measured points whose cost is at most ``limit`` (the
     defender's best operating point within that cost; the undefended origin qualifies when the
     panel has it); ``None`` if no point does."""
-    within = clone[cost <= limit + 1e-12]
+    within = clone[cost <= limit + 1e-6]  # costs are float32 means: ε = 0.5 may read 0.50000006
     return float(within.min()) if len(within) else None
 
 
