@@ -30,7 +30,8 @@ from mirage.bench.angles import angular_deviation
 from mirage.bench.defenses import build_defense
 from mirage.bench.runs import RunSpec
 from mirage.data import ImageData, load_dataset
-from mirage.models import weights_fingerprint
+from mirage.defenses import Defense
+from mirage.models import ModelCard, weights_fingerprint
 from mirage.scenarios import Scenario, get_scenario
 from mirage.training.registry import get_defended_victim, list_training_defenses
 
@@ -116,14 +117,15 @@ def clone_health(clone: torch.nn.Module, history: list[dict[str, Any]], predicti
             "clone_collapsed": majority >= COLLAPSE_MAJORITY}
 
 
-def prepare_run(spec: RunSpec) -> None:
-    """Train (or load) and cache every model ``spec`` needs — its victim, a training-time
-    defense's victim, surrogates, detectors — so that parallel workers only read them from disk
-    instead of training the same model side by side."""
+def prepare_run(spec: RunSpec) -> tuple[torch.nn.Module, ModelCard, Defense]:
+    """The run's served model, its card and its query-time defense, trained (or loaded) and
+    cached — victim, a training-time defense's victim, surrogates, detectors. A sweep calls it
+    once per defense point before dispatch, so parallel workers only read models from disk
+    instead of training the same one side by side."""
     key = (spec.scenario, spec.victim_epochs)
     (method, method_params), (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
     victim, card = _victim(key, method, method_params)
-    build_defense(query_defense, query_params, _scenario(key), victim, card)
+    return victim, card, build_defense(query_defense, query_params, _scenario(key), victim, card)
 
 
 def execute_run(spec: RunSpec) -> dict[str, Any]:
@@ -132,9 +134,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     key = (spec.scenario, spec.victim_epochs)
     scenario = _scenario(key)
-    (method, method_params), (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
-    victim, card = _victim(key, method, method_params)
-    defense = build_defense(query_defense, query_params, scenario, victim, card)
+    victim, card, defense = prepare_run(spec)
     api = InProcessAPI(victim, defense, query_budget=None)
     attack = create_attack(spec.attack, **spec.attack_params)
     clone_spec = CloneSpec.like(card, training=spec.clone_training)

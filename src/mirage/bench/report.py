@@ -56,7 +56,8 @@ def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
             victims.setdefault(r["scenario"], set()).add(r["victim_fingerprint"])
     for scenario, prints in sorted(victims.items()):
         if len(prints) > 1:
-            warnings.append(f"{scenario}: runs come from {len(prints)} different victims ({', '.join(sorted(prints))})")
+            warnings.append(f"{scenario}: runs come from {len(prints)} different victims "
+                            f"({', '.join(sorted(prints))})")
     diverged = [r for r in records if r.get("clone_diverged")]
     if diverged:
         warnings.append(f"{len(diverged)} run(s) trained a clone whose loss or weights diverged "
@@ -139,8 +140,8 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
     md.append("## All runs\n")
     run_rows = [{k: r.get(k) for k in ("scenario", "defense_label", "defense_params", "attack_label",
                                         "budget", "seed", "victim_accuracy", "defender_accuracy",
-                                        "clone_accuracy", "clone_diverged", "clone_collapsed", "effective_l1", "overhead_ratio",
-                                        "wall_seconds")}
+                                        "clone_accuracy", "clone_diverged", "clone_collapsed",
+                                        "effective_l1", "overhead_ratio", "wall_seconds")}
                 for r in records]
     md.append(_markdown_table(run_rows))
     page.append("<h2>All runs</h2>" + _html_table(run_rows))

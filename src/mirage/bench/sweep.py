@@ -70,7 +70,7 @@ class RunFilter:
                 and (not self.defenses or run.defense_label in self.defenses))
 
 
-def prepare_shared_models(pending: list[RunSpec], preparer: Callable[[RunSpec], None]) -> int:
+def prepare_shared_models(pending: list[RunSpec], preparer: Callable[[RunSpec], Any]) -> int:
     """Call ``preparer`` once per distinct (scenario, victim epochs, defense point) among
     ``pending``, in this process; returns how many it prepared."""
     seen: set[tuple] = set()
@@ -102,7 +102,7 @@ def models_in(directory: Path | None):
 
 def run_sweep(config: SweepConfig, results: str | Path, *,
               runner: Callable[[RunSpec], dict[str, Any]] | None = None,
-              preparer: Callable[[RunSpec], None] | None = None, executor: str = "local",
+              preparer: Callable[[RunSpec], Any] | None = None, executor: str = "local",
               workers: int = 1, scheduler: Any = None, limit: int | None = None,
               only: RunFilter | None = None, show_progress: bool = True) -> SweepStatus:
     """Execute every pending run of ``config``; returns the status after the sweep.
@@ -133,7 +133,7 @@ def run_sweep(config: SweepConfig, results: str | Path, *,
 
 
 def _execute(pending: list[RunSpec], store: ResultStore, runner: Callable[[RunSpec], dict[str, Any]],
-             preparer: Callable[[RunSpec], None] | None, *, executor: str, workers: int, scheduler: Any,
+             preparer: Callable[[RunSpec], Any] | None, *, executor: str, workers: int, scheduler: Any,
              title: str, show_progress: bool) -> None:
     if executor != "inline" and preparer is not None and pending:
         log.info("prepared the models of %d defense points", prepare_shared_models(pending, preparer))
