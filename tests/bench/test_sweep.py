@@ -154,3 +154,20 @@ def test_victim_epochs_must_name_a_scenario_of_the_sweep(small_config):
     assert expand(SweepConfig.model_validate({**data, "victim_epochs": {"digits": 2}}))[0].victim_epochs == 2
     with pytest.raises(ValueError, match="victim_epochs"):
         SweepConfig.model_validate({**data, "victim_epochs": {"fmnist": 2}})
+
+
+def test_scenario_grid_replaces_the_grid_in_its_scenario_only(small_config):
+    from mirage.bench.config import SweepConfig
+
+    data = small_config.model_dump()
+    data["scenarios"] = ["digits", "mnist"]
+    data["defenses"][1]["scenario_grid"] = {"mnist": {"epsilon": [0.5]}}
+    runs = expand(SweepConfig.model_validate(data))
+    fake = {(r.scenario, r.defense_params["epsilon"]) for r in runs if r.defense == "fake"}
+    assert fake == {("digits", 0.1), ("digits", 0.5), ("digits", 1.0), ("mnist", 0.5)}
+    # the scenario with the default grid keeps the run ids it had without the override
+    plain = {r.run_id for r in expand(small_config)}
+    assert plain == {r.run_id for r in runs if r.scenario == "digits"}
+    data["defenses"][1]["scenario_grid"] = {"cifar10": {"epsilon": [0.5]}}
+    with pytest.raises(ValueError, match="scenario_grid names scenarios not in this sweep"):
+        SweepConfig.model_validate(data)

@@ -20,16 +20,19 @@ class _Strict(BaseModel):
 
 
 class DefenseGrid(_Strict):
-    """One defense with fixed ``params`` and a ``grid`` of values swept (their product)."""
+    """One defense with fixed ``params`` and a ``grid`` of values swept (their product);
+    ``scenario_grid`` replaces the grid in the scenarios it names (e.g. a smaller grid there)."""
 
     name: str
     label: str | None = None
     params: dict[str, Any] = Field(default_factory=dict)
     grid: dict[str, list[Any]] = Field(default_factory=dict)
+    scenario_grid: dict[str, dict[str, list[Any]]] = Field(default_factory=dict)
 
-    def points(self) -> list[dict[str, Any]]:
-        keys = sorted(self.grid)
-        combos = itertools.product(*(self.grid[k] for k in keys)) if keys else [()]
+    def points(self, scenario: str | None = None) -> list[dict[str, Any]]:
+        grid = self.scenario_grid.get(scenario, self.grid) if scenario is not None else self.grid
+        keys = sorted(grid)
+        combos = itertools.product(*(grid[k] for k in keys)) if keys else [()]
         return [{**self.params, **dict(zip(keys, combo))} for combo in combos]
 
     @property
@@ -82,6 +85,10 @@ class SweepConfig(_Strict):
         unknown = set(self.victim_epochs) - set(self.scenarios)
         if unknown or any(e < 1 for e in self.victim_epochs.values()):
             raise ValueError(f"victim_epochs must map this sweep's scenarios to epochs ≥ 1, got {self.victim_epochs}")
+        for defense in self.defenses:
+            unknown = set(defense.scenario_grid) - set(self.scenarios)
+            if unknown:
+                raise ValueError(f"{defense.display}: scenario_grid names scenarios not in this sweep: {sorted(unknown)}")
         return self
 
 

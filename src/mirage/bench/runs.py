@@ -52,7 +52,7 @@ def expand(config: SweepConfig) -> list[RunSpec]:
             for defense in config.defenses:
                 if attack.defenses is not None and defense.display not in attack.defenses:
                     continue
-                for params in defense.points():
+                for params in defense.points(scenario):
                     for seed in config.seeds:
                         runs.append(RunSpec(
                             scenario=scenario, defense=defense.name, defense_label=defense.display,
