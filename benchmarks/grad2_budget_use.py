@@ -23,37 +23,51 @@ import os
 from pathlib import Path
 
 import torch
+from torch import Tensor, nn
 
 from mirage.api import clean_posteriors
 from mirage.attacks.pools import query_pool
 from mirage.bench.defenses import build_defense
-from mirage.scenarios import get_scenario
+from mirage.models import ModelCard
+from mirage.scenarios import Scenario, get_scenario
 from mirage.training.victim import get_victim
 
 log = logging.getLogger("grad2_budget_use")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def pool_sample_parser(description: str) -> argparse.ArgumentParser:
+    """The options every GRAD² analysis on a sample of the pool shares."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--scenarios", nargs="+", default=["fmnist-id", "fmnist"])
-    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 1.5])
     parser.add_argument("--queries", type=int, default=2000)
     parser.add_argument("--models", type=Path, default=Path("results/models"))
     parser.add_argument("--json", type=Path, default=None)
+    return parser
+
+
+def pool_sample(name: str, queries: int, models: Path) -> tuple[Scenario, nn.Module, ModelCard, Tensor, Tensor]:
+    """Scenario ``name``'s pinned victim (from ``models``), ``queries`` seeded pool images and
+    their clean posteriors."""
+    os.environ["MIRAGE_MODELS"] = str(models.resolve())  # the sweep's pinned models
+    scenario = get_scenario(name)
+    victim, card, cached = get_victim(scenario, show_progress=False)
+    if not cached:
+        log.warning("%s: no pinned victim in %s, trained one", name, models)
+    pool = query_pool(scenario)
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:queries]
+    x = pool.images[pick]
+    return scenario, victim, card, x, clean_posteriors(victim, x)
+
+
+def main() -> None:
+    parser = pool_sample_parser(__doc__.splitlines()[0])
+    parser.add_argument("--epsilons", type=float, nargs="+", default=[0.1, 0.25, 0.5, 1.0, 1.5])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    os.environ["MIRAGE_MODELS"] = str(args.models.resolve())  # the sweep's pinned models
 
     rows = []
     for name in args.scenarios:
-        scenario = get_scenario(name)
-        victim, card, cached = get_victim(scenario, show_progress=False)
-        if not cached:
-            log.warning("%s: no pinned victim in %s, trained one", name, args.models)
-        pool = query_pool(scenario)
-        pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(0))[:args.queries]
-        x = pool.images[pick]
-        clean = clean_posteriors(victim, x)
+        scenario, victim, card, x, clean = pool_sample(name, args.queries, args.models)
         top = clean.argmax(1)
         top_mass = clean.gather(1, top[:, None]).squeeze(1)
         for epsilon in args.epsilons:
