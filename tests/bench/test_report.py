@@ -8,6 +8,7 @@ from mirage.bench.summary import (
     curves,
     interpolate,
     overhead_table,
+    points_table,
     references,
     tradeoff_table,
 )
@@ -47,6 +48,13 @@ def test_summaries_from_records(tmp_path, small_config):
     assert abs(best["best@drop≤1"] - (0.8005 - 0.03)) < 1e-9
     assert abs(best["best@drop≤5"] - (0.8005 - 0.3)) < 1e-9
     assert abs(best["best@L1≤0.1"] - (0.8005 - 0.03)) < 1e-9
+    points = points_table(panel)
+    # the undefended point once, then the fake grid by cost; seeds 0 and 1 differ by 0.001
+    assert [(r["defense"], r["params"]) for r in points] == [
+        ("fake", "epsilon=0.1"), ("fake", "epsilon=0.5"), ("fake", "epsilon=1.0"), ("none", "–")]
+    assert all(r["seeds"] == 2 and abs(r["clone_sd"] - 0.0005) < 1e-9 for r in points)
+    assert abs(points[1]["clone_accuracy"] - (0.8005 - 0.15)) < 1e-9
+    assert abs(points[1]["vs_undefended"] - (-0.15)) < 1e-9 and points[3]["vs_undefended"] == 0
     refs = references(records, {"knockoff-hard": "knockoff"})
     assert set(refs[("digits", "knockoff")]) == {"undefended", "knockoff-hard"}
     assert {r["defense"] for r in overhead_table(records)} == {"none", "fake"}

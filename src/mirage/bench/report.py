@@ -14,6 +14,7 @@ from mirage.bench.summary import (
     curves,
     failed_clone,
     overhead_table,
+    points_table,
     references,
     tradeoff_table,
 )
@@ -92,6 +93,8 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
                          tradeoff_table(panel)))
         sections.append((f"{scenario} — {attack}: best operating point within a cost", "",
                          best_within_table(panel)))
+        sections.append((f"{scenario} — {attack}: every point (mean and spread over seeds)", "",
+                         points_table(panel)))
 
     angles = {}
     for r in records:

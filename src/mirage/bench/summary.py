@@ -42,6 +42,7 @@ def _mean_over_seeds(records: list[dict[str, Any]]) -> dict[str, Any]:
     out["defense_params"] = records[0]["defense_params"]
     out["seeds"] = sorted(r["seed"] for r in records)
     out["clone_accuracy_std"] = float(np.std([r["clone_accuracy"] for r in records]))
+    out["clone_by_seed"] = {r["seed"]: r["clone_accuracy"] for r in records}
     return out
 
 
@@ -120,6 +121,33 @@ def best_within_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
 def tradeoff_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
     """Clone accuracy at defender-accuracy drops of 1/2/5 points and at effective L1 0.1/0.2/0.5."""
     return _cost_table(panel, interpolate, "clone", "drop", "L1=")
+
+
+def points_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
+    """Every measured point of a panel (the undefended one once), seeds averaged: its parameters,
+    how many seeds, defender accuracy, effective L1, the clone's mean and spread (population
+    standard deviation over seeds, 0 for one seed) — what a difference must beat to count — and
+    ``vs_undefended``: the clone's change against the undefended clone of the same seeds (paired,
+    so the attacker's own seed-to-seed noise cancels; ``None`` without a shared seed)."""
+    undefended = panel["none"].points[0]["clone_by_seed"] if "none" in panel else {}
+    rows = []
+    for name, curve in sorted(panel.items()):
+        own = [p for p in curve.points if not p.get("origin")]
+        for p in sorted(own, key=lambda q: (q.get("effective_l1", 0.0), -q.get("defender_accuracy", 0.0))):
+            rows.append({"defense": name,
+                         "params": ",".join(f"{k}={v}" for k, v in sorted(p["defense_params"].items())
+                                            if k != "surrogate_config") or "–",
+                         "seeds": len(p["seeds"]), "defender_accuracy": p.get("defender_accuracy"),
+                         "effective_l1": p.get("effective_l1"), "clone_accuracy": p["clone_accuracy"],
+                         "clone_sd": p["clone_accuracy_std"], "vs_undefended": _paired_change(p, undefended)})
+    return rows
+
+
+def _paired_change(point: dict[str, Any], undefended: dict[int, float]) -> float | None:
+    shared = sorted(set(point["clone_by_seed"]) & set(undefended))
+    if not shared:
+        return None
+    return float(np.mean([point["clone_by_seed"][s] - undefended[s] for s in shared]))
 
 
 def references(records: list[dict[str, Any]], reference_of: dict[str, str]) -> dict[tuple[str, str], dict[str, float]]:
