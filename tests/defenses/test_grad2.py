@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from mirage.defenses import DEFENSES, create_defense, redirect
 from mirage.defenses.base import strict_top1_kept
-from mirage.defenses.targets import all_ones, log_likelihood_gradient, random_direction, watermark
+from mirage.defenses.targets import all_ones, log_likelihood_gradient, random_direction, unlearn, watermark
 from mirage.models import create_model
 
 K = 10
@@ -36,6 +36,9 @@ def test_registered_with_validated_params(setup):
     assert defense.params.target == "all-ones" and defense.epsilon == 0.5 and not defense.keeps_top1
     for bad in [{}, {"surrogate": "lenet"}, {"surrogate": surrogate, "epsilon": 2.5},
                 {"surrogate": surrogate, "target": "vector"}, {"surrogate": surrogate, "target": "watermark"},
+                {"surrogate": surrogate, "target": "unlearn"},
+                {"surrogate": surrogate, "target": "unlearn", "reference_x": torch.rand(2, 1, 8, 8),
+                 "reference_y": torch.tensor([1, 2, 3])},
                 {"surrogate": surrogate, "batch_size": 0}, {"surrogate": surrogate, "colour": 1},
                 {"surrogate": []}]:
         with pytest.raises(ValidationError):
@@ -65,6 +68,7 @@ def test_targets_increase_their_inner_product(setup):
     cases = {
         "min-ip": ({}, lambda: {k: -t for k, t in log_likelihood_gradient(surrogate, x, probs).items()}),
         "watermark": ({"watermark_x": x_w, "watermark_y": y_w}, lambda: watermark(surrogate, x_w, y_w)),
+        "unlearn": ({"reference_x": x_w, "reference_y": y_w}, lambda: unlearn(surrogate, x_w, y_w)),
         "random": ({"seed": 4}, lambda: random_direction(surrogate, 4)),
         "vector": ({"target_vector": torch.cat([p.detach().flatten() for p in surrogate.parameters()]) ** 2},
                    lambda: {n: p.detach() ** 2 for n, p in surrogate.named_parameters()}),
@@ -105,3 +109,16 @@ def test_class_count_mismatch_is_a_clear_error(setup):
     surrogate, x, _ = setup
     with pytest.raises(ValueError, match="classes"):
         create_defense("grad2", surrogate=surrogate)(x, torch.full((12, 5), 0.2))
+
+
+def test_unlearn_is_the_reverse_of_learning_the_reference_set(setup):
+    surrogate, _, _ = setup
+    x_ref, y_ref = torch.rand(5, 1, 8, 8), torch.tensor([0, 1, 2, 3, 4])
+    v, learn = unlearn(surrogate, x_ref, y_ref), log_likelihood_gradient(surrogate, x_ref, y_ref)
+    assert set(v) == set(learn) and all(torch.equal(v[n], -learn[n]) for n in v)
+    # a small step along v lowers the surrogate's log-likelihood of the reference labels
+    before = -torch.nn.functional.cross_entropy(surrogate(x_ref), y_ref)
+    with torch.no_grad():
+        for name, p in surrogate.named_parameters():
+            p.add_(1e-3 * v[name])
+    assert -torch.nn.functional.cross_entropy(surrogate(x_ref), y_ref) < before

@@ -51,9 +51,29 @@ def misinformation_resolver(params: dict[str, Any], scenario: Scenario, victim: 
     return params
 
 
+def grad2_resolver(params: dict[str, Any], scenario: Scenario, victim: nn.Module,
+                   card: ModelCard) -> dict[str, Any]:
+    """GRAD²: its distilled surrogate and, for ``target = "unlearn"``, a reference set drawn from
+    the defender's own labelled training data (``reference = {size = 512, seed = 0}``)."""
+    params = surrogate_resolver("distilled")(params, scenario, victim, card)
+    reference = params.pop("reference", {})
+    if reference and params.get("target") != "unlearn":
+        raise ValueError("reference is the reference set of target='unlearn' only")
+    if params.get("target") == "unlearn" and params.get("reference_x") is None:
+        from mirage.data import load_dataset
+
+        unknown = set(reference) - {"size", "seed"}
+        if unknown:
+            raise ValueError(f"reference takes size and seed, got {sorted(unknown)}")
+        train = load_dataset(scenario.victim_dataset, scenario.data_root).train
+        picked = train.sample(int(reference.get("size", 512)), int(reference.get("seed", 0)))
+        params["reference_x"], params["reference_y"] = picked.images, picked.labels
+    return params
+
+
 RESOLVERS: dict[str, Resolver] = {
     "adaptive_misinformation": misinformation_resolver,
-    "grad2": surrogate_resolver("distilled"),
+    "grad2": grad2_resolver,
     "mad": surrogate_resolver(None),
     "mad_argmax": surrogate_resolver(None),
 }

@@ -36,6 +36,8 @@ class Grad2Params(DefenseParams):
     target_vector: Any = Field(None, description="flat (P,) tensor for target='vector'")
     watermark_x: Any = Field(None, description="(M, C, H, W) behaviour images for target='watermark'")
     watermark_y: Any = Field(None, description="(M,) behaviour labels for target='watermark'")
+    reference_x: Any = Field(None, description="(M, C, H, W) defender images for target='unlearn'")
+    reference_y: Any = Field(None, description="(M,) their true labels for target='unlearn'")
     preserve_top1: bool = False
     top1_margin: float = Field(TOP1_MARGIN, ge=0, lt=0.5)
     score_method: Literal["fused", "jvp", "double-backward"] = "fused"
@@ -57,11 +59,17 @@ class Grad2Params(DefenseParams):
         if self.target == "vector" and self.target_vector is None:
             raise ValueError("target='vector' needs target_vector")
         if self.target == "watermark":
-            if not isinstance(self.watermark_x, Tensor) or not isinstance(self.watermark_y, Tensor):
-                raise ValueError("target='watermark' needs watermark_x and watermark_y tensors")
-            if self.watermark_x.ndim != 4 or len(self.watermark_x) != len(self.watermark_y) or not len(self.watermark_x):
-                raise ValueError("watermark_x must be (M, C, H, W) with M = len(watermark_y) ≥ 1")
+            _check_labelled_set(self.watermark_x, self.watermark_y, "watermark")
+        if self.target == "unlearn":
+            _check_labelled_set(self.reference_x, self.reference_y, "reference")
         return self
+
+
+def _check_labelled_set(x: Any, y: Any, prefix: str) -> None:
+    if not isinstance(x, Tensor) or not isinstance(y, Tensor):
+        raise ValueError(f"this target needs {prefix}_x and {prefix}_y tensors")
+    if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or not len(x):
+        raise ValueError(f"{prefix}_x must be (M, C, H, W) with M = len({prefix}_y) ≥ 1")
 
 
 @register_defense("grad2", params=Grad2Params)
@@ -91,7 +99,8 @@ class Grad2(Defense):
         if member not in self._targets:
             p = self.params
             v = static_target(p.target, model, seed=p.seed, vector=p.target_vector,
-                              watermark_x=p.watermark_x, watermark_y=p.watermark_y)
+                              watermark_x=p.watermark_x, watermark_y=p.watermark_y,
+                              reference_x=p.reference_x, reference_y=p.reference_y)
             check_direction(model, v)
             self._targets[member] = v
         return self._targets[member]

@@ -7,6 +7,11 @@ the clone. Each builder returns a dict ``{parameter name: tensor}`` shaped like 
 - ``min-ip``: v = −g(y), against the clean batch gradient (uncoordinated, untargeted).
 - ``watermark``: v = ∇_θ (1/M) Σ_w log p_θ(y_w|x_w) for a behaviour set {(x_w, y_w)} — the clone
   learns that behaviour (reprogramming; verified later by :mod:`mirage.verify`).
+- ``unlearn``: v = −∇_θ (1/M) Σ_m log p_θ(y_m|x_m) on a labelled reference set of the defender's
+  own data — one fixed direction (coordinated, like all-ones) that lowers the likelihood of the
+  true labels (untargeted, like min-ip). mirage's, not the paper's: on a LeNet the all-ones
+  target is nearly the surrogate's confidence direction (its scores correlate 0.96 with the
+  logits, ``benchmarks/grad2_target_geometry.py``), so it only sharpens the answers.
 - ``max-norm``: v = θ; ``random``: seeded Gaussian; ``vector``: any user-supplied flat vector.
 """
 
@@ -20,7 +25,7 @@ from torch import Tensor, nn
 from mirage.defenses.scores import Direction
 from mirage.training.fit import soft_cross_entropy
 
-TargetName = Literal["all-ones", "min-ip", "watermark", "max-norm", "random", "vector"]
+TargetName = Literal["all-ones", "min-ip", "watermark", "unlearn", "max-norm", "random", "vector"]
 BATCH_DEPENDENT = {"min-ip"}
 
 
@@ -77,8 +82,15 @@ def watermark(model: nn.Module, x_w: Tensor, y_w: Tensor) -> Direction:
     return log_likelihood_gradient(model, x_w, torch.as_tensor(y_w))
 
 
+def unlearn(model: nn.Module, x_ref: Tensor, y_ref: Tensor) -> Direction:
+    """v = −∇_θ mean log p_θ(y_ref|x_ref): the fixed direction that unlearns a reference set
+    ``x_ref`` (M, C, H, W) with its true labels ``y_ref`` (M,)."""
+    return {name: -g for name, g in watermark(model, x_ref, y_ref).items()}
+
+
 def static_target(name: TargetName, model: nn.Module, *, seed: int = 0, vector: Tensor | None = None,
-                  watermark_x: Tensor | None = None, watermark_y: Tensor | None = None) -> Direction:
+                  watermark_x: Tensor | None = None, watermark_y: Tensor | None = None,
+                  reference_x: Tensor | None = None, reference_y: Tensor | None = None) -> Direction:
     """Build a target that does not depend on the query batch."""
     if name == "all-ones":
         return all_ones(model)
@@ -94,6 +106,10 @@ def static_target(name: TargetName, model: nn.Module, *, seed: int = 0, vector: 
         if watermark_x is None or watermark_y is None:
             raise ValueError("target 'watermark' needs watermark_x and watermark_y")
         return watermark(model, watermark_x, watermark_y)
+    if name == "unlearn":
+        if reference_x is None or reference_y is None:
+            raise ValueError("target 'unlearn' needs reference_x and reference_y")
+        return unlearn(model, reference_x, reference_y)
     raise ValueError(f"target {name!r} depends on the batch or is unknown")
 
 
@@ -105,4 +121,4 @@ def behaviour_accuracy(model: nn.Module, x_w: Tensor, y_w: Tensor) -> float:
 
 __all__ = ["BATCH_DEPENDENT", "TargetName", "all_ones", "behaviour_accuracy", "from_vector",
            "log_likelihood_gradient", "max_norm", "min_ip", "random_direction", "static_target",
-           "watermark"]
+           "unlearn", "watermark"]
