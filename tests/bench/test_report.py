@@ -71,6 +71,11 @@ def test_report_files(tmp_path, small_config):
     assert (tmp_path / "out" / "plots" / "angular_deviation_digits.png").is_file()
     html = (tmp_path / "out" / "report.html").read_text()
     assert "<img" in html and "tradeoff_digits_knockoff.png" in html
+    # regenerating from the same results rewrites the very same bytes (clean git diffs)
+    plots = sorted((tmp_path / "out" / "plots").iterdir())
+    before = {p.name: p.read_bytes() for p in plots}
+    build_report(small_config, results, tmp_path / "out")
+    assert {p.name: p.read_bytes() for p in plots} == before
 
 
 def test_report_warns_about_mixed_victims_and_diverged_clones(tmp_path, small_config):
