@@ -15,6 +15,6 @@ for d in none grad2 mad mad_argmax reverse_sigmoid random_noise adaptive_misinfo
 run --config benchmarks/configs/grad2_vs_mad_fmnist_id.toml \
     --results results/ablation/grad2_vs_mad_fmnist_id/results.jsonl
 run --config full --scenario fmnist-id --attack knockoff --attack knockoff-hard-label "${query_time[@]}"
-run --config full --scenario fmnist-id --attack jbda --attack jb-top3 "${query_time[@]}"
+run --config full --scenario fmnist-id --attack jbda --attack jb-top3 --attack jb-top3-restarts3 "${query_time[@]}"
 run --config full --scenario fmnist "${query_time[@]}"
 run --config full    # the rest: mnist, and the training-time defenses (InI, DP-SGD)
