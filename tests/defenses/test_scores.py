@@ -81,3 +81,25 @@ def test_direction_must_match_parameters():
         check_direction(model, v)
     with pytest.raises(ValueError):
         from_vector(model, torch.ones(3))
+
+
+@pytest.mark.parametrize("method", sorted(SCORE_METHODS))
+def test_max_norm_scores_of_a_bias_free_relu_net_are_its_centred_logits_times_depth(method):
+    """A bias-free ReLU/max-pool network is positively homogeneous of degree L (its weight
+    layers) in θ, so along v = θ: d/dt log softmax f((1+t)θ) = L·(z − Σ_j p_j z_j). This is why
+    max-norm — and the all-ones target, nearly (benchmarks/grad2_target_geometry.py) — only
+    sharpens the answers of such a network."""
+    torch.manual_seed(0)
+    model = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,)).eval()
+    x = torch.rand(6, 1, 8, 8)
+    model(x)  # materialise lazy layers
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.zero_()
+    depth = sum(1 for name, _ in model.named_parameters() if name.endswith("weight"))
+    with torch.no_grad():
+        z = model(x)
+    expected = depth * (z - (torch.softmax(z, 1) * z).sum(1, keepdim=True)) / len(x)
+    got = SCORE_METHODS[method](model, x, max_norm(model))
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
