@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from mirage.data.base import ImageData
 from mirage.training.fit import TrainConfig
 
 
@@ -44,6 +45,16 @@ SCENARIOS: dict[str, Scenario] = {
                         victim_training=TrainConfig(epochs=100, lr=0.1, augment=True),
                         reverse_sigmoid_gamma=0.1),
 }
+
+
+def defender_sample(scenario: Scenario, size: int = 512, seed: int = 0) -> ImageData:
+    """A seeded sample of the defender's own labelled data (the victim's training split), e.g.
+    the reference set of GRAD²'s ``unlearn`` target."""
+    from mirage.data import load_dataset
+
+    if size < 1:
+        raise ValueError(f"size must be ≥ 1, got {size}")
+    return load_dataset(scenario.victim_dataset, scenario.data_root).train.sample(size, seed)
 
 
 def get_scenario(name: str, **overrides) -> Scenario:

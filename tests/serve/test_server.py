@@ -304,3 +304,22 @@ def test_example_config_and_toml_paths(tmp_path, checkpoints):
         load_config_text = '[model]\nname = "x"\n[[clients]]\nname = "a"\nkey_sha256 = "plain-key"\n'
         (tmp_path / "bad.toml").write_text(load_config_text)
         load_config(tmp_path / "bad.toml")
+
+
+def test_unlearn_target_draws_its_reference_set_from_the_scenarios_training_data(tmp_path, checkpoints):
+    from mirage.scenarios import defender_sample, get_scenario
+    from mirage.serve.app import DefenseFactory
+
+    spec = {**grad2_defense(checkpoints), "params": {"epsilon": 0.5, "target": "unlearn"},
+            "reference_set": {"size": 30, "seed": 2}}
+    config = make_config(tmp_path, checkpoints, defense=spec)
+    with pytest.raises(ValueError, match="needs model.scenario"):
+        DefenseFactory(config)
+    raw = config.model_dump(mode="json")
+    raw["model"] = {"name": "digits", "scenario": "digits"}
+    factory = DefenseFactory(type(config).model_validate(raw))
+    expected = defender_sample(get_scenario("digits"), 30, 2)
+    assert torch.equal(factory.prototype.params.reference_x, expected.images)
+    assert torch.equal(factory.prototype.params.reference_y, expected.labels)
+    with pytest.raises(ValueError, match="size"):
+        type(config).model_validate({**raw, "defense": {**raw["defense"], "reference_set": {"size": 0}}})

@@ -110,6 +110,14 @@ class DefenseFactory:
             members, _, _ = get_surrogate(get_scenario(config.model.scenario), victim, card,
                                           SurrogateConfig(**self.config.surrogate_training))
             self.params[self.config.surrogate_param] = members if len(members) > 1 else members[0]
+        if self.config.reference_set is not None:
+            from mirage.scenarios import defender_sample, get_scenario
+
+            if config.model.scenario is None:
+                raise ValueError("defense.reference_set needs model.scenario (whose training data it samples)")
+            reference = self.config.reference_set
+            picked = defender_sample(get_scenario(config.model.scenario), reference.size, reference.seed)
+            self.params["reference_x"], self.params["reference_y"] = picked.images, picked.labels
         self.enabled = self.config.name != "none"
         self.prototype = self._build(None) if self.enabled else None
         self._instances: dict[str, Defense] = {}

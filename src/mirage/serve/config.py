@@ -54,6 +54,11 @@ class ModelConfig(_Strict):
         return self
 
 
+class ReferenceSetConfig(_Strict):
+    size: int = Field(512, ge=1)
+    seed: int = 0
+
+
 class DefenseConfig(_Strict):
     name: str = "none"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -63,6 +68,9 @@ class DefenseConfig(_Strict):
         None, description="instead of a path: train or reuse the cached surrogate of model.scenario "
                           "(SurrogateConfig fields; {} = distilled, early-stopped defaults)")
     surrogate_param: str = "surrogate"
+    reference_set: ReferenceSetConfig | None = Field(
+        None, description="grad2 target='unlearn': {size, seed} images of model.scenario's training "
+                          "data with their labels, loaded into params.reference_x / reference_y")
     per_client: bool = Field(True, description="one defense instance (and its state) per client")
     seed_per_client: bool = Field(
         False, description="derive params.seed from the client name (a per-client coordinated target)")
