@@ -8,6 +8,11 @@ a_ik = (1/N)⟨∇_θ log p_θ(k|x_i), v⟩ on a surrogate θ (one forward-mode 
 g(ỹ) is pushed along v. With ``preserve_top1`` the maximiser is restricted to points keeping y's
 top-1 class strictly (defender accuracy unchanged).
 
+Which target: on networks whose logits grow with their weights (ReLU nets without
+normalisation, such as LeNet) the paper's all-ones target is nearly the confidence direction and
+the step only sharpens answers; there, ``target="unlearn"`` (a reference set of the defender's
+own labelled data) with ``preserve_top1=True`` is the strong setting (results/README.md).
+
 Example::
 
     defense = create_defense("grad2", epsilon=0.5, surrogate=surrogate)   # all-ones target
