@@ -11,7 +11,8 @@ top-1 class strictly (defender accuracy unchanged).
 Which target: on networks whose logits grow with their weights (ReLU nets without
 normalisation, such as LeNet) the paper's all-ones target is nearly the confidence direction and
 the step only sharpens answers; there, ``target="unlearn"`` (a reference set of the defender's
-own labelled data) with ``preserve_top1=True`` is the strong setting (results/README.md).
+own labelled data) with ``preserve_top1=True`` hurts a soft-label clone most per unit of L1 — and,
+like every top-1-kept defense, not an attacker who keeps only the argmax (results/README.md).
 
 Example::
 
