@@ -47,14 +47,22 @@ SCENARIOS: dict[str, Scenario] = {
 }
 
 
-def defender_sample(scenario: Scenario, size: int = 512, seed: int = 0) -> ImageData:
-    """A seeded sample of the defender's own labelled data (the victim's training split), e.g.
-    the reference set of GRAD²'s ``unlearn`` target."""
+class ReferenceSet(BaseModel):
+    """How many of the defender's own labelled images to sample, and the seed (e.g. the reference
+    set of GRAD²'s ``unlearn`` target)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    size: int = Field(512, ge=1)
+    seed: int = 0
+
+
+def defender_sample(scenario: Scenario, reference: ReferenceSet = ReferenceSet()) -> ImageData:
+    """A seeded sample of the defender's own labelled data (the victim's training split)."""
     from mirage.data import load_dataset
 
-    if size < 1:
-        raise ValueError(f"size must be ≥ 1, got {size}")
-    return load_dataset(scenario.victim_dataset, scenario.data_root).train.sample(size, seed)
+    train = load_dataset(scenario.victim_dataset, scenario.data_root).train
+    return train.sample(reference.size, reference.seed)
 
 
 def get_scenario(name: str, **overrides) -> Scenario:

@@ -307,7 +307,7 @@ def test_example_config_and_toml_paths(tmp_path, checkpoints):
 
 
 def test_unlearn_target_draws_its_reference_set_from_the_scenarios_training_data(tmp_path, checkpoints):
-    from mirage.scenarios import defender_sample, get_scenario
+    from mirage.scenarios import ReferenceSet, defender_sample, get_scenario
     from mirage.serve.app import DefenseFactory
 
     spec = {**grad2_defense(checkpoints), "params": {"epsilon": 0.5, "target": "unlearn"},
@@ -318,7 +318,7 @@ def test_unlearn_target_draws_its_reference_set_from_the_scenarios_training_data
     raw = config.model_dump(mode="json")
     raw["model"] = {"name": "digits", "scenario": "digits"}
     factory = DefenseFactory(type(config).model_validate(raw))
-    expected = defender_sample(get_scenario("digits"), 30, 2)
+    expected = defender_sample(get_scenario("digits"), ReferenceSet(size=30, seed=2))
     assert torch.equal(factory.prototype.params.reference_x, expected.images)
     assert torch.equal(factory.prototype.params.reference_y, expected.labels)
     with pytest.raises(ValueError, match="size"):

@@ -15,7 +15,7 @@ from torch import nn
 
 from mirage.defenses import Defense, create_defense
 from mirage.models import ModelCard
-from mirage.scenarios import Scenario, defender_sample
+from mirage.scenarios import ReferenceSet, Scenario, defender_sample
 
 Resolver = Callable[[dict[str, Any], Scenario, nn.Module, ModelCard], dict[str, Any]]
 
@@ -60,10 +60,7 @@ def grad2_resolver(params: dict[str, Any], scenario: Scenario, victim: nn.Module
     if reference and params.get("target") != "unlearn":
         raise ValueError("reference is the reference set of target='unlearn' only")
     if params.get("target") == "unlearn" and params.get("reference_x") is None:
-        unknown = set(reference) - {"size", "seed"}
-        if unknown:
-            raise ValueError(f"reference takes size and seed, got {sorted(unknown)}")
-        picked = defender_sample(scenario, **reference)
+        picked = defender_sample(scenario, ReferenceSet.model_validate(reference))
         params["reference_x"], params["reference_y"] = picked.images, picked.labels
     return params
 

@@ -115,8 +115,7 @@ class DefenseFactory:
 
             if config.model.scenario is None:
                 raise ValueError("defense.reference_set needs model.scenario (whose training data it samples)")
-            reference = self.config.reference_set
-            picked = defender_sample(get_scenario(config.model.scenario), reference.size, reference.seed)
+            picked = defender_sample(get_scenario(config.model.scenario), self.config.reference_set)
             self.params["reference_x"], self.params["reference_y"] = picked.images, picked.labels
         self.enabled = self.config.name != "none"
         self.prototype = self._build(None) if self.enabled else None

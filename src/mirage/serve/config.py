@@ -36,6 +36,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mirage.scenarios import ReferenceSet
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -54,11 +56,6 @@ class ModelConfig(_Strict):
         return self
 
 
-class ReferenceSetConfig(_Strict):
-    size: int = Field(512, ge=1)
-    seed: int = 0
-
-
 class DefenseConfig(_Strict):
     name: str = "none"
     params: dict[str, Any] = Field(default_factory=dict)
@@ -68,7 +65,7 @@ class DefenseConfig(_Strict):
         None, description="instead of a path: train or reuse the cached surrogate of model.scenario "
                           "(SurrogateConfig fields; {} = distilled, early-stopped defaults)")
     surrogate_param: str = "surrogate"
-    reference_set: ReferenceSetConfig | None = Field(
+    reference_set: ReferenceSet | None = Field(
         None, description="grad2 target='unlearn': {size, seed} images of model.scenario's training "
                           "data with their labels, loaded into params.reference_x / reference_y")
     per_client: bool = Field(True, description="one defense instance (and its state) per client")
