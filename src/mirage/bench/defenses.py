@@ -51,11 +51,14 @@ def misinformation_resolver(params: dict[str, Any], scenario: Scenario, victim: 
     return params
 
 
+distilled_surrogate_resolver = surrogate_resolver("distilled")
+
+
 def grad2_resolver(params: dict[str, Any], scenario: Scenario, victim: nn.Module,
                    card: ModelCard) -> dict[str, Any]:
     """GRAD²: its distilled surrogate and, for ``target = "unlearn"``, a reference set drawn from
     the defender's own labelled training data (``reference = {size = 512, seed = 0}``)."""
-    params = surrogate_resolver("distilled")(params, scenario, victim, card)
+    params = distilled_surrogate_resolver(params, scenario, victim, card)
     reference = params.pop("reference", {})
     if reference and params.get("target") != "unlearn":
         raise ValueError("reference is the reference set of target='unlearn' only")
