@@ -85,7 +85,9 @@ def watermark(model: nn.Module, x_w: Tensor, y_w: Tensor) -> Direction:
 def unlearn(model: nn.Module, x_ref: Tensor, y_ref: Tensor) -> Direction:
     """v = −∇_θ mean log p_θ(y_ref|x_ref): the fixed direction that unlearns a reference set
     ``x_ref`` (M, C, H, W) with its true labels ``y_ref`` (M,)."""
-    return {name: -g for name, g in watermark(model, x_ref, y_ref).items()}
+    if len(x_ref) == 0 or len(x_ref) != len(y_ref):
+        raise ValueError("the reference set needs as many labels as images (at least one)")
+    return {name: -g for name, g in log_likelihood_gradient(model, x_ref, torch.as_tensor(y_ref)).items()}
 
 
 def static_target(name: TargetName, model: nn.Module, *, seed: int = 0, vector: Tensor | None = None,
