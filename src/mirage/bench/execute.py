@@ -5,8 +5,9 @@ replaces the victim and serves it undefended at query time; the defender's accur
 measured against the plain victim on the same images.
 
 Everything expensive is cached: victims and surrogates on disk by config (see
-:mod:`mirage.training.victim`), datasets per process; the defender's accuracy on the test set
-depends only on (scenario, defense) and is memoised per process.
+:mod:`mirage.training.victim`), the answered transfer sets on disk by exact server and query
+stream (:mod:`mirage.bench.answers`), datasets per process; the defender's accuracy on the test
+set depends only on (scenario, defense) and is memoised per process.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accura
 from mirage.attacks import CloneSpec, create_attack
 from mirage.attacks.pools import attack_data, query_pool
 from mirage.bench.angles import angular_deviation
+from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir
 from mirage.bench.defenses import build_defense
 from mirage.bench.runs import RunSpec
 from mirage.data import ImageData, load_dataset
@@ -135,10 +137,17 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     key = (spec.scenario, spec.victim_epochs)
     scenario = _scenario(key)
     victim, card, defense = prepare_run(spec)
-    api = InProcessAPI(victim, defense, query_budget=None)
+    api: InProcessAPI | ReplayingAPI = InProcessAPI(victim, defense, query_budget=None)
+    if (answers := answers_dir()) is not None:
+        api = ReplayingAPI(api, AnswerCache(answers))
     attack = create_attack(spec.attack, **spec.attack_params)
     clone_spec = CloneSpec.like(card, training=spec.clone_training)
     result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
+    if isinstance(api, ReplayingAPI):
+        api.close()
+    # A fresh defense for the probes below: their numbers must not depend on what the attack's
+    # requests did to the defense's state (or on whether they were replayed from the cache).
+    defense = prepare_run(spec)[2]
     test = load_dataset(scenario.victim_dataset, scenario.data_root).test
     clone_predictions = clean_posteriors(result.clone, test.images).argmax(1)
 
@@ -159,6 +168,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         **clone_health(result.clone, result.history, clone_predictions),
         "effective_l1": result.effective_l1,
         "queries": result.queries,
+        "answers_replayed": api.replayed if isinstance(api, ReplayingAPI) else 0,
         "transfer_size": result.transfer_size,
         "overhead_ratio": measure_overhead(victim, defense, probe),
         "angular_deviation": [round(float(a), 2) for a in angles],
