@@ -10,6 +10,7 @@ from mirage.bench.summary import (
     overhead_table,
     points_table,
     references,
+    sweep_cost_table,
     tradeoff_table,
 )
 from mirage.bench.sweep import run_sweep
@@ -99,3 +100,15 @@ def test_failed_clones_are_left_out_of_curves_and_references(tmp_path, small_con
     panel = curves(kept)[("digits", "knockoff")]
     assert min(p["clone_accuracy"] for p in panel["fake"].points) > 0.4
     assert len(panel["fake"].points) == 4  # the other seed of that point remains
+
+
+def test_sweep_cost_sums_run_time_per_scenario_and_keeps_the_memory_peak():
+    records = [{"scenario": "a", "wall_seconds": 1800.0, "worker_peak_rss_mb": 300.0},
+               {"scenario": "a", "wall_seconds": 1800.0},  # recorded before memory was
+               {"scenario": "b", "wall_seconds": 3600.0, "worker_peak_rss_mb": 500.0}]
+    rows = {row["scenario"]: row for row in sweep_cost_table(records)}
+    assert rows["a"] == {"scenario": "a", "runs": 2, "run_hours": 1.0, "peak_rss_mb": 300.0,
+                         "runs_with_memory": 1}
+    assert rows["all"]["runs"] == 3 and rows["all"]["run_hours"] == 2.0
+    assert rows["all"]["peak_rss_mb"] == 500.0
+    assert sweep_cost_table([]) == []

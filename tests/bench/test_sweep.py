@@ -5,6 +5,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from datetime import datetime
 from pathlib import Path
 
 import pytest
@@ -46,6 +47,7 @@ def test_inline_sweep_then_rerun_does_nothing(tmp_path, small_config):
     results = tmp_path / "r.jsonl"
     status = run_sweep(small_config, results, runner=fake_run, executor="inline", show_progress=False)
     assert status.done == status.total == 10 and not status.pending
+    assert all(datetime.fromisoformat(r["finished"]).tzinfo for r in ResultStore(results).read())
     before = results.read_text()
     run_sweep(small_config, results, runner=fake_run, executor="inline", show_progress=False)
     assert results.read_text() == before

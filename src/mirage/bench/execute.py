@@ -16,6 +16,7 @@ import functools
 import json
 import math
 import platform
+import resource
 import statistics
 import time
 from typing import Any
@@ -174,6 +175,8 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         "angular_deviation": [round(float(a), 2) for a in angles],
         "attack_seconds": result.wall_seconds,
         "wall_seconds": time.perf_counter() - start,
+        # Linux reports KiB: the worker's peak so far, an upper bound on this run's.
+        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "versions": {"mirage": mirage.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
     }

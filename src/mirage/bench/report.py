@@ -16,6 +16,7 @@ from mirage.bench.summary import (
     overhead_table,
     points_table,
     references,
+    sweep_cost_table,
     tradeoff_table,
 )
 
@@ -140,6 +141,12 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
     if overhead:
         md.append("![overhead](plots/overhead.png)\n")
         page.append('<img src="plots/overhead.png" alt="overhead">')
+    cost = sweep_cost_table(records)
+    md.append("## Cost of the sweep\n")
+    md.append("Compute as the sum of run wall times (the sweep's wall time is about this over the "
+              "number of workers); peak RSS is the largest any worker reached by the end of a run.\n")
+    md.append(_markdown_table(cost))
+    page.append("<h2>Cost of the sweep</h2>" + _html_table(cost))
     md.append("## All runs\n")
     run_rows = [{k: r.get(k) for k in ("scenario", "defense_label", "defense_params", "attack_label",
                                         "budget", "seed", "victim_accuracy", "defender_accuracy",

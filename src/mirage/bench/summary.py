@@ -171,3 +171,22 @@ def overhead_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
             by_defense[r["defense_label"]].append(r["overhead_ratio"])
     return [{"defense": d, "overhead_ratio_median": float(np.median(v)), "runs": len(v)}
             for d, v in sorted(by_defense.items())]
+
+
+def sweep_cost_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per scenario and in total: runs, the compute they took (sum of run wall times; with W
+    workers the sweep's wall time is about this over W) and the largest worker peak RSS recorded
+    (runs recorded before ``worker_peak_rss_mb`` existed have none)."""
+    groups: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[r["scenario"]].append(r)
+        groups["all"].append(r)
+
+    def row(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        memory = [r["worker_peak_rss_mb"] for r in rows if r.get("worker_peak_rss_mb") is not None]
+        return {"scenario": name, "runs": len(rows),
+                "run_hours": sum(r.get("wall_seconds", 0.0) for r in rows) / 3600,
+                "peak_rss_mb": max(memory) if memory else None,
+                "runs_with_memory": len(memory)}
+
+    return [row(name, groups[name]) for name in sorted(set(groups) - {"all"}) + ["all"] if groups[name]]
