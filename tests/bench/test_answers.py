@@ -148,3 +148,23 @@ def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
     assert answers_dir() is None
     monkeypatch.setenv("MIRAGE_ANSWERS", str(tmp_path / "elsewhere"))
     assert answers_dir() == tmp_path / "elsewhere"
+
+
+def test_a_change_to_the_answering_code_invalidates_the_cache(model, monkeypatch, tmp_path):
+    import mirage
+    from mirage.bench import answers
+
+    before = server_fingerprint(noisy_api(model))
+    fake_root = tmp_path / "mirage"
+    for package in answers.ANSWERING_PACKAGES:
+        (fake_root / package).mkdir(parents=True)
+        (fake_root / package / "x.py").write_text("A = 1\n")
+    monkeypatch.setattr(mirage, "__file__", str(fake_root / "__init__.py"))
+    answers._code_fingerprint.cache_clear()
+    try:
+        one = server_fingerprint(noisy_api(model))
+        (fake_root / "models" / "x.py").write_text("A = 2\n")
+        answers._code_fingerprint.cache_clear()
+        assert server_fingerprint(noisy_api(model)) not in {one, before}
+    finally:
+        answers._code_fingerprint.cache_clear()

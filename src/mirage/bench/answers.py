@@ -8,8 +8,8 @@ attacker beside the soft-label one, a rerun after a crash — get the answers fr
 Keys are exact, never approximate:
 
 * the **server**: the served model's weights, the defense's name, its parameters with every model
-  and tensor they hold fingerprinted by value, mirage's version and the source of the defense and
-  API code (a fixed bug invalidates old answers);
+  and tensor they hold fingerprinted by value, mirage's version and the source of the API, defense
+  and model packages (a fixed bug invalidates old answers);
 * the **query stream**: a hash chain over every request so far, ``h_i = sha256(h_{i-1} ‖ x_i)``.
   A defense may keep state between requests (its random generator), so an answer is reusable only
   when every earlier request was the same too. Adaptive attacks (JBDA, adaptive Knockoff) reuse
@@ -23,7 +23,6 @@ have left it in; served answers are therefore identical with or without the cach
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import os
@@ -80,16 +79,17 @@ def _describe(value: Any) -> Any:
     raise TypeError(f"cannot fingerprint a {type(value).__name__} defense parameter")
 
 
+ANSWERING_PACKAGES = ("api", "defenses", "models")
+"""The mirage packages whose source turns a query into an answer (serving, defenses, networks)."""
+
+
 @cache
 def _code_fingerprint() -> str:
-    """The source of everything that turns a query into an answer."""
-    import mirage.api.inprocess
-    import mirage.defenses
-
+    root = Path(mirage.__file__).parent
     digest = hashlib.sha256(mirage.__version__.encode())
-    digest.update(inspect.getsource(mirage.api.inprocess).encode())
-    for path in sorted(Path(mirage.defenses.__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + path.read_bytes())
+    for package in ANSWERING_PACKAGES:
+        for path in sorted((root / package).rglob("*.py")):
+            digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()
 
 
