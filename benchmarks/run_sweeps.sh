@@ -18,3 +18,6 @@ run --config full --scenario fmnist-id --attack knockoff --attack knockoff-hard-
 run --config full --scenario fmnist-id --attack jbda --attack jb-top3 --attack jb-top3-restarts3 "${query_time[@]}"
 run --config full --scenario fmnist "${query_time[@]}"
 run --config full    # the rest: mnist, and the training-time defenses (InI, DP-SGD)
+# Seeds 1 and 2 of the fmnist-id Knockoff headline points (seed 0 comes from the full sweep).
+run --config benchmarks/configs/headline_seeds_fmnist_id.toml \
+    --results results/ablation/headline_seeds_fmnist_id/results.jsonl
