@@ -168,3 +168,18 @@ def test_a_change_to_the_answering_code_invalidates_the_cache(model, monkeypatch
         assert server_fingerprint(noisy_api(model)) not in {one, before}
     finally:
         answers._code_fingerprint.cache_clear()
+
+
+def test_a_cached_answer_of_the_wrong_shape_is_not_served(model, cache, caplog):
+    stream = batches(0)
+    recorded = ReplayingAPI(noisy_api(model), cache)
+    expected = answer(recorded, stream)
+    path = recorded.close()
+    saved = torch.load(path, weights_only=True)
+    saved["answers"][1] = saved["answers"][1][:3]
+    torch.save(saved, path)
+    with caplog.at_level(logging.WARNING):
+        again = ReplayingAPI(noisy_api(model), cache)
+        got = answer(again, stream)
+    assert again.replayed == 8 and "answering live" in caplog.text
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
