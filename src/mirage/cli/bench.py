@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -33,12 +34,17 @@ def run(
     attack: Annotated[list[str] | None, typer.Option(help="only these attack labels (repeatable)")] = None,
     defense: Annotated[list[str] | None, typer.Option(help="only these defense labels (repeatable)")] = None,
     report: Annotated[bool, typer.Option(help="write the report when the sweep ends")] = True,
+    answers: Annotated[str | None, typer.Option(
+        help="where answered transfer sets are cached ('off': not at all); default $MIRAGE_ANSWERS "
+             "or $MIRAGE_CACHE/answers")] = None,
 ) -> None:
     """Run every pending run of a sweep; finished runs are skipped, so this resumes."""
     from mirage.bench.config import load_config
     from mirage.bench.report import build_report
     from mirage.bench.sweep import RunFilter, run_sweep
 
+    if answers is not None:
+        os.environ["MIRAGE_ANSWERS"] = answers  # inherited by pool workers
     cfg = load_config(config)
     path = _results_path(cfg.name, results)
     if scheduler:
@@ -56,8 +62,9 @@ def run(
 
 
 @bench.command("status")
-def status(config: ProfileOption = "quick", results: ResultsOption = None) -> None:
-    """Runs done and left, and an ETA from the wall time of the finished ones."""
+def status(config: ProfileOption = "quick", results: ResultsOption = None,
+           workers: Annotated[int, typer.Option(min=1, help="workers the sweep runs with")] = 1) -> None:
+    """Runs done and left, and an ETA: the finished runs' mean wall time × runs left / workers."""
     from mirage.bench.config import load_config
     from mirage.bench.results import ResultStore
     from mirage.bench.sweep import sweep_status
@@ -65,7 +72,7 @@ def status(config: ProfileOption = "quick", results: ResultsOption = None) -> No
     cfg = load_config(config)
     state = sweep_status(cfg, ResultStore(_results_path(cfg.name, results)))
     table = Table("sweep", "done", "left", "ETA")
-    eta = "–" if state.eta_seconds is None else f"{state.eta_seconds / 60:.0f} min"
+    eta = "–" if state.eta_seconds is None else f"{state.eta_seconds / workers / 60:.0f} min"
     table.add_row(cfg.name, str(state.done), str(len(state.pending)), eta)
     console.print(table)
 
