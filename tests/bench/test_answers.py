@@ -68,7 +68,7 @@ def test_a_diverging_stream_answers_as_an_uncached_api_would(model, cache):
     diverging = ReplayingAPI(noisy_api(model), cache)
     got = answer(diverging, shared + tail)
     expected = answer(noisy_api(model), shared + tail)
-    assert diverging.replayed == 16  # the shared prefix, then live
+    assert diverging.replayed == 0  # the stateful defense re-answered the shared prefix
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
     assert diverging.close() is not None
     assert len(list(cache.root.rglob("*.pt"))) == 2
@@ -181,5 +181,48 @@ def test_a_cached_answer_of_the_wrong_shape_is_not_served(model, cache, caplog):
     with caplog.at_level(logging.WARNING):
         again = ReplayingAPI(noisy_api(model), cache)
         got = answer(again, stream)
-    assert again.replayed == 8 and "answering live" in caplog.text
+    assert again.replayed == 0 and "answering live" in caplog.text  # stateful: prefix re-answered
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_a_stateless_defense_keeps_the_shared_prefix_without_re_answering_it(model, cache, monkeypatch):
+    def rounding_api():
+        return InProcessAPI(model, create_defense("rounding", decimals=2))
+
+    shared = batches(0, n=2)
+    recorded = ReplayingAPI(rounding_api(), cache)
+    answer(recorded, shared + batches(2, n=2))
+    recorded.close()
+    live = rounding_api()
+    calls = []
+    perturb = live.defense.perturb
+    monkeypatch.setattr(live.defense, "perturb", lambda x, p: calls.append(len(p)) or perturb(x, p))
+    diverging = ReplayingAPI(live, cache)
+    got = answer(diverging, shared + batches(1, n=2))
+    assert diverging.replayed == 16 and calls == [8, 8]  # only the two new requests reach it
+    expected = answer(rounding_api(), shared + batches(1, n=2))
+    assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
+
+
+def test_defenses_declare_whether_earlier_requests_change_their_answers(model):
+    one = create_model("lenet", (1, 28, 28), 10, [0.5], [0.5])
+    two = create_model("lenet", (1, 28, 28), 10, [0.5], [0.5])
+    assert create_defense("random_noise").stateful
+    assert create_defense("grad2", surrogate=[one, two]).stateful
+    assert not create_defense("grad2", surrogate=one).stateful
+    assert create_defense("mad", oracle="random", jacobian="identity").stateful
+    assert not create_defense("mad", surrogate=one).stateful
+    assert not create_defense("mad_argmax", surrogate=one).stateful
+    for name in ("none", "argmax", "top_k", "rounding", "reverse_sigmoid", "modelguard"):
+        assert not create_defense(name).stateful, name
+
+
+def test_odd_parameter_values_are_fingerprinted_or_refused_clearly():
+    import numpy as np
+
+    from mirage.bench.answers import _describe
+
+    assert _describe({"a": np.float32(0.5), "b": np.arange(3)}) == _describe(
+        {"a": 0.5, "b": torch.arange(3)})
+    with pytest.raises(TypeError, match="cannot fingerprint"):
+        _describe(object())

@@ -51,3 +51,20 @@ def test_a_rerun_replays_its_answered_transfer_set_and_gets_the_same_clone(isola
     assert second["answers_replayed"] == 300
     for key in ("clone_accuracy", "effective_l1", "angular_deviation", "defender_accuracy"):
         assert second[key] == pytest.approx(first[key]), key
+
+
+@pytest.mark.slow
+def test_a_run_goes_on_uncached_when_its_server_cannot_be_fingerprinted(isolated_cache, monkeypatch, caplog):
+    import mirage.bench.answers as answers
+
+    def refuse(api):
+        raise TypeError("cannot fingerprint a Widget defense parameter")
+
+    monkeypatch.setattr(answers, "server_fingerprint", refuse)
+    spec = RunSpec(scenario="digits", defense="none", defense_label="none", defense_params={},
+                   attack="knockoff", attack_label="knockoff", attack_params={}, budget=100, seed=0,
+                   clone_training=TrainConfig(epochs=1, batch_size=64), eval_size=100)
+    result = execute_run(spec)
+    assert result["queries"] == 100 and result["answers_replayed"] == 0
+    assert "answer cache off for this run" in caplog.text
+    assert not (isolated_cache / "answers").exists()

@@ -8,16 +8,18 @@ attacker beside the soft-label one, a rerun after a crash — get the answers fr
 Keys are exact, never approximate:
 
 * the **server**: the served model's weights, the defense's name, its parameters with every model
-  and tensor they hold fingerprinted by value, mirage's version and the source of the API, defense
-  and model packages (a fixed bug invalidates old answers);
+  and tensor they hold fingerprinted by value, the torch and numpy versions, mirage's version and
+  the source of the packages that turn a query into an answer (a fixed bug invalidates old
+  answers);
 * the **query stream**: a hash chain over every request so far, ``h_i = sha256(h_{i-1} ‖ x_i)``.
   A defense may keep state between requests (its random generator), so an answer is reusable only
-  when every earlier request was the same too. Adaptive attacks (JBDA, adaptive Knockoff) reuse
-  the prefix their runs share and go live where they diverge.
+  when every earlier request was the same too.
 
-When a stream diverges from everything cached, the live API first re-answers the replayed
-requests (discarding the answers) so the defense is in exactly the state an uncached run would
-have left it in; served answers are therefore identical with or without the cache.
+Where a stream diverges from everything cached, it goes live. A stateless defense (most of them:
+:attr:`~mirage.defenses.Defense.stateful`) simply answers from there on, so adaptive attacks
+(JBDA, adaptive Knockoff) keep the prefix their runs share. A stateful one first re-answers the
+replayed requests, discarding the answers, so it is in exactly the state an uncached run would
+have left it in. Either way the served answers are those of an uncached run.
 """
 
 from __future__ import annotations
@@ -28,10 +30,12 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
+from enum import Enum
 from functools import cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel
 from torch import Tensor, nn
@@ -68,6 +72,12 @@ def _describe(value: Any) -> Any:
         return {"module": type(value).__name__, "weights": weights_fingerprint(value)}
     if isinstance(value, Tensor):
         return {"tensor": _tensor_digest(value)}
+    if isinstance(value, np.ndarray):
+        return {"tensor": _tensor_digest(torch.from_numpy(np.ascontiguousarray(value)))}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (Path, Enum)):
+        return str(value)
     if isinstance(value, BaseModel):
         return {name: _describe(getattr(value, name)) for name in type(value).model_fields}
     if isinstance(value, dict):
@@ -79,8 +89,9 @@ def _describe(value: Any) -> Any:
     raise TypeError(f"cannot fingerprint a {type(value).__name__} defense parameter")
 
 
-ANSWERING_PACKAGES = ("api", "defenses", "models")
-"""The mirage packages whose source turns a query into an answer (serving, defenses, networks)."""
+ANSWERING_PACKAGES = ("api", "defenses", "models", "training")
+"""The mirage packages whose source turns a query into an answer: serving, defenses, networks,
+and the losses GRAD²'s targets use."""
 
 
 @cache
@@ -103,6 +114,7 @@ def server_fingerprint(api: InProcessAPI) -> str:
         "params": None if defense is None else _describe(defense.params),
         "batch_size": api.batch_size,
         "code": _code_fingerprint(),
+        "versions": [torch.__version__, np.__version__],
     }
     return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:24]
 
@@ -120,8 +132,13 @@ class Stream:
         payload = {"format": FORMAT_VERSION, "chain": self.chain, "answers": self.answers,
                    "ledgers": self.ledgers}
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-            torch.save(payload, handle)
-        os.replace(handle.name, path)  # atomic: a parallel reader never sees half a file
+            temporary = Path(handle.name)
+        try:
+            torch.save(payload, temporary)
+            temporary.chmod(0o644)
+            os.replace(temporary, path)  # atomic: a parallel reader never sees half a file
+        finally:
+            temporary.unlink(missing_ok=True)
 
     @classmethod
     def from_file(cls, path: Path) -> Stream:
@@ -159,9 +176,9 @@ class AnswerCache:
 class ReplayingAPI:
     """``api`` with its answers recorded to, and replayed from, an :class:`AnswerCache`.
 
-    Behaves exactly like ``api`` (same answers, same ledger totals). Call :meth:`close` when the
-    attack is done to store a stream that was not already cached. ``replayed`` counts queries
-    served from disk.
+    Serves what ``api`` would (the same answers; ledger totals equal up to float rounding). Call
+    :meth:`close` when the attack is done to store a stream that was not already cached.
+    ``replayed`` counts the queries the defense did not have to answer.
     """
 
     def __init__(self, api: InProcessAPI, cache: AnswerCache) -> None:
@@ -177,7 +194,8 @@ class ReplayingAPI:
         self.replayed = 0
         self._stream = Stream()
         self._candidates: list[Stream] | None = None  # None: not looked up yet; []: live
-        self._replayed_images: list[Tensor] = []
+        self._replayed_images: list[Tensor] = []  # kept for a stateful defense's catch-up only
+        self._stateful = api.defense is not None and api.defense.stateful
         self._live = False
 
     @property
@@ -202,7 +220,8 @@ class ReplayingAPI:
             cached = self._candidates[0].answers[step] if self._candidates else None
             if cached is not None and cached.shape == (x.shape[0], self.num_classes):
                 answers, entry = cached.clone(), self._candidates[0].ledgers[step]
-                self._replayed_images.append(x)
+                if self._stateful:
+                    self._replayed_images.append(x)
                 self.replayed += x.shape[0]
             else:
                 if cached is not None:
@@ -223,13 +242,14 @@ class ReplayingAPI:
         return answers
 
     def _go_live(self) -> None:
-        """Bring the live defense to the state the replayed requests would have left it in."""
+        """Bring a stateful defense to the state the replayed requests would have left it in."""
         self._live = True
         if self._replayed_images:
-            log.info("answer cache: stream diverged after %d cached requests; re-answering them",
-                     len(self._replayed_images))
-        for images in self._replayed_images:
-            self.api.query(images)
+            log.info("answer cache: stream diverged after %d cached requests; a stateful defense "
+                     "re-answers them", len(self._replayed_images))
+            for images in self._replayed_images:
+                self.api.query(images)
+            self.replayed = 0
         self._replayed_images.clear()
 
     def close(self) -> Path | None:
@@ -238,6 +258,6 @@ class ReplayingAPI:
             return None
         try:
             return self.cache.save(self.server, self._stream)
-        except OSError as error:
+        except Exception as error:  # noqa: BLE001 — a cache that cannot be written costs a miss, not the run
             log.warning("answer cache: could not store the stream (%s)", error)
             return None

@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import math
 import platform
-import resource
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -37,6 +38,8 @@ from mirage.defenses import Defense
 from mirage.models import ModelCard, weights_fingerprint
 from mirage.scenarios import Scenario, get_scenario
 from mirage.training.registry import get_defended_victim, list_training_defenses
+
+log = logging.getLogger(__name__)
 
 ANGLE_SAMPLES = 64
 OVERHEAD_BATCH = 256
@@ -101,6 +104,17 @@ def measure_overhead(victim: torch.nn.Module, defense, x: torch.Tensor, *, repea
     return statistics.median(ratios)
 
 
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory so far (an upper bound on the current run's), in MiB;
+    ``None`` where the platform cannot say."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+
+
 COLLAPSE_MAJORITY = 0.9
 
 
@@ -140,7 +154,10 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     victim, card, defense = prepare_run(spec)
     api: InProcessAPI | ReplayingAPI = InProcessAPI(victim, defense, query_budget=None)
     if (answers := answers_dir()) is not None:
-        api = ReplayingAPI(api, AnswerCache(answers))
+        try:
+            api = ReplayingAPI(api, AnswerCache(answers))
+        except (TypeError, ValueError) as error:  # e.g. a parameter it cannot fingerprint
+            log.warning("answer cache off for this run: %s", error)
     attack = create_attack(spec.attack, **spec.attack_params)
     clone_spec = CloneSpec.like(card, training=spec.clone_training)
     result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
@@ -175,8 +192,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         "angular_deviation": [round(float(a), 2) for a in angles],
         "attack_seconds": result.wall_seconds,
         "wall_seconds": time.perf_counter() - start,
-        # Linux reports KiB: the worker's peak so far, an upper bound on this run's.
-        "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "worker_peak_rss_mb": peak_rss_mb(),
         "versions": {"mirage": mirage.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
     }

@@ -144,7 +144,9 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
     cost = sweep_cost_table(records)
     md.append("## Cost of the sweep\n")
     md.append("Compute as the sum of run wall times (the sweep's wall time is about this over the "
-              "number of workers); peak RSS is the largest any worker reached by the end of a run.\n")
+              "number of workers), without the models trained before dispatch (victims, "
+              "surrogates, training-time defenses); peak RSS is the largest any worker reached by "
+              "the end of a run.\n")
     md.append(_markdown_table(cost))
     page.append("<h2>Cost of the sweep</h2>" + _html_table(cost))
     md.append("## All runs\n")

@@ -36,7 +36,7 @@ def run(
     report: Annotated[bool, typer.Option(help="write the report when the sweep ends")] = True,
     answers: Annotated[str | None, typer.Option(
         help="where answered transfer sets are cached ('off': not at all); default $MIRAGE_ANSWERS "
-             "or $MIRAGE_CACHE/answers")] = None,
+             "or $MIRAGE_CACHE/answers. Dask workers read their own MIRAGE_ANSWERS")] = None,
 ) -> None:
     """Run every pending run of a sweep; finished runs are skipped, so this resumes."""
     from mirage.bench.config import load_config

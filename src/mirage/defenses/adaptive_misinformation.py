@@ -47,6 +47,7 @@ class AdaptiveMisinformation(Defense):
     """Adaptive Misinformation (CVPR 2020): mix in a misinformation model on OOD-looking queries."""
 
     needs_input = True
+    stateful = False
 
     def __init__(self, params: AdaptiveMisinformationParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

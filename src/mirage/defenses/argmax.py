@@ -14,6 +14,7 @@ class Argmax(Defense):
     """Argmax: serve only the top-1 label, as a one-hot row."""
 
     preserves_top1 = True
+    stateful = False
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         return torch.nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).to(probs.dtype)

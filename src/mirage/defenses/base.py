@@ -87,7 +87,9 @@ class Defense(abc.ABC):
 
     Class attributes declare the contract the base class enforces:
     ``needs_input`` (``x`` must be given), ``truncating`` (rows may sum to < 1, like a real API
-    that drops or rounds entries), ``preserves_top1`` (top-1 kept strictly, always).
+    that drops or rounds entries), ``preserves_top1`` (top-1 kept strictly, always), ``stateful``
+    (an answer may depend on earlier requests, e.g. through a random generator that advances per
+    call; ``True`` unless a defense declares otherwise, the safe default for answer caches).
     A defense with an L1 budget exposes it as :attr:`epsilon`.
     """
 
@@ -96,6 +98,7 @@ class Defense(abc.ABC):
     needs_input: ClassVar[bool] = False
     truncating: ClassVar[bool] = False
     preserves_top1: ClassVar[bool] = False
+    stateful: ClassVar[bool] = True
 
     def __init__(self, params: DefenseParams | None = None, **kwargs: Any) -> None:
         if params is None:

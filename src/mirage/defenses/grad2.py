@@ -97,6 +97,11 @@ class Grad2(Defense):
     def keeps_top1(self) -> bool:
         return self.params.preserve_top1
 
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        """An ensemble samples its member per scoring batch from a generator that advances."""
+        return len(self.surrogates) > 1
+
     def direction(self, member: int, x: Tensor, probs: Tensor) -> Direction:
         """The target v on surrogate ``member`` (cached unless it depends on the batch)."""
         model = self.surrogates[member]

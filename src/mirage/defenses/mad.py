@@ -143,6 +143,11 @@ def move_to_vertex(clean: Tensor, vertex: Tensor, alpha: Tensor) -> Tensor:
 class MAD(Defense):
     """MAD (ICLR 2020): move towards the simplex vertex of largest angular gradient deviation."""
 
+    @property
+    def stateful(self) -> bool:  # type: ignore[override]
+        """Only the random-oracle ablation draws from a generator that advances per request."""
+        return self.params.oracle == "random"
+
     def __init__(self, params: MADParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         p = self.params

@@ -30,6 +30,8 @@ class ModelGuardParams(DefenseParams):
 class ModelGuardW(Defense):
     """ModelGuard-W: maximise CE(ỹ, y) within the L1 budget via the exact redirection step."""
 
+    stateful = False
+
     @property
     def keeps_top1(self) -> bool:
         return self.params.preserve_top1

@@ -13,6 +13,7 @@ class NoDefense(Defense):
     """No defense: ỹ = y."""
 
     preserves_top1 = False  # ties in y stay ties; nothing is promised beyond identity
+    stateful = False
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         return probs.clone()

@@ -29,6 +29,8 @@ class ReverseSigmoidParams(DefenseParams):
 class ReverseSigmoid(Defense):
     """Reverse sigmoid: ỹ ∝ max(y − β(σ(γ·logit y) − ½), 0) (Lee et al., 2019)."""
 
+    stateful = False
+
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         y = probs.double().clamp(LOGIT_CLAMP, 1 - LOGIT_CLAMP)
         r = self.params.beta * (torch.sigmoid(self.params.gamma * torch.logit(y)) - 0.5)

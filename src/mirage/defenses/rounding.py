@@ -23,6 +23,7 @@ class Rounding(Defense):
     """Rounding: floor every probability to ``decimals`` decimal places."""
 
     truncating = True
+    stateful = False
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         scale = 10.0 ** self.params.decimals

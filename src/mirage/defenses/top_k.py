@@ -20,6 +20,7 @@ class TopK(Defense):
     """Top-k: keep the k largest probabilities, zero the others (no renormalisation)."""
 
     truncating = True
+    stateful = False
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         k = min(self.params.k, probs.shape[1])
