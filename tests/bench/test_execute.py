@@ -68,3 +68,26 @@ def test_a_run_goes_on_uncached_when_its_server_cannot_be_fingerprinted(isolated
     assert result["queries"] == 100 and result["answers_replayed"] == 0
     assert "answer cache off for this run" in caplog.text
     assert not (isolated_cache / "answers").exists()
+
+
+@pytest.mark.slow
+def test_a_training_time_defense_reports_its_l1_and_agreement_against_the_plain_victim(isolated_cache):
+    from mirage.api import clean_posteriors
+    from mirage.bench.execute import _victim, prepare_run, probe_images
+    from mirage.data import load_dataset
+    from mirage.scenarios import get_scenario
+
+    tiny = {"noise_multiplier": 1.0, "num_train": 640, "training": {"epochs": 1, "batch_size": 128}}
+    spec = RunSpec(scenario="digits", defense="dpsgd", defense_label="dpsgd", defense_params=tiny,
+                   attack="knockoff", attack_label="knockoff", attack_params={}, budget=100, seed=0,
+                   clone_training=TrainConfig(epochs=1, batch_size=64))
+    result = execute_run(spec)
+    served, plain = prepare_run(spec)[0], _victim(("digits", None))[0]
+    probe = probe_images(get_scenario("digits"), 0)
+    expected = (clean_posteriors(served, probe) - clean_posteriors(plain, probe)).abs().sum(1).mean()
+    assert result["effective_l1"] == pytest.approx(float(expected)) and result["effective_l1"] > 0.05
+    assert result["effective_l1_on"] == "256 pool images"
+    test = load_dataset("digits").test.images
+    agreement = (clean_posteriors(served, test).argmax(1) == clean_posteriors(plain, test).argmax(1)).float().mean()
+    assert result["defender_top1_agreement"] == pytest.approx(float(agreement)) and agreement < 1
+    assert result["defender_l1"] > 0.05 and max(result["angular_deviation"]) > 1.0
