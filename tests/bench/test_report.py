@@ -1,3 +1,4 @@
+import pytest
 import numpy as np
 from fake_runner import fake_run
 
@@ -112,3 +113,16 @@ def test_sweep_cost_sums_run_time_per_scenario_and_keeps_the_memory_peak():
     assert rows["all"]["runs"] == 3 and rows["all"]["run_hours"] == 2.0
     assert rows["all"]["peak_rss_mb"] == 500.0
     assert sweep_cost_table([]) == []
+
+
+def test_points_table_abbreviates_nested_parameters():
+    base = {"scenario": "s", "attack_label": "a", "seed": 0, "victim_accuracy": 0.9,
+            "effective_l1": 0.0, "defender_l1": 0.0, "overhead_ratio": 1.0}
+    records = [{**base, "defense": "none", "defense_label": "none", "defense_params": {},
+                "defender_accuracy": 0.9, "clone_accuracy": 0.8},
+               {**base, "defense": "dpsgd", "defense_label": "dpsgd", "defender_accuracy": 0.8,
+                "defense_params": {"noise_multiplier": 1.0, "training": {"epochs": 2}},
+                "clone_accuracy": 0.7}]
+    rows = {row["defense"]: row for row in points_table(curves(records)[("s", "a")])}
+    assert rows["dpsgd"]["params"] == "noise_multiplier=1.0,training={…}"
+    assert rows["dpsgd"]["vs_undefended"] == pytest.approx(-0.1)

@@ -164,6 +164,24 @@ def probe_images(scenario: Scenario, seed: int) -> Tensor:
     return pool.images[order[:OVERHEAD_BATCH]]
 
 
+def probe_metrics(key: ScenarioKey, victim: torch.nn.Module, defense: Defense,
+                  fresh_clone: torch.nn.Module, probe: Tensor) -> dict[str, Any]:
+    """The angular deviation of the attacker's gradient on ``ANGLE_SAMPLES`` probe images, clean
+    = what the undefended API answers (the plain victim), served = the whole defended pipeline;
+    and, when ``victim`` is a training-time defense's, the effective L1 against the plain victim
+    on the probe (a query-time defense's comes from the attack's ledger)."""
+    plain = _victim(key)[0]
+    head = probe[:ANGLE_SAMPLES]
+    clean = clean_posteriors(plain, head)
+    served = defense(head, clean_posteriors(victim, head))
+    metrics: dict[str, Any] = {
+        "angular_deviation": [round(float(a), 2) for a in angular_deviation(fresh_clone, head, clean, served)]}
+    if victim is not plain:  # its ledger compared the served victim with itself (L1 0)
+        metrics["effective_l1"] = distance_to_plain(clean_posteriors(victim, probe),
+                                                    clean_posteriors(plain, probe))["l1"]
+    return metrics
+
+
 def execute_run(spec: RunSpec) -> dict[str, Any]:
     """Run one (scenario, defense point, attack, budget, seed) and return its metrics."""
     start = time.perf_counter()
@@ -189,18 +207,10 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     clone_predictions = clean_posteriors(result.clone, test.images).argmax(1)
 
     probe = probe_images(scenario, spec.seed)
-    plain = _victim(key)[0]
-    # Clean = what the undefended API answers (the plain victim); served = the whole defended
-    # pipeline — for a training-time defense, its own victim's answers.
-    clean = clean_posteriors(plain, probe[:ANGLE_SAMPLES])
-    served = defense(probe[:ANGLE_SAMPLES], clean_posteriors(victim, probe[:ANGLE_SAMPLES]))
-    fresh = clone_spec.build(card.input_shape, card.num_classes)
-    angles = angular_deviation(fresh, probe[:ANGLE_SAMPLES], clean, served)
-    if victim is plain:
-        l1 = {"effective_l1": result.effective_l1, "effective_l1_on": "queries"}
-    else:  # the ledger compares with the served victim itself (0): measure against the plain one
-        l1 = {"effective_l1": distance_to_plain(clean_posteriors(victim, probe), clean_posteriors(plain, probe))["l1"],
-              "effective_l1_on": f"{len(probe)} pool images"}
+    probes = probe_metrics(key, victim, defense, clone_spec.build(card.input_shape, card.num_classes), probe)
+    l1 = probes.pop("effective_l1", None)
+    l1 = ({"effective_l1": result.effective_l1, "effective_l1_on": "queries"} if l1 is None
+          else {"effective_l1": l1, "effective_l1_on": f"{len(probe)} pool images"})
 
     return {
         **_defender_metrics(key, spec.defense, json.dumps(spec.defense_params, sort_keys=True),
@@ -215,7 +225,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         "answers_replayed": api.replayed if isinstance(api, ReplayingAPI) else 0,
         "transfer_size": result.transfer_size,
         "overhead_ratio": measure_overhead(victim, defense, probe),
-        "angular_deviation": [round(float(a), 2) for a in angles],
+        **probes,
         "attack_seconds": result.wall_seconds,
         "wall_seconds": time.perf_counter() - start,
         "worker_peak_rss_mb": peak_rss_mb(),

@@ -135,7 +135,8 @@ def points_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
         own = [p for p in curve.points if not p.get("origin")]
         for p in sorted(own, key=lambda q: (q.get("effective_l1", 0.0), -q.get("defender_accuracy", 0.0))):
             rows.append({"defense": name,
-                         "params": ",".join(f"{k}={v}" for k, v in sorted(p["defense_params"].items())
+                         "params": ",".join(f"{k}={'{…}' if isinstance(v, dict) else v}"
+                                            for k, v in sorted(p["defense_params"].items())
                                             if k != "surrogate_config") or "–",
                          "seeds": len(p["seeds"]), "defender_accuracy": p.get("defender_accuracy"),
                          "effective_l1": p.get("effective_l1"), "clone_accuracy": p["clone_accuracy"],
