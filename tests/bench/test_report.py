@@ -1,5 +1,5 @@
-import pytest
 import numpy as np
+import pytest
 from fake_runner import fake_run
 
 from mirage.bench.report import build_report
