@@ -18,7 +18,14 @@ import os
 from pathlib import Path
 
 from mirage.attacks import CloneSpec
-from mirage.bench.execute import _defender_metrics, _scenario, prepare_run, probe_images, probe_metrics
+from mirage.bench.execute import (
+    _defender_metrics,
+    _scenario,
+    _victim,
+    prepare_run,
+    probe_images,
+    probe_metrics,
+)
 from mirage.bench.results import ResultStore
 from mirage.bench.runs import RunSpec
 from mirage.bench.sweep import models_in
@@ -35,7 +42,7 @@ def backfill(record: dict) -> dict:
                                  spec.eval_size)
     fresh = CloneSpec.like(card, training=spec.clone_training).build(card.input_shape, card.num_classes)
     probe = probe_images(_scenario(key), spec.seed)
-    probes = probe_metrics(key, victim, defense, fresh, probe)
+    probes = probe_metrics(_victim(key)[0], victim, defense, fresh, probe)
     return {**record, "defender_l1": defender["defender_l1"],
             "defender_top1_agreement": defender["defender_top1_agreement"],
             "effective_l1": probes["effective_l1"], "effective_l1_on": f"{len(probe)} pool images",

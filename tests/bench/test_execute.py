@@ -47,6 +47,7 @@ def test_a_rerun_replays_its_answered_transfer_set_and_gets_the_same_clone(isola
                    clone_training=TrainConfig(epochs=1, batch_size=64), eval_size=200)
     first = execute_run(spec)
     assert first["answers_replayed"] == 0 and list((isolated_cache / "answers").rglob("*.pt"))
+    assert first["effective_l1_on"] == "queries" and first["effective_l1"] == pytest.approx(0.5, abs=0.01)
     second = execute_run(spec)
     assert second["answers_replayed"] == 300
     for key in ("clone_accuracy", "effective_l1", "angular_deviation", "defender_accuracy"):

@@ -164,13 +164,13 @@ def probe_images(scenario: Scenario, seed: int) -> Tensor:
     return pool.images[order[:OVERHEAD_BATCH]]
 
 
-def probe_metrics(key: ScenarioKey, victim: torch.nn.Module, defense: Defense,
+def probe_metrics(plain: torch.nn.Module, victim: torch.nn.Module, defense: Defense,
                   fresh_clone: torch.nn.Module, probe: Tensor) -> dict[str, Any]:
     """The angular deviation of the attacker's gradient on ``ANGLE_SAMPLES`` probe images, clean
     = what the undefended API answers (the plain victim), served = the whole defended pipeline;
     and, when ``victim`` is a training-time defense's, the effective L1 against the plain victim
-    on the probe (a query-time defense's comes from the attack's ledger)."""
-    plain = _victim(key)[0]
+    on the probe (a query-time defense's comes from the attack's ledger). ``plain`` is the
+    scenario's plain victim, the very object ``victim`` for a query-time defense."""
     head = probe[:ANGLE_SAMPLES]
     clean = clean_posteriors(plain, head)
     served = defense(head, clean_posteriors(victim, head))
@@ -207,7 +207,9 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     clone_predictions = clean_posteriors(result.clone, test.images).argmax(1)
 
     probe = probe_images(scenario, spec.seed)
-    probes = probe_metrics(key, victim, defense, clone_spec.build(card.input_shape, card.num_classes), probe)
+    training_time = split_defense(spec.defense, spec.defense_params)[0][0] != "none"
+    plain = _victim(key)[0] if training_time else victim
+    probes = probe_metrics(plain, victim, defense, clone_spec.build(card.input_shape, card.num_classes), probe)
     l1 = probes.pop("effective_l1", None)
     l1 = ({"effective_l1": result.effective_l1, "effective_l1_on": "queries"} if l1 is None
           else {"effective_l1": l1, "effective_l1_on": f"{len(probe)} pool images"})
