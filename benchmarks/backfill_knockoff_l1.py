@@ -12,8 +12,6 @@ defense. Records are marked ``"backfilled": ["effective_l1"]``; clone accuracies
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -48,7 +46,7 @@ def main() -> None:
     changed = 0
     with models_in(args.models):
         for i, record in enumerate(records):
-            spec = RunSpec(**{k: record[k] for k in RunSpec.model_fields if k in record})
+            spec = RunSpec.from_record(record)
             query_time = split_defense(spec.defense, spec.defense_params)[0][0] == "none"
             if not (query_time and record.get("effective_l1_on") == "256 pool images"):
                 continue
@@ -63,9 +61,7 @@ def main() -> None:
                           "backfilled": sorted({*record.get("backfilled", []), "effective_l1"})}
             changed += 1
             print(f"{spec.describe()}: effective L1 {l1:.4f}")
-    temporary = args.results.with_suffix(".tmp")
-    temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(temporary, args.results)
+    ResultStore(args.results).rewrite(records)
     print(f"backfilled {changed} of {len(records)} records")
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
 
 from mirage.attacks import CloneSpec
@@ -35,7 +34,7 @@ FIELDS = ("defender_l1", "defender_top1_agreement", "effective_l1", "angular_dev
 
 
 def backfill(record: dict) -> dict:
-    spec = RunSpec(**{k: record[k] for k in RunSpec.model_fields if k in record})
+    spec = RunSpec.from_record(record)
     key = (spec.scenario, spec.victim_epochs)
     victim, card, defense = prepare_run(spec)
     defender = _defender_metrics(key, spec.defense, json.dumps(spec.defense_params, sort_keys=True),
@@ -66,9 +65,7 @@ def main() -> None:
                       f"{record['defense_params'].get('noise_multiplier', '')}: effective L1 "
                       f"{records[i]['effective_l1']:.3f}, defender L1 {records[i]['defender_l1']:.3f}, "
                       f"top-1 agreement {records[i]['defender_top1_agreement']:.3f}")
-    temporary = args.results.with_suffix(".tmp")
-    temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
-    os.replace(temporary, args.results)
+    ResultStore(args.results).rewrite(records)
     print(f"backfilled {changed} of {len(records)} records")
 
 

@@ -11,6 +11,9 @@ def test_one_real_run_on_tiny_digits(isolated_cache):
                    attack="knockoff", attack_label="knockoff", attack_params={}, budget=300, seed=0,
                    clone_training=TrainConfig(epochs=2, batch_size=64), eval_size=200)
     result = execute_run(spec)
+    from mirage.bench.execute import _victim
+
+    assert _victim(("digits", None)) is _victim(("digits", None), "none", "{}")  # one plain victim
     assert result["queries"] == 300 and result["transfer_size"] == 300
     assert 0 <= result["clone_accuracy"] <= 1 and result["victim_accuracy"] > 0.5
     assert result["effective_l1"] == 0.0 and result["defender_l1"] == 0.0

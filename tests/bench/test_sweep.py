@@ -13,7 +13,7 @@ from fake_runner import fake_run
 
 from mirage.bench.config import load_config
 from mirage.bench.results import ResultStore
-from mirage.bench.runs import expand
+from mirage.bench.runs import RunSpec, expand
 from mirage.bench.sweep import RunFilter, run_sweep, sweep_status
 
 
@@ -173,3 +173,14 @@ def test_scenario_grid_replaces_the_grid_in_its_scenario_only(small_config):
     data["defenses"][1]["scenario_grid"] = {"cifar10": {"epsilon": [0.5]}}
     with pytest.raises(ValueError, match="scenario_grid names scenarios not in this sweep"):
         SweepConfig.model_validate(data)
+
+
+def test_a_record_gives_back_its_spec_and_a_store_can_be_rewritten(tmp_path, small_config):
+    spec = expand(small_config)[0]
+    store = ResultStore(tmp_path / "r.jsonl")
+    store.append({"run_id": spec.run_id, **spec.model_dump(mode="json"), "clone_accuracy": 0.5})
+    record = store.read()[0]
+    assert RunSpec.from_record(record) == spec
+    store.rewrite([{**record, "clone_accuracy": 0.25}])
+    assert store.read() == [{**record, "clone_accuracy": 0.25}]
+    assert not list(tmp_path.glob("*.tmp"))

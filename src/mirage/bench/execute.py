@@ -58,8 +58,14 @@ def _scenario(key: ScenarioKey) -> Scenario:
     return get_scenario(name, victim_training=scenario.victim_training.model_copy(update={"epochs": victim_epochs}))
 
 
-@functools.lru_cache(maxsize=4)
 def _victim(key: ScenarioKey, method: str = "none", params_json: str = "{}"):
+    """The served model and card, loaded once per process: ``_victim(key)`` and
+    ``_victim(key, "none", "{}")`` are the same object (lru_cache alone would key them apart)."""
+    return _load_victim(key, method, params_json)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_victim(key: ScenarioKey, method: str, params_json: str):
     model, card, _ = get_defended_victim(_scenario(key), method, json.loads(params_json), show_progress=False)
     return model, card
 
@@ -170,7 +176,7 @@ def probe_metrics(plain: torch.nn.Module, victim: torch.nn.Module, defense: Defe
     = what the undefended API answers (the plain victim), served = the whole defended pipeline;
     and, when ``victim`` is a training-time defense's, the effective L1 against the plain victim
     on the probe (a query-time defense's comes from the attack's ledger). ``plain`` is the
-    scenario's plain victim, the very object ``victim`` for a query-time defense."""
+    scenario's plain victim, the very object ``victim`` for a query-time defense (:func:`_victim`)."""
     head = probe[:ANGLE_SAMPLES]
     clean = clean_posteriors(plain, head)
     served = defense(head, clean_posteriors(victim, head))
@@ -207,9 +213,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     clone_predictions = clean_posteriors(result.clone, test.images).argmax(1)
 
     probe = probe_images(scenario, spec.seed)
-    training_time = split_defense(spec.defense, spec.defense_params)[0][0] != "none"
-    plain = _victim(key)[0] if training_time else victim
-    probes = probe_metrics(plain, victim, defense, clone_spec.build(card.input_shape, card.num_classes), probe)
+    probes = probe_metrics(_victim(key)[0], victim, defense, clone_spec.build(card.input_shape, card.num_classes), probe)
     l1 = probes.pop("effective_l1", None)
     l1 = ({"effective_l1": result.effective_l1, "effective_l1_on": "queries"} if l1 is None
           else {"effective_l1": l1, "effective_l1_on": f"{len(probe)} pool images"})

@@ -48,3 +48,10 @@ class ResultStore:
             handle.write(line.encode())
             handle.flush()
             os.fsync(handle.fileno())
+
+    def rewrite(self, records: list[dict[str, Any]]) -> None:
+        """Replace the whole file with ``records`` atomically (a maintenance step, e.g. a backfill;
+        no sweep may be appending meanwhile)."""
+        temporary = self.path.with_suffix(".tmp")
+        temporary.write_text("".join(json.dumps(r, sort_keys=True) + "\n" for r in records))
+        os.replace(temporary, self.path)

@@ -28,6 +28,11 @@ class RunSpec(BaseModel):
     eval_size: int | None = None
     victim_epochs: int | None = None
 
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> RunSpec:
+        """The spec of a recorded run (a record holds the spec's fields beside its metrics)."""
+        return cls(**{k: record[k] for k in cls.model_fields if k in record})
+
     @property
     def run_id(self) -> str:
         fields = self.model_dump(mode="json", exclude={"defense_label", "attack_label"})
