@@ -21,4 +21,5 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("MIRAGE_CACHE", str(tmp_path / "cache"))
     monkeypatch.delenv("MIRAGE_MODELS", raising=False)
     monkeypatch.delenv("MIRAGE_ANSWERS", raising=False)
+    monkeypatch.delenv("MIRAGE_CLONES", raising=False)
     return tmp_path / "cache"

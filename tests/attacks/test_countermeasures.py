@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import mirage.attacks.knockoff as knockoff_module
+import mirage.attacks.base as attack_base
 from mirage.api import InProcessAPI
 from mirage.attacks import CloneSpec, Countermeasures, QueryClient, create_attack
 from mirage.attacks.countermeasures import apply_countermeasures
@@ -34,13 +34,13 @@ class CountingNoise(Defense):
 def captured(monkeypatch):
     """Capture what knockoff hands to clone training."""
     seen = {}
-    original = knockoff_module.train_clone
+    original = attack_base.train_clone
 
     def spy(spec, images, answers, num_classes, **kwargs):
         seen.update(spec=spec, images=images, answers=answers)
         return original(spec, images, answers, num_classes, **kwargs)
 
-    monkeypatch.setattr(knockoff_module, "train_clone", spy)
+    monkeypatch.setattr(attack_base, "train_clone", spy)
     return seen
 
 

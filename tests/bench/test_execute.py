@@ -95,3 +95,40 @@ def test_a_training_time_defense_reports_its_l1_and_agreement_against_the_plain_
     agreement = (clean_posteriors(served, test).argmax(1) == clean_posteriors(plain, test).argmax(1)).float().mean()
     assert result["defender_top1_agreement"] == pytest.approx(float(agreement)) and agreement < 1
     assert result["defender_l1"] > 0.05 and max(result["angular_deviation"]) > 1.0
+
+
+def _digits_run(defense, params, attack_params, label="knockoff", attack="knockoff"):
+    return RunSpec(scenario="digits", defense=defense, defense_label=defense, defense_params=params,
+                   attack=attack, attack_label=label, attack_params=attack_params, budget=300, seed=0,
+                   clone_training=TrainConfig(epochs=1, batch_size=64), eval_size=200)
+
+
+@pytest.mark.slow
+def test_hard_labels_of_a_top1_kept_defense_train_the_undefended_clone_and_say_so(isolated_cache):
+    hard = {"hard_labels": True}
+    undefended = execute_run(_digits_run("none", {}, hard))
+    kept = execute_run(_digits_run("grad2", {"epsilon": 1.0, "target": "max-norm", "preserve_top1": True,
+                                             "surrogate": "random"}, hard))
+    flipped = execute_run(_digits_run("random_noise", {"epsilon": 1.5}, hard))
+    assert undefended["clone_from_cache"] is False
+    assert kept["transfer_digest"] == undefended["transfer_digest"] and kept["clone_from_cache"] is True
+    assert kept["clone_accuracy"] == undefended["clone_accuracy"]
+    assert kept["effective_l1"] > 0  # its soft answers differ; their argmax does not
+    assert flipped["transfer_digest"] != undefended["transfer_digest"]
+    assert flipped["clone_from_cache"] is False
+
+
+@pytest.mark.slow
+def test_the_restorer_is_told_the_defense_and_its_public_parameters_only(isolated_cache):
+    from mirage.bench.execute import attacker_knowledge
+
+    spec = _digits_run("grad2", {"epsilon": 0.5, "target": "all-ones", "surrogate": "distilled",
+                                 "surrogate_config": {"stop_epoch": 2}}, {"restorer": {"pairs": 100}})
+    told = attacker_knowledge(spec)["restorer"]
+    assert told == {"pairs": 100, "defense": "grad2", "defense_params": {"epsilon": 0.5, "target": "all-ones"}}
+    training_time = _digits_run("dpsgd", {"noise_multiplier": 1.0}, {"restorer": {}})
+    assert attacker_knowledge(training_time)["restorer"]["defense"] == "none"
+    result = execute_run(_digits_run("random_noise", {"epsilon": 1.0},
+                                     {"restorer": {"pairs": 100, "epochs": 5, "shadow_epochs": 2}},
+                                     label="knockoff/restorer"))
+    assert result["restorer"]["pairs"] == 200 and result["queries"] == 300

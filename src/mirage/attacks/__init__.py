@@ -24,15 +24,15 @@ from mirage.attacks.base import (
     register_attack,
 )
 from mirage.attacks.clone import CloneSpec, train_clone, training_targets
-from mirage.attacks.countermeasures import Countermeasures
+from mirage.attacks.countermeasures import ATTACKER_SUITE, Countermeasures, RestorerConfig, variant_params
 
-_NOT_ATTACKS = {"base", "clone", "countermeasures", "art", "pools"}
+_NOT_ATTACKS = {"base", "clone", "countermeasures", "art", "pools", "restorer"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _NOT_ATTACKS and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "ATTACKS", "Attack", "AttackParams", "AttackResult", "BudgetExhausted", "CloneSpec",
+    "ATTACKER_SUITE", "RestorerConfig", "variant_params", "ATTACKS", "Attack", "AttackParams", "AttackResult", "BudgetExhausted", "CloneSpec",
     "Countermeasures", "QueryClient", "StolenModel", "create_attack", "list_attacks",
     "register_attack", "train_clone", "training_targets",
 ]

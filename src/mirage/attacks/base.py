@@ -34,17 +34,19 @@ import torch
 from torch import Tensor, nn
 
 from mirage.api.base import PredictionAPI
-from mirage.attacks.clone import CloneSpec
-from mirage.attacks.countermeasures import Countermeasures, apply_countermeasures
+from mirage.attacks.clone import CloneSpec, train_clone
+from mirage.attacks.countermeasures import Countermeasures, apply_countermeasures, variant_params
 from mirage.data.base import ImageData
 from mirage.registry import Registry
+from mirage.training.fit import random_shift
 
 
 class AttackParams(Countermeasures):
     """Typed, validated parameters of an attack. Unknown keys are errors.
 
     Every attack inherits the countermeasure switches of :class:`Countermeasures`
-    (``hard_labels``, ``architecture``, ``optimizer``, ``augment``, ``repeats``, ``budget_factor``).
+    (``hard_labels``, ``architecture``, ``optimizer``, ``augment``, ``repeats``, ``jitter``,
+    ``robust_loss``, ``restorer``, ``budget_factor``, ``restarts``).
     """
 
 
@@ -56,8 +58,10 @@ class QueryClient:
     """The attacker's side of the API: spends at most ``budget`` queries, never one more.
 
     Each image asked is sent ``repeats`` times and the answers averaged (a countermeasure against
-    random defenses), so one image costs ``repeats`` queries; with ``hard_labels`` the attacker
-    keeps only the argmax of the (averaged) answer, as a one-hot row.
+    random defenses), so one image costs ``repeats`` queries; with ``jitter`` σ > 0 every
+    repetition after the first is a jittered copy (:func:`jitter_images`: query averaging under
+    small augmentations). With ``hard_labels`` the attacker keeps only the argmax of the
+    (averaged) answer, as a one-hot row.
 
     Args:
         api: the prediction API.
@@ -65,15 +69,20 @@ class QueryClient:
     """
 
     def __init__(self, api: PredictionAPI, budget: int, *, repeats: int = 1,
-                 hard_labels: bool = False) -> None:
+                 hard_labels: bool = False, jitter: float = 0.0,
+                 generator: torch.Generator | None = None) -> None:
         if budget < 0:
             raise ValueError(f"budget must be non-negative, got {budget}")
         if repeats < 1:
             raise ValueError(f"repeats must be at least 1, got {repeats}")
+        if jitter < 0:
+            raise ValueError(f"jitter must be non-negative, got {jitter}")
         self.api = api
         self.budget = int(budget)
         self.repeats = int(repeats)
         self.hard_labels = hard_labels
+        self.jitter = float(jitter)
+        self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.spent = 0
         self.answers_seconds = 0.0
         ledger = getattr(api, "ledger", None)
@@ -102,6 +111,11 @@ class QueryClient:
         start = time.perf_counter()
         x = x.detach().cpu()
         sent = x.repeat_interleave(self.repeats, dim=0) if self.repeats > 1 else x
+        if self.jitter > 0 and self.repeats > 1:
+            copies = sent.view(x.shape[0], self.repeats, *x.shape[1:])
+            jittered = jitter_images(copies[:, 1:].reshape(-1, *x.shape[1:]), self.jitter, self.generator)
+            sent = torch.cat([copies[:, :1], jittered.view(x.shape[0], self.repeats - 1, *x.shape[1:])],
+                             dim=1).reshape(-1, *x.shape[1:])
         answers = self.api.query(sent)
         self.spent += sent.shape[0]
         if self.repeats > 1:
@@ -119,6 +133,14 @@ class QueryClient:
             return None
         queries = ledger.queries - self._ledger_start[0]
         return (ledger.l1_sum - self._ledger_start[1]) / queries if queries else 0.0
+
+
+def jitter_images(x: Tensor, sigma: float, generator: torch.Generator) -> Tensor:
+    """x: (N, C, H, W) in [0, 1] -> each image shifted by up to one pixel in each direction (zero
+    fill) plus Gaussian noise of standard deviation ``sigma``, clipped to [0, 1]."""
+    shifted = random_shift(x, generator, pad=1)
+    noise = torch.randn(shifted.shape, generator=generator, dtype=shifted.dtype) * sigma
+    return (shifted + noise).clamp(0, 1)
 
 
 @dataclass
@@ -190,7 +212,8 @@ class Attack(abc.ABC):
         clone, total_budget = apply_countermeasures(self.params, clone, budget)
         clone = clone.model_copy(update={"training": clone.training.model_copy(update={"seed": seed})})
         client = QueryClient(api, total_budget, repeats=self.params.repeats,
-                             hard_labels=self.params.hard_labels)
+                             hard_labels=self.params.hard_labels, jitter=self.params.jitter,
+                             generator=torch.Generator().manual_seed(seed + 7919))
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         torch.manual_seed(seed)
@@ -203,6 +226,20 @@ class Attack(abc.ABC):
             wall_seconds=time.perf_counter() - start, query_seconds=client.answers_seconds,
             history=stolen.history, countermeasures=self.params.active(),
         )
+
+    def train_final_clone(self, clone: CloneSpec, images: Tensor, answers: Tensor, num_classes: int,
+                          *, description: str = "clone") -> tuple[nn.Module, dict[str, Any]]:
+        """Train the attack's final clone on its transfer set (images, answers) — through the
+        posterior restorer when the ``restorer`` countermeasure is on (the answers are restored
+        first; the restorer's own cost is in the returned stats)."""
+        if self.params.restorer is None:
+            return train_clone(clone, images, answers, num_classes, description=description)
+        from mirage.attacks.restorer import restore_answers
+
+        restored, restorer_stats = restore_answers(self.params.restorer, clone, images, answers,
+                                                   num_classes, seed=clone.training.seed)
+        model, stats = train_clone(clone, images, restored, num_classes, description=description)
+        return model, {**stats, "restorer": restorer_stats}
 
     @abc.abstractmethod
     def steal(self, client: QueryClient, data: ImageData, clone: CloneSpec,
@@ -225,8 +262,12 @@ def register_attack(name: str, *, params: type[AttackParams] = AttackParams
     return _REGISTRY.register(name, params)
 
 
-def create_attack(name: str, **params: Any) -> Attack:
-    """``create_attack("jbda", rounds=6, hard_labels=True)``: build a registered attack by name."""
+def create_attack(name: str, *, variant: str | None = None, **params: Any) -> Attack:
+    """``create_attack("jbda", rounds=6, hard_labels=True)``: build a registered attack by name;
+    ``variant`` names an attacker of the suite (:data:`~mirage.attacks.countermeasures.ATTACKER_SUITE`)
+    whose switches apply first (explicit ``params`` override them)."""
+    if variant is not None:
+        params = {**variant_params(variant), **params}
     return _REGISTRY.create(name, **params)
 
 

@@ -10,6 +10,20 @@ Every attack's parameters inherit these fields, so any attack can be combined wi
 * ``augment``: random ±2-pixel translations while training the clone.
 * ``repeats=n``: send each image n times and average the answers; defeats zero-mean random
   defenses at n× the query cost (the budget counts every repetition).
+* ``jitter=σ`` (with ``repeats``): query averaging under small random augmentations, the
+  "smoothing" attacker of ModelGuard's adaptive suite (Tang et al., USENIX Security 2024): every
+  repetition but the first is the image shifted by up to one pixel plus Gaussian noise of
+  standard deviation σ, so a defense that answers identical queries identically (most do) is
+  still averaged over nearby inputs.
+* ``robust_loss``: train the clone with a loss that tolerates wrong labels, against
+  label-changing defenses — ``"gce"``, the generalized cross-entropy of Zhang & Sabuncu
+  (NeurIPS 2018), Σ_k t_k (1 − p_k^q)/q with ``gce_q``; or ``"bootstrap"``, soft bootstrapping
+  (Reed et al., ICLR 2015 workshop), cross-entropy against β·t + (1 − β)·p_θ with
+  ``bootstrap_beta``.
+* ``restorer``: the D-DAE-style posterior restorer (:mod:`mirage.attacks.restorer`): the
+  attacker knows the defense's name and public parameters (Kerckhoffs), simulates it on shadow
+  victims of its own, learns to map perturbed answers back to clean ones and trains the clone on
+  restored answers.
 * ``budget_factor=f``: spend f× the nominal budget.
 * ``restarts=n``: train n clones with different seeds and keep the one that fits the transfer set
   best — the attacker's answer to a defense that makes clone training stall (n× the training cost,
@@ -20,9 +34,39 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mirage.attacks.clone import CloneSpec
+
+
+class RestorerConfig(BaseModel):
+    """The posterior restorer's knowledge and cost (:mod:`mirage.attacks.restorer`).
+
+    ``defense`` / ``defense_params``: what the attacker knows of the defense — its registered
+    name and public parameters (budget, target, threshold); secrets (surrogates, reference sets,
+    detectors, seeds, keys) are never passed and the attacker builds its own. The benchmark fills
+    both from the run's defense when they are left empty.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    defense: str | None = None
+    defense_params: dict[str, Any] = Field(default_factory=dict)
+    shadows: int = Field(2, ge=1, description="shadow victims the restorer learns from")
+    shadow_epochs: int = Field(5, ge=1, description="epochs of each shadow's training")
+    surrogate_epochs: int = Field(1, ge=1, description="the attacker's own surrogate: a shadow "
+                                                       "stopped after this many epochs")
+    pairs: int = Field(4000, ge=16, description="(perturbed, clean) pairs per shadow")
+    features: bool = Field(True, description="the restorer also sees the shadow's logits on the "
+                                             "image (answer + image features), not only the answer")
+    epochs: int = Field(40, ge=1, description="restorer training epochs")
+    hidden: int = Field(128, ge=8)
+
+    @model_validator(mode="after")
+    def _features_need_two_shadows(self) -> RestorerConfig:
+        if self.features and self.shadows < 2:
+            raise ValueError("features come from another shadow than the one restored: shadows ≥ 2")
+        return self
 
 
 class Countermeasures(BaseModel):
@@ -35,21 +79,57 @@ class Countermeasures(BaseModel):
     adam_lr: float = Field(1e-3, gt=0)
     augment: bool = False
     repeats: int = Field(1, ge=1)
+    jitter: float = Field(0.0, ge=0, le=0.5)
+    robust_loss: Literal["gce", "bootstrap"] | None = None
+    gce_q: float = Field(0.7, gt=0, le=1)
+    bootstrap_beta: float = Field(0.8, gt=0, le=1)
+    restorer: RestorerConfig | None = None
     budget_factor: float = Field(1.0, gt=0)
     restarts: int = Field(1, ge=1)
 
     def active(self) -> dict[str, Any]:
         """The switches that differ from the plain attacker (for labels and logs)."""
         defaults = Countermeasures()
-        return {name: getattr(self, name) for name in Countermeasures.model_fields
-                if getattr(self, name) != getattr(defaults, name)}
+        return {name: (value.model_dump() if isinstance(value, BaseModel) else value)
+                for name in Countermeasures.model_fields
+                if (value := getattr(self, name)) != getattr(defaults, name)}
+
+    @model_validator(mode="after")
+    def _jitter_needs_repeats(self) -> Countermeasures:
+        if self.jitter > 0 and self.repeats < 2:
+            raise ValueError("jitter perturbs repeated queries: set repeats ≥ 2 with it")
+        return self
+
+
+ATTACKER_SUITE: dict[str, dict[str, Any]] = {
+    "soft": {},
+    "hard-label": {"hard_labels": True},
+    "averaging": {"repeats": 3, "jitter": 0.02},
+    "restorer": {"restorer": {}},
+    "noise-robust": {"robust_loss": "gce"},
+}
+"""The named attacker variants a defense is judged against, each a set of countermeasure switches
+usable with every attack (``create_attack("knockoff", variant="averaging")``, a sweep's
+``variants = [...]``, ``mirage attack --variant``). A defense's verdict is its worst case over
+them (:mod:`mirage.bench.summary`): the naive soft-label attacker; the hard-label one, which
+bounds every top-1-keeping defense; query averaging over 3 jittered copies (the 3 queries count
+against the budget); the D-DAE-style posterior restorer (``restorer.defense`` filled from the
+defense attacked); noise-robust clone training with the generalized cross-entropy."""
+
+
+def variant_params(variant: str) -> dict[str, Any]:
+    """The countermeasure switches of a named attacker variant (a fresh dict)."""
+    if variant not in ATTACKER_SUITE:
+        raise ValueError(f"unknown attacker variant {variant!r}; known: {sorted(ATTACKER_SUITE)}")
+    return {k: (dict(v) if isinstance(v, dict) else v) for k, v in ATTACKER_SUITE[variant].items()}
 
 
 def apply_countermeasures(params: Countermeasures, clone: CloneSpec, budget: int
                           ) -> tuple[CloneSpec, int]:
     """Return the clone spec and the total query budget after the switches of ``params``.
 
-    ``hard_labels`` and ``repeats`` act on the answers and are applied by the query client.
+    ``hard_labels``, ``repeats`` and ``jitter`` act on the answers and are applied by the query
+    client; ``restorer`` by :meth:`mirage.attacks.Attack.train_final_clone`.
     """
     update: dict[str, Any] = {}
     training: dict[str, Any] = {}
@@ -68,6 +148,10 @@ def apply_countermeasures(params: Countermeasures, clone: CloneSpec, budget: int
         update["training"] = clone.training.model_copy(update=training)
     if params.restarts != 1:
         update["restarts"] = params.restarts
+    if params.robust_loss == "gce":
+        update.update(loss="gce", loss_param=params.gce_q)
+    elif params.robust_loss == "bootstrap":
+        update.update(loss="bootstrap", loss_param=params.bootstrap_beta)
     total = int(budget * params.budget_factor)
     if total < 1:
         raise ValueError(f"budget {budget} × budget_factor {params.budget_factor} leaves no queries")

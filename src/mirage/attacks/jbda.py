@@ -155,7 +155,7 @@ class JacobianAttack(Attack):
             history.append({"round": round_index, "step": lam, "set_size": len(x), "queries": client.spent})
             log.info("%s round %d: λ=%+.3g, |D|=%d, %d queries", self.name, round_index, lam, len(x), client.spent)
             round_index += 1
-        model, stats = train_clone(clone, x, y, client.num_classes, description=f"{self.name} clone")
+        model, stats = self.train_final_clone(clone, x, y, client.num_classes, description=f"{self.name} clone")
         history.append({"round": "final", **stats})
         return StolenModel(model, transfer_size=len(x), history=history)
 

@@ -19,7 +19,7 @@ from pydantic import Field
 from torch import Tensor
 
 from mirage.attacks.base import Attack, AttackParams, QueryClient, StolenModel, register_attack
-from mirage.attacks.clone import CloneSpec, train_clone
+from mirage.attacks.clone import CloneSpec
 from mirage.data.base import ImageData
 from mirage.progress import progress_bar
 
@@ -57,5 +57,6 @@ class Knockoff(Attack):
         index = torch.randperm(len(data), generator=generator)[:n]
         images = data.images[index]
         answers = query_all(client, images, self.params.query_batch_size, "knockoff queries")
-        model, stats = train_clone(clone, images, answers, client.num_classes, description="knockoff clone")
+        model, stats = self.train_final_clone(clone, images, answers, client.num_classes,
+                                              description="knockoff clone")
         return StolenModel(model, transfer_size=n, history=[{"images": n, **stats}])

@@ -34,7 +34,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from mirage.attacks.base import Attack, AttackParams, QueryClient, StolenModel, register_attack
-from mirage.attacks.clone import CloneSpec, train_clone, training_targets
+from mirage.attacks.clone import CloneSpec, training_targets
 from mirage.data.base import ImageData
 from mirage.progress import progress_bar
 
@@ -220,8 +220,8 @@ class KnockoffAdaptive(Attack):
             raise ValueError("knockoff-adaptive: the budget does not cover a single query")
         images_t, answers_t = torch.cat(images), torch.cat(answers)
         counts = torch.bincount(torch.cat(chosen), minlength=num_arms)
-        model, stats = train_clone(clone, images_t, answers_t, client.num_classes,
-                                   description="knockoff-adaptive clone")
+        model, stats = self.train_final_clone(clone, images_t, answers_t, client.num_classes,
+                                              description="knockoff-adaptive clone")
         history = [{"images": len(images_t), "arm_counts": counts.tolist(),
                     "final_policy": bandit.policy().tolist(),
                     "mean_reward": float(torch.cat(rewards).mean()), **stats}]

@@ -43,8 +43,9 @@ from torch import Tensor, nn
 import mirage
 from mirage.api.base import QueryLedger, check_images
 from mirage.api.inprocess import InProcessAPI
+from mirage.models import tensor_digest as _tensor_digest
 from mirage.models import weights_fingerprint
-from mirage.paths import cache_dir
+from mirage.paths import optional_cache
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,7 @@ FORMAT_VERSION = 1
 
 def answers_dir() -> Path | None:
     """``$MIRAGE_ANSWERS`` (``off`` disables the cache), else ``$MIRAGE_CACHE/answers``."""
-    value = os.environ.get("MIRAGE_ANSWERS")
-    if value is not None and value.lower() in {"off", "0", "none", ""}:
-        return None
-    return Path(value) if value else cache_dir() / "answers"
-
-
-def _tensor_digest(tensor: Tensor) -> str:
-    value = tensor.detach().cpu().contiguous()
-    digest = hashlib.sha256(f"{value.dtype}:{tuple(value.shape)}:".encode())
-    digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return optional_cache("MIRAGE_ANSWERS", "answers")
 
 
 def _describe(value: Any) -> Any:

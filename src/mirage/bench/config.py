@@ -50,10 +50,33 @@ class AttackSpec(_Strict):
     reference_for: str | None = Field(
         None, description="draw this attack's undefended clone as a reference line on the plots "
                           "of the named attack (e.g. the hard-label attacker for knockoff)")
+    variants: list[str] = Field(
+        default_factory=list,
+        description="attackers of the suite (mirage.attacks.ATTACKER_SUITE) to run, each as its own "
+                    "attack labelled '<label>/<variant>' with its switches added to ``params``; the "
+                    "report judges each defense by the worst case over them. Empty: this attack "
+                    "as given")
 
     @property
     def display(self) -> str:
         return self.label or self.name
+
+    @model_validator(mode="after")
+    def _known_variants(self) -> AttackSpec:
+        from mirage.attacks.countermeasures import ATTACKER_SUITE
+
+        unknown = [v for v in self.variants if v not in ATTACKER_SUITE]
+        if unknown:
+            raise ValueError(f"unknown attacker variants {unknown}; known: {sorted(ATTACKER_SUITE)}")
+        return self
+
+    def expanded(self) -> list[tuple[str, dict[str, Any], str | None]]:
+        """(label, params, attacker variant) of each attack this entry runs."""
+        if not self.variants:
+            return [(self.display, dict(self.params), None)]
+        from mirage.attacks.countermeasures import variant_params
+
+        return [(f"{self.display}/{v}", {**self.params, **variant_params(v)}, v) for v in self.variants]
 
 
 class SweepConfig(_Strict):
@@ -79,7 +102,7 @@ class SweepConfig(_Strict):
 
     @model_validator(mode="after")
     def _unique_labels(self) -> SweepConfig:
-        labels = [a.display for a in self.attacks]
+        labels = [label for a in self.attacks for label, _, _ in a.expanded()]
         if len(labels) != len(set(labels)):
             raise ValueError(f"attack labels must be unique, got {labels}")
         unknown = set(self.victim_epochs) - set(self.scenarios)

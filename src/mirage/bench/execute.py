@@ -6,7 +6,10 @@ measured against the plain victim on the same images.
 
 Everything expensive is cached: victims and surrogates on disk by config (see
 :mod:`mirage.training.victim`), the answered transfer sets on disk by exact server and query
-stream (:mod:`mirage.bench.answers`), datasets per process; the defender's accuracy on the test
+stream (:mod:`mirage.bench.answers`), the clones by exact transfer set
+(:func:`mirage.attacks.clone.clone_cache`: a hard-label run against a defense whose labels equal
+the undefended API's trains no second clone, and its ``transfer_digest`` shows the equality),
+datasets per process; the defender's accuracy on the test
 set depends only on (scenario, defense) and is memoised per process.
 """
 
@@ -28,7 +31,9 @@ from torch import Tensor
 import mirage
 from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accuracy
 from mirage.attacks import CloneSpec, create_attack
+from mirage.attacks.clone import clone_cache
 from mirage.attacks.pools import attack_data, query_pool
+from mirage.attacks.restorer import public_params
 from mirage.bench.angles import angular_deviation
 from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir
 from mirage.bench.defenses import build_defense
@@ -36,6 +41,7 @@ from mirage.bench.runs import RunSpec
 from mirage.data import ImageData, load_dataset
 from mirage.defenses import Defense
 from mirage.models import ModelCard, weights_fingerprint
+from mirage.paths import clones_dir
 from mirage.scenarios import Scenario, get_scenario
 from mirage.training.registry import get_defended_victim, list_training_defenses
 
@@ -188,6 +194,18 @@ def probe_metrics(plain: torch.nn.Module, victim: torch.nn.Module, defense: Defe
     return metrics
 
 
+def attacker_knowledge(spec: RunSpec) -> dict[str, Any]:
+    """The run's attack parameters, with what a Kerckhoffs attacker knows filled in: the
+    restorer is told the query-time defense's name and public parameters (never its secrets)."""
+    params = dict(spec.attack_params)
+    restorer = params.get("restorer")
+    if restorer is not None and restorer.get("defense") is None:
+        _, (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
+        params["restorer"] = {**restorer, "defense": query_defense,
+                              "defense_params": public_params(query_params)}
+    return params
+
+
 def execute_run(spec: RunSpec) -> dict[str, Any]:
     """Run one (scenario, defense point, attack, budget, seed) and return its metrics."""
     start = time.perf_counter()
@@ -201,11 +219,13 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
             api = ReplayingAPI(api, AnswerCache(answers))
         except (TypeError, ValueError) as error:  # e.g. a parameter it cannot fingerprint
             log.warning("answer cache off for this run: %s", error)
-    attack = create_attack(spec.attack, **spec.attack_params)
+    attack = create_attack(spec.attack, **attacker_knowledge(spec))
     clone_spec = CloneSpec.like(card, training=spec.clone_training)
-    result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
+    with clone_cache(clones_dir()):
+        result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
     if isinstance(api, ReplayingAPI):
         api.close()
+    final = result.history[-1] if result.history else {}
     # A fresh defense for the probes below: their numbers must not depend on what the attack's
     # requests did to the defense's state (or on whether they were replayed from the cache).
     defense = prepare_run(spec)[2]
@@ -229,6 +249,9 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         **l1,
         "queries": result.queries,
         "answers_replayed": api.replayed if isinstance(api, ReplayingAPI) else 0,
+        "transfer_digest": final.get("transfer_digest"),
+        "clone_from_cache": bool(final.get("from_cache", False)),
+        **({"restorer": final["restorer"]} if "restorer" in final else {}),
         "transfer_size": result.transfer_size,
         "overhead_ratio": measure_overhead(victim, defense, probe),
         **probes,

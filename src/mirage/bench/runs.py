@@ -27,6 +27,8 @@ class RunSpec(BaseModel):
     clone_training: TrainConfig
     eval_size: int | None = None
     victim_epochs: int | None = None
+    attack_family: str | None = None
+    attacker: str | None = None
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RunSpec:
@@ -35,7 +37,10 @@ class RunSpec(BaseModel):
 
     @property
     def run_id(self) -> str:
-        fields = self.model_dump(mode="json", exclude={"defense_label", "attack_label"})
+        # labels name a run, they do not define it: a run keeps its id when relabelled (the soft
+        # attacker of a suite is the plain attack of an earlier sweep)
+        fields = self.model_dump(mode="json", exclude={"defense_label", "attack_label", "attack_family",
+                                                       "attacker"})
         if fields["victim_epochs"] is None:  # runs recorded before the field existed keep their id
             del fields["victim_epochs"]
         blob = json.dumps(fields, sort_keys=True)
@@ -54,16 +59,19 @@ def expand(config: SweepConfig) -> list[RunSpec]:
         for attack in config.attacks:
             if allowed is not None and attack.display not in allowed:
                 continue
-            for defense in config.defenses:
-                if attack.defenses is not None and defense.display not in attack.defenses:
-                    continue
-                for params in defense.points(scenario):
-                    for seed in config.seeds:
-                        runs.append(RunSpec(
-                            scenario=scenario, defense=defense.name, defense_label=defense.display,
-                            defense_params=params, attack=attack.name, attack_label=attack.display,
-                            attack_params=attack.params, budget=attack.budget, seed=seed,
-                            clone_training=config.clone_training.model_copy(update={"seed": seed}),
-                            eval_size=config.eval_size, victim_epochs=config.victim_epochs.get(scenario),
-                        ))
+            for label, attack_params, attacker in attack.expanded():
+                for defense in config.defenses:
+                    if attack.defenses is not None and defense.display not in attack.defenses:
+                        continue
+                    for params in defense.points(scenario):
+                        for seed in config.seeds:
+                            runs.append(RunSpec(
+                                scenario=scenario, defense=defense.name, defense_label=defense.display,
+                                defense_params=params, attack=attack.name, attack_label=label,
+                                attack_params=attack_params, budget=attack.budget, seed=seed,
+                                clone_training=config.clone_training.model_copy(update={"seed": seed}),
+                                eval_size=config.eval_size,
+                                victim_epochs=config.victim_epochs.get(scenario),
+                                attack_family=attack.display if attacker else None, attacker=attacker,
+                            ))
     return runs

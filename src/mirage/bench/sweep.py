@@ -49,17 +49,22 @@ def sweep_status(config: SweepConfig, store: ResultStore) -> SweepStatus:
 @dataclass(frozen=True)
 class RunFilter:
     """Which pending runs to execute now (empty = any): lets a long sweep run its most telling
-    part first. Matches scenario names, attack labels and defense labels."""
+    part first. Matches scenario names, attack labels (or the family of an attacker suite's
+    runs: ``knockoff`` matches ``knockoff/hard-label``) and defense labels."""
 
     scenarios: frozenset[str] = frozenset()
     attacks: frozenset[str] = frozenset()
     defenses: frozenset[str] = frozenset()
+    seeds: frozenset[int] = frozenset()
 
     def validate(self, config: SweepConfig) -> None:
-        known = {"scenario": set(config.scenarios), "attack": {a.display for a in config.attacks},
+        known = {"scenario": set(config.scenarios),
+                 "attack": {a.display for a in config.attacks}
+                 | {label for a in config.attacks for label, _, _ in a.expanded()},
                  "defense": {d.display for d in config.defenses}}
+        known["seed"] = set(config.seeds)
         for kind, wanted in (("scenario", self.scenarios), ("attack", self.attacks),
-                             ("defense", self.defenses)):
+                             ("defense", self.defenses), ("seed", self.seeds)):
             unknown = wanted - known[kind]
             if unknown:
                 raise ValueError(f"no {kind} {sorted(unknown)} in sweep {config.name!r} "
@@ -67,8 +72,30 @@ class RunFilter:
 
     def __call__(self, run: RunSpec) -> bool:
         return ((not self.scenarios or run.scenario in self.scenarios)
-                and (not self.attacks or run.attack_label in self.attacks)
-                and (not self.defenses or run.defense_label in self.defenses))
+                and (not self.attacks or run.attack_label in self.attacks
+                     or run.attack_family in self.attacks)
+                and (not self.defenses or run.defense_label in self.defenses)
+                and (not self.seeds or run.seed in self.seeds))
+
+
+def import_records(config: SweepConfig, source: ResultStore, target: ResultStore) -> int:
+    """Copy into ``target`` the records of ``source`` that are runs of ``config`` (same run id:
+    the same scenario, defense point, attack parameters, budget, seed and clone recipe) and that
+    ``target`` lacks, relabelled as ``config`` names them and marked ``imported_from``; returns
+    how many. The soft-label attacker of a suite is the plain attack of an earlier sweep: its run
+    is not repeated."""
+    runs = {run.run_id: run for run in expand(config)}
+    have = target.done_ids()
+    count = 0
+    for record in source.read():
+        run = runs.get(record.get("run_id", ""))
+        if run is None or run.run_id in have:
+            continue
+        target.append({**record, **run.model_dump(mode="json"), "run_id": run.run_id,
+                       "imported_from": str(source.path)})
+        have.add(run.run_id)
+        count += 1
+    return count
 
 
 def prepare_shared_models(pending: list[RunSpec], preparer: Callable[[RunSpec], Any]) -> int:

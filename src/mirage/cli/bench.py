@@ -33,6 +33,7 @@ def run(
     scenario: Annotated[list[str] | None, typer.Option(help="only these scenarios (repeatable)")] = None,
     attack: Annotated[list[str] | None, typer.Option(help="only these attack labels (repeatable)")] = None,
     defense: Annotated[list[str] | None, typer.Option(help="only these defense labels (repeatable)")] = None,
+    seed: Annotated[list[int] | None, typer.Option(help="only these seeds (repeatable)")] = None,
     report: Annotated[bool, typer.Option(help="write the report when the sweep ends")] = True,
     answers: Annotated[str | None, typer.Option(
         help="where answered transfer sets are cached ('off': not at all); default $MIRAGE_ANSWERS "
@@ -49,7 +50,8 @@ def run(
     path = _results_path(cfg.name, results)
     if scheduler:
         executor = "dask"
-    only = RunFilter(frozenset(scenario or ()), frozenset(attack or ()), frozenset(defense or ()))
+    only = RunFilter(frozenset(scenario or ()), frozenset(attack or ()), frozenset(defense or ()),
+                     frozenset(seed or ()))
     try:
         only.validate(cfg)
     except ValueError as error:
@@ -59,6 +61,20 @@ def run(
     console.print(f"[bold]{cfg.name}[/]: {status.done}/{status.total} runs done -> {path}")
     if report:
         console.print(f"report: {build_report(cfg, path, path.parent)}")
+
+
+@bench.command("import")
+def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="results JSONL of an earlier sweep")],
+            results: ResultsOption = None) -> None:
+    """Copy the runs of an earlier sweep that are runs of this one (same run id) into its results."""
+    from mirage.bench.config import load_config
+    from mirage.bench.results import ResultStore
+    from mirage.bench.sweep import import_records
+
+    cfg = load_config(config)
+    path = _results_path(cfg.name, results)
+    count = import_records(cfg, ResultStore(source), ResultStore(path))
+    console.print(f"imported {count} runs from {source} into {path}")
 
 
 @bench.command("status")

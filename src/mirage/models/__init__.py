@@ -10,6 +10,7 @@ from mirage.models.checkpoints import (
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
+    tensor_digest,
     weights_fingerprint,
 )
 from mirage.models.lenet import LeNet
@@ -28,5 +29,6 @@ def create_model(name: str, input_shape: Sequence[int], num_classes: int,
 
 __all__ = [
     "MODELS", "CompactVGG", "ImageClassifier", "LeNet", "ModelCard", "Normalize", "ResNet",
-    "create_model", "has_checkpoint", "load_checkpoint", "save_checkpoint", "weights_fingerprint",
+    "create_model", "has_checkpoint", "load_checkpoint", "save_checkpoint", "tensor_digest",
+    "weights_fingerprint",
 ]

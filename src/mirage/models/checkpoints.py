@@ -48,6 +48,14 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+def tensor_digest(tensor: torch.Tensor) -> str:
+    """SHA-256 of a tensor's dtype, shape and values (exact: equal digests, equal tensors)."""
+    value = tensor.detach().cpu().contiguous()
+    digest = hashlib.sha256(f"{value.dtype}:{tuple(value.shape)}:".encode())
+    digest.update(value.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def build_from_card(card: ModelCard) -> ImageClassifier:
     from mirage.models import create_model
 
