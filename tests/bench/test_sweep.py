@@ -26,7 +26,7 @@ def test_expansion_counts_and_stable_ids(small_config):
 
 
 def test_builtin_profiles_parse():
-    for name in ("quick", "full"):
+    for name in ("quick", "full", "worst_case"):
         config = load_config(name)
         assert expand(config), name
     with pytest.raises(FileNotFoundError, match="built-in profiles"):

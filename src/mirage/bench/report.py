@@ -1,13 +1,28 @@
-"""The report: a Markdown page and a static HTML page, both generated from the JSONL results."""
+"""The report: one list of :class:`Section` s built from the JSONL results, rendered twice — a
+Markdown page and a static HTML page — so the two never disagree.
+
+A sweep with an attacker suite (attacks with ``variants``) opens with the **verdict**: per
+scenario and attack family, the defense to deploy judged by its worst case over the suite
+(:func:`mirage.bench.summary.verdict`), then each panel's worst-case table, before the per-attacker
+details.
+"""
 
 from __future__ import annotations
 
 import html
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from mirage.bench.config import SweepConfig
-from mirage.bench.plots import angular_deviation_figure, overhead_figure, tradeoff_figure
+from mirage.bench.plots import (
+    angular_deviation_figure,
+    overhead_figure,
+    tradeoff_figure,
+    verdict_figure,
+    worst_case_figure,
+)
 from mirage.bench.results import ResultStore
 from mirage.bench.summary import (
     best_within_table,
@@ -15,10 +30,26 @@ from mirage.bench.summary import (
     failed_clone,
     overhead_table,
     points_table,
+    ranking_changes,
     references,
     sweep_cost_table,
     tradeoff_table,
+    verdict,
+    worst_case_best_within,
+    worst_case_points,
+    worst_case_table,
 )
+
+
+@dataclass
+class Section:
+    """A titled part of the report: paragraphs, then an image, then a table (each optional)."""
+
+    title: str
+    text: list[str] = field(default_factory=list)
+    image: str | None = None
+    table: list[dict[str, Any]] | None = None
+    level: int = 2
 
 
 def _fmt(value: Any) -> str:
@@ -26,13 +57,15 @@ def _fmt(value: Any) -> str:
         return "–"
     if isinstance(value, float):
         return f"{value:.4f}"
+    if isinstance(value, list):
+        return ", ".join(map(str, value))
     return str(value)
 
 
 def _markdown_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "_no data_\n"
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
     lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -41,11 +74,62 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
 def _html_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p><em>no data</em></p>"
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>"
                    for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+
+
+def render_markdown(title: str, sections: list[Section]) -> str:
+    out = [f"# {title}\n"]
+    for section in sections:
+        if section.title:
+            out.append(f"{'#' * section.level} {section.title}\n")
+        out += [f"{paragraph}\n" for paragraph in section.text]
+        if section.image:
+            out.append(f"![{section.title}]({section.image})\n")
+        if section.table is not None:
+            out.append(_markdown_table(section.table))
+    return "\n".join(out)
+
+
+STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
+         "line-height:1.4}table{border-collapse:collapse;font-size:12px;margin:.6em 0}"
+         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}"
+         "th{background:#f3f3f3}.scroll{overflow-x:auto;max-width:100%}img{max-width:100%}"
+         "section.verdict{border:2px solid #2a6;padding:0 1em;border-radius:6px;margin:1em 0}"
+         ".warning{color:#a40}")
+
+
+WARNING = "> **Warning:** "
+
+
+def _inline_html(text: str) -> str:
+    """A paragraph of the report's Markdown subset (``code``, **bold**, a warning quote) as HTML."""
+    warning = text.startswith(WARNING)
+    escaped = html.escape(text.removeprefix(WARNING))
+    escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
+    escaped = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
+    return f"<span class='warning'><strong>Warning:</strong> {escaped}</span>" if warning else escaped
+
+
+def render_html(title: str, sections: list[Section]) -> str:
+    body = [f"<h1>{html.escape(title)}</h1>"]
+    for section in sections:
+        verdict_box = section.title.startswith("Verdict")
+        part = ["<section class='verdict'>" if verdict_box else "<section>"]
+        if section.title:
+            part.append(f"<h{section.level}>{html.escape(section.title)}</h{section.level}>")
+        part += [f"<p>{_inline_html(t)}</p>" for t in section.text]
+        if section.image:
+            part.append(f'<img src="{html.escape(section.image)}" alt="{html.escape(section.title)}">')
+        if section.table is not None:
+            part.append(_html_table(section.table))
+        body.append("".join(part) + "</section>")
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
+            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
 
 
 def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
@@ -75,6 +159,43 @@ def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
     return warnings
 
 
+VERDICT_TEXT = (
+    "Each defense is judged by the strongest attacker of the suite: for every defense point, the "
+    "highest clone accuracy any attacker reached (mean over its seeds). Deploy: the point with the "
+    "lowest such worst case among those costing the defender at most 1 point of accuracy. Suite: "
+    "{suite}. A worst case still missing an attacker is a lower bound (≥) and never recommended.")
+
+
+def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: Path) -> list[Section]:
+    """The verdict and one worst-case section per (scenario, attack family), when the sweep has
+    an attacker suite; nothing otherwise."""
+    suites = {a.display: tuple(sorted(a.variants)) for a in config.attacks if a.variants}
+    panels = worst_case_points(records, suites) if suites else {}
+    if not panels:
+        return []
+    rows = verdict(panels)
+    verdict_figure(panels, out_dir / "plots" / "verdict")
+    suite_names = sorted({v for variants in suites.values() for v in variants})
+    sections = [Section("Verdict: which defense to deploy", [VERDICT_TEXT.format(suite=", ".join(suite_names))],
+                        "plots/verdict.png", rows)]
+    for (scenario, family), points in sorted(panels.items()):
+        stem = out_dir / "plots" / f"worst_case_{scenario}_{family}"
+        worst_case_figure(scenario, family, points, stem)
+        change = ranking_changes(points)
+        sections.append(Section(
+            f"{scenario} — {family}: every defense by its worst case",
+            ["Defender drop in points of accuracy; clones as mean over seeds (± spread); "
+             "`=undef.`: the run's transfer set is exactly the undefended API's (equal digest), "
+             "so it trained the undefended clone.",
+             f"Order within 1 point of cost, soft-label attacker: {', '.join(change['soft order']) or '–'}; "
+             f"worst case: {', '.join(change['worst-case order']) or '–'} "
+             f"({change['changed place']} defenses change place)."],
+            f"plots/{stem.name}.png", worst_case_table(points)))
+        sections.append(Section(f"{scenario} — {family}: best operating point within a cost, "
+                                "soft-label vs worst case", [], None, worst_case_best_within(points), level=3))
+    return sections
+
+
 def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) -> Path:
     """Write plots, ``report.md`` and ``report.html`` into ``out_dir``; returns the Markdown path."""
     out_dir = Path(out_dir)
@@ -82,87 +203,57 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
     reference_of = {a.display: a.reference_for for a in config.attacks if a.reference_for}
     panels = curves(records)
     refs = references(records, reference_of)
-    sections: list[tuple[str, str, list[dict[str, Any]]]] = []  # (title, image, table)
+    sections = [Section("", [
+        f"{len(records)} runs from `{Path(results).name}`. Clone and defender accuracy on the "
+        "victim's test set; effective L1 = mean ‖ỹ − y‖₁ served to the attacker; overhead = "
+        "per-query time of the defended API over the undefended forward, measured in the same run."])]
+    sections += suite_sections(config, records, out_dir)
+    warnings = consistency_warnings(records)
+    if warnings:
+        sections.append(Section("Warnings", [f"{WARNING}{w}" for w in warnings]))
     for (scenario, attack), panel in sorted(panels.items()):
         if attack in reference_of:
             continue
-        stem = out_dir / "plots" / f"tradeoff_{scenario}_{attack}"
+        stem = out_dir / "plots" / f"tradeoff_{scenario}_{attack.replace('/', '_')}"
         tradeoff_figure(scenario, attack, panel, refs.get((scenario, attack), {}), stem)
         ref_rows = [{"reference": k, "clone_accuracy": v} for k, v in sorted(refs.get((scenario, attack), {}).items())]
-        sections.append((f"{scenario} — {attack}", f"plots/{stem.name}.png", ref_rows))
-        sections.append((f"{scenario} — {attack}: clone accuracy at equal cost (interpolated)", "",
-                         tradeoff_table(panel)))
-        sections.append((f"{scenario} — {attack}: best operating point within a cost", "",
-                         best_within_table(panel)))
-        sections.append((f"{scenario} — {attack}: every point (mean and spread over seeds)", "",
-                         points_table(panel)))
+        sections += [
+            Section(f"{scenario} — {attack}", [], f"plots/{stem.name}.png", ref_rows),
+            Section(f"{scenario} — {attack}: clone accuracy at equal cost (interpolated)", [], None,
+                    tradeoff_table(panel), level=3),
+            Section(f"{scenario} — {attack}: best operating point within a cost", [], None,
+                    best_within_table(panel), level=3),
+            Section(f"{scenario} — {attack}: every point (mean and spread over seeds)", [], None,
+                    points_table(panel), level=3),
+        ]
 
-    angles = {}
+    angles: dict[str, dict[str, list[float]]] = {}
     for r in records:
         if r.get("angular_deviation") and r["defense"] != "none":
             angles.setdefault(r["scenario"], {}).setdefault(r["defense_label"], []).extend(r["angular_deviation"])
-    angle_images = []
-    for scenario, series in sorted(angles.items()):
+    for i, (scenario, series) in enumerate(sorted(angles.items())):
         stem = out_dir / "plots" / f"angular_deviation_{scenario}"
         angular_deviation_figure(series, f"{scenario}: clean vs served gradient", stem)
-        angle_images.append((scenario, f"plots/{stem.name}.png"))
+        sections.append(Section("Angular deviation of the attacker's gradient" if i == 0 else "",
+                                [], f"plots/{stem.name}.png"))
 
     overhead = overhead_table(records)
     if overhead:
         overhead_figure(overhead, out_dir / "plots" / "overhead")
-
-    md = [f"# mirage benchmark — `{config.name}`\n",
-          f"{len(records)} runs from `{Path(results).name}`. Clone and defender accuracy on the "
-          "victim's test set; effective L1 = mean ‖ỹ − y‖₁ served to the attacker; overhead = "
-          "per-query time of the defended API over the undefended forward, measured in the same run.\n"]
-    page = [f"<h1>mirage benchmark — {html.escape(config.name)}</h1>",
-            f"<p>{len(records)} runs. Clone and defender accuracy on the victim's test set; "
-            "effective L1 = mean ‖ỹ − y‖₁ served to the attacker.</p>"]
-    for warning in consistency_warnings(records):
-        md.append(f"> **Warning:** {warning}\n")
-        page.append(f"<p><strong>Warning:</strong> {html.escape(warning)}</p>")
-    for title, image, table in sections:
-        md.append(f"## {title}\n")
-        page.append(f"<h2>{html.escape(title)}</h2>")
-        if image:
-            md.append(f"![{title}]({image})\n")
-            page.append(f'<img src="{html.escape(image)}" alt="{html.escape(title)}">')
-        md.append(_markdown_table(table))
-        page.append(_html_table(table))
-    if angle_images:
-        md.append("## Angular deviation of the attacker's gradient\n")
-        page.append("<h2>Angular deviation of the attacker's gradient</h2>")
-        for scenario, image in angle_images:
-            md.append(f"![{scenario}]({image})\n")
-            page.append(f'<img src="{html.escape(image)}" alt="{html.escape(scenario)}">')
-    md.append("## Per-query overhead\n")
-    md.append(_markdown_table(overhead))
-    page.append("<h2>Per-query overhead</h2>" + _html_table(overhead))
-    if overhead:
-        md.append("![overhead](plots/overhead.png)\n")
-        page.append('<img src="plots/overhead.png" alt="overhead">')
-    cost = sweep_cost_table(records)
-    md.append("## Cost of the sweep\n")
-    md.append("Compute as the sum of run wall times (the sweep's wall time is about this over the "
-              "number of workers), without the models trained before dispatch (victims, "
-              "surrogates, training-time defenses); peak RSS is the largest any worker reached by "
-              "the end of a run.\n")
-    md.append(_markdown_table(cost))
-    page.append("<h2>Cost of the sweep</h2>" + _html_table(cost))
-    md.append("## All runs\n")
+    sections.append(Section("Per-query overhead", [], "plots/overhead.png" if overhead else None, overhead))
+    sections.append(Section("Cost of the sweep", [
+        "Compute as the sum of run wall times (the sweep's wall time is about this over the "
+        "number of workers), without the models trained before dispatch (victims, "
+        "surrogates, training-time defenses); peak RSS is the largest any worker reached by "
+        "the end of a run."], None, sweep_cost_table(records)))
     run_rows = [{k: r.get(k) for k in ("scenario", "defense_label", "defense_params", "attack_label",
                                         "budget", "seed", "victim_accuracy", "defender_accuracy",
                                         "clone_accuracy", "clone_diverged", "clone_collapsed",
                                         "effective_l1", "overhead_ratio", "wall_seconds")}
                 for r in records]
-    md.append(_markdown_table(run_rows))
-    page.append("<h2>All runs</h2>" + _html_table(run_rows))
+    sections.append(Section("All runs", [], None, run_rows))
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "report.md").write_text("\n".join(md))
-    style = ("body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;font-size:13px;margin:1em 0}"
-             "td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}img{max-width:100%}")
-    (out_dir / "report.html").write_text(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>mirage — {html.escape(config.name)}</title>"
-        f"<style>{style}</style></head><body>{''.join(page)}</body></html>")
+    title = f"mirage benchmark — {config.name}"
+    (out_dir / "report.md").write_text(render_markdown(title.replace(config.name, f"`{config.name}`"), sections))
+    (out_dir / "report.html").write_text(render_html(title, sections))
     return out_dir / "report.md"

@@ -191,3 +191,198 @@ def sweep_cost_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "runs_with_memory": len(memory)}
 
     return [row(name, groups[name]) for name in sorted(set(groups) - {"all"}) + ["all"] if groups[name]]
+
+
+# --- The worst case over an attacker suite (sweeps whose attacks list ``variants``) -------------
+
+
+def attack_family(record: dict[str, Any]) -> str:
+    """The attack a run belongs to: its suite family (``knockoff`` for ``knockoff/averaging``), or
+    its label for a run outside any suite."""
+    return record.get("attack_family") or record["attack_label"]
+
+
+def _point_key(record: dict[str, Any]) -> tuple[str, str]:
+    return record["defense_label"], json_params(record["defense_params"])
+
+
+def json_params(params: dict[str, Any]) -> str:
+    """A defense point's parameters as a short, stable label (nested recipes abbreviated)."""
+    return ",".join(f"{k}={'{…}' if isinstance(v, dict) else v}" for k, v in sorted(params.items())
+                    if k != "surrogate_config") or "–"
+
+
+@dataclass
+class WorstCasePoint:
+    """One defense point of one (scenario, attack family): every attacker's clone (mean over its
+    seeds), the worst of them and who reached it. ``complete`` is False while an attacker of the
+    suite has no (healthy) run yet: ``worst`` is then only a lower bound on the worst case."""
+
+    scenario: str
+    family: str
+    defense: str
+    params: str
+    victim_accuracy: float
+    defender_accuracy: float
+    effective_l1: float | None
+    overhead_ratio: float | None
+    by_attacker: dict[str, dict[str, Any]]
+    suite: tuple[str, ...]
+
+    @property
+    def drop(self) -> float:
+        return self.victim_accuracy - self.defender_accuracy
+
+    @property
+    def complete(self) -> bool:
+        return all(a in self.by_attacker for a in self.suite)
+
+    @property
+    def worst_attacker(self) -> str:
+        return max(self.by_attacker, key=lambda a: self.by_attacker[a]["clone"])
+
+    @property
+    def worst(self) -> float:
+        return self.by_attacker[self.worst_attacker]["clone"]
+
+    @property
+    def soft(self) -> float | None:
+        return self.by_attacker.get("soft", {}).get("clone")
+
+
+def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str, ...]] | None = None
+                      ) -> dict[tuple[str, str], list[WorstCasePoint]]:
+    """(scenario, attack family) -> its defense points judged by every attacker of the suite.
+
+    ``suites``: attack family -> the attackers its sweep runs (the config's ``variants``); without
+    it, the attackers seen in the records of the panel.
+
+    Only runs of a suite (records with an ``attacker``) count; runs with a failed clone are left
+    out as everywhere else (an attacker retrains them). Per attacker the clone is the mean over its
+    seeds; ``seeds`` and the spread (``sd``) are kept beside it. A hard-label run whose transfer
+    set is the very one of the undefended API at the same seed (equal ``transfer_digest``) is
+    marked ``same_as_undefended``."""
+    seen: dict[tuple[str, str], set[str]] = defaultdict(set)
+    grouped: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
+    undefended_digest: dict[tuple[str, str, str, int], str] = {}
+    for r in records:
+        if not r.get("attacker"):
+            continue
+        family = attack_family(r)
+        seen[(r["scenario"], family)].add(r["attacker"])
+        if r["defense"] == "none" and r.get("transfer_digest"):
+            undefended_digest[(r["scenario"], family, r["attacker"], r["seed"])] = r["transfer_digest"]
+        if not failed_clone(r):
+            grouped[(r["scenario"], family, *_point_key(r))].append(r)
+    panels: dict[tuple[str, str], list[WorstCasePoint]] = defaultdict(list)
+    for (scenario, family, defense, params), group in sorted(grouped.items()):
+        by_attacker: dict[str, dict[str, Any]] = {}
+        for attacker in sorted({r["attacker"] for r in group}):
+            runs = [r for r in group if r["attacker"] == attacker]
+            clones = [r["clone_accuracy"] for r in runs]
+            same = [r.get("transfer_digest") is not None and r.get("transfer_digest")
+                    == undefended_digest.get((scenario, family, attacker, r["seed"])) for r in runs]
+            by_attacker[attacker] = {"clone": float(np.mean(clones)), "sd": float(np.std(clones)),
+                                     "seeds": sorted(r["seed"] for r in runs),
+                                     "same_as_undefended": defense != "none" and all(same)}
+        l1 = [r["effective_l1"] for r in group if r.get("attacker") == "soft" and r.get("effective_l1") is not None]
+        overhead = [r["overhead_ratio"] for r in group if r.get("overhead_ratio") is not None]
+        panels[(scenario, family)].append(WorstCasePoint(
+            scenario=scenario, family=family, defense=defense, params=params,
+            victim_accuracy=float(np.mean([r["victim_accuracy"] for r in group])),
+            defender_accuracy=float(np.mean([r["defender_accuracy"] for r in group])),
+            effective_l1=float(np.mean(l1)) if l1 else None,
+            overhead_ratio=float(np.median(overhead)) if overhead else None,
+            by_attacker=by_attacker,
+            suite=tuple((suites or {}).get(family) or sorted(seen[(scenario, family)]))))
+    return dict(panels)
+
+
+def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
+    """One row per defense point: its cost, the soft-label clone, the worst case over the suite
+    and who reached it, then every attacker's clone (``=undef.``: the transfer set is exactly the
+    undefended API's, so is the clone). A worst case still missing attackers reads ``≥ x``."""
+    rows = []
+    for p in sorted(points, key=lambda q: (q.defense != "none", q.worst if q.complete else 2.0)):
+        row: dict[str, Any] = {"defense": p.defense, "params": p.params,
+                               "defender drop (pts)": f"{100 * p.drop:.2f}",
+                               "soft clone": p.soft,
+                               "worst clone": f"{p.worst:.4f}" if p.complete else f"≥ {p.worst:.4f}",
+                               "worst attacker": p.worst_attacker,
+                               "recovered vs soft (pts)": None if p.soft is None else f"{100 * (p.worst - p.soft):+.1f}"}
+        for attacker in p.suite:
+            entry = p.by_attacker.get(attacker)
+            if entry is None:
+                row[attacker] = "pending"
+                continue
+            cell = f"{entry['clone']:.4f}"
+            if len(entry["seeds"]) > 1:
+                cell += f" ± {entry['sd']:.3f} ({len(entry['seeds'])} seeds)"
+            if entry["same_as_undefended"]:
+                cell += " =undef."
+            row[attacker] = cell
+        rows.append(row)
+    return rows
+
+
+def worst_case_best_within(points: list[WorstCasePoint], drops=ACCURACY_DROPS) -> list[dict[str, Any]]:
+    """Per defense: the lowest clone within a defender drop of 1/2/5 points, by the soft-label
+    attacker and by the worst case over the suite (its complete points only; the undefended
+    point qualifies, as in :func:`best_within`)."""
+    origin = [p for p in points if p.defense == "none"]
+    rows = []
+    for defense in sorted({p.defense for p in points} - {"none"}):
+        own = [p for p in points if p.defense == defense] + origin
+        row: dict[str, Any] = {"defense": defense}
+        for d in drops:
+            within = [p for p in own if p.drop <= d + 1e-6]
+            soft = [p.soft for p in within if p.soft is not None]
+            worst = [p.worst for p in within if p.complete]
+            row[f"soft@drop≤{int(d * 100)}"] = min(soft) if soft else None
+            row[f"worst@drop≤{int(d * 100)}"] = min(worst) if worst else None
+        rows.append(row)
+    return rows
+
+
+def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float = 0.01
+            ) -> list[dict[str, Any]]:
+    """Per (scenario, attack family): the defense to deploy — the point with the lowest worst-case
+    clone among those costing the defender at most ``max_drop`` and judged by the whole suite —
+    with its worst case, the attacker that reached it, its soft-label clone, the undefended
+    worst case, the defender's cost and the per-query overhead."""
+    rows = []
+    for (scenario, family), points in sorted(panels.items()):
+        undefended = next((p for p in points if p.defense == "none" and p.complete), None)
+        eligible = [p for p in points if p.complete and p.drop <= max_drop + 1e-6]
+        pending = sum(not p.complete for p in points)
+        if not eligible:
+            rows.append({"scenario": scenario, "attack": family, "deploy": "– (no complete point yet)",
+                         "worst-case clone": None, "by attacker": None, "soft clone": None,
+                         "undefended worst case": None if undefended is None else undefended.worst,
+                         "defender cost (pts)": None, "overhead": None, "seeds": None,
+                         "points pending": pending})
+            continue
+        best = min(eligible, key=lambda p: (p.worst, p.defense != "none", p.drop))
+        seeds = sorted({s for entry in best.by_attacker.values() for s in entry["seeds"]})
+        rows.append({"scenario": scenario, "attack": family,
+                     "deploy": best.defense if best.params == "–" else f"{best.defense} ({best.params})",
+                     "worst-case clone": best.worst,
+                     "by attacker": best.worst_attacker + (
+                         f" ± {best.by_attacker[best.worst_attacker]['sd']:.3f}"
+                         if len(best.by_attacker[best.worst_attacker]["seeds"]) > 1 else ""),
+                     "soft clone": best.soft,
+                     "undefended worst case": None if undefended is None else undefended.worst,
+                     "defender cost (pts)": f"{100 * best.drop:.2f}",
+                     "overhead": best.overhead_ratio,
+                     "seeds": ",".join(map(str, seeds)), "points pending": pending})
+    return rows
+
+
+def ranking_changes(points: list[WorstCasePoint], max_drop: float = 0.01) -> dict[str, Any]:
+    """How the order of the defenses (≤ ``max_drop`` cost, complete points) changes between the
+    soft-label attacker and the worst case: both orders and how many defenses changed place."""
+    eligible = [p for p in points if p.complete and p.soft is not None and p.drop <= max_drop + 1e-6]
+    soft = [p.defense for p in sorted(eligible, key=lambda p: p.soft)]
+    worst = [p.defense for p in sorted(eligible, key=lambda p: p.worst)]
+    return {"soft order": soft, "worst-case order": worst,
+            "changed place": sum(a != b for a, b in zip(soft, worst, strict=True))}

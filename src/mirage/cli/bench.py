@@ -61,6 +61,30 @@ def run(
     console.print(f"[bold]{cfg.name}[/]: {status.done}/{status.total} runs done -> {path}")
     if report:
         console.print(f"report: {build_report(cfg, path, path.parent)}")
+    print_verdict(cfg, path)
+
+
+def print_verdict(cfg, path: Path) -> None:
+    """The verdict table of a sweep with an attacker suite (nothing otherwise)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from mirage.bench.results import ResultStore
+    from mirage.bench.summary import verdict, worst_case_points
+
+    suites = {a.display: tuple(sorted(a.variants)) for a in cfg.attacks if a.variants}
+    panels = worst_case_points(ResultStore(path).read(), suites) if suites else {}
+    if not panels:
+        return
+    rows = verdict(panels)
+    table = Table(title="verdict: the defense to deploy, judged by its worst case over the attacker "
+                        "suite (≤ 1 point of defender cost)")
+    for key in rows[0]:
+        table.add_column(key)
+    for row in rows:
+        table.add_row(*("–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+                        for v in row.values()))
+    Console(width=max(console.width, 200)).print(table)  # whole rows, also when piped to a log
 
 
 @bench.command("import")
@@ -90,7 +114,7 @@ def status(config: ProfileOption = "quick", results: ResultsOption = None,
     table = Table("sweep", "done", "left", "ETA")
     eta = "–" if state.eta_seconds is None else f"{state.eta_seconds / workers / 60:.0f} min"
     table.add_row(cfg.name, str(state.done), str(len(state.pending)), eta)
-    console.print(table)
+    Console(width=max(console.width, 200)).print(table)  # whole rows, also when piped to a log
 
 
 @bench.command("report")
@@ -103,3 +127,4 @@ def report(config: ProfileOption = "quick", results: ResultsOption = None,
     cfg = load_config(config)
     path = _results_path(cfg.name, results)
     console.print(f"report: {build_report(cfg, path, out or path.parent)}")
+    print_verdict(cfg, path)

@@ -1,0 +1,86 @@
+"""The worst case over an attacker suite, against tables worked out by hand."""
+
+from mirage.bench.summary import (
+    ranking_changes,
+    verdict,
+    worst_case_best_within,
+    worst_case_points,
+    worst_case_table,
+)
+
+SUITE = ("averaging", "hard-label", "soft")
+
+
+def record(defense, attacker, clone, seed=0, defender=0.92, params=None, digest=None, **extra):
+    return {"scenario": "s", "attack_family": "knockoff", "attack_label": f"knockoff/{attacker}",
+            "attacker": attacker, "defense": defense, "defense_label": defense,
+            "defense_params": params or {}, "seed": seed, "clone_accuracy": clone,
+            "victim_accuracy": 0.92, "defender_accuracy": defender, "effective_l1": 0.5,
+            "overhead_ratio": 2.0, "transfer_digest": digest, **extra}
+
+
+RECORDS = [
+    # undefended: 0.90 soft, 0.89 hard, 0.88 averaging
+    record("none", "soft", 0.90), record("none", "hard-label", 0.89, digest="h0"),
+    record("none", "averaging", 0.88),
+    # A keeps the top-1: soft 0.50, but its hard labels are the undefended ones (same digest)
+    record("A", "soft", 0.50, params={"epsilon": 1.0}),
+    record("A", "hard-label", 0.89, params={"epsilon": 1.0}, digest="h0"),
+    record("A", "averaging", 0.60, params={"epsilon": 1.0}),
+    # B flips labels at 0.5 points of cost: soft 0.70, worst 0.75 by averaging (two seeds)
+    record("B", "soft", 0.70, defender=0.915), record("B", "hard-label", 0.65, defender=0.915, digest="x"),
+    record("B", "averaging", 0.74, defender=0.915), record("B", "averaging", 0.76, seed=1, defender=0.915),
+    # C is cheap for the soft attacker but costs 3 points
+    record("C", "soft", 0.30, defender=0.89), record("C", "hard-label", 0.40, defender=0.89),
+    record("C", "averaging", 0.35, defender=0.89),
+    # D is missing its averaging run: its worst case is a lower bound
+    record("D", "soft", 0.20), record("D", "hard-label", 0.30),
+    # a failed clone never counts
+    record("D", "averaging", 0.10, clone_collapsed=True),
+]
+
+
+def panel():
+    return worst_case_points(RECORDS, {"knockoff": SUITE})[("s", "knockoff")]
+
+
+def test_worst_case_per_point_matches_the_hand_table():
+    points = {p.defense: p for p in panel()}
+    expected = {"none": (0.90, "soft", True), "A": (0.89, "hard-label", True),
+                "B": (0.75, "averaging", True), "C": (0.40, "hard-label", True), "D": (0.30, "hard-label", False)}
+    for defense, (worst, attacker, complete) in expected.items():
+        p = points[defense]
+        assert abs(p.worst - worst) < 1e-9 and p.worst_attacker == attacker and p.complete is complete, defense
+    assert points["A"].by_attacker["hard-label"]["same_as_undefended"] is True
+    assert points["B"].by_attacker["hard-label"]["same_as_undefended"] is False
+    assert points["B"].by_attacker["averaging"]["seeds"] == [0, 1]
+    assert abs(points["B"].by_attacker["averaging"]["sd"] - 0.01) < 1e-9
+
+
+def test_the_verdict_deploys_the_lowest_complete_worst_case_within_the_cost():
+    (row,) = verdict({("s", "knockoff"): panel()})
+    # D (0.30) is incomplete, C (0.40) costs 3 points: B at 0.75 wins; none's worst case is 0.90
+    assert row["deploy"] == "B" and abs(row["worst-case clone"] - 0.75) < 1e-9
+    assert row["by attacker"].startswith("averaging") and row["soft clone"] == 0.70
+    assert row["undefended worst case"] == 0.90 and row["defender cost (pts)"] == "0.50"
+    assert row["points pending"] == 1 and row["seeds"] == "0,1"
+    (wide,) = verdict({("s", "knockoff"): panel()}, max_drop=0.05)
+    assert wide["deploy"] == "C"
+
+
+def test_tables_show_the_bound_the_equality_and_the_pending_attacker():
+    rows = {r["defense"]: r for r in worst_case_table(panel())}
+    assert rows["D"]["worst clone"] == "≥ 0.3000" and rows["D"]["averaging"] == "pending"
+    assert rows["A"]["hard-label"].endswith("=undef.") and rows["A"]["recovered vs soft (pts)"] == "+39.0"
+    assert "(2 seeds)" in rows["B"]["averaging"]
+    best = {r["defense"]: r for r in worst_case_best_within(panel())}
+    assert best["A"]["soft@drop≤1"] == 0.50 and best["A"]["worst@drop≤1"] == 0.89
+    assert best["C"]["soft@drop≤1"] == 0.90 and best["C"]["worst@drop≤5"] == 0.40  # none qualifies at ≤ 1
+    assert best["D"]["worst@drop≤1"] == 0.90  # its own point is incomplete: only the origin counts
+
+
+def test_ranking_changes_between_soft_and_worst_case():
+    change = ranking_changes(panel())
+    assert change["soft order"] == ["A", "B", "none"]
+    assert change["worst-case order"] == ["B", "A", "none"]
+    assert change["changed place"] == 2
