@@ -6,7 +6,7 @@ import torch
 from mirage.attacks import CloneSpec, train_clone, training_targets
 from mirage.attacks.clone import recipe
 from mirage.models import ModelCard
-from mirage.training import MAD_RECIPE, fit
+from mirage.models.fit import MAD_RECIPE, fit
 
 
 def test_truncated_rows_are_renormalised_and_zero_rows_become_uniform():

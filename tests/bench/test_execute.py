@@ -2,7 +2,7 @@ import pytest
 
 from mirage.bench.execute import execute_run
 from mirage.bench.runs import RunSpec
-from mirage.training.fit import TrainConfig
+from mirage.models.fit import TrainConfig
 
 
 @pytest.mark.slow

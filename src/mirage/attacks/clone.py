@@ -1,6 +1,6 @@
 """Clone training (SPEC section 4): how the attacker builds and trains F_A on its transfer set.
 
-Recipes on top of :func:`mirage.training.fit`, soft-label cross-entropy by default:
+Recipes on top of :func:`mirage.models.fit.fit`, soft-label cross-entropy by default:
 
 * ``mad``: SGD, lr 0.1, momentum 0.5, wd 5e-4, step decay — the MAD paper's attacker
   (Orekondy et al., ICLR 2020, section 5.1: "SGD (LR=0.1) with momentum (0.5) for 30 epochs").
@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from mirage.models import ImageClassifier, ModelCard, create_model
-from mirage.training.fit import GRAD2_RECIPE, MAD_RECIPE, TrainConfig, fit, soft_cross_entropy
+from mirage.models.fit import GRAD2_RECIPE, MAD_RECIPE, TrainConfig, fit, soft_cross_entropy
 
 RECIPES: dict[str, TrainConfig] = {"mad": MAD_RECIPE, "grad2": GRAD2_RECIPE}
 

@@ -28,7 +28,7 @@ from torch import Tensor
 import mirage
 from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accuracy
 from mirage.attacks import CloneSpec, create_attack
-from mirage.attacks.pools import attack_data, query_pool
+from mirage.attacks.pools import attack_data
 from mirage.bench.angles import angular_deviation
 from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir
 from mirage.bench.defenses import build_defense
@@ -36,7 +36,7 @@ from mirage.bench.runs import RunSpec
 from mirage.data import ImageData, load_dataset
 from mirage.defenses import Defense
 from mirage.models import ModelCard, weights_fingerprint
-from mirage.scenarios import Scenario, get_scenario
+from mirage.scenarios import Scenario, get_scenario, query_pool
 from mirage.training.registry import get_defended_victim, list_training_defenses
 
 log = logging.getLogger(__name__)

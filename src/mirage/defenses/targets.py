@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mirage.defenses.scores import Direction
-from mirage.training.fit import soft_cross_entropy
+from mirage.models.fit import soft_cross_entropy
 
 TargetName = Literal["all-ones", "min-ip", "watermark", "unlearn", "max-norm", "random", "vector"]
 BATCH_DEPENDENT = {"min-ip"}

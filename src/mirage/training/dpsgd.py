@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from mirage.api.evaluate import accuracy
 from mirage.data import load_dataset
 from mirage.models import ImageClassifier, ModelCard, create_model
+from mirage.models.fit import TrainConfig, make_optimizer, make_schedule
 from mirage.progress import progress_bar
 from mirage.scenarios import Scenario
-from mirage.training.fit import TrainConfig, make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
 

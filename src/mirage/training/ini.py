@@ -61,9 +61,9 @@ from mirage.api.evaluate import accuracy
 from mirage.data import load_dataset
 from mirage.data.base import ImageData
 from mirage.models import ImageClassifier, ModelCard, create_model
+from mirage.models.fit import TrainConfig, make_optimizer, make_schedule, soft_cross_entropy
 from mirage.progress import progress_bar
 from mirage.scenarios import Scenario
-from mirage.training.fit import TrainConfig, make_optimizer, make_schedule, soft_cross_entropy
 
 log = logging.getLogger(__name__)
 

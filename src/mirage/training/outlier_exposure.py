@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mirage.training.fit import TrainConfig, fit, random_shift, train_loop
+from mirage.models.fit import TrainConfig, fit, random_shift, train_loop
 
 
 def outlier_exposure_loss(logits_in: Tensor, labels: Tensor, logits_out: Tensor, weight: float) -> Tensor:
