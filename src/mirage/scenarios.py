@@ -78,7 +78,10 @@ class ReferenceSet(BaseModel):
     seed: int = 0
 
 
-def defender_sample(scenario: Scenario, reference: ReferenceSet = ReferenceSet()) -> ImageData:
+DEFAULT_REFERENCE = ReferenceSet()
+
+
+def defender_sample(scenario: Scenario, reference: ReferenceSet = DEFAULT_REFERENCE) -> ImageData:
     """A seeded sample of the defender's own labelled data (the victim's training split)."""
     train = load_dataset(scenario.victim_dataset, scenario.data_root).train
     return train.sample(reference.size, reference.seed)

@@ -114,7 +114,7 @@ def measure_overhead(victim: torch.nn.Module, defense, x: torch.Tensor, *, repea
     ratios = []
     for _ in range(repeats):
         start = time.perf_counter()
-        clean = clean_posteriors(victim, x)
+        clean_posteriors(victim, x)
         forward = time.perf_counter() - start
         start = time.perf_counter()
         defense(x, clean_posteriors(victim, x))

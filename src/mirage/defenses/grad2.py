@@ -73,7 +73,7 @@ class Grad2Params(DefenseParams):
 
 def _check_labelled_set(x: Any, y: Any, prefix: str) -> None:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise ValueError(f"this target needs {prefix}_x and {prefix}_y tensors")
+        raise ValueError(f"this target needs {prefix}_x and {prefix}_y tensors")  # noqa: TRY004 (pydantic)
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or not len(x):
         raise ValueError(f"{prefix}_x must be (M, C, H, W) with M = len({prefix}_y) ≥ 1")
 
