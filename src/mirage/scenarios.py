@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from mirage.data import load_dataset
 from mirage.data.base import ImageData
 from mirage.models.fit import TrainConfig
+from mirage.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def defender_sample(scenario: Scenario, reference: ReferenceSet = DEFAULT_REFERE
 
 def get_scenario(name: str, **overrides) -> Scenario:
     if name not in SCENARIOS:
-        raise KeyError(f"unknown scenario {name!r}; known: {sorted(SCENARIOS)}")
+        raise UnknownNameError("scenario", name, SCENARIOS)
     scenario = SCENARIOS[name]
     return scenario.model_copy(update=overrides) if overrides else scenario
 

@@ -8,6 +8,7 @@ from PIL import Image
 from mirage.data import CorruptDatasetError, DatasetNotFoundError, load_dataset
 from mirage.data.cifar import load_cifar10, load_cifar100
 from mirage.data.folders import load_image_folder
+from mirage.registry import UnknownNameError
 
 
 def test_sklearn_digits_split():
@@ -108,5 +109,5 @@ def test_image_folder_corrupt_image(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(KeyError, match="unknown dataset"):
+    with pytest.raises(UnknownNameError, match="unknown dataset"):
         load_dataset("imagenet")

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from mirage.models import ImageClassifier, ModelCard, create_model
 from mirage.models.fit import GRAD2_RECIPE, MAD_RECIPE, TrainConfig, fit, soft_cross_entropy
+from mirage.registry import UnknownNameError
 
 RECIPES: dict[str, TrainConfig] = {"mad": MAD_RECIPE, "grad2": GRAD2_RECIPE}
 
@@ -66,7 +67,7 @@ def recipe(name_or_config: TrainConfig | str) -> TrainConfig:
     if isinstance(name_or_config, TrainConfig):
         return name_or_config
     if name_or_config not in RECIPES:
-        raise ValueError(f"unknown clone recipe {name_or_config!r}; known: {sorted(RECIPES)}")
+        raise UnknownNameError("clone recipe", name_or_config, RECIPES)
     return RECIPES[name_or_config]
 
 
