@@ -1,4 +1,5 @@
-"""Bounded load test of the defended prediction service on loopback (issue 7, SPEC section 8).
+"""Bounded load test of the defended prediction service on loopback (issue 7, docs/design.md
+§overhead).
 
 For each defense (undefended ``none``, ``mad`` MAD-last if registered, ``grad2`` all-ones with
 the scenario's distilled surrogate; ``--defenses`` to choose) the script starts ``mirage serve``

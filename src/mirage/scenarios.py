@@ -1,8 +1,8 @@
-"""The scenarios that run here on real data (SPEC section 5): a victim, its training recipe and
-the attacker's query pool.
+"""The scenarios that run here on real data (docs/design.md §scenarios): a victim, its training
+recipe and the attacker's query pool.
 
 The data each side brings is a property of the scenario, so its rules live here (below both the
-defender's surrogates and the attacks that query with it; SPEC sections 4 and 5):
+defender's surrogates and the attacks that query with it; docs/design.md §attack-data):
 
 * the query pool (:func:`query_pool`, what Knockoff queries and GRAD²'s distilled surrogate is
   trained on): the scenario's ``pool_dataset`` / ``pool_split``. When the pool is the victim's own

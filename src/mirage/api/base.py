@@ -1,4 +1,5 @@
-"""The prediction-API interface attacks talk to (SPEC section 1), and its accounting."""
+"""The prediction-API interface attacks talk to (docs/design.md §prediction-api), and its
+accounting."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Model-stealing attacks (SPEC section 4). Every attack module here registers itself on import.
+"""Model-stealing attacks (docs/design.md §attacks). Every attack module here registers itself on
+import.
 
 ``create_attack(name, **params)`` builds one; ``list_attacks()`` lists them. ``CloneSpec`` says
 how the clone is built and trained; :mod:`mirage.attacks.countermeasures` lists the switches every

@@ -1,4 +1,5 @@
-"""Clone training (SPEC section 4): how the attacker builds and trains F_A on its transfer set.
+"""Clone training (docs/design.md §clone): how the attacker builds and trains F_A on its transfer
+set.
 
 Recipes on top of :func:`mirage.models.fit.fit`, soft-label cross-entropy by default:
 

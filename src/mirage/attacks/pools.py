@@ -1,4 +1,4 @@
-"""The attacker's own data for a scenario, by attack (SPEC sections 4 and 5).
+"""The attacker's own data for a scenario, by attack (docs/design.md §attack-data).
 
 Pool attacks (Knockoff) query the scenario's :func:`~mirage.scenarios.query_pool`; seed attacks
 (the JBDA family) start from :func:`~mirage.scenarios.seed_source`. The rules of both are the

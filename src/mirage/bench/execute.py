@@ -1,4 +1,5 @@
-"""One run of the protocol (SPEC section 6): victim → defended API → attack → clone → metrics.
+"""One run of the protocol (docs/design.md §protocol): victim → defended API → attack → clone →
+metrics.
 
 A training-time defense (``ini``, ``dpsgd``: :mod:`mirage.training.registry`) named in a sweep
 replaces the victim and serves it undefended at query time; the defender's accuracy cost is then

@@ -1,4 +1,4 @@
-"""The defense interface (SPEC section 1) and the registry every consumer reads.
+"""The defense interface (docs/design.md §defense-contract) and the registry every consumer reads.
 
 A defense maps a batch of clean posteriors to served posteriors: ``defense(x, probs) -> probs``.
 :meth:`Defense.__call__` is final in spirit (foolbox-style): it validates the input, runs the

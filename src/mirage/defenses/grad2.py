@@ -1,5 +1,5 @@
 """GRAD²: gradient redirection (Mazeika et al., "How to Steer Your Adversary: Targeted and
-Efficient Model Stealing Defenses with Gradient Redirection", ICML 2022; SPEC section 2.1).
+Efficient Model Stealing Defenses with Gradient Redirection", ICML 2022; docs/design.md §grad2).
 
 For each scoring batch X (N queries) the defense computes per-class scores
 a_ik = (1/N)⟨∇_θ log p_θ(k|x_i), v⟩ on a surrogate θ (one forward-mode JVP,

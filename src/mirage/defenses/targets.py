@@ -1,6 +1,6 @@
-"""Target directions v of GRAD² (SPEC section 2.1): where in parameter space the defender pushes
-the clone. Each builder returns a dict ``{parameter name: tensor}`` shaped like the surrogate's
-``named_parameters()``.
+"""Target directions v of GRAD² (docs/design.md §grad2-targets): where in parameter space the
+defender pushes the clone. Each builder returns a dict ``{parameter name: tensor}`` shaped like the
+surrogate's ``named_parameters()``.
 
 - ``all-ones``: v = 1, the same fixed direction for every query — perturbations add up over the
   attacker's training (the *coordinated* defense, the default).

@@ -1,6 +1,6 @@
 """DP-SGD victim training (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016) with
-Opacus — the training-time baseline of the MAD paper (Orekondy et al., ICLR 2020, section 6),
-SPEC section 3.
+Opacus — the training-time baseline of the MAD paper (Orekondy et al., ICLR 2020, section 6);
+docs/design.md §dpsgd.
 
 Each step clips every per-sample gradient to L2 norm ``max_grad_norm`` (C), sums them, adds
 Gaussian noise N(0, σ²C²) with σ = ``noise_multiplier`` and averages; batches are Poisson

@@ -1,5 +1,5 @@
 """Victim-side training for Adaptive Misinformation (Kariyappa & Qureshi, "Defending Against Model
-Stealing Attacks with Adaptive Misinformation", CVPR 2020; SPEC section 2.3).
+Stealing Attacks with Adaptive Misinformation", CVPR 2020; docs/design.md §adaptive-misinformation).
 
 - :func:`train_outlier_exposure` — Outlier Exposure (Hendrycks, Mazeika, Dietterich, ICLR 2019,
   eq. 1): cross-entropy on in-distribution data plus λ times the cross-entropy of outlier images

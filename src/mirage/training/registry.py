@@ -1,5 +1,5 @@
-"""Training-time defenses by name (SPEC section 3): the victim itself differs, the query-time
-defense is ``none``. The benchmark sweeps them next to the inference-time defenses::
+"""Training-time defenses by name (docs/design.md §training-defenses): the victim itself differs,
+the query-time defense is ``none``. The benchmark sweeps them next to the inference-time defenses::
 
     model, card, cached = get_defended_victim(get_scenario("fmnist"), "dpsgd", {"noise_multiplier": 1.0})
 

@@ -1,4 +1,4 @@
-"""Defender-side surrogates for GRAD² (SPEC section 2.1, "surrogate improvements").
+"""Defender-side surrogates for GRAD² (docs/design.md §grad2-surrogate).
 
 Kinds:
 - ``distilled``: same architecture as the victim, trained on the victim's clean posteriors over
