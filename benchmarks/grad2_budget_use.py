@@ -26,10 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from mirage.api import clean_posteriors
-from mirage.attacks.pools import query_pool
 from mirage.bench.defenses import build_defense
 from mirage.models import ModelCard
-from mirage.scenarios import Scenario, get_scenario
+from mirage.scenarios import Scenario, get_scenario, query_pool
 from mirage.training.victim import get_victim
 
 log = logging.getLogger("grad2_budget_use")

@@ -26,8 +26,8 @@ from mirage.api import InProcessAPI, accuracy, defended_accuracy
 from mirage.data import load_dataset
 from mirage.defenses import create_defense
 from mirage.models import create_model
+from mirage.models.fit import GRAD2_RECIPE, fit
 from mirage.scenarios import get_scenario
-from mirage.training.fit import GRAD2_RECIPE, fit
 from mirage.training.surrogate import SurrogateConfig, get_surrogate
 from mirage.training.victim import get_victim
 from mirage.verify import verify

@@ -18,35 +18,18 @@ greedy loop runs longer on peaked posteriors, so near-uniform random outputs wou
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import sys
-import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_grad2_original import original_grad2
 
 from mirage.defenses import DEFENSES, create_defense
 from mirage.models import create_model
 
+from _harness import best_of, parser, write_json
+from reference_grad2_original import original_grad2
+
 log = logging.getLogger("grad2_overhead")
 SETTINGS = {10: (1, 28, 28), 100: (3, 32, 32)}
-
-
-def timed(fn, repeats: int) -> float:
-    """Best of ``repeats`` wall times (as ``timeit`` advises: on a shared machine every other
-    statistic mostly measures the neighbours)."""
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
 
 
 @torch.no_grad()
@@ -65,15 +48,10 @@ def calibrate_confidence(victim: torch.nn.Module, x: torch.Tensor, target: float
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
-    parser.add_argument("--classes", type=int, nargs="+", default=[10, 100])
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--epsilon", type=float, default=0.5)
-    parser.add_argument("--top1", type=float, default=0.9, help="victim's mean top-1 probability")
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    arguments = parser(__doc__, repeats=7, batches=[1, 32, 256])
+    arguments.add_argument("--classes", type=int, nargs="+", default=[10, 100])
+    arguments.add_argument("--top1", type=float, default=0.9, help="victim's mean top-1 probability")
+    args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     rows = []
@@ -109,11 +87,11 @@ def main() -> None:
             with torch.no_grad():
                 probs = torch.softmax(victim(x), dim=1)
             agreement = (original_grad2(x, victim, surrogate, v_flat, args.epsilon) - grad2(x, probs)).abs().max()
-            row = {"K": k, "batch": b, "victim_mean_top1": peak, "max_abs_diff_vs_original": float(agreement), "undefended_s": timed(undefended, args.repeats),
-                   "grad2_s": timed(defended, args.repeats),
-                   "original_s": timed(original, max(3, args.repeats // 2))}
+            row = {"K": k, "batch": b, "victim_mean_top1": peak, "max_abs_diff_vs_original": float(agreement), "undefended_s": best_of(undefended, args.repeats),
+                   "grad2_s": best_of(defended, args.repeats),
+                   "original_s": best_of(original, max(3, args.repeats // 2))}
             if mad is not None:
-                row["mad_s"] = timed(lambda mad=mad, defended=defended: defended(mad), max(3, args.repeats // 2))
+                row["mad_s"] = best_of(lambda mad=mad, defended=defended: defended(mad), max(3, args.repeats // 2))
             for key in [name for name in row if name.endswith("_s")]:
                 row[key.replace("_s", "_per_query_ms")] = 1e3 * row[key] / b
             row["grad2_over_undefended"] = row["grad2_s"] / row["undefended_s"]
@@ -125,10 +103,8 @@ def main() -> None:
                      row["grad2_over_undefended"], row["original_per_query_ms"], row["original_over_grad2"],
                      f" | mad {row['mad_over_undefended']:.2f}x" if mad is not None else "")
             rows.append(row)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": args.threads, "epsilon": args.epsilon,
-                                         "torch": torch.__version__, "rows": rows}, indent=2))
+    write_json(args.json, {"threads": args.threads, "epsilon": args.epsilon, "torch": torch.__version__,
+                           "rows": rows}, args)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ them):
   surrogate forward, no backward);
 - MAD-all: victim forward + ``create_defense("mad", layers="all")`` (one forward + one backward
   batched over the K classes, per-layer Gram products);
-- the original method (``reference_mad_original.py``: per query, K ``autograd.grad`` calls and
+- the original method (``tests/oracles/mad_original.py``: per query, K ``autograd.grad`` calls and
   a Python vertex loop) at the batch sizes in ``--reference-batches`` (default 256), against the
   MAD defense call alone (both given the victim's posteriors).
 ``--json PATH`` writes the numbers::
@@ -22,21 +22,18 @@ them):
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import statistics
-import sys
-import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from reference_mad_original import original_mad
-
 from mirage.defenses import create_defense
 from mirage.models import create_model
+
+import _harness
+from _harness import parser, round_robin, write_json
+
+_harness.use_test_oracles()
+from oracles.mad_original import original_mad
 
 log = logging.getLogger("mad_overhead")
 SHAPE = (1, 28, 28)
@@ -44,38 +41,12 @@ TARGETS = {"mad_last_over_undefended": 2.2, "mad_all_over_undefended": 25.0,
            "original_over_mad_last": 20.0, "original_over_mad_all": 5.0}
 
 
-def timed(fns: dict[str, object], repeats: int, inner: int = 1) -> dict[str, float]:
-    """Median seconds per call of each callable, measured round-robin (a block of ``inner`` calls
-    of each per repeat, so caches are warm for the contender being timed and a change in machine
-    load hits every contender alike); also the median per-repeat ratio of each to the first one
-    (``<name>_ratio``)."""
-    for fn in fns.values():
-        fn()  # warm-up
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            times[name].append((time.perf_counter() - start) / inner)
-    first = next(iter(fns))
-    out = {name: statistics.median(t) for name, t in times.items()}
-    out.update({f"{name}_ratio": statistics.median(a / b for a, b in zip(times[name], times[first], strict=True))
-                for name in fns})
-    return out
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", type=int, nargs="+", default=[1, 32, 256])
-    parser.add_argument("--reference-batches", type=int, nargs="*", default=[256])
-    parser.add_argument("--classes", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--reference-repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--epsilon", type=float, default=0.5)
-    parser.add_argument("--json", type=Path, default=None)
-    args = parser.parse_args()
+    arguments = parser(__doc__, repeats=15, batches=[1, 32, 256])
+    arguments.add_argument("--reference-batches", type=int, nargs="*", default=[256])
+    arguments.add_argument("--classes", type=int, default=10)
+    arguments.add_argument("--reference-repeats", type=int, default=3)
+    args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
     k = args.classes
@@ -103,7 +74,7 @@ def main() -> None:
 
         contenders = {"undefended": undefended, "floor": floor}
         contenders.update({f"mad_{layers}": (lambda d=defense: defended(d)) for layers, defense in defenses.items()})
-        result = timed(contenders, args.repeats, inner=max(1, 64 // b))
+        result = round_robin(contenders, args.repeats, inner=max(1, 64 // b))
         row = {"K": k, "batch": b, "undefended_s": result["undefended"], "floor_s": result["floor"],
                "floor_over_undefended": result["floor_ratio"]}
         for layers in defenses:
@@ -115,7 +86,7 @@ def main() -> None:
                 def reference(layers=layers, x=x, probs=probs):
                     return original_mad(surrogate, x, probs, args.epsilon, layers=layers)
 
-                pair = timed({"mad": lambda d=defense, x=x, probs=probs: d(x, probs), "original": reference},
+                pair = round_robin({"mad": lambda d=defense, x=x, probs=probs: d(x, probs), "original": reference},
                              args.reference_repeats)
                 row[f"original_{layers}_s"] = pair["original"]
                 row[f"original_over_mad_{layers}"] = pair["original_ratio"]
@@ -136,10 +107,8 @@ def main() -> None:
             else (check["worst"] >= check["target"])
         log.info("%-28s worst %.2f  target %s%.1f  %s", name, check["worst"],
                  "≤" if name.endswith("undefended") else "≥", check["target"], "met" if check["met"] else "MISSED")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"threads": args.threads, "epsilon": args.epsilon, "torch": torch.__version__,
-                                         "rows": rows, "targets": checks}, indent=2))
+    write_json(args.json, {"threads": args.threads, "epsilon": args.epsilon, "torch": torch.__version__,
+                           "rows": rows, "targets": checks}, args)
 
 
 if __name__ == "__main__":

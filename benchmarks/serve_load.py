@@ -1,4 +1,5 @@
-"""Bounded load test of the defended prediction service on loopback (issue 7, SPEC section 8).
+"""Bounded load test of the defended prediction service on loopback (issue 7, docs/design.md
+§overhead).
 
 For each defense (undefended ``none``, ``mad`` MAD-last if registered, ``grad2`` all-ones with
 the scenario's distilled surrogate; ``--defenses`` to choose) the script starts ``mirage serve``
@@ -13,7 +14,6 @@ and each as a ratio to the undefended server at the same batch size, all from on
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -30,6 +30,8 @@ import numpy as np
 import torch
 
 from mirage.defenses import DEFENSES
+
+from _harness import parser, write_json
 
 log = logging.getLogger("serve_load")
 KEY = "mk_load_test_key"
@@ -125,16 +127,14 @@ def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> dict
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--defenses", nargs="+", default=["none", "mad", "grad2"])
-    parser.add_argument("--epsilon", type=float, default=0.5)
-    parser.add_argument("--concurrency", type=int, default=8)
-    parser.add_argument("--requests", type=int, nargs=2, default=[400, 80], metavar=("B1", "B32"),
-                        help="requests per cell at batch 1 and at batch 32")
-    parser.add_argument("--warmup", type=int, default=16)
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (medians reported)")
-    parser.add_argument("--out", type=Path, default=Path("results/serve/load.json"))
-    args = parser.parse_args()
+    arguments = parser(__doc__, threads=False, output="--out", output_default=Path("results/serve/load.json"))
+    arguments.add_argument("--defenses", nargs="+", default=["none", "mad", "grad2"])
+    arguments.add_argument("--concurrency", type=int, default=8)
+    arguments.add_argument("--requests", type=int, nargs=2, default=[400, 80], metavar=("B1", "B32"),
+                           help="requests per cell at batch 1 and at batch 32")
+    arguments.add_argument("--warmup", type=int, default=16)
+    arguments.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (medians reported)")
+    args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
@@ -197,10 +197,8 @@ def main() -> None:
         print(f"{r['defense']:10} {r['batch']:5d} {r['requests_per_second']:8.1f} {r['images_per_second']:8.1f} "
               f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r.get('throughput_ratio', float('nan')):8.3f} "
               f"{r.get('p50_ratio', float('nan')):8.3f} {r.get('p99_ratio', float('nan')):8.3f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"args": {k: str(v) for k, v in vars(args).items()},
-                                    "skipped": skipped, "torch": torch.__version__, "cells": results,
-                                    "samples": samples}, indent=2))
+    write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "skipped": skipped,
+                          "torch": torch.__version__, "cells": results, "samples": samples}, args)
     log.info("wrote %s", args.out)
 
 

@@ -9,7 +9,7 @@ import torch
 
 from mirage.data import load_dataset
 from mirage.models import create_model
-from mirage.training.fit import TrainConfig, fit
+from mirage.models.fit import TrainConfig, fit
 from mirage.verify import behaviour_statistics, verify
 
 CONFIG = TrainConfig(epochs=2, batch_size=64, lr=0.05, seed=0)

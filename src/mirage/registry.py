@@ -1,18 +1,37 @@
-"""A name → (class, typed parameters) registry, shared by defenses and attacks.
+"""A name → (class, typed parameters) registry, shared by defenses and attacks, and the one
+error every by-name lookup in mirage raises.
 
 Registration is a class decorator; the registry is what the CLI, the benchmark, the server and
-the shared property tests read, so adding an algorithm is one file.
+the shared property tests read, so adding an algorithm is one file (CONTRIBUTING.md).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from pydantic import BaseModel
 
 T = TypeVar("T")
+
+
+class UnknownNameError(KeyError, ValueError):
+    """No entry of this name: raised by every by-name lookup (defenses, attacks, datasets,
+    architectures, scenarios, clone recipes, training-time defenses), listing the known names.
+
+    A ``KeyError`` (a failed lookup) and a ``ValueError`` (a bad argument), so code catching
+    either keeps working."""
+
+    def __init__(self, kind: str, name: object, known: Iterable[str]) -> None:
+        self.kind, self.name, self.known = kind, name, sorted(known)
+        super().__init__(f"unknown {kind} {name!r}; known: {self.known}")
+
+    def __str__(self) -> str:  # KeyError would show the message in quotes
+        return str(self.args[0])
+
+    def __reduce__(self):  # picklable across process-pool and Dask workers
+        return type(self), (self.kind, self.name, self.known)
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,7 @@ class Registry(Generic[T]):
 
     def create(self, name: str, **params: Any) -> T:
         if name not in self.entries:
-            raise KeyError(f"unknown {self.kind} {name!r}; registered: {sorted(self.entries)}")
+            raise UnknownNameError(self.kind, name, self.entries)
         entry = self.entries[name]
         return entry.cls(entry.params(**params))  # type: ignore[call-arg]
 

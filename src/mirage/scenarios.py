@@ -1,14 +1,36 @@
-"""The scenarios that run here on real data (SPEC section 5): a victim, its training recipe and
-the attacker's query pool."""
+"""The scenarios that run here on real data (docs/design.md §scenarios): a victim, its training
+recipe and the attacker's query pool.
+
+The data each side brings is a property of the scenario, so its rules live here (below both the
+defender's surrogates and the attacks that query with it; docs/design.md §attack-data):
+
+* the query pool (:func:`query_pool`, what Knockoff queries and GRAD²'s distilled surrogate is
+  trained on): the scenario's ``pool_dataset`` / ``pool_split``. When the pool is the victim's own
+  dataset (in-distribution attacker, e.g. ``fmnist-id``), its test split is left out even for
+  ``pool_split="all"``: those images are the evaluation set, and querying them would leak it into
+  the transfer set;
+* the seed source (:func:`seed_source`, JBDA family): the victim dataset's *test* images, as in
+  Papernot et al. (the attacker holds a few in-distribution images); an attack samples
+  ``seed_size`` of them. (100 of 10,000 evaluation images overlap the seed set at most.)
+* the defender's own labelled sample (:func:`defender_sample`).
+
+The attacker never uses pool labels, except the adaptive bandit's class groups (as Knockoff does).
+"""
 
 from __future__ import annotations
 
+import logging
 from typing import Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from mirage.data import load_dataset
 from mirage.data.base import ImageData
-from mirage.training.fit import TrainConfig
+from mirage.models.fit import TrainConfig
+from mirage.registry import UnknownNameError
+
+log = logging.getLogger(__name__)
 
 
 class Scenario(BaseModel):
@@ -57,16 +79,38 @@ class ReferenceSet(BaseModel):
     seed: int = 0
 
 
-def defender_sample(scenario: Scenario, reference: ReferenceSet = ReferenceSet()) -> ImageData:
-    """A seeded sample of the defender's own labelled data (the victim's training split)."""
-    from mirage.data import load_dataset
+DEFAULT_REFERENCE = ReferenceSet()
 
+
+def defender_sample(scenario: Scenario, reference: ReferenceSet = DEFAULT_REFERENCE) -> ImageData:
+    """A seeded sample of the defender's own labelled data (the victim's training split)."""
     train = load_dataset(scenario.victim_dataset, scenario.data_root).train
     return train.sample(reference.size, reference.seed)
 
 
 def get_scenario(name: str, **overrides) -> Scenario:
     if name not in SCENARIOS:
-        raise KeyError(f"unknown scenario {name!r}; known: {sorted(SCENARIOS)}")
+        raise UnknownNameError("scenario", name, SCENARIOS)
     scenario = SCENARIOS[name]
     return scenario.model_copy(update=overrides) if overrides else scenario
+
+
+def query_pool(scenario: Scenario) -> ImageData:
+    """The scenario's query pool (images in [0, 1], labels kept only for coarse groups)."""
+    pool = load_dataset(scenario.pool_dataset, scenario.pool_root)
+    same_data = scenario.pool_dataset == scenario.victim_dataset
+    if scenario.pool_split == "train" or (same_data and scenario.pool_split == "all"):
+        if same_data and scenario.pool_split == "all":
+            log.info("pool %s is the victim's dataset: using its training split only", scenario.pool_dataset)
+        return pool.train
+    if scenario.pool_split == "test":
+        if same_data:
+            raise ValueError("the pool cannot be the victim's own test split (it is the evaluation set)")
+        return pool.test
+    return ImageData(torch.cat([pool.train.images, pool.test.images]),
+                     torch.cat([pool.train.labels, pool.test.labels]))
+
+
+def seed_source(scenario: Scenario) -> ImageData:
+    """Where JBDA-style attacks draw their seed set: the victim dataset's test images."""
+    return load_dataset(scenario.victim_dataset, scenario.data_root).test

@@ -1,4 +1,4 @@
-"""Ownership verification for GRAD² watermarks / reprogramming (SPEC section 2.1).
+"""Ownership verification for GRAD² watermarks / reprogramming (docs/design.md §verification).
 
 A defender who served GRAD² answers with the ``watermark`` target steered clones towards a
 behaviour {(x_w, y_w)}. To test a suspect model, compare its behaviour statistic — the mean

@@ -9,7 +9,7 @@ from mirage.attacks import CloneSpec
 from mirage.data import load_dataset
 from mirage.defenses import Defense
 from mirage.models import create_model
-from mirage.training import TrainConfig, fit
+from mirage.models.fit import TrainConfig, fit
 
 FAST = TrainConfig(epochs=1, batch_size=64, lr=0.05)
 

@@ -6,6 +6,7 @@ import torch
 
 from mirage.api import InProcessAPI
 from mirage.attacks import BudgetExhausted, QueryClient, create_attack, list_attacks
+from mirage.registry import UnknownNameError
 
 FAST_PARAMS = {
     "knockoff": {},
@@ -82,7 +83,7 @@ def test_invalid_budget_and_mismatched_data_are_errors(victim, digits, clone_spe
     wrong = type(other)(torch.zeros(4, 1, 28, 28), other.labels)
     with pytest.raises(ValueError, match="shape"):
         attack.run(InProcessAPI(victim), 10, wrong, clone_spec)
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownNameError):
         create_attack("nope")
     with pytest.raises(ValueError):
         create_attack("knockoff", unknown_key=1)

@@ -6,7 +6,8 @@ import torch
 from mirage.attacks import CloneSpec, train_clone, training_targets
 from mirage.attacks.clone import recipe
 from mirage.models import ModelCard
-from mirage.training import MAD_RECIPE, fit
+from mirage.models.fit import MAD_RECIPE, fit
+from mirage.registry import UnknownNameError
 
 
 def test_truncated_rows_are_renormalised_and_zero_rows_become_uniform():
@@ -38,7 +39,7 @@ def test_like_copies_the_victims_architecture_and_recipes_resolve():
     spec = CloneSpec.like(card, training="mad")
     assert spec.architecture == "vgg" and spec.mean == (0.1, 0.2, 0.3) and spec.training == MAD_RECIPE
     assert recipe("grad2").nesterov
-    with pytest.raises(ValueError):
+    with pytest.raises(UnknownNameError):
         recipe("sgd-please")
 
 

@@ -114,7 +114,7 @@ def test_clone_cache_replays_an_exact_transfer_set_and_only_that(tmp_path, digit
         again, stats_again = train_clone(clone_spec, x, y, 10, show_progress=False)
         y2 = y.clone()
         y2[0] = torch.roll(y2[0], 1)
-        other, stats_other = train_clone(clone_spec, x, y2, 10, show_progress=False)
+        _, stats_other = train_clone(clone_spec, x, y2, 10, show_progress=False)
     assert not stats["from_cache"] and stats_again["from_cache"] and not stats_other["from_cache"]
     assert stats["transfer_digest"] == stats_again["transfer_digest"] != stats_other["transfer_digest"]
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):

@@ -11,7 +11,7 @@ from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir, server_
 from mirage.data import ImageData
 from mirage.defenses import create_defense
 from mirage.models import create_model
-from mirage.training.fit import TrainConfig
+from mirage.models.fit import TrainConfig
 
 
 @pytest.fixture

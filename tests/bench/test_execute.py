@@ -2,7 +2,7 @@ import pytest
 
 from mirage.bench.execute import execute_run
 from mirage.bench.runs import RunSpec
-from mirage.training.fit import TrainConfig
+from mirage.models.fit import TrainConfig
 
 
 @pytest.mark.slow
@@ -59,7 +59,7 @@ def test_a_rerun_replays_its_answered_transfer_set_and_gets_the_same_clone(isola
 
 @pytest.mark.slow
 def test_a_run_goes_on_uncached_when_its_server_cannot_be_fingerprinted(isolated_cache, monkeypatch, caplog):
-    import mirage.bench.answers as answers
+    from mirage.bench import answers
 
     def refuse(api):
         raise TypeError("cannot fingerprint a Widget defense parameter")

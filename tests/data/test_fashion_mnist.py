@@ -45,7 +45,7 @@ def test_truncated_idx_is_detected(tmp_path):
 
 def test_bad_magic_and_broken_gzip_are_detected(tmp_path):
     bad = tmp_path / "x.gz"
-    gzip.open(bad, "wb").write(b"\x01\x02\x03\x04rest")
+    bad.write_bytes(gzip.compress(b"\x01\x02\x03\x04rest"))
     with pytest.raises(CorruptDatasetError, match="magic"):
         read_idx(bad)
     broken = tmp_path / "y.gz"

@@ -8,6 +8,7 @@ from PIL import Image
 from mirage.data import CorruptDatasetError, DatasetNotFoundError, load_dataset
 from mirage.data.cifar import load_cifar10, load_cifar100
 from mirage.data.folders import load_image_folder
+from mirage.registry import UnknownNameError
 
 
 def test_sklearn_digits_split():
@@ -23,8 +24,8 @@ def write_cifar10(root, per_batch=4):
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
         batch = {b"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
                  b"labels": rng.integers(0, 10, per_batch).tolist(), b"batch_label": name.encode()}
-        pickle.dump(batch, open(root / name, "wb"))
-    pickle.dump({b"label_names": [f"c{i}".encode() for i in range(10)]}, open(root / "batches.meta", "wb"))
+        (root / name).write_bytes(pickle.dumps(batch))
+    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
     return root
 
 
@@ -33,7 +34,7 @@ def test_cifar10_pickle_layout(tmp_path):
     data = load_cifar10(tmp_path)  # the parent directory works too
     assert data.train.images.shape == (20, 3, 32, 32) and data.test.images.shape == (4, 3, 32, 32)
     assert data.classes[0] == "c0" and data.train.images.max() <= 1
-    raw = pickle.load(open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "rb"), encoding="bytes")
+    raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes(), encoding="bytes")
     first = torch.from_numpy(raw[b"data"][0].reshape(3, 32, 32)).float() / 255
     assert torch.equal(data.train.images[0], first)  # channel-major layout kept
 
@@ -43,10 +44,10 @@ def test_cifar100_pickle_layout(tmp_path):
     root.mkdir()
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 3)):
-        pickle.dump({b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-                     b"fine_labels": rng.integers(0, 100, n).tolist(),
-                     b"coarse_labels": rng.integers(0, 20, n).tolist()}, open(root / split, "wb"))
-    pickle.dump({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}, open(root / "meta", "wb"))
+        (root / split).write_bytes(pickle.dumps({b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+                                                 b"fine_labels": rng.integers(0, 100, n).tolist(),
+                                                 b"coarse_labels": rng.integers(0, 20, n).tolist()}))
+    (root / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
     data = load_cifar100(root)
     assert data.num_classes == 100 and len(data.train) == 6 and len(data.test) == 3
 
@@ -63,7 +64,7 @@ def test_cifar_truncated_and_malicious_pickles(tmp_path):
             return (print, ("pwned",))
 
     write_cifar10(tmp_path / "b" / "cifar-10-batches-py")
-    pickle.dump(Evil(), open(tmp_path / "b" / "cifar-10-batches-py" / "test_batch", "wb"))
+    (tmp_path / "b" / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(Evil()))
     with pytest.raises(CorruptDatasetError, match="refusing"):
         load_cifar10(tmp_path / "b")
 
@@ -108,5 +109,5 @@ def test_image_folder_corrupt_image(tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(KeyError, match="unknown dataset"):
+    with pytest.raises(UnknownNameError, match="unknown dataset"):
         load_dataset("imagenet")

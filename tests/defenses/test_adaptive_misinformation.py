@@ -6,7 +6,7 @@ import torch
 
 from mirage.data import load_dataset
 from mirage.defenses import create_defense
-from mirage.training.fit import TrainConfig
+from mirage.models.fit import TrainConfig
 from mirage.training.outlier_exposure import (
     max_softmax,
     misinformation_loss,

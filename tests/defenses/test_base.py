@@ -12,6 +12,7 @@ from mirage.defenses import (
     register_defense,
 )
 from mirage.defenses.base import strict_top1_kept
+from mirage.registry import UnknownNameError
 
 
 class BudgetParams(DefenseParams):
@@ -59,7 +60,7 @@ def test_strict_top1_treats_ties_as_lost():
 
 def test_registry_validates_parameters():
     assert "none" in DEFENSES
-    with pytest.raises(KeyError, match="unknown defense"):
+    with pytest.raises(UnknownNameError, match="unknown defense"):
         create_defense("does-not-exist")
     with pytest.raises(ValidationError):
         create_defense("none", epsilon=0.3)  # unknown keys are refused

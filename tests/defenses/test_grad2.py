@@ -9,7 +9,13 @@ from pydantic import ValidationError
 
 from mirage.defenses import DEFENSES, create_defense, redirect
 from mirage.defenses.base import strict_top1_kept
-from mirage.defenses.targets import all_ones, log_likelihood_gradient, random_direction, unlearn, watermark
+from mirage.defenses.targets import (
+    all_ones,
+    log_likelihood_gradient,
+    random_direction,
+    unlearn,
+    watermark,
+)
 from mirage.models import create_model
 
 K = 10

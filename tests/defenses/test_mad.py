@@ -1,10 +1,8 @@
 """MAD and MAD-argmax against the faithful per-sample reference of the official code
-(``benchmarks/reference_mad_original.py``: K ``autograd.grad`` calls per query) and against
+(``tests/oracles/mad_original.py``: K ``autograd.grad`` calls per query) and against
 closed forms and brute force built here."""
 
 import itertools
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,12 +13,7 @@ from mirage.defenses import create_defense
 from mirage.defenses.mad import candidate_objective, distance
 from mirage.models import create_model
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
-from reference_mad_original import (
-    jacobian_nll,
-    objective,
-    original_mad,
-)
+from oracles.mad_original import jacobian_nll, objective, original_mad
 
 
 def model64(arch: str, k: int, seed: int, shape=(1, 8, 8)) -> torch.nn.Module:

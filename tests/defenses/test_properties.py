@@ -1,5 +1,6 @@
-"""One property suite over every registered defense (SPEC section 1): simplex (sub-simplex when
-truncating), budget, top-1 when promised, determinism, and clear errors for invalid input."""
+"""One property suite over every registered defense (docs/design.md §defense-contract): simplex
+(sub-simplex when truncating), budget, top-1 when promised, determinism, and clear errors for
+invalid input."""
 
 import pytest
 import torch

@@ -12,6 +12,7 @@ from mirage.models import (
     save_checkpoint,
     weights_fingerprint,
 )
+from mirage.registry import UnknownNameError
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
@@ -32,7 +33,7 @@ def test_normalisation_is_inside_the_model():
 
 
 def test_unknown_architecture_and_bad_shapes():
-    with pytest.raises(KeyError):
+    with pytest.raises(UnknownNameError):
         create_model("alexnet", (1, 28, 28), 10, [0.5], [0.5])
     with pytest.raises(ValueError):
         create_model("lenet", (28, 28), 10, [0.5], [0.5])

@@ -1,5 +1,5 @@
-"""DP-SGD victims (SPEC section 3): ε recorded from the accountant, monotone in the noise, the
-checkpoint is a plain mirage model, and the registry caches it."""
+"""DP-SGD victims (docs/design.md §dpsgd): ε recorded from the accountant, monotone in the noise,
+the checkpoint is a plain mirage model, and the registry caches it."""
 
 import math
 

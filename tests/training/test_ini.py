@@ -1,5 +1,6 @@
-"""InI (SPEC section 3): each loss term against an independent computation, PCGrad on constructed
-gradients, and a tiny end-to-end run on scikit-learn digits through the registry cache."""
+"""InI (docs/design.md §ini): each loss term against an independent computation, PCGrad on
+constructed gradients, and a tiny end-to-end run on scikit-learn digits through the registry
+cache."""
 
 import math
 

@@ -1,7 +1,7 @@
 import torch
 
+from mirage.models.fit import TrainConfig, fit, random_shift, soft_cross_entropy
 from mirage.scenarios import get_scenario
-from mirage.training.fit import TrainConfig, fit, random_shift, soft_cross_entropy
 from mirage.training.victim import get_victim, victim_dir
 
 TINY = TrainConfig(epochs=3, batch_size=64, lr=0.05, seed=3)

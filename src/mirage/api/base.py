@@ -1,4 +1,5 @@
-"""The prediction-API interface attacks talk to (SPEC section 1), and its accounting."""
+"""The prediction-API interface attacks talk to (docs/design.md §prediction-api), and its
+accounting."""
 
 from __future__ import annotations
 
@@ -69,7 +70,7 @@ class QueryLedger:
 def check_images(x: Tensor, input_shape: tuple[int, ...], *, max_batch: int | None = None) -> None:
     """Raise ``ValueError`` unless x is a non-empty float (B, *input_shape) batch in [0, 1]."""
     if not isinstance(x, Tensor):
-        raise ValueError(f"queries must be a torch.Tensor, got {type(x).__name__}")
+        raise ValueError(f"queries must be a torch.Tensor, got {type(x).__name__}")  # noqa: TRY004
     if x.ndim != 1 + len(input_shape) or tuple(x.shape[1:]) != tuple(input_shape):
         raise ValueError(f"queries must have shape (B, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}")
     if x.shape[0] == 0:

@@ -1,4 +1,5 @@
-"""Model-stealing attacks (SPEC section 4). Every attack module here registers itself on import.
+"""Model-stealing attacks (docs/design.md §attacks). Every attack module here registers itself on
+import.
 
 ``create_attack(name, **params)`` builds one; ``list_attacks()`` lists them. ``CloneSpec`` says
 how the clone is built and trained; :mod:`mirage.attacks.countermeasures` lists the switches every
@@ -24,7 +25,12 @@ from mirage.attacks.base import (
     register_attack,
 )
 from mirage.attacks.clone import CloneSpec, train_clone, training_targets
-from mirage.attacks.countermeasures import ATTACKER_SUITE, Countermeasures, RestorerConfig, variant_params
+from mirage.attacks.countermeasures import (
+    ATTACKER_SUITE,
+    Countermeasures,
+    RestorerConfig,
+    variant_params,
+)
 
 _NOT_ATTACKS = {"base", "clone", "countermeasures", "art", "pools", "restorer"}
 for _module in pkgutil.iter_modules(__path__):
@@ -32,7 +38,21 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "ATTACKER_SUITE", "RestorerConfig", "variant_params", "ATTACKS", "Attack", "AttackParams", "AttackResult", "BudgetExhausted", "CloneSpec",
-    "Countermeasures", "QueryClient", "StolenModel", "create_attack", "list_attacks",
-    "register_attack", "train_clone", "training_targets",
+    "ATTACKER_SUITE",
+    "ATTACKS",
+    "Attack",
+    "AttackParams",
+    "AttackResult",
+    "BudgetExhausted",
+    "CloneSpec",
+    "Countermeasures",
+    "QueryClient",
+    "RestorerConfig",
+    "StolenModel",
+    "create_attack",
+    "list_attacks",
+    "register_attack",
+    "train_clone",
+    "training_targets",
+    "variant_params",
 ]

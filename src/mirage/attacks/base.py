@@ -1,4 +1,4 @@
-"""The attack interface (SPEC sections 1 and 4) and the registry every consumer reads.
+"""The attack interface (docs/design.md §attack-contract) and the registry every consumer reads.
 
 An attack talks only to a :class:`~mirage.api.PredictionAPI`, spends at most an exact query
 budget, and returns the trained clone with a record of what it spent::
@@ -37,8 +37,8 @@ from mirage.api.base import PredictionAPI
 from mirage.attacks.clone import CloneSpec, train_clone
 from mirage.attacks.countermeasures import Countermeasures, apply_countermeasures, variant_params
 from mirage.data.base import ImageData
+from mirage.models.fit import random_shift
 from mirage.registry import Registry
-from mirage.training.fit import random_shift
 
 
 class AttackParams(Countermeasures):
@@ -179,7 +179,7 @@ class StolenModel:
 
 
 class Attack(abc.ABC):
-    """Base class of all model-stealing attacks (SPEC section 4)."""
+    """Base class of all model-stealing attacks (docs/design.md §attack-contract)."""
 
     name: ClassVar[str] = ""
     params_type: ClassVar[type[AttackParams]] = AttackParams

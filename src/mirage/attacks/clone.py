@@ -1,6 +1,7 @@
-"""Clone training (SPEC section 4): how the attacker builds and trains F_A on its transfer set.
+"""Clone training (docs/design.md §clone): how the attacker builds and trains F_A on its transfer
+set.
 
-Recipes on top of :func:`mirage.training.fit`, soft-label cross-entropy by default:
+Recipes on top of :func:`mirage.models.fit.fit`, soft-label cross-entropy by default:
 
 * ``mad``: SGD, lr 0.1, momentum 0.5, wd 5e-4, step decay — the MAD paper's attacker
   (Orekondy et al., ICLR 2020, section 5.1: "SGD (LR=0.1) with momentum (0.5) for 30 epochs").
@@ -52,7 +53,8 @@ from torch import Tensor, nn
 
 import mirage
 from mirage.models import ImageClassifier, ModelCard, create_model, tensor_digest
-from mirage.training.fit import GRAD2_RECIPE, MAD_RECIPE, TrainConfig, fit, soft_cross_entropy
+from mirage.models.fit import GRAD2_RECIPE, MAD_RECIPE, TrainConfig, fit, soft_cross_entropy
+from mirage.registry import UnknownNameError
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +96,7 @@ def recipe(name_or_config: TrainConfig | str) -> TrainConfig:
     if isinstance(name_or_config, TrainConfig):
         return name_or_config
     if name_or_config not in RECIPES:
-        raise ValueError(f"unknown clone recipe {name_or_config!r}; known: {sorted(RECIPES)}")
+        raise UnknownNameError("clone recipe", name_or_config, RECIPES)
     return RECIPES[name_or_config]
 
 
@@ -141,7 +143,7 @@ def _training_code() -> str:
     """Digest of the source that builds and trains a clone (a fixed bug invalidates the cache)."""
     root = Path(mirage.__file__).parent
     digest = hashlib.sha256(mirage.__version__.encode())
-    for path in [*sorted((root / "models").rglob("*.py")), root / "training" / "fit.py", Path(__file__)]:
+    for path in [*sorted((root / "models").rglob("*.py")), Path(__file__)]:
         digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
     return digest.hexdigest()
 

@@ -3,7 +3,7 @@ JB-self / JB-top-k variants (Juuti et al., PRADA, EuroS&P 2019), as configured i
 (Orekondy et al., ICLR 2020, appendix C): seed set of 100, λ = 0.1, τ = 5.
 
 The substitute set starts as ``seed_size`` of the attacker's images, answered by the API. Each
-round ρ retrains a fresh clone F_A on the set D_ρ, then augments it (SPEC section 4):
+round ρ retrains a fresh clone F_A on the set D_ρ, then augments it (docs/design.md §jbda):
 
 * ``jbda``:    x' = x + λ_ρ · sign(∇_x CE(F_A(x), argmax ỹ(x)))   (the API's label)
 * ``jb-self``: x' = x + λ_ρ · sign(∇_x CE(F_A(x), argmax F_A(x)))  (the clone's own label)

@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from mirage.attacks.clone import CloneSpec, train_clone, training_targets
 from mirage.attacks.countermeasures import RestorerConfig
 from mirage.defenses import DEFENSES, Defense, create_defense
-from mirage.training.fit import GRAD2_RECIPE, TrainConfig, fit, soft_cross_entropy
+from mirage.models.fit import GRAD2_RECIPE, TrainConfig, fit, soft_cross_entropy
 from mirage.training.outlier_exposure import train_misinformation
 
 log = logging.getLogger(__name__)

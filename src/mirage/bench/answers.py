@@ -80,9 +80,9 @@ def _describe(value: Any) -> Any:
     raise TypeError(f"cannot fingerprint a {type(value).__name__} defense parameter")
 
 
-ANSWERING_PACKAGES = ("api", "defenses", "models", "training")
-"""The mirage packages whose source turns a query into an answer: serving, defenses, networks,
-and the losses GRAD²'s targets use."""
+ANSWERING_PACKAGES = ("api", "defenses", "models")
+"""The mirage packages whose source turns a query into an answer: serving, defenses, networks
+and the losses GRAD²'s targets use (:mod:`mirage.models.fit`)."""
 
 
 @cache

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from mirage.training.fit import TrainConfig
+from mirage.models.fit import TrainConfig
 
 PROFILES_DIR = Path(__file__).parent / "profiles"
 

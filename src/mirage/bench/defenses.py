@@ -43,7 +43,10 @@ def surrogate_resolver(default_kind: str | None) -> Resolver:
 def misinformation_resolver(params: dict[str, Any], scenario: Scenario, victim: nn.Module,
                             card: ModelCard) -> dict[str, Any]:
     """Adaptive misinformation: supply the cached OE detector and misinformation model."""
-    from mirage.training.misinformation_models import MisinformationConfig, get_misinformation_models
+    from mirage.training.misinformation_models import (
+        MisinformationConfig,
+        get_misinformation_models,
+    )
 
     config = MisinformationConfig(**params.pop("models_config", {}))
     if "oe_model" not in params or "misinformation_model" not in params:

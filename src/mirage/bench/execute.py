@@ -1,4 +1,5 @@
-"""One run of the protocol (SPEC section 6): victim → defended API → attack → clone → metrics.
+"""One run of the protocol (docs/design.md §protocol): victim → defended API → attack → clone →
+metrics.
 
 A training-time defense (``ini``, ``dpsgd``: :mod:`mirage.training.registry`) named in a sweep
 replaces the victim and serves it undefended at query time; the defender's accuracy cost is then
@@ -32,7 +33,7 @@ import mirage
 from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accuracy
 from mirage.attacks import CloneSpec, create_attack
 from mirage.attacks.clone import clone_cache
-from mirage.attacks.pools import attack_data, query_pool
+from mirage.attacks.pools import attack_data
 from mirage.attacks.restorer import public_params
 from mirage.bench.angles import angular_deviation
 from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir
@@ -42,7 +43,7 @@ from mirage.data import ImageData, load_dataset
 from mirage.defenses import Defense
 from mirage.models import ModelCard, weights_fingerprint
 from mirage.paths import clones_dir
-from mirage.scenarios import Scenario, get_scenario
+from mirage.scenarios import Scenario, get_scenario, query_pool
 from mirage.training.registry import get_defended_victim, list_training_defenses
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def measure_overhead(victim: torch.nn.Module, defense, x: torch.Tensor, *, repea
     ratios = []
     for _ in range(repeats):
         start = time.perf_counter()
-        clean = clean_posteriors(victim, x)
+        clean_posteriors(victim, x)
         forward = time.perf_counter() - start
         start = time.perf_counter()
         defense(x, clean_posteriors(victim, x))

@@ -6,10 +6,10 @@ runs finish (in completion order), so the sweep can record each result the momen
 
 from __future__ import annotations
 
-from concurrent import futures
 import multiprocessing
 import os
 from collections.abc import Callable, Iterator, Sequence
+from concurrent import futures
 from typing import Any
 
 import torch

@@ -9,7 +9,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from mirage.bench.config import SweepConfig
-from mirage.training.fit import TrainConfig
+from mirage.models.fit import TrainConfig
 
 
 class RunSpec(BaseModel):

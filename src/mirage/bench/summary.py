@@ -1,4 +1,4 @@
-"""Turn run records into the protocol's summaries (SPEC section 6): per-defense trade-off curves,
+"""Turn run records into the protocol's summaries (docs/design.md §summaries): per-defense trade-off curves,
 clone accuracy interpolated at fixed defender-accuracy drops and at fixed effective L1, the
 reference clones, and the per-query overhead.
 

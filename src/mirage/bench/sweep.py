@@ -8,9 +8,9 @@ import json
 import logging
 import os
 import time
-from datetime import datetime, timezone
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +178,7 @@ def _execute(pending: list[RunSpec], store: ResultStore, runner: Callable[[RunSp
     start = time.perf_counter()
     with progress_bar(title, total=len(pending), enabled=show_progress) as advance:
         for spec, result in stream:
-            finished = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            finished = datetime.now(UTC).isoformat(timespec="seconds")
             store.append({"run_id": spec.run_id, **spec.model_dump(mode="json"), **result, "finished": finished})
             log.info("done %s -> clone %.4f", spec.describe(), result.get("clone_accuracy", float("nan")))
             advance(1, elapsed=time.perf_counter() - start)

@@ -114,7 +114,7 @@ def status(config: ProfileOption = "quick", results: ResultsOption = None,
     table = Table("sweep", "done", "left", "ETA")
     eta = "–" if state.eta_seconds is None else f"{state.eta_seconds / workers / 60:.0f} min"
     table.add_row(cfg.name, str(state.done), str(len(state.pending)), eta)
-    Console(width=max(console.width, 200)).print(table)  # whole rows, also when piped to a log
+    console.print(table)
 
 
 @bench.command("report")

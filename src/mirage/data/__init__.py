@@ -16,6 +16,7 @@ from mirage.data.fashion_mnist import load_fashion_mnist
 from mirage.data.folders import load_image_folder
 from mirage.data.mnist_digits import load_mnist_digits
 from mirage.data.sklearn_digits import load_sklearn_digits
+from mirage.registry import UnknownNameError
 
 DATASETS: dict[str, Callable[..., DatasetSplits]] = {
     "fmnist": load_fashion_mnist,
@@ -32,7 +33,7 @@ _CACHE: dict[tuple[str, str | None], DatasetSplits] = {}
 def load_dataset(name: str, root: str | Path | None = None, **kwargs) -> DatasetSplits:
     """Load a registered dataset; results are memoised per process (datasets are immutable)."""
     if name not in DATASETS:
-        raise KeyError(f"unknown dataset {name!r}; known: {sorted(DATASETS)}")
+        raise UnknownNameError("dataset", name, DATASETS)
     key = (name, str(root) if root is not None else None)
     if kwargs:
         return DATASETS[name](Path(root) if root is not None else None, **kwargs)

@@ -78,7 +78,7 @@ def load_image_folder(
         test_mask = torch.zeros(len(full), dtype=torch.bool)
         for label in range(len(classes)):
             members = torch.nonzero(full.labels == label).flatten()
-            n_test = int(round(test_fraction * len(members)))
+            n_test = round(test_fraction * len(members))
             test_mask[members[torch.randperm(len(members), generator=generator)[:n_test]]] = True
         train, test = full.subset(~test_mask), full.subset(test_mask)
     mean, std = channel_stats(train.images)

@@ -1,4 +1,5 @@
-"""Per-sample Gram matrices of the surrogate's log-likelihood Jacobian, for MAD (SPEC 2.2).
+"""Per-sample Gram matrices of the surrogate's log-likelihood Jacobian, for MAD (docs/design.md
+§mad).
 
 MAD's objective only ever needs inner products of columns Gᵀa, where G (K×D) is the Jacobian
 ∂ log p_S(k|x)/∂w of one query. With M = G Gᵀ (K×K, per query):

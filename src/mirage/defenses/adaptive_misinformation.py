@@ -1,5 +1,5 @@
 """Adaptive Misinformation (Kariyappa & Qureshi, "Defending Against Model Stealing Attacks with
-Adaptive Misinformation", CVPR 2020, eq. 4–5; SPEC section 2.3).
+Adaptive Misinformation", CVPR 2020, eq. 4–5; docs/design.md §adaptive-misinformation).
 
 Queries that look out-of-distribution — typical of model-stealing query sets — get answers mixed
 with those of a misinformation model F̂ (trained on −log(1 − p_y), so it avoids the true class):

@@ -1,4 +1,4 @@
-"""The defense interface (SPEC section 1) and the registry every consumer reads.
+"""The defense interface (docs/design.md §defense-contract) and the registry every consumer reads.
 
 A defense maps a batch of clean posteriors to served posteriors: ``defense(x, probs) -> probs``.
 :meth:`Defense.__call__` is final in spirit (foolbox-style): it validates the input, runs the
@@ -50,7 +50,7 @@ def check_probs(probs: Tensor, num_classes: int | None = None, *, name: str = "p
                 atol: float = INPUT_ATOL) -> None:
     """Raise ``ValueError`` unless ``probs`` is a non-empty (B, K) float batch of simplex rows."""
     if not isinstance(probs, Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(probs).__name__}")
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(probs).__name__}")  # noqa: TRY004
     if probs.ndim != 2:
         raise ValueError(f"{name} must have shape (B, K), got {tuple(probs.shape)}")
     if probs.shape[0] == 0 or probs.shape[1] < 2:

@@ -1,5 +1,5 @@
 """GRAD²: gradient redirection (Mazeika et al., "How to Steer Your Adversary: Targeted and
-Efficient Model Stealing Defenses with Gradient Redirection", ICML 2022; SPEC section 2.1).
+Efficient Model Stealing Defenses with Gradient Redirection", ICML 2022; docs/design.md §grad2).
 
 For each scoring batch X (N queries) the defense computes per-class scores
 a_ik = (1/N)⟨∇_θ log p_θ(k|x_i), v⟩ on a surrogate θ (one forward-mode JVP,
@@ -73,7 +73,7 @@ class Grad2Params(DefenseParams):
 
 def _check_labelled_set(x: Any, y: Any, prefix: str) -> None:
     if not isinstance(x, Tensor) or not isinstance(y, Tensor):
-        raise ValueError(f"this target needs {prefix}_x and {prefix}_y tensors")
+        raise ValueError(f"this target needs {prefix}_x and {prefix}_y tensors")  # noqa: TRY004 (pydantic)
     if x.ndim != 4 or y.ndim != 1 or len(x) != len(y) or not len(x):
         raise ValueError(f"{prefix}_x must be (M, C, H, W) with M = len({prefix}_y) ≥ 1")
 

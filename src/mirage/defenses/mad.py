@@ -1,5 +1,5 @@
 """MAD — Maximizing Angular Deviation (Orekondy, Schiele, Fritz, "Prediction Poisoning: Towards
-Defenses Against DNN Model Stealing Attacks", ICLR 2020; SPEC section 2.2).
+Defenses Against DNN Model Stealing Attacks", ICLR 2020; docs/design.md §mad).
 
 With G = ∂ log p_S(·|x)/∂w (K×D) of a surrogate F_S, MAD serves the answer whose gradient
 direction deviates most from the clean one (paper eq. 4–6):

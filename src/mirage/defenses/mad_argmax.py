@@ -1,5 +1,5 @@
-"""MAD-argmax (Orekondy et al., ICLR 2020, section 4.1 "MAD-argmax"; SPEC section 2.2): MAD whose
-candidates y* keep the clean top-1 label, so defender accuracy is unchanged.
+"""MAD-argmax (Orekondy et al., ICLR 2020, section 4.1 "MAD-argmax"; docs/design.md §mad-argmax):
+MAD whose candidates y* keep the clean top-1 label, so defender accuracy is unchanged.
 
 Candidates are uniform distributions over a class subset S ∋ t = argmax y, with t up-weighted by
 ``top1_margin`` (as the official code, 1e-5) so that t stays the strict maximum:

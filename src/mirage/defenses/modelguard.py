@@ -1,5 +1,5 @@
 """ModelGuard-W (Tang et al., "ModelGuard: Information-Theoretic Defense Against Model Extraction
-Attacks", USENIX Security 2024), the weighted/cross-entropy variant as specified in SPEC 2.3:
+Attacks", USENIX Security 2024), the weighted/cross-entropy variant (docs/design.md §modelguard):
 serve the answer that carries the least information about the clean one within the budget,
 
     maximise  CE(ỹ, y) = −Σ_k ỹ_k log y_k   over  Δ_K ∩ {‖ỹ − y‖₁ ≤ ε},

@@ -1,4 +1,4 @@
-"""Random-noise baselines (SPEC section 2.3), both within an L1 budget ε.
+"""Random-noise baselines (docs/design.md §random-noise), both within an L1 budget ε.
 
 * ``mode="shift"``: move ε/2 of mass onto one uniformly drawn non-argmax class, taking it from
   the most probable classes first (the largest random change the budget allows).

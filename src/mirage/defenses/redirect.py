@@ -1,4 +1,4 @@
-"""The exact redirection step shared by GRAD², ModelGuard-W and friends (SPEC section 1).
+"""The exact redirection step shared by GRAD², ModelGuard-W and friends (docs/design.md §redirect).
 
 For every row, solve the linear program
 

@@ -1,4 +1,4 @@
-"""Per-class redirection scores of GRAD² (Mazeika et al., ICML 2022; SPEC section 2.1).
+"""Per-class redirection scores of GRAD² (Mazeika et al., ICML 2022; docs/design.md §grad2-scores).
 
 The attacker's update on a batch X of N queries answered with ỹ is
 ``g(ỹ) = ∇_θ (1/N) Σ_i Σ_k ỹ_ik log p_θ(k|x_i)``, linear in ỹ, so for a target direction v

@@ -1,6 +1,6 @@
-"""Target directions v of GRAD² (SPEC section 2.1): where in parameter space the defender pushes
-the clone. Each builder returns a dict ``{parameter name: tensor}`` shaped like the surrogate's
-``named_parameters()``.
+"""Target directions v of GRAD² (docs/design.md §grad2-targets): where in parameter space the
+defender pushes the clone. Each builder returns a dict ``{parameter name: tensor}`` shaped like the
+surrogate's ``named_parameters()``.
 
 - ``all-ones``: v = 1, the same fixed direction for every query — perturbations add up over the
   attacker's training (the *coordinated* defense, the default).
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from mirage.defenses.scores import Direction
-from mirage.training.fit import soft_cross_entropy
+from mirage.models.fit import soft_cross_entropy
 
 TargetName = Literal["all-ones", "min-ip", "watermark", "unlearn", "max-norm", "random", "vector"]
 BATCH_DEPENDENT = {"min-ip"}

@@ -16,6 +16,7 @@ from mirage.models.checkpoints import (
 from mirage.models.lenet import LeNet
 from mirage.models.resnet import ResNet
 from mirage.models.vgg import CompactVGG
+from mirage.registry import UnknownNameError
 
 MODELS: dict[str, type[ImageClassifier]] = {"lenet": LeNet, "vgg": CompactVGG, "resnet": ResNet}
 
@@ -23,7 +24,7 @@ MODELS: dict[str, type[ImageClassifier]] = {"lenet": LeNet, "vgg": CompactVGG, "
 def create_model(name: str, input_shape: Sequence[int], num_classes: int,
                  mean: Sequence[float], std: Sequence[float], **kwargs) -> ImageClassifier:
     if name not in MODELS:
-        raise KeyError(f"unknown architecture {name!r}; known: {sorted(MODELS)}")
+        raise UnknownNameError("architecture", name, MODELS)
     return MODELS[name](tuple(input_shape), num_classes, tuple(mean), tuple(std), **kwargs)
 
 

@@ -1,4 +1,4 @@
-"""The defended prediction service (SPEC section 7) and its HTTP client.
+"""The defended prediction service (docs/design.md §service) and its HTTP client.
 
 ``create_app(load_config("serve.toml"))`` builds the FastAPI app; ``mirage serve --config FILE``
 runs it under uvicorn; :class:`HTTPPredictionAPI` lets every attack query it.

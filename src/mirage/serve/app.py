@@ -1,4 +1,4 @@
-"""The defended prediction service (SPEC section 7): load → predict → defend → audit.
+"""The defended prediction service (docs/design.md §service): load → predict → defend → audit.
 
 Endpoints (Open Inference Protocol V2, JSON):
 

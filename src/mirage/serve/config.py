@@ -1,4 +1,5 @@
-"""The service's configuration file (SPEC section 7): model, defense, limits, storage, clients.
+"""The service's configuration file (docs/design.md §service): model, defense, limits, storage,
+clients.
 
 One TOML or JSON file; relative paths are resolved against the file's directory. API keys are
 stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and its digest)::

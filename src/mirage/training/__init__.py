@@ -1,5 +1,5 @@
-"""Training: the shared fit loop, victims (and later surrogates, InI, DP-SGD)."""
+"""Training: victims, defender-side surrogates and detectors, training-time defenses (InI, DP-SGD).
 
-from mirage.training.fit import GRAD2_RECIPE, MAD_RECIPE, TrainConfig, fit, soft_cross_entropy
-
-__all__ = ["GRAD2_RECIPE", "MAD_RECIPE", "TrainConfig", "fit", "soft_cross_entropy"]
+The generic fit loop, :class:`~mirage.models.fit.TrainConfig` and the recipes live one layer
+down, in :mod:`mirage.models.fit`.
+"""

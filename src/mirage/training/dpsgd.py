@@ -1,6 +1,6 @@
 """DP-SGD victim training (Abadi et al., "Deep Learning with Differential Privacy", CCS 2016) with
-Opacus — the training-time baseline of the MAD paper (Orekondy et al., ICLR 2020, section 6),
-SPEC section 3.
+Opacus — the training-time baseline of the MAD paper (Orekondy et al., ICLR 2020, section 6);
+docs/design.md §dpsgd.
 
 Each step clips every per-sample gradient to L2 norm ``max_grad_norm`` (C), sums them, adds
 Gaussian noise N(0, σ²C²) with σ = ``noise_multiplier`` and averages; batches are Poisson
@@ -25,9 +25,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from mirage.api.evaluate import accuracy
 from mirage.data import load_dataset
 from mirage.models import ImageClassifier, ModelCard, create_model
+from mirage.models.fit import TrainConfig, make_optimizer, make_schedule
 from mirage.progress import progress_bar
 from mirage.scenarios import Scenario
-from mirage.training.fit import TrainConfig, make_optimizer, make_schedule
 
 log = logging.getLogger(__name__)
 

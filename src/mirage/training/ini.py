@@ -1,5 +1,5 @@
-"""InI — Isolation and Induction (Guo et al., "Isolation and Induction: Training Robust Deep
-Neural Networks against Model Stealing Attacks", ACM MM 2023, arXiv:2308.00958), SPEC section 3.
+"""InI — Isolation and Induction (Guo et al., "Isolation and Induction: Training Robust Deep Neural
+Networks against Model Stealing Attacks", ACM MM 2023, arXiv:2308.00958); docs/design.md §ini.
 
 The victim V (parameters θ_V) is trained jointly against a student clone S (parameters θ_S) on
 in-distribution data D_in = {(x, y)} and attacker-like out-of-distribution data D_ood = {x̃}::
@@ -16,8 +16,8 @@ whose distillation gradient points away from the true-label gradient in distribu
 small out of distribution. The CE-gradient in the cosine is a constant (as in the official code).
 Per query the defended model is an ordinary network: zero inference cost.
 
-Where mirage follows SPEC and where the official code (github.com/DIG-Beihang/
-InI-Model-Stealing-Defense, ``src/defenses/ini/ini.py`` and ``src/run.sh``) differs:
+Where mirage (docs/design.md §ini) and the official code (github.com/DIG-Beihang/
+InI-Model-Stealing-Defense, ``src/defenses/ini/ini.py`` and ``src/run.sh``) differ:
 
 * **Weights.** Defaults are the official run script's: β = 0, γ = 0.3, δ = 1, ε_g = 1000,
   PCGrad on. ε_g = 1000 pairs with the official gradient "norm", the *mean absolute* entry of
@@ -26,7 +26,7 @@ InI-Model-Stealing-Defense, ``src/defenses/ini/ini.py`` and ``src/run.sh``) diff
   centres both sides' log-probabilities (S's raw logits carry an arbitrary shift that the
   official form penalises); ``kl`` = KL(V‖S) is the alternative.
 * **Student.** The official loop never updates S (``train_S`` is commented out; S is the random
-  init or a loaded checkpoint). SPEC asks for a student that imitates V *as an attacker would*:
+  init or a loaded checkpoint). mirage wants a student that imitates V *as an attacker would*:
   after every victim step S takes ``student_steps`` SGD steps of soft-label cross-entropy to V's
   posteriors on D_ood batches (0 = the official frozen student).
 * **PCGrad** (Yu et al., NeurIPS 2020): per-term victim gradients, each projected off the others
@@ -61,9 +61,9 @@ from mirage.api.evaluate import accuracy
 from mirage.data import load_dataset
 from mirage.data.base import ImageData
 from mirage.models import ImageClassifier, ModelCard, create_model
+from mirage.models.fit import TrainConfig, make_optimizer, make_schedule, soft_cross_entropy
 from mirage.progress import progress_bar
 from mirage.scenarios import Scenario
-from mirage.training.fit import TrainConfig, make_optimizer, make_schedule, soft_cross_entropy
 
 log = logging.getLogger(__name__)
 

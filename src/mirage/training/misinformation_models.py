@@ -22,8 +22,8 @@ from mirage.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from mirage.models.fit import TrainConfig
 from mirage.scenarios import Scenario
-from mirage.training.fit import TrainConfig
 from mirage.training.victim import config_key
 
 

@@ -1,5 +1,5 @@
 """Victim-side training for Adaptive Misinformation (Kariyappa & Qureshi, "Defending Against Model
-Stealing Attacks with Adaptive Misinformation", CVPR 2020; SPEC section 2.3).
+Stealing Attacks with Adaptive Misinformation", CVPR 2020; docs/design.md §adaptive-misinformation).
 
 - :func:`train_outlier_exposure` — Outlier Exposure (Hendrycks, Mazeika, Dietterich, ICLR 2019,
   eq. 1): cross-entropy on in-distribution data plus λ times the cross-entropy of outlier images
@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from mirage.training.fit import TrainConfig, fit, random_shift, train_loop
+from mirage.models.fit import TrainConfig, fit, random_shift, train_loop
 
 
 def outlier_exposure_loss(logits_in: Tensor, labels: Tensor, logits_out: Tensor, weight: float) -> Tensor:

@@ -1,5 +1,5 @@
-"""Training-time defenses by name (SPEC section 3): the victim itself differs, the query-time
-defense is ``none``. The benchmark sweeps them next to the inference-time defenses::
+"""Training-time defenses by name (docs/design.md §training-defenses): the victim itself differs,
+the query-time defense is ``none``. The benchmark sweeps them next to the inference-time defenses::
 
     model, card, cached = get_defended_victim(get_scenario("fmnist"), "dpsgd", {"noise_multiplier": 1.0})
 
@@ -27,6 +27,7 @@ from mirage.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from mirage.registry import UnknownNameError
 from mirage.scenarios import Scenario
 from mirage.training.dpsgd import DpsgdConfig, train_dpsgd_victim
 from mirage.training.ini import IniConfig, train_ini_victim
@@ -61,9 +62,11 @@ def list_training_defenses() -> list[str]:
 
 
 def resolve_config(method: str, params: BaseModel | dict[str, Any] | None = None) -> BaseModel:
-    """Validate ``params`` for ``method``; unknown methods or keys raise ``ValueError``."""
+    """Validate ``params`` for ``method``; an unknown method raises
+    :class:`~mirage.registry.UnknownNameError`, unknown keys a pydantic ``ValidationError`` (both
+    ``ValueError``)."""
     if method not in TRAINING_DEFENSES:
-        raise ValueError(f"unknown training-time defense {method!r}; known: {list_training_defenses()}")
+        raise UnknownNameError("training-time defense", method, TRAINING_DEFENSES)
     entry = TRAINING_DEFENSES[method]
     if isinstance(params, entry.params):
         return params

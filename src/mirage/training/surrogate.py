@@ -1,4 +1,4 @@
-"""Defender-side surrogates for GRAD² (SPEC section 2.1, "surrogate improvements").
+"""Defender-side surrogates for GRAD² (docs/design.md §grad2-surrogate).
 
 Kinds:
 - ``distilled``: same architecture as the victim, trained on the victim's clean posteriors over
@@ -28,14 +28,14 @@ from mirage import paths
 from mirage.api import accuracy, clean_posteriors
 from mirage.data import load_dataset
 from mirage.models import ModelCard, create_model, has_checkpoint, load_checkpoint, save_checkpoint
-from mirage.scenarios import Scenario
-from mirage.training.fit import (
+from mirage.models.fit import (
     TrainConfig,
     make_optimizer,
     make_schedule,
     random_shift,
     soft_cross_entropy,
 )
+from mirage.scenarios import Scenario, query_pool
 from mirage.training.victim import config_key
 
 log = logging.getLogger(__name__)
@@ -93,7 +93,7 @@ def train_early_stopped(model: nn.Module, images: Tensor, targets: Tensor, confi
 
 
 def surrogate_dir(scenario: Scenario, config: SurrogateConfig, victim_card: ModelCard) -> Path:
-    # "pool": distillation data = attacks.pools.query_pool (before, in-distribution scenarios
+    # "pool": distillation data = scenarios.query_pool (before, in-distribution scenarios
     # also distilled on the victim's test split); a new value retires surrogates cached before.
     key = config_key("surrogate", {"scenario": scenario.model_dump(), "config": config.model_dump(),
                                    "victim_created": victim_card.created, "pool": "query_pool"})
@@ -113,8 +113,6 @@ def train_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCar
         snapshots, seconds = [{k: v.detach().clone() for k, v in model.state_dict().items()}], 0.0
     else:
         if config.kind == "distilled":
-            from mirage.attacks.pools import query_pool  # the attacker-side module owns the pool rules
-
             images = query_pool(scenario).images  # never the victim's test split (the evaluation set)
             if config.num_queries is not None:
                 pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.training.seed))

@@ -20,8 +20,8 @@ from mirage.models import (
     load_checkpoint,
     save_checkpoint,
 )
+from mirage.models.fit import TrainConfig, fit
 from mirage.scenarios import Scenario
-from mirage.training.fit import TrainConfig, fit
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,16 @@
 """Supervised training shared by victims, surrogates and clones.
 
 Targets are either integer labels (B,) or probability rows (B, K); both use the soft-label
-cross-entropy ``−Σ_k t_k log p_θ(k|x)`` (hard labels as one-hot). Recipes follow SPEC section 4:
-MAD-style SGD (lr 0.1, momentum 0.5) or GRAD²-style Nesterov (momentum 0.9, wd 5e-4, cosine).
+cross-entropy ``−Σ_k t_k log p_θ(k|x)`` (hard labels as one-hot). Recipes (docs/design.md
+§clone): MAD-style SGD (lr 0.1, momentum 0.5) or GRAD²-style Nesterov (momentum 0.9, wd 5e-4,
+cosine).
+
+Why here, in ``mirage.models``: this is how *a model* is fitted to (images, targets) pairs, and it
+needs nothing but torch and :mod:`mirage.progress`. Everything above uses it — a scenario names
+its victim's :class:`TrainConfig`, GRAD²'s targets use :func:`soft_cross_entropy`, the attacker's
+clone uses the recipes and :func:`fit`, :mod:`mirage.training` builds victims and surrogates on
+:func:`train_loop` — so it has to sit below all of them, and ``models`` is the lowest layer that
+is about models at all.
 """
 
 from __future__ import annotations
