@@ -68,6 +68,19 @@ def public_params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in SECRET_PARAMS}
 
 
+def tell_restorer(attack_params: dict[str, Any], defense: str, defense_params: dict[str, Any]
+                  ) -> dict[str, Any]:
+    """``attack_params`` with what a Kerckhoffs attacker knows filled in: a ``restorer`` that
+    names no defense is told ``defense`` and its public parameters (never its secrets)."""
+    params = dict(attack_params)
+    restorer = params.get("restorer")
+    if isinstance(restorer, RestorerConfig):
+        restorer = restorer.model_dump()
+    if restorer is not None and restorer.get("defense") is None:
+        params["restorer"] = {**restorer, "defense": defense, "defense_params": public_params(defense_params)}
+    return params
+
+
 def attacker_defense(name: str, params: dict[str, Any], shadow: nn.Module, surrogate: nn.Module,
                      images: Tensor, labels: Tensor, *, seed: int,
                      fresh_model: Callable[[], nn.Module] | None = None) -> Defense:

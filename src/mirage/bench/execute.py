@@ -34,7 +34,7 @@ from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accura
 from mirage.attacks import CloneSpec, create_attack
 from mirage.attacks.clone import clone_cache
 from mirage.attacks.pools import attack_data
-from mirage.attacks.restorer import public_params
+from mirage.attacks.restorer import tell_restorer
 from mirage.bench.angles import angular_deviation
 from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir
 from mirage.bench.defenses import build_defense
@@ -198,13 +198,8 @@ def probe_metrics(plain: torch.nn.Module, victim: torch.nn.Module, defense: Defe
 def attacker_knowledge(spec: RunSpec) -> dict[str, Any]:
     """The run's attack parameters, with what a Kerckhoffs attacker knows filled in: the
     restorer is told the query-time defense's name and public parameters (never its secrets)."""
-    params = dict(spec.attack_params)
-    restorer = params.get("restorer")
-    if restorer is not None and restorer.get("defense") is None:
-        _, (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
-        params["restorer"] = {**restorer, "defense": query_defense,
-                              "defense_params": public_params(query_params)}
-    return params
+    _, (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
+    return tell_restorer(spec.attack_params, query_defense, query_params)
 
 
 def execute_run(spec: RunSpec) -> dict[str, Any]:

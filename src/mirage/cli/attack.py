@@ -42,13 +42,17 @@ def attack(
     recipe_name: Annotated[str, typer.Option("--recipe", help="clone recipe: mad or grad2")] = "grad2",
     seed: Annotated[int, typer.Option(help="attack seed")] = 0,
     eval_size: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
+    variant: Annotated[str | None, typer.Option(
+        help="an attacker of the suite: soft, hard-label, averaging, restorer, noise-robust "
+             "(the restorer is told the defense's name and public parameters)")] = None,
 ) -> None:
     """Run one attack against a scenario's victim behind a defense; print clone accuracy, defender
     accuracy, effective L1 and queries spent."""
     from mirage.api import InProcessAPI, accuracy, defended_accuracy
-    from mirage.attacks import CloneSpec, create_attack
+    from mirage.attacks import CloneSpec, create_attack, variant_params
     from mirage.attacks.clone import recipe
     from mirage.attacks.pools import attack_data
+    from mirage.attacks.restorer import tell_restorer
     from mirage.bench.defenses import build_defense
     from mirage.data import load_dataset
     from mirage.scenarios import get_scenario
@@ -65,7 +69,10 @@ def attack(
     try:
         # surrogates (GRAD²: distilled, cached) and detectors are resolved as in the benchmark
         served = build_defense(defense, defense_params, chosen, victim, card)
-        stealer = create_attack(attack_name, **parse_params(attack_param))
+        attack_params = parse_params(attack_param)
+        if variant is not None:
+            attack_params = {**variant_params(variant), **attack_params}
+        stealer = create_attack(attack_name, **tell_restorer(attack_params, defense, defense_params))
         training = recipe(recipe_name).model_copy(update={"epochs": epochs})
     except (KeyError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
@@ -99,3 +106,9 @@ def attacks() -> None:
         table.add_row(name, fields, entry.summary)
     console.print(table)
     console.print("every attack also takes the countermeasures: " + ", ".join(sorted(shared)))
+    from mirage.attacks import ATTACKER_SUITE
+
+    suite = Table("variant (--variant)", "switches", title="the attacker suite a defense is judged by")
+    for name, switches in ATTACKER_SUITE.items():
+        suite.add_row(name, ", ".join(f"{k}={v!r}" for k, v in switches.items()) or "–")
+    console.print(suite)
