@@ -14,6 +14,10 @@ class QueryBudgetExceeded(RuntimeError):
     """The request would take the client past its query budget; nothing was answered or spent."""
 
 
+class QueryRefused(RuntimeError):
+    """The API refuses this client (e.g. its query stream raised a detector's alarm)."""
+
+
 @runtime_checkable
 class PredictionAPI(Protocol):
     """What an attacker sees: images in, (possibly perturbed) probability rows out."""

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import time
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from mirage.api.base import QueryBudgetExceeded, QueryLedger, check_images
+from mirage.api.base import QueryBudgetExceeded, QueryLedger, QueryRefused, check_images
+from mirage.api.detection import PradaDetector
 from mirage.defenses.base import Defense
 
 
@@ -33,10 +35,22 @@ class InProcessAPI:
         query_budget: maximum number of images answered in total; a request that would exceed it
             raises :class:`QueryBudgetExceeded` and spends nothing.
         batch_size: requests are answered in chunks of this many images (the defense sees chunks).
+        detector: a :class:`~mirage.api.detection.PradaDetector` watching this API's stream as
+            client ``client`` (several APIs may share one detector, one client each).
+        on_alarm: once the detector has alarmed for this client: ``"flag"`` (answer as before;
+            :attr:`alarmed` says so), ``"refuse"`` (raise :class:`QueryRefused`, nothing spent)
+            or ``"switch"`` (answer with ``alarm_defense`` from then on).
     """
 
     def __init__(self, model: nn.Module, defense: Defense | None = None, *,
-                 query_budget: int | None = None, batch_size: int = 256) -> None:
+                 query_budget: int | None = None, batch_size: int = 256,
+                 detector: PradaDetector | None = None, client: str = "default",
+                 on_alarm: Literal["flag", "refuse", "switch"] = "flag",
+                 alarm_defense: Defense | None = None) -> None:
+        if on_alarm == "switch" and alarm_defense is None:
+            raise ValueError("on_alarm='switch' needs alarm_defense")
+        self.detector, self.client, self.on_alarm = detector, client, on_alarm
+        self.alarm_defense = alarm_defense
         if query_budget is not None and query_budget < 0:
             raise ValueError("query_budget must be non-negative")
         self.model = model.eval()
@@ -59,19 +73,29 @@ class InProcessAPI:
     def queries_left(self) -> int | None:
         return None if self._budget is None else self._budget - self.ledger.queries
 
+    @property
+    def alarmed(self) -> bool:
+        """Whether the detector has raised an alarm for this API's client."""
+        return self.detector is not None and self.detector.state(self.client).alarmed
+
     def query(self, x: Tensor) -> Tensor:
         check_images(x, self.input_shape)
         if self._budget is not None and self.ledger.queries + x.shape[0] > self._budget:
             raise QueryBudgetExceeded(
                 f"request of {x.shape[0]} queries exceeds the remaining budget of {self.queries_left}")
+        if self.alarmed and self.on_alarm == "refuse":
+            raise QueryRefused(f"client {self.client!r} is refused: its query stream raised an alarm")
         answers = []
         for chunk in x.split(self.batch_size):
             start = time.perf_counter()
             clean = clean_posteriors(self.model, chunk)
             mid = time.perf_counter()
-            served = clean if self.defense is None else self.defense(chunk, clean)
+            defense = self.alarm_defense if self.alarmed and self.on_alarm == "switch" else self.defense
+            served = clean if defense is None else defense(chunk, clean)
             self.ledger.model_seconds += mid - start
             self.ledger.defense_seconds += time.perf_counter() - mid
             self.ledger.record(clean, served)
             answers.append(served.detach().cpu())
+            if self.detector is not None:
+                self.detector.observe(self.client, chunk, clean.argmax(1))
         return torch.cat(answers)
