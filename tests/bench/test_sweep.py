@@ -184,3 +184,45 @@ def test_a_record_gives_back_its_spec_and_a_store_can_be_rewritten(tmp_path, sma
     store.rewrite([{**record, "clone_accuracy": 0.25}])
     assert store.read() == [{**record, "clone_accuracy": 0.25}]
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def _suite_config(small_config):
+    from mirage.bench.config import SweepConfig
+
+    raw = small_config.model_dump()
+    raw["attacks"] = [{"name": "knockoff", "budget": 100, "variants": ["soft", "hard-label"]}]
+    return SweepConfig.model_validate(raw)
+
+
+def test_variants_expand_into_labelled_attacks_with_stable_ids(small_config):
+    suite = _suite_config(small_config)
+    runs = expand(suite)
+    assert {r.attack_label for r in runs} == {"knockoff/soft", "knockoff/hard-label"}
+    assert all(r.attack_family == "knockoff" for r in runs)
+    hard = next(r for r in runs if r.attacker == "hard-label")
+    assert hard.attack_params == {"hard_labels": True}
+    # the soft attacker of the suite is the plain attack of the small config: the same run ids
+    plain = {r.run_id for r in expand(small_config) if r.attack_label == "knockoff"}
+    assert plain == {r.run_id for r in runs if r.attacker == "soft"}
+    assert RunFilter(attacks=frozenset({"knockoff"}))(hard)  # a family matches its variants
+    with pytest.raises(ValueError, match="unknown attacker variants"):
+        from mirage.bench.config import AttackSpec
+
+        AttackSpec(name="knockoff", budget=10, variants=["telepathy"])
+
+
+def test_import_copies_identical_runs_relabelled_and_only_once(tmp_path, small_config):
+    from mirage.bench.sweep import import_records
+
+    source = ResultStore(tmp_path / "old.jsonl")
+    run_sweep(small_config, source.path, runner=fake_run, executor="inline", show_progress=False)
+    suite = _suite_config(small_config)
+    target = ResultStore(tmp_path / "new.jsonl")
+    only_soft = RunFilter(attacks=frozenset({"knockoff/soft"}))
+    assert import_records(suite, source, target, only_soft) == 8  # (none + 3 points) × 2 seeds
+    assert import_records(suite, source, target) == 0  # hard-label runs differ (params), none twice
+    records = target.read()
+    assert {r["attack_label"] for r in records} == {"knockoff/soft"}
+    assert all(r["attacker"] == "soft" and r["imported_from"].endswith("old.jsonl") for r in records)
+    status = sweep_status(suite, target)
+    assert status.done == 8 and len(status.pending) == 8

@@ -97,7 +97,8 @@ def render_markdown(title: str, sections: list[Section]) -> str:
 STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
          "line-height:1.4}table{border-collapse:collapse;font-size:12px;margin:.6em 0}"
          "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}"
-         "th{background:#f3f3f3}.scroll{overflow-x:auto;max-width:100%}img{max-width:100%}"
+         "th{background:#f3f3f3;white-space:normal}td:first-child{white-space:normal;text-align:left;"
+         "max-width:22em}.scroll{overflow-x:auto;max-width:100%}img{max-width:100%}"
          "section.verdict{border:2px solid #2a6;padding:0 1em;border-radius:6px;margin:1em 0}"
          ".warning{color:#a40}")
 

@@ -304,7 +304,7 @@ def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
     undefended API's, so is the clone). A worst case still missing attackers reads ``≥ x``."""
     rows = []
     for p in sorted(points, key=lambda q: (q.defense != "none", q.worst if q.complete else 2.0)):
-        row: dict[str, Any] = {"defense": p.defense, "params": p.params,
+        row: dict[str, Any] = {"defense": p.defense if p.params == "–" else f"{p.defense} ({p.params})",
                                "defender drop (pts)": f"{100 * p.drop:.2f}",
                                "soft clone": p.soft,
                                "worst clone": f"{p.worst:.4f}" if p.complete else f"≥ {p.worst:.4f}",

@@ -78,13 +78,14 @@ class RunFilter:
                 and (not self.seeds or run.seed in self.seeds))
 
 
-def import_records(config: SweepConfig, source: ResultStore, target: ResultStore) -> int:
+def import_records(config: SweepConfig, source: ResultStore, target: ResultStore,
+                   only: RunFilter | None = None) -> int:
     """Copy into ``target`` the records of ``source`` that are runs of ``config`` (same run id:
     the same scenario, defense point, attack parameters, budget, seed and clone recipe) and that
     ``target`` lacks, relabelled as ``config`` names them and marked ``imported_from``; returns
     how many. The soft-label attacker of a suite is the plain attack of an earlier sweep: its run
-    is not repeated."""
-    runs = {run.run_id: run for run in expand(config)}
+    is not repeated. ``only`` restricts it to matching runs."""
+    runs = {run.run_id: run for run in expand(config) if only is None or only(run)}
     have = target.done_ids()
     count = 0
     for record in source.read():

@@ -89,15 +89,22 @@ def print_verdict(cfg, path: Path) -> None:
 
 @bench.command("import")
 def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="results JSONL of an earlier sweep")],
-            results: ResultsOption = None) -> None:
+            results: ResultsOption = None,
+            attack: Annotated[list[str] | None, typer.Option(help="only these attack labels (repeatable)")] = None,
+            ) -> None:
     """Copy the runs of an earlier sweep that are runs of this one (same run id) into its results."""
     from mirage.bench.config import load_config
     from mirage.bench.results import ResultStore
-    from mirage.bench.sweep import import_records
+    from mirage.bench.sweep import RunFilter, import_records
 
     cfg = load_config(config)
     path = _results_path(cfg.name, results)
-    count = import_records(cfg, ResultStore(source), ResultStore(path))
+    only = RunFilter(attacks=frozenset(attack or ()))
+    try:
+        only.validate(cfg)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    count = import_records(cfg, ResultStore(source), ResultStore(path), only)
     console.print(f"imported {count} runs from {source} into {path}")
 
 
