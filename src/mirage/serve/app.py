@@ -18,6 +18,7 @@ turned into a JSON ``{"error", "reason"}`` response by the one handler in :func:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import math
@@ -147,9 +148,8 @@ class DefenseFactory:
                 value = getattr(defense.params, name)
                 params[name] = value if isinstance(value, (str, int, float, bool, type(None))) else (
                     f"<{type(value).__name__}>")
-        return {"name": self.config.name, "params": params,
-                "epsilon": None if defense is None else defense.epsilon,
-                "keeps_top1": False if defense is None else defense.keeps_top1,
+        contract = create_defense("none").contract if defense is None else defense.contract
+        return {"name": self.config.name, "params": params, "contract": dataclasses.asdict(contract),
                 "per_client": self.config.per_client, "seed_per_client": self.config.seed_per_client}
 
 
