@@ -37,7 +37,6 @@ from mirage.attacks.pools import attack_data
 from mirage.attacks.restorer import public_params
 from mirage.bench.angles import angular_deviation
 from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir
-from mirage.bench.defenses import build_defense
 from mirage.bench.runs import RunSpec
 from mirage.data import ImageData, load_dataset
 from mirage.defenses import Defense
@@ -45,6 +44,7 @@ from mirage.models import ModelCard, weights_fingerprint
 from mirage.paths import clones_dir
 from mirage.scenarios import Scenario, get_scenario, query_pool
 from mirage.training.registry import get_defended_victim, list_training_defenses
+from mirage.training.resolve import DefenseSpec, resolve_defense
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,7 @@ def _defender_metrics(key: ScenarioKey, defense: str, params_json: str, eval_siz
     (method, method_params), (query_defense, query_params) = split_defense(defense, json.loads(params_json))
     victim, card = _victim(key, method, method_params)
     scenario = _scenario(key)
-    built = build_defense(query_defense, query_params, scenario, victim, card)
+    built = resolve_defense(DefenseSpec.from_params(query_defense, query_params), scenario, victim, card)
     data = _eval_data(scenario, eval_size)
     result = defended_accuracy(victim, built, data)
     if method == "none":
@@ -167,7 +167,8 @@ def prepare_run(spec: RunSpec) -> tuple[torch.nn.Module, ModelCard, Defense]:
     key = (spec.scenario, spec.victim_epochs)
     (method, method_params), (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
     victim, card = _victim(key, method, method_params)
-    return victim, card, build_defense(query_defense, query_params, _scenario(key), victim, card)
+    return victim, card, resolve_defense(DefenseSpec.from_params(query_defense, query_params), _scenario(key),
+                                         victim, card)
 
 
 def probe_images(scenario: Scenario, seed: int) -> Tensor:

@@ -43,46 +43,49 @@ def attack(
     seed: Annotated[int, typer.Option(help="attack seed")] = 0,
     eval_size: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
 ) -> None:
-    """Run one attack against a scenario's victim behind a defense; print clone accuracy, defender
-    accuracy, effective L1 and queries spent."""
+    """Run one attack against a scenario's victim behind a defense (query-time, or a training-time
+    victim); print clone accuracy, defender accuracy, effective L1 and queries spent."""
     from mirage.api import InProcessAPI, accuracy, defended_accuracy
     from mirage.attacks import CloneSpec, create_attack
     from mirage.attacks.clone import recipe
     from mirage.attacks.pools import attack_data
-    from mirage.bench.defenses import build_defense
     from mirage.data import load_dataset
     from mirage.scenarios import get_scenario
-    from mirage.training.victim import get_victim
+    from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims
 
     chosen = get_scenario(scenario)
-    victim, card, _ = get_victim(chosen)
     test = load_dataset(chosen.victim_dataset, chosen.data_root).test
     if eval_size is not None:
         test = test.subset(slice(0, eval_size))
     defense_params = parse_params(param)
     if epsilon is not None:
         defense_params["epsilon"] = epsilon
-    try:
-        # surrogates (GRAD²: distilled, cached) and detectors are resolved as in the benchmark
-        served = build_defense(defense, defense_params, chosen, victim, card)
+    try:  # the same declarative parts as a sweep's: surrogate = "distilled", reference, watermark, ...
+        spec = DefenseSpec.from_params(defense, defense_params)
         stealer = create_attack(attack_name, **parse_params(attack_param))
         training = recipe(recipe_name).model_copy(update={"epochs": epochs})
     except (KeyError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
-    api = InProcessAPI(victim, served)
-    result = stealer.run(api, budget, attack_data(chosen, attack_name),
-                         CloneSpec.like(card, training=training), seed=seed)
-    utility = defended_accuracy(victim, served, test)
-    table = Table("quantity", "value", title=f"{attack_name} vs {served!r} on {chosen.name}")
-    table.add_row("clone accuracy", f"{accuracy(result.clone, test):.4f}")
-    table.add_row("victim accuracy (clean)", f"{utility.clean_accuracy:.4f}")
-    table.add_row("defender accuracy", f"{utility.defended_accuracy:.4f}")
-    l1 = "unknown" if result.effective_l1 is None else f"{result.effective_l1:.4f}"
-    table.add_row("effective L1 (attacker's queries)", l1)
-    table.add_row("effective L1 (test set)", f"{utility.effective_l1:.4f}")
-    table.add_row("queries spent / budget", f"{result.queries} / {result.budget}")
-    table.add_row("transfer set size", str(result.transfer_size))
-    table.add_row("attack wall time", f"{result.wall_seconds:.1f}s")
+    victims = resolve_victims(spec, chosen, show_progress=True)
+    served = resolve_defense(spec, chosen, victims.served, victims.card)
+    result = stealer.run(InProcessAPI(victims.served, served), budget, attack_data(chosen, attack_name),
+                         CloneSpec.like(victims.card, training=training), seed=seed)
+    utility = defended_accuracy(victims.served, served, test)
+    rows = {
+        "clone accuracy": f"{accuracy(result.clone, test):.4f}",
+        "victim accuracy (clean)": f"{accuracy(victims.plain, test):.4f}",
+        "defender accuracy": f"{utility.defended_accuracy:.4f}",
+        "effective L1 (attacker's queries)": "unknown" if result.effective_l1 is None else f"{result.effective_l1:.4f}",
+        "effective L1 (test set)": f"{utility.effective_l1:.4f}",
+        "queries spent / budget": f"{result.queries} / {result.budget}",
+        "transfer set size": str(result.transfer_size),
+        "attack wall time": f"{result.wall_seconds:.1f}s",
+    }
+    if victims.training_time:  # its ledger compares the served victim with itself
+        del rows["effective L1 (attacker's queries)"], rows["effective L1 (test set)"]
+    table = Table("quantity", "value", title=f"{attack_name} vs {spec.name} {served!r} on {chosen.name}")
+    for name, value in rows.items():
+        table.add_row(name, value)
     console.print(table)
 
 

@@ -52,16 +52,19 @@ def verify_command(
     size: Annotated[int, typer.Option(help="number of behaviour images (first of the train split)")] = 20,
     alpha: Annotated[float, typer.Option()] = 0.01,
 ) -> None:
-    """Test a suspect model for a GRAD² watermark behaviour against clean models (p-value)."""
-    import torch
-
+    """Test a suspect model for a GRAD² watermark behaviour against clean models (p-value). The
+    behaviour is the one a defense spec's ``watermark = {source_class, target_class, size}`` serves."""
     from mirage.data import load_dataset
     from mirage.models import load_checkpoint
+    from mirage.scenarios import WatermarkSet, behaviour_set
     from mirage.verify import verify
 
-    data = load_dataset(dataset)
-    x_w = data.train.images[data.train.labels == source_class][:size]
-    y_w = torch.full((len(x_w),), target_class, dtype=torch.int64)
+    try:
+        watermark = WatermarkSet(source_class=source_class, target_class=target_class, size=size)
+        behaviour = behaviour_set(load_dataset(dataset), watermark)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    x_w, y_w = behaviour.images, behaviour.labels
     result = verify(load_checkpoint(suspect)[0], [load_checkpoint(c)[0] for c in clean], x_w, y_w, alpha=alpha)
     verdict = "[bold red]watermarked[/]" if result.watermarked else "[bold green]not watermarked[/]"
     console.print(f"behaviour: {len(x_w)} {dataset} images of class {source_class} -> {target_class}")
