@@ -126,6 +126,9 @@ def test_the_restorer_is_told_the_defense_and_its_public_parameters_only(isolate
                                  "surrogate_config": {"stop_epoch": 2}}, {"restorer": {"pairs": 100}})
     told = attacker_knowledge(spec)["restorer"]
     assert told == {"pairs": 100, "defense": "grad2", "defense_params": {"epsilon": 0.5, "target": "all-ones"}}
+    watermark = _digits_run("grad2", {"target": "watermark", "watermark": {"source_class": 3, "target_class": 5}},
+                            {"restorer": {}})
+    assert attacker_knowledge(watermark)["restorer"]["defense_params"] == {"target": "watermark"}
     training_time = _digits_run("dpsgd", {"noise_multiplier": 1.0}, {"restorer": {}})
     assert attacker_knowledge(training_time)["restorer"]["defense"] == "none"
     result = execute_run(_digits_run("random_noise", {"epsilon": 1.0},

@@ -196,13 +196,14 @@ def probe_metrics(victims: Victims, defense: Defense, fresh_clone: torch.nn.Modu
 
 def attacker_knowledge(spec: RunSpec) -> dict[str, Any]:
     """The run's attack parameters, with what a Kerckhoffs attacker knows filled in: the
-    restorer is told the query-time defense's name and public parameters (never its secrets)."""
+    restorer is told the query-time defense's name and public parameters (never its secrets,
+    and never its parts, such as a watermark set: docs/design.md §defense-spec)."""
     params = dict(spec.attack_params)
     restorer = params.get("restorer")
     if restorer is not None and restorer.get("defense") is None:
         _, (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
-        params["restorer"] = {**restorer, "defense": query_defense,
-                              "defense_params": public_params(query_params)}
+        plain_params = DefenseSpec.from_params(query_defense, query_params).params  # without its parts
+        params["restorer"] = {**restorer, "defense": query_defense, "defense_params": public_params(plain_params)}
     return params
 
 
