@@ -71,22 +71,24 @@ def attack(
     result = stealer.run(InProcessAPI(victims.served, served), budget, attack_data(chosen, attack_name),
                          CloneSpec.like(victims.card, training=training), seed=seed)
     utility = defended_accuracy(victims.served, served, test)
-    rows = {
-        "clone accuracy": f"{accuracy(result.clone, test):.4f}",
-        "victim accuracy (clean)": f"{accuracy(victims.plain, test):.4f}",
-        "defender accuracy": f"{utility.defended_accuracy:.4f}",
-        "effective L1 (attacker's queries)": "unknown" if result.effective_l1 is None else f"{result.effective_l1:.4f}",
-        "effective L1 (test set)": f"{utility.effective_l1:.4f}",
-        "queries spent / budget": f"{result.queries} / {result.budget}",
-        "transfer set size": str(result.transfer_size),
-        "attack wall time": f"{result.wall_seconds:.1f}s",
-    }
-    if victims.training_time:  # its ledger compares the served victim with itself
-        del rows["effective L1 (attacker's queries)"], rows["effective L1 (test set)"]
     table = Table("quantity", "value", title=f"{attack_name} vs {spec.name} {served!r} on {chosen.name}")
-    for name, value in rows.items():
+    for name, value in _rows(result, utility, accuracy(result.clone, test), accuracy(victims.plain, test),
+                             victims.training_time):
         table.add_row(name, value)
     console.print(table)
+
+
+def _rows(result, utility, clone_accuracy: float, victim_accuracy: float, training_time: bool
+          ) -> list[tuple[str, str]]:
+    """The report of ``mirage attack``; no L1 for a training-time defense, whose ledger compares
+    the served victim with itself."""
+    l1 = "unknown" if result.effective_l1 is None else f"{result.effective_l1:.4f}"
+    return [("clone accuracy", f"{clone_accuracy:.4f}"), ("victim accuracy (clean)", f"{victim_accuracy:.4f}"),
+            ("defender accuracy", f"{utility.defended_accuracy:.4f}"),
+            *([] if training_time else [("effective L1 (attacker's queries)", l1),
+                                        ("effective L1 (test set)", f"{utility.effective_l1:.4f}")]),
+            ("queries spent / budget", f"{result.queries} / {result.budget}"),
+            ("transfer set size", str(result.transfer_size)), ("attack wall time", f"{result.wall_seconds:.1f}s")]
 
 
 @app.command("attacks")

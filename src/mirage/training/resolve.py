@@ -62,9 +62,12 @@ from mirage.training.victim import get_victim
 SurrogateKind = Literal["distilled", "random", "defender"]
 Checkpoints = Path | list[Path]
 
-PART_KEYS = ("surrogate", "surrogate_config", "reference", "watermark", "models_config", "oe_model",
-             "misinformation_model")
-"""Parameters that name a part: declarative values under these keys become the spec's parts."""
+FILLS = {"surrogate": "surrogate", "surrogate_config": "surrogate", "reference": "reference_x",
+         "watermark": "watermark_x", "models_config": "oe_model", "oe_model": "oe_model",
+         "misinformation_model": "misinformation_model"}
+"""Each part, and the defense parameter it fills: a defense takes the parts of its parameters.
+Declarative values under these keys among the parameters are lifted into the spec's parts."""
+PART_KEYS = tuple(FILLS)
 
 DEFAULT_SURROGATE: dict[str, SurrogateKind] = {"grad2": "distilled"}
 """Defenses that cannot go without a surrogate, and the kind they get when none is named."""
@@ -146,12 +149,9 @@ class DefenseSpec(BaseModel):
         fields = DEFENSES[self.name].params.model_fields
         if unknown := sorted(set(self.params) - set(fields)):
             raise ValueError(f"{self.name} has no parameters {unknown}; it takes {sorted(fields)}")
-        takes = {"surrogate": "surrogate", "surrogate_config": "surrogate", "reference": "reference_x",
-                 "watermark": "watermark_x", "models_config": "oe_model", "oe_model": "oe_model",
-                 "misinformation_model": "oe_model"}
-        if refused := [key for key in given if takes[key] not in fields]:
+        if refused := [key for key in given if FILLS[key] not in fields]:
             raise ValueError(f"{self.name} takes no {refused}")
-        target = self.params.get("target", fields["target"].default if "target" in fields else None)
+        target = self._target()
         for part, wanted in (("reference", "unlearn"), ("watermark", "watermark")):
             if getattr(self, part) is not None and target != wanted:
                 raise ValueError(f"{part} is the {part} set of target={wanted!r} only")
@@ -174,8 +174,7 @@ class DefenseSpec(BaseModel):
         """The parts this spec resolves to, with the defaults a defense gets when none is named."""
         if self.training_time:
             return Parts(None, None, None, None)
-        fields, params = DEFENSES[self.name].params.model_fields, self.params
-        target = params.get("target", fields["target"].default if "target" in fields else None)
+        fields, params, target = DEFENSES[self.name].params.model_fields, self.params, self._target()
         surrogate = self.surrogate
         if surrogate is None and params.get("surrogate") is None:
             surrogate = DEFAULT_SURROGATE.get(self.name)
@@ -188,6 +187,11 @@ class DefenseSpec(BaseModel):
             misinformation = ((self.oe_model, self.misinformation_model) if self.oe_model is not None
                               else self.models_config or MisinformationConfig())
         return Parts(surrogate, reference, watermark, misinformation)
+
+    def _target(self) -> str | None:
+        """GRAD²'s target (given or default); ``None`` for a defense without targets."""
+        fields = DEFENSES[self.name].params.model_fields
+        return self.params.get("target", fields["target"].default if "target" in fields else None)
 
     def anchored(self, base: Path) -> DefenseSpec:
         """A copy whose relative checkpoint paths are taken relative to ``base`` (``~`` expanded)."""
