@@ -132,7 +132,7 @@ class DefenseSpec(BaseModel):
             return data
         params = dict(data.get("params") or {})
         lifted = {key: params.pop(key) for key in PART_KEYS if key in params and _declarative(params[key])}
-        if both := sorted(set(lifted) & {k for k, v in data.items() if v not in (None, {})}):
+        if both := sorted(key for key in lifted if data.get(key) not in (None, {})):
             raise ValueError(f"{both} given both among params and beside them")
         return {**data, "params": params, **lifted} if lifted else data
 
