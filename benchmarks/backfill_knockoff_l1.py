@@ -26,12 +26,12 @@ from mirage.bench.sweep import models_in
 
 
 def knockoff_ledger_l1(spec: RunSpec) -> float:
-    victim, _, defense = prepare_run(spec)
+    victims, defense = prepare_run(spec)
     attack = create_attack(spec.attack, **spec.attack_params)
     data = attack_data(_scenario((spec.scenario, spec.victim_epochs)), spec.attack)
     n = min(spec.budget, len(data))
     index = torch.randperm(len(data), generator=torch.Generator().manual_seed(spec.seed))[:n]
-    api = InProcessAPI(victim, defense)
+    api = InProcessAPI(victims.served, defense)
     for chunk in data.images[index].split(attack.params.query_batch_size):
         api.query(chunk)
     return api.ledger.effective_l1

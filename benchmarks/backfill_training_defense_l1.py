@@ -20,7 +20,6 @@ from mirage.attacks import CloneSpec
 from mirage.bench.execute import (
     _defender_metrics,
     _scenario,
-    _victim,
     prepare_run,
     probe_images,
     probe_metrics,
@@ -36,12 +35,13 @@ FIELDS = ("defender_l1", "defender_top1_agreement", "effective_l1", "angular_dev
 def backfill(record: dict) -> dict:
     spec = RunSpec.from_record(record)
     key = (spec.scenario, spec.victim_epochs)
-    victim, card, defense = prepare_run(spec)
+    victims, defense = prepare_run(spec)
+    card = victims.card
     defender = _defender_metrics(key, spec.defense, json.dumps(spec.defense_params, sort_keys=True),
                                  spec.eval_size)
     fresh = CloneSpec.like(card, training=spec.clone_training).build(card.input_shape, card.num_classes)
     probe = probe_images(_scenario(key), spec.seed)
-    probes = probe_metrics(_victim(key)[0], victim, defense, fresh, probe)
+    probes = probe_metrics(victims, defense, fresh, probe)
     return {**record, "defender_l1": defender["defender_l1"],
             "defender_top1_agreement": defender["defender_top1_agreement"],
             "effective_l1": probes["effective_l1"], "effective_l1_on": f"{len(probe)} pool images",

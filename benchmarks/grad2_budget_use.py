@@ -26,9 +26,9 @@ import torch
 from torch import Tensor, nn
 
 from mirage.api import clean_posteriors
-from mirage.bench.defenses import build_defense
 from mirage.models import ModelCard
 from mirage.scenarios import Scenario, get_scenario, query_pool
+from mirage.training.resolve import DefenseSpec, resolve_defense
 from mirage.training.victim import get_victim
 
 log = logging.getLogger("grad2_budget_use")
@@ -70,7 +70,8 @@ def main() -> None:
         top = clean.argmax(1)
         top_mass = clean.gather(1, top[:, None]).squeeze(1)
         for epsilon in args.epsilons:
-            defense = build_defense("grad2", {"epsilon": epsilon, "target": "all-ones"}, scenario, victim, card)
+            spec = DefenseSpec(name="grad2", params={"epsilon": epsilon, "target": "all-ones"})
+            defense = resolve_defense(spec, scenario, victim, card)
             scores = defense.scores(x, clean)
             served = defense(x, clean)
             served_top_mass = served.gather(1, top[:, None]).squeeze(1)

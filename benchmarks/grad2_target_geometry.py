@@ -26,10 +26,10 @@ import torch
 from grad2_budget_use import pool_sample, pool_sample_parser
 from torch import Tensor, nn
 
-from mirage.bench.defenses import build_defense
 from mirage.defenses.redirect import redirect
 from mirage.defenses.scores import Direction, jvp_scores
 from mirage.defenses.targets import all_ones, max_norm, min_ip, random_direction
+from mirage.training.resolve import DefenseSpec, resolve_defense
 
 log = logging.getLogger("grad2_target_geometry")
 
@@ -86,7 +86,8 @@ def main() -> None:
     report = {"torch": torch.__version__, "epsilon": args.epsilon, "queries": args.queries, "scenarios": {}}
     for name in args.scenarios:
         scenario, victim, card, x, clean = pool_sample(name, args.queries, args.models)
-        defense = build_defense("grad2", {"epsilon": args.epsilon, "target": "all-ones"}, scenario, victim, card)
+        spec = DefenseSpec(name="grad2", params={"epsilon": args.epsilon, "target": "all-ones"})
+        defense = resolve_defense(spec, scenario, victim, card)
         result = measure(defense.surrogates[0], x, clean, args.epsilon, args.random_seeds)
         report["scenarios"][name] = result
         for group in ("targets", "layers"):

@@ -71,7 +71,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         config = {"model": {"name": "fmnist", "scenario": "fmnist"},
-                  "defense": {"name": "grad2", "params": params, "surrogate_training": {}},
+                  "defense": {"name": "grad2", "params": params, "surrogate": "distilled"},
                   "limits": {"max_batch": 256},
                   "storage": {"database": str(Path(tmp) / "parity.sqlite")},
                   "clients": [{"name": name, "key_sha256": hashlib.sha256(key.encode()).hexdigest(),

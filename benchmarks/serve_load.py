@@ -49,12 +49,12 @@ def defense_spec(name: str, epsilon: float) -> dict | None:
     spec: dict = {"name": name, "params": params}
     if name == "grad2":
         params.update(target="all-ones", batch_size=256)
-        spec["surrogate_training"] = {}  # distilled, early-stopped (the cached one)
+        spec["surrogate"] = "distilled"  # early-stopped (the cached one)
     elif name == "mad":
         if "layers" in fields:
             params["layers"] = "last"
         if "surrogate" in fields:
-            spec["surrogate_training"] = {"kind": "random"}  # MAD's default: a random-init surrogate
+            spec["surrogate"] = "random"  # MAD's default: a random-init surrogate
     return spec
 
 

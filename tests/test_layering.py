@@ -21,7 +21,7 @@ LAYERS: list[set[str]] = [
     {"scenarios"},  # a victim, its recipe and the attacker's data
     {"defenses", "verify"},  # query-time defenses; ownership verification of their watermarks
     {"api"},  # a defended model behind a query budget
-    {"training"},  # victims, surrogates, training-time defenses
+    {"training"},  # victims, surrogates, training-time defenses, the defense resolver
     {"attacks"},  # model stealing and the clone
     {"bench"},  # sweeps, results, reports
     {"serve", "cli"},  # the service and the command line

@@ -39,3 +39,16 @@ def test_unknown_names_raise_one_error_listing_the_known_ones(kind):
 def test_the_error_survives_pickling():  # process-pool and Dask workers send it back
     error = pickle.loads(pickle.dumps(UnknownNameError("scenario", "x", ["b", "a"])))
     assert type(error) is UnknownNameError and str(error) == "unknown scenario 'x'; known: ['a', 'b']"
+
+
+def test_training_time_defenses_are_registered_like_query_time_ones():
+    from mirage.defenses.base import _REGISTRY as QUERY_TIME
+    from mirage.training.registry import _REGISTRY as TRAINING_TIME
+    from mirage.training.registry import is_training_time
+
+    assert type(QUERY_TIME) is type(TRAINING_TIME)
+    assert {"none", "ini", "dpsgd"} <= set(TRAINING_DEFENSES)
+    entry = TRAINING_DEFENSES["dpsgd"]
+    assert entry.summary.startswith("DP-SGD") and entry.params.model_fields["noise_multiplier"]
+    assert resolve_config("dpsgd", {"noise_multiplier": 2.0}) == entry.params(noise_multiplier=2.0)
+    assert is_training_time("ini") and not is_training_time("none") and not is_training_time("grad2")

@@ -108,3 +108,32 @@ def test_distilled_surrogate_never_sees_the_victims_test_split(monkeypatch):
     assert len(images) == len(data.train.images)
     test_rows = data.test.images.flatten(1)
     assert not (torch.cdist(test_rows, images).amin(1) == 0).any()
+
+
+def test_verify_reads_the_behaviour_a_service_config_serves(tmp_path):
+    from typer.testing import CliRunner
+
+    from mirage.cli import app
+    from mirage.models import ModelCard, save_checkpoint
+
+    paths = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,))
+        card = ModelCard(architecture="lenet", input_shape=(1, 8, 8), num_classes=10, mean=(0.5,), std=(0.3,),
+                         dataset="digits", seed=seed)
+        paths.append(str(save_checkpoint(model, card, tmp_path / f"m{seed}")))
+    config = tmp_path / "serve.toml"
+    config.write_text('[model]\nname = "digits"\nscenario = "digits"\n[defense]\nname = "grad2"\n'
+                      'params = { target = "watermark", watermark = { source_class = 3, target_class = 5, size = 12 } }\n'
+                      f'[[clients]]\nname = "a"\nkey_sha256 = "{"a" * 64}"\n')
+    models = ["--suspect", paths[0], "--clean", paths[1], "--clean", paths[2]]
+    served = CliRunner().invoke(app, ["verify", *models, "--config", str(config)])
+    explicit = CliRunner().invoke(app, ["verify", *models, "--dataset", "digits", "--source-class", "3",
+                                        "--target-class", "5", "--size", "12"])
+    assert served.exit_code == 0 and explicit.exit_code == 0, served.output + explicit.output
+    assert "12 digits images of class 3 -> 5" in served.output and served.output == explicit.output
+    config.write_text(config.read_text().replace('target = "watermark", watermark = { source_class = 3, '
+                                                 'target_class = 5, size = 12 }', 'target = "all-ones"'))
+    refused = CliRunner().invoke(app, ["verify", *models, "--config", str(config)])
+    assert refused.exit_code == 2 and "serves no watermark" in refused.output

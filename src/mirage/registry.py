@@ -43,10 +43,12 @@ class Entry(Generic[T]):
 
 
 class Registry(Generic[T]):
-    """``kind`` names what is registered ("defense", "attack") in error messages."""
+    """``kind`` names what is registered ("defense", "attack") in error messages; ``entry`` is
+    the :class:`Entry` (sub)class its entries are made of."""
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, *, entry: type[Entry] = Entry) -> None:
         self.kind = kind
+        self.entry = entry
         self.entries: dict[str, Entry[T]] = {}
 
     def register(self, name: str, params: type[BaseModel]) -> Callable[[type[T]], type[T]]:
@@ -56,15 +58,19 @@ class Registry(Generic[T]):
             cls.name = name  # type: ignore[attr-defined]
             cls.params_type = params  # type: ignore[attr-defined]
             doc = (cls.__doc__ or "").strip().splitlines()
-            self.entries[name] = Entry(name, cls, params, doc[0] if doc else "")
+            self.entries[name] = self.entry(name, cls, params, doc[0] if doc else "")
             return cls
 
         return decorate
 
-    def create(self, name: str, **params: Any) -> T:
+    def get(self, name: str) -> Entry[T]:
+        """The entry registered as ``name``; :class:`UnknownNameError` if there is none."""
         if name not in self.entries:
             raise UnknownNameError(self.kind, name, self.entries)
-        entry = self.entries[name]
+        return self.entries[name]
+
+    def create(self, name: str, **params: Any) -> T:
+        entry = self.get(name)
         return entry.cls(entry.params(**params))  # type: ignore[call-arg]
 
     def names(self) -> list[str]:

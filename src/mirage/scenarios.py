@@ -12,7 +12,8 @@ defender's surrogates and the attacks that query with it; docs/design.md §attac
 * the seed source (:func:`seed_source`, JBDA family): the victim dataset's *test* images, as in
   Papernot et al. (the attacker holds a few in-distribution images); an attack samples
   ``seed_size`` of them. (100 of 10,000 evaluation images overlap the seed set at most.)
-* the defender's own labelled sample (:func:`defender_sample`).
+* the defender's own labelled sample (:func:`defender_sample`) and a watermark's behaviour set
+  (:func:`defender_watermark`).
 
 The attacker never uses pool labels, except the adaptive bandit's class groups (as Knockoff does).
 """
@@ -23,10 +24,10 @@ import logging
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from mirage.data import load_dataset
-from mirage.data.base import ImageData
+from mirage.data.base import DatasetSplits, ImageData
 from mirage.models.fit import TrainConfig
 from mirage.registry import UnknownNameError
 
@@ -86,6 +87,39 @@ def defender_sample(scenario: Scenario, reference: ReferenceSet = DEFAULT_REFERE
     """A seeded sample of the defender's own labelled data (the victim's training split)."""
     train = load_dataset(scenario.victim_dataset, scenario.data_root).train
     return train.sample(reference.size, reference.seed)
+
+
+class WatermarkSet(BaseModel):
+    """The behaviour set {(x_w, y_w)} of GRAD²'s ``watermark`` target (docs/design.md
+    §verification): the first ``size`` training images of class ``source_class``, each labelled
+    ``target_class``. ``mirage verify`` tests a suspect for the same set from the same numbers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    source_class: int = Field(1, ge=0)
+    target_class: int = Field(8, ge=0)
+    size: int = Field(20, ge=1)
+
+    @model_validator(mode="after")
+    def _another_class(self) -> WatermarkSet:
+        if self.source_class == self.target_class:
+            raise ValueError("a watermark labels source_class images as another class")
+        return self
+
+
+def behaviour_set(data: DatasetSplits, watermark: WatermarkSet) -> ImageData:
+    """The watermark's images, from ``data``'s training split, with their watermark labels."""
+    for which in ("source_class", "target_class"):
+        if getattr(watermark, which) >= data.num_classes:
+            raise ValueError(f"watermark {which} {getattr(watermark, which)} is not one of the "
+                             f"{data.num_classes} classes")
+    images = data.train.images[data.train.labels == watermark.source_class][:watermark.size]
+    return ImageData(images, torch.full((len(images),), watermark.target_class, dtype=torch.int64))
+
+
+def defender_watermark(scenario: Scenario, watermark: WatermarkSet) -> ImageData:
+    """The watermark's behaviour set, drawn from the defender's own training data."""
+    return behaviour_set(load_dataset(scenario.victim_dataset, scenario.data_root), watermark)
 
 
 def get_scenario(name: str, **overrides) -> Scenario:

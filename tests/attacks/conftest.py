@@ -7,7 +7,7 @@ import torch
 from mirage.api import InProcessAPI
 from mirage.attacks import CloneSpec
 from mirage.data import load_dataset
-from mirage.defenses import Defense
+from mirage.defenses import Defense, DefenseContract
 from mirage.models import create_model
 from mirage.models.fit import TrainConfig, fit
 
@@ -36,7 +36,10 @@ class Served(Defense):
     """Test double: serves a fixed kind of answer whatever the victim says."""
 
     name = "served-test"
-    truncating = True
+
+    @classmethod
+    def contract_for(cls, params):
+        return DefenseContract(truncating=True)
 
     def __init__(self, kind: str) -> None:
         super().__init__()

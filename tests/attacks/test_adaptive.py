@@ -111,11 +111,14 @@ def test_attack_runs_on_adversarial_answers(kind, reward, victim, digits, clone_
 def test_bandit_learns_which_arm_pays(victim, digits, clone_spec):
     """Answers are certain only for pool images of class 0: with the certainty reward, arm 0 must
     be chosen far more often than the 1/10 of a uniform policy."""
-    from mirage.defenses import Defense
+    from mirage.defenses import Defense, DefenseContract
 
     class CertainOnZeros(Defense):
         name = "certain-on-zeros-test"
-        needs_input = True
+
+        @classmethod
+        def contract_for(cls, params):
+            return DefenseContract(needs_input=True)
 
         def perturb(self, x, probs):
             is_zero = (x.flatten(1)[:, None] == zeros[None]).all(-1).any(-1)

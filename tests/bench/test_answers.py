@@ -207,14 +207,14 @@ def test_a_stateless_defense_keeps_the_shared_prefix_without_re_answering_it(mod
 def test_defenses_declare_whether_earlier_requests_change_their_answers(model):
     one = create_model("lenet", (1, 28, 28), 10, [0.5], [0.5])
     two = create_model("lenet", (1, 28, 28), 10, [0.5], [0.5])
-    assert create_defense("random_noise").stateful
-    assert create_defense("grad2", surrogate=[one, two]).stateful
-    assert not create_defense("grad2", surrogate=one).stateful
-    assert create_defense("mad", oracle="random", jacobian="identity").stateful
-    assert not create_defense("mad", surrogate=one).stateful
-    assert not create_defense("mad_argmax", surrogate=one).stateful
+    assert create_defense("random_noise").contract.stateful
+    assert create_defense("grad2", surrogate=[one, two]).contract.stateful
+    assert not create_defense("grad2", surrogate=one).contract.stateful
+    assert create_defense("mad", oracle="random", jacobian="identity").contract.stateful
+    assert not create_defense("mad", surrogate=one).contract.stateful
+    assert not create_defense("mad_argmax", surrogate=one).contract.stateful
     for name in ("none", "argmax", "top_k", "rounding", "reverse_sigmoid", "modelguard"):
-        assert not create_defense(name).stateful, name
+        assert not create_defense(name).contract.stateful, name
 
 
 def test_odd_parameter_values_are_fingerprinted_or_refused_clearly():

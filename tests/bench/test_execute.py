@@ -11,9 +11,7 @@ def test_one_real_run_on_tiny_digits(isolated_cache):
                    attack="knockoff", attack_label="knockoff", attack_params={}, budget=300, seed=0,
                    clone_training=TrainConfig(epochs=2, batch_size=64), eval_size=200)
     result = execute_run(spec)
-    from mirage.bench.execute import _victim
-
-    assert _victim(("digits", None)) is _victim(("digits", None), "none", "{}")  # one plain victim
+    assert result["victim_fingerprint"] == result["served_model_fingerprint"]  # the plain victim served
     assert result["queries"] == 300 and result["transfer_size"] == 300
     assert 0 <= result["clone_accuracy"] <= 1 and result["victim_accuracy"] > 0.5
     assert result["effective_l1"] == 0.0 and result["defender_l1"] == 0.0
@@ -77,7 +75,7 @@ def test_a_run_goes_on_uncached_when_its_server_cannot_be_fingerprinted(isolated
 @pytest.mark.slow
 def test_a_training_time_defense_reports_its_l1_and_agreement_against_the_plain_victim(isolated_cache):
     from mirage.api import clean_posteriors
-    from mirage.bench.execute import _victim, prepare_run, probe_images
+    from mirage.bench.execute import prepare_run, probe_images
     from mirage.data import load_dataset
     from mirage.scenarios import get_scenario
 
@@ -86,7 +84,9 @@ def test_a_training_time_defense_reports_its_l1_and_agreement_against_the_plain_
                    attack="knockoff", attack_label="knockoff", attack_params={}, budget=100, seed=0,
                    clone_training=TrainConfig(epochs=1, batch_size=64))
     result = execute_run(spec)
-    served, plain = prepare_run(spec)[0], _victim(("digits", None))[0]
+    victims = prepare_run(spec)[0]
+    assert victims.training_time
+    served, plain = victims.served, victims.plain
     probe = probe_images(get_scenario("digits"), 0)
     expected = (clean_posteriors(served, probe) - clean_posteriors(plain, probe)).abs().sum(1).mean()
     assert result["effective_l1"] == pytest.approx(float(expected)) and result["effective_l1"] > 0.05
@@ -126,9 +126,39 @@ def test_the_restorer_is_told_the_defense_and_its_public_parameters_only(isolate
                                  "surrogate_config": {"stop_epoch": 2}}, {"restorer": {"pairs": 100}})
     told = attacker_knowledge(spec)["restorer"]
     assert told == {"pairs": 100, "defense": "grad2", "defense_params": {"epsilon": 0.5, "target": "all-ones"}}
+    watermark = _digits_run("grad2", {"target": "watermark", "watermark": {"source_class": 3, "target_class": 5}},
+                            {"restorer": {}})
+    assert attacker_knowledge(watermark)["restorer"]["defense_params"] == {"target": "watermark"}
     training_time = _digits_run("dpsgd", {"noise_multiplier": 1.0}, {"restorer": {}})
     assert attacker_knowledge(training_time)["restorer"]["defense"] == "none"
     result = execute_run(_digits_run("random_noise", {"epsilon": 1.0},
                                      {"restorer": {"pairs": 100, "epochs": 5, "shadow_epochs": 2}},
                                      label="knockoff/restorer"))
     assert result["restorer"]["pairs"] == 200 and result["queries"] == 300
+
+
+def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_objects():
+    """Plain and served victims are told apart by what they are, not by object identity: a
+    query-time run whose served victim is another object with the plain weights (a reload, as in
+    another worker) still gets its L1 from the ledger, never 0 from the probe."""
+    import copy
+
+    import torch
+
+    from mirage.bench.execute import probe_metrics
+    from mirage.defenses import create_defense
+    from mirage.models import create_model
+    from mirage.training.resolve import Victims
+
+    torch.manual_seed(0)
+    plain = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,)).eval()
+    reloaded = copy.deepcopy(plain)
+    torch.manual_seed(1)
+    other = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,)).eval()
+    probe, fresh = torch.rand(80, 1, 8, 8), create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,))
+    query_time = probe_metrics(Victims(plain, reloaded, None, training_time=False), create_defense("none"),
+                               fresh, probe)
+    assert "effective_l1" not in query_time and max(query_time["angular_deviation"]) < 1.0
+    training_time = probe_metrics(Victims(plain, other, None, training_time=True), create_defense("none"),
+                                  fresh, probe)
+    assert training_time["effective_l1"] > 0 and len(training_time["angular_deviation"]) == 64

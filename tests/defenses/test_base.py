@@ -5,6 +5,7 @@ from pydantic import Field, ValidationError
 from mirage.defenses import (
     DEFENSES,
     Defense,
+    DefenseContract,
     DefenseInvariantError,
     DefenseParams,
     check_probs,
@@ -22,7 +23,10 @@ class BudgetParams(DefenseParams):
 class Overspend(Defense):
     params_type = BudgetParams
     name = "overspend"
-    preserves_top1 = True
+
+    @classmethod
+    def contract_for(cls, params):
+        return DefenseContract(keeps_top1=True, budget=params.epsilon)
 
     def perturb(self, x, probs):
         out = torch.zeros_like(probs)
@@ -69,3 +73,32 @@ def test_registry_validates_parameters():
 def test_register_twice_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
         register_defense("none")(Overspend)
+
+
+def test_a_defense_declares_its_contract_in_one_place():
+    """No contract attribute is spelled outside DefenseContract: no class attributes, instance
+    attributes or properties named after its fields (the old spellings included)."""
+    spellings = {"needs_input", "truncating", "keeps_top1", "preserves_top1", "stateful", "epsilon", "budget"}
+    for name, entry in DEFENSES.items():
+        for cls in entry.cls.__mro__:
+            assert not spellings & set(vars(cls)), (name, cls.__name__, spellings & set(vars(cls)))
+
+
+def test_the_base_class_checks_the_budget_in_the_contracts_distance():
+    class KLParams(DefenseParams):
+        epsilon: float = 0.01
+
+    class KLOverspend(Defense):
+        params_type = KLParams
+        name = "kl-overspend"
+
+        @classmethod
+        def contract_for(cls, params):
+            return DefenseContract(budget=params.epsilon, norm="kl")
+
+        def perturb(self, x, probs):
+            return torch.full_like(probs, 1 / probs.shape[1])
+
+    with pytest.raises(DefenseInvariantError, match="KL .* exceeds budget 0.01"):
+        KLOverspend()(None, torch.tensor([[0.9, 0.05, 0.05]]))
+    assert torch.allclose(KLOverspend(epsilon=1.0)(None, torch.tensor([[0.4, 0.3, 0.3]])), torch.full((1, 3), 1 / 3))

@@ -37,9 +37,10 @@ def inner(surrogate, x, served, v):
 
 def test_registered_with_validated_params(setup):
     surrogate, _, _ = setup
-    assert "grad2" in DEFENSES and DEFENSES["grad2"].cls.needs_input
+    assert "grad2" in DEFENSES and DEFENSES["grad2"].contract.needs_input
     defense = create_defense("grad2", surrogate=surrogate)
-    assert defense.params.target == "all-ones" and defense.epsilon == 0.5 and not defense.keeps_top1
+    assert defense.params.target == "all-ones" and defense.contract.budget == 0.5
+    assert not defense.contract.keeps_top1
     for bad in [{}, {"surrogate": "lenet"}, {"surrogate": surrogate, "epsilon": 2.5},
                 {"surrogate": surrogate, "target": "vector"}, {"surrogate": surrogate, "target": "watermark"},
                 {"surrogate": surrogate, "target": "unlearn"},
@@ -91,7 +92,7 @@ def test_preserve_top1_keeps_argmax_and_scores_no_higher(setup):
     surrogate, x, probs = setup
     plain = create_defense("grad2", epsilon=1.0, surrogate=surrogate)
     keeping = create_defense("grad2", epsilon=1.0, surrogate=surrogate, preserve_top1=True)
-    assert keeping.keeps_top1
+    assert keeping.contract.keeps_top1
     served, free = keeping(x, probs), plain(x, probs)
     assert strict_top1_kept(probs, served).all()
     assert not strict_top1_kept(probs, free).all()  # the constraint binds on this batch

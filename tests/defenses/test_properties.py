@@ -58,16 +58,14 @@ def test_output_contract(key, batch):
     assert served.shape == probs.shape and served.dtype == probs.dtype
     assert torch.isfinite(served).all() and (served >= -atol).all()
     sums = served.sum(dim=1)
-    if defense.truncating:
+    contract = defense.contract
+    if contract.truncating:
         assert (sums <= 1 + atol).all()
     else:
         assert torch.allclose(sums, torch.ones_like(sums), atol=atol)
-    if defense.epsilon is not None:
-        assert ((served - probs).abs().sum(dim=1) <= defense.epsilon + atol).all()
-    budget = getattr(defense, "budget", None)  # (distance, ε) for budgets other than L1
-    if budget is not None:
-        assert (_distance(probs.double(), served.double(), budget[0]) <= budget[1] + atol).all()
-    if defense.keeps_top1:
+    if contract.budget is not None:
+        assert (_distance(probs.double(), served.double(), contract.norm) <= contract.budget + atol).all()
+    if contract.keeps_top1:
         assert strict_top1_kept(probs, served).all()
 
 

@@ -308,18 +308,20 @@ def test_example_config_and_toml_paths(tmp_path, checkpoints):
 
 def test_unlearn_target_draws_its_reference_set_from_the_scenarios_training_data(tmp_path, checkpoints):
     from mirage.scenarios import ReferenceSet, defender_sample, get_scenario
-    from mirage.serve.app import DefenseFactory
+    from mirage.serve.loading import ServedDefenses
 
     spec = {**grad2_defense(checkpoints), "params": {"epsilon": 0.5, "target": "unlearn"},
-            "reference_set": {"size": 30, "seed": 2}}
-    config = make_config(tmp_path, checkpoints, defense=spec)
-    with pytest.raises(ValueError, match="needs model.scenario"):
-        DefenseFactory(config)
-    raw = config.model_dump(mode="json")
-    raw["model"] = {"name": "digits", "scenario": "digits"}
-    factory = DefenseFactory(type(config).model_validate(raw))
+            "reference_set": {"size": 30, "seed": 2}}  # the earlier key of `reference`
+    with pytest.raises(ValueError, match="reference needs model.scenario"):
+        make_config(tmp_path, checkpoints, defense=spec)
+    raw = make_config(tmp_path, checkpoints).model_dump(mode="json")
+    raw["model"], raw["defense"] = {"name": "digits", "scenario": "digits"}, spec
+    config = type(make_config(tmp_path, checkpoints)).model_validate(raw)
+    assert config.defense.reference == ReferenceSet(size=30, seed=2)
+    model, card = load_checkpoint(checkpoints["victim"])
+    defenses = ServedDefenses(config.defense, get_scenario("digits"), model, card)
     expected = defender_sample(get_scenario("digits"), ReferenceSet(size=30, seed=2))
-    assert torch.equal(factory.prototype.params.reference_x, expected.images)
-    assert torch.equal(factory.prototype.params.reference_y, expected.labels)
+    assert torch.equal(defenses.prototype.params.reference_x, expected.images)
+    assert torch.equal(defenses.prototype.params.reference_y, expected.labels)
     with pytest.raises(ValueError, match="size"):
         type(config).model_validate({**raw, "defense": {**raw["defense"], "reference_set": {"size": 0}}})

@@ -56,7 +56,8 @@ log = logging.getLogger(__name__)
 
 SECRET_PARAMS = frozenset({
     "surrogate", "surrogate_config", "reference", "reference_x", "reference_y", "watermark_x",
-    "watermark_y", "target_vector", "seed", "oe_model", "misinformation_model", "models_config",
+    "watermark_y", "watermark", "target_vector", "seed", "oe_model", "misinformation_model",
+    "models_config",
 })
 """Parameters the attacker never learns: it builds its own (or takes the defaults)."""
 

@@ -16,8 +16,8 @@ Keys are exact, never approximate:
   when every earlier request was the same too.
 
 Where a stream diverges from everything cached, it goes live. A stateless defense (most of them:
-:attr:`~mirage.defenses.Defense.stateful`) simply answers from there on, so adaptive attacks
-(JBDA, adaptive Knockoff) keep the prefix their runs share. A stateful one first re-answers the
+``defense.contract.stateful``) simply answers from there on, so adaptive attacks (JBDA, adaptive
+Knockoff) keep the prefix their runs share. A stateful one first re-answers the
 replayed requests, discarding the answers, so it is in exactly the state an uncached run would
 have left it in. Either way the served answers are those of an uncached run.
 """
@@ -186,7 +186,7 @@ class ReplayingAPI:
         self._stream = Stream()
         self._candidates: list[Stream] | None = None  # None: not looked up yet; []: live
         self._replayed_images: list[Tensor] = []  # kept for a stateful defense's catch-up only
-        self._stateful = api.defense is not None and api.defense.stateful
+        self._stateful = api.defense is not None and api.defense.contract.stateful
         self._live = False
 
     @property

@@ -1,9 +1,12 @@
 """One run of the protocol (docs/design.md §protocol): victim → defended API → attack → clone →
 metrics.
 
-A training-time defense (``ini``, ``dpsgd``: :mod:`mirage.training.registry`) named in a sweep
-replaces the victim and serves it undefended at query time; the defender's accuracy cost is then
-measured against the plain victim on the same images.
+A run's defense point is a :class:`~mirage.training.resolve.DefenseSpec` (docs/design.md
+§defense-spec). Its victims are explicit (:class:`~mirage.training.resolve.Victims`): the plain
+one and the served one. A training-time defense (``ini``, ``dpsgd``:
+:mod:`mirage.training.registry`) named in a sweep replaces the served victim and serves it
+undefended at query time; the defender's accuracy cost is then measured against the plain
+victim on the same images.
 
 Everything expensive is cached: victims and surrogates on disk by config (see
 :mod:`mirage.training.victim`), the answered transfer sets on disk by exact server and query
@@ -31,20 +34,20 @@ from torch import Tensor
 
 import mirage
 from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accuracy
-from mirage.attacks import CloneSpec, create_attack
+from mirage.attacks import AttackResult, CloneSpec, create_attack
 from mirage.attacks.clone import clone_cache
 from mirage.attacks.pools import attack_data
 from mirage.attacks.restorer import tell_restorer
 from mirage.bench.angles import angular_deviation
 from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir
-from mirage.bench.defenses import build_defense
 from mirage.bench.runs import RunSpec
 from mirage.data import ImageData, load_dataset
 from mirage.defenses import Defense
-from mirage.models import ModelCard, weights_fingerprint
+from mirage.models import weights_fingerprint
 from mirage.paths import clones_dir
 from mirage.scenarios import Scenario, get_scenario, query_pool
-from mirage.training.registry import get_defended_victim, list_training_defenses
+from mirage.training.registry import is_training_time
+from mirage.training.resolve import DefenseSpec, Victims, resolve_defense, resolve_victims
 
 log = logging.getLogger(__name__)
 
@@ -65,23 +68,25 @@ def _scenario(key: ScenarioKey) -> Scenario:
     return get_scenario(name, victim_training=scenario.victim_training.model_copy(update={"epochs": victim_epochs}))
 
 
-def _victim(key: ScenarioKey, method: str = "none", params_json: str = "{}"):
-    """The served model and card, loaded once per process: ``_victim(key)`` and
-    ``_victim(key, "none", "{}")`` are the same object (lru_cache alone would key them apart)."""
-    return _load_victim(key, method, params_json)
-
-
 @functools.lru_cache(maxsize=4)
-def _load_victim(key: ScenarioKey, method: str, params_json: str):
-    model, card, _ = get_defended_victim(_scenario(key), method, json.loads(params_json), show_progress=False)
-    return model, card
+def _victims(key: ScenarioKey, method: str, params_json: str) -> Victims:
+    """The plain and the served victim for a victim method (``none`` or a training-time
+    defense), loaded once per process."""
+    return resolve_victims(DefenseSpec(name=method, params=json.loads(params_json)), _scenario(key))
 
 
 def split_defense(name: str, params: dict[str, Any]) -> tuple[tuple[str, str], tuple[str, dict[str, Any]]]:
     """((victim method, its params as JSON), (query-time defense, its params))."""
-    if name != "none" and name in list_training_defenses():
+    if is_training_time(name):
         return (name, json.dumps(params, sort_keys=True)), ("none", {})
     return ("none", "{}"), (name, params)
+
+
+def _victims_and_defense(key: ScenarioKey, defense: str, params: dict[str, Any]) -> tuple[Victims, Defense]:
+    (method, method_params), (query_defense, query_params) = split_defense(defense, params)
+    victims = _victims(key, method, method_params)
+    spec = DefenseSpec.from_params(query_defense, query_params)
+    return victims, resolve_defense(spec, _scenario(key), victims.served, victims.card)
 
 
 def _eval_data(scenario: Scenario, eval_size: int | None) -> ImageData:
@@ -91,21 +96,18 @@ def _eval_data(scenario: Scenario, eval_size: int | None) -> ImageData:
 
 @functools.lru_cache(maxsize=64)
 def _defender_metrics(key: ScenarioKey, defense: str, params_json: str, eval_size: int | None) -> dict:
-    (method, method_params), (query_defense, query_params) = split_defense(defense, json.loads(params_json))
-    victim, card = _victim(key, method, method_params)
-    scenario = _scenario(key)
-    built = build_defense(query_defense, query_params, scenario, victim, card)
-    data = _eval_data(scenario, eval_size)
-    result = defended_accuracy(victim, built, data)
-    if method == "none":
+    victims, built = _victims_and_defense(key, defense, json.loads(params_json))
+    data = _eval_data(_scenario(key), eval_size)
+    result = defended_accuracy(victims.served, built, data)
+    if not victims.training_time:
         return {"victim_accuracy": result.clean_accuracy, "defender_accuracy": result.defended_accuracy,
                 "defender_l1": result.effective_l1, "defender_top1_agreement": result.top1_agreement}
     # A training-time defense: its cost in accuracy and L1 is against the plain victim on the same
     # images (victim_accuracy stays the plain victim's, also when eval_size takes a subset).
-    plain = _victim(key)[0]
+    plain = victims.plain
     return {"victim_accuracy": accuracy(plain, data), "defender_accuracy": result.defended_accuracy,
-            **distance_to_plain(clean_posteriors(victim, data.images), clean_posteriors(plain, data.images),
-                                prefix="defender_")}
+            **distance_to_plain(clean_posteriors(victims.served, data.images),
+                                clean_posteriors(plain, data.images), prefix="defender_")}
 
 
 def distance_to_plain(served: Tensor, plain: Tensor, *, prefix: str = "") -> dict[str, float]:
@@ -159,15 +161,12 @@ def clone_health(clone: torch.nn.Module, history: list[dict[str, Any]], predicti
             "clone_collapsed": majority >= COLLAPSE_MAJORITY}
 
 
-def prepare_run(spec: RunSpec) -> tuple[torch.nn.Module, ModelCard, Defense]:
-    """The run's served model, its card and its query-time defense, trained (or loaded) and
+def prepare_run(spec: RunSpec) -> tuple[Victims, Defense]:
+    """The run's victims (plain and served) and its query-time defense, trained (or loaded) and
     cached — victim, a training-time defense's victim, surrogates, detectors. A sweep calls it
     once per defense point before dispatch, so parallel workers only read models from disk
     instead of training the same one side by side."""
-    key = (spec.scenario, spec.victim_epochs)
-    (method, method_params), (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
-    victim, card = _victim(key, method, method_params)
-    return victim, card, build_defense(query_defense, query_params, _scenario(key), victim, card)
+    return _victims_and_defense((spec.scenario, spec.victim_epochs), spec.defense, spec.defense_params)
 
 
 def probe_images(scenario: Scenario, seed: int) -> Tensor:
@@ -177,29 +176,50 @@ def probe_images(scenario: Scenario, seed: int) -> Tensor:
     return pool.images[order[:OVERHEAD_BATCH]]
 
 
-def probe_metrics(plain: torch.nn.Module, victim: torch.nn.Module, defense: Defense,
-                  fresh_clone: torch.nn.Module, probe: Tensor) -> dict[str, Any]:
+def probe_metrics(victims: Victims, defense: Defense, fresh_clone: torch.nn.Module, probe: Tensor
+                  ) -> dict[str, Any]:
     """The angular deviation of the attacker's gradient on ``ANGLE_SAMPLES`` probe images, clean
     = what the undefended API answers (the plain victim), served = the whole defended pipeline;
-    and, when ``victim`` is a training-time defense's, the effective L1 against the plain victim
-    on the probe (a query-time defense's comes from the attack's ledger). ``plain`` is the
-    scenario's plain victim, the very object ``victim`` for a query-time defense (:func:`_victim`)."""
+    and, for a training-time defense, the effective L1 against the plain victim on the probe (its
+    ledger compared the served victim with itself, L1 0; a query-time defense's comes from the
+    attack's ledger)."""
     head = probe[:ANGLE_SAMPLES]
-    clean = clean_posteriors(plain, head)
-    served = defense(head, clean_posteriors(victim, head))
+    clean = clean_posteriors(victims.plain, head)
+    served = defense(head, clean_posteriors(victims.served, head))
     metrics: dict[str, Any] = {
         "angular_deviation": [round(float(a), 2) for a in angular_deviation(fresh_clone, head, clean, served)]}
-    if victim is not plain:  # its ledger compared the served victim with itself (L1 0)
-        metrics["effective_l1"] = distance_to_plain(clean_posteriors(victim, probe),
-                                                    clean_posteriors(plain, probe))["l1"]
+    if victims.training_time:
+        metrics["effective_l1"] = distance_to_plain(clean_posteriors(victims.served, probe),
+                                                    clean_posteriors(victims.plain, probe))["l1"]
     return metrics
 
 
 def attacker_knowledge(spec: RunSpec) -> dict[str, Any]:
     """The run's attack parameters, with what a Kerckhoffs attacker knows filled in: the
-    restorer is told the query-time defense's name and public parameters (never its secrets)."""
+    restorer is told the query-time defense's name and public parameters (never its secrets,
+    and never its parts, such as a watermark set: docs/design.md §defense-spec)."""
     _, (query_defense, query_params) = split_defense(spec.defense, spec.defense_params)
-    return tell_restorer(spec.attack_params, query_defense, query_params)
+    plain_params = DefenseSpec.from_params(query_defense, query_params).params  # without its parts
+    return tell_restorer(spec.attack_params, query_defense, plain_params)
+
+
+def steal(spec: RunSpec, scenario: Scenario, victims: Victims, defense: Defense, clone_spec: CloneSpec
+          ) -> tuple[AttackResult, int]:
+    """The run's attack on the served victim behind ``defense``, through the answer cache when
+    there is one; returns the result and how many answers the cache replayed."""
+    api: InProcessAPI | ReplayingAPI = InProcessAPI(victims.served, defense, query_budget=None)
+    if (answers := answers_dir()) is not None:
+        try:
+            api = ReplayingAPI(api, AnswerCache(answers))
+        except (TypeError, ValueError) as error:  # e.g. a parameter it cannot fingerprint
+            log.warning("answer cache off for this run: %s", error)
+    attack = create_attack(spec.attack, **attacker_knowledge(spec))
+    with clone_cache(clones_dir()):
+        result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
+    if not isinstance(api, ReplayingAPI):
+        return result, 0
+    api.close()
+    return result, api.replayed
 
 
 def execute_run(spec: RunSpec) -> dict[str, Any]:
@@ -208,28 +228,19 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     torch.manual_seed(spec.seed)
     key = (spec.scenario, spec.victim_epochs)
     scenario = _scenario(key)
-    victim, card, defense = prepare_run(spec)
-    api: InProcessAPI | ReplayingAPI = InProcessAPI(victim, defense, query_budget=None)
-    if (answers := answers_dir()) is not None:
-        try:
-            api = ReplayingAPI(api, AnswerCache(answers))
-        except (TypeError, ValueError) as error:  # e.g. a parameter it cannot fingerprint
-            log.warning("answer cache off for this run: %s", error)
-    attack = create_attack(spec.attack, **attacker_knowledge(spec))
+    victims, defense = prepare_run(spec)
+    card = victims.card
     clone_spec = CloneSpec.like(card, training=spec.clone_training)
-    with clone_cache(clones_dir()):
-        result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
-    if isinstance(api, ReplayingAPI):
-        api.close()
+    result, replayed = steal(spec, scenario, victims, defense, clone_spec)
     final = result.history[-1] if result.history else {}
     # A fresh defense for the probes below: their numbers must not depend on what the attack's
     # requests did to the defense's state (or on whether they were replayed from the cache).
-    defense = prepare_run(spec)[2]
+    defense = prepare_run(spec)[1]
     test = load_dataset(scenario.victim_dataset, scenario.data_root).test
     clone_predictions = clean_posteriors(result.clone, test.images).argmax(1)
 
     probe = probe_images(scenario, spec.seed)
-    probes = probe_metrics(_victim(key)[0], victim, defense, clone_spec.build(card.input_shape, card.num_classes), probe)
+    probes = probe_metrics(victims, defense, clone_spec.build(card.input_shape, card.num_classes), probe)
     l1 = probes.pop("effective_l1", None)
     l1 = ({"effective_l1": result.effective_l1, "effective_l1_on": "queries"} if l1 is None
           else {"effective_l1": l1, "effective_l1_on": f"{len(probe)} pool images"})
@@ -238,18 +249,18 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         **_defender_metrics(key, spec.defense, json.dumps(spec.defense_params, sort_keys=True),
                             spec.eval_size),
         "victim_test_accuracy": card.test_accuracy,
-        "victim_fingerprint": weights_fingerprint(_victim(key)[0]),   # the scenario's plain victim
-        "served_model_fingerprint": weights_fingerprint(victim),      # differs for ini, dpsgd
+        "victim_fingerprint": weights_fingerprint(victims.plain),       # the scenario's plain victim
+        "served_model_fingerprint": weights_fingerprint(victims.served),  # differs for ini, dpsgd
         "clone_accuracy": float((clone_predictions == test.labels).float().mean()),
         **clone_health(result.clone, result.history, clone_predictions),
         **l1,
         "queries": result.queries,
-        "answers_replayed": api.replayed if isinstance(api, ReplayingAPI) else 0,
+        "answers_replayed": replayed,
         "transfer_digest": final.get("transfer_digest"),
         "clone_from_cache": bool(final.get("from_cache", False)),
         **({"restorer": final["restorer"]} if "restorer" in final else {}),
         "transfer_size": result.transfer_size,
-        "overhead_ratio": measure_overhead(victim, defense, probe),
+        "overhead_ratio": measure_overhead(victims.served, defense, probe),
         **probes,
         "attack_seconds": result.wall_seconds,
         "wall_seconds": time.perf_counter() - start,

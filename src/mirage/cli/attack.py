@@ -46,51 +46,58 @@ def attack(
         help="an attacker of the suite: soft, hard-label, averaging, restorer, noise-robust "
              "(the restorer is told the defense's name and public parameters)")] = None,
 ) -> None:
-    """Run one attack against a scenario's victim behind a defense; print clone accuracy, defender
-    accuracy, effective L1 and queries spent."""
+    """Run one attack against a scenario's victim behind a defense (query-time, or a training-time
+    victim); print clone accuracy, defender accuracy, effective L1 and queries spent."""
     from mirage.api import InProcessAPI, accuracy, defended_accuracy
     from mirage.attacks import CloneSpec, create_attack, variant_params
     from mirage.attacks.clone import recipe
     from mirage.attacks.pools import attack_data
     from mirage.attacks.restorer import tell_restorer
-    from mirage.bench.defenses import build_defense
     from mirage.data import load_dataset
     from mirage.scenarios import get_scenario
-    from mirage.training.victim import get_victim
+    from mirage.training.registry import is_training_time
+    from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims
 
     chosen = get_scenario(scenario)
-    victim, card, _ = get_victim(chosen)
     test = load_dataset(chosen.victim_dataset, chosen.data_root).test
     if eval_size is not None:
         test = test.subset(slice(0, eval_size))
     defense_params = parse_params(param)
     if epsilon is not None:
         defense_params["epsilon"] = epsilon
-    try:
-        # surrogates (GRAD²: distilled, cached) and detectors are resolved as in the benchmark
-        served = build_defense(defense, defense_params, chosen, victim, card)
+    try:  # the same declarative parts as a sweep's: surrogate = "distilled", reference, watermark, ...
+        spec = DefenseSpec.from_params(defense, defense_params)
         attack_params = parse_params(attack_param)
         if variant is not None:
             attack_params = {**variant_params(variant), **attack_params}
-        stealer = create_attack(attack_name, **tell_restorer(attack_params, defense, defense_params))
+        told = ("none", {}) if is_training_time(defense) else (defense, spec.params)  # what it serves at query time
+        stealer = create_attack(attack_name, **tell_restorer(attack_params, *told))
         training = recipe(recipe_name).model_copy(update={"epochs": epochs})
     except (KeyError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
-    api = InProcessAPI(victim, served)
-    result = stealer.run(api, budget, attack_data(chosen, attack_name),
-                         CloneSpec.like(card, training=training), seed=seed)
-    utility = defended_accuracy(victim, served, test)
-    table = Table("quantity", "value", title=f"{attack_name} vs {served!r} on {chosen.name}")
-    table.add_row("clone accuracy", f"{accuracy(result.clone, test):.4f}")
-    table.add_row("victim accuracy (clean)", f"{utility.clean_accuracy:.4f}")
-    table.add_row("defender accuracy", f"{utility.defended_accuracy:.4f}")
-    l1 = "unknown" if result.effective_l1 is None else f"{result.effective_l1:.4f}"
-    table.add_row("effective L1 (attacker's queries)", l1)
-    table.add_row("effective L1 (test set)", f"{utility.effective_l1:.4f}")
-    table.add_row("queries spent / budget", f"{result.queries} / {result.budget}")
-    table.add_row("transfer set size", str(result.transfer_size))
-    table.add_row("attack wall time", f"{result.wall_seconds:.1f}s")
+    victims = resolve_victims(spec, chosen, show_progress=True)
+    served = resolve_defense(spec, chosen, victims.served, victims.card)
+    result = stealer.run(InProcessAPI(victims.served, served), budget, attack_data(chosen, attack_name),
+                         CloneSpec.like(victims.card, training=training), seed=seed)
+    utility = defended_accuracy(victims.served, served, test)
+    table = Table("quantity", "value", title=f"{attack_name} vs {spec.name} {served!r} on {chosen.name}")
+    for name, value in _rows(result, utility, accuracy(result.clone, test), accuracy(victims.plain, test),
+                             victims.training_time):
+        table.add_row(name, value)
     console.print(table)
+
+
+def _rows(result, utility, clone_accuracy: float, victim_accuracy: float, training_time: bool
+          ) -> list[tuple[str, str]]:
+    """The report of ``mirage attack``; no L1 for a training-time defense, whose ledger compares
+    the served victim with itself."""
+    l1 = "unknown" if result.effective_l1 is None else f"{result.effective_l1:.4f}"
+    return [("clone accuracy", f"{clone_accuracy:.4f}"), ("victim accuracy (clean)", f"{victim_accuracy:.4f}"),
+            ("defender accuracy", f"{utility.defended_accuracy:.4f}"),
+            *([] if training_time else [("effective L1 (attacker's queries)", l1),
+                                        ("effective L1 (test set)", f"{utility.effective_l1:.4f}")]),
+            ("queries spent / budget", f"{result.queries} / {result.budget}"),
+            ("transfer set size", str(result.transfer_size)), ("attack wall time", f"{result.wall_seconds:.1f}s")]
 
 
 @app.command("attacks")

@@ -46,26 +46,49 @@ def train_surrogate(
 def verify_command(
     suspect: Annotated[Path, typer.Option(help="checkpoint directory of the suspect model")],
     clean: Annotated[list[Path], typer.Option(help="checkpoint directories of ≥ 2 clean models")],
+    config: Annotated[Path | None, typer.Option(
+        help="a service config whose defense serves the watermark: its behaviour set and dataset "
+             "(instead of the four options below)", exists=True, dir_okay=False)] = None,
     dataset: Annotated[str, typer.Option(help="dataset holding the behaviour images")] = "fmnist",
     source_class: Annotated[int, typer.Option(help="behaviour: images of this class ...")] = 1,
     target_class: Annotated[int, typer.Option(help="... labelled as this class")] = 8,
     size: Annotated[int, typer.Option(help="number of behaviour images (first of the train split)")] = 20,
     alpha: Annotated[float, typer.Option()] = 0.01,
 ) -> None:
-    """Test a suspect model for a GRAD² watermark behaviour against clean models (p-value)."""
-    import torch
-
+    """Test a suspect model for a GRAD² watermark behaviour against clean models (p-value). The
+    behaviour is the one a defense spec's ``watermark = {source_class, target_class, size}`` serves."""
     from mirage.data import load_dataset
     from mirage.models import load_checkpoint
+    from mirage.scenarios import WatermarkSet, behaviour_set
     from mirage.verify import verify
 
-    data = load_dataset(dataset)
-    x_w = data.train.images[data.train.labels == source_class][:size]
-    y_w = torch.full((len(x_w),), target_class, dtype=torch.int64)
+    try:
+        if config is not None:
+            dataset, watermark = served_watermark(config)
+        else:
+            watermark = WatermarkSet(source_class=source_class, target_class=target_class, size=size)
+        behaviour = behaviour_set(load_dataset(dataset), watermark)
+    except ValueError as error:
+        raise typer.BadParameter(str(error)) from error
+    x_w, y_w = behaviour.images, behaviour.labels
     result = verify(load_checkpoint(suspect)[0], [load_checkpoint(c)[0] for c in clean], x_w, y_w, alpha=alpha)
     verdict = "[bold red]watermarked[/]" if result.watermarked else "[bold green]not watermarked[/]"
-    console.print(f"behaviour: {len(x_w)} {dataset} images of class {source_class} -> {target_class}")
+    console.print(f"behaviour: {len(x_w)} {dataset} images of class {watermark.source_class} -> "
+                  f"{watermark.target_class}")
     console.print(f"statistic (mean log p) {result.statistic:.4f} vs clean "
                   f"{sum(result.clean_statistics) / len(result.clean_statistics):.4f}; match rate "
                   f"{result.match_rate:.2f}; t {result.t:.2f}; p {result.p_value:.3g} "
                   f"(empirical {result.empirical_p_value:.3g}) -> {verdict} at alpha {alpha}")
+
+
+def served_watermark(path: Path):
+    """(dataset, watermark set) of the service config at ``path``, whose defense serves GRAD²'s
+    watermark target (drawn from ``model.scenario``'s training data, which the config requires)."""
+    from mirage.scenarios import get_scenario
+    from mirage.serve.config import load_config
+
+    settings = load_config(path)
+    watermark = settings.defense.parts().watermark
+    if watermark is None:
+        raise ValueError(f"{path}: its defense serves no watermark (grad2 with target = 'watermark')")
+    return get_scenario(settings.model.scenario).victim_dataset, watermark

@@ -31,13 +31,23 @@ def train_victim(
 
 @app.command("defenses")
 def defenses() -> None:
-    """List the registered defenses and their parameters."""
+    """List the registered defenses, their parameters and what they promise."""
     from mirage.defenses import DEFENSES
 
-    table = Table("name", "parameters", "summary")
+    table = Table("name", "parameters", "contract (default parameters)", "summary")
     for name in sorted(DEFENSES):
         entry = DEFENSES[name]
         fields = ", ".join(f"{k}={f.default!r}" for k, f in entry.params.model_fields.items())
-        table.add_row(name, fields, entry.summary)
+        table.add_row(name, fields, describe_contract(entry.contract), entry.summary)
     console.print(table)
+
+
+def describe_contract(contract) -> str:
+    """``DefenseContract`` in a few words: ``needs x, keeps top-1, L1 ≤ 0.5, stateful``."""
+    words = [word for flag, word in ((contract.needs_input, "needs x"), (contract.truncating, "truncating"),
+                                     (contract.keeps_top1, "keeps top-1")) if flag]
+    if contract.budget is not None:
+        words.append(f"{contract.norm.upper()} ≤ {contract.budget:g}")
+    words.append("stateful" if contract.stateful else "stateless")
+    return ", ".join(words)
 

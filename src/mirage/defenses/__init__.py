@@ -12,6 +12,7 @@ import pkgutil
 from mirage.defenses.base import (
     DEFENSES,
     Defense,
+    DefenseContract,
     DefenseInvariantError,
     DefenseParams,
     check_probs,
@@ -27,6 +28,6 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "DEFENSES", "Defense", "DefenseInvariantError", "DefenseParams", "check_probs",
+    "DEFENSES", "Defense", "DefenseContract", "DefenseInvariantError", "DefenseParams", "check_probs",
     "create_defense", "list_defenses", "redirect", "register_defense",
 ]

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import Tensor, nn
 
-from mirage.defenses.base import Defense, DefenseParams, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 
 
 class AdaptiveMisinformationParams(DefenseParams):
@@ -46,8 +46,9 @@ class AdaptiveMisinformationParams(DefenseParams):
 class AdaptiveMisinformation(Defense):
     """Adaptive Misinformation (CVPR 2020): mix in a misinformation model on OOD-looking queries."""
 
-    needs_input = True
-    stateful = False
+    @classmethod
+    def contract_for(cls, params: AdaptiveMisinformationParams) -> DefenseContract:
+        return DefenseContract(needs_input=True, stateful=False)  # no budget: τ and ν set it
 
     def __init__(self, params: AdaptiveMisinformationParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

@@ -6,15 +6,16 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from mirage.defenses.base import Defense, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 
 
 @register_defense("argmax")
 class Argmax(Defense):
     """Argmax: serve only the top-1 label, as a one-hot row."""
 
-    preserves_top1 = True
-    stateful = False
+    @classmethod
+    def contract_for(cls, params: DefenseParams) -> DefenseContract:
+        return DefenseContract(keeps_top1=True, stateful=False)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         return torch.nn.functional.one_hot(probs.argmax(dim=1), probs.shape[1]).to(probs.dtype)

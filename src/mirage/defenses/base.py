@@ -2,17 +2,23 @@
 
 A defense maps a batch of clean posteriors to served posteriors: ``defense(x, probs) -> probs``.
 :meth:`Defense.__call__` is final in spirit (foolbox-style): it validates the input, runs the
-subclass's :meth:`Defense.perturb`, and re-checks the output invariants — simplex (or
-sub-simplex for declared truncating defenses), the L1 budget, and top-1 when promised — so no
-defense can forget them.
+subclass's :meth:`Defense.perturb`, and re-checks the output against the defense's
+:class:`DefenseContract` — simplex (or sub-simplex when truncating), the budget, and top-1 when
+promised — so no defense can forget them.
 
-Adding a defense is one file::
+A defense declares its contract in one place, :meth:`Defense.contract_for` (a function of its
+parameters). ``defense.contract`` is an instance's; ``DEFENSES[name].contract`` the class's, at
+the default parameters. Adding a defense is one file::
 
     class MyParams(DefenseParams):
         epsilon: float = Field(0.5, ge=0, le=2)
 
     @register_defense("mine", params=MyParams)
     class Mine(Defense):
+        @classmethod
+        def contract_for(cls, params: MyParams) -> DefenseContract:
+            return DefenseContract(budget=params.epsilon, stateful=False)
+
         def perturb(self, x, probs): ...
 """
 
@@ -20,15 +26,18 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable
-from typing import Any, ClassVar
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from mirage.registry import Registry
+from mirage.registry import Entry, Registry
 
 INPUT_ATOL = 1e-4
+
+Norm = Literal["l1", "l2", "kl"]
 
 
 def output_atol(dtype: torch.dtype) -> float:
@@ -44,6 +53,37 @@ class DefenseParams(BaseModel):
     """Typed, validated parameters of a defense. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+
+
+@dataclass(frozen=True)
+class DefenseContract:
+    """What a defense promises, and what :meth:`Defense.__call__` checks on every call
+    (docs/design.md §defense-contract).
+
+    ``needs_input``: the query images ``x`` must be given. ``truncating``: rows may sum to less
+    than 1, like a real API that drops or rounds entries. ``keeps_top1``: the clean argmax stays
+    the *unique* maximum of every served row. ``stateful``: an answer may depend on earlier
+    requests (a generator that advances, an ensemble member drawn per batch); true unless
+    declared otherwise, the safe default for answer caches. ``budget``: the per-query bound on
+    ``dist(y, ỹ)`` in the distance ``norm`` (L1, L2 or KL(y‖ỹ)), ``None`` for a defense without
+    one.
+    """
+
+    needs_input: bool = False
+    truncating: bool = False
+    keeps_top1: bool = False
+    stateful: bool = True
+    budget: float | None = None
+    norm: Norm = "l1"
+
+
+def distance(clean: Tensor, served: Tensor, norm: Norm) -> Tensor:
+    """Per-row dist(y, ỹ): L1, L2 or KL(y ‖ ỹ) (as MAD's official code). (B, K) x2 -> (B,)."""
+    if norm == "l1":
+        return (served - clean).abs().sum(1)
+    if norm == "l2":
+        return (served - clean).norm(dim=1)
+    return (torch.xlogy(clean, clean) - torch.xlogy(clean, served)).sum(1)
 
 
 def check_probs(probs: Tensor, num_classes: int | None = None, *, name: str = "probs",
@@ -85,20 +125,12 @@ def strict_top1_kept(clean: Tensor, served: Tensor) -> Tensor:
 class Defense(abc.ABC):
     """Base class of all inference-time defenses.
 
-    Class attributes declare the contract the base class enforces:
-    ``needs_input`` (``x`` must be given), ``truncating`` (rows may sum to < 1, like a real API
-    that drops or rounds entries), ``preserves_top1`` (top-1 kept strictly, always), ``stateful``
-    (an answer may depend on earlier requests, e.g. through a random generator that advances per
-    call; ``True`` unless a defense declares otherwise, the safe default for answer caches).
-    A defense with an L1 budget exposes it as :attr:`epsilon`.
+    A subclass declares what it promises in :meth:`contract_for`, from its parameters; the base
+    class enforces it (:attr:`contract`) on every call.
     """
 
     name: ClassVar[str] = ""
     params_type: ClassVar[type[DefenseParams]] = DefenseParams
-    needs_input: ClassVar[bool] = False
-    truncating: ClassVar[bool] = False
-    preserves_top1: ClassVar[bool] = False
-    stateful: ClassVar[bool] = True
 
     def __init__(self, params: DefenseParams | None = None, **kwargs: Any) -> None:
         if params is None:
@@ -108,20 +140,22 @@ class Defense(abc.ABC):
         if not isinstance(params, self.params_type):
             raise TypeError(f"{self.name} expects {self.params_type.__name__}, got {type(params).__name__}")
         self.params = params
+        self._contract = type(self).contract_for(params)
+
+    @classmethod
+    def contract_for(cls, params: DefenseParams) -> DefenseContract:
+        """The contract of an instance with these parameters: the one place a defense declares
+        it. The default promises nothing and is stateful."""
+        return DefenseContract()
 
     @property
-    def epsilon(self) -> float | None:
-        """The per-query L1 budget, or ``None`` for a defense without one."""
-        return getattr(self.params, "epsilon", None)
-
-    @property
-    def keeps_top1(self) -> bool:
-        """Whether this instance promises to keep the top-1 class (may depend on parameters)."""
-        return self.preserves_top1
+    def contract(self) -> DefenseContract:
+        """What this instance promises (its parameters are frozen, so this never changes)."""
+        return self._contract
 
     def __call__(self, x: Tensor | None, probs: Tensor) -> Tensor:
         check_probs(probs)
-        if self.needs_input:
+        if self.contract.needs_input:
             if x is None:
                 raise ValueError(f"defense {self.name!r} needs the query images x")
             if x.shape[0] != probs.shape[0]:
@@ -137,24 +171,27 @@ class Defense(abc.ABC):
         """The algorithm. ``probs``: (B, K) validated simplex rows. Returns (B, K)."""
 
     def check_output(self, clean: Tensor, served: Tensor) -> None:
-        atol = output_atol(served.dtype)
+        contract, atol = self.contract, output_atol(served.dtype)
         if served.shape != clean.shape:
             raise DefenseInvariantError(f"{self.name}: output shape {tuple(served.shape)} != {tuple(clean.shape)}")
         # Every scalar the contract needs, fetched with one host sync (NaN fails each comparison).
         low, high = torch.aminmax(served)
         low_sum, high_sum = torch.aminmax(served.sum(dim=1))
-        l1 = (served - clean).abs().sum(dim=1).max() if self.epsilon is not None else low
-        low, high, low_sum, high_sum, l1 = torch.stack([low, high, low_sum, high_sum, l1]).tolist()
+        used = low if contract.budget is None else (
+            distance(clean, served, "l1") if contract.norm == "l1"
+            else distance(clean.double(), served.double(), contract.norm)).max().to(low)
+        low, high, low_sum, high_sum, used = torch.stack([low, high, low_sum, high_sum, used]).tolist()
         if not (low >= -atol and high <= 1 + atol):
             raise DefenseInvariantError(f"{self.name}: output entries outside [0, 1] or NaN/inf "
                                         f"(min {low:.6g}, max {high:.6g})")
-        if not high_sum <= 1 + atol or (not self.truncating and not low_sum >= 1 - atol):
+        if not high_sum <= 1 + atol or (not contract.truncating and not low_sum >= 1 - atol):
             raise DefenseInvariantError(f"{self.name}: output rows not on the "
-                                        f"{'sub-' if self.truncating else ''}simplex "
+                                        f"{'sub-' if contract.truncating else ''}simplex "
                                         f"(row sums in [{low_sum:.6g}, {high_sum:.6g}])")
-        if self.epsilon is not None and not l1 <= self.epsilon + atol:
-            raise DefenseInvariantError(f"{self.name}: L1 {l1:.6g} exceeds budget {self.epsilon}")
-        if self.keeps_top1 and not strict_top1_kept(clean, served).all():
+        if contract.budget is not None and not used <= contract.budget + atol:
+            raise DefenseInvariantError(f"{self.name}: {contract.norm.upper()} {used:.6g} exceeds "
+                                        f"budget {contract.budget}")
+        if contract.keeps_top1 and not strict_top1_kept(clean, served).all():
             raise DefenseInvariantError(f"{self.name}: promised to keep top-1 but did not")
 
     def __repr__(self) -> str:
@@ -163,8 +200,19 @@ class Defense(abc.ABC):
         return f"{type(self).__name__}({fields})"
 
 
-_REGISTRY: Registry[Defense] = Registry("defense")
-DEFENSES = _REGISTRY.entries
+@dataclass(frozen=True)
+class DefenseEntry(Entry[Defense]):
+    """A registered defense: its class, typed parameters, summary and class-level contract."""
+
+    @property
+    def contract(self) -> DefenseContract:
+        """The contract at the default parameters (``model_construct``: parts such as a
+        surrogate, which have no default, are not needed to say what the defense promises)."""
+        return self.cls.contract_for(self.params.model_construct())
+
+
+_REGISTRY: Registry[Defense] = Registry("defense", entry=DefenseEntry)
+DEFENSES: dict[str, DefenseEntry] = _REGISTRY.entries  # type: ignore[assignment]
 
 
 def register_defense(name: str, *, params: type[DefenseParams] = DefenseParams

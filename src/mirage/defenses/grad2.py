@@ -29,7 +29,7 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from mirage.defenses.base import Defense, DefenseParams, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 from mirage.defenses.redirect import TOP1_MARGIN, redirect, redirect_top1_preserving
 from mirage.defenses.scores import SCORE_METHODS, Direction, check_direction
 from mirage.defenses.targets import TargetName, min_ip, static_target
@@ -82,7 +82,13 @@ def _check_labelled_set(x: Any, y: Any, prefix: str) -> None:
 class Grad2(Defense):
     """GRAD² gradient redirection (ICML 2022): steer the clone's gradient along a target v."""
 
-    needs_input = True
+    @classmethod
+    def contract_for(cls, params: Grad2Params) -> DefenseContract:
+        """An ensemble of surrogates samples its member per scoring batch from a generator that
+        advances: stateful."""
+        ensemble = isinstance(params.surrogate, Sequence) and len(params.surrogate) > 1
+        return DefenseContract(needs_input=True, keeps_top1=params.preserve_top1, stateful=ensemble,
+                               budget=params.epsilon)
 
     def __init__(self, params: Grad2Params | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -92,15 +98,6 @@ class Grad2(Defense):
             member.eval()
         self._generator = torch.Generator().manual_seed(self.params.seed)
         self._targets: dict[int, Direction] = {}
-
-    @property
-    def keeps_top1(self) -> bool:
-        return self.params.preserve_top1
-
-    @property
-    def stateful(self) -> bool:  # type: ignore[override]
-        """An ensemble samples its member per scoring batch from a generator that advances."""
-        return len(self.surrogates) > 1
 
     def direction(self, member: int, x: Tensor, probs: Tensor) -> Direction:
         """The target v on surrogate ``member`` (cached unless it depends on the batch)."""

@@ -12,6 +12,7 @@ wins. Then ỹ = (1 − α) y + α y* as in MAD; since y_t ≥ y_j and c_t > c_j
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -19,7 +20,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from mirage.defenses.base import register_defense
+from mirage.defenses.base import DefenseContract, register_defense
 from mirage.defenses.mad import MAD, MADParams, candidate_objective
 
 
@@ -44,7 +45,9 @@ def subset_table(k: int) -> Tensor:
 class MADArgmax(MAD):
     """MAD-argmax (ICLR 2020): MAD over top-1-preserving candidates; keeps the top-1 label."""
 
-    preserves_top1 = True
+    @classmethod
+    def contract_for(cls, params: MADArgmaxParams) -> DefenseContract:
+        return dataclasses.replace(super().contract_for(params), keeps_top1=True)
 
     def __init__(self, params: MADArgmaxParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)

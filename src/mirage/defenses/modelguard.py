@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mirage.defenses.base import Defense, DefenseParams, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 from mirage.defenses.redirect import TOP1_MARGIN, redirect, redirect_top1_preserving
 
 LOG_CLAMP = 1e-30
@@ -30,11 +30,9 @@ class ModelGuardParams(DefenseParams):
 class ModelGuardW(Defense):
     """ModelGuard-W: maximise CE(ỹ, y) within the L1 budget via the exact redirection step."""
 
-    stateful = False
-
-    @property
-    def keeps_top1(self) -> bool:
-        return self.params.preserve_top1
+    @classmethod
+    def contract_for(cls, params: ModelGuardParams) -> DefenseContract:
+        return DefenseContract(keeps_top1=params.preserve_top1, stateful=False, budget=params.epsilon)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         scores = -torch.log(probs.double().clamp_min(LOG_CLAMP))

@@ -5,15 +5,17 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from mirage.defenses.base import Defense, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 
 
 @register_defense("none")
 class NoDefense(Defense):
     """No defense: ỹ = y."""
 
-    preserves_top1 = False  # ties in y stay ties; nothing is promised beyond identity
-    stateful = False
+    @classmethod
+    def contract_for(cls, params: DefenseParams) -> DefenseContract:
+        # keeps_top1 stays false: ties in y stay ties, and nothing is promised beyond identity
+        return DefenseContract(stateful=False)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         return probs.clone()

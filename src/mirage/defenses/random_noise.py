@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mirage.defenses.base import Defense, DefenseParams, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 from mirage.defenses.redirect import move_mass_to_best
 
 LOGIT_CLAMP = 1e-12
@@ -36,6 +36,10 @@ class RandomNoiseParams(DefenseParams):
 @register_defense("random_noise", params=RandomNoiseParams)
 class RandomNoise(Defense):
     """Random noise within an L1 budget: a random non-argmax class gains ε/2, or logit noise."""
+
+    @classmethod
+    def contract_for(cls, params: RandomNoiseParams) -> DefenseContract:
+        return DefenseContract(budget=params.epsilon, stateful=True)  # its generator advances per call
 
     def __init__(self, params: RandomNoiseParams | None = None, **kwargs) -> None:
         super().__init__(params, **kwargs)

@@ -15,7 +15,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mirage.defenses.base import Defense, DefenseParams, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 
 LOGIT_CLAMP = 1e-12
 
@@ -29,7 +29,9 @@ class ReverseSigmoidParams(DefenseParams):
 class ReverseSigmoid(Defense):
     """Reverse sigmoid: ỹ ∝ max(y − β(σ(γ·logit y) − ½), 0) (Lee et al., 2019)."""
 
-    stateful = False
+    @classmethod
+    def contract_for(cls, params: ReverseSigmoidParams) -> DefenseContract:
+        return DefenseContract(stateful=False)  # no budget: β sets the trade-off
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         y = probs.double().clamp(LOGIT_CLAMP, 1 - LOGIT_CLAMP)

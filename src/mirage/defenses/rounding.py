@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mirage.defenses.base import Defense, DefenseParams, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 
 
 class RoundingParams(DefenseParams):
@@ -22,8 +22,9 @@ class RoundingParams(DefenseParams):
 class Rounding(Defense):
     """Rounding: floor every probability to ``decimals`` decimal places."""
 
-    truncating = True
-    stateful = False
+    @classmethod
+    def contract_for(cls, params: RoundingParams) -> DefenseContract:
+        return DefenseContract(truncating=True, stateful=False)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         scale = 10.0 ** self.params.decimals

@@ -8,7 +8,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from mirage.defenses.base import Defense, DefenseParams, register_defense
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 
 
 class TopKParams(DefenseParams):
@@ -19,8 +19,9 @@ class TopKParams(DefenseParams):
 class TopK(Defense):
     """Top-k: keep the k largest probabilities, zero the others (no renormalisation)."""
 
-    truncating = True
-    stateful = False
+    @classmethod
+    def contract_for(cls, params: TopKParams) -> DefenseContract:
+        return DefenseContract(truncating=True, stateful=False)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         k = min(self.params.k, probs.shape[1])

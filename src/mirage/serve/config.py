@@ -8,10 +8,10 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     name = "fmnist"
     scenario = "fmnist"              # or checkpoint = "path/to/checkpoint-dir"
 
-    [defense]
+    [defense]                        # a defense spec: the same lines as a sweep's [[defenses]] point
     name = "grad2"
     params = { epsilon = 0.5, target = "all-ones" }
-    surrogate = "path/to/surrogate-checkpoint-dir"   # loaded into params["surrogate"]
+    surrogate = "path/to/surrogate-checkpoint-dir"   # or "distilled" (trained for model.scenario)
 
     [limits]
     max_payload_bytes = 20_000_000
@@ -37,7 +37,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mirage.scenarios import ReferenceSet
+from mirage.defenses import DEFENSES
+from mirage.training.resolve import DefenseSpec
 
 
 class _Strict(BaseModel):
@@ -57,21 +58,38 @@ class ModelConfig(_Strict):
         return self
 
 
-class DefenseConfig(_Strict):
-    name: str = "none"
-    params: dict[str, Any] = Field(default_factory=dict)
-    surrogate: Path | list[Path] | None = Field(
-        None, description="checkpoint dir(s) loaded into params[surrogate_param] (an ensemble if a list)")
-    surrogate_training: dict[str, Any] | None = Field(
-        None, description="instead of a path: train or reuse the cached surrogate of model.scenario "
-                          "(SurrogateConfig fields; {} = distilled, early-stopped defaults)")
-    surrogate_param: str = "surrogate"
-    reference_set: ReferenceSet | None = Field(
-        None, description="grad2 target='unlearn': {size, seed} images of model.scenario's training "
-                          "data with their labels, loaded into params.reference_x / reference_y")
+class DefenseConfig(DefenseSpec):
+    """The served defense: a :class:`~mirage.training.resolve.DefenseSpec` (docs/design.md
+    §defense-spec), so any point of a sweep serves from the same lines, plus how clients share
+    it. Keys of earlier configs still read: ``surrogate_training = {...}`` (a surrogate trained
+    for ``model.scenario``: ``kind`` and the other SurrogateConfig fields) and ``reference_set``."""
+
     per_client: bool = Field(True, description="one defense instance (and its state) per client")
     seed_per_client: bool = Field(
         False, description="derive params.seed from the client name (a per-client coordinated target)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _earlier_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        if "surrogate_training" in data:
+            training = dict(data.pop("surrogate_training") or {})
+            if data.get("surrogate") is not None:
+                raise ValueError("give at most one of defense.surrogate and defense.surrogate_training")
+            data["surrogate"], data["surrogate_config"] = training.pop("kind", "distilled"), training
+        if "reference_set" in data:
+            data["reference"] = data.pop("reference_set")
+        if data.pop("surrogate_param", "surrogate") != "surrogate":
+            raise ValueError("surrogate_param is gone: the surrogate is the defense's `surrogate` parameter")
+        return data
+
+    @model_validator(mode="after")
+    def _seeded(self) -> DefenseConfig:
+        if self.seed_per_client and (self.training_time or "seed" not in DEFENSES[self.name].params.model_fields):
+            raise ValueError(f"seed_per_client: defense {self.name!r} has no seed")
+        return self
 
 
 class LimitsConfig(_Strict):
@@ -119,12 +137,14 @@ class ServeConfig(_Strict):
         return clients
 
     @model_validator(mode="after")
-    def _surrogate_source(self) -> ServeConfig:
-        if self.defense.surrogate_training is not None:
-            if self.defense.surrogate is not None:
-                raise ValueError("give at most one of defense.surrogate and defense.surrogate_training")
-            if self.model.scenario is None:
-                raise ValueError("defense.surrogate_training needs model.scenario")
+    def _scenario_for_the_parts(self) -> ServeConfig:
+        if self.model.scenario is None:
+            if self.defense.training_time:
+                raise ValueError(f"training-time defense {self.defense.name!r} needs model.scenario "
+                                 "(whose victim it retrains); or serve its checkpoint with defense none")
+            if needed := self.defense.parts().needing_a_scenario():
+                raise ValueError(f"defense {', '.join(needed)} {'needs' if len(needed) == 1 else 'need'} "
+                                 "model.scenario, whose data and victim they come from (or give checkpoints)")
         return self
 
     @property
@@ -139,11 +159,9 @@ class ServeConfig(_Strict):
             path = path.expanduser()
             return path if path.is_absolute() else (base / path)
 
-        surrogate = self.defense.surrogate
-        surrogate = [fix(p) for p in surrogate] if isinstance(surrogate, list) else fix(surrogate)
         return self.model_copy(update={
             "model": self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)}),
-            "defense": self.defense.model_copy(update={"surrogate": surrogate}),
+            "defense": self.defense.anchored(base),
             "storage": self.storage.model_copy(update={"database": fix(self.storage.database),
                                                        "audit": fix(self.storage.audit)}),
         })

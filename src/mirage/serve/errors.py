@@ -1,10 +1,13 @@
 """Typed errors of the prediction service and the ONE table mapping them to HTTP status codes.
 
 Every rejection raised anywhere in :mod:`mirage.serve` is a :class:`ServeError` subclass with a
-machine-readable ``reason``; :func:`http_status` is the only place that knows HTTP.
+machine-readable ``reason``; this module is the only place that knows HTTP: :func:`http_status`
+maps errors to status codes and :func:`error_response` renders them.
 """
 
 from __future__ import annotations
+
+import math
 
 
 class ServeError(Exception):
@@ -90,3 +93,16 @@ def http_status(error: ServeError) -> int:
         if cls in HTTP_STATUS:
             return HTTP_STATUS[cls]
     return 400
+
+
+def from_http_status(status: int, message: str) -> ServeError:
+    """The typed error for an HTTP error the framework raised itself (an unknown route: 404, a
+    wrong method: 405; anything else is a bad request)."""
+    return {404: NotFound, 405: MethodNotAllowed}.get(status, BadRequest)(message)
+
+
+def error_response(error: ServeError) -> tuple[dict[str, str], int, dict[str, str] | None]:
+    """(JSON body, HTTP status, headers) of a rejection: ``{"error", "reason"}``, the status of
+    :func:`http_status`, and ``Retry-After`` when the client may retry later."""
+    headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))} if error.retry_after else None
+    return {"error": error.message, "reason": error.reason}, http_status(error), headers

@@ -3,7 +3,8 @@ the query-time defense is ``none``. The benchmark sweeps them next to the infere
 
     model, card, cached = get_defended_victim(get_scenario("fmnist"), "dpsgd", {"noise_multiplier": 1.0})
 
-Registered: ``none`` (the plain victim of :func:`mirage.training.victim.get_victim`), ``ini``
+Registered like the query-time defenses, in a :class:`mirage.registry.Registry` with typed
+parameters: ``none`` (the plain victim of :func:`mirage.training.victim.get_victim`), ``ini``
 (:mod:`mirage.training.ini`) and ``dpsgd`` (:mod:`mirage.training.dpsgd`). Trained victims are
 cached under ``$MIRAGE_MODELS/victims/<dataset>-<arch>-<method>-<key>/`` where ``key`` is
 ``config_key`` of the scenario's victim settings plus the method's full, validated config.
@@ -11,11 +12,11 @@ cached under ``$MIRAGE_MODELS/victims/<dataset>-<arch>-<method>-<key>/`` where `
 
 from __future__ import annotations
 
+import abc
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,11 +28,11 @@ from mirage.models import (
     load_checkpoint,
     save_checkpoint,
 )
-from mirage.registry import UnknownNameError
+from mirage.registry import Registry
 from mirage.scenarios import Scenario
 from mirage.training.dpsgd import DpsgdConfig, train_dpsgd_victim
 from mirage.training.ini import IniConfig, train_ini_victim
-from mirage.training.victim import config_key, get_victim
+from mirage.training.victim import config_key, get_victim, train_model
 
 log = logging.getLogger(__name__)
 
@@ -40,34 +41,72 @@ class NoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class TrainingDefense:
-    name: str
-    params: type[BaseModel]
-    train: Callable[..., tuple[ImageClassifier, ModelCard]] | None
-    summary: str
+class TrainingDefense(abc.ABC):
+    """A training-time defense: the scenario's victim, trained differently. Registered by name
+    with typed parameters like the query-time defenses (:class:`mirage.registry.Registry`)."""
+
+    name: ClassVar[str] = ""
+    params_type: ClassVar[type[BaseModel]] = NoConfig
+
+    def __init__(self, params: BaseModel) -> None:
+        self.params = params
+
+    @abc.abstractmethod
+    def train(self, scenario: Scenario, *, show_progress: bool = True) -> tuple[ImageClassifier, ModelCard]:
+        """Train the defended victim (no caching: :func:`get_defended_victim` caches)."""
 
 
-TRAINING_DEFENSES: dict[str, TrainingDefense] = {
-    "none": TrainingDefense("none", NoConfig, None, "the plain victim"),
-    "ini": TrainingDefense("ini", IniConfig, train_ini_victim,
-                           "InI: joint training against a student clone (Guo et al. 2023)"),
-    "dpsgd": TrainingDefense("dpsgd", DpsgdConfig, train_dpsgd_victim,
-                             "DP-SGD with Opacus (Abadi et al. 2016)"),
-}
+_REGISTRY: Registry[TrainingDefense] = Registry("training-time defense")
+TRAINING_DEFENSES = _REGISTRY.entries
+
+
+def register_training_defense(name: str, *, params: type[BaseModel] = NoConfig
+                              ) -> Callable[[type[TrainingDefense]], type[TrainingDefense]]:
+    """Class decorator: add a training-time defense to the registry under ``name``."""
+    return _REGISTRY.register(name, params)
+
+
+@register_training_defense("none")
+class PlainVictim(TrainingDefense):
+    """The plain victim."""
+
+    def train(self, scenario: Scenario, *, show_progress: bool = True) -> tuple[ImageClassifier, ModelCard]:
+        return train_model(scenario.architecture, scenario.arch_kwargs, scenario.victim_dataset,
+                           scenario.victim_training, data_root=scenario.data_root,
+                           description=f"victim {scenario.name}", show_progress=show_progress)
+
+
+@register_training_defense("ini", params=IniConfig)
+class Ini(TrainingDefense):
+    """InI: joint training against a student clone (Guo et al. 2023)."""
+
+    def train(self, scenario: Scenario, *, show_progress: bool = True) -> tuple[ImageClassifier, ModelCard]:
+        return train_ini_victim(scenario, self.params, show_progress=show_progress)
+
+
+@register_training_defense("dpsgd", params=DpsgdConfig)
+class Dpsgd(TrainingDefense):
+    """DP-SGD with Opacus (Abadi et al. 2016)."""
+
+    def train(self, scenario: Scenario, *, show_progress: bool = True) -> tuple[ImageClassifier, ModelCard]:
+        return train_dpsgd_victim(scenario, self.params, show_progress=show_progress)
 
 
 def list_training_defenses() -> list[str]:
-    return sorted(TRAINING_DEFENSES)
+    return _REGISTRY.names()
+
+
+def is_training_time(name: str) -> bool:
+    """Whether ``name`` is a training-time defense other than ``none`` (which is the plain victim
+    of either registry)."""
+    return name != "none" and name in _REGISTRY
 
 
 def resolve_config(method: str, params: BaseModel | dict[str, Any] | None = None) -> BaseModel:
     """Validate ``params`` for ``method``; an unknown method raises
     :class:`~mirage.registry.UnknownNameError`, unknown keys a pydantic ``ValidationError`` (both
     ``ValueError``)."""
-    if method not in TRAINING_DEFENSES:
-        raise UnknownNameError("training-time defense", method, TRAINING_DEFENSES)
-    entry = TRAINING_DEFENSES[method]
+    entry = _REGISTRY.get(method)
     if isinstance(params, entry.params):
         return params
     if isinstance(params, BaseModel):
@@ -97,7 +136,7 @@ def get_defended_victim(scenario: Scenario, method: str, params: BaseModel | dic
     if has_checkpoint(directory) and not retrain:
         model, card = load_checkpoint(directory)
         return model, card, True
-    model, card = TRAINING_DEFENSES[method].train(scenario, config, show_progress=show_progress)
+    model, card = _REGISTRY.get(method).cls(config).train(scenario, show_progress=show_progress)
     save_checkpoint(model, card, directory)
     log.info("%s victim %s: test accuracy %.4f in %.0fs -> %s", method, scenario.name,
              card.test_accuracy, card.train_seconds, directory)

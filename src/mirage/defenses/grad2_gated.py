@@ -1,0 +1,124 @@
+"""GRAD² gated on how attacker-like a query looks (docs/design.md §grad2-gated; issue 18).
+
+Redirection is the best use of a budget (Mazeika et al., ICML 2022), so spend a large one exactly
+where a query looks unlike the defender's own traffic and a small, top-1-keeping one elsewhere:
+
+    s(x) = gate score (higher = more in-distribution),  τ = the benign false-positive quantile,
+    ỹ = GRAD²(ε_low, top-1 kept)(x, y)      if s(x) ≥ τ,
+    ỹ = GRAD²(ε_high, label-changing)(x, y) if s(x) < τ.
+
+Gate scores: ``msp`` — the victim's max softmax, read from the answer itself (no model needed);
+``oe-msp`` — the max softmax of an outlier-exposure detector (adaptive misinformation's,
+Kariyappa & Qureshi 2020); ``max-logit`` and ``neg-energy`` (logsumexp of the logits, Liu et al.,
+NeurIPS 2020) of ``gate_model`` (the victim). τ is a parameter; :func:`benign_threshold` sets it
+from held-out benign scores at a target false-positive rate (the resolver does).
+
+Both branches are registered GRAD² instances called through :meth:`Defense.__call__`, so every
+row is checked against its own branch's contract (ε_low and top-1 below the gate, ε_high above),
+and the whole answer against this defense's (simplex, max(ε_low, ε_high)).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import Tensor, nn
+
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
+from mirage.defenses.grad2 import Grad2, Grad2Params
+from mirage.defenses.redirect import TOP1_MARGIN
+from mirage.defenses.targets import TargetName
+
+GateName = Literal["msp", "oe-msp", "max-logit", "neg-energy"]
+
+
+class GatedGrad2Params(DefenseParams):
+    epsilon_low: float = Field(0.5, ge=0, le=2, description="L1 budget below the gate (top-1 kept)")
+    epsilon_high: float = Field(2.0, ge=0, le=2, description="L1 budget above the gate (labels may change)")
+    tau: float = Field(0.5, description="attacker-like when the gate score is below τ")
+    gate: GateName = "msp"
+    gate_model: Any = Field(None, description="nn.Module scoring the gate (all gates but msp)")
+    target: TargetName = "all-ones"
+    surrogate: Any = None
+    reference_x: Any = None
+    reference_y: Any = None
+    watermark_x: Any = None
+    watermark_y: Any = None
+    target_vector: Any = None
+    top1_margin: float = Field(TOP1_MARGIN, ge=0, lt=0.5)
+    batch_size: int = Field(256, ge=1)
+    seed: int = 0
+
+    @field_validator("gate_model")
+    @classmethod
+    def _module(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, nn.Module):
+            raise ValueError("gate_model must be an nn.Module")
+        return value
+
+    @model_validator(mode="after")
+    def _gate_needs_model(self) -> GatedGrad2Params:
+        if self.gate != "msp" and self.gate_model is None:
+            raise ValueError(f"gate {self.gate!r} needs gate_model")
+        return self
+
+    def branch(self, *, high: bool) -> Grad2Params:
+        shared = {k: getattr(self, k) for k in ("target", "surrogate", "reference_x", "reference_y",
+                                                 "watermark_x", "watermark_y", "target_vector",
+                                                 "top1_margin", "batch_size", "seed")}
+        return Grad2Params(epsilon=self.epsilon_high if high else self.epsilon_low,
+                           preserve_top1=not high, **shared)
+
+
+@torch.no_grad()
+def gate_scores(gate: GateName, x: Tensor | None, probs: Tensor, model: nn.Module | None) -> Tensor:
+    """(B,) gate scores, higher = more in-distribution."""
+    if gate == "msp":
+        return probs.max(1).values
+    model.eval()
+    logits = model(x.to(next(model.parameters()).dtype)).to(probs.dtype)
+    if gate == "oe-msp":
+        return torch.softmax(logits, 1).max(1).values
+    if gate == "max-logit":
+        return logits.max(1).values
+    return torch.logsumexp(logits, 1)
+
+
+def benign_threshold(scores: Tensor, false_positive_rate: float) -> float:
+    """τ such that a fraction ``false_positive_rate`` of benign ``scores`` falls below it."""
+    if not 0 <= false_positive_rate < 1:
+        raise ValueError("false_positive_rate must lie in [0, 1)")
+    return float(torch.quantile(scores.double(), false_positive_rate))
+
+
+@register_defense("grad2_gated", params=GatedGrad2Params)
+class GatedGrad2(Defense):
+    """GRAD² with an out-of-distribution gate: top-1-keeping below it, label-changing above."""
+
+    @classmethod
+    def contract_for(cls, params: GatedGrad2Params) -> DefenseContract:
+        """Stateful as GRAD² is (with a surrogate ensemble); the budget is the larger branch's."""
+        ensemble = isinstance(params.surrogate, Sequence) and len(params.surrogate) > 1
+        return DefenseContract(needs_input=True, keeps_top1=False, stateful=ensemble,
+                               budget=max(params.epsilon_low, params.epsilon_high))
+
+    def __init__(self, params: GatedGrad2Params | None = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self.low = Grad2(self.params.branch(high=False))
+        self.high = Grad2(self.params.branch(high=True))
+
+    def attacker_like(self, x: Tensor, probs: Tensor) -> Tensor:
+        """(B,) bool: the rows the gate sends to the label-changing branch."""
+        return gate_scores(self.params.gate, x, probs, self.params.gate_model) < self.params.tau
+
+    def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
+        high = self.attacker_like(x, probs)
+        served = torch.empty_like(probs)
+        if (~high).any():
+            served[~high] = self.low(x[~high], probs[~high])
+        if high.any():
+            served[high] = self.high(x[high], probs[high])
+        return served

@@ -1,0 +1,96 @@
+"""What the service serves (docs/design.md §service): the model, from a checkpoint or a scenario,
+and the defense, built by the one resolver every front end uses (docs/design.md §defense-spec),
+as one shared instance or one per client."""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+from typing import Any
+
+from torch import nn
+
+from mirage.defenses import Defense, create_defense
+from mirage.models import ModelCard, load_checkpoint
+from mirage.scenarios import Scenario, get_scenario
+from mirage.serve.config import DefenseConfig, ServeConfig
+from mirage.training.resolve import resolve_params, resolve_victims
+
+SHARED = "*"
+
+
+def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | None]:
+    """The served model, its card, and the scenario it comes from (``None`` for a checkpoint).
+    With a scenario, a training-time defense's victim is served in place of the plain one."""
+    source = config.model
+    if source.checkpoint is not None:
+        model, card = load_checkpoint(source.checkpoint)
+        return model.eval(), card, None
+    scenario = get_scenario(source.scenario)
+    victims = resolve_victims(config.defense, scenario)
+    return victims.served.eval(), victims.card, scenario
+
+
+def class_names(config: ServeConfig, card: ModelCard) -> list[str]:
+    """The configured class names, or the dataset's, or 0 … K−1."""
+    if config.model.classes is not None:
+        classes = list(config.model.classes)
+    elif card.dataset == "fmnist":
+        from mirage.data.fashion_mnist import CLASSES
+
+        classes = list(CLASSES)
+    else:
+        classes = [str(k) for k in range(card.num_classes)]
+    if len(classes) != card.num_classes:
+        raise ValueError(f"{len(classes)} class names for a {card.num_classes}-class model")
+    return classes
+
+
+def client_seed(base: int, client: str) -> int:
+    """A stable per-client seed (the same after a restart)."""
+    return (base + zlib.crc32(client.encode())) % (2**31)
+
+
+class ServedDefenses:
+    """The configured defense: its parts resolved once (surrogates, reference and watermark sets,
+    detectors), then one shared instance or, lazily, one per client (``per_client``), with a
+    seed derived from the client's name if ``seed_per_client``. ``None`` when nothing runs at
+    query time (``none``, or a training-time defense, whose victim is the served model)."""
+
+    def __init__(self, spec: DefenseConfig, scenario: Scenario | None, model: nn.Module, card: ModelCard) -> None:
+        self.spec = spec
+        self.enabled = spec.name != "none" and not spec.training_time
+        self.params = resolve_params(spec, scenario, model, card) if self.enabled else {}
+        self.prototype = self._build(None) if self.enabled else None
+        self._instances: dict[str, Defense] = {}
+
+    def _build(self, client: str | None) -> Defense:
+        params = dict(self.params)
+        if self.spec.seed_per_client and client is not None:
+            params["seed"] = client_seed(int(params.get("seed", 0)), client)
+        return create_defense(self.spec.name, **params)
+
+    def key(self, client: str) -> str:
+        return client if self.spec.per_client else SHARED
+
+    def __call__(self, key: str) -> Defense | None:
+        if not self.enabled:
+            return None
+        if key == SHARED:
+            return self.prototype
+        if key not in self._instances:
+            self._instances[key] = self._build(key)
+        return self._instances[key]
+
+    def describe(self) -> dict[str, Any]:
+        """The defense as metadata shows it: name, scalar parameters, contract, client sharing."""
+        defense = self.prototype or create_defense("none")
+        params = {}
+        for name in type(defense.params).model_fields:
+            value = getattr(defense.params, name)
+            params[name] = value if isinstance(value, str | int | float | bool | None) else f"<{type(value).__name__}>"
+        if self.spec.training_time:
+            params = dict(self.spec.params)
+        return {"name": self.spec.name, "params": params, "contract": dataclasses.asdict(defense.contract),
+                "training_time": self.spec.training_time, "per_client": self.spec.per_client,
+                "seed_per_client": self.spec.seed_per_client}

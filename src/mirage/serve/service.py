@@ -1,0 +1,109 @@
+"""Everything one server holds, and one request's way through it (docs/design.md §service):
+authenticate → validate → charge → micro-batch (model, defense) → audit → answer.
+
+A request is validated completely (size, JSON, shape, dtype, finiteness, range, key, model)
+before the quota is charged; the charge is one SQLite transaction; if the model or defense then
+fails, the charge is refunded (docs/design.md §service-errors).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+import torch
+from fastapi import Request
+
+from mirage.serve.audit import AuditLog
+from mirage.serve.auth import KeyRing, key_from_headers
+from mirage.serve.batching import MicroBatcher
+from mirage.serve.config import ClientConfig, ServeConfig
+from mirage.serve.errors import InferenceFailed, UnknownModel
+from mirage.serve.loading import ServedDefenses, class_names, load_model
+from mirage.serve.metrics import Metrics
+from mirage.serve.protocol import infer_response, model_metadata, parse_infer_request, read_body
+from mirage.serve.quotas import QuotaStore
+
+log = logging.getLogger(__name__)
+
+
+class Service:
+    """The model, its defenses, the key ring, the quota store, the audit log and the metrics."""
+
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        model, card, scenario = load_model(config)
+        self.model = model
+        self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment]
+        self.classes = class_names(config, card)
+        self.defenses = ServedDefenses(config.defense, scenario, model, card)
+        self.keys = KeyRing(config.clients)
+        self.quotas = QuotaStore(config.storage.database)
+        self.audit = AuditLog(config.audit_path)
+        self.metrics = Metrics()
+        limits = config.limits
+        self.batcher = MicroBatcher(self.model, self.defenses, max_images=limits.microbatch_images,
+                                    max_wait=limits.microbatch_wait_ms / 1000, metrics=self.metrics,
+                                    model_name=config.model.name)
+
+    def authenticate(self, request: Request) -> ClientConfig:
+        key = key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
+        return self.keys.authenticate(key)
+
+    def check_model(self, name: str) -> None:
+        if name != self.config.model.name:
+            raise UnknownModel(f"unknown model {name!r}; this server serves {self.config.model.name!r}")
+
+    def metadata(self, client: ClientConfig) -> dict[str, Any]:
+        limits = self.config.limits
+        return model_metadata(
+            self.config.model.name, self.input_shape, self.classes, defense=self.defenses.describe(),
+            limits={"max_batch": limits.max_batch, "max_payload_bytes": limits.max_payload_bytes},
+            client={"name": client.name, "quota": client.quota, "queries_used": self.quotas.used(client.name),
+                    "rate": client.rate, "burst": client.bucket_capacity})
+
+    async def infer(self, name: str, request: Request) -> dict[str, Any]:
+        start = time.perf_counter()
+        client = self.authenticate(request)
+        self.check_model(name)
+        body = await read_body(request, self.config.limits.max_payload_bytes)
+        images, request_id = await asyncio.to_thread(parse_infer_request, body, self.input_shape,
+                                                     self.config.limits.max_batch)
+        n = len(images)
+        used = await asyncio.to_thread(self.quotas.charge, client, n)
+        audited = False
+        try:
+            future = self.batcher.submit(self.defenses.key(client.name), torch.from_numpy(images))
+            served = (await asyncio.wrap_future(future)).numpy()
+            await asyncio.to_thread(self.audit.record, client=client.name, model=name,
+                                    request_id=request_id, images=images, served=served)
+            audited = True
+        except BaseException as error:
+            if not audited:
+                await asyncio.shield(asyncio.to_thread(self.quotas.refund, client, n))
+            if isinstance(error, Exception):
+                log.exception("inference failed for client %s", client.name)
+                raise InferenceFailed(f"the model or defense failed ({type(error).__name__}); "
+                                      "the queries were not charged") from error
+            raise
+        labels = {"model": name, "client": client.name}
+        self.metrics.inc("mirage_requests_total", **labels)
+        self.metrics.inc("mirage_queries_total", n, **labels)
+        self.metrics.observe("mirage_request_latency_seconds", time.perf_counter() - start, model=name)
+        return infer_response(name, request_id, served, queries_used=used, query_budget=client.quota)
+
+    def render_metrics(self) -> str:
+        usage = self.quotas.usage()
+        names = [c.name for c in self.config.clients]
+        gauges = {
+            "mirage_client_queries_used": {(("client", c),): usage.get(c, (0, 0))[0] for c in names},
+            "mirage_client_requests_used": {(("client", c),): usage.get(c, (0, 0))[1] for c in names},
+        }
+        return self.metrics.render(gauges)
+
+    def close(self) -> None:
+        self.batcher.stop()
+        self.quotas.close()
+        self.audit.close()

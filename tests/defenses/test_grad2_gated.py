@@ -1,0 +1,60 @@
+"""GRAD² gated on an OOD score: each row goes to the branch its gate score says, and is exactly
+what that branch alone would serve; the threshold meets its benign false-positive rate."""
+
+import pytest
+import torch
+
+from mirage.defenses import DEFENSES, create_defense
+from mirage.defenses.base import strict_top1_kept
+from mirage.defenses.grad2_gated import benign_threshold, gate_scores
+from mirage.models import create_model
+
+
+@pytest.fixture(scope="module")
+def nets():
+    torch.manual_seed(0)
+    surrogate = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
+    victim = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
+    return surrogate, victim
+
+
+def _batch(victim, n=64, seed=1):
+    x = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        probs = torch.softmax(victim(x) * 3, 1)
+    return x, probs
+
+
+def test_rows_are_served_by_their_branch_exactly(nets):
+    surrogate, victim = nets
+    x, probs = _batch(victim)
+    tau = float(probs.max(1).values.median())
+    common = {"target": "max-norm", "surrogate": surrogate}
+    gated = create_defense("grad2_gated", tau=tau, epsilon_low=0.3, epsilon_high=1.5, **common)
+    served = gated(x, probs)
+    high = probs.max(1).values < tau
+    assert 0 < high.sum() < len(high)
+    low_alone = create_defense("grad2", epsilon=0.3, preserve_top1=True, **common)(x[~high], probs[~high])
+    high_alone = create_defense("grad2", epsilon=1.5, **common)(x[high], probs[high])
+    torch.testing.assert_close(served[~high], low_alone)
+    torch.testing.assert_close(served[high], high_alone)
+    l1 = (served - probs).abs().sum(1)
+    assert (l1[~high] <= 0.3 + 1e-5).all() and (l1[high] <= 1.5 + 1e-5).all()
+    assert strict_top1_kept(probs[~high], served[~high]).all()
+    assert gated.contract.budget == 1.5 and not gated.contract.keeps_top1 and gated.contract.needs_input
+
+
+def test_gate_scores_and_threshold(nets):
+    surrogate, victim = nets
+    x, probs = _batch(victim, 200)
+    torch.testing.assert_close(gate_scores("msp", x, probs, None), probs.max(1).values)
+    with torch.no_grad():
+        logits = victim(x)
+    torch.testing.assert_close(gate_scores("neg-energy", x, probs, victim), torch.logsumexp(logits, 1))
+    torch.testing.assert_close(gate_scores("max-logit", x, probs, victim), logits.max(1).values)
+    scores = gate_scores("neg-energy", x, probs, victim)
+    tau = benign_threshold(scores, 0.05)
+    assert abs(float((scores < tau).float().mean()) - 0.05) <= 1 / 200
+    with pytest.raises(ValueError, match="gate_model"):
+        create_defense("grad2_gated", tau=0.0, gate="oe-msp", surrogate=surrogate, target="max-norm")
+    assert DEFENSES["grad2_gated"].contract.needs_input
