@@ -50,7 +50,7 @@ FACTORIES: dict[str, Callable[[int], Defense]] = {
     "grad2_gated": lambda k: create_defense("grad2_gated", epsilon_low=0.4, epsilon_high=1.5, tau=0.3,
                                             surrogate=tiny_model(k)),
     "grad2_gated/energy": lambda k: create_defense("grad2_gated", epsilon_low=0.2, epsilon_high=2.0, tau=2.3,
-                                                   gate="neg-energy", gate_model=tiny_model(k, 4),
+                                                   gate_score="neg-energy", gate_model=tiny_model(k, 4),
                                                    surrogate=tiny_model(k)),
 }
 

@@ -56,5 +56,5 @@ def test_gate_scores_and_threshold(nets):
     tau = benign_threshold(scores, 0.05)
     assert abs(float((scores < tau).float().mean()) - 0.05) <= 1 / 200
     with pytest.raises(ValueError, match="gate_model"):
-        create_defense("grad2_gated", tau=0.0, gate="oe-msp", surrogate=surrogate, target="max-norm")
+        create_defense("grad2_gated", tau=0.0, gate_score="oe-msp", surrogate=surrogate, target="max-norm")
     assert DEFENSES["grad2_gated"].contract.needs_input

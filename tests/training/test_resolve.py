@@ -140,3 +140,26 @@ def test_a_training_time_spec_names_a_victim_and_no_query_time_defense():
         resolve_params(spec, None)
     with pytest.raises(ValueError, match="takes no parts"):
         DefenseSpec(name="ini", surrogate="distilled")
+
+
+def test_the_gate_is_calibrated_on_the_defenders_data_at_its_false_positive_rate():
+    from mirage.defenses.grad2_gated import gate_scores
+
+    scenario = get_scenario("digits")
+    victim, surrogate = lenet(1), lenet(2)
+    spec = DefenseSpec.from_params("grad2_gated", {
+        "surrogate": surrogate, "target": "max-norm", "epsilon_high": 1.5,
+        "gate": {"score": "neg-energy", "benign_fpr": 0.1, "calibration": {"size": 400, "seed": 2}}})
+    assert spec.parts().gate.benign_fpr == 0.1
+    defense = resolve_defense(spec, scenario, victim)
+    assert defense.params.gate_score == "neg-energy" and defense.params.gate_model is victim
+    calibration = load_dataset("digits").train.sample(400, 2).images
+    with torch.no_grad():
+        probs = torch.softmax(victim(calibration), 1)
+    below = gate_scores("neg-energy", calibration, probs, victim) < defense.params.tau
+    assert abs(float(below.float().mean()) - 0.1) <= 1 / 400
+    assert torch.equal(defense.attacker_like(calibration, probs), below)
+    with pytest.raises(ValueError, match="victim"):
+        resolve_defense(spec, scenario)
+    given = DefenseSpec.from_params("grad2_gated", {"surrogate": surrogate, "target": "max-norm", "tau": 3.0})
+    assert given.parts().gate is None and resolve_defense(given, scenario).params.tau == 3.0

@@ -39,7 +39,7 @@ class GatedGrad2Params(DefenseParams):
     epsilon_low: float = Field(0.5, ge=0, le=2, description="L1 budget below the gate (top-1 kept)")
     epsilon_high: float = Field(2.0, ge=0, le=2, description="L1 budget above the gate (labels may change)")
     tau: float = Field(0.5, description="attacker-like when the gate score is below τ")
-    gate: GateName = "msp"
+    gate_score: GateName = "msp"
     gate_model: Any = Field(None, description="nn.Module scoring the gate (all gates but msp)")
     target: TargetName = "all-ones"
     surrogate: Any = None
@@ -61,8 +61,8 @@ class GatedGrad2Params(DefenseParams):
 
     @model_validator(mode="after")
     def _gate_needs_model(self) -> GatedGrad2Params:
-        if self.gate != "msp" and self.gate_model is None:
-            raise ValueError(f"gate {self.gate!r} needs gate_model")
+        if self.gate_score != "msp" and self.gate_model is None:
+            raise ValueError(f"gate_score {self.gate_score!r} needs gate_model")
         return self
 
     def branch(self, *, high: bool) -> Grad2Params:
@@ -112,7 +112,7 @@ class GatedGrad2(Defense):
 
     def attacker_like(self, x: Tensor, probs: Tensor) -> Tensor:
         """(B,) bool: the rows the gate sends to the label-changing branch."""
-        return gate_scores(self.params.gate, x, probs, self.params.gate_model) < self.params.tau
+        return gate_scores(self.params.gate_score, x, probs, self.params.gate_model) < self.params.tau
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         high = self.attacker_like(x, probs)

@@ -16,7 +16,9 @@ defender brings, named declaratively because they cost training or sampling:
   (the same numbers ``mirage verify`` tests for; class 1 → 8, 20 images, by default);
 - ``models_config``: adaptive misinformation's outlier-exposure detector and misinformation model,
   trained for the scenario and cached (:class:`~mirage.training.misinformation_models.
-  MisinformationConfig`), or ``oe_model`` / ``misinformation_model`` checkpoint directories.
+  MisinformationConfig`), or ``oe_model`` / ``misinformation_model`` checkpoint directories;
+- ``gate``: ``grad2_gated``'s out-of-distribution gate (:class:`GateSpec`): the score, and the
+  benign false-positive rate that sets its threshold τ on a sample of the defender's own data.
 
 Parts may be written beside ``params`` or among them, as a sweep's ``[[defenses]]`` entry does,
 so the same lines configure a sweep, the service's ``[defense]`` and ``mirage attack --param``::
@@ -64,12 +66,12 @@ Checkpoints = Path | list[Path]
 
 FILLS = {"surrogate": "surrogate", "surrogate_config": "surrogate", "reference": "reference_x",
          "watermark": "watermark_x", "models_config": "oe_model", "oe_model": "oe_model",
-         "misinformation_model": "misinformation_model"}
+         "misinformation_model": "misinformation_model", "gate": "gate_score"}
 """Each part, and the defense parameter it fills: a defense takes the parts of its parameters.
 Declarative values under these keys among the parameters are lifted into the spec's parts."""
 PART_KEYS = tuple(FILLS)
 
-DEFAULT_SURROGATE: dict[str, SurrogateKind] = {"grad2": "distilled"}
+DEFAULT_SURROGATE: dict[str, SurrogateKind] = {"grad2": "distilled", "grad2_gated": "distilled"}
 """Defenses that cannot go without a surrogate, and the kind they get when none is named."""
 
 
@@ -78,6 +80,21 @@ def _declarative(value: Any) -> bool:
     if isinstance(value, list | tuple):
         return bool(value) and all(isinstance(v, str | Path) for v in value)
     return isinstance(value, str | Path | dict | BaseModel)
+
+
+class GateSpec(BaseModel):
+    """``grad2_gated``'s gate as configuration: the score (``gate_model`` is the victim, or for
+    ``oe-msp`` adaptive misinformation's outlier-exposure detector, trained as ``models_config``
+    says) and τ, the ``benign_fpr`` quantile of the scores of ``calibration``, a sample of the
+    defender's own training data (the victim has seen it, so its scores there run a little
+    higher than on unseen benign queries: the benchmark measures the real cost on the test set)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    score: Literal["msp", "oe-msp", "max-logit", "neg-energy"] = "neg-energy"
+    benign_fpr: float = Field(0.005, ge=0, lt=1)
+    calibration: ReferenceSet = ReferenceSet(size=4000, seed=1)
+    models_config: MisinformationConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -89,11 +106,13 @@ class Parts:
     reference: ReferenceSet | None
     watermark: WatermarkSet | None
     misinformation: MisinformationConfig | tuple[Path, Path] | None
+    gate: GateSpec | None = None
 
     def needing_a_scenario(self) -> list[str]:
         """The parts drawn from a scenario's data or victim (not from checkpoints)."""
         return [name for name, value in (("surrogate", self.surrogate), ("reference", self.reference),
-                                         ("watermark", self.watermark), ("models_config", self.misinformation))
+                                         ("watermark", self.watermark), ("models_config", self.misinformation),
+                                         ("gate", self.gate))
                 if value is not None and not isinstance(value, Path | list | tuple)]
 
 
@@ -118,6 +137,7 @@ class DefenseSpec(BaseModel):
     oe_model: Path | None = Field(None, description="adaptive_misinformation: the detector's checkpoint dir")
     misinformation_model: Path | None = Field(
         None, description="adaptive_misinformation: the misinformation model's checkpoint dir")
+    gate: GateSpec | None = Field(None, description="grad2_gated: its gate score and benign false-positive rate")
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> DefenseSpec:
@@ -186,7 +206,10 @@ class DefenseSpec(BaseModel):
         if "oe_model" in fields and params.get("oe_model") is None:
             misinformation = ((self.oe_model, self.misinformation_model) if self.oe_model is not None
                               else self.models_config or MisinformationConfig())
-        return Parts(surrogate, reference, watermark, misinformation)
+        gate = None
+        if "gate_score" in fields and params.get("tau") is None:
+            gate = self.gate or GateSpec()
+        return Parts(surrogate, reference, watermark, misinformation, gate)
 
     def _target(self) -> str | None:
         """GRAD²'s target (given or default); ``None`` for a defense without targets."""
@@ -251,7 +274,27 @@ def resolve_params(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Modu
         params["oe_model"], params["misinformation_model"] = (_load(p) for p in parts.misinformation)
     elif parts.misinformation is not None:
         params["oe_model"], params["misinformation_model"] = get_misinformation_models(scenario, parts.misinformation)
+    if parts.gate is not None:
+        params.update(_gate(parts.gate, scenario, victim))
     return params
+
+
+def _gate(gate: GateSpec, scenario: Scenario, victim: nn.Module | None) -> dict[str, Any]:
+    """``gate``, ``gate_model`` and ``tau`` of ``grad2_gated`` for ``scenario``'s victim."""
+    import torch
+
+    from mirage.defenses.grad2_gated import benign_threshold, gate_scores
+
+    if victim is None:
+        raise ValueError("a gate is calibrated on the victim's answers: pass the victim")
+    model = (get_misinformation_models(scenario, gate.models_config or MisinformationConfig())[0]
+             if gate.score == "oe-msp" else victim)
+    images = defender_sample(scenario, gate.calibration).images
+    with torch.no_grad():
+        probs = torch.cat([torch.softmax(victim.eval()(chunk), 1) for chunk in images.split(1024)])
+    scores = gate_scores(gate.score, images, probs, model)
+    return {"gate_score": gate.score, "gate_model": None if gate.score == "msp" else model,
+            "tau": benign_threshold(scores, gate.benign_fpr)}
 
 
 def resolve_defense(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Module | None = None,
