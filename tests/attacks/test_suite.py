@@ -182,3 +182,16 @@ def test_restorer_attack_runs_end_to_end_and_reports_its_cost(victim, digits, cl
     with pytest.raises(ValueError, match="needs the defense"):
         create_attack("knockoff", variant="restorer").run(InProcessAPI(victim, None), 50, digits.train,
                                                          clone_spec, seed=0)
+
+
+def test_the_confident_only_attacker_trains_on_confident_answers_and_pays_for_all(victim, digits, clone_spec):
+    result = create_attack("knockoff", min_confidence=0.8).run(InProcessAPI(victim, None), 300, digits.train,
+                                                               clone_spec, seed=0)
+    asked = digits.train.images[torch.randperm(len(digits.train), generator=torch.Generator().manual_seed(0))[:300]]
+    confident = int((clean_posteriors(victim, asked).max(1).values >= 0.8).sum())
+    assert result.queries == 300 and 0 < confident < 300
+    assert result.history[-1]["kept_confident"] == confident
+    with pytest.raises(ValueError, match="min_confidence"):
+        create_attack("knockoff", min_confidence=1.0).run(InProcessAPI(victim, None), 50, digits.train,
+                                                           clone_spec, seed=0)
+    assert ATTACKER_SUITE["confident-only"] == {"min_confidence": 0.9}

@@ -25,6 +25,8 @@ def test_suite_attacker_over_http_spends_exactly_its_budget(tmp_path, checkpoint
     params = tell_restorer(dict(ATTACKER_SUITE[variant]), "random_noise", {"epsilon": 0.5})
     if variant == "restorer":
         params["restorer"] = {**params["restorer"], **SMALL_RESTORER}
+    if variant == "confident-only":
+        params["min_confidence"] = 0.1  # the tiny random-weight victim is never 90 % sure
     clone = CloneSpec(mean=(0.3,), std=(0.3,), training=TrainConfig(epochs=1, batch_size=32))
     with (ServerThread(create_app(config)) as url,
           HTTPPredictionAPI(url, "digits", KEYS["alice"], batch_size=16) as api):

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mirage.api.base import PredictionAPI
-from mirage.attacks.clone import CloneSpec, train_clone
+from mirage.attacks.clone import CloneSpec, train_clone, training_targets
 from mirage.attacks.countermeasures import Countermeasures, apply_countermeasures, variant_params
 from mirage.data.base import ImageData
 from mirage.models.fit import random_shift
@@ -229,17 +229,25 @@ class Attack(abc.ABC):
 
     def train_final_clone(self, clone: CloneSpec, images: Tensor, answers: Tensor, num_classes: int,
                           *, description: str = "clone") -> tuple[nn.Module, dict[str, Any]]:
-        """Train the attack's final clone on its transfer set (images, answers) — through the
-        posterior restorer when the ``restorer`` countermeasure is on (the answers are restored
-        first; the restorer's own cost is in the returned stats)."""
-        if self.params.restorer is None:
-            return train_clone(clone, images, answers, num_classes, description=description)
-        from mirage.attacks.restorer import restore_answers
+        """Train the attack's final clone on its transfer set (images, answers): only on the
+        answers whose top probability reaches ``min_confidence`` when that countermeasure is on
+        (an attacker against a gate that changes labels on queries it doubts), and through the
+        posterior restorer when ``restorer`` is on (the answers are restored first; the
+        restorer's own cost is in the returned stats)."""
+        extra: dict[str, Any] = {}
+        if self.params.min_confidence is not None:
+            keep = training_targets(answers).max(1).values >= self.params.min_confidence
+            if not keep.any():
+                raise ValueError(f"no answer reaches min_confidence {self.params.min_confidence}")
+            images, answers = images[keep], answers[keep]
+            extra["kept_confident"] = int(keep.sum())
+        if self.params.restorer is not None:
+            from mirage.attacks.restorer import restore_answers
 
-        restored, restorer_stats = restore_answers(self.params.restorer, clone, images, answers,
-                                                   num_classes, seed=clone.training.seed)
-        model, stats = train_clone(clone, images, restored, num_classes, description=description)
-        return model, {**stats, "restorer": restorer_stats}
+            answers, extra["restorer"] = restore_answers(self.params.restorer, clone, images, answers,
+                                                         num_classes, seed=clone.training.seed)
+        model, stats = train_clone(clone, images, answers, num_classes, description=description)
+        return model, {**stats, **extra}
 
     @abc.abstractmethod
     def steal(self, client: QueryClient, data: ImageData, clone: CloneSpec,

@@ -24,6 +24,9 @@ Every attack's parameters inherit these fields, so any attack can be combined wi
   attacker knows the defense's name and public parameters (Kerckhoffs), simulates it on shadow
   victims of its own, learns to map perturbed answers back to clean ones and trains the clone on
   restored answers.
+* ``min_confidence=c``: train the clone only on answers whose top probability is at least c —
+  the attacker of issue 18 against a gate that changes the labels of queries it doubts, betting
+  that confident answers are the untouched ones (the discarded queries still count).
 * ``budget_factor=f``: spend f× the nominal budget.
 * ``restarts=n``: train n clones with different seeds and keep the one that fits the transfer set
   best — the attacker's answer to a defense that makes clone training stall (n× the training cost,
@@ -84,6 +87,7 @@ class Countermeasures(BaseModel):
     gce_q: float = Field(0.7, gt=0, le=1)
     bootstrap_beta: float = Field(0.8, gt=0, le=1)
     restorer: RestorerConfig | None = None
+    min_confidence: float | None = Field(None, gt=0, le=1)
     budget_factor: float = Field(1.0, gt=0)
     restarts: int = Field(1, ge=1)
 
@@ -107,6 +111,7 @@ ATTACKER_SUITE: dict[str, dict[str, Any]] = {
     "averaging": {"repeats": 3, "jitter": 0.02},
     "restorer": {"restorer": {}},
     "noise-robust": {"robust_loss": "gce"},
+    "confident-only": {"min_confidence": 0.9},
 }
 """The named attacker variants a defense is judged against, each a set of countermeasure switches
 usable with every attack (``create_attack("knockoff", variant="averaging")``, a sweep's
@@ -114,7 +119,8 @@ usable with every attack (``create_attack("knockoff", variant="averaging")``, a 
 them (:mod:`mirage.bench.summary`): the naive soft-label attacker; the hard-label one, which
 bounds every top-1-keeping defense; query averaging over 3 jittered copies (the 3 queries count
 against the budget); the D-DAE-style posterior restorer (``restorer.defense`` filled from the
-defense attacked); noise-robust clone training with the generalized cross-entropy."""
+defense attacked); noise-robust clone training with the generalized cross-entropy; and the
+attacker that trains only on confident answers (top probability ≥ 0.9)."""
 
 
 def variant_params(variant: str) -> dict[str, Any]:
