@@ -15,14 +15,15 @@ from __future__ import annotations
 import os
 
 import torch
+
 from _harness import REPO, parser, round_robin, write_json
 
 os.environ.setdefault("MIRAGE_MODELS", str(REPO / "results" / "models"))
 
-from mirage.api import clean_posteriors  # noqa: E402
-from mirage.data import load_dataset  # noqa: E402
-from mirage.scenarios import get_scenario, query_pool  # noqa: E402
-from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims  # noqa: E402
+from mirage.api import clean_posteriors
+from mirage.data import load_dataset
+from mirage.scenarios import get_scenario, query_pool
+from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims
 
 GATED = {"target": "unlearn", "epsilon_low": 1.0, "epsilon_high": 2.0,
          "gate": {"score": "neg-energy", "benign_fpr": 0.002}}
