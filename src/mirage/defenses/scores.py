@@ -258,6 +258,7 @@ def _graph_tangent(graph: fx.Graph, module: nn.Module, x: Tensor, dx: Tensor | N
     functions by their fused rule, every other call by ``torch.func.jvp`` on that call alone."""
     env: dict[fx.Node, tuple[Any, Any]] = {}
     placeholders = 0
+    done_with = _last_uses(graph)
 
     def primal(a: Any) -> Any:
         value = env[a][0] if isinstance(a, fx.Node) else a
@@ -323,7 +324,26 @@ def _graph_tangent(graph: fx.Graph, module: nn.Module, x: Tensor, dx: Tensor | N
                 env[node] = _call_jvp(node, key, primal, tangent)
         else:
             raise ValueError(f"unsupported graph node {node.format_node()}")
+        for finished in done_with.get(node, ()):   # free activations early, as a Sequential does
+            env.pop(finished, None)
     raise ValueError("graph without output")
+
+
+_LAST_USES: weakref.WeakKeyDictionary[fx.Graph, dict[fx.Node, list[fx.Node]]] = weakref.WeakKeyDictionary()
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the values it is the last user of (so they can be dropped after it)."""
+    if graph not in _LAST_USES:
+        last: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            for used in node.all_input_nodes:
+                last[used] = node
+        uses: dict[fx.Node, list[fx.Node]] = {}
+        for used, user in last.items():
+            uses.setdefault(user, []).append(used)
+        _LAST_USES[graph] = uses
+    return _LAST_USES[graph]
 
 
 def _fetch(module: nn.Module, target: str) -> Any:
