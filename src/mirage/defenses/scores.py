@@ -96,7 +96,9 @@ def _linear_like(op, x: Tensor, dx: Tensor | None, weight: Tensor, bias: Tensor 
     dy = extra if dy is None else dy + extra
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * (y.ndim - 2)))
-        if v_bias is not None:
+        if v_bias is not None and dy.stride(1) == 0 and _is_ones(v_bias):
+            dy = (dy[:, :1] + 1).expand_as(dy)   # all-ones on a first layer: still one channel
+        elif v_bias is not None:
             dy = dy + v_bias.view(1, -1, *([1] * (dy.ndim - 2)))
     return y, dy
 
@@ -113,22 +115,20 @@ def _tiled_pool(module: nn.MaxPool2d, x: Tensor) -> tuple[int, int] | None:
 
 
 def _tiled_max_pool(x: Tensor, dx: Tensor | None, kernel: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
-    """Max-pool with non-overlapping windows as a running max over the kh·kw strided views (no
-    copies); the tangent follows the first maximum, like ``max_pool2d``'s indices."""
+    """Max-pool with non-overlapping windows as a max over the kh·kw strided views (no copies);
+    the tangent follows the first maximum, like ``max_pool2d``'s indices: it is taken from the
+    last view to the first wherever the view attains the maximum, so the first such view wins."""
     kh, kw = kernel
-    y = x[:, :, 0::kh, 0::kw]
-    dy = None if dx is None else dx[:, :, 0::kh, 0::kw]
-    for i in range(kh):
-        for j in range(kw):
-            if i == j == 0:
-                continue
-            view = x[:, :, i::kh, j::kw]
-            if dy is None:
-                y = torch.maximum(y, view)
-            else:
-                better = view > y
-                y = torch.where(better, view, y)
-                dy = torch.where(better, dx[:, :, i::kh, j::kw], dy)
+    views = [x[:, :, i::kh, j::kw] for i in range(kh) for j in range(kw)]
+    y = views[0]
+    for view in views[1:]:
+        y = torch.maximum(y, view)
+    if dx is None:
+        return y, None
+    tangents = [dx[:, :, i::kh, j::kw] for i in range(kh) for j in range(kw)]
+    dy = tangents[-1]
+    for view, tangent in zip(views[-2::-1], tangents[-2::-1], strict=True):
+        dy = torch.where(view == y, tangent, dy)
     return y, dy
 
 
