@@ -134,9 +134,10 @@ def move_to_vertex(clean: Tensor, vertex: Tensor, alpha: Tensor) -> Tensor:
     return (clean * (1 - alpha)).scatter_add_(1, vertex.unsqueeze(1), alpha)
 
 
-def head_features(model: nn.Module, x: Tensor, head: str | None = None) -> tuple[Tensor, Tensor]:
-    """(input h of the head, logits) from one forward of any ``model``, with a forward hook on
-    the head: the ``nn.Linear`` named ``head``, or else the last ``nn.Linear`` the forward runs.
+def head_features(model: nn.Module, x: Tensor, head: str | None = None) -> tuple[Tensor, Tensor, str]:
+    """(input h of the head, logits, the head's name) from one forward of any ``model``, with a
+    forward hook on the head: the ``nn.Linear`` named ``head``, or else the last ``nn.Linear``
+    the forward runs (MAD keeps the name found and hooks only it from then on).
     ``ValueError`` unless the head sees flat (B, H) features and its output is the logits (the
     closed form of ``layers="last"`` needs logits = W h + b)."""
     modules = dict(model.named_modules())
@@ -172,7 +173,7 @@ def head_features(model: nn.Module, x: Tensor, head: str | None = None) -> tuple
         raise ValueError(f"MAD layers='last': the output of nn.Linear {name!r} is not the model's logits "
                          f"(or it does not see flat (B, H) features); pass head=<module name> or use "
                          "layers='all'")
-    return features, logits
+    return features, logits, name
 
 
 @register_defense("mad", params=MADParams)
@@ -192,6 +193,7 @@ class MAD(Defense):
         self.surrogate: nn.Module | None = p.surrogate.eval() if p.surrogate is not None else None
         self.generator = torch.Generator().manual_seed(p.seed)
         self._dtype = next(p.surrogate.parameters()).dtype if p.surrogate is not None else torch.float32
+        self._head: str | None = None   # the head found on the first call (head_features)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         y = probs.double()
@@ -255,7 +257,7 @@ class MAD(Defense):
                 features = model.features(x)
                 logits = model.classifier(features)
             else:
-                features, logits = head_features(model, x, self.params.head)
+                features, logits, self._head = head_features(model, x, self.params.head or self._head)
         self._check_classes(logits, k)
         return features.double(), logits.double()
 
