@@ -195,3 +195,32 @@ def test_every_registered_defense_runs_on_a_user_module(key, kind, monkeypatch):
         probs = torch.softmax(victim(x), 1)
     served = FACTORIES[key](K)(x, probs)   # Defense.__call__ checks simplex and budget
     assert served.shape == probs.shape
+
+
+
+class InPlace(Net):
+    """An in-place update of an activation (taken by ``torch.func.jvp`` on that call)."""
+
+    def forward(self, x):
+        h = self.conv1(x)
+        h.mul_(1.5)
+        x = F.max_pool2d(F.relu(h), 2)
+        x = F.max_pool2d(F.relu(self.conv2(x)), 2)
+        return self.fc2(F.relu(self.fc1(torch.flatten(x, 1))))
+
+
+@pytest.mark.parametrize("walk_fails", [False, True])
+def test_a_graph_the_walk_cannot_take_falls_back_to_jvp_on_the_module(walk_fails, monkeypatch, caplog):
+    torch.manual_seed(0)
+    model = InPlace().double().eval()
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    v = random_direction(model, 1)
+    if walk_fails:
+        def fail(*args, **kwargs):
+            raise RuntimeError("no rule")
+
+        monkeypatch.setattr(scores, "_call_jvp", fail)
+    torch.testing.assert_close(SCORE_METHODS["fused"](model, x, v), per_sample_scores(model, x, v),
+                               rtol=1e-9, atol=1e-12)
+    assert ("cannot be walked" in caplog.text) == walk_fails
+    assert (scores._graph_of(model) is None) == walk_fails

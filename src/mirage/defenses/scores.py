@@ -23,6 +23,7 @@ A target ``v`` is a dict ``{parameter name: tensor}`` shaped like ``model.named_
 
 from __future__ import annotations
 
+import logging
 import weakref
 from typing import Any
 
@@ -33,6 +34,7 @@ from torch.func import functional_call, jvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 Direction = dict[str, Tensor]
+log = logging.getLogger(__name__)
 
 
 def check_direction(model: nn.Module, v: Direction) -> None:
@@ -185,7 +187,12 @@ def _tangent(module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, pref
     if isinstance(module, nn.Dropout | nn.Identity) and not module.training:
         return x, dx
     if (graph := _graph_of(module)) is not None:
-        return _graph_tangent(graph, module, x, dx, v, prefix)
+        try:
+            return _graph_tangent(graph, module, x, dx, v, prefix)
+        except Exception as error:  # noqa: BLE001 (a call the walk cannot take: the generic route)
+            log.warning("GRAD² fused scores: %s's graph cannot be walked (%s: %s); using torch.func.jvp on it",
+                        type(module).__name__, type(error).__name__, error)
+            _GRAPHS[module] = None
     return _module_jvp(module, x, dx, v, prefix)
 
 
