@@ -24,7 +24,7 @@ LAYERS: list[set[str]] = [
     {"training"},  # victims, surrogates, training-time defenses, the defense resolver
     {"attacks"},  # model stealing and the clone
     {"bench"},  # sweeps, results, reports
-    {"serve", "cli"},  # the service and the command line
+    {"serve", "cli", "protection", "facade"},  # the service, the command line, mirage.protect, the exports
 ]
 LAYER = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 
@@ -41,8 +41,11 @@ def _is_submodule(name: str) -> bool:
 
 
 def _own_unit(path: Path) -> str:
+    """The root ``__init__.py`` is the ``facade``: its lazy exports (``mirage.protect``, …) import
+    from every layer on first use, while ``import mirage`` itself loads nothing (others import the
+    root, unit ``mirage``, for ``__version__`` only)."""
     relative = path.relative_to(SRC)
-    return "mirage" if relative == Path("__init__.py") else relative.parts[0].removesuffix(".py")
+    return "facade" if relative == Path("__init__.py") else relative.parts[0].removesuffix(".py")
 
 
 def _package_of(path: Path) -> list[str]:

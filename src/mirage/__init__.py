@@ -1,3 +1,68 @@
-"""mirage: defenses against model stealing for classifiers behind prediction APIs."""
+"""mirage: defenses against model stealing for classifiers behind prediction APIs.
+
+One import is enough (docs/design.md §protect)::
+
+    import mirage
+
+    api = mirage.protect(model, "grad2", epsilon=0.5, surrogate=surrogate)
+    served = api.predict(x)
+
+The public API is exported here lazily: ``import mirage`` loads nothing but this file, and each
+name below is imported on first use (docs/design.md §layers: the exports are the top layer,
+``__version__`` the bottom one).
+"""
+
+from __future__ import annotations
+
+from typing import Any
 
 __version__ = "0.1.0"
+
+__all__ = [
+    "DefenseSpec", "InProcessAPI", "Protected", "__version__", "api", "attacks", "bench",
+    "create_attack", "create_defense", "create_model", "defenses", "get_scenario", "list_attacks",
+    "list_defenses", "load_checkpoint", "models", "protect", "resolve_defense",
+    "save_checkpoint",
+]
+
+
+def __getattr__(name: str) -> Any:
+    match name:
+        case "protect" | "Protected":
+            from mirage import protection as module
+        case "create_defense" | "list_defenses":
+            from mirage import defenses as module
+        case "create_attack" | "list_attacks":
+            from mirage import attacks as module
+        case "InProcessAPI":
+            from mirage import api as module
+        case "get_scenario":
+            from mirage import scenarios as module
+        case "create_model" | "load_checkpoint" | "save_checkpoint":
+            from mirage import models as module
+        case "DefenseSpec" | "resolve_defense":
+            from mirage.training import resolve as module
+        case "api":
+            import mirage.api as package
+            return package
+        case "attacks":
+            import mirage.attacks as package
+            return package
+        case "bench":
+            import mirage.bench as package
+            return package
+        case "defenses":
+            import mirage.defenses as package
+            return package
+        case "models":
+            import mirage.models as package
+            return package
+        case _:
+            raise AttributeError(f"module 'mirage' has no attribute {name!r}")
+    value = getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -16,7 +16,8 @@ from mirage.defenses.base import Defense
 @torch.no_grad()
 def clean_posteriors(model: nn.Module, x: Tensor, *, batch_size: int = 1024) -> Tensor:
     """softmax(model(x)) in eval mode, chunked; returns CPU float32 (N, K)."""
-    device = next(model.parameters()).device
+    weight = next(model.parameters(), None)   # none in a wrapped ONNX session (§model-formats)
+    device = weight.device if weight is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:

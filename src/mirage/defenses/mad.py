@@ -13,7 +13,9 @@ simplex, take the best y*, then ỹ = (1 − α) y + α y* with the largest feas
 The objective only needs M = G Gᵀ (K×K): ⟨Gᵀa, Gᵀb⟩ = aᵀMb (:mod:`mirage.defenses._jacobians`).
 ``layers="last"`` (official default: the final linear layer's weight) has the closed form
 M = ‖h‖²(I − 1pᵀ − p1ᵀ + ‖p‖²11ᵀ) from the surrogate's features h and probabilities p — one
-forward, no backward. ``layers="all"`` uses the whole network, batched over samples and classes.
+forward, no backward. On a module that is not a mirage classifier, h is the input of the final
+``nn.Linear`` (or of ``head``), caught by a forward hook (docs/design.md §any-module).
+``layers="all"`` uses the whole network, batched over samples and classes.
 
 Options: ``objective="surrogate"`` maximises ‖Gᵀ(ỹ − y)‖² instead (the official code's default
 ``objmax=False``); ablations ``jacobian="identity"`` (G = I) and ``oracle="random"`` (y* a
@@ -59,6 +61,8 @@ class MADParams(DefenseParams):
     oracle: Literal["extreme", "random"] = "extreme"
     surrogate: Any = Field(None, description="nn.Module; None: randomly initialised `architecture`")
     architecture: str = "lenet"
+    head: str | None = Field(None, description="layers='last': the surrogate's final nn.Linear, by module name "
+                                               "(None: mirage's `classifier`, else the last nn.Linear run)")
     seed: int = 0
     kl_steps: int = Field(60, ge=1, description="bisection steps for the KL budget")
 
@@ -130,6 +134,48 @@ def move_to_vertex(clean: Tensor, vertex: Tensor, alpha: Tensor) -> Tensor:
     return (clean * (1 - alpha)).scatter_add_(1, vertex.unsqueeze(1), alpha)
 
 
+def head_features(model: nn.Module, x: Tensor, head: str | None = None) -> tuple[Tensor, Tensor, str]:
+    """(input h of the head, logits, the head's name) from one forward of any ``model``, with a
+    forward hook on the head: the ``nn.Linear`` named ``head``, or else the last ``nn.Linear``
+    the forward runs (MAD keeps the name found and hooks only it from then on).
+    ``ValueError`` unless the head sees flat (B, H) features and its output is the logits (the
+    closed form of ``layers="last"`` needs logits = W h + b)."""
+    modules = dict(model.named_modules())
+    if head is not None:
+        if not isinstance(modules.get(head), nn.Linear):
+            found = modules.get(head)
+            raise ValueError(f"head {head!r} must name an nn.Linear of the surrogate, got "
+                             f"{type(found).__name__ if found is not None else 'no such module'}")
+        candidates = {head: modules[head]}
+    else:
+        candidates = {name: m for name, m in modules.items() if isinstance(m, nn.Linear)}
+        if not candidates:
+            raise ValueError(f"MAD layers='last' needs a final nn.Linear; {type(model).__name__} has none "
+                             "(pass head=<module name>, or use layers='all')")
+    calls: list[tuple[str, Tensor, Tensor]] = []
+
+    def hook(name: str):
+        def keep(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
+            calls.append((name, args[0], out))
+        return keep
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in candidates.items()]
+    try:
+        logits = model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if not calls:
+        raise ValueError(f"the forward of {type(model).__name__} never ran {head or 'an nn.Linear'!r}")
+    name, features, out = calls[-1]
+    if features.ndim != 2 or not isinstance(logits, Tensor) or (
+            out is not logits and (out.shape != logits.shape or not torch.equal(out, logits))):
+        raise ValueError(f"MAD layers='last': the output of nn.Linear {name!r} is not the model's logits "
+                         f"(or it does not see flat (B, H) features); pass head=<module name> or use "
+                         "layers='all'")
+    return features, logits, name
+
+
 @register_defense("mad", params=MADParams)
 class MAD(Defense):
     """MAD (ICLR 2020): move towards the simplex vertex of largest angular gradient deviation."""
@@ -147,6 +193,7 @@ class MAD(Defense):
         self.surrogate: nn.Module | None = p.surrogate.eval() if p.surrogate is not None else None
         self.generator = torch.Generator().manual_seed(p.seed)
         self._dtype = next(p.surrogate.parameters()).dtype if p.surrogate is not None else torch.float32
+        self._head: str | None = None   # the head found on the first call (head_features)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         y = probs.double()
@@ -199,11 +246,18 @@ class MAD(Defense):
         return (eps / length.clamp_min(1e-300)).clamp_max_(1)
 
     def _last_layer(self, x: Tensor | None, k: int) -> tuple[Tensor, Tensor]:
-        """One surrogate forward: (features h (B, H), logits (B, K)), float64."""
+        """One surrogate forward: (features h (B, H), logits (B, K)), float64. h is the input of
+        the head, the final ``nn.Linear`` whose output must be the logits (docs/design.md §mad)."""
+        from mirage.models.base import ImageClassifier
+
         model = self._surrogate(x, k)
+        x = x if x.dtype == self._dtype else x.to(self._dtype)
         with torch.inference_mode():
-            features = model.features(x if x.dtype == self._dtype else x.to(self._dtype))
-            logits = model.classifier(features)
+            if self.params.head is None and isinstance(model, ImageClassifier):
+                features = model.features(x)
+                logits = model.classifier(features)
+            else:
+                features, logits, self._head = head_features(model, x, self.params.head or self._head)
         self._check_classes(logits, k)
         return features.double(), logits.double()
 

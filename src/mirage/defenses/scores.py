@@ -14,20 +14,27 @@ surrogate's log-softmax along v (``torch.func.jvp``): the cost of about two forw
 common layers (conv, linear, ReLU, max-pool, flatten, normalisation): the primal and tangent
 passes share one batched call per layer, the input's tangent is zero (the first layer's
 ``conv(dx, W)`` is skipped), and for an all-ones direction ``conv(x, 1)`` / ``x·1ᵀ`` reduce to a
-channel sum and a box filter. Unknown submodules fall back to ``torch.func.jvp`` on that
-submodule, so any network works.
+channel sum and a box filter. A user's own module is traced once with ``torch.fx`` and walked
+node by node with the same rules (docs/design.md §any-module). Unknown submodules and calls fall
+back to ``torch.func.jvp`` on that submodule or call, so any network works.
 
 A target ``v`` is a dict ``{parameter name: tensor}`` shaped like ``model.named_parameters()``.
 """
 
 from __future__ import annotations
 
+import logging
+import weakref
+from typing import Any
+
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor, fx, nn
 from torch.func import functional_call, jvp
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 Direction = dict[str, Tensor]
+log = logging.getLogger(__name__)
 
 
 def check_direction(model: nn.Module, v: Direction) -> None:
@@ -91,7 +98,9 @@ def _linear_like(op, x: Tensor, dx: Tensor | None, weight: Tensor, bias: Tensor 
     dy = extra if dy is None else dy + extra
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * (y.ndim - 2)))
-        if v_bias is not None:
+        if v_bias is not None and dy.stride(1) == 0 and _is_ones(v_bias):
+            dy = (dy[:, :1] + 1).expand_as(dy)   # all-ones on a first layer: still one channel
+        elif v_bias is not None:
             dy = dy + v_bias.view(1, -1, *([1] * (dy.ndim - 2)))
     return y, dy
 
@@ -108,22 +117,20 @@ def _tiled_pool(module: nn.MaxPool2d, x: Tensor) -> tuple[int, int] | None:
 
 
 def _tiled_max_pool(x: Tensor, dx: Tensor | None, kernel: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
-    """Max-pool with non-overlapping windows as a running max over the kh·kw strided views (no
-    copies); the tangent follows the first maximum, like ``max_pool2d``'s indices."""
+    """Max-pool with non-overlapping windows as a max over the kh·kw strided views (no copies);
+    the tangent follows the first maximum, like ``max_pool2d``'s indices: it is taken from the
+    last view to the first wherever the view attains the maximum, so the first such view wins."""
     kh, kw = kernel
-    y = x[:, :, 0::kh, 0::kw]
-    dy = None if dx is None else dx[:, :, 0::kh, 0::kw]
-    for i in range(kh):
-        for j in range(kw):
-            if i == j == 0:
-                continue
-            view = x[:, :, i::kh, j::kw]
-            if dy is None:
-                y = torch.maximum(y, view)
-            else:
-                better = view > y
-                y = torch.where(better, view, y)
-                dy = torch.where(better, dx[:, :, i::kh, j::kw], dy)
+    views = [x[:, :, i::kh, j::kw] for i in range(kh) for j in range(kw)]
+    y = views[0]
+    for view in views[1:]:
+        y = torch.maximum(y, view)
+    if dx is None:
+        return y, None
+    tangents = [dx[:, :, i::kh, j::kw] for i in range(kh) for j in range(kw)]
+    dy = tangents[-1]
+    for view, tangent in zip(views[-2::-1], tangents[-2::-1], strict=True):
+        dy = torch.where(view == y, tangent, dy)
     return y, dy
 
 
@@ -179,6 +186,19 @@ def _tangent(module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, pref
         return module(x), None if dx is None else module(dx)
     if isinstance(module, nn.Dropout | nn.Identity) and not module.training:
         return x, dx
+    if (graph := _graph_of(module)) is not None:
+        try:
+            return _graph_tangent(graph, module, x, dx, v, prefix)
+        except Exception as error:  # noqa: BLE001 (a call the walk cannot take: the generic route)
+            log.warning("GRAD² fused scores: %s's graph cannot be walked (%s: %s); using torch.func.jvp on it",
+                        type(module).__name__, type(error).__name__, error)
+            _GRAPHS[module] = None
+    return _module_jvp(module, x, dx, v, prefix)
+
+
+def _module_jvp(module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, prefix: str
+                ) -> tuple[Tensor, Tensor]:
+    """The generic route: ``torch.func.jvp`` through ``module`` alone."""
     params = {name: t.detach() for name, t in module.named_parameters()}
     buffers = {name: b.detach() for name, b in module.named_buffers()}
     tangents = {name: v[prefix + name].to(t) for name, t in params.items()}
@@ -187,6 +207,186 @@ def _tangent(module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, pref
         return functional_call(module, (ps, buffers), (inp,))
 
     return jvp(call, (params, x), (tangents, torch.zeros_like(x) if dx is None else dx))
+
+
+class _Leaves(fx.Tracer):
+    """Keeps torch.nn's layers and mirage's own classifier pieces whole: :func:`_tangent` knows them."""
+
+    def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
+        from mirage.models.base import ImageClassifier, Normalize
+
+        return isinstance(m, ImageClassifier | Normalize) or super().is_leaf_module(m, qualified_name)
+
+
+_GRAPHS: weakref.WeakKeyDictionary[nn.Module, fx.Graph | None] = weakref.WeakKeyDictionary()
+
+
+def _graph_of(module: nn.Module) -> fx.Graph | None:
+    """The ``torch.fx`` graph of a user's module (traced once, in its current mode), or ``None``
+    for torch's own layers and for forwards that do not trace (data-dependent control flow)."""
+    if type(module).__module__.startswith("torch."):
+        return None
+    if module not in _GRAPHS:
+        try:
+            _GRAPHS[module] = _Leaves().trace(module)
+        except Exception:  # noqa: BLE001 (any untraceable forward takes the generic route)
+            _GRAPHS[module] = None
+    return _GRAPHS[module]
+
+
+_RELU = {F.relu, torch.relu, "relu"}
+_SHAPE_OPS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
+              "flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "contiguous",
+              "view_as", "reshape_as"}
+_IDENTITY = {F.dropout, F.dropout2d}
+_NO_TANGENT = {"size", "dim", "numel", getattr, len}
+
+
+class _PendingReLU:
+    """A ReLU whose only consumer is a max-pool: pooled first (they commute), 4x less work."""
+
+    def __init__(self, x: Tensor, dx: Tensor | None) -> None:
+        self.x, self.dx = x, dx
+
+
+def _is_pool(node: fx.Node, module: nn.Module) -> bool:
+    if node.op == "call_module":
+        return isinstance(module.get_submodule(str(node.target)), nn.MaxPool2d)
+    return node.op == "call_function" and node.target is F.max_pool2d and not node.kwargs.get("return_indices")
+
+
+def _relu(x: Tensor, dx: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    return F.relu(x), None if dx is None else torch.where(x > 0, dx, 0.0)
+
+
+def _graph_tangent(graph: fx.Graph, module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction,
+                   prefix: str) -> tuple[Tensor, Tensor | None]:
+    """(module(x), tangent) by walking the traced graph of a user's module: known modules and
+    functions by their fused rule, every other call by ``torch.func.jvp`` on that call alone."""
+    env: dict[fx.Node, tuple[Any, Any]] = {}
+    placeholders = 0
+    done_with = _last_uses(graph)
+
+    def primal(a: Any) -> Any:
+        value = env[a][0] if isinstance(a, fx.Node) else a
+        return _relu(value.x, None)[0] if isinstance(value, _PendingReLU) else value
+
+    def tangent(a: Any) -> Any:
+        if not isinstance(a, fx.Node):
+            return None
+        value = env[a]
+        return _relu(value[0].x, value[0].dx)[1] if isinstance(value[0], _PendingReLU) else value[1]
+
+    for node in graph.nodes:
+        op, target = node.op, node.target
+        if op == "placeholder":
+            if placeholders == 0:
+                env[node] = (x, dx)
+            elif node.args:
+                env[node] = (node.args[0], None)
+            else:
+                raise ValueError(f"{type(module).__name__}.forward takes more than one input")
+            placeholders += 1
+        elif op == "get_attr":
+            value = _fetch(module, str(target))
+            direction = v.get(prefix + str(target)) if isinstance(value, nn.Parameter) else None
+            env[node] = (value.detach() if isinstance(value, Tensor) else value,
+                         None if direction is None else direction.to(value))
+        elif op == "output":
+            out = node.args[0]
+            return primal(out), tangent(out)
+        elif op == "call_module" and len(node.args) == 1 and not node.kwargs:
+            sub = module.get_submodule(str(target))
+            source = env[node.args[0]][0] if isinstance(node.args[0], fx.Node) else None
+            if isinstance(source, _PendingReLU) and isinstance(sub, nn.MaxPool2d):
+                pooled, d_pooled = _tangent(sub, source.x, source.dx, v, f"{prefix}{target}.")
+                env[node] = _relu(pooled, d_pooled)
+            else:
+                env[node] = _tangent(sub, primal(node.args[0]), tangent(node.args[0]), v, f"{prefix}{target}.")
+        elif op in ("call_function", "call_method"):
+            key = target if op == "call_function" else str(target)
+            first = node.args[0] if node.args else None
+            if key in _RELU and isinstance(first, fx.Node):
+                users = list(node.users)
+                if len(users) == 1 and _is_pool(users[0], module):
+                    env[node] = (_PendingReLU(primal(first), tangent(first)), None)
+                else:
+                    env[node] = _relu(primal(first), tangent(first))
+            elif key is F.max_pool2d and not node.kwargs.get("return_indices") and isinstance(first, fx.Node):
+                pool = nn.MaxPool2d(*[primal(a) for a in node.args[1:]],
+                                    **{k: primal(a) for k, a in node.kwargs.items() if k != "return_indices"})
+                source = env[first][0]
+                if isinstance(source, _PendingReLU):
+                    env[node] = _relu(*_tangent(pool, source.x, source.dx, v, ""))
+                else:
+                    env[node] = _tangent(pool, primal(first), tangent(first), v, "")
+            elif key in _IDENTITY and not node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True):
+                env[node] = (primal(first), tangent(first))
+            elif key in _NO_TANGENT:
+                env[node] = (_apply(node, key, primal, lambda a: None)[0], None)
+            elif key in _SHAPE_OPS and isinstance(first, fx.Node) and not any(
+                    tangent(a) is not None for a in [*node.args[1:], *node.kwargs.values()]):
+                env[node] = _apply(node, key, primal, lambda a, f=first: tangent(a) if a is f else primal(a))
+            else:
+                env[node] = _call_jvp(node, key, primal, tangent)
+        else:
+            raise ValueError(f"unsupported graph node {node.format_node()}")
+        for finished in done_with.get(node, ()):   # free activations early, as a Sequential does
+            env.pop(finished, None)
+    raise ValueError("graph without output")
+
+
+_LAST_USES: weakref.WeakKeyDictionary[fx.Graph, dict[fx.Node, list[fx.Node]]] = weakref.WeakKeyDictionary()
+
+
+def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
+    """For each node, the values it is the last user of (so they can be dropped after it)."""
+    if graph not in _LAST_USES:
+        last: dict[fx.Node, fx.Node] = {}
+        for node in graph.nodes:
+            for used in node.all_input_nodes:
+                last[used] = node
+        uses: dict[fx.Node, list[fx.Node]] = {}
+        for used, user in last.items():
+            uses.setdefault(user, []).append(used)
+        _LAST_USES[graph] = uses
+    return _LAST_USES[graph]
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    *path, name = target.split(".")
+    owner = module.get_submodule(".".join(path)) if path else module
+    return getattr(owner, name)
+
+
+def _apply(node: fx.Node, key: Any, primal, other) -> tuple[Any, Any]:
+    """A shape op on the primal and, the same way, on the tangent of its first argument."""
+    def call(arg_of):
+        args = [arg_of(a) for a in node.args]
+        kwargs = {k: arg_of(a) for k, a in node.kwargs.items()}
+        return getattr(args[0], key)(*args[1:], **kwargs) if isinstance(key, str) else key(*args, **kwargs)
+
+    first = node.args[0]
+    return call(primal), None if other(first) is None else call(other)
+
+
+def _call_jvp(node: fx.Node, key: Any, primal, tangent) -> tuple[Any, Any]:
+    """Any other call: the primal alone when no argument carries a tangent, else one
+    ``torch.func.jvp`` of the call in its tensor arguments that do."""
+    flat, spec = tree_flatten((list(node.args), dict(node.kwargs)))
+    values = [primal(a) for a in flat]
+    moving = [i for i, a in enumerate(flat) if tangent(a) is not None]
+
+    def call(*inputs: Tensor) -> Any:
+        leaves = list(values)
+        for i, t in zip(moving, inputs, strict=True):
+            leaves[i] = t
+        args, kwargs = tree_unflatten(leaves, spec)
+        return getattr(args[0], key)(*args[1:], **kwargs) if isinstance(key, str) else key(*args, **kwargs)
+
+    if not moving:
+        return call(), None
+    return jvp(call, tuple(values[i] for i in moving), tuple(tangent(flat[i]) for i in moving))
 
 
 def fused_jvp_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:

@@ -6,7 +6,7 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
 
     [model]
     name = "fmnist"
-    scenario = "fmnist"              # or checkpoint = "path/to/checkpoint-dir"
+    scenario = "fmnist"              # or checkpoint = "path/to/checkpoint-dir", or path = "model.onnx"
 
     [defense]                        # a defense spec: the same lines as a sweep's [[defenses]] point
     name = "grad2"
@@ -38,6 +38,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from mirage.defenses import DEFENSES
+from mirage.models.formats import Format, format_of
 from mirage.training.resolve import DefenseSpec
 
 
@@ -46,16 +47,48 @@ class _Strict(BaseModel):
 
 
 class ModelConfig(_Strict):
+    """Where the served model comes from: a mirage checkpoint, a scenario's victim, or a file
+    ``path`` in another ``format`` (docs/design.md §model-formats)::
+
+        [model]
+        name = "mine"
+        path = "model.onnx"              # or .pt2 (torch.export), or .safetensors with class = …
+        input_shape = [1, 28, 28]        # when the file does not fix it
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="name in /v2/models/{name}")
     checkpoint: Path | None = Field(None, description="a save_checkpoint directory")
     scenario: str | None = Field(None, description="serve this scenario's cached victim instead")
+    path: Path | None = Field(None, description="a model file: .pt2 (torch.export), .onnx, .safetensors (+ class)")
+    format: Format | None = Field(None, description="the format of path (default: from its suffix)")
+    class_path: str | None = Field(None, alias="class", description="state_dict: 'package.module:Class'")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="state_dict: the class's constructor arguments")
+    input_shape: tuple[int, int, int] | None = Field(None, description="(C, H, W), when the file does not fix it")
+    dataset: str = Field("", description="the dataset the model was trained on (for its class names)")
     classes: list[str] | None = Field(None, description="class names (default: the dataset's)")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if (self.checkpoint is None) == (self.scenario is None):
-            raise ValueError("give exactly one of model.checkpoint and model.scenario")
+        if sum(source is not None for source in (self.checkpoint, self.scenario, self.path)) != 1:
+            raise ValueError("give exactly one of model.checkpoint, model.scenario and model.path")
+        if self.path is None and (self.format not in (None, "checkpoint") or self.class_path or self.kwargs
+                                  or self.input_shape or self.dataset):
+            raise ValueError("format, class, kwargs, input_shape and dataset describe model.path")
+        fmt = self.file_format
+        if (fmt == "state_dict") != (self.class_path is not None):
+            raise ValueError("a state_dict (.safetensors) needs model.class, and only it takes one")
+        if self.kwargs and fmt != "state_dict":
+            raise ValueError("model.kwargs are the state_dict class's constructor arguments")
         return self
+
+    @property
+    def file_format(self) -> Format | None:
+        """The format of ``path``: given, or from its suffix (``None`` without a path)."""
+        if self.path is None:
+            return None
+        return self.format or format_of(self.path)
 
 
 class DefenseConfig(DefenseSpec):
@@ -160,7 +193,8 @@ class ServeConfig(_Strict):
             return path if path.is_absolute() else (base / path)
 
         return self.model_copy(update={
-            "model": self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint)}),
+            "model": self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint),
+                                                   "path": fix(self.model.path)}),
             "defense": self.defense.anchored(base),
             "storage": self.storage.model_copy(update={"database": fix(self.storage.database),
                                                        "audit": fix(self.storage.audit)}),

@@ -1,4 +1,5 @@
-"""What the service serves (docs/design.md §service): the model, from a checkpoint or a scenario,
+"""What the service serves (docs/design.md §service): the model, from a checkpoint, a scenario or
+a file in another format (docs/design.md §model-formats),
 and the defense, built by the one resolver every front end uses (docs/design.md §defense-spec),
 as one shared instance or one per client."""
 
@@ -12,6 +13,7 @@ from torch import nn
 
 from mirage.defenses import Defense, create_defense
 from mirage.models import ModelCard, load_checkpoint
+from mirage.models.formats import load_model_file
 from mirage.scenarios import Scenario, get_scenario
 from mirage.serve.config import DefenseConfig, ServeConfig
 from mirage.training.resolve import resolve_params, resolve_victims
@@ -20,11 +22,16 @@ SHARED = "*"
 
 
 def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | None]:
-    """The served model, its card, and the scenario it comes from (``None`` for a checkpoint).
+    """The served model, its card, and the scenario it comes from (``None`` for a checkpoint or
+    a file).
     With a scenario, a training-time defense's victim is served in place of the plain one."""
     source = config.model
     if source.checkpoint is not None:
         model, card = load_checkpoint(source.checkpoint)
+        return model.eval(), card, None
+    if source.path is not None:
+        model, card = load_model_file(source.file_format, source.path, input_shape=source.input_shape,
+                                      class_path=source.class_path, kwargs=source.kwargs, dataset=source.dataset)
         return model.eval(), card, None
     scenario = get_scenario(source.scenario)
     victims = resolve_victims(config.defense, scenario)
