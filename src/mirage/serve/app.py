@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -21,9 +22,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mirage.serve.config import ServeConfig
-from mirage.serve.errors import NotReady, ServeError, error_response, from_http_status
+from mirage.serve.errors import (
+    InternalError,
+    NotReady,
+    ServeError,
+    error_response,
+    from_http_status,
+)
 from mirage.serve.metrics import CONTENT_TYPE
 from mirage.serve.service import Service
+
+log = logging.getLogger(__name__)
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -39,7 +48,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             service.close()
 
     app = FastAPI(title="mirage defended prediction service", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.service = service
 
     @app.exception_handler(ServeError)
@@ -47,6 +56,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         service.metrics.inc("mirage_rejected_requests_total", reason=error.reason)
         body, status, headers = error_response(error)
         return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.error("unexpected %s on %s %s: %s", type(error).__name__, request.method, request.url.path, error)
+        return await serve_error(request, InternalError("internal server error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

@@ -97,6 +97,7 @@ class LimitsConfig(_Strict):
     max_batch: int = Field(256, ge=1, description="images per request")
     microbatch_images: int = Field(256, ge=1, description="images the worker joins into one batch")
     microbatch_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits for more requests")
+    body_timeout_s: float = Field(10.0, gt=0, description="seconds a request body may take to arrive")
 
 
 class StorageConfig(_Strict):

@@ -114,6 +114,26 @@ class QuotaStore(SQLiteStore):
                 (client.name, n, tokens, now))
         return used + n
 
+    def headroom(self, client: ClientConfig) -> int | None:
+        """How many queries ``client`` could be charged now (``None``: no limit), read without
+        charging. Raises :class:`QuotaExceeded` or :class:`RateLimited` when it is none, so a
+        request that cannot be served is refused before its body is read."""
+        row = self.connection().execute("SELECT queries, tokens, updated FROM usage WHERE client = ?",
+                                        (client.name,)).fetchone()
+        used, tokens, updated = row if row is not None else (0, None, None)
+        room = None if client.quota is None else client.quota - used
+        if room is not None and room < 1:
+            raise QuotaExceeded(f"client {client.name!r}: the quota of {client.quota} queries is used up")
+        capacity = client.bucket_capacity
+        if capacity is not None:
+            tokens = capacity if tokens is None else min(capacity, tokens + max(0.0, self._clock() - updated) * client.rate)
+            if tokens < 1:
+                wait = (1 - tokens) / client.rate
+                raise RateLimited(f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
+                                  f"reached; retry in {wait:.3f}s", retry_after=wait)
+            room = int(tokens) if room is None else min(room, int(tokens))
+        return room
+
     def refund(self, client: ClientConfig, n: int) -> None:
         """Undo a :meth:`charge` whose request could not be answered."""
         capacity = client.bucket_capacity

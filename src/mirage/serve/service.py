@@ -23,7 +23,13 @@ from mirage.serve.config import ClientConfig, ServeConfig
 from mirage.serve.errors import InferenceFailed, UnknownModel
 from mirage.serve.loading import ServedDefenses, class_names, load_model
 from mirage.serve.metrics import Metrics
-from mirage.serve.protocol import infer_response, model_metadata, parse_infer_request, read_body
+from mirage.serve.protocol import (
+    body_limit,
+    infer_response,
+    model_metadata,
+    parse_infer_request,
+    read_body,
+)
 from mirage.serve.quotas import QuotaStore
 
 log = logging.getLogger(__name__)
@@ -54,7 +60,7 @@ class Service:
 
     def check_model(self, name: str) -> None:
         if name != self.config.model.name:
-            raise UnknownModel(f"unknown model {name!r}; this server serves {self.config.model.name!r}")
+            raise UnknownModel(f"unknown model {name[:64]!r}")
 
     def metadata(self, client: ClientConfig) -> dict[str, Any]:
         limits = self.config.limits
@@ -68,9 +74,12 @@ class Service:
         start = time.perf_counter()
         client = self.authenticate(request)
         self.check_model(name)
-        body = await read_body(request, self.config.limits.max_payload_bytes)
-        images, request_id = await asyncio.to_thread(parse_infer_request, body, self.input_shape,
-                                                     self.config.limits.max_batch)
+        limits = self.config.limits
+        room = await asyncio.to_thread(self.quotas.headroom, client)
+        servable = limits.max_batch if room is None else min(limits.max_batch, room)
+        body = await read_body(request, body_limit(servable, self.input_shape, limits.max_payload_bytes),
+                               limits.body_timeout_s)
+        images, request_id = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch)
         n = len(images)
         used = await asyncio.to_thread(self.quotas.charge, client, n)
         audited = False
