@@ -17,6 +17,7 @@ os.environ.setdefault("MIRAGE_PROGRESS", "0")
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
 KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789", "carol": "key-carol-0123456789"}
+METRICS_KEY = "key-metrics-0123456789"
 
 
 def tiny_checkpoint(directory: Path, seed: int) -> Path:
@@ -34,7 +35,8 @@ def checkpoints(tmp_path_factory) -> dict[str, Path]:
 
 
 def make_config(tmp: Path, checkpoints: dict[str, Path], *, defense: dict | None = None,
-                clients: list[dict] | None = None, limits: dict | None = None) -> ServeConfig:
+                clients: list[dict] | None = None, limits: dict | None = None,
+                access: dict | None = None, storage: dict | None = None) -> ServeConfig:
     if clients is None:
         clients = [{"name": "alice", "quota": 1000}, {"name": "bob", "quota": 1000},
                    {"name": "carol", "quota": 5, "rate": 1.0, "burst": 3}]
@@ -42,7 +44,8 @@ def make_config(tmp: Path, checkpoints: dict[str, Path], *, defense: dict | None
         "model": {"name": "digits", "checkpoint": str(checkpoints["victim"])},
         "defense": defense or {"name": "none"},
         "limits": {"max_batch": 64, "max_payload_bytes": 200_000, **(limits or {})},
-        "storage": {"database": str(tmp / "serve.sqlite")},
+        "storage": {"database": str(tmp / "serve.sqlite"), **(storage or {})},
+        "access": {"metrics_key_sha256": hash_key(METRICS_KEY), **(access or {})},
         "clients": [{"key_sha256": hash_key(c.pop("key", KEYS.get(c["name"], f"key-{c['name']}"))), **c}
                     for c in (dict(c) for c in clients)],
     }

@@ -83,6 +83,7 @@ class Server:
 def server(tmp_path_factory, checkpoints):
     config = make_config(tmp_path_factory.mktemp("fuzz"), checkpoints,
                          clients=[{"name": "alice", "quota": 10**9}, {"name": "dave", "quota": 0}],
+                         access={"auth_failures": 10**9},
                          limits={"max_batch": 4, "max_payload_bytes": 1 << 20})
     server = Server(config)
     yield server

@@ -6,8 +6,9 @@ service` takes a request through authentication, quota, micro-batching and audit
 :mod:`mirage.serve.errors` maps every rejection to its HTTP status. This module only routes.
 
 - ``POST /v2/models/{name}/infer``, ``GET /v2/models/{name}`` (both need an API key);
-- ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready``,
-  ``GET /metrics`` (Prometheus text).
+- ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready`` (without a
+  key: readiness only), ``GET /metrics`` (Prometheus text; per-client series only with the
+  metrics token, docs/design.md §access).
 """
 
 from __future__ import annotations
@@ -79,7 +80,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         return await asyncio.to_thread(service.metadata, client)
 
     @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str) -> dict:
+    async def model_ready(name: str, request: Request) -> dict:
+        if "authorization" not in request.headers and "x-api-key" not in request.headers:
+            return {"ready": _ready(service)}  # readiness only: neither confirms nor names the model
+        service.authenticate(request)
         service.check_model(name)
         return {"name": name, "ready": _ready(service)}
 
@@ -92,8 +96,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {"ready": _ready(service)}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(await asyncio.to_thread(service.render_metrics), media_type=CONTENT_TYPE)
+    async def metrics(request: Request) -> Response:
+        per_client = service.metrics_access(request)
+        return Response(await asyncio.to_thread(service.render_metrics, per_client), media_type=CONTENT_TYPE)
 
     return app
 

@@ -1,5 +1,6 @@
 """The audit log: one SQLite row per answered request — client, time, model, per-image input
-hashes and the served answer — written only for requests that were answered."""
+hashes and the served answer — written only for requests that were answered; and one row per
+security event, such as a failed authentication (docs/design.md §audit)."""
 
 from __future__ import annotations
 
@@ -22,6 +23,13 @@ CREATE TABLE IF NOT EXISTS audit (
     queries      INTEGER NOT NULL,
     input_sha256 TEXT NOT NULL,
     served       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id     INTEGER PRIMARY KEY AUTOINCREMENT,
+    time   REAL NOT NULL,
+    kind   TEXT NOT NULL,
+    source TEXT NOT NULL,
+    detail TEXT NOT NULL
 )
 """
 
@@ -45,6 +53,16 @@ class AuditLog(SQLiteStore):
                 "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (time.time(), client, model, request_id, len(images), json.dumps(image_hashes(images)),
                  json.dumps(served.tolist())))
+
+    def record_event(self, kind: str, *, source: str, detail: str) -> None:
+        """A security event (``auth_failed``, ``auth_throttled``) from the address ``source``."""
+        with self.transaction() as conn:
+            conn.execute("INSERT INTO events (time, kind, source, detail) VALUES (?, ?, ?, ?)",
+                         (time.time(), kind, source[:256], detail[:512]))
+
+    def events(self) -> list[dict]:
+        rows = self.connection().execute("SELECT time, kind, source, detail FROM events ORDER BY id")
+        return [{"time": t, "kind": k, "source": s, "detail": d} for t, k, s, d in rows]
 
     def rows(self, client: str | None = None) -> list[dict]:
         query = "SELECT time, client, model, request_id, queries, input_sha256, served FROM audit"

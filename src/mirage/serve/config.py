@@ -20,6 +20,12 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     [storage]
     database = "serve.sqlite"
 
+    [access]
+    metrics_key_sha256 = "…"         # /metrics with per-client series needs this bearer token
+    disclose_defense = false         # metadata names the defense only when true
+    auth_failures = 10               # per source address and window, then 429 …
+    auth_window_s = 60.0             # … until the window ends
+
     [[clients]]
     name = "alice"
     key_sha256 = "…64 hex digits…"
@@ -105,6 +111,18 @@ class StorageConfig(_Strict):
     audit: Path | None = Field(None, description="SQLite file of the audit log (default: the database)")
 
 
+class AccessConfig(_Strict):
+    """What needs a key, and how failed authentication is throttled (docs/design.md §access)."""
+
+    metrics_key_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the bearer token /metrics asks for; without one, /metrics is aggregate-only")
+    disclose_defense: bool = Field(False, description="model metadata names the defense, its scalar "
+                                   "parameters (never seeds or keys) and its contract")
+    auth_failures: int = Field(10, ge=1, description="failed authentications per source address and window")
+    auth_window_s: float = Field(60.0, gt=0, description="the window, in seconds; then 429 until it ends")
+
+
 class ClientConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 hex digest of the API key")
@@ -124,6 +142,7 @@ class ServeConfig(_Strict):
     defense: DefenseConfig = DefenseConfig()
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()
+    access: AccessConfig = AccessConfig()
     clients: list[ClientConfig] = Field(min_length=1)
 
     @field_validator("clients")

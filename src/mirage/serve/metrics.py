@@ -79,12 +79,22 @@ class Metrics:
         with self._lock:
             return self._counters[name].get(tuple(sorted(labels.items())), 0.0)
 
-    def render(self, gauges: dict[str, dict[tuple, float]] | None = None) -> str:
+    def render(self, gauges: dict[str, dict[tuple, float]] | None = None, *, aggregate: bool = False) -> str:
+        """The exposition; ``aggregate`` sums the series over their ``client`` label (for a
+        scraper without the metrics token, docs/design.md §access)."""
         lines: list[str] = []
         with self._lock:
             counters = {n: dict(s) for n, s in self._counters.items()}
             histograms = {n: {k: (list(h.counts), h.sum, h.buckets) for k, h in s.items()}
                           for n, s in self._histograms.items()}
+        if aggregate:
+            merged: dict[str, dict[tuple, float]] = {}
+            for name, series in counters.items():
+                for key, value in series.items():
+                    key = tuple(pair for pair in key if pair[0] != "client")
+                    merged.setdefault(name, {}).setdefault(key, 0.0)
+                    merged[name][key] += value
+            counters, gauges = merged, None
         for name, (kind, text) in self.HELP.items():
             lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
             if kind == "counter":

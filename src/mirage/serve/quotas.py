@@ -26,6 +26,11 @@ CREATE TABLE IF NOT EXISTS usage (
     requests INTEGER NOT NULL DEFAULT 0,
     tokens   REAL,
     updated  REAL
+);
+CREATE TABLE IF NOT EXISTS auth_failures (
+    source   TEXT PRIMARY KEY,
+    start    REAL NOT NULL,
+    failures INTEGER NOT NULL
 )
 """
 
@@ -40,7 +45,8 @@ class SQLiteStore:
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         with self.transaction() as conn:
-            conn.execute(schema)
+            for statement in schema.split(";"):
+                conn.execute(statement)
 
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -142,6 +148,26 @@ class QuotaStore(SQLiteStore):
                 "UPDATE usage SET queries = queries - ?, requests = requests - 1, "
                 "tokens = CASE WHEN tokens IS NULL THEN NULL ELSE MIN(tokens + ?, ?) END WHERE client = ?",
                 (n, n, capacity if capacity is not None else 0.0, client.name))
+
+    def auth_throttled(self, source: str, window: float, limit: int) -> float | None:
+        """Seconds until ``source`` may try a key again (it failed ``limit`` times in its current
+        fixed window of ``window`` seconds), or ``None`` if it may now."""
+        row = self.connection().execute("SELECT start, failures FROM auth_failures WHERE source = ?",
+                                        (source,)).fetchone()
+        if row is None or row[1] < limit:
+            return None
+        left = row[0] + window - self._clock()
+        return left if left > 0 else None
+
+    def auth_failed(self, source: str, window: float) -> int:
+        """Count a failed authentication from ``source`` in its window; returns the count so far."""
+        now = self._clock()
+        with self.transaction() as conn:
+            row = conn.execute("SELECT start, failures FROM auth_failures WHERE source = ?", (source,)).fetchone()
+            start, failures = (now, 1) if row is None or now - row[0] >= window else (row[0], row[1] + 1)
+            conn.execute("INSERT OR REPLACE INTO auth_failures (source, start, failures) VALUES (?, ?, ?)",
+                         (source, start, failures))
+        return failures
 
     def used(self, client_name: str) -> int:
         row = self.connection().execute("SELECT queries FROM usage WHERE client = ?", (client_name,)).fetchone()

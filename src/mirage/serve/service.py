@@ -9,18 +9,20 @@ fails, the charge is refunded (docs/design.md §service-errors).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import torch
 from fastapi import Request
 
 from mirage.serve.audit import AuditLog
-from mirage.serve.auth import KeyRing, key_from_headers
+from mirage.serve.auth import KeyRing, hash_key, key_from_headers
 from mirage.serve.batching import MicroBatcher
 from mirage.serve.config import ClientConfig, ServeConfig
-from mirage.serve.errors import InferenceFailed, UnknownModel
+from mirage.serve.errors import AuthThrottled, InferenceFailed, InvalidKey, MissingKey, UnknownModel
 from mirage.serve.loading import ServedDefenses, class_names, load_model
 from mirage.serve.metrics import Metrics
 from mirage.serve.protocol import (
@@ -33,6 +35,7 @@ from mirage.serve.protocol import (
 from mirage.serve.quotas import QuotaStore
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Service:
@@ -55,8 +58,42 @@ class Service:
                                     model_name=config.model.name)
 
     def authenticate(self, request: Request) -> ClientConfig:
-        key = key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        return self.keys.authenticate(key)
+        """The client whose key the request carries (docs/design.md §access)."""
+        return self._checked(request, self.keys.authenticate)
+
+    def metrics_access(self, request: Request) -> bool:
+        """Whether ``/metrics`` may show per-client series: only with the configured bearer token.
+        No token: aggregate-only; a wrong one: 401, a failed authentication like any other."""
+        if "authorization" not in request.headers and "x-api-key" not in request.headers:
+            return False
+        self._checked(request, self._metrics_token)
+        return True
+
+    def _metrics_token(self, key: str) -> None:
+        digest = self.config.access.metrics_key_sha256
+        if digest is None or not hmac.compare_digest(hash_key(key), digest):
+            raise InvalidKey("invalid metrics token")
+
+    def _checked(self, request: Request, check: Callable[[str], T]) -> T:
+        """``check(key)`` on the presented key. A source address that failed
+        ``access.auth_failures`` times in its window gets 429 until the window ends; every failure
+        up to there is written to the audit log, the one that starts the throttle as
+        ``auth_throttled``."""
+        access = self.config.access
+        source = request.client.host if request.client else "unknown"
+        wait = self.quotas.auth_throttled(source, access.auth_window_s, access.auth_failures)
+        if wait is not None:
+            raise AuthThrottled(f"too many failed authentications from {source}; retry in {wait:.0f}s",
+                                retry_after=wait)
+        try:
+            return check(key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key")))
+        except (MissingKey, InvalidKey) as error:
+            failures = self.quotas.auth_failed(source, access.auth_window_s)
+            if failures <= access.auth_failures:
+                kind = "auth_failed" if failures < access.auth_failures else "auth_throttled"
+                self.audit.record_event(kind, source=source,
+                                        detail=f"{error.reason}: {request.method} {request.url.path[:200]}")
+            raise
 
     def check_model(self, name: str) -> None:
         if name != self.config.model.name:
@@ -65,7 +102,8 @@ class Service:
     def metadata(self, client: ClientConfig) -> dict[str, Any]:
         limits = self.config.limits
         return model_metadata(
-            self.config.model.name, self.input_shape, self.classes, defense=self.defenses.describe(),
+            self.config.model.name, self.input_shape, self.classes,
+            defense=self.defenses.describe() if self.config.access.disclose_defense else None,
             limits={"max_batch": limits.max_batch, "max_payload_bytes": limits.max_payload_bytes},
             client={"name": client.name, "quota": client.quota, "queries_used": self.quotas.used(client.name),
                     "rate": client.rate, "burst": client.bucket_capacity})
@@ -103,7 +141,9 @@ class Service:
         self.metrics.observe("mirage_request_latency_seconds", time.perf_counter() - start, model=name)
         return infer_response(name, request_id, served, queries_used=used, query_budget=client.quota)
 
-    def render_metrics(self) -> str:
+    def render_metrics(self, per_client: bool) -> str:
+        if not per_client:
+            return self.metrics.render(aggregate=True)
         usage = self.quotas.usage()
         names = [c.name for c in self.config.clients]
         gauges = {
