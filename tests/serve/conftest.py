@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 
@@ -55,3 +62,45 @@ def make_config(tmp: Path, checkpoints: dict[str, Path], *, defense: dict | None
 def grad2_defense(checkpoints: dict[str, Path]) -> dict:
     return {"name": "grad2", "params": {"epsilon": 0.5, "target": "all-ones"},
             "surrogate": str(checkpoints["surrogate"])}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class ServerProcess:
+    """``python -m mirage.serve.runner`` on 127.0.0.1 in a subprocess (killable, restartable)."""
+
+    def __init__(self, config: ServeConfig, directory: Path, port: int | None = None) -> None:
+        self.path = directory / f"serve-{id(self)}.json"
+        self.path.write_text(json.dumps(config.model_dump(mode="json")))
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = directory / f"serve-{self.port}.log"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 90.0) -> ServerProcess:
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MIRAGE_PROGRESS": "0"}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen([sys.executable, "-m", "mirage.serve.runner", "--config", str(self.path),
+                                          "--port", str(self.port)], stdout=log, stderr=log, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited: {self.log.read_text()[-2000:]}")
+            try:
+                if httpx.get(self.url + "/v2/health/ready", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        self.kill()
+        raise RuntimeError("the server did not become ready")
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(30)
+        self.proc = None

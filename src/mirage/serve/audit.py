@@ -22,7 +22,8 @@ CREATE TABLE IF NOT EXISTS audit (
     request_id   TEXT,
     queries      INTEGER NOT NULL,
     input_sha256 TEXT NOT NULL,
-    served       TEXT NOT NULL
+    served       TEXT NOT NULL,
+    reservation  TEXT
 );
 CREATE TABLE IF NOT EXISTS events (
     id     INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -43,16 +44,31 @@ def image_hashes(images: np.ndarray) -> list[str]:
 class AuditLog(SQLiteStore):
     def __init__(self, path: str | Path) -> None:
         super().__init__(path, SCHEMA)
+        with self.transaction() as conn:  # a log written before reservations existed
+            if "reservation" not in {row[1] for row in conn.execute("PRAGMA table_info(audit)")}:
+                conn.execute("ALTER TABLE audit ADD COLUMN reservation TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS audit_reservation ON audit (reservation)")
 
     def record(self, *, client: str, model: str, request_id: str | None, images: np.ndarray,
-               served: np.ndarray) -> None:
-        """images: (B, C, H, W); served: (B, K) as sent to the client."""
+               served: np.ndarray, reservation: str | None = None) -> None:
+        """images: (B, C, H, W); served: (B, K) as sent to the client; ``reservation``: the
+        charge it answers (docs/design.md §reservations)."""
         with self.transaction() as conn:
             conn.execute(
-                "INSERT INTO audit (time, client, model, request_id, queries, input_sha256, served) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO audit (time, client, model, request_id, queries, input_sha256, served, reservation) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                 (time.time(), client, model, request_id, len(images), json.dumps(image_hashes(images)),
-                 json.dumps(served.tolist())))
+                 json.dumps(served.tolist()), reservation))
+
+    def answered(self, reservations: list[str]) -> set[str]:
+        """The reservations among ``reservations`` whose answer is in the log."""
+        found: set[str] = set()
+        conn = self.connection()
+        for start in range(0, len(reservations), 500):
+            chunk = reservations[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            found |= {r for (r,) in conn.execute(f"SELECT reservation FROM audit WHERE reservation IN ({marks})", chunk)}
+        return found
 
     def record_event(self, kind: str, *, source: str, detail: str) -> None:
         """A security event (``auth_failed``, ``auth_throttled``) from the address ``source``."""

@@ -109,6 +109,8 @@ class LimitsConfig(_Strict):
 class StorageConfig(_Strict):
     database: Path = Path("mirage-serve.sqlite")
     audit: Path | None = Field(None, description="SQLite file of the audit log (default: the database)")
+    reservation_lease_s: float = Field(
+        300.0, gt=0, description="a reservation older than this is an orphan even if its owner's pid runs")
 
 
 class AccessConfig(_Strict):

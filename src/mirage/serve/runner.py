@@ -1,5 +1,6 @@
-"""Run the service under uvicorn — in the foreground (``mirage serve``) or in a background
-thread on a free loopback port (tests, benchmarks)."""
+"""Run the service under uvicorn — in the foreground (``mirage serve``, or
+``python -m mirage.serve.runner --config FILE --port N``, which skips the command line's imports),
+or in a background thread on a free loopback port (tests, benchmarks)."""
 
 from __future__ import annotations
 
@@ -53,3 +54,22 @@ class ServerThread:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    from mirage.serve.app import create_app
+    from mirage.serve.config import load_config
+
+    parser = argparse.ArgumentParser(description="serve a mirage config under uvicorn")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    serve_forever(create_app(load_config(args.config)), args.host, args.port, log_level=args.log_level)
+
+
+if __name__ == "__main__":
+    main()

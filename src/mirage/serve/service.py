@@ -2,8 +2,9 @@
 authenticate → validate → charge → micro-batch (model, defense) → audit → answer.
 
 A request is validated completely (size, JSON, shape, dtype, finiteness, range, key, model)
-before the quota is charged; the charge is one SQLite transaction; if the model or defense then
-fails, the charge is refunded (docs/design.md §service-errors).
+before the quota is charged. The charge is a reservation: committed once the answer is in the
+audit log, released if the model or defense fails or the client hangs up, and settled at the
+next start if the process dies in between (docs/design.md §service-errors, §reservations).
 """
 
 from __future__ import annotations
@@ -22,7 +23,14 @@ from mirage.serve.audit import AuditLog
 from mirage.serve.auth import KeyRing, hash_key, key_from_headers
 from mirage.serve.batching import MicroBatcher
 from mirage.serve.config import ClientConfig, ServeConfig
-from mirage.serve.errors import AuthThrottled, InferenceFailed, InvalidKey, MissingKey, UnknownModel
+from mirage.serve.errors import (
+    AuthThrottled,
+    ClientGone,
+    InferenceFailed,
+    InvalidKey,
+    MissingKey,
+    UnknownModel,
+)
 from mirage.serve.loading import ServedDefenses, class_names, load_model
 from mirage.serve.metrics import Metrics
 from mirage.serve.protocol import (
@@ -51,6 +59,11 @@ class Service:
         self.keys = KeyRing(config.clients)
         self.quotas = QuotaStore(config.storage.database)
         self.audit = AuditLog(config.audit_path)
+        kept, released = self.quotas.reconcile(self.audit.answered, lease=config.storage.reservation_lease_s)
+        if kept or released:
+            log.warning("settled the reservations of a process that is gone: %d kept (answered), "
+                        "%d released (unanswered)", kept, released)
+        self.reconciled = (kept, released)
         self.metrics = Metrics()
         limits = config.limits
         self.batcher = MicroBatcher(self.model, self.defenses, max_images=limits.microbatch_images,
@@ -119,17 +132,23 @@ class Service:
                                limits.body_timeout_s)
         images, request_id = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch)
         n = len(images)
-        used = await asyncio.to_thread(self.quotas.charge, client, n)
+        used, reservation = await asyncio.to_thread(self.quotas.reserve, client, n)
         audited = False
         try:
             future = self.batcher.submit(self.defenses.key(client.name), torch.from_numpy(images))
             served = (await asyncio.wrap_future(future)).numpy()
-            await asyncio.to_thread(self.audit.record, client=client.name, model=name,
-                                    request_id=request_id, images=images, served=served)
+            if await request.is_disconnected():
+                raise ClientGone("the client disconnected before its answer was ready; not charged")
+            await asyncio.to_thread(self.audit.record, client=client.name, model=name, request_id=request_id,
+                                    images=images, served=served, reservation=reservation)
             audited = True
+            await asyncio.to_thread(self.quotas.commit, reservation)
         except BaseException as error:
             if not audited:
-                await asyncio.shield(asyncio.to_thread(self.quotas.refund, client, n))
+                await asyncio.shield(asyncio.to_thread(self.quotas.release, client, reservation))
+            if isinstance(error, ClientGone):
+                log.info("client %s disconnected; its %d queries were released", client.name, n)
+                raise
             if isinstance(error, Exception):
                 log.exception("inference failed for client %s", client.name)
                 raise InferenceFailed(f"the model or defense failed ({type(error).__name__}); "
