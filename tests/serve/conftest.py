@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -104,3 +105,50 @@ class ServerProcess:
             self.proc.send_signal(sig)
             self.proc.wait(30)
         self.proc = None
+
+
+def redis_binary() -> str:
+    """The redis-server binary. scripts/bootstrap.sh installs it, so with MIRAGE_REQUIRE_REDIS=1
+    (set by .ci/run) its absence fails the test instead of skipping it."""
+    path = shutil.which("redis-server")
+    if path is None:
+        if os.environ.get("MIRAGE_REQUIRE_REDIS") == "1":
+            pytest.fail("redis-server is missing but MIRAGE_REQUIRE_REDIS=1 (run scripts/bootstrap.sh)")
+        pytest.skip("redis-server is not installed (scripts/bootstrap.sh installs it)")
+    return path
+
+
+class RedisServer:
+    """A private redis-server on 127.0.0.1 and a free port; ``persistent``: append-only file in
+    ``directory`` (survives a restart), else no persistence at all."""
+
+    def __init__(self, directory: Path, *, persistent: bool = False) -> None:
+        self.binary = redis_binary()
+        self.directory = directory
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.persistent = persistent
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> RedisServer:
+        from mirage.serve.redis_store import wait_for
+
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+                "--save", "", "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always"]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for(self.url)
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # SIGTERM: redis flushes its append-only file and exits
+            self.proc.wait(30)
+        self.proc = None
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    server = RedisServer(tmp_path / "redis").start()
+    yield server
+    server.stop()

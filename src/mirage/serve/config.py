@@ -18,7 +18,9 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     max_batch = 256
 
     [storage]
-    database = "serve.sqlite"
+    database = "serve.sqlite"        # quotas and audit log; with backend = "redis" the audit log only
+    # backend = "redis"              # shared state for several replicas …
+    # url = "redis://127.0.0.1:6379/0"
 
     [access]
     metrics_key_sha256 = "…"         # /metrics with per-client series needs this bearer token
@@ -39,7 +41,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -107,10 +109,23 @@ class LimitsConfig(_Strict):
 
 
 class StorageConfig(_Strict):
+    """Where quotas, rate limits, reservations and failed-authentication counts live: the
+    embedded SQLite ``database`` (default), or Redis for several replicas (docs/design.md
+    §shared-state). The audit log is SQLite either way."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="the Redis server, for backend = 'redis'")
+    prefix: str = Field("mirage:", max_length=64, description="prefix of every Redis key")
     database: Path = Path("mirage-serve.sqlite")
     audit: Path | None = Field(None, description="SQLite file of the audit log (default: the database)")
     reservation_lease_s: float = Field(
         300.0, gt=0, description="a reservation older than this is an orphan even if its owner's pid runs")
+
+    @model_validator(mode="after")
+    def _backend(self) -> StorageConfig:
+        if self.backend == "redis" and self.url is None:
+            raise ValueError("storage.backend = 'redis' needs storage.url (redis://host:port/db)")
+        return self
 
 
 class AccessConfig(_Strict):

@@ -14,7 +14,7 @@ import hmac
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from fastapi import Request
@@ -42,8 +42,21 @@ from mirage.serve.protocol import (
 )
 from mirage.serve.quotas import QuotaStore
 
+if TYPE_CHECKING:
+    from mirage.serve.redis_store import RedisQuotaStore
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+
+
+def open_store(config: ServeConfig) -> QuotaStore | RedisQuotaStore:
+    """The configured backend of quotas, limits and reservations (docs/design.md §shared-state)."""
+    storage = config.storage
+    if storage.backend == "redis":
+        from mirage.serve.redis_store import RedisQuotaStore
+
+        return RedisQuotaStore(storage.url, prefix=storage.prefix)
+    return QuotaStore(storage.database)
 
 
 class Service:
@@ -57,7 +70,7 @@ class Service:
         self.classes = class_names(config, card)
         self.defenses = ServedDefenses(config.defense, scenario, model, card)
         self.keys = KeyRing(config.clients)
-        self.quotas = QuotaStore(config.storage.database)
+        self.quotas = open_store(config)
         self.audit = AuditLog(config.audit_path)
         kept, released = self.quotas.reconcile(self.audit.answered, lease=config.storage.reservation_lease_s)
         if kept or released:
