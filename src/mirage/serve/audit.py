@@ -50,10 +50,13 @@ class AuditLog(SQLiteStore):
             conn.execute("CREATE INDEX IF NOT EXISTS audit_reservation ON audit (reservation)")
 
     def record(self, *, client: str, model: str, request_id: str | None, images: np.ndarray,
-               served: np.ndarray, reservation: str | None = None) -> None:
+               served: np.ndarray, reservation: str | None = None, settle: bool = False) -> None:
         """images: (B, C, H, W); served: (B, K) as sent to the client; ``reservation``: the
-        charge it answers (docs/design.md §reservations)."""
+        charge it answers (docs/design.md §reservations). ``settle``: the quota store shares this
+        file, so the reservation is committed in the same transaction."""
         with self.transaction() as conn:
+            if settle:
+                conn.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
             conn.execute(
                 "INSERT INTO audit (time, client, model, request_id, queries, input_sha256, served, reservation) "
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",

@@ -72,6 +72,7 @@ class Service:
         self.keys = KeyRing(config.clients)
         self.quotas = open_store(config)
         self.audit = AuditLog(config.audit_path)
+        self._one_file = config.storage.backend == "sqlite" and config.audit_path == config.storage.database
         kept, released = self.quotas.reconcile(self.audit.answered, lease=config.storage.reservation_lease_s)
         if kept or released:
             log.warning("settled the reservations of a process that is gone: %d kept (answered), "
@@ -139,7 +140,7 @@ class Service:
         client = self.authenticate(request)
         self.check_model(name)
         limits = self.config.limits
-        room = await asyncio.to_thread(self.quotas.headroom, client)
+        room = self.quotas.headroom(client)  # one indexed read (SQLite) or round trip (Redis)
         servable = limits.max_batch if room is None else min(limits.max_batch, room)
         body = await read_body(request, body_limit(servable, self.input_shape, limits.max_payload_bytes),
                                limits.body_timeout_s)
@@ -153,9 +154,11 @@ class Service:
             if await request.is_disconnected():
                 raise ClientGone("the client disconnected before its answer was ready; not charged")
             await asyncio.to_thread(self.audit.record, client=client.name, model=name, request_id=request_id,
-                                    images=images, served=served, reservation=reservation)
+                                    images=images, served=served, reservation=reservation,
+                                    settle=self._one_file)
             audited = True
-            await asyncio.to_thread(self.quotas.commit, reservation)
+            if not self._one_file:
+                await asyncio.to_thread(self.quotas.commit, reservation)
         except BaseException as error:
             if not audited:
                 await asyncio.shield(asyncio.to_thread(self.quotas.release, client, reservation))
