@@ -5,6 +5,9 @@ authentication is throttled per source address and written to the audit log."""
 
 from __future__ import annotations
 
+import http.client
+import threading
+
 import httpx
 import torch
 from conftest import KEYS, METRICS_KEY, grad2_defense, make_config
@@ -60,19 +63,35 @@ def test_readiness_without_a_key_does_not_name_the_model(tmp_path, checkpoints):
 
 
 def test_two_thousand_wrong_keys_are_throttled_within_the_first_fifty(tmp_path, checkpoints):
+    """8 connections send 250 wrong keys each; in the order the answers come, at most the first
+    fifty are 401s, exactly ``auth_failures`` of them, and every other is a 429 with Retry-After."""
     config = make_config(tmp_path, checkpoints, access={"auth_failures": 10, "auth_window_s": 600})
-    statuses = []
-    with ServerThread(create_app(config)) as url, httpx.Client(base_url=url) as http:
-        for i in range(2000):
-            response = http.post(URL_INFER, content=b"{}", headers={"X-API-Key": f"wrong-{i}"})
-            statuses.append(response.status_code)
-            if i == 1999:
-                assert int(response.headers["retry-after"]) >= 1
-                assert response.json()["reason"] == "auth_throttled"
-        still = http.post(URL_INFER, json=body(1), headers={"X-API-Key": KEYS["alice"]})
-    first = statuses.index(429)
-    assert first < 50 and set(statuses[:first]) == {401} and set(statuses[first:]) == {429}
+    statuses, lock = [], threading.Lock()
+
+    def guess(worker: int, port: int) -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for i in range(250):
+            connection.request("POST", URL_INFER, body=b"{}", headers={"X-API-Key": f"wrong-{worker}-{i}"})
+            response = connection.getresponse()
+            response.read()
+            with lock:
+                statuses.append((response.status, response.getheader("retry-after")))
+        connection.close()
+
+    with ServerThread(create_app(config)) as url:
+        port = int(url.rsplit(":", 1)[1])
+        workers = [threading.Thread(target=guess, args=(w, port)) for w in range(8)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join(300)
+        still = httpx.post(url + URL_INFER, json=body(1), headers={"X-API-Key": KEYS["alice"]})
+    codes = [status for status, _ in statuses]
+    assert len(codes) == 2000 and codes.count(401) == 10 and codes.count(429) == 1990
+    assert max(i for i, code in enumerate(codes) if code == 401) < 50
+    assert all(int(retry) >= 1 for status, retry in statuses if status == 429)
     assert still.status_code == 429  # per source address: the address is throttled, whatever the key
+    assert still.json()["reason"] == "auth_throttled"
     audit = AuditLog(config.audit_path)
     events = audit.events()
     audit.close()

@@ -177,6 +177,17 @@ def test_a_stalled_body_is_cut(tmp_path, checkpoints):
     assert response.startswith(b"HTTP/1.1 408") and seconds < 5, response[:200]
 
 
+def test_stalled_headers_are_cut(tmp_path, checkpoints):
+    config = make_config(tmp_path, checkpoints, limits={"body_timeout_s": 1.0})
+    with ServerThread(create_app(config)) as url:
+        response, seconds = raw_request(url, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nX-API-")
+        assert response == b"" and seconds < 5  # closed, not answered: there is no request yet
+        with httpx.Client(base_url=url) as http:  # a keep-alive connection that then stalls
+            assert http.get("/v2/health/live").status_code == 200
+            time.sleep(1.5)
+            assert http.get("/v2/health/live").status_code == 200
+
+
 def test_a_client_hanging_up_mid_body_logs_no_traceback(tmp_path, checkpoints, caplog):
     config = make_config(tmp_path, checkpoints)
     with ServerThread(create_app(config)) as url:
