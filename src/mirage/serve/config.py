@@ -18,7 +18,15 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     max_batch = 256
 
     [storage]
-    database = "serve.sqlite"
+    database = "serve.sqlite"        # quotas and audit log; with backend = "redis" the audit log only
+    # backend = "redis"              # shared state for several replicas …
+    # url = "redis://127.0.0.1:6379/0"
+
+    [access]
+    metrics_key_sha256 = "…"         # /metrics with per-client series needs this bearer token
+    disclose_defense = false         # metadata names the defense only when true
+    auth_failures = 10               # per source address and window, then 429 …
+    auth_window_s = 60.0             # … until the window ends
 
     [[clients]]
     name = "alice"
@@ -33,7 +41,7 @@ from __future__ import annotations
 import json
 import tomllib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -130,11 +138,39 @@ class LimitsConfig(_Strict):
     max_batch: int = Field(256, ge=1, description="images per request")
     microbatch_images: int = Field(256, ge=1, description="images the worker joins into one batch")
     microbatch_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits for more requests")
+    body_timeout_s: float = Field(10.0, gt=0, description="seconds a request body may take to arrive")
 
 
 class StorageConfig(_Strict):
+    """Where quotas, rate limits, reservations and failed-authentication counts live: the
+    embedded SQLite ``database`` (default), or Redis for several replicas (docs/design.md
+    §shared-state). The audit log is SQLite either way."""
+
+    backend: Literal["sqlite", "redis"] = "sqlite"
+    url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="the Redis server, for backend = 'redis'")
+    prefix: str = Field("mirage:", max_length=64, description="prefix of every Redis key")
     database: Path = Path("mirage-serve.sqlite")
     audit: Path | None = Field(None, description="SQLite file of the audit log (default: the database)")
+    reservation_lease_s: float = Field(
+        300.0, gt=0, description="a reservation older than this is an orphan even if its owner's pid runs")
+
+    @model_validator(mode="after")
+    def _backend(self) -> StorageConfig:
+        if self.backend == "redis" and self.url is None:
+            raise ValueError("storage.backend = 'redis' needs storage.url (redis://host:port/db)")
+        return self
+
+
+class AccessConfig(_Strict):
+    """What needs a key, and how failed authentication is throttled (docs/design.md §access)."""
+
+    metrics_key_sha256: str | None = Field(
+        None, pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the bearer token /metrics asks for; without one, /metrics is aggregate-only")
+    disclose_defense: bool = Field(False, description="model metadata names the defense, its scalar "
+                                   "parameters (never seeds or keys) and its contract")
+    auth_failures: int = Field(10, ge=1, description="failed authentications per source address and window")
+    auth_window_s: float = Field(60.0, gt=0, description="the window, in seconds; then 429 until it ends")
 
 
 class ClientConfig(_Strict):
@@ -156,6 +192,7 @@ class ServeConfig(_Strict):
     defense: DefenseConfig = DefenseConfig()
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()
+    access: AccessConfig = AccessConfig()
     clients: list[ClientConfig] = Field(min_length=1)
 
     @field_validator("clients")

@@ -53,6 +53,28 @@ class RateLimited(ServeError):
     reason = "rate_limited"
 
 
+class RequestTimeout(ServeError):
+    """The body did not arrive in time (a stalled or slow-loris client)."""
+
+    reason = "request_timeout"
+
+
+class ClientGone(ServeError):
+    """The client hung up before its request was read; nobody reads the answer."""
+
+    reason = "client_disconnected"
+
+
+class AuthThrottled(ServeError):
+    """Too many failed authentications from one source address."""
+
+    reason = "auth_throttled"
+
+
+class Forbidden(ServeError):
+    reason = "forbidden"
+
+
 class NotFound(ServeError):
     reason = "not_found"
 
@@ -71,18 +93,29 @@ class InferenceFailed(ServeError):
     reason = "inference_failed"
 
 
+class InternalError(ServeError):
+    """An exception nothing else mapped (a bug); answered as JSON all the same."""
+
+    reason = "internal_error"
+
+
 HTTP_STATUS: dict[type[ServeError], int] = {
     BadRequest: 400,
     MissingKey: 401,
     InvalidKey: 401,
+    Forbidden: 403,
     NotFound: 404,
     UnknownModel: 404,
     MethodNotAllowed: 405,
+    RequestTimeout: 408,
+    ClientGone: 400,
     PayloadTooLarge: 413,
     BatchTooLarge: 413,
     QuotaExceeded: 429,
     RateLimited: 429,
+    AuthThrottled: 429,
     InferenceFailed: 500,
+    InternalError: 500,
     NotReady: 503,
 }
 
@@ -98,7 +131,7 @@ def http_status(error: ServeError) -> int:
 def from_http_status(status: int, message: str) -> ServeError:
     """The typed error for an HTTP error the framework raised itself (an unknown route: 404, a
     wrong method: 405; anything else is a bad request)."""
-    return {404: NotFound, 405: MethodNotAllowed}.get(status, BadRequest)(message)
+    return {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}.get(status, BadRequest)(message)
 
 
 def error_response(error: ServeError) -> tuple[dict[str, str], int, dict[str, str] | None]:

@@ -94,10 +94,12 @@ class ServedDefenses:
         defense = self.prototype or create_defense("none")
         params = {}
         for name in type(defense.params).model_fields:
+            if "seed" in name or "key" in name:
+                continue  # never disclosed: they would let a client predict the perturbation
             value = getattr(defense.params, name)
             params[name] = value if isinstance(value, str | int | float | bool | None) else f"<{type(value).__name__}>"
         if self.spec.training_time:
-            params = dict(self.spec.params)
+            params = {k: v for k, v in self.spec.params.items() if "seed" not in k and "key" not in k}
         return {"name": self.spec.name, "params": params, "contract": dataclasses.asdict(defense.contract),
                 "training_time": self.spec.training_time, "per_client": self.spec.per_client,
                 "seed_per_client": self.spec.seed_per_client}

@@ -7,38 +7,73 @@ and validating requests, writing responses. No model, no defense, no storage her
 - ``GET /v2/models/{name}`` — the model's metadata, with mirage's ``parameters`` (classes, the
   defense and its contract, limits, the client's quota).
 
-Every rejection is a typed :class:`~mirage.serve.errors.ServeError`.
+Every rejection is a typed :class:`~mirage.serve.errors.ServeError`; types are strict (a
+boolean, a null or an object is never taken for a number, a list never for a string) and every
+string is bounded (docs/design.md §service-errors).
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import math
 from typing import Any
 
 import numpy as np
 from fastapi import Request
+from starlette.requests import ClientDisconnect
 
-from mirage.serve.errors import BadRequest, BatchTooLarge, PayloadTooLarge
+from mirage.serve.errors import (
+    BadRequest,
+    BatchTooLarge,
+    ClientGone,
+    PayloadTooLarge,
+    RequestTimeout,
+)
 
 DATATYPES = {"FP32", "FP64"}
+MAX_STRING = 256  # characters of the request id and the tensor name
+BYTES_PER_VALUE = 32  # a float32 written by json.dumps, its separator and a share of brackets
+BODY_OVERHEAD = 64 * 1024  # everything but the numbers: keys, id, name, shape, whitespace
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The raw body, refusing more than ``limit`` bytes (declared or actually sent)."""
+def body_limit(images: int, input_shape: tuple[int, ...], cap: int) -> int:
+    """The most bytes a well-formed request of ``images`` images can need, at most ``cap``
+    (docs/design.md §service-errors): the model, not only the config, bounds the body."""
+    return min(cap, images * math.prod(input_shape) * BYTES_PER_VALUE + BODY_OVERHEAD)
+
+
+async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
+    """The raw body, refusing more than ``limit`` bytes (declared or actually sent) and a body
+    that takes longer than ``timeout`` seconds to arrive. A client that hangs up raises
+    :class:`ClientGone` (logged without a traceback)."""
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit():
+        if not declared.isdigit() or len(declared) > 18:
             raise BadRequest("invalid Content-Length header")
         if int(declared) > limit:
             raise PayloadTooLarge(f"payload of {declared} bytes exceeds the limit of {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"payload exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"payload exceeds the limit of {limit} bytes")
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone("the client disconnected before sending the whole body") from None
+    except TimeoutError:
+        raise RequestTimeout(f"the body did not arrive within {timeout:g}s") from None
     return b"".join(chunks)
+
+
+def _bounded_string(value: Any, what: str) -> str:
+    if not isinstance(value, str):
+        raise BadRequest(f"{what} must be a string, got {type(value).__name__}")
+    if len(value) > MAX_STRING:
+        raise BadRequest(f"{what} is longer than {MAX_STRING} characters")
+    return value
 
 
 def parse_infer_request(body: bytes, input_shape: tuple[int, ...], max_batch: int
@@ -59,16 +94,18 @@ def _input_tensor(body: bytes) -> tuple[dict[str, Any], str | None]:
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object with an 'inputs' list")
     request_id = payload.get("id")
-    if request_id is not None and not isinstance(request_id, str):
-        raise BadRequest("'id' must be a string")
+    if request_id is not None:
+        request_id = _bounded_string(request_id, "'id'")
     inputs = payload.get("inputs")
     if not isinstance(inputs, list) or len(inputs) != 1 or not isinstance(inputs[0], dict):
         raise BadRequest("'inputs' must be a list holding exactly one input tensor object")
     tensor = inputs[0]
     if missing := [k for k in ("name", "shape", "datatype", "data") if k not in tensor]:
         raise BadRequest(f"the input tensor lacks {missing}")
-    if tensor["datatype"] not in DATATYPES:
-        raise BadRequest(f"datatype must be one of {sorted(DATATYPES)}, got {tensor['datatype']!r}")
+    _bounded_string(tensor["name"], "the input tensor's 'name'")
+    datatype = tensor["datatype"]
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise BadRequest(f"datatype must be one of {sorted(DATATYPES)}, got {str(datatype)[:40]!r}")
     return tensor, request_id
 
 
@@ -84,19 +121,37 @@ def _batch_shape(shape: Any, input_shape: tuple[int, ...], max_batch: int) -> li
     return shape
 
 
-def _pixels(data: Any, shape: list[int]) -> np.ndarray:
-    """``data`` as a float64 array of ``shape``, every value a finite number in [0, 1]."""
+def _numbers(data: Any, shape: list[int]) -> list:
+    """The values of ``data``, flat: a flat list, or lists nested along the leading axes of
+    ``shape`` (each level exactly as long as its axis, the innermost as long as the rest)."""
     if not isinstance(data, list):
         raise BadRequest("'data' must be a (flat or nested) list of numbers")
-    try:
-        array = np.asarray(data)
-    except (ValueError, TypeError, RecursionError):
-        raise BadRequest("'data' is a ragged or malformed nested list") from None
-    if array.dtype.kind not in "fiu":
+    flat, depth = data, 0
+    while flat and isinstance(flat[0], list):
+        if depth + 1 >= len(shape):
+            raise BadRequest(f"'data' is nested deeper than shape {shape}")
+        width = len(flat[0])
+        if (len(flat) != math.prod(shape[:depth + 1]) or width not in (shape[depth + 1], math.prod(shape[depth + 1:]))
+                or not all(isinstance(row, list) and len(row) == width for row in flat)):
+            raise BadRequest(f"'data' is a ragged or malformed nested list for shape {shape}")
+        flat = [value for row in flat for value in row]
+        depth += 1
+    if depth and len(flat) != math.prod(shape):
+        raise BadRequest(f"'data' is a ragged or malformed nested list for shape {shape}")
+    if not all(type(value) is float or type(value) is int for value in flat):
         raise BadRequest("'data' must hold only numbers (no strings, booleans, nulls or nested objects)")
-    if array.size != math.prod(shape):
-        raise BadRequest(f"'data' holds {array.size} numbers but shape {shape} needs {math.prod(shape)}")
-    images = array.astype(np.float64).reshape(shape)
+    if len(flat) != math.prod(shape):
+        raise BadRequest(f"'data' holds {len(flat)} numbers but shape {shape} needs {math.prod(shape)}")
+    return flat
+
+
+def _pixels(data: Any, shape: list[int]) -> np.ndarray:
+    """``data`` as a float64 array of ``shape``, every value a finite number in [0, 1]."""
+    flat = _numbers(data, shape)
+    try:
+        images = np.array(flat, dtype=np.float64).reshape(shape)
+    except OverflowError:
+        raise BadRequest("'data' holds an integer too large for a float") from None
     if not np.isfinite(images).all():
         raise BadRequest("'data' contains NaN or infinite values")
     if images.min() < 0 or images.max() > 1:

@@ -2,31 +2,61 @@
 authenticate → validate → charge → micro-batch (model, defense) → audit → answer.
 
 A request is validated completely (size, JSON, shape, dtype, finiteness, range, key, model)
-before the quota is charged; the charge is one SQLite transaction; if the model or defense then
-fails, the charge is refunded (docs/design.md §service-errors).
+before the quota is charged. The charge is a reservation: committed once the answer is in the
+audit log, released if the model or defense fails or the client hangs up, and settled at the
+next start if the process dies in between (docs/design.md §service-errors, §reservations).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from fastapi import Request
 
 from mirage.serve.audit import AuditLog
-from mirage.serve.auth import KeyRing, key_from_headers
+from mirage.serve.auth import KeyRing, hash_key, key_from_headers
 from mirage.serve.batching import MicroBatcher
 from mirage.serve.config import ClientConfig, ServeConfig
-from mirage.serve.errors import InferenceFailed, UnknownModel
+from mirage.serve.errors import (
+    AuthThrottled,
+    ClientGone,
+    InferenceFailed,
+    InvalidKey,
+    MissingKey,
+    UnknownModel,
+)
 from mirage.serve.loading import ServedDefenses, class_names, load_model
 from mirage.serve.metrics import Metrics
-from mirage.serve.protocol import infer_response, model_metadata, parse_infer_request, read_body
+from mirage.serve.protocol import (
+    body_limit,
+    infer_response,
+    model_metadata,
+    parse_infer_request,
+    read_body,
+)
 from mirage.serve.quotas import QuotaStore
 
+if TYPE_CHECKING:
+    from mirage.serve.redis_store import RedisQuotaStore
+
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def open_store(config: ServeConfig) -> QuotaStore | RedisQuotaStore:
+    """The configured backend of quotas, limits and reservations (docs/design.md §shared-state)."""
+    storage = config.storage
+    if storage.backend == "redis":
+        from mirage.serve.redis_store import RedisQuotaStore
+
+        return RedisQuotaStore(storage.url, prefix=storage.prefix)
+    return QuotaStore(storage.database)
 
 
 class Service:
@@ -40,8 +70,14 @@ class Service:
         self.classes = class_names(config, card)
         self.defenses = ServedDefenses(config.defense, scenario, model, card)
         self.keys = KeyRing(config.clients)
-        self.quotas = QuotaStore(config.storage.database)
+        self.quotas = open_store(config)
         self.audit = AuditLog(config.audit_path)
+        self._one_file = config.storage.backend == "sqlite" and config.audit_path == config.storage.database
+        kept, released = self.quotas.reconcile(self.audit.answered, lease=config.storage.reservation_lease_s)
+        if kept or released:
+            log.warning("settled the reservations of a process that is gone: %d kept (answered), "
+                        "%d released (unanswered)", kept, released)
+        self.reconciled = (kept, released)
         self.metrics = Metrics()
         limits = config.limits
         self.batcher = MicroBatcher(self.model, self.defenses, max_images=limits.microbatch_images,
@@ -49,17 +85,52 @@ class Service:
                                     model_name=config.model.name)
 
     def authenticate(self, request: Request) -> ClientConfig:
-        key = key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key"))
-        return self.keys.authenticate(key)
+        """The client whose key the request carries (docs/design.md §access)."""
+        return self._checked(request, self.keys.authenticate)
+
+    def metrics_access(self, request: Request) -> bool:
+        """Whether ``/metrics`` may show per-client series: only with the configured bearer token.
+        No token: aggregate-only; a wrong one: 401, a failed authentication like any other."""
+        if "authorization" not in request.headers and "x-api-key" not in request.headers:
+            return False
+        self._checked(request, self._metrics_token)
+        return True
+
+    def _metrics_token(self, key: str) -> None:
+        digest = self.config.access.metrics_key_sha256
+        if digest is None or not hmac.compare_digest(hash_key(key), digest):
+            raise InvalidKey("invalid metrics token")
+
+    def _checked(self, request: Request, check: Callable[[str], T]) -> T:
+        """``check(key)`` on the presented key. A source address that failed
+        ``access.auth_failures`` times in its window gets 429 until the window ends; every failure
+        up to there is written to the audit log, the one that starts the throttle as
+        ``auth_throttled``."""
+        access = self.config.access
+        source = request.client.host if request.client else "unknown"
+        wait = self.quotas.auth_throttled(source, access.auth_window_s, access.auth_failures)
+        if wait is not None:
+            raise AuthThrottled(f"too many failed authentications from {source}; retry in {wait:.0f}s",
+                                retry_after=wait)
+        try:
+            return check(key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key")))
+        except (MissingKey, InvalidKey) as error:
+            failures = self.quotas.auth_failed(source, access.auth_window_s)
+            if failures <= access.auth_failures:
+                kind = "auth_failed" if failures < access.auth_failures else "auth_throttled"
+                self.audit.record_event(kind, source=source,
+                                        detail=f"{error.reason}: {request.method} {request.url.path[:200]}")
+            raise
 
     def check_model(self, name: str) -> None:
         if name != self.config.model.name:
-            raise UnknownModel(f"unknown model {name!r}; this server serves {self.config.model.name!r}")
+            raise UnknownModel(f"unknown model {name[:64]!r}")
 
     def metadata(self, client: ClientConfig) -> dict[str, Any]:
         limits = self.config.limits
         return model_metadata(
-            self.config.model.name, self.input_shape, self.classes, defense=self.defenses.describe(),
+            self.config.model.name, self.input_shape, self.classes,
+            defense=self.defenses.describe() if self.config.access.disclose_defense else None,
             limits={"max_batch": limits.max_batch, "max_payload_bytes": limits.max_payload_bytes},
             client={"name": client.name, "quota": client.quota, "queries_used": self.quotas.used(client.name),
                     "rate": client.rate, "burst": client.bucket_capacity})
@@ -68,21 +139,32 @@ class Service:
         start = time.perf_counter()
         client = self.authenticate(request)
         self.check_model(name)
-        body = await read_body(request, self.config.limits.max_payload_bytes)
-        images, request_id = await asyncio.to_thread(parse_infer_request, body, self.input_shape,
-                                                     self.config.limits.max_batch)
+        limits = self.config.limits
+        room = self.quotas.headroom(client)  # one indexed read (SQLite) or round trip (Redis)
+        servable = limits.max_batch if room is None else min(limits.max_batch, room)
+        body = await read_body(request, body_limit(servable, self.input_shape, limits.max_payload_bytes),
+                               limits.body_timeout_s)
+        images, request_id = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch)
         n = len(images)
-        used = await asyncio.to_thread(self.quotas.charge, client, n)
+        used, reservation = await asyncio.to_thread(self.quotas.reserve, client, n)
         audited = False
         try:
             future = self.batcher.submit(self.defenses.key(client.name), torch.from_numpy(images))
             served = (await asyncio.wrap_future(future)).numpy()
-            await asyncio.to_thread(self.audit.record, client=client.name, model=name,
-                                    request_id=request_id, images=images, served=served)
+            if await request.is_disconnected():
+                raise ClientGone("the client disconnected before its answer was ready; not charged")
+            await asyncio.to_thread(self.audit.record, client=client.name, model=name, request_id=request_id,
+                                    images=images, served=served, reservation=reservation,
+                                    settle=self._one_file)
             audited = True
+            if not self._one_file:
+                await asyncio.to_thread(self.quotas.commit, reservation)
         except BaseException as error:
             if not audited:
-                await asyncio.shield(asyncio.to_thread(self.quotas.refund, client, n))
+                await asyncio.shield(asyncio.to_thread(self.quotas.release, client, reservation))
+            if isinstance(error, ClientGone):
+                log.info("client %s disconnected; its %d queries were released", client.name, n)
+                raise
             if isinstance(error, Exception):
                 log.exception("inference failed for client %s", client.name)
                 raise InferenceFailed(f"the model or defense failed ({type(error).__name__}); "
@@ -94,7 +176,9 @@ class Service:
         self.metrics.observe("mirage_request_latency_seconds", time.perf_counter() - start, model=name)
         return infer_response(name, request_id, served, queries_used=used, query_budget=client.quota)
 
-    def render_metrics(self) -> str:
+    def render_metrics(self, per_client: bool) -> str:
+        if not per_client:
+            return self.metrics.render(aggregate=True)
         usage = self.quotas.usage()
         names = [c.name for c in self.config.clients]
         gauges = {
