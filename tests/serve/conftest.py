@@ -152,3 +152,15 @@ def redis_server(tmp_path):
     server = RedisServer(tmp_path / "redis").start()
     yield server
     server.stop()
+
+
+def body(x: torch.Tensor, **overrides) -> dict:
+    """An OIP v2 inference request body for images ``x`` (tensor fields overridable)."""
+    tensor = {"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
+    tensor.update(overrides)
+    return {"inputs": [tensor]}
+
+
+def auth(name: str) -> dict:
+    """The Authorization header of client ``name``."""
+    return {"Authorization": f"Bearer {KEYS.get(name, f'key-{name}')}"}

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import KEYS, make_config
+from conftest import KEYS, auth, body, make_config
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,18 +23,9 @@ from mirage.serve.quotas import QuotaStore
 from mirage.serve.runner import ServerThread
 
 URL_INFER = "/v2/models/digits/infer"
-FUZZ = settings(max_examples=1000,  # 2 tests: 2,000 requests deadline=None, database=None, derandomize=True,
+FUZZ = settings(max_examples=1000,  # 2 tests: 2,000 requests
+                deadline=None, database=None, derandomize=True,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
-
-
-def body(x: torch.Tensor, **overrides) -> dict:
-    tensor = {"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
-    tensor.update(overrides)
-    return {"inputs": [tensor]}
-
-
-def auth(name: str) -> dict:
-    return {"Authorization": f"Bearer {KEYS.get(name, f'key-{name}')}"}
 
 
 class Reply:

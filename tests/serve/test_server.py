@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import KEYS, METRICS_KEY, grad2_defense, make_config
+from conftest import KEYS, METRICS_KEY, auth, body, grad2_defense, make_config
 
 from mirage.api import InProcessAPI, QueryBudgetExceeded
 from mirage.defenses import create_defense
@@ -23,16 +23,6 @@ from mirage.serve.quotas import QuotaStore
 from mirage.serve.runner import ServerThread
 
 URL_INFER = "/v2/models/digits/infer"
-
-
-def body(x: torch.Tensor, **overrides) -> dict:
-    tensor = {"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
-    tensor.update(overrides)
-    return {"inputs": [tensor]}
-
-
-def auth(name: str) -> dict:
-    return {"Authorization": f"Bearer {KEYS.get(name, f'key-{name}')}"}
 
 
 def stored_counts(config) -> tuple[dict, tuple[int, int]]:
