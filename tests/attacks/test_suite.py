@@ -195,3 +195,15 @@ def test_the_confident_only_attacker_trains_on_confident_answers_and_pays_for_al
         create_attack("knockoff", min_confidence=1.0).run(InProcessAPI(victim, None), 50, digits.train,
                                                            clone_spec, seed=0)
     assert ATTACKER_SUITE["confident-only"] == {"min_confidence": 0.9}
+
+
+def test_the_restorer_simulates_gated_grad2_as_if_every_query_were_flagged(victim, digits):
+    params = {"epsilon_low": 0.5, "epsilon_high": 2.0, "target": "unlearn", "tau": 7.3,
+              "gate_score": "neg-energy", "gate_model": victim}
+    assert "tau" not in public_params(params) and "gate_model" not in public_params(params)
+    defense = attacker_defense("grad2_gated", params, victim, victim, digits.train.images[:64],
+                               digits.train.labels[:64], seed=1)
+    x = digits.train.images[:16]
+    probs = clean_posteriors(victim, x)
+    assert defense.attacker_like(x, probs).all() and defense.params.reference_x.shape[0] == 64
+    assert torch.allclose(defense(x, probs).sum(1), torch.ones(16))

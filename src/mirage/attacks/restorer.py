@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 SECRET_PARAMS = frozenset({
     "surrogate", "surrogate_config", "reference", "reference_x", "reference_y", "watermark_x",
     "watermark_y", "watermark", "target_vector", "seed", "oe_model", "misinformation_model",
-    "models_config",
+    "models_config", "tau", "gate_model",
 })
 """Parameters the attacker never learns: it builds its own (or takes the defaults)."""
 
@@ -100,13 +100,19 @@ def attacker_defense(name: str, params: dict[str, Any], shadow: nn.Module, surro
         built["seed"] = seed
     pick = torch.randperm(len(images), generator=generator)[:REFERENCE_SIZE]
     target = built.get("target")
-    if name == "grad2" and target == "unlearn":
+    grad2_family = name in ("grad2", "grad2_gated")
+    if name == "grad2_gated":
+        # τ is calibrated on data the attacker lacks; it assumes the gate finds all its queries
+        # attacker-like (it sees answers, not which branch made them) and simulates that branch
+        built.update(tau=float("inf"), gate_score="msp")
+        built.pop("gate_model", None)
+    if grad2_family and target == "unlearn":
         built["reference_x"], built["reference_y"] = images[pick], labels[pick]
-    elif name == "grad2" and target == "watermark":  # its own guess of a behaviour set
+    elif grad2_family and target == "watermark":  # its own guess of a behaviour set
         num_classes = int(labels.max()) + 1
         built["watermark_x"] = images[pick[:16]]
         built["watermark_y"] = torch.randint(0, num_classes, (len(built["watermark_x"]),), generator=generator)
-    elif name == "grad2" and target == "vector":
+    elif grad2_family and target == "vector":
         built["target"] = "random"
     if name == "adaptive_misinformation":
         if fresh_model is None:
