@@ -47,6 +47,25 @@ CREATE TABLE IF NOT EXISTS auth_failures (
 """
 
 
+def room_for(client: ClientConfig, used: int, tokens: float | None, updated: float | None,
+             now: float) -> int | None:
+    """How many queries ``client`` could be charged at ``now`` given its stored usage and token
+    bucket (``None``: no limit); raises :class:`QuotaExceeded` or :class:`RateLimited` when it
+    is none. One rule for every store (SQLite, Redis)."""
+    room = None if client.quota is None else client.quota - used
+    if room is not None and room < 1:
+        raise QuotaExceeded(f"client {client.name!r}: the quota of {client.quota} queries is used up")
+    capacity = client.bucket_capacity
+    if capacity is not None:
+        level = capacity if tokens is None else min(capacity, float(tokens) + max(0.0, now - float(updated)) * client.rate)
+        if level < 1:
+            wait = (1 - level) / client.rate
+            raise RateLimited(f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
+                              f"reached; retry in {wait:.3f}s", retry_after=wait)
+        room = int(level) if room is None else min(room, int(level))
+    return room
+
+
 def new_owner() -> str:
     """This process's name on its reservations: host, pid and a random token (a reused pid is
     another owner)."""
@@ -219,27 +238,7 @@ class QuotaStore(SQLiteStore):
         row = self.connection().execute("SELECT queries, tokens, updated FROM usage WHERE client = ?",
                                         (client.name,)).fetchone()
         used, tokens, updated = row if row is not None else (0, None, None)
-        room = None if client.quota is None else client.quota - used
-        if room is not None and room < 1:
-            raise QuotaExceeded(f"client {client.name!r}: the quota of {client.quota} queries is used up")
-        capacity = client.bucket_capacity
-        if capacity is not None:
-            tokens = capacity if tokens is None else min(capacity, tokens + max(0.0, self._clock() - updated) * client.rate)
-            if tokens < 1:
-                wait = (1 - tokens) / client.rate
-                raise RateLimited(f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
-                                  f"reached; retry in {wait:.3f}s", retry_after=wait)
-            room = int(tokens) if room is None else min(room, int(tokens))
-        return room
-
-    def refund(self, client: ClientConfig, n: int) -> None:
-        """Undo a :meth:`charge` whose request could not be answered."""
-        capacity = client.bucket_capacity
-        with self.transaction() as conn:
-            conn.execute(
-                "UPDATE usage SET queries = queries - ?, requests = requests - 1, "
-                "tokens = CASE WHEN tokens IS NULL THEN NULL ELSE MIN(tokens + ?, ?) END WHERE client = ?",
-                (n, n, capacity if capacity is not None else 0.0, client.name))
+        return room_for(client, used, tokens, updated, self._clock())
 
     def auth_throttled(self, source: str, window: float, limit: int) -> float | None:
         """Seconds until ``source`` may try a key again (it failed ``limit`` times in its current

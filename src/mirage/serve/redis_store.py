@@ -19,7 +19,7 @@ import redis
 
 from mirage.serve.config import ClientConfig
 from mirage.serve.errors import QuotaExceeded, RateLimited
-from mirage.serve.quotas import new_owner, owner_gone
+from mirage.serve.quotas import new_owner, owner_gone, room_for
 
 RESERVE = """
 local n, quota, capacity, rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
@@ -94,20 +94,8 @@ class RedisQuotaStore:
     def headroom(self, client: ClientConfig) -> int | None:
         """As :meth:`QuotaStore.headroom <mirage.serve.quotas.QuotaStore.headroom>`."""
         queries, tokens, updated = self.redis.hmget(self._usage_key(client.name), "queries", "tokens", "updated")
-        used = int(queries or 0)
-        room = None if client.quota is None else client.quota - used
-        if room is not None and room < 1:
-            raise QuotaExceeded(f"client {client.name!r}: the quota of {client.quota} queries is used up")
-        capacity = client.bucket_capacity
-        if capacity is not None:
-            level = capacity if tokens is None else min(
-                capacity, float(tokens) + max(0.0, self._now() - float(updated)) * client.rate)
-            if level < 1:
-                wait = (1 - level) / client.rate
-                raise RateLimited(f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
-                                  f"reached; retry in {wait:.3f}s", retry_after=wait)
-            room = int(level) if room is None else min(room, int(level))
-        return room
+        return room_for(client, int(queries or 0), None if tokens is None else float(tokens),
+                        None if updated is None else float(updated), self._now())
 
     def reserve(self, client: ClientConfig, n: int) -> tuple[int, str]:
         """As :meth:`QuotaStore.reserve <mirage.serve.quotas.QuotaStore.reserve>`, in one script."""
