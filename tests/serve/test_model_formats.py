@@ -20,6 +20,8 @@ from mirage.serve.client import HTTPPredictionAPI
 from mirage.serve.config import ModelConfig
 from mirage.serve.runner import ServerThread
 
+PLATFORMS = {"export": "pytorch_torch_export", "onnx": "onnxruntime_onnx", "state_dict": "pytorch"}
+
 
 def user_net() -> Net:
     torch.manual_seed(5)
@@ -62,6 +64,7 @@ def test_each_format_serves_what_the_model_answers_in_process(tmp_path, checkpoi
           HTTPPredictionAPI(url, "digits", KEYS["alice"], batch_size=16) as api):
         served = api.query(x)
         assert (api.num_classes, api.input_shape) == (10, INPUT_SHAPE)
+        assert api.metadata()["platform"] == PLATFORMS[fmt]  # what it is; never TorchScript
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-5)
 
 

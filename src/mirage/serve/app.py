@@ -5,16 +5,21 @@ V2 messages, :mod:`mirage.serve.loading` builds the model and the defense, :mod:
 service` takes a request through authentication, quota, micro-batching and audit, and
 :mod:`mirage.serve.errors` maps every rejection to its HTTP status. This module only routes.
 
-- ``POST /v2/models/{name}/infer``, ``GET /v2/models/{name}`` (both need an API key);
-- ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}/ready`` (without a
-  key: readiness only), ``GET /metrics`` (Prometheus text; per-client series only with the
-  metrics token, docs/design.md §access).
+The Open Inference Protocol V2 REST API (its §"Health", §"Server Metadata", §"Model Metadata",
+§"Inference"; the binary tensor data extension in :mod:`mirage.serve.protocol`), where
+``[/versions/{v}]`` is optional and ``v`` must be a version of the model (else 404
+``unknown_version``):
+
+- ``POST /v2/models/{name}[/versions/{v}]/infer``, ``GET /v2/models/{name}[/versions/{v}]``,
+  ``GET /v2`` (server metadata) — all need an API key;
+- ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}[/versions/{v}]/ready``
+  (without a key: readiness only), ``GET /metrics`` (Prometheus text; per-client series only with
+  the metrics token, docs/design.md §access).
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from contextlib import asynccontextmanager
 
@@ -31,6 +36,7 @@ from mirage.serve.errors import (
     from_http_status,
 )
 from mirage.serve.metrics import CONTENT_TYPE
+from mirage.serve.protocol import server_metadata
 from mirage.serve.service import Service
 
 log = logging.getLogger(__name__)
@@ -68,23 +74,33 @@ def create_app(config: ServeConfig) -> FastAPI:
         message = f"{request.method} {request.url.path}: {error.detail}"
         return await serve_error(request, from_http_status(error.status_code, message))
 
+    # The version, on the /versions/{version} paths, is read from path_params: a function
+    # argument would also take it from a query string on the paths without one.
     @app.post("/v2/models/{name}/infer")
+    @app.post("/v2/models/{name}/versions/{version}/infer")
     async def infer(name: str, request: Request) -> Response:
-        answer = await service.infer(name, request)
-        return Response(json.dumps(answer), media_type="application/json")
+        body, headers = await service.infer(name, request, request.path_params.get("version"))
+        return Response(body, headers=headers)
+
+    @app.get("/v2")
+    async def server(request: Request) -> dict:
+        service.authenticate(request)
+        return server_metadata()
 
     @app.get("/v2/models/{name}")
+    @app.get("/v2/models/{name}/versions/{version}")
     async def metadata(name: str, request: Request) -> dict:
         client = service.authenticate(request)
-        service.check_model(name)
+        service.check_model(name, request.path_params.get("version"))
         return await asyncio.to_thread(service.metadata, client)
 
     @app.get("/v2/models/{name}/ready")
+    @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, request: Request) -> dict:
         if "authorization" not in request.headers and "x-api-key" not in request.headers:
             return {"ready": _ready(service)}  # readiness only: neither confirms nor names the model
         service.authenticate(request)
-        service.check_model(name)
+        service.check_model(name, request.path_params.get("version"))
         return {"name": name, "ready": _ready(service)}
 
     @app.get("/v2/health/live")

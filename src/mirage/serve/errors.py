@@ -37,6 +37,12 @@ class UnknownModel(ServeError):
     reason = "unknown_model"
 
 
+class UnknownVersion(ServeError):
+    """A version path (``/v2/models/{name}/versions/{v}``) naming a version the model lacks."""
+
+    reason = "unknown_version"
+
+
 class MissingKey(ServeError):
     reason = "missing_key"
 
@@ -106,6 +112,7 @@ HTTP_STATUS: dict[type[ServeError], int] = {
     Forbidden: 403,
     NotFound: 404,
     UnknownModel: 404,
+    UnknownVersion: 404,
     MethodNotAllowed: 405,
     RequestTimeout: 408,
     ClientGone: 400,

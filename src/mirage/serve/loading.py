@@ -15,7 +15,7 @@ from mirage.defenses import Defense, create_defense
 from mirage.models import ModelCard, load_checkpoint
 from mirage.models.formats import load_model_file
 from mirage.scenarios import Scenario, get_scenario
-from mirage.serve.config import DefenseConfig, ServeConfig
+from mirage.serve.config import DefenseConfig, ModelConfig, ServeConfig
 from mirage.training.resolve import resolve_params, resolve_victims
 
 SHARED = "*"
@@ -36,6 +36,20 @@ def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | No
     scenario = get_scenario(source.scenario)
     victims = resolve_victims(config.defense, scenario)
     return victims.served.eval(), victims.card, scenario
+
+
+PLATFORMS = {"checkpoint": "pytorch", "export": "pytorch_torch_export", "onnx": "onnxruntime_onnx",
+             "state_dict": "pytorch"}
+
+
+def platform(source: ModelConfig) -> str:
+    """The model metadata's ``platform`` (OIP V2 REST §"Model Metadata"): what the served model
+    really is. A mirage checkpoint, a scenario's victim and a state dict are ``nn.Module`` s run
+    eagerly (``pytorch``), a ``.pt2`` file is a ``torch.export`` program
+    (``pytorch_torch_export``), an ONNX file runs in onnxruntime (``onnxruntime_onnx``, Triton's
+    name). None of them is TorchScript, so none claims ``pytorch_libtorch`` or
+    ``pytorch_torchscript`` (docs/design.md §model-formats)."""
+    return PLATFORMS[source.file_format or "checkpoint"]
 
 
 def class_names(config: ServeConfig, card: ModelCard) -> list[str]:

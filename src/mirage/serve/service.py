@@ -30,10 +30,13 @@ from mirage.serve.errors import (
     InvalidKey,
     MissingKey,
     UnknownModel,
+    UnknownVersion,
 )
-from mirage.serve.loading import ServedDefenses, class_names, load_model
+from mirage.serve.loading import ServedDefenses, class_names, load_model, platform
 from mirage.serve.metrics import Metrics
 from mirage.serve.protocol import (
+    HEADER_LENGTH,
+    VERSIONS,
     body_limit,
     infer_response,
     model_metadata,
@@ -122,29 +125,35 @@ class Service:
                                         detail=f"{error.reason}: {request.method} {request.url.path[:200]}")
             raise
 
-    def check_model(self, name: str) -> None:
+    def check_model(self, name: str, version: str | None = None) -> None:
+        """The model of a path, and its version on a ``/versions/{v}`` path (OIP V2 REST)."""
         if name != self.config.model.name:
             raise UnknownModel(f"unknown model {name[:64]!r}")
+        if version is not None and version not in VERSIONS:
+            raise UnknownVersion(f"model {name!r} has no version {version[:64]!r}; its versions are {list(VERSIONS)}")
 
     def metadata(self, client: ClientConfig) -> dict[str, Any]:
         limits = self.config.limits
         return model_metadata(
-            self.config.model.name, self.input_shape, self.classes,
+            self.config.model.name, self.input_shape, self.classes, platform=platform(self.config.model),
             defense=self.defenses.describe() if self.config.access.disclose_defense else None,
             limits={"max_batch": limits.max_batch, "max_payload_bytes": limits.max_payload_bytes},
             client={"name": client.name, "quota": client.quota, "queries_used": self.quotas.used(client.name),
                     "rate": client.rate, "burst": client.bucket_capacity})
 
-    async def infer(self, name: str, request: Request) -> dict[str, Any]:
+    async def infer(self, name: str, request: Request, version: str | None = None) -> tuple[bytes, dict[str, str]]:
+        """The response body and headers to one inference request (JSON or binary tensor data)."""
         start = time.perf_counter()
         client = self.authenticate(request)
-        self.check_model(name)
+        self.check_model(name, version)
         limits = self.config.limits
         room = self.quotas.headroom(client)  # one indexed read (SQLite) or round trip (Redis)
         servable = limits.max_batch if room is None else min(limits.max_batch, room)
         body = await read_body(request, body_limit(servable, self.input_shape, limits.max_payload_bytes),
                                limits.body_timeout_s)
-        images, request_id = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch)
+        parsed = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch,
+                                         request.headers.get(HEADER_LENGTH))
+        images, request_id = parsed.images, parsed.id
         n = len(images)
         used, reservation = await asyncio.to_thread(self.quotas.reserve, client, n)
         audited = False
@@ -174,7 +183,7 @@ class Service:
         self.metrics.inc("mirage_requests_total", **labels)
         self.metrics.inc("mirage_queries_total", n, **labels)
         self.metrics.observe("mirage_request_latency_seconds", time.perf_counter() - start, model=name)
-        return infer_response(name, request_id, served, queries_used=used, query_budget=client.quota)
+        return infer_response(name, parsed, served, queries_used=used, query_budget=client.quota)
 
     def render_metrics(self, per_client: bool) -> str:
         if not per_client:
