@@ -208,6 +208,7 @@ def malformed_bodies() -> list[tuple[str, bytes, dict, int]]:
         ("classification", json_only(outputs=[{"name": "probabilities", "parameters": {"classification": 3}}]),
          {}, 400),
         ("batch too large", *binary_request(pixels(5)), 413),
+        ("gzip", good, {**headers, "Content-Encoding": "gzip"}, 400),
     ]
 
 

@@ -141,6 +141,12 @@ def test_versions_path_and_requested_outputs(served, victim):
     with pytest.raises(InferenceServerException) as shape:
         client.infer("digits", [infer_input(images(2)[:, :, :7, :])], headers=auth("alice"))
     assert status(shape) == "400"
+    with pytest.raises(InferenceServerException) as compressed:
+        client.infer("digits", [infer_input(x)], request_compression_algorithm="gzip", headers=auth("alice"))
+    assert status(compressed) == "400" and "uncompressed" in compressed.value.message()
+    accepts_gzip = client.infer("digits", [infer_input(x)], response_compression_algorithm="gzip",
+                                headers=auth("alice"))  # answered uncompressed, which the client reads
+    np.testing.assert_allclose(accepts_gzip.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6)
 
 
 def test_custom_parameters_pass(served, victim):

@@ -70,8 +70,13 @@ def body_limit(images: int, input_shape: tuple[int, ...], cap: int) -> int:
 
 async def read_body(request: Request, limit: int, timeout: float | None = None) -> bytes:
     """The raw body, refusing more than ``limit`` bytes (declared or actually sent) and a body
-    that takes longer than ``timeout`` seconds to arrive. A client that hangs up raises
-    :class:`ClientGone` (logged without a traceback)."""
+    that takes longer than ``timeout`` seconds to arrive, and a compressed body (a
+    ``Content-Encoding`` other than ``identity``, such as tritonclient's
+    ``request_compression_algorithm``), which the service does not decompress. A client that
+    hangs up raises :class:`ClientGone` (logged without a traceback)."""
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise BadRequest(f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed")
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit() or len(declared) > 18:
