@@ -1,0 +1,211 @@
+"""Images/s of one victim in process and served over OIP V2 REST, as JSON and as binary tensor
+data, undefended and with GRAD², all in one run (issue 19; docs/design.md §oip, §overhead).
+
+The victim is mirage's LeNet at 1×28×28 with K = 10 (the Fashion-MNIST victim's network, random
+weights: speed does not depend on them), the surrogate another one. GRAD² is the served config
+of the tests and ``benchmarks/serve_load.py``: ``target = "all-ones"``, ``--epsilon`` (0.5), a
+surrogate checkpoint, ``batch_size = 256``. Two servers (``python -m mirage.serve.runner``, one
+undefended, one GRAD², the default limits: ``max_batch`` 256, micro-batches of up to 256 images
+or 2 ms) run as subprocesses on 127.0.0.1 with ``--threads`` torch threads, as many as the
+in-process contenders get. One client (this process, ``httpx``, keep-alive) sends pre-encoded
+requests, one at a time, and decodes every answer: JSON with ``json.loads``, binary with
+``np.frombuffer`` (the request sets ``binary_data_output``). Per batch size, the six contenders
+(in process, served JSON, served binary; undefended and GRAD²) are timed round-robin, so a busy
+machine slows all alike, and the ratios are medians of per-repeat ratios::
+
+    MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/oip_throughput.py
+
+Issue 19's targets: served binary undefended at batch 256 ≥ 0.5× the in-process forward, and
+GRAD² served ≥ 0.8× undefended served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+
+from mirage.defenses import create_defense
+from mirage.models import ModelCard, create_model, load_checkpoint, save_checkpoint
+
+from _harness import parser, round_robin, write_json
+
+log = logging.getLogger("oip_throughput")
+SHAPE, K = (1, 28, 28), 10
+KEY = "mk_oip_throughput_key"
+HEADER = "Inference-Header-Content-Length"
+MODES = ("inprocess", "json", "binary")
+DEFENSES = ("none", "grad2")
+
+
+def checkpoint(directory: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = create_model("lenet", SHAPE, K, (0.5,), (0.25,))
+    card = ModelCard(architecture="lenet", input_shape=SHAPE, num_classes=K, mean=(0.5,), std=(0.25,), seed=seed)
+    return save_checkpoint(model, card, directory)
+
+
+def grad2_spec(epsilon: float, surrogate: Path) -> dict:
+    return {"name": "grad2", "params": {"epsilon": epsilon, "target": "all-ones", "batch_size": 256},
+            "surrogate": str(surrogate)}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(config: dict, workdir: Path, threads: int, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    name = config["defense"]["name"]
+    path = workdir / f"serve-{name}.json"
+    path.write_text(json.dumps(config))
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MIRAGE_PROGRESS": "0"}
+    logfile = open(workdir / f"serve-{name}.log", "w")  # noqa: SIM115 — closed with the process
+    proc = subprocess.Popen([sys.executable, "-m", "mirage.serve.runner", "--config", str(path), "--port", str(port)],
+                            stdout=logfile, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {(workdir / f'serve-{name}.log').read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("server did not become ready")
+
+
+def json_request(x: np.ndarray) -> tuple[bytes, dict]:
+    body = {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    return json.dumps(body).encode(), {"Content-Type": "application/json"}
+
+
+def binary_request(x: np.ndarray) -> tuple[bytes, dict]:
+    raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
+    header = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
+                                     "parameters": {"binary_data_size": len(raw)}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    return header + raw, {HEADER: str(len(header)), "Content-Type": "application/octet-stream"}
+
+
+def decode(response: httpx.Response) -> np.ndarray:
+    """The served probabilities of a response, JSON or binary (one output)."""
+    if response.status_code != 200:
+        raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+    length = response.headers.get(HEADER)
+    if length is None:
+        output = json.loads(response.content)["outputs"][0]
+        return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+    header = json.loads(response.content[:int(length)])
+    output = header["outputs"][0]
+    return np.frombuffer(response.content, "<f4", count=int(np.prod(output["shape"])),
+                         offset=int(length)).reshape(output["shape"])
+
+
+def main() -> None:
+    arguments = parser(__doc__, repeats=10, batches=[1, 32, 256], output="--out",
+                       output_default=Path("results/serve/oip_throughput.json"))
+    args = arguments.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        workdir = Path(tmp)
+        victim_dir, surrogate_dir = checkpoint(workdir / "victim", 0), checkpoint(workdir / "surrogate", 1)
+        victim, surrogate = load_checkpoint(victim_dir)[0].eval(), load_checkpoint(surrogate_dir)[0].eval()
+        grad2 = create_defense("grad2", epsilon=args.epsilon, target="all-ones", surrogate=surrogate, batch_size=256)
+        client = {"name": "bench", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
+        servers = {}
+        try:
+            for name, spec in (("none", {"name": "none"}), ("grad2", grad2_spec(args.epsilon, surrogate_dir))):
+                config = {"model": {"name": "victim", "checkpoint": str(victim_dir)}, "defense": spec,
+                          "limits": {"max_batch": 256}, "storage": {"database": str(workdir / f"{name}.sqlite")},
+                          "clients": [client]}
+                servers[name] = start_server(config, workdir, args.threads)
+            http = {name: httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
+                    for name, (_, url) in servers.items()}
+            rows = measure(args, victim, grad2, http)
+            for session in http.values():
+                session.close()
+        finally:
+            for proc, _ in servers.values():
+                proc.terminate()
+                proc.wait(30)
+    summary = targets(rows)
+    print(f"{'batch':>5} {'mode':>9} {'defense':>7} {'images/s':>10}")
+    for row in rows:
+        print(f"{row['batch']:5d} {row['mode']:>9} {row['defense']:>7} {row['images_per_second']:10.1f}")
+    for key, value in summary.items():
+        print(f"{key}: {value:.3f}")
+    write_json(args.out, {"threads": args.threads, "epsilon": args.epsilon, "rows": rows, "ratios": summary}, args)
+    log.info("wrote %s", args.out)
+
+
+def measure(args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client]) -> list[dict]:
+    rows = []
+    generator = torch.Generator().manual_seed(0)
+    for b in args.batches:
+        x = torch.rand(b, *SHAPE, generator=generator)
+        array = x.numpy()
+        bodies = {"json": json_request(array), "binary": binary_request(array)}
+
+        def forward(x=x):
+            with torch.no_grad():
+                return torch.softmax(victim(x), 1)
+
+        def defended(x=x):
+            return grad2(x, forward(x))
+
+        def served(defense: str, mode: str, bodies=bodies):
+            content, headers = bodies[mode]
+            return lambda: decode(http[defense].post("/v2/models/victim/infer", content=content, headers=headers))
+
+        fns = {"inprocess_none": forward, "inprocess_grad2": defended}
+        fns.update({f"{mode}_{defense}": served(defense, mode) for mode in ("json", "binary") for defense in DEFENSES})
+        reference = {"none": forward().numpy(), "grad2": defended().numpy()}
+        for name, fn in fns.items():  # the servers answer what the same model and defense do in process
+            if not name.startswith("inprocess"):
+                np.testing.assert_allclose(fn(), reference[name.split("_")[1]], rtol=0, atol=1e-5, err_msg=name)
+        timed = round_robin(fns, args.repeats, inner=max(1, 64 // b))
+        base = timed["inprocess_none_ratio"]
+        for name in fns:
+            mode, defense = name.split("_")
+            rows.append({"batch": b, "mode": mode, "defense": defense, "seconds": timed[name],
+                         "images_per_second": b / timed[name],
+                         "throughput_over_inprocess_forward": base / timed[f"{name}_ratio"]})
+            log.info("B=%-4d %-9s %-6s %9.1f images/s (%.3f of the in-process forward)", b, mode, defense,
+                     rows[-1]["images_per_second"], rows[-1]["throughput_over_inprocess_forward"])
+    return rows
+
+
+def targets(rows: list[dict]) -> dict[str, float]:
+    """Issue 19's ratios, per batch size: served binary undefended over the in-process forward
+    (target ≥ 0.5 at 256) and GRAD² served over undefended served, JSON and binary (≥ 0.8)."""
+    at = {(r["batch"], r["mode"], r["defense"]): r["throughput_over_inprocess_forward"] for r in rows}
+    out = {}
+    for b in sorted({r["batch"] for r in rows}):
+        out[f"B{b}_binary_none_over_inprocess_forward"] = at[b, "binary", "none"]
+        out[f"B{b}_json_none_over_inprocess_forward"] = at[b, "json", "none"]
+        for mode in MODES:
+            out[f"B{b}_{mode}_grad2_over_{mode}_none"] = at[b, mode, "grad2"] / at[b, mode, "none"]
+    return out
+
+
+if __name__ == "__main__":
+    main()
