@@ -19,7 +19,7 @@ LAYERS: list[set[str]] = [
     {"mirage", "registry", "paths", "progress"},  # utilities (``mirage`` is the root package)
     {"data", "models"},  # datasets; networks, checkpoints and the generic fit loop
     {"scenarios"},  # a victim, its recipe and the attacker's data
-    {"defenses", "verify"},  # query-time defenses; ownership verification of their watermarks
+    {"defenses", "verify", "ownership"},  # query-time defenses; verification of their watermarks; ownership evidence
     {"api"},  # a defended model behind a query budget
     {"training"},  # victims, surrogates, training-time defenses, the defense resolver
     {"attacks"},  # model stealing and the clone

@@ -12,6 +12,7 @@ import torch
 
 from mirage.defenses import Defense, create_defense
 from mirage.models import create_model
+from mirage.ownership import WatermarkConfig
 
 INPUT_SHAPE = (1, 8, 8)
 
@@ -52,6 +53,12 @@ FACTORIES: dict[str, Callable[[int], Defense]] = {
     "grad2_gated/energy": lambda k: create_defense("grad2_gated", epsilon_low=0.2, epsilon_high=2.0, tau=2.3,
                                                    gate_score="neg-energy", gate_model=tiny_model(k, 4),
                                                    surrogate=tiny_model(k)),
+    # every bucket selected and no margin, so that the properties meet carried rows
+    "watermarked": lambda k: create_defense("watermarked", key=b"k" * 32, inner=create_defense("top_k", k=3),
+                                            config=WatermarkConfig(bucket_fraction=1.0, margin=0.0)),
+    "watermarked/reverse-sigmoid": lambda k: create_defense(
+        "watermarked", key=b"k" * 32, inner=create_defense("reverse_sigmoid", beta=0.3, gamma=0.4),
+        config=WatermarkConfig(bucket_fraction=0.5, margin=0.1)),
 }
 
 

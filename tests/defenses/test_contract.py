@@ -13,6 +13,7 @@ NEEDS_MODELS = {  # the parts without a default, to build an instance at otherwi
     "grad2": lambda: {"surrogate": tiny_model(K)},
     "grad2_gated": lambda: {"surrogate": tiny_model(K)},
     "adaptive_misinformation": lambda: {"oe_model": tiny_model(K, 1), "misinformation_model": tiny_model(K, 2)},
+    "watermarked": lambda: {"key": b"k" * 32},
 }
 
 

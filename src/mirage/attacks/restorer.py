@@ -57,7 +57,7 @@ log = logging.getLogger(__name__)
 SECRET_PARAMS = frozenset({
     "surrogate", "surrogate_config", "reference", "reference_x", "reference_y", "watermark_x",
     "watermark_y", "watermark", "target_vector", "seed", "oe_model", "misinformation_model",
-    "models_config", "tau", "gate_model",
+    "models_config", "tau", "gate_model", "key", "evidence",
 })
 """Parameters the attacker never learns: it builds its own (or takes the defaults)."""
 
@@ -114,6 +114,10 @@ def attacker_defense(name: str, params: dict[str, Any], shadow: nn.Module, surro
         built["watermark_y"] = torch.randint(0, num_classes, (len(built["watermark_x"]),), generator=generator)
     elif grad2_family and target == "vector":
         built["target"] = "random"
+    if name == "watermarked":  # its own key; it cannot know (or rebuild) a defense underneath
+        if params.get("inner") is not None:
+            raise ValueError("the restorer cannot simulate a watermark over another defense yet")
+        built["key"] = torch.randint(0, 256, (32,), generator=generator, dtype=torch.uint8).numpy().tobytes()
     if name == "adaptive_misinformation":
         if fresh_model is None:
             raise ValueError("simulating adaptive_misinformation needs fresh_model")

@@ -44,19 +44,81 @@ def train_surrogate(
 
 @app.command("verify")
 def verify_command(
-    suspect: Annotated[Path, typer.Option(help="checkpoint directory of the suspect model")],
-    clean: Annotated[list[Path], typer.Option(help="checkpoint directories of ≥ 2 clean models")],
+    suspect: Annotated[Path, typer.Option(
+        help="the suspect model: a torch.export archive (.pt2), an ONNX file (.onnx) or a mirage "
+             "checkpoint directory")],
+    clean: Annotated[list[Path] | None, typer.Option(
+        help="GRAD² soft-label test: checkpoint directories of ≥ 2 clean models (without them: the "
+             "ownership test of --config's [ownership] keys)")] = None,
     config: Annotated[Path | None, typer.Option(
-        help="a service config whose defense serves the watermark: its behaviour set and dataset "
-             "(instead of the four options below)", exists=True, dir_okay=False)] = None,
+        help="the service config: its [ownership] keys and evidence, or the GRAD² watermark its "
+             "defense serves", exists=True, dir_okay=False)] = None,
     dataset: Annotated[str, typer.Option(help="dataset holding the behaviour images")] = "fmnist",
     source_class: Annotated[int, typer.Option(help="behaviour: images of this class ...")] = 1,
     target_class: Annotated[int, typer.Option(help="... labelled as this class")] = 8,
     size: Annotated[int, typer.Option(help="number of behaviour images (first of the train split)")] = 20,
-    alpha: Annotated[float, typer.Option()] = 0.01,
+    alpha: Annotated[float | None, typer.Option(
+        help="significance (default 1e-6 for the ownership test, after correcting for every client; "
+             "0.01 for the GRAD² test)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
-    """Test a suspect model for a GRAD² watermark behaviour against clean models (p-value). The
-    behaviour is the one a defense spec's ``watermark = {source_class, target_class, size}`` serves."""
+    """Is a suspect model stolen, and through which API key? Without ``--clean``: the exact test of
+    every client's keyed watermark of a service config's ``[ownership]`` (docs/design.md
+    §ownership). With ``--clean``: the GRAD² soft-label behaviour test against clean models."""
+    from mirage.models.formats import format_of, load_model_file
+
+    try:
+        model = load_model_file(format_of(suspect), suspect)[0]
+    except (OSError, ValueError, RuntimeError) as error:
+        raise typer.BadParameter(f"cannot load the suspect {suspect}: {error}", param_hint="--suspect") from error
+    if not clean:
+        _verify_ownership(model, config, 1e-6 if alpha is None else alpha, as_json)
+        return
+    _verify_behaviour(model, clean, config, dataset, source_class, target_class, size,
+                      0.01 if alpha is None else alpha, as_json)
+
+
+def _verify_ownership(model, config: Path | None, alpha: float, as_json: bool) -> None:
+    import json
+
+    from mirage.ownership import KeyedWatermark, derive_key, name_the_thief
+    from mirage.serve.config import load_config
+    from mirage.serve.evidence import EvidenceStore
+
+    if config is None:
+        raise typer.BadParameter("the ownership test needs --config (a service config with [ownership])")
+    served = load_config(config)
+    if served.ownership is None:
+        raise typer.BadParameter(f"{config} has no [ownership] section (or give --clean for the GRAD² test)")
+    try:
+        secret = served.ownership.secret()
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from error
+    if not served.ownership.evidence.exists():
+        raise typer.BadParameter(f"no evidence at {served.ownership.evidence}: the service has not answered yet")
+    num_classes = int(model.num_classes)
+    watermarks = {c.name: KeyedWatermark(derive_key(secret, c.name), num_classes, served.ownership.watermark)
+                  for c in served.clients}
+    evidence = EvidenceStore(served.ownership.evidence, served.ownership.max_items)
+    try:
+        tests = name_the_thief(model, evidence, watermarks, alpha=alpha)
+    finally:
+        evidence.close()
+    if as_json:
+        print(json.dumps([{**t.__dict__, "named": t.named} for t in tests], indent=2))
+        return
+    for t in tests:
+        verdict = "[bold red]named[/]" if t.named else "not named"
+        console.print(f"{t.client}: {t.images} evidence images in {t.buckets} buckets; argmax matches "
+                      f"{t.matches} ({t.expected:.1f} by chance, p {t.match_p_value:.3g}); probability "
+                      f"score {t.score} ({t.expected_score:.1f} by chance): p {t.p_value:.3g}, corrected "
+                      f"for {len(tests)} clients {t.corrected_p_value:.3g} -> {verdict} at alpha {alpha:g}")
+
+
+def _verify_behaviour(model, clean: list[Path], config: Path | None, dataset: str, source_class: int,
+                      target_class: int, size: int, alpha: float, as_json: bool) -> None:
+    import json
+
     from mirage.data import load_dataset
     from mirage.models import load_checkpoint
     from mirage.scenarios import WatermarkSet, behaviour_set
@@ -71,7 +133,10 @@ def verify_command(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     x_w, y_w = behaviour.images, behaviour.labels
-    result = verify(load_checkpoint(suspect)[0], [load_checkpoint(c)[0] for c in clean], x_w, y_w, alpha=alpha)
+    result = verify(model, [load_checkpoint(c)[0] for c in clean], x_w, y_w, alpha=alpha)
+    if as_json:
+        print(json.dumps({**result.__dict__, "watermarked": result.watermarked}, indent=2))
+        return
     verdict = "[bold red]watermarked[/]" if result.watermarked else "[bold green]not watermarked[/]"
     console.print(f"behaviour: {len(x_w)} {dataset} images of class {watermark.source_class} -> "
                   f"{watermark.target_class}")

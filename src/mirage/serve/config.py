@@ -22,6 +22,12 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     # backend = "redis"              # shared state for several replicas …
     # url = "redis://127.0.0.1:6379/0"
 
+    [ownership]                      # a keyed hard-label watermark per client (docs/design.md §ownership)
+    secret_env = "MIRAGE_OWNERSHIP_SECRET"   # the server secret: an environment variable …
+    # secret_file = "/run/secrets/mirage"    # … or a file; never in this config
+    evidence = "evidence.sqlite"     # the carried queries, at most max_items per client
+    watermark = { bucket_fraction = 0.1 }
+
     [access]
     metrics_key_sha256 = "…"         # /metrics with per-client series needs this bearer token
     disclose_defense = false         # metadata names the defense only when true
@@ -47,6 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from mirage.defenses import DEFENSES
 from mirage.models.formats import Format, format_of
+from mirage.ownership import WatermarkConfig
 from mirage.training.resolve import DefenseSpec
 
 
@@ -173,6 +180,37 @@ class AccessConfig(_Strict):
     auth_window_s: float = Field(60.0, gt=0, description="the window, in seconds; then 429 until it ends")
 
 
+class OwnershipConfig(_Strict):
+    """The per-client keyed watermark (docs/design.md §ownership). The server secret each
+    client's key is derived from is read at start from ``secret_file`` or the environment
+    variable ``secret_env`` — never from this file, never served, at least 16 bytes."""
+
+    secret_env: str | None = Field("MIRAGE_OWNERSHIP_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    secret_file: Path | None = Field(None, description="a file holding the secret (read as bytes, stripped)")
+    evidence: Path = Field(Path("mirage-evidence.sqlite"), description="SQLite file of the carried queries")
+    max_items: int = Field(4096, ge=1, le=1_000_000, description="evidence kept per client")
+    watermark: WatermarkConfig = WatermarkConfig()
+
+    def secret(self) -> bytes:
+        """The server secret, or ``ValueError`` saying where it was looked for."""
+        import os
+
+        if self.secret_file is not None:
+            try:
+                secret = self.secret_file.read_bytes().strip()
+            except OSError as error:
+                raise ValueError(f"ownership.secret_file: cannot read {self.secret_file} ({error.strerror})") from error
+            where = f"the file {self.secret_file}"
+        elif self.secret_env is not None:
+            secret = os.environ.get(self.secret_env, "").encode()
+            where = f"the environment variable {self.secret_env}"
+        else:
+            raise ValueError("ownership needs secret_file or secret_env")
+        if len(secret) < 16:
+            raise ValueError(f"ownership: the secret in {where} is missing or shorter than 16 bytes")
+        return secret
+
+
 class ClientConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 hex digest of the API key")
@@ -193,6 +231,7 @@ class ServeConfig(_Strict):
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()
     access: AccessConfig = AccessConfig()
+    ownership: OwnershipConfig | None = None
     clients: list[ClientConfig] = Field(min_length=1)
 
     @field_validator("clients")
@@ -235,6 +274,8 @@ class ServeConfig(_Strict):
             "defense": self.defense.anchored(base),
             "storage": self.storage.model_copy(update={"database": fix(self.storage.database),
                                                        "audit": fix(self.storage.audit)}),
+            "ownership": None if self.ownership is None else self.ownership.model_copy(update={
+                "evidence": fix(self.ownership.evidence), "secret_file": fix(self.ownership.secret_file)}),
         })
 
 

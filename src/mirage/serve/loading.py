@@ -14,8 +14,9 @@ from torch import nn
 from mirage.defenses import Defense, create_defense
 from mirage.models import ModelCard, load_checkpoint
 from mirage.models.formats import load_model_file
+from mirage.ownership import derive_key
 from mirage.scenarios import Scenario, get_scenario
-from mirage.serve.config import DefenseConfig, ModelConfig, ServeConfig
+from mirage.serve.config import DefenseConfig, ModelConfig, OwnershipConfig, ServeConfig
 from mirage.training.resolve import resolve_params, resolve_victims
 
 SHARED = "*"
@@ -75,24 +76,41 @@ def client_seed(base: int, client: str) -> int:
 class ServedDefenses:
     """The configured defense: its parts resolved once (surrogates, reference and watermark sets,
     detectors), then one shared instance or, lazily, one per client (``per_client``), with a
-    seed derived from the client's name if ``seed_per_client``. ``None`` when nothing runs at
-    query time (``none``, or a training-time defense, whose victim is the served model)."""
+    seed derived from the client's name if ``seed_per_client``. With ``ownership``, every
+    client's answers also carry its own keyed watermark (:class:`~mirage.defenses.watermarked.
+    Watermarked` over the defense; docs/design.md §ownership), recorded in ``evidence``.
+    ``None`` when nothing runs at query time (``none`` or a training-time defense, whose victim
+    is the served model, and no ownership)."""
 
-    def __init__(self, spec: DefenseConfig, scenario: Scenario | None, model: nn.Module, card: ModelCard) -> None:
-        self.spec = spec
-        self.enabled = spec.name != "none" and not spec.training_time
-        self.params = resolve_params(spec, scenario, model, card) if self.enabled else {}
-        self.prototype = self._build(None) if self.enabled else None
+    def __init__(self, spec: DefenseConfig, scenario: Scenario | None, model: nn.Module, card: ModelCard, *,
+                 ownership: OwnershipConfig | None = None, evidence: Any = None) -> None:
+        self.spec, self.ownership, self.evidence = spec, ownership, evidence
+        self._secret = ownership.secret() if ownership is not None else None
+        self.query_time = spec.name != "none" and not spec.training_time
+        self.enabled = self.query_time or ownership is not None
+        self.params = resolve_params(spec, scenario, model, card) if self.query_time else {}
+        self.prototype = self._inner(None) if self.query_time else None
         self._instances: dict[str, Defense] = {}
 
-    def _build(self, client: str | None) -> Defense:
+    def _inner(self, client: str | None) -> Defense | None:
+        if not self.query_time:
+            return None
+        if client is not None and not self.spec.per_client:
+            return self.prototype
         params = dict(self.params)
         if self.spec.seed_per_client and client is not None:
             params["seed"] = client_seed(int(params.get("seed", 0)), client)
         return create_defense(self.spec.name, **params)
 
+    def _build(self, client: str) -> Defense | None:
+        inner = self._inner(client)
+        if self.ownership is None:
+            return inner
+        return create_defense("watermarked", inner=inner, key=derive_key(self._secret, client), client=client,
+                              config=self.ownership.watermark, evidence=self.evidence)
+
     def key(self, client: str) -> str:
-        return client if self.spec.per_client else SHARED
+        return client if self.spec.per_client or self.ownership is not None else SHARED
 
     def __call__(self, key: str) -> Defense | None:
         if not self.enabled:
@@ -116,4 +134,4 @@ class ServedDefenses:
             params = {k: v for k, v in self.spec.params.items() if "seed" not in k and "key" not in k}
         return {"name": self.spec.name, "params": params, "contract": dataclasses.asdict(defense.contract),
                 "training_time": self.spec.training_time, "per_client": self.spec.per_client,
-                "seed_per_client": self.spec.seed_per_client}
+                "seed_per_client": self.spec.seed_per_client, "watermarked": self.ownership is not None}

@@ -71,7 +71,13 @@ class Service:
         self.model = model
         self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment]
         self.classes = class_names(config, card)
-        self.defenses = ServedDefenses(config.defense, scenario, model, card)
+        self.evidence = None
+        if config.ownership is not None:
+            from mirage.serve.evidence import EvidenceStore
+
+            self.evidence = EvidenceStore(config.ownership.evidence, config.ownership.max_items)
+        self.defenses = ServedDefenses(config.defense, scenario, model, card, ownership=config.ownership,
+                                       evidence=self.evidence)
         self.keys = KeyRing(config.clients)
         self.quotas = open_store(config)
         self.audit = AuditLog(config.audit_path)
@@ -200,3 +206,5 @@ class Service:
         self.batcher.stop()
         self.quotas.close()
         self.audit.close()
+        if self.evidence is not None:
+            self.evidence.close()

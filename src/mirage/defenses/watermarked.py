@@ -1,0 +1,73 @@
+"""Any query-time defense with a keyed hard-label watermark on top (docs/design.md §ownership;
+issue 17): ``ỹ = W_key(x, inner(x, y))``, where ``W_key`` moves the top-1 of a small keyed,
+jitter-stable set of queries to a keyed label (:class:`mirage.ownership.KeyedWatermark`), and
+records those queries as evidence for :func:`mirage.ownership.name_the_thief`.
+
+The inner defense runs through its own :meth:`Defense.__call__`, so its contract is checked on
+every row; this wrapper promises the simplex and what the inner defense promises about state,
+but no budget and no top-1 (on carried rows it changes the label on purpose).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import Field, field_validator
+from torch import Tensor
+
+from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
+from mirage.ownership import KeyedWatermark, WatermarkConfig
+
+
+class WatermarkedParams(DefenseParams):
+    inner: Any = Field(None, description="the defense underneath (a Defense; None: clean answers)")
+    key: bytes = Field(description="this client's watermark key (mirage.ownership.derive_key)")
+    client: str = Field("default", description="whose queries these are, in the evidence")
+    config: WatermarkConfig = WatermarkConfig()
+    evidence: Any = Field(None, description="an Evidence that records the carried queries")
+
+    @field_validator("inner")
+    @classmethod
+    def _defense(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, Defense):
+            raise ValueError("inner must be a Defense (or None)")
+        return value
+
+    @field_validator("evidence")
+    @classmethod
+    def _evidence(cls, value: Any) -> Any:
+        if value is not None and not callable(getattr(value, "add", None)):
+            raise ValueError("evidence must have add(client, x, marks), like mirage.ownership.Evidence")
+        return value
+
+
+@register_defense("watermarked", params=WatermarkedParams)
+class Watermarked(Defense):
+    """``inner`` with the keyed watermark of ``key`` on top."""
+
+    def __init__(self, params: WatermarkedParams | None = None, **kwargs: Any) -> None:
+        super().__init__(params, **kwargs)
+        self._watermarks: dict[int, KeyedWatermark] = {}
+
+    @classmethod
+    def contract_for(cls, params: WatermarkedParams) -> DefenseContract:
+        inner = params.inner.contract if isinstance(params.inner, Defense) else DefenseContract(stateful=False)
+        return DefenseContract(needs_input=True, truncating=inner.truncating, stateful=inner.stateful)
+
+    def watermark(self, num_classes: int) -> KeyedWatermark:
+        if num_classes not in self._watermarks:
+            self._watermarks[num_classes] = KeyedWatermark(self.params.key, num_classes, self.params.config)
+        return self._watermarks[num_classes]
+
+    def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
+        inner = self.params.inner
+        served = probs if inner is None else inner(x, probs)
+        served, marks = self.watermark(probs.shape[1]).apply(x, served)
+        if self.params.evidence is not None:
+            self.params.evidence.add(self.params.client, x, marks)
+        return served
+
+    def __repr__(self) -> str:
+        return (f"Watermarked(inner={self.params.inner!r}, client={self.params.client!r}, "
+                f"config={self.params.config!r})")
+

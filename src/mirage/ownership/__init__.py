@@ -1,0 +1,11 @@
+"""Ownership evidence that reaches hard-label clones and names the API key that leaked
+(docs/design.md §ownership): a keyed watermark on a small, jitter-stable fraction of queries
+(:mod:`.watermark`), the bounded evidence it leaves (:mod:`.evidence`), and a test with an exact
+null (:mod:`.verification`)."""
+
+from mirage.ownership.evidence import Evidence
+from mirage.ownership.verification import OwnershipTest, match_pvalue, name_the_thief, verify_key
+from mirage.ownership.watermark import KeyedWatermark, Marks, WatermarkConfig, derive_key
+
+__all__ = ["Evidence", "KeyedWatermark", "Marks", "OwnershipTest", "WatermarkConfig", "derive_key",
+           "match_pvalue", "name_the_thief", "verify_key"]

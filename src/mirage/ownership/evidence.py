@@ -1,0 +1,66 @@
+"""What verification needs, kept with bounded size (docs/design.md §ownership): per client, the
+carried queries themselves (the images a clone was taught the keyed labels on) and their buckets,
+at most ``max_items`` per client, one copy of each image. Labels are not stored: they are
+regenerated from the client's key and the bucket."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+
+from mirage.ownership.watermark import Marks
+
+
+def image_digest(image: Tensor) -> str:
+    return hashlib.sha256(image.detach().float().contiguous().numpy().astype("<f4").tobytes()).hexdigest()
+
+
+class Evidence:
+    """In-memory evidence (for the benchmark and the Python API); the service keeps the same in
+    SQLite (:class:`mirage.serve.evidence.EvidenceStore`). Thread-safe."""
+
+    def __init__(self, max_items: int = 2048) -> None:
+        if max_items < 1:
+            raise ValueError("max_items must be at least 1")
+        self.max_items = max_items
+        self._items: dict[str, dict[str, tuple[Tensor, str]]] = {}
+        self._lock = threading.Lock()
+
+    def add(self, client: str, x: Tensor, marks: Marks) -> int:
+        """Keep ``client``'s carried rows of ``x``; returns how many were new."""
+        added = 0
+        rows = torch.nonzero(marks.carried).flatten().tolist()
+        with self._lock:
+            kept = self._items.setdefault(client, {})
+            for row in rows:
+                if len(kept) >= self.max_items:
+                    break
+                digest = image_digest(x[row])
+                if digest not in kept:
+                    kept[digest] = (x[row].detach().float().clone(), marks.buckets[row])
+                    added += 1
+        return added
+
+    def clients(self) -> list[str]:
+        with self._lock:
+            return sorted(self._items)
+
+    def items(self, client: str) -> tuple[Tensor | None, list[str]]:
+        """(images (M, C, H, W) or ``None`` when there are none, buckets (M,))."""
+        with self._lock:
+            kept = list(self._items.get(client, {}).values())
+        if not kept:
+            return None, []
+        return torch.stack([image for image, _ in kept]), [bucket for _, bucket in kept]
+
+    def extend(self, client: str, items: Iterable[tuple[Tensor, str]]) -> None:
+        """Add (image, bucket) pairs, e.g. read back from a store."""
+        with self._lock:
+            kept = self._items.setdefault(client, {})
+            for image, bucket in items:
+                if len(kept) < self.max_items:
+                    kept.setdefault(image_digest(image), (image.float(), bucket))

@@ -1,0 +1,136 @@
+"""Is a suspect model a clone made through this key? An exact test (docs/design.md §ownership).
+
+The keyed labels are uniform over the K classes and independent across buckets (a PRF of the
+bucket). For a model that never saw this key's answers, its outputs on the evidence images are
+independent of those labels. Give each evidence image i an integer score ``q_i(k)`` per class,
+computed from the suspect's output alone, and sum per bucket: ``v_b(k) = Σ_{i∈b} q_i(k)``. The
+statistic ``S = Σ_b v_b(y_b)`` with ``y_b`` iid uniform has as null law the convolution over
+buckets of "``v_b(k)`` for a uniform k", so ``P(S ≥ s)`` is exact given the suspect's outputs,
+with no clean models needed. Two scores: argmax matches (``q = one-hot prediction``; with one
+image per bucket, the Binomial(M, 1/K) tail) and the decision's, the suspect's probability of
+each class on a 1/16 grid (``q = round(16 p(k | x))``), which also counts a clone that leans to the
+keyed label without making it its argmax.
+
+Images of one bucket share a label, so they are not independent trials; this test does not
+assume they are (a Binomial over images would overstate the evidence when a bucket holds
+similar images the suspect labels alike).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mirage.ownership.evidence import Evidence
+from mirage.ownership.watermark import KeyedWatermark
+
+RESOLUTION = 16
+"""The probability statistic's scores are round(RESOLUTION · p(k | x)): integers, so that the null
+is an exact convolution."""
+
+
+def exact_tail(scores: Tensor, buckets: list[str], labels: Mapping[str, int]) -> tuple[int, float, float]:
+    """(observed statistic s, its null mean, exact P(S ≥ s)) for ``S = Σ_i scores[i, y_{b(i)}]``
+    with per-bucket labels ``y_b`` iid uniform over the K columns. ``scores``: (M, K) non-negative
+    integers fixed before the labels are looked at (a function of the suspect's outputs only)."""
+    if scores.ndim != 2 or len(scores) != len(buckets):
+        raise ValueError("scores must be (M, K) with one bucket per row")
+    if len(buckets) == 0:
+        return 0, 0.0, 1.0
+    values = scores.long().numpy()
+    if (values < 0).any():
+        raise ValueError("scores must be non-negative integers")
+    k = values.shape[1]
+    per_bucket: dict[str, np.ndarray] = defaultdict(lambda: np.zeros(k, dtype=np.int64))
+    for row, bucket in zip(values, buckets, strict=True):
+        per_bucket[bucket] += row
+    observed = int(sum(v[labels[b]] for b, v in per_bucket.items()))
+    mean = float(sum(v.mean() for v in per_bucket.values()))
+    # The null pmf over 0 … observed, everything above folded into the last cell (only P(S ≥ s)
+    # is needed): one shifted add per class and bucket.
+    null = np.zeros(observed + 1)
+    null[0] = 1.0
+    for v in per_bucket.values():
+        nxt = np.zeros_like(null)
+        for shift in np.minimum(v, observed):
+            nxt[shift:] += null[:len(null) - shift] / k
+            nxt[-1] += null[len(null) - shift:].sum() / k if shift else 0.0
+        null = nxt
+    return observed, mean, float(min(1.0, null[-1]))
+
+
+def match_pvalue(predictions: Tensor, buckets: list[str], labels: Mapping[str, int], num_classes: int
+                 ) -> tuple[int, float, float]:
+    """(matches, expected matches, exact P(S ≥ matches)) of argmax ``predictions`` (M,) against the
+    keyed ``labels`` of their ``buckets``: :func:`exact_tail` of the one-hot predictions."""
+    if len(predictions) != len(buckets):
+        raise ValueError("one bucket per prediction")
+    if len(predictions) and not (0 <= int(predictions.min()) and int(predictions.max()) < num_classes):
+        raise ValueError(f"predictions must be classes of {num_classes}")
+    one_hot = torch.nn.functional.one_hot(predictions.long(), num_classes) if len(predictions) else \
+        torch.zeros(0, num_classes, dtype=torch.long)
+    return exact_tail(one_hot, buckets, labels)
+
+
+@dataclass(frozen=True)
+class OwnershipTest:
+    """One client's test: evidence size, distinct buckets; argmax matches with their exact
+    p-value (for reading); the probability statistic (Σ round(16·p(y_b | x))) with its exact
+    p-value, which decides, corrected for testing every client (Bonferroni): ``named``."""
+
+    client: str
+    images: int
+    buckets: int
+    matches: int
+    expected: float
+    match_p_value: float
+    score: int
+    expected_score: float
+    p_value: float
+    corrected_p_value: float
+    alpha: float
+
+    @property
+    def named(self) -> bool:
+        return self.corrected_p_value <= self.alpha
+
+
+@torch.no_grad()
+def probabilities(model: nn.Module, x: Tensor, *, batch_size: int = 512) -> Tensor:
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        return torch.cat([torch.softmax(model(chunk).float(), 1).cpu() for chunk in x.split(batch_size)])
+    finally:
+        model.train(was_training)
+
+
+def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | None, buckets: list[str],
+                   *, client: str = "", tests: int = 1, alpha: float = 1e-6) -> OwnershipTest:
+    """The exact test of ``suspect`` against one key's evidence (``tests``: how many clients are
+    tested in all, for the correction)."""
+    if not 0 < alpha < 1:
+        raise ValueError("alpha must lie in (0, 1)")
+    labels = {b: watermark.label_of(b) for b in set(buckets)}
+    k = watermark.num_classes
+    probs = probabilities(suspect, images) if images is not None else torch.zeros(0, k)
+    if probs.shape[1] != k:
+        raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
+    matches, expected, match_p = match_pvalue(probs.argmax(1), buckets, labels, k)
+    score, expected_score, p = exact_tail((probs * RESOLUTION).round().long(), buckets, labels)
+    return OwnershipTest(client=client, images=len(buckets), buckets=len(labels), matches=matches,
+                         expected=expected, match_p_value=match_p, score=score, expected_score=expected_score,
+                         p_value=p, corrected_p_value=min(1.0, p * tests), alpha=alpha)
+
+
+def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[str, KeyedWatermark], *,
+                   alpha: float = 1e-6) -> list[OwnershipTest]:
+    """Test ``suspect`` against every client's key and evidence, most significant first."""
+    tests = [verify_key(suspect, watermarks[c], *evidence.items(c), client=c, tests=len(watermarks),
+                            alpha=alpha) for c in watermarks]
+    return sorted(tests, key=lambda t: (t.p_value, t.client))

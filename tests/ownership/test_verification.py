@@ -1,0 +1,133 @@
+"""The exact null of the ownership test, against enumeration, the binomial and simulation."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+from torch import nn
+
+from mirage.ownership import (
+    Evidence,
+    KeyedWatermark,
+    WatermarkConfig,
+    derive_key,
+    match_pvalue,
+    name_the_thief,
+)
+from mirage.ownership.verification import exact_tail
+
+SECRET = b"0123456789abcdef-server-secret"
+
+
+def brute_force_pvalue(predictions, buckets, labels, k):
+    """P(S ≥ s) by enumerating every labelling of the buckets (the independent reference)."""
+    names = sorted(set(buckets))
+    observed = sum(p == labels[b] for p, b in zip(predictions, buckets))
+    hits = 0
+    for assignment in itertools.product(range(k), repeat=len(names)):
+        relabel = dict(zip(names, assignment))
+        hits += sum(p == relabel[b] for p, b in zip(predictions, buckets)) >= observed
+    return hits / k ** len(names)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_pvalue_equals_enumeration_over_labellings(seed):
+    rng = np.random.default_rng(seed)
+    k, m = 3, 9
+    buckets = [f"b{int(b)}" for b in rng.integers(0, 5, m)]
+    predictions = rng.integers(0, k, m)
+    labels = {b: int(rng.integers(0, k)) for b in set(buckets)}
+    s, expected, p = match_pvalue(torch.tensor(predictions), buckets, labels, k)
+    assert s == sum(int(q) == labels[b] for q, b in zip(predictions, buckets))
+    assert expected == pytest.approx(m / k)
+    assert p == pytest.approx(brute_force_pvalue(predictions.tolist(), buckets, labels, k), abs=1e-12)
+
+
+def brute_force_tail(scores, buckets, k):
+    names = sorted(set(buckets))
+    hits = {}
+    for assignment in itertools.product(range(k), repeat=len(names)):
+        relabel = dict(zip(names, assignment))
+        total = sum(int(scores[i, relabel[b]]) for i, b in enumerate(buckets))
+        hits[total] = hits.get(total, 0) + 1
+    return {t: n / k ** len(names) for t, n in hits.items()}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_probability_statistic_tail_equals_enumeration(seed):
+    """Integer scores per image and class (as round(16 p) gives), shared buckets."""
+    rng = np.random.default_rng(seed)
+    k, m = 4, 8
+    scores = torch.tensor(rng.integers(0, 17, (m, k)))
+    buckets = [f"b{int(b)}" for b in rng.integers(0, 5, m)]
+    labels = {b: int(rng.integers(0, k)) for b in set(buckets)}
+    s, mean, p = exact_tail(scores, buckets, labels)
+    law = brute_force_tail(scores, buckets, k)
+    assert s == sum(int(scores[i, labels[b]]) for i, b in enumerate(buckets))
+    assert mean == pytest.approx(sum(t * q for t, q in law.items()))
+    assert p == pytest.approx(sum(q for t, q in law.items() if t >= s), abs=1e-12)
+    with pytest.raises(ValueError, match="non-negative"):
+        exact_tail(-scores, buckets, labels)
+
+
+def test_one_image_per_bucket_is_the_binomial_tail():
+    rng = np.random.default_rng(0)
+    m, k = 200, 10
+    predictions = torch.tensor(rng.integers(0, k, m))
+    buckets = [f"b{i}" for i in range(m)]
+    labels = {b: int(p) if i < 60 else (int(p) + 1) % k for i, (b, p) in enumerate(zip(buckets, predictions))}
+    s, _, p = match_pvalue(predictions, buckets, labels, k)
+    assert s == 60
+    assert p == pytest.approx(stats.binom.sf(59, m, 1 / k), rel=1e-9)
+    assert p < 1e-6
+
+
+def test_the_null_is_valid_for_models_that_never_saw_the_key():
+    """Random keys against fixed predictions: P(p ≤ α) ≤ α (discrete, hence conservative)."""
+    rng = np.random.default_rng(1)
+    k = 10
+    buckets = [f"b{int(b)}" for b in rng.integers(0, 60, 150)]   # shared buckets: dependent images
+    predictions = torch.tensor(rng.integers(0, 3, 150))         # a model that prefers few classes
+    names = sorted(set(buckets))
+    pvalues = np.array([match_pvalue(predictions, buckets, {b: int(rng.integers(0, k)) for b in names}, k)[2]
+                        for _ in range(2000)])
+    for alpha in (0.01, 0.05, 0.2):
+        assert (pvalues <= alpha).mean() <= alpha + 3 * np.sqrt(alpha * (1 - alpha) / len(pvalues))
+    assert (pvalues <= 0.2).mean() > 0.1                          # not trivially conservative
+
+
+class LookupModel(nn.Module):
+    """Predicts ``table[i]`` for the i-th known image (by its first pixel), class 0 otherwise."""
+
+    def __init__(self, images: torch.Tensor, classes: torch.Tensor, k: int) -> None:
+        super().__init__()
+        self.keys, self.classes, self.k = images.flatten(1), classes, k
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        distance = torch.cdist(x.flatten(1), self.keys)
+        out = torch.zeros(len(x), self.k)
+        out[torch.arange(len(x)), self.classes[distance.argmin(1)]] = 1.0
+        return out
+
+
+def test_name_the_thief_names_the_client_whose_labels_the_model_learnt():
+    torch.manual_seed(0)
+    x = torch.rand(3000, 1, 28, 28) ** 3
+    config = WatermarkConfig(bucket_fraction=1.0)
+    marks = {c: KeyedWatermark(derive_key(SECRET, c), 10, config) for c in ("alice", "bob", "carol")}
+    evidence = Evidence()
+    for c, w in marks.items():
+        evidence.add(c, x, w.marks(x))
+    images, buckets = evidence.items("bob")
+    learnt = torch.tensor([marks["bob"].label_of(b) for b in buckets])
+    thief = LookupModel(images, learnt, 10)
+    tests = name_the_thief(thief, evidence, marks)
+    assert tests[0].client == "bob" and tests[0].named and tests[0].p_value <= 10.0 ** -tests[0].buckets + 1e-15
+    assert not any(t.named for t in tests[1:])
+    innocent = LookupModel(images, torch.randint(0, 10, (len(images),)), 10)
+    assert not any(t.named for t in name_the_thief(innocent, evidence, marks))

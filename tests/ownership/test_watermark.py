@@ -1,0 +1,113 @@
+"""The keyed watermark: keys, stable buckets, the swap, and the wrapper defense's contract."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mirage.attacks.base import jitter_images
+from mirage.defenses import DefenseInvariantError, create_defense
+from mirage.ownership import Evidence, KeyedWatermark, WatermarkConfig, derive_key
+
+SECRET = b"0123456789abcdef-server-secret"
+
+
+def images(n: int, seed: int = 0) -> torch.Tensor:
+    """Blurry blobs on a dark background, like the digits and garments a victim sees."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 28, 28, generator=g) ** 3
+    x = torch.nn.functional.avg_pool2d(x, 5, stride=1, padding=2)
+    return (x * torch.rand(n, 1, 1, 1, generator=g) * 3).clamp(0, 1)
+
+
+def test_keys_are_per_client_and_deterministic():
+    assert derive_key(SECRET, "alice") == derive_key(SECRET, "alice")
+    assert len({derive_key(SECRET, c) for c in ("alice", "bob", "carol")}) == 3
+    assert derive_key(SECRET, "alice") != derive_key(SECRET + b"!", "alice")
+    with pytest.raises(ValueError, match="16 bytes"):
+        derive_key(b"short", "alice")
+    with pytest.raises(ValueError, match="16 bytes"):
+        KeyedWatermark(b"short", 10)
+
+
+def test_marks_are_keyed_inside_their_cell_and_shift_invariant():
+    x = images(4000)
+    config = WatermarkConfig(bucket_fraction=0.5)
+    alice = KeyedWatermark(derive_key(SECRET, "alice"), 10, config)
+    marks = alice.marks(x)
+    _, margin = alice.cells(x)
+    assert marks.carried.any()
+    assert (margin[marks.carried] >= config.margin).all()          # only rows inside their cell
+    assert ((marks.labels >= 0) == marks.carried).all() and (marks.labels < 10).all()
+    assert all(alice.label_of(b) == int(y) for b, y, c in zip(marks.buckets, marks.labels, marks.carried) if c)
+    # Fourier magnitudes ignore circular shifts: the same rows carry the same labels.
+    rolled = alice.marks(torch.roll(x, shifts=(2, -3), dims=(2, 3)))
+    assert torch.equal(rolled.carried, marks.carried) and torch.equal(rolled.labels, marks.labels)
+    # another key selects other buckets and labels
+    bob = KeyedWatermark(derive_key(SECRET, "bob"), 10, config).marks(x)
+    assert not torch.equal(bob.carried, marks.carried)
+    # about bucket_fraction of the inside rows carry it (a binomial over buckets: loose bounds)
+    inside = (margin >= config.margin).sum().item()
+    assert 0.2 < marks.carried.sum().item() / inside < 0.8
+
+
+def test_jittered_copies_of_carried_queries_keep_bucket_and_label():
+    """Query averaging's jitter (±1 px shifts with zero fill, σ 0.02 noise) leaves most carried
+    Fashion-MNIST queries in their bucket, and most inside it by the margin (bounds with slack
+    below what results/ownership measured)."""
+    from mirage.data import load_dataset
+
+    x = load_dataset("fmnist").train.images[:6000].float()
+    watermark = KeyedWatermark(derive_key(SECRET, "alice"), 10, WatermarkConfig(bucket_fraction=1.0))
+    marks = watermark.marks(x)
+    rows = torch.nonzero(marks.carried).flatten()
+    copies = jitter_images(x[rows], 0.02, torch.Generator().manual_seed(0))
+    cells, _ = watermark.cells(x[rows])
+    same_cell = (watermark.cells(copies)[0] == cells).all(dim=1)
+    assert same_cell.float().mean() > 0.9                  # bucket, hence label, kept
+    assert watermark.marks(copies).carried.float().mean() > 0.5   # and inside by the margin
+
+
+def test_apply_swaps_top1_to_the_keyed_label_and_stays_on_the_simplex():
+    x = images(2000)
+    watermark = KeyedWatermark(derive_key(SECRET, "alice"), 10, WatermarkConfig(bucket_fraction=1.0))
+    probs = torch.softmax(torch.randn(2000, 10, generator=torch.Generator().manual_seed(3)) * 3, dim=1)
+    served, marks = watermark.apply(x, probs)
+    c = marks.carried
+    assert c.sum() > 20
+    assert torch.equal(served[~c], probs[~c])
+    assert torch.equal(served[c].argmax(1), marks.labels[c])
+    assert torch.allclose(served.sum(1), torch.ones(2000))
+    assert torch.equal(served.sort(1).values, probs.sort(1).values)   # a permutation of each row
+    with pytest.raises(ValueError, match="served must be"):
+        watermark.apply(x, probs[:, :9])
+
+
+def test_watermarked_defense_wraps_any_defense_and_records_evidence():
+    x = images(1500)
+    probs = torch.softmax(torch.randn(1500, 10, generator=torch.Generator().manual_seed(4)) * 3, dim=1)
+    evidence = Evidence(max_items=50)
+    inner = create_defense("reverse_sigmoid", beta=0.64)
+    defense = create_defense("watermarked", inner=inner, key=derive_key(SECRET, "bob"), client="bob",
+                             config=WatermarkConfig(bucket_fraction=1.0), evidence=evidence)
+    assert defense.contract.needs_input and not defense.contract.keeps_top1
+    assert defense.contract.stateful == inner.contract.stateful
+    served = defense(x, probs)
+    marks = defense.watermark(10).marks(x)
+    assert torch.allclose(served[~marks.carried], inner(x[~marks.carried], probs[~marks.carried]))
+    stored, buckets = evidence.items("bob")
+    assert evidence.clients() == ["bob"] and len(buckets) == 50      # bounded
+    defense(x, probs)                                                 # the same images again:
+    assert len(evidence.items("bob")[1]) == 50                        # nothing counted twice
+    assert stored.shape == (50, 1, 28, 28)
+    with pytest.raises(ValueError, match="needs the query images"):
+        defense(None, probs)
+    with pytest.raises(ValueError):
+        create_defense("watermarked", inner="mad", key=derive_key(SECRET, "bob"))
+
+
+def test_watermarked_contract_is_enforced():
+    """The wrapper's output is still checked by Defense.__call__ (simplex)."""
+    defense = create_defense("watermarked", key=derive_key(SECRET, "bob"))
+    with pytest.raises(DefenseInvariantError):
+        defense.check_output(torch.full((2, 3), 1 / 3), torch.full((2, 3), 0.5))

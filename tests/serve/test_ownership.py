@@ -1,0 +1,157 @@
+"""Ownership end to end (issue 17): a real `mirage serve` with a per-client keyed watermark, two
+thieves who extract hard-label clones over HTTP with their own code (httpx and a plain torch
+loop, no mirage attack class), save them with torch.export, and `mirage verify` names each
+thief's key and nobody else's."""
+
+from __future__ import annotations
+
+import json
+
+import httpx
+import pytest
+import torch
+from conftest import KEYS, ServerProcess, auth, body, make_config
+from pydantic import ValidationError
+from torch import nn
+from typer.testing import CliRunner
+
+from mirage.cli import app
+from mirage.data import load_dataset
+from mirage.ownership import KeyedWatermark, WatermarkConfig, derive_key
+from mirage.ownership.watermark import Marks
+from mirage.serve.config import ServeConfig
+from mirage.serve.evidence import EvidenceStore
+from mirage.serve.service import Service
+
+SECRET = b"a-test-secret-of-32-bytes-000000"
+WATERMARK = {"bucket_fraction": 0.5, "margin": 0.1}
+
+
+def ownership_config(tmp_path, checkpoints, **overrides) -> ServeConfig:
+    (tmp_path / "secret").write_bytes(SECRET + b"\n")
+    config = make_config(tmp_path, checkpoints, clients=[{"name": "alice", "quota": 100_000},
+                                                        {"name": "bob", "quota": 100_000}])
+    ownership = {"secret_env": None, "secret_file": str(tmp_path / "secret"),
+                 "evidence": str(tmp_path / "evidence.sqlite"), "watermark": WATERMARK, **overrides}
+    return ServeConfig.model_validate({**config.model_dump(mode="json"), "ownership": ownership})
+
+
+def steal_over_http(url: str, client: str, images: torch.Tensor) -> torch.Tensor:
+    """The thief's own extraction: hard labels (argmax) of every image, 64 per request."""
+    labels = []
+    with httpx.Client(base_url=url, headers=auth(client), timeout=30) as http:
+        for chunk in images.split(64):
+            reply = http.post("/v2/models/digits/infer", json=body(chunk))
+            reply.raise_for_status()
+            out = reply.json()["outputs"][0]
+            labels.append(torch.tensor(out["data"]).view(out["shape"]).argmax(1))
+    return torch.cat(labels)
+
+
+class ThiefNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def train_and_export(images: torch.Tensor, labels: torch.Tensor, path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = ThiefNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        for index in torch.randperm(len(images)).split(128):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
+            optimizer.step()
+    program = torch.export.export(model.eval(), (images[:2],),
+                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    torch.export.save(program, str(path))
+
+
+def verify(config_path, suspect) -> dict[str, dict]:
+    result = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(suspect), "--json"])
+    assert result.exit_code == 0, result.output
+    return {t["client"]: t for t in json.loads(result.output)}
+
+
+@pytest.mark.slow
+def test_verify_names_the_key_each_hard_label_clone_was_stolen_through(tmp_path, checkpoints):
+    config = ownership_config(tmp_path, checkpoints)
+    server = ServerProcess(config, tmp_path).start()
+    images = load_dataset("digits").train.images.float()
+    try:
+        stolen = {client: steal_over_http(server.url, client, images) for client in ("alice", "bob")}
+    finally:
+        server.kill()
+    for seed, client in enumerate(stolen):
+        train_and_export(images, stolen[client], tmp_path / f"{client}.pt2", seed)
+
+    store = EvidenceStore(tmp_path / "evidence.sqlite")
+    assert store.clients() == ["alice", "bob"]
+    store.close()
+    for thief, other in (("alice", "bob"), ("bob", "alice")):
+        tests = verify(server.path, tmp_path / f"{thief}.pt2")
+        assert tests[thief]["named"] and tests[thief]["p_value"] < 1e-6, tests
+        assert not tests[other]["named"], tests
+    # the victim itself never learnt any key's labels
+    innocent = verify(server.path, checkpoints["victim"])
+    assert not any(t["named"] for t in innocent.values()), innocent
+
+
+def test_the_secret_never_comes_from_the_config_and_must_exist(tmp_path, checkpoints):
+    config = ownership_config(tmp_path, checkpoints)
+    raw = config.model_dump(mode="json")
+    with pytest.raises(ValidationError, match="secret"):
+        ServeConfig.model_validate({**raw, "ownership": {**raw["ownership"], "secret": "in-plain-text"}})
+    (tmp_path / "secret").write_bytes(b"short")
+    with pytest.raises(ValueError, match="shorter than 16 bytes"):
+        Service(config)
+    missing = ServeConfig.model_validate({**raw, "ownership": {**raw["ownership"], "secret_file": None,
+                                                               "secret_env": "MIRAGE_TEST_NO_SUCH_SECRET"}})
+    with pytest.raises(ValueError, match="MIRAGE_TEST_NO_SUCH_SECRET"):
+        Service(missing)
+
+
+def test_served_answers_carry_each_clients_own_watermark(tmp_path, checkpoints):
+    """In process: alice's and bob's answers to the same images differ exactly on their own carried
+    rows, where the top-1 is their own keyed label; nothing else changes and the key is not shown."""
+    from fastapi.testclient import TestClient
+
+    from mirage.serve.app import create_app
+
+    config = ownership_config(tmp_path, checkpoints, watermark={"bucket_fraction": 1.0, "margin": 0.1})
+    images = load_dataset("digits").train.images[:64].float()
+    with TestClient(create_app(config)) as http:
+        answers = {}
+        for client in ("alice", "bob"):
+            reply = http.post("/v2/models/digits/infer", json=body(images), headers=auth(client))
+            assert reply.status_code == 200, reply.text
+            answers[client] = torch.tensor(reply.json()["outputs"][0]["data"]).view(64, 10)
+        metadata = http.get("/v2/models/digits", headers=auth("alice")).text
+    assert SECRET.decode() not in metadata and KEYS["alice"] not in metadata
+    marks = {c: KeyedWatermark(derive_key(SECRET, c), 10, WatermarkConfig(bucket_fraction=1.0, margin=0.1)).marks(images) for c in answers}
+    for client, other in (("alice", "bob"), ("bob", "alice")):
+        own = marks[client].carried & ~marks[other].carried
+        assert own.any()
+        assert torch.equal(answers[client][own].argmax(1), marks[client].labels[own])
+    neither = ~marks["alice"].carried & ~marks["bob"].carried
+    assert torch.allclose(answers["alice"][neither], answers["bob"][neither])
+
+
+def test_evidence_store_is_bounded_deduplicated_and_persistent(tmp_path):
+    x = torch.rand(30, 1, 8, 8)
+    marks = Marks(torch.ones(30, dtype=torch.bool), torch.zeros(30, dtype=torch.long),
+                  tuple(f"{i:02x}" for i in range(30)))
+    store = EvidenceStore(tmp_path / "e.sqlite", max_items=20)
+    assert store.add("alice", x[:10], Marks(marks.carried[:10], marks.labels[:10], marks.buckets[:10])) == 10
+    assert store.add("alice", x, marks) == 10                       # 10 known, 10 more fit
+    assert store.add("alice", x, marks) == 0
+    store.close()
+    again = EvidenceStore(tmp_path / "e.sqlite", max_items=20)
+    images, buckets = again.items("alice")
+    assert images.shape == (20, 1, 8, 8) and torch.equal(images, x[:20]) and buckets == list(marks.buckets[:20])
+    assert again.items("bob") == (None, [])
+    again.close()
