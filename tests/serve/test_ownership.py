@@ -155,3 +155,51 @@ def test_evidence_store_is_bounded_deduplicated_and_persistent(tmp_path):
     assert images.shape == (20, 1, 8, 8) and torch.equal(images, x[:20]) and buckets == list(marks.buckets[:20])
     assert again.items("bob") == (None, [])
     again.close()
+
+
+@pytest.mark.parametrize("fmt", ["export", "onnx", "checkpoint"])
+def test_verify_reads_the_suspect_in_the_thiefs_format(tmp_path, checkpoints, fmt):
+    """The evidence a served watermark leaves (written through the service's own store), a clone
+    that learnt alice's answers saved as .pt2, ONNX or a mirage checkpoint: `mirage verify` names
+    alice from each."""
+    from mirage.defenses import create_defense
+    from mirage.models import ModelCard, create_model, save_checkpoint
+
+    config = ownership_config(tmp_path, checkpoints, watermark={"bucket_fraction": 1.0, "margin": 0.1})
+    config_path = tmp_path / "serve.json"
+    config_path.write_text(json.dumps(config.model_dump(mode="json")))
+    digits = load_dataset("digits").train
+    images = digits.images.float()
+    clean = torch.nn.functional.one_hot(digits.labels, 10) * 0.9 + 0.01                # a good victim
+    store = EvidenceStore(tmp_path / "evidence.sqlite")
+    defense = create_defense("watermarked", key=derive_key(SECRET, "alice"), client="alice",
+                             config=config.ownership.watermark, evidence=store)
+    labels = defense(images, clean).argmax(1)   # alice's answers
+    store.close()
+    torch.manual_seed(0)
+    model = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(60):
+        for index in torch.randperm(len(images)).split(128):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
+            optimizer.step()
+    model.eval()
+    example = (images[:2],)
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    if fmt == "export":
+        suspect = tmp_path / "clone.pt2"
+        torch.export.save(torch.export.export(model, example, dynamic_shapes=({0: batch},)), str(suspect))
+    elif fmt == "onnx":
+        pytest.importorskip("onnxscript")
+        suspect = tmp_path / "clone.onnx"
+        torch.onnx.export(model, example, str(suspect), input_names=["images"], dynamic_shapes=({0: batch},),
+                          dynamo=True, verbose=False)
+    else:
+        card = ModelCard(architecture="lenet", input_shape=(1, 8, 8), num_classes=10, mean=(0.3,), std=(0.3,),
+                         dataset="digits", seed=0)
+        suspect = save_checkpoint(model, card, tmp_path / "clone")
+    tests = verify(config_path, suspect)
+    assert tests["alice"]["named"] and not tests["bob"]["named"], tests
+    bad = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(tmp_path / "nope.onnx")])
+    assert bad.exit_code != 0 and "cannot load the suspect" in bad.output
