@@ -5,7 +5,9 @@ records those queries as evidence for :func:`mirage.ownership.name_the_thief`.
 
 The inner defense runs through its own :meth:`Defense.__call__`, so its contract is checked on
 every row; this wrapper promises the simplex and what the inner defense promises about state,
-but no budget and no top-1 (on carried rows it changes the label on purpose).
+but no budget and no top-1 (on carried rows it changes the label on purpose). Its answers are a
+function of the query, so it is stateless when the inner defense is; the evidence it records is a
+side effect of each call, which an answer cache that replays answers (the benchmark's) skips.
 """
 
 from __future__ import annotations

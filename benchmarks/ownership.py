@@ -1,0 +1,325 @@
+"""Issue 17: does the keyed hard-label watermark name the right API key after every attacker of the
+suite and after the usual removal attacks, and never name an innocent model?
+
+Per scenario and seed, with the victim of results/models/ served through `watermarked` (no
+other defense underneath) to three clients, alice, bob and carol, each with its own key:
+
+* the defender's cost: test accuracy through alice's key against clean, and the carried rate;
+* Knockoff (15k queries, the worst_case profile's clone recipe) through alice's key by each
+  attacker of the suite (soft, hard-label, averaging, restorer, noise-robust), and a hard-label
+  clone through bob's key; every clone tested against every client's key and evidence;
+* removal attacks on alice's hard-label clone: fine-tuning on 1k and 6k clean labelled images,
+  magnitude pruning of 30 % and 60 % of its weights, distillation into a fresh model on the pool,
+  and an extraction by jitter-and-vote (5 jittered copies per image, majority of hard labels);
+* innocent models: the pinned victims of results/models/ and clones of unwatermarked APIs from the
+  clone cache (the benchmark's), tested against every client's key: a false accusation is a
+  named innocent.
+
+Each entry is one JSON line of results/ownership/ownership.jsonl, written when it is done; a
+re-run skips what is there (resumable).
+
+    python benchmarks/ownership.py --scenario mnist --scenario fmnist-id --seed 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from _harness import REPO, provenance
+
+os.environ.setdefault("MIRAGE_MODELS", str(REPO / "results" / "models"))
+
+from mirage import paths
+from mirage.api import InProcessAPI
+from mirage.api.evaluate import defended_accuracy
+from mirage.attacks import CloneSpec, create_attack
+from mirage.attacks.clone import clone_cache
+from mirage.attacks.countermeasures import variant_params
+from mirage.attacks.pools import attack_data
+from mirage.attacks.restorer import tell_restorer
+from mirage.bench.config import load_config
+from mirage.data import load_dataset
+from mirage.defenses import create_defense
+from mirage.models import load_checkpoint
+from mirage.models.fit import TrainConfig, fit
+from mirage.ownership import Evidence, KeyedWatermark, WatermarkConfig, derive_key, name_the_thief
+from mirage.scenarios import get_scenario, query_pool
+from mirage.training.victim import get_victim
+
+log = logging.getLogger("ownership")
+CLIENTS = ("alice", "bob", "carol")
+ATTACKERS = ("soft", "hard-label", "averaging", "restorer", "noise-robust")
+SECRET = b"benchmark-secret-not-for-production"  # a benchmark's secret: public on purpose
+
+
+def tests_of(model, evidence, watermarks) -> dict:
+    tests = name_the_thief(model, evidence, watermarks)
+    return {t.client: {"p_value": t.p_value, "corrected_p_value": t.corrected_p_value, "named": t.named,
+                       "match_p_value": t.match_p_value, "matches": t.matches, "images": t.images,
+                       "buckets": t.buckets, "expected": round(t.expected, 2), "score": t.score,
+                       "expected_score": round(t.expected_score, 2)} for t in tests}
+
+
+def accuracy(model, data) -> float:
+    with torch.no_grad():
+        model.eval()
+        predictions = torch.cat([model(c).argmax(1) for c in data.images.split(1024)])
+    return float((predictions == data.labels).float().mean())
+
+
+def prune(model, fraction: float):
+    """Global magnitude pruning of the weights (not biases) of every conv and linear layer."""
+    pruned = copy.deepcopy(model)
+    weights = [m.weight for m in pruned.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    threshold = torch.cat([w.detach().abs().flatten() for w in weights]).quantile(fraction)
+    with torch.no_grad():
+        for w in weights:
+            w.mul_((w.abs() > threshold).to(w.dtype))
+    return pruned.eval()
+
+
+class Run:
+    def __init__(self, args: argparse.Namespace, scenario_name: str, seed: int) -> None:
+        self.scenario = get_scenario(scenario_name)
+        self.seed = seed
+        self.victim, self.card, _ = get_victim(self.scenario)
+        self.config = WatermarkConfig(**json.loads(args.watermark))
+        self.keys = {c: derive_key(SECRET + f"/{seed}".encode(), c) for c in CLIENTS}
+        self.watermarks = {c: KeyedWatermark(k, self.card.num_classes, self.config) for c, k in self.keys.items()}
+        # one evidence set per attack ("<client>/<attack>"): what that thief's own queries left
+        self.evidence = Evidence(max_items=4096)
+        sweep = load_config("worst_case")
+        self.clone_spec = CloneSpec.like(self.card, training=sweep.clone_training)
+        self.budget = args.budget
+        # this benchmark's clones (of watermarked APIs) apart from the sweeps' (of unwatermarked ones)
+        self.own_clones = None if paths.clones_dir() is None else paths.clones_dir() / "ownership"
+        self.test = load_dataset(self.scenario.victim_dataset).test
+        self.train = load_dataset(self.scenario.victim_dataset).train
+
+    def defense(self, client: str, session: str):
+        """``client``'s watermark; its carried queries recorded as evidence set ``session``."""
+        self.watermarks[session] = self.watermarks[client]
+        return create_defense("watermarked", key=self.keys[client], client=session, config=self.config,
+                              evidence=self.evidence)
+
+    def steal(self, client: str, variant: str | None, session: str, **params):
+        api = InProcessAPI(self.victim, self.defense(client, session))
+        if variant is not None:
+            params = {**variant_params(variant), **params}
+        params = tell_restorer(params, "watermarked", {"client": client, "config": self.config.model_dump()})
+        attack = create_attack("knockoff", **params)
+        with clone_cache(self.own_clones):
+            return attack.run(api, self.budget, attack_data(self.scenario, "knockoff"), self.clone_spec,
+                          seed=self.seed + (100 if client != "alice" else 0))
+
+    def entry(self, model, thief: str | None, **extra) -> dict:
+        """The model's tests against every evidence set so far. ``right``: every named set is the
+        thief's key's; ``named_thief``: the thief's own set is named; ``falsely_named``: sets of
+        other keys that are named."""
+        sets = {s: w for s, w in self.watermarks.items() if "/" in s}
+        tests = tests_of(model, self.evidence, sets)
+        false = sorted(s for s, t in tests.items() if t["named"] and s.split("/")[0] != thief)
+        return {**extra, "clone_accuracy": accuracy(model, self.test), "thief": thief,
+                "named_thief": thief is not None and any(t["named"] for s, t in tests.items()
+                                                         if s.split("/")[0] == thief),
+                "falsely_named": false, "tests": tests}
+
+
+def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
+    """Every entry of one (scenario, seed), each written as soon as it is done."""
+    scenario, seed = run.scenario.name, run.seed
+    wm = run.config.model_dump_json()
+
+    def record(name: str, make) -> None:
+        if (scenario, seed, wm, name) in done:
+            return
+        start = time.perf_counter()
+        row = make()
+        row.update(scenario=scenario, seed=seed, watermark=wm, entry=name,
+                   seconds=round(time.perf_counter() - start, 1), provenance=provenance(args))
+        with args.out.open("a") as out:
+            out.write(json.dumps(row) + "\n")
+        summary = row.get("falsely_named") if "models" in row else {
+            c: f"{t['p_value']:.2g}{'*' if t['named'] else ''}" for c, t in row.get("tests", {}).items()}
+        log.info("%s seed %d %s: %s", scenario, seed, name, summary)
+
+    def defender() -> dict:
+        clean = defended_accuracy(run.victim, None, run.test)
+        served = defended_accuracy(run.victim, run.defense("carol", "carol/benign test set"), run.test)
+        pool = query_pool(run.scenario).images[:15000]
+        return {"clean_accuracy": clean.defended_accuracy, "watermarked_accuracy": served.defended_accuracy,
+                "cost_points": 100 * (clean.defended_accuracy - served.defended_accuracy),
+                "carried_test": float(run.watermarks["carol"].marks(run.test.images).carried.float().mean()),
+                "carried_pool": float(run.watermarks["carol"].marks(pool).carried.float().mean())}
+
+    record("defender", defender)
+    # Every attack runs again on a resume (its clone comes from the cache), so that its queries
+    # reach the evidence before any entry is tested against it. bob, a thief with another key, first.
+    bob = None if args.attacks_only else run.steal("bob", "hard-label", "bob/knockoff hard-label")
+    clones = {}
+    for variant in args.attackers:
+        clones[variant] = run.steal("alice", variant, f"alice/knockoff {variant}")
+    for variant, result in clones.items():
+        record(f"knockoff/{variant} via alice",
+               lambda result=result: run.entry(result.clone, "alice", queries=result.queries))
+    if args.attacks_only:
+        return
+    vote = run.steal("alice", None, "alice/jitter-and-vote", hard_labels=True, repeats=5, jitter=0.02)
+    record("knockoff/hard-label via bob", lambda: run.entry(bob.clone, "bob", queries=bob.queries))
+    record("removal: jitter-and-vote extraction (5 copies)",
+           lambda: run.entry(vote.clone, "alice", queries=vote.queries))
+
+    base = clones["hard-label"].clone if "hard-label" in clones else None
+    if base is not None:
+        for size in (1000, 6000):
+            def finetune(size=size) -> dict:
+                tuned = copy.deepcopy(base)
+                pick = torch.randperm(len(run.train.images), generator=torch.Generator().manual_seed(seed))[:size]
+                fit(tuned, run.train.images[pick], run.train.labels[pick],
+                    TrainConfig(epochs=10, lr=0.01, schedule="cosine", seed=seed), show_progress=False)
+                return run.entry(tuned, "alice", removal=f"fine-tune {size}")
+            record(f"removal: fine-tune {size} labelled", finetune)
+        for fraction in (0.3, 0.6):
+            record(f"removal: prune {int(fraction * 100)}%",
+                   lambda fraction=fraction: run.entry(prune(base, fraction), "alice"))
+
+        def distill() -> dict:
+            student = run.clone_spec.build(run.card.input_shape, run.card.num_classes)
+            pool = query_pool(run.scenario).images[:run.budget]
+            with torch.no_grad():
+                targets = torch.cat([torch.softmax(base(c), 1) for c in pool.split(1024)])
+            fit(student, pool, targets, run.clone_spec.training.model_copy(update={"seed": seed + 7}),
+                show_progress=False)
+            return run.entry(student, "alice")
+        record("removal: distill into a fresh model", distill)
+
+    def innocents() -> dict:
+        models = {}
+        for directory in sorted((REPO / "results" / "models" / "victims").iterdir()):
+            model, card = load_checkpoint(directory)
+            if tuple(card.input_shape) == tuple(run.card.input_shape) and card.num_classes == run.card.num_classes:
+                models[f"victim {directory.name}"] = model
+        cache = paths.clones_dir()
+        for weights in sorted(cache.glob("*.safetensors"))[:args.innocent_clones] if cache else []:
+            from safetensors.torch import load_file
+            model = run.clone_spec.build(run.card.input_shape, run.card.num_classes)
+            try:
+                model.load_state_dict(load_file(str(weights)))
+            except RuntimeError:
+                continue
+            models[f"clone {weights.stem}"] = model.eval()
+        sets = {s: w for s, w in run.watermarks.items() if "/" in s}
+        out = {name: tests_of(model, run.evidence, sets) for name, model in models.items()}
+        named = sorted(n for n, t in out.items() if any(v["named"] for v in t.values()))
+        smallest = min(v["p_value"] for t in out.values() for v in t.values())
+        return {"models": len(out), "falsely_named": named, "smallest_p_value": smallest, "tests": out}
+
+    record("innocent models", innocents)
+
+
+
+def own_set(row: dict) -> str | None:
+    """The evidence set of the attack that made this entry's model (removals: the hard-label one)."""
+    entry = row["entry"]
+    if entry.startswith("knockoff/"):
+        variant, _, client = entry.removeprefix("knockoff/").partition(" via ")
+        return f"{client}/knockoff {variant}"
+    if "jitter-and-vote" in entry:
+        return "alice/jitter-and-vote"
+    return "alice/knockoff hard-label" if entry.startswith("removal") else None
+
+
+def table(path: Path) -> str:
+    """The Markdown tables of results/ownership/README.md, from the JSON lines."""
+    rows = [json.loads(line) for line in path.open()]
+    out = []
+    for r in rows:
+        if r["entry"] == "defender":
+            out.append(f"\n**{r['scenario']}, seed {r['seed']}**, watermark `{r['watermark']}`: defender accuracy "
+                       f"{r['clean_accuracy']:.4f} → {r['watermarked_accuracy']:.4f} ({r['cost_points']:.2f} points); "
+                       f"carried {100 * r['carried_test']:.2f} % of the test set, {100 * r['carried_pool']:.2f} % of "
+                       "the pool\n\n| model | clone acc. | its evidence: images / buckets | argmax matches "
+                       "(p) | **p (score)** | named | falsely named |\n|---|---|---|---|---|---|---|")
+        elif r["entry"] == "innocent models":
+            out.append(f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) | | | | "
+                       f"smallest {r['smallest_p_value']:.2g} | | {len(r['falsely_named'])} |")
+        else:
+            t = r["tests"].get(own_set(r), {})
+            out.append(f"| {r['entry']} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
+                       f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** | "
+                       f"{'yes' if r['named_thief'] else 'no'} | {', '.join(r['falsely_named']) or 0} |")
+    return "\n".join(out)
+
+
+def fractions(args: argparse.Namespace) -> dict:
+    """The defender's cost and the evidence a Knockoff thief leaves, against bucket_fraction: no
+    clone is trained (three keys per point: the spread over keys is part of the cost)."""
+    out = {}
+    for scenario_name in args.scenario or ["mnist", "fmnist-id"]:
+        scenario = get_scenario(scenario_name)
+        victim, card, _ = get_victim(scenario)
+        test = load_dataset(scenario.victim_dataset).test
+        pool = query_pool(scenario).images[:args.budget]
+        clean = defended_accuracy(victim, None, test).defended_accuracy
+        for fraction in (0.05, 0.1, 0.2, 0.3, 0.5):
+            config = WatermarkConfig(**{**json.loads(args.watermark), "bucket_fraction": fraction})
+            points = []
+            for client in CLIENTS:
+                key = derive_key(SECRET + b"/fractions", client)
+                served = defended_accuracy(victim, create_defense("watermarked", key=key, config=config), test)
+                marks = KeyedWatermark(key, card.num_classes, config).marks(pool)
+                points.append({"cost_points": 100 * (clean - served.defended_accuracy),
+                               "carried_pool": float(marks.carried.float().mean()),
+                               "pool_buckets": len({b for b, c in zip(marks.buckets, marks.carried, strict=True) if c})})
+            out[f"{scenario_name} {fraction}"] = {"scenario": scenario_name, "bucket_fraction": fraction,
+                                                  "clean_accuracy": clean, "keys": points}
+            log.info("%s fraction %.2f: %s", scenario_name, fraction, points)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--scenario", action="append", default=None)
+    parser.add_argument("--seed", type=int, action="append", default=None)
+    parser.add_argument("--budget", type=int, default=15000)
+    parser.add_argument("--attackers", nargs="+", default=list(ATTACKERS))
+    parser.add_argument("--watermark", default="{}", help="WatermarkConfig fields as JSON")
+    parser.add_argument("--out", type=Path, default=REPO / "results" / "ownership" / "ownership.jsonl")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--innocent-clones", type=int, default=60, help="clones of the cache to test")
+    parser.add_argument("--attacks-only", action="store_true",
+                        help="only alice's attackers: no other thief, removal attacks or innocent models")
+    parser.add_argument("--table", action="store_true", help="print the Markdown tables of --out and exit")
+    parser.add_argument("--fractions", action="store_true",
+                        help="cost and evidence against bucket_fraction (no clones) -> fractions.json")
+    args = parser.parse_args()
+    if args.table:
+        print(table(args.out))
+        return
+    if args.fractions:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+        path = args.out.parent / "fractions.json"
+        path.write_text(json.dumps({"points": fractions(args), "provenance": provenance(args)}, indent=2))
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if args.out.exists():
+        done = {(r["scenario"], r["seed"], r["watermark"], r["entry"]) for r in map(json.loads, args.out.open())}
+
+    for scenario in args.scenario or ["mnist"]:
+        for seed in args.seed or [0]:
+            evaluate(args, Run(args, scenario, seed), done)
+
+
+if __name__ == "__main__":
+    main()
