@@ -28,6 +28,11 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     evidence = "evidence.sqlite"     # the carried queries, at most max_items per client
     watermark = { bucket_fraction = 0.1 }
 
+    [detection]                      # per-client query-stream detection (docs/design.md §detection)
+    prada = { delta = 0.9 }          # PRADA's knobs (mirage.api.PradaConfig)
+    on_alarm = "switch"              # "flag" (default), "refuse" or "switch" …
+    alarm_defense = { name = "argmax" }   # … to this defense spec (switch only)
+
     [access]
     metrics_key_sha256 = "…"         # /metrics with per-client series needs this bearer token
     disclose_defense = false         # metadata names the defense only when true
@@ -51,6 +56,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from mirage.api.detection import PradaConfig
 from mirage.defenses import DEFENSES
 from mirage.models.formats import Format, format_of
 from mirage.ownership import WatermarkConfig
@@ -211,6 +217,30 @@ class OwnershipConfig(_Strict):
         return secret
 
 
+class DetectionConfig(_Strict):
+    """Per-client query-stream detection in the service (docs/design.md §detection): a PRADA
+    detector per client, and what follows its alarm: ``flag`` (recorded only), ``refuse`` (every
+    later request of that client is a 403 ``query_stream_refused``, charged nothing) or
+    ``switch`` (later requests are answered by ``alarm_defense``, a defense spec like
+    ``[defense]``'s, resolved by the same resolver)."""
+
+    prada: PradaConfig = PradaConfig()
+    on_alarm: Literal["flag", "refuse", "switch"] = "flag"
+    alarm_defense: DefenseConfig | None = Field(None, description="on_alarm = 'switch': the alarmed client's defense")
+
+    @model_validator(mode="after")
+    def _action(self) -> DetectionConfig:
+        if self.on_alarm == "switch" and self.alarm_defense is None:
+            raise ValueError("detection.on_alarm = 'switch' needs detection.alarm_defense (a defense spec)")
+        if self.on_alarm != "switch" and self.alarm_defense is not None:
+            raise ValueError(f"detection.alarm_defense is the defense of on_alarm = 'switch', "
+                             f"not of {self.on_alarm!r}")
+        if self.alarm_defense is not None and self.alarm_defense.training_time:
+            raise ValueError(f"detection.alarm_defense {self.alarm_defense.name!r} is a training-time defense; "
+                             "an alarm can only switch to a query-time one")
+        return self
+
+
 class ClientConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
     key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 hex digest of the API key")
@@ -232,6 +262,7 @@ class ServeConfig(_Strict):
     storage: StorageConfig = StorageConfig()
     access: AccessConfig = AccessConfig()
     ownership: OwnershipConfig | None = None
+    detection: DetectionConfig | None = None
     clients: list[ClientConfig] = Field(min_length=1)
 
     @field_validator("clients")
@@ -254,6 +285,11 @@ class ServeConfig(_Strict):
             if needed := self.defense.parts().needing_a_scenario():
                 raise ValueError(f"defense {', '.join(needed)} {'needs' if len(needed) == 1 else 'need'} "
                                  "model.scenario, whose data and victim they come from (or give checkpoints)")
+            alarm = self.detection.alarm_defense if self.detection is not None else None
+            if alarm is not None and (needed := alarm.parts().needing_a_scenario()):
+                raise ValueError(f"detection.alarm_defense {', '.join(needed)} "
+                                 f"{'needs' if len(needed) == 1 else 'need'} model.scenario, whose data and "
+                                 "victim they come from (or give checkpoints)")
         return self
 
     @property
@@ -268,7 +304,11 @@ class ServeConfig(_Strict):
             path = path.expanduser()
             return path if path.is_absolute() else (base / path)
 
+        detection = self.detection
+        if detection is not None and detection.alarm_defense is not None:
+            detection = detection.model_copy(update={"alarm_defense": detection.alarm_defense.anchored(base)})
         return self.model_copy(update={
+            "detection": detection,
             "model": self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint),
                                                    "path": fix(self.model.path)}),
             "defense": self.defense.anchored(base),

@@ -81,6 +81,13 @@ class Forbidden(ServeError):
     reason = "forbidden"
 
 
+class QueryStreamRefused(ServeError):
+    """The client's query stream raised the detector's alarm and ``detection.on_alarm`` is
+    ``refuse`` (docs/design.md §detection); refused before anything is charged."""
+
+    reason = "query_stream_refused"
+
+
 class NotFound(ServeError):
     reason = "not_found"
 
@@ -110,6 +117,7 @@ HTTP_STATUS: dict[type[ServeError], int] = {
     MissingKey: 401,
     InvalidKey: 401,
     Forbidden: 403,
+    QueryStreamRefused: 403,
     NotFound: 404,
     UnknownModel: 404,
     UnknownVersion: 404,
