@@ -74,7 +74,8 @@ class AuditLog(SQLiteStore):
         return found
 
     def record_event(self, kind: str, *, source: str, detail: str) -> None:
-        """A security event (``auth_failed``, ``auth_throttled``) from the address ``source``."""
+        """A security event: ``auth_failed`` or ``auth_throttled`` from the address ``source``, or
+        ``prada_alarm`` for the client named by ``source`` (docs/design.md §detection)."""
         with self.transaction() as conn:
             conn.execute("INSERT INTO events (time, kind, source, detail) VALUES (?, ?, ?, ?)",
                          (time.time(), kind, source[:256], detail[:512]))

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from mirage.api.base import QueryBudgetExceeded, check_images
+from mirage.api.base import QueryBudgetExceeded, QueryRefused, check_images
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +44,10 @@ class HTTPPredictionAPI:
 
     A request larger than the remaining quota raises :class:`QueryBudgetExceeded` before
     anything is sent (as :class:`~mirage.api.InProcessAPI` does); a quota refusal by the server
-    raises it too. A query larger than ``batch_size`` is sent as several requests, each charged
-    on its own: if another user of the same key drains the quota meanwhile, the chunks answered
-    before the refusal stay charged.
+    raises it too. A client the server refuses for its query stream (docs/design.md §detection)
+    gets :class:`~mirage.api.QueryRefused`, as from ``InProcessAPI``. A query larger than
+    ``batch_size`` is sent as several requests, each charged on its own: if another user of the
+    same key drains the quota meanwhile, the chunks answered before the refusal stay charged.
     """
 
     def __init__(self, url: str, model: str, api_key: str, *, batch_size: int | None = None,
@@ -75,6 +76,8 @@ class HTTPPredictionAPI:
             reason, message = "error", response.text
         if reason == "quota_exceeded":
             raise QueryBudgetExceeded(message)
+        if reason == "query_stream_refused":
+            raise QueryRefused(message)
         raise ServerError(response.status_code, reason, message)
 
     def metadata(self) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from mirage.serve.config import DefenseConfig, ModelConfig, OwnershipConfig, Ser
 from mirage.training.resolve import resolve_params, resolve_victims
 
 SHARED = "*"
+ALARM = "\x00alarm"  # suffix of an alarmed client's key (never in a client name)
 
 
 def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | None]:
@@ -80,10 +81,17 @@ class ServedDefenses:
     client's answers also carry its own keyed watermark (:class:`~mirage.defenses.watermarked.
     Watermarked` over the defense; docs/design.md §ownership), recorded in ``evidence``.
     ``None`` when nothing runs at query time (``none`` or a training-time defense, whose victim
-    is the served model, and no ownership)."""
+    is the served model, and no ownership).
+
+    ``alarm``: the defense a client is switched to once its query stream raised the detector's
+    alarm (``detection.on_alarm = "switch"``, docs/design.md §detection), held as a second
+    ``ServedDefenses`` (resolved by the same resolver, watermarked the same way). Its instances
+    are keyed ``key(client, alarmed=True)``, the alarm defense's key plus ``ALARM``, so the
+    micro-batcher never mixes an alarmed client's requests with anyone else's."""
 
     def __init__(self, spec: DefenseConfig, scenario: Scenario | None, model: nn.Module, card: ModelCard, *,
-                 ownership: OwnershipConfig | None = None, evidence: Any = None) -> None:
+                 ownership: OwnershipConfig | None = None, evidence: Any = None,
+                 alarm: DefenseConfig | None = None) -> None:
         self.spec, self.ownership, self.evidence = spec, ownership, evidence
         self._secret = ownership.secret() if ownership is not None else None
         self.query_time = spec.name != "none" and not spec.training_time
@@ -91,6 +99,8 @@ class ServedDefenses:
         self.params = resolve_params(spec, scenario, model, card) if self.query_time else {}
         self.prototype = self._inner(None) if self.query_time else None
         self._instances: dict[str, Defense] = {}
+        self.alarm = None if alarm is None else ServedDefenses(alarm, scenario, model, card, ownership=ownership,
+                                                               evidence=evidence)
 
     def _inner(self, client: str | None) -> Defense | None:
         if not self.query_time:
@@ -109,10 +119,16 @@ class ServedDefenses:
         return create_defense("watermarked", inner=inner, key=derive_key(self._secret, client), client=client,
                               config=self.ownership.watermark, evidence=self.evidence)
 
-    def key(self, client: str) -> str:
+    def key(self, client: str, *, alarmed: bool = False) -> str:
+        """The micro-batcher's key of ``client``'s defense instance; ``alarmed``: of its alarm
+        defense (when there is one)."""
+        if alarmed and self.alarm is not None:
+            return self.alarm.key(client) + ALARM
         return client if self.spec.per_client or self.ownership is not None else SHARED
 
     def __call__(self, key: str) -> Defense | None:
+        if self.alarm is not None and key.endswith(ALARM):
+            return self.alarm(key.removesuffix(ALARM))
         if not self.enabled:
             return None
         if key == SHARED:

@@ -5,6 +5,11 @@ A request is validated completely (size, JSON, shape, dtype, finiteness, range, 
 before the quota is charged. The charge is a reservation: committed once the answer is in the
 audit log, released if the model or defense fails or the client hangs up, and settled at the
 next start if the process dies in between (docs/design.md §service-errors, §reservations).
+
+With ``[detection]``, each answered request then feeds the client's PRADA detector; once it has
+alarmed, the client is flagged, refused before anything is charged, or answered by the alarm
+defense (docs/design.md §detection). That state is in this process's memory: a restart forgets
+it, and replicas do not share it.
 """
 
 from __future__ import annotations
@@ -19,16 +24,19 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import torch
 from fastapi import Request
 
+from mirage.api.detection import ClientStream
 from mirage.serve.audit import AuditLog
 from mirage.serve.auth import KeyRing, hash_key, key_from_headers
 from mirage.serve.batching import MicroBatcher
 from mirage.serve.config import ClientConfig, ServeConfig
+from mirage.serve.detection import StreamWatch
 from mirage.serve.errors import (
     AuthThrottled,
     ClientGone,
     InferenceFailed,
     InvalidKey,
     MissingKey,
+    QueryStreamRefused,
     UnknownModel,
     UnknownVersion,
 )
@@ -76,8 +84,11 @@ class Service:
             from mirage.serve.evidence import EvidenceStore
 
             self.evidence = EvidenceStore(config.ownership.evidence, config.ownership.max_items)
+        detection = config.detection
         self.defenses = ServedDefenses(config.defense, scenario, model, card, ownership=config.ownership,
-                                       evidence=self.evidence)
+                                       evidence=self.evidence,
+                                       alarm=detection.alarm_defense if detection is not None else None)
+        self.watch = StreamWatch(detection, self._alarm) if detection is not None else None
         self.keys = KeyRing(config.clients)
         self.quotas = open_store(config)
         self.audit = AuditLog(config.audit_path)
@@ -144,14 +155,35 @@ class Service:
             self.config.model.name, self.input_shape, self.classes, platform=platform(self.config.model),
             defense=self.defenses.describe() if self.config.access.disclose_defense else None,
             limits={"max_batch": limits.max_batch, "max_payload_bytes": limits.max_payload_bytes},
-            client={"name": client.name, "quota": client.quota, "queries_used": self.quotas.used(client.name),
-                    "rate": client.rate, "burst": client.bucket_capacity})
+            client=self._client_metadata(client))
+
+    def _client_metadata(self, client: ClientConfig) -> dict[str, Any]:
+        """The client's quota and limits; whether its query stream is flagged only when the
+        defense is disclosed (``access.disclose_defense``): by default an attacker is not told."""
+        meta = {"name": client.name, "quota": client.quota, "queries_used": self.quotas.used(client.name),
+                "rate": client.rate, "burst": client.bucket_capacity}
+        if self.watch is not None and self.config.access.disclose_defense:
+            meta.update(flagged=self.watch.alarmed(client.name), on_alarm=self.watch.config.on_alarm)
+        return meta
+
+    def _alarm(self, client: str, state: ClientStream) -> None:
+        """A client's first PRADA alarm: one audit event, the metric, a warning."""
+        detection = self.watch.config
+        detail = (f"queries={state.alarm_at} W={state.statistic:.4f} delta={detection.prada.delta} "
+                  f"on_alarm={detection.on_alarm}")
+        self.audit.record_event("prada_alarm", source=client, detail=detail)
+        self.metrics.inc("mirage_prada_alarms_total", client=client, model=self.config.model.name)
+        log.warning("PRADA alarm for client %s after %d queries (Shapiro-Wilk W %.4f < delta %s); on_alarm=%s",
+                    client, state.alarm_at, state.statistic, detection.prada.delta, detection.on_alarm)
 
     async def infer(self, name: str, request: Request, version: str | None = None) -> tuple[bytes, dict[str, str]]:
         """The response body and headers to one inference request (JSON or binary tensor data)."""
         start = time.perf_counter()
         client = self.authenticate(request)
         self.check_model(name, version)
+        alarmed = self.watch is not None and self.watch.alarmed(client.name)
+        if alarmed and self.watch.config.on_alarm == "refuse":
+            raise QueryStreamRefused(f"client {client.name!r} is refused: its query stream raised an alarm")
         limits = self.config.limits
         room = self.quotas.headroom(client)  # one indexed read (SQLite) or round trip (Redis)
         servable = limits.max_batch if room is None else min(limits.max_batch, room)
@@ -164,7 +196,7 @@ class Service:
         used, reservation = await asyncio.to_thread(self.quotas.reserve, client, n)
         audited = False
         try:
-            future = self.batcher.submit(self.defenses.key(client.name), torch.from_numpy(images))
+            future = self.batcher.submit(self.defenses.key(client.name, alarmed=alarmed), torch.from_numpy(images))
             served = (await asyncio.wrap_future(future)).numpy()
             if await request.is_disconnected():
                 raise ClientGone("the client disconnected before its answer was ready; not charged")
@@ -185,11 +217,22 @@ class Service:
                 raise InferenceFailed(f"the model or defense failed ({type(error).__name__}); "
                                       "the queries were not charged") from error
             raise
+        if self.watch is not None:
+            await self._observe(client.name, images, served)
         labels = {"model": name, "client": client.name}
         self.metrics.inc("mirage_requests_total", **labels)
         self.metrics.inc("mirage_queries_total", n, **labels)
         self.metrics.observe("mirage_request_latency_seconds", time.perf_counter() - start, model=name)
         return infer_response(name, parsed, served, queries_used=used, query_budget=client.quota)
+
+    async def _observe(self, client: str, images: Any, served: Any) -> None:
+        """Feed an answered (and audited) request to the detector, in a worker thread that runs
+        to the end even if this request is cancelled, so an alarm is always recorded. A detector
+        failure is logged; the answer stands (it is charged)."""
+        try:
+            await asyncio.to_thread(self.watch.observe, client, images, served)
+        except Exception:
+            log.exception("the query-stream detector failed for client %s; its answer stands", client)
 
     def render_metrics(self, per_client: bool) -> str:
         if not per_client:
