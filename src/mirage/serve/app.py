@@ -98,10 +98,10 @@ def create_app(config: ServeConfig) -> FastAPI:
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, request: Request) -> dict:
         if "authorization" not in request.headers and "x-api-key" not in request.headers:
-            return {"ready": _ready(service)}  # readiness only: neither confirms nor names the model
+            return {"ready": await _ready(service)}  # readiness only: neither confirms nor names the model
         service.authenticate(request)
         service.check_model(name, request.path_params.get("version"))
-        return {"name": name, "ready": _ready(service)}
+        return {"name": name, "ready": await _ready(service)}
 
     @app.get("/v2/health/live")
     async def live() -> dict:
@@ -109,7 +109,7 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/v2/health/ready")
     async def ready() -> dict:
-        return {"ready": _ready(service)}
+        return {"ready": await _ready(service)}
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
@@ -119,7 +119,9 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-def _ready(service: Service) -> bool:
-    if not service.batcher.alive:
-        raise NotReady("the inference worker is not running")
+async def _ready(service: Service) -> bool:
+    """True, or 503 ``not_ready`` saying why (a gateway probes its upstream in a worker thread)."""
+    reason = service.readiness() if service.upstream is None else await asyncio.to_thread(service.readiness)
+    if reason is not None:
+        raise NotReady(reason)
     return True

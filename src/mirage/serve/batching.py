@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from mirage.api.inprocess import clean_posteriors
 from mirage.defenses.base import Defense
+from mirage.serve.errors import UpstreamError
 from mirage.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,10 @@ class MicroBatcher:
             clean = clean_posteriors(self.model, x)
             self.metrics.inc("mirage_model_seconds_total", time.perf_counter() - start, **labels)
         except Exception as error:
-            log.exception("model forward pass failed")
+            if isinstance(error, UpstreamError):  # a gateway's upstream (docs/design.md §gateway): no traceback
+                log.info("the upstream failed on a micro-batch of %d images: %s", len(x), error.message)
+            else:
+                log.exception("model forward pass failed")
             for job in jobs:
                 job.future.set_exception(error)
             return

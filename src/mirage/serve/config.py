@@ -6,7 +6,8 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
 
     [model]
     name = "fmnist"
-    scenario = "fmnist"              # or checkpoint = "path/to/checkpoint-dir", or path = "model.onnx"
+    scenario = "fmnist"              # or checkpoint = "path/to/checkpoint-dir", or path = "model.onnx",
+                                     # or a [model.upstream] table (docs/design.md §gateway)
 
     [defense]                        # a defense spec: the same lines as a sweep's [[defenses]] point
     name = "grad2"
@@ -67,9 +68,103 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class UpstreamConfig(_Strict):
+    """The victim as an upstream Open Inference Protocol V2 REST endpoint (Triton, KServe,
+    MLServer): mirage forwards the images, reads the upstream's output and defends it
+    (docs/design.md §gateway)::
+
+        [model]
+        name = "fmnist"
+
+        [model.upstream]
+        url = "http://127.0.0.1:8080"
+        model = "fmnist"                 # and version = "1" for its /versions/1 paths
+        input_name = "images"
+        input_shape = [1, 28, 28]
+        output = "probabilities"         # or "logits"
+        timeout_s = 2.0
+        retries = 2
+        headers_env = { Authorization = "UPSTREAM_AUTH" }   # the value comes from $UPSTREAM_AUTH
+
+    No secret belongs here: a header the upstream needs (a token) is read at start from the
+    environment variable ``headers_env`` names, and a URL carrying credentials is refused."""
+
+    url: str = Field(description="the upstream's base URL, http(s)://host:port[/prefix]")
+    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="the upstream's model name")
+    version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+                                description="the upstream model's version (its /versions/{v} paths)")
+    input_name: str = Field(min_length=1, max_length=256, description="the name of the upstream's input tensor")
+    input_shape: tuple[int, int, int] = Field(description="(C, H, W) of the images")
+    output: Literal["probabilities", "logits"] = Field(
+        "probabilities", description="what the upstream answers: probabilities (checked) or logits (softmaxed)")
+    output_name: str | None = Field(None, min_length=1, max_length=256,
+                                    description="the upstream output to read (default: its only one)")
+    num_classes: int | None = Field(None, ge=2, description="K; default: read from one probe at start")
+    binary: bool = Field(False, description="send and ask for binary tensor data (the extension) upstream")
+    timeout_s: float = Field(5.0, gt=0, le=600, description="seconds to connect, and between bytes, per attempt")
+    retries: int = Field(2, ge=0, le=10, description="retries after a connection error, a timeout or a 5xx")
+    backoff_s: float = Field(0.05, ge=0, le=5, description="wait before the first retry, doubled at each")
+    max_batch: int | None = Field(None, ge=1, description="images per upstream request (default: the micro-batch)")
+    headers_env: dict[str, str] = Field(
+        default_factory=dict, description="header name -> the environment variable holding its value")
+    ready_cache_s: float = Field(1.0, ge=0, le=60, description="how long an upstream readiness probe is reused")
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, url: str) -> str:
+        from urllib.parse import urlsplit
+
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"model.upstream.url must be http(s)://host[:port][/prefix], got {url[:80]!r}")
+        if parts.username is not None or parts.password is not None:
+            raise ValueError("model.upstream.url must not carry credentials: read them from the environment "
+                             "with model.upstream.headers_env")
+        if parts.query or parts.fragment:
+            raise ValueError("model.upstream.url takes no query string or fragment")
+        return url.rstrip("/")
+
+    @field_validator("headers_env")
+    @classmethod
+    def _headers(cls, headers: dict[str, str]) -> dict[str, str]:
+        import re
+
+        for name, variable in headers.items():
+            if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", name):
+                raise ValueError(f"model.upstream.headers_env: {name[:64]!r} is not an HTTP header name")
+            if name.lower() in ("content-type", "content-length", "inference-header-content-length", "host"):
+                raise ValueError(f"model.upstream.headers_env: the gateway sets {name} itself")
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", variable):
+                raise ValueError(f"model.upstream.headers_env[{name!r}] must name an environment variable, "
+                                 f"got {variable[:64]!r} (never the secret itself)")
+        return headers
+
+    @field_validator("input_shape")
+    @classmethod
+    def _shape(cls, shape: tuple[int, int, int]) -> tuple[int, int, int]:
+        if min(shape) < 1:
+            raise ValueError(f"model.upstream.input_shape must be positive (C, H, W), got {list(shape)}")
+        return shape
+
+    def headers(self) -> dict[str, str]:
+        """The configured headers with their values from the environment, or ``ValueError``
+        naming the variable that is not set."""
+        import os
+
+        values = {}
+        for name, variable in self.headers_env.items():
+            value = os.environ.get(variable)
+            if not value:
+                raise ValueError(f"model.upstream.headers_env: the environment variable {variable} "
+                                 f"(header {name}) is not set")
+            values[name] = value
+        return values
+
+
 class ModelConfig(_Strict):
-    """Where the served model comes from: a mirage checkpoint, a scenario's victim, or a file
-    ``path`` in another ``format`` (docs/design.md §model-formats)::
+    """Where the served model comes from: a mirage checkpoint, a scenario's victim, a file
+    ``path`` in another ``format`` (docs/design.md §model-formats), or an ``upstream`` OIP V2
+    server that mirage fronts as a defended gateway (:class:`UpstreamConfig`)::
 
         [model]
         name = "mine"
@@ -89,11 +184,13 @@ class ModelConfig(_Strict):
     input_shape: tuple[int, int, int] | None = Field(None, description="(C, H, W), when the file does not fix it")
     dataset: str = Field("", description="the dataset the model was trained on (for its class names)")
     classes: list[str] | None = Field(None, description="class names (default: the dataset's)")
+    upstream: UpstreamConfig | None = Field(None, description="an upstream OIP V2 endpoint (a gateway)")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
-        if sum(source is not None for source in (self.checkpoint, self.scenario, self.path)) != 1:
-            raise ValueError("give exactly one of model.checkpoint, model.scenario and model.path")
+        sources = (self.checkpoint, self.scenario, self.path, self.upstream)
+        if sum(source is not None for source in sources) != 1:
+            raise ValueError("give exactly one of model.checkpoint, model.scenario, model.path and model.upstream")
         if self.path is None and (self.format not in (None, "checkpoint") or self.class_path or self.kwargs
                                   or self.input_shape or self.dataset):
             raise ValueError("format, class, kwargs, input_shape and dataset describe model.path")

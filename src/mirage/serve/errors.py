@@ -112,6 +112,34 @@ class InternalError(ServeError):
     reason = "internal_error"
 
 
+class UpstreamError(ServeError):
+    """The upstream model server of a gateway (docs/design.md §gateway) answered an error
+    status: a 5xx after the retries, or a 4xx (never retried: the request was valid here, so the
+    gateway and the upstream disagree). Nothing is charged."""
+
+    reason = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    """The upstream refused or dropped the connection, also after the retries."""
+
+    reason = "upstream_unreachable"
+
+
+class UpstreamInvalidAnswer(UpstreamError):
+    """The upstream answered 200 with something the gateway cannot serve: a body that does not
+    decode, no such output, a wrong shape or datatype, NaN or infinite values, or rows that are
+    not probability vectors when ``output = "probabilities"``."""
+
+    reason = "upstream_invalid_answer"
+
+
+class UpstreamTimeout(UpstreamError):
+    """The upstream did not answer within ``timeout_s``, also after the retries."""
+
+    reason = "upstream_timeout"
+
+
 HTTP_STATUS: dict[type[ServeError], int] = {
     BadRequest: 400,
     MissingKey: 401,
@@ -131,7 +159,11 @@ HTTP_STATUS: dict[type[ServeError], int] = {
     AuthThrottled: 429,
     InferenceFailed: 500,
     InternalError: 500,
+    UpstreamError: 502,
+    UpstreamUnreachable: 502,
+    UpstreamInvalidAnswer: 502,
     NotReady: 503,
+    UpstreamTimeout: 504,
 }
 
 

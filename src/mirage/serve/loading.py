@@ -1,5 +1,6 @@
-"""What the service serves (docs/design.md §service): the model, from a checkpoint, a scenario or
-a file in another format (docs/design.md §model-formats),
+"""What the service serves (docs/design.md §service): the model, from a checkpoint, a scenario,
+a file in another format (docs/design.md §model-formats) or an upstream OIP V2 server
+(docs/design.md §gateway),
 and the defense, built by the one resolver every front end uses (docs/design.md §defense-spec),
 as one shared instance or one per client."""
 
@@ -24,10 +25,15 @@ ALARM = "\x00alarm"  # suffix of an alarmed client's key (never in a client name
 
 
 def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | None]:
-    """The served model, its card, and the scenario it comes from (``None`` for a checkpoint or
-    a file).
+    """The served model, its card, and the scenario it comes from (``None`` for a checkpoint, a
+    file or an upstream).
     With a scenario, a training-time defense's victim is served in place of the plain one."""
     source = config.model
+    if source.upstream is not None:
+        from mirage.serve.gateway import UpstreamModel
+
+        model = UpstreamModel(source.upstream)
+        return model.eval(), model.card(), None
     if source.checkpoint is not None:
         model, card = load_checkpoint(source.checkpoint)
         return model.eval(), card, None
@@ -41,7 +47,7 @@ def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | No
 
 
 PLATFORMS = {"checkpoint": "pytorch", "export": "pytorch_torch_export", "onnx": "onnxruntime_onnx",
-             "state_dict": "pytorch"}
+             "state_dict": "pytorch", "upstream": "mirage_gateway"}
 
 
 def platform(source: ModelConfig) -> str:
@@ -50,7 +56,10 @@ def platform(source: ModelConfig) -> str:
     eagerly (``pytorch``), a ``.pt2`` file is a ``torch.export`` program
     (``pytorch_torch_export``), an ONNX file runs in onnxruntime (``onnxruntime_onnx``, Triton's
     name). None of them is TorchScript, so none claims ``pytorch_libtorch`` or
-    ``pytorch_torchscript`` (docs/design.md §model-formats)."""
+    ``pytorch_torchscript`` (docs/design.md §model-formats). A gateway cannot vouch for what its
+    upstream runs, so it says what it is: ``mirage_gateway`` (docs/design.md §gateway)."""
+    if source.upstream is not None:
+        return PLATFORMS["upstream"]
     return PLATFORMS[source.file_format or "checkpoint"]
 
 

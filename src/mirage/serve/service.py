@@ -39,7 +39,9 @@ from mirage.serve.errors import (
     QueryStreamRefused,
     UnknownModel,
     UnknownVersion,
+    UpstreamError,
 )
+from mirage.serve.gateway import UpstreamModel
 from mirage.serve.loading import ServedDefenses, class_names, load_model, platform
 from mirage.serve.metrics import Metrics
 from mirage.serve.protocol import (
@@ -77,6 +79,7 @@ class Service:
         self.config = config
         model, card, scenario = load_model(config)
         self.model = model
+        self.upstream = model if isinstance(model, UpstreamModel) else None  # a gateway (docs/design.md §gateway)
         self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment]
         self.classes = class_names(config, card)
         self.evidence = None
@@ -212,6 +215,10 @@ class Service:
             if isinstance(error, ClientGone):
                 log.info("client %s disconnected; its %d queries were released", client.name, n)
                 raise
+            if isinstance(error, UpstreamError):  # a gateway's upstream failed: 502 or 504, not 500
+                log.warning("the upstream failed for client %s; its %d queries were released: %s",
+                            client.name, n, error.message)
+                raise type(error)(f"{error.message}; the queries were not charged") from None
             if isinstance(error, Exception):
                 log.exception("inference failed for client %s", client.name)
                 raise InferenceFailed(f"the model or defense failed ({type(error).__name__}); "
@@ -245,8 +252,17 @@ class Service:
         }
         return self.metrics.render(gauges)
 
+    def readiness(self) -> str | None:
+        """``None`` when the service can answer, else why not: the worker is down or, for a
+        gateway, the upstream model is not ready (probed, cached briefly; docs/design.md §gateway)."""
+        if not self.batcher.alive:
+            return "the inference worker is not running"
+        return self.upstream.readiness() if self.upstream is not None else None
+
     def close(self) -> None:
         self.batcher.stop()
+        if self.upstream is not None:
+            self.upstream.close()
         self.quotas.close()
         self.audit.close()
         if self.evidence is not None:
