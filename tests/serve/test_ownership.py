@@ -57,16 +57,21 @@ class ThiefNet(nn.Module):
         return self.net(x)
 
 
-def train_and_export(images: torch.Tensor, labels: torch.Tensor, path, seed: int) -> None:
-    torch.manual_seed(seed)
-    model = ThiefNet()
+def train_thief(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int) -> nn.Module:
+    """The thief's own training loop: Adam on the stolen hard labels."""
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(150):
+    for _ in range(epochs):
         for index in torch.randperm(len(images)).split(128):
             optimizer.zero_grad()
             nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
             optimizer.step()
-    program = torch.export.export(model.eval(), (images[:2],),
+    return model.eval()
+
+
+def train_and_export(images: torch.Tensor, labels: torch.Tensor, path, seed: int) -> None:
+    torch.manual_seed(seed)
+    model = train_thief(ThiefNet(), images, labels, epochs=150)
+    program = torch.export.export(model, (images[:2],),
                                   dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
     torch.export.save(program, str(path))
 
@@ -177,14 +182,7 @@ def test_verify_reads_the_suspect_in_the_thiefs_format(tmp_path, checkpoints, fm
     labels = defense(images, clean).argmax(1)   # alice's answers
     store.close()
     torch.manual_seed(0)
-    model = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(60):
-        for index in torch.randperm(len(images)).split(128):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images[index]), labels[index]).backward()
-            optimizer.step()
-    model.eval()
+    model = train_thief(create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)), images, labels, epochs=60)
     example = (images[:2],)
     batch = torch.export.Dim("batch", min=1, max=4096)
     if fmt == "export":
