@@ -24,6 +24,43 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[1]
 
 
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_mirage_server(config: dict, workdir: Path, name: str, *, timeout: float = 120.0,
+                        env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+    """``mirage serve`` with ``config`` (a dict, written to ``workdir``) on a free loopback port,
+    its log in ``workdir``; returns the process and its URL once ``/v2/health/ready`` says 200."""
+    import httpx
+
+    path = workdir / f"serve-{name}.json"
+    path.write_text(json.dumps(config))
+    port = free_port()
+    log = workdir / f"serve-{name}.log"
+    logfile = open(log, "w")  # noqa: SIM115 — closed with the process
+    proc = subprocess.Popen([sys.executable, "-m", "mirage.serve.runner", "--config", str(path), "--port", str(port)],
+                            stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited: {log.read_text()[-2000:]}")
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.terminate()
+    raise RuntimeError("server did not become ready")
+
+
 def use_test_oracles() -> None:
     """Make ``tests/oracles`` importable (``from oracles.mad_original import original_mad``)."""
     tests = str(REPO / "tests")

@@ -35,13 +35,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import httpx
@@ -51,7 +48,7 @@ import torch
 from mirage.defenses import create_defense
 from mirage.models import ModelCard, create_model, load_checkpoint, save_checkpoint
 
-from _harness import REPO, parser, round_robin, write_json
+from _harness import REPO, parser, round_robin, start_mirage_server, write_json
 
 sys.path.insert(0, str(REPO / "tests" / "serve"))  # the tests' MLServer launcher
 from upstreams import MLServerProcess, mlserver_executable
@@ -77,35 +74,10 @@ def grad2_spec(epsilon: float, surrogate: Path) -> dict:
             "surrogate": str(surrogate)}
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(config: dict, workdir: Path, threads: int, timeout: float = 120.0,
                  name: str | None = None) -> tuple[subprocess.Popen, str]:
-    name = name or config["defense"]["name"]
-    path = workdir / f"serve-{name}.json"
-    path.write_text(json.dumps(config))
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MIRAGE_PROGRESS": "0"}
-    logfile = open(workdir / f"serve-{name}.log", "w")  # noqa: SIM115 — closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "mirage.serve.runner", "--config", str(path), "--port", str(port)],
-                            stdout=logfile, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(workdir / f'serve-{name}.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("server did not become ready")
+    env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MIRAGE_PROGRESS": "0"}
+    return start_mirage_server(config, workdir, name or config["defense"]["name"], timeout=timeout, env=env)
 
 
 def start_upstream(victim: torch.nn.Module, workdir: Path, threads: int) -> tuple[MLServerProcess | None, str]:

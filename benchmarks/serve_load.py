@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ import torch
 
 from mirage.defenses import DEFENSES
 
-from _harness import parser, write_json
+from _harness import parser, start_mirage_server, write_json
 
 log = logging.getLogger("serve_load")
 KEY = "mk_load_test_key"
@@ -58,32 +57,8 @@ def defense_spec(name: str, epsilon: float) -> dict | None:
     return spec
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_server(config: dict, workdir: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
-    path = workdir / f"serve-{config['defense']['name']}.json"
-    path.write_text(json.dumps(config))
-    port = free_port()
-    logfile = open(workdir / f"{path.stem}.log", "w")  # noqa: SIM115 — closed with the process
-    proc = subprocess.Popen([MIRAGE, "serve", "--config", str(path), "--port", str(port)],
-                            stdout=logfile, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {(workdir / f'{path.stem}.log').read_text()[-2000:]}")
-        try:
-            if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise RuntimeError("server did not become ready")
+    return start_mirage_server(config, workdir, config["defense"]["name"], timeout=timeout)
 
 
 def encode(images: torch.Tensor) -> bytes:

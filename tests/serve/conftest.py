@@ -154,6 +154,19 @@ def redis_server(tmp_path):
     server.stop()
 
 
+def stored_counts(config: ServeConfig) -> tuple[dict, tuple[int, int]]:
+    """(per-client (queries, requests) used, (audit rows, audited queries)) as stored on disk."""
+    from mirage.serve.audit import AuditLog
+    from mirage.serve.quotas import QuotaStore
+
+    quotas, audit = QuotaStore(config.storage.database), AuditLog(config.audit_path)
+    try:
+        return quotas.usage(), audit.count()
+    finally:
+        quotas.close()
+        audit.close()
+
+
 def body(x: torch.Tensor, **overrides) -> dict:
     """An OIP v2 inference request body for images ``x`` (tensor fields overridable)."""
     tensor = {"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}

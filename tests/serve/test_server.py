@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import KEYS, METRICS_KEY, auth, body, grad2_defense, make_config
+from conftest import KEYS, METRICS_KEY, auth, body, grad2_defense, make_config, stored_counts
 
 from mirage.api import InProcessAPI, QueryBudgetExceeded
 from mirage.defenses import create_defense
@@ -19,19 +19,9 @@ from mirage.serve.app import create_app
 from mirage.serve.audit import AuditLog
 from mirage.serve.client import HTTPPredictionAPI
 from mirage.serve.config import load_config
-from mirage.serve.quotas import QuotaStore
 from mirage.serve.runner import ServerThread
 
 URL_INFER = "/v2/models/digits/infer"
-
-
-def stored_counts(config) -> tuple[dict, tuple[int, int]]:
-    quotas, audit = QuotaStore(config.storage.database), AuditLog(config.audit_path)
-    try:
-        return quotas.usage(), audit.count()
-    finally:
-        quotas.close()
-        audit.close()
 
 
 def test_bad_request_matrix(tmp_path, checkpoints):

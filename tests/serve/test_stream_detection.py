@@ -20,7 +20,7 @@ import threading
 import httpx
 import pytest
 import torch
-from conftest import KEYS, METRICS_KEY, auth, body, make_config
+from conftest import KEYS, METRICS_KEY, auth, body, make_config, stored_counts
 from pydantic import ValidationError
 
 from mirage.api import InProcessAPI, QueryRefused
@@ -33,7 +33,6 @@ from mirage.serve.app import create_app
 from mirage.serve.audit import AuditLog
 from mirage.serve.client import HTTPPredictionAPI
 from mirage.serve.config import ServeConfig, load_config
-from mirage.serve.quotas import QuotaStore
 from mirage.serve.runner import ServerThread
 
 URL_INFER = "/v2/models/digits/infer"
@@ -113,15 +112,6 @@ def alarm_events(config) -> list[dict]:
         audit.close()
 
 
-def stored(config) -> tuple[dict, tuple[int, int]]:
-    quotas, audit = QuotaStore(config.storage.database), AuditLog(config.audit_path)
-    try:
-        return quotas.usage(), audit.count()
-    finally:
-        quotas.close()
-        audit.close()
-
-
 def queries_of(event: dict) -> int:
     return int(re.search(r"queries=(\d+)", event["detail"]).group(1))
 
@@ -157,17 +147,17 @@ def test_refuse_is_a_403_that_charges_nothing(tmp_path, checkpoints, streams, ex
         responses = send(http, "alice", streams["thief"])
         statuses = [r.status_code for r in responses]
         answered = statuses.index(403)
-        before = stored(config)
+        before = stored_counts(config)
         refused = http.post(URL_INFER, json=body(streams["thief"][0]), headers=auth("alice"))
         garbage = http.post(URL_INFER, content=b"{not json", headers=auth("alice"))
-        after = stored(config)
+        after = stored_counts(config)
         bob = send(http, "bob", streams["benign"][:2])
         flagged = {name: http.get("/v2/models/digits", headers=auth(name)).json()["parameters"]["client"]
                    for name in ("alice", "bob")}
         with HTTPPredictionAPI(url, "digits", KEYS["alice"]) as api, pytest.raises(QueryRefused):
             api.query(streams["thief"][0])
         metrics = http.get("/metrics").text
-        final = stored(config)
+        final = stored_counts(config)
     assert statuses[:answered] == [200] * answered and set(statuses[answered:]) == {403}
     assert sum(len(x) for x in streams["thief"][:answered]) == expected  # refused from the next request on
     for response in (refused, garbage, *responses[answered:]):
