@@ -59,11 +59,12 @@ if ! command -v redis-server >/dev/null 2>&1; then
     as_root apt-get update -qq >/dev/null && as_root apt-get install -y -qq redis-server >/dev/null; }
 fi
 
-# 5. MLServer in its own venv: tests/serve/test_gateway.py starts it as the gateway's upstream
+# 5. MLServer in its own venv: tests/serve/test_gateway.py starts it as the gateway's upstream.
+#    Only the test command needs it (scripts/test.sh sets MIRAGE_TEST_SERVERS=1).
 mlserver_pins="$MIRAGE_ROOT/tests/serve/third_party/mlserver-requirements.txt"
 mlserver_stamp="$MIRAGE_MLSERVER_VENV/.mirage-stamp"
 mlserver_want="$(sha256sum "$mlserver_pins" | cut -d' ' -f1)"
-if [ "$(cat "$mlserver_stamp" 2>/dev/null)" != "$mlserver_want" ]; then
+if [ "${MIRAGE_TEST_SERVERS:-0}" = 1 ] && [ "$(cat "$mlserver_stamp" 2>/dev/null)" != "$mlserver_want" ]; then
   say "installing MLServer (pinned) into its own venv at $MIRAGE_MLSERVER_VENV"
   [ -x "$MIRAGE_MLSERVER_VENV/bin/python" ] || "$PYTHON" -m venv "$MIRAGE_MLSERVER_VENV"
   "$MIRAGE_MLSERVER_VENV/bin/pip" install -q --disable-pip-version-check -r "$mlserver_pins"
