@@ -37,9 +37,11 @@ from _harness import REPO, provenance
 
 os.environ.setdefault("MIRAGE_MODELS", str(REPO / "results" / "models"))
 
+from safetensors.torch import load_file
+
 from mirage import paths
 from mirage.api import InProcessAPI
-from mirage.api.evaluate import defended_accuracy
+from mirage.api.evaluate import accuracy, defended_accuracy
 from mirage.attacks import CloneSpec, create_attack
 from mirage.attacks.clone import clone_cache
 from mirage.attacks.countermeasures import variant_params
@@ -66,13 +68,6 @@ def tests_of(model, evidence, watermarks) -> dict:
                        "match_p_value": t.match_p_value, "matches": t.matches, "images": t.images,
                        "buckets": t.buckets, "expected": round(t.expected, 2), "score": t.score,
                        "expected_score": round(t.expected_score, 2)} for t in tests}
-
-
-def accuracy(model, data) -> float:
-    with torch.no_grad():
-        model.eval()
-        predictions = torch.cat([model(c).argmax(1) for c in data.images.split(1024)])
-    return float((predictions == data.labels).float().mean())
 
 
 def prune(model, fraction: float):
@@ -152,11 +147,10 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
         log.info("%s seed %d %s: %s", scenario, seed, name, summary)
 
     def defender() -> dict:
-        clean = defended_accuracy(run.victim, None, run.test)
         served = defended_accuracy(run.victim, run.defense("carol", "carol/benign test set"), run.test)
         pool = query_pool(run.scenario).images[:15000]
-        return {"clean_accuracy": clean.defended_accuracy, "watermarked_accuracy": served.defended_accuracy,
-                "cost_points": 100 * (clean.defended_accuracy - served.defended_accuracy),
+        return {"clean_accuracy": served.clean_accuracy, "watermarked_accuracy": served.defended_accuracy,
+                "cost_points": 100 * (served.clean_accuracy - served.defended_accuracy),
                 "carried_test": float(run.watermarks["carol"].marks(run.test.images).carried.float().mean()),
                 "carried_pool": float(run.watermarks["carol"].marks(pool).carried.float().mean())}
 
@@ -209,7 +203,6 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
                 models[f"victim {directory.name}"] = model
         cache = paths.clones_dir()
         for weights in sorted(cache.glob("*.safetensors"))[:args.innocent_clones] if cache else []:
-            from safetensors.torch import load_file
             model = run.clone_spec.build(run.card.input_shape, run.card.num_classes)
             try:
                 model.load_state_dict(load_file(str(weights)))

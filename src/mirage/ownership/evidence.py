@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import Iterable
 
 import torch
 from torch import Tensor
@@ -56,11 +55,3 @@ class Evidence:
         if not kept:
             return None, []
         return torch.stack([image for image, _ in kept]), [bucket for _, bucket in kept]
-
-    def extend(self, client: str, items: Iterable[tuple[Tensor, str]]) -> None:
-        """Add (image, bucket) pairs, e.g. read back from a store."""
-        with self._lock:
-            kept = self._items.setdefault(client, {})
-            for image, bucket in items:
-                if len(kept) < self.max_items:
-                    kept.setdefault(image_digest(image), (image.float(), bucket))

@@ -111,7 +111,7 @@ def probabilities(model: nn.Module, x: Tensor, *, batch_size: int = 512) -> Tens
 
 
 def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | None, buckets: list[str],
-                   *, client: str = "", tests: int = 1, alpha: float = 1e-6) -> OwnershipTest:
+               *, client: str = "", tests: int = 1, alpha: float = 1e-6) -> OwnershipTest:
     """The exact test of ``suspect`` against one key's evidence (``tests``: how many clients are
     tested in all, for the correction)."""
     if not 0 < alpha < 1:
@@ -132,5 +132,5 @@ def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[s
                    alpha: float = 1e-6) -> list[OwnershipTest]:
     """Test ``suspect`` against every client's key and evidence, most significant first."""
     tests = [verify_key(suspect, watermarks[c], *evidence.items(c), client=c, tests=len(watermarks),
-                            alpha=alpha) for c in watermarks]
+                        alpha=alpha) for c in watermarks]
     return sorted(tests, key=lambda t: (t.p_value, t.client))
