@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 from typing import Literal
 
@@ -73,6 +74,23 @@ class InProcessAPI:
     @property
     def queries_left(self) -> int | None:
         return None if self._budget is None else self._budget - self.ledger.queries
+
+    def for_client(self, name: str) -> InProcessAPI:
+        """A view of this API for another client (API key) ``name``: the same model, defense,
+        detector and alarm action, its own ledger and its own budget of ``query_budget`` queries
+        (a key of the same plan; ``None`` stays unlimited). How an attacker with several keys is
+        simulated in process (the ``api_keys`` countermeasure, docs/design.md §countermeasures).
+
+        The detector keeps one state per client, so it judges each view's stream alone: it cannot
+        see that the views' queries come from one attacker. The views share one defense instance,
+        so a stateful defense sees all of them as one stream (the service keeps one instance per
+        client unless its ``[defense]`` sets ``per_client = false``)."""
+        if name == self.client:
+            raise ValueError(f"a view for client {name!r} would share this API's detector state")
+        view = copy.copy(self)
+        view.client = name
+        view.ledger = QueryLedger()
+        return view
 
     @property
     def alarmed(self) -> bool:
