@@ -3,7 +3,7 @@ import.
 
 ``create_attack(name, **params)`` builds one; ``list_attacks()`` lists them. ``CloneSpec`` says
 how the clone is built and trained; :mod:`mirage.attacks.countermeasures` lists the switches every
-attack accepts. :mod:`mirage.attacks.art` (imported on demand) adapts an API to the
+attack accepts, :mod:`mirage.attacks.streams` the decoys and keys of a detector's attacker. :mod:`mirage.attacks.art` (imported on demand) adapts an API to the
 adversarial-robustness-toolbox.
 """
 
@@ -32,7 +32,7 @@ from mirage.attacks.countermeasures import (
     variant_params,
 )
 
-_NOT_ATTACKS = {"base", "clone", "countermeasures", "art", "pools", "restorer"}
+_NOT_ATTACKS = {"base", "clone", "countermeasures", "art", "pools", "restorer", "streams"}
 for _module in pkgutil.iter_modules(__path__):
     if _module.name not in _NOT_ATTACKS and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")

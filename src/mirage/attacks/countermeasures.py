@@ -27,6 +27,16 @@ Every attack's parameters inherit these fields, so any attack can be combined wi
 * ``min_confidence=c``: train the clone only on answers whose top probability is at least c —
   the attacker of issue 18 against a gate that changes the labels of queries it doubts, betting
   that confident answers are the untouched ones (the discarded queries still count).
+* ``mix_benign=f``: the attacker against a query-stream detector (PRADA, docs/design.md
+  §detection) makes a fraction f of its stream decoys — natural images of its own data (the
+  Knockoff pool, JBDA's seed source) interleaved with every request
+  (:mod:`mirage.attacks.streams`). Every decoy counts against the budget; its answer joins the
+  final clone's transfer set.
+* ``api_keys=k``: the attacker spreads its budget over k API keys, requests round-robin, so a
+  per-key detector sees only about 1/k of the stream (the distances, classes and Shapiro–Wilk
+  test of one key never include another key's queries). ``Attack.run`` builds the k − 1 extra
+  keys of an in-process API with ``InProcessAPI.for_client``; over HTTP the caller passes one
+  ``HTTPPredictionAPI`` per key.
 * ``budget_factor=f``: spend f× the nominal budget.
 * ``restarts=n``: train n clones with different seeds and keep the one that fits the transfer set
   best — the attacker's answer to a defense that makes clone training stall (n× the training cost,
@@ -88,6 +98,10 @@ class Countermeasures(BaseModel):
     bootstrap_beta: float = Field(0.8, gt=0, le=1)
     restorer: RestorerConfig | None = None
     min_confidence: float | None = Field(None, gt=0, le=1)
+    mix_benign: float = Field(0.0, ge=0, lt=1, description="fraction of the query stream that is "
+                              "benign decoys from the attacker's own data (counted in the budget)")
+    api_keys: int = Field(1, ge=1, le=1000, description="API keys the budget is spread over, "
+                          "requests round-robin (one view per key of an in-process API)")
     budget_factor: float = Field(1.0, gt=0)
     restarts: int = Field(1, ge=1)
 
@@ -112,6 +126,8 @@ ATTACKER_SUITE: dict[str, dict[str, Any]] = {
     "restorer": {"restorer": {}},
     "noise-robust": {"robust_loss": "gce"},
     "confident-only": {"min_confidence": 0.9},
+    "mixing": {"mix_benign": 0.3},
+    "multi-key": {"api_keys": 4},
 }
 """The named attacker variants a defense is judged against, each a set of countermeasure switches
 usable with every attack (``create_attack("knockoff", variant="averaging")``, a sweep's
@@ -119,8 +135,12 @@ usable with every attack (``create_attack("knockoff", variant="averaging")``, a 
 them (:mod:`mirage.bench.summary`): the naive soft-label attacker; the hard-label one, which
 bounds every top-1-keeping defense; query averaging over 3 jittered copies (the 3 queries count
 against the budget); the D-DAE-style posterior restorer (``restorer.defense`` filled from the
-defense attacked); noise-robust clone training with the generalized cross-entropy; and the
-attacker that trains only on confident answers (top probability ≥ 0.9)."""
+defense attacked); noise-robust clone training with the generalized cross-entropy; the
+attacker that trains only on confident answers (top probability ≥ 0.9); and two attackers of a
+query-stream detector (docs/design.md §detection): ``mixing``, whose stream is 30 % natural
+decoys (they count against the budget and join the transfer set), and ``multi-key``, which
+spreads its budget round-robin over 4 API keys (against an API without a detector it gets the
+soft attacker's answers; over HTTP it needs one ``HTTPPredictionAPI`` per key)."""
 
 
 def variant_params(variant: str) -> dict[str, Any]:
@@ -134,8 +154,9 @@ def apply_countermeasures(params: Countermeasures, clone: CloneSpec, budget: int
                           ) -> tuple[CloneSpec, int]:
     """Return the clone spec and the total query budget after the switches of ``params``.
 
-    ``hard_labels``, ``repeats`` and ``jitter`` act on the answers and are applied by the query
-    client; ``restorer`` by :meth:`mirage.attacks.Attack.train_final_clone`.
+    ``hard_labels``, ``repeats``, ``jitter`` and ``mix_benign`` act on the queries and answers
+    and are applied by the query client, ``api_keys`` by :meth:`mirage.attacks.Attack.run`;
+    ``restorer`` by :meth:`mirage.attacks.Attack.train_final_clone`.
     """
     update: dict[str, Any] = {}
     training: dict[str, Any] = {}
