@@ -162,3 +162,33 @@ def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_o
     training_time = probe_metrics(Victims(plain, other, None, training_time=True), create_defense("none"),
                                   fresh, probe)
     assert training_time["effective_l1"] > 0 and len(training_time["angular_deviation"]) == 64
+
+
+@pytest.mark.parametrize("switch", [{"api_keys": 2}, {"mix_benign": 0.3}])
+def test_the_stream_attackers_run_in_the_benchmark_with_their_keys_and_decoys(isolated_cache, switch):
+    """``steal`` builds the multi-key attacker's second key as a view (and skips the answer cache,
+    which records one API's stream); the mixing attacker goes through the cache like any other."""
+    import torch
+
+    from mirage.attacks import CloneSpec
+    from mirage.bench.execute import steal
+    from mirage.models import ModelCard, create_model
+    from mirage.scenarios import get_scenario
+    from mirage.training.resolve import Victims
+
+    torch.manual_seed(0)
+    model = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
+    card = ModelCard(architecture="lenet", input_shape=(1, 8, 8), num_classes=10, mean=(0.3,), std=(0.3,),
+                     dataset="digits", seed=0)
+    training = TrainConfig(epochs=1, batch_size=64)
+    spec = RunSpec(scenario="digits", defense="none", defense_label="none", defense_params={},
+                   attack="knockoff", attack_label="knockoff", attack_params={**switch, "query_batch_size": 50},
+                   budget=200, seed=0, clone_training=training)
+    result, replayed = steal(spec, get_scenario("digits"), Victims(model, model, card, False), None,
+                             CloneSpec.like(card, training=training))
+    assert result.queries == 200 and replayed == 0
+    cached = list((isolated_cache / "answers").rglob("*.pt"))
+    if "api_keys" in switch:
+        assert result.queries_per_key == [100, 100] and not cached
+    else:
+        assert result.decoys == 60 and result.transfer_size == 200 and cached

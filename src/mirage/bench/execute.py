@@ -206,14 +206,17 @@ def attacker_knowledge(spec: RunSpec) -> dict[str, Any]:
 def steal(spec: RunSpec, scenario: Scenario, victims: Victims, defense: Defense, clone_spec: CloneSpec
           ) -> tuple[AttackResult, int]:
     """The run's attack on the served victim behind ``defense``, through the answer cache when
-    there is one; returns the result and how many answers the cache replayed."""
+    there is one; returns the result and how many answers the cache replayed. An attacker with
+    several API keys (``api_keys``) gets one :meth:`~mirage.api.InProcessAPI.for_client` view per
+    key and no answer cache (it records one stream per API); the views share the defense and the
+    benchmark's API has no detector, so its answers are the one-key attacker's."""
     api: InProcessAPI | ReplayingAPI = InProcessAPI(victims.served, defense, query_budget=None)
-    if (answers := answers_dir()) is not None:
+    attack = create_attack(spec.attack, **attacker_knowledge(spec))
+    if (answers := answers_dir()) is not None and attack.params.api_keys == 1:
         try:
             api = ReplayingAPI(api, AnswerCache(answers))
         except (TypeError, ValueError) as error:  # e.g. a parameter it cannot fingerprint
             log.warning("answer cache off for this run: %s", error)
-    attack = create_attack(spec.attack, **attacker_knowledge(spec))
     with clone_cache(clones_dir()):
         result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
     if not isinstance(api, ReplayingAPI):
@@ -255,6 +258,8 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         **clone_health(result.clone, result.history, clone_predictions),
         **l1,
         "queries": result.queries,
+        **({"decoys": result.decoys} if result.decoys else {}),
+        **({"queries_per_key": result.queries_per_key} if len(result.queries_per_key) > 1 else {}),
         "answers_replayed": replayed,
         "transfer_digest": final.get("transfer_digest"),
         "clone_from_cache": bool(final.get("from_cache", False)),
