@@ -40,18 +40,22 @@ def test_unknown_defense_parameter_is_an_error(cached_digits_victim):
     assert result.exit_code == 2 and "beta" in result.output
 
 
-@pytest.mark.parametrize("variant", ["averaging", "restorer", "noise-robust"])
+@pytest.mark.parametrize("variant", ["averaging", "restorer", "noise-robust", "mixing", "multi-key"])
 def test_attack_command_runs_every_attacker_of_the_suite(cached_digits_victim, variant):
-    extra = ["--attack-param", 'restorer={"pairs": 20, "epochs": 2, "shadow_epochs": 1}'] if variant == "restorer" else []
+    extra = {"restorer": ["--attack-param", 'restorer={"pairs": 20, "epochs": 2, "shadow_epochs": 1}'],
+             "multi-key": ["--attack-param", "query_batch_size=15"]}.get(variant, [])
     result = CliRunner().invoke(app, ["attack", "--scenario", "digits", "--attack", "knockoff",
                                       "--defense", "random_noise", "--epsilon", "0.5", "--budget", "60",
                                       "--epochs", "1", "--variant", variant, *extra])
     assert result.exit_code == 0, result.output
     assert "60 / 60" in result.output  # averaging: 20 images asked 3 times each
-    size = 20 if variant == "averaging" else 60
+    size = 20 if variant == "averaging" else 60  # mixing: the 18 decoys' answers are kept too
     assert result.output.split("transfer set size")[1].split("\n")[0].split()[-2] == str(size)
+    assert ("decoys sent" in result.output) == (variant == "mixing")
+    assert ("15 / 15 / 15 / 15" in result.output) == (variant == "multi-key")
 
 
 def test_attacks_command_lists_the_suite():
     result = CliRunner().invoke(app, ["attacks"])
     assert result.exit_code == 0 and "restorer" in result.output and "noise-robust" in result.output
+    assert "mix_benign=0.3" in result.output and "api_keys=4" in result.output

@@ -43,8 +43,10 @@ def attack(
     seed: Annotated[int, typer.Option(help="attack seed")] = 0,
     eval_size: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
     variant: Annotated[str | None, typer.Option(
-        help="an attacker of the suite: soft, hard-label, averaging, restorer, noise-robust "
-             "(the restorer is told the defense's name and public parameters)")] = None,
+        help="an attacker of the suite: soft, hard-label, averaging, restorer, noise-robust, "
+             "confident-only, mixing (30 % benign decoys), multi-key (4 API keys, in-process views) "
+             "(`mirage attacks` lists their switches; the restorer is told the defense's name and "
+             "public parameters)")] = None,
 ) -> None:
     """Run one attack against a scenario's victim behind a defense (query-time, or a training-time
     victim); print clone accuracy, defender accuracy, effective L1 and queries spent."""
@@ -97,6 +99,9 @@ def _rows(result, utility, clone_accuracy: float, victim_accuracy: float, traini
             *([] if training_time else [("effective L1 (attacker's queries)", l1),
                                         ("effective L1 (test set)", f"{utility.effective_l1:.4f}")]),
             ("queries spent / budget", f"{result.queries} / {result.budget}"),
+            *([("decoys sent", str(result.decoys))] if result.decoys else []),
+            *([("queries per API key", " / ".join(map(str, result.queries_per_key)))]
+              if len(result.queries_per_key) > 1 else []),
             ("transfer set size", str(result.transfer_size)), ("attack wall time", f"{result.wall_seconds:.1f}s")]
 
 
