@@ -48,6 +48,10 @@ class HTTPPredictionAPI:
     gets :class:`~mirage.api.QueryRefused`, as from ``InProcessAPI``. A query larger than
     ``batch_size`` is sent as several requests, each charged on its own: if another user of the
     same key drains the quota meanwhile, the chunks answered before the refusal stay charged.
+
+    One object is one key. The multi-key attacker (``api_keys``, docs/design.md §countermeasures)
+    holds one per key: ``attack.run([api_a, api_b], ...)`` sends its requests round-robin over
+    them, and the server's per-key quotas and detectors each see one key's share.
     """
 
     def __init__(self, url: str, model: str, api_key: str, *, batch_size: int | None = None,
