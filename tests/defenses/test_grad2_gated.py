@@ -58,3 +58,45 @@ def test_gate_scores_and_threshold(nets):
     with pytest.raises(ValueError, match="gate_model"):
         create_defense("grad2_gated", tau=0.0, gate_score="oe-msp", surrogate=surrogate, target="max-norm")
     assert DEFENSES["grad2_gated"].contract.needs_input
+
+
+def test_permute_serves_the_victims_posterior_moved_by_a_keyed_derangement(nets):
+    surrogate, victim = nets
+    x, probs = _batch(victim, 128)
+    tau = float(probs.max(1).values.median())
+    gated = create_defense("grad2_gated", tau=tau, epsilon_low=0.3, epsilon_high=2.0, target="max-norm",
+                           surrogate=surrogate, attacker_answer="permute", seed=5)
+    served = gated(x, probs)
+    high = probs.max(1).values < tau
+    pi = gated.permutation(10)
+    assert sorted(pi.tolist()) == list(range(10)) and (pi != torch.arange(10)).all()
+    for j in range(10):  # class j's probability is served as class π(j)'s
+        torch.testing.assert_close(served[high, pi[j]], probs[high, j])
+    assert (served[high].argmax(1) == pi[probs[high].argmax(1)]).all()  # every flagged label wrong
+    torch.testing.assert_close(served[high].sort(1).values, probs[high].sort(1).values)  # same profile
+    low_alone = create_defense("grad2", epsilon=0.3, preserve_top1=True, target="max-norm",
+                               surrogate=surrogate)(x[~high], probs[~high])
+    torch.testing.assert_close(served[~high], low_alone)
+    # the key is the seed: another seed, another derangement; the same seed, the same answers
+    assert not torch.equal(create_defense("grad2_gated", tau=tau, target="max-norm", surrogate=surrogate,
+                                          attacker_answer="permute", seed=6).permutation(10), pi)
+    again = create_defense("grad2_gated", tau=tau, epsilon_low=0.3, epsilon_high=2.0, target="max-norm",
+                           surrogate=surrogate, attacker_answer="permute", seed=5)
+    torch.testing.assert_close(again(x, probs), served)
+
+
+def test_permute_within_a_small_budget_moves_along_the_segment(nets):
+    surrogate, victim = nets
+    x, probs = _batch(victim, 64)
+    gated = create_defense("grad2_gated", tau=float("inf"), epsilon_high=0.4, target="max-norm",
+                           surrogate=surrogate, attacker_answer="permute", seed=1)
+    served = gated(x, probs)
+    target = torch.empty_like(probs)
+    target[:, gated.permutation(10)] = probs
+    distance = (target - probs).abs().sum(1)
+    l1 = (served - probs).abs().sum(1)
+    torch.testing.assert_close(l1, distance.clamp(max=0.4))
+    lam = (l1 / distance).unsqueeze(1)
+    torch.testing.assert_close(served, probs + lam * (target - probs))
+    assert (served >= 0).all()
+    torch.testing.assert_close(served.sum(1), torch.ones(64, dtype=served.dtype))

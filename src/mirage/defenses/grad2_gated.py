@@ -13,7 +13,21 @@ Kariyappa & Qureshi 2020); ``max-logit`` and ``neg-energy`` (logsumexp of the lo
 NeurIPS 2020) of ``gate_model`` (the victim). τ is a parameter; :func:`benign_threshold` sets it
 from held-out benign scores at a target false-positive rate (the resolver does).
 
-Both branches are registered GRAD² instances called through :meth:`Defense.__call__`, so every
+Above the gate, ``attacker_answer`` says what is served:
+
+- ``"redirect"``: GRAD² with ε_high and labels free to change (the JVP scores pick where the mass
+  goes; at ε_high = 2 the answer is the one-hot of the best-scoring class).
+- ``"permute"``: the limit of redirection towards a *behaviour* the defender chose, t(x) =
+  π(f(x)) — the victim's own posterior with its classes moved by a keyed derangement π (class j's
+  probability goes to π(j)). When ε_high ≥ ‖t − y‖₁ the attacker's training gradient on the
+  answer is that behaviour's own, the most any redirection can align it; otherwise the answer
+  moves along the segment, ỹ = y + min(1, ε_high/‖t − y‖₁)(t − y). Every flagged label is wrong
+  in the same learnable way, so a hard-label or noise-robust clone learns π∘f rather than noise,
+  and the answer keeps the victim's confidence profile, so neither its shape nor its top
+  probability shows which branch made it. π is a secret (``seed``); an attacker holding labelled
+  in-distribution images could estimate a global π and undo it (docs/design.md §grad2-gated).
+
+Both GRAD² branches are registered instances called through :meth:`Defense.__call__`, so every
 row is checked against its own branch's contract (ε_low and top-1 below the gate, ε_high above),
 and the whole answer against this defense's (simplex, max(ε_low, ε_high)).
 """
@@ -33,6 +47,7 @@ from mirage.defenses.redirect import TOP1_MARGIN
 from mirage.defenses.targets import TargetName
 
 GateName = Literal["msp", "oe-msp", "max-logit", "neg-energy"]
+AttackerAnswer = Literal["redirect", "permute"]
 
 
 class GatedGrad2Params(DefenseParams):
@@ -41,6 +56,8 @@ class GatedGrad2Params(DefenseParams):
     tau: float = Field(0.5, description="attacker-like when the gate score is below τ")
     gate_score: GateName = "msp"
     gate_model: Any = Field(None, description="nn.Module scoring the gate (all gates but msp)")
+    attacker_answer: AttackerAnswer = Field(
+        "redirect", description="above the gate: GRAD² redirection, or the posterior moved by a keyed derangement")
     target: TargetName = "all-ones"
     surrogate: Any = None
     reference_x: Any = None
@@ -94,6 +111,29 @@ def benign_threshold(scores: Tensor, false_positive_rate: float) -> float:
     return float(torch.quantile(scores.double(), false_positive_rate))
 
 
+def keyed_derangement(num_classes: int, seed: int) -> Tensor:
+    """(K,) a permutation π of the classes with π(j) ≠ j for every j, uniform among derangements
+    (rejection sampling from a seeded generator: about e ≈ 2.7 draws on average)."""
+    if num_classes < 2:
+        raise ValueError("a derangement needs at least two classes")
+    generator = torch.Generator().manual_seed(seed)
+    classes = torch.arange(num_classes)
+    while True:
+        permutation = torch.randperm(num_classes, generator=generator)
+        if (permutation != classes).all():
+            return permutation
+
+
+def permuted_answer(probs: Tensor, permutation: Tensor, epsilon: float) -> Tensor:
+    """(B, K) the answer moved towards t = probs with class j's mass at ``permutation[j]``, as
+    far as the L1 budget ``epsilon`` allows: y + min(1, ε/‖t − y‖₁)(t − y), on the simplex."""
+    target = torch.empty_like(probs)
+    target[:, permutation] = probs
+    distance = (target - probs).abs().sum(1, keepdim=True)
+    step = torch.where(distance > epsilon, epsilon / distance.clamp_min(1e-12), torch.ones_like(distance))
+    return probs + step * (target - probs)
+
+
 @register_defense("grad2_gated", params=GatedGrad2Params)
 class GatedGrad2(Defense):
     """GRAD² with an out-of-distribution gate: top-1-keeping below it, label-changing above."""
@@ -109,6 +149,13 @@ class GatedGrad2(Defense):
         super().__init__(params, **kwargs)
         self.low = Grad2(self.params.branch(high=False))
         self.high = Grad2(self.params.branch(high=True))
+        self._permutations: dict[int, Tensor] = {}
+
+    def permutation(self, num_classes: int) -> Tensor:
+        """The keyed derangement π of ``attacker_answer="permute"`` (from ``seed``)."""
+        if num_classes not in self._permutations:
+            self._permutations[num_classes] = keyed_derangement(num_classes, self.params.seed)
+        return self._permutations[num_classes]
 
     def attacker_like(self, x: Tensor, probs: Tensor) -> Tensor:
         """(B,) bool: the rows the gate sends to the label-changing branch."""
@@ -120,5 +167,9 @@ class GatedGrad2(Defense):
         if (~high).any():
             served[~high] = self.low(x[~high], probs[~high])
         if high.any():
-            served[high] = self.high(x[high], probs[high])
+            if self.params.attacker_answer == "permute":
+                served[high] = permuted_answer(probs[high], self.permutation(probs.shape[1]).to(probs.device),
+                                               self.params.epsilon_high)
+            else:
+                served[high] = self.high(x[high], probs[high])
         return served
