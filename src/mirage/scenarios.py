@@ -89,6 +89,14 @@ def defender_sample(scenario: Scenario, reference: ReferenceSet = DEFAULT_REFERE
     return train.sample(reference.size, reference.seed)
 
 
+def attacker_labels(scenario: Scenario, size: int | None, seed: int) -> ImageData | None:
+    """The labelled images of the label-aligning attacker (the ``align_labels`` countermeasure):
+    a seeded sample of the victim's training split (the test split scores the clone), or ``None``."""
+    if size is None:
+        return None
+    return load_dataset(scenario.victim_dataset, scenario.data_root).train.sample(size, seed + 7_741)
+
+
 class WatermarkSet(BaseModel):
     """The behaviour set {(x_w, y_w)} of GRAD²'s ``watermark`` target (docs/design.md
     §verification): the first ``size`` training images of class ``source_class``, each labelled

@@ -40,7 +40,7 @@ def test_unknown_defense_parameter_is_an_error(cached_digits_victim):
     assert result.exit_code == 2 and "beta" in result.output
 
 
-@pytest.mark.parametrize("variant", ["averaging", "restorer", "noise-robust", "mixing", "multi-key"])
+@pytest.mark.parametrize("variant", ["averaging", "restorer", "noise-robust", "mixing", "multi-key", "aligned"])
 def test_attack_command_runs_every_attacker_of_the_suite(cached_digits_victim, variant):
     extra = {"restorer": ["--attack-param", 'restorer={"pairs": 20, "epochs": 2, "shadow_epochs": 1}'],
              "multi-key": ["--attack-param", "query_batch_size=15"]}.get(variant, [])
@@ -53,6 +53,7 @@ def test_attack_command_runs_every_attacker_of_the_suite(cached_digits_victim, v
     assert result.output.split("transfer set size")[1].split("\n")[0].split()[-2] == str(size)
     assert ("decoys sent" in result.output) == (variant == "mixing")
     assert ("15 / 15 / 15 / 15" in result.output) == (variant == "multi-key")
+    assert ("labels realigned" in result.output) == (variant == "aligned")
 
 
 def test_attacks_command_lists_the_suite():

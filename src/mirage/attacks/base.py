@@ -270,6 +270,7 @@ class Attack(abc.ABC):
     name: ClassVar[str] = ""
     params_type: ClassVar[type[AttackParams]] = AttackParams
     _client: QueryClient | None = None  # the running attack's client, while :meth:`run` runs
+    _labelled: ImageData | None = None  # the align_labels countermeasure's images, while :meth:`run` runs
 
     def __init__(self, params: AttackParams | None = None, **kwargs: Any) -> None:
         if params is None:
@@ -281,7 +282,7 @@ class Attack(abc.ABC):
         self.params = params
 
     def run(self, api: PredictionAPI | Sequence[PredictionAPI], budget: int, data: ImageData,
-            clone: CloneSpec, *, seed: int = 0) -> AttackResult:
+            clone: CloneSpec, *, seed: int = 0, labelled: ImageData | None = None) -> AttackResult:
         """Steal ``api`` with at most ``budget × budget_factor`` queries.
 
         Args:
@@ -295,9 +296,17 @@ class Attack(abc.ABC):
                 adaptive bandit's coarse groups).
             clone: how to build and train the clone; countermeasures may override parts of it.
             seed: seeds every random choice (sampling, initialisation, training order, decoys).
+            labelled: labelled images of the victim's task the attacker holds besides ``data``
+                (never queried); the ``align_labels`` countermeasure uses its first n.
         """
         if budget < 1:
             raise ValueError(f"budget must be positive, got {budget}")
+        self._labelled = None
+        if self.params.align_labels is not None:
+            if labelled is None or len(labelled) < self.params.align_labels:
+                raise ValueError(f"align_labels={self.params.align_labels} needs that many labelled images "
+                                 f"(Attack.run(labelled=...)), got {0 if labelled is None else len(labelled)}")
+            self._labelled = labelled.subset(torch.arange(self.params.align_labels))
         apis = key_apis(api, self.params.api_keys)
         if tuple(data.input_shape) != tuple(apis[0].input_shape):
             raise ValueError(f"attack data has shape {data.input_shape}, the API takes {apis[0].input_shape}")
@@ -316,7 +325,7 @@ class Attack(abc.ABC):
         try:
             stolen = self.steal(client, data, clone, generator)
         finally:
-            self._client = None
+            self._client = self._labelled = None
         if client.spent > total_budget:
             raise BudgetExhausted(f"{self.name} spent {client.spent} > {total_budget} queries")
         return AttackResult(
@@ -357,7 +366,32 @@ class Attack(abc.ABC):
             answers, extra["restorer"] = restore_answers(self.params.restorer, clone, images, answers,
                                                          num_classes, seed=clone.training.seed)
         model, stats = train_clone(clone, images, answers, num_classes, description=description)
+        if self._labelled is not None:
+            model, stats, extra["alignment"] = self._aligned(model, stats, clone, images, answers, num_classes,
+                                                             description)
         return model, {**stats, **extra}
+
+    def _aligned(self, model: nn.Module, stats: dict[str, Any], clone: CloneSpec, images: Tensor,
+                 answers: Tensor, num_classes: int, description: str
+                 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+        """The ``align_labels`` countermeasure (:mod:`mirage.attacks.alignment`): retrain on
+        realigned answers when the clone's confusions on the labelled images show a relabelling,
+        and keep the clone more accurate on them."""
+        from mirage.attacks.alignment import class_alignment, labelled_accuracy, realign
+
+        labelled = self._labelled
+        sigma = class_alignment(model, labelled, num_classes)
+        report: dict[str, Any] = {"labelled": len(labelled), "sigma": sigma.tolist(),
+                                  "accuracy_before": labelled_accuracy(model, labelled), "kept": False}
+        if torch.equal(sigma, torch.arange(num_classes)):
+            return model, stats, report
+        realigned, realigned_stats = train_clone(clone, images, realign(answers, sigma), num_classes,
+                                                 description=f"{description} (realigned)")
+        report["accuracy_after"] = labelled_accuracy(realigned, labelled)
+        if report["accuracy_after"] > report["accuracy_before"]:
+            report["kept"] = True
+            return realigned, realigned_stats, report
+        return model, stats, report
 
     @abc.abstractmethod
     def steal(self, client: QueryClient, data: ImageData, clone: CloneSpec,

@@ -37,6 +37,10 @@ Every attack's parameters inherit these fields, so any attack can be combined wi
   test of one key never include another key's queries). ``Attack.run`` builds the k − 1 extra
   keys of an in-process API with ``InProcessAPI.for_client``; over HTTP the caller passes one
   ``HTTPPredictionAPI`` per key.
+* ``align_labels=n``: the attacker also holds n labelled images of the victim's task (never
+  queried, no budget) and, after training, undoes a consistent relabelling its clone's confusions
+  on them reveal (:mod:`mirage.attacks.alignment`) — against a defense that answers attacker-like
+  queries with a fixed wrong behaviour rather than noise.
 * ``budget_factor=f``: spend f× the nominal budget.
 * ``restarts=n``: train n clones with different seeds and keep the one that fits the transfer set
   best — the attacker's answer to a defense that makes clone training stall (n× the training cost,
@@ -102,6 +106,8 @@ class Countermeasures(BaseModel):
                               "benign decoys from the attacker's own data (counted in the budget)")
     api_keys: int = Field(1, ge=1, le=1000, description="API keys the budget is spread over, "
                           "requests round-robin (one view per key of an in-process API)")
+    align_labels: int | None = Field(None, ge=1, description="labelled images of the task the attacker "
+                                                             "holds to undo a consistent relabelling")
     budget_factor: float = Field(1.0, gt=0)
     restarts: int = Field(1, ge=1)
 
@@ -128,6 +134,7 @@ ATTACKER_SUITE: dict[str, dict[str, Any]] = {
     "confident-only": {"min_confidence": 0.9},
     "mixing": {"mix_benign": 0.3},
     "multi-key": {"api_keys": 4},
+    "aligned": {"align_labels": 100},
 }
 """The named attacker variants a defense is judged against, each a set of countermeasure switches
 usable with every attack (``create_attack("knockoff", variant="averaging")``, a sweep's
@@ -140,7 +147,9 @@ attacker that trains only on confident answers (top probability ≥ 0.9); and tw
 query-stream detector (docs/design.md §detection): ``mixing``, whose stream is 30 % natural
 decoys (they count against the budget and join the transfer set), and ``multi-key``, which
 spreads its budget round-robin over 4 API keys (against an API without a detector it gets the
-soft attacker's answers; over HTTP it needs one ``HTTPPredictionAPI`` per key)."""
+soft attacker's answers; over HTTP it needs one ``HTTPPredictionAPI`` per key); and ``aligned``,
+the soft attacker holding 100 labelled images of the task (``Attack.run(labelled=...)``; the
+benchmark draws them from the victim's training split) to undo a consistent relabelling."""
 
 
 def variant_params(variant: str) -> dict[str, Any]:

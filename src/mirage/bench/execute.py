@@ -45,7 +45,7 @@ from mirage.data import ImageData, load_dataset
 from mirage.defenses import Defense
 from mirage.models import weights_fingerprint
 from mirage.paths import clones_dir
-from mirage.scenarios import Scenario, get_scenario, query_pool
+from mirage.scenarios import Scenario, attacker_labels, get_scenario, query_pool
 from mirage.training.registry import is_training_time
 from mirage.training.resolve import DefenseSpec, Victims, resolve_defense, resolve_victims
 
@@ -218,7 +218,8 @@ def steal(spec: RunSpec, scenario: Scenario, victims: Victims, defense: Defense,
         except (TypeError, ValueError) as error:  # e.g. a parameter it cannot fingerprint
             log.warning("answer cache off for this run: %s", error)
     with clone_cache(clones_dir()):
-        result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed)
+        result = attack.run(api, spec.budget, attack_data(scenario, spec.attack), clone_spec, seed=spec.seed,
+                            labelled=attacker_labels(scenario, attack.params.align_labels, spec.seed))
     if not isinstance(api, ReplayingAPI):
         return result, 0
     api.close()

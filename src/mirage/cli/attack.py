@@ -56,7 +56,7 @@ def attack(
     from mirage.attacks.pools import attack_data
     from mirage.attacks.restorer import tell_restorer
     from mirage.data import load_dataset
-    from mirage.scenarios import get_scenario
+    from mirage.scenarios import attacker_labels, get_scenario
     from mirage.training.registry import is_training_time
     from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims
 
@@ -80,7 +80,8 @@ def attack(
     victims = resolve_victims(spec, chosen, show_progress=True)
     served = resolve_defense(spec, chosen, victims.served, victims.card)
     result = stealer.run(InProcessAPI(victims.served, served), budget, attack_data(chosen, attack_name),
-                         CloneSpec.like(victims.card, training=training), seed=seed)
+                         CloneSpec.like(victims.card, training=training), seed=seed,
+                         labelled=attacker_labels(chosen, stealer.params.align_labels, seed))
     utility = defended_accuracy(victims.served, served, test)
     table = Table("quantity", "value", title=f"{attack_name} vs {spec.name} {served!r} on {chosen.name}")
     for name, value in _rows(result, utility, accuracy(result.clone, test), accuracy(victims.plain, test),
@@ -102,7 +103,17 @@ def _rows(result, utility, clone_accuracy: float, victim_accuracy: float, traini
             *([("decoys sent", str(result.decoys))] if result.decoys else []),
             *([("queries per API key", " / ".join(map(str, result.queries_per_key)))]
               if len(result.queries_per_key) > 1 else []),
+            *[("labels realigned", _alignment(step["alignment"])) for step in result.history[-1:]
+              if "alignment" in step],
             ("transfer set size", str(result.transfer_size)), ("attack wall time", f"{result.wall_seconds:.1f}s")]
+
+
+def _alignment(report: dict) -> str:
+    """The label-aligning attacker's outcome, for the report."""
+    if "accuracy_after" not in report:
+        return f"no (identity on {report['labelled']} labelled images)"
+    return (f"{'yes' if report['kept'] else 'no'} (σ = {report['sigma']}: "
+            f"{report['accuracy_before']:.2f} → {report['accuracy_after']:.2f} on {report['labelled']} labelled)")
 
 
 @app.command("attacks")
