@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mirage.api import InProcessAPI, accuracy
-from mirage.attacks import create_attack
+from mirage.attacks import create_attack, variant_params
 from mirage.attacks.alignment import class_alignment, realign
 from mirage.data import ImageData
 from mirage.defenses import create_defense
@@ -54,13 +54,14 @@ def test_the_aligned_attacker_undoes_a_permuting_defense(victim, digits, clone_s
     labelled = digits.train.sample(100, 11)
     spec = clone_spec.model_copy(update={"training": clone_spec.training.model_copy(update={"epochs": 8})})
     results = {}
-    for name in ("soft", "aligned"):
-        attack = create_attack("knockoff", variant=name)
+    for name, params in (("soft", {}), ("aligned", {"align_labels": 100})):  # the mechanism, with CE
+        attack = create_attack("knockoff", **params)
         results[name] = attack.run(InProcessAPI(victim, permuting), 600, digits.train, spec, seed=0,
                                    labelled=labelled)
     plain, aligned = (accuracy(results[n].clone, digits.test) for n in ("soft", "aligned"))
     assert plain < 0.2 and aligned > 0.6, (plain, aligned)
     assert results["aligned"].queries == results["soft"].queries == 600  # the labelled images cost nothing
+    assert variant_params("aligned") == {"align_labels": 100, "robust_loss": "gce"}
     with pytest.raises(ValueError, match="align_labels=100 needs"):
         create_attack("knockoff", variant="aligned").run(InProcessAPI(victim), 50, digits.train, spec)
 

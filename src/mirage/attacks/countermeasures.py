@@ -134,7 +134,7 @@ ATTACKER_SUITE: dict[str, dict[str, Any]] = {
     "confident-only": {"min_confidence": 0.9},
     "mixing": {"mix_benign": 0.3},
     "multi-key": {"api_keys": 4},
-    "aligned": {"align_labels": 100},
+    "aligned": {"align_labels": 100, "robust_loss": "gce"},
 }
 """The named attacker variants a defense is judged against, each a set of countermeasure switches
 usable with every attack (``create_attack("knockoff", variant="averaging")``, a sweep's
@@ -148,8 +148,10 @@ query-stream detector (docs/design.md §detection): ``mixing``, whose stream is 
 decoys (they count against the budget and join the transfer set), and ``multi-key``, which
 spreads its budget round-robin over 4 API keys (against an API without a detector it gets the
 soft attacker's answers; over HTTP it needs one ``HTTPPredictionAPI`` per key); and ``aligned``,
-the soft attacker holding 100 labelled images of the task (``Attack.run(labelled=...)``; the
-benchmark draws them from the victim's training split) to undo a consistent relabelling."""
+the noise-robust attacker holding 100 labelled images of the task (``Attack.run(labelled=...)``;
+the benchmark draws them from the victim's training split) to undo a consistent relabelling: the
+generalized cross-entropy lets its first clone learn the relabelling without the minority of true
+labels, and its realigned clone shrug off those labels once they are the wrong ones."""
 
 
 def variant_params(variant: str) -> dict[str, Any]:
