@@ -93,7 +93,8 @@ class Run:
         self.evidence = Evidence(max_items=4096)
         sweep = load_config("worst_case")
         self.clone_spec = CloneSpec.like(self.card, training=sweep.clone_training)
-        self.budget = args.budget
+        self.attack = args.attack
+        self.budget = args.budget or {"knockoff": 15000, "jbda": 6400}[args.attack]
         # this benchmark's clones (of watermarked APIs) apart from the sweeps' (of unwatermarked ones)
         self.own_clones = None if paths.clones_dir() is None else paths.clones_dir() / "ownership"
         self.test = load_dataset(self.scenario.victim_dataset).test
@@ -110,9 +111,9 @@ class Run:
         if variant is not None:
             params = {**variant_params(variant), **params}
         params = tell_restorer(params, "watermarked", {"client": client, "config": self.config.model_dump()})
-        attack = create_attack("knockoff", **params)
+        attack = create_attack(self.attack, **params)
         with clone_cache(self.own_clones):
-            return attack.run(api, self.budget, attack_data(self.scenario, "knockoff"), self.clone_spec,
+            return attack.run(api, self.budget, attack_data(self.scenario, self.attack), self.clone_spec,
                           seed=self.seed + (100 if client != "alice" else 0))
 
     def entry(self, model, thief: str | None, **extra) -> dict:
@@ -157,14 +158,16 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
     record("defender", defender)
     # Every attack runs again on a resume (its clone comes from the cache), so that its queries
     # reach the evidence before any entry is tested against it. bob, a thief with another key, first.
-    bob = None if args.attacks_only else run.steal("bob", "hard-label", "bob/knockoff hard-label")
+    # JBDA (whose queries are its own synthetic images): alice's attackers only.
+    only_attacks = args.attacks_only or run.attack != "knockoff"
+    bob = None if only_attacks else run.steal("bob", "hard-label", "bob/knockoff hard-label")
     clones = {}
     for variant in args.attackers:
-        clones[variant] = run.steal("alice", variant, f"alice/knockoff {variant}")
+        clones[variant] = run.steal("alice", variant, f"alice/{run.attack} {variant}")
     for variant, result in clones.items():
-        record(f"knockoff/{variant} via alice",
+        record(f"{run.attack}/{variant} via alice",
                lambda result=result: run.entry(result.clone, "alice", queries=result.queries))
-    if args.attacks_only:
+    if only_attacks:
         return
     vote = run.steal("alice", None, "alice/jitter-and-vote", hard_labels=True, repeats=5, jitter=0.02)
     record("knockoff/hard-label via bob", lambda: run.entry(bob.clone, "bob", queries=bob.queries))
@@ -222,9 +225,10 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
 def own_set(row: dict) -> str | None:
     """The evidence set of the attack that made this entry's model (removals: the hard-label one)."""
     entry = row["entry"]
-    if entry.startswith("knockoff/"):
-        variant, _, client = entry.removeprefix("knockoff/").partition(" via ")
-        return f"{client}/knockoff {variant}"
+    for attack in ("knockoff", "jbda"):
+        if entry.startswith(f"{attack}/"):
+            variant, _, client = entry.removeprefix(f"{attack}/").partition(" via ")
+            return f"{client}/{attack} {variant}"
     if "jitter-and-vote" in entry:
         return "alice/jitter-and-vote"
     return "alice/knockoff hard-label" if entry.startswith("removal") else None
@@ -260,7 +264,7 @@ def fractions(args: argparse.Namespace) -> dict:
         scenario = get_scenario(scenario_name)
         victim, card, _ = get_victim(scenario)
         test = load_dataset(scenario.victim_dataset).test
-        pool = query_pool(scenario).images[:args.budget]
+        pool = query_pool(scenario).images[:args.budget or 15000]
         clean = defended_accuracy(victim, None, test).defended_accuracy
         for fraction in (0.05, 0.1, 0.2, 0.3, 0.5):
             config = WatermarkConfig(**{**json.loads(args.watermark), "bucket_fraction": fraction})
@@ -282,7 +286,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--scenario", action="append", default=None)
     parser.add_argument("--seed", type=int, action="append", default=None)
-    parser.add_argument("--budget", type=int, default=15000)
+    parser.add_argument("--attack", choices=("knockoff", "jbda"), default="knockoff",
+                        help="jbda: alice's attackers only (no removal attacks, other thief or innocents)")
+    parser.add_argument("--budget", type=int, default=None, help="default: Knockoff 15k, JBDA 6.4k")
     parser.add_argument("--attackers", nargs="+", default=list(ATTACKERS))
     parser.add_argument("--watermark", default="{}", help="WatermarkConfig fields as JSON")
     parser.add_argument("--out", type=Path, default=REPO / "results" / "ownership" / "ownership.jsonl")
