@@ -81,3 +81,18 @@ class Registry(Generic[T]):
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.entries)
+
+
+P = TypeVar("P", bound=BaseModel)
+
+
+def typed_params(owner: str, params_type: type[P], params: P | None, kwargs: dict[str, Any]) -> P:
+    """The parameters a registered class is built with: a ``params_type`` object, or keyword
+    arguments validated into one — never both (defenses and attacks take either)."""
+    if params is None:
+        params = params_type(**kwargs)
+    elif kwargs:
+        raise TypeError("pass either a params object or keyword arguments, not both")
+    if not isinstance(params, params_type):
+        raise TypeError(f"{owner} expects {params_type.__name__}, got {type(params).__name__}")
+    return params

@@ -39,7 +39,7 @@ from mirage.attacks.countermeasures import Countermeasures, apply_countermeasure
 from mirage.attacks.streams import DecoyPool, decoy_fraction, decoy_mask, decoys_before, key_apis
 from mirage.data.base import ImageData
 from mirage.models.fit import random_shift
-from mirage.registry import Registry
+from mirage.registry import Registry, typed_params
 
 
 class AttackParams(Countermeasures):
@@ -273,12 +273,7 @@ class Attack(abc.ABC):
     _labelled: ImageData | None = None  # the align_labels countermeasure's images, while :meth:`run` runs
 
     def __init__(self, params: AttackParams | None = None, **kwargs: Any) -> None:
-        if params is None:
-            params = self.params_type(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a params object or keyword arguments, not both")
-        if not isinstance(params, self.params_type):
-            raise TypeError(f"{self.name} expects {self.params_type.__name__}, got {type(params).__name__}")
+        params = typed_params(self.name, self.params_type, params, kwargs)
         self.params = params
 
     def run(self, api: PredictionAPI | Sequence[PredictionAPI], budget: int, data: ImageData,

@@ -33,7 +33,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from torch import Tensor
 
-from mirage.registry import Entry, Registry
+from mirage.registry import Entry, Registry, typed_params
 
 INPUT_ATOL = 1e-4
 
@@ -133,12 +133,7 @@ class Defense(abc.ABC):
     params_type: ClassVar[type[DefenseParams]] = DefenseParams
 
     def __init__(self, params: DefenseParams | None = None, **kwargs: Any) -> None:
-        if params is None:
-            params = self.params_type(**kwargs)
-        elif kwargs:
-            raise TypeError("pass either a params object or keyword arguments, not both")
-        if not isinstance(params, self.params_type):
-            raise TypeError(f"{self.name} expects {self.params_type.__name__}, got {type(params).__name__}")
+        params = typed_params(self.name, self.params_type, params, kwargs)
         self.params = params
         self._contract = type(self).contract_for(params)
 
