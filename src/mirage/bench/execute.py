@@ -265,6 +265,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         "transfer_digest": final.get("transfer_digest"),
         "clone_from_cache": bool(final.get("from_cache", False)),
         **({"restorer": final["restorer"]} if "restorer" in final else {}),
+        **({"alignment": final["alignment"]} if "alignment" in final else {}),
         "transfer_size": result.transfer_size,
         "overhead_ratio": measure_overhead(victims.served, defense, probe),
         **probes,
