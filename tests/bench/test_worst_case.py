@@ -84,3 +84,12 @@ def test_ranking_changes_between_soft_and_worst_case():
     assert change["soft order"] == ["A", "B", "none"]
     assert change["worst-case order"] == ["B", "A", "none"]
     assert change["changed place"] == 2
+
+
+def test_equal_worst_cases_go_to_the_cheaper_point_per_query():
+    tied = [record(d, a, c, params={"epsilon": 1.0}, overhead_ratio=o, digest="h0" if a == "hard-label" else None)
+            for d, o in (("slow", 3.6), ("fast", 1.2)) for a, c in (("soft", 0.5), ("hard-label", 0.89),
+                                                                    ("averaging", 0.6))]
+    points = worst_case_points(RECORDS[:3] + tied, {"knockoff": SUITE})
+    (row,) = verdict(points)
+    assert row["deploy"].startswith("fast") and row["overhead"] == 1.2

@@ -119,7 +119,7 @@ def verdict_figure(panels: dict[tuple[str, str], list[WorstCasePoint]], stem: Pa
     case as a dashed line. Incomplete worst cases are hatched."""
     keys = sorted(panels)
     fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 0.32 * max(
-        (len(panels[k]) for k in keys), default=3) + 1.6), squeeze=False)
+        (len(panels[k]) for k in keys), default=3) + 1.6), squeeze=False, layout="constrained")
     for ax, key in zip(axes[0], keys, strict=True):
         points = sorted((p for p in panels[key] if p.drop <= max_drop + 1e-6),
                         key=lambda p: -p.worst)

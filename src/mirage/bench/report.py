@@ -71,13 +71,21 @@ def _markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _html_cell(value: Any) -> str:
+    """A table cell; a long text (a defense with its parameters) wraps, after its commas, so that
+    the table fits the page."""
+    text = _fmt(value)
+    if isinstance(value, str) and len(text) > 24:
+        return f"<td class='text'>{html.escape(text).replace(',', ',<wbr>')}</td>"
+    return f"<td>{html.escape(text)}</td>"
+
+
 def _html_table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p><em>no data</em></p>"
     keys = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(k)))}</td>" for k in keys) + "</tr>"
-                   for r in rows)
+    body = "".join("<tr>" + "".join(_html_cell(r.get(k)) for k in keys) + "</tr>" for r in rows)
     return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
 
 
@@ -98,7 +106,7 @@ STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto
          "line-height:1.4}table{border-collapse:collapse;font-size:12px;margin:.6em 0}"
          "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}"
          "th{background:#f3f3f3;white-space:normal}td:first-child{white-space:normal;text-align:left;"
-         "max-width:22em}.scroll{overflow-x:auto;max-width:100%}img{max-width:100%}"
+         "max-width:22em}td.text{white-space:normal;text-align:left;min-width:10em}.scroll{overflow-x:auto;max-width:100%}img{max-width:100%}"
          "section.verdict{border:2px solid #2a6;padding:0 1em;border-radius:6px;margin:1em 0}"
          ".warning{color:#a40}")
 

@@ -10,6 +10,7 @@ and the report counts them; ``restarts`` (an attacker countermeasure) measures t
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
@@ -349,7 +350,9 @@ def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float
     """Per (scenario, attack family): the defense to deploy — the point with the lowest worst-case
     clone among those costing the defender at most ``max_drop`` and judged by the whole suite —
     with its worst case, the attacker that reached it, its soft-label clone, the undefended
-    worst case, the defender's cost and the per-query overhead."""
+    worst case, the defender's cost and the per-query overhead. Equal worst cases (top-1-keeping
+    defenses all leave the hard-label attacker the undefended clone) go to `none`, then to the
+    cheaper point: defender cost first, then per-query overhead."""
     rows = []
     for (scenario, family), points in sorted(panels.items()):
         undefended = next((p for p in points if p.defense == "none" and p.complete), None)
@@ -362,7 +365,8 @@ def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float
                          "defender cost (pts)": None, "overhead": None, "seeds": None,
                          "points pending": pending})
             continue
-        best = min(eligible, key=lambda p: (p.worst, p.defense != "none", p.drop))
+        best = min(eligible, key=lambda p: (p.worst, p.defense != "none", p.drop,
+                                            math.inf if p.overhead_ratio is None else p.overhead_ratio))
         seeds = sorted({s for entry in best.by_attacker.values() for s in entry["seeds"]})
         rows.append({"scenario": scenario, "attack": family,
                      "deploy": best.defense if best.params == "–" else f"{best.defense} ({best.params})",
