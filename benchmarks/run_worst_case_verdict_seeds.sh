@@ -13,6 +13,7 @@ export MIRAGE_PROGRESS=0
 run() { mirage bench run --config worst_case --executor local --workers 2 --no-report "$@"; }
 run --seed 0 --scenario fmnist-id --attack jbda \
   --defense none --defense grad2-unlearn-top1 --defense grad2-gated --defense grad2-gated-permute
+run --seed 0 --scenario mnist --defense grad2-gated-permute-0.5pct
 for seed in 1 2; do
   run --seed "$seed" --scenario mnist --defense grad2-gated-permute-0.5pct \
     --attack knockoff/hard-label --attack knockoff/soft
