@@ -93,3 +93,22 @@ def test_equal_worst_cases_go_to_the_cheaper_point_per_query():
     points = worst_case_points(RECORDS[:3] + tied, {"knockoff": SUITE})
     (row,) = verdict(points)
     assert row["deploy"].startswith("fast") and row["overhead"] == 1.2
+
+
+def test_an_attacker_beyond_the_suite_counts_where_it_ran_and_is_never_waited_for():
+    records = [*RECORDS, record("B", "aligned", 0.95, defender=0.915)]
+    points = {p.defense: p for p in worst_case_points(records, {"knockoff": SUITE})[("s", "knockoff")]}
+    assert points["B"].complete and points["B"].worst == 0.95 and points["B"].worst_attacker == "aligned"
+    assert points["A"].complete and "aligned" not in points["A"].by_attacker  # not run there: not awaited
+    rows = {r["defense"].split(" ")[0]: r for r in worst_case_table(list(points.values()))}
+    assert rows["B"]["aligned"] == "0.9500" and "aligned" not in rows["A"]
+    (row,) = verdict({("s", "knockoff"): list(points.values())})
+    assert row["deploy"] == "A (epsilon=1.0)"  # B's worst case is now 0.95; A (0.89) wins
+
+
+def test_extra_variants_expand_like_variants_and_are_not_the_suite():
+    from mirage.bench.config import AttackSpec
+
+    spec = AttackSpec(name="knockoff", budget=10, variants=["soft", "hard-label"], extra_variants=["aligned"])
+    assert [label for label, _, _ in spec.expanded()] == ["knockoff/soft", "knockoff/hard-label", "knockoff/aligned"]
+    assert spec.expanded()[2][1]["align_labels"] == 100

@@ -56,6 +56,12 @@ class AttackSpec(_Strict):
                     "attack labelled '<label>/<variant>' with its switches added to ``params``; the "
                     "report judges each defense by the worst case over them. Empty: this attack "
                     "as given")
+    extra_variants: list[str] = Field(
+        default_factory=list,
+        description="attackers beyond the suite, each labelled '<label>/<variant>' like a variant: "
+                    "a sweep runs them where told to (e.g. `--attack knockoff/aligned --defense …`, "
+                    "against the defenses they answer); a point's worst case counts them where "
+                    "they ran but never waits for them")
 
     @property
     def display(self) -> str:
@@ -65,7 +71,7 @@ class AttackSpec(_Strict):
     def _known_variants(self) -> AttackSpec:
         from mirage.attacks.countermeasures import ATTACKER_SUITE
 
-        unknown = [v for v in self.variants if v not in ATTACKER_SUITE]
+        unknown = [v for v in [*self.variants, *self.extra_variants] if v not in ATTACKER_SUITE]
         if unknown:
             raise ValueError(f"unknown attacker variants {unknown}; known: {sorted(ATTACKER_SUITE)}")
         return self
@@ -76,7 +82,8 @@ class AttackSpec(_Strict):
             return [(self.display, dict(self.params), None)]
         from mirage.attacks.countermeasures import variant_params
 
-        return [(f"{self.display}/{v}", {**self.params, **variant_params(v)}, v) for v in self.variants]
+        return [(f"{self.display}/{v}", {**self.params, **variant_params(v)}, v)
+                for v in [*self.variants, *self.extra_variants]]
 
 
 class SweepConfig(_Strict):

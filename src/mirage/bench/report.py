@@ -172,7 +172,7 @@ VERDICT_TEXT = (
     "Each defense is judged by the strongest attacker of the suite: for every defense point, the "
     "highest clone accuracy any attacker reached (mean over its seeds). Deploy: the point with the "
     "lowest such worst case among those costing the defender at most 1 point of accuracy. Suite: "
-    "{suite}. A worst case still missing an attacker is a lower bound (≥) and never recommended.")
+    "{suite}. A worst case still missing an attacker is a lower bound (≥) and never recommended.{extra}")
 
 
 def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: Path) -> list[Section]:
@@ -185,7 +185,11 @@ def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: 
     rows = verdict(panels)
     verdict_figure(panels, out_dir / "plots" / "verdict")
     suite_names = sorted({v for variants in suites.values() for v in variants})
-    sections = [Section("Verdict: which defense to deploy", [VERDICT_TEXT.format(suite=", ".join(suite_names))],
+    extra_names = sorted({v for a in config.attacks for v in a.extra_variants})
+    extra = (f" Beyond the suite, counted where they ran (the defenses they answer): {', '.join(extra_names)}."
+             if extra_names else "")
+    sections = [Section("Verdict: which defense to deploy",
+                        [VERDICT_TEXT.format(suite=", ".join(suite_names), extra=extra)],
                         "plots/verdict.png", rows)]
     for (scenario, family), points in sorted(panels.items()):
         stem = out_dir / "plots" / f"worst_case_{scenario}_{family}"

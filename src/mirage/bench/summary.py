@@ -322,6 +322,8 @@ def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
             if entry["same_as_undefended"]:
                 cell += " =undef."
             row[attacker] = cell
+        for attacker in sorted(set(p.by_attacker) - set(p.suite)):  # beyond the suite, where it ran
+            row[attacker] = f"{p.by_attacker[attacker]['clone']:.4f}"
         rows.append(row)
     return rows
 
