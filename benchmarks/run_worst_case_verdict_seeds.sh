@@ -16,7 +16,7 @@ run --seed 0 --scenario fmnist-id --attack jbda \
   --defense none --defense grad2-unlearn-top1 --defense grad2-gated --defense grad2-gated-permute
 run --seed 0 --scenario mnist --defense grad2-gated-permute-0.5pct
 run --seed 0 --scenario mnist --attack knockoff/aligned --defense adaptive_misinformation \
-  --defense grad2-gated --defense grad2-gated-permute --defense grad2-gated-permute-0.5pct
+  --defense grad2-gated --defense grad2-gated-permute
 for seed in 1 2; do
   run --seed "$seed" --scenario fmnist-id --attack knockoff/hard-label --attack jbda/hard-label \
     --defense none --defense grad2-unlearn-top1 --defense grad2-gated
