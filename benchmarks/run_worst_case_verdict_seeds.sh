@@ -19,7 +19,7 @@ run --seed 0 --scenario mnist --attack knockoff/aligned --defense adaptive_misin
   --defense grad2-gated --defense grad2-gated-permute
 for seed in 1 2; do
   run --seed "$seed" --scenario fmnist-id --attack knockoff/hard-label --attack jbda/hard-label \
-    --defense none --defense grad2-unlearn-top1 --defense grad2-gated
+    --defense none --defense grad2-unlearn-top1 --defense mad_argmax --defense grad2-gated
 done
 for seed in 1 2; do
   run --seed "$seed" --scenario fmnist-id --attack jbda --defense none --defense grad2-gated
