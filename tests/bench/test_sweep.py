@@ -43,6 +43,18 @@ def test_store_ignores_a_torn_last_line_and_appends_after_it(tmp_path):
     assert [r["run_id"] for r in store.read()] == ["a", "c"]
 
 
+def test_a_run_is_recorded_once_even_by_two_sweeps_on_one_file(tmp_path):
+    path = tmp_path / "r.jsonl"
+    first, second = ResultStore(path), ResultStore(path)
+    assert first.append({"run_id": "a", "clone_accuracy": 0.5})
+    assert not second.append({"run_id": "a", "clone_accuracy": 0.6})  # a second sweep finished it too
+    assert second.append({"run_id": "b", "clone_accuracy": 0.7})
+    assert [(r["run_id"], r["clone_accuracy"]) for r in first.read()] == [("a", 0.5), ("b", 0.7)]
+    with path.open("a") as handle:  # a file written before the lock: the reader keeps the first
+        handle.write('{"run_id": "b", "clone_accuracy": 0.9}\n')
+    assert [(r["run_id"], r["clone_accuracy"]) for r in first.read()] == [("a", 0.5), ("b", 0.7)]
+
+
 def test_inline_sweep_then_rerun_does_nothing(tmp_path, small_config):
     results = tmp_path / "r.jsonl"
     status = run_sweep(small_config, results, runner=fake_run, executor="inline", show_progress=False)
