@@ -37,7 +37,10 @@ def test_suite_attacker_over_http_spends_exactly_its_budget(tmp_path, checkpoint
     with ServerThread(create_app(config)) as url, ExitStack() as stack:
         apis = [stack.enter_context(HTTPPredictionAPI(url, "digits", KEYS.get(name, f"key-{name}"), batch_size=16))
                 for name in names]
-        result = create_attack("knockoff", **params).run(apis if keys > 1 else apis[0], 90, pool, clone, seed=0)
+        labelled = ImageData(torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(1)),
+                             torch.arange(100) % 10)  # the aligned attacker's own labelled images
+        result = create_attack("knockoff", **params).run(apis if keys > 1 else apis[0], 90, pool, clone, seed=0,
+                                                         labelled=labelled)
         assert result.queries == 90 == sum(api.queries_used for api in apis)
         assert result.queries_per_key == [api.queries_used for api in apis]
         if keys == 1:
@@ -45,6 +48,7 @@ def test_suite_attacker_over_http_spends_exactly_its_budget(tmp_path, checkpoint
     assert result.transfer_size == (30 if variant == "averaging" else 90)
     assert result.decoys == (27 if variant == "mixing" else 0)
     assert result.effective_l1 is None  # a remote API cannot know the clean answers
+    assert ("alignment" in result.history[-1]) == (variant == "aligned")
 
 
 def test_a_multi_key_attacker_over_http_spends_its_budget_split_across_its_two_keys(tmp_path, checkpoints):
