@@ -18,19 +18,14 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
+from mirage.api.inprocess import clean_posteriors
 from mirage.data.base import ImageData
-
-
-@torch.no_grad()
-def predictions(model: nn.Module, images: Tensor, batch_size: int = 1024) -> Tensor:
-    model.eval()
-    return torch.cat([model(chunk).argmax(1) for chunk in images.split(batch_size)])
 
 
 def class_alignment(model: nn.Module, labelled: ImageData, num_classes: int) -> Tensor:
     """(K,) σ with σ[a] the true class the clone's class a stands for: the assignment that
     maximises the labelled images the clone gets right after relabelling."""
-    predicted = predictions(model, labelled.images)
+    predicted = clean_posteriors(model, labelled.images).argmax(1)
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.long)
     confusion.index_put_((predicted, labelled.labels), torch.ones_like(predicted), accumulate=True)
     rows, columns = linear_sum_assignment(confusion.numpy(), maximize=True)
@@ -44,7 +39,3 @@ def realign(answers: Tensor, sigma: Tensor) -> Tensor:
     moved = torch.empty_like(answers)
     moved[:, sigma] = answers
     return moved
-
-
-def labelled_accuracy(model: nn.Module, labelled: ImageData) -> float:
-    return float((predictions(model, labelled.images) == labelled.labels).float().mean())

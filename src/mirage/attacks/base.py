@@ -372,17 +372,18 @@ class Attack(abc.ABC):
         """The ``align_labels`` countermeasure (:mod:`mirage.attacks.alignment`): retrain on
         realigned answers when the clone's confusions on the labelled images show a relabelling,
         and keep the clone more accurate on them."""
-        from mirage.attacks.alignment import class_alignment, labelled_accuracy, realign
+        from mirage.api.evaluate import accuracy
+        from mirage.attacks.alignment import class_alignment, realign
 
         labelled = self._labelled
         sigma = class_alignment(model, labelled, num_classes)
         report: dict[str, Any] = {"labelled": len(labelled), "sigma": sigma.tolist(),
-                                  "accuracy_before": labelled_accuracy(model, labelled), "kept": False}
+                                  "accuracy_before": accuracy(model, labelled), "kept": False}
         if torch.equal(sigma, torch.arange(num_classes)):
             return model, stats, report
         realigned, realigned_stats = train_clone(clone, images, realign(answers, sigma), num_classes,
                                                  description=f"{description} (realigned)")
-        report["accuracy_after"] = labelled_accuracy(realigned, labelled)
+        report["accuracy_after"] = accuracy(realigned, labelled)
         if report["accuracy_after"] > report["accuracy_before"]:
             report["kept"] = True
             return realigned, realigned_stats, report
