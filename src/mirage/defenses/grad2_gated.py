@@ -149,13 +149,11 @@ class GatedGrad2(Defense):
         super().__init__(params, **kwargs)
         self.low = Grad2(self.params.branch(high=False))
         self.high = Grad2(self.params.branch(high=True))
-        self._permutations: dict[int, Tensor] = {}
 
     def permutation(self, num_classes: int) -> Tensor:
-        """The keyed derangement π of ``attacker_answer="permute"`` (from ``seed``)."""
-        if num_classes not in self._permutations:
-            self._permutations[num_classes] = keyed_derangement(num_classes, self.params.seed)
-        return self._permutations[num_classes]
+        """The keyed derangement π of ``attacker_answer="permute"`` (from ``seed``: the same π on
+        every call)."""
+        return keyed_derangement(num_classes, self.params.seed)
 
     def attacker_like(self, x: Tensor, probs: Tensor) -> Tensor:
         """(B,) bool: the rows the gate sends to the label-changing branch."""
