@@ -273,8 +273,7 @@ class Attack(abc.ABC):
     _labelled: ImageData | None = None  # the align_labels countermeasure's images, while :meth:`run` runs
 
     def __init__(self, params: AttackParams | None = None, **kwargs: Any) -> None:
-        params = typed_params(self.name, self.params_type, params, kwargs)
-        self.params = params
+        self.params = typed_params(self.name, self.params_type, params, kwargs)
 
     def run(self, api: PredictionAPI | Sequence[PredictionAPI], budget: int, data: ImageData,
             clone: CloneSpec, *, seed: int = 0, labelled: ImageData | None = None) -> AttackResult:

@@ -44,7 +44,8 @@ def attack(
     eval_size: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
     variant: Annotated[str | None, typer.Option(
         help="an attacker of the suite: soft, hard-label, averaging, restorer, noise-robust, "
-             "confident-only, mixing (30 % benign decoys), multi-key (4 API keys, in-process views) "
+             "confident-only, mixing (30 % benign decoys), multi-key (4 API keys, in-process views), "
+             "aligned (100 labelled images of the victim's training split) "
              "(`mirage attacks` lists their switches; the restorer is told the defense's name and "
              "public parameters)")] = None,
 ) -> None:

@@ -133,9 +133,8 @@ class Defense(abc.ABC):
     params_type: ClassVar[type[DefenseParams]] = DefenseParams
 
     def __init__(self, params: DefenseParams | None = None, **kwargs: Any) -> None:
-        params = typed_params(self.name, self.params_type, params, kwargs)
-        self.params = params
-        self._contract = type(self).contract_for(params)
+        self.params = typed_params(self.name, self.params_type, params, kwargs)
+        self._contract = type(self).contract_for(self.params)
 
     @classmethod
     def contract_for(cls, params: DefenseParams) -> DefenseContract:
