@@ -112,3 +112,25 @@ def test_extra_variants_expand_like_variants_and_are_not_the_suite():
     spec = AttackSpec(name="knockoff", budget=10, variants=["soft", "hard-label"], extra_variants=["aligned"])
     assert [label for label, _, _ in spec.expanded()] == ["knockoff/soft", "knockoff/hard-label", "knockoff/aligned"]
     assert spec.expanded()[2][1]["align_labels"] == 100
+
+
+def test_points_are_compared_on_the_seeds_they_share():
+    # "lucky" has one seed, the lowest of all; "steady" has three, and is lower at that same seed
+    steady = [record("steady", a, c + 0.01 * seed, seed=seed, digest=None)
+              for seed in (0, 1, 2) for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))]
+    lucky = [record("lucky", a, c) for a, c in (("soft", 0.44), ("hard-label", 0.455), ("averaging", 0.43))]
+    points = worst_case_points(RECORDS[:3] + steady + lucky, {"knockoff": SUITE})
+    by_name = {p.defense: p for p in points[("s", "knockoff")]}
+    assert by_name["lucky"].worst < by_name["steady"].worst  # 0.455 < 0.46, steady's mean of three
+    (row,) = verdict(points)
+    # on seed 0, which both have, steady's worst case is 0.45 against lucky's 0.455
+    assert row["deploy"] == "steady" and row["compared on"] == "0" and row["seeds"] == "0,1,2"
+    assert abs(row["worst-case clone"] - 0.46) < 1e-9  # reported over all of its own seeds
+
+
+def test_equal_worst_cases_on_shared_seeds_go_to_the_point_with_more_seeds():
+    three = [record("three", a, c, seed=seed, overhead_ratio=3.0)
+             for seed in (0, 1, 2) for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))]
+    one = [record("one", a, c, overhead_ratio=1.0) for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))]
+    (row,) = verdict(worst_case_points(RECORDS[:3] + three + one, {"knockoff": SUITE}))
+    assert row["deploy"] == "three"  # tied at seed 0; three seeds beat a lower overhead

@@ -285,6 +285,7 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
                     == undefended_digest.get((scenario, family, attacker, r["seed"])) for r in runs]
             by_attacker[attacker] = {"clone": float(np.mean(clones)), "sd": float(np.std(clones)),
                                      "seeds": sorted(r["seed"] for r in runs),
+                                     "by_seed": {r["seed"]: r["clone_accuracy"] for r in runs},
                                      "same_as_undefended": defense != "none" and all(same)}
         l1 = [r["effective_l1"] for r in group if r.get("attacker") == "soft" and r.get("effective_l1") is not None]
         overhead = [r["overhead_ratio"] for r in group if r.get("overhead_ratio") is not None]
@@ -347,14 +348,60 @@ def worst_case_best_within(points: list[WorstCasePoint], drops=ACCURACY_DROPS) -
     return rows
 
 
+def worst_on_seeds(point: WorstCasePoint, other: WorstCasePoint) -> float:
+    """``point``'s worst case with each attacker's clone averaged over the seeds at which ``other``
+    ran that attacker too (over all its seeds where they share none), so that two points measured
+    at different seeds are compared on the seeds they share: a lucky single seed cannot beat three."""
+    clones = []
+    for attacker, entry in point.by_attacker.items():
+        theirs = other.by_attacker.get(attacker, {}).get("seeds", ())
+        shared = [entry["by_seed"][s] for s in entry["seeds"] if s in theirs]
+        clones.append(float(np.mean(shared)) if shared else entry["clone"])
+    return max(clones)
+
+
+def _n_seeds(point: WorstCasePoint) -> int:
+    return len({s for entry in point.by_attacker.values() for s in entry["seeds"]})
+
+
+def _deploy_key(point: WorstCasePoint, other: WorstCasePoint) -> tuple:
+    """The verdict's order of ``point`` against ``other``: worst case on their shared seeds, then
+    `none` first, then more seeds, then the lower defender cost, then the lower overhead."""
+    return (round(worst_on_seeds(point, other), 9), point.defense != "none", -_n_seeds(point), point.drop,
+            math.inf if point.overhead_ratio is None else point.overhead_ratio)
+
+
+def _compared_on(best: WorstCasePoint, eligible: list[WorstCasePoint]) -> str:
+    """The seeds of ``best``'s binding attacker shared with the runner-up (its own without one)."""
+    others = [p for p in eligible if p is not best]
+    if not others:
+        return "own seeds"
+    runner_up = min(others, key=lambda p: _deploy_key(p, best))
+    theirs = runner_up.by_attacker.get(best.worst_attacker, {}).get("seeds", ())
+    return ",".join(str(s) for s in best.by_attacker[best.worst_attacker]["seeds"] if s in theirs) or "own seeds"
+
+
+def deploy_choice(points: list[WorstCasePoint]) -> WorstCasePoint:
+    """The point to deploy among ``points``: challengers in order of their own worst case, each
+    replacing the champion when it wins on the seeds the two share (:func:`_deploy_key`)."""
+    champion, *challengers = sorted(points, key=lambda p: _deploy_key(p, p))
+    for challenger in challengers:
+        if _deploy_key(challenger, champion) < _deploy_key(champion, challenger):
+            champion = challenger
+    return champion
+
+
 def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float = 0.01
             ) -> list[dict[str, Any]]:
     """Per (scenario, attack family): the defense to deploy — the point with the lowest worst-case
     clone among those costing the defender at most ``max_drop`` and judged by the whole suite —
-    with its worst case, the attacker that reached it, its soft-label clone, the undefended
-    worst case, the defender's cost and the per-query overhead. Equal worst cases (top-1-keeping
-    defenses all leave the hard-label attacker the undefended clone) go to `none`, then to the
-    cheaper point: defender cost first, then per-query overhead."""
+    with its worst case (over all its seeds), the attacker that reached it, its soft-label clone,
+    the undefended worst case, the defender's cost and the per-query overhead.
+
+    Two points are compared on the seeds they share (:func:`deploy_choice`; ``compared on``: the
+    seeds of the binding attacker at which the runner-up ran it too). Equal worst cases (top-1-keeping defenses all leave the hard-label attacker the
+    undefended clone) go to `none`, then to the point measured at more seeds, then to the cheaper
+    point: defender cost first, then per-query overhead."""
     rows = []
     for (scenario, family), points in sorted(panels.items()):
         undefended = next((p for p in points if p.defense == "none" and p.complete), None)
@@ -365,22 +412,23 @@ def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float
                          "worst-case clone": None, "by attacker": None, "soft clone": None,
                          "undefended worst case": None if undefended is None else undefended.worst,
                          "defender cost (pts)": None, "overhead": None, "seeds": None,
-                         "points pending": pending})
+                         "compared on": None, "points pending": pending})
             continue
-        best = min(eligible, key=lambda p: (p.worst, p.defense != "none", p.drop,
-                                            math.inf if p.overhead_ratio is None else p.overhead_ratio))
+        best = deploy_choice(eligible)
         seeds = sorted({s for entry in best.by_attacker.values() for s in entry["seeds"]})
+        worst_entry = best.by_attacker[best.worst_attacker]
         rows.append({"scenario": scenario, "attack": family,
                      "deploy": best.defense if best.params == "–" else f"{best.defense} ({best.params})",
                      "worst-case clone": best.worst,
                      "by attacker": best.worst_attacker + (
-                         f" ± {best.by_attacker[best.worst_attacker]['sd']:.3f}"
-                         if len(best.by_attacker[best.worst_attacker]["seeds"]) > 1 else ""),
+                         f" ± {worst_entry['sd']:.3f}" if len(worst_entry["seeds"]) > 1 else ""),
                      "soft clone": best.soft,
                      "undefended worst case": None if undefended is None else undefended.worst,
                      "defender cost (pts)": f"{100 * best.drop:.2f}",
                      "overhead": best.overhead_ratio,
-                     "seeds": ",".join(map(str, seeds)), "points pending": pending})
+                     "seeds": ",".join(map(str, seeds)),
+                     "compared on": _compared_on(best, eligible),
+                     "points pending": pending})
     return rows
 
 
