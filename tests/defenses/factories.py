@@ -55,6 +55,8 @@ FACTORIES: dict[str, Callable[[int], Defense]] = {
                                                    surrogate=tiny_model(k)),
     "grad2_gated/permute": lambda k: create_defense("grad2_gated", epsilon_low=0.3, epsilon_high=1.2, tau=0.3,
                                                     attacker_answer="permute", surrogate=tiny_model(k)),
+    "grad2_gated/scramble": lambda k: create_defense("grad2_gated", epsilon_low=0.3, epsilon_high=2.0, tau=0.3,
+                                                     attacker_answer="scramble", surrogate=tiny_model(k)),
     # every bucket selected and no margin, so that the properties meet carried rows
     "watermarked": lambda k: create_defense("watermarked", key=b"k" * 32, inner=create_defense("top_k", k=3),
                                             config=WatermarkConfig(bucket_fraction=1.0, margin=0.0)),

@@ -6,7 +6,7 @@ import torch
 
 from mirage.defenses import DEFENSES, create_defense
 from mirage.defenses.base import strict_top1_kept
-from mirage.defenses.grad2_gated import benign_threshold, gate_scores
+from mirage.defenses.grad2_gated import benign_threshold, gate_scores, keyed_query_permutations
 from mirage.models import create_model
 
 
@@ -100,3 +100,37 @@ def test_permute_within_a_small_budget_moves_along_the_segment(nets):
     torch.testing.assert_close(served, probs + lam * (target - probs))
     assert (served >= 0).all()
     torch.testing.assert_close(served.sum(1), torch.ones(64, dtype=served.dtype))
+
+
+def test_scramble_serves_each_query_its_own_keyed_permutation_of_the_posterior(nets):
+    surrogate, victim = nets
+    x, probs = _batch(victim, 128)
+    gated = create_defense("grad2_gated", tau=float("inf"), epsilon_high=2.0, target="max-norm",
+                           surrogate=surrogate, attacker_answer="scramble", seed=3)
+    served = gated(x, probs)
+    sigma = keyed_query_permutations(x, 10, seed=3)
+    assert (sigma.sort(1).values == torch.arange(10)).all()  # a permutation per row
+    for i in range(len(x)):  # row i's class j is served as class σ_i(j)
+        torch.testing.assert_close(served[i, sigma[i]], probs[i])
+    torch.testing.assert_close(served.sort(1).values, probs.sort(1).values)  # the same profile
+    # the same query, alone or in another batch, gets the same answer; a jittered copy another
+    torch.testing.assert_close(gated(x[5:6], probs[5:6]), served[5:6])
+    torch.testing.assert_close(gated(x.flip(0), probs.flip(0)), served.flip(0))
+    jittered = keyed_query_permutations(x + 1e-3, 10, seed=3)
+    assert (jittered != sigma).any(1).float().mean() > 0.95
+    assert (keyed_query_permutations(x, 10, seed=4) != sigma).any(1).float().mean() > 0.95  # keyed
+
+
+def test_scrambled_labels_are_uniform_whatever_the_true_class(nets):
+    # one posterior (true class 0) for 5,000 different queries: the served top-1 must be uniform
+    # over the 10 classes (a chi-square test against the uniform law at the 0.1 % level), and so
+    # carry no information about the true class (the true class is no more frequent than others)
+    x = torch.rand(5000, 1, 8, 8, generator=torch.Generator().manual_seed(11))
+    probs = torch.softmax(torch.tensor([4.0, 1.0] + [0.0] * 8), 0).expand(5000, 10).contiguous()
+    gated = create_defense("grad2_gated", tau=float("inf"), epsilon_high=2.0, attacker_answer="scramble",
+                           surrogate=nets[0], seed=0)
+    counts = torch.bincount(gated(x, probs).argmax(1), minlength=10).double()
+    chi2 = float(((counts - 500) ** 2 / 500).sum())
+    assert 1 - torch.distributions.Chi2(9.0).cdf(torch.tensor(chi2)) > 1e-3, counts
+    blank = gated(torch.zeros(2, 1, 8, 8), probs[:2])
+    assert blank.argmax(1)[0] == blank.argmax(1)[1]  # deterministic, and keyed even for a blank image

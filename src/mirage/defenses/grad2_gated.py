@@ -26,6 +26,13 @@ Above the gate, ``attacker_answer`` says what is served:
   and the answer keeps the victim's confidence profile, so neither its shape nor its top
   probability shows which branch made it. π is a secret (``seed``); an attacker holding labelled
   in-distribution images could estimate a global π and undo it (docs/design.md §grad2-gated).
+- ``"scramble"``: the limit of redirection towards a behaviour that carries *no* information
+  about the class, t(x) = the victim's posterior with its classes moved by a permutation σ_x drawn
+  uniformly among all K! by a keyed hash of the query itself (:func:`keyed_query_permutations`).
+  Its top-1 is then uniform over the K classes whatever the true class, so no global realignment,
+  noise-robust loss, repetition or averaging of flagged answers recovers anything from them: an
+  attacker learns only from the queries the gate lets through. The same query always gets the
+  same answer; the budget and the segment rule are those of ``"permute"``.
 
 Both GRAD² branches are registered instances called through :meth:`Defense.__call__`, so every
 row is checked against its own branch's contract (ε_low and top-1 below the gate, ε_high above),
@@ -47,7 +54,7 @@ from mirage.defenses.redirect import TOP1_MARGIN
 from mirage.defenses.targets import TargetName
 
 GateName = Literal["msp", "oe-msp", "max-logit", "neg-energy"]
-AttackerAnswer = Literal["redirect", "permute"]
+AttackerAnswer = Literal["redirect", "permute", "scramble"]
 
 
 class GatedGrad2Params(DefenseParams):
@@ -57,7 +64,8 @@ class GatedGrad2Params(DefenseParams):
     gate_score: GateName = "msp"
     gate_model: Any = Field(None, description="nn.Module scoring the gate (all gates but msp)")
     attacker_answer: AttackerAnswer = Field(
-        "redirect", description="above the gate: GRAD² redirection, or the posterior moved by a keyed derangement")
+        "redirect", description="above the gate: GRAD² redirection, or the posterior moved by a keyed derangement "
+                    "(permute) or by a permutation keyed on the query (scramble)")
     target: TargetName = "all-ones"
     surrogate: Any = None
     reference_x: Any = None
@@ -124,11 +132,29 @@ def keyed_derangement(num_classes: int, seed: int) -> Tensor:
             return permutation
 
 
+def keyed_query_permutations(x: Tensor, num_classes: int, seed: int) -> Tensor:
+    """(B, K) one permutation of the classes per query, a keyed pseudo-random function of the query:
+    the fractional parts of a keyed Gaussian projection (plus a keyed offset, so that a blank image
+    is scrambled too) of the flattened input, scaled by 2¹⁶, are
+    close to independent uniforms, and their argsort is close to a uniform permutation. Computed in
+    float64, so a query's permutation does not depend on the batch it came in; any change to the
+    query (a jittered copy) draws a fresh one."""
+    flat = x.reshape(len(x), -1).double()
+    generator = torch.Generator().manual_seed(seed)
+    projection = torch.randn(flat.shape[1] + 1, num_classes, generator=generator, dtype=torch.float64)
+    scores = flat @ projection[1:].to(flat.device) + projection[0].to(flat.device)
+    return torch.frac(scores.abs() * 65536.0).argsort(1)
+
+
 def permuted_answer(probs: Tensor, permutation: Tensor, epsilon: float) -> Tensor:
-    """(B, K) the answer moved towards t = probs with class j's mass at ``permutation[j]``, as
-    far as the L1 budget ``epsilon`` allows: y + min(1, ε/‖t − y‖₁)(t − y), on the simplex."""
+    """(B, K) the answer moved towards t = probs with class j's mass at ``permutation[j]`` (one
+    permutation (K,) for every row, or one per row (B, K)), as far as the L1 budget ``epsilon``
+    allows: y + min(1, ε/‖t − y‖₁)(t − y), on the simplex."""
     target = torch.empty_like(probs)
-    target[:, permutation] = probs
+    if permutation.dim() == 1:
+        target[:, permutation] = probs
+    else:
+        target.scatter_(1, permutation, probs)
     distance = (target - probs).abs().sum(1, keepdim=True)
     step = torch.where(distance > epsilon, epsilon / distance.clamp_min(1e-12), torch.ones_like(distance))
     return probs + step * (target - probs)
@@ -168,6 +194,9 @@ class GatedGrad2(Defense):
             if self.params.attacker_answer == "permute":
                 served[high] = permuted_answer(probs[high], self.permutation(probs.shape[1]).to(probs.device),
                                                self.params.epsilon_high)
+            elif self.params.attacker_answer == "scramble":
+                permutations = keyed_query_permutations(x[high], probs.shape[1], self.params.seed)
+                served[high] = permuted_answer(probs[high], permutations, self.params.epsilon_high)
             else:
                 served[high] = self.high(x[high], probs[high])
         return served
