@@ -85,14 +85,19 @@ def test_permute_serves_the_victims_posterior_moved_by_a_keyed_derangement(nets)
     torch.testing.assert_close(again(x, probs), served)
 
 
-def test_permute_within_a_small_budget_moves_along_the_segment(nets):
+@pytest.mark.parametrize("answer", ["permute", "scramble"])
+def test_within_a_small_budget_the_answer_moves_along_the_segment(nets, answer):
     surrogate, victim = nets
     x, probs = _batch(victim, 64)
     gated = create_defense("grad2_gated", tau=float("inf"), epsilon_high=0.4, target="max-norm",
-                           surrogate=surrogate, attacker_answer="permute", seed=1)
+                           surrogate=surrogate, attacker_answer=answer, seed=1)
     served = gated(x, probs)
     target = torch.empty_like(probs)
-    target[:, gated.permutation(10)] = probs
+    if answer == "permute":
+        target[:, gated.permutation(10)] = probs
+    else:
+        for i, sigma in enumerate(keyed_query_permutations(x, 10, seed=1)):
+            target[i, sigma] = probs[i]
     distance = (target - probs).abs().sum(1)
     l1 = (served - probs).abs().sum(1)
     torch.testing.assert_close(l1, distance.clamp(max=0.4))
