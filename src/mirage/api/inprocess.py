@@ -12,20 +12,9 @@ from torch import Tensor, nn
 from mirage.api.base import QueryBudgetExceeded, QueryLedger, QueryRefused, check_images
 from mirage.api.detection import PradaDetector
 from mirage.defenses.base import Defense
+from mirage.models.base import clean_posteriors
 
-
-@torch.no_grad()
-def clean_posteriors(model: nn.Module, x: Tensor, *, batch_size: int = 1024) -> Tensor:
-    """softmax(model(x)) in eval mode, chunked; returns CPU float32 (N, K)."""
-    weight = next(model.parameters(), None)   # none in a wrapped ONNX session (§model-formats)
-    device = weight.device if weight is not None else torch.device("cpu")
-    was_training = model.training
-    model.eval()
-    try:
-        out = [torch.softmax(model(chunk.to(device)), dim=1).cpu() for chunk in x.split(batch_size)]
-    finally:
-        model.train(was_training)
-    return torch.cat(out)
+__all__ = ["InProcessAPI", "clean_posteriors"]
 
 
 class InProcessAPI:

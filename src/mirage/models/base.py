@@ -51,3 +51,17 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.classifier(self.features(x))
+
+
+@torch.no_grad()
+def clean_posteriors(model: nn.Module, x: Tensor, *, batch_size: int = 1024) -> Tensor:
+    """softmax(model(x)) in eval mode, chunked; returns CPU float32 (N, K)."""
+    weight = next(model.parameters(), None)   # none in a wrapped ONNX session (§model-formats)
+    device = weight.device if weight is not None else torch.device("cpu")
+    was_training = model.training
+    model.eval()
+    try:
+        out = [torch.softmax(model(chunk.to(device)).float(), dim=1).cpu() for chunk in x.split(batch_size)]
+    finally:
+        model.train(was_training)
+    return torch.cat(out)

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mirage.models.base import clean_posteriors
 from mirage.ownership.evidence import Evidence
 from mirage.ownership.watermark import KeyedWatermark
 
@@ -101,15 +102,6 @@ class OwnershipTest:
 
 
 @torch.no_grad()
-def probabilities(model: nn.Module, x: Tensor, *, batch_size: int = 512) -> Tensor:
-    was_training = getattr(model, "training", False)
-    model.eval()
-    try:
-        return torch.cat([torch.softmax(model(chunk).float(), 1).cpu() for chunk in x.split(batch_size)])
-    finally:
-        model.train(was_training)
-
-
 def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | None, buckets: list[str],
                *, client: str = "", tests: int = 1, alpha: float = 1e-6) -> OwnershipTest:
     """The exact test of ``suspect`` against one key's evidence (``tests``: how many clients are
@@ -118,7 +110,7 @@ def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | N
         raise ValueError("alpha must lie in (0, 1)")
     labels = {b: watermark.label_of(b) for b in set(buckets)}
     k = watermark.num_classes
-    probs = probabilities(suspect, images) if images is not None else torch.zeros(0, k)
+    probs = clean_posteriors(suspect, images, batch_size=512) if images is not None else torch.zeros(0, k)
     if probs.shape[1] != k:
         raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
     matches, expected, match_p = match_pvalue(probs.argmax(1), buckets, labels, k)
