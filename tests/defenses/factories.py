@@ -57,6 +57,9 @@ FACTORIES: dict[str, Callable[[int], Defense]] = {
                                                     attacker_answer="permute", surrogate=tiny_model(k)),
     "grad2_gated/scramble": lambda k: create_defense("grad2_gated", epsilon_low=0.3, epsilon_high=2.0, tau=0.3,
                                                      attacker_answer="scramble", surrogate=tiny_model(k)),
+    "grad2_gated/alarm": lambda k: create_defense("grad2_gated", epsilon_low=0.3, epsilon_high=2.0, tau=0.3,
+                                                  attacker_answer="scramble", alarm_rate=0.05, alarm_alpha=1e-3,
+                                                  surrogate=tiny_model(k)),
     # every bucket selected and no margin, so that the properties meet carried rows
     "watermarked": lambda k: create_defense("watermarked", key=b"k" * 32, inner=create_defense("top_k", k=3),
                                             config=WatermarkConfig(bucket_fraction=1.0, margin=0.0)),

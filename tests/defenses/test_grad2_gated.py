@@ -139,3 +139,66 @@ def test_scrambled_labels_are_uniform_whatever_the_true_class(nets):
     assert 1 - torch.distributions.Chi2(9.0).cdf(torch.tensor(chi2)) > 1e-3, counts
     blank = gated(torch.zeros(2, 1, 8, 8), probs[:2])
     assert blank.argmax(1)[0] == blank.argmax(1)[1]  # deterministic, and keyed even for a blank image
+
+
+def _tail(count, n, rate):
+    """P(Binomial(n, rate) ≥ count), summed exactly in rationals (an independent reference)."""
+    from fractions import Fraction
+    from math import comb
+
+    p = Fraction(rate)
+    return float(sum(comb(n, k) * p ** k * (1 - p) ** (n - k) for k in range(count, n + 1)))
+
+
+def _stream(flags, seed=0):
+    """Queries whose victim posterior's max is 0.3 where ``flags`` is true (flagged by the msp gate
+    at τ = 0.5) and 0.9 elsewhere."""
+    x = torch.rand(len(flags), 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+    top = torch.where(torch.as_tensor(flags), 0.3, 0.9)
+    probs = torch.cat([top[:, None], ((1 - top) / 9)[:, None].expand(-1, 9)], 1)
+    return x, probs
+
+
+@pytest.mark.parametrize("batches", [[60], [7, 20, 33], [1] * 60])
+def test_the_stream_alarm_fires_where_the_exact_binomial_tail_first_drops_below_alpha(nets, batches):
+    flags = torch.rand(60, generator=torch.Generator().manual_seed(2)) < 0.45
+    rate, alpha = 0.1, 1e-4
+    expected = next(n for n in range(1, 61) if _tail(int(flags[:n].sum()), n, rate) < alpha)
+    gated = create_defense("grad2_gated", tau=0.5, epsilon_low=0.3, epsilon_high=2.0, surrogate=nets[0],
+                           attacker_answer="scramble", alarm_rate=rate, alarm_alpha=alpha)
+    assert gated.contract.stateful
+    x, probs = _stream(flags.tolist())
+    served, start = [], 0
+    for size in batches:
+        served.append(gated(x[start:start + size], probs[start:start + size]))
+        start += size
+    served = torch.cat(served)
+    assert gated.alarm_at == expected and gated.queries_seen == 60 and gated.queries_flagged == int(flags.sum())
+    # before the alarm a query passing the gate keeps its label; from the alarm on none is spared
+    kept = served.argmax(1) == 0
+    assert kept[:expected][~flags[:expected]].all()
+    sigma = keyed_query_permutations(x, 10, seed=0)
+    torch.testing.assert_close(served[expected:].sort(1).values, probs[expected:].sort(1).values)
+    assert (served[expected:].argmax(1) == sigma[expected:, 0]).all()  # every one scrambled
+
+
+def test_a_benign_stream_never_alarms_and_each_key_is_its_own_stream(nets):
+    from mirage.api import InProcessAPI
+
+    gated = create_defense("grad2_gated", tau=0.5, epsilon_low=0.3, epsilon_high=2.0, surrogate=nets[0],
+                           attacker_answer="scramble", alarm_rate=0.1)
+    benign = torch.rand(5000, generator=torch.Generator().manual_seed(3)) < 0.03  # 3 % flagged
+    x, probs = _stream(benign.tolist(), seed=4)
+    for xs, ps in zip(x.split(256), probs.split(256)):
+        gated(xs, ps)
+    assert not gated.alarmed and gated.queries_seen == 5000
+
+    # every query flagged (τ above any max probability): alice's 64 alarm her stream, not bob's
+    everything = create_defense("grad2_gated", tau=1.01, epsilon_low=0.3, epsilon_high=2.0, surrogate=nets[0],
+                                attacker_answer="scramble", alarm_rate=0.1)
+    alice = InProcessAPI(nets[1], everything)
+    bob = alice.for_client("bob")
+    alice.query(torch.rand(64, 1, 8, 8))
+    bob.query(torch.rand(1, 1, 8, 8))
+    assert alice.defense.alarmed and not bob.defense.alarmed
+    assert (alice.defense.queries_seen, bob.defense.queries_seen) == (64, 1)

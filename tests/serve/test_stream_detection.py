@@ -262,3 +262,42 @@ def test_detection_config_is_validated(tmp_path, checkpoints):
     loaded = load_config(tmp_path / "cfg" / "serve.toml")
     assert loaded.detection.prada == PradaConfig(delta=0.8, window=100)
     assert loaded.detection.alarm_defense.surrogate == tmp_path / "cfg" / "surrogate"  # anchored like [defense]
+
+
+def test_gated_grad2s_own_stream_alarm_is_recorded_once_and_scrambles_that_client_only(tmp_path, checkpoints,
+                                                                                      victim):
+    from mirage.defenses.grad2_gated import keyed_query_permutations
+
+    # the gate is the victim's max softmax at τ = the median over these images: the thief sends
+    # the 60 least confident, the benign client the 60 most confident (none of them flagged)
+    pool = load_dataset("digits").test.images[:200]
+    msp = clean_posteriors(victim, pool).max(1).values
+    order = msp.argsort()
+    tau = float(msp[order[100]])
+    thief, benign = pool[order[:60]], pool[order[-60:]]
+    defense = {"name": "grad2_gated", "surrogate": str(checkpoints["surrogate"]),
+               "params": {"tau": tau, "gate_score": "msp", "epsilon_low": 0.3, "epsilon_high": 2.0,
+                          "target": "all-ones", "attacker_answer": "scramble", "alarm_rate": 0.1,
+                          "alarm_alpha": 1e-6}}
+    config = make_config(tmp_path, checkpoints, defense=defense)
+    with pytest.raises(ValidationError, match="per_client"):
+        make_config(tmp_path, checkpoints, defense={**defense, "per_client": False})
+    with ServerThread(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as http:
+        bob = [answers(r) for r in send(http, "bob", list(benign.split(20)))]
+        alice = [answers(r) for r in send(http, "alice", list(thief.split(20)))]
+        per_client = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
+    audit = AuditLog(config.audit_path)
+    try:
+        events = [(e["source"], e["detail"]) for e in audit.events() if e["kind"] == "defense_alarm"]
+    finally:
+        audit.close()
+    # every query flagged: the alarm is the first n with P(Binomial(n, 0.1) ≥ n) = 0.1ⁿ < 1e-6
+    expected = next(n for n in range(1, 61) if 0.1 ** n < 1e-6)
+    assert events == [("alice", f"queries={expected} defense=grad2_gated")]
+    assert 'mirage_defense_alarms_total{client="alice",model="digits"} 1.0' in per_client
+    assert 'mirage_defense_alarms_total{client="bob"' not in per_client
+    clean = clean_posteriors(victim, thief)
+    sigma = keyed_query_permutations(thief, 10, seed=0)
+    for i, served in enumerate(torch.cat(alice)):  # every answer scrambled by its own keyed σ
+        torch.testing.assert_close(served[sigma[i]], clean[i], rtol=0, atol=1e-5)
+    assert (torch.cat(bob).argmax(1) == clean_posteriors(victim, benign).argmax(1)).all()  # top-1 kept

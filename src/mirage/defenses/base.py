@@ -147,6 +147,13 @@ class Defense(abc.ABC):
         """What this instance promises (its parameters are frozen, so this never changes)."""
         return self._contract
 
+    @property
+    def stream_alarm(self) -> int | None:
+        """Where in this instance's stream of queries it raised an alarm (1-based), ``None`` if it
+        never did or judges no stream. The service records the first one per client
+        (docs/design.md §grad2-gated)."""
+        return None
+
     def __call__(self, x: Tensor | None, probs: Tensor) -> Tensor:
         check_probs(probs)
         if self.contract.needs_input:

@@ -34,6 +34,14 @@ Above the gate, ``attacker_answer`` says what is served:
   attacker learns only from the queries the gate lets through. The same query always gets the
   same answer; the budget and the segment rule are those of ``"permute"``.
 
+A per-query gate still answers an attacker truthfully on the queries it lets through, and those
+alone train a clone. With ``alarm_rate`` set, the gate also judges the *stream* (the instance's
+whole history; the service keeps one instance per client): after each query it tests whether the
+number of flagged queries so far exceeds what a benign client flagged at rate ``alarm_rate`` would
+send, P(Binomial(n, alarm_rate) ≥ flagged) < ``alarm_alpha``, and from the first query at which it
+does every later answer is the attacker's (:meth:`GatedGrad2.observe_stream`). The state is two
+counts and the alarm position: O(1) per client.
+
 Both GRAD² branches are registered instances called through :meth:`Defense.__call__`, so every
 row is checked against its own branch's contract (ε_low and top-1 below the gate, ε_high above),
 and the whole answer against this defense's (simplex, max(ε_low, ε_high)).
@@ -46,6 +54,7 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
+from scipy.stats import binom
 from torch import Tensor, nn
 
 from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
@@ -76,6 +85,9 @@ class GatedGrad2Params(DefenseParams):
     top1_margin: float = Field(TOP1_MARGIN, ge=0, lt=0.5)
     batch_size: int = Field(256, ge=1)
     seed: int = 0
+    alarm_rate: float | None = Field(
+        None, gt=0, lt=1, description="per-client alarm: the flag rate a benign client stays under (None: no alarm)")
+    alarm_alpha: float = Field(1e-9, gt=0, lt=1, description="the alarm's false-positive level per client stream")
 
     @field_validator("gate_model")
     @classmethod
@@ -168,13 +180,34 @@ class GatedGrad2(Defense):
     def contract_for(cls, params: GatedGrad2Params) -> DefenseContract:
         """Stateful as GRAD² is (with a surrogate ensemble); the budget is the larger branch's."""
         ensemble = isinstance(params.surrogate, Sequence) and len(params.surrogate) > 1
-        return DefenseContract(needs_input=True, keeps_top1=False, stateful=ensemble,
+        return DefenseContract(needs_input=True, keeps_top1=False,
+                               stateful=ensemble or params.alarm_rate is not None,
                                budget=max(params.epsilon_low, params.epsilon_high))
 
     def __init__(self, params: GatedGrad2Params | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         self.low = Grad2(self.params.branch(high=False))
         self.high = Grad2(self.params.branch(high=True))
+        self.queries_seen = 0
+        self.queries_flagged = 0
+        self.alarm_at: int | None = None  # the 1-based position in the stream of the alarming query
+
+    @property
+    def alarmed(self) -> bool:
+        return self.alarm_at is not None
+
+    @property
+    def stream_alarm(self) -> int | None:
+        return self.alarm_at
+
+    def alarm_position(self, flagged: Tensor) -> int | None:
+        """Index into this batch of the first query at which the stream's flag count becomes
+        significant (one-sided binomial test against ``alarm_rate`` at ``alarm_alpha``), or None."""
+        n = self.queries_seen + torch.arange(1, len(flagged) + 1)
+        count = self.queries_flagged + flagged.long().cumsum(0)
+        tail = binom.sf(count.numpy() - 1, n.numpy(), self.params.alarm_rate)  # P(X ≥ count)
+        hits = (tail < self.params.alarm_alpha).nonzero()[0]
+        return int(hits[0]) if len(hits) else None
 
     def permutation(self, num_classes: int) -> Tensor:
         """The keyed derangement π of ``attacker_answer="permute"`` (from ``seed``: the same π on
@@ -187,6 +220,8 @@ class GatedGrad2(Defense):
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         high = self.attacker_like(x, probs)
+        if self.params.alarm_rate is not None:
+            high = self.observe_stream(high)
         served = torch.empty_like(probs)
         if (~high).any():
             served[~high] = self.low(x[~high], probs[~high])
@@ -200,3 +235,19 @@ class GatedGrad2(Defense):
             else:
                 served[high] = self.high(x[high], probs[high])
         return served
+
+    def observe_stream(self, flagged: Tensor) -> Tensor:
+        """The next request of this client's stream, flagged by the gate as ``flagged`` (B,):
+        which of its rows get the attacker's answer (every row from the alarm on). The stream's
+        counts advance by this request, with the flags the gate gave."""
+        served_high = flagged.clone()
+        if self.alarm_at is None:
+            first = self.alarm_position(flagged.cpu())
+            if first is not None:
+                self.alarm_at = self.queries_seen + first + 1
+                served_high[first:] = True
+        else:
+            served_high[:] = True
+        self.queries_seen += len(flagged)
+        self.queries_flagged += int(flagged.sum())
+        return served_high

@@ -61,6 +61,10 @@ class Watermarked(Defense):
             self._watermarks[num_classes] = KeyedWatermark(self.params.key, num_classes, self.params.config)
         return self._watermarks[num_classes]
 
+    @property
+    def stream_alarm(self) -> int | None:
+        return None if self.params.inner is None else self.params.inner.stream_alarm
+
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         inner = self.params.inner
         served = probs if inner is None else inner(x, probs)

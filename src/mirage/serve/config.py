@@ -240,6 +240,8 @@ class DefenseConfig(DefenseSpec):
     def _seeded(self) -> DefenseConfig:
         if self.seed_per_client and (self.training_time or "seed" not in DEFENSES[self.name].params.model_fields):
             raise ValueError(f"seed_per_client: defense {self.name!r} has no seed")
+        if self.params.get("alarm_rate") is not None and not self.per_client:
+            raise ValueError("params.alarm_rate judges each client's stream: it needs per_client = true")
         return self
 
 

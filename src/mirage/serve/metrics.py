@@ -24,6 +24,8 @@ SERIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = 
     "mirage_rejected_requests_total": ("counter", "Rejected requests by reason.", ("reason",), None),
     "mirage_prada_alarms_total": ("counter", "Clients whose query stream raised PRADA's alarm.",
                                   ("client", "model"), None),
+    "mirage_defense_alarms_total": ("counter", "Clients whose defense raised its own stream alarm.",
+                                    ("client", "model"), None),
     "mirage_model_seconds_total": ("counter", "Seconds spent in the victim's forward pass.", ("model",), None),
     "mirage_defense_seconds_total": ("counter", "Seconds spent in the defense.", ("model",), None),
     "mirage_request_latency_seconds": ("histogram", "Latency of answered inference requests.", ("model",),

@@ -92,6 +92,7 @@ class Service:
                                        evidence=self.evidence,
                                        alarm=detection.alarm_defense if detection is not None else None)
         self.watch = StreamWatch(detection, self._alarm) if detection is not None else None
+        self._defense_alarms: set[str] = set()
         self.keys = KeyRing(config.clients)
         self.quotas = open_store(config)
         self.audit = AuditLog(config.audit_path)
@@ -179,6 +180,23 @@ class Service:
         log.warning("PRADA alarm for client %s after %d queries (Shapiro-Wilk W %.4f < delta %s); on_alarm=%s",
                     client, state.alarm_at, state.statistic, detection.prada.delta, detection.on_alarm)
 
+    def _new_defense_alarm(self, key: str) -> int | None:
+        """Where the defense instance of ``key`` raised its own stream alarm (``Defense.stream_alarm``,
+        e.g. gated GRAD²'s ``alarm_rate``) if it did and nobody has recorded it yet."""
+        defense = self.defenses(key)
+        position = None if defense is None else defense.stream_alarm
+        if position is None or key in self._defense_alarms:
+            return None
+        self._defense_alarms.add(key)
+        return position
+
+    def _record_defense_alarm(self, client: str, position: int) -> None:
+        """A client's first defense alarm: one audit event, the metric, a warning."""
+        self.audit.record_event("defense_alarm", source=client,
+                                detail=f"queries={position} defense={self.config.defense.name}")
+        self.metrics.inc("mirage_defense_alarms_total", client=client, model=self.config.model.name)
+        log.warning("the defense raised a stream alarm for client %s at query %d", client, position)
+
     async def infer(self, name: str, request: Request, version: str | None = None) -> tuple[bytes, dict[str, str]]:
         """The response body and headers to one inference request (JSON or binary tensor data)."""
         start = time.perf_counter()
@@ -199,7 +217,8 @@ class Service:
         used, reservation = await asyncio.to_thread(self.quotas.reserve, client, n)
         audited = False
         try:
-            future = self.batcher.submit(self.defenses.key(client.name, alarmed=alarmed), torch.from_numpy(images))
+            key = self.defenses.key(client.name, alarmed=alarmed)
+            future = self.batcher.submit(key, torch.from_numpy(images))
             served = (await asyncio.wrap_future(future)).numpy()
             if await request.is_disconnected():
                 raise ClientGone("the client disconnected before its answer was ready; not charged")
@@ -226,6 +245,8 @@ class Service:
             raise
         if self.watch is not None:
             await self._observe(client.name, images, served)
+        if (position := self._new_defense_alarm(key)) is not None:
+            await asyncio.to_thread(self._record_defense_alarm, client.name, position)
         labels = {"model": name, "client": client.name}
         self.metrics.inc("mirage_requests_total", **labels)
         self.metrics.inc("mirage_queries_total", n, **labels)

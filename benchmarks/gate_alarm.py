@@ -1,0 +1,104 @@
+"""Issue 18, the gate as a per-client stream detector (``grad2_gated``'s ``alarm_rate``), measured
+without a clone: after how many queries each attacker's stream alarms, how many of its answers
+were true labels by then (queries the gate let through before the alarm), false alarms on benign
+streams, and what spreading the budget over many API keys buys (each key is its own stream).
+
+The defense is built from the ``worst_case`` profile's point ``grad2-gated-scramble-alarm`` by the
+sweep's own resolver, with the pinned models of results/models/; every stream is judged by
+``GatedGrad2.attacker_like`` and ``GatedGrad2.observe_stream``, the code that serves it. Requests
+are of ``--request`` images.
+
+    python benchmarks/gate_alarm.py --json results/ood_gate/gate_alarm.json
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from ood_gate_and_prada import jbda_stream
+
+from _harness import REPO, parser, write_json
+
+os.environ.setdefault("MIRAGE_MODELS", str(REPO / "results" / "models"))
+
+from mirage.api import clean_posteriors
+from mirage.bench.config import load_config
+from mirage.data import load_dataset
+from mirage.scenarios import get_scenario, query_pool
+from mirage.training.resolve import DefenseSpec, resolve_defense
+from mirage.training.victim import get_victim
+
+POINT = "grad2-gated-scramble-alarm"
+
+
+def gated_defense(scenario_name: str):
+    """The profile's alarmed gate for ``scenario_name``, resolved as the sweep resolves it."""
+    entry = next(d for d in load_config("worst_case").defenses if d.display == POINT)
+    (params,) = entry.points(scenario_name)
+    scenario = get_scenario(scenario_name)
+    victim, card, _ = get_victim(scenario)
+    return victim, resolve_defense(DefenseSpec.from_params(entry.name, params), scenario, victim, card)
+
+
+def run_stream(defense, victim, stream: torch.Tensor, request: int, keys: int = 1) -> dict:
+    """Feed ``stream`` in requests round-robin over ``keys`` fresh clients; per client the alarm
+    position, and in all the answers served truthfully (not flagged, before the alarm)."""
+    probs = clean_posteriors(victim, stream)
+    clients = [copy.deepcopy(defense) for _ in range(keys)]
+    truthful = 0
+    for i, start in enumerate(range(0, len(stream), request)):
+        client = clients[i % keys]
+        x, p = stream[start:start + request], probs[start:start + request]
+        truthful += int((~client.observe_stream(client.attacker_like(x, p))).sum())
+    alarms = [c.alarm_at for c in clients]
+    return {"queries": len(stream), "keys": keys, "alarmed_keys": sum(a is not None for a in alarms),
+            "first_alarm_at": min((a for a in alarms if a is not None), default=None),
+            "median_alarm_at": (sorted(a for a in alarms if a is not None)[sum(a is not None for a in alarms) // 2]
+                                if any(a is not None for a in alarms) else None),
+            "truthful_answers": truthful, "flagged": sum(c.queries_flagged for c in clients)}
+
+
+def main() -> None:
+    args_parser = parser(__doc__, threads=True, output_default=REPO / "results" / "ood_gate" / "gate_alarm.json")
+    args_parser.add_argument("--request", type=int, default=64)
+    args_parser.add_argument("--benign-streams", type=int, default=10)
+    args_parser.add_argument("--budget", type=int, default=15_000)
+    args = args_parser.parse_args()
+    torch.set_num_threads(args.threads)
+    generator = torch.Generator().manual_seed(0)
+    out: dict = {"point": POINT, "request": args.request}
+    for name in ("mnist", "fmnist-id"):
+        victim, defense = gated_defense(name)
+        scenario = get_scenario(name)
+        test = load_dataset(scenario.victim_dataset, scenario.data_root).test
+        pool = query_pool(scenario).images
+        result: dict = {"tau": defense.params.tau, "alarm_rate": defense.params.alarm_rate,
+                        "alarm_alpha": defense.params.alarm_alpha}
+        benign = [run_stream(defense, victim, test.images[torch.randperm(len(test), generator=generator)],
+                             args.request) for _ in range(args.benign_streams)]
+        result["benign_test_streams"] = benign
+        result["false_alarms"] = sum(b["alarmed_keys"] for b in benign)
+        knockoff = pool[torch.randperm(len(pool), generator=generator)[:args.budget]]
+        result["knockoff"] = {str(k): run_stream(defense, victim, knockoff, args.request if k == 1 else 1, k)
+                              for k in (1, 4, 16, 64, 256, 1024)}
+        for fraction in (0.5, 0.8, 0.9):  # an attacker holding in-distribution images to mix in
+            n_benign = int(args.budget * fraction)
+            mixed = torch.cat([knockoff[:args.budget - n_benign],
+                               test.images[torch.randperm(len(test), generator=generator)[:n_benign]]])
+            mixed = mixed[torch.randperm(len(mixed), generator=generator)]
+            result[f"knockoff_with_{int(fraction * 100)}pct_test_images"] = run_stream(defense, victim, mixed,
+                                                                                      args.request)
+        if name == "fmnist-id":  # the JBDA family's own queries (6.4k, against the undefended victim)
+            victim_card = get_victim(scenario)[1]
+            for attack in ("jbda", "jb-top3"):
+                stream = jbda_stream(attack, scenario, victim, victim_card, 0, 6400)
+                result[attack] = run_stream(defense, victim, stream, args.request)
+        out[name] = result
+        print(name, {k: v for k, v in result.items() if k != "benign_test_streams"}, flush=True)
+    write_json(args.json, out, args)
+
+
+if __name__ == "__main__":
+    main()
