@@ -72,41 +72,48 @@ def main() -> None:
     args_parser.add_argument("--request", type=int, default=64)
     args_parser.add_argument("--benign-streams", type=int, default=10)
     args_parser.add_argument("--budget", type=int, default=15_000)
+    args_parser.add_argument("--alarm-rates", type=float, nargs="+", default=[0.1, 0.03],
+                             help="the benign flag rates the alarm tests against (the profile's first)")
     args = args_parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
     out: dict = {"point": POINT, "request": args.request}
     for name in ("mnist", "fmnist-id"):
-        victim, defense = gated_defense(name)
+        victim, profile_defense = gated_defense(name)
         scenario = get_scenario(name)
         test = load_dataset(scenario.victim_dataset, scenario.data_root).test
         pool = query_pool(scenario).images
-        result: dict = {"tau": defense.params.tau, "alarm_rate": defense.params.alarm_rate,
-                        "alarm_alpha": defense.params.alarm_alpha}
-        benign = [run_stream(defense, victim, test.images[torch.randperm(len(test), generator=generator)],
-                             args.request) for _ in range(args.benign_streams)]
-        result["benign_test_streams"] = benign
-        result["false_alarms"] = sum(b["alarmed_keys"] for b in benign)
         knockoff = pool[torch.randperm(len(pool), generator=generator)[:args.budget]]
-        result["knockoff"] = {str(k): run_stream(defense, victim, knockoff, args.request if k == 1 else 1, k)
-                              for k in (1, 4, 16, 64, 256, 1024)}
+        benign_orders = [torch.randperm(len(test), generator=generator) for _ in range(args.benign_streams)]
         # an attacker holding 100 in-distribution images (the aligned attacker's labelled set)
         # replays them to dilute its stream: that fraction of the budget, shuffled in
         held = test.images[torch.randperm(len(test), generator=generator)[:100]]
+        diluted = {}
         for fraction in (0.5, 0.8, 0.9, 0.95):
             n_held = int(args.budget * fraction)
             mixed = torch.cat([knockoff[:args.budget - n_held], held.repeat(n_held // 100 + 1, 1, 1, 1)[:n_held]])
             is_pool = torch.arange(len(mixed)) < args.budget - n_held
             order = torch.randperm(len(mixed), generator=generator)
-            result[f"knockoff_replaying_100_images_{int(fraction * 100)}pct"] = run_stream(
-                defense, victim, mixed[order], args.request, counted=is_pool[order])
+            diluted[f"knockoff_replaying_100_images_{int(fraction * 100)}pct"] = (mixed[order], is_pool[order])
+        jbda = {}
         if name == "fmnist-id":  # the JBDA family's own queries (6.4k, against the undefended victim)
-            victim_card = get_victim(scenario)[1]
             for attack in ("jbda", "jb-top3"):
-                stream = jbda_stream(attack, scenario, victim, victim_card, 0, 6400)
+                jbda[attack] = jbda_stream(attack, scenario, victim, get_victim(scenario)[1], 0, 6400)
+        out[name] = {}
+        for rate in args.alarm_rates:
+            defense = type(profile_defense)(profile_defense.params.model_copy(update={"alarm_rate": rate}))
+            result: dict = {"tau": defense.params.tau, "alarm_alpha": defense.params.alarm_alpha}
+            result["benign_test_streams"] = [run_stream(defense, victim, test.images[order], args.request)
+                                             for order in benign_orders]
+            result["false_alarms"] = sum(b["alarmed_keys"] for b in result["benign_test_streams"])
+            result["knockoff"] = {str(k): run_stream(defense, victim, knockoff, args.request if k == 1 else 1, k)
+                                  for k in (1, 4, 16, 64, 256, 1024)}
+            for label, (stream, counted) in diluted.items():
+                result[label] = run_stream(defense, victim, stream, args.request, counted=counted)
+            for attack, stream in jbda.items():
                 result[attack] = run_stream(defense, victim, stream, args.request)
-        out[name] = result
-        print(name, {k: v for k, v in result.items() if k != "benign_test_streams"}, flush=True)
+            out[name][str(rate)] = result
+            print(name, rate, {k: v for k, v in result.items() if k != "benign_test_streams"}, flush=True)
     write_json(args.json, out, args)
 
 

@@ -217,6 +217,15 @@ def test_variants_expand_into_labelled_attacks_with_stable_ids(small_config):
     plain = {r.run_id for r in expand(small_config) if r.attack_label == "knockoff"}
     assert plain == {r.run_id for r in runs if r.attacker == "soft"}
     assert RunFilter(attacks=frozenset({"knockoff"}))(hard)  # a family matches its variants
+    # … but not the attackers beyond the suite, which are asked for by their own label
+    raw = suite.model_dump()
+    raw["attacks"][0]["extra_variants"] = ["aligned"]
+    extended = type(suite).model_validate(raw)
+    aligned = next(r for r in expand(extended) if r.attacker == "aligned")
+    assert RunFilter.of(extended, attacks=["knockoff"])(hard)
+    assert not RunFilter.of(extended, attacks=["knockoff"])(aligned)
+    assert RunFilter.of(extended, attacks=["knockoff/aligned"])(aligned)
+    assert RunFilter.of(extended)(aligned)  # no attack asked for: every run
     with pytest.raises(ValueError, match="unknown attacker variants"):
         from mirage.bench.config import AttackSpec
 

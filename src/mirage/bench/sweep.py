@@ -50,12 +50,20 @@ def sweep_status(config: SweepConfig, store: ResultStore) -> SweepStatus:
 class RunFilter:
     """Which pending runs to execute now (empty = any): lets a long sweep run its most telling
     part first. Matches scenario names, attack labels (or the family of an attacker suite's
-    runs: ``knockoff`` matches ``knockoff/hard-label``) and defense labels."""
+    runs: ``knockoff`` matches ``knockoff/hard-label``, but not the attackers beyond the suite,
+    ``extra_labels``, which are asked for by their own label) and defense labels."""
 
     scenarios: frozenset[str] = frozenset()
     attacks: frozenset[str] = frozenset()
     defenses: frozenset[str] = frozenset()
     seeds: frozenset[int] = frozenset()
+    extra_labels: frozenset[str] = frozenset()
+
+    @classmethod
+    def of(cls, config: SweepConfig, *, scenarios=(), attacks=(), defenses=(), seeds=()) -> RunFilter:
+        """A filter for ``config``, which says which attack labels are beyond its suites."""
+        extras = frozenset(f"{a.display}/{v}" for a in config.attacks for v in a.extra_variants)
+        return cls(frozenset(scenarios), frozenset(attacks), frozenset(defenses), frozenset(seeds), extras)
 
     def validate(self, config: SweepConfig) -> None:
         known = {"scenario": set(config.scenarios),
@@ -73,7 +81,7 @@ class RunFilter:
     def __call__(self, run: RunSpec) -> bool:
         return ((not self.scenarios or run.scenario in self.scenarios)
                 and (not self.attacks or run.attack_label in self.attacks
-                     or run.attack_family in self.attacks)
+                     or (run.attack_family in self.attacks and run.attack_label not in self.extra_labels))
                 and (not self.defenses or run.defense_label in self.defenses)
                 and (not self.seeds or run.seed in self.seeds))
 

@@ -50,8 +50,8 @@ def run(
     path = _results_path(cfg.name, results)
     if scheduler:
         executor = "dask"
-    only = RunFilter(frozenset(scenario or ()), frozenset(attack or ()), frozenset(defense or ()),
-                     frozenset(seed or ()))
+    only = RunFilter.of(cfg, scenarios=scenario or (), attacks=attack or (), defenses=defense or (),
+                        seeds=seed or ())
     try:
         only.validate(cfg)
     except ValueError as error:
@@ -99,7 +99,7 @@ def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="re
 
     cfg = load_config(config)
     path = _results_path(cfg.name, results)
-    only = RunFilter(attacks=frozenset(attack or ()))
+    only = RunFilter.of(cfg, attacks=attack or ())
     try:
         only.validate(cfg)
     except ValueError as error:
