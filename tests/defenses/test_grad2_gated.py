@@ -202,3 +202,24 @@ def test_a_benign_stream_never_alarms_and_each_key_is_its_own_stream(nets):
     bob.query(torch.rand(1, 1, 8, 8))
     assert alice.defense.alarmed and not bob.defense.alarmed
     assert (alice.defense.queries_seen, bob.defense.queries_seen) == (64, 1)
+
+
+def test_a_request_that_fails_leaves_the_stream_as_it_was(nets, monkeypatch):
+    import mirage.defenses.grad2_gated as module
+
+    gated = create_defense("grad2_gated", tau=1.01, epsilon_low=0.3, epsilon_high=2.0, surrogate=nets[0],
+                           attacker_answer="scramble", alarm_rate=0.1, alarm_alpha=5e-4)
+    x, probs = _batch(nets[1], 3)
+    gated(x, probs)  # three flagged: 0.1³ = 1e-3 is not below α
+    assert (gated.queries_seen, gated.queries_flagged, gated.alarm_at) == (3, 3, None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the scrambling failed")
+
+    monkeypatch.setattr(module, "keyed_query_permutations", broken)
+    with pytest.raises(RuntimeError, match="scrambling"):
+        gated(x, probs)  # would have alarmed at its first query (0.1⁴ < α)
+    assert (gated.queries_seen, gated.queries_flagged, gated.alarm_at) == (3, 3, None)
+    monkeypatch.undo()
+    gated(x[:1], probs[:1])
+    assert gated.alarm_at == 4

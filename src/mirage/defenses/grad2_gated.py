@@ -220,8 +220,16 @@ class GatedGrad2(Defense):
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         high = self.attacker_like(x, probs)
-        if self.params.alarm_rate is not None:
-            high = self.observe_stream(high)
+        if self.params.alarm_rate is None:
+            return self._serve(x, probs, high)
+        before = (self.queries_seen, self.queries_flagged, self.alarm_at)
+        try:
+            return self._serve(x, probs, self.observe_stream(high))
+        except BaseException:  # a request that is not answered does not count in the stream
+            self.queries_seen, self.queries_flagged, self.alarm_at = before
+            raise
+
+    def _serve(self, x: Tensor | None, probs: Tensor, high: Tensor) -> Tensor:
         served = torch.empty_like(probs)
         if (~high).any():
             served[~high] = self.low(x[~high], probs[~high])
