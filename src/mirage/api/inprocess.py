@@ -71,17 +71,16 @@ class InProcessAPI:
         simulated in process (the ``api_keys`` countermeasure, docs/design.md §countermeasures).
 
         The detector keeps one state per client, so it judges each view's stream alone: it cannot
-        see that the views' queries come from one attacker. A stateful defense is copied as it is
-        now (build the views before querying), so each view's stream is judged alone there too,
-        as in the service, which keeps one instance per client unless its ``[defense]`` sets
-        ``per_client = false``; a stateless one is shared."""
+        see that the views' queries come from one attacker. A defense that judges each client's
+        stream gives the view a fresh one (``Defense.for_new_client``), as the service keeps one
+        instance per client; any other defense is shared."""
         if name == self.client:
             raise ValueError(f"a view for client {name!r} would share this API's detector state")
         view = copy.copy(self)
         view.client = name
         view.ledger = QueryLedger()
-        if self.defense is not None and self.defense.contract.stateful:
-            view.defense = copy.deepcopy(self.defense)
+        if self.defense is not None:
+            view.defense = self.defense.for_new_client()
         return view
 
     @property

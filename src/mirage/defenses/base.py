@@ -147,6 +147,11 @@ class Defense(abc.ABC):
         """What this instance promises (its parameters are frozen, so this never changes)."""
         return self._contract
 
+    def for_new_client(self) -> Defense:
+        """The instance another client's stream should be answered by, as a view of the same API
+        (``InProcessAPI.for_client``): this one, unless the defense judges each client's stream."""
+        return self
+
     @property
     def stream_alarm(self) -> int | None:
         """Where in this instance's stream of queries it raised an alarm (1-based), ``None`` if it

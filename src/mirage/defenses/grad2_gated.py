@@ -200,6 +200,10 @@ class GatedGrad2(Defense):
     def stream_alarm(self) -> int | None:
         return self.alarm_at
 
+    def for_new_client(self) -> GatedGrad2:
+        """With ``alarm_rate``, a fresh stream (the same parameters and models); else this one."""
+        return self if self.params.alarm_rate is None else type(self)(self.params)
+
     def alarm_position(self, flagged: Tensor) -> int | None:
         """Index into this batch of the first query at which the stream's flag count becomes
         significant (one-sided binomial test against ``alarm_rate`` at ``alarm_alpha``), or None."""
