@@ -101,7 +101,6 @@ class OwnershipTest:
         return self.corrected_p_value <= self.alpha
 
 
-@torch.no_grad()
 def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | None, buckets: list[str],
                *, client: str = "", tests: int = 1, alpha: float = 1e-6) -> OwnershipTest:
     """The exact test of ``suspect`` against one key's evidence (``tests``: how many clients are
