@@ -223,3 +223,16 @@ def test_a_request_that_fails_leaves_the_stream_as_it_was(nets, monkeypatch):
     monkeypatch.undo()
     gated(x[:1], probs[:1])
     assert gated.alarm_at == 4
+
+
+def test_a_watermark_over_the_alarmed_gate_gives_each_new_client_its_own_stream(nets):
+    inner = create_defense("grad2_gated", tau=1.01, epsilon_low=0.3, epsilon_high=2.0, surrogate=nets[0],
+                           attacker_answer="scramble", alarm_rate=0.1)
+    marked = create_defense("watermarked", key=b"k" * 32, inner=inner)
+    x, probs = _batch(nets[1], 16)
+    marked(x, probs)
+    fresh = marked.for_new_client()
+    assert marked.stream_alarm is not None and fresh.stream_alarm is None
+    assert fresh.params.key == marked.params.key and fresh.params.inner is not inner
+    plain = create_defense("watermarked", key=b"k" * 32, inner=create_defense("top_k", k=3))
+    assert plain.for_new_client() is plain

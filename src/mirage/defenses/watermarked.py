@@ -65,6 +65,15 @@ class Watermarked(Defense):
     def stream_alarm(self) -> int | None:
         return None if self.params.inner is None else self.params.inner.stream_alarm
 
+    def for_new_client(self) -> Watermarked:
+        """The same watermark over the inner defense's instance for a new stream (this one when the
+        inner defense judges no stream)."""
+        inner = self.params.inner
+        fresh = None if inner is None else inner.for_new_client()
+        if fresh is inner:
+            return self
+        return type(self)(self.params.model_copy(update={"inner": fresh}))
+
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         inner = self.params.inner
         served = probs if inner is None else inner(x, probs)
