@@ -15,7 +15,6 @@ are of ``--request`` images.
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -52,7 +51,7 @@ def run_stream(defense, victim, stream: torch.Tensor, request: int, keys: int = 
     it knows)."""
     probs = clean_posteriors(victim, stream)
     counted = torch.ones(len(stream), dtype=torch.bool) if counted is None else counted
-    clients = [copy.deepcopy(defense) for _ in range(keys)]
+    clients = [defense.for_new_client() for _ in range(keys)]
     truthful = 0
     for i, start in enumerate(range(0, len(stream), request)):
         client = clients[i % keys]

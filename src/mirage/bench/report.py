@@ -173,9 +173,8 @@ VERDICT_TEXT = (
     "highest clone accuracy any attacker reached (mean over its seeds). Deploy: the point with the "
     "lowest such worst case among those costing the defender at most 1 point of accuracy, two "
     "points compared on the seeds they share per attacker (`compared on`: the binding attacker's "
-    "seeds shared with the runner-up), ties to `none`, "
-    "then to more seeds, then to the cheaper point. Suite: "
-    "{suite}. A worst case still missing an attacker is a lower bound (≥) and never recommended.{extra}")
+    "seeds shared with the runner-up), ties to `none`, then to more seeds, then to the cheaper "
+    "point. Suite: {suite}. A worst case still missing an attacker is a lower bound (≥) and never recommended.{extra}")
 
 
 def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: Path) -> list[Section]:

@@ -399,9 +399,10 @@ def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float
     the undefended worst case, the defender's cost and the per-query overhead.
 
     Two points are compared on the seeds they share (:func:`deploy_choice`; ``compared on``: the
-    seeds of the binding attacker at which the runner-up ran it too). Equal worst cases (top-1-keeping defenses all leave the hard-label attacker the
-    undefended clone) go to `none`, then to the point measured at more seeds, then to the cheaper
-    point: defender cost first, then per-query overhead."""
+    seeds of the binding attacker at which the runner-up ran it too). Equal worst cases
+    (top-1-keeping defenses all leave the hard-label attacker the undefended clone) go to `none`,
+    then to the point measured at more seeds, then to the cheaper point: defender cost first,
+    then per-query overhead."""
     rows = []
     for (scenario, family), points in sorted(panels.items()):
         undefended = next((p for p in points if p.defense == "none" and p.complete), None)

@@ -145,12 +145,13 @@ def keyed_derangement(num_classes: int, seed: int) -> Tensor:
 
 
 def keyed_query_permutations(x: Tensor, num_classes: int, seed: int) -> Tensor:
-    """(B, K) one permutation of the classes per query, a keyed pseudo-random function of the query:
-    the fractional parts of a keyed Gaussian projection (plus a keyed offset, so that a blank image
-    is scrambled too) of the flattened input, scaled by 2¹⁶, are
-    close to independent uniforms, and their argsort is close to a uniform permutation. Computed in
-    float64, so a query's permutation does not depend on the batch it came in; any change to the
-    query (a jittered copy) draws a fresh one."""
+    """(B, K) one permutation of the classes per query, a keyed pseudo-random function of the query.
+
+    The fractional parts of a keyed Gaussian projection of the flattened input (plus a keyed
+    offset, so that a blank image is scrambled too), scaled by 2¹⁶, are close to independent
+    uniforms, and their argsort is close to a uniform permutation. Computed in float64, so a
+    query's permutation does not depend on the batch it came in; any change to the query (a
+    jittered copy) draws a fresh one."""
     flat = x.reshape(len(x), -1).double()
     generator = torch.Generator().manual_seed(seed)
     projection = torch.randn(flat.shape[1] + 1, num_classes, generator=generator, dtype=torch.float64)
