@@ -1,6 +1,7 @@
 """The worst case over an attacker suite, against tables worked out by hand."""
 
 from mirage.bench.summary import (
+    counted_runs,
     ranking_changes,
     verdict,
     worst_case_best_within,
@@ -134,3 +135,24 @@ def test_equal_worst_cases_on_shared_seeds_go_to_the_point_with_more_seeds():
     one = [record("one", a, c, overhead_ratio=1.0) for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))]
     (row,) = verdict(worst_case_points(RECORDS[:3] + three + one, {"knockoff": SUITE}))
     assert row["deploy"] == "three"  # tied at seed 0; three seeds beat a lower overhead
+
+
+def test_a_clone_collapsed_at_every_one_of_three_seeds_counts_and_a_fluke_does_not():
+    collapsed = [record("E", "soft", 0.10 + s / 100, seed=s, clone_collapsed=True) for s in range(3)]
+    healthy = [record("E", "hard-label", 0.20, seed=s) for s in range(3)]
+    two_seeds = [record("F", "soft", 0.10, seed=s, clone_collapsed=True) for s in range(2)]
+    fluke = [record("G", "soft", 0.10, clone_collapsed=True), record("G", "soft", 0.60, seed=1),
+             record("G", "soft", 0.62, seed=2)]
+    diverged = [record("H", "soft", 0.10, seed=s, clone_collapsed=True, clone_diverged=True) for s in range(3)]
+    records = [*collapsed, *healthy, *two_seeds, *fluke, *diverged]
+    kept = counted_runs(records)
+    assert all(any(k is r for k in kept) for r in [*collapsed, *healthy, *fluke[1:]])
+    assert not any(any(k is r for k in kept) for r in [*two_seeds, fluke[0], *diverged])
+    points = {p.defense: p for p in worst_case_points(records, {"knockoff": ("hard-label", "soft")})[("s", "knockoff")]}
+    soft = points["E"].by_attacker["soft"]
+    assert soft["collapsed"] is True and soft["seeds"] == [0, 1, 2] and abs(soft["clone"] - 0.11) < 1e-9
+    assert points["E"].complete and points["E"].worst_attacker == "hard-label"
+    assert "F" not in points  # two collapsed seeds: nothing counts yet
+    assert points["G"].by_attacker["soft"]["seeds"] == [1, 2] and points["G"].by_attacker["soft"]["collapsed"] is False
+    rows = {r["defense"]: r for r in worst_case_table(list(points.values()))}
+    assert rows["E"]["soft"].endswith("collapsed at every seed") and "collapsed" not in rows["G"]["soft"]

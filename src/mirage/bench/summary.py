@@ -6,6 +6,9 @@ Runs whose clone training failed — diverged (NaN) or collapsed to one class �
 curves and tables (:func:`failed_clone`): an attacker sees the stalled loss and retrains, and a
 fluke of one training run must not pass for a defense's effect. They stay in the list of all runs
 and the report counts them; ``restarts`` (an attacker countermeasure) measures the retrained clone.
+One exception (:func:`counted_runs`): a clone that collapsed at every seed of its point, and at
+:data:`PERSISTENT_COLLAPSE_SEEDS` seeds or more, is what that attacker gets — independent
+trainings that all end in one class are no fluke (answers that carry nothing teach one class).
 """
 
 from __future__ import annotations
@@ -47,20 +50,46 @@ def _mean_over_seeds(records: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+PERSISTENT_COLLAPSE_SEEDS = 3
+"""Seeds at which a point's clone must have collapsed, every one, for the collapse to count."""
+
+
 def failed_clone(record: dict[str, Any]) -> bool:
     return bool(record.get("clone_diverged") or record.get("clone_collapsed"))
+
+
+def _run_group(record: dict[str, Any]) -> tuple:
+    return (record.get("scenario"), record.get("attack_label"), record.get("defense_label"),
+            tuple(sorted((k, str(v)) for k, v in (record.get("defense_params") or {}).items())))
+
+
+def persistently_collapsed(records: list[dict[str, Any]]) -> set[tuple]:
+    """The (scenario, attack, defense, params) groups whose clone collapsed (without diverging)
+    at every seed they ran, at :data:`PERSISTENT_COLLAPSE_SEEDS` seeds or more."""
+    seeds: dict[tuple, set[int]] = defaultdict(set)
+    healthy: set[tuple] = set()
+    for r in records:
+        group = _run_group(r)
+        if r.get("clone_collapsed") and not r.get("clone_diverged"):
+            seeds[group].add(r.get("seed"))
+        else:
+            healthy.add(group)
+    return {g for g, s in seeds.items() if g not in healthy and len(s) >= PERSISTENT_COLLAPSE_SEEDS}
+
+
+def counted_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs the summaries use: those with a healthy clone, plus every run of a group that
+    collapsed at every seed (:func:`persistently_collapsed`); a diverged run never counts."""
+    persistent = persistently_collapsed(records)
+    return [r for r in records if not failed_clone(r) or (not r.get("clone_diverged") and _run_group(r) in persistent)]
 
 
 def curves(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Curve]]:
     """(scenario, attack label) -> defense label -> Curve; the undefended point starts every curve.
     Runs with a failed clone are left out."""
     grouped: dict[tuple, list] = defaultdict(list)
-    for r in records:
-        if failed_clone(r):
-            continue
-        key = (r["scenario"], r["attack_label"], r["defense_label"],
-               tuple(sorted((k, str(v)) for k, v in r["defense_params"].items())))
-        grouped[key].append(r)
+    for r in counted_runs(records):
+        grouped[_run_group(r)].append(r)
     result: dict[tuple[str, str], dict[str, Curve]] = defaultdict(dict)
     for (scenario, attack, defense, _), group in grouped.items():
         curve = result[(scenario, attack)].setdefault(defense, Curve(scenario, attack, defense))
@@ -155,8 +184,8 @@ def _paired_change(point: dict[str, Any], undefended: dict[int, float]) -> float
 def references(records: list[dict[str, Any]], reference_of: dict[str, str]) -> dict[tuple[str, str], dict[str, float]]:
     """(scenario, attack) -> {"undefended": acc, "<reference attack>": acc} from the ``none`` runs."""
     refs: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
-    for r in records:
-        if r["defense"] != "none" or failed_clone(r):
+    for r in counted_runs(records):
+        if r["defense"] != "none":
             continue
         refs[(r["scenario"], r["attack_label"])]["undefended"].append(r["clone_accuracy"])
         target = reference_of.get(r["attack_label"])
@@ -259,13 +288,15 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
     it, the attackers seen in the records of the panel.
 
     Only runs of a suite (records with an ``attacker``) count; runs with a failed clone are left
-    out as everywhere else (an attacker retrains them). Per attacker the clone is the mean over its
+    out as everywhere else (an attacker retrains them), unless they collapsed at every seed
+    (:func:`counted_runs`). Per attacker the clone is the mean over its
     seeds; ``seeds`` and the spread (``sd``) are kept beside it. A hard-label run whose transfer
     set is the very one of the undefended API at the same seed (equal ``transfer_digest``) is
     marked ``same_as_undefended``."""
     seen: dict[tuple[str, str], set[str]] = defaultdict(set)
     grouped: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     undefended_digest: dict[tuple[str, str, str, int], str] = {}
+    counted = {id(r) for r in counted_runs(records)}
     for r in records:
         if not r.get("attacker"):
             continue
@@ -273,7 +304,7 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
         seen[(r["scenario"], family)].add(r["attacker"])
         if r["defense"] == "none" and r.get("transfer_digest"):
             undefended_digest[(r["scenario"], family, r["attacker"], r["seed"])] = r["transfer_digest"]
-        if not failed_clone(r):
+        if id(r) in counted:
             grouped[(r["scenario"], family, *_point_key(r))].append(r)
     panels: dict[tuple[str, str], list[WorstCasePoint]] = defaultdict(list)
     for (scenario, family, defense, params), group in sorted(grouped.items()):
@@ -286,6 +317,7 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
             by_attacker[attacker] = {"clone": float(np.mean(clones)), "sd": float(np.std(clones)),
                                      "seeds": sorted(r["seed"] for r in runs),
                                      "by_seed": {r["seed"]: r["clone_accuracy"] for r in runs},
+                                     "collapsed": all(r.get("clone_collapsed") for r in runs),
                                      "same_as_undefended": defense != "none" and all(same)}
         l1 = [r["effective_l1"] for r in group if r.get("attacker") == "soft" and r.get("effective_l1") is not None]
         overhead = [r["overhead_ratio"] for r in group if r.get("overhead_ratio") is not None]
@@ -322,6 +354,8 @@ def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
                 cell += f" ± {entry['sd']:.3f} ({len(entry['seeds'])} seeds)"
             if entry["same_as_undefended"]:
                 cell += " =undef."
+            if entry.get("collapsed"):
+                cell += " collapsed at every seed"
             row[attacker] = cell
         for attacker in sorted(set(p.by_attacker) - set(p.suite)):  # beyond the suite, where it ran
             row[attacker] = f"{p.by_attacker[attacker]['clone']:.4f}"
