@@ -226,6 +226,17 @@ def test_variants_expand_into_labelled_attacks_with_stable_ids(small_config):
     assert not RunFilter.of(extended, attacks=["knockoff"])(aligned)
     assert RunFilter.of(extended, attacks=["knockoff/aligned"])(aligned)
     assert RunFilter.of(extended)(aligned)  # no attack asked for: every run
+    # an extra runs only against the defenses it answers, when told which
+    defenses = sorted({r.defense_label for r in expand(extended)})
+    raw["attacks"][0]["extra_defenses"] = {"aligned": [defenses[0]]}
+    narrowed = expand(type(suite).model_validate(raw))
+    assert {r.defense_label for r in narrowed if r.attacker == "aligned"} == {defenses[0]}
+    assert {r.defense_label for r in narrowed if r.attacker == "hard-label"} == set(defenses)
+    for bad, match in (({"aligned": ["nonesuch"]}, "defenses not in this sweep"),
+                       ({"hard-label": [defenses[0]]}, "not extra_variants")):
+        raw["attacks"][0]["extra_defenses"] = bad
+        with pytest.raises(ValueError, match=match):
+            type(suite).model_validate(raw)
     with pytest.raises(ValueError, match="unknown attacker variants"):
         from mirage.bench.config import AttackSpec
 

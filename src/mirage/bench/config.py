@@ -62,6 +62,10 @@ class AttackSpec(_Strict):
                     "a sweep runs them where told to (e.g. `--attack knockoff/aligned --defense …`, "
                     "against the defenses they answer); a point's worst case counts them where "
                     "they ran but never waits for them")
+    extra_defenses: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="attacker beyond the suite -> the defense labels it runs against (the defenses "
+                    "it answers); an extra not named here runs against every defense")
 
     @property
     def display(self) -> str:
@@ -74,7 +78,18 @@ class AttackSpec(_Strict):
         unknown = [v for v in [*self.variants, *self.extra_variants] if v not in ATTACKER_SUITE]
         if unknown:
             raise ValueError(f"unknown attacker variants {unknown}; known: {sorted(ATTACKER_SUITE)}")
+        stray = sorted(set(self.extra_defenses) - set(self.extra_variants))
+        if stray:
+            raise ValueError(f"extra_defenses names attackers that are not extra_variants: {stray}")
         return self
+
+    def runs_against(self, attacker: str | None, defense_label: str) -> bool:
+        """Whether this attack's ``attacker`` (a variant, or None for the plain attack) runs
+        against the defense labelled ``defense_label``."""
+        if self.defenses is not None and defense_label not in self.defenses:
+            return False
+        only = self.extra_defenses.get(attacker) if attacker is not None else None
+        return only is None or defense_label in only
 
     def expanded(self) -> list[tuple[str, dict[str, Any], str | None]]:
         """(label, params, attacker variant) of each attack this entry runs."""
@@ -115,6 +130,11 @@ class SweepConfig(_Strict):
         unknown = set(self.victim_epochs) - set(self.scenarios)
         if unknown or any(e < 1 for e in self.victim_epochs.values()):
             raise ValueError(f"victim_epochs must map this sweep's scenarios to epochs ≥ 1, got {self.victim_epochs}")
+        labels = {d.display for d in self.defenses}
+        for attack in self.attacks:
+            unknown = sorted({d for ds in attack.extra_defenses.values() for d in ds} - labels)
+            if unknown:
+                raise ValueError(f"{attack.display}: extra_defenses names defenses not in this sweep: {unknown}")
         for defense in self.defenses:
             unknown = set(defense.scenario_grid) - set(self.scenarios)
             if unknown:

@@ -61,7 +61,7 @@ def expand(config: SweepConfig) -> list[RunSpec]:
                 continue
             for label, attack_params, attacker in attack.expanded():
                 for defense in config.defenses:
-                    if attack.defenses is not None and defense.display not in attack.defenses:
+                    if not attack.runs_against(attacker, defense.display):
                         continue
                     for params in defense.points(scenario):
                         for seed in config.seeds:
