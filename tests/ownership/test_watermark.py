@@ -83,6 +83,45 @@ def test_apply_swaps_top1_to_the_keyed_label_and_stays_on_the_simplex():
         watermark.apply(x, probs[:, :9])
 
 
+def test_sharpen_moves_its_share_of_a_carried_answer_to_the_keyed_label():
+    x = images(2000)
+    probs = torch.softmax(torch.randn(2000, 10, generator=torch.Generator().manual_seed(3)), dim=1)
+    swap = KeyedWatermark(derive_key(SECRET, "alice"), 10, WatermarkConfig(bucket_fraction=1.0))
+    sharp = KeyedWatermark(derive_key(SECRET, "alice"), 10, WatermarkConfig(bucket_fraction=1.0, sharpen=0.6))
+    swapped, marks = swap.apply(x, probs)
+    served, _ = sharp.apply(x, probs)
+    c = marks.carried
+    expected = 0.4 * swapped[c] + 0.6 * torch.nn.functional.one_hot(marks.labels[c], 10)
+    assert torch.allclose(served[c], expected) and torch.equal(served[~c], probs[~c])
+    assert torch.allclose(served.sum(1), torch.ones(2000)) and (served >= 0).all()
+    lead = served[c].gather(1, marks.labels[c, None]).squeeze(1) - served[c].topk(2, dim=1).values[:, 1]
+    assert (lead >= 0.6 - 1e-6).all()       # the keyed label leads by at least the share
+
+
+def test_evidence_margin_keeps_only_the_deep_carried_rows_and_their_jittered_copies_stay_carried():
+    from mirage.data import load_dataset
+
+    x = load_dataset("fmnist").train.images[:6000].float()
+    config = WatermarkConfig(bucket_fraction=1.0, margin=0.1, evidence_margin=0.2)
+    watermark = KeyedWatermark(derive_key(SECRET, "alice"), 10, config)
+    marks = watermark.marks(x)
+    _, margin = watermark.cells(x)
+    assert torch.equal(marks.kept, marks.carried & (margin >= 0.2)) and marks.kept.any()
+    assert marks.carried.sum() > marks.kept.sum()
+    rows = torch.nonzero(marks.kept).flatten()
+    copies = jitter_images(x[rows], 0.02, torch.Generator().manual_seed(0))
+    again = watermark.marks(copies)
+    # a deep row's copy is answered with the same keyed label far more often than without the gap
+    kept_label = again.carried & (again.labels == marks.labels[rows])
+    no_gap = KeyedWatermark(derive_key(SECRET, "alice"), 10, WatermarkConfig(bucket_fraction=1.0, margin=0.2))
+    plain = no_gap.marks(copies).carried.float().mean()
+    assert kept_label.float().mean() > 0.9 > plain
+    evidence = Evidence()
+    assert evidence.add("alice", x, marks) == int(marks.kept.sum())
+    with pytest.raises(ValueError, match="evidence_margin"):
+        WatermarkConfig(margin=0.2, evidence_margin=0.1)
+
+
 def test_watermarked_defense_wraps_any_defense_and_records_evidence():
     x = images(1500)
     probs = torch.softmax(torch.randn(1500, 10, generator=torch.Generator().manual_seed(4)) * 3, dim=1)

@@ -30,9 +30,9 @@ class Evidence:
         self._lock = threading.Lock()
 
     def add(self, client: str, x: Tensor, marks: Marks) -> int:
-        """Keep ``client``'s carried rows of ``x``; returns how many were new."""
+        """Keep ``client``'s evidence rows of ``x`` (``marks.kept``); returns how many were new."""
         added = 0
-        rows = torch.nonzero(marks.carried).flatten().tolist()
+        rows = torch.nonzero(marks.kept).flatten().tolist()
         with self._lock:
             kept = self._items.setdefault(client, {})
             for row in rows:

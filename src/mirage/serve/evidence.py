@@ -34,8 +34,8 @@ class EvidenceStore(SQLiteStore):
         self.max_items = max_items
 
     def add(self, client: str, x: Tensor, marks: Marks) -> int:
-        """Keep ``client``'s carried rows of ``x`` (while it has fewer than ``max_items``)."""
-        rows = torch.nonzero(marks.carried).flatten().tolist()
+        """Keep ``client``'s evidence rows of ``x`` (``marks.kept``, while it has fewer than ``max_items``)."""
+        rows = torch.nonzero(marks.kept).flatten().tolist()
         if not rows:
             return 0
         images = x[rows].detach().float().contiguous()
