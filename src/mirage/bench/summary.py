@@ -332,6 +332,17 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
     return dict(panels)
 
 
+def _attacker_cell(entry: dict[str, Any]) -> str:
+    cell = f"{entry['clone']:.4f}"
+    if len(entry["seeds"]) > 1:
+        cell += f" ± {entry['sd']:.3f} ({len(entry['seeds'])} seeds)"
+    if entry["same_as_undefended"]:
+        cell += " =undef."
+    if entry.get("collapsed"):
+        cell += " collapsed at every seed"
+    return cell
+
+
 def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
     """One row per defense point: its cost, the soft-label clone, the worst case over the suite
     and who reached it, then every attacker's clone (``=undef.``: the transfer set is exactly the
@@ -346,19 +357,9 @@ def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
                                "recovered vs soft (pts)": None if p.soft is None else f"{100 * (p.worst - p.soft):+.1f}"}
         for attacker in p.suite:
             entry = p.by_attacker.get(attacker)
-            if entry is None:
-                row[attacker] = "pending"
-                continue
-            cell = f"{entry['clone']:.4f}"
-            if len(entry["seeds"]) > 1:
-                cell += f" ± {entry['sd']:.3f} ({len(entry['seeds'])} seeds)"
-            if entry["same_as_undefended"]:
-                cell += " =undef."
-            if entry.get("collapsed"):
-                cell += " collapsed at every seed"
-            row[attacker] = cell
+            row[attacker] = "pending" if entry is None else _attacker_cell(entry)
         for attacker in sorted(set(p.by_attacker) - set(p.suite)):  # beyond the suite, where it ran
-            row[attacker] = f"{p.by_attacker[attacker]['clone']:.4f}"
+            row[attacker] = _attacker_cell(p.by_attacker[attacker])
         rows.append(row)
     return rows
 
