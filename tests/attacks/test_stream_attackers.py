@@ -133,3 +133,4 @@ def test_keys_and_decoys_are_validated(victim, digits, clone_spec):
         QueryClient(api, 10, mix_benign=0.3)
     assert ATTACKER_SUITE["mixing"] == {"mix_benign": 0.3} and ATTACKER_SUITE["multi-key"] == {"api_keys": 4}
     assert create_attack("jbda", variant="multi-key").params.active() == {"api_keys": 4}
+    assert create_attack("jbda", variant="multi-key-hard-label").params.active() == {"api_keys": 4, "hard_labels": True}

@@ -134,6 +134,7 @@ ATTACKER_SUITE: dict[str, dict[str, Any]] = {
     "confident-only": {"min_confidence": 0.9},
     "mixing": {"mix_benign": 0.3},
     "multi-key": {"api_keys": 4},
+    "multi-key-hard-label": {"api_keys": 4, "hard_labels": True},
     "aligned": {"align_labels": 100, "robust_loss": "gce"},
 }
 """The named attacker variants a defense is judged against, each a set of countermeasure switches
@@ -147,7 +148,9 @@ attacker that trains only on confident answers (top probability ≥ 0.9); and tw
 query-stream detector (docs/design.md §detection): ``mixing``, whose stream is 30 % natural
 decoys (they count against the budget and join the transfer set), and ``multi-key``, which
 spreads its budget round-robin over 4 API keys (against an API without a detector it gets the
-soft attacker's answers; over HTTP it needs one ``HTTPPredictionAPI`` per key); and ``aligned``,
+soft attacker's answers; over HTTP it needs one ``HTTPPredictionAPI`` per key), and
+``multi-key-hard-label``, the same keys with argmax labels, against a gate whose passes keep the
+top-1 (where the hard-label attacker binds); and ``aligned``,
 the noise-robust attacker holding 100 labelled images of the task (``Attack.run(labelled=...)``;
 the benchmark draws them from the victim's training split) to undo a consistent relabelling: the
 generalized cross-entropy lets its first clone learn the relabelling without the minority of true
