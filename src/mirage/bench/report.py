@@ -163,11 +163,12 @@ def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
         warnings.append(f"{len(collapsed)} run(s) trained a clone that answers one class for nearly every "
                         "image (clone_collapsed in the table of all runs): its training stalled, which "
                         "an attacker would notice and retrain; check such a point across seeds")
-    left_out = len(records) - len(counted_runs(records))
+    counted = counted_runs(records)
+    left_out = len(records) - len(counted)
     if left_out:
         warnings.append(f"the {left_out} run(s) with a failed clone are left out of the curves and tables "
                         "(an attacker's `restarts` countermeasure measures them)")
-    counted_collapses = sum(bool(r.get("clone_collapsed")) for r in counted_runs(records))
+    counted_collapses = sum(bool(r.get("clone_collapsed")) for r in counted)
     if counted_collapses:
         warnings.append(f"{counted_collapses} collapsed run(s) count: their point's clone collapsed at "
                         f"every seed, {PERSISTENT_COLLAPSE_SEEDS} or more, which is that attacker's "

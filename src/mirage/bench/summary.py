@@ -67,14 +67,14 @@ def persistently_collapsed(records: list[dict[str, Any]]) -> set[tuple]:
     """The (scenario, attack, defense, params) groups whose clone collapsed (without diverging)
     at every seed they ran, at :data:`PERSISTENT_COLLAPSE_SEEDS` seeds or more."""
     seeds: dict[tuple, set[int]] = defaultdict(set)
-    healthy: set[tuple] = set()
+    not_collapsed: set[tuple] = set()  # groups with a healthy or a diverged run
     for r in records:
         group = _run_group(r)
         if r.get("clone_collapsed") and not r.get("clone_diverged"):
             seeds[group].add(r.get("seed"))
         else:
-            healthy.add(group)
-    return {g for g, s in seeds.items() if g not in healthy and len(s) >= PERSISTENT_COLLAPSE_SEEDS}
+            not_collapsed.add(group)
+    return {g for g, s in seeds.items() if g not in not_collapsed and len(s) >= PERSISTENT_COLLAPSE_SEEDS}
 
 
 def counted_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
