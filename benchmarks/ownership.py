@@ -52,7 +52,14 @@ from mirage.data import load_dataset
 from mirage.defenses import create_defense
 from mirage.models import load_checkpoint
 from mirage.models.fit import TrainConfig, fit
-from mirage.ownership import Evidence, KeyedWatermark, WatermarkConfig, derive_key, name_the_thief
+from mirage.ownership import (
+    Evidence,
+    KeyedWatermark,
+    WatermarkConfig,
+    derive_key,
+    fourier_features,
+    name_the_thief,
+)
 from mirage.scenarios import get_scenario, query_pool
 from mirage.training.victim import get_victim
 
@@ -88,7 +95,12 @@ class Run:
         self.victim, self.card, _ = get_victim(self.scenario)
         self.config = WatermarkConfig(**json.loads(args.watermark))
         self.keys = {c: derive_key(SECRET + f"/{seed}".encode(), c) for c in CLIENTS}
-        self.watermarks = {c: KeyedWatermark(k, self.card.num_classes, self.config) for c, k in self.keys.items()}
+        self.train = load_dataset(self.scenario.victim_dataset).train
+        # density_cap's benign stand-in: the victim's training images (on fmnist-id they hold the
+        # thief's pool too, which only makes the thief's buckets look denser: against the defender)
+        self.reference = None if self.config.density_cap is None else fourier_features(self.train.images, self.config)
+        self.watermarks = {c: KeyedWatermark(k, self.card.num_classes, self.config, self.reference)
+                           for c, k in self.keys.items()}
         # one evidence set per attack ("<client>/<attack>"): what that thief's own queries left
         self.evidence = Evidence(max_items=4096)
         sweep = load_config("worst_case")
@@ -98,13 +110,12 @@ class Run:
         # this benchmark's clones (of watermarked APIs) apart from the sweeps' (of unwatermarked ones)
         self.own_clones = None if paths.clones_dir() is None else paths.clones_dir() / "ownership"
         self.test = load_dataset(self.scenario.victim_dataset).test
-        self.train = load_dataset(self.scenario.victim_dataset).train
 
     def defense(self, client: str, session: str):
         """``client``'s watermark; its carried queries recorded as evidence set ``session``."""
         self.watermarks[session] = self.watermarks[client]
         return create_defense("watermarked", key=self.keys[client], client=session, config=self.config,
-                              evidence=self.evidence)
+                              evidence=self.evidence, reference=self.reference)
 
     def steal(self, client: str, variant: str | None, session: str, **params):
         api = InProcessAPI(self.victim, self.defense(client, session))
@@ -266,13 +277,16 @@ def fractions(args: argparse.Namespace) -> dict:
         test = load_dataset(scenario.victim_dataset).test
         pool = query_pool(scenario).images[:args.budget or 15000]
         clean = defended_accuracy(victim, None, test).defended_accuracy
-        for fraction in (0.05, 0.1, 0.2, 0.3, 0.5):
+        train_images = load_dataset(scenario.victim_dataset).train.images
+        for fraction in args.fraction_grid:
             config = WatermarkConfig(**{**json.loads(args.watermark), "bucket_fraction": fraction})
+            reference = None if config.density_cap is None else fourier_features(train_images, config)
             points = []
             for client in CLIENTS:
                 key = derive_key(SECRET + b"/fractions", client)
-                served = defended_accuracy(victim, create_defense("watermarked", key=key, config=config), test)
-                marks = KeyedWatermark(key, card.num_classes, config).marks(pool)
+                served = defended_accuracy(victim, create_defense("watermarked", key=key, config=config,
+                                                                  reference=reference), test)
+                marks = KeyedWatermark(key, card.num_classes, config, reference).marks(pool)
                 points.append({"cost_points": 100 * (clean - served.defended_accuracy),
                                "carried_pool": float(marks.carried.float().mean()),
                                "pool_buckets": len({b for b, c in zip(marks.buckets, marks.carried, strict=True) if c})})
@@ -298,14 +312,16 @@ def main() -> None:
                         help="only alice's attackers: no other thief, removal attacks or innocent models")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables of --out and exit")
     parser.add_argument("--fractions", action="store_true",
-                        help="cost and evidence against bucket_fraction (no clones) -> fractions.json")
+                        help="cost and evidence against bucket_fraction (no clones) -> --fractions-out")
+    parser.add_argument("--fraction-grid", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5])
+    parser.add_argument("--fractions-out", type=Path, default=REPO / "results" / "ownership" / "fractions.json")
     args = parser.parse_args()
     if args.table:
         print(table(args.out))
         return
     if args.fractions:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-        path = args.out.parent / "fractions.json"
+        path = args.fractions_out
         path.write_text(json.dumps({"points": fractions(args), "provenance": provenance(args)}, indent=2))
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")

@@ -7,7 +7,7 @@ import torch
 
 from mirage.attacks.base import jitter_images
 from mirage.defenses import DefenseInvariantError, create_defense
-from mirage.ownership import Evidence, KeyedWatermark, WatermarkConfig, derive_key
+from mirage.ownership import Evidence, KeyedWatermark, WatermarkConfig, derive_key, fourier_features
 
 SECRET = b"0123456789abcdef-server-secret"
 
@@ -150,3 +150,59 @@ def test_watermarked_contract_is_enforced():
     defense = create_defense("watermarked", key=derive_key(SECRET, "bob"))
     with pytest.raises(DefenseInvariantError):
         defense.check_output(torch.full((2, 3), 1 / 3), torch.full((2, 3), 0.5))
+
+
+def test_density_cap_leaves_dense_reference_buckets_unselected():
+    """Against a slow reference (a Python count per cell): no row whose cell holds more than
+    density_cap of the reference images carries, every other row is selected exactly as without
+    the cap, and verification (label_of) needs no reference."""
+    from collections import Counter
+
+    reference, queries = images(3000, seed=1), images(3000, seed=2)
+    key = derive_key(SECRET, "alice")
+    config = WatermarkConfig(bucket_fraction=1.0, density_cap=2e-3)
+    capped = KeyedWatermark(key, 10, config, reference)
+    uncapped = KeyedWatermark(key, 10, WatermarkConfig(bucket_fraction=1.0))
+    counts = Counter(tuple(c) for c in capped.cells(reference)[0].tolist())
+    dense = {cell for cell, n in counts.items() if n > 2e-3 * len(reference)}
+    assert dense and len(dense) < len(counts)          # the cap bites, and not everywhere
+    assert dense == {tuple(int.from_bytes(b[i:i + 8], "little", signed=True) for i in range(0, len(b), 8))
+                     for b in capped.dense_cells(reference)}
+    # the key-independent features, computed once, give the same cells as the images
+    assert capped.dense_cells(fourier_features(reference, config)) == capped.dense_cells(reference)
+    with pytest.raises(ValueError, match="features"):
+        capped.dense_cells(torch.zeros(5, 3, dtype=torch.float64))
+    cells = [tuple(c) for c in capped.cells(queries)[0].tolist()]
+    with_cap, without = capped.marks(queries), uncapped.marks(queries)
+    in_dense = torch.tensor([c in dense for c in cells])
+    assert in_dense[without.carried].any()             # some rows the cap takes away …
+    assert not with_cap.carried[in_dense].any()        # … are not carried
+    assert torch.equal(with_cap.carried, without.carried & ~in_dense)
+    assert torch.equal(with_cap.labels[with_cap.carried], without.labels[with_cap.carried])
+    # the verifier regenerates labels without the reference
+    verifier = KeyedWatermark(key, 10, config)
+    assert all(verifier.label_of(b) == int(y) for b, y, c in
+               zip(with_cap.buckets, with_cap.labels, with_cap.carried, strict=True) if c)
+    with pytest.raises(ValueError, match="reference"):
+        verifier.marks(queries)
+
+
+def test_density_cap_needs_reference_images_wherever_it_is_configured():
+    from pydantic import ValidationError
+
+    from mirage.serve.config import OwnershipConfig
+
+    config = WatermarkConfig(density_cap=1e-4)
+    with pytest.raises(ValidationError, match="reference"):
+        create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config)
+    with pytest.raises(ValidationError, match="reference"):
+        create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config, reference=torch.zeros(3, 28, 28))
+    with pytest.raises(ValidationError, match="reference"):
+        OwnershipConfig(watermark=config)
+    assert OwnershipConfig(watermark=config, reference="digits").reference == "digits"
+    with pytest.raises(ValidationError):
+        WatermarkConfig(density_cap=-0.1)
+    defense = create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config, reference=images(500))
+    probs = torch.softmax(torch.randn(64, 10), 1)
+    served = defense(images(64, seed=3), probs)
+    assert torch.allclose(served.sum(1), torch.ones(64))

@@ -201,3 +201,26 @@ def test_verify_reads_the_suspect_in_the_thiefs_format(tmp_path, checkpoints, fm
     assert tests["alice"]["named"] and not tests["bob"]["named"], tests
     bad = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(tmp_path / "nope.onnx")])
     assert bad.exit_code != 0 and "cannot load the suspect" in bad.output
+
+
+def test_served_watermark_stays_out_of_the_reference_datasets_dense_buckets(tmp_path, checkpoints):
+    """With ``density_cap`` and ``reference``, the service's answers carry exactly the rows a
+    watermark built on the reference dataset's training images selects: none in a dense bucket."""
+    from fastapi.testclient import TestClient
+
+    from mirage.serve.app import create_app
+
+    watermark = {"bucket_fraction": 1.0, "margin": 0.1, "density_cap": 0.002}
+    config = ownership_config(tmp_path, checkpoints, watermark=watermark, reference="digits")
+    images = load_dataset("digits").test.images[:64].float()
+    with TestClient(create_app(config)) as http:
+        reply = http.post("/v2/models/digits/infer", json=body(images), headers=auth("alice"))
+    assert reply.status_code == 200, reply.text
+    served = torch.tensor(reply.json()["outputs"][0]["data"]).view(64, 10)
+    key = derive_key(SECRET, "alice")
+    capped = KeyedWatermark(key, 10, WatermarkConfig(**watermark), load_dataset("digits").train.images)
+    uncapped = KeyedWatermark(key, 10, WatermarkConfig(**{**watermark, "density_cap": None})).marks(images)
+    marks = capped.marks(images)
+    assert (uncapped.carried & ~marks.carried).any()          # the cap takes some rows away
+    assert marks.carried.any()
+    assert torch.equal(served[marks.carried].argmax(1), marks.labels[marks.carried])

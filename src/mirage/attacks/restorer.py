@@ -118,6 +118,7 @@ def attacker_defense(name: str, params: dict[str, Any], shadow: nn.Module, surro
         if params.get("inner") is not None:
             raise ValueError("the restorer cannot simulate a watermark over another defense yet")
         built["key"] = torch.randint(0, 256, (32,), generator=generator, dtype=torch.uint8).numpy().tobytes()
+        built["reference"] = images  # its own benign data stands in for the defender's (density_cap)
     if name == "adaptive_misinformation":
         if fresh_model is None:
             raise ValueError("simulating adaptive_misinformation needs fresh_model")

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
@@ -27,6 +27,21 @@ class WatermarkedParams(DefenseParams):
     client: str = Field("default", description="whose queries these are, in the evidence")
     config: WatermarkConfig = WatermarkConfig()
     evidence: Any = Field(None, description="an Evidence that records the carried queries")
+    reference: Any = Field(None, description="the defender's benign images (B, C, H, W) or their "
+                                             "fourier_features (B, F), for config.density_cap")
+
+    @field_validator("reference")
+    @classmethod
+    def _images(cls, value: Any) -> Any:
+        if value is not None and not (isinstance(value, Tensor) and value.ndim in (2, 4) and len(value)):
+            raise ValueError("reference must be a non-empty tensor of images (B, C, H, W) or features (B, F)")
+        return value
+
+    @model_validator(mode="after")
+    def _cap_needs_reference(self) -> WatermarkedParams:
+        if self.config.density_cap is not None and self.reference is None:
+            raise ValueError("config.density_cap needs reference images (the defender's benign data)")
+        return self
 
     @field_validator("inner")
     @classmethod
@@ -58,7 +73,8 @@ class Watermarked(Defense):
 
     def watermark(self, num_classes: int) -> KeyedWatermark:
         if num_classes not in self._watermarks:
-            self._watermarks[num_classes] = KeyedWatermark(self.params.key, num_classes, self.params.config)
+            self._watermarks[num_classes] = KeyedWatermark(self.params.key, num_classes, self.params.config,
+                                                            self.params.reference)
         return self._watermarks[num_classes]
 
     @property

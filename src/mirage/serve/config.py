@@ -28,6 +28,8 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     # secret_file = "/run/secrets/mirage"    # … or a file; never in this config
     evidence = "evidence.sqlite"     # the carried queries, at most max_items per client
     watermark = { bucket_fraction = 0.1 }
+    # watermark = { bucket_fraction = 0.3, density_cap = 1e-4 }   # not in buckets benign data fills …
+    # reference = "fmnist"           # … judged on this dataset's training images
 
     [detection]                      # per-client query-stream detection (docs/design.md §detection)
     prada = { delta = 0.9 }          # PRADA's knobs (mirage.api.PradaConfig)
@@ -295,6 +297,15 @@ class OwnershipConfig(_Strict):
     evidence: Path = Field(Path("mirage-evidence.sqlite"), description="SQLite file of the carried queries")
     max_items: int = Field(4096, ge=1, le=1_000_000, description="evidence kept per client")
     watermark: WatermarkConfig = WatermarkConfig()
+    reference: str | None = Field(None, description="the dataset whose training images stand for benign "
+                                  "queries, for watermark.density_cap (a mirage dataset name)")
+
+    @model_validator(mode="after")
+    def _cap_needs_reference(self) -> OwnershipConfig:
+        if self.watermark.density_cap is not None and self.reference is None:
+            raise ValueError("ownership.watermark.density_cap needs ownership.reference, the dataset of "
+                             "benign images it keeps the watermark away from")
+        return self
 
     def secret(self) -> bytes:
         """The server secret, or ``ValueError`` saying where it was looked for."""

@@ -12,10 +12,11 @@ from typing import Any
 
 from torch import nn
 
+from mirage.data import load_dataset
 from mirage.defenses import Defense, create_defense
 from mirage.models import ModelCard, load_checkpoint
 from mirage.models.formats import load_model_file
-from mirage.ownership import derive_key
+from mirage.ownership import derive_key, fourier_features
 from mirage.scenarios import Scenario, get_scenario
 from mirage.serve.config import DefenseConfig, ModelConfig, OwnershipConfig, ServeConfig
 from mirage.training.resolve import resolve_params, resolve_victims
@@ -103,6 +104,9 @@ class ServedDefenses:
                  alarm: DefenseConfig | None = None) -> None:
         self.spec, self.ownership, self.evidence = spec, ownership, evidence
         self._secret = ownership.secret() if ownership is not None else None
+        # the reference's Fourier features do not depend on the key: computed once for all clients
+        self._reference = None if ownership is None or ownership.reference is None else \
+            fourier_features(load_dataset(ownership.reference).train.images, ownership.watermark)
         self.query_time = spec.name != "none" and not spec.training_time
         self.enabled = self.query_time or ownership is not None
         self.params = resolve_params(spec, scenario, model, card) if self.query_time else {}
@@ -126,7 +130,7 @@ class ServedDefenses:
         if self.ownership is None:
             return inner
         return create_defense("watermarked", inner=inner, key=derive_key(self._secret, client), client=client,
-                              config=self.ownership.watermark, evidence=self.evidence)
+                              config=self.ownership.watermark, evidence=self.evidence, reference=self._reference)
 
     def key(self, client: str, *, alarmed: bool = False) -> str:
         """The micro-batcher's key of ``client``'s defense instance; ``alarmed``: of its alarm
