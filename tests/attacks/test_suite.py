@@ -139,6 +139,24 @@ def test_the_restorer_never_sees_the_defenders_secrets(victim, digits):
         attacker_defense("telepathy", {}, victim, victim, digits.train.images[:8], digits.train.labels[:8], seed=0)
 
 
+
+def test_the_restorer_simulates_a_density_capped_watermark_with_its_own_key_and_no_cap(victim, digits):
+    """It knows the watermark's public parameters but neither the key nor the defender's data:
+    its simulation draws its own key and drops the cap (no reference images to judge it on)."""
+    from mirage.ownership import WatermarkConfig, derive_key
+
+    secret_key = derive_key(b"0123456789abcdef-server-secret", "alice")
+    config = WatermarkConfig(bucket_fraction=1.0, density_cap=1e-4)
+    params = {"key": secret_key, "client": "alice", "config": config.model_dump(),
+              "reference": digits.train.images}
+    assert set(public_params(params)) == {"client", "config"}
+    defense = attacker_defense("watermarked", public_params(params), victim, victim, digits.train.images[:64],
+                               digits.train.labels[:64], seed=5)
+    assert defense.params.key != secret_key and defense.params.reference is None
+    assert defense.params.config == config.model_copy(update={"density_cap": None})
+    probs = torch.softmax(torch.randn(64, 10), 1)
+    assert torch.allclose(defense(digits.train.images[:64], probs).sum(1), torch.ones(64))
+
 SMALL = RestorerConfig(shadows=2, shadow_epochs=15, pairs=600, epochs=60)
 
 
