@@ -248,6 +248,12 @@ def own_set(row: dict) -> str | None:
 def table(path: Path) -> str:
     """The Markdown tables of results/ownership/README.md, from the JSON lines."""
     rows = [json.loads(line) for line in path.open()]
+    # runs written side by side interleave their lines: one table per (scenario, seed, watermark)
+    # and attack, each in the order its entries were written
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["scenario"], r["seed"], r["watermark"]), []).append(r)
+    rows = [r for group in groups.values() for r in group]
     out = []
     for r in rows:
         if r["entry"] == "defender":
