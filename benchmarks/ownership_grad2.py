@@ -8,8 +8,8 @@ victim's labels; at ε = 2 (the whole simplex) the redirection may put any label
 scenario and ε: the defender's accuracy and how many answers' top-1 moved (test set, thief's
 pool), then Knockoff 15k through the defense by the soft and the hard-label thief (the
 worst_case profile's clone recipe, seed 0), each clone tested with ``mirage.verify`` (the
-behaviour's log-likelihood against undefended clones of seeds 0–2, soft and hard-label: six
-models; a Student-t p-value) and its match rate on the behaviour set. The keyed watermark's
+behaviour's log-likelihood against undefended clones, soft and hard-label, of ``--null-seeds``
+seeds; a Student-t p-value) and its match rate on the behaviour set. The keyed watermark's
 figures for the same thieves are in ownership.jsonl. One JSON line per entry of
 results/ownership/grad2_reprogramming.jsonl; a re-run skips what is there.
 
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--epsilon", type=float, nargs="+", default=[0.5, 2.0])
     parser.add_argument("--out", type=Path, default=REPO / "results" / "ownership" / "grad2_reprogramming.jsonl")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--null-seeds", type=int, default=3, help="undefended clones per thief for the null")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -78,10 +79,10 @@ def main() -> None:
                  {k: v for k, v in row.items() if k not in ("provenance", "null")})
 
     for name in args.scenario or ["mnist"]:
-        run_scenario(name, args.epsilon, record)
+        run_scenario(name, args.epsilon, args.null_seeds, record)
 
 
-def run_scenario(name: str, epsilons: list[float], record) -> None:
+def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> None:
     """The null clones of one scenario, then every ε's defender entry and thieves."""
     scenario = get_scenario(name)
     victim, card, _ = get_victim(scenario)
@@ -95,7 +96,7 @@ def run_scenario(name: str, epsilons: list[float], record) -> None:
         attack = create_attack("knockoff", **variant_params(variant))
         return attack.run(InProcessAPI(victim, defense), BUDGET, data, clone_spec, seed=seed)
 
-    null = [steal(None, variant, seed).clone for seed in range(3) for variant in THIEVES]
+    null = [steal(None, variant, seed).clone for seed in range(null_seeds) for variant in THIEVES]
     null_match = [verify(m, [n for n in null if n is not m], *behaviour(scenario, victim, card)).match_rate
                   for m in null]
 
