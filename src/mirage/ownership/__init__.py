@@ -6,12 +6,12 @@ null (:mod:`.verification`)."""
 from mirage.ownership.evidence import Evidence
 from mirage.ownership.verification import OwnershipTest, match_pvalue, name_the_thief, verify_key
 from mirage.ownership.watermark import (
-           KeyedWatermark,
-           Marks,
-           WatermarkConfig,
-           derive_key,
-           fourier_features,
+    KeyedWatermark,
+    Marks,
+    WatermarkConfig,
+    derive_key,
+    fourier_features,
 )
 
-__all__ = ["Evidence", "KeyedWatermark", "Marks", "OwnershipTest", "WatermarkConfig", "derive_key", "fourier_features",
-           "match_pvalue", "name_the_thief", "verify_key"]
+__all__ = ["Evidence", "KeyedWatermark", "Marks", "OwnershipTest", "WatermarkConfig", "derive_key",
+           "fourier_features", "match_pvalue", "name_the_thief", "verify_key"]

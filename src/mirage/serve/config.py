@@ -28,7 +28,7 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     # secret_file = "/run/secrets/mirage"    # … or a file; never in this config
     evidence = "evidence.sqlite"     # the carried queries, at most max_items per client
     watermark = { bucket_fraction = 0.1 }
-    # watermark = { bucket_fraction = 0.3, density_cap = 1e-4 }   # not in buckets benign data fills …
+    # watermark = { bucket_fraction = 1.0, density_cap = 1e-4 }   # not in buckets benign data fills …
     # reference = "fmnist"           # … judged on this dataset's training images
 
     [detection]                      # per-client query-stream detection (docs/design.md §detection)
