@@ -96,7 +96,8 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
         attack = create_attack("knockoff", **variant_params(variant))
         return attack.run(InProcessAPI(victim, defense), BUDGET, data, clone_spec, seed=seed)
 
-    null = [steal(None, variant, seed).clone for seed in range(null_seeds) for variant in THIEVES]
+    with clone_cache(paths.clones_dir()):  # the sweeps' cache: undefended clones are shared
+        null = [steal(None, variant, seed).clone for seed in range(null_seeds) for variant in THIEVES]
     null_match = [verify(m, [n for n in null if n is not m], *behaviour(scenario, victim, card)).match_rate
                   for m in null]
 
