@@ -1,7 +1,7 @@
 """Issue 17's second mechanism: does GRAD²'s reprogramming reach a hard-label clone once its budget
 lets the redirection move the top-1, and at what cost to the defender, beside the keyed watermark?
 
-GRAD² with the ``watermark`` target (docs/design.md §targets: the clone's gradient redirected
+GRAD² with the ``watermark`` target (docs/design.md §grad2-targets: the clone's gradient redirected
 toward a behaviour set, the first 20 training images of class 1 labelled 8) answers every query
 within an L1 budget ε. At ε = 0.5 the top-1 rarely moves, so a hard-label thief sees the
 victim's labels; at ε = 2 (the whole simplex) the redirection may put any label on top. Per
