@@ -115,7 +115,7 @@ class Run:
         """``client``'s watermark; its carried queries recorded as evidence set ``session``."""
         self.watermarks[session] = self.watermarks[client]
         return create_defense("watermarked", key=self.keys[client], client=session, config=self.config,
-                              evidence=self.evidence, reference=self.reference)
+                              evidence=self.evidence, benign_reference=self.reference)
 
     def steal(self, client: str, variant: str | None, session: str, **params):
         api = InProcessAPI(self.victim, self.defense(client, session))
@@ -291,7 +291,7 @@ def fractions(args: argparse.Namespace) -> dict:
             for client in CLIENTS:
                 key = derive_key(SECRET + b"/fractions", client)
                 served = defended_accuracy(victim, create_defense("watermarked", key=key, config=config,
-                                                                  reference=reference), test)
+                                                                  benign_reference=reference), test)
                 marks = KeyedWatermark(key, card.num_classes, config, reference).marks(pool)
                 points.append({"cost_points": 100 * (clean - served.defended_accuracy),
                                "carried_pool": float(marks.carried.float().mean()),

@@ -98,8 +98,8 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
 
     with clone_cache(paths.clones_dir()):  # the sweeps' cache: undefended clones are shared
         null = [steal(None, variant, seed).clone for seed in range(null_seeds) for variant in THIEVES]
-    null_match = [verify(m, [n for n in null if n is not m], *behaviour(scenario, victim, card)).match_rate
-                  for m in null]
+    behaviour_set = behaviour(scenario, victim, card)
+    null_match = [verify(m, [n for n in null if n is not m], *behaviour_set).match_rate for m in null]
 
     def at(epsilon: float) -> None:
         spec = DefenseSpec.from_params("grad2", {"epsilon": epsilon, "target": "watermark", "watermark": BEHAVIOUR})

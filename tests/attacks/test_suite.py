@@ -148,11 +148,11 @@ def test_the_restorer_simulates_a_density_capped_watermark_with_its_own_key_and_
     secret_key = derive_key(b"0123456789abcdef-server-secret", "alice")
     config = WatermarkConfig(bucket_fraction=1.0, density_cap=1e-4)
     params = {"key": secret_key, "client": "alice", "config": config.model_dump(),
-              "reference": digits.train.images}
+              "benign_reference": digits.train.images}
     assert set(public_params(params)) == {"client", "config"}
     defense = attacker_defense("watermarked", public_params(params), victim, victim, digits.train.images[:64],
                                digits.train.labels[:64], seed=5)
-    assert defense.params.key != secret_key and defense.params.reference is None
+    assert defense.params.key != secret_key and defense.params.benign_reference is None
     assert defense.params.config == config.model_copy(update={"density_cap": None})
     probs = torch.softmax(torch.randn(64, 10), 1)
     assert torch.allclose(defense(digits.train.images[:64], probs).sum(1), torch.ones(64))

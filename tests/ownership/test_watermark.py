@@ -196,13 +196,21 @@ def test_density_cap_needs_reference_images_wherever_it_is_configured():
     with pytest.raises(ValidationError, match="reference"):
         create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config)
     with pytest.raises(ValidationError, match="reference"):
-        create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config, reference=torch.zeros(3, 28, 28))
+        create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config,
+                       benign_reference=torch.zeros(3, 28, 28))
+    with pytest.raises(ValidationError, match="features must be"):
+        create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config,
+                       benign_reference=torch.zeros(3, 5, dtype=torch.float64))
+    with pytest.raises(ValidationError, match="float"):
+        create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config,
+                       benign_reference=torch.zeros(3, 1, 28, 28, dtype=torch.uint8))
     with pytest.raises(ValidationError, match="reference"):
         OwnershipConfig(watermark=config)
     assert OwnershipConfig(watermark=config, reference="digits").reference == "digits"
     with pytest.raises(ValidationError):
         WatermarkConfig(density_cap=-0.1)
-    defense = create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config, reference=images(500))
+    defense = create_defense("watermarked", key=derive_key(SECRET, "alice"), config=config,
+                             benign_reference=images(500))
     probs = torch.softmax(torch.randn(64, 10), 1)
     served = defense(images(64, seed=3), probs)
     assert torch.allclose(served.sum(1), torch.ones(64))

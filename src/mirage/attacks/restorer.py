@@ -58,7 +58,7 @@ log = logging.getLogger(__name__)
 SECRET_PARAMS = frozenset({
     "surrogate", "surrogate_config", "reference", "reference_x", "reference_y", "watermark_x",
     "watermark_y", "watermark", "target_vector", "seed", "oe_model", "misinformation_model",
-    "models_config", "tau", "gate_model", "key", "evidence",
+    "models_config", "tau", "gate_model", "key", "evidence", "benign_reference",
 })
 """Parameters the attacker never learns: it builds its own (or takes the defaults)."""
 

@@ -27,20 +27,25 @@ class WatermarkedParams(DefenseParams):
     client: str = Field("default", description="whose queries these are, in the evidence")
     config: WatermarkConfig = WatermarkConfig()
     evidence: Any = Field(None, description="an Evidence that records the carried queries")
-    reference: Any = Field(None, description="the defender's benign images (B, C, H, W) or their "
-                                             "fourier_features (B, F), for config.density_cap")
-
-    @field_validator("reference")
-    @classmethod
-    def _images(cls, value: Any) -> Any:
-        if value is not None and not (isinstance(value, Tensor) and value.ndim in (2, 4) and len(value)):
-            raise ValueError("reference must be a non-empty tensor of images (B, C, H, W) or features (B, F)")
-        return value
+    benign_reference: Any = Field(None, description="the defender's benign images (B, C, H, W) or their "
+                                                    "fourier_features (B, F), for config.density_cap")
 
     @model_validator(mode="after")
-    def _cap_needs_reference(self) -> WatermarkedParams:
-        if self.config.density_cap is not None and self.reference is None:
-            raise ValueError("config.density_cap needs reference images (the defender's benign data)")
+    def _benign_reference(self) -> WatermarkedParams:
+        value, f = self.benign_reference, self.config.frequencies
+        if value is None:
+            if self.config.density_cap is not None:
+                raise ValueError("config.density_cap needs benign_reference (the defender's benign images)")
+            return self
+        if not (isinstance(value, Tensor) and value.is_floating_point() and len(value)):
+            raise ValueError("benign_reference must be a non-empty float tensor: images in [0, 1] or their features")
+        if value.ndim == 2 and value.shape[1] != 2 * f * (f + 1):
+            raise ValueError(f"benign_reference features must be (B, {2 * f * (f + 1)}) for frequencies = {f}, "
+                             f"got {tuple(value.shape)}")
+        if value.ndim == 4 and min(value.shape[2:]) < 2 * f + 1:
+            raise ValueError(f"benign_reference images must be at least {2 * f + 1} pixels a side")
+        if value.ndim not in (2, 4):
+            raise ValueError("benign_reference must be images (B, C, H, W) or features (B, F)")
         return self
 
     @field_validator("inner")
@@ -74,7 +79,7 @@ class Watermarked(Defense):
     def watermark(self, num_classes: int) -> KeyedWatermark:
         if num_classes not in self._watermarks:
             self._watermarks[num_classes] = KeyedWatermark(self.params.key, num_classes, self.params.config,
-                                                            self.params.reference)
+                                                            self.params.benign_reference)
         return self._watermarks[num_classes]
 
     @property

@@ -125,6 +125,8 @@ def fourier_features(x: Tensor, config: WatermarkConfig) -> Tensor:
     if x.ndim != 4 or min(x.shape[2:]) < 2 * f + 1:
         raise ValueError(f"images must be (B, C, H, W) with H, W ≥ {2 * f + 1}, got {tuple(x.shape)}")
     pairs = [(u, v) for u in range(f + 1) for v in range(-f, f + 1) if u > 0 or v > 0]
+    if len(x) == 0:
+        return torch.zeros(0, len(pairs), dtype=torch.float64)
     out = []
     for chunk in x.split(4096):
         gray = (chunk.detach().double().mean(1) - config.floor).clamp_min(0)
@@ -133,7 +135,7 @@ def fourier_features(x: Tensor, config: WatermarkConfig) -> Tensor:
         u = torch.tensor([u % height for u, _ in pairs])
         v = torch.tensor([v % width for _, v in pairs])
         out.append(spectrum[:, u, v] / spectrum[:, :1, 0].clamp_min(1e-12))
-    return torch.cat(out) if out else torch.zeros(0, len(pairs), dtype=torch.float64)
+    return torch.cat(out)
 
 
 class KeyedWatermark:

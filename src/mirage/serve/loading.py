@@ -10,7 +10,7 @@ import dataclasses
 import zlib
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 
 from mirage.data import load_dataset
 from mirage.defenses import Defense, create_defense
@@ -101,19 +101,21 @@ class ServedDefenses:
 
     def __init__(self, spec: DefenseConfig, scenario: Scenario | None, model: nn.Module, card: ModelCard, *,
                  ownership: OwnershipConfig | None = None, evidence: Any = None,
-                 alarm: DefenseConfig | None = None) -> None:
+                 alarm: DefenseConfig | None = None, benign_reference: Tensor | None = None) -> None:
         self.spec, self.ownership, self.evidence = spec, ownership, evidence
         self._secret = ownership.secret() if ownership is not None else None
         # the reference's Fourier features do not depend on the key: computed once for all clients
-        self._reference = None if ownership is None or ownership.reference is None else \
-            fourier_features(load_dataset(ownership.reference).train.images, ownership.watermark)
+        # (and for the alarm defense's instances)
+        self._reference = benign_reference
+        if self._reference is None and ownership is not None and ownership.watermark.density_cap is not None:
+            self._reference = fourier_features(load_dataset(ownership.reference).train.images, ownership.watermark)
         self.query_time = spec.name != "none" and not spec.training_time
         self.enabled = self.query_time or ownership is not None
         self.params = resolve_params(spec, scenario, model, card) if self.query_time else {}
         self.prototype = self._inner(None) if self.query_time else None
         self._instances: dict[str, Defense] = {}
         self.alarm = None if alarm is None else ServedDefenses(alarm, scenario, model, card, ownership=ownership,
-                                                               evidence=evidence)
+                                                               evidence=evidence, benign_reference=self._reference)
 
     def _inner(self, client: str | None) -> Defense | None:
         if not self.query_time:
@@ -130,7 +132,8 @@ class ServedDefenses:
         if self.ownership is None:
             return inner
         return create_defense("watermarked", inner=inner, key=derive_key(self._secret, client), client=client,
-                              config=self.ownership.watermark, evidence=self.evidence, reference=self._reference)
+                              config=self.ownership.watermark, evidence=self.evidence,
+                              benign_reference=self._reference)
 
     def key(self, client: str, *, alarmed: bool = False) -> str:
         """The micro-batcher's key of ``client``'s defense instance; ``alarmed``: of its alarm
