@@ -19,6 +19,7 @@ from torch import Tensor
 
 from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 from mirage.ownership import KeyedWatermark, WatermarkConfig
+from mirage.ownership.watermark import reference_features
 
 
 class WatermarkedParams(DefenseParams):
@@ -32,20 +33,12 @@ class WatermarkedParams(DefenseParams):
 
     @model_validator(mode="after")
     def _benign_reference(self) -> WatermarkedParams:
-        value, f = self.benign_reference, self.config.frequencies
-        if value is None:
+        if self.benign_reference is None:
             if self.config.density_cap is not None:
                 raise ValueError("config.density_cap needs benign_reference (the defender's benign images)")
             return self
-        if not (isinstance(value, Tensor) and value.is_floating_point() and len(value)):
-            raise ValueError("benign_reference must be a non-empty float tensor: images in [0, 1] or their features")
-        if value.ndim == 2 and value.shape[1] != 2 * f * (f + 1):
-            raise ValueError(f"benign_reference features must be (B, {2 * f * (f + 1)}) for frequencies = {f}, "
-                             f"got {tuple(value.shape)}")
-        if value.ndim == 4 and min(value.shape[2:]) < 2 * f + 1:
-            raise ValueError(f"benign_reference images must be at least {2 * f + 1} pixels a side")
-        if value.ndim not in (2, 4):
-            raise ValueError("benign_reference must be images (B, C, H, W) or features (B, F)")
+        value = self.benign_reference
+        reference_features(value[:1] if isinstance(value, Tensor) else value, self.config)  # checks, on one row
         return self
 
     @field_validator("inner")

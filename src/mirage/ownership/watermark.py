@@ -117,14 +117,20 @@ class Marks:
         return self.carried if self.evidence is None else self.evidence
 
 
+def frequency_pairs(frequencies: int) -> list[tuple[int, int]]:
+    """The (u, v) of the Fourier magnitudes: ``0 < (u, v)``, ``|u|, |v| ≤ frequencies``, one of
+    each ± pair (the magnitudes of a real image are symmetric)."""
+    return [(u, v) for u in range(frequencies + 1) for v in range(-frequencies, frequencies + 1) if u > 0 or v > 0]
+
+
 def fourier_features(x: Tensor, config: WatermarkConfig) -> Tensor:
     """(B, C, H, W) images -> (B, F) magnitudes of their low spatial frequencies over the DC term,
-    ``|F(u, v)| / |F(0, 0)|`` for ``0 < (u, v)``, ``|u|, |v| ≤ config.frequencies``, after
-    ``config.floor`` is subtracted from the grey image (clipped at 0)."""
+    ``|F(u, v)| / |F(0, 0)|`` for :func:`frequency_pairs`, after ``config.floor`` is subtracted
+    from the grey image (clipped at 0)."""
     f = config.frequencies
     if x.ndim != 4 or min(x.shape[2:]) < 2 * f + 1:
         raise ValueError(f"images must be (B, C, H, W) with H, W ≥ {2 * f + 1}, got {tuple(x.shape)}")
-    pairs = [(u, v) for u in range(f + 1) for v in range(-f, f + 1) if u > 0 or v > 0]
+    pairs = frequency_pairs(f)
     if len(x) == 0:
         return torch.zeros(0, len(pairs), dtype=torch.float64)
     out = []
@@ -136,6 +142,20 @@ def fourier_features(x: Tensor, config: WatermarkConfig) -> Tensor:
         v = torch.tensor([v % width for _, v in pairs])
         out.append(spectrum[:, u, v] / spectrum[:, :1, 0].clamp_min(1e-12))
     return torch.cat(out)
+
+
+def reference_features(reference: Tensor, config: WatermarkConfig) -> Tensor:
+    """The defender's benign reference as (B, F) features: images (B, C, H, W) in [0, 1] are
+    transformed (:func:`fourier_features`), features are checked and returned as float64."""
+    if not (isinstance(reference, Tensor) and reference.is_floating_point() and len(reference)):
+        raise ValueError("the reference must be a non-empty float tensor: images in [0, 1] or their features")
+    if reference.ndim == 4:
+        return fourier_features(reference, config)
+    width = len(frequency_pairs(config.frequencies))
+    if reference.ndim != 2 or reference.shape[1] != width:
+        raise ValueError(f"the reference features must be (B, {width}) for frequencies = {config.frequencies} "
+                         f"(or give the images, (B, C, H, W)), got {tuple(reference.shape)}")
+    return reference.double()
 
 
 class KeyedWatermark:
@@ -152,7 +172,7 @@ class KeyedWatermark:
         self.key, self.num_classes = key, int(num_classes)
         self.config = config or WatermarkConfig()
         f = self.config.frequencies
-        self.frequencies = [(u, v) for u in range(f + 1) for v in range(-f, f + 1) if u > 0 or v > 0]
+        self.frequencies = frequency_pairs(f)
         generator = torch.Generator().manual_seed(_prf(key, b"projection", b"") >> 1)
         projection = torch.randn(len(self.frequencies), self.config.dims, generator=generator, dtype=torch.float64)
         self.projection = projection / projection.norm(dim=0, keepdim=True)
@@ -165,14 +185,8 @@ class KeyedWatermark:
         1 / density_cap of them, or one per image when the cap is 0). ``reference``: the images
         (B, C, H, W), or their :func:`fourier_features` (B, F), which do not depend on the key and
         so can be computed once for every client."""
-        if len(reference) == 0:
-            raise ValueError("the reference images must not be empty")
-        if reference.ndim == 4:
-            reference = fourier_features(reference, self.config)
-        if reference.ndim != 2 or reference.shape[1] != len(self.frequencies):
-            raise ValueError(f"reference must be images (B, C, H, W) or their features (B, {len(self.frequencies)}), "
-                             f"got {tuple(reference.shape)}")
-        cells = self.cells(None, features=reference.double())[0]
+        reference = reference_features(reference, self.config)
+        cells = self.cells(None, features=reference)[0]
         unique, counts = torch.unique(cells, dim=0, return_counts=True)
         dense = unique[counts > self.config.density_cap * len(reference)]
         return frozenset(row.tobytes() for row in dense.numpy().astype("<i8"))
