@@ -283,10 +283,12 @@ def fractions(args: argparse.Namespace) -> dict:
         test = load_dataset(scenario.victim_dataset).test
         pool = query_pool(scenario).images[:args.budget or 15000]
         clean = defended_accuracy(victim, None, test).defended_accuracy
-        train_images = load_dataset(scenario.victim_dataset).train.images
+        base = WatermarkConfig(**json.loads(args.watermark))
+        # the features depend on frequencies and floor, not on bucket_fraction: computed once
+        reference = None if base.density_cap is None else \
+            fourier_features(load_dataset(scenario.victim_dataset).train.images, base)
         for fraction in args.fraction_grid:
-            config = WatermarkConfig(**{**json.loads(args.watermark), "bucket_fraction": fraction})
-            reference = None if config.density_cap is None else fourier_features(train_images, config)
+            config = WatermarkConfig(**{**base.model_dump(), "bucket_fraction": fraction})
             points = []
             for client in CLIENTS:
                 key = derive_key(SECRET + b"/fractions", client)

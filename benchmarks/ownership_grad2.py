@@ -98,13 +98,14 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
 
     with clone_cache(paths.clones_dir()):  # the sweeps' cache: undefended clones are shared
         null = [steal(None, variant, seed).clone for seed in range(null_seeds) for variant in THIEVES]
-    behaviour_set = behaviour(scenario, victim, card)
-    null_match = [verify(m, [n for n in null if n is not m], *behaviour_set).match_rate for m in null]
+    # the surrogate and the behaviour set do not depend on ε: resolved once
+    spec = DefenseSpec.from_params("grad2", {"target": "watermark", "watermark": BEHAVIOUR})
+    resolved = resolve_params(spec, scenario, victim, card)
+    x_w, y_w = resolved["watermark_x"], resolved["watermark_y"]
+    null_match = [verify(m, [n for n in null if n is not m], x_w, y_w).match_rate for m in null]
 
     def at(epsilon: float) -> None:
-        spec = DefenseSpec.from_params("grad2", {"epsilon": epsilon, "target": "watermark", "watermark": BEHAVIOUR})
-        params = resolve_params(spec, scenario, victim, card)
-        x_w, y_w = params["watermark_x"], params["watermark_y"]
+        params = {**resolved, "epsilon": epsilon}
 
         def defender() -> dict:
             served = defended_accuracy(victim, create_defense("grad2", **params), test)
@@ -132,11 +133,6 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
         at(epsilon)
 
 
-def behaviour(scenario, victim, card):
-    """(x_w, y_w): the behaviour set GRAD² serves, as the resolver builds it."""
-    params = resolve_params(DefenseSpec.from_params("grad2", {"epsilon": 0.5, "target": "watermark",
-                                                              "watermark": BEHAVIOUR}), scenario, victim, card)
-    return params["watermark_x"], params["watermark_y"]
 
 if __name__ == "__main__":
     main()
