@@ -73,8 +73,9 @@ def tests_of(model, evidence, watermarks) -> dict:
     tests = name_the_thief(model, evidence, watermarks)
     return {t.client: {"p_value": t.p_value, "corrected_p_value": t.corrected_p_value, "named": t.named,
                        "match_p_value": t.match_p_value, "matches": t.matches, "images": t.images,
-                       "buckets": t.buckets, "expected": round(t.expected, 2), "score": t.score,
-                       "expected_score": round(t.expected_score, 2)} for t in tests}
+                       "buckets": t.buckets, "expected": round(t.expected, 2), "statistic": "rank",
+                       "score": t.score, "expected_score": round(t.expected_score, 2),
+                       "probability_p_value": t.probability_p_value} for t in tests}
 
 
 def prune(model, fraction: float):

@@ -18,7 +18,7 @@ from mirage.ownership import (
     match_pvalue,
     name_the_thief,
 )
-from mirage.ownership.verification import exact_tail
+from mirage.ownership.verification import exact_tail, rank_scores
 
 SECRET = b"0123456789abcdef-server-secret"
 
@@ -131,3 +131,47 @@ def test_name_the_thief_names_the_client_whose_labels_the_model_learnt():
     assert not any(t.named for t in tests[1:])
     innocent = LookupModel(images, torch.randint(0, 10, (len(images),)), 10)
     assert not any(t.named for t in name_the_thief(innocent, evidence, marks))
+
+
+def test_rank_scores_count_the_classes_ranked_below_against_a_loop():
+    rng = np.random.default_rng(3)
+    probs = torch.softmax(torch.tensor(rng.normal(size=(50, 7)), dtype=torch.float32), 1)
+    probs[:5] = torch.tensor([1.0, 0, 0, 0, 0, 0, 0])           # saturated rows: ties score alike
+    slow = torch.tensor([[sum(float(row[j]) < float(row[k]) for j in range(7)) for k in range(7)] for row in probs])
+    assert torch.equal(rank_scores(probs), slow)
+    assert torch.equal(rank_scores(probs[:5])[:, 0], torch.full((5,), 6)) and not rank_scores(probs[:5])[:, 1:].any()
+
+
+class RunnerUpModel(nn.Module):
+    """Puts ``runner_up[i]`` second (0.3) behind a fixed class 9 (0.6) on the i-th known image."""
+
+    def __init__(self, images: torch.Tensor, runner_up: torch.Tensor, k: int) -> None:
+        super().__init__()
+        self.keys, self.runner_up, self.k = images.flatten(1), runner_up, k
+        self.dummy = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        rows = torch.cdist(x.flatten(1), self.keys).argmin(1)
+        probs = torch.full((len(x), self.k), 0.1 / (self.k - 2))
+        probs[:, 9] = 0.6
+        probs[torch.arange(len(x)), self.runner_up[rows]] = 0.3
+        return probs.log()
+
+
+def test_the_rank_statistic_names_a_clone_that_learnt_the_keyed_label_as_its_runner_up():
+    """The clone that keeps the truthful class on top and the keyed label second: no argmax
+    matches, a little probability mass, every rank one below the top."""
+    torch.manual_seed(1)
+    x = torch.rand(3000, 1, 28, 28) ** 3
+    watermark = KeyedWatermark(derive_key(SECRET, "alice"), 10, WatermarkConfig(bucket_fraction=1.0, step=0.03))
+    evidence = Evidence()
+    evidence.add("alice", x, watermark.marks(x))
+    images, buckets = evidence.items("alice")
+    keyed = torch.tensor([watermark.label_of(b) for b in buckets])
+    learnt = torch.where(keyed == 9, torch.tensor(0), keyed)    # its top class cannot be runner-up too
+    [test] = name_the_thief(RunnerUpModel(images, learnt, 10), evidence, {"alice": watermark})
+    assert test.matches <= sum(keyed == 9).item() and test.match_p_value > 1e-3
+    assert test.named and test.p_value < test.probability_p_value
+    [innocent] = name_the_thief(RunnerUpModel(images, torch.randint(0, 9, (len(images),)), 10), evidence,
+                                {"alice": watermark})
+    assert not innocent.named and innocent.p_value > 1e-4

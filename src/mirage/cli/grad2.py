@@ -111,7 +111,8 @@ def _verify_ownership(model, config: Path | None, alpha: float, as_json: bool) -
         verdict = "[bold red]named[/]" if t.named else "not named"
         console.print(f"{t.client}: {t.images} evidence images in {t.buckets} buckets; argmax matches "
                       f"{t.matches} ({t.expected:.1f} by chance, p {t.match_p_value:.3g}); probability "
-                      f"score {t.score} ({t.expected_score:.1f} by chance): p {t.p_value:.3g}, corrected "
+                      f"score p {t.probability_p_value:.3g}; rank score {t.score} ({t.expected_score:.1f} "
+                      f"by chance): p {t.p_value:.3g}, corrected "
                       f"for {len(tests)} clients {t.corrected_p_value:.3g} -> {verdict} at alpha {alpha:g}")
 
 

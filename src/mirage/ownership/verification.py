@@ -6,10 +6,18 @@ independent of those labels. Give each evidence image i an integer score ``q_i(k
 computed from the suspect's output alone, and sum per bucket: ``v_b(k) = Σ_{i∈b} q_i(k)``. The
 statistic ``S = Σ_b v_b(y_b)`` with ``y_b`` iid uniform has as null law the convolution over
 buckets of "``v_b(k)`` for a uniform k", so ``P(S ≥ s)`` is exact given the suspect's outputs,
-with no clean models needed. Two scores: argmax matches (``q = one-hot prediction``; with one
-image per bucket, the Binomial(M, 1/K) tail) and the decision's, the suspect's probability of
-each class on a 1/16 grid (``q = round(16 p(k | x))``), which also counts a clone that leans to the
-keyed label without making it its argmax.
+with no clean models needed. Three scores:
+
+* argmax matches (``q = one-hot prediction``; with one image per bucket, the Binomial(M, 1/K)
+  tail), for reading;
+* the suspect's probability on a 1/16 grid (``q = round(16 p(k | x))``), for reading (it decided
+  until session 12);
+* **the decision's, the rank**: ``q = #{j : p(j | x) < p(k | x)}``, how many classes the suspect
+  puts below k (K − 1 for its argmax, 0 for its last; ties score alike). A clone taught the keyed
+  label by answers that still carry the truthful class (soft labels, averaged or partly restored
+  answers) often learns it as its runner-up rather than its argmax: the probability score counts
+  that runner-up by its mass, small beside the argmax's, the rank counts it almost as an argmax
+  and does not depend on the suspect's calibration. Measured in ``results/ownership/``.
 
 Images of one bucket share a label, so they are not independent trials; this test does not
 assume they are (a Binomial over images would overstate the evidence when a bucket holds
@@ -33,6 +41,12 @@ from mirage.ownership.watermark import KeyedWatermark
 RESOLUTION = 16
 """The probability statistic's scores are round(RESOLUTION · p(k | x)): integers, so that the null
 is an exact convolution."""
+
+
+def rank_scores(probs: Tensor) -> Tensor:
+    """(M, K) posteriors -> (M, K) int64: for each class, how many classes have a strictly smaller
+    probability (the decision's score, a function of the suspect's outputs only)."""
+    return (probs[:, None, :] < probs[:, :, None]).sum(-1)
 
 
 def exact_tail(scores: Tensor, buckets: list[str], labels: Mapping[str, int]) -> tuple[int, float, float]:
@@ -80,9 +94,10 @@ def match_pvalue(predictions: Tensor, buckets: list[str], labels: Mapping[str, i
 
 @dataclass(frozen=True)
 class OwnershipTest:
-    """One client's test: evidence size, distinct buckets; argmax matches with their exact
-    p-value (for reading); the probability statistic (Σ round(16·p(y_b | x))) with its exact
-    p-value, which decides, corrected for testing every client (Bonferroni): ``named``."""
+    """One client's test: evidence size, distinct buckets; for reading, argmax matches and the
+    probability statistic (Σ round(16·p(y_b | x))) with their exact p-values; the rank statistic
+    (``score``: Σ of how many classes the suspect ranks below y_b) with its exact p-value, which
+    decides, corrected for testing every client (Bonferroni): ``named``."""
 
     client: str
     images: int
@@ -90,6 +105,9 @@ class OwnershipTest:
     matches: int
     expected: float
     match_p_value: float
+    probability_score: int
+    expected_probability_score: float
+    probability_p_value: float
     score: int
     expected_score: float
     p_value: float
@@ -113,10 +131,13 @@ def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | N
     if probs.shape[1] != k:
         raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
     matches, expected, match_p = match_pvalue(probs.argmax(1), buckets, labels, k)
-    score, expected_score, p = exact_tail((probs * RESOLUTION).round().long(), buckets, labels)
+    mass, expected_mass, mass_p = exact_tail((probs * RESOLUTION).round().long(), buckets, labels)
+    score, expected_score, p = exact_tail(rank_scores(probs), buckets, labels)
     return OwnershipTest(client=client, images=len(buckets), buckets=len(labels), matches=matches,
-                         expected=expected, match_p_value=match_p, score=score, expected_score=expected_score,
-                         p_value=p, corrected_p_value=min(1.0, p * tests), alpha=alpha)
+                         expected=expected, match_p_value=match_p, probability_score=mass,
+                         expected_probability_score=expected_mass, probability_p_value=mass_p, score=score,
+                         expected_score=expected_score, p_value=p, corrected_p_value=min(1.0, p * tests),
+                         alpha=alpha)
 
 
 def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[str, KeyedWatermark], *,
