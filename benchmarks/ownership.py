@@ -255,6 +255,10 @@ def table(path: Path) -> str:
     for r in rows:
         groups.setdefault((r["scenario"], r["seed"], r["watermark"]), []).append(r)
     rows = [r for group in groups.values() for r in group]
+    # rows written before session 12 were decided by the probability score, later ones by the rank
+    ranked = any(t.get("statistic") == "rank" for r in rows for t in r.get("tests", {}).values()
+                 if isinstance(t, dict))
+    decision = "**p (rank)** | p (probability)" if ranked else "**p (score)**"
     out = []
     for r in rows:
         if r["entry"] == "defender":
@@ -262,14 +266,15 @@ def table(path: Path) -> str:
                        f"{r['clean_accuracy']:.4f} → {r['watermarked_accuracy']:.4f} ({r['cost_points']:.2f} points); "
                        f"carried {100 * r['carried_test']:.2f} % of the test set, {100 * r['carried_pool']:.2f} % of "
                        "the pool\n\n| model | clone acc. | its evidence: images / buckets | argmax matches "
-                       "(p) | **p (score)** | named | falsely named |\n|---|---|---|---|---|---|---|")
+                       f"(p) | {decision} | named | falsely named |\n|---|---|---|---|---|{'---|' * ranked}---|---|")
         elif r["entry"] == "innocent models":
             out.append(f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) | | | | "
-                       f"smallest {r['smallest_p_value']:.2g} | | {len(r['falsely_named'])} |")
+                       f"smallest {r['smallest_p_value']:.2g} | {'| ' * ranked}| {len(r['falsely_named'])} |")
         else:
             t = r["tests"].get(own_set(r), {})
+            mass = f" {t.get('probability_p_value', 1):.2g} |" if ranked else ""
             out.append(f"| {r['entry']} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
-                       f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** | "
+                       f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** |{mass} "
                        f"{'yes' if r['named_thief'] else 'no'} | {', '.join(r['falsely_named']) or 0} |")
     return "\n".join(out)
 

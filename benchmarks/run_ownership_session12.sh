@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Session 12 (issue 17): every session-11 entry of the recommended setting (density_cap, no
+# sharpen) tested again with the rank statistic, which now decides (docs/design.md §ownership),
+# then a third seed of the issue's four thieves. Clones of seeds 0 and 1 come from the cache; the
+# restorer retrains its shadows. Resumable: finished entries of results/ownership/session12.jsonl
+# are skipped.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+OUT=results/ownership/session12.jsonl
+MNIST=${MNIST:-'{"bucket_fraction":0.5,"density_cap":1e-4}'}
+FMNIST='{"bucket_fraction":1.0,"density_cap":1e-4}'
+THIEVES="soft hard-label averaging restorer"
+
+$PY benchmarks/ownership.py --out $OUT --scenario mnist --seed 0 --watermark "$MNIST" &
+$PY benchmarks/ownership.py --out $OUT --scenario fmnist-id --seed 0 --watermark "$FMNIST"
+wait
+$PY benchmarks/ownership.py --out $OUT --scenario fmnist-id --seed 0 --attack jbda --attackers $THIEVES \
+    --watermark "$FMNIST"
+for seed in 1 2; do
+    $PY benchmarks/ownership.py --out $OUT --scenario mnist --seed $seed --attacks-only --attackers $THIEVES \
+        --watermark "$MNIST" &
+    $PY benchmarks/ownership.py --out $OUT --scenario fmnist-id --seed $seed --attacks-only --attackers $THIEVES \
+        --watermark "$FMNIST"
+    wait
+done
