@@ -8,6 +8,9 @@ other defense underneath) to three clients, alice, bob and carol, each with its 
 * Knockoff (15k queries, the worst_case profile's clone recipe) through alice's key by each
   attacker of the suite (soft, hard-label, averaging, restorer, noise-robust), and a hard-label
   clone through bob's key; every clone tested against every client's key and evidence;
+* a thief holding several API keys (``--attackers multi-key multi-key-hard-label``: 4 keys,
+  requests round-robin) gets one watermark key and one evidence set per API key, ``alice+i``, as
+  the service derives them; each is tested;
 * removal attacks on alice's hard-label clone: fine-tuning on 1k and 6k clean labelled images,
   magnitude pruning of 30 % and 60 % of its weights, distillation into a fresh model on the pool,
   and an extraction by jitter-and-vote (5 jittered copies per image, majority of hard labels);
@@ -95,7 +98,8 @@ class Run:
         self.seed = seed
         self.victim, self.card, _ = get_victim(self.scenario)
         self.config = WatermarkConfig(**json.loads(args.watermark))
-        self.keys = {c: derive_key(SECRET + f"/{seed}".encode(), c) for c in CLIENTS}
+        self.secret = SECRET + f"/{seed}".encode()
+        self.keys = {c: derive_key(self.secret, c) for c in CLIENTS}
         self.train = load_dataset(self.scenario.victim_dataset).train
         # density_cap's benign stand-in: the victim's training images (on fmnist-id they hold the
         # thief's pool too, which only makes the thief's buckets look denser: against the defender)
@@ -119,9 +123,19 @@ class Run:
                               evidence=self.evidence, benign_reference=self.reference)
 
     def steal(self, client: str, variant: str | None, session: str, **params):
-        api = InProcessAPI(self.victim, self.defense(client, session))
         if variant is not None:
             params = {**variant_params(variant), **params}
+        keys = params.get("api_keys", 1)
+        if keys == 1:
+            api = InProcessAPI(self.victim, self.defense(client, session))
+        else:  # one API key per view, each with its own watermark key and evidence set, as served
+            clients = [f"{client}+{i}" for i in range(keys)]
+            for c in clients:
+                self.keys.setdefault(c, derive_key(self.secret, c))
+                self.watermarks.setdefault(c, KeyedWatermark(self.keys[c], self.card.num_classes, self.config,
+                                                             self.reference))
+            api = [InProcessAPI(self.victim, self.defense(c, f"{c}/{session.partition('/')[2]}"), client=c)
+                   for c in clients]
         params = tell_restorer(params, "watermarked", {"client": client, "config": self.config.model_dump()})
         attack = create_attack(self.attack, **params)
         with clone_cache(self.own_clones):
@@ -134,10 +148,9 @@ class Run:
         other keys that are named."""
         sets = {s: w for s, w in self.watermarks.items() if "/" in s}
         tests = tests_of(model, self.evidence, sets)
-        false = sorted(s for s, t in tests.items() if t["named"] and s.split("/")[0] != thief)
+        false = sorted(s for s, t in tests.items() if t["named"] and owner(s) != thief)
         return {**extra, "clone_accuracy": accuracy(model, self.test), "thief": thief,
-                "named_thief": thief is not None and any(t["named"] for s, t in tests.items()
-                                                         if s.split("/")[0] == thief),
+                "named_thief": thief is not None and any(t["named"] for s, t in tests.items() if owner(s) == thief),
                 "falsely_named": false, "tests": tests}
 
 
@@ -234,6 +247,12 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
 
 
 
+def owner(evidence_set: str) -> str:
+    """The thief behind an evidence set: ``alice`` for ``alice/...`` and for each of her keys
+    ``alice+i/...`` (the multi-key attackers)."""
+    return evidence_set.split("/")[0].split("+")[0]
+
+
 def own_set(row: dict) -> str | None:
     """The evidence set of the attack that made this entry's model (removals: the hard-label one)."""
     entry = row["entry"]
@@ -270,12 +289,22 @@ def table(path: Path) -> str:
         elif r["entry"] == "innocent models":
             out.append(f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) | | | | "
                        f"smallest {r['smallest_p_value']:.2g} | {'| ' * ranked}| {len(r['falsely_named'])} |")
-        else:
-            t = r["tests"].get(own_set(r), {})
+        elif (own := own_set(r)) in r["tests"] or own is None:
+            t = r["tests"].get(own, {})
             mass = f" {t.get('probability_p_value', 1):.2g} |" if ranked else ""
             out.append(f"| {r['entry']} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
                        f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** |{mass} "
                        f"{'yes' if r['named_thief'] else 'no'} | {', '.join(r['falsely_named']) or 0} |")
+        else:  # a multi-key thief: one evidence set per key it held, "<thief>+i/<attack>"
+            client, _, attack = own.partition("/")
+            sets = [t for name, t in sorted(r["tests"].items())
+                    if owner(name) == client and name.endswith("/" + attack)]
+            def each(field: str, fmt: str = "", sets=sets) -> str:
+                return ", ".join(f"{t[field]:{fmt}}" for t in sets)
+            mass = f" {each('probability_p_value', '.2g')} |" if ranked else ""
+            out.append(f"| {r['entry']} ({len(sets)} keys) | {r['clone_accuracy']:.4f} | {each('images')} / "
+                       f"{each('buckets')} | {each('matches')} | **{each('p_value', '.2g')}** |{mass} "
+                       f"{sum(t['named'] for t in sets)} of {len(sets)} keys | {', '.join(r['falsely_named']) or 0} |")
     return "\n".join(out)
 
 
