@@ -308,6 +308,25 @@ def table(path: Path) -> str:
     return "\n".join(out)
 
 
+def summary(path: Path) -> str:
+    """One Markdown table of the attacks' p-values: a row per attack and thief, a column per
+    (scenario, seed, watermark); each cell the decision's p-value (``*``: named) with the
+    probability score's in parentheses."""
+    rows = [json.loads(line) for line in path.open()]
+    runs = list(dict.fromkeys((r["scenario"], r["seed"], r["watermark"]) for r in rows))
+    cells: dict[str, dict] = {}
+    for r in rows:
+        if r["entry"].startswith(("knockoff/", "jbda/")) and (t := r["tests"].get(own_set(r))):
+            cells.setdefault(r["entry"], {})[(r["scenario"], r["seed"], r["watermark"])] = (
+                f"{t['p_value']:.2g}{'*' if r['named_thief'] else ''} ({t.get('probability_p_value', 1):.2g})")
+    names = [f"{s} seed {seed}" + ("" if sum(x[:2] == (s, seed) for x in runs) == 1 else f" {w}")
+             for s, seed, w in runs]
+    out = ["| thief | " + " | ".join(names) + " |", "|---|" + "---|" * len(runs)]
+    for entry, by_run in cells.items():
+        out.append(f"| {entry} | " + " | ".join(by_run.get(run, "") for run in runs) + " |")
+    return "\n".join(out)
+
+
 def fractions(args: argparse.Namespace) -> dict:
     """The defender's cost and the evidence a Knockoff thief leaves, against bucket_fraction: no
     clone is trained (three keys per point: the spread over keys is part of the cost)."""
@@ -354,6 +373,8 @@ def main() -> None:
     parser.add_argument("--attacks-only", action="store_true",
                         help="only alice's attackers: no other thief, removal attacks or innocent models")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables of --out and exit")
+    parser.add_argument("--summary", action="store_true",
+                        help="print one Markdown table of the attacks' p-values per run of --out and exit")
     parser.add_argument("--fractions", action="store_true",
                         help="cost and evidence against bucket_fraction (no clones) -> --fractions-out")
     parser.add_argument("--fraction-grid", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5])
@@ -361,6 +382,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.table:
         print(table(args.out))
+        return
+    if args.summary:
+        print(summary(args.out))
         return
     if args.fractions:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
