@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Session 12 (issue 17): every session-11 entry of the recommended setting (density_cap, no
 # sharpen) tested again with the rank statistic, which now decides (docs/design.md §ownership),
-# then a third seed of the issue's four thieves. Clones of seeds 0 and 1 come from the cache; the
-# restorer retrains its shadows. Resumable: finished entries of results/ownership/session12.jsonl
-# are skipped.
+# then a third seed of the issue's four thieves, a thief with 4 API keys and coarser cells.
+# Clones of seeds 0 and 1 come from the cache; the restorer retrains its shadows. Resumable:
+# finished entries of results/ownership/session12.jsonl are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=results/ownership/session12.jsonl
-MNIST=${MNIST:-'{"bucket_fraction":0.5,"density_cap":1e-4}'}
+MNIST='{"bucket_fraction":0.5,"density_cap":1e-4}'
 FMNIST='{"bucket_fraction":1.0,"density_cap":1e-4}'
 THIEVES="soft hard-label averaging restorer"
 
@@ -24,3 +24,12 @@ for seed in 1 2; do
         --watermark "$FMNIST"
     wait
 done
+# A thief holding 4 API keys (one watermark key and evidence set per API key, as served), and
+# coarser cells on mnist (dims 4: more pool images per bucket, a rule rather than isolated flips?).
+$PY benchmarks/ownership.py --out $OUT --scenario mnist --seed 0 --attacks-only --attackers multi-key \
+    multi-key-hard-label --watermark "$MNIST" &
+$PY benchmarks/ownership.py --out $OUT --scenario fmnist-id --seed 0 --attacks-only --attackers multi-key \
+    multi-key-hard-label --watermark "$FMNIST"
+wait
+$PY benchmarks/ownership.py --out $OUT --scenario mnist --seed 0 --attacks-only --attackers $THIEVES \
+    --watermark '{"bucket_fraction":0.5,"density_cap":1e-4,"dims":4}'
