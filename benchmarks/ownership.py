@@ -54,6 +54,7 @@ from mirage.bench.config import load_config
 from mirage.data import load_dataset
 from mirage.defenses import create_defense
 from mirage.models import load_checkpoint
+from mirage.models.base import clean_posteriors
 from mirage.models.fit import TrainConfig, fit
 from mirage.ownership import (
     Evidence,
@@ -72,8 +73,8 @@ ATTACKERS = ("soft", "hard-label", "averaging", "restorer", "noise-robust")
 SECRET = b"benchmark-secret-not-for-production"  # a benchmark's secret: public on purpose
 
 
-def tests_of(model, evidence, watermarks) -> dict:
-    tests = name_the_thief(model, evidence, watermarks)
+def tests_of(model, evidence, watermarks, ranking_of=None) -> dict:
+    tests = name_the_thief(model, evidence, watermarks, ranking_of=ranking_of)
     return {t.client: {"p_value": t.p_value, "corrected_p_value": t.corrected_p_value, "named": t.named,
                        "match_p_value": t.match_p_value, "matches": t.matches, "images": t.images,
                        "buckets": t.buckets, "expected": round(t.expected, 2), "statistic": "rank",
@@ -116,6 +117,16 @@ class Run:
         self.own_clones = None if paths.clones_dir() is None else paths.clones_dir() / "ownership"
         self.test = load_dataset(self.scenario.victim_dataset).test
 
+    def ranking_of(self, images):
+        """The served answers' class order (keyed ranks): the victim's, no defense being underneath."""
+        if self.config.ranked is None:
+            return None
+        return clean_posteriors(self.victim, images).argsort(dim=1, descending=True, stable=True)
+
+    def carried(self, watermark: KeyedWatermark, images):
+        """Which ``images`` carry ``watermark`` when the victim answers them."""
+        return watermark.marks(images, clean_posteriors(self.victim, images)).carried
+
     def defense(self, client: str, session: str):
         """``client``'s watermark; its carried queries recorded as evidence set ``session``."""
         self.watermarks[session] = self.watermarks[client]
@@ -147,7 +158,7 @@ class Run:
         thief's key's; ``named_thief``: the thief's own set is named; ``falsely_named``: sets of
         other keys that are named."""
         sets = {s: w for s, w in self.watermarks.items() if "/" in s}
-        tests = tests_of(model, self.evidence, sets)
+        tests = tests_of(model, self.evidence, sets, self.ranking_of)
         false = sorted(s for s, t in tests.items() if t["named"] and owner(s) != thief)
         return {**extra, "clone_accuracy": accuracy(model, self.test), "thief": thief,
                 "named_thief": thief is not None and any(t["named"] for s, t in tests.items() if owner(s) == thief),
@@ -177,8 +188,8 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
         pool = query_pool(run.scenario).images[:15000]
         return {"clean_accuracy": served.clean_accuracy, "watermarked_accuracy": served.defended_accuracy,
                 "cost_points": 100 * (served.clean_accuracy - served.defended_accuracy),
-                "carried_test": float(run.watermarks["carol"].marks(run.test.images).carried.float().mean()),
-                "carried_pool": float(run.watermarks["carol"].marks(pool).carried.float().mean())}
+                "carried_test": float(run.carried(run.watermarks["carol"], run.test.images).float().mean()),
+                "carried_pool": float(run.carried(run.watermarks["carol"], pool).float().mean())}
 
     record("defender", defender)
     # Every attack runs again on a resume (its clone comes from the cache), so that its queries
@@ -238,7 +249,7 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
                 continue
             models[f"clone {weights.stem}"] = model.eval()
         sets = {s: w for s, w in run.watermarks.items() if "/" in s}
-        out = {name: tests_of(model, run.evidence, sets) for name, model in models.items()}
+        out = {name: tests_of(model, run.evidence, sets, run.ranking_of) for name, model in models.items()}
         named = sorted(n for n, t in out.items() if any(v["named"] for v in t.values()))
         smallest = min(v["p_value"] for t in out.values() for v in t.values())
         return {"models": len(out), "falsely_named": named, "smallest_p_value": smallest, "tests": out}
@@ -337,6 +348,7 @@ def fractions(args: argparse.Namespace) -> dict:
         test = load_dataset(scenario.victim_dataset).test
         pool = query_pool(scenario).images[:args.budget or 15000]
         clean = defended_accuracy(victim, None, test).defended_accuracy
+        pool_answers = clean_posteriors(victim, pool)
         base = WatermarkConfig(**json.loads(args.watermark))
         # the features depend on frequencies and floor, not on bucket_fraction: computed once
         reference = None if base.density_cap is None else \
@@ -348,7 +360,7 @@ def fractions(args: argparse.Namespace) -> dict:
                 key = derive_key(SECRET + b"/fractions", client)
                 served = defended_accuracy(victim, create_defense("watermarked", key=key, config=config,
                                                                   benign_reference=reference), test)
-                marks = KeyedWatermark(key, card.num_classes, config, reference).marks(pool)
+                marks = KeyedWatermark(key, card.num_classes, config, reference).marks(pool, pool_answers)
                 points.append({"cost_points": 100 * (clean - served.defended_accuracy),
                                "carried_pool": float(marks.carried.float().mean()),
                                "pool_buckets": len({b for b, c in zip(marks.buckets, marks.carried, strict=True) if c})})

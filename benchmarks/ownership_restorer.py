@@ -45,7 +45,7 @@ def main() -> None:
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(captured["seed"] + 4241))
     trained = torch.zeros(len(images), dtype=torch.bool)
     trained[order[: len(images) // 2]] = True
-    carried = run.watermarks["alice"].marks(images).carried
+    carried = run.carried(run.watermarks["alice"], images)
     changed = restored.argmax(1) != answers.argmax(1)
     out = {}
     for name, rows in (("carried, in shadow 0's half", carried & trained), ("carried, not in it", carried & ~trained),

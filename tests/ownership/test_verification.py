@@ -175,3 +175,42 @@ def test_the_rank_statistic_names_a_clone_that_learnt_the_keyed_label_as_its_run
     [innocent] = name_the_thief(RunnerUpModel(images, torch.randint(0, 9, (len(images),)), 10), evidence,
                                 {"alice": watermark})
     assert not innocent.named and innocent.p_value > 1e-4
+
+
+def test_keyed_ranks_null_is_uniform_over_the_ranks_given_the_ranking():
+    """verify_key with keyed ranks against enumerating every assignment of ranks to buckets, and
+    a clone that learnt them is named while a model ranking like the victim is not."""
+    from mirage.ownership import verify_key
+
+    torch.manual_seed(2)
+    x = torch.rand(3000, 1, 28, 28) ** 3
+    watermark = KeyedWatermark(derive_key(SECRET, "alice"), 5, WatermarkConfig(bucket_fraction=1.0, step=0.03,
+                                                                                 ranked=3))
+    served = torch.softmax(torch.randn(len(x), 5) * 3, 1)
+    evidence = Evidence()
+    evidence.add("alice", x, watermark.apply(x, served)[1])
+    images, buckets = evidence.items("alice")
+    rows = torch.cdist(images.flatten(1), x.flatten(1)).argmin(1)
+    ranking = served[rows].argsort(dim=1, descending=True, stable=True)
+    keyed = torch.tensor([int(ranking[i, 1 + watermark.label_of(b)]) for i, b in enumerate(buckets)])
+    thief = LookupModel(images, keyed, 5)
+    honest = LookupModel(images, ranking[:, 0], 5)                    # the victim's own top-1
+    for model in (thief, honest):
+        test = verify_key(model, watermark, images, buckets, ranking=ranking)
+        predictions = model(images).argmax(1)
+        names = sorted(set(buckets))[:8]                               # enumeration over 2^8 rank choices
+        sub = [i for i, b in enumerate(buckets) if b in names]
+        observed = sum(int(predictions[i] == ranking[i, 1 + watermark.label_of(buckets[i])]) for i in sub)
+        hits = 0
+        for assignment in itertools.product(range(2), repeat=len(names)):
+            choice = dict(zip(names, assignment))
+            hits += sum(int(predictions[i] == ranking[i, 1 + choice[buckets[i]]]) for i in sub) >= observed
+        sub_test = verify_key(model, watermark, images[sub], [buckets[i] for i in sub], ranking=ranking[sub])
+        assert sub_test.matches == observed
+        assert sub_test.match_p_value == pytest.approx(hits / 2 ** len(names), abs=1e-12)
+        if model is thief:
+            assert test.named and test.p_value <= 2.0 ** -test.buckets + 1e-12
+        else:
+            assert test.matches == 0 and not test.named
+    with pytest.raises(ValueError, match="ranking"):
+        verify_key(thief, watermark, images, buckets)

@@ -214,3 +214,32 @@ def test_density_cap_needs_reference_images_wherever_it_is_configured():
     probs = torch.softmax(torch.randn(64, 10), 1)
     served = defense(images(64, seed=3), probs)
     assert torch.allclose(served.sum(1), torch.ones(64))
+
+
+def test_keyed_ranks_put_the_answers_keyed_jth_class_on_top():
+    """ranked = m: the carried answer's top-1 is the served answer's j-th class, j = 2 + PRF mod
+    (m − 1), against a per-row reference; nothing else moves but the swap."""
+    x = images(3000, seed=4)
+    config = WatermarkConfig(bucket_fraction=1.0, ranked=4)
+    alice = KeyedWatermark(derive_key(SECRET, "alice"), 10, config)
+    served = torch.softmax(torch.randn(len(x), 10, generator=torch.Generator().manual_seed(5)) * 2, 1)
+    out, marks = alice.apply(x, served)
+    assert marks.carried.sum() > 20
+    for row in torch.nonzero(marks.carried).flatten().tolist():
+        j = 1 + alice.label_of(marks.buckets[row])                      # 0-based rank 1 … 3
+        assert 1 <= j <= 3
+        keyed = sorted(range(10), key=lambda c: -float(served[row, c]))[j]
+        assert marks.labels[row] == keyed and out[row].argmax() == keyed
+        assert torch.allclose(out[row].sort().values, served[row].sort().values)   # a swap
+    assert torch.equal(out[~marks.carried], served[~marks.carried])
+    with pytest.raises(ValueError, match="served answers"):
+        alice.marks(x)
+    with pytest.raises(ValueError, match="at most the number of classes"):
+        KeyedWatermark(derive_key(SECRET, "alice"), 3, config)
+
+
+def test_keyed_ranks_are_not_served_yet():
+    from mirage.serve.config import OwnershipConfig
+
+    with pytest.raises(ValueError, match="not served yet"):
+        OwnershipConfig(watermark=WatermarkConfig(ranked=4))

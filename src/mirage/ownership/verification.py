@@ -27,7 +27,7 @@ similar images the suspect labels alike).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,9 +120,12 @@ class OwnershipTest:
 
 
 def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | None, buckets: list[str],
-               *, client: str = "", tests: int = 1, alpha: float = 1e-6) -> OwnershipTest:
+               *, ranking: Tensor | None = None, client: str = "", tests: int = 1,
+               alpha: float = 1e-6) -> OwnershipTest:
     """The exact test of ``suspect`` against one key's evidence (``tests``: how many clients are
-    tested in all, for the correction)."""
+    tested in all, for the correction). With keyed ranks (``watermark.config.ranked``),
+    ``ranking`` (M, K) gives each evidence image's classes in the served answer's decreasing
+    order, and the null is uniform over the keyed ranks given it."""
     if not 0 < alpha < 1:
         raise ValueError("alpha must lie in (0, 1)")
     labels = {b: watermark.label_of(b) for b in set(buckets)}
@@ -130,9 +133,16 @@ def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | N
     probs = clean_posteriors(suspect, images, batch_size=512) if images is not None else torch.zeros(0, k)
     if probs.shape[1] != k:
         raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
-    matches, expected, match_p = match_pvalue(probs.argmax(1), buckets, labels, k)
-    mass, expected_mass, mass_p = exact_tail((probs * RESOLUTION).round().long(), buckets, labels)
-    score, expected_score, p = exact_tail(rank_scores(probs), buckets, labels)
+    if watermark.config.ranked is not None and (ranking is None or ranking.shape != probs.shape):
+        raise ValueError(f"keyed ranks need the served answers' ranking, ({len(probs)}, {k}), of the evidence")
+    candidates = watermark.candidates(ranking if ranking is not None else probs.argsort(1))
+
+    def test(scores: Tensor) -> tuple[int, float, float]:
+        return exact_tail(scores.gather(1, candidates), buckets, labels)
+
+    matches, expected, match_p = test(torch.nn.functional.one_hot(probs.argmax(1), k))
+    mass, expected_mass, mass_p = test((probs * RESOLUTION).round().long())
+    score, expected_score, p = test(rank_scores(probs))
     return OwnershipTest(client=client, images=len(buckets), buckets=len(labels), matches=matches,
                          expected=expected, match_p_value=match_p, probability_score=mass,
                          expected_probability_score=expected_mass, probability_p_value=mass_p, score=score,
@@ -141,8 +151,15 @@ def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | N
 
 
 def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[str, KeyedWatermark], *,
-                   alpha: float = 1e-6) -> list[OwnershipTest]:
-    """Test ``suspect`` against every client's key and evidence, most significant first."""
-    tests = [verify_key(suspect, watermarks[c], *evidence.items(c), client=c, tests=len(watermarks),
-                        alpha=alpha) for c in watermarks]
+                   alpha: float = 1e-6, ranking_of: Callable[[Tensor], Tensor] | None = None
+                   ) -> list[OwnershipTest]:
+    """Test ``suspect`` against every client's key and evidence, most significant first.
+    ``ranking_of(images)``: the served answers' class order, for keyed ranks (e.g. the victim's
+    ``argsort(descending=True)`` when no other defense is underneath)."""
+    tests = []
+    for c in watermarks:
+        images, buckets = evidence.items(c)
+        ranking = None if ranking_of is None or images is None else ranking_of(images)
+        tests.append(verify_key(suspect, watermarks[c], images, buckets, ranking=ranking, client=c,
+                                tests=len(watermarks), alpha=alpha))
     return sorted(tests, key=lambda t: (t.p_value, t.client))

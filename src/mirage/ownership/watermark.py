@@ -24,6 +24,12 @@ selection and labels built for an exact null):
 * **Keyed labels, uniform and independent per bucket.** ``label = PRF(key, bucket) mod K``, with
   HMAC-SHA256 as the PRF. A model that never saw this key's answers matches them by chance only:
   that is the exact null of :mod:`mirage.ownership.verification`.
+* **Or keyed ranks** (``ranked`` = m): the label is the served answer's j-th most probable class,
+  ``j = 2 + PRF(key, bucket) mod (m − 1)``. A carried answer then looks like an honest near-tie
+  between classes the victim already finds plausible, which a restorer's shadow finds plausible
+  too. The null stays exact given the answer's ranking (j is still a PRF of the bucket), and
+  each bucket is worth log(m − 1) instead of log K. Verification needs that ranking
+  (:func:`mirage.ownership.verification.verify_key`).
 
 A carried answer swaps the served top-1 probability with the keyed label's, so it still looks
 like a posterior (a restorer that sees only answers cannot tell it from a clean one). With
@@ -87,6 +93,9 @@ class WatermarkConfig(BaseModel):
     evidence_margin: float | None = Field(
         None, ge=0, lt=0.5, description="distance from every face a carried query needs to be kept as evidence "
                                         "(at least margin; None: margin)")
+    ranked: int | None = Field(
+        None, ge=3, le=64, description="keyed labels relative to the served answer's ranking: its j-th class "
+                                       "with j keyed in 2 … ranked (None: a keyed class, uniform over all)")
 
     @model_validator(mode="after")
     def _evidence_inside_carried(self) -> WatermarkConfig:
@@ -171,6 +180,9 @@ class KeyedWatermark:
             raise ValueError("num_classes must be at least 2")
         self.key, self.num_classes = key, int(num_classes)
         self.config = config or WatermarkConfig()
+        if self.config.ranked is not None and self.config.ranked > self.num_classes:
+            raise ValueError(f"ranked ({self.config.ranked}) must be at most the number of classes ({num_classes})")
+        self.choices = self.num_classes if self.config.ranked is None else self.config.ranked - 1
         f = self.config.frequencies
         self.frequencies = frequency_pairs(f)
         generator = torch.Generator().manual_seed(_prf(key, b"projection", b"") >> 1)
@@ -213,12 +225,15 @@ class KeyedWatermark:
                     raise ValueError("density_cap needs the defender's reference images: "
                                      "KeyedWatermark(..., reference=images)")
                 selected = selected and cell not in self._dense
-            known = self._buckets[cell] = (selected, _prf(self.key, b"label", cell) % self.num_classes)
+            known = self._buckets[cell] = (selected, _prf(self.key, b"label", cell) % self.choices)
         return known
 
-    def marks(self, x: Tensor) -> Marks:
+    def marks(self, x: Tensor, served: Tensor | None = None) -> Marks:
         """Which rows of ``x`` carry the watermark, with their keyed labels and buckets. The PRF
-        runs only for rows inside their cell by ``margin`` (a few percent), once per bucket."""
+        runs only for rows inside their cell by ``margin`` (a few percent), once per bucket.
+        Keyed ranks (``config.ranked``) need the ``served`` answers (B, K) to name the class."""
+        if self.config.ranked is not None and served is None:
+            raise ValueError("keyed ranks (config.ranked) need the served answers to name the keyed class")
         cells, margin = self.cells(x)
         carried = torch.zeros(len(x), dtype=torch.bool)
         labels = torch.full((len(x),), -1, dtype=torch.long)
@@ -228,11 +243,24 @@ class KeyedWatermark:
             selected, label = self._bucket(cell)
             if selected:
                 carried[row], labels[row], buckets[row] = True, label, cell.hex()
+        if self.config.ranked is not None and carried.any():
+            rows = torch.nonzero(carried).flatten()
+            order = served[rows].argsort(dim=1, descending=True, stable=True)
+            labels[rows] = order.gather(1, (1 + labels[rows]).unsqueeze(1)).squeeze(1)
         return Marks(carried, labels, tuple(buckets), carried & (margin >= self.config.kept_margin))
 
     def label_of(self, bucket: str) -> int:
-        """The keyed label of a bucket id (as :class:`Marks` gives it)."""
-        return _prf(self.key, b"label", bytes.fromhex(bucket)) % self.num_classes
+        """The keyed label of a bucket id (as :class:`Marks` gives it): a class, or with keyed
+        ranks the index j − 2 of the answer's j-th class (``0 … ranked − 2``)."""
+        return _prf(self.key, b"label", bytes.fromhex(bucket)) % self.choices
+
+    def candidates(self, ranking: Tensor) -> Tensor:
+        """(M, K) classes of the served answers in decreasing probability -> the (M, choices)
+        classes :meth:`label_of` indexes: every class (uniform labels), or the answer's 2nd …
+        ranked-th (keyed ranks)."""
+        if self.config.ranked is None:
+            return torch.arange(self.num_classes).expand(len(ranking), -1)
+        return ranking[:, 1:self.config.ranked]
 
     def apply(self, x: Tensor, served: Tensor) -> tuple[Tensor, Marks]:
         """``served`` (B, K) with, on carried rows, the top-1 probability swapped with the keyed
@@ -240,7 +268,7 @@ class KeyedWatermark:
         the new answers and the marks."""
         if served.shape != (len(x), self.num_classes):
             raise ValueError(f"served must be ({len(x)}, {self.num_classes}), got {tuple(served.shape)}")
-        marks = self.marks(x)
+        marks = self.marks(x, served)
         rows = torch.nonzero(marks.carried).flatten()
         if len(rows) == 0:
             return served, marks
