@@ -127,17 +127,23 @@ def _git(*args: str) -> str | None:
         return None
 
 
+_STARTED_AT = (_git("rev-parse", "HEAD"), _git("status", "--porcelain", "--untracked-files=no"))
+"""The commit and tree state when this process started: the code that runs is the code it loaded
+then, however the tree changes before a row is written."""
+
+
 def provenance(args: argparse.Namespace | None = None) -> dict[str, Any]:
-    """Where and how a result was made: script, arguments, commit, versions, machine, time."""
+    """Where and how a result was made: script, arguments, commit and tree state at process start,
+    versions, machine, time."""
     import numpy as np
     import torch
 
-    status = _git("status", "--porcelain", "--untracked-files=no")
+    commit, status = _STARTED_AT
     return {
         "script": Path(sys.argv[0]).name,
         "argv": sys.argv[1:],
         "args": {k: str(v) for k, v in vars(args).items()} if args is not None else None,
-        "git_commit": _git("rev-parse", "HEAD"),
+        "git_commit": commit,
         "git_dirty": None if status is None else bool(status),
         "python": platform.python_version(),
         "torch": torch.__version__,

@@ -33,3 +33,17 @@ $PY benchmarks/ownership.py --out $OUT --scenario fmnist-id --seed 0 --attacks-o
 wait
 $PY benchmarks/ownership.py --out $OUT --scenario mnist --seed 0 --attacks-only --attackers $THIEVES \
     --watermark '{"bucket_fraction":0.5,"density_cap":1e-4,"dims":4}'
+# Keyed ranks (WatermarkConfig.ranked) against the same four thieves: m = 3 at the settings
+# above, then m = 4 with mnist's bucket_fraction lowered to 0.4 to stay within 0.5 points, at seeds 0 and 1.
+$PY benchmarks/ownership.py --out $OUT --scenario mnist --seed 0 --attacks-only --attackers $THIEVES \
+    --watermark '{"bucket_fraction":0.5,"density_cap":1e-4,"ranked":3}' &
+$PY benchmarks/ownership.py --out $OUT --scenario fmnist-id --seed 0 --attacks-only --attackers $THIEVES \
+    --watermark '{"bucket_fraction":1.0,"density_cap":1e-4,"ranked":3}'
+wait
+for seed in 0 1; do
+    $PY benchmarks/ownership.py --out $OUT --scenario mnist --seed $seed --attacks-only --attackers $THIEVES \
+        --watermark '{"bucket_fraction":0.4,"density_cap":1e-4,"ranked":4}' &
+    $PY benchmarks/ownership.py --out $OUT --scenario fmnist-id --seed $seed --attacks-only --attackers $THIEVES \
+        --watermark '{"bucket_fraction":1.0,"density_cap":1e-4,"ranked":4}'
+    wait
+done

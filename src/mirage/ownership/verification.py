@@ -46,7 +46,7 @@ is an exact convolution."""
 def rank_scores(probs: Tensor) -> Tensor:
     """(M, K) posteriors -> (M, K) int64: for each class, how many classes have a strictly smaller
     probability (the decision's score, a function of the suspect's outputs only)."""
-    return (probs[:, None, :] < probs[:, :, None]).sum(-1)
+    return torch.searchsorted(probs.sort(dim=1).values.contiguous(), probs.contiguous(), right=False)
 
 
 def exact_tail(scores: Tensor, buckets: list[str], labels: Mapping[str, int]) -> tuple[int, float, float]:
