@@ -64,6 +64,7 @@ from mirage.ownership import (
     fourier_features,
     name_the_thief,
 )
+from mirage.ownership.watermark import served_ranking
 from mirage.scenarios import get_scenario, query_pool
 from mirage.training.victim import get_victim
 
@@ -121,7 +122,7 @@ class Run:
         """The served answers' class order (keyed ranks): the victim's, no defense being underneath."""
         if self.config.ranked is None:
             return None
-        return clean_posteriors(self.victim, images).argsort(dim=1, descending=True, stable=True)
+        return served_ranking(clean_posteriors(self.victim, images))
 
     def carried(self, watermark: KeyedWatermark, images):
         """Which ``images`` carry ``watermark`` when the victim answers them."""

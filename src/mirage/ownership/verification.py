@@ -133,9 +133,7 @@ def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | N
     probs = clean_posteriors(suspect, images, batch_size=512) if images is not None else torch.zeros(0, k)
     if probs.shape[1] != k:
         raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
-    if watermark.config.ranked is not None and (ranking is None or ranking.shape != probs.shape):
-        raise ValueError(f"keyed ranks need the served answers' ranking, ({len(probs)}, {k}), of the evidence")
-    candidates = watermark.candidates(ranking if ranking is not None else probs.argsort(1))
+    candidates = watermark.candidates(len(probs), ranking)
 
     def test(scores: Tensor) -> tuple[int, float, float]:
         return exact_tail(scores.gather(1, candidates), buckets, labels)
@@ -154,8 +152,8 @@ def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[s
                    alpha: float = 1e-6, ranking_of: Callable[[Tensor], Tensor] | None = None
                    ) -> list[OwnershipTest]:
     """Test ``suspect`` against every client's key and evidence, most significant first.
-    ``ranking_of(images)``: the served answers' class order, for keyed ranks (e.g. the victim's
-    ``argsort(descending=True)`` when no other defense is underneath)."""
+    ``ranking_of(images)``: the served answers' :func:`~mirage.ownership.watermark.served_ranking`,
+    for keyed ranks (e.g. the victim's when no other defense is underneath)."""
     tests = []
     for c in watermarks:
         images, buckets = evidence.items(c)

@@ -167,6 +167,12 @@ def reference_features(reference: Tensor, config: WatermarkConfig) -> Tensor:
     return reference.double()
 
 
+def served_ranking(answers: Tensor) -> Tensor:
+    """(B, K) answers -> (B, K) their classes in decreasing probability (ties in class order): the
+    ranking keyed ranks index, the same when served and when verified."""
+    return answers.argsort(dim=1, descending=True, stable=True)
+
+
 class KeyedWatermark:
     """The watermark of one key (one API client) for ``num_classes``-way answers. ``reference``:
     the defender's benign images (B, C, H, W) or their :func:`fourier_features`, needed (only)
@@ -245,8 +251,7 @@ class KeyedWatermark:
                 carried[row], labels[row], buckets[row] = True, label, cell.hex()
         if self.config.ranked is not None and carried.any():
             rows = torch.nonzero(carried).flatten()
-            order = served[rows].argsort(dim=1, descending=True, stable=True)
-            labels[rows] = order.gather(1, (1 + labels[rows]).unsqueeze(1)).squeeze(1)
+            labels[rows] = served_ranking(served[rows]).gather(1, (1 + labels[rows]).unsqueeze(1)).squeeze(1)
         return Marks(carried, labels, tuple(buckets), carried & (margin >= self.config.kept_margin))
 
     def label_of(self, bucket: str) -> int:
@@ -254,12 +259,15 @@ class KeyedWatermark:
         ranks the index j − 2 of the answer's j-th class (``0 … ranked − 2``)."""
         return _prf(self.key, b"label", bytes.fromhex(bucket)) % self.choices
 
-    def candidates(self, ranking: Tensor) -> Tensor:
-        """(M, K) classes of the served answers in decreasing probability -> the (M, choices)
-        classes :meth:`label_of` indexes: every class (uniform labels), or the answer's 2nd …
-        ranked-th (keyed ranks)."""
+    def candidates(self, rows: int, ranking: Tensor | None = None) -> Tensor:
+        """The (rows, choices) classes :meth:`label_of` indexes for ``rows`` evidence images:
+        every class (uniform labels), or with keyed ranks the 2nd … ranked-th of each image's
+        ``ranking`` (:func:`served_ranking` of its served answer, (rows, K))."""
         if self.config.ranked is None:
-            return torch.arange(self.num_classes).expand(len(ranking), -1)
+            return torch.arange(self.num_classes).expand(rows, -1)
+        if ranking is None or ranking.shape != (rows, self.num_classes):
+            raise ValueError(f"keyed ranks need the served answers' ranking, ({rows}, {self.num_classes}), "
+                             "of the evidence")
         return ranking[:, 1:self.config.ranked]
 
     def apply(self, x: Tensor, served: Tensor) -> tuple[Tensor, Marks]:
