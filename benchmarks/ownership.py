@@ -287,9 +287,9 @@ def table(path: Path) -> str:
         groups.setdefault((r["scenario"], r["seed"], r["watermark"]), []).append(r)
     rows = [r for group in groups.values() for r in group]
     # rows written before session 12 were decided by the probability score, later ones by the rank
-    ranked = any(t.get("statistic") == "rank" for r in rows for t in r.get("tests", {}).values()
+    rank_decided = any(t.get("statistic") == "rank" for r in rows for t in r.get("tests", {}).values()
                  if isinstance(t, dict))
-    decision = "**p (rank)** | p (probability)" if ranked else "**p (score)**"
+    decision = "**p (rank)** | p (probability)" if rank_decided else "**p (score)**"
     out = []
     for r in rows:
         if r["entry"] == "defender":
@@ -297,13 +297,13 @@ def table(path: Path) -> str:
                        f"{r['clean_accuracy']:.4f} → {r['watermarked_accuracy']:.4f} ({r['cost_points']:.2f} points); "
                        f"carried {100 * r['carried_test']:.2f} % of the test set, {100 * r['carried_pool']:.2f} % of "
                        "the pool\n\n| model | clone acc. | its evidence: images / buckets | argmax matches "
-                       f"(p) | {decision} | named | falsely named |\n|---|---|---|---|---|{'---|' * ranked}---|---|")
+                       f"(p) | {decision} | named | falsely named |\n|---|---|---|---|---|{'---|' * rank_decided}---|---|")
         elif r["entry"] == "innocent models":
             out.append(f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) | | | | "
-                       f"smallest {r['smallest_p_value']:.2g} | {'| ' * ranked}| {len(r['falsely_named'])} |")
+                       f"smallest {r['smallest_p_value']:.2g} | {'| ' * rank_decided}| {len(r['falsely_named'])} |")
         elif (own := own_set(r)) in r["tests"] or own is None:
             t = r["tests"].get(own, {})
-            mass = f" {t.get('probability_p_value', 1):.2g} |" if ranked else ""
+            mass = f" {t.get('probability_p_value', 1):.2g} |" if rank_decided else ""
             out.append(f"| {r['entry']} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
                        f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** |{mass} "
                        f"{'yes' if r['named_thief'] else 'no'} | {', '.join(r['falsely_named']) or 0} |")
@@ -313,7 +313,7 @@ def table(path: Path) -> str:
                     if owner(name) == client and name.endswith("/" + attack)]
             def each(field: str, fmt: str = "", sets=sets) -> str:
                 return ", ".join(f"{t[field]:{fmt}}" for t in sets)
-            mass = f" {each('probability_p_value', '.2g')} |" if ranked else ""
+            mass = f" {each('probability_p_value', '.2g')} |" if rank_decided else ""
             out.append(f"| {r['entry']} ({len(sets)} keys) | {r['clone_accuracy']:.4f} | {each('images')} / "
                        f"{each('buckets')} | {each('matches')} | **{each('p_value', '.2g')}** |{mass} "
                        f"{sum(t['named'] for t in sets)} of {len(sets)} keys | {', '.join(r['falsely_named']) or 0} |")
