@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from pydantic import ValidationError
 
 from mirage.attacks.base import jitter_images
 from mirage.defenses import DefenseInvariantError, create_defense
@@ -188,7 +189,6 @@ def test_density_cap_leaves_dense_reference_buckets_unselected():
 
 
 def test_density_cap_needs_reference_images_wherever_it_is_configured():
-    from pydantic import ValidationError
 
     from mirage.serve.config import OwnershipConfig
 
@@ -236,6 +236,30 @@ def test_keyed_ranks_put_the_answers_keyed_jth_class_on_top():
         alice.marks(x)
     with pytest.raises(ValueError, match="at most the number of classes"):
         KeyedWatermark(derive_key(SECRET, "alice"), 3, config)
+
+
+def test_tie_gap_carries_only_near_ties_and_leaves_the_rest_of_the_selection_alone():
+    """tie_gap = g: the carried rows are the ungated watermark's carried rows whose served top and
+    m-th probabilities differ by at most g (a per-row reference); a carried answer passes the
+    same gate (a swap keeps the set of probabilities) and moves at most 2g of mass."""
+    x = images(3000, seed=6)
+    served = torch.softmax(torch.randn(len(x), 10, generator=torch.Generator().manual_seed(7)) * 1.5, 1)
+    key = derive_key(SECRET, "alice")
+    ungated = KeyedWatermark(key, 10, WatermarkConfig(bucket_fraction=1.0, ranked=3)).marks(x, served)
+    gated = KeyedWatermark(key, 10, WatermarkConfig(bucket_fraction=1.0, ranked=3, tie_gap=0.3))
+    out, marks = gated.apply(x, served)
+    expected = []
+    for row in range(len(x)):
+        ordered = sorted(served[row].tolist(), reverse=True)
+        expected.append(bool(ungated.carried[row]) and ordered[0] - ordered[2] <= 0.3)
+    assert marks.carried.tolist() == expected
+    assert 10 < marks.carried.sum() < ungated.carried.sum()
+    assert torch.equal(marks.labels[marks.carried], ungated.labels[marks.carried])
+    top = out[marks.carried].topk(3, dim=1).values
+    assert (top[:, 0] - top[:, 2] <= 0.3 + 1e-6).all()
+    assert ((out - served).abs().sum(1) <= 2 * 0.3 + 1e-6).all()
+    with pytest.raises(ValidationError, match="needs ranked"):
+        WatermarkConfig(tie_gap=0.3)
 
 
 def test_keyed_ranks_are_not_served_yet():
