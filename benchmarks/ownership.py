@@ -64,7 +64,6 @@ from mirage.ownership import (
     fourier_features,
     name_the_thief,
 )
-from mirage.ownership.watermark import served_ranking
 from mirage.scenarios import get_scenario, query_pool
 from mirage.training.victim import get_victim
 
@@ -74,8 +73,8 @@ ATTACKERS = ("soft", "hard-label", "averaging", "restorer", "noise-robust")
 SECRET = b"benchmark-secret-not-for-production"  # a benchmark's secret: public on purpose
 
 
-def tests_of(model, evidence, watermarks, ranking_of=None) -> dict:
-    tests = name_the_thief(model, evidence, watermarks, ranking_of=ranking_of)
+def tests_of(model, evidence, watermarks) -> dict:
+    tests = name_the_thief(model, evidence, watermarks)
     return {t.client: {"p_value": t.p_value, "corrected_p_value": t.corrected_p_value, "named": t.named,
                        "match_p_value": t.match_p_value, "matches": t.matches, "images": t.images,
                        "buckets": t.buckets, "expected": round(t.expected, 2), "statistic": "rank",
@@ -118,12 +117,6 @@ class Run:
         self.own_clones = None if paths.clones_dir() is None else paths.clones_dir() / "ownership"
         self.test = load_dataset(self.scenario.victim_dataset).test
 
-    def ranking_of(self, images):
-        """The served answers' class order (keyed ranks): the victim's, no defense being underneath."""
-        if self.config.ranked is None:
-            return None
-        return served_ranking(clean_posteriors(self.victim, images))
-
     def carried(self, watermark: KeyedWatermark, images):
         """Which ``images`` carry ``watermark`` when the victim answers them."""
         return watermark.marks(images, clean_posteriors(self.victim, images)).carried
@@ -159,7 +152,7 @@ class Run:
         thief's key's; ``named_thief``: the thief's own set is named; ``falsely_named``: sets of
         other keys that are named."""
         sets = {s: w for s, w in self.watermarks.items() if "/" in s}
-        tests = tests_of(model, self.evidence, sets, self.ranking_of)
+        tests = tests_of(model, self.evidence, sets)
         false = sorted(s for s, t in tests.items() if t["named"] and owner(s) != thief)
         return {**extra, "clone_accuracy": accuracy(model, self.test), "thief": thief,
                 "named_thief": thief is not None and any(t["named"] for s, t in tests.items() if owner(s) == thief),
@@ -250,7 +243,7 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
                 continue
             models[f"clone {weights.stem}"] = model.eval()
         sets = {s: w for s, w in run.watermarks.items() if "/" in s}
-        out = {name: tests_of(model, run.evidence, sets, run.ranking_of) for name, model in models.items()}
+        out = {name: tests_of(model, run.evidence, sets) for name, model in models.items()}
         named = sorted(n for n, t in out.items() if any(v["named"] for v in t.values()))
         smallest = min(v["p_value"] for t in out.values() for v in t.values())
         return {"models": len(out), "falsely_named": named, "smallest_p_value": smallest, "tests": out}

@@ -123,7 +123,7 @@ def test_name_the_thief_names_the_client_whose_labels_the_model_learnt():
     evidence = Evidence()
     for c, w in marks.items():
         evidence.add(c, x, w.marks(x))
-    images, buckets = evidence.items("bob")
+    images, buckets, _ = evidence.items("bob")
     learnt = torch.tensor([marks["bob"].label_of(b) for b in buckets])
     thief = LookupModel(images, learnt, 10)
     tests = name_the_thief(thief, evidence, marks)
@@ -161,7 +161,7 @@ def test_the_rank_statistic_names_a_clone_that_learnt_the_keyed_label_as_its_run
     watermark = KeyedWatermark(derive_key(SECRET, "alice"), 10, WatermarkConfig(bucket_fraction=1.0, step=0.03))
     evidence = Evidence()
     evidence.add("alice", x, watermark.marks(x))
-    images, buckets = evidence.items("alice")
+    images, buckets, _ = evidence.items("alice")
     keyed = torch.tensor([watermark.label_of(b) for b in buckets])
     learnt = torch.where(keyed == 9, torch.tensor(0), keyed)    # its top class cannot be runner-up too
     [test] = name_the_thief(RunnerUpModel(images, learnt, 10), evidence, {"alice": watermark})
@@ -184,9 +184,10 @@ def test_keyed_ranks_null_is_uniform_over_the_ranks_given_the_ranking():
     served = torch.softmax(torch.randn(len(x), 5) * 3, 1)
     evidence = Evidence()
     evidence.add("alice", x, watermark.apply(x, served)[1])
-    images, buckets = evidence.items("alice")
+    images, buckets, kept_ranking = evidence.items("alice")
     rows = torch.cdist(images.flatten(1), x.flatten(1)).argmin(1)
     ranking = served[rows].argsort(dim=1, descending=True, stable=True)
+    assert torch.equal(kept_ranking, ranking)                          # what the evidence keeps
     keyed = torch.tensor([int(ranking[i, 1 + watermark.label_of(b)]) for i, b in enumerate(buckets)])
     thief = LookupModel(images, keyed, 5)
     honest = LookupModel(images, ranking[:, 0], 5)                    # the victim's own top-1

@@ -135,7 +135,7 @@ def test_watermarked_defense_wraps_any_defense_and_records_evidence():
     served = defense(x, probs)
     marks = defense.watermark(10).marks(x)
     assert torch.allclose(served[~marks.carried], inner(x[~marks.carried], probs[~marks.carried]))
-    stored, buckets = evidence.items("bob")
+    stored, buckets, _ = evidence.items("bob")
     assert evidence.clients() == ["bob"] and len(buckets) == 50      # bounded
     defense(x, probs)                                                 # the same images again:
     assert len(evidence.items("bob")[1]) == 50                        # nothing counted twice
@@ -260,10 +260,3 @@ def test_tie_gap_carries_only_near_ties_and_leaves_the_rest_of_the_selection_alo
     assert ((out - served).abs().sum(1) <= 2 * 0.3 + 1e-6).all()
     with pytest.raises(ValidationError, match="needs ranked"):
         WatermarkConfig(tie_gap=0.3)
-
-
-def test_keyed_ranks_are_not_served_yet():
-    from mirage.serve.config import OwnershipConfig
-
-    with pytest.raises(ValueError, match="not served yet"):
-        OwnershipConfig(watermark=WatermarkConfig(ranked=4))

@@ -158,10 +158,82 @@ def test_evidence_store_is_bounded_deduplicated_and_persistent(tmp_path):
     assert store.add("alice", x, marks) == 0
     store.close()
     again = EvidenceStore(tmp_path / "e.sqlite", max_items=20)
-    images, buckets = again.items("alice")
+    images, buckets, ranking = again.items("alice")
     assert images.shape == (20, 1, 8, 8) and torch.equal(images, x[:20]) and buckets == list(marks.buckets[:20])
-    assert again.items("bob") == (None, [])
+    assert ranking is None and again.items("bob") == (None, [], None)
     again.close()
+
+
+def test_evidence_store_keeps_rankings_and_upgrades_a_store_written_without_them(tmp_path):
+    """A store from before keyed ranks (no ranking column) opens, keeps its rows and then keeps
+    the served rankings of new ones, exactly; a client whose rows lack one gets no ranking."""
+    import sqlite3
+
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE evidence (client TEXT NOT NULL, digest TEXT NOT NULL, bucket TEXT NOT NULL, "
+                     "shape TEXT NOT NULL, image BLOB NOT NULL, PRIMARY KEY (client, digest))")
+        conn.execute("INSERT INTO evidence VALUES ('bob', 'd', 'ab', '[1, 2, 2]', ?)",
+                     (torch.zeros(4).numpy().astype("<f4").tobytes(),))
+    store = EvidenceStore(path)
+    x = torch.rand(6, 1, 2, 2)
+    ranking = torch.stack([torch.randperm(10) for _ in range(6)])
+    marks = Marks(torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), ("cd",) * 6, None, ranking)
+    one = Marks(marks.carried[:1], marks.labels[:1], marks.buckets[:1], None, ranking[:1])
+    assert store.add("alice", x, marks) == 6 and store.add("bob", x[:1], one) == 1
+    images, buckets, kept = store.items("alice")
+    assert torch.equal(images, x) and torch.equal(kept, ranking)
+    images, buckets, kept = store.items("bob")
+    assert buckets == ["ab", "cd"] and kept is None                  # the old row has no ranking
+    store.close()
+
+
+def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the_store(tmp_path, checkpoints):
+    """Keyed ranks near ties (ranked, tie_gap) through the service: each carried answer's top-1 is
+    the victim's j-th class, the store keeps the victim's ranking, and a model that learnt the
+    served answers is named from the store alone, while the victim itself is not."""
+    from fastapi.testclient import TestClient
+
+    from mirage.ownership import name_the_thief
+    from mirage.serve.app import create_app
+
+    watermark = {"bucket_fraction": 1.0, "margin": 0.05, "ranked": 3, "tie_gap": 0.9}
+    config = ownership_config(tmp_path, checkpoints, watermark=watermark)
+    images = load_dataset("digits").test.images[:256].float()
+    answers = []
+    with TestClient(create_app(config)) as http:
+        for chunk in images.split(64):
+            reply = http.post("/v2/models/digits/infer", json=body(chunk), headers=auth("alice"))
+            assert reply.status_code == 200, reply.text
+            answers.append(torch.tensor(reply.json()["outputs"][0]["data"]).view(len(chunk), 10))
+    served = torch.cat(answers)
+    victim, _ = load_checkpoint(checkpoints["victim"])
+    clean = clean_posteriors(victim, images)
+    watermark_of = {c: KeyedWatermark(derive_key(SECRET, c), 10, WatermarkConfig(**watermark)) for c in ("alice", "bob")}
+    marks = watermark_of["alice"].marks(images, clean)
+    assert 5 < marks.carried.sum() < len(images)
+    order = clean.argsort(dim=1, descending=True)
+    for row in torch.nonzero(marks.carried).flatten().tolist():
+        j = 1 + watermark_of["alice"].label_of(marks.buckets[row])
+        assert served[row].argmax() == order[row, j]
+    store = EvidenceStore(config.ownership.evidence)
+    kept, _, ranking = store.items("alice")
+    rows = torch.cdist(kept.flatten(1), images.flatten(1)).argmin(1)
+    assert torch.equal(ranking, order[rows])
+
+    class Memorised(nn.Module):
+        def __init__(self, answers):
+            super().__init__()
+            self.answers = answers
+
+        def forward(self, x):
+            return self.answers[torch.cdist(x.flatten(1), images.flatten(1)).argmin(1)].clamp_min(1e-6).log()
+
+    tests = {t.client: t for t in name_the_thief(Memorised(served), store, watermark_of, alpha=1e-3)}
+    assert tests["alice"].named and tests["alice"].p_value <= 2.0 ** -tests["alice"].buckets + 1e-12
+    assert not tests["bob"].named
+    assert not any(t.named for t in name_the_thief(Memorised(clean), store, watermark_of, alpha=1e-3))
+    store.close()
 
 
 @pytest.mark.parametrize("fmt", ["export", "onnx", "checkpoint"])

@@ -1,7 +1,8 @@
 """What verification needs, kept with bounded size (docs/design.md §ownership): per client, the
-carried queries themselves (the images a clone was taught the keyed labels on) and their buckets,
-at most ``max_items`` per client, one copy of each image. Labels are not stored: they are
-regenerated from the client's key and the bucket."""
+carried queries themselves (the images a clone was taught the keyed labels on), their buckets and,
+with keyed ranks, the served ranking the label indexed (K small integers), at most ``max_items``
+per client, one copy of each image. Labels are not stored: they are regenerated from the
+client's key and the bucket."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class Evidence:
         if max_items < 1:
             raise ValueError("max_items must be at least 1")
         self.max_items = max_items
-        self._items: dict[str, dict[str, tuple[Tensor, str]]] = {}
+        self._items: dict[str, dict[str, tuple[Tensor, str, Tensor | None]]] = {}
         self._lock = threading.Lock()
 
     def add(self, client: str, x: Tensor, marks: Marks) -> int:
@@ -40,7 +41,8 @@ class Evidence:
                     break
                 digest = image_digest(x[row])
                 if digest not in kept:
-                    kept[digest] = (x[row].detach().float().clone(), marks.buckets[row])
+                    ranking = None if marks.ranking is None else marks.ranking[row].clone()
+                    kept[digest] = (x[row].detach().float().clone(), marks.buckets[row], ranking)
                     added += 1
         return added
 
@@ -48,10 +50,19 @@ class Evidence:
         with self._lock:
             return sorted(self._items)
 
-    def items(self, client: str) -> tuple[Tensor | None, list[str]]:
-        """(images (M, C, H, W) or ``None`` when there are none, buckets (M,))."""
+    def items(self, client: str) -> tuple[Tensor | None, list[str], Tensor | None]:
+        """(images (M, C, H, W) or ``None`` when there are none, buckets (M,), served rankings
+        (M, K) or ``None`` unless every image has one)."""
         with self._lock:
             kept = list(self._items.get(client, {}).values())
         if not kept:
-            return None, []
-        return torch.stack([image for image, _ in kept]), [bucket for _, bucket in kept]
+            return None, [], None
+        return (torch.stack([image for image, _, _ in kept]), [bucket for _, bucket, _ in kept],
+                stack_rankings([ranking for _, _, ranking in kept]))
+
+
+def stack_rankings(rankings: list[Tensor | None]) -> Tensor | None:
+    """(M, K) from M rankings (K,), or ``None`` when any is missing (uniform labels need none)."""
+    if not rankings or any(r is None for r in rankings):
+        return None
+    return torch.stack(rankings).long()

@@ -27,7 +27,7 @@ similar images the suspect labels alike).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,15 +149,12 @@ def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | N
 
 
 def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[str, KeyedWatermark], *,
-                   alpha: float = 1e-6, ranking_of: Callable[[Tensor], Tensor] | None = None
-                   ) -> list[OwnershipTest]:
-    """Test ``suspect`` against every client's key and evidence, most significant first.
-    ``ranking_of(images)``: the served answers' :func:`~mirage.ownership.watermark.served_ranking`,
-    for keyed ranks (e.g. the victim's when no other defense is underneath)."""
+                   alpha: float = 1e-6) -> list[OwnershipTest]:
+    """Test ``suspect`` against every client's key and evidence (with keyed ranks, the served
+    rankings the evidence kept), most significant first."""
     tests = []
     for c in watermarks:
-        images, buckets = evidence.items(c)
-        ranking = None if ranking_of is None or images is None else ranking_of(images)
+        images, buckets, ranking = evidence.items(c)
         tests.append(verify_key(suspect, watermarks[c], images, buckets, ranking=ranking, client=c,
                                 tests=len(watermarks), alpha=alpha))
     return sorted(tests, key=lambda t: (t.p_value, t.client))

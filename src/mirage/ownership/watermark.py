@@ -126,12 +126,14 @@ class WatermarkConfig(BaseModel):
 class Marks:
     """What the watermark did to a batch: ``carried`` (B,) bool, and for carried rows the keyed
     ``labels`` (B,) (−1 elsewhere) and ``buckets`` (hex cell ids, ``""`` elsewhere); ``evidence``
-    (B,) bool, the carried rows to keep (``None``: all of them)."""
+    (B,) bool, the carried rows to keep (``None``: all of them); with keyed ranks, ``ranking``
+    (B, K), the :func:`served_ranking` the labels index, which verification needs."""
 
     carried: Tensor
     labels: Tensor
     buckets: tuple[str, ...]
     evidence: Tensor | None = None
+    ranking: Tensor | None = None
 
     @property
     def kept(self) -> Tensor:
@@ -266,10 +268,12 @@ class KeyedWatermark:
             selected, label = self._bucket(cell)
             if selected:
                 carried[row], labels[row], buckets[row] = True, label, cell.hex()
-        if self.config.ranked is not None and carried.any():
+        ranking = None
+        if self.config.ranked is not None:
+            ranking = served_ranking(served)
             rows = torch.nonzero(carried).flatten()
-            labels[rows] = served_ranking(served[rows]).gather(1, (1 + labels[rows]).unsqueeze(1)).squeeze(1)
-        return Marks(carried, labels, tuple(buckets), carried & (margin >= self.config.kept_margin))
+            labels[rows] = ranking[rows].gather(1, (1 + labels[rows]).unsqueeze(1)).squeeze(1)
+        return Marks(carried, labels, tuple(buckets), carried & (margin >= self.config.kept_margin), ranking)
 
     def label_of(self, bucket: str) -> int:
         """The keyed label of a bucket id (as :class:`Marks` gives it): a class, or with keyed
@@ -282,6 +286,8 @@ class KeyedWatermark:
         ``ranking`` (:func:`served_ranking` of its served answer, (rows, K))."""
         if self.config.ranked is None:
             return torch.arange(self.num_classes).expand(rows, -1)
+        if rows == 0:  # no evidence: nothing to index
+            return torch.zeros(0, self.choices, dtype=torch.long)
         if ranking is None or ranking.shape != (rows, self.num_classes):
             raise ValueError(f"keyed ranks need the served answers' ranking, ({rows}, {self.num_classes}), "
                              "of the evidence")

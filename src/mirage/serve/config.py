@@ -302,9 +302,6 @@ class OwnershipConfig(_Strict):
 
     @model_validator(mode="after")
     def _cap_needs_reference(self) -> OwnershipConfig:
-        if self.watermark.ranked is not None:
-            raise ValueError("ownership.watermark.ranked is not served yet: its verification needs each "
-                             "evidence image's served ranking, which the evidence store does not keep")
         if self.watermark.density_cap is not None and self.reference is None:
             raise ValueError("ownership.watermark.density_cap needs ownership.reference, the dataset of "
                              "benign images it keeps the watermark away from")
