@@ -73,8 +73,19 @@ ATTACKERS = ("soft", "hard-label", "averaging", "restorer", "noise-robust")
 SECRET = b"benchmark-secret-not-for-production"  # a benchmark's secret: public on purpose
 
 
+def key_groups(sets) -> list[list[str]]:
+    """The evidence sets of each multi-key thief's API keys (``<thief>+i/<attack>``), one group
+    per thief and attack: its pooled test (``name_the_thief(groups=)``), named ``"a,b,…"``."""
+    groups: dict[str, list[str]] = {}
+    for name in sets:
+        client, _, attack = name.partition("/")
+        if "+" in client:
+            groups.setdefault(f"{owner(name)}/{attack}", []).append(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
 def tests_of(model, evidence, watermarks) -> dict:
-    tests = name_the_thief(model, evidence, watermarks)
+    tests = name_the_thief(model, evidence, watermarks, groups=key_groups(watermarks))
     return {t.client: {"p_value": t.p_value, "corrected_p_value": t.corrected_p_value, "named": t.named,
                        "match_p_value": t.match_p_value, "matches": t.matches, "images": t.images,
                        "buckets": t.buckets, "expected": round(t.expected, 2), "statistic": "rank",
@@ -303,12 +314,15 @@ def table(path: Path) -> str:
         else:  # a multi-key thief: one evidence set per key it held, "<thief>+i/<attack>"
             client, _, attack = own.partition("/")
             sets = [t for name, t in sorted(r["tests"].items())
-                    if owner(name) == client and name.endswith("/" + attack)]
+                    if owner(name) == client and name.endswith("/" + attack) and "," not in name]
+            pooled = [t for name, t in r["tests"].items() if "," in name and owner(name) == client
+                      and name.endswith("/" + attack)]
+            group = f" (pooled: {pooled[0]['p_value']:.2g}{'*' if pooled[0]['named'] else ''})" if pooled else ""
             def each(field: str, fmt: str = "", sets=sets) -> str:
                 return ", ".join(f"{t[field]:{fmt}}" for t in sets)
             mass = f" {each('probability_p_value', '.2g')} |" if rank_decided else ""
             out.append(f"| {r['entry']} ({len(sets)} keys) | {r['clone_accuracy']:.4f} | {each('images')} / "
-                       f"{each('buckets')} | {each('matches')} | **{each('p_value', '.2g')}** |{mass} "
+                       f"{each('buckets')} | {each('matches')} | **{each('p_value', '.2g')}**{group} |{mass} "
                        f"{sum(t['named'] for t in sets)} of {len(sets)} keys | {', '.join(r['falsely_named']) or 0} |")
     return "\n".join(out)
 

@@ -17,6 +17,7 @@ from mirage.ownership import (
     derive_key,
     match_pvalue,
     name_the_thief,
+    verify_keys,
 )
 from mirage.ownership.verification import exact_tail, rank_scores
 
@@ -210,3 +211,47 @@ def test_keyed_ranks_null_is_uniform_over_the_ranks_given_the_ranking():
             assert test.matches == 0 and not test.named
     with pytest.raises(ValueError, match="ranking"):
         verify_key(thief, watermark, images, buckets)
+
+
+def test_a_group_test_pools_several_keys_evidence_with_an_exact_null():
+    """A thief that spread its queries over four keys learnt a share of each key's labels: the
+    group's one test is the convolution over every (key, bucket) label, against enumerating every
+    label assignment on a small subset; pooled, it names a thief no single key names."""
+    torch.manual_seed(3)
+    x = torch.rand(4000, 1, 28, 28) ** 3
+    config = WatermarkConfig(bucket_fraction=1.0, margin=0.0, step=0.03)
+    keys = [f"alice{i}" for i in range(4)]
+    watermarks = {c: KeyedWatermark(derive_key(SECRET, c), 3, config) for c in keys + ["bob"]}
+    evidence = Evidence()
+    for i, c in enumerate(keys):
+        evidence.add(c, x[i::4][:12], watermarks[c].marks(x[i::4][:12]))
+    evidence.add("bob", x[3::4][12:24], watermarks["bob"].marks(x[3::4][12:24]))
+    images, labels = [], []
+    for c in keys:                                       # the thief learnt 7 of each key's 12 labels
+        kept, buckets, _ = evidence.items(c)
+        keyed = torch.tensor([watermarks[c].label_of(b) for b in buckets])
+        images.append(kept)
+        labels.append(torch.where(torch.arange(len(keyed)) < 7, keyed, (keyed + 1) % 3))
+    thief = LookupModel(torch.cat(images), torch.cat(labels), 3)
+    tests = {t.client: t for t in name_the_thief(thief, evidence, watermarks, groups=[keys], alpha=1e-2)}
+    group = tests[",".join(keys)]
+    assert group.named and not any(tests[c].named for c in keys + ["bob"])
+    assert group.corrected_p_value == pytest.approx(6 * group.p_value)       # 5 clients and 1 group
+    # the exact null against enumeration: two keys, four images each
+    parts = []
+    for c in keys[:2]:
+        kept, buckets, _ = evidence.items(c)
+        parts.append((watermarks[c], kept[:4], buckets[:4], None))
+    test = verify_keys(thief, parts)
+    rows = [(c, b, int(thief(img[None]).argmax())) for c, (_, imgs, bs, _) in zip(keys[:2], parts, strict=True)
+            for img, b in zip(imgs, bs, strict=True)]
+    cells = sorted({(c, b) for c, b, _ in rows})
+    hits = 0
+    for assignment in itertools.product(range(3), repeat=len(cells)):
+        label = dict(zip(cells, assignment, strict=True))
+        hits += sum(pred == label[(c, b)] for c, b, pred in rows) >= test.matches
+    assert test.match_p_value == pytest.approx(hits / 3 ** len(cells), abs=1e-12)
+    with pytest.raises(ValueError, match="two or more"):
+        name_the_thief(thief, evidence, watermarks, groups=[["alice0"]])
+    with pytest.raises(ValueError, match="known clients"):
+        name_the_thief(thief, evidence, watermarks, groups=[["alice0", "mallory"]])

@@ -78,8 +78,9 @@ def train_and_export(images: torch.Tensor, labels: torch.Tensor, path, seed: int
     torch.export.save(program, str(path))
 
 
-def verify(config_path, suspect) -> dict[str, dict]:
-    result = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(suspect), "--json"])
+def verify(config_path, suspect, *extra: str) -> dict[str, dict]:
+    result = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(suspect), "--json",
+                                      *extra])
     assert result.exit_code == 0, result.output
     return {t["client"]: t for t in json.loads(result.output)}
 
@@ -273,6 +274,13 @@ def test_verify_reads_the_suspect_in_the_thiefs_format(tmp_path, checkpoints, fm
         suspect = save_checkpoint(model, card, tmp_path / "clone")
     tests = verify(config_path, suspect)
     assert tests["alice"]["named"] and not tests["bob"]["named"], tests
+    if fmt == "checkpoint":  # a group test: one more test, on alice's and bob's pooled evidence
+        grouped = verify(config_path, suspect, "--group", "alice,bob")
+        assert set(grouped) == {"alice", "bob", "alice,bob"} and grouped["alice,bob"]["images"] == tests["alice"]["images"]
+        assert grouped["alice"]["corrected_p_value"] == pytest.approx(min(1.0, 3 * tests["alice"]["p_value"]))
+        bad = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(suspect),
+                                       "--group", "alice,mallory"])
+        assert bad.exit_code != 0 and "known clients" in bad.output
     bad = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(tmp_path / "nope.onnx")])
     assert bad.exit_code != 0 and "cannot load the suspect" in bad.output
 

@@ -60,6 +60,9 @@ def verify_command(
     alpha: Annotated[float | None, typer.Option(
         help="significance (default 1e-6 for the ownership test, after correcting for every client; "
              "0.01 for the GRAD² test)")] = None,
+    group: Annotated[list[str] | None, typer.Option(
+        help="clients believed one party, comma-separated (e.g. one account's keys): one more test of "
+             "their pooled evidence; repeatable")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Is a suspect model stolen, and through which API key? Without ``--clean``: the exact test of
@@ -72,13 +75,14 @@ def verify_command(
     except (OSError, ValueError, RuntimeError) as error:
         raise typer.BadParameter(f"cannot load the suspect {suspect}: {error}", param_hint="--suspect") from error
     if not clean:
-        _verify_ownership(model, config, 1e-6 if alpha is None else alpha, as_json)
+        groups = [g.split(",") for g in group or []]
+        _verify_ownership(model, config, 1e-6 if alpha is None else alpha, groups, as_json)
         return
     _verify_behaviour(model, clean, config, dataset, source_class, target_class, size,
                       0.01 if alpha is None else alpha, as_json)
 
 
-def _verify_ownership(model, config: Path | None, alpha: float, as_json: bool) -> None:
+def _verify_ownership(model, config: Path | None, alpha: float, groups: list[list[str]], as_json: bool) -> None:
     import json
 
     from mirage.ownership import KeyedWatermark, derive_key, name_the_thief
@@ -101,7 +105,9 @@ def _verify_ownership(model, config: Path | None, alpha: float, as_json: bool) -
                   for c in served.clients}
     evidence = EvidenceStore(served.ownership.evidence, served.ownership.max_items)
     try:
-        tests = name_the_thief(model, evidence, watermarks, alpha=alpha)
+        tests = name_the_thief(model, evidence, watermarks, groups=groups, alpha=alpha)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--group") from error
     finally:
         evidence.close()
     if as_json:
@@ -113,7 +119,7 @@ def _verify_ownership(model, config: Path | None, alpha: float, as_json: bool) -
                       f"{t.matches} ({t.expected:.1f} by chance, p {t.match_p_value:.3g}); probability "
                       f"score p {t.probability_p_value:.3g}; rank score {t.score} ({t.expected_score:.1f} "
                       f"by chance): p {t.p_value:.3g}, corrected "
-                      f"for {len(tests)} clients {t.corrected_p_value:.3g} -> {verdict} at alpha {alpha:g}")
+                      f"for {len(tests)} tests {t.corrected_p_value:.3g} -> {verdict} at alpha {alpha:g}")
 
 
 def _verify_behaviour(model, clean: list[Path], config: Path | None, dataset: str, source_class: int,

@@ -4,7 +4,13 @@
 null (:mod:`.verification`)."""
 
 from mirage.ownership.evidence import Evidence
-from mirage.ownership.verification import OwnershipTest, match_pvalue, name_the_thief, verify_key
+from mirage.ownership.verification import (
+    OwnershipTest,
+    match_pvalue,
+    name_the_thief,
+    verify_key,
+    verify_keys,
+)
 from mirage.ownership.watermark import (
     KeyedWatermark,
     Marks,
@@ -14,4 +20,4 @@ from mirage.ownership.watermark import (
 )
 
 __all__ = ["Evidence", "KeyedWatermark", "Marks", "OwnershipTest", "WatermarkConfig", "derive_key",
-           "fourier_features", "match_pvalue", "name_the_thief", "verify_key"]
+           "fourier_features", "match_pvalue", "name_the_thief", "verify_key", "verify_keys"]

@@ -27,7 +27,7 @@ similar images the suspect labels alike).
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -126,22 +126,43 @@ def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | N
     tested in all, for the correction). With keyed ranks (``watermark.config.ranked``),
     ``ranking`` (M, K) gives each evidence image's classes in the served answer's decreasing
     order, and the null is uniform over the keyed ranks given it."""
+    return verify_keys(suspect, [(watermark, images, buckets, ranking)], client=client, tests=tests, alpha=alpha)
+
+
+def verify_keys(suspect: nn.Module,
+                parts: Sequence[tuple[KeyedWatermark, Tensor | None, list[str], Tensor | None]], *,
+                client: str = "", tests: int = 1, alpha: float = 1e-6) -> OwnershipTest:
+    """One exact test of ``suspect`` against the union of several keys' evidence, each part
+    (watermark, images, buckets, ranking) as :func:`verify_key` takes it: a thief that spread its
+    queries over several API keys left a share of its evidence with each, and their sum is one
+    statistic. The null is still exact: the keys are independent, so every (key, bucket) label is
+    an independent uniform draw, and :func:`exact_tail` convolves over them all. The keys must
+    share their number of classes and of choices (one watermark config)."""
     if not 0 < alpha < 1:
         raise ValueError("alpha must lie in (0, 1)")
-    labels = {b: watermark.label_of(b) for b in set(buckets)}
-    k = watermark.num_classes
-    probs = clean_posteriors(suspect, images, batch_size=512) if images is not None else torch.zeros(0, k)
-    if probs.shape[1] != k:
-        raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
-    candidates = watermark.candidates(len(probs), ranking)
+    if not parts:
+        raise ValueError("verify_keys needs at least one key's evidence")
+    k, choices = parts[0][0].num_classes, parts[0][0].choices
+    if any((w.num_classes, w.choices) != (k, choices) for w, *_ in parts):
+        raise ValueError("the keys of one test must share their number of classes and of keyed choices")
+    all_probs, all_candidates, all_buckets, labels = [], [], [], {}
+    for part, (watermark, images, buckets, ranking) in enumerate(parts):
+        probs = clean_posteriors(suspect, images, batch_size=512) if images is not None else torch.zeros(0, k)
+        if probs.shape[1] != k:
+            raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
+        all_probs.append(probs)
+        all_candidates.append(watermark.candidates(len(probs), ranking))
+        all_buckets += [f"{part}:{b}" for b in buckets]
+        labels.update({f"{part}:{b}": watermark.label_of(b) for b in set(buckets)})
+    probs, candidates = torch.cat(all_probs), torch.cat(all_candidates)
 
     def test(scores: Tensor) -> tuple[int, float, float]:
-        return exact_tail(scores.gather(1, candidates), buckets, labels)
+        return exact_tail(scores.gather(1, candidates), all_buckets, labels)
 
     matches, expected, match_p = test(torch.nn.functional.one_hot(probs.argmax(1), k))
     mass, expected_mass, mass_p = test((probs * RESOLUTION).round().long())
     score, expected_score, p = test(rank_scores(probs))
-    return OwnershipTest(client=client, images=len(buckets), buckets=len(labels), matches=matches,
+    return OwnershipTest(client=client, images=len(all_buckets), buckets=len(labels), matches=matches,
                          expected=expected, match_p_value=match_p, probability_score=mass,
                          expected_probability_score=expected_mass, probability_p_value=mass_p, score=score,
                          expected_score=expected_score, p_value=p, corrected_p_value=min(1.0, p * tests),
@@ -149,12 +170,20 @@ def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | N
 
 
 def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[str, KeyedWatermark], *,
-                   alpha: float = 1e-6) -> list[OwnershipTest]:
+                   groups: Sequence[Sequence[str]] = (), alpha: float = 1e-6) -> list[OwnershipTest]:
     """Test ``suspect`` against every client's key and evidence (with keyed ranks, the served
-    rankings the evidence kept), most significant first."""
-    tests = []
-    for c in watermarks:
-        images, buckets, ranking = evidence.items(c)
-        tests.append(verify_key(suspect, watermarks[c], images, buckets, ranking=ranking, client=c,
-                                tests=len(watermarks), alpha=alpha))
+    rankings the evidence kept), and against each of ``groups`` (clients the defender believes
+    one party, e.g. one account's keys: one test of their pooled evidence, named
+    ``"a,b,…"``), most significant first; the correction counts every test."""
+    for group in groups:
+        if len(group) < 2 or len(set(group)) != len(group) or not set(group) <= set(watermarks):
+            raise ValueError(f"a group names two or more distinct known clients, got {list(group)}")
+    evidence_of = {c: evidence.items(c) for c in watermarks}
+    count = len(watermarks) + len(groups)
+
+    def parts(clients: Sequence[str]) -> list:
+        return [(watermarks[c], *evidence_of[c]) for c in clients]
+
+    tests = [verify_keys(suspect, parts([c]), client=c, tests=count, alpha=alpha) for c in watermarks]
+    tests += [verify_keys(suspect, parts(g), client=",".join(g), tests=count, alpha=alpha) for g in groups]
     return sorted(tests, key=lambda t: (t.p_value, t.client))
