@@ -258,5 +258,33 @@ def test_tie_gap_carries_only_near_ties_and_leaves_the_rest_of_the_selection_alo
     top = out[marks.carried].topk(3, dim=1).values
     assert (top[:, 0] - top[:, 2] <= 0.3 + 1e-6).all()
     assert ((out - served).abs().sum(1) <= 2 * 0.3 + 1e-6).all()
-    with pytest.raises(ValidationError, match="needs ranked"):
-        WatermarkConfig(tie_gap=0.3)
+
+
+def test_answer_buckets_relabel_each_pair_of_top_classes_consistently():
+    """buckets = "answer": the bucket is the served answer's unordered top-2 classes, so every
+    near-tie (tie_gap on the top two) with the same pair gets the same keyed label, against a
+    per-row reference; the image itself plays no part."""
+    x = images(2000, seed=8)
+    served = torch.softmax(torch.randn(len(x), 10, generator=torch.Generator().manual_seed(9)) * 1.5, 1)
+    config = WatermarkConfig(buckets="answer", bucket_fraction=1.0, tie_gap=0.2)
+    alice = KeyedWatermark(derive_key(SECRET, "alice"), 10, config)
+    out, marks = alice.apply(x, served)
+    label_of_pair, bucket_of_pair = {}, {}
+    for row in range(len(x)):
+        (p1, p2), (a, b) = served[row].topk(2).values.tolist(), served[row].topk(2).indices.tolist()
+        assert bool(marks.carried[row]) == (p1 - p2 <= 0.2)
+        if marks.carried[row]:
+            pair = (min(a, b), max(a, b))
+            assert bucket_of_pair.setdefault(pair, marks.buckets[row]) == marks.buckets[row]
+            assert label_of_pair.setdefault(pair, int(marks.labels[row])) == int(marks.labels[row])
+            assert alice.label_of(marks.buckets[row]) == marks.labels[row] == out[row].argmax()
+    assert len(set(bucket_of_pair.values())) == len(bucket_of_pair) > 20
+    assert torch.equal(marks.kept, marks.carried)
+    shuffled = alice.marks(x.flip(0), served)                        # the image plays no part
+    assert torch.equal(shuffled.carried, marks.carried) and shuffled.buckets == marks.buckets
+    bob = KeyedWatermark(derive_key(SECRET, "bob"), 10, config).marks(x, served)
+    assert (bob.labels[marks.carried] != marks.labels[marks.carried]).float().mean() > 0.7
+    with pytest.raises(ValueError, match="served answers"):
+        alice.marks(x)
+    with pytest.raises(ValidationError, match="Fourier cells"):
+        WatermarkConfig(buckets="answer", density_cap=1e-4)

@@ -30,14 +30,22 @@ selection and labels built for an exact null):
   too. The null stays exact given the answer's ranking (j is still a PRF of the bucket), and
   each bucket is worth log(m − 1) instead of log K. Verification needs that ranking
   (:func:`mirage.ownership.verification.verify_key`).
-* **Only near-ties** (``tie_gap`` = g, with keyed ranks): a query is carried only if its served
-  answer's top and m-th probabilities differ by at most g. The swap then moves at most 2g of
+* **Only near-ties** (``tie_gap`` = g): a query is carried only if its served answer's top and
+  m-th probabilities differ by at most g (m = ``ranked``, or 2). The swap then moves at most 2g of
   mass and the carried answer passes the same gate, so a restorer cannot tell which near-tie was
   swapped. A benign user loses little: where the victim hesitates between m classes it is often
   wrong anyway. Out of distribution such answers are common (a quarter of the Fashion-MNIST
   queries to the MNIST victim at g = 0.4, m = 3), in distribution rare (0.1 % of MNIST's test
   set), so the gate is also a cheap out-of-distribution gate. It reads the answer, never the
   key, so the null stays exact given the ranking.
+
+* **Or buckets of the answer** (``buckets = "answer"``): the bucket is the served answer's two
+  most probable classes, unordered, so the keyed label is a function of the victim's own output.
+  Out of distribution, with ``tie_gap``, that is a keyed relabelling of the victim's hesitations
+  between two classes: consistent over every query that shares them, so a clone or a restorer's
+  shadow learns it as the victim's behaviour there, and a label cleaner finds nothing isolated to
+  clean. There is no truthful answer to restore where benign users never go: the defender's
+  answers are the function. At most K(K − 1)/2 buckets, each holding many queries.
 
 A carried answer swaps the served top-1 probability with the keyed label's, so it still looks
 like a posterior (a restorer that sees only answers cannot tell it from a clean one). With
@@ -57,6 +65,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -105,17 +114,26 @@ class WatermarkConfig(BaseModel):
         None, ge=3, le=64, description="keyed labels relative to the served answer's ranking: its j-th class "
                                        "with j keyed in 2 … ranked (None: a keyed class, uniform over all)")
     tie_gap: float | None = Field(
-        None, gt=0, le=1, description="with ranked = m: carry only answers whose top and m-th probabilities "
-                                      "differ by at most this (None: any answer)")
+        None, gt=0, le=1, description="carry only answers whose top and m-th probabilities differ by at most "
+                                      "this, m = ranked or 2 (None: any answer)")
+    buckets: Literal["fourier", "answer"] = Field(
+        "fourier", description="a bucket is a cell of the image's Fourier magnitudes (margin, frequencies, dims, "
+                               "step, floor, density_cap, evidence_margin apply), or the served answer's two "
+                               "most probable classes, unordered")
 
     @model_validator(mode="after")
     def _evidence_inside_carried(self) -> WatermarkConfig:
         if self.evidence_margin is not None and self.evidence_margin < self.margin:
             raise ValueError(f"evidence_margin ({self.evidence_margin}) must be at least margin ({self.margin}): "
                              "evidence is kept only from queries that carried the watermark")
-        if self.tie_gap is not None and self.ranked is None:
-            raise ValueError("tie_gap gates keyed ranks: it needs ranked")
+        if self.buckets == "answer" and (self.density_cap is not None or self.evidence_margin is not None):
+            raise ValueError("density_cap and evidence_margin act on Fourier cells: buckets = 'fourier'")
         return self
+
+    @property
+    def tie_rank(self) -> int:
+        """The m of ``tie_gap``: ``ranked``, or 2."""
+        return 2 if self.ranked is None else self.ranked
 
     @property
     def kept_margin(self) -> float:
@@ -252,28 +270,34 @@ class KeyedWatermark:
     def marks(self, x: Tensor, served: Tensor | None = None) -> Marks:
         """Which rows of ``x`` carry the watermark, with their keyed labels and buckets. The PRF
         runs only for rows inside their cell by ``margin`` (a few percent), once per bucket.
-        Keyed ranks (``config.ranked``) need the ``served`` answers (B, K) to name the class."""
-        if self.config.ranked is not None and served is None:
-            raise ValueError("keyed ranks (config.ranked) need the served answers to name the keyed class")
-        cells, margin = self.cells(x)
-        eligible = margin >= self.config.margin
-        if self.config.tie_gap is not None:
-            top = served.topk(self.config.ranked, dim=1).values
-            eligible &= top[:, 0] - top[:, -1] <= self.config.tie_gap
+        Keyed ranks, ``tie_gap`` and answer buckets need the ``served`` answers (B, K)."""
+        config = self.config
+        if served is None and (config.ranked is not None or config.tie_gap is not None or config.buckets == "answer"):
+            raise ValueError("keyed ranks, tie_gap and answer buckets read the served answers: marks(x, served)")
+        if config.buckets == "answer":  # every row is "inside" its bucket: the answer has no faces
+            cells = served.topk(2, dim=1).indices.sort(dim=1).values
+            margin = torch.full((len(x),), 0.5, dtype=torch.float64)
+        else:
+            cells, margin = self.cells(x)
+        eligible = margin >= config.margin
+        if config.tie_gap is not None:
+            top = served.topk(config.tie_rank, dim=1).values
+            eligible &= top[:, 0] - top[:, -1] <= config.tie_gap
         carried = torch.zeros(len(x), dtype=torch.bool)
         labels = torch.full((len(x),), -1, dtype=torch.long)
         buckets = [""] * len(x)
+        tag = b"answer:" if config.buckets == "answer" else b""  # apart from any Fourier cell's PRF
         for row in torch.nonzero(eligible).flatten().tolist():
-            cell = cells[row].numpy().astype("<i8").tobytes()
+            cell = tag + cells[row].numpy().astype("<i8").tobytes()
             selected, label = self._bucket(cell)
             if selected:
                 carried[row], labels[row], buckets[row] = True, label, cell.hex()
         ranking = None
-        if self.config.ranked is not None:
+        if config.ranked is not None:
             ranking = served_ranking(served)
             rows = torch.nonzero(carried).flatten()
             labels[rows] = ranking[rows].gather(1, (1 + labels[rows]).unsqueeze(1)).squeeze(1)
-        return Marks(carried, labels, tuple(buckets), carried & (margin >= self.config.kept_margin), ranking)
+        return Marks(carried, labels, tuple(buckets), carried & (margin >= config.kept_margin), ranking)
 
     def label_of(self, bucket: str) -> int:
         """The keyed label of a bucket id (as :class:`Marks` gives it): a class, or with keyed
