@@ -9,6 +9,7 @@ from pydantic import ValidationError
 from mirage.attacks.base import jitter_images
 from mirage.defenses import DefenseInvariantError, create_defense
 from mirage.ownership import Evidence, KeyedWatermark, WatermarkConfig, derive_key, fourier_features
+from mirage.ownership.watermark import answer_pair
 
 SECRET = b"0123456789abcdef-server-secret"
 
@@ -277,7 +278,9 @@ def test_answer_buckets_relabel_each_pair_of_top_classes_consistently():
             pair = (min(a, b), max(a, b))
             assert bucket_of_pair.setdefault(pair, marks.buckets[row]) == marks.buckets[row]
             assert label_of_pair.setdefault(pair, int(marks.labels[row])) == int(marks.labels[row])
-            assert alice.label_of(marks.buckets[row]) == marks.labels[row] == out[row].argmax()
+            outside = [c for c in range(10) if c not in pair]              # the label is neither of the pair
+            assert answer_pair(marks.buckets[row]) == pair
+            assert outside[alice.label_of(marks.buckets[row])] == marks.labels[row] == out[row].argmax()
     assert len(set(bucket_of_pair.values())) == len(bucket_of_pair) > 20
     assert torch.equal(marks.kept, marks.carried)
     shuffled = alice.marks(x.flip(0), served)                        # the image plays no part
@@ -288,3 +291,26 @@ def test_answer_buckets_relabel_each_pair_of_top_classes_consistently():
         alice.marks(x)
     with pytest.raises(ValidationError, match="Fourier cells"):
         WatermarkConfig(buckets="answer", density_cap=1e-4)
+    with pytest.raises(ValidationError, match="not with ranked"):
+        WatermarkConfig(buckets="answer", ranked=3)
+    with pytest.raises(ValueError, match="not an answer bucket"):
+        answer_pair("00ff")
+    # the test: a model that learnt the labels is named at (1/8) per bucket; one that ranks like
+    # the victim (the pair on top, the rest in class order) matches no label
+    from mirage.ownership import verify_key
+
+    kept = torch.nonzero(marks.carried).flatten()
+    buckets = [marks.buckets[r] for r in kept.tolist()]
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, answers):
+            super().__init__()
+            self.answers = answers
+
+        def forward(self, z):
+            return self.answers[torch.cdist(z.flatten(1), x[kept].flatten(1)).argmin(1)].clamp_min(1e-6).log()
+
+    thief = verify_key(Fixed(out[kept]), alice, x[kept], buckets)
+    assert thief.named and thief.p_value == pytest.approx(8.0 ** -thief.buckets, rel=1e-6)
+    honest = verify_key(Fixed(served[kept]), alice, x[kept], buckets)
+    assert not honest.named and honest.matches == 0

@@ -151,7 +151,9 @@ def verify_keys(suspect: nn.Module,
         if probs.shape[1] != k:
             raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
         all_probs.append(probs)
-        all_candidates.append(watermark.candidates(len(probs), ranking))
+        if len(buckets) != len(probs):
+            raise ValueError("one bucket per evidence image")
+        all_candidates.append(watermark.candidates(buckets, ranking))
         all_buckets += [f"{part}:{b}" for b in buckets]
         labels.update({f"{part}:{b}": watermark.label_of(b) for b in set(buckets)})
     probs, candidates = torch.cat(all_probs), torch.cat(all_candidates)

@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -128,6 +129,8 @@ class WatermarkConfig(BaseModel):
                              "evidence is kept only from queries that carried the watermark")
         if self.buckets == "answer" and (self.density_cap is not None or self.evidence_margin is not None):
             raise ValueError("density_cap and evidence_margin act on Fourier cells: buckets = 'fourier'")
+        if self.buckets == "answer" and self.ranked is not None:
+            raise ValueError("answer buckets key a class outside the bucket's pair: not with ranked")
         return self
 
     @property
@@ -200,6 +203,17 @@ def reference_features(reference: Tensor, config: WatermarkConfig) -> Tensor:
     return reference.double()
 
 
+ANSWER_TAG = b"answer:"
+
+
+def answer_pair(bucket: str) -> tuple[int, int]:
+    """The two classes (smaller first) of an answer bucket's id."""
+    raw = bytes.fromhex(bucket)
+    if not raw.startswith(ANSWER_TAG) or len(raw) != len(ANSWER_TAG) + 16:
+        raise ValueError(f"{bucket!r} is not an answer bucket")
+    return int.from_bytes(raw[-16:-8], "little", signed=True), int.from_bytes(raw[-8:], "little", signed=True)
+
+
 def served_ranking(answers: Tensor) -> Tensor:
     """(B, K) answers -> (B, K) their classes in decreasing probability (ties in class order): the
     ranking keyed ranks index, the same when served and when verified."""
@@ -221,7 +235,10 @@ class KeyedWatermark:
         self.config = config or WatermarkConfig()
         if self.config.ranked is not None and self.config.ranked > self.num_classes:
             raise ValueError(f"ranked ({self.config.ranked}) must be at most the number of classes ({num_classes})")
-        self.choices = self.num_classes if self.config.ranked is None else self.config.ranked - 1
+        if self.config.buckets == "answer" and self.num_classes < 3:
+            raise ValueError("answer buckets need at least 3 classes: the label is none of the bucket's two")
+        self.choices = (self.num_classes - 2 if self.config.buckets == "answer" else self.num_classes) \
+            if self.config.ranked is None else self.config.ranked - 1
         f = self.config.frequencies
         self.frequencies = frequency_pairs(f)
         generator = torch.Generator().manual_seed(_prf(key, b"projection", b"") >> 1)
@@ -286,36 +303,46 @@ class KeyedWatermark:
         carried = torch.zeros(len(x), dtype=torch.bool)
         labels = torch.full((len(x),), -1, dtype=torch.long)
         buckets = [""] * len(x)
-        tag = b"answer:" if config.buckets == "answer" else b""  # apart from any Fourier cell's PRF
+        tag = ANSWER_TAG if config.buckets == "answer" else b""  # apart from any Fourier cell's PRF
         for row in torch.nonzero(eligible).flatten().tolist():
             cell = tag + cells[row].numpy().astype("<i8").tobytes()
             selected, label = self._bucket(cell)
             if selected:
                 carried[row], labels[row], buckets[row] = True, label, cell.hex()
-        ranking = None
-        if config.ranked is not None:
-            ranking = served_ranking(served)
-            rows = torch.nonzero(carried).flatten()
-            labels[rows] = ranking[rows].gather(1, (1 + labels[rows]).unsqueeze(1)).squeeze(1)
+        ranking = None if config.ranked is None else served_ranking(served)
+        rows = torch.nonzero(carried).flatten()
+        if len(rows):  # the keyed index, as a class
+            candidates = self.candidates([buckets[r] for r in rows.tolist()], None if ranking is None else ranking[rows])
+            labels[rows] = candidates.gather(1, labels[rows].unsqueeze(1)).squeeze(1)
         return Marks(carried, labels, tuple(buckets), carried & (margin >= config.kept_margin), ranking)
 
     def label_of(self, bucket: str) -> int:
-        """The keyed label of a bucket id (as :class:`Marks` gives it): a class, or with keyed
-        ranks the index j − 2 of the answer's j-th class (``0 … ranked − 2``)."""
+        """The keyed label of a bucket id (as :class:`Marks` gives it), as an index into that
+        bucket's :meth:`candidates`: the class itself (uniform labels), the index j − 2 of the
+        answer's j-th class (keyed ranks), or of the classes outside the bucket's pair (answer
+        buckets)."""
         return _prf(self.key, b"label", bytes.fromhex(bucket)) % self.choices
 
-    def candidates(self, rows: int, ranking: Tensor | None = None) -> Tensor:
-        """The (rows, choices) classes :meth:`label_of` indexes for ``rows`` evidence images:
-        every class (uniform labels), or with keyed ranks the 2nd … ranked-th of each image's
-        ``ranking`` (:func:`served_ranking` of its served answer, (rows, K))."""
-        if self.config.ranked is None:
-            return torch.arange(self.num_classes).expand(rows, -1)
-        if rows == 0:  # no evidence: nothing to index
-            return torch.zeros(0, self.choices, dtype=torch.long)
-        if ranking is None or ranking.shape != (rows, self.num_classes):
-            raise ValueError(f"keyed ranks need the served answers' ranking, ({rows}, {self.num_classes}), "
-                             "of the evidence")
-        return ranking[:, 1:self.config.ranked]
+    def candidates(self, buckets: Sequence[str], ranking: Tensor | None = None) -> Tensor:
+        """The (rows, choices) classes :meth:`label_of` indexes for evidence images of ``buckets``:
+        every class (uniform labels); with keyed ranks the 2nd … ranked-th of each image's
+        ``ranking`` (:func:`served_ranking` of its served answer, (rows, K)); with answer buckets
+        the K − 2 classes outside the bucket's pair, in class order (a function of the bucket)."""
+        rows = len(buckets)
+        if self.config.ranked is not None:
+            if rows == 0:  # no evidence: nothing to index
+                return torch.zeros(0, self.choices, dtype=torch.long)
+            if ranking is None or ranking.shape != (rows, self.num_classes):
+                raise ValueError(f"keyed ranks need the served answers' ranking, ({rows}, {self.num_classes}), "
+                                 "of the evidence")
+            return ranking[:, 1:self.config.ranked]
+        if self.config.buckets == "answer":
+            outside = torch.ones(rows, self.num_classes, dtype=torch.bool)
+            if rows:
+                pairs = torch.tensor([answer_pair(b) for b in buckets])
+                outside[torch.arange(rows).unsqueeze(1), pairs] = False
+            return torch.arange(self.num_classes).expand(rows, -1)[outside].view(rows, self.choices)
+        return torch.arange(self.num_classes).expand(rows, -1)
 
     def apply(self, x: Tensor, served: Tensor) -> tuple[Tensor, Marks]:
         """``served`` (B, K) with, on carried rows, the top-1 probability swapped with the keyed
