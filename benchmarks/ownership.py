@@ -14,9 +14,9 @@ other defense underneath) to three clients, alice, bob and carol, each with its 
 * removal attacks on alice's hard-label clone: fine-tuning on 1k and 6k clean labelled images,
   magnitude pruning of 30 % and 60 % of its weights, distillation into a fresh model on the pool,
   and an extraction by jitter-and-vote (5 jittered copies per image, majority of hard labels);
-* innocent models: the pinned victims of results/models/ and clones of unwatermarked APIs from the
-  clone cache (the benchmark's), tested against every client's key: a false accusation is a
-  named innocent.
+* innocent models: the pinned victims of results/models/, clones of unwatermarked APIs from the
+  clone cache (the benchmark's) and ``--innocent-distilled`` clones of the unwatermarked victim
+  trained here, tested against every client's key: a false accusation is a named innocent.
 
 Each entry is one JSON line of results/ownership/ownership.jsonl, written when it is done; a
 re-run skips what is there (resumable).
@@ -40,7 +40,7 @@ from _harness import REPO, provenance
 
 os.environ.setdefault("MIRAGE_MODELS", str(REPO / "results" / "models"))
 
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from mirage import paths
 from mirage.api import InProcessAPI
@@ -71,6 +71,32 @@ log = logging.getLogger("ownership")
 CLIENTS = ("alice", "bob", "carol")
 ATTACKERS = ("soft", "hard-label", "averaging", "restorer", "noise-robust")
 SECRET = b"benchmark-secret-not-for-production"  # a benchmark's secret: public on purpose
+
+
+INNOCENT_QUERIES, INNOCENT_EPOCHS = 5000, 10
+
+
+def innocent_clone(run: Run, i: int):
+    """The i-th clone of the *unwatermarked* victim: 5k pool images of its own draw, labelled by
+    the victim's posteriors (even i) or its argmax (odd i), 10 epochs. The most dangerous kind of
+    innocent, since it imitates the victim itself; cached per scenario and i (it saw no key)."""
+    model = run.clone_spec.build(run.card.input_shape, run.card.num_classes)
+    cache = paths.clones_dir()
+    path = None if cache is None else cache / "innocents" / f"{run.scenario.name}-{i}.safetensors"
+    if path is not None and path.exists():
+        model.load_state_dict(load_file(str(path)))
+        return model.eval()
+    pool = query_pool(run.scenario).images
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(7000 + i))[:INNOCENT_QUERIES]
+    targets = clean_posteriors(run.victim, pool[pick])
+    if i % 2:
+        targets = targets.argmax(1)
+    fit(model, pool[pick], targets, run.clone_spec.training.model_copy(
+        update={"epochs": INNOCENT_EPOCHS, "seed": 7000 + i}), show_progress=False)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file(model.state_dict(), str(path))
+    return model.eval()
 
 
 def key_groups(sets) -> list[list[str]]:
@@ -253,6 +279,8 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
             except RuntimeError:
                 continue
             models[f"clone {weights.stem}"] = model.eval()
+        for i in range(args.innocent_distilled):
+            models[f"distilled {i} ({'soft' if i % 2 == 0 else 'hard'} labels)"] = innocent_clone(run, i)
         sets = {s: w for s, w in run.watermarks.items() if "/" in s}
         out = {name: tests_of(model, run.evidence, sets) for name, model in models.items()}
         named = sorted(n for n, t in out.items() if any(v["named"] for v in t.values()))
@@ -390,6 +418,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "results" / "ownership" / "ownership.jsonl")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--innocent-clones", type=int, default=60, help="clones of the cache to test")
+    parser.add_argument("--innocent-distilled", type=int, default=20,
+                        help="clones of the unwatermarked victim trained here (cached) to test as innocents")
     parser.add_argument("--attacks-only", action="store_true",
                         help="only alice's attackers: no other thief, removal attacks or innocent models")
     parser.add_argument("--table", action="store_true", help="print the Markdown tables of --out and exit")
