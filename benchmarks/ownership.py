@@ -64,7 +64,7 @@ from mirage.ownership import (
     fourier_features,
     name_the_thief,
 )
-from mirage.scenarios import get_scenario, query_pool
+from mirage.scenarios import attacker_labels, get_scenario, query_pool
 from mirage.training.victim import get_victim
 
 log = logging.getLogger("ownership")
@@ -180,9 +180,10 @@ class Run:
                    for c in clients]
         params = tell_restorer(params, "watermarked", {"client": client, "config": self.config.model_dump()})
         attack = create_attack(self.attack, **params)
+        seed = self.seed + (100 if client != "alice" else 0)
         with clone_cache(self.own_clones):
             return attack.run(api, self.budget, attack_data(self.scenario, self.attack), self.clone_spec,
-                          seed=self.seed + (100 if client != "alice" else 0))
+                              seed=seed, labelled=attacker_labels(self.scenario, attack.params.align_labels, seed))
 
     def entry(self, model, thief: str | None, **extra) -> dict:
         """The model's tests against every evidence set so far. ``right``: every named set is the
