@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Session 13 (issue 17): near-tie keyed ranks, the pooled test of a multi-key thief, answer
+# buckets on mnist (seeds 0-2, then seed 0 in full: removals, bob, innocents, multi-key), and
+# fmnist-id with a looser density cap. Resumable: finished entries of
+# results/ownership/session13.jsonl are skipped; two runs at a time on two cores.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=.venv/bin/python
+OUT=results/ownership/session13.jsonl
+THIEVES="soft hard-label averaging restorer"
+ANSWER='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3}'
+run() { $PY benchmarks/ownership.py --out $OUT "$@"; }
+
+# Keyed ranks carried only on near-ties (tie_gap), no density cap, Fourier buckets: mnist seed 0.
+run --scenario mnist --seed 0 --attacks-only --attackers $THIEVES \
+    --watermark '{"bucket_fraction":1.0,"ranked":3,"tie_gap":0.5,"margin":0.1}' &
+run --scenario mnist --seed 0 --attacks-only --attackers $THIEVES \
+    --watermark '{"bucket_fraction":1.0,"ranked":4,"tie_gap":0.5,"margin":0.1}'
+wait
+# The pooled (group) test of a 4-key thief, at session 12's recommended settings.
+run --scenario mnist --seed 0 --attacks-only --attackers multi-key multi-key-hard-label \
+    --watermark '{"bucket_fraction":0.5,"density_cap":1e-4}' &
+run --scenario fmnist-id --seed 0 --attacks-only --attackers multi-key multi-key-hard-label \
+    --watermark '{"bucket_fraction":1.0,"density_cap":1e-4}'
+wait
+# Answer buckets on mnist, seeds 0 and 1 (labels outside the pair; results/ownership/
+# session13_answer_any_label.jsonl holds seed 0 with labels over all K, from 67f6b9a).
+run --scenario mnist --seed 0 --attacks-only --attackers $THIEVES --watermark "$ANSWER" &
+run --scenario mnist --seed 1 --attacks-only --attackers $THIEVES --watermark "$ANSWER"
+wait
+# Seed 2 of answer buckets, then seed 0 in full (bob, jitter-and-vote, removals, innocents, the
+# 4-key thieves), and fmnist-id with a looser density cap.
+run --scenario mnist --seed 2 --attacks-only --attackers $THIEVES --watermark "$ANSWER" &
+run --scenario mnist --seed 0 --attackers $THIEVES multi-key multi-key-hard-label --watermark "$ANSWER"
+wait
+run --scenario fmnist-id --seed 0 --attacks-only --attackers $THIEVES \
+    --watermark '{"bucket_fraction":1.0,"density_cap":2e-4}' &
+# The rest of the suite against answer buckets, then seed 1 in full.
+run --scenario mnist --seed 0 --attacks-only --attackers confident-only noise-robust aligned mixing \
+    --watermark "$ANSWER"
+wait
+run --scenario mnist --seed 1 --attackers $THIEVES --watermark "$ANSWER"
