@@ -314,3 +314,34 @@ def test_answer_buckets_relabel_each_pair_of_top_classes_consistently():
     assert thief.named and thief.p_value == pytest.approx(8.0 ** -thief.buckets, rel=1e-6)
     honest = verify_key(Fixed(served[kept]), alice, x[kept], buckets)
     assert not honest.named and honest.matches == 0
+
+
+def test_templates_serve_a_carried_answer_as_a_recent_confident_answer_of_its_keyed_class():
+    """template = t: once a class has uncarried answers confident in it, a carried answer of that
+    class is made from them (confident in the keyed class, within the log-space hull of two of
+    them plus noise, never a repeat); before that, the swap."""
+    x = images(3000, seed=10)
+    logits = torch.randn(len(x), 10, generator=torch.Generator().manual_seed(11)) * 4
+    served = torch.softmax(logits, 1)
+    config = WatermarkConfig(buckets="answer", bucket_fraction=1.0, tie_gap=0.3, template=0.9)
+    alice = KeyedWatermark(derive_key(SECRET, "alice"), 10, config)
+    swapped, _ = KeyedWatermark(derive_key(SECRET, "alice"), 10, config.model_copy(update={"template": None})).apply(
+        x[:1500], served[:1500])
+    _, marks = alice.apply(x[:1500], served[:1500])
+    seen = served[:1500][~marks.carried]
+    confident = seen[seen.max(1).values >= 0.9]
+    out, later = alice.apply(x[1500:], served[1500:])
+    assert later.carried.sum() > 20
+    for row in torch.nonzero(later.carried).flatten().tolist():
+        label = int(later.labels[row])
+        assert out[row].argmax() == label and out[row].max() > 0.5
+        bank = torch.cat([confident, served[1500:][~later.carried]])
+        bank = bank[bank.argmax(1) == label]
+        assert (bank - out[row]).abs().sum(1).min() > 1e-6               # no repeat of an answer
+        assert out[row].log().sub(bank.log()).abs().max(1).values.min() < 8  # but near the class's ones
+    # a fresh key that has seen only near-ties has no template: it swaps
+    near = torch.nonzero(marks.carried).flatten()
+    fresh = KeyedWatermark(derive_key(SECRET, "alice"), 10, config)
+    assert torch.equal(fresh.apply(x[near], served[near])[0], swapped[near])
+    with pytest.raises(ValidationError):
+        WatermarkConfig(template=0.4)

@@ -47,6 +47,14 @@ selection and labels built for an exact null):
   clean. There is no truthful answer to restore where benign users never go: the defender's
   answers are the function. At most K(K − 1)/2 buckets, each holding many queries.
 
+* **Or a template** (``template`` = t): a carried answer is made from the latest uncarried
+  answers confident (top ≥ t) in the keyed class, the victim's own answers on other queries: a
+  random log-space mixture of two of them with a little log noise, so that it repeats none. A
+  thief who knows the mechanism cannot pick carried answers out by their shape (a swap, a
+  sharpened swap and a near-tie all leave one), so it cannot drop them. Until a class has a
+  template, its carried answers are swapped. The templates are in memory: the test never needs
+  them, only the keyed labels.
+
 A carried answer swaps the served top-1 probability with the keyed label's, so it still looks
 like a posterior (a restorer that sees only answers cannot tell it from a clean one). With
 ``sharpen`` = s > 0 a share s of its mass then moves to the keyed label, ``(1 − s)·ỹ + s·e_k``:
@@ -74,6 +82,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor
 
 DOMAIN = b"mirage/ownership/v1/"
+TEMPLATES = 64
+"""Recent confident answers kept per class for ``WatermarkConfig.template``."""
 
 
 def derive_key(secret: bytes, client: str) -> bytes:
@@ -117,6 +127,9 @@ class WatermarkConfig(BaseModel):
     tie_gap: float | None = Field(
         None, gt=0, le=1, description="carry only answers whose top and m-th probabilities differ by at most "
                                       "this, m = ranked or 2 (None: any answer)")
+    template: float | None = Field(
+        None, gt=0.5, lt=1, description="serve a carried answer as a recent uncarried answer of the keyed class "
+                                        "whose top probability reaches this (None: the swap)")
     buckets: Literal["fourier", "answer"] = Field(
         "fourier", description="a bucket is a cell of the image's Fourier magnitudes (margin, frequencies, dims, "
                                "step, floor, density_cap, evidence_margin apply), or the served answer's two "
@@ -246,6 +259,10 @@ class KeyedWatermark:
         self.projection = projection / projection.norm(dim=0, keepdim=True)
         self.dither = torch.rand(self.config.dims, generator=generator, dtype=torch.float64)
         self._buckets: dict[bytes, tuple[bool, int]] = {}
+        # templates: per class, recent uncarried answers confident in it (a ring of TEMPLATES rows)
+        self._templates = torch.zeros(self.num_classes, TEMPLATES, self.num_classes)
+        self._template_count = torch.zeros(self.num_classes, dtype=torch.long)
+        self._template_generator = torch.Generator().manual_seed(_prf(key, b"template", b"") >> 1)
         self._dense = None if reference is None or self.config.density_cap is None else self.dense_cells(reference)
 
     def dense_cells(self, reference: Tensor) -> frozenset[bytes]:
@@ -351,6 +368,8 @@ class KeyedWatermark:
         if served.shape != (len(x), self.num_classes):
             raise ValueError(f"served must be ({len(x)}, {self.num_classes}), got {tuple(served.shape)}")
         marks = self.marks(x, served)
+        if self.config.template is not None:
+            self._keep_templates(served[~marks.carried])
         rows = torch.nonzero(marks.carried).flatten()
         if len(rows) == 0:
             return served, marks
@@ -361,4 +380,29 @@ class KeyedWatermark:
         if self.config.sharpen > 0:
             share = self.config.sharpen
             out[rows] = (1 - share) * out[rows] + share * F.one_hot(label, self.num_classes).to(out.dtype)
+        if self.config.template is not None:
+            known = self._template_count[label] > 0
+            if known.any():
+                out[rows[known]] = self._from_templates(label[known]).to(out.dtype)
         return out, marks
+
+    def _from_templates(self, label: Tensor) -> Tensor:
+        """(B,) classes -> (B, K) answers confident in them: a random log-space mixture of two of
+        the class's kept answers with a little log noise, so that no served answer repeats an
+        earlier one (a thief could flag exact repeats); the class stays on top."""
+        available = self._template_count[label].clamp_max(TEMPLATES)
+        g = self._template_generator
+        picks = (torch.rand(2, len(label), generator=g) * available).long()
+        first, second = self._templates[label, picks[0]], self._templates[label, picks[1]]
+        weight = torch.rand(len(label), 1, generator=g)
+        logits = (1 - weight) * first.clamp_min(1e-8).log() + weight * second.clamp_min(1e-8).log()
+        mixed = torch.softmax(logits + 0.2 * torch.randn(logits.shape, generator=g), dim=1)
+        return torch.where((mixed.argmax(dim=1) == label).unsqueeze(1), mixed, first)
+
+    def _keep_templates(self, answers: Tensor) -> None:
+        """Remember the uncarried ``answers`` whose top probability reaches ``config.template``,
+        per top class (the latest ``TEMPLATES`` of each)."""
+        confident = answers[answers.max(dim=1).values >= self.config.template].detach().float()
+        for answer, cls in zip(confident, confident.argmax(dim=1).tolist(), strict=True):
+            self._templates[cls, self._template_count[cls] % TEMPLATES] = answer
+            self._template_count[cls] += 1
