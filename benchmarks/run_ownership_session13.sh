@@ -40,3 +40,14 @@ run --scenario mnist --seed 0 --attacks-only --attackers confident-only noise-ro
     --watermark "$ANSWER"
 wait
 run --scenario mnist --seed 1 --attackers $THIEVES --watermark "$ANSWER"
+# The thief told tie_gap, who drops what the gate could carry (two versions), then templates.
+# (the dropper appends a row on every run: not resumable; session13_confident_dropper.jsonl holds
+# the row of its first, min_confidence version, from its own commit)
+$PY benchmarks/ownership_tie_dropper.py --scenario mnist --seed 0   # appends to session13_tie_dropper.jsonl
+TEMPLATE='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3,"template":0.9}'
+run --scenario mnist --seed 0 --attacks-only --attackers $THIEVES confident-only --watermark "$TEMPLATE" &
+$PY benchmarks/ownership_tie_dropper.py --scenario mnist --seed 0 --watermark "$TEMPLATE"
+wait
+run --scenario mnist --seed 1 --attacks-only --attackers $THIEVES confident-only --watermark "$TEMPLATE" &
+run --scenario mnist --seed 2 --attacks-only --attackers $THIEVES confident-only --watermark "$TEMPLATE"
+wait
