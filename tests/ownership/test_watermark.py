@@ -345,3 +345,23 @@ def test_templates_serve_a_carried_answer_as_a_recent_confident_answer_of_its_ke
     assert torch.equal(fresh.apply(x[near], served[near])[0], swapped[near])
     with pytest.raises(ValidationError):
         WatermarkConfig(template=0.4)
+
+
+def test_template_bank_keeps_each_classs_latest_confident_answers_like_a_loop():
+    """The vectorised ring of templates against writing the answers one by one, over batches that
+    overflow a class's ring."""
+    from mirage.ownership.watermark import TEMPLATES
+
+    config = WatermarkConfig(buckets="answer", tie_gap=0.3, template=0.9)
+    bank = KeyedWatermark(derive_key(SECRET, "alice"), 4, config)
+    templates, counts = torch.zeros(4, TEMPLATES, 4), torch.zeros(4, dtype=torch.long)
+    generator = torch.Generator().manual_seed(12)
+    for size in (10, 300, 1, 0, 90):
+        answers = torch.softmax(torch.randn(size, 4, generator=generator) * 5, 1)
+        bank._keep_templates(answers)
+        for answer in answers[answers.max(1).values >= 0.9]:
+            c = int(answer.argmax())
+            templates[c, counts[c] % TEMPLATES] = answer
+            counts[c] += 1
+        assert torch.equal(bank._template_count, counts) and torch.equal(bank._templates, templates)
+    assert counts.max() > TEMPLATES

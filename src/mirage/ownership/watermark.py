@@ -403,6 +403,10 @@ class KeyedWatermark:
         """Remember the uncarried ``answers`` whose top probability reaches ``config.template``,
         per top class (the latest ``TEMPLATES`` of each)."""
         confident = answers[answers.max(dim=1).values >= self.config.template].detach().float()
-        for answer, cls in zip(confident, confident.argmax(dim=1).tolist(), strict=True):
-            self._templates[cls, self._template_count[cls] % TEMPLATES] = answer
-            self._template_count[cls] += 1
+        cls = confident.argmax(dim=1)
+        per_class = F.one_hot(cls, self.num_classes)
+        rank = (per_class.cumsum(dim=0) - 1).gather(1, cls.unsqueeze(1)).squeeze(1)   # order within its class
+        latest = rank >= per_class.sum(dim=0)[cls] - TEMPLATES                          # one write per slot
+        slot = (self._template_count[cls] + rank) % TEMPLATES
+        self._templates[cls[latest], slot[latest]] = confident[latest]
+        self._template_count += per_class.sum(dim=0)
