@@ -51,3 +51,8 @@ wait
 run --scenario mnist --seed 1 --attacks-only --attackers $THIEVES confident-only --watermark "$TEMPLATE" &
 run --scenario mnist --seed 2 --attacks-only --attackers $THIEVES confident-only --watermark "$TEMPLATE"
 wait
+# Templates: the dropper on seeds 1 and 2, and seed 0 in full.
+run --scenario mnist --seed 0 --attackers $THIEVES confident-only multi-key multi-key-hard-label \
+    --watermark "$TEMPLATE" &
+for seed in 1 2; do $PY benchmarks/ownership_tie_dropper.py --scenario mnist --seed $seed --watermark "$TEMPLATE"; done
+wait
