@@ -365,3 +365,11 @@ def test_template_bank_keeps_each_classs_latest_confident_answers_like_a_loop():
             counts[c] += 1
         assert torch.equal(bank._template_count, counts) and torch.equal(bank._templates, templates)
     assert counts.max() > TEMPLATES
+
+
+def test_templates_make_the_watermarked_defense_stateful():
+    key = derive_key(SECRET, "alice")
+    swap = create_defense("watermarked", key=key, config=WatermarkConfig(buckets="answer", tie_gap=0.3))
+    templated = create_defense("watermarked", key=key,
+                               config=WatermarkConfig(buckets="answer", tie_gap=0.3, template=0.9))
+    assert not swap.contract.stateful and templated.contract.stateful

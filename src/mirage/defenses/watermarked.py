@@ -6,8 +6,9 @@ records those queries as evidence for :func:`mirage.ownership.name_the_thief`.
 The inner defense runs through its own :meth:`Defense.__call__`, so its contract is checked on
 every row; this wrapper promises the simplex and what the inner defense promises about state,
 but no budget and no top-1 (on carried rows it changes the label on purpose). Its answers are a
-function of the query, so it is stateless when the inner defense is; the evidence it records is a
-side effect of each call, which an answer cache that replays answers (the benchmark's) skips.
+function of the query, so it is stateless when the inner defense is and ``config.template`` is
+off (templates are kept from earlier answers); the evidence it records is a side effect of each
+call, which an answer cache that replays answers (the benchmark's) skips.
 """
 
 from __future__ import annotations
@@ -67,7 +68,9 @@ class Watermarked(Defense):
     @classmethod
     def contract_for(cls, params: WatermarkedParams) -> DefenseContract:
         inner = params.inner.contract if isinstance(params.inner, Defense) else DefenseContract(stateful=False)
-        return DefenseContract(needs_input=True, truncating=inner.truncating, stateful=inner.stateful)
+        # templates are answers kept from earlier queries: then an answer depends on them
+        stateful = inner.stateful or params.config.template is not None
+        return DefenseContract(needs_input=True, truncating=inner.truncating, stateful=stateful)
 
     def watermark(self, num_classes: int) -> KeyedWatermark:
         if num_classes not in self._watermarks:
