@@ -107,7 +107,7 @@ def _verify_ownership(model, config: Path | None, alpha: float, groups: list[lis
     try:
         tests = name_the_thief(model, evidence, watermarks, groups=groups, alpha=alpha)
     except ValueError as error:
-        raise typer.BadParameter(str(error), param_hint="--group") from error
+        raise typer.BadParameter(str(error)) from error
     finally:
         evidence.close()
     if as_json:

@@ -1,7 +1,8 @@
 """The ownership evidence of a service, in SQLite (docs/design.md §ownership): per client, the
 carried queries (image bytes, shape, bucket and, with keyed ranks, the served ranking as
-little-endian int16), at most ``max_items`` each, one row per distinct image. It has the interface of :class:`mirage.ownership.Evidence`, so the service writes it and
-``mirage verify`` reads it. Labels are never stored: they follow from the client's key."""
+little-endian int16), at most ``max_items`` each, one row per distinct image. It has the
+interface of :class:`mirage.ownership.Evidence`, so the service writes it and ``mirage verify``
+reads it. Labels are never stored: they follow from the client's key."""
 
 from __future__ import annotations
 
