@@ -134,6 +134,9 @@ class WatermarkConfig(BaseModel):
         "fourier", description="a bucket is a cell of the image's Fourier magnitudes (margin, frequencies, dims, "
                                "step, floor, density_cap, evidence_margin apply), or the served answer's two "
                                "most probable classes, unordered")
+    place: Literal["top", "second"] = Field(
+        "top", description="where the keyed label goes in a carried answer: its top-1, or (answer buckets) "
+                           "its runner-up, the top-1 kept")
 
     @model_validator(mode="after")
     def _evidence_inside_carried(self) -> WatermarkConfig:
@@ -144,6 +147,10 @@ class WatermarkConfig(BaseModel):
             raise ValueError("density_cap and evidence_margin act on Fourier cells: buckets = 'fourier'")
         if self.buckets == "answer" and self.ranked is not None:
             raise ValueError("answer buckets key a class outside the bucket's pair: not with ranked")
+        if self.place == "second" and (self.buckets != "answer" or self.template is not None
+                                       or self.tie_gap is not None):
+            raise ValueError("a keyed runner-up (place = 'second') keys a class outside the answer's top two: "
+                             "buckets = 'answer', without template or tie_gap")
         return self
 
     @property
@@ -317,6 +324,9 @@ class KeyedWatermark:
         if config.tie_gap is not None:
             top = served.topk(config.tie_rank, dim=1).values
             eligible &= top[:, 0] - top[:, -1] <= config.tie_gap
+        if config.place == "second":  # the top-1 must stay on top: (1 − s)(p₁ − p₂) > s, a rule of the answer
+            top = served.topk(2, dim=1).values
+            eligible &= (1 - config.sharpen) * (top[:, 0] - top[:, 1]) > config.sharpen
         carried = torch.zeros(len(x), dtype=torch.bool)
         labels = torch.full((len(x),), -1, dtype=torch.long)
         buckets = [""] * len(x)
@@ -374,7 +384,9 @@ class KeyedWatermark:
         if len(rows) == 0:
             return served, marks
         out = served.clone()
-        top, label = served[rows].argmax(dim=1), marks.labels[rows]
+        label = marks.labels[rows]
+        # the class whose place the keyed label takes: the top-1, or the runner-up
+        top = served[rows].topk(2 if self.config.place == "second" else 1, dim=1).indices[:, -1]
         out[rows, label] = served[rows, top]
         out[rows, top] = served[rows, label]
         if self.config.sharpen > 0:
