@@ -62,8 +62,12 @@ from mirage.ownership import (
     WatermarkConfig,
     derive_key,
     fourier_features,
+    layer_name,
+    layered_watermarks,
     name_the_thief,
+    watermark_layers,
 )
+from mirage.ownership.watermark import LAYER_SEPARATOR
 from mirage.scenarios import attacker_labels, get_scenario, query_pool
 from mirage.training.victim import get_victim
 
@@ -135,15 +139,18 @@ class Run:
         self.scenario = get_scenario(scenario_name)
         self.seed = seed
         self.victim, self.card, _ = get_victim(self.scenario)
-        self.config = WatermarkConfig(**json.loads(args.watermark))
+        # one watermark, or layers (a JSON list): each layer its own key and evidence set, "<set>#i"
+        self.layers = watermark_layers(json.loads(args.watermark))
         self.secret = SECRET + f"/{seed}".encode()
         self.keys = {c: derive_key(self.secret, c) for c in CLIENTS}
         self.train = load_dataset(self.scenario.victim_dataset).train
         # density_cap's benign stand-in: the victim's training images (on fmnist-id they hold the
         # thief's pool too, which only makes the thief's buckets look denser: against the defender)
-        self.reference = None if self.config.density_cap is None else fourier_features(self.train.images, self.config)
-        self.watermarks = {c: KeyedWatermark(k, self.card.num_classes, self.config, self.reference)
-                           for c, k in self.keys.items()}
+        capped = [layer for layer in self.layers if layer.density_cap is not None]
+        self.reference = fourier_features(self.train.images, capped[0]) if capped else None
+        self.watermarks: dict[str, KeyedWatermark] = {}
+        for c, k in self.keys.items():
+            self.watermarks.update(layered_watermarks(k, c, self.layers, self.card.num_classes, self.reference))
         # one evidence set per attack ("<client>/<attack>"): what that thief's own queries left
         self.evidence = Evidence(max_items=4096)
         sweep = load_config("worst_case")
@@ -154,14 +161,29 @@ class Run:
         self.own_clones = None if paths.clones_dir() is None else paths.clones_dir() / "ownership"
         self.test = load_dataset(self.scenario.victim_dataset).test
 
-    def carried(self, watermark: KeyedWatermark, images):
-        """Which ``images`` carry ``watermark`` when the victim answers them."""
-        return watermark.marks(images, clean_posteriors(self.victim, images)).carried
+    @property
+    def label(self) -> str:
+        """The watermark as the JSON lines record it (one layer: its config, as before layers)."""
+        if len(self.layers) == 1:
+            return self.layers[0].model_dump_json()
+        return json.dumps([layer.model_dump() for layer in self.layers], separators=(",", ":"))
+
+    def carried(self, client: str, images) -> list[float]:
+        """The share of ``images`` each of ``client``'s layers carries when the victim answers
+        them (on fresh copies of the layers: templates fill as served)."""
+        fresh = layered_watermarks(self.keys[client], client, self.layers, self.card.num_classes, self.reference)
+        served, shares = clean_posteriors(self.victim, images), []
+        for watermark in fresh.values():
+            served, marks = watermark.apply(images, served)
+            shares.append(float(marks.carried.float().mean()))
+        return shares
 
     def defense(self, client: str, session: str):
-        """``client``'s watermark; its carried queries recorded as evidence set ``session``."""
-        self.watermarks[session] = self.watermarks[client]
-        return create_defense("watermarked", key=self.keys[client], client=session, config=self.config,
+        """``client``'s watermark; its carried queries recorded as evidence set ``session`` (its
+        layers' as ``session#i``)."""
+        for i in range(len(self.layers)):
+            self.watermarks[layer_name(session, i)] = self.watermarks[layer_name(client, i)]
+        return create_defense("watermarked", key=self.keys[client], client=session, config=self.layers,
                               evidence=self.evidence, benign_reference=self.reference)
 
     def steal(self, client: str, variant: str | None, session: str, **params):
@@ -174,11 +196,13 @@ class Run:
             clients = [f"{client}+{i}" for i in range(keys)]
             for c in clients:
                 self.keys.setdefault(c, derive_key(self.secret, c))
-                self.watermarks.setdefault(c, KeyedWatermark(self.keys[c], self.card.num_classes, self.config,
-                                                             self.reference))
+                for name, watermark in layered_watermarks(self.keys[c], c, self.layers, self.card.num_classes,
+                                                          self.reference).items():
+                    self.watermarks.setdefault(name, watermark)
             api = [InProcessAPI(self.victim, self.defense(c, f"{c}/{session.partition('/')[2]}"), client=c)
                    for c in clients]
-        params = tell_restorer(params, "watermarked", {"client": client, "config": self.config.model_dump()})
+        params = tell_restorer(params, "watermarked",
+                               {"client": client, "config": [layer.model_dump() for layer in self.layers]})
         attack = create_attack(self.attack, **params)
         seed = self.seed + (100 if client != "alice" else 0)
         with clone_cache(self.own_clones):
@@ -200,7 +224,7 @@ class Run:
 def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
     """Every entry of one (scenario, seed), each written as soon as it is done."""
     scenario, seed = run.scenario.name, run.seed
-    wm = run.config.model_dump_json()
+    wm = run.label
 
     def record(name: str, make) -> None:
         if (scenario, seed, wm, name) in done:
@@ -220,8 +244,8 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
         pool = query_pool(run.scenario).images[:15000]
         return {"clean_accuracy": served.clean_accuracy, "watermarked_accuracy": served.defended_accuracy,
                 "cost_points": 100 * (served.clean_accuracy - served.defended_accuracy),
-                "carried_test": float(run.carried(run.watermarks["carol"], run.test.images).float().mean()),
-                "carried_pool": float(run.carried(run.watermarks["carol"], pool).float().mean())}
+                **carried_shares("carried_test", run.carried("carol", run.test.images)),
+                **carried_shares("carried_pool", run.carried("carol", pool))}
 
     record("defender", defender)
     # Every attack runs again on a resume (its clone comes from the cache), so that its queries
@@ -292,6 +316,12 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
 
 
 
+def carried_shares(field: str, shares: list[float]) -> dict:
+    """``{field: share}`` of a single layer (as before layers), or the layers' shares and, in
+    ``field``, the first layer's."""
+    return {field: shares[0]} if len(shares) == 1 else {field: shares[0], f"{field}_layers": shares}
+
+
 def owner(evidence_set: str) -> str:
     """The thief behind an evidence set: ``alice`` for ``alice/...`` and for each of her keys
     ``alice+i/...`` (the multi-key attackers)."""
@@ -308,6 +338,16 @@ def own_set(row: dict) -> str | None:
     if "jitter-and-vote" in entry:
         return "alice/jitter-and-vote"
     return "alice/knockoff hard-label" if entry.startswith("removal") else None
+
+
+def own_test(row: dict) -> dict | None:
+    """The test of :func:`own_set` that decides: with layers, the smallest p-value among its
+    layers' sets (``own#i``), with ``layer`` added; ``None`` when the set was not tested."""
+    own = own_set(row)
+    tests = [({**t, "layer": int(name.partition(LAYER_SEPARATOR)[2] or 0)})
+             for name, t in row.get("tests", {}).items()
+             if own is not None and name.partition(LAYER_SEPARATOR)[0] == own]
+    return min(tests, key=lambda t: t["p_value"]) if tests else None
 
 
 def table(path: Path) -> str:
@@ -334,16 +374,17 @@ def table(path: Path) -> str:
         elif r["entry"] == "innocent models":
             out.append(f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) | | | | "
                        f"smallest {r['smallest_p_value']:.2g} | {'| ' * rank_decided}| {len(r['falsely_named'])} |")
-        elif (own := own_set(r)) in r["tests"] or own is None:
-            t = r["tests"].get(own, {})
+        elif (own := own_set(r)) is None or own_test(r) is not None:
+            t = own_test(r) or {}
             mass = f" {t.get('probability_p_value', 1):.2g} |" if rank_decided else ""
-            out.append(f"| {r['entry']} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
+            layer = f" (layer {t['layer']})" if t.get("layer") else ""
+            out.append(f"| {r['entry']}{layer} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
                        f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** |{mass} "
                        f"{'yes' if r['named_thief'] else 'no'} | {', '.join(r['falsely_named']) or 0} |")
         else:  # a multi-key thief: one evidence set per key it held, "<thief>+i/<attack>"
             client, _, attack = own.partition("/")
-            sets = [t for name, t in sorted(r["tests"].items())
-                    if owner(name) == client and name.endswith("/" + attack) and "," not in name]
+            sets = [t for name, t in sorted(r["tests"].items()) if owner(name) == client and "," not in name
+                    and name.partition(LAYER_SEPARATOR)[0].endswith("/" + attack)]
             pooled = [t for name, t in r["tests"].items() if "," in name and owner(name) == client
                       and name.endswith("/" + attack)]
             group = f" (pooled: {pooled[0]['p_value']:.2g}{'*' if pooled[0]['named'] else ''})" if pooled else ""
@@ -364,9 +405,10 @@ def summary(path: Path) -> str:
     runs = list(dict.fromkeys((r["scenario"], r["seed"], r["watermark"]) for r in rows))
     cells: dict[str, dict] = {}
     for r in rows:
-        if r["entry"].startswith(("knockoff/", "jbda/")) and (t := r["tests"].get(own_set(r))):
+        if r["entry"].startswith(("knockoff/", "jbda/")) and (t := own_test(r)):
             cells.setdefault(r["entry"], {})[(r["scenario"], r["seed"], r["watermark"])] = (
-                f"{t['p_value']:.2g}{'*' if r['named_thief'] else ''} ({t.get('probability_p_value', 1):.2g})")
+                f"{t['p_value']:.2g}{'*' if r['named_thief'] else ''} ({t.get('probability_p_value', 1):.2g})"
+                + (f" L{t['layer']}" if t.get("layer") else ""))
     names = [f"{s} seed {seed}" + ("" if sum(x[:2] == (s, seed) for x in runs) == 1 else f" {w}")
              for s, seed, w in runs]
     out = ["| thief | " + " | ".join(names) + " |", "|---|" + "---|" * len(runs)]

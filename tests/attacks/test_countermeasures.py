@@ -64,6 +64,21 @@ def test_soft_attacker_trains_on_the_full_answers(victim, digits, clone_spec, ca
     assert torch.allclose(captured["answers"], expected, atol=1e-6)
 
 
+def test_flatten_trains_on_the_top1_and_its_probability_only(victim, digits, clone_spec, captured):
+    """flatten: each row keeps its argmax and that probability, the rest spread evenly over the
+    other classes (against a per-row loop); it refuses hard labels, which have no probability."""
+    create_attack("knockoff", variant="flattened").run(InProcessAPI(victim), 40, digits.train, clone_spec)
+    with torch.no_grad():
+        clean = torch.softmax(victim(captured["images"]), 1)
+    for row, answer in zip(clean, captured["answers"], strict=True):
+        top = int(row.argmax())
+        expected = torch.full((10,), float(1 - row[top]) / 9)
+        expected[top] = row[top]
+        assert torch.allclose(answer, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="not with hard_labels"):
+        Countermeasures(flatten=True, hard_labels=True)
+
+
 def test_another_architecture(victim, digits, clone_spec):
     result = create_attack("knockoff", architecture="vgg").run(InProcessAPI(victim), 20, digits.train, clone_spec)
     assert isinstance(result.clone, CompactVGG)

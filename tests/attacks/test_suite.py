@@ -153,7 +153,7 @@ def test_the_restorer_simulates_a_density_capped_watermark_with_its_own_key_and_
     defense = attacker_defense("watermarked", public_params(params), victim, victim, digits.train.images[:64],
                                digits.train.labels[:64], seed=5)
     assert defense.params.key != secret_key and defense.params.benign_reference is None
-    assert defense.params.config == config.model_copy(update={"density_cap": None})
+    assert defense.params.config == (config.model_copy(update={"density_cap": None}),)
     probs = torch.softmax(torch.randn(64, 10), 1)
     assert torch.allclose(defense(digits.train.images[:64], probs).sum(1), torch.ones(64))
 

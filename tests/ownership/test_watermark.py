@@ -134,7 +134,7 @@ def test_watermarked_defense_wraps_any_defense_and_records_evidence():
     assert defense.contract.needs_input and not defense.contract.keeps_top1
     assert defense.contract.stateful == inner.contract.stateful
     served = defense(x, probs)
-    marks = defense.watermark(10).marks(x)
+    marks = defense.watermarks(10)["bob"].marks(x)
     assert torch.allclose(served[~marks.carried], inner(x[~marks.carried], probs[~marks.carried]))
     stored, buckets, _ = evidence.items("bob")
     assert evidence.clients() == ["bob"] and len(buckets) == 50      # bounded
@@ -373,3 +373,88 @@ def test_templates_make_the_watermarked_defense_stateful():
     templated = create_defense("watermarked", key=key,
                                config=WatermarkConfig(buckets="answer", tie_gap=0.3, template=0.9))
     assert not swap.contract.stateful and templated.contract.stateful
+
+
+def test_a_keyed_runner_up_keeps_the_top1_and_moves_the_keyed_class_second():
+    """place = "second": on a carried row the keyed class (outside the answer's top two) takes the
+    runner-up's probability, then ``sharpen`` of the mass, and the top-1 never changes; a row is
+    carried only if its top-1 would stay on top. Against a per-row reference."""
+    x = images(1500, seed=12)
+    served = torch.softmax(torch.randn(len(x), 10, generator=torch.Generator().manual_seed(13)) * 2.5, 1)
+    share = 0.1
+    config = WatermarkConfig(buckets="answer", bucket_fraction=1.0, place="second", sharpen=share)
+    alice = KeyedWatermark(derive_key(SECRET, "alice"), 10, config)
+    out, marks = alice.apply(x, served)
+    assert torch.equal(out.argmax(1), served.argmax(1))
+    assert torch.allclose(out.sum(1), torch.ones(len(x))) and (out >= 0).all()
+    for row in range(len(x)):
+        p = served[row]
+        (p1, p2), (a, b) = p.topk(2).values.tolist(), p.topk(2).indices.tolist()
+        assert bool(marks.carried[row]) == ((1 - share) * (p1 - p2) > share)
+        if not marks.carried[row]:
+            assert torch.equal(out[row], p)
+            continue
+        outside = [c for c in range(10) if c not in (a, b)]
+        keyed = outside[alice.label_of(marks.buckets[row])]
+        assert keyed == marks.labels[row] and answer_pair(marks.buckets[row]) == (min(a, b), max(a, b))
+        expected = p.clone()
+        expected[keyed], expected[b] = p[b], p[keyed]
+        expected = (1 - share) * expected + share * torch.nn.functional.one_hot(torch.tensor(keyed), 10)
+        assert torch.allclose(out[row], expected, atol=1e-6)
+        assert out[row].topk(2).indices.tolist() == [a, keyed]
+    assert 0.5 < marks.carried.float().mean() < 1
+    for bad in ({"buckets": "fourier"}, {"template": 0.9}, {"tie_gap": 0.3}):
+        with pytest.raises(ValidationError, match="runner-up"):
+            WatermarkConfig(**{"buckets": "answer", "place": "second", **bad})
+    # a model that learnt the rule (its runner-up is the keyed class) is named by the rank; the
+    # answers it learnt from, before the watermark, are not
+    from mirage.ownership import verify_key
+
+    kept = torch.nonzero(marks.carried).flatten()
+    buckets = [marks.buckets[r] for r in kept.tolist()]
+
+    class Fixed(torch.nn.Module):
+        def __init__(self, answers):
+            super().__init__()
+            self.answers = answers
+
+        def forward(self, z):
+            return self.answers[torch.cdist(z.flatten(1), x[kept].flatten(1)).argmin(1)].clamp_min(1e-6).log()
+
+    thief = verify_key(Fixed(out[kept]), alice, x[kept], buckets)
+    assert thief.named and thief.matches == 0          # named by the runner-up, never the argmax
+    honest = verify_key(Fixed(served[kept]), alice, x[kept], buckets)
+    assert not honest.named
+
+
+def test_layers_each_have_their_own_key_and_evidence_set_and_compose_in_order():
+    """A list of configs is a stack: layer i ≥ 1 has its own key (layer 0 the client's), records in
+    ``client#i``, and sees the answer the layer below served."""
+    from mirage.ownership import layer_key, layer_name, layered_watermarks
+
+    x = images(1200, seed=14)
+    probs = torch.softmax(torch.randn(len(x), 10, generator=torch.Generator().manual_seed(15)) * 3, dim=1)
+    layers = [WatermarkConfig(bucket_fraction=1.0),
+              WatermarkConfig(buckets="answer", bucket_fraction=1.0, place="second", sharpen=0.1)]
+    key = derive_key(SECRET, "bob")
+    assert layer_key(key, 0) == key and len({layer_key(key, i) for i in range(3)}) == 3
+    assert [layer_name("bob", i) for i in range(3)] == ["bob", "bob#1", "bob#2"]
+    evidence = Evidence(max_items=10_000)
+    defense = create_defense("watermarked", key=key, client="bob", config=[c.model_dump() for c in layers],
+                             evidence=evidence)
+    served = defense(x, probs)
+    reference = layered_watermarks(key, "bob", layers, 10)
+    assert list(reference) == ["bob", "bob#1"]
+    step, marks = probs, {}
+    for name, watermark in reference.items():
+        step, marks[name] = watermark.apply(x, step)
+    assert torch.allclose(served, step)
+    assert evidence.clients() == ["bob", "bob#1"]
+    assert len(evidence.items("bob")[1]) == int(marks["bob"].carried.sum()) > 0
+    assert len(evidence.items("bob#1")[1]) == int(marks["bob#1"].carried.sum()) > 0
+    # a single config is the one-layer stack, keyed and recorded as before layers
+    single = create_defense("watermarked", key=key, client="bob", config=layers[0])
+    assert single.params.config == (layers[0],)
+    assert torch.allclose(single(x, probs), reference["bob"].apply(x, probs)[0])
+    with pytest.raises(ValueError, match="at least one layer"):
+        create_defense("watermarked", key=key, config=[])

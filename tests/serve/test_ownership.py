@@ -310,3 +310,63 @@ def test_served_watermark_stays_out_of_the_reference_datasets_dense_buckets(tmp_
     victim, _ = load_checkpoint(checkpoints["victim"])
     clean = clean_posteriors(victim, images)
     assert torch.allclose(served[~marks.carried], clean[~marks.carried], atol=1e-5)
+
+
+def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, checkpoints):
+    """``watermark`` as an array of tables: the service answers through both layers (a top-1 layer
+    under a keyed runner-up), keeps each layer's evidence apart (``alice``, ``alice#1``), and
+    `mirage verify` tests every layer of every client: a model that learnt alice's answers is
+    named through her runner-up layer, bob through none, and ``--group`` pools layer by layer."""
+    from fastapi.testclient import TestClient
+
+    from mirage.ownership import layered_watermarks
+    from mirage.serve.app import create_app
+
+    layers = [{"bucket_fraction": 0.5, "margin": 0.1},
+              {"buckets": "answer", "bucket_fraction": 1.0, "place": "second"}]   # the test victim is unsure
+    config = ownership_config(tmp_path, checkpoints, watermark=layers)
+    assert len(config.ownership.watermark) == 2
+    config_path = tmp_path / "serve.json"
+    config_path.write_text(json.dumps(config.model_dump(mode="json")))
+    images = load_dataset("digits").train.images.float()
+    answers = []
+    with TestClient(create_app(config)) as http:
+        for chunk in images.split(64):
+            reply = http.post("/v2/models/digits/infer", json=body(chunk), headers=auth("alice"))
+            assert reply.status_code == 200, reply.text
+            answers.append(torch.tensor(reply.json()["outputs"][0]["data"]).view(len(chunk), 10))
+    served = torch.cat(answers)
+    victim, _ = load_checkpoint(checkpoints["victim"])
+    expected = clean_posteriors(victim, images)
+    for watermark in layered_watermarks(derive_key(SECRET, "alice"), "alice", config.ownership.watermark, 10).values():
+        expected = watermark.apply(images, expected)[0]
+    assert torch.allclose(served, expected, atol=1e-5)
+    store = EvidenceStore(config.ownership.evidence)
+    assert store.clients() == ["alice", "alice#1"]
+    store.close()
+    # a model that learnt alice's answers is named through her runner-up layer (its argmax is
+    # the victim's wherever layer 0 left it, so layer 0 holds little); the victim by none
+    from mirage.ownership import name_the_thief
+
+    class Memorised(nn.Module):
+        def __init__(self, answers):
+            super().__init__()
+            self.answers = answers
+
+        def forward(self, x):
+            return self.answers[torch.cdist(x.flatten(1), images.flatten(1)).argmin(1)].clamp_min(1e-6).log()
+
+    watermarks = {name: w for c in ("alice", "bob") for name, w in
+                  layered_watermarks(derive_key(SECRET, c), c, config.ownership.watermark, 10).items()}
+    store = EvidenceStore(config.ownership.evidence)
+    tests = {t.client: t for t in name_the_thief(Memorised(served), store, watermarks)}
+    store.close()
+    assert tests["alice#1"].named and tests["alice#1"].p_value <= 8.0 ** -tests["alice#1"].buckets * 1.01
+    assert not any(tests[c].named for c in ("bob", "bob#1"))
+    # `mirage verify` tests every layer of every client, and --group pools layer by layer
+    innocent = verify(config_path, checkpoints["victim"])
+    assert set(innocent) == {"alice", "alice#1", "bob", "bob#1"}
+    assert not any(t["named"] for t in innocent.values()), innocent
+    assert innocent["alice#1"]["corrected_p_value"] == pytest.approx(min(1.0, 4 * innocent["alice#1"]["p_value"]))
+    grouped = verify(config_path, checkpoints["victim"], "--group", "alice,bob")
+    assert set(grouped) == set(innocent) | {"alice,bob", "alice#1,bob#1"}

@@ -336,7 +336,8 @@ class Attack(abc.ABC):
         answers whose top probability reaches ``min_confidence`` when that countermeasure is on
         (an attacker against a gate that changes labels on queries it doubts), and through the
         posterior restorer when ``restorer`` is on (the answers are restored first; the
-        restorer's own cost is in the returned stats).
+        restorer's own cost is in the returned stats), then flattened when ``flatten`` is on
+        (:func:`flatten_answers`).
 
         With ``mix_benign`` the decoys' answers join the transfer set first (a rational attacker
         keeps every answer it paid for: they are natural images, labelled by the victim), so the
@@ -359,6 +360,8 @@ class Attack(abc.ABC):
 
             answers, extra["restorer"] = restore_answers(self.params.restorer, clone, images, answers,
                                                          num_classes, seed=clone.training.seed)
+        if self.params.flatten:
+            answers = flatten_answers(answers)
         model, stats = train_clone(clone, images, answers, num_classes, description=description)
         if self._labelled is not None:
             model, stats, extra["alignment"] = self._aligned(model, stats, clone, images, answers, num_classes,
@@ -420,3 +423,13 @@ def create_attack(name: str, *, variant: str | None = None, **params: Any) -> At
 
 def list_attacks() -> list[str]:
     return _REGISTRY.names()
+
+
+def flatten_answers(answers: Tensor) -> Tensor:
+    """(N, K) answers -> each row's top-1 with its probability, the rest of the mass spread evenly
+    over the other K − 1 classes: what a clone may learn from an answer with no dark knowledge
+    (the ``flatten`` countermeasure)."""
+    targets = training_targets(answers)
+    top, index = targets.max(dim=1)
+    rest = ((1 - top) / (targets.shape[1] - 1)).unsqueeze(1)
+    return rest.expand_as(targets).clone().scatter_(1, index.unsqueeze(1), top.unsqueeze(1))

@@ -108,6 +108,8 @@ class Countermeasures(BaseModel):
                           "requests round-robin (one view per key of an in-process API)")
     align_labels: int | None = Field(None, ge=1, description="labelled images of the task the attacker "
                                                              "holds to undo a consistent relabelling")
+    flatten: bool = Field(False, description="train on each answer's top-1 and its probability only, the rest "
+                                             "spread evenly (after the restorer, if any): no dark knowledge")
     budget_factor: float = Field(1.0, gt=0)
     restarts: int = Field(1, ge=1)
 
@@ -122,6 +124,8 @@ class Countermeasures(BaseModel):
     def _jitter_needs_repeats(self) -> Countermeasures:
         if self.jitter > 0 and self.repeats < 2:
             raise ValueError("jitter perturbs repeated queries: set repeats ≥ 2 with it")
+        if self.flatten and self.hard_labels:
+            raise ValueError("flatten keeps the top-1 probability of soft answers: not with hard_labels")
         return self
 
 
@@ -136,6 +140,8 @@ ATTACKER_SUITE: dict[str, dict[str, Any]] = {
     "multi-key": {"api_keys": 4},
     "multi-key-hard-label": {"api_keys": 4, "hard_labels": True},
     "aligned": {"align_labels": 100, "robust_loss": "gce"},
+    "flattened": {"flatten": True},
+    "flattened-restorer": {"restorer": {}, "flatten": True},
 }
 """The named attacker variants a defense is judged against, each a set of countermeasure switches
 usable with every attack (``create_attack("knockoff", variant="averaging")``, a sweep's
@@ -154,7 +160,10 @@ top-1 (where the hard-label attacker binds); and ``aligned``,
 the noise-robust attacker holding 100 labelled images of the task (``Attack.run(labelled=...)``;
 the benchmark draws them from the victim's training split) to undo a consistent relabelling: the
 generalized cross-entropy lets its first clone learn the relabelling without the minority of true
-labels, and its realigned clone shrug off those labels once they are the wrong ones."""
+labels, and its realigned clone shrug off those labels once they are the wrong ones; ``flattened``,
+which trains on each answer's top-1 and its probability with the rest spread evenly, so that no
+keyed runner-up (docs/design.md §ownership) reaches its clone, and ``flattened-restorer``, which
+restores the answers first, then flattens them."""
 
 
 def variant_params(variant: str) -> dict[str, Any]:
@@ -170,7 +179,7 @@ def apply_countermeasures(params: Countermeasures, clone: CloneSpec, budget: int
 
     ``hard_labels``, ``repeats``, ``jitter`` and ``mix_benign`` act on the queries and answers
     and are applied by the query client, ``api_keys`` by :meth:`mirage.attacks.Attack.run`;
-    ``restorer`` by :meth:`mirage.attacks.Attack.train_final_clone`.
+    ``restorer`` and ``flatten`` by :meth:`mirage.attacks.Attack.train_final_clone`.
     """
     update: dict[str, Any] = {}
     training: dict[str, Any] = {}

@@ -50,7 +50,7 @@ from mirage.attacks.clone import CloneSpec, train_clone, training_targets
 from mirage.attacks.countermeasures import RestorerConfig
 from mirage.defenses import DEFENSES, Defense, create_defense
 from mirage.models.fit import GRAD2_RECIPE, TrainConfig, fit, soft_cross_entropy
-from mirage.ownership import WatermarkConfig
+from mirage.ownership import watermark_layers
 from mirage.training.outlier_exposure import train_misinformation
 
 log = logging.getLogger(__name__)
@@ -122,8 +122,8 @@ def attacker_defense(name: str, params: dict[str, Any], shadow: nn.Module, surro
         # Under density_cap it cannot know which buckets the defender's data fills, and its own
         # images as the reference would leave nothing carried on an out-of-distribution pool: it
         # simulates the watermark without the cap, so that it sees carried answers everywhere.
-        config = WatermarkConfig.model_validate(built.get("config") or {})
-        built["config"] = config.model_copy(update={"density_cap": None})
+        built["config"] = [layer.model_copy(update={"density_cap": None})
+                           for layer in watermark_layers(built.get("config"))]
     if name == "adaptive_misinformation":
         if fresh_model is None:
             raise ValueError("simulating adaptive_misinformation needs fresh_model")

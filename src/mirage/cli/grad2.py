@@ -85,7 +85,7 @@ def verify_command(
 def _verify_ownership(model, config: Path | None, alpha: float, groups: list[list[str]], as_json: bool) -> None:
     import json
 
-    from mirage.ownership import KeyedWatermark, derive_key, name_the_thief
+    from mirage.ownership import derive_key, layer_name, layered_watermarks, name_the_thief
     from mirage.serve.config import load_config
     from mirage.serve.evidence import EvidenceStore
 
@@ -101,8 +101,11 @@ def _verify_ownership(model, config: Path | None, alpha: float, groups: list[lis
     if not served.ownership.evidence.exists():
         raise typer.BadParameter(f"no evidence at {served.ownership.evidence}: the service has not answered yet")
     num_classes = int(model.num_classes)
-    watermarks = {c.name: KeyedWatermark(derive_key(secret, c.name), num_classes, served.ownership.watermark)
-                  for c in served.clients}
+    layers = served.ownership.watermark
+    watermarks = {name: watermark for c in served.clients
+                  for name, watermark in layered_watermarks(derive_key(secret, c.name), c.name, layers,
+                                                            num_classes).items()}
+    groups = [[layer_name(c, i) for c in g] for g in groups for i in range(len(layers))]  # one per layer
     evidence = EvidenceStore(served.ownership.evidence, served.ownership.max_items)
     try:
         tests = name_the_thief(model, evidence, watermarks, groups=groups, alpha=alpha)

@@ -1,13 +1,15 @@
 """Any query-time defense with a keyed hard-label watermark on top (docs/design.md §ownership;
 issue 17): ``ỹ = W_key(x, inner(x, y))``, where ``W_key`` moves the top-1 of a small keyed,
 jitter-stable set of queries to a keyed label (:class:`mirage.ownership.KeyedWatermark`), and
-records those queries as evidence for :func:`mirage.ownership.name_the_thief`.
+records those queries as evidence for :func:`mirage.ownership.name_the_thief`. ``config`` may be a
+list of layers (a top-1 layer under a keyed runner-up, say), each with its own key and evidence
+set (:func:`mirage.ownership.layered_watermarks`).
 
 The inner defense runs through its own :meth:`Defense.__call__`, so its contract is checked on
 every row; this wrapper promises the simplex and what the inner defense promises about state,
 but no budget and no top-1 (on carried rows it changes the label on purpose). Its answers are a
 function of the query, so it is stateless when the inner defense is and ``config.template`` is
-off (templates are kept from earlier answers); the evidence it records is a side effect of each
+off in every layer (templates are kept from earlier answers); the evidence it records is a side effect of each
 call, which an answer cache that replays answers (the benchmark's) skips.
 """
 
@@ -19,7 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
-from mirage.ownership import KeyedWatermark, WatermarkConfig
+from mirage.ownership import KeyedWatermark, WatermarkConfig, layered_watermarks, watermark_layers
 from mirage.ownership.watermark import reference_features
 
 
@@ -27,19 +29,27 @@ class WatermarkedParams(DefenseParams):
     inner: Any = Field(None, description="the defense underneath (a Defense; None: clean answers)")
     key: bytes = Field(description="this client's watermark key (mirage.ownership.derive_key)")
     client: str = Field("default", description="whose queries these are, in the evidence")
-    config: WatermarkConfig = WatermarkConfig()
+    config: tuple[WatermarkConfig, ...] = Field(
+        (WatermarkConfig(),), description="the watermark, or its layers in the order they are applied")
     evidence: Any = Field(None, description="an Evidence that records the carried queries")
     benign_reference: Any = Field(None, description="the defender's benign images (B, C, H, W) or their "
                                                     "fourier_features (B, F), for config.density_cap")
 
+    @field_validator("config", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> tuple[WatermarkConfig, ...]:
+        return watermark_layers(value)
+
     @model_validator(mode="after")
     def _benign_reference(self) -> WatermarkedParams:
+        capped = [layer for layer in self.config if layer.density_cap is not None]
         if self.benign_reference is None:
-            if self.config.density_cap is not None:
+            if capped:
                 raise ValueError("config.density_cap needs benign_reference (the defender's benign images)")
             return self
         value = self.benign_reference
-        reference_features(value[:1] if isinstance(value, Tensor) else value, self.config)  # checks, on one row
+        for layer in capped:  # checks, on one row
+            reference_features(value[:1] if isinstance(value, Tensor) else value, layer)
         return self
 
     @field_validator("inner")
@@ -63,19 +73,21 @@ class Watermarked(Defense):
 
     def __init__(self, params: WatermarkedParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
-        self._watermarks: dict[int, KeyedWatermark] = {}
+        self._watermarks: dict[int, dict[str, KeyedWatermark]] = {}
 
     @classmethod
     def contract_for(cls, params: WatermarkedParams) -> DefenseContract:
         inner = params.inner.contract if isinstance(params.inner, Defense) else DefenseContract(stateful=False)
         # templates are answers kept from earlier queries: then an answer depends on them
-        stateful = inner.stateful or params.config.template is not None
+        stateful = inner.stateful or any(layer.template is not None for layer in params.config)
         return DefenseContract(needs_input=True, truncating=inner.truncating, stateful=stateful)
 
-    def watermark(self, num_classes: int) -> KeyedWatermark:
+    def watermarks(self, num_classes: int) -> dict[str, KeyedWatermark]:
+        """The layers for ``num_classes``-way answers, by evidence set, in the order applied."""
         if num_classes not in self._watermarks:
-            self._watermarks[num_classes] = KeyedWatermark(self.params.key, num_classes, self.params.config,
-                                                            self.params.benign_reference)
+            p = self.params
+            self._watermarks[num_classes] = layered_watermarks(p.key, p.client, p.config, num_classes,
+                                                               p.benign_reference)
         return self._watermarks[num_classes]
 
     @property
@@ -94,9 +106,10 @@ class Watermarked(Defense):
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         inner = self.params.inner
         served = probs if inner is None else inner(x, probs)
-        served, marks = self.watermark(probs.shape[1]).apply(x, served)
-        if self.params.evidence is not None:
-            self.params.evidence.add(self.params.client, x, marks)
+        for evidence_set, watermark in self.watermarks(probs.shape[1]).items():
+            served, marks = watermark.apply(x, served)
+            if self.params.evidence is not None:
+                self.params.evidence.add(evidence_set, x, marks)
         return served
 
     def __repr__(self) -> str:

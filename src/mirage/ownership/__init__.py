@@ -17,7 +17,13 @@ from mirage.ownership.watermark import (
     WatermarkConfig,
     derive_key,
     fourier_features,
+    layer_key,
+    layer_name,
+    layered_watermarks,
+    watermark_layers,
 )
 
 __all__ = ["Evidence", "KeyedWatermark", "Marks", "OwnershipTest", "WatermarkConfig", "derive_key",
-           "fourier_features", "match_pvalue", "name_the_thief", "verify_key", "verify_keys"]
+           "fourier_features", "layer_key",
+           "layer_name", "layered_watermarks", "match_pvalue", "name_the_thief", "verify_key", "verify_keys",
+           "watermark_layers"]

@@ -61,11 +61,27 @@ like a posterior (a restorer that sees only answers cannot tell it from a clean 
 where the victim is unsure (an out-of-distribution pool) a swapped answer's keyed label leads by
 little, which a soft-label clone smooths away.
 
+**A keyed runner-up** (``place = "second"``, with answer buckets): the keyed label, a class
+outside the answer's two most probable, becomes the runner-up: it takes the runner-up's
+probability (a swap), then ``sharpen`` of the mass moves to it, and an answer is carried only if
+its top-1 stays on top, ``(1 − s)(p₁ − p₂) > s``. No top-1 changes, so a benign user's accuracy
+is untouched and every answer can carry it. It is the victim's dark knowledge made keyed: on every
+query whose top two are {a, b}, the runner-up is c(a, b). A soft-label clone, a restorer's
+shadows and an averaging thief's mean all learn that rule, as they learn the victim's own
+similarities; a hard-label clone never sees it (a top-1 layer is for that: *layers*, below).
+
 **Hysteresis between answering and keeping.** With ``evidence_margin`` above ``margin`` a query
 is answered with the keyed label from ``margin`` inside its cell but kept as evidence only from
 ``evidence_margin``. An attacker's jittered copies of an evidence image move by a fraction of a
 cell side (about 0.06 of a side per projected dimension on Fashion-MNIST at σ = 0.02 and a
 one-pixel shift), so they stay carried and its averaged or voted answer keeps the keyed label.
+
+**Layers.** Several watermarks can be stacked, each applied to the answer the one before served
+(``Watermarked``'s ``config`` as a list; :func:`layered_watermarks`): layer i ≥ 1 has its own key
+(:func:`layer_key`) and its own evidence set (:func:`layer_name`, ``client#i``), so each
+layer's test is exact and the layers are independent tests of the same client (a Bonferroni
+correction over all of them). Typically a top-1 layer for hard-label thieves under a keyed
+runner-up for soft-label ones.
 """
 
 from __future__ import annotations
@@ -91,6 +107,22 @@ def derive_key(secret: bytes, client: str) -> bytes:
     if len(secret) < 16:
         raise ValueError("the ownership secret must be at least 16 bytes")
     return hmac.new(secret, DOMAIN + b"client\x00" + client.encode(), hashlib.sha256).digest()
+
+
+def layer_key(key: bytes, layer: int) -> bytes:
+    """The key of watermark layer ``layer`` of a client whose key is ``key``: the key itself for
+    layer 0 (a single watermark is layer 0), HMAC-SHA256(key, domain ‖ layer) above, independent."""
+    if layer < 0:
+        raise ValueError("layers are numbered from 0")
+    return key if layer == 0 else hmac.new(key, DOMAIN + b"layer\x00" + str(layer).encode(), hashlib.sha256).digest()
+
+
+LAYER_SEPARATOR = "#"
+
+
+def layer_name(client: str, layer: int) -> str:
+    """The evidence set of ``client``'s layer ``layer``: ``client`` for layer 0, ``client#i`` above."""
+    return client if layer == 0 else f"{client}{LAYER_SEPARATOR}{layer}"
 
 
 def _prf(key: bytes, purpose: bytes, message: bytes) -> int:
@@ -180,6 +212,18 @@ class Marks:
     def kept(self) -> Tensor:
         """The rows to keep as evidence."""
         return self.carried if self.evidence is None else self.evidence
+
+
+def watermark_layers(config: WatermarkConfig | dict | Sequence[WatermarkConfig | dict] | None
+                     ) -> tuple[WatermarkConfig, ...]:
+    """One watermark config, or a sequence of them (layers, the first applied first), as a tuple
+    of at least one layer (``None``: the default config)."""
+    if config is None or isinstance(config, WatermarkConfig | dict):
+        config = [config or {}]
+    layers = tuple(c if isinstance(c, WatermarkConfig) else WatermarkConfig.model_validate(c) for c in config)
+    if not layers:
+        raise ValueError("a watermark needs at least one layer")
+    return layers
 
 
 def frequency_pairs(frequencies: int) -> list[tuple[int, int]]:
@@ -422,3 +466,14 @@ class KeyedWatermark:
         slot = (self._template_count[cls] + rank) % TEMPLATES
         self._templates[cls[latest], slot[latest]] = confident[latest]
         self._template_count += per_class.sum(dim=0)
+
+
+def layered_watermarks(key: bytes, client: str, config: WatermarkConfig | Sequence[WatermarkConfig], num_classes: int,
+                       reference: Tensor | None = None) -> dict[str, KeyedWatermark]:
+    """``client``'s watermark layers by evidence set (:func:`layer_name`), in the order they are
+    applied, each with its :func:`layer_key`: what the service answers with and what
+    verification tests. ``reference``: the defender's benign images or their features, for the
+    layers with ``density_cap``."""
+    return {layer_name(client, i): KeyedWatermark(layer_key(key, i), num_classes, layer,
+                                                  reference if layer.density_cap is not None else None)
+            for i, layer in enumerate(watermark_layers(config))}

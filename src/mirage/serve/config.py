@@ -30,6 +30,8 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     watermark = { bucket_fraction = 0.1 }
     # watermark = { bucket_fraction = 1.0, density_cap = 1e-4 }   # not in buckets benign data fills …
     # reference = "fmnist"           # … judged on this dataset's training images
+    # watermark = [{ bucket_fraction = 1.0, density_cap = 1e-4 },                   # layers: a top-1 …
+    #              { buckets = "answer", bucket_fraction = 1.0, place = "second", sharpen = 0.1 }]  # … and a keyed runner-up
 
     [detection]                      # per-client query-stream detection (docs/design.md §detection)
     prada = { delta = 0.9 }          # PRADA's knobs (mirage.api.PradaConfig)
@@ -62,7 +64,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from mirage.api.detection import PradaConfig
 from mirage.defenses import DEFENSES
 from mirage.models.formats import Format, format_of
-from mirage.ownership import WatermarkConfig
+from mirage.ownership import WatermarkConfig, watermark_layers
 from mirage.training.resolve import DefenseSpec
 
 
@@ -296,16 +298,32 @@ class OwnershipConfig(_Strict):
     secret_file: Path | None = Field(None, description="a file holding the secret (read as bytes, stripped)")
     evidence: Path = Field(Path("mirage-evidence.sqlite"), description="SQLite file of the carried queries")
     max_items: int = Field(4096, ge=1, le=1_000_000, description="evidence kept per client")
-    watermark: WatermarkConfig = WatermarkConfig()
+    watermark: tuple[WatermarkConfig, ...] = Field(
+        (WatermarkConfig(),), description="the watermark (a table), or its layers in the order applied "
+                                          "(an array of tables), each with its own key and evidence set")
     reference: str | None = Field(None, description="the dataset whose training images stand for benign "
                                   "queries, for watermark.density_cap (a mirage dataset name)")
 
+    @field_validator("watermark", mode="before")
+    @classmethod
+    def _layers(cls, value: Any) -> tuple[WatermarkConfig, ...]:
+        return watermark_layers(value)
+
     @model_validator(mode="after")
     def _cap_needs_reference(self) -> OwnershipConfig:
-        if self.watermark.density_cap is not None and self.reference is None:
+        capped = self.capped_layers
+        if capped and self.reference is None:
             raise ValueError("ownership.watermark.density_cap needs ownership.reference, the dataset of "
                              "benign images it keeps the watermark away from")
+        if len({(layer.frequencies, layer.floor) for layer in capped}) > 1:
+            raise ValueError("the layers with density_cap must share frequencies and floor "
+                             "(one set of reference features)")
         return self
+
+    @property
+    def capped_layers(self) -> list[WatermarkConfig]:
+        """The layers that need the reference's features (``density_cap``)."""
+        return [layer for layer in self.watermark if layer.density_cap is not None]
 
     def secret(self) -> bytes:
         """The server secret, or ``ValueError`` saying where it was looked for."""

@@ -107,8 +107,9 @@ class ServedDefenses:
         # the reference's Fourier features do not depend on the key: computed once for all clients
         # (and for the alarm defense's instances)
         self._reference = benign_reference
-        if self._reference is None and ownership is not None and ownership.watermark.density_cap is not None:
-            self._reference = fourier_features(load_dataset(ownership.reference).train.images, ownership.watermark)
+        if self._reference is None and ownership is not None and ownership.capped_layers:
+            self._reference = fourier_features(load_dataset(ownership.reference).train.images,
+                                               ownership.capped_layers[0])
         self.query_time = spec.name != "none" and not spec.training_time
         self.enabled = self.query_time or ownership is not None
         self.params = resolve_params(spec, scenario, model, card) if self.query_time else {}
