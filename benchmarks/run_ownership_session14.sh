@@ -1,22 +1,22 @@
 #!/usr/bin/env bash
 # Session 14 (issue 17): a keyed runner-up layer (place = "second") over the top-1 layer of
 # session 12, in distribution (fmnist-id): seeds 0-2 for the issue's four thieves and the two
-# that flatten the answers (no dark knowledge), JBDA, then seed 0 in full (bob, removals,
-# innocents, the 4-key thieves) and the rest of the suite. Resumable: finished entries of
-# results/ownership/session14.jsonl are skipped; two runs at a time on two cores.
+# that flatten the answers (no dark knowledge), JBDA, seed 0 in full (bob, removals, innocents,
+# the 4-key thieves) and the rest of the suite; then the flattening thieves against mnist's
+# recommended watermark (answer buckets with templates) and that watermark's seeds 1 and 2 in
+# full. Resumable: finished entries of results/ownership/session14.jsonl are skipped; two runs
+# at a time on two cores. (session14_swap*.jsonl: the runner-up's first version, which swapped
+# the keyed class with the runner-up, from commit aaa36b8 and the tree after it.)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
 OUT=results/ownership/session14.jsonl
 RUNNER='{"buckets":"answer","bucket_fraction":1.0,"place":"second","sharpen":0.1}'
 STACK='[{"bucket_fraction":1.0,"density_cap":1e-4},'"$RUNNER"']'
+TEMPLATE='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3,"template":0.9}'
 THIEVES="soft hard-label averaging restorer flattened flattened-restorer"
 run() { $PY benchmarks/ownership.py --out $OUT "$@"; }
 
-# (The runner-up layer alone, fmnist-id seeds 0-2 and JBDA seed 0, is in
-# results/ownership/session14_runner_up.jsonl:
-#   run --scenario fmnist-id --seed 0 --attacks-only --attackers soft averaging restorer --watermark "$RUNNER"
-#   and likewise seeds 1, 2 and --attack jbda.)
 run --scenario fmnist-id --seed 0 --attacks-only --attackers $THIEVES --watermark "$STACK" &
 run --scenario fmnist-id --seed 1 --attacks-only --attackers $THIEVES --watermark "$STACK"
 wait
@@ -26,4 +26,16 @@ wait
 run --scenario fmnist-id --seed 0 --attackers $THIEVES multi-key multi-key-hard-label --watermark "$STACK" &
 run --scenario fmnist-id --seed 0 --attacks-only --attackers confident-only noise-robust mixing aligned \
     --watermark "$STACK"
+wait
+for seed in 1 2; do
+  run --scenario fmnist-id --seed $seed --attack jbda --attacks-only --attackers $THIEVES --watermark "$STACK"
+done &
+for seed in 0 1 2; do
+  run --scenario mnist --seed $seed --attacks-only --attackers flattened flattened-restorer --watermark "$TEMPLATE"
+done
+wait
+run --scenario mnist --seed 1 --attackers soft hard-label averaging restorer multi-key multi-key-hard-label \
+    --watermark "$TEMPLATE" &
+run --scenario mnist --seed 2 --attackers soft hard-label averaging restorer multi-key multi-key-hard-label \
+    --watermark "$TEMPLATE"
 wait

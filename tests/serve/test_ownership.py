@@ -315,15 +315,15 @@ def test_served_watermark_stays_out_of_the_reference_datasets_dense_buckets(tmp_
 def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, checkpoints):
     """``watermark`` as an array of tables: the service answers through both layers (a top-1 layer
     under a keyed runner-up), keeps each layer's evidence apart (``alice``, ``alice#1``), and
-    `mirage verify` tests every layer of every client: a model that learnt alice's answers is
-    named through her runner-up layer, bob through none, and ``--group`` pools layer by layer."""
+    `mirage verify` tests every layer of every client (corrected for all of them), and ``--group``
+    pools layer by layer."""
     from fastapi.testclient import TestClient
 
     from mirage.ownership import layered_watermarks
     from mirage.serve.app import create_app
 
     layers = [{"bucket_fraction": 0.5, "margin": 0.1},
-              {"buckets": "answer", "bucket_fraction": 1.0, "place": "second"}]   # the test victim is unsure
+              {"buckets": "answer", "bucket_fraction": 1.0, "place": "second", "sharpen": 0.005}]  # an unsure victim
     config = ownership_config(tmp_path, checkpoints, watermark=layers)
     assert len(config.ownership.watermark) == 2
     config_path = tmp_path / "serve.json"
@@ -344,8 +344,8 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     store = EvidenceStore(config.ownership.evidence)
     assert store.clients() == ["alice", "alice#1"]
     store.close()
-    # a model that learnt alice's answers is named through her runner-up layer (its argmax is
-    # the victim's wherever layer 0 left it, so layer 0 holds little); the victim by none
+    # a model that learnt alice's answers is named (through her top-1 layer: this test victim is
+    # so unsure that a runner-up moved by 0.005 rarely passes its neighbours), bob through none
     from mirage.ownership import name_the_thief
 
     class Memorised(nn.Module):
@@ -361,7 +361,7 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     store = EvidenceStore(config.ownership.evidence)
     tests = {t.client: t for t in name_the_thief(Memorised(served), store, watermarks)}
     store.close()
-    assert tests["alice#1"].named and tests["alice#1"].p_value <= 8.0 ** -tests["alice#1"].buckets * 1.01
+    assert tests["alice"].named and tests["alice#1"].images > tests["alice"].images
     assert not any(tests[c].named for c in ("bob", "bob#1"))
     # `mirage verify` tests every layer of every client, and --group pools layer by layer
     innocent = verify(config_path, checkpoints["victim"])
