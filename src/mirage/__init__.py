@@ -19,10 +19,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "DefenseSpec", "InProcessAPI", "Protected", "__version__", "api", "attacks", "bench",
-    "create_attack", "create_defense", "create_model", "defenses", "get_scenario", "list_attacks",
-    "list_defenses", "load_checkpoint", "models", "protect", "resolve_defense",
-    "save_checkpoint",
+    "DefenseSpec", "Evidence", "InProcessAPI", "Protected", "WatermarkConfig", "__version__", "api",
+    "attacks", "bench", "create_attack", "create_defense", "create_model", "defenses", "derive_key",
+    "get_scenario", "list_attacks", "list_defenses", "load_checkpoint", "models", "name_the_thief",
+    "ownership", "protect", "resolve_defense", "save_checkpoint",
 ]
 
 
@@ -42,6 +42,8 @@ def __getattr__(name: str) -> Any:
             from mirage import models as module
         case "DefenseSpec" | "resolve_defense":
             from mirage.training import resolve as module
+        case "Evidence" | "WatermarkConfig" | "derive_key" | "name_the_thief":
+            from mirage import ownership as module
         case "api":
             import mirage.api as package
             return package
@@ -56,6 +58,9 @@ def __getattr__(name: str) -> Any:
             return package
         case "models":
             import mirage.models as package
+            return package
+        case "ownership":
+            import mirage.ownership as package
             return package
         case _:
             raise AttributeError(f"module 'mirage' has no attribute {name!r}")
