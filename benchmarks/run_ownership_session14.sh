@@ -5,8 +5,12 @@
 # the 4-key thieves) and the rest of the suite; then the flattening thieves against mnist's
 # recommended watermark (answer buckets with templates) and that watermark's seeds 1 and 2 in
 # full. Resumable: finished entries of results/ownership/session14.jsonl are skipped; two runs
-# at a time on two cores. (session14_swap*.jsonl: the runner-up's first version, which swapped
-# the keyed class with the runner-up, from commit aaa36b8 and the tree after it.)
+# at a time on two cores. Seeds 0 and 1 of the first step ran from commit 52993fa.
+# session14_noswap.jsonl holds a variant tried and dropped: the keyed class given sharpen of the
+# mass without the swap (commit 53a5737), better for calibration, weaker against the restorer.
+# session14_runner_up.jsonl: the runner-up layer alone (soft, averaging, restorer), from
+#   run --scenario fmnist-id --seed 0 --attacks-only --attackers soft averaging restorer --watermark "$RUNNER"
+#   and likewise seeds 1, 2 and --attack jbda (commit fae6ea1 and the tree after it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python

@@ -323,7 +323,7 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     from mirage.serve.app import create_app
 
     layers = [{"bucket_fraction": 0.5, "margin": 0.1},
-              {"buckets": "answer", "bucket_fraction": 1.0, "place": "second", "sharpen": 0.005}]  # an unsure victim
+              {"buckets": "answer", "bucket_fraction": 1.0, "place": "second"}]   # the test victim is unsure
     config = ownership_config(tmp_path, checkpoints, watermark=layers)
     assert len(config.ownership.watermark) == 2
     config_path = tmp_path / "serve.json"
@@ -344,8 +344,7 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     store = EvidenceStore(config.ownership.evidence)
     assert store.clients() == ["alice", "alice#1"]
     store.close()
-    # a model that learnt alice's answers is named (through her top-1 layer: this test victim is
-    # so unsure that a runner-up moved by 0.005 rarely passes its neighbours), bob through none
+    # a model that learnt alice's answers is named through each layer, bob through none
     from mirage.ownership import name_the_thief
 
     class Memorised(nn.Module):
@@ -361,7 +360,7 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     store = EvidenceStore(config.ownership.evidence)
     tests = {t.client: t for t in name_the_thief(Memorised(served), store, watermarks)}
     store.close()
-    assert tests["alice"].named and tests["alice#1"].images > tests["alice"].images
+    assert tests["alice"].named and tests["alice#1"].named and tests["alice#1"].images > tests["alice"].images
     assert not any(tests[c].named for c in ("bob", "bob#1"))
     # `mirage verify` tests every layer of every client, and --group pools layer by layer
     innocent = verify(config_path, checkpoints["victim"])

@@ -61,11 +61,12 @@ like a posterior (a restorer that sees only answers cannot tell it from a clean 
 where the victim is unsure (an out-of-distribution pool) a swapped answer's keyed label leads by
 little, which a soft-label clone smooths away.
 
-**A keyed runner-up** (``place = "second"``, with answer buckets): ``sharpen`` = s of the mass
-moves to the keyed label, a class outside the answer's two most probable, ``(1 − s)·ỹ + s·e_c``
-with no swap (the true runner-up keeps its share, which a user reading the probabilities needs
-where the victim is wrong), so that on a confident answer it becomes the runner-up. An answer is
-carried only if its top-1 stays on top, ``(1 − s)(p₁ − p₂) > s``. No top-1 changes, so a benign user's accuracy
+**A keyed runner-up** (``place = "second"``, with answer buckets): the keyed label, a class
+outside the answer's two most probable, becomes the runner-up: it takes the runner-up's
+probability (a swap), then ``sharpen`` of the mass moves to it, and an answer is carried only if
+its top-1 stays on top, ``(1 − s)(p₁ − p₂) > s``. The swap costs a user who reads the
+probabilities (the true runner-up, often the true class where the victim is wrong, loses its
+mass); without it a restorer kept less of the keyed runner-up (``results/ownership/``). No top-1 changes, so a benign user's accuracy
 is untouched and every answer can carry it. It is the victim's dark knowledge made keyed: on every
 query whose top two are {a, b}, the runner-up is c(a, b). A soft-label clone, a restorer's
 shadows and an averaging thief's mean all learn that rule, as they learn the victim's own
@@ -181,10 +182,9 @@ class WatermarkConfig(BaseModel):
         if self.buckets == "answer" and self.ranked is not None:
             raise ValueError("answer buckets key a class outside the bucket's pair: not with ranked")
         if self.place == "second" and (self.buckets != "answer" or self.template is not None
-                                       or self.tie_gap is not None or self.sharpen == 0):
-            raise ValueError("a keyed runner-up (place = 'second') keys a class outside the answer's top two "
-                             "and moves sharpen > 0 of the mass to it: buckets = 'answer', without template "
-                             "or tie_gap")
+                                       or self.tie_gap is not None):
+            raise ValueError("a keyed runner-up (place = 'second') keys a class outside the answer's top two: "
+                             "buckets = 'answer', without template or tie_gap")
         return self
 
     @property
@@ -431,10 +431,10 @@ class KeyedWatermark:
             return served, marks
         out = served.clone()
         label = marks.labels[rows]
-        if self.config.place == "top":  # a keyed runner-up is not swapped: the runner-up keeps its mass
-            top = served[rows].argmax(dim=1)
-            out[rows, label] = served[rows, top]
-            out[rows, top] = served[rows, label]
+        # the class whose place the keyed label takes: the top-1, or the runner-up
+        top = served[rows].topk(2 if self.config.place == "second" else 1, dim=1).indices[:, -1]
+        out[rows, label] = served[rows, top]
+        out[rows, top] = served[rows, label]
         if self.config.sharpen > 0:
             share = self.config.sharpen
             out[rows] = (1 - share) * out[rows] + share * F.one_hot(label, self.num_classes).to(out.dtype)
