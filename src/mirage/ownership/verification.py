@@ -176,7 +176,10 @@ def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[s
     """Test ``suspect`` against every client's key and evidence (with keyed ranks, the served
     rankings the evidence kept), and against each of ``groups`` (clients the defender believes
     one party, e.g. one account's keys: one test of their pooled evidence, named
-    ``"a,b,…"``), most significant first; the correction counts every test."""
+    ``"a,b,…"``), most significant first; the correction counts every test. A layered watermark
+    gives each client one evidence set per layer (``client#i``,
+    :func:`~mirage.ownership.layered_watermarks`): each is a test, and the client is named when
+    any of its layers is."""
     for group in groups:
         if len(group) < 2 or len(set(group)) != len(group) or not set(group) <= set(watermarks):
             raise ValueError(f"a group names two or more distinct known clients, got {list(group)}")
