@@ -22,6 +22,17 @@ def images(n: int, seed: int = 0) -> torch.Tensor:
     return (x * torch.rand(n, 1, 1, 1, generator=g) * 3).clamp(0, 1)
 
 
+class Memorised(torch.nn.Module):
+    """A suspect that answers each of ``images`` with its row of ``answers`` (nearest image)."""
+
+    def __init__(self, answers: torch.Tensor, images: torch.Tensor) -> None:
+        super().__init__()
+        self.answers, self.images = answers, images
+
+    def forward(self, z):
+        return self.answers[torch.cdist(z.flatten(1), self.images.flatten(1)).argmin(1)].clamp_min(1e-6).log()
+
+
 def test_keys_are_per_client_and_deterministic():
     assert derive_key(SECRET, "alice") == derive_key(SECRET, "alice")
     assert len({derive_key(SECRET, c) for c in ("alice", "bob", "carol")}) == 3
@@ -302,17 +313,9 @@ def test_answer_buckets_relabel_each_pair_of_top_classes_consistently():
     kept = torch.nonzero(marks.carried).flatten()
     buckets = [marks.buckets[r] for r in kept.tolist()]
 
-    class Fixed(torch.nn.Module):
-        def __init__(self, answers):
-            super().__init__()
-            self.answers = answers
-
-        def forward(self, z):
-            return self.answers[torch.cdist(z.flatten(1), x[kept].flatten(1)).argmin(1)].clamp_min(1e-6).log()
-
-    thief = verify_key(Fixed(out[kept]), alice, x[kept], buckets)
+    thief = verify_key(Memorised(out[kept], x[kept]), alice, x[kept], buckets)
     assert thief.named and thief.p_value == pytest.approx(8.0 ** -thief.buckets, rel=1e-6)
-    honest = verify_key(Fixed(served[kept]), alice, x[kept], buckets)
+    honest = verify_key(Memorised(served[kept], x[kept]), alice, x[kept], buckets)
     assert not honest.named and honest.matches == 0
 
 
@@ -413,17 +416,9 @@ def test_a_keyed_runner_up_keeps_the_top1_and_moves_the_keyed_class_second():
     kept = torch.nonzero(marks.carried).flatten()
     buckets = [marks.buckets[r] for r in kept.tolist()]
 
-    class Fixed(torch.nn.Module):
-        def __init__(self, answers):
-            super().__init__()
-            self.answers = answers
-
-        def forward(self, z):
-            return self.answers[torch.cdist(z.flatten(1), x[kept].flatten(1)).argmin(1)].clamp_min(1e-6).log()
-
-    thief = verify_key(Fixed(out[kept]), alice, x[kept], buckets)
+    thief = verify_key(Memorised(out[kept], x[kept]), alice, x[kept], buckets)
     assert thief.named and thief.matches == 0          # named by the runner-up, never the argmax
-    honest = verify_key(Fixed(served[kept]), alice, x[kept], buckets)
+    honest = verify_key(Memorised(served[kept], x[kept]), alice, x[kept], buckets)
     assert not honest.named
 
 

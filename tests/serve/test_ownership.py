@@ -85,6 +85,32 @@ def verify(config_path, suspect, *extra: str) -> dict[str, dict]:
     return {t["client"]: t for t in json.loads(result.output)}
 
 
+class Memorised(nn.Module):
+    """A suspect that answers each of ``images`` with its row of ``answers`` (nearest image)."""
+
+    def __init__(self, answers: torch.Tensor, images: torch.Tensor) -> None:
+        super().__init__()
+        self.answers, self.images = answers, images
+
+    def forward(self, x):
+        return self.answers[torch.cdist(x.flatten(1), self.images.flatten(1)).argmin(1)].clamp_min(1e-6).log()
+
+
+def answers_in_process(config: ServeConfig, images: torch.Tensor, client: str = "alice") -> torch.Tensor:
+    """``client``'s answers to ``images`` from the real app in process, 64 images per request."""
+    from fastapi.testclient import TestClient
+
+    from mirage.serve.app import create_app
+
+    answers = []
+    with TestClient(create_app(config)) as http:
+        for chunk in images.split(64):
+            reply = http.post("/v2/models/digits/infer", json=body(chunk), headers=auth(client))
+            assert reply.status_code == 200, reply.text
+            answers.append(torch.tensor(reply.json()["outputs"][0]["data"]).view(len(chunk), 10))
+    return torch.cat(answers)
+
+
 @pytest.mark.slow
 def test_verify_names_the_key_each_hard_label_clone_was_stolen_through(tmp_path, checkpoints):
     config = ownership_config(tmp_path, checkpoints)
@@ -193,21 +219,13 @@ def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the
     """Keyed ranks near ties (ranked, tie_gap) through the service: each carried answer's top-1 is
     the victim's j-th class, the store keeps the victim's ranking, and a model that learnt the
     served answers is named from the store alone, while the victim itself is not."""
-    from fastapi.testclient import TestClient
 
     from mirage.ownership import name_the_thief
-    from mirage.serve.app import create_app
 
     watermark = {"bucket_fraction": 1.0, "margin": 0.05, "ranked": 3, "tie_gap": 0.9}
     config = ownership_config(tmp_path, checkpoints, watermark=watermark)
     images = load_dataset("digits").test.images[:256].float()
-    answers = []
-    with TestClient(create_app(config)) as http:
-        for chunk in images.split(64):
-            reply = http.post("/v2/models/digits/infer", json=body(chunk), headers=auth("alice"))
-            assert reply.status_code == 200, reply.text
-            answers.append(torch.tensor(reply.json()["outputs"][0]["data"]).view(len(chunk), 10))
-    served = torch.cat(answers)
+    served = answers_in_process(config, images)
     victim, _ = load_checkpoint(checkpoints["victim"])
     clean = clean_posteriors(victim, images)
     watermark_of = {c: KeyedWatermark(derive_key(SECRET, c), 10, WatermarkConfig(**watermark)) for c in ("alice", "bob")}
@@ -222,18 +240,10 @@ def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the
     rows = torch.cdist(kept.flatten(1), images.flatten(1)).argmin(1)
     assert torch.equal(ranking, order[rows])
 
-    class Memorised(nn.Module):
-        def __init__(self, answers):
-            super().__init__()
-            self.answers = answers
-
-        def forward(self, x):
-            return self.answers[torch.cdist(x.flatten(1), images.flatten(1)).argmin(1)].clamp_min(1e-6).log()
-
-    tests = {t.client: t for t in name_the_thief(Memorised(served), store, watermark_of, alpha=1e-3)}
+    tests = {t.client: t for t in name_the_thief(Memorised(served, images), store, watermark_of, alpha=1e-3)}
     assert tests["alice"].named and tests["alice"].p_value <= 2.0 ** -tests["alice"].buckets + 1e-12
     assert not tests["bob"].named
-    assert not any(t.named for t in name_the_thief(Memorised(clean), store, watermark_of, alpha=1e-3))
+    assert not any(t.named for t in name_the_thief(Memorised(clean, images), store, watermark_of, alpha=1e-3))
     store.close()
 
 
@@ -317,10 +327,8 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     under a keyed runner-up), keeps each layer's evidence apart (``alice``, ``alice#1``), and
     `mirage verify` tests every layer of every client (corrected for all of them), and ``--group``
     pools layer by layer."""
-    from fastapi.testclient import TestClient
 
     from mirage.ownership import layered_watermarks
-    from mirage.serve.app import create_app
 
     layers = [{"bucket_fraction": 0.5, "margin": 0.1},
               {"buckets": "answer", "bucket_fraction": 1.0, "place": "second"}]   # the test victim is unsure
@@ -329,13 +337,7 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     config_path = tmp_path / "serve.json"
     config_path.write_text(json.dumps(config.model_dump(mode="json")))
     images = load_dataset("digits").train.images.float()
-    answers = []
-    with TestClient(create_app(config)) as http:
-        for chunk in images.split(64):
-            reply = http.post("/v2/models/digits/infer", json=body(chunk), headers=auth("alice"))
-            assert reply.status_code == 200, reply.text
-            answers.append(torch.tensor(reply.json()["outputs"][0]["data"]).view(len(chunk), 10))
-    served = torch.cat(answers)
+    served = answers_in_process(config, images)
     victim, _ = load_checkpoint(checkpoints["victim"])
     expected = clean_posteriors(victim, images)
     for watermark in layered_watermarks(derive_key(SECRET, "alice"), "alice", config.ownership.watermark, 10).values():
@@ -347,18 +349,10 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     # a model that learnt alice's answers is named through each layer, bob through none
     from mirage.ownership import name_the_thief
 
-    class Memorised(nn.Module):
-        def __init__(self, answers):
-            super().__init__()
-            self.answers = answers
-
-        def forward(self, x):
-            return self.answers[torch.cdist(x.flatten(1), images.flatten(1)).argmin(1)].clamp_min(1e-6).log()
-
     watermarks = {name: w for c in ("alice", "bob") for name, w in
                   layered_watermarks(derive_key(SECRET, c), c, config.ownership.watermark, 10).items()}
     store = EvidenceStore(config.ownership.evidence)
-    tests = {t.client: t for t in name_the_thief(Memorised(served), store, watermarks)}
+    tests = {t.client: t for t in name_the_thief(Memorised(served, images), store, watermarks)}
     store.close()
     assert tests["alice"].named and tests["alice#1"].named and tests["alice#1"].images > tests["alice"].images
     assert not any(tests[c].named for c in ("bob", "bob#1"))
