@@ -340,6 +340,11 @@ def own_set(row: dict) -> str | None:
     return "alice/knockoff hard-label" if entry.startswith("removal") else None
 
 
+def shares(row: dict, field: str) -> str:
+    """A defender row's carried share, as a percentage, or each layer's ("0.25 % / 98.6 %")."""
+    return " / ".join(f"{100 * share:.2f} %" for share in row.get(f"{field}_layers", [row[field]]))
+
+
 def own_test(row: dict) -> dict | None:
     """The test of :func:`own_set` that decides: with layers, the smallest p-value among its
     layers' sets (``own#i``), with ``layer`` added; ``None`` when the set was not tested."""
@@ -368,7 +373,7 @@ def table(path: Path) -> str:
         if r["entry"] == "defender":
             out.append(f"\n**{r['scenario']}, seed {r['seed']}**, watermark `{r['watermark']}`: defender accuracy "
                        f"{r['clean_accuracy']:.4f} → {r['watermarked_accuracy']:.4f} ({r['cost_points']:.2f} points); "
-                       f"carried {100 * r['carried_test']:.2f} % of the test set, {100 * r['carried_pool']:.2f} % of "
+                       f"carried {shares(r, 'carried_test')} of the test set, {shares(r, 'carried_pool')} of "
                        "the pool\n\n| model | clone acc. | its evidence: images / buckets | argmax matches "
                        f"(p) | {decision} | named | falsely named |\n|---|---|---|---|---|{'---|' * rank_decided}---|---|")
         elif r["entry"] == "innocent models":
