@@ -8,9 +8,9 @@ set (:func:`mirage.ownership.layered_watermarks`).
 The inner defense runs through its own :meth:`Defense.__call__`, so its contract is checked on
 every row; this wrapper promises the simplex and what the inner defense promises about state,
 but no budget and no top-1 (on carried rows it changes the label on purpose). Its answers are a
-function of the query, so it is stateless when the inner defense is and ``config.template`` is
-off in every layer (templates are kept from earlier answers); the evidence it records is a side effect of each
-call, which an answer cache that replays answers (the benchmark's) skips.
+function of the query, so it is stateless when the inner defense is and ``template`` is off in
+every layer (templates are kept from earlier answers); the evidence it records is a side effect
+of each call, which an answer cache that replays answers (the benchmark's) skips.
 """
 
 from __future__ import annotations
