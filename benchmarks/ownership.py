@@ -67,7 +67,7 @@ from mirage.ownership import (
     name_the_thief,
     watermark_layers,
 )
-from mirage.ownership.watermark import LAYER_SEPARATOR
+from mirage.ownership.watermark import LAYER_SEPARATOR, capped_layers
 from mirage.scenarios import attacker_labels, get_scenario, query_pool
 from mirage.training.victim import get_victim
 
@@ -146,7 +146,7 @@ class Run:
         self.train = load_dataset(self.scenario.victim_dataset).train
         # density_cap's benign stand-in: the victim's training images (on fmnist-id they hold the
         # thief's pool too, which only makes the thief's buckets look denser: against the defender)
-        capped = [layer for layer in self.layers if layer.density_cap is not None]
+        capped = capped_layers(self.layers)
         self.reference = fourier_features(self.train.images, capped[0]) if capped else None
         self.watermarks: dict[str, KeyedWatermark] = {}
         for c, k in self.keys.items():

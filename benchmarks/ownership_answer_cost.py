@@ -26,6 +26,7 @@ os.environ.setdefault("MIRAGE_MODELS", str(REPO / "results" / "models"))
 from mirage.data import load_dataset
 from mirage.models.base import clean_posteriors
 from mirage.ownership import derive_key, fourier_features, layered_watermarks, watermark_layers
+from mirage.ownership.watermark import capped_layers
 from mirage.scenarios import get_scenario
 from mirage.training.victim import get_victim
 
@@ -70,7 +71,7 @@ def main() -> None:
         rows = {"clean": answer_quality(clean, labels)}
         for config in configs:
             layers = watermark_layers(config)
-            capped = [layer for layer in layers if layer.density_cap is not None]
+            capped = capped_layers(layers)
             reference = fourier_features(data.train.images, capped[0]) if capped else None
             keys = []
             for client in ("alice", "bob", "carol"):

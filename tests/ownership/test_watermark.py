@@ -453,3 +453,7 @@ def test_layers_each_have_their_own_key_and_evidence_set_and_compose_in_order():
     assert torch.allclose(single(x, probs), reference["bob"].apply(x, probs)[0])
     with pytest.raises(ValueError, match="at least one layer"):
         create_defense("watermarked", key=key, config=[])
+    # layers with density_cap share one set of reference features: the same frequencies and floor
+    mismatched = [{"density_cap": 1e-3}, {"density_cap": 1e-3, "floor": 0.2}]
+    with pytest.raises(ValueError, match="share frequencies and floor"):
+        create_defense("watermarked", key=key, config=mismatched, benign_reference=x)

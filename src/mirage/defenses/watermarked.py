@@ -22,7 +22,7 @@ from torch import Tensor
 
 from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
 from mirage.ownership import KeyedWatermark, WatermarkConfig, layered_watermarks, watermark_layers
-from mirage.ownership.watermark import reference_features
+from mirage.ownership.watermark import capped_layers, reference_features
 
 
 class WatermarkedParams(DefenseParams):
@@ -42,7 +42,7 @@ class WatermarkedParams(DefenseParams):
 
     @model_validator(mode="after")
     def _benign_reference(self) -> WatermarkedParams:
-        capped = [layer for layer in self.config if layer.density_cap is not None]
+        capped = capped_layers(self.config)
         if self.benign_reference is None:
             if capped:
                 raise ValueError("config.density_cap needs benign_reference (the defender's benign images)")

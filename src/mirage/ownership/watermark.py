@@ -64,13 +64,14 @@ little, which a soft-label clone smooths away.
 **A keyed runner-up** (``place = "second"``, with answer buckets): the keyed label, a class
 outside the answer's two most probable, becomes the runner-up: it takes the runner-up's
 probability (a swap), then ``sharpen`` of the mass moves to it, and an answer is carried only if
-its top-1 stays on top, ``(1 − s)(p₁ − p₂) > s``. The swap costs a user who reads the
-probabilities (the true runner-up, often the true class where the victim is wrong, loses its
-mass); without it a restorer kept less of the keyed runner-up (``results/ownership/``). No top-1 changes, so a benign user's accuracy
-is untouched and every answer can carry it. It is the victim's dark knowledge made keyed: on every
-query whose top two are {a, b}, the runner-up is c(a, b). A soft-label clone, a restorer's
-shadows and an averaging thief's mean all learn that rule, as they learn the victim's own
-similarities; a hard-label clone never sees it (a top-1 layer is for that: *layers*, below).
+its top-1 stays on top, ``(1 − s)(p₁ − p₂) > s``. No top-1 changes, so a benign user's accuracy
+is untouched and every answer can carry it. It is the victim's dark knowledge made keyed: on
+every query whose top two are {a, b}, the runner-up is c(a, b). A soft-label clone, a
+restorer's shadows and an averaging thief's mean all learn that rule, as they learn the victim's
+own similarities; a hard-label clone never sees it (a top-1 layer is for that: *layers*, below).
+The swap costs a user who reads the probabilities (the true runner-up, often the true class
+where the victim is wrong, loses its mass); without it a restorer kept less of the keyed
+runner-up (``results/ownership/``).
 
 **Hysteresis between answering and keeping.** With ``evidence_margin`` above ``margin`` a query
 is answered with the keyed label from ``margin`` inside its cell but kept as evidence only from
@@ -225,7 +226,16 @@ def watermark_layers(config: WatermarkConfig | dict | Sequence[WatermarkConfig |
     layers = tuple(c if isinstance(c, WatermarkConfig) else WatermarkConfig.model_validate(c) for c in config)
     if not layers:
         raise ValueError("a watermark needs at least one layer")
+    if len({(layer.frequencies, layer.floor) for layer in capped_layers(layers)}) > 1:
+        raise ValueError("the layers with density_cap must share frequencies and floor "
+                         "(one set of reference features)")
     return layers
+
+
+def capped_layers(layers: Sequence[WatermarkConfig]) -> list[WatermarkConfig]:
+    """The layers that need the defender's benign reference (``density_cap``); they share one set
+    of :func:`fourier_features` (:func:`watermark_layers` checks it)."""
+    return [layer for layer in layers if layer.density_cap is not None]
 
 
 def frequency_pairs(frequencies: int) -> list[tuple[int, int]]:

@@ -65,6 +65,7 @@ from mirage.api.detection import PradaConfig
 from mirage.defenses import DEFENSES
 from mirage.models.formats import Format, format_of
 from mirage.ownership import WatermarkConfig, watermark_layers
+from mirage.ownership.watermark import capped_layers
 from mirage.training.resolve import DefenseSpec
 
 
@@ -311,19 +312,10 @@ class OwnershipConfig(_Strict):
 
     @model_validator(mode="after")
     def _cap_needs_reference(self) -> OwnershipConfig:
-        capped = self.capped_layers
-        if capped and self.reference is None:
+        if capped_layers(self.watermark) and self.reference is None:
             raise ValueError("ownership.watermark.density_cap needs ownership.reference, the dataset of "
                              "benign images it keeps the watermark away from")
-        if len({(layer.frequencies, layer.floor) for layer in capped}) > 1:
-            raise ValueError("the layers with density_cap must share frequencies and floor "
-                             "(one set of reference features)")
         return self
-
-    @property
-    def capped_layers(self) -> list[WatermarkConfig]:
-        """The layers that need the reference's features (``density_cap``)."""
-        return [layer for layer in self.watermark if layer.density_cap is not None]
 
     def secret(self) -> bytes:
         """The server secret, or ``ValueError`` saying where it was looked for."""

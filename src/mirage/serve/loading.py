@@ -17,6 +17,7 @@ from mirage.defenses import Defense, create_defense
 from mirage.models import ModelCard, load_checkpoint
 from mirage.models.formats import load_model_file
 from mirage.ownership import derive_key, fourier_features
+from mirage.ownership.watermark import capped_layers
 from mirage.scenarios import Scenario, get_scenario
 from mirage.serve.config import DefenseConfig, ModelConfig, OwnershipConfig, ServeConfig
 from mirage.training.resolve import resolve_params, resolve_victims
@@ -107,9 +108,9 @@ class ServedDefenses:
         # the reference's Fourier features do not depend on the key: computed once for all clients
         # (and for the alarm defense's instances)
         self._reference = benign_reference
-        if self._reference is None and ownership is not None and ownership.capped_layers:
-            self._reference = fourier_features(load_dataset(ownership.reference).train.images,
-                                               ownership.capped_layers[0])
+        capped = [] if ownership is None else capped_layers(ownership.watermark)
+        if self._reference is None and capped:
+            self._reference = fourier_features(load_dataset(ownership.reference).train.images, capped[0])
         self.query_time = spec.name != "none" and not spec.training_time
         self.enabled = self.query_time or ownership is not None
         self.params = resolve_params(spec, scenario, model, card) if self.query_time else {}
