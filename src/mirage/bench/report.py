@@ -2,9 +2,9 @@
 Markdown page and a static HTML page — so the two never disagree.
 
 A sweep with an attacker suite (attacks with ``variants``) opens with the **verdict**: per
-scenario and attack family, the defense to deploy judged by its worst case over the suite
-(:func:`mirage.bench.summary.verdict`), then each panel's worst-case table, before the per-attacker
-details.
+scenario and attack family, the defense to deploy judged by its worst case over the suite, or
+`none` and what to use instead (:func:`mirage.bench.summary.verdict`, ``verdict_advice``), then
+each panel's worst-case table, before the per-attacker details.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from mirage.bench.summary import (
     sweep_cost_table,
     tradeoff_table,
     verdict,
+    verdict_advice,
     worst_case_best_within,
     worst_case_points,
     worst_case_table,
@@ -178,11 +179,18 @@ def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
 
 VERDICT_TEXT = (
     "Each defense is judged by the strongest attacker of the suite: for every defense point, the "
-    "highest clone accuracy any attacker reached (mean over its seeds). Deploy: the point with the "
-    "lowest such worst case among those costing the defender at most 1 point of accuracy, two "
-    "points compared on the seeds they share per attacker (`compared on`: the binding attacker's "
-    "seeds shared with the runner-up), ties to `none`, then to more seeds, then to the cheaper "
-    "point. Suite: {suite}. A worst case still missing an attacker is a lower bound (≥) and never recommended.{extra}")
+    "highest clone accuracy any attacker reached (mean over its seeds). A point is recommended only "
+    "if it costs the defender at most 1 point of accuracy and holds every attacker below the "
+    "undefended API's worst case (every attacker run against `none`, the hard-label one included) "
+    "by more than the noise: per seed both ran, the undefended worst case minus the point's clone "
+    "(0 where the attacker got exactly the undefended answers, `=undef.`), whose mean must exceed "
+    "max(1 point, one-sided 95 % t bound) at 3 paired seeds or more and 2 points below 3 "
+    "(`paired gain`, `noise margin`, `gain on`: the attacker and seeds where the point beats it by "
+    "the least). Without such a point the verdict is `none` (`closest`: the nearest miss). Among "
+    "several, the lowest worst case, two points compared on the seeds they share per attacker "
+    "(`compared on`: the binding attacker's seeds shared with the runner-up), ties to more seeds, "
+    "then to the cheaper point. Suite: {suite}. A worst case still missing an attacker is a lower "
+    "bound (≥) and never recommended.{extra}")
 
 
 def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: Path) -> list[Section]:
@@ -199,7 +207,8 @@ def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: 
     extra = (f" Beyond the suite, counted where they ran (the defenses they answer): {', '.join(extra_names)}."
              if extra_names else "")
     sections = [Section("Verdict: which defense to deploy",
-                        [VERDICT_TEXT.format(suite=", ".join(suite_names), extra=extra)],
+                        [VERDICT_TEXT.format(suite=", ".join(suite_names), extra=extra),
+                         *map(verdict_advice, rows)],
                         "plots/verdict.png", rows)]
     for (scenario, family), points in sorted(panels.items()):
         stem = out_dir / "plots" / f"worst_case_{scenario}_{family}"

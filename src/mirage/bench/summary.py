@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from scipy.stats import t as student_t
 
 ACCURACY_DROPS = (0.01, 0.02, 0.05)
 L1_LEVELS = (0.1, 0.2, 0.5)
@@ -292,7 +293,7 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
     (:func:`counted_runs`). Per attacker the clone is the mean over its
     seeds; ``seeds`` and the spread (``sd``) are kept beside it. A hard-label run whose transfer
     set is the very one of the undefended API at the same seed (equal ``transfer_digest``) is
-    marked ``same_as_undefended``."""
+    marked ``same_as_undefended`` (at every seed it ran; ``identical_seeds``: the seeds where it is)."""
     seen: dict[tuple[str, str], set[str]] = defaultdict(set)
     grouped: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     undefended_digest: dict[tuple[str, str, str, int], str] = {}
@@ -318,7 +319,9 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
                                      "seeds": sorted(r["seed"] for r in runs),
                                      "by_seed": {r["seed"]: r["clone_accuracy"] for r in runs},
                                      "collapsed": all(r.get("clone_collapsed") for r in runs),
-                                     "same_as_undefended": defense != "none" and all(same)}
+                                     "same_as_undefended": defense != "none" and all(same),
+                                     "identical_seeds": sorted(r["seed"] for r, s in zip(runs, same, strict=True)
+                                                               if s and defense != "none")}
         l1 = [r["effective_l1"] for r in group if r.get("attacker") == "soft" and r.get("effective_l1") is not None]
         overhead = [r["overhead_ratio"] for r in group if r.get("overhead_ratio") is not None]
         panels[(scenario, family)].append(WorstCasePoint(
@@ -395,8 +398,12 @@ def worst_on_seeds(point: WorstCasePoint, other: WorstCasePoint) -> float:
     return max(clones)
 
 
+def _seeds(point: WorstCasePoint) -> list[int]:
+    return sorted({s for entry in point.by_attacker.values() for s in entry["seeds"]})
+
+
 def _n_seeds(point: WorstCasePoint) -> int:
-    return len({s for entry in point.by_attacker.values() for s in entry["seeds"]})
+    return len(_seeds(point))
 
 
 def _deploy_key(point: WorstCasePoint, other: WorstCasePoint) -> tuple:
@@ -426,46 +433,210 @@ def deploy_choice(points: list[WorstCasePoint]) -> WorstCasePoint:
     return champion
 
 
+# --- The verdict: a defense only where it beats the undefended worst case beyond seed noise -----
+
+NO_DEFENSE = "none"
+"""The verdict's machine-readable pick when no defense point beats the undefended API."""
+
+MIN_NOISE_SEEDS = 3
+"""Paired seeds from which the noise margin is measured from the paired gains themselves."""
+
+FEW_SEEDS_MARGIN = 0.02
+"""The margin below :data:`MIN_NOISE_SEEDS` paired seeds: 2 points of clone accuracy."""
+
+MARGIN_FLOOR = 0.01
+"""The least margin at any number of seeds: 1 point of clone accuracy."""
+
+MARGIN_CONFIDENCE = 0.95
+"""One-sided confidence of the t bound on the mean paired gain."""
+
+
+@dataclass(frozen=True)
+class PairedGain:
+    """How far a defense point lowers one attacker's clone below the undefended worst case: the
+    mean of the paired per-seed gains, the noise margin it must exceed, and the seeds."""
+
+    attacker: str
+    gain: float
+    margin: float
+    seeds: tuple[int, ...]
+
+    @property
+    def significant(self) -> bool:
+        return self.gain > self.margin
+
+    @property
+    def slack(self) -> float:
+        return self.gain - self.margin
+
+
+def undefended_worst_by_seed(undefended: WorstCasePoint) -> dict[int, float]:
+    """Per seed, the undefended API's worst case: the highest clone any attacker reached against
+    `none` at that seed — the hard-label attacker and the attackers beyond the suite included."""
+    worst: dict[int, float] = {}
+    for entry in undefended.by_attacker.values():
+        for seed, clone in entry["by_seed"].items():
+            worst[seed] = max(worst.get(seed, -math.inf), clone)
+    return worst
+
+
+def noise_margin(gains: list[float]) -> float:
+    """What a mean paired gain must exceed to count (docs/design.md §worst-case).
+
+    At :data:`MIN_NOISE_SEEDS` seeds or more: the one-sided Student t bound on the mean,
+    t(:data:`MARGIN_CONFIDENCE`, n − 1) · s / √n with s the sample standard deviation of the
+    paired gains — a gain above it is positive at that confidence — and never less than
+    :data:`MARGIN_FLOOR`, because three gains that happen to agree give an s far below the true
+    spread (one clone's accuracy varies by 0.1–0.7 points across seeds in the committed sweeps).
+    Below :data:`MIN_NOISE_SEEDS` seeds the spread cannot be measured: :data:`FEW_SEEDS_MARGIN`,
+    above the 0.75 and 1.47 points by which two runs of the main job's single-seed sweep put MAD
+    under the undefended API."""
+    n = len(gains)
+    if n < MIN_NOISE_SEEDS:
+        return FEW_SEEDS_MARGIN
+    bound = float(student_t.ppf(MARGIN_CONFIDENCE, n - 1)) * float(np.std(gains, ddof=1)) / math.sqrt(n)
+    return max(MARGIN_FLOOR, bound)
+
+
+def paired_gains(point: WorstCasePoint, undefended: WorstCasePoint) -> dict[str, PairedGain | None]:
+    """Per attacker of ``point``: its paired gain over the undefended worst case.
+
+    At each seed where both ran, the gain is the undefended worst case at that seed
+    (:func:`undefended_worst_by_seed`) minus the point's clone — except where the run's transfer
+    set is exactly the undefended API's (equal digest, ``identical_seeds``): that attacker met no
+    defense, its clone is the undefended one, and the gain is 0 whatever separates it from the
+    undefended API's strongest attacker. ``None`` where no seed is shared."""
+    reference = undefended_worst_by_seed(undefended)
+    gains: dict[str, PairedGain | None] = {}
+    for attacker, entry in sorted(point.by_attacker.items()):
+        seeds = [s for s in entry["seeds"] if s in reference]
+        per_seed = [0.0 if s in entry.get("identical_seeds", ()) else reference[s] - entry["by_seed"][s]
+                    for s in seeds]
+        gains[attacker] = (PairedGain(attacker, float(np.mean(per_seed)), noise_margin(per_seed), tuple(seeds))
+                           if seeds else None)
+    return gains
+
+
+def binding_gain(point: WorstCasePoint, undefended: WorstCasePoint) -> PairedGain | None:
+    """The attacker on which ``point`` beats the undefended worst case by the least (gain less
+    margin); ``None`` if some attacker shares no seed with the undefended API."""
+    gains = list(paired_gains(point, undefended).values())
+    if not gains or any(g is None for g in gains):
+        return None
+    return min(gains, key=lambda g: g.slack)
+
+
+def beats_undefended(point: WorstCasePoint, undefended: WorstCasePoint) -> bool:
+    """The verdict's rule (docs/design.md §worst-case): every attacker that faced ``point`` is
+    held, on average over the seeds both ran, below the undefended worst case by more than the
+    noise margin of its paired gains (:func:`paired_gains`, :func:`noise_margin`). A point that
+    keeps the top-1 gives the hard-label attacker the undefended transfer set: it never passes."""
+    gain = binding_gain(point, undefended)
+    return gain is not None and gain.significant
+
+
+def _label(point: WorstCasePoint) -> str:
+    return point.defense if point.params == "–" else f"{point.defense} ({point.params})"
+
+
+def _gain_cells(gain: PairedGain | None) -> dict[str, Any]:
+    return {"paired gain (pts)": None if gain is None else f"{100 * gain.gain:+.2f}",
+            "noise margin (pts)": None if gain is None else f"{100 * gain.margin:.2f}",
+            "gain on": None if gain is None else f"{gain.attacker} @ {','.join(map(str, gain.seeds))}"}
+
+
+def _closest(points: list[WorstCasePoint], undefended: WorstCasePoint) -> WorstCasePoint | None:
+    """The point that comes nearest to beating the undefended API (largest gain less margin)."""
+    gains = {id(p): binding_gain(p, undefended) for p in points}
+    measured = [p for p in points if gains[id(p)] is not None]
+    return max(measured, key=lambda p: gains[id(p)].slack, default=None)
+
+
+def _no_defense_row(scenario: str, family: str, undefended: WorstCasePoint | None,
+                    closest: WorstCasePoint | None, pending: int) -> dict[str, Any]:
+    """The verdict row that deploys nothing: the undefended API's worst case, and the closest
+    challenger with its paired gain and margin."""
+    entry = None if undefended is None else undefended.by_attacker[undefended.worst_attacker]
+    gain = None if closest is None or undefended is None else binding_gain(closest, undefended)
+    return {"scenario": scenario, "attack": family, "deploy": NO_DEFENSE,
+            "worst-case clone": None if undefended is None else undefended.worst,
+            "by attacker": None if entry is None else undefended.worst_attacker + (
+                f" ± {entry['sd']:.3f}" if len(entry["seeds"]) > 1 else ""),
+            "soft clone": None if undefended is None else undefended.soft,
+            "undefended worst case": None if undefended is None else undefended.worst,
+            "defender cost (pts)": "0.00", "overhead": None,
+            "seeds": None if undefended is None else ",".join(map(str, _seeds(undefended))),
+            "compared on": None, "closest": None if closest is None else _label(closest),
+            **_gain_cells(gain), "points pending": pending}
+
+
+def _deploy_row(scenario: str, family: str, best: WorstCasePoint, undefended: WorstCasePoint,
+                eligible: list[WorstCasePoint], pending: int) -> dict[str, Any]:
+    worst_entry = best.by_attacker[best.worst_attacker]
+    return {"scenario": scenario, "attack": family, "deploy": _label(best),
+            "worst-case clone": best.worst,
+            "by attacker": best.worst_attacker + (
+                f" ± {worst_entry['sd']:.3f}" if len(worst_entry["seeds"]) > 1 else ""),
+            "soft clone": best.soft, "undefended worst case": undefended.worst,
+            "defender cost (pts)": f"{100 * best.drop:.2f}", "overhead": best.overhead_ratio,
+            "seeds": ",".join(map(str, _seeds(best))), "compared on": _compared_on(best, eligible),
+            "closest": None, **_gain_cells(binding_gain(best, undefended)), "points pending": pending}
+
+
 def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float = 0.01
             ) -> list[dict[str, Any]]:
-    """Per (scenario, attack family): the defense to deploy — the point with the lowest worst-case
-    clone among those costing the defender at most ``max_drop`` and judged by the whole suite —
-    with its worst case (over all its seeds), the attacker that reached it, its soft-label clone,
-    the undefended worst case, the defender's cost and the per-query overhead.
+    """Per (scenario, attack family): the defense to deploy, or :data:`NO_DEFENSE`
+    (docs/design.md §worst-case). The only place the verdict is decided: every report and
+    ``mirage bench run`` / ``report`` print these rows (and :func:`verdict_advice`).
 
-    Two points are compared on the seeds they share (:func:`deploy_choice`; ``compared on``: the
-    seeds of the binding attacker at which the runner-up ran it too). Equal worst cases
-    (top-1-keeping defenses all leave the hard-label attacker the undefended clone) go to `none`,
-    then to the point measured at more seeds, then to the cheaper point: defender cost first,
-    then per-query overhead."""
+    Candidates are the points judged by the whole suite, costing the defender at most
+    ``max_drop``, that beat the undefended worst case beyond the noise (:func:`beats_undefended`).
+    Without one, the row deploys ``none`` and names the closest challenger (the largest gain less
+    margin) with its paired gain. Among candidates, the lowest worst case wins, two points compared
+    on the seeds they share (:func:`deploy_choice`; ``compared on``: the seeds of the binding
+    attacker at which the runner-up ran it too); equal worst cases go to the point measured at more
+    seeds, then to the cheaper point: defender cost first, then per-query overhead."""
     rows = []
     for (scenario, family), points in sorted(panels.items()):
         undefended = next((p for p in points if p.defense == "none" and p.complete), None)
-        eligible = [p for p in points if p.complete and p.drop <= max_drop + 1e-6]
         pending = sum(not p.complete for p in points)
-        if not eligible:
-            rows.append({"scenario": scenario, "attack": family, "deploy": "– (no complete point yet)",
-                         "worst-case clone": None, "by attacker": None, "soft clone": None,
-                         "undefended worst case": None if undefended is None else undefended.worst,
-                         "defender cost (pts)": None, "overhead": None, "seeds": None,
-                         "compared on": None, "points pending": pending})
-            continue
-        best = deploy_choice(eligible)
-        seeds = sorted({s for entry in best.by_attacker.values() for s in entry["seeds"]})
-        worst_entry = best.by_attacker[best.worst_attacker]
-        rows.append({"scenario": scenario, "attack": family,
-                     "deploy": best.defense if best.params == "–" else f"{best.defense} ({best.params})",
-                     "worst-case clone": best.worst,
-                     "by attacker": best.worst_attacker + (
-                         f" ± {worst_entry['sd']:.3f}" if len(worst_entry["seeds"]) > 1 else ""),
-                     "soft clone": best.soft,
-                     "undefended worst case": None if undefended is None else undefended.worst,
-                     "defender cost (pts)": f"{100 * best.drop:.2f}",
-                     "overhead": best.overhead_ratio,
-                     "seeds": ",".join(map(str, seeds)),
-                     "compared on": _compared_on(best, eligible),
-                     "points pending": pending})
+        within = [p for p in points if p.defense != "none" and p.complete and p.drop <= max_drop + 1e-6]
+        eligible = [] if undefended is None else [p for p in within if beats_undefended(p, undefended)]
+        if eligible:
+            rows.append(_deploy_row(scenario, family, deploy_choice(eligible), undefended, eligible, pending))
+        else:
+            closest = None if undefended is None else _closest(within, undefended)
+            rows.append(_no_defense_row(scenario, family, undefended, closest, pending))
     return rows
+
+
+NO_DEFENSE_ADVICE = (
+    "No answer perturbation helps in this scenario. Serve the plain model and protect it otherwise: "
+    "per-client quotas and rate limits (`mirage serve`'s API keys), query-stream detection (PRADA, "
+    "the service's `detection` section), and ownership evidence — a watermark in the answers, "
+    "tested on a suspect clone with `mirage verify`.")
+
+
+def verdict_advice(row: dict[str, Any], max_drop: float = 0.01) -> str:
+    """A :func:`verdict` row (computed with the same ``max_drop``) in words: what to deploy and why,
+    or — for :data:`NO_DEFENSE` — that no answer perturbation helps and what to use instead."""
+    head = f"{row['scenario']} × {row['attack']}: "
+    if row["deploy"] != NO_DEFENSE:
+        return (f"{head}deploy {row['deploy']}. Its worst case, {row['worst-case clone']:.4f} "
+                f"({row['by attacker']}), beats the undefended API's ({row['undefended worst case']:.4f}) "
+                f"on every attacker beyond the noise across seeds; by the least on {row['gain on']}: "
+                f"{row['paired gain (pts)']} points against a margin of {row['noise margin (pts)']}. "
+                f"Defender cost {row['defender cost (pts)']} points.")
+    if row["undefended worst case"] is None:
+        return (f"{head}none. The undefended API has not faced the whole suite in these runs (no "
+                "complete `none` point), so no defense can be shown to beat it.")
+    closest = ("none was measured at the undefended API's seeds" if row["closest"] is None else
+               f"closest: {row['closest']}, {row['paired gain (pts)']} points on {row['gain on']} "
+               f"against a margin of {row['noise margin (pts)']}")
+    cost = f"{100 * max_drop:g} point{'' if abs(max_drop - 0.01) < 1e-9 else 's'}"
+    return (f"{head}none. No defense point costing the defender at most {cost} of accuracy lowers "
+            f"the worst-case clone below the undefended API's ({row['undefended worst case']:.4f}, "
+            f"{row['by attacker']}) by more than the noise across seeds ({closest}). {NO_DEFENSE_ADVICE}")
 
 
 def ranking_changes(points: list[WorstCasePoint], max_drop: float = 0.01) -> dict[str, Any]:

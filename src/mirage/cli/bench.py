@@ -65,12 +65,13 @@ def run(
 
 
 def print_verdict(cfg, path: Path) -> None:
-    """The verdict table of a sweep with an attacker suite (nothing otherwise)."""
+    """The verdict table of a sweep with an attacker suite, then each row in words (nothing
+    without a suite): :func:`mirage.bench.summary.verdict`, the one rule every report uses."""
     from rich.console import Console
     from rich.table import Table
 
     from mirage.bench.results import ResultStore
-    from mirage.bench.summary import verdict, worst_case_points
+    from mirage.bench.summary import verdict, verdict_advice, worst_case_points
 
     suites = {a.display: tuple(sorted(a.variants)) for a in cfg.attacks if a.variants}
     panels = worst_case_points(ResultStore(path).read(), suites) if suites else {}
@@ -78,13 +79,17 @@ def print_verdict(cfg, path: Path) -> None:
         return
     rows = verdict(panels)
     table = Table(title="verdict: the defense to deploy, judged by its worst case over the attacker "
-                        "suite (≤ 1 point of defender cost)")
+                        "suite (≤ 1 point of defender cost), or none where no defense beats the "
+                        "undefended API beyond the noise across seeds")
     for key in rows[0]:
         table.add_column(key)
     for row in rows:
         table.add_row(*("–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
                         for v in row.values()))
-    Console(width=max(console.width, 200)).print(table)  # whole rows, also when piped to a log
+    wide = Console(width=max(console.width, 200))  # whole rows, also when piped to a log
+    wide.print(table)
+    for row in rows:
+        wide.print(verdict_advice(row), markup=False, highlight=False)
 
 
 @bench.command("import")
