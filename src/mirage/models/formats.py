@@ -38,13 +38,23 @@ class ExternalModel(nn.Module):
         self.inner = inner
         self._has_modes = has_modes and isinstance(inner, nn.Module)
         self.input_shape = tuple(int(s) for s in input_shape)
-        if num_classes is None:
+        self.num_classes = self._probe_num_classes() if num_classes is None else int(num_classes)
+
+    def _probe_num_classes(self) -> int:
+        """K from one forward pass of a zero image, in eval mode and without gradients: in training
+        mode a batch-norm layer would move its running statistics. Each module's mode is restored."""
+        modes = [(m, m.training) for m in self.inner.modules()] if self._has_modes else []
+        for module, _ in modes:
+            module.training = False
+        try:
             with torch.no_grad():
                 logits = self.forward(torch.zeros(1, *self.input_shape))
-            if logits.ndim != 2 or logits.shape[1] < 2:
-                raise ValueError(f"the model must map (B, C, H, W) images to (B, K) logits, got {tuple(logits.shape)}")
-            num_classes = int(logits.shape[1])
-        self.num_classes = int(num_classes)
+        finally:
+            for module, mode in modes:
+                module.training = mode
+        if logits.ndim != 2 or logits.shape[1] < 2:
+            raise ValueError(f"the model must map (B, C, H, W) images to (B, K) logits, got {tuple(logits.shape)}")
+        return int(logits.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
         return self.inner(x)
@@ -123,6 +133,7 @@ def load_model_file(format: Format, path: str | Path, *, input_shape: Sequence[i
 
         inner = import_class(class_path)(**(kwargs or {}))
         inner.load_state_dict(load_file(str(path)))
+        inner.eval()  # before anything runs through it: batch norm must not update its statistics
         shape = input_shape or getattr(inner, "input_shape", None)
         has_modes = True
     else:
