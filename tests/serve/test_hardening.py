@@ -169,7 +169,7 @@ def test_a_stalled_body_is_cut(tmp_path, checkpoints):
 
 
 def test_stalled_headers_are_cut(tmp_path, checkpoints):
-    config = make_config(tmp_path, checkpoints, limits={"body_timeout_s": 1.0})
+    config = make_config(tmp_path, checkpoints, limits={"header_timeout_s": 1.0})
     with ServerThread(create_app(config)) as url:
         response, seconds = raw_request(url, b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\nX-API-")
         assert response == b"" and seconds < 5  # closed, not answered: there is no request yet

@@ -85,7 +85,7 @@ def test_bad_request_matrix(tmp_path, checkpoints):
             ok = http.post(URL_INFER, json=payload, headers=auth("alice"))
             assert ok.status_code == 200, ok.text
             assert ok.json()["outputs"][0]["shape"] == [2, 10]
-        metrics = http.get("/metrics").text
+        metrics = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
     assert stored_counts(config) == ({"alice": (4, 2)}, (2, 4))
     assert 'mirage_rejected_requests_total{reason="bad_request"} 21' in metrics
 

@@ -135,7 +135,7 @@ def test_flag_records_the_thief_once_and_nobody_else(tmp_path, checkpoints, vict
     assert "on_alarm=flag" in events[0]["detail"]
     assert 'mirage_prada_alarms_total{client="alice",model="digits"} 1.0' in per_client
     assert 'client="bob"' not in "".join(line for line in per_client.splitlines() if "prada" in line)
-    assert 'mirage_prada_alarms_total{model="digits"} 1.0' in aggregate
+    assert "prada" not in aggregate and 'mirage_requests_total{model="digits"}' in aggregate  # the thief is not told
     warnings = [r.getMessage() for r in caplog.records if "PRADA alarm" in r.getMessage()]
     assert len(warnings) == 1 and "client alice" in warnings[0]
     assert "flagged" not in meta["parameters"]["client"]  # not disclosed: the thief is not told
@@ -156,7 +156,7 @@ def test_refuse_is_a_403_that_charges_nothing(tmp_path, checkpoints, streams, ex
                    for name in ("alice", "bob")}
         with HTTPPredictionAPI(url, "digits", KEYS["alice"]) as api, pytest.raises(QueryRefused):
             api.query(streams["thief"][0])
-        metrics = http.get("/metrics").text
+        metrics = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
         final = stored_counts(config)
     assert statuses[:answered] == [200] * answered and set(statuses[answered:]) == {403}
     assert sum(len(x) for x in streams["thief"][:answered]) == expected  # refused from the next request on

@@ -13,13 +13,12 @@ The Open Inference Protocol V2 REST API (its §"Health", §"Server Metadata", §
 - ``POST /v2/models/{name}[/versions/{v}]/infer``, ``GET /v2/models/{name}[/versions/{v}]``,
   ``GET /v2`` (server metadata) — all need an API key;
 - ``GET /v2/health/live``, ``GET /v2/health/ready``, ``GET /v2/models/{name}[/versions/{v}]/ready``
-  (without a key: readiness only), ``GET /metrics`` (Prometheus text; per-client series only with
-  the metrics token, docs/design.md §access).
+  (without a key: readiness only), ``GET /metrics`` (Prometheus text; without the metrics token only
+  the liveness counters, docs/design.md §access).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from contextlib import asynccontextmanager
 
@@ -84,22 +83,22 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/v2")
     async def server(request: Request) -> dict:
-        service.authenticate(request)
+        await service.authenticate(request)
         return server_metadata()
 
     @app.get("/v2/models/{name}")
     @app.get("/v2/models/{name}/versions/{version}")
     async def metadata(name: str, request: Request) -> dict:
-        client = service.authenticate(request)
+        client = await service.authenticate(request)
         service.check_model(name, request.path_params.get("version"))
-        return await asyncio.to_thread(service.metadata, client)
+        return await service.metadata(client)
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, request: Request) -> dict:
         if "authorization" not in request.headers and "x-api-key" not in request.headers:
             return {"ready": await _ready(service)}  # readiness only: neither confirms nor names the model
-        service.authenticate(request)
+        await service.authenticate(request)
         service.check_model(name, request.path_params.get("version"))
         return {"name": name, "ready": await _ready(service)}
 
@@ -113,15 +112,16 @@ def create_app(config: ServeConfig) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
-        per_client = service.metrics_access(request)
-        return Response(await asyncio.to_thread(service.render_metrics, per_client), media_type=CONTENT_TYPE)
+        per_client = await service.metrics_access(request)
+        return Response(await service.storage(service.render_metrics, per_client), media_type=CONTENT_TYPE)
 
     return app
 
 
 async def _ready(service: Service) -> bool:
-    """True, or 503 ``not_ready`` saying why (a gateway probes its upstream in a worker thread)."""
-    reason = service.readiness() if service.upstream is None else await asyncio.to_thread(service.readiness)
+    """True, or 503 ``not_ready`` saying why (storage and a gateway's upstream are probed off the
+    event loop)."""
+    reason = await service.readiness()
     if reason is not None:
         raise NotReady(reason)
     return True

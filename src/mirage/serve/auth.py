@@ -6,9 +6,13 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from typing import TYPE_CHECKING
 
 from mirage.serve.config import ClientConfig
-from mirage.serve.errors import InvalidKey, MissingKey
+from mirage.serve.errors import BadRequest, InvalidKey, MissingKey
+
+if TYPE_CHECKING:
+    from starlette.datastructures import Headers
 
 
 def hash_key(key: str) -> str:
@@ -20,6 +24,16 @@ def new_key() -> tuple[str, str]:
     """A fresh random API key and its digest."""
     key = "mk_" + secrets.token_urlsafe(32)
     return key, hash_key(key)
+
+
+def presented_key(headers: Headers) -> str:
+    """The one key a request presents: ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``.
+    More than one such header is refused (a 400 before any key is checked): which of several
+    a proxy or the server would read is not the client's to leave open."""
+    authorization, x_api_key = headers.getlist("authorization"), headers.getlist("x-api-key")
+    if len(authorization) + len(x_api_key) > 1:
+        raise BadRequest("send exactly one API key header: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
+    return key_from_headers(authorization[0] if authorization else None, x_api_key[0] if x_api_key else None)
 
 
 def key_from_headers(authorization: str | None, x_api_key: str | None) -> str:

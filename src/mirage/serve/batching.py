@@ -2,19 +2,28 @@
 and each defense instance sees all of its requests of that batch at once (so GRAD²'s scoring and
 MAD's Jacobians run on batches, not single images).
 
-One worker thread owns the model and every defense instance; requests hand it a job and wait on
-a :class:`concurrent.futures.Future`.
+Jobs wait in one queue per client and a batch is filled round-robin, one job per client per
+turn (docs/design.md §fair-share): a client flooding the service with large batches delays
+another client's request by about one batch, not by its whole backlog.
+
+``workers`` threads take batches; the forward passes of different batches may overlap (a
+gateway's upstream calls wait on the network), while the defense instances are called by one
+thread at a time, so lazily created and stateful instances need no locking of their own.
+Requests hand a job over and wait on a :class:`concurrent.futures.Future`; a job whose future
+was cancelled before a worker took it (its client hung up) is dropped without running.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import queue
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -28,9 +37,20 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class Answer:
+    """A job's served probabilities (B, K) and the evidence records its defense handed over
+    (see :class:`mirage.serve.evidence.DeferredEvidence`), for the service to write once the
+    request is charged."""
+
+    served: Tensor
+    evidence: list = field(default_factory=list)
+
+
+@dataclass
 class Job:
     key: str
     x: Tensor
+    client: str = ""
     future: Future = field(default_factory=Future)
 
 
@@ -39,70 +59,118 @@ class MicroBatcher:
 
     Args:
         model: the victim (eval mode), images in [0, 1].
-        defense_for: the defense instance for a job key (``None``: clean posteriors); called only
-            from the worker thread, so lazily created instances need no locking.
+        defense_for: the defense instance for a job key (``None``: clean posteriors); called by
+            one thread at a time.
         max_images: stop collecting once a batch holds this many images.
         max_wait: seconds to wait for more jobs after the first one arrives.
+        workers: threads taking batches (forward passes overlap; defenses do not).
+        evidence: a :class:`~mirage.serve.evidence.DeferredEvidence` whose records each job gets
+            back in its :class:`Answer` (``None``: no served watermark).
     """
 
     def __init__(self, model: nn.Module, defense_for: Callable[[str], Defense | None], *,
                  max_images: int = 256, max_wait: float = 0.002, metrics: Metrics | None = None,
-                 model_name: str = "model") -> None:
+                 model_name: str = "model", workers: int = 1, evidence: Any = None) -> None:
         self.model = model.eval()
         self.defense_for = defense_for
         self.max_images = max_images
         self.max_wait = max_wait
         self.metrics = metrics or Metrics()
         self.model_name = model_name
-        self._queue: queue.Queue[Job | None] = queue.Queue()
-        self._thread: threading.Thread | None = None
+        self.workers = workers
+        self.evidence = evidence
+        self._pending: OrderedDict[str, deque[Job]] = OrderedDict()
+        self._cond = threading.Condition()
+        self._defense_lock = threading.Lock()
+        self._stopping = False
+        self._threads: list[threading.Thread] = []
 
     @property
     def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        return bool(self._threads) and all(thread.is_alive() for thread in self._threads)
 
     def start(self) -> None:
-        if not self.alive:
-            self._thread = threading.Thread(target=self._run, name="mirage-microbatcher", daemon=True)
-            self._thread.start()
+        if self.alive:
+            return
+        self._stopping = False
+        self._threads = [threading.Thread(target=self._run, name=f"mirage-microbatcher-{i}", daemon=True)
+                         for i in range(self.workers)]
+        for thread in self._threads:
+            thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(timeout)
-            self._thread = None
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout)
+        self._threads = []
+        with self._cond:
+            left = [job for jobs in self._pending.values() for job in jobs]
+            self._pending.clear()
+        for job in left:
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(RuntimeError("the micro-batcher stopped"))
 
-    def submit(self, key: str, x: Tensor) -> Future:
-        """Queue ``x`` (B, C, H, W) for the defense instance ``key``; the future yields (B, K)."""
+    def submit(self, key: str, x: Tensor, client: str = "") -> Future:
+        """Queue ``x`` (B, C, H, W) of ``client`` for the defense instance ``key``; the future
+        yields an :class:`Answer`. Cancel it to drop the job if no worker has taken it yet."""
         if not self.alive:
             raise RuntimeError("the micro-batcher is not running")
-        job = Job(key, x)
-        self._queue.put(job)
+        job = Job(key, x, client)
+        with self._cond:
+            self._pending.setdefault(client, deque()).append(job)
+            self._cond.notify()
         return job.future
 
-    def _collect(self, first: Job) -> tuple[list[Job], bool]:
-        jobs, total = [first], len(first.x)
-        deadline = time.perf_counter() + self.max_wait
-        while total < self.max_images:
-            remaining = deadline - time.perf_counter()
-            try:
-                job = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is None:
-                return jobs, True
-            jobs.append(job)
-            total += len(job.x)
-        return jobs, False
+    def queued(self) -> int:
+        """Jobs waiting for a worker."""
+        with self._cond:
+            return sum(len(jobs) for jobs in self._pending.values())
+
+    # -- the workers ---------------------------------------------------------------------------
 
     def _run(self) -> None:
-        stopping = False
-        while not stopping:
-            first = self._queue.get()
-            if first is None:
-                break
-            jobs, stopping = self._collect(first)
-            self._answer(jobs)
+        while (jobs := self._next_batch()) is not None:
+            if jobs:
+                self._answer(jobs)
+
+    def _next_batch(self) -> list[Job] | None:
+        """The next batch, filled round-robin over clients (``None``: stopping). Waits up to
+        ``max_wait`` after the first job for more, while they fit."""
+        with self._cond:
+            while not self._pending:
+                if self._stopping:
+                    return None
+                self._cond.wait()
+            deadline = time.perf_counter() + self.max_wait
+            batch: list[Job] = []
+            total = 0
+            while total < self.max_images:
+                job = self._next_job(self.max_images - total, first=not batch)
+                if job is None:
+                    remaining = deadline - time.perf_counter()
+                    if self._pending or remaining <= 0 or self._stopping:
+                        break  # what waits does not fit, or the wait is over
+                    self._cond.wait(remaining)
+                    continue
+                if job.future.set_running_or_notify_cancel():  # else its client hung up: dropped
+                    batch.append(job)
+                    total += len(job.x)
+            return batch
+
+    def _next_job(self, room: int, *, first: bool) -> Job | None:
+        """The head job of the first client in turn whose head fits ``room`` images (any size
+        when it is the batch's first); that client goes to the back of the turn."""
+        for client, jobs in self._pending.items():
+            if first or len(jobs[0].x) <= room:
+                job = jobs.popleft()
+                if jobs:
+                    self._pending.move_to_end(client)
+                else:
+                    del self._pending[client]
+                return job
+        return None
 
     def _answer(self, jobs: list[Job]) -> None:
         x = torch.cat([job.x for job in jobs])
@@ -127,22 +195,31 @@ class MicroBatcher:
         groups: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(index)
-        for key, members in groups.items():
-            rows = torch.cat([torch.arange(offsets[i], offsets[i] + len(jobs[i].x)) for i in members])
-            try:
-                start = time.perf_counter()
+        with self._defense_lock:
+            for key, members in groups.items():
+                self._defend(key, [jobs[i] for i in members], [offsets[i] for i in members], x, clean)
+
+    def _defend(self, key: str, jobs: list[Job], offsets: list[int], x: Tensor, clean: Tensor) -> None:
+        """One defense call for ``jobs`` (all of instance ``key``); each gets its rows and the
+        evidence records of its rows."""
+        rows = torch.cat([torch.arange(offset, offset + len(job.x)) for offset, job in zip(offsets, jobs, strict=True)])
+        collecting = self.evidence.collecting() if self.evidence is not None else contextlib.nullcontext([])
+        try:
+            start = time.perf_counter()
+            with collecting as records:
                 defense = self.defense_for(key)
                 served = clean[rows] if defense is None else defense(x[rows], clean[rows]).detach().float().cpu()
-                seconds = time.perf_counter() - start
-                self.metrics.inc("mirage_defense_seconds_total", seconds, **labels)
-                self.metrics.observe("mirage_defense_batch_seconds", seconds, **labels)
-            except Exception as error:
-                log.exception("defense failed for %s", key)
-                for i in members:
-                    jobs[i].future.set_exception(error)
-                continue
-            start_row = 0
-            for i in members:
-                n = len(jobs[i].x)
-                jobs[i].future.set_result(served[start_row:start_row + n])
-                start_row += n
+            seconds = time.perf_counter() - start
+            self.metrics.inc("mirage_defense_seconds_total", seconds, model=self.model_name)
+            self.metrics.observe("mirage_defense_batch_seconds", seconds, model=self.model_name)
+        except Exception as error:
+            log.exception("defense failed for %s", key)
+            for job in jobs:
+                job.future.set_exception(error)
+            return
+        start_row = 0
+        for job in jobs:
+            end_row = start_row + len(job.x)
+            mine = [record for row, record in records if start_row <= row < end_row]
+            job.future.set_result(Answer(served[start_row:end_row], mine))
+            start_row = end_row

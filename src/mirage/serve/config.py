@@ -87,8 +87,8 @@ class UpstreamConfig(_Strict):
         input_name = "images"
         input_shape = [1, 28, 28]
         output = "probabilities"         # or "logits"
-        timeout_s = 2.0
-        retries = 2
+        timeout_s = 2.0                  # per attempt, to the answer's last byte
+        retries = 2                      # deadline_s bounds the whole call
         headers_env = { Authorization = "UPSTREAM_AUTH" }   # the value comes from $UPSTREAM_AUTH
 
     No secret belongs here: a header the upstream needs (a token) is read at start from the
@@ -106,7 +106,10 @@ class UpstreamConfig(_Strict):
                                     description="the upstream output to read (default: its only one)")
     num_classes: int | None = Field(None, ge=2, description="K; default: read from one probe at start")
     binary: bool = Field(False, description="send and ask for binary tensor data (the extension) upstream")
-    timeout_s: float = Field(5.0, gt=0, le=600, description="seconds to connect, and between bytes, per attempt")
+    timeout_s: float = Field(5.0, gt=0, le=600, description="seconds one attempt may take, from connecting to "
+                             "the answer's last byte")
+    deadline_s: float | None = Field(None, gt=0, le=3600, description="seconds the whole call may take, retries "
+                                     "included (default: timeout_s × (retries + 1))")
     retries: int = Field(2, ge=0, le=10, description="retries after a connection error, a timeout or a 5xx")
     backoff_s: float = Field(0.05, ge=0, le=5, description="wait before the first retry, doubled at each")
     max_batch: int | None = Field(None, ge=1, description="images per upstream request (default: the micro-batch)")
@@ -150,6 +153,11 @@ class UpstreamConfig(_Strict):
         if min(shape) < 1:
             raise ValueError(f"model.upstream.input_shape must be positive (C, H, W), got {list(shape)}")
         return shape
+
+    @property
+    def call_deadline_s(self) -> float:
+        """Seconds one upstream call may take, retries included."""
+        return self.deadline_s if self.deadline_s is not None else self.timeout_s * (self.retries + 1)
 
     def headers(self) -> dict[str, str]:
         """The configured headers with their values from the environment, or ``ValueError``
@@ -251,11 +259,29 @@ class DefenseConfig(DefenseSpec):
 
 
 class LimitsConfig(_Strict):
+    """What one request and one connection may cost the server (docs/design.md §service-errors,
+    §connections). The connection limits are enforced by the server's HTTP protocol
+    (:mod:`mirage.serve.runner`) however the bytes arrive; in production a reverse proxy in front
+    adds its own (README, "In production")."""
+
     max_payload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_batch: int = Field(256, ge=1, description="images per request")
     microbatch_images: int = Field(256, ge=1, description="images the worker joins into one batch")
     microbatch_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits for more requests")
     body_timeout_s: float = Field(10.0, gt=0, description="seconds a request body may take to arrive")
+    header_timeout_s: float = Field(10.0, gt=0, description="seconds the request line and headers may take "
+                                    "to arrive, from the connection's start or its previous response")
+    max_connections: int = Field(1024, ge=1, description="open connections; more are closed at once (also "
+                                 "capped below the process's file-descriptor limit)")
+    max_headers: int = Field(100, ge=8, le=10_000, description="header fields per request")
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1 << 20,
+                                  description="bytes of the request line and headers")
+    min_chunk_bytes: int = Field(
+        256, ge=0, description="a body arriving in more than 256 pieces must average at least this many bytes "
+                               "per piece (a body of 1-byte chunks costs the server a parse per byte)")
+    model_workers: int | None = Field(
+        None, ge=1, le=64, description="threads that run the model's forward passes at once (default: 1 for a "
+                                       "local model, 4 for an upstream, whose calls wait on the network)")
 
 
 class StorageConfig(_Strict):
@@ -270,6 +296,14 @@ class StorageConfig(_Strict):
     audit: Path | None = Field(None, description="SQLite file of the audit log (default: the database)")
     reservation_lease_s: float = Field(
         300.0, gt=0, description="a reservation older than this is an orphan even if its owner's pid runs")
+    timeout_s: float = Field(5.0, gt=0, le=120, description="seconds one storage call may take (a locked SQLite "
+                             "file, a stalled Redis); then the request is a 503 and readiness says why")
+    require_persistence: bool = Field(
+        False, description="backend = 'redis': refuse to start when the server persists nothing (neither AOF "
+                           "nor RDB snapshots), since a restart would give every quota back; else a warning")
+    events_retention_days: float | None = Field(
+        30.0, gt=0, description="security events (failed logins, alarms) older than this are deleted; "
+                                "None keeps them. Answered requests are billing records and are kept")
 
     @model_validator(mode="after")
     def _backend(self) -> StorageConfig:
@@ -288,6 +322,21 @@ class AccessConfig(_Strict):
                                    "parameters (never seeds or keys) and its contract")
     auth_failures: int = Field(10, ge=1, description="failed authentications per source address and window")
     auth_window_s: float = Field(60.0, gt=0, description="the window, in seconds; then 429 until it ends")
+    trusted_proxies: tuple[str, ...] = Field(
+        (), description="addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For names the "
+                        "client; from anybody else the header is ignored (default: nobody)")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _networks(cls, proxies: tuple[str, ...]) -> tuple[str, ...]:
+        import ipaddress
+
+        for proxy in proxies:
+            try:
+                ipaddress.ip_network(proxy, strict=False)
+            except ValueError:
+                raise ValueError(f"access.trusted_proxies: {proxy[:64]!r} is not an address or network") from None
+        return proxies
 
 
 class OwnershipConfig(_Strict):

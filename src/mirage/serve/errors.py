@@ -100,6 +100,19 @@ class NotReady(ServeError):
     reason = "not_ready"
 
 
+class StorageUnavailable(ServeError):
+    """Quotas, the audit log or the evidence store failed or did not answer within
+    ``storage.timeout_s`` (a locked SQLite file, a stalled Redis, a full disk). Its message says
+    truly what was charged (docs/design.md §service-errors). ``settled``: the failed call had no
+    effect (false when it was given up on while it may still land)."""
+
+    reason = "storage_unavailable"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, settled: bool = True) -> None:
+        super().__init__(message, retry_after=retry_after)
+        self.settled = settled
+
+
 class InferenceFailed(ServeError):
     """The model or defense failed on a validated request (a server bug; the quota is refunded)."""
 
@@ -163,6 +176,7 @@ HTTP_STATUS: dict[type[ServeError], int] = {
     UpstreamUnreachable: 502,
     UpstreamInvalidAnswer: 502,
     NotReady: 503,
+    StorageUnavailable: 503,
     UpstreamTimeout: 504,
 }
 

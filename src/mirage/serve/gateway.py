@@ -11,13 +11,17 @@ so that no entry is −∞, which the batcher's softmax turns back into the same
 
 Requests go out as JSON or, with ``binary``, as binary tensor data (the extension's
 ``Inference-Header-Content-Length``, FP32 little-endian, and ``binary_data_output``); answers
-are read either way, whatever was asked. Each attempt has ``timeout_s`` to connect and between
-bytes; a connection error, a timeout or a 5xx is retried up to ``retries`` times after
-``backoff_s`` (doubled each time); a 4xx never is. What is left is a typed error that the service
-answers with 502 or 504 and charges nothing for (docs/design.md §service-errors).
+are read either way, whatever was asked, streamed in and refused past the size their shape allows
+(an upstream cannot make the gateway buffer a huge answer). Each attempt ends ``timeout_s`` after
+it starts, however slowly the answer drips, and the whole call ``deadline_s`` after it starts; a
+connection error, a timeout or a 5xx is retried up to ``retries`` times after ``backoff_s``
+(doubled each time); a 4xx never is. What is left is a typed error that the service answers with
+502 or 504 and charges nothing for (docs/design.md §service-errors). Its message never quotes the
+upstream's answer (the log does).
 
-The batcher calls the model from its one worker thread, so one synchronous ``httpx`` client with
-keep-alive connections serves the forward passes; the readiness probe has its own.
+The batcher calls the model from its worker threads (four for a gateway, so one slow upstream
+call does not hold every other client's), and one synchronous ``httpx`` client with keep-alive
+connections serves their forward passes; the readiness probe has its own.
 """
 
 from __future__ import annotations
@@ -43,14 +47,17 @@ from mirage.serve.errors import (
     UpstreamTimeout,
     UpstreamUnreachable,
 )
-from mirage.serve.protocol import DATATYPES, HEADER_LENGTH
+from mirage.serve.protocol import DATATYPES, HEADER_LENGTH, byte_count
 
 log = logging.getLogger(__name__)
 
 PROB_TOLERANCE = 1e-3  # |row sum − 1| and how far below 0 or above 1 an entry may be (FP16 rounding)
 LOG_FLOOR = float(np.log(np.finfo(np.float32).tiny))  # log of the smallest normal float32, ≈ −87.3
 READY_TIMEOUT_S = 1.0  # the readiness probe's timeout (or timeout_s, when shorter)
-EXCERPT = 200  # characters of an upstream body quoted in an error
+EXCERPT = 200  # characters of an upstream body quoted in the log (never to the gateway's clients)
+BYTES_PER_VALUE = 32  # an upstream answer's bytes per probability, as JSON at its most verbose
+ANSWER_OVERHEAD = 64 * 1024  # an upstream answer's bytes besides the values
+PROBE_CLASSES = 4096  # the classes an answer may hold before the number of classes is known
 
 
 class UpstreamClient:
@@ -87,9 +94,15 @@ class UpstreamClient:
 
     def _infer(self, images: np.ndarray) -> Tensor:
         content, headers = self._encode(images)
-        response = self._post(content, headers)
-        values = self._decode(response, len(images))
+        answer_headers, answer = self._post(content, headers, self._answer_limit(len(images)))
+        values = self._decode(answer_headers, answer, len(images))
         return torch.from_numpy(self._logits(values))
+
+    def _answer_limit(self, batch: int) -> int:
+        """The most bytes an answer for ``batch`` images may take: JSON at ``BYTES_PER_VALUE`` per
+        probability (K from the config or the probe, else ``PROBE_CLASSES``) plus ``ANSWER_OVERHEAD``.
+        A larger answer is refused as it streams in, never buffered whole."""
+        return ANSWER_OVERHEAD + batch * (self.num_classes or PROBE_CLASSES) * BYTES_PER_VALUE
 
     def _encode(self, images: np.ndarray) -> tuple[bytes, dict[str, str]]:
         config = self.config
@@ -110,17 +123,22 @@ class UpstreamClient:
         header = json.dumps(payload).encode()
         return header + raw, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
 
-    def _post(self, content: bytes, headers: dict[str, str]) -> httpx.Response:
-        """The upstream's 200 answer, after at most ``retries`` retries of a connection error, a
-        timeout or a 5xx; anything else raises the typed error of the last attempt."""
+    def _post(self, content: bytes, headers: dict[str, str], limit: int) -> tuple[httpx.Headers, bytes]:
+        """The upstream's 200 answer (its headers and body), after at most ``retries`` retries of
+        a connection error, a timeout or a 5xx; anything else raises the typed error of the last
+        attempt. Each attempt ends ``timeout_s`` after it starts, however slowly the answer
+        drips in, and the whole call ``deadline_s`` after it starts (no attempt starts later)."""
         config, error = self.config, None
         attempts = config.retries + 1
+        deadline = time.monotonic() + config.call_deadline_s
         for attempt in range(attempts):
             if attempt:
                 time.sleep(config.backoff_s * 2 ** (attempt - 1))
+            if time.monotonic() >= deadline:
+                break
             retry = True
             try:
-                response = self._http.post(self.infer_path, content=content, headers=headers)
+                status, answer_headers, answer = self._attempt(content, headers, limit, deadline)
             except httpx.TimeoutException as failure:
                 error = UpstreamTimeout(f"the upstream model did not answer within {config.timeout_s:g}s "
                                         f"({type(failure).__name__})")
@@ -129,34 +147,57 @@ class UpstreamClient:
                 error = UpstreamUnreachable(f"cannot reach the upstream model server ({type(failure).__name__})")
                 detail = str(failure)
             else:
-                if response.status_code == 200:
-                    return response
-                error = UpstreamError(f"the upstream model answered HTTP {response.status_code}")
-                detail, retry = _excerpt(response), response.status_code >= 500  # a 4xx would be refused again
+                if status == 200:
+                    return answer_headers, answer
+                error = UpstreamError(f"the upstream model answered HTTP {status}")
+                detail, retry = _excerpt(answer), status >= 500  # a 4xx would be refused again
             log.warning("the %s failed (attempt %d of %d): %s: %s", self.where, attempt + 1, attempts,
                         error.message, detail[:EXCERPT])
             if not retry:
                 raise error
-        tries = f" (after {attempts} attempts)" if attempts > 1 else ""
+        if error is None:  # pragma: no cover — the first attempt always starts
+            raise UpstreamTimeout(f"the upstream call's deadline of {config.call_deadline_s:g}s passed")
+        tries = f" (after {attempt + 1} attempts)" if attempt else ""
         raise type(error)(error.message + tries)
 
-    def _decode(self, response: httpx.Response, batch: int) -> np.ndarray:
+    def _attempt(self, content: bytes, headers: dict[str, str], limit: int,
+                 deadline: float) -> tuple[int, httpx.Headers, bytes]:
+        """One request upstream, its answer streamed in: at most ``limit`` bytes (declared or
+        sent; more is an :class:`UpstreamInvalidAnswer`, never retried), and ``timeout_s`` (or
+        what is left of the call's ``deadline``) from start to the last byte."""
+        ends = min(time.monotonic() + self.config.timeout_s, deadline)
+        timeout = httpx.Timeout(max(0.001, ends - time.monotonic()))
+        with self._http.stream("POST", self.infer_path, content=content, headers=headers, timeout=timeout) as response:
+            declared = byte_count(response.headers.get("content-length"))
+            if declared is not None and declared > limit:
+                raise self._invalid(f"its answer of {declared} bytes exceeds the {limit} bytes its shape allows")
+            chunks, size = [], 0
+            for chunk in response.iter_bytes():
+                size += len(chunk)
+                if size > limit:
+                    raise self._invalid(f"its answer exceeds the {limit} bytes its shape allows")
+                if time.monotonic() > ends:
+                    raise httpx.ReadTimeout(f"the answer was still arriving after {self.config.timeout_s:g}s")
+                chunks.append(chunk)
+            return response.status_code, response.headers, b"".join(chunks)
+
+    def _decode(self, headers: httpx.Headers, content: bytes, batch: int) -> np.ndarray:
         """The chosen output of an inference response, JSON or binary tensor data, as a
-        float64 array (B, K), its shape and values not yet checked against the model."""
-        content = response.content
-        length = response.headers.get(HEADER_LENGTH)
+        float64 array (B, K), its shape and values not yet checked against the model. What the
+        client is told names no string of the upstream's answer (only the log quotes them)."""
+        length = headers.get(HEADER_LENGTH)
         if length is not None:
-            if not length.isdigit() or int(length) > len(content):
-                raise self._invalid(f"its {HEADER_LENGTH} header {length[:40]!r} does not fit a body of "
-                                    f"{len(content)} bytes")
+            if byte_count(length) is None or int(length) > len(content):
+                raise self._invalid(f"its {HEADER_LENGTH} header does not fit a body of {len(content)} bytes",
+                                    f"header {length[:40]!r}")
             header, binary = content[:int(length)], memoryview(content)[int(length):]
         else:
             header, binary = content, memoryview(b"")
         try:
             payload = json.loads(header)
         except (ValueError, RecursionError) as failure:
-            raise self._invalid(f"its body is not valid JSON ({type(failure).__name__}: {str(failure)[:EXCERPT]}); "
-                                f"it begins {bytes(header[:60])!r}") from None
+            raise self._invalid(f"its body is not valid JSON ({type(failure).__name__})",
+                                f"{str(failure)[:EXCERPT]}; it begins {bytes(header[:60])!r}") from None
         outputs = payload.get("outputs") if isinstance(payload, dict) else None
         if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
             raise self._invalid("it has no 'outputs' list of tensor objects")
@@ -165,33 +206,32 @@ class UpstreamClient:
         shape, datatype = tensor.get("shape"), tensor.get("datatype")
         if (not isinstance(shape, list) or len(shape) != 2
                 or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise self._invalid(f"output {tensor.get('name')!r} has shape {str(shape)[:60]}, not [B, K]")
+            raise self._invalid(f"output {index} has a shape that is not [B, K]", f"shape {str(shape)[:60]}")
         if shape[0] != batch or shape[1] < 2 or (self.num_classes is not None and shape[1] != self.num_classes):
             classes = self.num_classes if self.num_classes is not None else "K ≥ 2"
-            raise self._invalid(f"output {tensor.get('name')!r} has shape {shape} for {batch} images, "
-                                f"not [{batch}, {classes}]")
+            raise self._invalid(f"output {index} has shape {shape} for {batch} images, not [{batch}, {classes}]")
         if not isinstance(datatype, str) or datatype not in DATATYPES:
-            raise self._invalid(f"output {tensor.get('name')!r} has datatype {str(datatype)[:40]!r}, "
-                                f"not one of {sorted(DATATYPES)}")
+            raise self._invalid(f"output {index} has a datatype not among {sorted(DATATYPES)}",
+                                f"datatype {str(datatype)[:40]!r}")
         count = math.prod(shape)
         size = _binary_size(tensor)
         if size is not None:
             offset = sum(max(_binary_size(other) or 0, 0) for other in outputs[:index])
             dtype = DATATYPES[datatype]
             if size != count * dtype.itemsize or offset + size > len(binary):
-                raise self._invalid(f"output {tensor.get('name')!r} declares {size} bytes of binary tensor data "
+                raise self._invalid(f"output {index} declares {size} bytes of binary tensor data "
                                     f"for shape {shape} of {datatype} ({count * dtype.itemsize} needed), and "
                                     f"{len(binary) - offset} follow its JSON header")
             return np.frombuffer(binary, dtype=dtype, count=count, offset=offset).astype(np.float64).reshape(shape)
         data = tensor.get("data")
         if not isinstance(data, list):
-            raise self._invalid(f"output {tensor.get('name')!r} has neither 'data' nor binary_data_size")
+            raise self._invalid(f"output {index} has neither 'data' nor binary_data_size")
         try:
             values = np.array(data, dtype=np.float64)
         except (ValueError, TypeError, OverflowError):
-            raise self._invalid(f"output {tensor.get('name')!r} holds 'data' that is not a list of numbers") from None
+            raise self._invalid(f"output {index} holds 'data' that is not a list of numbers") from None
         if values.size != count:
-            raise self._invalid(f"output {tensor.get('name')!r} holds {values.size} values for shape {shape}")
+            raise self._invalid(f"output {index} holds {values.size} values for shape {shape}")
         return values.reshape(shape)
 
     def _output_index(self, outputs: list[dict[str, Any]]) -> int:
@@ -199,10 +239,11 @@ class UpstreamClient:
         wanted = self.config.output_name
         if wanted is None:
             if len(outputs) != 1:
-                raise self._invalid(f"it has {len(outputs)} outputs {names}; set model.upstream.output_name")
+                raise self._invalid(f"it has {len(outputs)} outputs; set model.upstream.output_name",
+                                    f"outputs {names}")
             return 0
         if wanted not in names:
-            raise self._invalid(f"it has no output {wanted!r}, only {names}")
+            raise self._invalid(f"it has no output {wanted!r}", f"outputs {names}")
         return names.index(wanted)
 
     def _logits(self, values: np.ndarray) -> np.ndarray:
@@ -224,8 +265,11 @@ class UpstreamClient:
                                 "logits, set model.upstream.output = 'logits'")
         return np.maximum(np.log(np.clip(values, 0, 1)), LOG_FLOOR).astype(np.float32)
 
-    def _invalid(self, what: str) -> UpstreamInvalidAnswer:
-        log.warning("the %s answered something the gateway cannot serve: %s", self.where, what)
+    def _invalid(self, what: str, detail: str = "") -> UpstreamInvalidAnswer:
+        """The error for an answer the gateway cannot serve; ``detail`` (what the answer held) goes
+        to the log only."""
+        log.warning("the %s answered something the gateway cannot serve: %s%s", self.where, what,
+                    f" ({detail})" if detail else "")
         return UpstreamInvalidAnswer(f"the upstream model answered something the gateway cannot serve: {what}")
 
     # -- readiness -----------------------------------------------------------------------------
@@ -280,8 +324,8 @@ def _binary_size(tensor: dict[str, Any]) -> int | None:
     return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else -1
 
 
-def _excerpt(response: httpx.Response) -> str:
-    text = response.text.strip().replace("\n", " ")
+def _excerpt(body: bytes) -> str:
+    text = body[:4 * EXCERPT].decode("utf-8", "replace").strip().replace("\n", " ")
     return text[:EXCERPT] + ("…" if len(text) > EXCERPT else "") if text else "(empty body)"
 
 

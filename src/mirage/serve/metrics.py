@@ -1,7 +1,8 @@
 """The service's counters and histograms, in a ``prometheus_client`` registry of its own (one per
 service, so two services in one process never share series). Persisted per-client totals come
-from the quota store at scrape time; a scraper without the metrics token sees every series
-summed over its ``client`` label (docs/design.md §access)."""
+from the quota store at scrape time. A scraper without the metrics token sees only the liveness
+counters of :data:`PUBLIC`, summed over their ``client`` label: no alarm, defense timing or
+rejection series, which would tell a thief when it was flagged (docs/design.md §access)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,8 @@ SERIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = 
     "mirage_defense_batch_seconds": ("histogram", "Defense time per micro-batch.", ("model",), LATENCY_BUCKETS),
     "mirage_microbatch_queries": ("histogram", "Queries (images) per micro-batch.", ("model",), BATCH_BUCKETS),
 }
+PUBLIC = ("mirage_requests_total", "mirage_queries_total")
+"""The series ``/metrics`` shows without the token: answered requests and queries, summed."""
 GAUGES = {
     "mirage_client_queries_used": "Queries charged to each client (persisted).",
     "mirage_client_requests_used": "Requests charged to each client (persisted).",
@@ -49,9 +52,12 @@ class _Collected:
         yield from self.families
 
 
-def _without_client(registry: CollectorRegistry) -> list[Metric]:
+def _public(registry: CollectorRegistry) -> list[Metric]:
+    """The :data:`PUBLIC` series, each summed over its ``client`` label."""
     families = []
     for family in registry.collect():
+        if not any(sample.name in PUBLIC for sample in family.samples) and f"{family.name}_total" not in PUBLIC:
+            continue
         summed: dict[tuple, float] = {}
         for sample in family.samples:
             labels = tuple(sorted((k, v) for k, v in sample.labels.items() if k != "client"))
@@ -86,9 +92,10 @@ class Metrics:
 
     def render(self, gauges: dict[str, dict[tuple, float]] | None = None, *, aggregate: bool = False) -> str:
         """The exposition, with ``gauges`` ({name: {((label, value), …): value}}) appended;
-        ``aggregate``: every series summed over its ``client`` label, and no gauges."""
+        ``aggregate``: only the :data:`PUBLIC` series, summed over their ``client`` label, and no
+        gauges."""
         if aggregate:
-            return generate_latest(_Collected(_without_client(self.registry))).decode()
+            return generate_latest(_Collected(_public(self.registry))).decode()
         families = []
         for name, series in (gauges or {}).items():
             family = None

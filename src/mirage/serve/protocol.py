@@ -62,6 +62,14 @@ UNSUPPORTED = {"shared_memory_region": "shared-memory", "shared_memory_byte_size
                "shared_memory_offset": "shared-memory", "classification": "classification"}
 
 
+def byte_count(text: str | None) -> int | None:
+    """A header's byte count: 1–18 ASCII digits, else ``None`` (``str.isdigit`` also takes "²" and
+    other Unicode digits, which ``int`` refuses)."""
+    if text is None or not (text.isascii() and text.isdigit() and len(text) <= 18):
+        return None
+    return int(text)
+
+
 def body_limit(images: int, input_shape: tuple[int, ...], cap: int) -> int:
     """The most bytes a well-formed request of ``images`` images can need, at most ``cap``
     (docs/design.md §service-errors): the model, not only the config, bounds the body."""
@@ -79,7 +87,7 @@ async def read_body(request: Request, limit: int, timeout: float | None = None) 
         raise BadRequest(f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed")
     declared = request.headers.get("content-length")
     if declared is not None:
-        if not declared.isdigit() or len(declared) > 18:
+        if byte_count(declared) is None:
             raise BadRequest("invalid Content-Length header")
         if int(declared) > limit:
             raise PayloadTooLarge(f"payload of {declared} bytes exceeds the limit of {limit}")
@@ -152,9 +160,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """(the JSON header, the binary tensor data after it) of a body."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isdigit() or len(header_length) > 18:
+    length = byte_count(header_length)
+    if length is None:
         raise BadRequest(f"invalid {HEADER_LENGTH} header: {header_length[:40]!r} is not a byte count")
-    length = int(header_length)
     if length > len(body):
         raise BadRequest(f"{HEADER_LENGTH} is {length} bytes but the body has only {len(body)}")
     return body[:length], memoryview(body)[length:]

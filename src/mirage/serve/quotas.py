@@ -47,6 +47,11 @@ CREATE TABLE IF NOT EXISTS auth_failures (
 """
 
 
+MAX_AUTH_SOURCES = 10_000
+"""Source addresses whose failed authentications are counted at once (the oldest windows are
+dropped first). Redis keeps each in a key that expires with its window."""
+
+
 def room_for(client: ClientConfig, used: int, tokens: float | None, updated: float | None,
              now: float) -> int | None:
     """How many queries ``client`` could be charged at ``now`` given its stored usage and token
@@ -93,12 +98,24 @@ def owner_gone(owner: str, created: float, me: str, *, lease: float, now: float)
     return False
 
 
+def private(path: Path) -> None:
+    """Create ``path`` readable and writable by its owner only (0600), or make it so: it holds
+    usage, audit or evidence rows. SQLite gives its ``-wal`` and ``-shm`` files the same mode."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 class SQLiteStore:
     """One connection per thread to a SQLite file in WAL mode, with a write-transaction helper."""
 
-    def __init__(self, path: str | Path, schema: str) -> None:
+    def __init__(self, path: str | Path, schema: str, *, timeout: float = 60.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        private(self.path)
+        self.timeout = timeout
         self._local = threading.local()
         self._all: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
@@ -109,7 +126,7 @@ class SQLiteStore:
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=60, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
@@ -129,6 +146,16 @@ class SQLiteStore:
             raise
         conn.execute("COMMIT")
 
+    def ping(self, timeout: float) -> None:
+        """Raise :class:`sqlite3.Error` unless a write transaction can start within ``timeout``
+        seconds (another process holding the write lock, a read-only or vanished file fail)."""
+        conn = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+
     def close(self) -> None:
         with self._lock:
             for conn in self._all:
@@ -140,8 +167,8 @@ class SQLiteStore:
 class QuotaStore(SQLiteStore):
     """Exact per-client counters of answered queries, with quota and token-bucket checks."""
 
-    def __init__(self, path: str | Path, *, clock=time.time) -> None:
-        super().__init__(path, SCHEMA)
+    def __init__(self, path: str | Path, *, clock=time.time, timeout: float = 60.0) -> None:
+        super().__init__(path, SCHEMA, timeout=timeout)
         self._clock = clock
         self.owner = new_owner()
 
@@ -251,9 +278,14 @@ class QuotaStore(SQLiteStore):
         return left if left > 0 else None
 
     def auth_failed(self, source: str, window: float) -> int:
-        """Count a failed authentication from ``source`` in its window; returns the count so far."""
+        """Count a failed authentication from ``source`` in its window; returns the count so far.
+        Windows that ended are deleted, and at most ``MAX_AUTH_SOURCES`` sources are kept (the
+        oldest windows go first), so the table stays bounded whatever addresses fail."""
         now = self._clock()
         with self.transaction() as conn:
+            conn.execute("DELETE FROM auth_failures WHERE start <= ?", (now - window,))
+            conn.execute("DELETE FROM auth_failures WHERE source IN (SELECT source FROM auth_failures "
+                         "ORDER BY start DESC LIMIT -1 OFFSET ?)", (MAX_AUTH_SOURCES - 1,))
             row = conn.execute("SELECT start, failures FROM auth_failures WHERE source = ?", (source,)).fetchone()
             start, failures = (now, 1) if row is None or now - row[0] >= window else (row[0], row[1] + 1)
             conn.execute("INSERT OR REPLACE INTO auth_failures (source, start, failures) VALUES (?, ?, ?)",

@@ -70,9 +70,9 @@ return count
 class RedisQuotaStore:
     """Quotas, rate limits, reservations and failed-authentication counts in Redis."""
 
-    def __init__(self, url: str, *, prefix: str = "mirage:") -> None:
-        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=30,
-                                          health_check_interval=30)
+    def __init__(self, url: str, *, prefix: str = "mirage:", timeout: float = 5.0) -> None:
+        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
+                                          socket_connect_timeout=timeout, health_check_interval=30)
         self.redis.ping()
         self.prefix = prefix
         self.owner = new_owner()
@@ -153,6 +153,23 @@ class RedisQuotaStore:
 
     def reservations(self) -> int:
         return int(self.redis.hlen(self._reservations))
+
+    def ping(self, timeout: float) -> None:
+        """Raise a :class:`redis.RedisError` unless the server answers PING within its socket
+        timeout (a stalled or stopped server times out)."""
+        self.redis.ping()
+
+    def persistence(self) -> str | None:
+        """How the server persists what it holds (``"aof"``, ``"rdb"``, both), or ``None`` when it
+        keeps nothing across a restart (then every quota and charge is given back). Servers that
+        refuse CONFIG (managed Redis) are taken as persistent."""
+        try:
+            config = self.redis.config_get("appendonly") | self.redis.config_get("save")
+        except redis.ResponseError:
+            return "unknown (CONFIG GET refused)"
+        kinds = [kind for kind, on in (("aof", config.get("appendonly") == "yes"),
+                                       ("rdb", bool((config.get("save") or "").strip()))) if on]
+        return "+".join(kinds) or None
 
     def auth_throttled(self, source: str, window: float, limit: int) -> float | None:
         key = f"{self.prefix}authfail:{source}"

@@ -1,58 +1,269 @@
 """Run the service under uvicorn — in the foreground (``mirage serve``, or
 ``python -m mirage.serve.runner --config FILE --port N``, which skips the command line's imports),
-or in a background thread on a free loopback port (tests, benchmarks)."""
+or in a background thread on a free loopback port (tests, benchmarks).
+
+The connection layer (docs/design.md §connections) is uvicorn's h11 protocol with the limits a
+public endpoint needs and uvicorn does not enforce, in :class:`GuardedH11Protocol`; the request
+layer is the app's. In production a reverse proxy in front adds its own limits (README, "In
+production"); these hold without one.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 import threading
 import time
+from typing import Any
 
 import h11
 import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from mirage.serve.config import LimitsConfig
 
-class HeaderTimeoutH11Protocol(H11Protocol):
-    """uvicorn's h11 protocol that closes a connection whose request line and headers have not
-    all arrived ``header_timeout`` seconds after it opened or after its last response (a
-    slow-loris client; uvicorn itself waits for ever). The body has its own deadline in the app,
-    ``limits.body_timeout_s`` (docs/design.md §service-errors)."""
+log = logging.getLogger(__name__)
 
-    header_timeout = 10.0
+FRAGMENT_GRACE = 256
+"""Pieces of a body (TCP reads, or chunks of a chunked body) allowed before their average size is
+checked against ``limits.min_chunk_bytes``."""
+LINGER_S = 2.0
+"""After answering a request whose body it did not read, the server stops sending and discards
+what still arrives for at most this long (a "lingering close", so the client reads the answer
+instead of a reset), then closes."""
+LINGER_BYTES = 1 << 20
+"""… or until this many bytes were discarded."""
+FD_RESERVE = 64
+"""File descriptors kept free of connections: the storage files, Redis, logs, the upstream."""
+
+
+class GuardedConnection(h11.Connection):
+    """h11's server side, refusing what h11 accepts but a public endpoint must not: more header
+    fields or bytes than allowed however the bytes arrived (h11 bounds only an *incomplete* head),
+    a request framed by both ``Content-Length`` and ``Transfer-Encoding`` (RFC 9112 §6.3: the
+    connection must close — the way a request hides behind another), and a body that arrives in
+    many tiny pieces (each costs a parse)."""
+
+    def __init__(self, limits: LimitsConfig) -> None:
+        super().__init__(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+        self.limits = limits
+        self.pieces = self.body_bytes = 0
+        self.rejection: tuple[int, str] | None = None  # (status, why) of the request refused
+
+    def _reject(self, status: int, why: str) -> h11.RemoteProtocolError:
+        self.rejection = (status, why)
+        return h11.RemoteProtocolError(why, error_status_hint=status)
+
+    def next_event(self) -> Any:
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            self._check_head(event)
+            self.pieces = self.body_bytes = 0
+        elif isinstance(event, h11.Data) and self.our_state is not h11.DONE:
+            self.pieces += 1
+            self.body_bytes += len(event.data)
+            if self.pieces > FRAGMENT_GRACE and self.body_bytes < self.pieces * self.limits.min_chunk_bytes:
+                raise self._reject(400, f"the body arrives in {self.pieces} pieces averaging fewer "
+                                        f"than {self.limits.min_chunk_bytes} bytes")
+        return event
+
+    def send(self, event: Any) -> bytes | None:
+        """As h11's, but a response that starts before the request's body was read says
+        ``Connection: close``: the connection ends with it (see :class:`LingeringTransport`)."""
+        if isinstance(event, h11.Response) and self.their_state is h11.SEND_BODY:
+            event = h11.Response(status_code=event.status_code, reason=event.reason, http_version=event.http_version,
+                                 headers=[*event.headers, (b"connection", b"close")])
+        return super().send(event)
+
+    def _check_head(self, event: h11.Request) -> None:
+        limits = self.limits
+        if len(event.headers) > limits.max_headers:
+            raise self._reject(431, f"more than {limits.max_headers} header fields")
+        size = len(event.target) + sum(len(name) + len(value) + 4 for name, value in event.headers)
+        if size > limits.max_header_bytes:
+            raise self._reject(431, f"the request head exceeds {limits.max_header_bytes} bytes")
+        names = [name for name, _ in event.headers]  # h11 lower-cases them
+        if b"transfer-encoding" in names and b"content-length" in names:
+            raise self._reject(400, "both Content-Length and Transfer-Encoding frame the body")
+
+
+class LingeringTransport:
+    """A connection's transport whose :meth:`close` lingers while the request's body is unread:
+    it stops sending (a half-close, once the answer is flushed), discards what still arrives for
+    at most ``LINGER_S`` or ``LINGER_BYTES``, then closes. Closing at once with unread bytes
+    would make the kernel send a reset, which can destroy the answer before the client reads it
+    (RFC 9112 §9.6)."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedH11Protocol) -> None:
+        self._transport, self._protocol = transport, protocol
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        protocol, transport = self._protocol, self._transport
+        if transport.is_closing() or protocol.lingering or protocol.conn.their_state is not h11.SEND_BODY:
+            transport.close()
+            return
+        protocol.lingering = True
+        if transport.can_write_eof():
+            transport.write_eof()
+        protocol.loop.call_later(LINGER_S, transport.close)
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol with the connection discipline of ``limits`` (docs/design.md
+    §connections):
+
+    - at most ``max_connections`` open connections (more are answered 503 and closed at once);
+    - the request line and headers within ``header_timeout_s`` of the connection's start or of
+      its previous response (a slow-loris client; uvicorn waits for ever);
+    - the head and body checks of :class:`GuardedConnection`, answered 400 or 431 and closed;
+    - a request answered before its body was read (an early 401, 413 or 408) ends the
+      connection: the answer says ``Connection: close``, then the server stops sending, discards
+      at most ``LINGER_BYTES`` for at most ``LINGER_S`` and closes (:class:`LingeringTransport`),
+      so a client cannot keep it by trickling the rest of the body.
+
+    The body itself has the app's deadline, ``limits.body_timeout_s``."""
+
+    limits = LimitsConfig()
+    max_connections = LimitsConfig().max_connections
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = GuardedConnection(self.limits)
+        self._header_timer: asyncio.TimerHandle | None = None
+        self.lingering = False
+        self._discarded = 0
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        if len(self.connections) > self.max_connections:
+            transport.write(_plain_response(503, "too many connections; retry later"))
+            transport.close()
+            return
+        self.transport = LingeringTransport(transport, self)  # type: ignore[assignment]
         self._arm()
 
     def _arm(self) -> None:
-        self._header_timer = self.loop.call_later(self.header_timeout, self._headers_overdue)
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._headers_overdue)
 
     def _headers_overdue(self) -> None:
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
             self.transport.close()
 
+    def data_received(self, data: bytes) -> None:
+        if self.lingering:
+            self._discarded += len(data)
+            if self._discarded > LINGER_BYTES:
+                self.transport.close()
+            return
+        super().data_received(data)
+
+    def send_400_response(self, msg: str) -> None:
+        """Refuse the request that broke h11's rules or :class:`GuardedConnection`'s, with the
+        rejection's own status and message, and close."""
+        status, why = self.conn.rejection or (400, "invalid HTTP request")
+        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # else the app's answer is on its way
+            self.transport.write(_plain_response(status, why))
+        self.transport.close()
+
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        self._header_timer.cancel()
-        self._arm()
+        if not self.transport.is_closing():
+            self._arm()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._header_timer.cancel()
+        if self._header_timer is not None:
+            self._header_timer.cancel()
         super().connection_lost(exc)
 
 
-def protocol_for(app: FastAPI) -> type[H11Protocol]:
-    """The h11 protocol with the app's body timeout as its header timeout too."""
+def _plain_response(status: int, text: str) -> bytes:
+    body = text.encode()
+    reason = {400: "Bad Request", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+
+
+def connection_cap(limits: LimitsConfig) -> int:
+    """``limits.max_connections``, lowered to fit the process's file-descriptor limit (raised to
+    its hard limit first): running out of descriptors fails every accept, storage and log call."""
+    try:
+        import resource
+
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard != resource.RLIM_INFINITY and soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    except (ImportError, ValueError, OSError):
+        return limits.max_connections
+    if soft == resource.RLIM_INFINITY:
+        return limits.max_connections
+    return max(1, min(limits.max_connections, soft - FD_RESERVE))
+
+
+class RepeatLimit(logging.Filter):
+    """At most ``burst`` records of one logger and message template per ``interval`` seconds; the
+    next one let through says how many were dropped (a descriptor shortage or a hostile client can
+    otherwise write a traceback per attempt)."""
+
+    def __init__(self, burst: int = 5, interval: float = 60.0) -> None:
+        super().__init__()
+        self.burst, self.interval = burst, interval
+        self._seen: dict[tuple[str, str], list[float]] = {}  # (start, count, dropped)
+        self._lock = threading.Lock()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, str(record.msg))
+        now = time.monotonic()
+        with self._lock:
+            if len(self._seen) > 10_000:
+                self._seen.clear()
+            start, count, dropped = self._seen.get(key, (now, 0, 0))
+            if now - start >= self.interval:
+                start, count = now, 0
+            if count >= self.burst:
+                self._seen[key] = [start, count, dropped + 1]
+                return False
+            self._seen[key] = [start, count + 1, 0]
+        if dropped:
+            record.msg = f"{record.msg} ({dropped} similar messages dropped)"
+        return True
+
+
+def limit_repeated_logs(burst: int = 5, interval: float = 60.0) -> RepeatLimit:
+    """Put one :class:`RepeatLimit` on asyncio's, uvicorn's and every mirage logger."""
+    limit = RepeatLimit(burst, interval)
+    names = ["asyncio", "uvicorn.error"] + [name for name in logging.root.manager.loggerDict
+                                            if name == "mirage" or name.startswith("mirage.")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RepeatLimit) for f in logger.filters):
+            logger.addFilter(limit)
+    return limit
+
+
+def uvicorn_settings(app: FastAPI) -> dict[str, Any]:
+    """uvicorn's settings for the app: the guarded protocol with the app's limits, and
+    ``X-Forwarded-For`` trusted only from ``access.trusted_proxies`` (uvicorn's default trusts
+    127.0.0.1, which would let any local client name its address)."""
     service = getattr(app.state, "service", None)
-    seconds = service.config.limits.body_timeout_s if service is not None else HeaderTimeoutH11Protocol.header_timeout
-    return type("HeaderTimeoutH11", (HeaderTimeoutH11Protocol,), {"header_timeout": seconds})
+    limits = service.config.limits if service is not None else LimitsConfig()
+    proxies = service.config.access.trusted_proxies if service is not None else ()
+    protocol = type("GuardedH11", (GuardedH11Protocol,),
+                    {"limits": limits, "max_connections": connection_cap(limits)})
+    return {"http": protocol, "proxy_headers": bool(proxies), "forwarded_allow_ips": list(proxies) or None,
+            "h11_max_incomplete_event_size": limits.max_header_bytes, "access_log": False}
 
 
 def serve_forever(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False, http=protocol_for(app))
+    limit_repeated_logs()
+    uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_settings(app))
 
 
 class ServerThread:
@@ -62,8 +273,8 @@ class ServerThread:
         self.app = app
         self.host = host
         self.startup_timeout = startup_timeout
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    timeout_graceful_shutdown=5, http=protocol_for(app)))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
+                                                    **uvicorn_settings(app)))
         self.thread: threading.Thread | None = None
         self.url = ""
 

@@ -15,10 +15,14 @@ it, and replicas do not share it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import logging
+import math
+import sqlite3
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
@@ -26,8 +30,8 @@ from fastapi import Request
 
 from mirage.api.detection import ClientStream
 from mirage.serve.audit import AuditLog
-from mirage.serve.auth import KeyRing, hash_key, key_from_headers
-from mirage.serve.batching import MicroBatcher
+from mirage.serve.auth import KeyRing, hash_key, presented_key
+from mirage.serve.batching import Answer, MicroBatcher
 from mirage.serve.config import ClientConfig, ServeConfig
 from mirage.serve.detection import StreamWatch
 from mirage.serve.errors import (
@@ -37,6 +41,8 @@ from mirage.serve.errors import (
     InvalidKey,
     MissingKey,
     QueryStreamRefused,
+    ServeError,
+    StorageUnavailable,
     UnknownModel,
     UnknownVersion,
     UpstreamError,
@@ -60,6 +66,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+HEALTH_CACHE_S = 1.0
+"""How long a storage health probe is reused by readiness (a flood of probes is not a flood of
+storage calls)."""
 
 
 def open_store(config: ServeConfig) -> QuotaStore | RedisQuotaStore:
@@ -68,8 +77,62 @@ def open_store(config: ServeConfig) -> QuotaStore | RedisQuotaStore:
     if storage.backend == "redis":
         from mirage.serve.redis_store import RedisQuotaStore
 
-        return RedisQuotaStore(storage.url, prefix=storage.prefix)
-    return QuotaStore(storage.database)
+        store = RedisQuotaStore(storage.url, prefix=storage.prefix, timeout=storage.timeout_s)
+        kept = store.persistence()
+        if kept is None:
+            if storage.require_persistence:
+                store.close()
+                raise ValueError(f"the Redis server at {storage.url} persists nothing (appendonly no, no save "
+                                 "points): a restart would give every quota back. Turn on AOF or RDB, or set "
+                                 "storage.require_persistence = false")
+            log.warning("THE REDIS SERVER AT %s PERSISTS NOTHING (appendonly no, no save points): a restart gives "
+                        "every client its quota back and forgets every charge. Turn on appendonly, or set "
+                        "storage.require_persistence = true to refuse such a server", storage.url)
+        return store
+    return QuotaStore(storage.database, timeout=storage.timeout_s)
+
+
+def storage_errors() -> tuple[type[BaseException], ...]:
+    """What a failing store raises: SQLite's errors, OS errors (a full disk) and Redis's."""
+    errors: tuple[type[BaseException], ...] = (sqlite3.Error, OSError)
+    try:
+        import redis
+    except ImportError:  # pragma: no cover — redis is a dependency
+        return errors
+    return (*errors, redis.RedisError)
+
+
+class StorageCalls:
+    """Every storage call of a request in a thread pool of its own, off the event loop
+    (docs/design.md §service-errors): a locked SQLite file or a stalled Redis delays the requests
+    that need it — each up to ``storage.timeout_s``, then a 503 — and nothing else.
+
+    The stores' own timeouts (SQLite's busy timeout, Redis's socket timeout) are the deadline, so
+    a call that fails has had no effect; the wait here is only a backstop (twice as long, plus a
+    second), after which the call's effect is unknown (:attr:`StorageUnavailable.settled` false)."""
+
+    def __init__(self, timeout: float, workers: int = 8) -> None:
+        self.timeout = timeout
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mirage-storage")
+        self.errors = storage_errors()
+
+    async def __call__(self, fn: Callable[..., T], *args: Any, on_late: Callable[[T], None] | None = None,
+                       **kwargs: Any) -> T:
+        """``fn(*args, **kwargs)`` in the pool; its result, or :class:`StorageUnavailable`.
+        ``on_late``: called with the result should the call finish after the backstop gave up."""
+        future = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), 2 * self.timeout + 1)
+        except TimeoutError:
+            if on_late is not None:  # the done callback runs on the event loop: the late call goes to the pool
+                future.add_done_callback(lambda done: done.cancelled() or done.exception() is not None
+                                         or self.pool.submit(on_late, done.result()))
+            raise StorageUnavailable(f"storage did not answer within {self.timeout:g}s", settled=False) from None
+        except self.errors as error:
+            raise StorageUnavailable(f"storage failed ({type(error).__name__})") from error
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 class Service:
@@ -82,11 +145,13 @@ class Service:
         self.upstream = model if isinstance(model, UpstreamModel) else None  # a gateway (docs/design.md §gateway)
         self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment]
         self.classes = class_names(config, card)
+        storage = config.storage
         self.evidence = None
         if config.ownership is not None:
-            from mirage.serve.evidence import EvidenceStore
+            from mirage.serve.evidence import DeferredEvidence, EvidenceStore
 
-            self.evidence = EvidenceStore(config.ownership.evidence, config.ownership.max_items)
+            self.evidence = DeferredEvidence(EvidenceStore(config.ownership.evidence, config.ownership.max_items,
+                                                           timeout=storage.timeout_s))
         detection = config.detection
         self.defenses = ServedDefenses(config.defense, scenario, model, card, ownership=config.ownership,
                                        evidence=self.evidence,
@@ -95,29 +160,35 @@ class Service:
         self._defense_alarms: set[str] = set()
         self.keys = KeyRing(config.clients)
         self.quotas = open_store(config)
-        self.audit = AuditLog(config.audit_path)
-        self._one_file = config.storage.backend == "sqlite" and config.audit_path == config.storage.database
-        kept, released = self.quotas.reconcile(self.audit.answered, lease=config.storage.reservation_lease_s)
+        self.audit = AuditLog(config.audit_path, timeout=storage.timeout_s,
+                              events_retention_days=storage.events_retention_days)
+        self.storage = StorageCalls(storage.timeout_s)
+        self._one_file = storage.backend == "sqlite" and config.audit_path == storage.database
+        kept, released = self.quotas.reconcile(self.audit.answered, lease=storage.reservation_lease_s)
         if kept or released:
             log.warning("settled the reservations of a process that is gone: %d kept (answered), "
                         "%d released (unanswered)", kept, released)
         self.reconciled = (kept, released)
+        self._unreleased: list[tuple[ClientConfig, str]] = []  # charges to undo once storage recovers
+        self._health: tuple[float, str | None] = (-math.inf, None)
+        self._health_lock = asyncio.Lock()
         self.metrics = Metrics()
         limits = config.limits
+        workers = limits.model_workers or (4 if self.upstream is not None else 1)
         self.batcher = MicroBatcher(self.model, self.defenses, max_images=limits.microbatch_images,
                                     max_wait=limits.microbatch_wait_ms / 1000, metrics=self.metrics,
-                                    model_name=config.model.name)
+                                    model_name=config.model.name, workers=workers, evidence=self.evidence)
 
-    def authenticate(self, request: Request) -> ClientConfig:
+    async def authenticate(self, request: Request) -> ClientConfig:
         """The client whose key the request carries (docs/design.md §access)."""
-        return self._checked(request, self.keys.authenticate)
+        return await self._checked(request, self.keys.authenticate)
 
-    def metrics_access(self, request: Request) -> bool:
+    async def metrics_access(self, request: Request) -> bool:
         """Whether ``/metrics`` may show per-client series: only with the configured bearer token.
-        No token: aggregate-only; a wrong one: 401, a failed authentication like any other."""
+        No token: liveness counters only; a wrong one: 401, a failed authentication like any other."""
         if "authorization" not in request.headers and "x-api-key" not in request.headers:
             return False
-        self._checked(request, self._metrics_token)
+        await self._checked(request, self._metrics_token)
         return True
 
     def _metrics_token(self, key: str) -> None:
@@ -125,26 +196,34 @@ class Service:
         if digest is None or not hmac.compare_digest(hash_key(key), digest):
             raise InvalidKey("invalid metrics token")
 
-    def _checked(self, request: Request, check: Callable[[str], T]) -> T:
+    async def _checked(self, request: Request, check: Callable[[str], T]) -> T:
         """``check(key)`` on the presented key. A source address that failed
         ``access.auth_failures`` times in its window gets 429 until the window ends; every failure
         up to there is written to the audit log, the one that starts the throttle as
-        ``auth_throttled``."""
+        ``auth_throttled``. The source is the peer's address; ``X-Forwarded-For`` names it only
+        from ``access.trusted_proxies`` (uvicorn's proxy headers, :mod:`mirage.serve.runner`)."""
         access = self.config.access
         source = request.client.host if request.client else "unknown"
-        wait = self.quotas.auth_throttled(source, access.auth_window_s, access.auth_failures)
-        if wait is not None:
+        key = presented_key(request.headers)
+        if (wait := await self._auth_wait(source)) is not None:
             raise AuthThrottled(f"too many failed authentications from {source}; retry in {wait:.0f}s",
                                 retry_after=wait)
         try:
-            return check(key_from_headers(request.headers.get("authorization"), request.headers.get("x-api-key")))
+            return check(key)
         except (MissingKey, InvalidKey) as error:
-            failures = self.quotas.auth_failed(source, access.auth_window_s)
-            if failures <= access.auth_failures:
-                kind = "auth_failed" if failures < access.auth_failures else "auth_throttled"
-                self.audit.record_event(kind, source=source,
-                                        detail=f"{error.reason}: {request.method} {request.url.path[:200]}")
+            failures = await self.storage(self.quotas.auth_failed, source, access.auth_window_s)
+            if failures > access.auth_failures:  # concurrent failures passed the check above together
+                wait = await self._auth_wait(source) or access.auth_window_s
+                raise AuthThrottled(f"too many failed authentications from {source}; retry in {wait:.0f}s",
+                                    retry_after=wait) from None
+            kind = "auth_failed" if failures < access.auth_failures else "auth_throttled"
+            await self.storage(self.audit.record_event, kind, source=source,
+                               detail=f"{error.reason}: {request.method} {request.url.path[:200]}")
             raise
+
+    async def _auth_wait(self, source: str) -> float | None:
+        access = self.config.access
+        return await self.storage(self.quotas.auth_throttled, source, access.auth_window_s, access.auth_failures)
 
     def check_model(self, name: str, version: str | None = None) -> None:
         """The model of a path, and its version on a ``/versions/{v}`` path (OIP V2 REST)."""
@@ -153,18 +232,19 @@ class Service:
         if version is not None and version not in VERSIONS:
             raise UnknownVersion(f"model {name!r} has no version {version[:64]!r}; its versions are {list(VERSIONS)}")
 
-    def metadata(self, client: ClientConfig) -> dict[str, Any]:
+    async def metadata(self, client: ClientConfig) -> dict[str, Any]:
         limits = self.config.limits
+        used = await self.storage(self.quotas.used, client.name)
         return model_metadata(
             self.config.model.name, self.input_shape, self.classes, platform=platform(self.config.model),
             defense=self.defenses.describe() if self.config.access.disclose_defense else None,
             limits={"max_batch": limits.max_batch, "max_payload_bytes": limits.max_payload_bytes},
-            client=self._client_metadata(client))
+            client=self._client_metadata(client, used))
 
-    def _client_metadata(self, client: ClientConfig) -> dict[str, Any]:
+    def _client_metadata(self, client: ClientConfig, used: int) -> dict[str, Any]:
         """The client's quota and limits; whether its query stream is flagged only when the
         defense is disclosed (``access.disclose_defense``): by default an attacker is not told."""
-        meta = {"name": client.name, "quota": client.quota, "queries_used": self.quotas.used(client.name),
+        meta = {"name": client.name, "quota": client.quota, "queries_used": used,
                 "rate": client.rate, "burst": client.bucket_capacity}
         if self.watch is not None and self.config.access.disclose_defense:
             meta.update(flagged=self.watch.alarmed(client.name), on_alarm=self.watch.config.on_alarm)
@@ -198,60 +278,131 @@ class Service:
         log.warning("the defense raised a stream alarm for client %s at query %d", client, position)
 
     async def infer(self, name: str, request: Request, version: str | None = None) -> tuple[bytes, dict[str, str]]:
-        """The response body and headers to one inference request (JSON or binary tensor data)."""
+        """The response body and headers to one inference request (JSON or binary tensor data).
+
+        Charged when the work is done (docs/design.md §service-errors): the reservation made
+        before the images are queued is released if the client hangs up before a worker takes
+        them (the job is dropped) or if anything fails, and kept once the model ran on them — also
+        when the client hung up meanwhile (its audit row says ``delivered = 0``). Ownership
+        evidence is written only for a request that is answered and charged."""
         start = time.perf_counter()
-        client = self.authenticate(request)
+        client = await self.authenticate(request)
         self.check_model(name, version)
         alarmed = self.watch is not None and self.watch.alarmed(client.name)
         if alarmed and self.watch.config.on_alarm == "refuse":
             raise QueryStreamRefused(f"client {client.name!r} is refused: its query stream raised an alarm")
         limits = self.config.limits
-        room = self.quotas.headroom(client)  # one indexed read (SQLite) or round trip (Redis)
+        room = await self._nothing_charged(self.quotas.headroom, client)
         servable = limits.max_batch if room is None else min(limits.max_batch, room)
         body = await read_body(request, body_limit(servable, self.input_shape, limits.max_payload_bytes),
                                limits.body_timeout_s)
         parsed = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch,
                                          request.headers.get(HEADER_LENGTH))
-        images, request_id = parsed.images, parsed.id
-        n = len(images)
-        used, reservation = await asyncio.to_thread(self.quotas.reserve, client, n)
-        audited = False
+        images, n = parsed.images, len(parsed.images)
+        used, reservation = await self._nothing_charged(self.quotas.reserve, client, n,
+                                                        on_late=lambda done: self._release_later(client, done[1]))
+        key = self.defenses.key(client.name, alarmed=alarmed)
         try:
-            key = self.defenses.key(client.name, alarmed=alarmed)
-            future = self.batcher.submit(key, torch.from_numpy(images))
-            served = (await asyncio.wrap_future(future)).numpy()
-            if await request.is_disconnected():
-                raise ClientGone("the client disconnected before its answer was ready; not charged")
-            await asyncio.to_thread(self.audit.record, client=client.name, model=name, request_id=request_id,
-                                    images=images, served=served, reservation=reservation,
-                                    settle=self._one_file)
-            audited = True
-            if not self._one_file:
-                await asyncio.to_thread(self.quotas.commit, reservation)
-        except BaseException as error:
-            if not audited:
-                await asyncio.shield(asyncio.to_thread(self.quotas.release, client, reservation))
-            if isinstance(error, ClientGone):
-                log.info("client %s disconnected; its %d queries were released", client.name, n)
-                raise
-            if isinstance(error, UpstreamError):  # a gateway's upstream failed: 502 or 504, not 500
-                log.warning("the upstream failed for client %s; its %d queries were released: %s",
-                            client.name, n, error.message)
-                raise type(error)(f"{error.message}; the queries were not charged") from None
-            if isinstance(error, Exception):
-                log.exception("inference failed for client %s", client.name)
-                raise InferenceFailed(f"the model or defense failed ({type(error).__name__}); "
-                                      "the queries were not charged") from error
-            raise
+            answer, gone = await self._computed(request, self.batcher.submit(key, torch.from_numpy(images), client.name))
+            served = answer.served.numpy()
+            await self.storage(self.audit.record, client=client.name, model=name, request_id=parsed.id,
+                               images=images, served=served, reservation=reservation, settle=self._one_file,
+                               delivered=not gone)
+        except BaseException as error:  # noqa: BLE001 — every failure releases, then re-raises (a typed error)
+            raise await self._unanswered(client, reservation, n, error) from None
+        if not self._one_file:
+            try:
+                await self.storage(self.quotas.commit, reservation)
+            except StorageUnavailable as error:  # the audit row stands: the charge is kept when reconciled
+                log.warning("could not commit the reservation of client %s (%s); its answer is audited, so the "
+                            "charge stands and is settled as kept", client.name, error.message)
+        if gone:
+            log.info("client %s hung up after its %d images ran; charged, not delivered", client.name, n)
+            raise ClientGone("the client hung up after its images ran; charged")
+        if answer.evidence:
+            await self._write_evidence(client.name, answer.evidence)
         if self.watch is not None:
             await self._observe(client.name, images, served)
         if (position := self._new_defense_alarm(key)) is not None:
-            await asyncio.to_thread(self._record_defense_alarm, client.name, position)
+            await self.storage(self._record_defense_alarm, client.name, position)
         labels = {"model": name, "client": client.name}
         self.metrics.inc("mirage_requests_total", **labels)
         self.metrics.inc("mirage_queries_total", n, **labels)
         self.metrics.observe("mirage_request_latency_seconds", time.perf_counter() - start, model=name)
         return infer_response(name, parsed, served, queries_used=used, query_budget=client.quota)
+
+    async def _nothing_charged(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A storage call before anything is charged: its failure is a 503 saying so."""
+        try:
+            return await self.storage(fn, *args, **kwargs)
+        except StorageUnavailable as error:
+            raise StorageUnavailable(f"{error.message}; the request was not answered and nothing was charged",
+                                     retry_after=1) from None
+
+    async def _computed(self, request: Request, future: Future) -> tuple[Answer, bool]:
+        """The job's answer, and whether the client hung up meanwhile. A client that hangs up
+        before a worker took its job has the job dropped (:class:`ClientGone`, nothing computed);
+        once the job runs, it runs to the end."""
+        answer = asyncio.wrap_future(future)
+        hung_up = asyncio.ensure_future(_hung_up(request))
+        try:
+            await asyncio.wait({answer, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done() and future.cancel():
+                raise ClientGone("the client hung up before its images ran; nothing was computed or charged")
+            return await answer, hung_up.done()
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        finally:
+            hung_up.cancel()
+
+    async def _unanswered(self, client: ClientConfig, reservation: str, n: int, error: BaseException) -> BaseException:
+        """Release the reservation of a request that will not be answered, and the error to
+        raise, whose message says truly what was charged."""
+        unknown = isinstance(error, StorageUnavailable) and not error.settled  # the audit write may yet land
+        if not unknown:
+            try:
+                await asyncio.shield(self.storage(self.quotas.release, client, reservation))
+            except StorageUnavailable as failure:
+                unknown = True
+                log.warning("could not release the reservation of client %s (%s); retried when storage recovers",
+                            client.name, failure.message)
+                self._unreleased.append((client, reservation))
+        held = (f"its charge of {n} queries is held as a reservation and settled against the audit log once "
+                "storage recovers (released unless the answer was recorded)")
+        if isinstance(error, ClientGone):
+            log.info("client %s hung up; its %d queries were released", client.name, n)
+            return error
+        if isinstance(error, StorageUnavailable):
+            return StorageUnavailable(f"{error.message} while recording the answer; the request was not answered "
+                                      f"and {held if unknown else 'nothing was charged'}", retry_after=1)
+        if unknown:
+            return StorageUnavailable(f"the request failed ({_short(error)}) and storage failed too; {held}",
+                                      retry_after=1)
+        if isinstance(error, UpstreamError):  # a gateway's upstream failed: 502 or 504, not 500
+            log.warning("the upstream failed for client %s; its %d queries were released: %s",
+                        client.name, n, error.message)
+            return type(error)(f"{error.message}; the queries were not charged")
+        if isinstance(error, Exception):
+            log.error("inference failed for client %s", client.name, exc_info=error)
+            return InferenceFailed(f"the model or defense failed ({type(error).__name__}); "
+                                   "the queries were not charged")
+        return error
+
+    def _release_later(self, client: ClientConfig, reservation: str) -> None:
+        """Undo a charge that storage recorded after the request had given up on it."""
+        try:
+            self.quotas.release(client, reservation)
+        except self.storage.errors:
+            self._unreleased.append((client, reservation))
+
+    async def _write_evidence(self, client: str, records: list) -> None:
+        """Keep an answered, charged request's watermark evidence; a failure is logged (the answer
+        stands)."""
+        try:
+            await self.storage(self.evidence.store.write, records)
+        except StorageUnavailable as error:
+            log.warning("could not keep %d evidence rows of client %s: %s", len(records), client, error.message)
 
     async def _observe(self, client: str, images: Any, served: Any) -> None:
         """Feed an answered (and audited) request to the detector, in a worker thread that runs
@@ -273,18 +424,65 @@ class Service:
         }
         return self.metrics.render(gauges)
 
-    def readiness(self) -> str | None:
-        """``None`` when the service can answer, else why not: the worker is down or, for a
-        gateway, the upstream model is not ready (probed, cached briefly; docs/design.md §gateway)."""
+    async def readiness(self) -> str | None:
+        """``None`` when the service can answer, else why not: the worker is down, storage fails
+        or does not answer (probed at most once per ``HEALTH_CACHE_S``), or, for a gateway, the
+        upstream model is not ready (probed, cached briefly; docs/design.md §gateway)."""
         if not self.batcher.alive:
             return "the inference worker is not running"
-        return self.upstream.readiness() if self.upstream is not None else None
+        if (reason := await self._storage_health()) is not None:
+            return reason
+        return None if self.upstream is None else await asyncio.to_thread(self.upstream.readiness)
+
+    async def _storage_health(self) -> str | None:
+        async with self._health_lock:
+            checked, reason = self._health
+            if time.monotonic() - checked < HEALTH_CACHE_S:
+                return reason
+            probe = min(1.0, self.config.storage.timeout_s)
+            try:
+                await self.storage(self.quotas.ping, probe)
+                await self.storage(self.audit.ping, probe)
+                reason = None
+                if self._unreleased:
+                    await self.storage(self._settle_unreleased)
+            except StorageUnavailable as error:
+                reason = f"storage is unavailable: {error.message}"
+            self._health = (time.monotonic(), reason)
+            return reason
+
+    def _settle_unreleased(self) -> None:
+        """Release the charges that could not be released when their request failed; a charge
+        whose answer did reach the audit log (its write outlived the request's wait) is kept."""
+        pending, self._unreleased = self._unreleased, []
+        answered = self.audit.answered([reservation for _, reservation in pending])
+        for index, (client, reservation) in enumerate(pending):
+            try:
+                if reservation in answered:
+                    self.quotas.commit(reservation)
+                else:
+                    self.quotas.release(client, reservation)
+            except self.storage.errors:
+                self._unreleased.extend(pending[index:])
+                raise
 
     def close(self) -> None:
         self.batcher.stop()
         if self.upstream is not None:
             self.upstream.close()
+        self.storage.close()
         self.quotas.close()
         self.audit.close()
         if self.evidence is not None:
-            self.evidence.close()
+            self.evidence.store.close()
+
+
+async def _hung_up(request: Request) -> None:
+    """Return once the client has hung up. Called after the body was read, so the next ASGI
+    message is ``http.disconnect`` (uvicorn sends it when the connection is lost)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _short(error: BaseException) -> str:
+    return error.message if isinstance(error, ServeError) else type(error).__name__
