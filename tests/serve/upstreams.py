@@ -105,12 +105,18 @@ class FakeUpstream:
             def log_message(self, *args: object) -> None:
                 pass
 
-            def _send(self, status: int, headers: dict, body: bytes) -> None:
+            def _send(self, status: int, headers: dict, body: bytes | Callable) -> None:
+                """``body``: the bytes, or a function that writes them to the socket itself
+                (a slow drip, an answer too large to hold)."""
                 self.send_response(status)
-                for key, value in {"Content-Length": str(len(body)), **headers}.items():
+                length = {} if callable(body) else {"Content-Length": str(len(body))}
+                for key, value in {**length, **headers}.items():
                     self.send_header(key, value)
                 self.end_headers()
-                self.wfile.write(body)
+                if callable(body):
+                    body(self.wfile)
+                else:
+                    self.wfile.write(body)
 
             def do_GET(self) -> None:
                 self._send(200 if upstream.ready else 400, {}, b"")

@@ -2,9 +2,9 @@
 and each defense instance sees all of its requests of that batch at once (so GRAD²'s scoring and
 MAD's Jacobians run on batches, not single images).
 
-Jobs wait in one queue per client and a batch is filled round-robin, one job per client per
-turn (docs/design.md §fair-share): a client flooding the service with large batches delays
-another client's request by about one batch, not by its whole backlog.
+Jobs wait in one queue per client, and a batch is filled one job at a time from the client served
+least recently (docs/design.md §fair-share): a client flooding the service with large batches
+delays another client's request by about one batch, not by its whole backlog.
 
 ``workers`` threads take batches; the forward passes of different batches may overlap (a
 gateway's upstream calls wait on the network), while the defense instances are called by one
@@ -19,7 +19,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -34,6 +34,9 @@ from mirage.serve.errors import UpstreamError
 from mirage.serve.metrics import Metrics
 
 log = logging.getLogger(__name__)
+
+MAX_REMEMBERED_CLIENTS = 100_000
+"""Clients whose last turn the scheduler remembers; idle ones are forgotten past this."""
 
 
 @dataclass
@@ -79,7 +82,9 @@ class MicroBatcher:
         self.model_name = model_name
         self.workers = workers
         self.evidence = evidence
-        self._pending: OrderedDict[str, deque[Job]] = OrderedDict()
+        self._pending: dict[str, deque[Job]] = {}
+        self._last_served: dict[str, int] = {}
+        self._turns = 0
         self._cond = threading.Condition()
         self._defense_lock = threading.Lock()
         self._stopping = False
@@ -136,7 +141,7 @@ class MicroBatcher:
                 self._answer(jobs)
 
     def _next_batch(self) -> list[Job] | None:
-        """The next batch, filled round-robin over clients (``None``: stopping). Waits up to
+        """The next batch, filled from the least recently served clients (``None``: stopping). Waits up to
         ``max_wait`` after the first job for more, while they fit."""
         with self._cond:
             while not self._pending:
@@ -160,17 +165,22 @@ class MicroBatcher:
             return batch
 
     def _next_job(self, room: int, *, first: bool) -> Job | None:
-        """The head job of the first client in turn whose head fits ``room`` images (any size
-        when it is the batch's first); that client goes to the back of the turn."""
-        for client, jobs in self._pending.items():
-            if first or len(jobs[0].x) <= room:
-                job = jobs.popleft()
-                if jobs:
-                    self._pending.move_to_end(client)
-                else:
-                    del self._pending[client]
-                return job
-        return None
+        """The head job of the least recently served client whose head fits ``room`` images (any
+        size when it is the batch's first): a client that was just served waits behind every
+        other that has work, and one that has been idle goes first."""
+        fitting = [client for client, jobs in self._pending.items() if first or len(jobs[0].x) <= room]
+        if not fitting:
+            return None
+        client = min(fitting, key=lambda name: self._last_served.get(name, -1))
+        jobs = self._pending[client]
+        job = jobs.popleft()
+        if not jobs:
+            del self._pending[client]
+        self._turns += 1
+        self._last_served[client] = self._turns
+        if len(self._last_served) > MAX_REMEMBERED_CLIENTS:  # forget idle clients: they go first anyway
+            self._last_served = {name: turn for name, turn in self._last_served.items() if name in self._pending}
+        return job
 
     def _answer(self, jobs: list[Job]) -> None:
         x = torch.cat([job.x for job in jobs])

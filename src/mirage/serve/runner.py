@@ -102,6 +102,10 @@ class LingeringTransport:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
+    def write(self, data: bytes) -> None:
+        if not self._protocol.lingering:  # once lingering, the answer is sent and the write side shut
+            self._transport.write(data)
+
     def close(self) -> None:
         protocol, transport = self._protocol, self._transport
         if transport.is_closing() or protocol.lingering or protocol.conn.their_state is not h11.SEND_BODY:
@@ -170,6 +174,9 @@ class GuardedH11Protocol(H11Protocol):
         status, why = self.conn.rejection or (400, "invalid HTTP request")
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # else the app's answer is on its way
             self.transport.write(_plain_response(status, why))
+        if self.cycle is not None and not self.cycle.response_complete:  # the app's request ends here
+            self.cycle.disconnected = True
+            self.cycle.message_event.set()
         self.transport.close()
 
     def on_response_complete(self) -> None:

@@ -211,19 +211,20 @@ class Service:
         try:
             return check(key)
         except (MissingKey, InvalidKey) as error:
-            failures = await self.storage(self.quotas.auth_failed, source, access.auth_window_s)
+            failures = await self._nothing_charged(self.quotas.auth_failed, source, access.auth_window_s)
             if failures > access.auth_failures:  # concurrent failures passed the check above together
                 wait = await self._auth_wait(source) or access.auth_window_s
                 raise AuthThrottled(f"too many failed authentications from {source}; retry in {wait:.0f}s",
                                     retry_after=wait) from None
             kind = "auth_failed" if failures < access.auth_failures else "auth_throttled"
-            await self.storage(self.audit.record_event, kind, source=source,
-                               detail=f"{error.reason}: {request.method} {request.url.path[:200]}")
+            await self._nothing_charged(self.audit.record_event, kind, source=source,
+                                        detail=f"{error.reason}: {request.method} {request.url.path[:200]}")
             raise
 
     async def _auth_wait(self, source: str) -> float | None:
         access = self.config.access
-        return await self.storage(self.quotas.auth_throttled, source, access.auth_window_s, access.auth_failures)
+        return await self._nothing_charged(self.quotas.auth_throttled, source, access.auth_window_s,
+                                           access.auth_failures)
 
     def check_model(self, name: str, version: str | None = None) -> None:
         """The model of a path, and its version on a ``/versions/{v}`` path (OIP V2 REST)."""
