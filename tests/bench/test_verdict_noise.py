@@ -7,9 +7,11 @@ from mirage.bench.config import SweepConfig
 from mirage.bench.report import suite_sections
 from mirage.bench.summary import (
     FEW_SEEDS_MARGIN,
+    LABELS_ONLY_DEFENSE,
     MARGIN_FLOOR,
     NO_DEFENSE,
     beats_undefended,
+    labels_only,
     noise_margin,
     paired_gains,
     undefended_worst_by_seed,
@@ -82,22 +84,78 @@ def test_three_seeds_of_consistent_five_point_paired_gains_are_recommended():
     assert the_verdict(base + erratic)["deploy"] == NO_DEFENSE
 
 
-def test_a_hard_label_clone_equal_to_the_undefended_one_cannot_win_on_that_attacker():
+def test_a_labels_only_defense_ten_points_below_the_undefended_worst_case_is_recommended_as_argmax():
     # the undefended soft clone is 10 points above its hard-label clone at every seed; the defense
     # keeps the top-1, so its hard-label runs have the undefended transfer sets (equal digests)
     seeds = (0, 1, 2)
     base = undefended([0.95, 0.96, 0.95], [0.85, 0.86, 0.85], seeds)
-    top1 = defended("top1", [0.40, 0.41, 0.42], [0.85, 0.86, 0.85], seeds, digest=lambda s: f"u{s}")
+    top1 = defended("top1", [0.40, 0.41, 0.42], [0.85, 0.86, 0.85], seeds, digest=lambda s: f"u{s}",
+                    defender=0.915)
     by_name = points(base + top1)
+    assert labels_only(by_name["top1"]) and not labels_only(by_name["none"])
     gains = paired_gains(by_name["top1"], by_name["none"])
-    assert gains["hard-label"].gain == 0.0 and gains["soft"].gain > 0.5
-    assert not beats_undefended(by_name["top1"], by_name["none"])
+    # the gain is against the undefended worst case, =undef. or not: 10 points at every seed
+    assert gains["hard-label"].gain == pytest.approx(0.10) and gains["soft"].gain > 0.5
+    assert beats_undefended(by_name["top1"], by_name["none"])
     row = the_verdict(base + top1)
-    assert row["deploy"] == NO_DEFENSE and row["closest"] == "top1" and row["gain on"] == "hard-label @ 0,1,2"
-    # the same clones from answers of its own (another digest) are 10 points below the undefended
-    # worst case: that defense does beat it
+    # its effect is that of answering labels only: argmax, at no perturbation cost, is the pick
+    assert row["deploy"] == LABELS_ONLY_DEFENSE == "argmax"
+    assert row["labels-only bound"] == row["figures of"] == "top1"
+    assert row["worst-case clone"] == pytest.approx(0.8533333) and row["by attacker"].startswith("hard-label")
+    assert row["gain on"] == "hard-label @ 0,1,2" and row["paired gain (pts)"] == "+10.00"
+    assert row["noise margin (pts)"] == "1.00" and row["defender cost (pts)"] == "0.00"
+    assert row["overhead"] is None and row["soft clone"] is None
+    words = verdict_advice(row)
+    assert words.startswith("digits × knockoff: deploy argmax: serve top-1 labels only. top1's worst case")
+    for phrase in ("exactly the undefended API's answers", "its effect is that of answering labels only",
+                   "which argmax does at no perturbation cost",
+                   "argmax has not faced the whole suite here"):
+        assert phrase in words
+    # the same clones from answers of its own (another digest) are its own doing: deployed as itself
     own = defended("own", [0.40, 0.41, 0.42], [0.85, 0.86, 0.85], seeds)
-    assert the_verdict(base + own)["deploy"] == "own"
+    row = the_verdict(base + own)
+    assert row["deploy"] == "own" and row["labels-only bound"] is None and row["figures of"] is None
+    assert "labels only" not in verdict_advice(row)
+
+
+def test_where_argmax_was_measured_a_labels_only_point_is_judged_by_its_runs():
+    seeds = (0, 1, 2)
+    base = undefended([0.95, 0.96, 0.95], [0.85, 0.86, 0.85], seeds)
+    top1 = defended("top1", [0.40, 0.41, 0.42], [0.85, 0.86, 0.85], seeds, digest=lambda s: f"u{s}")
+
+    def argmax(soft):  # its soft attacker trains on one-hot answers: not the hard-label transfer set
+        return defended("argmax", soft, [0.85, 0.86, 0.85], seeds, digest=lambda s: f"u{s}")
+
+    # argmax's own worst case, 0.87 (soft), beats the undefended API by 8-9 points: deployed with it
+    row = the_verdict(base + top1 + argmax([0.87, 0.88, 0.87]))
+    assert row["deploy"] == "argmax" and row["figures of"] is None and row["labels-only bound"] == "top1"
+    assert row["worst-case clone"] == pytest.approx(0.8733333) and row["by attacker"].startswith("soft")
+    words = verdict_advice(row)
+    assert words.startswith("digits × knockoff: deploy argmax. Its worst case, 0.8733")
+    assert "top1's, is the hard-label attacker" in words and "answering labels only" in words
+    # argmax's own runs within the noise (0.5 points): the labels-only point stands or falls with them
+    weak = argmax([0.945, 0.955, 0.945])
+    row = the_verdict(base + top1 + weak)
+    assert row["deploy"] == NO_DEFENSE and row["closest"] == "top1" and row["labels-only bound"] == "top1"
+    words = verdict_advice(row)
+    assert "answering labels only" in words and "argmax's own runs here do not beat" in words
+    # ... and a defense that changes labels comes first
+    other = defended("other", [0.50, 0.50, 0.50], [0.90, 0.91, 0.90], seeds)
+    row = the_verdict(base + top1 + weak + other)
+    assert row["deploy"] == "other" and row["labels-only bound"] == "top1"
+    assert "top1's lower worst case is the hard-label attacker" in verdict_advice(row)
+
+
+def test_a_top1_keeping_defense_under_a_point_below_the_undefended_worst_case_is_not_recommended():
+    seeds = (0, 1, 2)
+    base = undefended([0.90, 0.91, 0.90], [0.893, 0.903, 0.893], seeds)
+    top1 = defended("top1", [0.40, 0.41, 0.42], [0.893, 0.903, 0.893], seeds, digest=lambda s: f"u{s}")
+    row = the_verdict(base + top1)
+    assert row["deploy"] == NO_DEFENSE and row["closest"] == "top1" and row["labels-only bound"] == "top1"
+    assert row["paired gain (pts)"] == "+0.70" and row["noise margin (pts)"] == "1.00"
+    words = verdict_advice(row)
+    assert words.startswith("digits × knockoff: none. ")
+    assert "its effect is that of answering labels only" in words and "within the noise here" in words
 
 
 def test_the_undefended_worst_case_includes_the_hard_label_attacker_and_every_other():

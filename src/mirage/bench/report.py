@@ -183,14 +183,18 @@ VERDICT_TEXT = (
     "if it costs the defender at most 1 point of accuracy and holds every attacker below the "
     "undefended API's worst case (every attacker run against `none`, the hard-label one included) "
     "by more than the noise: per seed both ran, the undefended worst case minus the point's clone "
-    "(0 where the attacker got exactly the undefended answers, `=undef.`), whose mean must exceed "
+    "(also where the attacker got exactly the undefended answers, `=undef.`), whose mean must exceed "
     "max(1 point, one-sided 95 % t bound) at 3 paired seeds or more and 2 points below 3 "
     "(`paired gain`, `noise margin`, `gain on`: the attacker and seeds where the point beats it by "
     "the least). Without such a point the verdict is `none` (`closest`: the nearest miss). Among "
     "several, the lowest worst case, two points compared on the seeds they share per attacker "
     "(`compared on`: the binding attacker's seeds shared with the runner-up), ties to more seeds, "
-    "then to the cheaper point. Suite: {suite}. A worst case still missing an attacker is a lower "
-    "bound (≥) and never recommended.{extra}")
+    "then to the cheaper point. Where the winner's worst case is the hard-label attacker on exactly "
+    "the undefended answers, its effect is that of answering labels only: the pick is `argmax`, "
+    "which does that at no perturbation cost, judged by its own runs where it was measured "
+    "(`labels-only bound`: that point, or the closest; `figures of`: the point whose figures stand "
+    "for `argmax` where it was not). Suite: {suite}. A worst case still missing an attacker is a "
+    "lower bound (≥) and never recommended.{extra}")
 
 
 def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: Path) -> list[Section]:

@@ -291,9 +291,11 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
     Only runs of a suite (records with an ``attacker``) count; runs with a failed clone are left
     out as everywhere else (an attacker retrains them), unless they collapsed at every seed
     (:func:`counted_runs`). Per attacker the clone is the mean over its
-    seeds; ``seeds`` and the spread (``sd``) are kept beside it. A hard-label run whose transfer
-    set is the very one of the undefended API at the same seed (equal ``transfer_digest``) is
-    marked ``same_as_undefended`` (at every seed it ran; ``identical_seeds``: the seeds where it is)."""
+    seeds; ``seeds`` and the spread (``sd``) are kept beside it. A run whose transfer set is the
+    very one the same attacker got from the undefended API at the same seed (equal
+    ``transfer_digest``; in practice a hard-label run against a point that keeps the top-1) is
+    marked ``same_as_undefended`` (at every seed it ran; ``identical_seeds``: the seeds where it is);
+    ``hard_labels``: the attacker trains on top-1 labels only (:func:`hard_label_run`)."""
     seen: dict[tuple[str, str], set[str]] = defaultdict(set)
     grouped: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     undefended_digest: dict[tuple[str, str, str, int], str] = {}
@@ -319,6 +321,7 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
                                      "seeds": sorted(r["seed"] for r in runs),
                                      "by_seed": {r["seed"]: r["clone_accuracy"] for r in runs},
                                      "collapsed": all(r.get("clone_collapsed") for r in runs),
+                                     "hard_labels": all(hard_label_run(r) for r in runs),
                                      "same_as_undefended": defense != "none" and all(same),
                                      "identical_seeds": sorted(r["seed"] for r, s in zip(runs, same, strict=True)
                                                                if s and defense != "none")}
@@ -333,6 +336,17 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
             by_attacker=by_attacker,
             suite=tuple((suites or {}).get(family) or sorted(seen[(scenario, family)]))))
     return dict(panels)
+
+
+def hard_label_run(record: dict[str, Any]) -> bool:
+    """Whether the run's attacker trains on top-1 labels only: its ``attack_params`` say so, or,
+    in a record without them, its named variant does (``mirage.attacks.ATTACKER_SUITE``)."""
+    params = record.get("attack_params")
+    if params is not None:
+        return bool(params.get("hard_labels"))
+    from mirage.attacks.countermeasures import ATTACKER_SUITE
+
+    return bool(ATTACKER_SUITE.get(record.get("attacker"), {}).get("hard_labels"))
 
 
 def _attacker_cell(entry: dict[str, Any]) -> str:
@@ -438,6 +452,11 @@ def deploy_choice(points: list[WorstCasePoint]) -> WorstCasePoint:
 NO_DEFENSE = "none"
 """The verdict's machine-readable pick when no defense point beats the undefended API."""
 
+LABELS_ONLY_DEFENSE = "argmax"
+"""The cheapest labels-only defense: every answer is its top-1 label, with no perturbation and no
+defender cost. The verdict's pick where the winner's worst case is the labels-only bound
+(:func:`labels_only`)."""
+
 MIN_NOISE_SEEDS = 3
 """Paired seeds from which the noise margin is measured from the paired gains themselves."""
 
@@ -502,16 +521,17 @@ def paired_gains(point: WorstCasePoint, undefended: WorstCasePoint) -> dict[str,
     """Per attacker of ``point``: its paired gain over the undefended worst case.
 
     At each seed where both ran, the gain is the undefended worst case at that seed
-    (:func:`undefended_worst_by_seed`) minus the point's clone — except where the run's transfer
-    set is exactly the undefended API's (equal digest, ``identical_seeds``): that attacker met no
-    defense, its clone is the undefended one, and the gain is 0 whatever separates it from the
-    undefended API's strongest attacker. ``None`` where no seed is shared."""
+    (:func:`undefended_worst_by_seed`) minus the point's clone — also where the run's transfer set
+    is exactly the undefended API's (``identical_seeds``, ``=undef.``): the baseline is what the
+    undefended API lets its strongest attacker reach, so a point that leaves an attacker only its
+    undefended transfer set still lowers the attacker's best option by the gap between that
+    attacker and the strongest (the hard-label attacker of a point that keeps every top-1 —
+    :func:`labels_only`). ``None`` where no seed is shared."""
     reference = undefended_worst_by_seed(undefended)
     gains: dict[str, PairedGain | None] = {}
     for attacker, entry in sorted(point.by_attacker.items()):
         seeds = [s for s in entry["seeds"] if s in reference]
-        per_seed = [0.0 if s in entry.get("identical_seeds", ()) else reference[s] - entry["by_seed"][s]
-                    for s in seeds]
+        per_seed = [reference[s] - entry["by_seed"][s] for s in seeds]
         gains[attacker] = (PairedGain(attacker, float(np.mean(per_seed)), noise_margin(per_seed), tuple(seeds))
                            if seeds else None)
     return gains
@@ -529,10 +549,20 @@ def binding_gain(point: WorstCasePoint, undefended: WorstCasePoint) -> PairedGai
 def beats_undefended(point: WorstCasePoint, undefended: WorstCasePoint) -> bool:
     """The verdict's rule (docs/design.md §worst-case): every attacker that faced ``point`` is
     held, on average over the seeds both ran, below the undefended worst case by more than the
-    noise margin of its paired gains (:func:`paired_gains`, :func:`noise_margin`). A point that
-    keeps the top-1 gives the hard-label attacker the undefended transfer set: it never passes."""
+    noise margin of its paired gains (:func:`paired_gains`, :func:`noise_margin`)."""
     gain = binding_gain(point, undefended)
     return gain is not None and gain.significant
+
+
+def labels_only(point: WorstCasePoint) -> bool:
+    """Whether ``point``'s worst case is the labels-only bound: the attacker that reached it trains
+    on top-1 labels and got exactly the undefended API's transfer set at every seed it ran
+    (``same_as_undefended``, ``=undef.``). Against its strongest attacker such a point does what
+    answering labels only does, and :data:`LABELS_ONLY_DEFENSE` does that at no perturbation cost;
+    since the point keeps those top-1s, an attacker can take the labels of its answers and attack
+    it as it would attack :data:`LABELS_ONLY_DEFENSE`."""
+    entry = point.by_attacker[point.worst_attacker]
+    return bool(entry.get("hard_labels") and entry.get("same_as_undefended"))
 
 
 def _label(point: WorstCasePoint) -> str:
@@ -567,20 +597,34 @@ def _no_defense_row(scenario: str, family: str, undefended: WorstCasePoint | Non
             "defender cost (pts)": "0.00", "overhead": None,
             "seeds": None if undefended is None else ",".join(map(str, _seeds(undefended))),
             "compared on": None, "closest": None if closest is None else _label(closest),
-            **_gain_cells(gain), "points pending": pending}
+            **_gain_cells(gain), "points pending": pending,
+            "labels-only bound": None if closest is None or not labels_only(closest) else _label(closest),
+            "figures of": None}
 
 
 def _deploy_row(scenario: str, family: str, best: WorstCasePoint, undefended: WorstCasePoint,
-                eligible: list[WorstCasePoint], pending: int) -> dict[str, Any]:
+                eligible: list[WorstCasePoint], pending: int, stand_in: WorstCasePoint | None = None
+                ) -> dict[str, Any]:
+    """The verdict row that deploys ``best``. ``stand_in``: a labels-only point (:func:`labels_only`)
+    that the verdict judged as :data:`LABELS_ONLY_DEFENSE` — with ``best`` that defense measured on
+    its own runs, or, where ``stand_in is best`` (that defense not measured), deployed in its place
+    with the stand-in's figures (``figures of``; no perturbation: no defender cost, no overhead)."""
     worst_entry = best.by_attacker[best.worst_attacker]
-    return {"scenario": scenario, "attack": family, "deploy": _label(best),
-            "worst-case clone": best.worst,
-            "by attacker": best.worst_attacker + (
-                f" ± {worst_entry['sd']:.3f}" if len(worst_entry["seeds"]) > 1 else ""),
-            "soft clone": best.soft, "undefended worst case": undefended.worst,
-            "defender cost (pts)": f"{100 * best.drop:.2f}", "overhead": best.overhead_ratio,
-            "seeds": ",".join(map(str, _seeds(best))), "compared on": _compared_on(best, eligible),
-            "closest": None, **_gain_cells(binding_gain(best, undefended)), "points pending": pending}
+    row = {"scenario": scenario, "attack": family, "deploy": _label(best),
+           "worst-case clone": best.worst,
+           "by attacker": best.worst_attacker + (
+               f" ± {worst_entry['sd']:.3f}" if len(worst_entry["seeds"]) > 1 else ""),
+           "soft clone": best.soft, "undefended worst case": undefended.worst,
+           "defender cost (pts)": f"{100 * best.drop:.2f}", "overhead": best.overhead_ratio,
+           "seeds": ",".join(map(str, _seeds(best))), "compared on": _compared_on(best, eligible),
+           "closest": None, **_gain_cells(binding_gain(best, undefended)), "points pending": pending,
+           "labels-only bound": (_label(stand_in) if stand_in is not None
+                                 else _label(best) if labels_only(best) else None),
+           "figures of": None}
+    if stand_in is best:
+        row.update({"deploy": LABELS_ONLY_DEFENSE, "soft clone": None, "defender cost (pts)": "0.00",
+                    "overhead": None, "figures of": _label(best)})
+    return row
 
 
 def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float = 0.01
@@ -595,18 +639,32 @@ def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float
     margin) with its paired gain. Among candidates, the lowest worst case wins, two points compared
     on the seeds they share (:func:`deploy_choice`; ``compared on``: the seeds of the binding
     attacker at which the runner-up ran it too); equal worst cases go to the point measured at more
-    seeds, then to the cheaper point: defender cost first, then per-query overhead."""
+    seeds, then to the cheaper point: defender cost first, then per-query overhead.
+
+    A winner whose worst case is the labels-only bound (:func:`labels_only`) does what answering
+    labels only does, so the pick is :data:`LABELS_ONLY_DEFENSE`, with no perturbation cost
+    (``labels-only bound``: that point). Where that defense was measured (complete, within the
+    cost), the labels-only points are judged by its own runs: they leave the candidates, and the
+    choice is made again among the rest (it included, if it beats the undefended API itself);
+    where it was not, the winner's figures stand for it (``figures of``)."""
     rows = []
     for (scenario, family), points in sorted(panels.items()):
         undefended = next((p for p in points if p.defense == "none" and p.complete), None)
         pending = sum(not p.complete for p in points)
         within = [p for p in points if p.defense != "none" and p.complete and p.drop <= max_drop + 1e-6]
         eligible = [] if undefended is None else [p for p in within if beats_undefended(p, undefended)]
-        if eligible:
-            rows.append(_deploy_row(scenario, family, deploy_choice(eligible), undefended, eligible, pending))
-        else:
+        best = deploy_choice(eligible) if eligible else None
+        stand_in = None
+        if best is not None and labels_only(best) and best.defense != LABELS_ONLY_DEFENSE:
+            stand_in = best
+            if any(p.defense == LABELS_ONLY_DEFENSE for p in within):  # measured: judged by its own runs
+                eligible = [p for p in eligible if p.defense == LABELS_ONLY_DEFENSE or not labels_only(p)]
+                best = deploy_choice(eligible) if eligible else None
+        if best is None:
             closest = None if undefended is None else _closest(within, undefended)
             rows.append(_no_defense_row(scenario, family, undefended, closest, pending))
+        else:
+            rows.append(_deploy_row(scenario, family, best, undefended, eligible, pending, stand_in))
     return rows
 
 
@@ -616,23 +674,62 @@ NO_DEFENSE_ADVICE = (
     "the service's `detection` section), and ownership evidence — a watermark in the answers, "
     "tested on a suspect clone with `mirage verify`.")
 
+LABELS_ONLY_BOUND = "the hard-label attacker trained on exactly the undefended API's answers (=undef.)"
+LABELS_ONLY_EFFECT = (f"its effect is that of answering labels only, which {LABELS_ONLY_DEFENSE} does at no "
+                      "perturbation cost")
+
+
+def _labels_only_words(row: dict[str, Any]) -> str:
+    """What a deploy row adds where a labels-only point (``labels-only bound``) is involved."""
+    bound, deploy = row["labels-only bound"], row["deploy"]
+    if bound is None:
+        return ""
+    if bound == deploy:  # the labels-only defense itself, on its own runs
+        return f" Its worst case is {LABELS_ONLY_BOUND}: the effect of answering labels only."
+    if deploy == LABELS_ONLY_DEFENSE:
+        return (f" The lowest worst case beyond the noise, {bound}'s, is {LABELS_ONLY_BOUND}: "
+                f"{LABELS_ONLY_EFFECT}; {LABELS_ONLY_DEFENSE} is judged by its own runs here.")
+    return (f" {bound}'s lower worst case is {LABELS_ONLY_BOUND}: {LABELS_ONLY_EFFECT}; judged by "
+            f"{LABELS_ONLY_DEFENSE}'s own runs here, it does not come first.")
+
 
 def verdict_advice(row: dict[str, Any], max_drop: float = 0.01) -> str:
     """A :func:`verdict` row (computed with the same ``max_drop``) in words: what to deploy and why,
-    or — for :data:`NO_DEFENSE` — that no answer perturbation helps and what to use instead."""
+    or — for :data:`NO_DEFENSE` — that no answer perturbation helps and what to use instead. Where
+    the pick or the closest challenger is a labels-only point (:func:`labels_only`), the words say
+    that its effect is that of answering labels only, which :data:`LABELS_ONLY_DEFENSE` does at no
+    perturbation cost."""
     head = f"{row['scenario']} × {row['attack']}: "
+    if row["figures of"] is not None:  # the labels-only defense, not measured: a point stands for it
+        stand_in = row["figures of"]
+        return (f"{head}deploy {row['deploy']}: serve top-1 labels only. {stand_in}'s worst case, "
+                f"{row['worst-case clone']:.4f} ({row['by attacker']}), is {LABELS_ONLY_BOUND}: "
+                f"{LABELS_ONLY_EFFECT} ({row['deploy']} has not faced the whole suite here; its hard-label "
+                f"clone is this one by construction). {stand_in} beats the undefended API's "
+                f"worst case ({row['undefended worst case']:.4f}) on every attacker beyond the noise "
+                f"across seeds; by the least on {row['gain on']}: {row['paired gain (pts)']} points "
+                f"against a margin of {row['noise margin (pts)']}. Defender cost 0.00 points: "
+                f"{row['deploy']} keeps every top-1.")
     if row["deploy"] != NO_DEFENSE:
         return (f"{head}deploy {row['deploy']}. Its worst case, {row['worst-case clone']:.4f} "
                 f"({row['by attacker']}), beats the undefended API's ({row['undefended worst case']:.4f}) "
                 f"on every attacker beyond the noise across seeds; by the least on {row['gain on']}: "
                 f"{row['paired gain (pts)']} points against a margin of {row['noise margin (pts)']}. "
-                f"Defender cost {row['defender cost (pts)']} points.")
+                f"Defender cost {row['defender cost (pts)']} points.{_labels_only_words(row)}")
     if row["undefended worst case"] is None:
         return (f"{head}none. The undefended API has not faced the whole suite in these runs (no "
                 "complete `none` point), so no defense can be shown to beat it.")
     closest = ("none was measured at the undefended API's seeds" if row["closest"] is None else
                f"closest: {row['closest']}, {row['paired gain (pts)']} points on {row['gain on']} "
                f"against a margin of {row['noise margin (pts)']}")
+    if row["labels-only bound"] == LABELS_ONLY_DEFENSE:
+        closest += f"; its worst case is {LABELS_ONLY_BOUND}"
+    elif row["labels-only bound"] is not None:
+        within_noise = float(row["paired gain (pts)"]) <= float(row["noise margin (pts)"])
+        closest += (f"; its worst case is {LABELS_ONLY_BOUND}: {LABELS_ONLY_EFFECT}, and "
+                    + ("that is within the noise here" if within_noise else
+                       f"{LABELS_ONLY_DEFENSE}'s own runs here do not beat the undefended worst case "
+                       "beyond the noise"))
     cost = f"{100 * max_drop:g} point{'' if abs(max_drop - 0.01) < 1e-9 else 's'}"
     return (f"{head}none. No defense point costing the defender at most {cost} of accuracy lowers "
             f"the worst-case clone below the undefended API's ({row['undefended worst case']:.4f}, "
