@@ -482,3 +482,66 @@ def test_an_unreachable_upstream_without_num_classes_cannot_start(tmp_path, chec
     with ServerThread(create_app(config)) as url:  # it starts, live but not ready
         assert httpx.get(f"{url}/v2/health/live", timeout=5).status_code == 200
         assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 503
+
+
+def test_a_huge_upstream_answer_is_refused_as_it_streams(scripted):
+    """100 MB where the shape allows a few KB: a 502 that charges nothing, without buffering it
+    (declared, or streamed without a length)."""
+    _fake, state, url = scripted
+
+    def endless(wfile):
+        block = b" " * 65536
+        try:
+            for _ in range(1600):  # 100 MB
+                wfile.write(block)
+        except OSError:
+            pass  # the gateway hung up
+
+    for headers in ({"Content-Length": str(100 * 2**20)}, {"Connection": "close"}):
+        state["answer"] = lambda request, headers=headers: (200, headers, endless)
+        start = time.monotonic()
+        response = infer(url, torch.rand(2, *INPUT_SHAPE))
+        assert (response.status_code, response.json()["reason"]) == (502, "upstream_invalid_answer"), response.text
+        assert "exceeds" in response.json()["error"] and time.monotonic() - start < 5
+    assert used(url) == 0
+
+
+def test_a_dripping_upstream_is_cut_at_the_deadline(tmp_path, checkpoints):
+    """An answer dripping one byte every 50 ms never trips a between-bytes timeout; the attempt's
+    own deadline (timeout_s) and the call's (deadline_s) cut it."""
+    answer = probs_json(uniform(1))[2]
+
+    def drip(wfile):
+        try:
+            for byte in answer:
+                wfile.write(bytes([byte]))
+                wfile.flush()
+                time.sleep(0.05)
+        except OSError:
+            pass
+
+    fake = FakeUpstream(lambda request: (200, {"Content-Length": str(len(answer))}, drip)).start()
+    config = gateway(tmp_path, checkpoints, {"url": fake.url, "model": "linear", "num_classes": K, "retries": 2,
+                                             "backoff_s": 0.01, "timeout_s": 0.5, "deadline_s": 1.2})
+    try:
+        with ServerThread(create_app(config)) as url:
+            start = time.monotonic()
+            response = infer(url, torch.rand(1, *INPUT_SHAPE))
+            seconds = time.monotonic() - start
+            assert (response.status_code, response.json()["reason"]) == (504, "upstream_timeout"), response.text
+            assert 1.0 <= seconds < 2.0, seconds
+            assert used(url) == 0
+    finally:
+        fake.stop()
+
+
+def test_the_upstreams_answer_is_never_quoted_to_clients(scripted, caplog):
+    _fake, state, url = scripted
+    secret = b"<html>internal error at db-7.corp:5432 password=hunter2</html>"
+    for answer in ((200, {}, secret), (200, {"Content-Type": "application/json"},
+                                       json.dumps({"outputs": [{"name": "hunter2", "shape": "hunter2",
+                                                                "datatype": "FP32", "data": []}]}).encode())):
+        state["answer"] = lambda request, answer=answer: answer
+        response = infer(url, torch.rand(1, *INPUT_SHAPE))
+        assert response.status_code == 502 and "hunter2" not in response.text, response.text
+    assert "hunter2" in caplog.text  # the operator's log keeps it
