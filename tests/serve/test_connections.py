@@ -298,3 +298,19 @@ def test_repeated_log_messages_are_limited(caplog):
         logger.removeFilter(limit)
     messages = [r.getMessage() for r in caplog.records if r.name == "mirage.test.repeats"]
     assert len(messages) == 4 and "997 similar messages dropped" in messages[-1], messages
+
+
+def test_one_address_cannot_take_every_connection(tmp_path, checkpoints):
+    """127.0.0.2 holds its 4 connections; its fifth is a 503, while 127.0.0.1 is still served."""
+    config = make_config(tmp_path, checkpoints, limits={"max_connections_per_address": 4})
+    with ServerThread(create_app(config)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        held = [socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0)) for _ in range(4)]
+        try:
+            time.sleep(0.2)
+            with socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0)) as extra:
+                assert read_reply(extra, 5).startswith(b"HTTP/1.1 503")
+            assert httpx.get(url + "/v2/health/live").status_code == 200
+        finally:
+            for sock in held:
+                sock.close()

@@ -273,6 +273,9 @@ class LimitsConfig(_Strict):
                                     "to arrive, from the connection's start or its previous response")
     max_connections: int = Field(1024, ge=1, description="open connections; more are closed at once (also "
                                  "capped below the process's file-descriptor limit)")
+    max_connections_per_address: int = Field(
+        64, ge=1, description="open connections from one client address (trusted proxies are exempt: they "
+                              "limit their own clients); more are closed at once")
     max_headers: int = Field(100, ge=8, le=10_000, description="header fields per request")
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1 << 20,
                                   description="bytes of the request line and headers")

@@ -11,6 +11,7 @@ production"); these hold without one.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import socket
 import threading
@@ -121,7 +122,8 @@ class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with the connection discipline of ``limits`` (docs/design.md
     §connections):
 
-    - at most ``max_connections`` open connections (more are answered 503 and closed at once);
+    - at most ``max_connections`` open connections, and ``max_connections_per_address`` from one
+      client address (more are answered 503 and closed at once);
     - the request line and headers within ``header_timeout_s`` of the connection's start or of
       its previous response (a slow-loris client; uvicorn waits for ever);
     - the head and body checks of :class:`GuardedConnection`, answered 400 or 431 and closed;
@@ -134,6 +136,7 @@ class GuardedH11Protocol(H11Protocol):
 
     limits = LimitsConfig()
     max_connections = LimitsConfig().max_connections
+    trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -144,12 +147,26 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) > self.max_connections or self._over_address_limit():
             transport.write(_plain_response(503, "too many connections; retry later"))
             transport.close()
             return
         self.transport = LingeringTransport(transport, self)  # type: ignore[assignment]
         self._arm()
+
+    def _over_address_limit(self) -> bool:
+        """Whether the peer holds more than ``max_connections_per_address`` connections (a trusted
+        proxy never does: it carries many clients and limits them itself)."""
+        if self.client is None:
+            return False
+        host = self.client[0]
+        try:
+            if any(ipaddress.ip_address(host) in network for network in self.trusted):
+                return False
+        except ValueError:
+            return False
+        mine = sum(1 for other in self.connections if other.client is not None and other.client[0] == host)
+        return mine > self.limits.max_connections_per_address
 
     def _arm(self) -> None:
         if self._header_timer is not None:
@@ -263,7 +280,8 @@ def uvicorn_settings(app: FastAPI) -> dict[str, Any]:
     limits = service.config.limits if service is not None else LimitsConfig()
     proxies = service.config.access.trusted_proxies if service is not None else ()
     protocol = type("GuardedH11", (GuardedH11Protocol,),
-                    {"limits": limits, "max_connections": connection_cap(limits)})
+                    {"limits": limits, "max_connections": connection_cap(limits),
+                     "trusted": tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)})
     return {"http": protocol, "proxy_headers": bool(proxies), "forwarded_allow_ips": list(proxies) or None,
             "h11_max_incomplete_event_size": limits.max_header_bytes, "access_log": False}
 

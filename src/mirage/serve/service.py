@@ -20,6 +20,7 @@ import hmac
 import logging
 import math
 import sqlite3
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -169,7 +170,8 @@ class Service:
             log.warning("settled the reservations of a process that is gone: %d kept (answered), "
                         "%d released (unanswered)", kept, released)
         self.reconciled = (kept, released)
-        self._unreleased: list[tuple[ClientConfig, str]] = []  # charges to undo once storage recovers
+        self._unreleased: list[tuple[ClientConfig, str]] = []  # charges to settle once storage recovers
+        self._unreleased_lock = threading.Lock()
         self._health: tuple[float, str | None] = (-math.inf, None)
         self._health_lock = asyncio.Lock()
         self.metrics = Metrics()
@@ -281,7 +283,7 @@ class Service:
     async def infer(self, name: str, request: Request, version: str | None = None) -> tuple[bytes, dict[str, str]]:
         """The response body and headers to one inference request (JSON or binary tensor data).
 
-        Charged when the work is done (docs/design.md §service-errors): the reservation made
+        Charged when the work is done (docs/design.md §reservations): the reservation made
         before the images are queued is released if the client hangs up before a worker takes
         them (the job is dropped) or if anything fails, and kept once the model ran on them — also
         when the client hung up meanwhile (its audit row says ``delivered = 0``). Ownership
@@ -361,14 +363,16 @@ class Service:
         """Release the reservation of a request that will not be answered, and the error to
         raise, whose message says truly what was charged."""
         unknown = isinstance(error, StorageUnavailable) and not error.settled  # the audit write may yet land
-        if not unknown:
+        if unknown:
+            self._hold(client, reservation)  # settled against the audit log later
+        else:
             try:
                 await asyncio.shield(self.storage(self.quotas.release, client, reservation))
             except StorageUnavailable as failure:
                 unknown = True
                 log.warning("could not release the reservation of client %s (%s); retried when storage recovers",
                             client.name, failure.message)
-                self._unreleased.append((client, reservation))
+                self._hold(client, reservation)
         held = (f"its charge of {n} queries is held as a reservation and settled against the audit log once "
                 "storage recovers (released unless the answer was recorded)")
         if isinstance(error, ClientGone):
@@ -390,12 +394,17 @@ class Service:
                                    "the queries were not charged")
         return error
 
+    def _hold(self, client: ClientConfig, reservation: str) -> None:
+        """Keep a charge to settle once storage recovers (readiness retries it)."""
+        with self._unreleased_lock:
+            self._unreleased.append((client, reservation))
+
     def _release_later(self, client: ClientConfig, reservation: str) -> None:
         """Undo a charge that storage recorded after the request had given up on it."""
         try:
             self.quotas.release(client, reservation)
         except self.storage.errors:
-            self._unreleased.append((client, reservation))
+            self._hold(client, reservation)
 
     async def _write_evidence(self, client: str, records: list) -> None:
         """Keep an answered, charged request's watermark evidence; a failure is logged (the answer
@@ -455,17 +464,20 @@ class Service:
     def _settle_unreleased(self) -> None:
         """Release the charges that could not be released when their request failed; a charge
         whose answer did reach the audit log (its write outlived the request's wait) is kept."""
-        pending, self._unreleased = self._unreleased, []
-        answered = self.audit.answered([reservation for _, reservation in pending])
-        for index, (client, reservation) in enumerate(pending):
-            try:
+        with self._unreleased_lock:
+            pending, self._unreleased = self._unreleased, []
+        try:
+            answered = self.audit.answered([reservation for _, reservation in pending])
+            while pending:
+                client, reservation = pending[0]
                 if reservation in answered:
                     self.quotas.commit(reservation)
                 else:
                     self.quotas.release(client, reservation)
-            except self.storage.errors:
-                self._unreleased.extend(pending[index:])
-                raise
+                pending.pop(0)
+        finally:
+            with self._unreleased_lock:
+                self._unreleased.extend(pending)
 
     def close(self) -> None:
         self.batcher.stop()
