@@ -154,17 +154,22 @@ def redis_server(tmp_path):
     server.stop()
 
 
-def stored_counts(config: ServeConfig) -> tuple[dict, tuple[int, int]]:
-    """(per-client (queries, requests) used, (audit rows, audited queries)) as stored on disk."""
+def stored(config: ServeConfig, read):
+    """``read(quotas, audit)`` on the service's stores as they are on disk."""
     from mirage.serve.audit import AuditLog
     from mirage.serve.quotas import QuotaStore
 
     quotas, audit = QuotaStore(config.storage.database), AuditLog(config.audit_path)
     try:
-        return quotas.usage(), audit.count()
+        return read(quotas, audit)
     finally:
         quotas.close()
         audit.close()
+
+
+def stored_counts(config: ServeConfig) -> tuple[dict, tuple[int, int]]:
+    """(per-client (queries, requests) used, (audit rows, audited queries)) as stored on disk."""
+    return stored(config, lambda quotas, audit: (quotas.usage(), audit.count()))
 
 
 def body(x: torch.Tensor, **overrides) -> dict:

@@ -16,15 +16,13 @@ import time
 import httpx
 import pytest
 import torch
-from conftest import KEYS, RedisServer, auth, body, make_config
+from conftest import KEYS, RedisServer, auth, body, make_config, stored
 from test_ownership import ownership_config
 from torch import nn
 
 from mirage.serve.app import create_app
-from mirage.serve.audit import AuditLog
 from mirage.serve.batching import MicroBatcher
 from mirage.serve.evidence import EvidenceStore
-from mirage.serve.quotas import QuotaStore
 from mirage.serve.runner import ServerThread
 
 URL_INFER = "/v2/models/digits/infer"
@@ -66,12 +64,8 @@ def send_and_hang_up(url: str, client: str, n: int, seed: int = 0) -> socket.soc
 
 
 def ledger(config) -> tuple[dict, list[dict]]:
-    quotas, audit = QuotaStore(config.storage.database), AuditLog(config.audit_path)
-    try:
-        return quotas.usage(), audit.rows()
-    finally:
-        quotas.close()
-        audit.close()
+    """(per-client (queries, requests) used, the audit rows) as stored on disk."""
+    return stored(config, lambda quotas, audit: (quotas.usage(), audit.rows()))
 
 
 def wait_until(condition, timeout: float = 10.0) -> None:
