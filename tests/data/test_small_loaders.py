@@ -111,3 +111,43 @@ def test_image_folder_corrupt_image(tmp_path):
 def test_unknown_dataset():
     with pytest.raises(UnknownNameError, match="unknown dataset"):
         load_dataset("imagenet")
+
+
+def test_image_folder_keeps_grayscale_and_its_own_size(tmp_path):
+    """A folder of 28×28 grayscale PNGs loads as (N, 1, 28, 28), not resized to RGB 32×32."""
+    rng = np.random.default_rng(1)
+    pixels = {}
+    for name in ("shirt", "shoe"):
+        (tmp_path / "g" / name).mkdir(parents=True)
+        for i in range(4):
+            pixels[(name, i)] = rng.integers(0, 256, (28, 28), dtype=np.uint8)
+            Image.fromarray(pixels[(name, i)], mode="L").save(tmp_path / "g" / name / f"{i}.png")
+    data = load_image_folder(tmp_path / "g", test_fraction=0.25)
+    assert data.train.images.shape == (6, 1, 28, 28) and data.test.images.shape == (2, 1, 28, 28)
+    assert len(data.mean) == 1
+    every = torch.cat([data.train.images, data.test.images])
+    expected = torch.stack([torch.from_numpy(p).float().div(255) for p in pixels.values()])[:, None]
+    assert sorted(every.flatten(1).tolist()) == sorted(expected.flatten(1).tolist())  # the same pixels, exactly
+    assert load_image_folder(tmp_path / "g", channels=3, image_size=16).train.images.shape == (6, 3, 16, 16)
+
+
+def test_images_of_several_sizes_need_an_image_size(tmp_path):
+    root = write_folder(tmp_path / "imgs")
+    Image.fromarray(np.zeros((9, 9, 3), dtype=np.uint8)).save(root / "ant" / "odd.png")
+    with pytest.raises(ValueError, match="image_size"):
+        load_image_folder(root)
+    assert load_image_folder(root, image_size=12).train.images.shape[1:] == (3, 12, 12)
+
+
+def test_unlabelled_images_from_a_tree_or_an_array(tmp_path):
+    from mirage.data.folders import load_images
+
+    root = write_folder(tmp_path / "imgs", per_class=2)
+    assert load_images(root).shape == (6, 3, 14, 20)
+    array = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
+    np.save(tmp_path / "x.npy", array)
+    loaded = load_images(tmp_path / "x.npy")
+    assert loaded.shape == (5, 1, 8, 8) and torch.equal(loaded[:, 0], torch.from_numpy(array).float() / 255)
+    np.save(tmp_path / "bad.npy", np.full((2, 1, 4, 4), 2.0, dtype=np.float32))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        load_images(tmp_path / "bad.npy")
