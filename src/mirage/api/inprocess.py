@@ -21,7 +21,8 @@ class InProcessAPI:
     """``api.query(x)`` answers with ``defense(x, softmax(model(x)))``.
 
     Args:
-        model: the victim, taking images in [0, 1].
+        model: the victim, taking images in [0, 1]: any module; one without ``input_shape`` (C, H, W)
+            needs ``input_shape=``, and one without ``num_classes`` is probed once.
         defense: any registered defense (``None`` serves clean posteriors).
         query_budget: maximum number of images answered in total; a request that would exceed it
             raises :class:`QueryBudgetExceeded` and spends nothing.
@@ -37,7 +38,7 @@ class InProcessAPI:
                  query_budget: int | None = None, batch_size: int = 256,
                  detector: PradaDetector | None = None, client: str = "default",
                  on_alarm: Literal["flag", "refuse", "switch"] = "flag",
-                 alarm_defense: Defense | None = None) -> None:
+                 alarm_defense: Defense | None = None, input_shape: tuple[int, int, int] | None = None) -> None:
         if on_alarm == "switch" and alarm_defense is None:
             raise ValueError("on_alarm='switch' needs alarm_defense")
         self.detector, self.client, self.on_alarm = detector, client, on_alarm
@@ -47,8 +48,15 @@ class InProcessAPI:
         self.model = model.eval()
         self.defense = defense
         self.batch_size = batch_size
-        self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment]
-        self.num_classes: int = int(model.num_classes)
+        shape = input_shape or getattr(model, "input_shape", None)
+        if shape is None:
+            raise ValueError(f"{type(model).__name__} has no input_shape attribute: pass input_shape=(C, H, W)")
+        self.input_shape: tuple[int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
+        classes = getattr(model, "num_classes", None)
+        if classes is None:  # any module: one probe forward (in eval mode) tells K
+            with torch.no_grad():
+                classes = model(torch.zeros(1, *self.input_shape)).shape[1]
+        self.num_classes: int = int(classes)
         self.ledger = QueryLedger()
         self._budget = query_budget
 

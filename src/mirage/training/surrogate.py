@@ -25,8 +25,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from mirage import paths
-from mirage.api import accuracy, clean_posteriors
+from mirage.api import PredictionAPI, accuracy, clean_posteriors
 from mirage.data import load_dataset
+from mirage.data.base import channel_stats
 from mirage.models import ModelCard, create_model, has_checkpoint, load_checkpoint, save_checkpoint
 from mirage.models.fit import (
     TrainConfig,
@@ -153,3 +154,70 @@ def get_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCard,
     log.info("surrogate %s/%s: test accuracy %s -> %s", scenario.name, config.kind,
              [round(c.test_accuracy or 0, 4) for _, c in members], directory)
     return [m for m, _ in members], [c for _, c in members], False
+
+
+def architecture_for(input_shape: tuple[int, int, int]) -> str:
+    """The registered architecture mirage builds to imitate a model of this input, whether a
+    surrogate of a user's model (:func:`distil_surrogate`) or a clone (docs/design.md
+    §grad2-surrogate): LeNet up to 32×32 pixels, the compact VGG above."""
+    return "lenet" if max(input_shape[1:]) <= 32 else "vgg"
+
+
+def distil_surrogate(model: nn.Module | PredictionAPI, images: Tensor, *, architecture: str | None = None,
+                     config: SurrogateConfig | None = None, holdout: float = 0.1,
+                     batch_size: int = 256) -> list[tuple[nn.Module, ModelCard]]:
+    """A GRAD²/MAD surrogate of any model, from its answers on the defender's own unlabelled
+    ``images`` (N, C, H, W) in [0, 1] (docs/design.md §grad2-surrogate).
+
+    ``model``: a module mapping images to logits (mirage's, a ``.pt2`` or ONNX file loaded with
+    :func:`mirage.models.formats.load_model_file`, the user's own), or a prediction API answering
+    probabilities (:class:`~mirage.api.InProcessAPI`, or :class:`~mirage.serve.HTTPPredictionAPI`
+    for an Open Inference Protocol endpoint: black-box, each image one query). The surrogate is
+    ``architecture`` (default :func:`architecture_for` the input), normalised by the images' own
+    channel statistics, trained on the answers to all but a ``holdout`` share of the images, early
+    stopped as ``config`` says (the ``distilled`` kind's recipe); each member's card records its
+    top-1 agreement with the model on the held-out images as ``test_accuracy``."""
+    config = config or SurrogateConfig()
+    if images.ndim != 4 or not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise ValueError("images must be a finite (N, C, H, W) tensor in [0, 1]")
+    if not 0 < holdout < 1 or len(images) < 10:
+        raise ValueError("distil on at least 10 images, holding out a share in (0, 1) of them")
+    architecture = architecture or architecture_for(tuple(images.shape[1:]))
+    targets = _answers(model, images, batch_size)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.training.seed))
+    held = order[:max(1, round(holdout * len(images)))]
+    train = order[len(held):]
+    if config.num_queries is not None:
+        train = train[:config.num_queries]
+    input_shape, num_classes = tuple(images.shape[1:]), targets.shape[1]
+    mean, std = channel_stats(images[train])
+    torch.manual_seed(config.training.seed)
+    student = create_model(architecture, input_shape, num_classes, mean, std)
+    snapshots, seconds = train_early_stopped(student, images[train], targets[train], config.training,
+                                             config.stop_epoch, config.checkpoints)
+    members = []
+    for state in snapshots:
+        member = create_model(architecture, input_shape, num_classes, mean, std)
+        member.load_state_dict(state)
+        member.eval()
+        agreement = float((clean_posteriors(member, images[held]).argmax(1) == targets[held].argmax(1)).float().mean())
+        card = ModelCard(architecture=architecture, input_shape=input_shape, num_classes=num_classes, mean=mean,
+                         std=std, dataset="", test_accuracy=agreement, seed=config.training.seed,
+                         training={"surrogate": config.model_dump(mode="json"), "distilled_on": len(train),
+                                   "agreement_on": len(held), "source": type(model).__name__},
+                         train_seconds=seconds)
+        members.append((member, card))
+    log.info("distilled a %s surrogate on %d answers: top-1 agreement %s on %d held-out images",
+             architecture, len(train), [round(c.test_accuracy, 4) for _, c in members], len(held))
+    return members
+
+
+def _answers(model: nn.Module | PredictionAPI, images: Tensor, batch_size: int) -> Tensor:
+    """The model's probabilities (N, K) for ``images``: softmax of a module's logits, or what a
+    prediction API answers (checked to be probability vectors)."""
+    if isinstance(model, nn.Module):
+        return clean_posteriors(model, images, batch_size=batch_size)
+    answers = torch.cat([model.query(chunk).float().cpu() for chunk in images.split(batch_size)])
+    if answers.ndim != 2 or not torch.isfinite(answers).all() or (answers.sum(1) - 1).abs().max() > 1e-3:
+        raise ValueError("the prediction API did not answer a probability vector per image")
+    return answers
