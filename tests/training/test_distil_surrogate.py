@@ -21,7 +21,12 @@ from mirage.data import load_dataset
 from mirage.models import load_checkpoint
 from mirage.serve.auth import hash_key
 from mirage.serve.config import ServeConfig
-from mirage.training.surrogate import SURROGATE_TRAINING, SurrogateConfig, architecture_for, distil_surrogate
+from mirage.training.surrogate import (
+    SURROGATE_TRAINING,
+    SurrogateConfig,
+    architecture_for,
+    distil_surrogate,
+)
 
 QUICK = SurrogateConfig(stop_epoch=4, training=SURROGATE_TRAINING.model_copy(update={"epochs": 6, "batch_size": 64}))
 
