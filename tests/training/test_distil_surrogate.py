@@ -105,7 +105,7 @@ def test_the_command_distils_from_a_file_and_an_endpoint_and_grad2_serves_it(use
     result = runner.invoke(app, ["distil-surrogate", "--model", str(exported), "--out", str(tmp_path / "s"), *common])
     assert result.exit_code == 0, result.output
     assert "surrogate = " in result.output
-    surrogate, card = load_checkpoint(tmp_path / "s")
+    surrogate, _ = load_checkpoint(tmp_path / "s")
     assert agreement(surrogate, net, data.test.images) >= 0.8
 
     key = "mk_distil_test_key"
