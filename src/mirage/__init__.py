@@ -21,8 +21,8 @@ __version__ = "0.1.0"
 __all__ = [
     "DefenseSpec", "Evidence", "InProcessAPI", "Protected", "WatermarkConfig", "__version__", "api",
     "attacks", "bench", "create_attack", "create_defense", "create_model", "defenses", "derive_key",
-    "get_scenario", "list_attacks", "list_defenses", "load_checkpoint", "models", "name_the_thief",
-    "ownership", "protect", "resolve_defense", "save_checkpoint",
+    "distil_surrogate", "evaluate", "get_scenario", "list_attacks", "list_defenses", "load_checkpoint",
+    "load_images", "models", "name_the_thief", "ownership", "protect", "resolve_defense", "save_checkpoint",
 ]
 
 
@@ -44,6 +44,15 @@ def __getattr__(name: str) -> Any:
             from mirage.training import resolve as module
         case "Evidence" | "WatermarkConfig" | "derive_key" | "name_the_thief":
             from mirage import ownership as module
+        case "evaluate":  # anything a user brings (docs/design.md §evaluate)
+            from mirage.bench.evaluation import evaluate_model
+
+            globals()[name] = evaluate_model
+            return evaluate_model
+        case "distil_surrogate":
+            from mirage.training import surrogate as module
+        case "load_images":
+            from mirage.data import folders as module
         case "api":
             import mirage.api as package
             return package

@@ -1,6 +1,15 @@
-"""RobustBench-style evaluation of a defense *instance* (docs/design.md §protect): one run of the
-protocol (docs/design.md §protocol) on a scenario's victim, without a sweep, a run id or a cache
-of answers::
+"""RobustBench-style evaluation (docs/design.md §protect, §evaluate).
+
+:func:`evaluate_model` judges anything a user brings — their own model and labelled images, with
+a defense built from their data — against the attacker suite, and gives the worst-case verdict of
+the sweeps (:func:`mirage.bench.summary.verdict`) from the same kind of run records::
+
+    report = mirage.evaluate(net, "my-images/", "grad2", params={"epsilon": 0.5, "target": "unlearn",
+                                                               "preserve_top1": True})
+    print(report.advice)
+
+:func:`evaluate` is one run of the protocol (docs/design.md §protocol) on a scenario's victim
+behind a defense *instance*, without a sweep, a run id or a cache of answers::
 
     import mirage
 
@@ -16,21 +25,26 @@ attacker's data, clone and recipe are the protocol's (:func:`mirage.attacks.pool
 from __future__ import annotations
 
 import copy
+import logging
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from mirage.api import InProcessAPI, accuracy, defended_accuracy
-from mirage.attacks import CloneSpec, create_attack
+from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accuracy
+from mirage.attacks import ATTACKS, CloneSpec, create_attack
 from mirage.attacks.pools import attack_data
-from mirage.data import load_dataset
+from mirage.data import ImageData, load_dataset
+from mirage.data.base import channel_stats
 from mirage.defenses import Defense
 from mirage.models import ModelCard
 from mirage.models.fit import TrainConfig
 from mirage.scenarios import Scenario, get_scenario
 from mirage.training.resolve import DefenseSpec, resolve_victims
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,3 +88,246 @@ def evaluate(defense: Defense | None, *, scenario: str | Scenario = "digits", at
                       defender_accuracy=defender.defended_accuracy, victim_accuracy=defender.clean_accuracy,
                       defender_l1=defender.effective_l1, effective_l1=result.effective_l1,
                       queries=result.queries)
+
+
+# -- anything a user brings ----------------------------------------------------------------------
+
+DEFAULT_ATTACKERS = ("soft", "hard-label", "averaging", "restorer", "noise-robust")
+"""The attackers :func:`evaluate_model` runs unless told: the ``worst_case`` sweep's suite."""
+USER_SCENARIO = "yours"
+
+
+@dataclass(frozen=True)
+class UserSplit:
+    """A user's labelled images split reproducibly (docs/design.md §evaluate): the defender's test
+    set (accuracy, clones judged on it), the attacker's in-distribution pool (its labels are the
+    label-aligning attacker's only) and the defender's own sample (GRAD²'s reference set, the
+    surrogate's distillation images)."""
+
+    test: ImageData
+    pool: ImageData
+    sample: ImageData
+    classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.test.input_shape
+
+
+def split_user_data(data: Any, *, seed: int = 0, test_fraction: float = 0.2,
+                    sample_fraction: float = 0.1) -> UserSplit:
+    """``data`` as a :class:`UserSplit`: an image folder (``root/<class>/<image>``, loaded at its
+    own size and channels), an :class:`~mirage.data.ImageData`, a
+    :class:`~mirage.data.DatasetSplits` (its splits joined), ``(images, labels)`` as tensors or
+    arrays (images (N, C, H, W) in [0, 1], or uint8), or a torch ``Dataset`` of (image, label)."""
+    images, labels = _labelled(data)
+    if images.ndim != 4 or labels.shape != (len(images),):
+        raise ValueError(f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
+                         f"{tuple(labels.shape)}")
+    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise ValueError("pixel values must be finite and in [0, 1]")
+    if len(images) < 50:
+        raise ValueError(f"{len(images)} images are too few to split into test, pool and sample")
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    n_test, n_sample = round(test_fraction * len(images)), round(sample_fraction * len(images))
+    part = {"test": order[:n_test], "sample": order[n_test:n_test + n_sample], "pool": order[n_test + n_sample:]}
+    whole = ImageData(images.float().contiguous(), labels.long())
+    return UserSplit(test=whole.subset(part["test"]), pool=whole.subset(part["pool"]),
+                     sample=whole.subset(part["sample"]), classes=int(labels.max()) + 1)
+
+
+def _labelled(data: Any) -> tuple[Tensor, Tensor]:
+    import numpy as np
+
+    from mirage.data import DatasetSplits
+    from mirage.data.folders import load_image_folder
+
+    if isinstance(data, str | Path):
+        data = load_image_folder(Path(data), test_fraction=0.0)
+    if isinstance(data, DatasetSplits):
+        return torch.cat([data.train.images, data.test.images]), torch.cat([data.train.labels, data.test.labels])
+    if isinstance(data, ImageData):
+        return data.images, data.labels
+    if isinstance(data, tuple) and len(data) == 2:
+        images, labels = (torch.as_tensor(np.asarray(v)) if not isinstance(v, Tensor) else v for v in data)
+        if images.dtype == torch.uint8:
+            images = images.float() / 255
+        return images.float(), labels.long()
+    if isinstance(data, torch.utils.data.Dataset):
+        pairs = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+        return torch.stack([torch.as_tensor(x) for x, _ in pairs]).float(), torch.tensor([int(y) for _, y in pairs])
+    raise TypeError(f"cannot read labelled images from {type(data).__name__}: give an image folder, ImageData, "
+                    "DatasetSplits, (images, labels) or a torch Dataset")
+
+
+@dataclass
+class ModelEvaluation:
+    """What :func:`evaluate_model` measured: one run record per (defense, attacker, seed) in the
+    sweeps' format, the worst-case points, the verdict row and its words, the clones, and the runs
+    whose clone collapsed or diverged (flagged, never counted as protection)."""
+
+    records: list[dict[str, Any]]
+    points: list[Any]
+    verdict: dict[str, Any]
+    advice: str
+    clones: dict[tuple[str, str, int], nn.Module]
+    failed: list[dict[str, Any]]
+
+    def report(self) -> str:
+        """The result as Markdown: each attacker's clone per defense, the worst case, the cost and
+        the verdict in words."""
+        lines = ["| defense | attacker | seed | clone accuracy | defender accuracy | note |", "|---|---|---|---|---|---|"]
+        for r in self.records:
+            note = "collapsed" if r.get("clone_collapsed") else "diverged" if r.get("clone_diverged") else ""
+            lines.append(f"| {r['defense']} | {r['attacker']} | {r['seed']} | {r['clone_accuracy']:.4f} | "
+                         f"{r['defender_accuracy']:.4f} | {note} |")
+        worst = [f"- {p.defense}: worst case {p.worst:.4f} ({p.worst_attacker}), defender cost "
+                 f"{100 * p.drop:.2f} points" + (f", overhead {p.overhead_ratio:.2f}×" if p.overhead_ratio else "")
+                 for p in self.points]
+        return "\n".join(["## Runs", "", *lines, "", "## Worst case", "", *worst, "", "## Verdict", "", self.advice, ""])
+
+
+def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None, *,
+                   params: dict[str, Any] | None = None, attack: str = "knockoff",
+                   attackers: tuple[str, ...] = DEFAULT_ATTACKERS, budget: int = 2000, seeds: tuple[int, ...] = (0,),
+                   clone_training: TrainConfig | str = "grad2", surrogate: nn.Module | None = None,
+                   split_seed: int = 0, progress: bool = True) -> ModelEvaluation:
+    """Judge ``model`` behind ``defense`` against the attacker suite on the user's own ``data``
+    (docs/design.md §evaluate); also the undefended model, against the same attackers and seeds,
+    so the verdict compares them (:func:`mirage.bench.summary.verdict`).
+
+    ``model``: any module mapping images (the data's shape) to logits, or a
+    :class:`~mirage.protection.Protected` (its model and defense; ``defense`` then stays None).
+    ``defense`` with ``params`` is built from the user's data: a missing ``surrogate`` is distilled
+    from the model on the defender's sample (:func:`mirage.training.surrogate.distil_surrogate`),
+    a missing GRAD² reference set is that sample. The clone is
+    :func:`~mirage.training.surrogate.architecture_for` the input, normalised by the pool's
+    statistics, trained with ``clone_training``. Every parameter is checked before anything
+    trains; a clone that collapsed or diverged is flagged in ``failed`` and left out of the
+    worst case, as in the sweeps."""
+    from mirage.attacks.countermeasures import variant_params
+    from mirage.attacks.restorer import tell_restorer
+    from mirage.bench.execute import clone_health, measure_overhead
+    from mirage.bench.summary import verdict, verdict_advice, worst_case_points
+    given = None
+    if isinstance(getattr(model, "defense", None), Defense) and hasattr(model, "predict"):  # a Protected model
+        if defense is not None or model.preprocess is not None:
+            raise ValueError("a Protected model brings its own defense (and no preprocess): pass defense=None")
+        model, given = model.model, model.defense
+    for attacker in attackers:
+        variant_params(attacker)  # an unknown attacker fails here, before anything trains
+    if attack not in ATTACKS:
+        raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACKS)}")
+    if budget < 1 or not seeds:
+        raise ValueError("budget must be at least 1 and seeds not empty")
+    params = dict(params or {})
+    if defense is not None:
+        _check_params(defense, params)
+    split = split_user_data(data, seed=split_seed)
+    if getattr(model, "input_shape", None) is None:  # any module: it learns its shape from the data
+        from mirage.models.formats import ExternalModel
+
+        model = ExternalModel(model, split.input_shape)
+    model = model.eval()
+    probe = split.pool.images[:256]
+    with torch.no_grad():
+        logits = model(split.test.images[:2])
+    if logits.ndim != 2 or logits.shape[1] < split.classes:
+        raise ValueError(f"the model answers shape {tuple(logits.shape)} for 2 images of {split.classes} classes")
+    built = given if given is not None else (None if defense is None else _build_defense(model, defense, params, split,
+                                                                                          surrogate))
+    name = defense or (given.name if given is not None else "none")
+    mean, std = channel_stats(split.pool.images)
+    from mirage.attacks.clone import recipe
+    from mirage.training.surrogate import architecture_for
+
+    clone_spec = CloneSpec(architecture=architecture_for(split.input_shape), mean=mean, std=std,
+                           training=recipe(clone_training))
+    points = [("none", None, {})] + ([] if built is None else [(name, built, params)])
+    plan = [(label, attacker, seed) for label, _, _ in points for attacker in attackers for seed in seeds]
+    log.info("evaluate: %d clones to train (%s attack, %d queries each, %s on %s)", len(plan), attack, budget,
+             clone_spec.architecture, split.input_shape)
+    records, clones, failed = [], {}, []
+    from mirage.progress import progress_bar
+
+    with progress_bar("clones", len(plan), enabled=progress) as advance:
+        for label, defended, point_params in points:
+            defender = defended_accuracy(model, copy.deepcopy(defended), split.test)
+            overhead = None if defended is None else measure_overhead(model, copy.deepcopy(defended), probe)
+            for attacker in attackers:
+                attack_params = tell_restorer(variant_params(attacker), label,
+                                              {k: v for k, v in point_params.items() if _public(v)})
+                for seed in seeds:
+                    torch.manual_seed(seed)
+                    api = InProcessAPI(model, copy.deepcopy(defended), input_shape=split.input_shape)
+                    runner = create_attack(attack, **attack_params)
+                    labelled = split.pool.sample(runner.params.align_labels, seed) if runner.params.align_labels else None
+                    result = runner.run(api, budget, split.pool, clone_spec, seed=seed, labelled=labelled)
+                    predictions = clean_posteriors(result.clone, split.test.images).argmax(1)
+                    final = result.history[-1] if result.history else {}
+                    record = {
+                        "scenario": USER_SCENARIO, "attack_label": attack, "attack_family": attack,
+                        "attacker": attacker, "attack_params": attack_params, "defense": label,
+                        "defense_label": label, "defense_params": {k: v for k, v in point_params.items()
+                                                                   if _public(v)},
+                        "seed": seed, "budget": budget, "queries": result.queries,
+                        "clone_accuracy": float((predictions == split.test.labels).float().mean()),
+                        "victim_accuracy": defender.clean_accuracy, "defender_accuracy": defender.defended_accuracy,
+                        "defender_l1": defender.effective_l1, "effective_l1": result.effective_l1,
+                        "overhead_ratio": overhead, "transfer_digest": final.get("transfer_digest"),
+                        **clone_health(result.clone, result.history, predictions)}
+                    records.append(record)
+                    clones[(label, attacker, seed)] = result.clone
+                    if record["clone_collapsed"] or record["clone_diverged"]:
+                        failed.append(record)
+                        log.warning("the %s clone against %s (seed %d) %s: flagged, not counted", attacker, label,
+                                    seed, "diverged" if record["clone_diverged"] else "collapsed to one class")
+                    advance(1, clone=record["clone_accuracy"])
+    panels = worst_case_points(records, {attack: tuple(attackers)})
+    (row,) = verdict(panels) if panels else ({"deploy": "none"},)
+    advice = verdict_advice(row) if panels else "No attacker produced a healthy clone: nothing can be judged."
+    return ModelEvaluation(records=records, points=panels.get((USER_SCENARIO, attack), []), verdict=row,
+                           advice=advice, clones=clones, failed=failed)
+
+
+def _public(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool) or value is None
+
+
+def _check_params(defense: str, params: dict[str, Any]) -> None:
+    """Each given parameter against its typed field (type and range), before anything trains;
+    the parts the user's data fills (a surrogate, a reference set) may be missing."""
+    from typing import Annotated
+
+    from pydantic import TypeAdapter, ValidationError
+
+    from mirage.defenses import DEFENSES
+
+    if defense not in DEFENSES:
+        raise ValueError(f"unknown defense {defense!r}; known: {sorted(DEFENSES)}")
+    fields = DEFENSES[defense].params.model_fields
+    if unknown := sorted(set(params) - set(fields)):
+        raise ValueError(f"defense {defense} has no parameter {', '.join(unknown)}; it has {sorted(fields)}")
+    for key, value in params.items():
+        try:
+            TypeAdapter(Annotated[fields[key].annotation, fields[key]]).validate_python(value)
+        except ValidationError as error:
+            raise ValueError(f"defense {defense}: {key} = {value!r}: {error.errors()[0]['msg']}") from None
+
+
+def _build_defense(model: nn.Module, defense: str, params: dict[str, Any], split: UserSplit,
+                   surrogate: nn.Module | None) -> Defense:
+    """``defense`` with ``params``, its parts from the user's data (docs/design.md §evaluate)."""
+    from mirage.defenses import DEFENSES, create_defense
+    from mirage.training.surrogate import distil_surrogate
+
+    fields = DEFENSES[defense].params.model_fields
+    params = dict(params)
+    if "reference_x" in fields and params.get("reference_x") is None:
+        params["reference_x"], params["reference_y"] = split.sample.images, split.sample.labels
+    if "surrogate" in fields and params.get("surrogate") is None:
+        if surrogate is None:
+            log.info("distilling a surrogate from the model on the defender's %d sample images", len(split.sample))
+            ((surrogate, _),) = distil_surrogate(model, split.sample.images)
+        params["surrogate"] = surrogate
+    return create_defense(defense, **params)

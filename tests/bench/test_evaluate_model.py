@@ -1,0 +1,143 @@
+"""``mirage.evaluate`` on anything a user brings (docs/design.md §evaluate): a module that is not
+mirage's, data in every form, parameters checked before anything trains, collapsed clones flagged,
+the sweeps' verdict; and the example script CI runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import mirage
+from mirage.attacks.clone import recipe
+from mirage.bench.evaluation import split_user_data
+from mirage.data import ImageData, load_dataset
+
+ROOT = Path(__file__).resolve().parents[2]
+QUICK = recipe("grad2").model_copy(update={"epochs": 4})
+
+
+class UserNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.head(F.max_pool2d(F.relu(self.norm(self.conv(x))), 2).flatten(1))
+
+
+class OneClass(nn.Module):
+    """Answers class 3 for everything: every clone of it collapses."""
+
+    def forward(self, x):
+        return torch.zeros(len(x), 10).index_fill_(1, torch.tensor([3]), 5.0)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    net = UserNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(4):
+        for index in torch.randperm(len(data.train)).split(64):
+            loss = F.cross_entropy(net(data.train.images[index]), data.train.labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.eval(), data
+
+
+def test_parameters_are_checked_before_anything_trains(trained):
+    net, data = trained
+    for kwargs, message in (({"params": {"epsilon": 5}}, "epsilon"), ({"params": {"epsilonn": 1}}, "no parameter"),
+                            ({"attackers": ("soft", "sneaky")}, "sneaky"), ({"defense": "grad3"}, "grad3")):
+        start = time.perf_counter()
+        with pytest.raises(ValueError, match=message):
+            mirage.evaluate(net, data, **{"defense": "grad2", **kwargs})
+        assert time.perf_counter() - start < 1.0, "refused only after training"
+
+
+def test_the_users_data_splits_the_same_whatever_its_form(trained, tmp_path):
+    _, data = trained
+    images = torch.cat([data.train.images, data.test.images])
+    labels = torch.cat([data.train.labels, data.test.labels])
+    forms = [data, ImageData(images, labels), (images, labels),
+             ((images * 255).round().byte().numpy(), labels.numpy()),
+             torch.utils.data.TensorDataset(images, labels)]
+    splits = [split_user_data(form) for form in forms]
+    for split in splits[1:]:
+        assert torch.allclose(split.test.images, splits[0].test.images, atol=1 / 255)
+        assert torch.equal(split.pool.labels, splits[0].pool.labels)
+    first = splits[0]
+    assert len(first.test) + len(first.pool) + len(first.sample) == len(images) and first.classes == 10
+    assert not set(map(tuple, first.test.images.flatten(1).tolist()[:50])) & \
+        set(map(tuple, first.pool.images.flatten(1).tolist()))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        split_user_data((images * 2, labels))
+
+
+def test_a_users_module_is_judged_against_the_undefended_one(trained):
+    net, data = trained
+    report = mirage.evaluate(net, data, "reverse_sigmoid", params={"beta": 0.3}, attackers=("soft", "hard-label"),
+                             budget=400, clone_training=QUICK, progress=False)
+    assert {(r["defense"], r["attacker"]) for r in report.records} == \
+        {(d, a) for d in ("none", "reverse_sigmoid") for a in ("soft", "hard-label")}
+    assert all(0 <= r["clone_accuracy"] <= 1 and r["victim_accuracy"] > 0.8 for r in report.records)
+    assert report.verdict["deploy"] in ("none", "reverse_sigmoid", "argmax")
+    assert "yours × knockoff" in report.advice and "## Verdict" in report.report()
+    protected = mirage.protect(net, "reverse_sigmoid", beta=0.3)
+    with pytest.raises(ValueError, match="input_shape"):
+        mirage.InProcessAPI(net)
+    again = mirage.evaluate(protected, data, attackers=("soft",), budget=200, clone_training=QUICK, progress=False)
+    assert {r["defense"] for r in again.records} == {"none", "reverse_sigmoid"}
+
+
+def test_a_collapsed_clone_is_flagged_never_counted_as_protection():
+    data = load_dataset("digits")
+    report = mirage.evaluate(OneClass(), data, attackers=("soft",), budget=200, clone_training=QUICK, progress=False)
+    assert report.failed and all(r["clone_collapsed"] for r in report.failed)
+    assert report.verdict["deploy"] == "none" and "collapsed" in report.report()
+
+
+def test_the_example_runs_as_ci_runs_it():
+    """examples/evaluate_your_model.py --quick: a user's CNN on an image folder of Fashion-MNIST
+    PNGs, GRAD² unlearn-top1 from the user's data, three attackers, the verdict printed."""
+    result = subprocess.run([sys.executable, str(ROOT / "examples" / "evaluate_your_model.py"), "--quick"],
+                            capture_output=True, text=True, timeout=300, env={**os.environ, "MIRAGE_PROGRESS": "0"},
+                            cwd=ROOT, check=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "## Verdict" in result.stdout and "yours × knockoff" in result.stdout
+    assert np.isfinite(float(result.stdout.rsplit("done in ", 1)[1].split()[0]))
+
+
+def test_the_command_evaluates_a_model_file_on_an_image_folder(trained, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from mirage.cli import app
+
+    net, data = trained
+    for i, (image, label) in enumerate(zip(data.test.images[:300], data.test.labels[:300], strict=True)):
+        folder = tmp_path / "data" / f"digit-{int(label)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image[0] * 255).round().byte().numpy(), mode="L").save(folder / f"{i}.png")
+    exported = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (data.test.images[:2],),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},)),
+                      str(exported))
+    result = CliRunner().invoke(app, ["evaluate", "--model", str(exported), "--data", str(tmp_path / "data"),
+                                      "--defense", "reverse_sigmoid", "-p", "beta=0.3", "--attackers", "soft",
+                                      "--budget", "150", "--report", str(tmp_path / "report.md")])
+    assert result.exit_code == 0, result.output
+    assert "## Verdict" in (tmp_path / "report.md").read_text() and "yours × knockoff" in result.output
