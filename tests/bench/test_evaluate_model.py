@@ -141,3 +141,51 @@ def test_the_command_evaluates_a_model_file_on_an_image_folder(trained, tmp_path
                                       "--budget", "150", "--report", str(tmp_path / "report.md")])
     assert result.exit_code == 0, result.output
     assert "## Verdict" in (tmp_path / "report.md").read_text() and "yours × knockoff" in result.output
+
+
+def test_a_served_endpoint_is_judged_black_box_against_its_baseline(trained, tmp_path, monkeypatch):
+    """``mirage evaluate --url``: a running ``mirage serve`` (reverse sigmoid, disclosed) judged
+    through its API, every query charged to the key, with the model file as the baseline."""
+    from typer.testing import CliRunner
+
+    from mirage.cli import app
+    from mirage.serve.app import create_app
+    from mirage.serve.auth import hash_key
+    from mirage.serve.config import ServeConfig
+    from mirage.serve.runner import ServerThread
+
+    net, data = trained
+    exported = tmp_path / "net.pt2"
+    torch.export.save(torch.export.export(net, (data.test.images[:2],),
+                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},)),
+                      str(exported))
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(data.test.images[:300], data.test.labels[:300], strict=True)):
+        folder = tmp_path / "data" / f"digit-{int(label)}"
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((image[0] * 255).round().byte().numpy(), mode="L").save(folder / f"{i}.png")
+    key = "mk_evaluate_endpoint"
+    config = ServeConfig.model_validate({
+        "model": {"name": "users", "path": str(exported)}, "defense": {"name": "reverse_sigmoid", "params": {"beta": 0.3}},
+        "access": {"disclose_defense": True}, "storage": {"database": str(tmp_path / "serve.sqlite")},
+        "clients": [{"name": "alice", "key_sha256": hash_key(key)}]})
+    monkeypatch.setenv("MIRAGE_API_KEY", key)
+    with ServerThread(create_app(config)) as url:
+        result = CliRunner().invoke(app, ["evaluate", "--url", url, "--model-name", "users", "--model", str(exported),
+                                          "--data", str(tmp_path / "data"), "--attackers", "soft,restorer",
+                                          "--budget", "100", "--report", str(tmp_path / "report.md")])
+        assert result.exit_code == 0, result.output
+        from mirage.serve import HTTPPredictionAPI
+
+        with HTTPPredictionAPI(url, "users", key) as api:
+            used = api.queries_used
+    report = (tmp_path / "report.md").read_text()
+    assert "| reverse_sigmoid | soft |" in report and "| none | restorer |" in report
+    assert used == 60 + 2 * 100  # the defender's test set (20 % of 300) and two attackers
+    hidden = ServeConfig.model_validate({**config.model_dump(mode="json"), "access": {"disclose_defense": False},
+                                         "storage": {"database": str(tmp_path / "hidden.sqlite")}})
+    with ServerThread(create_app(hidden)) as url, HTTPPredictionAPI(url, "users", key) as api:
+        with pytest.raises(ValueError, match="does not disclose"):
+            mirage.evaluate(api, data, attackers=("restorer",))
+        assert api.queries_used == 0  # refused before a single query

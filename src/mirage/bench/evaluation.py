@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ from torch import Tensor, nn
 from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accuracy
 from mirage.attacks import ATTACKS, CloneSpec, create_attack
 from mirage.attacks.pools import attack_data
+from mirage.attacks.restorer import tell_restorer
 from mirage.data import ImageData, load_dataset
 from mirage.data.base import channel_stats
 from mirage.defenses import Defense
@@ -187,35 +189,60 @@ class ModelEvaluation:
         return "\n".join(["## Runs", "", *lines, "", "## Worst case", "", *worst, "", "## Verdict", "", self.advice, ""])
 
 
+@dataclass
+class _Point:
+    """One defense point of an evaluation: its label, a fresh API per run, its public parameters
+    (what a Kerckhoffs attacker is told) and its defender metrics."""
+
+    label: str
+    api: Callable[[], Any]
+    params: dict[str, Any]
+    victim_accuracy: float
+    defender_accuracy: float
+    defender_l1: float | None
+    overhead: float | None
+
+
 def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None, *,
                    params: dict[str, Any] | None = None, attack: str = "knockoff",
                    attackers: tuple[str, ...] = DEFAULT_ATTACKERS, budget: int = 2000, seeds: tuple[int, ...] = (0,),
                    clone_training: TrainConfig | str = "grad2", surrogate: nn.Module | None = None,
-                   split_seed: int = 0, progress: bool = True) -> ModelEvaluation:
+                   baseline: nn.Module | None = None, split_seed: int = 0, progress: bool = True) -> ModelEvaluation:
     """Judge ``model`` behind ``defense`` against the attacker suite on the user's own ``data``
     (docs/design.md §evaluate); also the undefended model, against the same attackers and seeds,
     so the verdict compares them (:func:`mirage.bench.summary.verdict`).
 
-    ``model``: any module mapping images (the data's shape) to logits, or a
-    :class:`~mirage.protection.Protected` (its model and defense; ``defense`` then stays None).
-    ``defense`` with ``params`` is built from the user's data: a missing ``surrogate`` is distilled
-    from the model on the defender's sample (:func:`mirage.training.surrogate.distil_surrogate`),
-    a missing GRAD² reference set is that sample. The clone is
+    ``model``: any module mapping images (the data's shape) to logits; a
+    :class:`~mirage.protection.Protected` (its model and defense; ``defense`` then stays None); or
+    a prediction API such as :class:`~mirage.serve.HTTPPredictionAPI` for a served endpoint
+    (black-box: every query and the defender's accuracy are charged to its key; the undefended
+    comparison is ``baseline``, the model itself, when given). ``defense`` with ``params`` is
+    built from the user's data: a missing ``surrogate`` is distilled from the model on the
+    defender's sample (:func:`mirage.training.surrogate.distil_surrogate`), a missing GRAD²
+    reference set is that sample. The clone is
     :func:`~mirage.training.surrogate.architecture_for` the input, normalised by the pool's
     statistics, trained with ``clone_training``. Every parameter is checked before anything
     trains; a clone that collapsed or diverged is flagged in ``failed`` and left out of the
     worst case, as in the sweeps."""
+    from mirage.attacks.clone import recipe
     from mirage.attacks.countermeasures import variant_params
-    from mirage.attacks.restorer import tell_restorer
-    from mirage.bench.execute import clone_health, measure_overhead
     from mirage.bench.summary import verdict, verdict_advice, worst_case_points
+    from mirage.progress import progress_bar
+    from mirage.training.surrogate import architecture_for
+
+    remote = not isinstance(model, nn.Module) and callable(getattr(model, "query", None))
     given = None
     if isinstance(getattr(model, "defense", None), Defense) and hasattr(model, "predict"):  # a Protected model
         if defense is not None or model.preprocess is not None:
             raise ValueError("a Protected model brings its own defense (and no preprocess): pass defense=None")
         model, given = model.model, model.defense
+    if remote and defense is not None:
+        raise ValueError("a served endpoint answers with its own defense: pass defense=None")
+    served_defense = (model.defense or {}).get("name") if remote else None  # disclosed by the server, or None
     for attacker in attackers:
-        variant_params(attacker)  # an unknown attacker fails here, before anything trains
+        if "restorer" in variant_params(attacker) and remote and served_defense is None:
+            raise ValueError(f"the {attacker} attacker simulates the served defense, which this endpoint does not "
+                             "disclose: leave it out, or serve with access.disclose_defense = true")
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACKS)}")
     if budget < 1 or not seeds:
@@ -224,70 +251,97 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
     if defense is not None:
         _check_params(defense, params)
     split = split_user_data(data, seed=split_seed)
-    if getattr(model, "input_shape", None) is None:  # any module: it learns its shape from the data
-        from mirage.models.formats import ExternalModel
-
-        model = ExternalModel(model, split.input_shape)
-    model = model.eval()
-    probe = split.pool.images[:256]
-    with torch.no_grad():
-        logits = model(split.test.images[:2])
-    if logits.ndim != 2 or logits.shape[1] < split.classes:
-        raise ValueError(f"the model answers shape {tuple(logits.shape)} for 2 images of {split.classes} classes")
-    built = given if given is not None else (None if defense is None else _build_defense(model, defense, params, split,
-                                                                                          surrogate))
-    name = defense or (given.name if given is not None else "none")
+    points = _points(model, remote, given, defense, params, split, surrogate, baseline, served_defense)
     mean, std = channel_stats(split.pool.images)
-    from mirage.attacks.clone import recipe
-    from mirage.training.surrogate import architecture_for
-
     clone_spec = CloneSpec(architecture=architecture_for(split.input_shape), mean=mean, std=std,
                            training=recipe(clone_training))
-    points = [("none", None, {})] + ([] if built is None else [(name, built, params)])
-    plan = [(label, attacker, seed) for label, _, _ in points for attacker in attackers for seed in seeds]
-    log.info("evaluate: %d clones to train (%s attack, %d queries each, %s on %s)", len(plan), attack, budget,
+    plan = len(points) * len(attackers) * len(seeds)
+    log.info("evaluate: %d clones to train (%s attack, %d queries each, %s on %s)", plan, attack, budget,
              clone_spec.architecture, split.input_shape)
     records, clones, failed = [], {}, []
-    from mirage.progress import progress_bar
-
-    with progress_bar("clones", len(plan), enabled=progress) as advance:
-        for label, defended, point_params in points:
-            defender = defended_accuracy(model, copy.deepcopy(defended), split.test)
-            overhead = None if defended is None else measure_overhead(model, copy.deepcopy(defended), probe)
+    with progress_bar("clones", plan, enabled=progress) as advance:
+        for point in points:
             for attacker in attackers:
-                attack_params = tell_restorer(variant_params(attacker), label,
-                                              {k: v for k, v in point_params.items() if _public(v)})
+                attack_params = tell_restorer(variant_params(attacker), point.label, point.params)
                 for seed in seeds:
-                    torch.manual_seed(seed)
-                    api = InProcessAPI(model, copy.deepcopy(defended), input_shape=split.input_shape)
-                    runner = create_attack(attack, **attack_params)
-                    labelled = split.pool.sample(runner.params.align_labels, seed) if runner.params.align_labels else None
-                    result = runner.run(api, budget, split.pool, clone_spec, seed=seed, labelled=labelled)
-                    predictions = clean_posteriors(result.clone, split.test.images).argmax(1)
-                    final = result.history[-1] if result.history else {}
-                    record = {
-                        "scenario": USER_SCENARIO, "attack_label": attack, "attack_family": attack,
-                        "attacker": attacker, "attack_params": attack_params, "defense": label,
-                        "defense_label": label, "defense_params": {k: v for k, v in point_params.items()
-                                                                   if _public(v)},
-                        "seed": seed, "budget": budget, "queries": result.queries,
-                        "clone_accuracy": float((predictions == split.test.labels).float().mean()),
-                        "victim_accuracy": defender.clean_accuracy, "defender_accuracy": defender.defended_accuracy,
-                        "defender_l1": defender.effective_l1, "effective_l1": result.effective_l1,
-                        "overhead_ratio": overhead, "transfer_digest": final.get("transfer_digest"),
-                        **clone_health(result.clone, result.history, predictions)}
+                    record, clone = _one_run(point, attack, attacker, attack_params, seed, budget, split, clone_spec)
                     records.append(record)
-                    clones[(label, attacker, seed)] = result.clone
+                    clones[(point.label, attacker, seed)] = clone
                     if record["clone_collapsed"] or record["clone_diverged"]:
                         failed.append(record)
-                        log.warning("the %s clone against %s (seed %d) %s: flagged, not counted", attacker, label,
-                                    seed, "diverged" if record["clone_diverged"] else "collapsed to one class")
+                        log.warning("the %s clone against %s (seed %d) %s: flagged, not counted", attacker,
+                                    point.label, seed, "diverged" if record["clone_diverged"] else "collapsed")
                     advance(1, clone=record["clone_accuracy"])
     panels = worst_case_points(records, {attack: tuple(attackers)})
     (row,) = verdict(panels) if panels else ({"deploy": "none"},)
     advice = verdict_advice(row) if panels else "No attacker produced a healthy clone: nothing can be judged."
     return ModelEvaluation(records=records, points=panels.get((USER_SCENARIO, attack), []), verdict=row,
                            advice=advice, clones=clones, failed=failed)
+
+
+def _points(model: Any, remote: bool, given: Defense | None, defense: str | None, params: dict[str, Any],
+            split: UserSplit, surrogate: nn.Module | None, baseline: nn.Module | None,
+            served_defense: str | None) -> list[_Point]:
+    """The undefended point (when the model, or a baseline, is at hand) and the defended one."""
+    from mirage.bench.execute import measure_overhead
+
+    def local(label: str, net: nn.Module, built: Defense | None, public: dict[str, Any]) -> _Point:
+        metrics = defended_accuracy(net, copy.deepcopy(built), split.test)
+        overhead = None if built is None else measure_overhead(net, copy.deepcopy(built), split.pool.images[:256])
+        return _Point(label, lambda: InProcessAPI(net, copy.deepcopy(built)), public, metrics.clean_accuracy,
+                      metrics.defended_accuracy, metrics.effective_l1, overhead)
+
+    plain = _as_classifier(baseline if remote else model, split)
+    points = [] if plain is None else [local("none", plain, None, {})]
+    if remote:
+        served = model.query(split.test.images)  # the defender's accuracy, as the endpoint answers
+        accuracy_served = float((served.argmax(1) == split.test.labels).float().mean())
+        clean = points[0].victim_accuracy if points else accuracy_served
+        public = {k: v for k, v in ((model.defense or {}).get("params") or {}).items() if _public(v)}
+        points.append(_Point(served_defense or "served", lambda: model, public, clean, accuracy_served, None, None))
+    elif given is not None or defense is not None:
+        built = given if given is not None else _build_defense(plain, defense, params, split, surrogate)
+        public = {k: v for k, v in (params if given is None else {}).items() if _public(v)}
+        points.append(local(defense or given.name, plain, built, public))
+    return points
+
+
+def _as_classifier(model: nn.Module | None, split: UserSplit) -> nn.Module | None:
+    """A user's module in eval mode, knowing its input shape, checked against the data's classes."""
+    if model is None:
+        return None
+    if getattr(model, "input_shape", None) is None:  # any module: it learns its shape from the data
+        from mirage.models.formats import ExternalModel
+
+        model = ExternalModel(model, split.input_shape)
+    model = model.eval()
+    with torch.no_grad():
+        logits = model(split.test.images[:2])
+    if logits.ndim != 2 or logits.shape[1] < split.classes:
+        raise ValueError(f"the model answers shape {tuple(logits.shape)} for 2 images of {split.classes} classes")
+    return model
+
+
+def _one_run(point: _Point, attack: str, attacker: str, attack_params: dict[str, Any], seed: int, budget: int,
+             split: UserSplit, clone_spec: CloneSpec) -> tuple[dict[str, Any], nn.Module]:
+    """One attacker at one seed against one point: the run record (the sweeps' fields) and the clone."""
+    from mirage.bench.execute import clone_health
+
+    torch.manual_seed(seed)
+    runner = create_attack(attack, **attack_params)
+    labelled = split.pool.sample(runner.params.align_labels, seed) if runner.params.align_labels else None
+    result = runner.run(point.api(), budget, split.pool, clone_spec, seed=seed, labelled=labelled)
+    predictions = clean_posteriors(result.clone, split.test.images).argmax(1)
+    final = result.history[-1] if result.history else {}
+    record = {
+        "scenario": USER_SCENARIO, "attack_label": attack, "attack_family": attack, "attacker": attacker,
+        "attack_params": attack_params, "defense": point.label, "defense_label": point.label,
+        "defense_params": point.params, "seed": seed, "budget": budget, "queries": result.queries,
+        "clone_accuracy": float((predictions == split.test.labels).float().mean()),
+        "victim_accuracy": point.victim_accuracy, "defender_accuracy": point.defender_accuracy,
+        "defender_l1": point.defender_l1, "effective_l1": result.effective_l1, "overhead_ratio": point.overhead,
+        "transfer_digest": final.get("transfer_digest"), **clone_health(result.clone, result.history, predictions)}
+    return record, result.clone
 
 
 def _public(value: Any) -> bool:
