@@ -34,10 +34,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mirage.api import InProcessAPI, accuracy, clean_posteriors, defended_accuracy
+from mirage.api import InProcessAPI, defended_accuracy
 from mirage.attacks import ATTACKS, CloneSpec, create_attack
 from mirage.attacks.pools import attack_data
 from mirage.attacks.restorer import tell_restorer
+from mirage.bench.execute import clone_metrics, measure_overhead
 from mirage.data import ImageData, load_dataset
 from mirage.data.base import channel_stats
 from mirage.defenses import Defense
@@ -86,7 +87,7 @@ def evaluate(defense: Defense | None, *, scenario: str | Scenario = "digits", at
     result = create_attack(attack, **(attack_params or {})).run(
         InProcessAPI(victim, defense), budget, attack_data(scenario, attack), clone_spec, seed=seed)
     full_test = load_dataset(scenario.victim_dataset, scenario.data_root).test
-    return Evaluation(clone_accuracy=accuracy(result.clone, full_test),
+    return Evaluation(clone_accuracy=clone_metrics(result, full_test)["clone_accuracy"],
                       defender_accuracy=defender.defended_accuracy, victim_accuracy=defender.clean_accuracy,
                       defender_l1=defender.effective_l1, effective_l1=result.effective_l1,
                       queries=result.queries)
@@ -283,8 +284,6 @@ def _points(model: Any, remote: bool, given: Defense | None, defense: str | None
             split: UserSplit, surrogate: nn.Module | None, baseline: nn.Module | None,
             served_defense: str | None) -> list[_Point]:
     """The undefended point (when the model, or a baseline, is at hand) and the defended one."""
-    from mirage.bench.execute import measure_overhead
-
     def local(label: str, net: nn.Module, built: Defense | None, public: dict[str, Any]) -> _Point:
         metrics = defended_accuracy(net, copy.deepcopy(built), split.test)
         overhead = None if built is None else measure_overhead(net, copy.deepcopy(built), split.pool.images[:256])
@@ -325,22 +324,17 @@ def _as_classifier(model: nn.Module | None, split: UserSplit) -> nn.Module | Non
 def _one_run(point: _Point, attack: str, attacker: str, attack_params: dict[str, Any], seed: int, budget: int,
              split: UserSplit, clone_spec: CloneSpec) -> tuple[dict[str, Any], nn.Module]:
     """One attacker at one seed against one point: the run record (the sweeps' fields) and the clone."""
-    from mirage.bench.execute import clone_health
-
     torch.manual_seed(seed)
     runner = create_attack(attack, **attack_params)
     labelled = split.pool.sample(runner.params.align_labels, seed) if runner.params.align_labels else None
     result = runner.run(point.api(), budget, split.pool, clone_spec, seed=seed, labelled=labelled)
-    predictions = clean_posteriors(result.clone, split.test.images).argmax(1)
-    final = result.history[-1] if result.history else {}
     record = {
         "scenario": USER_SCENARIO, "attack_label": attack, "attack_family": attack, "attacker": attacker,
         "attack_params": attack_params, "defense": point.label, "defense_label": point.label,
-        "defense_params": point.params, "seed": seed, "budget": budget, "queries": result.queries,
-        "clone_accuracy": float((predictions == split.test.labels).float().mean()),
+        "defense_params": point.params, "seed": seed, "budget": budget,
         "victim_accuracy": point.victim_accuracy, "defender_accuracy": point.defender_accuracy,
         "defender_l1": point.defender_l1, "effective_l1": result.effective_l1, "overhead_ratio": point.overhead,
-        "transfer_digest": final.get("transfer_digest"), **clone_health(result.clone, result.history, predictions)}
+        **clone_metrics(result, split.test)}
     return record, result.clone
 
 

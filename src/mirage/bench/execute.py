@@ -161,6 +161,19 @@ def clone_health(clone: torch.nn.Module, history: list[dict[str, Any]], predicti
             "clone_collapsed": majority >= COLLAPSE_MAJORITY}
 
 
+def clone_metrics(result: AttackResult, test: ImageData) -> dict[str, Any]:
+    """What every run reports of its clone, whoever ran it (a sweep's :func:`execute_run`,
+    :func:`mirage.bench.evaluation.evaluate`, ``mirage.evaluate``): its accuracy on the defender's
+    test set, its health (:func:`clone_health`), the queries spent and the transfer set's size
+    and digest."""
+    predictions = clean_posteriors(result.clone, test.images).argmax(1)
+    final = result.history[-1] if result.history else {}
+    return {"clone_accuracy": float((predictions == test.labels).float().mean()),
+            **clone_health(result.clone, result.history, predictions),
+            "queries": result.queries, "transfer_digest": final.get("transfer_digest"),
+            "transfer_size": result.transfer_size}
+
+
 def prepare_run(spec: RunSpec) -> tuple[Victims, Defense]:
     """The run's victims (plain and served) and its query-time defense, trained (or loaded) and
     cached — victim, a training-time defense's victim, surrogates, detectors. A sweep calls it
@@ -241,7 +254,7 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
     # requests did to the defense's state (or on whether they were replayed from the cache).
     defense = prepare_run(spec)[1]
     test = load_dataset(scenario.victim_dataset, scenario.data_root).test
-    clone_predictions = clean_posteriors(result.clone, test.images).argmax(1)
+    scored = clone_metrics(result, test)
 
     probe = probe_images(scenario, spec.seed)
     probes = probe_metrics(victims, defense, clone_spec.build(card.input_shape, card.num_classes), probe)
@@ -255,18 +268,19 @@ def execute_run(spec: RunSpec) -> dict[str, Any]:
         "victim_test_accuracy": card.test_accuracy,
         "victim_fingerprint": weights_fingerprint(victims.plain),       # the scenario's plain victim
         "served_model_fingerprint": weights_fingerprint(victims.served),  # differs for ini, dpsgd
-        "clone_accuracy": float((clone_predictions == test.labels).float().mean()),
-        **clone_health(result.clone, result.history, clone_predictions),
+        "clone_accuracy": scored["clone_accuracy"],
+        **{key: scored[key] for key in ("clone_final_loss", "clone_diverged", "clone_majority_fraction",
+                                        "clone_collapsed")},
         **l1,
-        "queries": result.queries,
+        "queries": scored["queries"],
         **({"decoys": result.decoys} if result.decoys else {}),
         **({"queries_per_key": result.queries_per_key} if len(result.queries_per_key) > 1 else {}),
         "answers_replayed": replayed,
-        "transfer_digest": final.get("transfer_digest"),
+        "transfer_digest": scored["transfer_digest"],
         "clone_from_cache": bool(final.get("from_cache", False)),
         **({"restorer": final["restorer"]} if "restorer" in final else {}),
         **({"alignment": final["alignment"]} if "alignment" in final else {}),
-        "transfer_size": result.transfer_size,
+        "transfer_size": scored["transfer_size"],
         "overhead_ratio": measure_overhead(victims.served, defense, probe),
         **probes,
         "attack_seconds": result.wall_seconds,
