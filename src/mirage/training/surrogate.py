@@ -148,6 +148,8 @@ def get_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCard,
     if not retrain and all(has_checkpoint(d) for d in member_dirs):
         loaded = [load_checkpoint(d) for d in member_dirs]
         return [m for m, _ in loaded], [c for _, c in loaded], True
+    log.warning("no cached %s surrogate for scenario %s in %s: training it now (%d of %d epochs)", config.kind,
+                scenario.name, directory.parent, config.stop_epoch, config.training.epochs)
     members = train_surrogate(scenario, victim, victim_card, config)
     for (model, card), d in zip(members, member_dirs, strict=True):
         save_checkpoint(model, card, d)
