@@ -65,3 +65,19 @@ def test_probing_the_number_of_classes_moves_no_statistic_and_keeps_the_mode(tmp
     assert model.num_classes == 10 and net.training and all(m.training for m in net.modules())
     for name, value in net.state_dict().items():
         assert torch.equal(value, before[name]), name
+
+
+def test_a_static_batch_export_answers_any_batch(tmp_path):
+    """``torch.export.export(model, (torch.zeros(1, …),))`` fixes the batch at 1 (its default,
+    what a thief exports); the loaded model answers any batch in chunks of it, exactly."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(4 * 8 * 8, 10)).eval()
+    for batch in (1, 3):
+        path = tmp_path / f"static-{batch}.pt2"
+        torch.export.save(torch.export.export(net, (torch.zeros(batch, 1, 8, 8),)), str(path))
+        loaded, card = load_model_file("export", path)
+        assert loaded.batch == batch and card.input_shape == (1, 8, 8) and loaded.num_classes == 10
+        x = torch.rand(7, 1, 8, 8)
+        with torch.no_grad():
+            assert torch.allclose(loaded(x), net(x), atol=1e-6)

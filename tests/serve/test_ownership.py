@@ -247,11 +247,11 @@ def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the
     store.close()
 
 
-@pytest.mark.parametrize("fmt", ["export", "onnx", "checkpoint"])
+@pytest.mark.parametrize("fmt", ["export", "export-static", "onnx", "checkpoint"])
 def test_verify_reads_the_suspect_in_the_thiefs_format(tmp_path, checkpoints, fmt):
     """The evidence a served watermark leaves (written through the service's own store), a clone
-    that learnt alice's answers saved as .pt2, ONNX or a mirage checkpoint: `mirage verify` names
-    alice from each."""
+    that learnt alice's answers saved as .pt2 (also with torch.export's default static batch of
+    one), ONNX or a mirage checkpoint: `mirage verify` names alice from each."""
     from mirage.defenses import create_defense
     from mirage.models import ModelCard, create_model, save_checkpoint
 
@@ -273,6 +273,9 @@ def test_verify_reads_the_suspect_in_the_thiefs_format(tmp_path, checkpoints, fm
     if fmt == "export":
         suspect = tmp_path / "clone.pt2"
         torch.export.save(torch.export.export(model, example, dynamic_shapes=({0: batch},)), str(suspect))
+    elif fmt == "export-static":  # what torch.export.export(model, (torch.zeros(1, 1, 8, 8),)) gives
+        suspect = tmp_path / "clone-static.pt2"
+        torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 8, 8),)), str(suspect))
     elif fmt == "onnx":
         pytest.importorskip("onnxscript")
         suspect = tmp_path / "clone.onnx"

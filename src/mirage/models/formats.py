@@ -31,11 +31,12 @@ class ExternalModel(nn.Module):
     module has no modes (torch raises), and an ONNX session none either."""
 
     def __init__(self, inner: nn.Module | Any, input_shape: Sequence[int], num_classes: int | None = None,
-                 *, has_modes: bool = True) -> None:
+                 *, has_modes: bool = True, batch: int | None = None) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
         self.inner = inner
+        self.batch = batch  # a batch size the file fixes (torch.export's default): calls go in chunks of it
         self._has_modes = has_modes and isinstance(inner, nn.Module)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = self._probe_num_classes() if num_classes is None else int(num_classes)
@@ -57,7 +58,14 @@ class ExternalModel(nn.Module):
         return int(logits.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.inner(x)
+        if self.batch is None or len(x) == self.batch:
+            return self.inner(x)
+        out = []
+        for chunk in x.split(self.batch):  # the last one padded with zero images, their answers dropped
+            pad = self.batch - len(chunk)
+            full = torch.cat([chunk, chunk.new_zeros(pad, *chunk.shape[1:])]) if pad else chunk
+            out.append(self.inner(full)[:len(chunk)])
+        return torch.cat(out)
 
     def train(self, mode: bool = True) -> ExternalModel:
         self.training = mode
@@ -83,6 +91,11 @@ class OnnxSession:
         dims = self.input.shape[1:]
         return tuple(dims) if len(dims) == 3 and all(isinstance(d, int) for d in dims) else None
 
+    def batch(self) -> int | None:
+        """The batch size when the file fixes it."""
+        first = self.input.shape[0] if self.input.shape else None
+        return first if isinstance(first, int) else None
+
     def __call__(self, x: Tensor) -> Tensor:
         (logits, *_) = self.session.run(None, {self.input.name: x.detach().cpu().float().numpy()})
         return torch.from_numpy(logits)
@@ -99,12 +112,15 @@ def import_class(path: str) -> type[nn.Module]:
     return found
 
 
-def _exported_input_shape(program: torch.export.ExportedProgram) -> tuple[int, int, int] | None:
+def _exported_input(program: torch.export.ExportedProgram) -> tuple[tuple[int, int, int] | None, int | None]:
+    """(C, H, W) of an exported program's input when it fixes them, and its batch size when that
+    is static (``torch.export.export(model, (torch.zeros(1, …),))`` without dynamic shapes)."""
     for node in program.graph.nodes:
         if node.op == "placeholder" and node.name in program.graph_signature.user_inputs:
-            shape = node.meta["val"].shape[1:]
-            return tuple(int(s) for s in shape) if len(shape) == 3 else None
-    return None
+            shape = node.meta["val"].shape
+            batch = int(shape[0]) if len(shape) == 4 and isinstance(shape[0], int) else None
+            return (tuple(int(s) for s in shape[1:]) if len(shape) == 4 else None), batch
+    return None, None
 
 
 def load_model_file(format: Format, path: str | Path, *, input_shape: Sequence[int] | None = None,
@@ -120,11 +136,12 @@ def load_model_file(format: Format, path: str | Path, *, input_shape: Sequence[i
         raise FileNotFoundError(f"{path}: no such {format} file")
     if format == "export":
         program = torch.export.load(str(path))
-        shape = input_shape or _exported_input_shape(program)
+        fixed, batch = _exported_input(program)
+        shape = input_shape or fixed
         inner, has_modes = program.module(), False
     elif format == "onnx":
         session = OnnxSession(path)
-        shape = input_shape or session.input_shape()
+        shape, batch = input_shape or session.input_shape(), session.batch()
         inner, has_modes = session, False
     elif format == "state_dict":
         if class_path is None:
@@ -135,12 +152,12 @@ def load_model_file(format: Format, path: str | Path, *, input_shape: Sequence[i
         inner.load_state_dict(load_file(str(path)))
         inner.eval()  # before anything runs through it: batch norm must not update its statistics
         shape = input_shape or getattr(inner, "input_shape", None)
-        has_modes = True
+        has_modes, batch = True, None
     else:
         raise ValueError(f"unknown model format {format!r}; known: checkpoint, {', '.join(SUFFIXES.values())}")
     if shape is None:
         raise ValueError(f"{path}: give the model's input_shape (C, H, W); the {format} file does not fix it")
-    model = ExternalModel(inner, shape, has_modes=has_modes).eval()
+    model = ExternalModel(inner, shape, has_modes=has_modes, batch=batch).eval()
     channels = model.input_shape[0]
     card = ModelCard(architecture=f"{format}:{class_path or path.name}", input_shape=model.input_shape,
                      num_classes=model.num_classes, mean=(0.0,) * channels, std=(1.0,) * channels,
