@@ -16,7 +16,7 @@ SRC = Path(mirage.__file__).parent
 
 # Low -> high. A unit may import its own layer's units and any lower layer's, never a higher one's.
 LAYERS: list[set[str]] = [
-    {"mirage", "registry", "paths", "progress"},  # utilities (``mirage`` is the root package)
+    {"mirage", "registry", "paths", "progress", "devices"},  # utilities (``mirage`` is the root package)
     {"data", "models"},  # datasets; networks, checkpoints and the generic fit loop
     {"scenarios"},  # a victim, its recipe and the attacker's data
     {"defenses", "verify", "ownership"},  # query-time defenses; verification of their watermarks; ownership evidence

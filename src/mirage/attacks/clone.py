@@ -74,6 +74,8 @@ class CloneSpec(BaseModel):
     restarts: int = Field(1, ge=1, description="clones trained (seeds s, s+1, …); the best fit is kept")
     loss: Literal["cross-entropy", "gce", "bootstrap"] = "cross-entropy"
     loss_param: float | None = Field(None, gt=0, le=1, description="q of gce, β of bootstrap")
+    device: str = Field("cpu", description="where the clone trains (docs/design.md §devices); it is "
+                                           "returned on the CPU")
 
     @classmethod
     def like(cls, card: ModelCard, *, training: TrainConfig | str = "grad2") -> CloneSpec:
@@ -154,7 +156,9 @@ def transfer_digest(images: Tensor, targets: Tensor) -> str:
 
 
 def _clone_key(spec: CloneSpec, data: str, num_classes: int) -> str:
-    blob = json.dumps({"spec": spec.model_dump(mode="json"), "data": data, "classes": num_classes,
+    # a CPU clone keeps the key it had before devices existed; another device trains another clone
+    dumped = spec.model_dump(mode="json", exclude={"device"} if spec.device == "cpu" else None)
+    blob = json.dumps({"spec": dumped, "data": data, "classes": num_classes,
                        "code": _training_code(), "torch": torch.__version__}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
@@ -226,12 +230,12 @@ def train_clone(spec: CloneSpec, images: Tensor, answers: Tensor, num_classes: i
     candidates = []
     for restart in range(spec.restarts):
         attempt = spec.model_copy(update={"training": config.model_copy(update={"seed": config.seed + restart})})
-        model = attempt.build(images.shape[1:], num_classes)
+        model = attempt.build(images.shape[1:], num_classes).to(spec.device)
         stats = fit(model, images, targets, attempt.training, loss=loss, description=description,
                     show_progress=show_progress)
         stats.update(transfer_loss=transfer_loss(model, images, targets), restart=restart,
                      transfer_digest=data)
-        candidates.append((model, stats))
+        candidates.append((model.cpu().eval(), stats))
     model, stats = min(candidates, key=lambda c: c[1]["transfer_loss"]
                        if math.isfinite(c[1]["transfer_loss"]) else math.inf)
     if root is not None:

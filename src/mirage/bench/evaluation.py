@@ -208,7 +208,8 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
                    params: dict[str, Any] | None = None, attack: str = "knockoff",
                    attackers: tuple[str, ...] = DEFAULT_ATTACKERS, budget: int = 2000, seeds: tuple[int, ...] = (0,),
                    clone_training: TrainConfig | str = "grad2", surrogate: nn.Module | None = None,
-                   baseline: nn.Module | None = None, split_seed: int = 0, progress: bool = True) -> ModelEvaluation:
+                   baseline: nn.Module | None = None, split_seed: int = 0, progress: bool = True,
+                   device: str | None = None) -> ModelEvaluation:
     """Judge ``model`` behind ``defense`` against the attacker suite on the user's own ``data``
     (docs/design.md §evaluate); also the undefended model, against the same attackers and seeds,
     so the verdict compares them (:func:`mirage.bench.summary.verdict`).
@@ -224,10 +225,13 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
     :func:`~mirage.training.surrogate.architecture_for` the input, normalised by the pool's
     statistics, trained with ``clone_training``. Every parameter is checked before anything
     trains; a clone that collapsed or diverged is flagged in ``failed`` and left out of the
-    worst case, as in the sweeps."""
+    worst case, as in the sweeps. Clones and the surrogate train on ``device``
+    (:func:`mirage.devices.resolve_device`: the argument, ``$MIRAGE_DEVICE`` or the CPU); the
+    model and the defense answer on the CPU."""
     from mirage.attacks.clone import recipe
     from mirage.attacks.countermeasures import variant_params
     from mirage.bench.summary import verdict, verdict_advice, worst_case_points
+    from mirage.devices import resolve_device
     from mirage.progress import progress_bar
     from mirage.training.surrogate import architecture_for
 
@@ -251,11 +255,12 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
     params = dict(params or {})
     if defense is not None:
         _check_params(defense, params)
+    device = resolve_device(device)
     split = split_user_data(data, seed=split_seed)
-    points = _points(model, remote, given, defense, params, split, surrogate, baseline, served_defense)
+    points = _points(model, remote, given, defense, params, split, surrogate, baseline, served_defense, device)
     mean, std = channel_stats(split.pool.images)
     clone_spec = CloneSpec(architecture=architecture_for(split.input_shape), mean=mean, std=std,
-                           training=recipe(clone_training))
+                           training=recipe(clone_training), device=str(device))
     plan = len(points) * len(attackers) * len(seeds)
     log.info("evaluate: %d clones to train (%s attack, %d queries each, %s on %s)", plan, attack, budget,
              clone_spec.architecture, split.input_shape)
@@ -282,7 +287,7 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
 
 def _points(model: Any, remote: bool, given: Defense | None, defense: str | None, params: dict[str, Any],
             split: UserSplit, surrogate: nn.Module | None, baseline: nn.Module | None,
-            served_defense: str | None) -> list[_Point]:
+            served_defense: str | None, device: torch.device) -> list[_Point]:
     """The undefended point (when the model, or a baseline, is at hand) and the defended one."""
     def local(label: str, net: nn.Module, built: Defense | None, public: dict[str, Any]) -> _Point:
         metrics = defended_accuracy(net, copy.deepcopy(built), split.test)
@@ -299,7 +304,7 @@ def _points(model: Any, remote: bool, given: Defense | None, defense: str | None
         public = {k: v for k, v in ((model.defense or {}).get("params") or {}).items() if _public(v)}
         points.append(_Point(served_defense or "served", lambda: model, public, clean, accuracy_served, None, None))
     elif given is not None or defense is not None:
-        built = given if given is not None else _build_defense(plain, defense, params, split, surrogate)
+        built = given if given is not None else _build_defense(plain, defense, params, split, surrogate, device)
         public = {k: v for k, v in (params if given is None else {}).items() if _public(v)}
         points.append(local(defense or given.name, plain, built, public))
     return points
@@ -364,7 +369,7 @@ def _check_params(defense: str, params: dict[str, Any]) -> None:
 
 
 def _build_defense(model: nn.Module, defense: str, params: dict[str, Any], split: UserSplit,
-                   surrogate: nn.Module | None) -> Defense:
+                   surrogate: nn.Module | None, device: torch.device) -> Defense:
     """``defense`` with ``params``, its parts from the user's data (docs/design.md §evaluate)."""
     from mirage.defenses import DEFENSES, create_defense
     from mirage.training.surrogate import distil_surrogate
@@ -376,6 +381,6 @@ def _build_defense(model: nn.Module, defense: str, params: dict[str, Any], split
     if "surrogate" in fields and params.get("surrogate") is None:
         if surrogate is None:
             log.info("distilling a surrogate from the model on the defender's %d sample images", len(split.sample))
-            ((surrogate, _),) = distil_surrogate(model, split.sample.images)
+            ((surrogate, _),) = distil_surrogate(model, split.sample.images, device=device)
         params["surrogate"] = surrogate
     return create_defense(defense, **params)

@@ -64,6 +64,8 @@ def distil_surrogate_command(
     epochs: Annotated[int, typer.Option(help="... of an N-epoch cosine schedule")] = 50,
     checkpoints: Annotated[int, typer.Option(help="keep the last C epochs as an ensemble")] = 1,
     seed: Annotated[int, typer.Option()] = 1,
+    device: Annotated[str | None, typer.Option(help="where it trains: cpu, cuda, mps (default: $MIRAGE_DEVICE, "
+                                                    "else cpu)")] = None,
 ) -> None:
     """Distil a GRAD²/MAD surrogate from any model on your own unlabelled images, so the service
     can defend a model mirage did not train: serve it with [defense] surrogate = "OUT".
@@ -85,14 +87,14 @@ def distil_surrogate_command(
     if model is not None:
         source, _ = load_model_file(format_of(model), model, input_shape=tuple(pixels.shape[1:]),
                                     class_path=class_path)
-        members = distil_surrogate(source, pixels, architecture=architecture, config=config)
+        members = distil_surrogate(source, pixels, architecture=architecture, config=config, device=device)
     else:
         from mirage.serve import HTTPPredictionAPI
 
         if model_name is None or not os.environ.get(key_env):
             raise typer.BadParameter(f"--url needs --model-name and the API key in ${key_env}")
         with HTTPPredictionAPI(url, model_name, os.environ[key_env]) as api:
-            members = distil_surrogate(api, pixels, architecture=architecture, config=config)
+            members = distil_surrogate(api, pixels, architecture=architecture, config=config, device=device)
     for index, (member, card) in enumerate(members):
         save_checkpoint(member, card, out if len(members) == 1 else out / f"member-{index}")
     agreements = ", ".join(f"{card.test_accuracy:.4f}" for _, card in members)

@@ -69,6 +69,7 @@ def train_early_stopped(model: nn.Module, images: Tensor, targets: Tensor, confi
     """Train with ``config``'s N-epoch schedule but stop after ``stop_epoch`` epochs; return the
     state dicts after the last ``keep_last`` epochs (oldest first) and the wall time."""
     generator = torch.Generator().manual_seed(config.seed)
+    device = next(model.parameters()).device
     steps = -(-len(images) // config.batch_size)
     optimizer = make_optimizer(model, config)
     schedule = make_schedule(optimizer, config, config.epochs * steps)
@@ -79,17 +80,17 @@ def train_early_stopped(model: nn.Module, images: Tensor, targets: Tensor, confi
             x = images[index]
             if config.augment:
                 x = random_shift(x, generator)
-            loss = soft_cross_entropy(model(x), targets[index])
+            loss = soft_cross_entropy(model(x.to(device)), targets[index].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             schedule.step()
         log.info("surrogate epoch %d/%d (of %d): loss %.4f", epoch + 1, stop_epoch, config.epochs, loss.item())
         if epoch >= stop_epoch - keep_last:
-            snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+            snapshots.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     model.eval()
     if not snapshots:
-        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        snapshots.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     return snapshots, time.perf_counter() - start
 
 
@@ -166,8 +167,8 @@ def architecture_for(input_shape: tuple[int, int, int]) -> str:
 
 
 def distil_surrogate(model: nn.Module | PredictionAPI, images: Tensor, *, architecture: str | None = None,
-                     config: SurrogateConfig | None = None, holdout: float = 0.1,
-                     batch_size: int = 256) -> list[tuple[nn.Module, ModelCard]]:
+                     config: SurrogateConfig | None = None, holdout: float = 0.1, batch_size: int = 256,
+                     device: str | torch.device | None = None) -> list[tuple[nn.Module, ModelCard]]:
     """A GRAD²/MAD surrogate of any model, from its answers on the defender's own unlabelled
     ``images`` (N, C, H, W) in [0, 1] (docs/design.md §grad2-surrogate).
 
@@ -178,7 +179,11 @@ def distil_surrogate(model: nn.Module | PredictionAPI, images: Tensor, *, archit
     ``architecture`` (default :func:`architecture_for` the input), normalised by the images' own
     channel statistics, trained on the answers to all but a ``holdout`` share of the images, early
     stopped as ``config`` says (the ``distilled`` kind's recipe); each member's card records its
-    top-1 agreement with the model on the held-out images as ``test_accuracy``."""
+    top-1 agreement with the model on the held-out images as ``test_accuracy``. It trains on
+    ``device`` (:func:`mirage.devices.resolve_device`) and is returned on the CPU."""
+    from mirage.devices import resolve_device
+
+    device = resolve_device(device)
     config = config or SurrogateConfig()
     if images.ndim != 4 or not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise ValueError("images must be a finite (N, C, H, W) tensor in [0, 1]")
@@ -194,7 +199,7 @@ def distil_surrogate(model: nn.Module | PredictionAPI, images: Tensor, *, archit
     input_shape, num_classes = tuple(images.shape[1:]), targets.shape[1]
     mean, std = channel_stats(images[train])
     torch.manual_seed(config.training.seed)
-    student = create_model(architecture, input_shape, num_classes, mean, std)
+    student = create_model(architecture, input_shape, num_classes, mean, std).to(device)
     snapshots, seconds = train_early_stopped(student, images[train], targets[train], config.training,
                                              config.stop_epoch, config.checkpoints)
     members = []
