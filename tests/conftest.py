@@ -2,6 +2,8 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 os.environ.setdefault("MIRAGE_PROGRESS", "0")
 # The suite is dominated by small tensors, where a second OpenMP thread only adds overhead
@@ -23,3 +25,35 @@ def isolated_cache(tmp_path, monkeypatch):
     monkeypatch.delenv("MIRAGE_ANSWERS", raising=False)
     monkeypatch.delenv("MIRAGE_CLONES", raising=False)
     return tmp_path / "cache"
+
+
+class UserNet(nn.Module):
+    """Somebody else's classifier for 8×8 digits: batch norm, its own layout, no mirage base class
+    and no ``input_shape`` attribute."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.norm = nn.BatchNorm2d(8)
+        self.head = nn.Linear(8 * 4 * 4, 10)
+
+    def forward(self, x):
+        return self.head(F.max_pool2d(F.relu(self.norm(self.conv(x))), 2).flatten(1))
+
+
+@pytest.fixture(scope="session")
+def user_model():
+    """A :class:`UserNet` trained briefly with Adam on the scikit-learn digits, and the digits."""
+    from mirage.data import load_dataset
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    net = UserNet()
+    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
+    for _ in range(4):
+        for index in torch.randperm(len(data.train)).split(64):
+            loss = F.cross_entropy(net(data.train.images[index]), data.train.labels[index])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return net.eval(), data

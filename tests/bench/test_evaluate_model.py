@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import mirage
@@ -25,17 +24,6 @@ ROOT = Path(__file__).resolve().parents[2]
 QUICK = recipe("grad2").model_copy(update={"epochs": 4})
 
 
-class UserNet(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.norm = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8 * 4 * 4, 10)
-
-    def forward(self, x):
-        return self.head(F.max_pool2d(F.relu(self.norm(self.conv(x))), 2).flatten(1))
-
-
 class OneClass(nn.Module):
     """Answers class 3 for everything: every clone of it collapses."""
 
@@ -43,23 +31,8 @@ class OneClass(nn.Module):
         return torch.zeros(len(x), 10).index_fill_(1, torch.tensor([3]), 5.0)
 
 
-@pytest.fixture(scope="module")
-def trained():
-    data = load_dataset("digits")
-    torch.manual_seed(0)
-    net = UserNet()
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(4):
-        for index in torch.randperm(len(data.train)).split(64):
-            loss = F.cross_entropy(net(data.train.images[index]), data.train.labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return net.eval(), data
-
-
-def test_parameters_are_checked_before_anything_trains(trained):
-    net, data = trained
+def test_parameters_are_checked_before_anything_trains(user_model):
+    net, data = user_model
     for kwargs, message in (({"params": {"epsilon": 5}}, "epsilon"), ({"params": {"epsilonn": 1}}, "no parameter"),
                             ({"attackers": ("soft", "sneaky")}, "sneaky"), ({"defense": "grad3"}, "grad3")):
         start = time.perf_counter()
@@ -68,8 +41,8 @@ def test_parameters_are_checked_before_anything_trains(trained):
         assert time.perf_counter() - start < 1.0, "refused only after training"
 
 
-def test_the_users_data_splits_the_same_whatever_its_form(trained, tmp_path):
-    _, data = trained
+def test_the_users_data_splits_the_same_whatever_its_form(user_model, tmp_path):
+    _, data = user_model
     images = torch.cat([data.train.images, data.test.images])
     labels = torch.cat([data.train.labels, data.test.labels])
     forms = [data, ImageData(images, labels), (images, labels),
@@ -87,8 +60,8 @@ def test_the_users_data_splits_the_same_whatever_its_form(trained, tmp_path):
         split_user_data((images * 2, labels))
 
 
-def test_a_users_module_is_judged_against_the_undefended_one(trained):
-    net, data = trained
+def test_a_users_module_is_judged_against_the_undefended_one(user_model):
+    net, data = user_model
     report = mirage.evaluate(net, data, "reverse_sigmoid", params={"beta": 0.3}, attackers=("soft", "hard-label"),
                              budget=400, clone_training=QUICK, progress=False)
     assert {(r["defense"], r["attacker"]) for r in report.records} == \
@@ -121,13 +94,13 @@ def test_the_example_runs_as_ci_runs_it():
     assert np.isfinite(float(result.stdout.rsplit("done in ", 1)[1].split()[0]))
 
 
-def test_the_command_evaluates_a_model_file_on_an_image_folder(trained, tmp_path):
+def test_the_command_evaluates_a_model_file_on_an_image_folder(user_model, tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
 
     from mirage.cli import app
 
-    net, data = trained
+    net, data = user_model
     for i, (image, label) in enumerate(zip(data.test.images[:300], data.test.labels[:300], strict=True)):
         folder = tmp_path / "data" / f"digit-{int(label)}"
         folder.mkdir(parents=True, exist_ok=True)
@@ -143,7 +116,7 @@ def test_the_command_evaluates_a_model_file_on_an_image_folder(trained, tmp_path
     assert "## Verdict" in (tmp_path / "report.md").read_text() and "yours × knockoff" in result.output
 
 
-def test_a_served_endpoint_is_judged_black_box_against_its_baseline(trained, tmp_path, monkeypatch):
+def test_a_served_endpoint_is_judged_black_box_against_its_baseline(user_model, tmp_path, monkeypatch):
     """``mirage evaluate --url``: a running ``mirage serve`` (reverse sigmoid, disclosed) judged
     through its API, every query charged to the key, with the model file as the baseline."""
     from typer.testing import CliRunner
@@ -154,7 +127,7 @@ def test_a_served_endpoint_is_judged_black_box_against_its_baseline(trained, tmp
     from mirage.serve.config import ServeConfig
     from mirage.serve.runner import ServerThread
 
-    net, data = trained
+    net, data = user_model
     exported = tmp_path / "net.pt2"
     torch.export.save(torch.export.export(net, (data.test.images[:2],),
                                           dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},)),

@@ -11,13 +11,11 @@ import httpx
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 from typer.testing import CliRunner
 
 from mirage.api import InProcessAPI, clean_posteriors
 from mirage.cli import app
-from mirage.data import load_dataset
 from mirage.models import load_checkpoint
 from mirage.serve.auth import hash_key
 from mirage.serve.config import ServeConfig
@@ -29,35 +27,6 @@ from mirage.training.surrogate import (
 )
 
 QUICK = SurrogateConfig(stop_epoch=4, training=SURROGATE_TRAINING.model_copy(update={"epochs": 6, "batch_size": 64}))
-
-
-class UserNet(nn.Module):
-    """Somebody else's classifier: batch norm, its own layout, no mirage base class."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(1, 8, 3, padding=1)
-        self.norm = nn.BatchNorm2d(8)
-        self.head = nn.Linear(8 * 4 * 4, 10)
-
-    def forward(self, x):
-        return self.head(F.max_pool2d(F.relu(self.norm(self.conv(x))), 2).flatten(1))
-
-
-@pytest.fixture(scope="module")
-def user_model():
-    """UserNet trained briefly on the scikit-learn digits (8×8), and the digits."""
-    data = load_dataset("digits")
-    torch.manual_seed(0)
-    net = UserNet()
-    optimizer = torch.optim.Adam(net.parameters(), lr=0.01)
-    for _ in range(4):
-        for index in torch.randperm(len(data.train)).split(64):
-            loss = F.cross_entropy(net(data.train.images[index]), data.train.labels[index])
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-    return net.eval(), data
 
 
 def agreement(surrogate: nn.Module, model: nn.Module, images: torch.Tensor) -> float:
