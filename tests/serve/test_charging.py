@@ -89,7 +89,9 @@ def test_hanging_up_while_queued_computes_and_charges_nothing(tmp_path, checkpoi
         wait_until(lambda: app.state.service.batcher.queued() == 5)
         for sock in sockets:
             sock.close()
-        time.sleep(0.5)  # the server sees the hang-ups and drops the queued jobs
+        # the server sees the hang-ups, drops the queued jobs and releases their charges: only
+        # bob's reservation is left
+        wait_until(lambda: app.state.service.quotas.reservations() == 1)
         model.gate.set()
         blocker.join(30)
         wait_until(lambda: app.state.service.batcher.queued() == 0)
@@ -109,7 +111,7 @@ def test_hanging_up_after_the_model_ran_is_charged_and_marked_undelivered(tmp_pa
         sock = send_and_hang_up(url, "alice", 6)
         wait_until(model.running.is_set)  # a worker took the job: it runs to the end
         sock.close()
-        time.sleep(0.3)
+        time.sleep(1.0)  # the server sees the hang-up (on loopback, within milliseconds)
         model.gate.set()
         wait_until(lambda: ledger(config)[0].get("alice") == (6, 1))
         assert httpx.post(url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")).status_code == 200
