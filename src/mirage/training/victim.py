@@ -70,8 +70,9 @@ def get_victim(scenario: Scenario, *, retrain: bool = False, show_progress: bool
         model, card = load_checkpoint(directory)
         return model, card, True
     log.warning("no cached victim for scenario %s in %s: training it now (%s, %d epochs; the progress bar "
-                "shows the time left). The pinned victims are in results/models: MIRAGE_MODELS=results/models",
-                scenario.name, directory.parent, scenario.architecture, scenario.victim_training.epochs)
+                "shows the time left). MIRAGE_MODELS names another folder of trained models (the sweeps pin "
+                "theirs in results/models)", scenario.name, directory.parent, scenario.architecture,
+                scenario.victim_training.epochs)
     model, card = train_model(scenario.architecture, scenario.arch_kwargs, scenario.victim_dataset,
                               scenario.victim_training, data_root=scenario.data_root,
                               description=f"victim {scenario.name}", show_progress=show_progress)
