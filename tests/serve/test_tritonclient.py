@@ -97,14 +97,17 @@ def test_health_and_metadata(served):
     assert status(unknown) == "404" and "no version '2'" in unknown.value.message()
 
 
+@pytest.mark.parametrize("version", ["", "1"], ids=["plain-path", "versioned-path"])
 @pytest.mark.parametrize("binary_in", [True, False], ids=["binary-in", "json-in"])
 @pytest.mark.parametrize("binary_out", [True, False, None], ids=["binary-out", "json-out", "default-out"])
-def test_infer_matches_in_process(served, victim, binary_in, binary_out):
+def test_infer_matches_in_process(served, victim, binary_in, binary_out, version):
+    """Every combination of path (plain, /versions/1), body (JSON, binary) and output (JSON,
+    binary, the client's default)."""
     client, _, _ = served
     x = images(5, seed=1)
     outputs = None if binary_out is None else [triton.InferRequestedOutput("probabilities", binary_data=binary_out)]
     result = client.infer("digits", [infer_input(x, binary=binary_in)], outputs=outputs, request_id="req-1",
-                          headers=auth("alice"))
+                          model_version=version, headers=auth("alice"))
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6)
     response = result.get_response()
     assert response["id"] == "req-1" and response["model_name"] == "digits" and response["model_version"] == "1"
@@ -113,6 +116,19 @@ def test_infer_matches_in_process(served, victim, binary_in, binary_out):
     assert ("binary_data_size" in output.get("parameters", {})) == sent_binary
     assert ("data" in output) == (not sent_binary)
     assert result.get_output("probabilities")["shape"] == [5, 10]
+
+
+def test_a_headers_dict_reused_after_a_binary_call_gets_a_400_that_says_why(served):
+    """tritonclient writes Inference-Header-Content-Length into the headers dict it is given; a
+    caller who passes the same dict to a later JSON call sends that stale length. The body is then
+    framed wrongly (Triton refuses it too), and the 400 says what to do."""
+    client, _, _ = served
+    headers = auth("alice")
+    client.infer("digits", [infer_input(images(2), binary=True)], headers=headers)
+    assert "Inference-Header-Content-Length" in headers  # the client's side effect
+    with pytest.raises(InferenceServerException) as stale:
+        client.infer("digits", [infer_input(images(2), binary=False)], model_version="1", headers=headers)
+    assert status(stale) == "400" and "stale" in stale.value.message()
 
 
 @pytest.mark.parametrize("dtype", [np.float16, np.float64])
