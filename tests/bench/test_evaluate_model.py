@@ -162,3 +162,19 @@ def test_a_served_endpoint_is_judged_black_box_against_its_baseline(user_model, 
         with pytest.raises(ValueError, match="does not disclose"):
             mirage.evaluate(api, data, attackers=("restorer",))
         assert api.queries_used == 0  # refused before a single query
+
+
+def test_an_out_of_distribution_attacker_brings_its_own_pool(user_model, tmp_path):
+    """``pool``: the attacker queries its own unlabelled images (here the MNIST-like digits turned
+    upside down, as a .npy file) instead of the user's in-distribution share."""
+    net, data = user_model
+    flipped = data.train.images.flip(2)[:300]
+    np.save(tmp_path / "pool.npy", flipped.numpy())
+    report = mirage.evaluate(net, data, attackers=("soft", "aligned"), budget=150, clone_training=QUICK,
+                             progress=False, pool=tmp_path / "pool.npy")
+    assert {r["attacker"] for r in report.records} == {"soft", "aligned"}
+    assert all(r["queries"] <= 150 for r in report.records)
+    with pytest.raises(ValueError, match="images"):
+        mirage.evaluate(net, data, attackers=("soft",), pool=torch.rand(10, 3, 8, 8))
+    with pytest.raises(ValueError, match="unlabelled pool"):
+        mirage.evaluate(net, data, attack="knockoff-adaptive", attackers=("soft",), pool=flipped)

@@ -111,6 +111,11 @@ class UserSplit:
     pool: ImageData
     sample: ImageData
     classes: int
+    labelled: ImageData | None = None  # what the label-aligning attacker holds (default: the pool)
+
+    @property
+    def attacker_labelled(self) -> ImageData:
+        return self.pool if self.labelled is None else self.labelled
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -208,8 +213,8 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
                    params: dict[str, Any] | None = None, attack: str = "knockoff",
                    attackers: tuple[str, ...] = DEFAULT_ATTACKERS, budget: int = 2000, seeds: tuple[int, ...] = (0,),
                    clone_training: TrainConfig | str = "grad2", surrogate: nn.Module | None = None,
-                   baseline: nn.Module | None = None, split_seed: int = 0, progress: bool = True,
-                   device: str | None = None) -> ModelEvaluation:
+                   baseline: nn.Module | None = None, pool: Any = None, split_seed: int = 0,
+                   progress: bool = True, device: str | None = None) -> ModelEvaluation:
     """Judge ``model`` behind ``defense`` against the attacker suite on the user's own ``data``
     (docs/design.md §evaluate); also the undefended model, against the same attackers and seeds,
     so the verdict compares them (:func:`mirage.bench.summary.verdict`).
@@ -223,7 +228,10 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
     defender's sample (:func:`mirage.training.surrogate.distil_surrogate`), a missing GRAD²
     reference set is that sample. The clone is
     :func:`~mirage.training.surrogate.architecture_for` the input, normalised by the pool's
-    statistics, trained with ``clone_training``. Every parameter is checked before anything
+    statistics, trained with ``clone_training``. ``pool``: the attacker's own unlabelled images
+    (a folder or ``.npy`` file for :func:`~mirage.data.folders.load_images`, or a tensor), an
+    out-of-distribution attacker, instead of the in-distribution share of ``data``. Every
+    parameter is checked before anything
     trains; a clone that collapsed or diverged is flagged in ``failed`` and left out of the
     worst case, as in the sweeps. Clones and the surrogate train on ``device``
     (:func:`mirage.devices.resolve_device`: the argument, ``$MIRAGE_DEVICE`` or the CPU); the
@@ -257,6 +265,10 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
         _check_params(defense, params)
     device = resolve_device(device)
     split = split_user_data(data, seed=split_seed)
+    if pool is not None:
+        if attack == "knockoff-adaptive":
+            raise ValueError("knockoff-adaptive groups the pool by its labels: an unlabelled pool cannot serve it")
+        split = _with_pool(split, pool)
     points = _points(model, remote, given, defense, params, split, surrogate, baseline, served_defense, device)
     mean, std = channel_stats(split.pool.images)
     clone_spec = CloneSpec(architecture=architecture_for(split.input_shape), mean=mean, std=std,
@@ -310,6 +322,21 @@ def _points(model: Any, remote: bool, given: Defense | None, defense: str | None
     return points
 
 
+def _with_pool(split: UserSplit, pool: Any) -> UserSplit:
+    """``split`` with the attacker's own unlabelled images as its pool (labels unknown: -1)."""
+    from mirage.data.folders import load_images
+
+    images = load_images(pool) if isinstance(pool, str | Path) else torch.as_tensor(pool).float()
+    if images.ndim != 4 or tuple(images.shape[1:]) != split.input_shape:
+        raise ValueError(f"the attacker's pool must be images {split.input_shape} like the data's, got "
+                         f"{tuple(images.shape[1:])}")
+    if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
+        raise ValueError("the attacker's pool must hold pixel values in [0, 1]")
+    unlabelled = ImageData(images.contiguous(), torch.full((len(images),), -1, dtype=torch.int64))
+    return UserSplit(test=split.test, pool=unlabelled, sample=split.sample, classes=split.classes,
+                     labelled=split.pool)
+
+
 def _as_classifier(model: nn.Module | None, split: UserSplit) -> nn.Module | None:
     """A user's module in eval mode, knowing its input shape, checked against the data's classes."""
     if model is None:
@@ -331,7 +358,8 @@ def _one_run(point: _Point, attack: str, attacker: str, attack_params: dict[str,
     """One attacker at one seed against one point: the run record (the sweeps' fields) and the clone."""
     torch.manual_seed(seed)
     runner = create_attack(attack, **attack_params)
-    labelled = split.pool.sample(runner.params.align_labels, seed) if runner.params.align_labels else None
+    labelled = split.attacker_labelled.sample(runner.params.align_labels, seed) if runner.params.align_labels \
+        else None
     result = runner.run(point.api(), budget, split.pool, clone_spec, seed=seed, labelled=labelled)
     record = {
         "scenario": USER_SCENARIO, "attack_label": attack, "attack_family": attack, "attacker": attacker,
