@@ -34,6 +34,9 @@ def evaluate_command(
     = "soft,hard-label,averaging,restorer,noise-robust",
     budget: Annotated[int, typer.Option(help="queries per attacker")] = 2000,
     seeds: Annotated[str, typer.Option(help="comma-separated seeds (3 or more for a verdict under 2 points)")] = "0",
+    pool: Annotated[Path | None, typer.Option(help="the attacker's own unlabelled images (a folder or .npy): an "
+                                                   "out-of-distribution attacker (default: a share of --data)")]
+    = None,
     report: Annotated[Path | None, typer.Option(help="write the Markdown report here")] = None,
     device: Annotated[str | None, typer.Option(help="where clones and the surrogate train: cpu, cuda, mps "
                                                     "(default: $MIRAGE_DEVICE, else cpu)")] = None,
@@ -56,7 +59,7 @@ def evaluate_command(
     net = None if model is None else load_model_file(format_of(model), model, input_shape=images.train.input_shape,
                                                      class_path=class_path)[0]
     common = {"attack": attack, "attackers": tuple(a.strip() for a in attackers.split(",") if a.strip()),
-              "budget": budget, "seeds": tuple(int(s) for s in seeds.split(",")), "device": device}
+              "budget": budget, "seeds": tuple(int(s) for s in seeds.split(",")), "device": device, "pool": pool}
     if url is None:
         result = evaluate_model(net, images, defense, params=parse_params(param), **common)
     else:
