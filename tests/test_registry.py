@@ -52,3 +52,18 @@ def test_training_time_defenses_are_registered_like_query_time_ones():
     assert entry.summary.startswith("DP-SGD") and entry.params.model_fields["noise_multiplier"]
     assert resolve_config("dpsgd", {"noise_multiplier": 2.0}) == entry.params(noise_multiplier=2.0)
     assert is_training_time("ini") and not is_training_time("none") and not is_training_time("grad2")
+
+
+def test_a_defense_repr_is_one_short_line():
+    """Tensors by shape, modules by class: a reference set must not print its pixels."""
+    import torch
+
+    from mirage.defenses import create_defense
+    from mirage.models import create_model
+
+    surrogate = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.5,))
+    defense = create_defense("grad2", epsilon=0.5, target="unlearn", surrogate=surrogate,
+                             reference_x=torch.rand(50, 1, 8, 8), reference_y=torch.randint(0, 10, (50,)))
+    text = repr(defense)
+    assert "\n" not in text and len(text) < 400, text
+    assert "reference_x=<tensor (50, 1, 8, 8)>" in text and "surrogate=<LeNet>" in text and "epsilon=0.5" in text

@@ -201,9 +201,21 @@ class Defense(abc.ABC):
             raise DefenseInvariantError(f"{self.name}: promised to keep top-1 but did not")
 
     def __repr__(self) -> str:
-        fields = ", ".join(f"{k}={v!r}" for k, v in self.params.model_dump().items()
-                           if not isinstance(v, torch.nn.Module))
+        """One line: scalar parameters as they are, tensors by shape, modules by class (a reference
+        set or a surrogate would otherwise print thousands of numbers)."""
+        fields = ", ".join(f"{name}={_short_repr(getattr(self.params, name))}"
+                           for name in type(self.params).model_fields)
         return f"{type(self).__name__}({fields})"
+
+
+def _short_repr(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, torch.nn.Module):
+        return f"<{type(value).__name__}>"
+    if isinstance(value, list | tuple) and any(isinstance(v, torch.Tensor | torch.nn.Module) for v in value):
+        return f"<{len(value)} × {type(value[0]).__name__}>"
+    return repr(value)
 
 
 @dataclass(frozen=True)
