@@ -110,3 +110,12 @@ def test_bench_evaluate_runs_one_protocol_run_on_a_defense_instance(isolated_cac
                                   attack="knockoff", budget=150, clone_training=fast, eval_size=100)
     assert noisy.effective_l1 == pytest.approx(0.8, abs=0.02) and noisy.defender_l1 == pytest.approx(0.8, abs=0.02)
     assert 0 <= noisy.clone_accuracy <= 1 and noisy.as_dict()["queries"] == 150
+
+
+def test_a_missing_part_names_the_parameters_that_fill_it():
+    """GRAD² unlearn without a scenario: the error names reference_x/reference_y, not only scenarios."""
+    from mirage.models import create_model
+
+    model = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.5,))
+    with pytest.raises(ValueError, match=r"reference_x=.*reference_y="):
+        mirage.protect(model, "grad2", epsilon=0.5, target="unlearn", surrogate=model)

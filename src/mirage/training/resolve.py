@@ -261,8 +261,13 @@ def resolve_params(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Modu
         raise ValueError(f"{spec.name} is a training-time defense: resolve_victims builds it")
     parts = spec.parts()
     if scenario is None and (needed := parts.needing_a_scenario()):
+        live = {"reference": "reference_x=<your labelled images (M, C, H, W)> and reference_y=<their labels (M,)>",
+                "surrogate": "surrogate=<an nn.Module or a checkpoint path> (mirage distil-surrogate makes one)",
+                "watermark": "watermark_x= and watermark_y=<your behaviour set>"}
+        options = "; ".join(live[part] for part in needed if part in live)
         raise ValueError(f"{spec.name}: {', '.join(needed)} {'needs' if len(needed) == 1 else 'need'} a "
-                         "scenario, whose data and victim they come from (or give checkpoints)")
+                         "scenario, whose data and victim they come from, or give "
+                         + (options or "checkpoints") + " (mirage.evaluate builds them from your data)")
     params = dict(spec.params)
     if parts.surrogate is not None:
         params["surrogate"] = _surrogate(spec, parts.surrogate, scenario, victim, card)
