@@ -9,6 +9,16 @@ from typing import Annotated
 import typer
 
 from mirage.cli.app import app, console
+from mirage.cli.sources import (
+    DEFAULT_KEY_ENV,
+    ClassPath,
+    EndpointModel,
+    EndpointUrl,
+    KeyEnv,
+    ModelFile,
+    endpoint,
+    model_file,
+)
 
 
 @app.command("train-surrogate")
@@ -48,15 +58,11 @@ def distil_surrogate_command(
     images: Annotated[Path, typer.Option(help="the defender's own unlabelled images: a folder (any tree of image "
                                               "files) or a .npy array (N, C, H, W) in [0, 1] or uint8")],
     out: Annotated[Path, typer.Option(help="the checkpoint directory to write (a member-i/ per snapshot if more)")],
-    model: Annotated[Path | None, typer.Option(help="the model: .pt2, .onnx, .safetensors (with --class) or a "
-                                                    "mirage checkpoint directory")] = None,
-    class_path: Annotated[str | None, typer.Option("--class", help="a state dict's module, 'package.module:Class'")]
-    = None,
-    url: Annotated[str | None, typer.Option(help="… or an Open Inference Protocol V2 endpoint, e.g. "
-                                                 "http://127.0.0.1:8000 (each image is one query)")] = None,
-    model_name: Annotated[str | None, typer.Option(help="the endpoint's model name")] = None,
-    key_env: Annotated[str, typer.Option(help="environment variable holding the endpoint's API key")]
-    = "MIRAGE_API_KEY",
+    model: ModelFile = None,
+    class_path: ClassPath = None,
+    url: EndpointUrl = None,
+    model_name: EndpointModel = None,
+    key_env: KeyEnv = DEFAULT_KEY_ENV,
     architecture: Annotated[str | None, typer.Option(help="lenet | vgg | resnet (default: by input size)")] = None,
     image_size: Annotated[int | None, typer.Option(help="resize the images (default: their own size)")] = None,
     channels: Annotated[int | None, typer.Option(help="1 or 3 (default: 1 if every image is grayscale)")] = None,
@@ -72,11 +78,8 @@ def distil_surrogate_command(
 
     Example: mirage distil-surrogate --model net.onnx --images my-images/ --out surrogate/
     """
-    import os
-
     from mirage.data.folders import load_images
     from mirage.models import save_checkpoint
-    from mirage.models.formats import format_of, load_model_file
     from mirage.training.surrogate import SURROGATE_TRAINING, SurrogateConfig, distil_surrogate
 
     if (model is None) == (url is None):
@@ -85,22 +88,17 @@ def distil_surrogate_command(
     config = SurrogateConfig(stop_epoch=stop_epoch, checkpoints=checkpoints,
                              training=SURROGATE_TRAINING.model_copy(update={"epochs": epochs, "seed": seed}))
     if model is not None:
-        source, _ = load_model_file(format_of(model), model, input_shape=tuple(pixels.shape[1:]),
-                                    class_path=class_path)
+        source = model_file(model, class_path, pixels.shape[1:])
         members = distil_surrogate(source, pixels, architecture=architecture, config=config, device=device)
     else:
-        from mirage.serve import HTTPPredictionAPI
-
-        if model_name is None or not os.environ.get(key_env):
-            raise typer.BadParameter(f"--url needs --model-name and the API key in ${key_env}")
-        with HTTPPredictionAPI(url, model_name, os.environ[key_env]) as api:
+        with endpoint(url, model_name, key_env) as api:
             members = distil_surrogate(api, pixels, architecture=architecture, config=config, device=device)
-    for index, (member, card) in enumerate(members):
-        save_checkpoint(member, card, out if len(members) == 1 else out / f"member-{index}")
+    dirs = [out] if len(members) == 1 else [out / f"member-{i}" for i in range(len(members))]
+    for (member, card), directory in zip(members, dirs, strict=True):
+        save_checkpoint(member, card, directory)
     agreements = ", ".join(f"{card.test_accuracy:.4f}" for _, card in members)
     console.print(f"surrogate [bold]{members[0][1].architecture}[/] distilled on {len(pixels)} images: top-1 "
                   f"agreement with the model {agreements} on held-out images")
-    dirs = [out] if len(members) == 1 else [out / f"member-{i}" for i in range(len(members))]
     line = f'"{dirs[0]}"' if len(dirs) == 1 else "[" + ", ".join(f'"{d}"' for d in dirs) + "]"
     console.print(f"serve it with: [defense] surrogate = {line}")
 
