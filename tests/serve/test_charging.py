@@ -6,6 +6,7 @@ process."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import socket
@@ -45,10 +46,17 @@ class Counting(nn.Module):
         return self.model(x)
 
 
-def counted(app) -> Counting:
+@contextlib.contextmanager
+def counted_server(config, *, gated: bool = False):
+    """``(app, model, url)``: the service of ``config`` on a loopback port, its victim a
+    :class:`Counting` one (``gated``: its gate closed, so the next forward pass waits)."""
+    app = create_app(config)
     batcher = app.state.service.batcher
-    batcher.model = Counting(batcher.model)
-    return batcher.model
+    batcher.model = model = Counting(batcher.model)
+    if gated:
+        model.gate.clear()
+    with ServerThread(app) as url:
+        yield app, model, url
 
 
 def send_and_hang_up(url: str, client: str, n: int, seed: int = 0) -> socket.socket:
@@ -77,10 +85,7 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 
 def test_hanging_up_while_queued_computes_and_charges_nothing(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints)
-    app = create_app(config)
-    model = counted(app)
-    with ServerThread(app) as url:
-        model.gate.clear()
+    with counted_server(config, gated=True) as (app, model, url):
         blocker = threading.Thread(target=lambda: httpx.post(url + URL_INFER, json=body(torch.rand(2, 1, 8, 8)),
                                                              headers=auth("bob"), timeout=30))
         blocker.start()
@@ -104,10 +109,7 @@ def test_hanging_up_while_queued_computes_and_charges_nothing(tmp_path, checkpoi
 
 def test_hanging_up_after_the_model_ran_is_charged_and_marked_undelivered(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints)
-    app = create_app(config)
-    model = counted(app)
-    with ServerThread(app) as url:
-        model.gate.clear()
+    with counted_server(config, gated=True) as (_, model, url):
         sock = send_and_hang_up(url, "alice", 6)
         wait_until(model.running.is_set)  # a worker took the job: it runs to the end
         sock.close()
@@ -124,9 +126,7 @@ def test_forty_hang_ups_get_no_free_work(tmp_path, checkpoints):
     """The hostile probe's case: a client with quota 256 sends 40 requests of 64 images and hangs
     up after each body. Whatever ran is charged; nothing runs past the quota."""
     config = make_config(tmp_path, checkpoints, clients=[{"name": "alice", "quota": 256}])
-    app = create_app(config)
-    model = counted(app)
-    with ServerThread(app) as url:
+    with counted_server(config) as (app, model, url):
         for seed in range(40):
             send_and_hang_up(url, "alice", 64, seed).close()
         time.sleep(1.0)
@@ -140,9 +140,7 @@ def test_forty_hang_ups_get_no_free_work(tmp_path, checkpoints):
 
 def test_evidence_is_written_only_for_answered_requests(tmp_path, checkpoints):
     config = ownership_config(tmp_path, checkpoints)
-    app = create_app(config)
-    model = counted(app)
-    with ServerThread(app) as url:
+    with counted_server(config) as (app, model, url):
         for seed in range(10):  # hung up: queued or run, never evidence
             model.gate.clear()
             sock = send_and_hang_up(url, "alice", 32, seed)
