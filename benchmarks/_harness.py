@@ -61,6 +61,22 @@ def start_mirage_server(config: dict, workdir: Path, name: str, *, timeout: floa
     raise RuntimeError("server did not become ready")
 
 
+def lenet_checkpoint(directory: Path, seed: int, shape: tuple[int, int, int] = (1, 28, 28),
+                     classes: int = 10) -> Path:
+    """mirage's LeNet with random weights (seeded) saved as a checkpoint: the served benchmarks'
+    victim and surrogate (speed does not depend on the weights)."""
+    import torch
+
+    from mirage.models import ModelCard, create_model, save_checkpoint
+
+    torch.manual_seed(seed)
+    channels = shape[0]
+    model = create_model("lenet", shape, classes, (0.5,) * channels, (0.25,) * channels)
+    card = ModelCard(architecture="lenet", input_shape=shape, num_classes=classes, mean=(0.5,) * channels,
+                     std=(0.25,) * channels, seed=seed)
+    return save_checkpoint(model, card, directory)
+
+
 def use_test_oracles() -> None:
     """Make ``tests/oracles`` importable (``from oracles.mad_original import original_mad``)."""
     tests = str(REPO / "tests")

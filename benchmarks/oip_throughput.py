@@ -46,9 +46,9 @@ import numpy as np
 import torch
 
 from mirage.defenses import create_defense
-from mirage.models import ModelCard, create_model, load_checkpoint, save_checkpoint
+from mirage.models import load_checkpoint
 
-from _harness import REPO, parser, round_robin, start_mirage_server, write_json
+from _harness import REPO, lenet_checkpoint, parser, round_robin, start_mirage_server, write_json
 
 sys.path.insert(0, str(REPO / "tests" / "serve"))  # the tests' MLServer launcher
 from upstreams import MLServerProcess, mlserver_executable
@@ -60,13 +60,6 @@ HEADER = "Inference-Header-Content-Length"
 MODES = ("inprocess", "json", "binary", "gateway")
 DEFENSES = ("none", "grad2")
 GATEWAY_ATOL = 1e-4  # the ONNX export's logits differ from torch's in the last float32 bits
-
-
-def checkpoint(directory: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = create_model("lenet", SHAPE, K, (0.5,), (0.25,))
-    card = ModelCard(architecture="lenet", input_shape=SHAPE, num_classes=K, mean=(0.5,), std=(0.25,), seed=seed)
-    return save_checkpoint(model, card, directory)
 
 
 def grad2_spec(epsilon: float, surrogate: Path) -> dict:
@@ -144,7 +137,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        victim_dir, surrogate_dir = checkpoint(workdir / "victim", 0), checkpoint(workdir / "surrogate", 1)
+        victim_dir, surrogate_dir = lenet_checkpoint(workdir / "victim", 0), lenet_checkpoint(workdir / "surrogate", 1)
         victim, surrogate = load_checkpoint(victim_dir)[0].eval(), load_checkpoint(surrogate_dir)[0].eval()
         grad2 = create_defense("grad2", epsilon=args.epsilon, target="all-ones", surrogate=surrogate, batch_size=256)
         client = {"name": "bench", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}

@@ -46,22 +46,14 @@ import httpx
 import numpy as np
 import torch
 
-from mirage.models import ModelCard, create_model, save_checkpoint
 from mirage.serve.auth import hash_key
 
-from _harness import REPO, free_port, parser, round_robin, write_json
+from _harness import REPO, free_port, lenet_checkpoint, parser, round_robin, write_json
 
 SHAPE, K = (1, 28, 28), 10
 HEADER = "Inference-Header-Content-Length"
 KEYS = {"other": "mk_hostile_other", "flooder": "mk_hostile_flooder", "hanger": "mk_hostile_hanger",
         "metrics": "mk_hostile_metrics"}
-
-
-def checkpoint(directory: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    model = create_model("lenet", SHAPE, K, (0.5,), (0.25,))
-    card = ModelCard(architecture="lenet", input_shape=SHAPE, num_classes=K, mean=(0.5,), std=(0.25,), seed=seed)
-    return save_checkpoint(model, card, directory)
 
 
 def config(workdir: Path, name: str, victim: Path, defense: dict) -> dict:
@@ -382,7 +374,7 @@ def main() -> None:
                        check=True, capture_output=True)
         try:
             trees = {"before": before, "after": REPO}
-            victim, surrogate = checkpoint(workdir / "victim", 0), checkpoint(workdir / "surrogate", 1)
+            victim, surrogate = lenet_checkpoint(workdir / "victim", 0), lenet_checkpoint(workdir / "surrogate", 1)
             grad2 = {"name": "grad2", "params": {"epsilon": args.epsilon, "target": "all-ones", "batch_size": 256},
                      "surrogate": str(surrogate)}
             results: dict = {}
