@@ -8,7 +8,7 @@ near-tie ``q`` (``q₁ − q₂ ≤ g``) with its top swapped, then ``(1 − s)�
 two are within g: none of the answers it keeps was carried (natural answers of that shape go
 too). It queries 15k pool images through alice's key with its own code (no attack class), trains
 the benchmark's clone on what it kept, and is tested like every thief. Printed and appended to
-results/ownership/session13_tie_dropper.jsonl: the clone's accuracy, the answers kept, the test.
+results/ownership/tie_dropper.jsonl: the clone's accuracy, the answers kept, the test.
 
     python benchmarks/ownership_tie_dropper.py --scenario mnist --seed 0 \\
         --watermark '{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3}'
@@ -44,7 +44,7 @@ def main() -> None:
     parser.add_argument("--scenario", default="mnist")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--watermark", default='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3}')
-    parser.add_argument("--out", default=str(ownership.REPO / "results" / "ownership" / "session13_tie_dropper.jsonl"))
+    parser.add_argument("--out", default=str(ownership.REPO / "results" / "ownership" / "tie_dropper.jsonl"))
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = WatermarkConfig.model_validate_json(args.watermark)

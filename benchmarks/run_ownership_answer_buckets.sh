@@ -2,11 +2,11 @@
 # Session 13 (issue 17): near-tie keyed ranks, the pooled test of a multi-key thief, answer
 # buckets on mnist (seeds 0-2, then seed 0 in full: removals, bob, innocents, multi-key), and
 # fmnist-id with a looser density cap. Resumable: finished entries of
-# results/ownership/session13.jsonl are skipped; two runs at a time on two cores.
+# results/ownership/answer_buckets.jsonl are skipped; two runs at a time on two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-OUT=results/ownership/session13.jsonl
+OUT=results/ownership/answer_buckets.jsonl
 THIEVES="soft hard-label averaging restorer"
 ANSWER='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3}'
 run() { $PY benchmarks/ownership.py --out $OUT "$@"; }
@@ -24,7 +24,7 @@ run --scenario fmnist-id --seed 0 --attacks-only --attackers multi-key multi-key
     --watermark '{"bucket_fraction":1.0,"density_cap":1e-4}'
 wait
 # Answer buckets on mnist, seeds 0 and 1 (labels outside the pair; results/ownership/
-# session13_answer_any_label.jsonl holds seed 0 with labels over all K, from 67f6b9a).
+# answer_buckets_any_label.jsonl holds seed 0 with labels over all K, from 67f6b9a).
 run --scenario mnist --seed 0 --attacks-only --attackers $THIEVES --watermark "$ANSWER" &
 run --scenario mnist --seed 1 --attacks-only --attackers $THIEVES --watermark "$ANSWER"
 wait
@@ -41,9 +41,9 @@ run --scenario mnist --seed 0 --attacks-only --attackers confident-only noise-ro
 wait
 run --scenario mnist --seed 1 --attackers $THIEVES --watermark "$ANSWER"
 # The thief told tie_gap, who drops what the gate could carry (two versions), then templates.
-# (the dropper appends a row on every run: not resumable; session13_confident_dropper.jsonl holds
+# (the dropper appends a row on every run: not resumable; confident_dropper.jsonl holds
 # the row of its first, min_confidence version, from its own commit)
-$PY benchmarks/ownership_tie_dropper.py --scenario mnist --seed 0   # appends to session13_tie_dropper.jsonl
+$PY benchmarks/ownership_tie_dropper.py --scenario mnist --seed 0   # appends to tie_dropper.jsonl
 TEMPLATE='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3,"template":0.9}'
 run --scenario mnist --seed 0 --attacks-only --attackers $THIEVES confident-only --watermark "$TEMPLATE" &
 $PY benchmarks/ownership_tie_dropper.py --scenario mnist --seed 0 --watermark "$TEMPLATE"

@@ -5,16 +5,16 @@
 # the 4-key thieves) and the rest of the suite, a probe with more runner-up mass; then the
 # flattening thieves against mnist's recommended watermark (answer buckets with templates) and
 # that watermark's seed 1 in full. Resumable: finished entries of
-# results/ownership/session14.jsonl are skipped; two runs at a time on two cores. Seeds 0 and 1 of the first step ran from commit 52993fa.
-# session14_noswap.jsonl holds a variant tried and dropped: the keyed class given sharpen of the
+# results/ownership/runner_up_stack.jsonl are skipped; two runs at a time on two cores. Seeds 0 and 1 of the first step ran from commit 52993fa.
+# runner_up_noswap.jsonl holds a variant tried and dropped: the keyed class given sharpen of the
 # mass without the swap (commit 53a5737), better for calibration, weaker against the restorer.
-# session14_runner_up.jsonl: the runner-up layer alone (soft, averaging, restorer), from
+# runner_up_alone.jsonl: the runner-up layer alone (soft, averaging, restorer), from
 #   run --scenario fmnist-id --seed 0 --attacks-only --attackers soft averaging restorer --watermark "$RUNNER"
 #   and likewise seeds 1, 2 and --attack jbda (commit fae6ea1 and the tree after it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-OUT=results/ownership/session14.jsonl
+OUT=results/ownership/runner_up_stack.jsonl
 RUNNER='{"buckets":"answer","bucket_fraction":1.0,"place":"second","sharpen":0.1}'
 STACK='[{"bucket_fraction":1.0,"density_cap":1e-4},'"$RUNNER"']'
 TEMPLATE='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3,"template":0.9}'

@@ -8,7 +8,7 @@
 #   2. seed 2 of the fmnist-id verdict points' other attackers;
 #   3. the stream detector's adaptive attackers (decoys, several keys) at seeds 1-2 on mnist.
 # Resumable, like run_worst_case.sh (which runs everything).
-#   [MIRAGE_WORKERS=2] nohup bash benchmarks/run_worst_case_session10.sh >> results/worst_case/sweep.log 2>&1 &
+#   [MIRAGE_WORKERS=2] nohup bash benchmarks/run_worst_case_alarmed_gate.sh >> results/worst_case/sweep.log 2>&1 &
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/bootstrap.sh"
 cd "$MIRAGE_ROOT"

@@ -3,11 +3,11 @@
 # sharpen) tested again with the rank statistic, which now decides (docs/design.md §ownership),
 # then a third seed of the issue's four thieves, a thief with 4 API keys and coarser cells.
 # Clones of seeds 0 and 1 come from the cache; the restorer retrains its shadows. Resumable:
-# finished entries of results/ownership/session12.jsonl are skipped.
+# finished entries of results/ownership/rank_score.jsonl are skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
-OUT=results/ownership/session12.jsonl
+OUT=results/ownership/rank_score.jsonl
 MNIST='{"bucket_fraction":0.5,"density_cap":1e-4}'
 FMNIST='{"bucket_fraction":1.0,"density_cap":1e-4}'
 THIEVES="soft hard-label averaging restorer"
