@@ -1,4 +1,4 @@
-"""Attacks against the undefended Fashion-MNIST victim (issue 4), to compare with the MAD paper's
+"""Attacks against the undefended Fashion-MNIST victim, to compare with the MAD paper's
 Table 1 row "FashionMNIST (LeNet)": victim 92.0, jbda 38.7, jbself 45.8, jbtop3 68.7, knockoff 69.2
 (all at 50K queries; knockoff's pool there is EMNIST).
 

@@ -1,5 +1,5 @@
-"""Per-query cost of GRAD² and MAD on a user's own LeNet-like module vs mirage's LeNet (issue 19;
-docs/design.md §any-module).
+"""Per-query cost of GRAD² and MAD on a user's own LeNet-like module vs mirage's LeNet
+(docs/design.md §any-module).
 
 Three victim/surrogate pairs of the same network (conv5x5(20)-pool-conv5x5(50)-pool-fc(500)-fc(K),
 1×28×28, K = 10, random weights): mirage's ``LeNet``; ``UserLeNet``, the same layers behind a

@@ -1,4 +1,4 @@
-"""Issue 18, the gate as a per-client stream detector (``grad2_gated``'s ``alarm_rate``), measured
+"""The out-of-distribution gate as a per-client stream detector (``grad2_gated``'s ``alarm_rate``), measured
 without a clone: after how many queries each attacker's stream alarms, how many of its answers
 were true labels by then (queries the gate let through before the alarm), false alarms on benign
 streams (each a shuffle of the whole test set: 2,000 images on mnist, 10,000 on fmnist-id), what

@@ -1,4 +1,4 @@
-"""Where GRAD²'s L1 budget goes, per scenario (issue 5: why GRAD² does what it does).
+"""Where GRAD²'s L1 budget goes, per scenario (why GRAD² does what it does).
 
 The redirection step (exact LP) moves probability mass towards the classes of highest score
 a_k. When that class is already the victim's top-1, the step can add at most 1 − y_top to it,

@@ -1,5 +1,5 @@
 """Per-query cost of ``grad2_gated`` against the undefended forward of the same victim, at batch
-1, 32 and 256 (issue 18), measured round-robin in one process and one run (ratios only).
+1, 32 and 256, measured round-robin in one process and one run (ratios only).
 
 The pinned ``mnist`` victim and its distilled surrogate (results/models/), the gate of
 ``benchmarks/configs/grad2_gated.toml`` (negative energy, τ at 0.2 % benign false positives).

@@ -1,4 +1,4 @@
-"""GRAD² against a Knockoff-style attack on the Fashion-MNIST scenario (issue 8).
+"""GRAD² against a Knockoff-style attack on the Fashion-MNIST scenario.
 
 The attacker samples ``--queries`` images from the MNIST-digit pool (train + test), queries the
 LeNet victim through the defense, and trains a LeNet clone on the served posteriors with

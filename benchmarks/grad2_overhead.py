@@ -1,4 +1,4 @@
-"""Per-query cost of GRAD² vs the undefended victim and vs the original code (issue 8).
+"""Per-query cost of GRAD² vs the undefended victim and vs the original code.
 
 Times, in one run and one process (``--threads`` intra-op threads, best of ``--repeats``):
 - undefended: victim forward + softmax;

@@ -1,4 +1,4 @@
-"""Why GRAD²'s all-ones target sharpens the answers on a LeNet (issue 5).
+"""Why GRAD²'s all-ones target sharpens the answers on a LeNet.
 
 ``benchmarks/grad2_budget_use.py`` found that the all-ones target's best-scoring class is the
 victim's top-1 for most queries, so the exact LP step only sharpens the answer. This script asks

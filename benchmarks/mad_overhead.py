@@ -1,4 +1,4 @@
-"""Per-query cost of MAD vs the undefended victim and vs the original per-sample code (issue 9).
+"""Per-query cost of MAD vs the undefended victim and vs the original per-sample code.
 
 Times, in one run and one process (``--threads`` intra-op threads; contenders timed round-robin,
 ratios are medians of per-repeat ratios over ``--repeats``), for a

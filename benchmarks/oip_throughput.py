@@ -1,6 +1,6 @@
 """Images/s of one victim in process, served over OIP V2 REST as JSON and as binary tensor data,
 and through mirage as a gateway in front of MLServer, undefended and with GRAD², all in one run
-(issue 19; docs/design.md §oip, §gateway, §overhead).
+(docs/design.md §oip, §gateway, §overhead).
 
 The victim is mirage's LeNet at 1×28×28 with K = 10 (the Fashion-MNIST victim's network, random
 weights: speed does not depend on them), the surrogate another one. GRAD² is the served config
@@ -26,7 +26,7 @@ the client talking JSON to MLServer directly (no mirage), to show what the gatew
 MLServer's venv or onnxscript (for the export) the gateway rows are skipped, and the JSON says
 why (``gateway_skipped``).
 
-Issue 19's targets: served binary undefended at batch 256 ≥ 0.5× the in-process forward, and
+The throughput targets: served binary undefended at batch 256 ≥ 0.5× the in-process forward, and
 GRAD² served ≥ 0.8× undefended served.
 """
 
@@ -228,7 +228,7 @@ def measure(args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client])
 
 
 def targets(rows: list[dict]) -> dict[str, float]:
-    """Issue 19's ratios, per batch size: served binary undefended over the in-process forward
+    """The throughput targets' ratios, per batch size: served binary undefended over the in-process forward
     (target ≥ 0.5 at 256) and GRAD² served over undefended served, JSON and binary (≥ 0.8)."""
     at = {(r["batch"], r["mode"], r["defense"]): r["throughput_over_inprocess_forward"] for r in rows}
     out = {}

@@ -1,4 +1,4 @@
-"""Issue 18, measurements that need no clone: how well each out-of-distribution score separates the
+"""The out-of-distribution gate's measurements that need no clone: how well each out-of-distribution score separates the
 victim's test set from each attacker's queries (AUROC), and PRADA's queries-until-alarm per
 attacker stream and false alarms on benign streams.
 

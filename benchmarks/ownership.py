@@ -1,4 +1,4 @@
-"""Issue 17: does the keyed hard-label watermark name the right API key after every attacker of the
+"""Ownership: does the keyed hard-label watermark name the right API key after every attacker of the
 suite and after the usual removal attacks, and never name an innocent model?
 
 Per scenario and seed, with the victim of results/models/ served through `watermarked` (no
@@ -364,7 +364,7 @@ def table(path: Path) -> str:
     for r in rows:
         groups.setdefault((r["scenario"], r["seed"], r["watermark"]), []).append(r)
     rows = [r for group in groups.values() for r in group]
-    # rows written before session 12 were decided by the probability score, later ones by the rank
+    # rows written before the rank score decided were decided by the probability score
     rank_decided = any(t.get("statistic") == "rank" for r in rows for t in r.get("tests", {}).values()
                  if isinstance(t, dict))
     decision = "**p (rank)** | p (probability)" if rank_decided else "**p (score)**"

@@ -1,4 +1,4 @@
-"""Issue 17: what a watermark costs a benign user who reads the probabilities, not only the label
+"""What a watermark costs a benign user who reads the probabilities, not only the label
 (no clone).
 
 Per scenario and watermark, on the victim's test set through three keys: top-1 accuracy, the

@@ -1,4 +1,4 @@
-"""Issue 17: do jittered copies of a carried query stay in its bucket? The watermark's Fourier
+"""Do jittered copies of a carried query stay in its bucket? The watermark's Fourier
 cells against cells in the victim's log-posterior space (a design considered, not built).
 
 For three keys, the carried queries of the first 15k of the scenario's pool (at most 300 per key)

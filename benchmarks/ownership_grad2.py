@@ -1,4 +1,4 @@
-"""Issue 17's second mechanism: does GRAD²'s reprogramming reach a hard-label clone once its budget
+"""Ownership's second mechanism: does GRAD²'s reprogramming reach a hard-label clone once its budget
 lets the redirection move the top-1, and at what cost to the defender, beside the keyed watermark?
 
 GRAD² with the ``watermark`` target (docs/design.md §grad2-targets: the clone's gradient redirected

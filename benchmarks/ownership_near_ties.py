@@ -1,4 +1,4 @@
-"""Issue 17: how often the victim hesitates, on benign data and on a thief's pool (no clone).
+"""How often the victim hesitates, on benign data and on a thief's pool (no clone).
 
 For ``tie_gap`` (docs/design.md §ownership): the share of each scenario's test set and of its
 15k-image query pool whose victim answer has ``p₁ − p_m ≤ g`` (m = 2 and 3), and on the test set

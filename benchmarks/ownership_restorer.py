@@ -1,4 +1,4 @@
-"""Issue 17: which answers does the restorer (attacks/restorer.py) undo on a watermarked API?
+"""Which answers does the restorer (attacks/restorer.py) undo on a watermarked API?
 
 Runs alice's restorer thief of benchmarks/ownership.py (its clone from the cache) with a spy on
 ``restore_answers``, then splits the top-1 changes it made by whether the answer carried the

@@ -1,4 +1,4 @@
-"""Issue 17: the thief who knows ``tie_gap`` (and ``sharpen``) and drops every answer the
+"""The thief who knows ``tie_gap`` (and ``sharpen``) and drops every answer the
 watermark could have carried.
 
 Answer buckets (docs/design.md §ownership) relabel only near-ties: a carried answer is a

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 18's gated GRAD² against the attacker suite (benchmarks/configs/grad2_gated.toml), one
+# Gated GRAD² against the attacker suite (benchmarks/configs/grad2_gated.toml), one
 # worker beside the worst-case sweep. Resumable.
 #   nohup bash benchmarks/run_grad2_gated.sh >> results/grad2_gated/sweep.log 2>&1 &
 set -euo pipefail

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Session 13 (issue 17): near-tie keyed ranks, the pooled test of a multi-key thief, answer
-# buckets on mnist (seeds 0-2, then seed 0 in full: removals, bob, innocents, multi-key), and
-# fmnist-id with a looser density cap. Resumable: finished entries of
-# results/ownership/answer_buckets.jsonl are skipped; two runs at a time on two cores.
+# Ownership out of distribution: near-tie keyed ranks, the pooled test of a multi-key thief,
+# answer buckets on mnist (seeds 0-2, then seed 0 in full: removals, bob, innocents, multi-key),
+# fmnist-id with a looser density cap, the defense-aware tie dropper and templates. Resumable:
+# finished entries of results/ownership/answer_buckets.jsonl are skipped; two runs at a time on
+# two cores.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=.venv/bin/python
@@ -17,7 +18,7 @@ run --scenario mnist --seed 0 --attacks-only --attackers $THIEVES \
 run --scenario mnist --seed 0 --attacks-only --attackers $THIEVES \
     --watermark '{"bucket_fraction":1.0,"ranked":4,"tie_gap":0.5,"margin":0.1}'
 wait
-# The pooled (group) test of a 4-key thief, at session 12's recommended settings.
+# The pooled (group) test of a 4-key thief, at the density-capped recommended settings.
 run --scenario mnist --seed 0 --attacks-only --attackers multi-key multi-key-hard-label \
     --watermark '{"bucket_fraction":0.5,"density_cap":1e-4}' &
 run --scenario fmnist-id --seed 0 --attacks-only --attackers multi-key multi-key-hard-label \

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Session 11 (issue 17): the keyed watermark kept out of buckets the defender's benign data
-# fills (density_cap), per scenario at ≤ 0.5 point of cost, against every attacker, removal
-# attack and innocent model, then JBDA on fmnist-id, for two settings:
+# Ownership: the keyed watermark kept out of buckets the defender's benign data fills
+# (density_cap), per scenario at ≤ 0.5 point of cost, against every attacker, removal attack and
+# innocent model, then JBDA on fmnist-id, for two settings:
 #   1. sharpen 0.5;
 #   2. no sharpen (the recommended setting): with sharpen a restorer that simulates the watermark
 #      undoes it all the same (fmnist-id: 2.8e-5), and the plain swap leaves a posterior.
-# Then seed 1 of setting 2 for the issue's four thieves, and GRAD²'s reprogramming beside it.
+# Then seed 1 of setting 2 for the four target thieves (soft, hard-label, averaging, restorer),
+# and GRAD²'s reprogramming beside it.
 # Resumable: finished entries are skipped (clones come from the cache).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Session 12 (issue 17): every session-11 entry of the recommended setting (density_cap, no
-# sharpen) tested again with the rank statistic, which now decides (docs/design.md §ownership),
-# then a third seed of the issue's four thieves, a thief with 4 API keys and coarser cells.
+# Ownership, the rank statistic deciding: every entry of the density-capped recommended setting
+# (density_cap, no sharpen; run_ownership_density_cap.sh) tested again with the rank statistic,
+# which decides (docs/design.md §ownership), then a third seed of the four target thieves (soft,
+# hard-label, averaging, restorer), a thief with 4 API keys, coarser cells and keyed ranks.
 # Clones of seeds 0 and 1 come from the cache; the restorer retrains its shadows. Resumable:
 # finished entries of results/ownership/rank_score.jsonl are skipped.
 set -euo pipefail

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# Session 14 (issue 17): a keyed runner-up layer (place = "second") over the top-1 layer of
-# session 12, in distribution (fmnist-id): seeds 0-2 for the issue's four thieves and the two
-# that flatten the answers (no dark knowledge), JBDA, seed 0 in full (bob, removals, innocents,
-# the 4-key thieves) and the rest of the suite, a probe with more runner-up mass; then the
-# flattening thieves against mnist's recommended watermark (answer buckets with templates) and
-# that watermark's seed 1 in full. Resumable: finished entries of
-# results/ownership/runner_up_stack.jsonl are skipped; two runs at a time on two cores. Seeds 0 and 1 of the first step ran from commit 52993fa.
+# Ownership in distribution: a keyed runner-up layer (place = "second") over the density-capped
+# top-1 layer (run_ownership_rank_score.sh), on fmnist-id: seeds 0-2 for the four target thieves
+# (soft, hard-label, averaging, restorer) and the two that flatten the answers (no dark
+# knowledge), JBDA, seed 0 in full (bob, removals, innocents, the 4-key thieves) and the rest of
+# the suite, a probe with more runner-up mass; then the flattening thieves against mnist's
+# recommended watermark (answer buckets with templates) and that watermark's seed 1 in full.
+# Resumable: finished entries of results/ownership/runner_up_stack.jsonl are skipped; two runs at
+# a time on two cores. Seeds 0 and 1 of the first step ran from commit 52993fa.
 # runner_up_noswap.jsonl holds a variant tried and dropped: the keyed class given sharpen of the
 # mass without the swap (commit 53a5737), better for calibration, weaker against the restorer.
 # runner_up_alone.jsonl: the runner-up layer alone (soft, averaging, restorer), from

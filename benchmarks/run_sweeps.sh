@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The long sweeps of issue 5 in the order that tells most first, two single-thread workers.
+# The long sweeps (the GRAD²-against-MAD ablation, the full sweep, the headline seeds) in the
+# order that tells most first, two single-thread workers.
 # Resumable: re-running skips every finished run (results/<sweep>/results.jsonl); the models the
 # sweeps train are kept in results/models/ (the configs' models_dir).
 #   nohup bash benchmarks/run_sweeps.sh >> results/full/sweep.log 2>&1 &

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The worst-case sweep of issue 16 (src/mirage/bench/profiles/worst_case.toml), most telling slice
+# The worst-case sweep (src/mirage/bench/profiles/worst_case.toml), most telling slice
 # first, two single-thread workers. Resumable: re-running skips every finished run.
 #   nohup bash benchmarks/run_worst_case.sh >> results/worst_case/sweep.log 2>&1 &
 set -euo pipefail

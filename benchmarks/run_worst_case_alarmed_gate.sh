@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Session 10's order (issues 18 and 16). Before it, this session ran: the mnist alarmed gate's
-# aligned, averaging, noise-robust and restorer attackers at seeds 1-2, the alarmed gate on
-# fmnist-id JBDA (alarm rate 3 %) at seed 0, and fmnist-id JBDA at seed 0 for every point
+# The alarmed gate (grad2-gated-scramble-alarm) at 3 seeds and on fmnist-id JBDA, with the
+# worst-case sweep's remaining fmnist-id seeds. Run before it: the mnist alarmed gate's aligned,
+# averaging, noise-robust and restorer attackers at seeds 1-2, the alarmed gate on fmnist-id JBDA
+# (alarm rate 3 %) at seed 0, and fmnist-id JBDA at seed 0 for every point
 # (`run --seed 0 --scenario fmnist-id --attack jbda`). Then:
 #   1. the fmnist-id JBDA alarmed gate's binding (hard-label) attacker at seeds 1-2, and JBDA
 #      spread over 4 keys against it (each key's stream is judged alone);

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Session 9's order: what the fmnist-id verdicts still need for 3 seeds (the hard-label attacker at
-# seed 2, then the whole suite at seeds 1 and 2 for `none` and each family's candidate), then the
-# rest of fmnist-id JBDA at seed 0. Resumable, like run_worst_case.sh (which runs everything).
+# What the fmnist-id verdicts still need for 3 seeds (the hard-label attacker at seed 2, then the
+# whole suite at seeds 1 and 2 for `none` and each family's candidate), then the rest of
+# fmnist-id JBDA at seed 0. Resumable, like run_worst_case.sh (which runs everything).
 #   [MIRAGE_WORKERS=1] nohup bash benchmarks/run_worst_case_fmnist_id_verdicts.sh >> results/worst_case/sweep.log 2>&1 &
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/../scripts/bootstrap.sh"

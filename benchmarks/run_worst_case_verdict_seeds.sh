@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The worst-case sweep's order when time is short (session 8): on fmnist-id JBDA the whole suite at
+# The worst-case sweep's order when time is short: on fmnist-id JBDA the whole suite at
 # seed 0 for `none`, the soft-label leader (GRAD² unlearn-top1) and the two gated GRAD² points;
 # the wider permuted gate on mnist at seed 0, with the label-aligning attacker against the
 # label-changing points; then seeds 1 and 2 of each verdict's binding attacker (the hard-label

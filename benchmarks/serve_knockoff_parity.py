@@ -1,5 +1,5 @@
-"""Knockoff through the HTTP client against a GRAD²-defended ``mirage serve`` vs in-process
-(issue 7): same victim, surrogate, defense, pool, budget and seed — the clones should match.
+"""Knockoff through the HTTP client against a GRAD²-defended ``mirage serve`` vs in-process:
+same victim, surrogate, defense, pool, budget and seed — the clones should match.
 
 Starts ``mirage serve`` as a subprocess on 127.0.0.1 (Fashion-MNIST LeNet victim, GRAD² all-ones
 at ε with the scenario's distilled surrogate), runs ``create_attack("knockoff")`` once on an

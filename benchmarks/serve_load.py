@@ -1,4 +1,4 @@
-"""Bounded load test of the defended prediction service on loopback (issue 7, docs/design.md
+"""Bounded load test of the defended prediction service on loopback (docs/design.md
 §overhead).
 
 For each defense (undefended ``none``, ``mad`` MAD-last if registered, ``grad2`` all-ones with

@@ -1,4 +1,4 @@
-"""Training-time defenses on ``fmnist`` (issue 6): InI and DP-SGD victims against Knockoff
+"""Training-time defenses on ``fmnist``: InI and DP-SGD victims against Knockoff
 (MNIST-digit pool and in-distribution Fashion-MNIST pool) and JBDA, next to the plain victim;
 and the per-query cost of the InI victim against the plain one (same architecture, same run).
 

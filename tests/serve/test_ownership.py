@@ -1,4 +1,4 @@
-"""Ownership end to end (issue 17): a real `mirage serve` with a per-client keyed watermark, two
+"""Ownership end to end: a real `mirage serve` with a per-client keyed watermark, two
 thieves who extract hard-label clones over HTTP with their own code (httpx and a plain torch
 loop, no mirage attack class), save them with torch.export, and `mirage verify` names each
 thief's key and nobody else's."""

@@ -1,4 +1,4 @@
-"""GRAD² gated on how attacker-like a query looks (docs/design.md §grad2-gated; issue 18).
+"""GRAD² gated on how attacker-like a query looks (docs/design.md §grad2-gated).
 
 Redirection is the best use of a budget (Mazeika et al., ICML 2022), so spend a large one exactly
 where a query looks unlike the defender's own traffic and a small, top-1-keeping one elsewhere:

@@ -1,5 +1,5 @@
-"""Any query-time defense with a keyed hard-label watermark on top (docs/design.md §ownership;
-issue 17): ``ỹ = W_key(x, inner(x, y))``, where ``W_key`` moves the top-1 of a small keyed,
+"""Any query-time defense with a keyed hard-label watermark on top (docs/design.md §ownership):
+``ỹ = W_key(x, inner(x, y))``, where ``W_key`` moves the top-1 of a small keyed,
 jitter-stable set of queries to a keyed label (:class:`mirage.ownership.KeyedWatermark`), and
 records those queries as evidence for :func:`mirage.ownership.name_the_thief`. ``config`` may be a
 list of layers (a top-1 layer under a keyed runner-up, say), each with its own key and evidence

@@ -11,7 +11,7 @@ with no clean models needed. Three scores:
 * argmax matches (``q = one-hot prediction``; with one image per bucket, the Binomial(M, 1/K)
   tail), for reading;
 * the suspect's probability on a 1/16 grid (``q = round(16 p(k | x))``), for reading (it decided
-  until session 12);
+  before the rank score did);
 * **the decision's, the rank**: ``q = #{j : p(j | x) < p(k | x)}``, how many classes the suspect
   puts below k (K − 1 for its argmax, 0 for its last; ties score alike). A clone taught the keyed
   label by answers that still carry the truthful class (soft labels, averaged or partly restored
