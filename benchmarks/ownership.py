@@ -46,7 +46,6 @@ from mirage import paths
 from mirage.api import InProcessAPI
 from mirage.api.evaluate import accuracy, defended_accuracy
 from mirage.attacks import CloneSpec, create_attack
-from mirage.attacks.clone import clone_cache
 from mirage.attacks.countermeasures import variant_params
 from mirage.attacks.pools import attack_data
 from mirage.attacks.restorer import tell_restorer
@@ -205,9 +204,9 @@ class Run:
                                {"client": client, "config": [layer.model_dump() for layer in self.layers]})
         attack = create_attack(self.attack, **params)
         seed = self.seed + (100 if client != "alice" else 0)
-        with clone_cache(self.own_clones):
-            return attack.run(api, self.budget, attack_data(self.scenario, self.attack), self.clone_spec,
-                              seed=seed, labelled=attacker_labels(self.scenario, attack.params.align_labels, seed))
+        clone_spec = self.clone_spec.model_copy(update={"cache": self.own_clones})
+        return attack.run(api, self.budget, attack_data(self.scenario, self.attack), clone_spec,
+                          seed=seed, labelled=attacker_labels(self.scenario, attack.params.align_labels, seed))
 
     def entry(self, model, thief: str | None, **extra) -> dict:
         """The model's tests against every evidence set so far. ``right``: every named set is the

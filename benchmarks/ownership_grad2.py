@@ -35,7 +35,6 @@ from mirage import paths
 from mirage.api import InProcessAPI
 from mirage.api.evaluate import accuracy, defended_accuracy
 from mirage.attacks import CloneSpec, create_attack
-from mirage.attacks.clone import clone_cache
 from mirage.attacks.countermeasures import variant_params
 from mirage.attacks.pools import attack_data
 from mirage.bench.config import load_config
@@ -92,12 +91,13 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
     data = attack_data(scenario, "knockoff")
     own_clones = None if paths.clones_dir() is None else paths.clones_dir() / "ownership"
 
-    def steal(defense, variant: str, seed: int):
+    def steal(defense, variant: str, seed: int, clones):
         attack = create_attack("knockoff", **variant_params(variant))
-        return attack.run(InProcessAPI(victim, defense), BUDGET, data, clone_spec, seed=seed)
+        return attack.run(InProcessAPI(victim, defense), BUDGET, data, clone_spec.model_copy(update={"cache": clones}),
+                          seed=seed)
 
-    with clone_cache(paths.clones_dir()):  # the sweeps' cache: undefended clones are shared
-        null = [steal(None, variant, seed).clone for seed in range(null_seeds) for variant in THIEVES]
+    # the sweeps' clone cache: undefended clones are shared
+    null = [steal(None, variant, seed, paths.clones_dir()).clone for seed in range(null_seeds) for variant in THIEVES]
     # the surrogate and the behaviour set do not depend on ε: resolved once
     spec = DefenseSpec.from_params("grad2", {"target": "watermark", "watermark": BEHAVIOUR})
     resolved = resolve_params(spec, scenario, victim, card)
@@ -117,8 +117,7 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
                     "effective_l1": served.effective_l1}
 
         def thief(variant: str) -> dict:
-            with clone_cache(own_clones):
-                result = steal(create_defense("grad2", **params), variant, 0)
+            result = steal(create_defense("grad2", **params), variant, 0, own_clones)
             tested = verify(result.clone, null, x_w, y_w)
             return {"clone_accuracy": accuracy(result.clone, test), "statistic": tested.statistic,
                     "match_rate": tested.match_rate, "p_value": tested.p_value,

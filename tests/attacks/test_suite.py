@@ -11,7 +11,6 @@ from mirage.attacks import ATTACKER_SUITE, RestorerConfig, create_attack, varian
 from mirage.attacks.base import QueryClient, jitter_images
 from mirage.attacks.clone import (
     bootstrapped_cross_entropy,
-    clone_cache,
     generalized_cross_entropy,
     train_clone,
 )
@@ -109,12 +108,12 @@ def test_robust_loss_reaches_the_clone_training(victim, digits, clone_spec):
 def test_clone_cache_replays_an_exact_transfer_set_and_only_that(tmp_path, digits, clone_spec):
     x = digits.train.images[:128]
     y = torch.nn.functional.one_hot(digits.train.labels[:128], 10).float()
-    with clone_cache(tmp_path):
-        first, stats = train_clone(clone_spec, x, y, 10, show_progress=False)
-        again, stats_again = train_clone(clone_spec, x, y, 10, show_progress=False)
-        y2 = y.clone()
-        y2[0] = torch.roll(y2[0], 1)
-        _, stats_other = train_clone(clone_spec, x, y2, 10, show_progress=False)
+    cached = clone_spec.model_copy(update={"cache": tmp_path})
+    first, stats = train_clone(cached, x, y, 10, show_progress=False)
+    again, stats_again = train_clone(cached, x, y, 10, show_progress=False)
+    y2 = y.clone()
+    y2[0] = torch.roll(y2[0], 1)
+    _, stats_other = train_clone(cached, x, y2, 10, show_progress=False)
     assert not stats["from_cache"] and stats_again["from_cache"] and not stats_other["from_cache"]
     assert stats["transfer_digest"] == stats_again["transfer_digest"] != stats_other["transfer_digest"]
     for a, b in zip(first.state_dict().values(), again.state_dict().values(), strict=True):

@@ -4,7 +4,7 @@ import os
 import time
 
 
-def fake_run(spec):
+def fake_run(spec, stores=None):
     time.sleep(float(os.environ.get("FAKE_RUN_SECONDS", "0")))
     eps = float(spec.defense_params.get("epsilon", 0.0))
     return {

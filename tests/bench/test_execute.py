@@ -24,7 +24,7 @@ def test_one_real_run_on_tiny_digits(isolated_cache):
 def test_clone_health_flags_diverged_and_collapsed_clones():
     import torch
 
-    from mirage.bench.execute import clone_health
+    from mirage.bench.protocol import clone_health
 
     clone = torch.nn.Linear(2, 2)
     spread = torch.arange(10)
@@ -77,17 +77,17 @@ def test_a_training_time_defense_reports_its_l1_and_agreement_against_the_plain_
     from mirage.api import clean_posteriors
     from mirage.bench.execute import prepare_run, probe_images
     from mirage.data import load_dataset
-    from mirage.scenarios import get_scenario
+    from mirage.scenarios import get_scenario, query_pool
 
     tiny = {"noise_multiplier": 1.0, "num_train": 640, "training": {"epochs": 1, "batch_size": 128}}
     spec = RunSpec(scenario="digits", defense="dpsgd", defense_label="dpsgd", defense_params=tiny,
                    attack="knockoff", attack_label="knockoff", attack_params={}, budget=100, seed=0,
                    clone_training=TrainConfig(epochs=1, batch_size=64))
     result = execute_run(spec)
-    victims = prepare_run(spec)[0]
-    assert victims.training_time
-    served, plain = victims.served, victims.plain
-    probe = probe_images(get_scenario("digits"), 0)
+    context = prepare_run(spec)
+    assert context.training_time
+    served, plain = context.served, context.plain
+    probe = probe_images(query_pool(get_scenario("digits")).images, 0)
     expected = (clean_posteriors(served, probe) - clean_posteriors(plain, probe)).abs().sum(1).mean()
     assert result["effective_l1"] == pytest.approx(float(expected)) and result["effective_l1"] > 0.05
     assert result["effective_l1_on"] == "256 pool images"
@@ -120,24 +120,27 @@ def test_hard_labels_of_a_top1_kept_defense_train_the_undefended_clone_and_say_s
 
 @pytest.mark.slow
 def test_the_restorer_is_told_the_defense_and_its_public_parameters_only(isolated_cache):
-    from mirage.bench.execute import attacker_knowledge
+    from mirage.bench.execute import prepare_run
+
+    def told(spec):
+        return prepare_run(spec).told(spec.attack_params)["restorer"]
 
     spec = _digits_run("grad2", {"epsilon": 0.5, "target": "all-ones", "surrogate": "distilled",
                                  "surrogate_config": {"stop_epoch": 2}}, {"restorer": {"pairs": 100}})
-    told = attacker_knowledge(spec)["restorer"]
-    assert told == {"pairs": 100, "defense": "grad2", "defense_params": {"epsilon": 0.5, "target": "all-ones"}}
+    assert told(spec) == {"pairs": 100, "defense": "grad2", "defense_params": {"epsilon": 0.5, "target": "all-ones"}}
     watermark = _digits_run("grad2", {"target": "watermark", "watermark": {"source_class": 3, "target_class": 5}},
                             {"restorer": {}})
-    assert attacker_knowledge(watermark)["restorer"]["defense_params"] == {"target": "watermark"}
-    training_time = _digits_run("dpsgd", {"noise_multiplier": 1.0}, {"restorer": {}})
-    assert attacker_knowledge(training_time)["restorer"]["defense"] == "none"
+    assert told(watermark)["defense_params"] == {"target": "watermark"}
+    tiny_dpsgd = {"noise_multiplier": 1.0, "num_train": 640, "training": {"epochs": 1, "batch_size": 128}}
+    training_time = _digits_run("dpsgd", tiny_dpsgd, {"restorer": {}})
+    assert told(training_time)["defense"] == "none"
     result = execute_run(_digits_run("random_noise", {"epsilon": 1.0},
                                      {"restorer": {"pairs": 100, "epochs": 5, "shadow_epochs": 2}},
                                      label="knockoff/restorer"))
     assert result["restorer"]["pairs"] == 200 and result["queries"] == 300
 
 
-def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_objects():
+def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_objects(tmp_path):
     """Plain and served victims are told apart by what they are, not by object identity: a
     query-time run whose served victim is another object with the plain weights (a reload, as in
     another worker) still gets its L1 from the ledger, never 0 from the probe."""
@@ -145,10 +148,12 @@ def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_o
 
     import torch
 
+    from mirage.attacks import CloneSpec
     from mirage.bench.execute import probe_metrics
+    from mirage.bench.protocol import RunContext, Stores
+    from mirage.data import ImageData
     from mirage.defenses import create_defense
     from mirage.models import create_model
-    from mirage.training.resolve import Victims
 
     torch.manual_seed(0)
     plain = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,)).eval()
@@ -156,37 +161,44 @@ def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_o
     torch.manual_seed(1)
     other = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,)).eval()
     probe, fresh = torch.rand(80, 1, 8, 8), create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,))
-    query_time = probe_metrics(Victims(plain, reloaded, None, training_time=False), create_defense("none"),
-                               fresh, probe)
+    data = ImageData(probe, torch.zeros(len(probe), dtype=torch.int64))
+
+    def context(served, training_time):
+        return RunContext(scenario="digits", test=data, pool=data, clone=CloneSpec(), stores=Stores(tmp_path),
+                          served=served, plain=plain, defense=create_defense("none"), training_time=training_time)
+
+    query_time = probe_metrics(context(reloaded, False), fresh, probe)
     assert "effective_l1" not in query_time and max(query_time["angular_deviation"]) < 1.0
-    training_time = probe_metrics(Victims(plain, other, None, training_time=True), create_defense("none"),
-                                  fresh, probe)
+    training_time = probe_metrics(context(other, True), fresh, probe)
     assert training_time["effective_l1"] > 0 and len(training_time["angular_deviation"]) == 64
 
 
 @pytest.mark.parametrize("switch", [{"api_keys": 2}, {"mix_benign": 0.3}])
 def test_the_stream_attackers_run_in_the_benchmark_with_their_keys_and_decoys(isolated_cache, switch):
-    """``steal`` builds the multi-key attacker's second key as a view (and skips the answer cache,
-    which records one API's stream); the mixing attacker goes through the cache like any other."""
+    """``run_attack`` builds the multi-key attacker's second key as a view (and skips the answer
+    cache, which records one API's stream); the mixing attacker goes through the cache like any
+    other."""
     import torch
 
     from mirage.attacks import CloneSpec
-    from mirage.bench.execute import steal
+    from mirage.bench.protocol import RunContext, Stores, run_attack
+    from mirage.data import load_dataset
+    from mirage.defenses import create_defense
     from mirage.models import ModelCard, create_model
-    from mirage.scenarios import get_scenario
-    from mirage.training.resolve import Victims
+    from mirage.scenarios import get_scenario, query_pool
 
     torch.manual_seed(0)
     model = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
     card = ModelCard(architecture="lenet", input_shape=(1, 8, 8), num_classes=10, mean=(0.3,), std=(0.3,),
                      dataset="digits", seed=0)
     training = TrainConfig(epochs=1, batch_size=64)
-    spec = RunSpec(scenario="digits", defense="none", defense_label="none", defense_params={},
-                   attack="knockoff", attack_label="knockoff", attack_params={**switch, "query_batch_size": 50},
-                   budget=200, seed=0, clone_training=training)
-    result, replayed = steal(spec, get_scenario("digits"), Victims(model, model, card, False), None,
-                             CloneSpec.like(card, training=training))
-    assert result.queries == 200 and replayed == 0
+    context = RunContext(scenario="digits", test=load_dataset("digits").test, pool=query_pool(get_scenario("digits")),
+                         clone=CloneSpec.like(card, training=training),
+                         stores=Stores(isolated_cache, answers=isolated_cache / "answers"),
+                         served=model, plain=model, defense=create_defense("none"))
+    stolen = run_attack(context, "knockoff", {**switch, "query_batch_size": 50}, 200, 0)
+    result = stolen.result
+    assert result.queries == 200 and stolen.replayed == 0
     cached = list((isolated_cache / "answers").rglob("*.pt"))
     if "api_keys" in switch:
         assert result.queries_per_key == [100, 100] and not cached

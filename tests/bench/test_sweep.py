@@ -94,33 +94,37 @@ def test_process_pool_executor(tmp_path, small_config):
 
 def test_pool_sweep_prepares_each_shared_model_once_in_this_process(tmp_path, small_config):
     prepared = []
-    status = run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, preparer=prepared.append,
+
+    def prepare(spec, stores):
+        prepared.append(spec)
+
+    status = run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, preparer=prepare,
                        executor="local", workers=2, show_progress=False)
     assert status.done == 10
     # one per defense point (none, fake × 3 epsilons), whatever the attacks and seeds
     assert sorted((run.defense, run.defense_params.get("epsilon")) for run in prepared) == [
         ("fake", 0.1), ("fake", 0.5), ("fake", 1.0), ("none", None)]
     prepared.clear()
-    run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, preparer=prepared.append,
+    run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, preparer=prepare,
               executor="local", workers=2, show_progress=False)
     assert prepared == []  # nothing pending, nothing to prepare
 
 
-def test_pinned_models_live_next_to_the_results(tmp_path, small_config, monkeypatch):
-    monkeypatch.delenv("MIRAGE_MODELS", raising=False)
+def test_pinned_models_live_next_to_the_results_and_the_environment_is_left_alone(tmp_path, small_config,
+                                                                                  monkeypatch):
+    monkeypatch.setenv("MIRAGE_MODELS", str(tmp_path / "elsewhere"))
     seen = []
 
-    def runner(spec):
-        seen.append(os.environ.get("MIRAGE_MODELS"))
+    def runner(spec, stores):
+        seen.append((stores.models, os.environ.get("MIRAGE_MODELS")))
         return fake_run(spec)
 
     pinned = small_config.model_copy(update={"models_dir": "../models"})
     run_sweep(pinned, tmp_path / "out" / "r.jsonl", runner=runner, executor="inline", limit=2, show_progress=False)
-    assert seen == [str((tmp_path / "models").resolve())] * 2
-    assert "MIRAGE_MODELS" not in os.environ  # restored
+    assert seen == [((tmp_path / "models").resolve(), str(tmp_path / "elsewhere"))] * 2
     run_sweep(small_config, tmp_path / "out" / "r.jsonl", runner=runner, executor="inline", limit=1,
               show_progress=False)
-    assert seen[-1] is None
+    assert seen[-1][0] == tmp_path / "elsewhere"
 
 
 def test_dask_local_cluster(tmp_path, small_config):

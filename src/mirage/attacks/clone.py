@@ -24,7 +24,7 @@ or soft bootstrapping, the cross-entropy against β·t + (1 − β)·p_θ with p
 al., ICLR 2015 workshop).
 
 Training is deterministic given the data, the spec and the seed, so clones are cached exactly
-(:func:`clone_cache`): the key is the digest of the very images and targets trained on, the spec
+(``CloneSpec.cache``: a folder, which the run protocol sets from its stores): the key is the digest of the very images and targets trained on, the spec
 and the code that trains. Two runs whose transfer sets are provably equal — the hard-label answers
 of a top-1-kept defense and of the undefended API — train one clone, and the equality is the
 matching digest, recorded in the clone's stats (``transfer_digest``), never assumed.
@@ -32,15 +32,13 @@ matching digest, recorded in the clone's stats (``transfer_digest``), never assu
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
-from contextvars import ContextVar
+from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 from typing import Any, Literal
@@ -76,6 +74,8 @@ class CloneSpec(BaseModel):
     loss_param: float | None = Field(None, gt=0, le=1, description="q of gce, β of bootstrap")
     device: str = Field("cpu", description="where the clone trains (docs/design.md §devices); it is "
                                            "returned on the CPU")
+    cache: Path | None = Field(None, exclude=True, description="a folder keeping trained clones by exact "
+                                                               "transfer set (None: none); not part of the recipe")
 
     @classmethod
     def like(cls, card: ModelCard, *, training: TrainConfig | str = "grad2") -> CloneSpec:
@@ -124,20 +124,6 @@ def clone_loss(spec: CloneSpec) -> Callable[[Tensor, Tensor], Tensor]:
         beta = 0.8 if spec.loss_param is None else spec.loss_param
         return lambda logits, targets: bootstrapped_cross_entropy(logits, targets, beta)
     return soft_cross_entropy
-
-
-_CLONE_CACHE: ContextVar[Path | None] = ContextVar("mirage_clone_cache", default=None)
-
-
-@contextlib.contextmanager
-def clone_cache(root: str | Path | None) -> Iterator[None]:
-    """Within the block, :func:`train_clone` keeps and reuses trained clones under ``root``
-    (``None``: no cache)."""
-    token = _CLONE_CACHE.set(None if root is None else Path(root))
-    try:
-        yield
-    finally:
-        _CLONE_CACHE.reset(token)
 
 
 @cache
@@ -215,13 +201,13 @@ def train_clone(spec: CloneSpec, images: Tensor, answers: Tensor, num_classes: i
     ``epochs`` overrides the recipe's (JBDA's per-round substitutes train shorter). With
     ``spec.restarts > 1`` the clone with the lowest ``transfer_loss`` (soft cross-entropy on the
     whole transfer set) is returned; its stats say which ``restart`` it was, the
-    ``transfer_digest`` of the data and whether it came ``from_cache`` (:func:`clone_cache`).
+    ``transfer_digest`` of the data and whether it came ``from_cache`` (``spec.cache``).
     """
     config = spec.training if epochs is None else spec.training.model_copy(update={"epochs": epochs})
     spec = spec.model_copy(update={"training": config})
     targets = training_targets(answers)
     data = transfer_digest(images, targets)
-    root = _CLONE_CACHE.get()
+    root = spec.cache
     key = _clone_key(spec, data, num_classes) if root is not None else ""
     if root is not None and (hit := _load_cached(root, key, spec, images.shape[1:], num_classes)):
         model, stats = hit

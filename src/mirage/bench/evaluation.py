@@ -24,9 +24,8 @@ attacker's data, clone and recipe are the protocol's (:func:`mirage.attacks.pool
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import logging
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -34,18 +33,21 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mirage.api import InProcessAPI, defended_accuracy
-from mirage.attacks import ATTACKS, CloneSpec, create_attack
-from mirage.attacks.pools import attack_data
-from mirage.attacks.restorer import tell_restorer
-from mirage.bench.execute import clone_metrics, measure_overhead
-from mirage.data import ImageData, load_dataset
+from mirage.attacks import ATTACKS, CloneSpec
+from mirage.bench.protocol import (
+    RunContext,
+    RunMetrics,
+    Stores,
+    plain_params,
+    run_attack,
+    scenario_context,
+)
+from mirage.data import ImageData
 from mirage.data.base import channel_stats
 from mirage.defenses import Defense
 from mirage.models import ModelCard
 from mirage.models.fit import TrainConfig
 from mirage.scenarios import Scenario, get_scenario
-from mirage.training.resolve import DefenseSpec, resolve_victims
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +73,25 @@ def evaluate(defense: Defense | None, *, scenario: str | Scenario = "digits", at
              clone_training: TrainConfig | str = "grad2", eval_size: int | None = None,
              victim: nn.Module | None = None, card: ModelCard | None = None) -> Evaluation:
     """Attack ``scenario``'s victim behind ``defense`` (``None``: undefended) with ``attack`` and
-    ``budget`` queries, seeded by ``seed``; the defender's accuracy is measured on a copy of the
-    defense as it was before the attack (a stateful defense's answers do not depend on it)."""
+    ``budget`` queries, seeded by ``seed``, by the run protocol
+    (:func:`~mirage.bench.protocol.run_attack`); the defender's accuracy is measured on a copy of
+    the defense as it was before the attack (a stateful defense's answers do not depend on it)."""
+    
     scenario = get_scenario(scenario) if isinstance(scenario, str) else scenario
-    if victim is None:
-        victims = resolve_victims(DefenseSpec(), scenario)
-        victim, card = victims.served, victims.card
-    elif card is None:
+    stores = Stores.models_only()
+    if victim is not None and card is None:
         raise ValueError("a given victim needs its card (the clone is built like it)")
-    test = load_dataset(scenario.victim_dataset, scenario.data_root).test
-    if eval_size is not None:
-        test = test.subset(torch.arange(min(eval_size, len(test))))
-    defender = defended_accuracy(victim, copy.deepcopy(defense), test)
-    clone_spec = CloneSpec.like(card, training=clone_training)
-    result = create_attack(attack, **(attack_params or {})).run(
-        InProcessAPI(victim, defense), budget, attack_data(scenario, attack), clone_spec, seed=seed)
-    full_test = load_dataset(scenario.victim_dataset, scenario.data_root).test
-    return Evaluation(clone_accuracy=clone_metrics(result, full_test)["clone_accuracy"],
-                      defender_accuracy=defender.defended_accuracy, victim_accuracy=defender.clean_accuracy,
-                      defender_l1=defender.effective_l1, effective_l1=result.effective_l1,
-                      queries=result.queries)
+    context = scenario_context(scenario, "none", {}, stores, clone_training=clone_training)
+    if victim is not None:
+        context = dataclasses.replace(context, served=victim, plain=victim, card=card,
+                                      clone=CloneSpec.like(card, training=clone_training))
+    context = dataclasses.replace(context, defense=defense, defense_name="none" if defense is None else defense.name,
+                                  public_params=plain_params(defense))
+    stolen = run_attack(context, attack, attack_params or {}, budget, seed)
+    defender = context.defender_metrics(eval_size)
+    return Evaluation(clone_accuracy=stolen.clone["clone_accuracy"], defender_accuracy=defender["defender_accuracy"],
+                      victim_accuracy=defender["victim_accuracy"], defender_l1=defender["defender_l1"],
+                      effective_l1=stolen.result.effective_l1, queries=stolen.result.queries)
 
 
 # -- anything a user brings ----------------------------------------------------------------------
@@ -195,20 +196,6 @@ class ModelEvaluation:
         return "\n".join(["## Runs", "", *lines, "", "## Worst case", "", *worst, "", "## Verdict", "", self.advice, ""])
 
 
-@dataclass
-class _Point:
-    """One defense point of an evaluation: its label, a fresh API per run, its public parameters
-    (what a Kerckhoffs attacker is told) and its defender metrics."""
-
-    label: str
-    api: Callable[[], Any]
-    params: dict[str, Any]
-    victim_accuracy: float
-    defender_accuracy: float
-    defender_l1: float | None
-    overhead: float | None
-
-
 def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None, *,
                    params: dict[str, Any] | None = None, attack: str = "knockoff",
                    attackers: tuple[str, ...] = DEFAULT_ATTACKERS, budget: int = 2000, seeds: tuple[int, ...] = (0,),
@@ -269,26 +256,27 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
         if attack == "knockoff-adaptive":
             raise ValueError("knockoff-adaptive groups the pool by its labels: an unlabelled pool cannot serve it")
         split = _with_pool(split, pool)
-    points = _points(model, remote, given, defense, params, split, surrogate, baseline, served_defense, device)
     mean, std = channel_stats(split.pool.images)
     clone_spec = CloneSpec(architecture=architecture_for(split.input_shape), mean=mean, std=std,
                            training=recipe(clone_training), device=str(device))
-    plan = len(points) * len(attackers) * len(seeds)
+    contexts = _contexts(model, remote, given, defense, params, split, surrogate, baseline, served_defense, device,
+                         clone_spec)
+    plan = len(contexts) * len(attackers) * len(seeds)
     log.info("evaluate: %d clones to train (%s attack, %d queries each, %s on %s)", plan, attack, budget,
              clone_spec.architecture, split.input_shape)
     records, clones, failed = [], {}, []
     with progress_bar("clones", plan, enabled=progress) as advance:
-        for point in points:
+        for context in contexts:
+            overhead = context.overhead(context.pool.images[:256])
             for attacker in attackers:
-                attack_params = tell_restorer(variant_params(attacker), point.label, point.params)
                 for seed in seeds:
-                    record, clone = _one_run(point, attack, attacker, attack_params, seed, budget, split, clone_spec)
+                    record, clone = _one_run(context, attack, attacker, seed, budget, overhead)
                     records.append(record)
-                    clones[(point.label, attacker, seed)] = clone
+                    clones[(context.defense_name, attacker, seed)] = clone
                     if record["clone_collapsed"] or record["clone_diverged"]:
                         failed.append(record)
                         log.warning("the %s clone against %s (seed %d) %s: flagged, not counted", attacker,
-                                    point.label, seed, "diverged" if record["clone_diverged"] else "collapsed")
+                                    context.defense_name, seed, "diverged" if record["clone_diverged"] else "collapsed")
                     advance(1, clone=record["clone_accuracy"])
     panels = worst_case_points(records, {attack: tuple(attackers)})
     (row,) = verdict(panels) if panels else ({"deploy": "none"},)
@@ -297,29 +285,27 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
                            advice=advice, clones=clones, failed=failed)
 
 
-def _points(model: Any, remote: bool, given: Defense | None, defense: str | None, params: dict[str, Any],
-            split: UserSplit, surrogate: nn.Module | None, baseline: nn.Module | None,
-            served_defense: str | None, device: torch.device) -> list[_Point]:
-    """The undefended point (when the model, or a baseline, is at hand) and the defended one."""
-    def local(label: str, net: nn.Module, built: Defense | None, public: dict[str, Any]) -> _Point:
-        metrics = defended_accuracy(net, copy.deepcopy(built), split.test)
-        overhead = None if built is None else measure_overhead(net, copy.deepcopy(built), split.pool.images[:256])
-        return _Point(label, lambda: InProcessAPI(net, copy.deepcopy(built)), public, metrics.clean_accuracy,
-                      metrics.defended_accuracy, metrics.effective_l1, overhead)
-
+def _contexts(model: Any, remote: bool, given: Defense | None, defense: str | None, params: dict[str, Any],
+              split: UserSplit, surrogate: nn.Module | None, baseline: nn.Module | None,
+              served_defense: str | None, device: torch.device, clone: CloneSpec) -> list[RunContext]:
+    """The run contexts of an evaluation: the undefended model (when the model, or a baseline, is
+    at hand) and the defended one, all on the user's split."""
+    data = {"test": split.test, "pool": split.pool, "seeds": split.pool, "labelled": split.attacker_labelled,
+            "clone": clone, "stores": Stores.models_only(), "scenario": USER_SCENARIO}
     plain = _as_classifier(baseline if remote else model, split)
-    points = [] if plain is None else [local("none", plain, None, {})]
+    contexts = [] if plain is None else [RunContext(**data, served=plain, plain=plain)]
     if remote:
-        served = model.query(split.test.images)  # the defender's accuracy, as the endpoint answers
-        accuracy_served = float((served.argmax(1) == split.test.labels).float().mean())
-        clean = points[0].victim_accuracy if points else accuracy_served
         public = {k: v for k, v in ((model.defense or {}).get("params") or {}).items() if _public(v)}
-        points.append(_Point(served_defense or "served", lambda: model, public, clean, accuracy_served, None, None))
-    elif given is not None or defense is not None:
-        built = given if given is not None else _build_defense(plain, defense, params, split, surrogate, device)
-        public = {k: v for k, v in (params if given is None else {}).items() if _public(v)}
-        points.append(local(defense or given.name, plain, built, public))
-    return points
+        contexts.append(RunContext(**data, endpoint=model, plain=plain, defense_name=served_defense or "served",
+                                   public_params=public))
+    elif given is not None:
+        contexts.append(RunContext(**data, served=plain, plain=plain, defense=given, defense_name=given.name,
+                                   public_params=plain_params(given)))
+    elif defense is not None:
+        built = _build_defense(plain, defense, params, split, surrogate, device)
+        contexts.append(RunContext(**data, served=plain, plain=plain, defense=built, defense_name=defense,
+                                   public_params={k: v for k, v in params.items() if _public(v)}))
+    return contexts
 
 
 def _with_pool(split: UserSplit, pool: Any) -> UserSplit:
@@ -353,22 +339,21 @@ def _as_classifier(model: nn.Module | None, split: UserSplit) -> nn.Module | Non
     return model
 
 
-def _one_run(point: _Point, attack: str, attacker: str, attack_params: dict[str, Any], seed: int, budget: int,
-             split: UserSplit, clone_spec: CloneSpec) -> tuple[dict[str, Any], nn.Module]:
-    """One attacker at one seed against one point: the run record (the sweeps' fields) and the clone."""
-    torch.manual_seed(seed)
-    runner = create_attack(attack, **attack_params)
-    labelled = split.attacker_labelled.sample(runner.params.align_labels, seed) if runner.params.align_labels \
-        else None
-    result = runner.run(point.api(), budget, split.pool, clone_spec, seed=seed, labelled=labelled)
+def _one_run(context: RunContext, attack: str, attacker: str, seed: int, budget: int, overhead: float | None
+             ) -> tuple[dict[str, Any], nn.Module]:
+    """One attacker at one seed against one context: the run record (the sweeps' fields) and the clone."""
+    from mirage.attacks.countermeasures import variant_params
+
+    attack_params = variant_params(attacker)
+    stolen = run_attack(context, attack, attack_params, budget, seed)
+    metrics = RunMetrics(**context.defender_metrics(), **stolen.clone, effective_l1=stolen.result.effective_l1,
+                         overhead_ratio=overhead)
     record = {
         "scenario": USER_SCENARIO, "attack_label": attack, "attack_family": attack, "attacker": attacker,
-        "attack_params": attack_params, "defense": point.label, "defense_label": point.label,
-        "defense_params": point.params, "seed": seed, "budget": budget,
-        "victim_accuracy": point.victim_accuracy, "defender_accuracy": point.defender_accuracy,
-        "defender_l1": point.defender_l1, "effective_l1": result.effective_l1, "overhead_ratio": point.overhead,
-        **clone_metrics(result, split.test)}
-    return record, result.clone
+        "attack_params": context.told(attack_params), "defense": context.defense_name,
+        "defense_label": context.defense_name, "defense_params": context.public_params, "seed": seed,
+        "budget": budget, **metrics.as_record()}
+    return record, stolen.result.clone
 
 
 def _public(value: Any) -> bool:

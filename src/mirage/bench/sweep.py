@@ -3,10 +3,9 @@ append each result as it finishes. Killing and restarting resumes without redoin
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ from typing import Any
 
 from mirage.bench.config import SweepConfig
 from mirage.bench.executors import run_dask, run_inline, run_process_pool
+from mirage.bench.protocol import Stores
 from mirage.bench.results import ResultStore
 from mirage.bench.runs import RunSpec, expand
 from mirage.progress import progress_bar
@@ -119,42 +119,38 @@ def prepare_shared_models(pending: list[RunSpec], preparer: Callable[[RunSpec], 
     return len(seen)
 
 
-@contextlib.contextmanager
-def models_in(directory: Path | None):
-    """Within the block, trained models live in ``directory`` (``MIRAGE_MODELS``, inherited by
-    pool workers); ``None`` leaves the setting alone."""
-    if directory is None:
-        yield
-        return
-    previous = os.environ.get("MIRAGE_MODELS")
-    os.environ["MIRAGE_MODELS"] = str(directory.resolve())
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["MIRAGE_MODELS"]
-        else:
-            os.environ["MIRAGE_MODELS"] = previous
+def sweep_stores(config: SweepConfig, results: str | Path, stores: Stores | None = None) -> Stores:
+    """The stores a sweep's runs use: ``stores`` (default: where the environment says), with the
+    models pinned next to the results file when the config says ``models_dir``."""
+    stores = stores or Stores.from_environment()
+    if config.models_dir:
+        stores = stores.with_models(Path(results).parent / config.models_dir)
+    return stores
 
 
 def run_sweep(config: SweepConfig, results: str | Path, *,
-              runner: Callable[[RunSpec], dict[str, Any]] | None = None,
-              preparer: Callable[[RunSpec], Any] | None = None, executor: str = "local",
+              runner: Callable[..., dict[str, Any]] | None = None,
+              preparer: Callable[..., Any] | None = None, executor: str = "local",
               workers: int = 1, scheduler: Any = None, limit: int | None = None,
-              only: RunFilter | None = None, show_progress: bool = True) -> SweepStatus:
+              only: RunFilter | None = None, show_progress: bool = True,
+              stores: Stores | None = None) -> SweepStatus:
     """Execute every pending run of ``config``; returns the status after the sweep.
 
     ``executor``: ``inline`` (this process), ``local`` (process pool of ``workers``) or ``dask``
-    (``scheduler`` = address or Client). Before runs go to a pool or cluster, ``preparer``
-    (default with the default runner: :func:`mirage.bench.execute.prepare_run`) trains the models
-    they share here, once each. ``only`` restricts this call to matching runs and ``limit`` caps
-    how many it executes.
+    (``scheduler`` = address or Client). ``runner(spec, stores=...)`` runs one spec (default
+    :func:`mirage.bench.execute.execute_run`) with the sweep's stores (:func:`sweep_stores`).
+    Before runs go to a pool or cluster, ``preparer(spec, stores=...)`` (default with the default
+    runner: :func:`mirage.bench.execute.prepare_run`) trains the models they share here, once
+    each. ``only`` restricts this call to matching runs and ``limit`` caps how many it executes.
     """
     if runner is None:
         from mirage.bench.execute import execute_run as runner
         from mirage.bench.execute import prepare_run
 
         preparer = preparer or prepare_run
+    stores = sweep_stores(config, results, stores)
+    runner = functools.partial(runner, stores=stores)
+    preparer = None if preparer is None else functools.partial(preparer, stores=stores)
     store = ResultStore(results)
     status = sweep_status(config, store)
     pending = status.pending
@@ -163,9 +159,8 @@ def run_sweep(config: SweepConfig, results: str | Path, *,
         pending = [run for run in pending if only(run)]
     pending = pending[:limit] if limit is not None else pending
     log.info("sweep %s: %d runs, %d done, %d to run now", config.name, status.total, status.done, len(pending))
-    with models_in(store.path.parent / config.models_dir if config.models_dir else None):
-        _execute(pending, store, runner, preparer, executor=executor, workers=workers, scheduler=scheduler,
-                 title=f"sweep {config.name}", show_progress=show_progress)
+    _execute(pending, store, runner, preparer, executor=executor, workers=workers, scheduler=scheduler,
+             title=f"sweep {config.name}", show_progress=show_progress)
     return sweep_status(config, store)
 
 

@@ -41,7 +41,7 @@ def attack(
     epochs: Annotated[int, typer.Option(help="clone training epochs")] = 30,
     recipe_name: Annotated[str, typer.Option("--recipe", help="clone recipe: mad or grad2")] = "grad2",
     seed: Annotated[int, typer.Option(help="attack seed")] = 0,
-    eval_size: Annotated[int | None, typer.Option(help="evaluate on the first N test images")] = None,
+    eval_size: Annotated[int | None, typer.Option(help="measure the defender's accuracy on the first N test images (the clone: on all)")] = None,
     variant: Annotated[str | None, typer.Option(
         help="an attacker of the suite: soft, hard-label, averaging, restorer, noise-robust, "
              "confident-only, mixing (30 % benign decoys), multi-key (4 API keys, in-process views), "
@@ -50,56 +50,50 @@ def attack(
              "public parameters)")] = None,
 ) -> None:
     """Run one attack against a scenario's victim behind a defense (query-time, or a training-time
-    victim); print clone accuracy, defender accuracy, effective L1 and queries spent."""
-    from mirage.api import InProcessAPI, accuracy, defended_accuracy
-    from mirage.attacks import CloneSpec, create_attack, variant_params
+    victim) by the run protocol (docs/design.md §protocol); print clone accuracy, defender
+    accuracy, effective L1 and queries spent.
+
+    Example: mirage attack --scenario digits --defense grad2 --epsilon 0.5 -p surrogate=distilled
+    --budget 2000 --variant hard-label"""
+    from mirage.attacks import create_attack, variant_params
     from mirage.attacks.clone import recipe
-    from mirage.attacks.pools import attack_data
-    from mirage.attacks.restorer import tell_restorer
-    from mirage.data import load_dataset
-    from mirage.scenarios import attacker_labels, get_scenario
-    from mirage.training.registry import is_training_time
-    from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims
+    from mirage.bench.protocol import Stores, run_attack, scenario_context
+    from mirage.scenarios import get_scenario
+    from mirage.training.resolve import DefenseSpec
 
     chosen = get_scenario(scenario)
-    test = load_dataset(chosen.victim_dataset, chosen.data_root).test
-    if eval_size is not None:
-        test = test.subset(slice(0, eval_size))
     defense_params = parse_params(param)
     if epsilon is not None:
         defense_params["epsilon"] = epsilon
     try:  # the same declarative parts as a sweep's: surrogate = "distilled", reference, watermark, ...
-        spec = DefenseSpec.from_params(defense, defense_params)
+        DefenseSpec.from_params(defense, defense_params)
         attack_params = parse_params(attack_param)
         if variant is not None:
             attack_params = {**variant_params(variant), **attack_params}
-        told = ("none", {}) if is_training_time(defense) else (defense, spec.params)  # what it serves at query time
-        stealer = create_attack(attack_name, **tell_restorer(attack_params, *told))
         training = recipe(recipe_name).model_copy(update={"epochs": epochs})
+        create_attack(attack_name, **attack_params)  # checked before anything trains
     except (KeyError, ValueError) as error:
         raise typer.BadParameter(str(error)) from error
-    victims = resolve_victims(spec, chosen, show_progress=True)
-    served = resolve_defense(spec, chosen, victims.served, victims.card)
-    result = stealer.run(InProcessAPI(victims.served, served), budget, attack_data(chosen, attack_name),
-                         CloneSpec.like(victims.card, training=training), seed=seed,
-                         labelled=attacker_labels(chosen, stealer.params.align_labels, seed))
-    utility = defended_accuracy(victims.served, served, test)
-    table = Table("quantity", "value", title=f"{attack_name} vs {spec.name} {served!r} on {chosen.name}")
-    for name, value in _rows(result, utility, accuracy(result.clone, test), accuracy(victims.plain, test),
-                             victims.training_time):
+    context = scenario_context(chosen, defense, defense_params, Stores.models_only(), clone_training=training,
+                               show_progress=True)
+    stolen = run_attack(context, attack_name, attack_params, budget, seed)
+    defender = context.defender_metrics(eval_size)
+    title = f"{attack_name} vs {defense} {context.defense!r} on {chosen.name}"
+    table = Table("quantity", "value", title=title)
+    for name, value in _rows(stolen.result, defender, stolen.clone["clone_accuracy"], context.training_time):
         table.add_row(name, value)
     console.print(table)
 
 
-def _rows(result, utility, clone_accuracy: float, victim_accuracy: float, training_time: bool
-          ) -> list[tuple[str, str]]:
+def _rows(result, defender: dict[str, Any], clone_accuracy: float, training_time: bool) -> list[tuple[str, str]]:
     """The report of ``mirage attack``; no L1 for a training-time defense, whose ledger compares
     the served victim with itself."""
     l1 = "unknown" if result.effective_l1 is None else f"{result.effective_l1:.4f}"
-    return [("clone accuracy", f"{clone_accuracy:.4f}"), ("victim accuracy (clean)", f"{victim_accuracy:.4f}"),
-            ("defender accuracy", f"{utility.defended_accuracy:.4f}"),
+    return [("clone accuracy", f"{clone_accuracy:.4f}"),
+            ("victim accuracy (clean)", f"{defender['victim_accuracy']:.4f}"),
+            ("defender accuracy", f"{defender['defender_accuracy']:.4f}"),
             *([] if training_time else [("effective L1 (attacker's queries)", l1),
-                                        ("effective L1 (test set)", f"{utility.effective_l1:.4f}")]),
+                                        ("effective L1 (test set)", f"{defender['defender_l1']:.4f}")]),
             ("queries spent / budget", f"{result.queries} / {result.budget}"),
             *([("decoys sent", str(result.decoys))] if result.decoys else []),
             *([("queries per API key", " / ".join(map(str, result.queries_per_key)))]

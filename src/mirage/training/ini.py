@@ -50,6 +50,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -304,9 +305,10 @@ def train_ini(victim: ImageClassifier, student: ImageClassifier, train: ImageDat
     return {"history": history, "seconds": time.perf_counter() - start}
 
 
-def train_ini_victim(scenario: Scenario, config: IniConfig, *, show_progress: bool = True
-                     ) -> tuple[ImageClassifier, ModelCard]:
-    """Train the scenario's victim with InI (no caching; see :mod:`mirage.training.registry`)."""
+def train_ini_victim(scenario: Scenario, config: IniConfig, *, show_progress: bool = True,
+                     models: Path | None = None) -> tuple[ImageClassifier, ModelCard]:
+    """Train the scenario's victim with InI (no caching; see :mod:`mirage.training.registry`);
+    with ``init = "victim"`` it starts from the plain victim kept under ``models``."""
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     train = data.train.sample(config.num_train, config.training.seed)
 
@@ -320,7 +322,7 @@ def train_ini_victim(scenario: Scenario, config: IniConfig, *, show_progress: bo
     if config.init == "victim":
         from mirage.training.victim import get_victim
 
-        plain, _, _ = get_victim(scenario, show_progress=show_progress)
+        plain, _, _ = get_victim(scenario, show_progress=show_progress, models=models)
         victim.load_state_dict(plain.state_dict())
     student = build(config.student_training.seed)
     stats = train_ini(victim, student, train, ood_source(config, train), config,

@@ -8,6 +8,8 @@ patch_shuffle`): natural image statistics, no class structure — the same choic
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -42,16 +44,17 @@ def _fresh(scenario: Scenario, seed: int) -> ImageClassifier:
                         data.std, **scenario.arch_kwargs)
 
 
-def get_misinformation_models(scenario: Scenario, config: MisinformationConfig | None = None
-                              ) -> tuple[nn.Module, nn.Module]:
-    """``(oe_model, misinformation_model)`` for the scenario, trained once and cached."""
+def get_misinformation_models(scenario: Scenario, config: MisinformationConfig | None = None, *,
+                              models: Path | None = None) -> tuple[nn.Module, nn.Module]:
+    """``(oe_model, misinformation_model)`` for the scenario, trained once and kept under
+    ``models`` (default :func:`mirage.paths.models_dir`)."""
     from mirage.training.ini import patch_shuffle
     from mirage.training.outlier_exposure import train_misinformation, train_outlier_exposure
 
     config = config or MisinformationConfig()
     key = config_key("adaptive-misinformation", {"scenario": scenario.model_dump(mode="json"),
                                                  "config": config.model_dump(mode="json")})
-    root = paths.models_dir() / "adaptive_misinformation" / f"{scenario.name}-{key}"
+    root = (models or paths.models_dir()) / "adaptive_misinformation" / f"{scenario.name}-{key}"
     if has_checkpoint(root / "oe") and has_checkpoint(root / "mis"):
         return load_checkpoint(root / "oe")[0], load_checkpoint(root / "mis")[0]
     data = load_dataset(scenario.victim_dataset, scenario.data_root)

@@ -243,20 +243,24 @@ class Victims:
     training_time: bool
 
 
-def resolve_victims(spec: DefenseSpec, scenario: Scenario, *, show_progress: bool = False) -> Victims:
-    """The plain victim and the served one for ``spec`` (trained or loaded from the cache)."""
-    plain, plain_card, _ = get_victim(scenario, show_progress=show_progress)
+def resolve_victims(spec: DefenseSpec, scenario: Scenario, *, show_progress: bool = False,
+                    models: Path | None = None) -> Victims:
+    """The plain victim and the served one for ``spec`` (trained, or loaded from ``models``:
+    default :func:`mirage.paths.models_dir`)."""
+    plain, plain_card, _ = get_victim(scenario, show_progress=show_progress, models=models)
     if not spec.training_time:
         return Victims(plain, plain, plain_card, training_time=False)
-    served, card, _ = get_defended_victim(scenario, spec.name, spec.params, show_progress=show_progress)
+    served, card, _ = get_defended_victim(scenario, spec.name, spec.params, show_progress=show_progress,
+                                          models=models)
     return Victims(plain, served, card, training_time=True)
 
 
 def resolve_params(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Module | None = None,
-                   card: ModelCard | None = None) -> dict[str, Any]:
+                   card: ModelCard | None = None, *, models: Path | None = None) -> dict[str, Any]:
     """``spec.params`` with every part replaced by the object it names: trained or loaded from
-    the cache for ``scenario`` (whose victim is ``victim``, with ``card``), or loaded from
-    checkpoints. ``scenario`` may be ``None`` when every part is a checkpoint."""
+    ``models`` (default :func:`mirage.paths.models_dir`) for ``scenario`` (whose victim is
+    ``victim``, with ``card``), or loaded from checkpoints. ``scenario`` may be ``None`` when every
+    part is a checkpoint."""
     if spec.training_time:
         raise ValueError(f"{spec.name} is a training-time defense: resolve_victims builds it")
     parts = spec.parts()
@@ -270,7 +274,7 @@ def resolve_params(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Modu
                          + (options or "checkpoints") + " (mirage.evaluate builds them from your data)")
     params = dict(spec.params)
     if parts.surrogate is not None:
-        params["surrogate"] = _surrogate(spec, parts.surrogate, scenario, victim, card)
+        params["surrogate"] = _surrogate(spec, parts.surrogate, scenario, victim, card, models)
     if parts.reference is not None:
         params["reference_x"], params["reference_y"] = _labelled(defender_sample(scenario, parts.reference))
     if parts.watermark is not None:
@@ -278,13 +282,14 @@ def resolve_params(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Modu
     if isinstance(parts.misinformation, tuple):
         params["oe_model"], params["misinformation_model"] = (_load(p) for p in parts.misinformation)
     elif parts.misinformation is not None:
-        params["oe_model"], params["misinformation_model"] = get_misinformation_models(scenario, parts.misinformation)
+        params["oe_model"], params["misinformation_model"] = get_misinformation_models(
+            scenario, parts.misinformation, models=models)
     if parts.gate is not None:
-        params.update(_gate(parts.gate, scenario, victim))
+        params.update(_gate(parts.gate, scenario, victim, models))
     return params
 
 
-def _gate(gate: GateSpec, scenario: Scenario, victim: nn.Module | None) -> dict[str, Any]:
+def _gate(gate: GateSpec, scenario: Scenario, victim: nn.Module | None, models: Path | None) -> dict[str, Any]:
     """``gate``, ``gate_model`` and ``tau`` of ``grad2_gated`` for ``scenario``'s victim."""
     import torch
 
@@ -292,7 +297,7 @@ def _gate(gate: GateSpec, scenario: Scenario, victim: nn.Module | None) -> dict[
 
     if victim is None:
         raise ValueError("a gate is calibrated on the victim's answers: pass the victim")
-    model = (get_misinformation_models(scenario, gate.models_config or MisinformationConfig())[0]
+    model = (get_misinformation_models(scenario, gate.models_config or MisinformationConfig(), models=models)[0]
              if gate.score == "oe-msp" else victim)
     images = defender_sample(scenario, gate.calibration).images
     with torch.no_grad():
@@ -303,22 +308,24 @@ def _gate(gate: GateSpec, scenario: Scenario, victim: nn.Module | None) -> dict[
 
 
 def resolve_defense(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Module | None = None,
-                    card: ModelCard | None = None) -> Defense:
-    """The live query-time defense of ``spec`` (``none`` for a training-time defense)."""
+                    card: ModelCard | None = None, *, models: Path | None = None) -> Defense:
+    """The live query-time defense of ``spec`` (``none`` for a training-time defense), its parts
+    from ``models`` (:func:`resolve_params`)."""
     if spec.training_time:
         return create_defense("none")
-    return create_defense(spec.name, **resolve_params(spec, scenario, victim, card))
+    return create_defense(spec.name, **resolve_params(spec, scenario, victim, card, models=models))
 
 
 def _surrogate(spec: DefenseSpec, source: SurrogateKind | Checkpoints, scenario: Scenario | None,
-               victim: nn.Module | None, card: ModelCard | None) -> nn.Module | list[nn.Module]:
+               victim: nn.Module | None, card: ModelCard | None, models: Path | None) -> nn.Module | list[nn.Module]:
     if isinstance(source, Path):
         return _load(source)
     if isinstance(source, Sequence) and not isinstance(source, str):
         return [_load(p) for p in source]
     if victim is None or card is None:
         raise ValueError(f"a {source} surrogate is trained for a victim: pass it and its card")
-    members, _, _ = get_surrogate(scenario, victim, card, SurrogateConfig(kind=source, **spec.surrogate_config))
+    members, _, _ = get_surrogate(scenario, victim, card, SurrogateConfig(kind=source, **spec.surrogate_config),
+                                  models=models)
     return members if len(members) > 1 else members[0]
 
 

@@ -94,12 +94,13 @@ def train_early_stopped(model: nn.Module, images: Tensor, targets: Tensor, confi
     return snapshots, time.perf_counter() - start
 
 
-def surrogate_dir(scenario: Scenario, config: SurrogateConfig, victim_card: ModelCard) -> Path:
+def surrogate_dir(scenario: Scenario, config: SurrogateConfig, victim_card: ModelCard,
+                  models: Path | None = None) -> Path:
     # "pool": distillation data = scenarios.query_pool (before, in-distribution scenarios
     # also distilled on the victim's test split); a new value retires surrogates cached before.
     key = config_key("surrogate", {"scenario": scenario.model_dump(), "config": config.model_dump(),
                                    "victim_created": victim_card.created, "pool": "query_pool"})
-    return paths.models_dir() / "surrogates" / f"{scenario.name}-{config.kind}-{key}"
+    return (models or paths.models_dir()) / "surrogates" / f"{scenario.name}-{config.kind}-{key}"
 
 
 def train_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCard,
@@ -140,11 +141,12 @@ def train_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCar
 
 
 def get_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCard,
-                  config: SurrogateConfig | None = None, *, retrain: bool = False
+                  config: SurrogateConfig | None = None, *, retrain: bool = False, models: Path | None = None
                   ) -> tuple[list[nn.Module], list[ModelCard], bool]:
-    """Return ``(members, cards, from_cache)``; one member unless ``config.checkpoints`` > 1."""
+    """Return ``(members, cards, from_cache)``; one member unless ``config.checkpoints`` > 1;
+    kept under ``models`` (default :func:`mirage.paths.models_dir`)."""
     config = config or SurrogateConfig()
-    directory = surrogate_dir(scenario, config, victim_card)
+    directory = surrogate_dir(scenario, config, victim_card, models)
     member_dirs = [directory / f"member-{i}" for i in range(config.checkpoints if config.kind != "random" else 1)]
     if not retrain and all(has_checkpoint(d) for d in member_dirs):
         loaded = [load_checkpoint(d) for d in member_dirs]

@@ -32,7 +32,8 @@ def config_key(kind: str, config: dict) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def victim_dir(scenario: Scenario) -> Path:
+def victim_dir(scenario: Scenario, models: Path | None = None) -> Path:
+    """Where ``scenario``'s victim is kept under ``models`` (default :func:`mirage.paths.models_dir`)."""
     config = {
         "dataset": scenario.victim_dataset,
         "architecture": scenario.architecture,
@@ -40,7 +41,7 @@ def victim_dir(scenario: Scenario) -> Path:
         "training": scenario.victim_training.model_dump(),
         "data_root": scenario.data_root,
     }
-    return paths.models_dir() / "victims" / f"{scenario.victim_dataset}-{scenario.architecture}-{config_key('victim', config)}"
+    return (models or paths.models_dir()) / "victims" / f"{scenario.victim_dataset}-{scenario.architecture}-{config_key('victim', config)}"
 
 
 def train_model(architecture: str, arch_kwargs: dict, dataset: str, training: TrainConfig, *,
@@ -62,10 +63,11 @@ def train_model(architecture: str, arch_kwargs: dict, dataset: str, training: Tr
     return model, card
 
 
-def get_victim(scenario: Scenario, *, retrain: bool = False, show_progress: bool = True
-               ) -> tuple[ImageClassifier, ModelCard, bool]:
-    """Return ``(model, card, from_cache)`` for the scenario's victim."""
-    directory = victim_dir(scenario)
+def get_victim(scenario: Scenario, *, retrain: bool = False, show_progress: bool = True,
+               models: Path | None = None) -> tuple[ImageClassifier, ModelCard, bool]:
+    """Return ``(model, card, from_cache)`` for the scenario's victim, kept under ``models``
+    (default :func:`mirage.paths.models_dir`)."""
+    directory = victim_dir(scenario, models)
     if has_checkpoint(directory) and not retrain:
         model, card = load_checkpoint(directory)
         return model, card, True
