@@ -25,8 +25,9 @@ Every attack's parameters inherit these fields, so any attack can be combined wi
   victims of its own, learns to map perturbed answers back to clean ones and trains the clone on
   restored answers.
 * ``min_confidence=c``: train the clone only on answers whose top probability is at least c —
-  the attacker of issue 18 against a gate that changes the labels of queries it doubts, betting
-  that confident answers are the untouched ones (the discarded queries still count).
+  the attacker against an out-of-distribution gate that changes the labels of queries it
+  doubts, betting that confident answers are the untouched ones (the discarded queries still
+  count).
 * ``mix_benign=f``: the attacker against a query-stream detector (PRADA, docs/design.md
   §detection) makes a fraction f of its stream decoys — natural images of its own data (the
   Knockoff pool, JBDA's seed source) interleaved with every request
