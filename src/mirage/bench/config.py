@@ -101,6 +101,26 @@ class AttackSpec(_Strict):
                 for v in [*self.variants, *self.extra_variants]]
 
 
+class UserScenario(_Strict):
+    """A scenario of the user's own (docs/design.md §evaluate): their labelled images, split
+    reproducibly into the defender's test set, the attacker's pool and the defender's sample;
+    their model, or else a victim of the standard family trained on the data's non-test share;
+    optionally the attacker's own unlabelled pool. Paths are relative to the config file."""
+
+    data: str = Field(description="a labelled image folder (root/<class>/<image>) or a .npz of images, labels")
+    model: str | None = Field(None, description="the served model: .pt2, .onnx, a safetensors state dict "
+                                                "(with model_class) or a mirage checkpoint folder")
+    model_class: str | None = Field(None, description="module:Class building a state dict's module")
+    pool: str | None = Field(None, description="the attacker's own unlabelled images (a folder or .npy)")
+    split_seed: int = 0
+    base: Path | None = Field(None, exclude=True, description="where relative paths start (the config's folder)")
+
+    def path(self, value: str) -> Path:
+        """``value`` resolved against the config's folder."""
+        path = Path(value).expanduser()
+        return path if path.is_absolute() or self.base is None else self.base / path
+
+
 class SweepConfig(_Strict):
     name: str
     scenarios: list[str]
@@ -121,6 +141,10 @@ class SweepConfig(_Strict):
     victim_epochs: dict[str, int] = Field(
         default_factory=dict,
         description="optional: scenario -> victim training epochs (a cheaper, separately cached victim)")
+    user_scenarios: dict[str, UserScenario] = Field(
+        default_factory=dict,
+        description="scenarios of the user's own, by name (listed in scenarios like the built-in ones): "
+                    "their images, their model, their attacker's pool")
 
     @model_validator(mode="after")
     def _unique_labels(self) -> SweepConfig:
@@ -135,6 +159,13 @@ class SweepConfig(_Strict):
             unknown = sorted({d for ds in attack.extra_defenses.values() for d in ds} - labels)
             if unknown:
                 raise ValueError(f"{attack.display}: extra_defenses names defenses not in this sweep: {unknown}")
+        from mirage.scenarios import SCENARIOS
+
+        if clash := sorted(set(self.user_scenarios) & set(SCENARIOS)):
+            raise ValueError(f"user_scenarios {clash} would hide the built-in scenarios of the same name")
+        if unknown := sorted(set(self.scenarios) - set(SCENARIOS) - set(self.user_scenarios)):
+            raise ValueError(f"unknown scenarios {unknown}: built-in ones are {sorted(SCENARIOS)}; "
+                             "define your own under [user_scenarios.<name>]")
         for defense in self.defenses:
             unknown = set(defense.scenario_grid) - set(self.scenarios)
             if unknown:
@@ -151,4 +182,7 @@ def load_config(path_or_profile: str | Path) -> SweepConfig:
         known = sorted(p.stem for p in PROFILES_DIR.glob("*.toml"))
         raise FileNotFoundError(f"no sweep config {path_or_profile!r} (built-in profiles: {known})")
     with open(path, "rb") as handle:
-        return SweepConfig.model_validate(tomllib.load(handle))
+        config = SweepConfig.model_validate(tomllib.load(handle))
+    base = path.resolve().parent
+    return config.model_copy(update={"user_scenarios": {
+        name: user.model_copy(update={"base": base}) for name, user in config.user_scenarios.items()}})

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from mirage.attacks import ATTACKS, CloneSpec
+from mirage.bench.config import UserScenario
 from mirage.bench.protocol import (
     RunContext,
     RunMetrics,
@@ -397,3 +398,120 @@ def _build_defense(model: nn.Module, defense: str, params: dict[str, Any], split
             ((surrogate, _),) = distil_surrogate(model, split.sample.images, device=device)
         params["surrogate"] = surrogate
     return create_defense(defense, **params)
+
+
+# -- a user's scenario in a sweep ----------------------------------------------------------------
+
+def user_context(name: str, user: UserScenario, defense: str, params: dict[str, Any], stores: Stores, *,
+                 clone_training: TrainConfig | str = "grad2") -> RunContext:
+    """The run context of a sweep's user scenario (docs/design.md §evaluate): the user's data split
+    as :func:`evaluate_model` splits it, their model (or a victim of the standard family trained
+    on the data's non-test share and kept in ``stores.models``), ``defense`` with ``params``, its
+    parts built from the defender's sample (a distilled surrogate, the reference set), and the
+    clone :func:`~mirage.training.surrogate.architecture_for` the input."""
+    from mirage.attacks.clone import recipe
+    from mirage.defenses import create_defense
+    from mirage.training.registry import is_training_time
+    from mirage.training.resolve import DefenseSpec
+    from mirage.training.surrogate import architecture_for
+
+    if is_training_time(defense):
+        raise ValueError(f"{name}: the training-time defense {defense} retrains a victim mirage trains; "
+                         "a user scenario serves the user's own model")
+    spec = DefenseSpec.from_params(defense, params)
+    parts = spec.parts()
+    for part in ("watermark", "misinformation", "gate"):
+        if getattr(parts, part) is not None:
+            raise ValueError(f"{name}: {defense}'s {part} is not built from a user scenario's data yet; "
+                             "give it as checkpoints or use a built-in scenario")
+    split = split_user_data(_user_data(user.path(user.data)), seed=user.split_seed)
+    if user.pool is not None:
+        split = _with_pool(split, user.path(user.pool))
+    model = (user_model(user, split) if user.model is not None else user_victim(name, split, stores))
+    plain_values = dict(spec.params)
+    if parts.reference is not None:
+        reference = split.sample.sample(parts.reference.size, parts.reference.seed)
+        plain_values["reference_x"], plain_values["reference_y"] = reference.images, reference.labels
+    surrogate = None
+    if isinstance(parts.surrogate, str) and parts.surrogate != "distilled":
+        raise ValueError(f"{name}: a {parts.surrogate} surrogate needs a built-in scenario; a user scenario "
+                         "distils one from the model (surrogate = \"distilled\") or loads a checkpoint")
+    if parts.surrogate is not None and not isinstance(parts.surrogate, str):
+        from mirage.training.resolve import resolve_params
+
+        surrogate = resolve_params(DefenseSpec.from_params(defense, {"surrogate": params["surrogate"]}), None)[
+            "surrogate"]
+    built = (create_defense("none") if defense == "none"
+             else _build_defense(model, defense, plain_values, split, surrogate, torch.device("cpu")))
+    mean, std = channel_stats(split.pool.images)
+    clone = CloneSpec(architecture=architecture_for(split.input_shape), mean=mean, std=std,
+                      training=recipe(clone_training))
+    return RunContext(scenario=name, test=split.test, pool=split.pool, seeds=split.pool,
+                      labelled=split.attacker_labelled, clone=clone, stores=stores, served=model, plain=model,
+                      defense=built, defense_name=defense,
+                      public_params={k: v for k, v in spec.params.items() if _public(v)})
+
+
+def _user_data(path: Path) -> Any:
+    """A folder as it is; a ``.npz`` as its ``images`` and ``labels`` arrays."""
+    if path.suffix == ".npz":
+        import numpy as np
+
+        with np.load(path) as arrays:
+            return arrays["images"], arrays["labels"]
+    return path
+
+
+def user_model(user: UserScenario, split: UserSplit) -> nn.Module:
+    """The user's model file, in eval mode, checked against the data's shape and classes."""
+    from mirage.models.formats import format_of, load_model_file
+
+    path = user.path(user.model)
+    model, _ = load_model_file(format_of(path), path, input_shape=split.input_shape, class_path=user.model_class)
+    return _as_classifier(model, split)
+
+
+USER_VICTIM = TrainConfig(epochs=20, batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
+                          schedule="cosine", seed=0)
+"""How a user scenario without a model gets one: the built-in scenarios' LeNet recipe."""
+
+
+def user_victim(name: str, split: UserSplit, stores: Stores) -> nn.Module:
+    """A victim of the standard family for the input, trained with :data:`USER_VICTIM` on the
+    data's non-test share (the defender's sample and the in-distribution pool), kept in
+    ``stores.models`` by the data's digest and the recipe."""
+    from mirage.data.base import channel_stats as stats
+    from mirage.models import (
+        ModelCard,
+        create_model,
+        has_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+        tensor_digest,
+    )
+    from mirage.models.fit import fit
+    from mirage.training.surrogate import architecture_for
+    from mirage.training.victim import config_key
+
+    train = ImageData(torch.cat([split.sample.images, split.attacker_labelled.images]),
+                      torch.cat([split.sample.labels, split.attacker_labelled.labels]))
+    architecture = architecture_for(split.input_shape)
+    key = config_key("user-victim", {"images": tensor_digest(train.images), "labels": tensor_digest(train.labels),
+                                     "architecture": architecture, "training": USER_VICTIM.model_dump()})
+    directory = stores.models / "victims" / f"user-{name}-{architecture}-{key}"
+    if has_checkpoint(directory):
+        return load_checkpoint(directory)[0].eval()
+    log.warning("no model given for scenario %s: training a %s victim on its %d non-test images (%d epochs), kept "
+                "in %s", name, architecture, len(train), USER_VICTIM.epochs, directory)
+    mean, std = stats(train.images)
+    torch.manual_seed(USER_VICTIM.seed)
+    model = create_model(architecture, split.input_shape, split.classes, mean, std)
+    fit(model, train.images, train.labels, USER_VICTIM, description=f"victim {name}")
+    model.eval()
+    from mirage.api import accuracy
+
+    card = ModelCard(architecture=architecture, input_shape=split.input_shape, num_classes=split.classes,
+                     mean=mean, std=std, dataset=f"user:{name}", test_accuracy=accuracy(model, split.test),
+                     seed=USER_VICTIM.seed, training=USER_VICTIM.model_dump())
+    save_checkpoint(model, card, directory)
+    return model

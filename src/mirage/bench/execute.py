@@ -32,7 +32,6 @@ from torch import Tensor
 
 import mirage
 from mirage.api import clean_posteriors
-from mirage.attacks import CloneSpec
 from mirage.bench.angles import angular_deviation
 from mirage.bench.protocol import (
     RunContext,
@@ -71,9 +70,17 @@ class ScenarioContexts:
         self._built: OrderedDict[tuple, RunContext] = OrderedDict()
 
     def get(self, spec: RunSpec) -> RunContext:
-        key = (spec.scenario, spec.victim_epochs, spec.defense, json.dumps(spec.defense_params, sort_keys=True))
+        key = (spec.scenario, spec.victim_epochs, spec.user_scenario, spec.defense,
+               json.dumps(spec.defense_params, sort_keys=True))
         if key not in self._built:
-            self._built[key] = scenario_context(run_scenario(spec), spec.defense, spec.defense_params, self.stores)
+            if spec.user_scenario is not None:
+                from mirage.bench.evaluation import user_context
+
+                built = user_context(spec.scenario, spec.user_scenario, spec.defense, spec.defense_params,
+                                     self.stores)
+            else:
+                built = scenario_context(run_scenario(spec), spec.defense, spec.defense_params, self.stores)
+            self._built[key] = built
             while len(self._built) > self.keep:
                 self._built.popitem(last=False)
         self._built.move_to_end(key)
@@ -124,18 +131,18 @@ def execute_run(spec: RunSpec, stores: Stores | None = None) -> dict[str, Any]:
     start = time.perf_counter()
     context = prepare_run(spec, stores)
     card = context.card
-    clone = CloneSpec.like(card, training=spec.clone_training)
+    clone = context.clone.model_copy(update={"training": spec.clone_training})
     stolen = run_attack(context, spec.attack, spec.attack_params, spec.budget, spec.seed, clone=clone)
     result = stolen.result
     final = result.history[-1] if result.history else {}
     probe = probe_images(context.pool.images, spec.seed)
-    probes = probe_metrics(context, clone.build(card.input_shape, card.num_classes), probe)
+    probes = probe_metrics(context, clone.build(context.input_shape, context.num_classes), probe)
     l1 = probes.pop("effective_l1", None)
     l1 = ({"effective_l1": result.effective_l1, "effective_l1_on": "queries"} if l1 is None
           else {"effective_l1": l1, "effective_l1_on": f"{len(probe)} pool images"})
     metrics = RunMetrics(
         **context.defender_metrics(spec.eval_size),
-        victim_test_accuracy=card.test_accuracy,
+        victim_test_accuracy=None if card is None else card.test_accuracy,
         victim_fingerprint=weights_fingerprint(context.plain),       # the scenario's plain victim
         served_model_fingerprint=weights_fingerprint(context.served),  # differs for ini, dpsgd
         **stolen.clone,

@@ -122,6 +122,11 @@ class RunContext:
     def input_shape(self) -> tuple[int, int, int]:
         return self.test.input_shape
 
+    @property
+    def num_classes(self) -> int:
+        """The classes the target answers (its card's, or one probe of the API)."""
+        return self.card.num_classes if self.card is not None else self.api().num_classes
+
     def fresh_defense(self) -> Defense | None:
         """A copy of the defense as built, in the state no request has changed."""
         return copy.deepcopy(self.defense)

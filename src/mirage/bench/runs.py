@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from mirage.bench.config import SweepConfig
+from mirage.bench.config import SweepConfig, UserScenario
 from mirage.models.fit import TrainConfig
 
 
@@ -29,6 +29,7 @@ class RunSpec(BaseModel):
     victim_epochs: int | None = None
     attack_family: str | None = None
     attacker: str | None = None
+    user_scenario: UserScenario | None = None
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RunSpec:
@@ -41,8 +42,9 @@ class RunSpec(BaseModel):
         # attacker of a suite is the plain attack of an earlier sweep)
         fields = self.model_dump(mode="json", exclude={"defense_label", "attack_label", "attack_family",
                                                        "attacker"})
-        if fields["victim_epochs"] is None:  # runs recorded before the field existed keep their id
-            del fields["victim_epochs"]
+        for optional in ("victim_epochs", "user_scenario"):
+            if fields[optional] is None:  # runs recorded before the field existed keep their id
+                del fields[optional]
         blob = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -73,5 +75,6 @@ def expand(config: SweepConfig) -> list[RunSpec]:
                                 eval_size=config.eval_size,
                                 victim_epochs=config.victim_epochs.get(scenario),
                                 attack_family=attack.display if attacker else None, attacker=attacker,
+                                user_scenario=config.user_scenarios.get(scenario),
                             ))
     return runs
