@@ -68,3 +68,35 @@ def test_a_cpu_clone_keeps_its_cache_key():
     plain = CloneSpec(architecture="lenet", training=QUICK)
     assert _clone_key(plain, "data", 10) == _clone_key(plain.model_copy(update={"device": "cpu"}), "data", 10)
     assert _clone_key(plain, "data", 10) != _clone_key(plain.model_copy(update={"device": "cuda"}), "data", 10)
+
+
+def test_a_model_is_copied_to_a_device_and_left_alone_on_the_cpu():
+    from mirage.devices import on_device
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 2))
+    assert on_device(model, torch.device("cpu")) is model and on_device(model, None) is model
+    moved = on_device(model, torch.device("meta"))  # a device every machine has, holding no data
+    assert moved is not model and next(moved.parameters()).device.type == "meta"
+    assert next(model.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_victims_train_on_each_device_and_come_back_on_the_cpu(device):
+    from mirage.training.victim import train_model
+
+    model, card = train_model("lenet", {}, "digits", QUICK.model_copy(update={"epochs": 1}), show_progress=False,
+                              device=device)
+    assert next(model.parameters()).device.type == "cpu" and not model.training and card.test_accuracy > 0.3
+
+
+def test_a_sweep_refuses_an_absent_device_before_any_run(tmp_path):
+    from mirage.bench.config import SweepConfig
+    from mirage.bench.sweep import run_sweep
+
+    config = SweepConfig.model_validate({"name": "t", "scenarios": ["digits"], "defenses": [{"name": "none"}],
+                                         "attacks": [{"name": "knockoff", "budget": 10}]})
+    ran = []
+    with pytest.raises(ValueError, match="unknown device"):
+        run_sweep(config, tmp_path / "r.jsonl", runner=lambda spec, **kw: ran.append(spec), executor="inline",
+                  device="gpu0", show_progress=False)
+    assert not ran and not (tmp_path / "r.jsonl").exists()

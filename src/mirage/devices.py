@@ -4,9 +4,14 @@ clear error before anything runs, never a silent fall-back."""
 
 from __future__ import annotations
 
+import copy
+import logging
 import os
 
 import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
 
 KINDS = ("cpu", "cuda", "mps")
 
@@ -34,3 +39,17 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
         raise ValueError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
+
+
+def on_device(model: nn.Module, device: torch.device | None) -> nn.Module:
+    """The module that computes ``model``'s forward pass on ``device``: ``model`` itself on the CPU
+    (or with no device given), else a copy on the device in eval mode, so whatever else shares
+    ``model`` (a defense's parts, computed on the CPU) keeps it where it was. A module without
+    parameters (an ONNX session) runs where its runtime runs."""
+    if device is None or device.type == "cpu":
+        return model
+    if next(model.parameters(), None) is None:
+        log.warning("%s has no parameters to move: it runs where its runtime runs, not on %s",
+                    type(model).__name__, device)
+        return model
+    return copy.deepcopy(model).to(device).eval()

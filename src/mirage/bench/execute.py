@@ -124,14 +124,18 @@ def probe_metrics(context: RunContext, fresh_clone: torch.nn.Module, probe: Tens
     return metrics
 
 
-def execute_run(spec: RunSpec, stores: Stores | None = None) -> dict[str, Any]:
+def execute_run(spec: RunSpec, stores: Stores | None = None, device: str | None = None) -> dict[str, Any]:
     """Run one (scenario, defense point, attack, budget, seed) with ``stores`` (default: where the
-    environment says, :meth:`Stores.from_environment`) and return its metrics
+    environment says, :meth:`Stores.from_environment`), its clone trained on ``device``
+    (:func:`mirage.devices.resolve_device`), and return its metrics
     (:class:`~mirage.bench.protocol.RunMetrics`)."""
+    from mirage.devices import resolve_device
+
     start = time.perf_counter()
+    device = str(resolve_device(device))
     context = prepare_run(spec, stores)
     card = context.card
-    clone = context.clone.model_copy(update={"training": spec.clone_training})
+    clone = context.clone.model_copy(update={"training": spec.clone_training, "device": device})
     stolen = run_attack(context, spec.attack, spec.attack_params, spec.budget, spec.seed, clone=clone)
     result = stolen.result
     final = result.history[-1] if result.history else {}
@@ -159,5 +163,6 @@ def execute_run(spec: RunSpec, stores: Stores | None = None) -> dict[str, Any]:
         wall_seconds=time.perf_counter() - start,
         worker_peak_rss_mb=peak_rss_mb(),
         versions={"mirage": mirage.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        device=device,
     )
     return metrics.as_record()

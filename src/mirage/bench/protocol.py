@@ -293,6 +293,7 @@ class RunMetrics(BaseModel):
     wall_seconds: float | None = None
     worker_peak_rss_mb: float | None = None
     versions: dict[str, str] | None = None
+    device: str | None = None  # where the clone trained
 
     def as_record(self) -> dict[str, Any]:
         """The record's metric fields: every field set, nothing left unmeasured."""

@@ -133,7 +133,7 @@ def run_sweep(config: SweepConfig, results: str | Path, *,
               preparer: Callable[..., Any] | None = None, executor: str = "local",
               workers: int = 1, scheduler: Any = None, limit: int | None = None,
               only: RunFilter | None = None, show_progress: bool = True,
-              stores: Stores | None = None) -> SweepStatus:
+              stores: Stores | None = None, device: str | None = None) -> SweepStatus:
     """Execute every pending run of ``config``; returns the status after the sweep.
 
     ``executor``: ``inline`` (this process), ``local`` (process pool of ``workers``) or ``dask``
@@ -142,6 +142,8 @@ def run_sweep(config: SweepConfig, results: str | Path, *,
     Before runs go to a pool or cluster, ``preparer(spec, stores=...)`` (default with the default
     runner: :func:`mirage.bench.execute.prepare_run`) trains the models they share here, once
     each. ``only`` restricts this call to matching runs and ``limit`` caps how many it executes.
+    ``device`` (cpu, cuda, mps) is where the default runner trains clones
+    (:func:`mirage.devices.resolve_device`; checked here, before any run).
     """
     if runner is None:
         from mirage.bench.execute import execute_run as runner
@@ -149,6 +151,10 @@ def run_sweep(config: SweepConfig, results: str | Path, *,
 
         preparer = preparer or prepare_run
     stores = sweep_stores(config, results, stores)
+    if device is not None:
+        from mirage.devices import resolve_device
+
+        runner = functools.partial(runner, device=str(resolve_device(device)))
     runner = functools.partial(runner, stores=stores)
     preparer = None if preparer is None else functools.partial(preparer, stores=stores)
     store = ResultStore(results)

@@ -38,8 +38,12 @@ def run(
     answers: Annotated[str | None, typer.Option(
         help="where answered transfer sets are cached ('off': not at all); default $MIRAGE_ANSWERS "
              "or $MIRAGE_CACHE/answers. Dask workers read their own MIRAGE_ANSWERS")] = None,
+    device: Annotated[str | None, typer.Option(
+        help="where clones train: cpu, cuda, cuda:N, mps (default $MIRAGE_DEVICE, else the CPU)")] = None,
 ) -> None:
-    """Run every pending run of a sweep; finished runs are skipped, so this resumes."""
+    """Run every pending run of a sweep; finished runs are skipped, so this resumes.
+
+    Example: mirage bench run --config quick --seed 0 --device cuda"""
     from mirage.bench.config import load_config
     from mirage.bench.report import build_report
     from mirage.bench.sweep import RunFilter, run_sweep
@@ -56,8 +60,13 @@ def run(
         only.validate(cfg)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
-    status = run_sweep(cfg, path, executor=executor, workers=workers, scheduler=scheduler,
-                       limit=limit, only=only)
+    try:
+        status = run_sweep(cfg, path, executor=executor, workers=workers, scheduler=scheduler,
+                           limit=limit, only=only, device=device)
+    except ValueError as error:
+        if "device" not in str(error):
+            raise
+        raise typer.BadParameter(str(error)) from error
     console.print(f"[bold]{cfg.name}[/]: {status.done}/{status.total} runs done -> {path}")
     if report:
         console.print(f"report: {build_report(cfg, path, path.parent)}")

@@ -19,13 +19,19 @@ def serve(
                                          dir_okay=False)],
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    device: Annotated[str | None, typer.Option(
+        help="where the model's forward pass runs: cpu, cuda, cuda:N, mps (overrides model.device)")] = None,
 ) -> None:
-    """Serve the configured model behind its defense (Open Inference Protocol V2 + /metrics)."""
+    """Serve the configured model behind its defense (Open Inference Protocol V2 + /metrics).
+
+    Example: mirage serve --config examples/serve.toml --port 8000 --device cuda"""
     from mirage.serve.app import create_app
     from mirage.serve.config import load_config
     from mirage.serve.runner import serve_forever
 
     settings = load_config(config)
+    if device is not None:
+        settings = settings.model_copy(update={"model": settings.model.model_copy(update={"device": device})})
     application = create_app(settings)
     log.info("serving %r (defense %s) for %d clients on http://%s:%d; quotas in %s",
              settings.model.name, settings.defense.name, len(settings.clients), host, port,

@@ -198,6 +198,9 @@ class ModelConfig(_Strict):
     dataset: str = Field("", description="the dataset the model was trained on (for its class names)")
     classes: list[str] | None = Field(None, description="class names (default: the dataset's)")
     upstream: UpstreamConfig | None = Field(None, description="an upstream OIP V2 endpoint (a gateway)")
+    device: str | None = Field(None, description="where the model's forward pass runs: cpu, cuda (cuda:N) or mps "
+                                                 "(docs/design.md §devices; default $MIRAGE_DEVICE, else the CPU); "
+                                                 "answers and the defense stay on the CPU")
 
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
@@ -212,6 +215,8 @@ class ModelConfig(_Strict):
             raise ValueError("a state_dict (.safetensors) needs model.class, and only it takes one")
         if self.kwargs and fmt != "state_dict":
             raise ValueError("model.kwargs are the state_dict class's constructor arguments")
+        if self.device is not None and self.upstream is not None:
+            raise ValueError("model.device places a model mirage runs; an upstream runs its own")
         return self
 
     @property

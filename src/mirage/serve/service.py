@@ -30,6 +30,7 @@ import torch
 from fastapi import Request
 
 from mirage.api.detection import ClientStream
+from mirage.devices import on_device, resolve_device
 from mirage.serve.audit import AuditLog
 from mirage.serve.auth import KeyRing, hash_key, presented_key
 from mirage.serve.batching import Answer, MicroBatcher
@@ -141,6 +142,8 @@ class Service:
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
+        # an absent device is an error before anything loads (docs/design.md §devices)
+        self.device = None if config.model.upstream is not None else resolve_device(config.model.device)
         model, card, scenario = load_model(config)
         self.model = model
         self.upstream = model if isinstance(model, UpstreamModel) else None  # a gateway (docs/design.md §gateway)
@@ -177,7 +180,8 @@ class Service:
         self.metrics = Metrics()
         limits = config.limits
         workers = limits.model_workers or (4 if self.upstream is not None else 1)
-        self.batcher = MicroBatcher(self.model, self.defenses, max_images=limits.microbatch_images,
+        self.batcher = MicroBatcher(on_device(self.model, self.device), self.defenses,
+                                    max_images=limits.microbatch_images,
                                     max_wait=limits.microbatch_wait_ms / 1000, metrics=self.metrics,
                                     model_name=config.model.name, workers=workers, evidence=self.evidence)
 

@@ -46,14 +46,20 @@ def victim_dir(scenario: Scenario, models: Path | None = None) -> Path:
 
 def train_model(architecture: str, arch_kwargs: dict, dataset: str, training: TrainConfig, *,
                 data_root: str | None = None, description: str = "victim",
-                show_progress: bool = True) -> tuple[ImageClassifier, ModelCard]:
-    """Train a fresh model on a dataset's training split and evaluate it on its test split."""
+                show_progress: bool = True, device: str | None = None) -> tuple[ImageClassifier, ModelCard]:
+    """Train a fresh model on a dataset's training split and evaluate it on its test split. It
+    trains on ``device`` (:func:`mirage.devices.resolve_device`: the argument, ``$MIRAGE_DEVICE``
+    or the CPU) and is returned on the CPU."""
+    from mirage.devices import resolve_device
+
+    device = resolve_device(device)
     data = load_dataset(dataset, data_root)
     torch.manual_seed(training.seed)
     model = create_model(architecture, data.input_shape, data.num_classes, data.mean, data.std,
                          **arch_kwargs)
-    stats = fit(model, data.train.images, data.train.labels, training,
+    stats = fit(model.to(device), data.train.images, data.train.labels, training,
                 description=description, show_progress=show_progress)
+    model = model.cpu().eval()
     card = ModelCard(
         architecture=architecture, arch_kwargs=arch_kwargs, input_shape=data.input_shape,
         num_classes=data.num_classes, mean=data.mean, std=data.std, dataset=dataset,
