@@ -21,15 +21,17 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     device: Annotated[str | None, typer.Option(
         help="where the model's forward pass runs: cpu, cuda, cuda:N, mps (overrides model.device)")] = None,
+    grpc_port: Annotated[int | None, typer.Option(
+        help="also serve the Open Inference Protocol over gRPC on this port (overrides grpc.port)")] = None,
 ) -> None:
     """Serve the configured model behind its defense (Open Inference Protocol V2 + /metrics).
 
-    Example: mirage serve --config examples/serve.toml --port 8000 --device cuda"""
+    Example: mirage serve --config examples/serve.toml --port 8000 --grpc-port 8001 --device cuda"""
     from mirage.serve.app import create_app
     from mirage.serve.config import load_config
-    from mirage.serve.runner import serve_forever
+    from mirage.serve.runner import serve_forever, with_grpc
 
-    settings = load_config(config)
+    settings = with_grpc(load_config(config), host, grpc_port)
     if device is not None:
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"device": device})})
     application = create_app(settings)

@@ -48,9 +48,18 @@ def create_app(config: ServeConfig) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         service.batcher.start()
+        grpc = None
         try:
+            if config.grpc is not None:  # the gRPC binding, on this event loop (docs/design.md §grpc)
+                from mirage.serve.grpc_service import grpc_server
+
+                grpc = grpc_server(service, config.grpc.host, config.grpc.port)
+                await grpc.start()
+                log.info("OIP V2 over gRPC on %s:%d", config.grpc.host, config.grpc.port)
             yield
         finally:
+            if grpc is not None:
+                await grpc.stop(grace=1)
             service.close()
 
     app = FastAPI(title="mirage defended prediction service", lifespan=lifespan,

@@ -432,8 +432,20 @@ class ClientConfig(_Strict):
         return float(self.burst if self.burst is not None else max(self.rate, 1.0))
 
 
+class GrpcConfig(_Strict):
+    """The Open Inference Protocol over gRPC beside REST (docs/design.md §grpc)::
+
+        [grpc]
+        port = 8001
+    """
+
+    port: int = Field(ge=1, le=65535, description="TCP port of the gRPC endpoint")
+    host: str = Field("127.0.0.1", description="address to bind (mirage serve --host sets both)")
+
+
 class ServeConfig(_Strict):
     model: ModelConfig
+    grpc: GrpcConfig | None = Field(None, description="also serve OIP V2 over gRPC (mirage serve --grpc-port)")
     defense: DefenseConfig = DefenseConfig()
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()

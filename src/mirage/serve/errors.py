@@ -2,7 +2,8 @@
 
 Every rejection raised anywhere in :mod:`mirage.serve` is a :class:`ServeError` subclass with a
 machine-readable ``reason``; this module is the only place that knows HTTP: :func:`http_status`
-maps errors to status codes and :func:`error_response` renders them.
+maps errors to status codes and :func:`error_response` renders them; :func:`grpc_status` derives
+the gRPC binding's codes from the same table.
 """
 
 from __future__ import annotations
@@ -200,3 +201,19 @@ def error_response(error: ServeError) -> tuple[dict[str, str], int, dict[str, st
     :func:`http_status`, and ``Retry-After`` when the client may retry later."""
     headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))} if error.retry_after else None
     return {"error": error.message, "reason": error.reason}, http_status(error), headers
+
+
+GRPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+               405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED",
+               429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
+               504: "DEADLINE_EXCEEDED"}
+"""The gRPC status code name of each HTTP status above (the OIP gRPC binding's errors), so the one
+table of :data:`HTTP_STATUS` decides both."""
+
+
+def grpc_status(error: ServeError) -> str:
+    """The name of the ``grpc.StatusCode`` of ``error``: a client that hung up is ``CANCELLED``,
+    everything else follows its HTTP status."""
+    if isinstance(error, ClientGone):
+        return "CANCELLED"
+    return GRPC_STATUS.get(http_status(error), "INVALID_ARGUMENT")

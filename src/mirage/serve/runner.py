@@ -23,7 +23,7 @@ import uvicorn
 from fastapi import FastAPI
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from mirage.serve.config import LimitsConfig
+from mirage.serve.config import LimitsConfig, ServeConfig
 
 log = logging.getLogger(__name__)
 
@@ -341,9 +341,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--grpc-port", type=int, default=None, help="also serve OIP V2 over gRPC on this port")
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
-    serve_forever(create_app(load_config(args.config)), args.host, args.port, log_level=args.log_level)
+    config = with_grpc(load_config(args.config), args.host, args.grpc_port)
+    serve_forever(create_app(config), args.host, args.port, log_level=args.log_level)
+
+
+def with_grpc(config: ServeConfig, host: str, port: int | None) -> ServeConfig:
+    """``config`` with its gRPC endpoint on ``host:port`` (``None``: as configured)."""
+    from mirage.serve.config import GrpcConfig
+
+    if port is None:
+        return config
+    return config.model_copy(update={"grpc": GrpcConfig(port=port, host=host)})
 
 
 if __name__ == "__main__":

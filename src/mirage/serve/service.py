@@ -22,12 +22,14 @@ import math
 import sqlite3
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import numpy as np
 import torch
 from fastapi import Request
+from starlette.datastructures import Headers
 
 from mirage.api.detection import ClientStream
 from mirage.devices import on_device, resolve_device
@@ -187,14 +189,19 @@ class Service:
 
     async def authenticate(self, request: Request) -> ClientConfig:
         """The client whose key the request carries (docs/design.md §access)."""
-        return await self._checked(request, self.keys.authenticate)
+        return await self.authenticate_key(_source(request), request.headers, _what(request))
+
+    async def authenticate_key(self, source: str, headers: Headers, what: str) -> ClientConfig:
+        """The client whose key ``headers`` (HTTP headers, or gRPC metadata as headers) present,
+        for a call from ``source`` described by ``what`` in the audit log."""
+        return await self._checked(source, headers, what, self.keys.authenticate)
 
     async def metrics_access(self, request: Request) -> bool:
         """Whether ``/metrics`` may show per-client series: only with the configured bearer token.
         No token: liveness counters only; a wrong one: 401, a failed authentication like any other."""
         if "authorization" not in request.headers and "x-api-key" not in request.headers:
             return False
-        await self._checked(request, self._metrics_token)
+        await self._checked(_source(request), request.headers, _what(request), self._metrics_token)
         return True
 
     def _metrics_token(self, key: str) -> None:
@@ -202,15 +209,14 @@ class Service:
         if digest is None or not hmac.compare_digest(hash_key(key), digest):
             raise InvalidKey("invalid metrics token")
 
-    async def _checked(self, request: Request, check: Callable[[str], T]) -> T:
+    async def _checked(self, source: str, headers: Headers, what: str, check: Callable[[str], T]) -> T:
         """``check(key)`` on the presented key. A source address that failed
         ``access.auth_failures`` times in its window gets 429 until the window ends; every failure
         up to there is written to the audit log, the one that starts the throttle as
         ``auth_throttled``. The source is the peer's address; ``X-Forwarded-For`` names it only
         from ``access.trusted_proxies`` (uvicorn's proxy headers, :mod:`mirage.serve.runner`)."""
         access = self.config.access
-        source = request.client.host if request.client else "unknown"
-        key = presented_key(request.headers)
+        key = presented_key(headers)
         if (wait := await self._auth_wait(source)) is not None:
             raise AuthThrottled(f"too many failed authentications from {source}; retry in {wait:.0f}s",
                                 retry_after=wait)
@@ -224,7 +230,7 @@ class Service:
                                     retry_after=wait) from None
             kind = "auth_failed" if failures < access.auth_failures else "auth_throttled"
             await self._nothing_charged(self.audit.record_event, kind, source=source,
-                                        detail=f"{error.reason}: {request.method} {request.url.path[:200]}")
+                                        detail=f"{error.reason}: {what[:200]}")
             raise
 
     async def _auth_wait(self, source: str) -> float | None:
@@ -285,34 +291,51 @@ class Service:
         log.warning("the defense raised a stream alarm for client %s at query %d", client, position)
 
     async def infer(self, name: str, request: Request, version: str | None = None) -> tuple[bytes, dict[str, str]]:
-        """The response body and headers to one inference request (JSON or binary tensor data).
-
-        Charged when the work is done (docs/design.md §reservations): the reservation made
-        before the images are queued is released if the client hangs up before a worker takes
-        them (the job is dropped) or if anything fails, and kept once the model ran on them — also
-        when the client hung up meanwhile (its audit row says ``delivered = 0``). Ownership
-        evidence is written only for a request that is answered and charged."""
+        """The response body and headers to one REST inference request (JSON or binary tensor
+        data): :meth:`admit`, the body read within what the client may still send, then
+        :meth:`answer`."""
         start = time.perf_counter()
         client = await self.authenticate(request)
+        alarmed, servable = await self.admit(client, name, version)
+        limits = self.config.limits
+        body = await read_body(request, body_limit(servable, self.input_shape, limits.max_payload_bytes),
+                               limits.body_timeout_s)
+        parsed = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch,
+                                         request.headers.get(HEADER_LENGTH))
+        served, used = await self.answer(client, name, parsed.images, parsed.id, alarmed=alarmed,
+                                         hung_up=lambda: _hung_up(request), start=start)
+        return infer_response(name, parsed, served, queries_used=used, query_budget=client.quota)
+
+    async def admit(self, client: ClientConfig, name: str, version: str | None) -> tuple[bool, int]:
+        """What is settled before a request's images are read, whatever the transport: the model
+        and version exist, a client refused for its alarm is refused; returns whether the client's
+        stream raised an alarm and how many images it may still send (at most ``max_batch``)."""
         self.check_model(name, version)
         alarmed = self.watch is not None and self.watch.alarmed(client.name)
         if alarmed and self.watch.config.on_alarm == "refuse":
             raise QueryStreamRefused(f"client {client.name!r} is refused: its query stream raised an alarm")
         limits = self.config.limits
         room = await self._nothing_charged(self.quotas.headroom, client)
-        servable = limits.max_batch if room is None else min(limits.max_batch, room)
-        body = await read_body(request, body_limit(servable, self.input_shape, limits.max_payload_bytes),
-                               limits.body_timeout_s)
-        parsed = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch,
-                                         request.headers.get(HEADER_LENGTH))
-        images, n = parsed.images, len(parsed.images)
+        return alarmed, limits.max_batch if room is None else min(limits.max_batch, room)
+
+    async def answer(self, client: ClientConfig, name: str, images: np.ndarray, request_id: str | None, *,
+                     alarmed: bool, hung_up: Callable[[], Awaitable[Any]], start: float) -> tuple[np.ndarray, int]:
+        """The served answers (B, K) to a client's validated images (B, C, H, W) float32, and its
+        queries used, whatever the transport; ``hung_up()`` returns once the client is gone.
+
+        Charged when the work is done (docs/design.md §reservations): the reservation made
+        before the images are queued is released if the client hangs up before a worker takes
+        them (the job is dropped) or if anything fails, and kept once the model ran on them — also
+        when the client hung up meanwhile (its audit row says ``delivered = 0``). Ownership
+        evidence is written only for a request that is answered and charged."""
+        n = len(images)
         used, reservation = await self._nothing_charged(self.quotas.reserve, client, n,
                                                         on_late=lambda done: self._release_later(client, done[1]))
         key = self.defenses.key(client.name, alarmed=alarmed)
         try:
-            answer, gone = await self._computed(request, self.batcher.submit(key, torch.from_numpy(images), client.name))
+            answer, gone = await self._computed(hung_up, self.batcher.submit(key, torch.from_numpy(images), client.name))
             served = answer.served.numpy()
-            await self.storage(self.audit.record, client=client.name, model=name, request_id=parsed.id,
+            await self.storage(self.audit.record, client=client.name, model=name, request_id=request_id,
                                images=images, served=served, reservation=reservation, settle=self._one_file,
                                delivered=not gone)
         except BaseException as error:  # noqa: BLE001 — every failure releases, then re-raises (a typed error)
@@ -336,7 +359,7 @@ class Service:
         self.metrics.inc("mirage_requests_total", **labels)
         self.metrics.inc("mirage_queries_total", n, **labels)
         self.metrics.observe("mirage_request_latency_seconds", time.perf_counter() - start, model=name)
-        return infer_response(name, parsed, served, queries_used=used, query_budget=client.quota)
+        return served, used
 
     async def _nothing_charged(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """A storage call before anything is charged: its failure is a 503 saying so."""
@@ -346,22 +369,22 @@ class Service:
             raise StorageUnavailable(f"{error.message}; the request was not answered and nothing was charged",
                                      retry_after=1) from None
 
-    async def _computed(self, request: Request, future: Future) -> tuple[Answer, bool]:
+    async def _computed(self, hung_up: Callable[[], Awaitable[Any]], future: Future) -> tuple[Answer, bool]:
         """The job's answer, and whether the client hung up meanwhile. A client that hangs up
         before a worker took its job has the job dropped (:class:`ClientGone`, nothing computed);
         once the job runs, it runs to the end."""
         answer = asyncio.wrap_future(future)
-        hung_up = asyncio.ensure_future(_hung_up(request))
+        gone = asyncio.ensure_future(hung_up())
         try:
-            await asyncio.wait({answer, hung_up}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not answer.done() and future.cancel():
                 raise ClientGone("the client hung up before its images ran; nothing was computed or charged")
-            return await answer, hung_up.done()
+            return await answer, gone.done()
         except asyncio.CancelledError:
             future.cancel()
             raise
         finally:
-            hung_up.cancel()
+            gone.cancel()
 
     async def _unanswered(self, client: ClientConfig, reservation: str, n: int, error: BaseException) -> BaseException:
         """Release the reservation of a request that will not be answered, and the error to
@@ -492,6 +515,16 @@ class Service:
         self.audit.close()
         if self.evidence is not None:
             self.evidence.store.close()
+
+
+def _source(request: Request) -> str:
+    """The peer address of a REST request (``X-Forwarded-For`` only from trusted proxies:
+    :mod:`mirage.serve.runner`)."""
+    return request.client.host if request.client else "unknown"
+
+
+def _what(request: Request) -> str:
+    return f"{request.method} {request.url.path}"
 
 
 async def _hung_up(request: Request) -> None:
