@@ -13,7 +13,16 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.grpc.aio as aioclient
-from conftest import KEYS, ServerProcess, auth, body, free_port, grad2_defense, make_config, stored_counts
+from conftest import (
+    KEYS,
+    ServerProcess,
+    auth,
+    body,
+    free_port,
+    grad2_defense,
+    make_config,
+    stored_counts,
+)
 from tritonclient.utils import InferenceServerException
 
 from mirage.serve.config import GrpcConfig

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import grad2_defense, make_config
 
 from mirage.devices import device_available
 from mirage.serve import service as service_module
 from mirage.serve.service import Service
-
-from conftest import grad2_defense, make_config
 
 DEVICES = [pytest.param(kind, marks=pytest.mark.skipif(not device_available(kind), reason=f"no {kind} device here"))
            for kind in ("cpu", "cuda", "mps")]
