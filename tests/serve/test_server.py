@@ -10,7 +10,16 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from conftest import KEYS, METRICS_KEY, auth, body, grad2_defense, make_config, stored_counts
+from conftest import (
+    INPUT_SHAPE,
+    KEYS,
+    METRICS_KEY,
+    auth,
+    body,
+    grad2_defense,
+    make_config,
+    stored_counts,
+)
 
 from mirage.api import InProcessAPI, QueryBudgetExceeded
 from mirage.defenses import create_defense
@@ -19,6 +28,7 @@ from mirage.serve.app import create_app
 from mirage.serve.audit import AuditLog
 from mirage.serve.client import HTTPPredictionAPI
 from mirage.serve.config import load_config
+from mirage.serve.protocol import body_limit
 from mirage.serve.runner import ServerThread
 
 URL_INFER = "/v2/models/digits/infer"
@@ -101,6 +111,39 @@ def test_rate_limit(tmp_path, checkpoints):
     assert int(refused.headers["retry-after"]) >= 1
     assert (too_big.status_code, too_big.json()["reason"]) == (429, "rate_limited")
     assert stored_counts(config) == ({"carol": (3, 3)}, (3, 3))
+
+
+def test_a_batch_beyond_the_clients_headroom_is_429_and_one_beyond_the_limits_is_413(tmp_path, checkpoints):
+    """A body larger than the client's headroom could need, but within what max_batch images can
+    need, is refused for the client's quota or rate (429, Retry-After when waiting helps), not as
+    too large; too many images or too many bytes for any client stay 413."""
+    config = make_config(tmp_path, checkpoints, clients=[
+        {"name": "carol", "quota": 5, "rate": 1.0, "burst": 3},  # headroom 3: the burst
+        {"name": "erin", "quota": 1000, "rate": 1.0, "burst": 64},
+        {"name": "frank", "quota": 1000, "rate": 1.0, "burst": 10}])
+    big = json.dumps(body(torch.rand(60, 1, 8, 8))).encode()
+    assert body_limit(4, INPUT_SHAPE, 200_000) < len(big) < body_limit(64, INPUT_SHAPE, 200_000)
+    json_type = {"Content-Type": "application/json"}
+    with ServerThread(create_app(config)) as url, httpx.Client(base_url=url, headers=json_type) as http:
+        def post(content, client):
+            return http.post(URL_INFER, content=content, headers=auth(client))
+
+        quota, chunked = post(big, "carol"), post(iter([big[:40_000], big[40_000:]]), "carol")
+        over_batch = post(json.dumps(body(torch.rand(65, 1, 8, 8))).encode(), "carol")
+        over_bytes = post(big + b" " * 200_000, "carol")
+        burst = post(big, "frank")  # 60 images never fit a burst of 10: waiting does not help
+        assert post(big, "erin").status_code == 200  # 4 tokens left
+        rate = post(big, "erin")
+    for response in (quota, chunked):
+        assert (response.status_code, response.json()["reason"]) == (429, "quota_exceeded"), response.text
+        assert "retry-after" not in response.headers
+    assert (over_batch.status_code, over_batch.json()["reason"]) == (413, "batch_too_large")
+    assert (over_bytes.status_code, over_bytes.json()["reason"]) == (413, "payload_too_large")
+    assert (burst.status_code, burst.json()["reason"]) == (429, "rate_limited")
+    assert "retry-after" not in burst.headers and "burst of 10" in burst.json()["error"]
+    assert (rate.status_code, rate.json()["reason"]) == (429, "rate_limited"), rate.text
+    assert 50 <= int(rate.headers["retry-after"]) <= 57
+    assert stored_counts(config) == ({"erin": (60, 1)}, (1, 60))
 
 
 def test_quota_survives_restart(tmp_path, checkpoints):

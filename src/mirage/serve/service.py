@@ -292,13 +292,19 @@ class Service:
 
     async def infer(self, name: str, request: Request, version: str | None = None) -> tuple[bytes, dict[str, str]]:
         """The response body and headers to one REST inference request (JSON or binary tensor
-        data): :meth:`admit`, the body read within what the client may still send, then
-        :meth:`answer`."""
+        data): :meth:`admit`, the body read within what ``max_batch`` images can need, then
+        :meth:`answer`.
+
+        The body limit is the model's and the config's, never the client's headroom: a body too
+        large for any client is a 413, while a batch the client's quota or rate cannot take now
+        is the 429 that :meth:`answer`'s reservation raises (``quota_exceeded``, or
+        ``rate_limited`` with ``Retry-After`` when waiting helps). A client with no headroom at
+        all gets its 429 from :meth:`admit`, before a byte of the body is read."""
         start = time.perf_counter()
         client = await self.authenticate(request)
-        alarmed, servable = await self.admit(client, name, version)
+        alarmed, _ = await self.admit(client, name, version)
         limits = self.config.limits
-        body = await read_body(request, body_limit(servable, self.input_shape, limits.max_payload_bytes),
+        body = await read_body(request, body_limit(limits.max_batch, self.input_shape, limits.max_payload_bytes),
                                limits.body_timeout_s)
         parsed = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch,
                                          request.headers.get(HEADER_LENGTH))
