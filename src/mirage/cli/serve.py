@@ -34,10 +34,9 @@ def serve(
     settings = with_grpc(load_config(config), host, grpc_port)
     if device is not None:
         settings = settings.model_copy(update={"model": settings.model.model_copy(update={"device": device})})
-    application = create_app(settings)
-    log.info("serving %r (defense %s) for %d clients on http://%s:%d; quotas in %s",
-             settings.model.name, settings.defense.name, len(settings.clients), host, port,
-             settings.storage.database)
+    application = create_app(settings, announce=lambda summary: console.print(summary, markup=False,
+                                                                              highlight=False, soft_wrap=True))
+    log.info("serving %r on http://%s:%d", settings.model.name, host, port)
     serve_forever(application, host, port)
 
 

@@ -20,6 +20,7 @@ The Open Inference Protocol V2 REST API (its §"Health", §"Server Metadata", §
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -41,8 +42,10 @@ from mirage.serve.service import Service
 log = logging.getLogger(__name__)
 
 
-def create_app(config: ServeConfig) -> FastAPI:
-    """Build the service (model, surrogates and defense loaded now) and its FastAPI app."""
+def create_app(config: ServeConfig, *, announce: Callable[[str], None] | None = None) -> FastAPI:
+    """Build the service (model, surrogates and defense loaded now) and its FastAPI app.
+    ``announce``: who is told :meth:`Service.summary` once the service has started (default:
+    this module's log, at INFO; ``mirage serve`` prints it)."""
     service = Service(config)
 
     @asynccontextmanager
@@ -56,6 +59,7 @@ def create_app(config: ServeConfig) -> FastAPI:
                 grpc = grpc_server(service, config.grpc.host, config.grpc.port)
                 await grpc.start()
                 log.info("OIP V2 over gRPC on %s:%d", config.grpc.host, config.grpc.port)
+            (announce or _log_summary)(service.summary())
             yield
         finally:
             if grpc is not None:
@@ -125,6 +129,10 @@ def create_app(config: ServeConfig) -> FastAPI:
         return Response(await service.storage(service.render_metrics, per_client), media_type=CONTENT_TYPE)
 
     return app
+
+
+def _log_summary(summary: str) -> None:
+    log.info("mirage serve started:\n%s", summary)
 
 
 async def _ready(service: Service) -> bool:

@@ -187,6 +187,89 @@ class Service:
                                     max_wait=limits.microbatch_wait_ms / 1000, metrics=self.metrics,
                                     model_name=config.model.name, workers=workers, evidence=self.evidence)
 
+    def summary(self) -> str:
+        """What this service serves and how, in a few lines for the operator at start (logged at
+        INFO when the app starts, printed by ``mirage serve``): the model and where it comes from,
+        its input and classes, the device, the defense with its public parameters and parts,
+        ownership, detection, storage, gRPC, clients and limits. Never a key, seed or secret."""
+        config = self.config
+        limits = config.limits
+        shape = "×".join(map(str, self.input_shape))
+        device = "the upstream's" if self.device is None else self.device
+        model = (f"model {config.model.name!r}: {self._model_source()}; input {shape}, {len(self.classes)} classes "
+                 f"({_few(self.classes)}); device {device}")
+        lines = [model, *self._defense_summary()]
+        ownership = config.ownership
+        lines.append("ownership: off" if ownership is None else
+                     f"ownership: on, {len(ownership.watermark)} watermark layer(s); evidence {ownership.evidence} "
+                     f"(at most {ownership.max_items} per client)")
+        detection = config.detection
+        if detection is None:
+            lines.append("detection: off")
+        else:
+            switch = f" to {detection.alarm_defense.name}" if detection.alarm_defense is not None else ""
+            lines.append(f"detection: on, PRADA (delta {detection.prada.delta:g}); on alarm: "
+                         f"{detection.on_alarm}{switch}")
+        storage = config.storage
+        where = f"redis {_without_credentials(storage.url)}" if storage.backend == "redis" else f"sqlite {storage.database}"
+        lines.append(f"storage: {where}; audit log {config.audit_path}")
+        lines.append("grpc: off" if config.grpc is None else f"grpc: on, {config.grpc.host}:{config.grpc.port}")
+        lines.append(f"clients: {len(config.clients)}; limits: max_batch {limits.max_batch}, max_payload_bytes "
+                     f"{limits.max_payload_bytes}")
+        return "\n".join(lines)
+
+    def _model_source(self) -> str:
+        source = self.config.model
+        if source.upstream is not None:
+            upstream = source.upstream
+            version = f" version {upstream.version}" if upstream.version else ""
+            return f"upstream {upstream.url}, model {upstream.model!r}{version} (a gateway)"
+        if source.checkpoint is not None:
+            return f"checkpoint {source.checkpoint}"
+        if source.path is not None:
+            return f"{source.file_format} file {source.path}"
+        retrained = f" trained with {self.config.defense.name}" if self.config.defense.training_time else ""
+        return f"scenario {source.scenario!r} (its victim{retrained})"
+
+    def _defense_summary(self) -> list[str]:
+        """The defense line and, for a query-time defense, its parts' line."""
+        spec = self.config.defense
+        described = self.defenses.describe()
+        public = {k: v for k, v in described["params"].items()
+                  if v is not None and not (isinstance(v, str) and v.startswith("<") and v.endswith(">"))}
+        params = ", ".join(f"{k}={v}" for k, v in public.items())
+        if spec.name == "none":
+            return ["defense: none (the model's answers as they are)"]
+        if spec.training_time:
+            return [f"defense: {spec.name}, training-time (the served victim was trained with it)"
+                    + (f"; {params}" if params else "")]
+        sharing = "one instance per client" if spec.per_client else "one shared instance"
+        if spec.seed_per_client:
+            sharing += ", seeded per client"
+        lines = [f"defense: {spec.name}" + (f" ({params})" if params else "") + f"; {sharing}"]
+        parts, resolved = spec.parts(), self.defenses.params
+        found = []
+        if isinstance(parts.surrogate, str):
+            found.append(f"surrogate {parts.surrogate} (trained for the scenario)")
+        elif isinstance(parts.surrogate, list):
+            found.append(f"surrogate ensemble of {len(parts.surrogate)}: {', '.join(map(str, parts.surrogate))}")
+        elif parts.surrogate is not None:
+            found.append(f"surrogate {parts.surrogate}")
+        if parts.gate is not None:
+            found.append(f"gate {parts.gate.score}, tau {resolved['tau']:.6g} (benign FPR {parts.gate.benign_fpr:g})")
+        if parts.reference is not None:
+            found.append(f"reference set of {parts.reference.size} images")
+        if parts.watermark is not None:
+            found.append(f"watermark set: {parts.watermark.size} images of class {parts.watermark.source_class} "
+                         f"-> {parts.watermark.target_class}")
+        if isinstance(parts.misinformation, tuple):
+            found.append(f"detector {parts.misinformation[0]}, misinformation model {parts.misinformation[1]}")
+        elif parts.misinformation is not None:
+            found.append("detector and misinformation model trained for the scenario")
+        if found:
+            lines.append("  parts: " + "; ".join(found))
+        return lines
+
     async def authenticate(self, request: Request) -> ClientConfig:
         """The client whose key the request carries (docs/design.md §access)."""
         return await self.authenticate_key(_source(request), request.headers, _what(request))
@@ -538,6 +621,23 @@ async def _hung_up(request: Request) -> None:
     message is ``http.disconnect`` (uvicorn sends it when the connection is lost)."""
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
+def _few(names: list[str], shown: int = 4) -> str:
+    """``0, 1, 2, …, 9``: the first names and the last."""
+    return ", ".join(names) if len(names) <= shown + 1 else f"{', '.join(names[:shown])}, …, {names[-1]}"
+
+
+def _without_credentials(url: str | None) -> str:
+    """A storage URL as it may be logged: a password in it is masked."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url or "")
+    if parts.password is None:
+        return url or ""
+    user = f"{parts.username}:" if parts.username else ":"
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}***@{host}").geturl()
 
 
 def _short(error: BaseException) -> str:
