@@ -18,6 +18,16 @@ ProfileOption = Annotated[str, typer.Option("--config", "-c", help="built-in pro
 ResultsOption = Annotated[Path | None, typer.Option(help="results JSONL (default: results/<name>/results.jsonl)")]
 
 
+def load_sweep(config: str):
+    """The sweep config ``config`` names (a built-in profile or a TOML file); its problems as one
+    line each (``error: <file>: <key path>: <message>``) and exit code 2."""
+    from mirage.bench.config import SweepConfig, load_config
+    from mirage.cli.config_errors import config_errors
+
+    with config_errors(config, SweepConfig):
+        return load_config(config)
+
+
 def _results_path(name: str, results: Path | None) -> Path:
     return results or Path("results") / name / "results.jsonl"
 
@@ -44,13 +54,12 @@ def run(
     """Run every pending run of a sweep; finished runs are skipped, so this resumes.
 
     Example: mirage bench run --config quick --seed 0 --device cuda"""
-    from mirage.bench.config import load_config
     from mirage.bench.report import build_report
     from mirage.bench.sweep import RunFilter, run_sweep
 
     if answers is not None:
         os.environ["MIRAGE_ANSWERS"] = answers  # inherited by pool workers
-    cfg = load_config(config)
+    cfg = load_sweep(config)
     path = _results_path(cfg.name, results)
     if scheduler:
         executor = "dask"
@@ -107,11 +116,10 @@ def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="re
             attack: Annotated[list[str] | None, typer.Option(help="only these attack labels (repeatable)")] = None,
             ) -> None:
     """Copy the runs of an earlier sweep that are runs of this one (same run id) into its results."""
-    from mirage.bench.config import load_config
     from mirage.bench.results import ResultStore
     from mirage.bench.sweep import RunFilter, import_records
 
-    cfg = load_config(config)
+    cfg = load_sweep(config)
     path = _results_path(cfg.name, results)
     only = RunFilter.of(cfg, attacks=attack or ())
     try:
@@ -126,11 +134,10 @@ def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="re
 def status(config: ProfileOption = "quick", results: ResultsOption = None,
            workers: Annotated[int, typer.Option(min=1, help="workers the sweep runs with")] = 1) -> None:
     """Runs done and left, and an ETA: the finished runs' mean wall time × runs left / workers."""
-    from mirage.bench.config import load_config
     from mirage.bench.results import ResultStore
     from mirage.bench.sweep import sweep_status
 
-    cfg = load_config(config)
+    cfg = load_sweep(config)
     state = sweep_status(cfg, ResultStore(_results_path(cfg.name, results)))
     table = Table("sweep", "done", "left", "ETA")
     eta = "–" if state.eta_seconds is None else f"{state.eta_seconds / workers / 60:.0f} min"
@@ -142,10 +149,9 @@ def status(config: ProfileOption = "quick", results: ResultsOption = None,
 def report(config: ProfileOption = "quick", results: ResultsOption = None,
            out: Annotated[Path | None, typer.Option(help="output directory")] = None) -> None:
     """Write plots (PNG+SVG), report.md and report.html from the results."""
-    from mirage.bench.config import load_config
     from mirage.bench.report import build_report
 
-    cfg = load_config(config)
+    cfg = load_sweep(config)
     path = _results_path(cfg.name, results)
     console.print(f"report: {build_report(cfg, path, out or path.parent)}")
     print_verdict(cfg, path)

@@ -15,8 +15,7 @@ log = logging.getLogger(__name__)
 
 @app.command("serve")
 def serve(
-    config: Annotated[Path, typer.Option("--config", "-c", help="TOML or JSON service config", exists=True,
-                                         dir_okay=False)],
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML or JSON service config")],
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
     device: Annotated[str | None, typer.Option(
@@ -27,15 +26,17 @@ def serve(
     """Serve the configured model behind its defense (Open Inference Protocol V2 + /metrics).
 
     Example: mirage serve --config examples/serve.toml --port 8000 --grpc-port 8001 --device cuda"""
+    from mirage.cli.config_errors import config_errors
     from mirage.serve.app import create_app
-    from mirage.serve.config import load_config
+    from mirage.serve.config import ServeConfig, load_config
     from mirage.serve.runner import serve_forever, with_grpc
 
-    settings = with_grpc(load_config(config), host, grpc_port)
-    if device is not None:
-        settings = settings.model_copy(update={"model": settings.model.model_copy(update={"device": device})})
-    application = create_app(settings, announce=lambda summary: console.print(summary, markup=False,
-                                                                              highlight=False, soft_wrap=True))
+    with config_errors(config, ServeConfig):  # one line per problem, exit code 2
+        settings = with_grpc(load_config(config), host, grpc_port)
+        if device is not None:
+            settings = settings.model_copy(update={"model": settings.model.model_copy(update={"device": device})})
+        application = create_app(settings, announce=lambda summary: console.print(summary, markup=False,
+                                                                                  highlight=False, soft_wrap=True))
     log.info("serving %r on http://%s:%d", settings.model.name, host, port)
     serve_forever(application, host, port)
 

@@ -202,6 +202,15 @@ class ModelConfig(_Strict):
                                                  "(docs/design.md §devices; default $MIRAGE_DEVICE, else the CPU); "
                                                  "answers and the defense stay on the CPU")
 
+    @field_validator("scenario")
+    @classmethod
+    def _known_scenario(cls, name: str | None) -> str | None:
+        from mirage.scenarios import SCENARIOS
+
+        if name is not None and name not in SCENARIOS:
+            raise ValueError(f"unknown scenario {name!r}; known: {', '.join(sorted(SCENARIOS))}")
+        return name
+
     @model_validator(mode="after")
     def _one_source(self) -> ModelConfig:
         sources = (self.checkpoint, self.scenario, self.path, self.upstream)

@@ -1,0 +1,69 @@
+"""The command line as an operator meets it: a config file's problems in one line each."""
+
+from __future__ import annotations
+
+import pytest
+from typer.testing import CliRunner
+
+from mirage.cli import app
+
+KEY = "0" * 64
+SERVE = f"""[model]
+name = "digits"
+scenario = "digits"
+
+[limits]
+max_batch = 64
+
+[[clients]]
+name = "alice"
+key_sha256 = "{KEY}"
+"""
+
+
+def one_line_error(args: list[str]) -> str:
+    """The output of a command that must fail on its config: exit code 2, one line, no traceback."""
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output and isinstance(result.exception, SystemExit | None)
+    [line] = result.output.strip().splitlines()
+    return line
+
+
+@pytest.mark.parametrize(("name", "text", "expected"), [
+    ("syntax.toml", SERVE.replace('name = "digits"', "name = "), "syntax.toml: line 2, column 8: invalid value"),
+    ("typo.toml", SERVE.replace("max_batch", "max_btach"),
+     "typo.toml: limits.max_btach: unknown key (did you mean max_batch?)"),
+    ("scenario.toml", SERVE.replace('scenario = "digits"', 'scenario = "digitz"'),
+     "scenario.toml: model.scenario: unknown scenario 'digitz'; known: cifar10, digits, fmnist, fmnist-id, mnist"),
+    ("broken.json", '{"model": {', "broken.json: line 1, column 12: expecting property name enclosed in double quotes"),
+])
+def test_a_bad_serve_config_is_one_line_and_exit_code_2(tmp_path, name, text, expected):
+    path = tmp_path / name
+    path.write_text(text)
+    assert one_line_error(["serve", "--config", str(path)]) == f"error: {tmp_path}/{expected}"
+
+
+def test_a_missing_serve_config_is_one_line_and_exit_code_2(tmp_path):
+    missing = tmp_path / "nowhere.toml"
+    assert one_line_error(["serve", "--config", str(missing)]) == f"error: {missing}: no such file"
+    assert one_line_error(["serve", "--config", str(tmp_path)]) == f"error: {tmp_path}: a directory, not a config file"
+
+
+def test_a_bad_sweep_config_is_one_line_and_exit_code_2(tmp_path):
+    typo = tmp_path / "typo.toml"
+    typo.write_text('name = "x"\nscenarios = ["digits"]\nseeds = [0]\n[[attacks]]\nname = "knockoff"\n'
+                    'budgets = 10\n[[defenses]]\nname = "none"\n')
+    lines = CliRunner().invoke(app, ["bench", "run", "--config", str(typo)]).output.strip().splitlines()
+    assert lines == [f"error: {typo}: attacks[0].budget: missing (required)",
+                     f"error: {typo}: attacks[0].budgets: unknown key (did you mean budget?)"]
+    syntax = tmp_path / "syntax.toml"
+    syntax.write_text('name = "x"\nseeds = [0,,1]\n')
+    assert one_line_error(["bench", "run", "--config", str(syntax)]).startswith(f"error: {syntax}: line 2, column ")
+    assert one_line_error(["bench", "run", "--config", "no-such-profile"]) == (
+        "error: no-such-profile: no sweep config 'no-such-profile' (built-in profiles: "
+        "['full', 'quick', 'worst_case'])")
+    scenario = tmp_path / "scenario.toml"
+    scenario.write_text(typo.read_text().replace("budgets", "budget").replace('"digits"', '"digitz"'))
+    assert one_line_error(["bench", "status", "--config", str(scenario)]).startswith(
+        f"error: {scenario}: unknown scenarios ['digitz']")
