@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+from typer.main import get_command
 from typer.testing import CliRunner
 
 from mirage.cli import app
@@ -67,3 +68,40 @@ def test_a_bad_sweep_config_is_one_line_and_exit_code_2(tmp_path):
     scenario.write_text(typo.read_text().replace("budgets", "budget").replace('"digits"', '"digitz"'))
     assert one_line_error(["bench", "status", "--config", str(scenario)]).startswith(
         f"error: {scenario}: unknown scenarios ['digitz']")
+
+
+def _command_paths() -> list[list[str]]:
+    """Every command and command group below ``mirage``, as its argument path."""
+    found = []
+
+    def walk(command, path: list[str]) -> None:
+        for name, sub in getattr(command, "commands", {}).items():
+            found.append([*path, name])
+            walk(sub, [*path, name])
+
+    walk(get_command(app), [])
+    return found
+
+
+@pytest.mark.parametrize("path", _command_paths(), ids=" ".join)
+def test_every_commands_help_shows_an_example(path):
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Example" in result.output, result.output
+
+
+def test_bench_help_lists_every_builtin_profile():
+    from mirage.bench.config import PROFILES_DIR
+    from mirage.cli.bench import PROFILES_DIR as FOUND
+
+    assert FOUND == PROFILES_DIR
+    profiles = sorted(path.stem for path in PROFILES_DIR.glob("*.toml"))
+    assert "worst_case" in profiles
+    for args in (["bench", "--help"], ["bench", "run", "--help"]):
+        output = CliRunner().invoke(app, args).output
+        assert all(name in output for name in profiles), output
+
+
+def test_verify_help_keeps_its_square_brackets():
+    output = CliRunner().invoke(app, ["verify", "--help"]).output
+    assert output.count("[ownership]") >= 2, output

@@ -113,7 +113,9 @@ def _alignment(report: dict) -> str:
 
 @app.command("attacks")
 def attacks() -> None:
-    """List the registered attacks and their parameters."""
+    """List the registered attacks and their parameters, and the attacker suite.
+
+    Example: mirage attacks"""
     from mirage.attacks import ATTACKS, Countermeasures
 
     table = Table("name", "parameters", "summary")

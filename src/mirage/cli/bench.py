@@ -11,10 +11,23 @@ from rich.table import Table
 
 from mirage.cli.app import app, console
 
-bench = typer.Typer(no_args_is_help=True, help="Sweeps of defenses × budgets × attacks, and their report.")
+PROFILES_DIR = Path(__file__).resolve().parents[1] / "bench" / "profiles"
+"""``mirage.bench.config.PROFILES_DIR``, found without importing the sweep machinery."""
+
+
+def builtin_profiles() -> list[str]:
+    """The names of the built-in sweep profiles (``mirage/bench/profiles/*.toml``)."""
+    return sorted(path.stem for path in PROFILES_DIR.glob("*.toml"))
+
+
+bench = typer.Typer(no_args_is_help=True, help=(
+    "Sweeps of defenses × budgets × attacks, and their report. --config takes a built-in profile "
+    f"({', '.join(builtin_profiles())}) or a TOML file of your own.\n\n"
+    "Example: mirage bench run --config quick && mirage bench report --config quick"))
 app.add_typer(bench, name="bench")
 
-ProfileOption = Annotated[str, typer.Option("--config", "-c", help="built-in profile (quick, full) or a TOML file")]
+ProfileOption = Annotated[str, typer.Option(
+    "--config", "-c", help=f"built-in profile ({', '.join(builtin_profiles())}) or a TOML file")]
 ResultsOption = Annotated[Path | None, typer.Option(help="results JSONL (default: results/<name>/results.jsonl)")]
 
 
@@ -115,7 +128,9 @@ def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="re
             results: ResultsOption = None,
             attack: Annotated[list[str] | None, typer.Option(help="only these attack labels (repeatable)")] = None,
             ) -> None:
-    """Copy the runs of an earlier sweep that are runs of this one (same run id) into its results."""
+    """Copy the runs of an earlier sweep that are runs of this one (same run id) into its results.
+
+    Example: mirage bench import --config full --source results/quick/results.jsonl"""
     from mirage.bench.results import ResultStore
     from mirage.bench.sweep import RunFilter, import_records
 
@@ -133,7 +148,9 @@ def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="re
 @bench.command("status")
 def status(config: ProfileOption = "quick", results: ResultsOption = None,
            workers: Annotated[int, typer.Option(min=1, help="workers the sweep runs with")] = 1) -> None:
-    """Runs done and left, and an ETA: the finished runs' mean wall time × runs left / workers."""
+    """Runs done and left, and an ETA: the finished runs' mean wall time × runs left / workers.
+
+    Example: mirage bench status --config worst_case --workers 4"""
     from mirage.bench.results import ResultStore
     from mirage.bench.sweep import sweep_status
 
@@ -148,7 +165,9 @@ def status(config: ProfileOption = "quick", results: ResultsOption = None,
 @bench.command("report")
 def report(config: ProfileOption = "quick", results: ResultsOption = None,
            out: Annotated[Path | None, typer.Option(help="output directory")] = None) -> None:
-    """Write plots (PNG+SVG), report.md and report.html from the results."""
+    """Write plots (PNG+SVG), report.md and report.html from the results.
+
+    Example: mirage bench report --config quick --out report/"""
     from mirage.bench.report import build_report
 
     cfg = load_sweep(config)

@@ -32,7 +32,9 @@ def train_surrogate(
     seed: Annotated[int, typer.Option()] = 1,
     retrain: Annotated[bool, typer.Option(help="ignore the cached surrogate")] = False,
 ) -> None:
-    """Train (or reuse the cached) GRAD² surrogate of a scenario's victim."""
+    """Train (or reuse the cached) GRAD² surrogate of a scenario's victim.
+
+    Example: mirage train-surrogate --scenario digits --kind distilled --stop-epoch 10 --epochs 50"""
     from mirage.scenarios import get_scenario
     from mirage.training.surrogate import (
         SURROGATE_TRAINING,
@@ -74,7 +76,7 @@ def distil_surrogate_command(
                                                     "else cpu)")] = None,
 ) -> None:
     """Distil a GRAD²/MAD surrogate from any model on your own unlabelled images, so the service
-    can defend a model mirage did not train: serve it with [defense] surrogate = "OUT".
+    can defend a model mirage did not train: serve it with \\[defense] surrogate = "OUT".
 
     Example: mirage distil-surrogate --model net.onnx --images my-images/ --out surrogate/
     """
@@ -100,9 +102,10 @@ def distil_surrogate_command(
     console.print(f"surrogate [bold]{members[0][1].architecture}[/] distilled on {len(pixels)} images: top-1 "
                   f"agreement with the model {agreements} on held-out images")
     line = f'"{dirs[0]}"' if len(dirs) == 1 else "[" + ", ".join(f'"{d}"' for d in dirs) + "]"
-    console.print(f"serve it with: [defense] surrogate = {line}")
+    console.print(f"serve it with: \\[defense] surrogate = {line}")
 
 
+# Help texts are rich markup: a literal square bracket is escaped (\\[ownership]), or rich eats it.
 @app.command("verify")
 def verify_command(
     suspect: Annotated[Path, typer.Option(
@@ -110,9 +113,9 @@ def verify_command(
              "checkpoint directory")],
     clean: Annotated[list[Path] | None, typer.Option(
         help="GRAD² soft-label test: checkpoint directories of ≥ 2 clean models (without them: the "
-             "ownership test of --config's [ownership] keys)")] = None,
+             "ownership test of --config's \\[ownership] keys)")] = None,
     config: Annotated[Path | None, typer.Option(
-        help="the service config: its [ownership] keys and evidence, or the GRAD² watermark its "
+        help="the service config: its \\[ownership] keys and evidence, or the GRAD² watermark its "
              "defense serves", exists=True, dir_okay=False)] = None,
     dataset: Annotated[str, typer.Option(help="dataset holding the behaviour images")] = "fmnist",
     source_class: Annotated[int, typer.Option(help="behaviour: images of this class ...")] = 1,
@@ -126,9 +129,11 @@ def verify_command(
              "their pooled evidence; repeatable")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
-    """Is a suspect model stolen, and through which API key? Without ``--clean``: the exact test of
-    every client's keyed watermark of a service config's ``[ownership]`` (docs/design.md
-    §ownership). With ``--clean``: the GRAD² soft-label behaviour test against clean models."""
+    """Is a suspect model stolen, and through which API key? Without --clean: the exact test of
+    every client's keyed watermark of a service config's \\[ownership] (docs/design.md
+    §ownership). With --clean: the GRAD² soft-label behaviour test against clean models.
+
+    Example: mirage verify --suspect stolen.pt2 --config serve.toml --group alice,alice-2"""
     from mirage.models.formats import format_of, load_model_file
 
     try:

@@ -43,7 +43,9 @@ def serve(
 
 @app.command("serve-key")
 def serve_key() -> None:
-    """Print a fresh API key and the SHA-256 digest to put in the config's ``key_sha256``."""
+    """Print a fresh API key and the SHA-256 digest to put in the config's key_sha256.
+
+    Example: mirage serve-key"""
     from mirage.serve.auth import new_key
 
     key, digest = new_key()

@@ -19,7 +19,9 @@ def train_victim_defended(
         help="KEY=VALUE config entry (VALUE as JSON, e.g. gamma=0.3, init='\"victim\"'); repeatable")] = None,
     retrain: Annotated[bool, typer.Option(help="ignore the cached checkpoint")] = False,
 ) -> None:
-    """Train the scenario's victim with InI or DP-SGD (cached by config) and print its accuracy."""
+    """Train the scenario's victim with InI or DP-SGD (cached by config) and print its accuracy.
+
+    Example: mirage train-victim-defended --scenario digits --method dpsgd --noise 1.0"""
     from mirage.scenarios import get_scenario
     from mirage.training.registry import defended_victim_dir, get_defended_victim, resolve_config
 

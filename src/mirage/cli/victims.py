@@ -16,7 +16,9 @@ def train_victim(
     retrain: Annotated[bool, typer.Option(help="ignore the cached checkpoint")] = False,
     data_root: Annotated[str | None, typer.Option(help="directory of the victim's dataset")] = None,
 ) -> None:
-    """Train (or reuse the cached) victim of a scenario and print its test accuracy."""
+    """Train (or reuse the cached) victim of a scenario and print its test accuracy.
+
+    Example: mirage train-victim --scenario digits"""
     from mirage.scenarios import get_scenario
     from mirage.training.victim import get_victim, victim_dir
 
@@ -31,7 +33,9 @@ def train_victim(
 
 @app.command("defenses")
 def defenses() -> None:
-    """List the registered defenses, their parameters and what they promise."""
+    """List the registered defenses, their parameters and what they promise.
+
+    Example: mirage defenses"""
     from mirage.defenses import DEFENSES
 
     table = Table("name", "parameters", "contract (default parameters)", "summary")
