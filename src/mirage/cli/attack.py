@@ -117,12 +117,13 @@ def attacks() -> None:
 
     Example: mirage attacks"""
     from mirage.attacks import ATTACKS, Countermeasures
+    from mirage.cli.victims import default_of
 
     table = Table("name", "parameters", "summary")
     shared = set(Countermeasures.model_fields)
     for name in sorted(ATTACKS):
         entry = ATTACKS[name]
-        fields = ", ".join(f"{k}={f.default!r}" for k, f in entry.params.model_fields.items() if k not in shared)
+        fields = ", ".join(f"{k}={default_of(f)}" for k, f in entry.params.model_fields.items() if k not in shared)
         table.add_row(name, fields, entry.summary)
     console.print(table)
     console.print("every attack also takes the countermeasures: " + ", ".join(sorted(shared)))

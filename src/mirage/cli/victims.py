@@ -41,9 +41,15 @@ def defenses() -> None:
     table = Table("name", "parameters", "contract (default parameters)", "summary")
     for name in sorted(DEFENSES):
         entry = DEFENSES[name]
-        fields = ", ".join(f"{k}={f.default!r}" for k, f in entry.params.model_fields.items())
+        fields = ", ".join(f"{k}={default_of(f)}" for k, f in entry.params.model_fields.items())
         table.add_row(name, fields, describe_contract(entry.contract), entry.summary)
     console.print(table)
+
+
+def default_of(field) -> str:
+    """A parameter's default as the listings show it: its repr, or ``required`` when it has none
+    (pydantic's ``PydanticUndefined``)."""
+    return "required" if field.is_required() else repr(field.get_default(call_default_factory=True))
 
 
 def describe_contract(contract) -> str:

@@ -54,7 +54,6 @@ from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator, model_validator
-from scipy.stats import binom
 from torch import Tensor, nn
 
 from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
@@ -208,6 +207,8 @@ class GatedGrad2(Defense):
     def alarm_position(self, flagged: Tensor) -> int | None:
         """Index into this batch of the first query at which the stream's flag count becomes
         significant (one-sided binomial test against ``alarm_rate`` at ``alarm_alpha``), or None."""
+        from scipy.stats import binom  # scipy.stats takes ~0.6 s to import: only for a stream alarm
+
         n = self.queries_seen + torch.arange(1, len(flagged) + 1)
         count = self.queries_flagged + flagged.long().cumsum(0)
         tail = binom.sf(count.numpy() - 1, n.numpy(), self.params.alarm_rate)  # P(X ≥ count)
