@@ -65,8 +65,15 @@ def test_a_defense_one_point_better_at_one_seed_is_not_recommended():
     assert row["paired gain (pts)"] == "+1.00" and row["noise margin (pts)"] == "2.00"
     # the main job's single-seed case: 0.8444 (hard-label) against an undefended 0.8591
     assert the_verdict(undefended([0.8591], [0.8499]) + defended("mad", [0.7996], [0.8444]))["deploy"] == "none"
-    # three points at one seed do count
-    assert the_verdict(base + defended("D", [0.86], [0.87]))["deploy"] == "D"
+    # three points at one seed are beyond the margin, but one seed never makes a recommendation
+    row = the_verdict(base + defended("D", [0.86], [0.87]))
+    assert row["deploy"] == NO_DEFENSE and row["too few seeds"] and row["paired gain (pts)"] == "+3.00"
+    words = verdict_advice(row)
+    assert words.startswith("digits × knockoff: none yet. D lowers") and "too few to recommend" in words
+    # the same three points at three seeds are recommended
+    seeds = (0, 1, 2)
+    confirmed = the_verdict(undefended([0.90] * 3, [0.89] * 3, seeds) + defended("D", [0.86] * 3, [0.87] * 3, seeds))
+    assert confirmed["deploy"] == "D" and not confirmed["too few seeds"]
 
 
 def test_three_seeds_of_consistent_five_point_paired_gains_are_recommended():
@@ -165,13 +172,14 @@ def test_the_undefended_worst_case_includes_the_hard_label_attacker_and_every_ot
     # the soft clone alone it would be -1 and +4
     row = the_verdict(base + defended("D", [0.50, 0.50], [0.86, 0.82], seeds=(0, 1)))
     assert row["undefended worst case"] == pytest.approx(0.87)  # hard-label, mean of 0.90 and 0.84
-    assert row["deploy"] == "D" and row["paired gain (pts)"] == "+4.00"
+    assert row["closest"] == "D" and row["paired gain (pts)"] == "+4.00" and row["too few seeds"]
     # an attacker beyond the suite run against `none` raises its worst case at its seed
     aligned = [record("none", "aligned", 0.99, seed=0)]
     assert undefended_worst_by_seed(points(base + aligned)["none"]) == {0: 0.99, 1: 0.86}
     row = the_verdict(base + aligned + defended("D", [0.50, 0.50], [0.96, 0.83], seeds=(0, 1)))
-    assert row["deploy"] == "D" and row["paired gain (pts)"] == "+3.00"
-    assert the_verdict(base + defended("D", [0.50, 0.50], [0.96, 0.83], seeds=(0, 1)))["deploy"] == "none"
+    assert row["closest"] == "D" and row["paired gain (pts)"] == "+3.00" and row["too few seeds"]
+    against_hard_label = the_verdict(base + defended("D", [0.50, 0.50], [0.96, 0.83], seeds=(0, 1)))
+    assert against_hard_label["deploy"] == "none" and not against_hard_label["too few seeds"]
 
 
 def test_the_cost_still_counts_and_nothing_is_recommended_without_an_undefended_api():

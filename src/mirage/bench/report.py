@@ -37,6 +37,7 @@ from mirage.bench.summary import (
     tradeoff_table,
     verdict,
     verdict_advice,
+    verdict_table_row,
     worst_case_best_within,
     worst_case_points,
     worst_case_table,
@@ -213,7 +214,7 @@ def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: 
     sections = [Section("Verdict: which defense to deploy",
                         [VERDICT_TEXT.format(suite=", ".join(suite_names), extra=extra),
                          *map(verdict_advice, rows)],
-                        "plots/verdict.png", rows)]
+                        "plots/verdict.png", [verdict_table_row(row) for row in rows])]
     for (scenario, family), points in sorted(panels.items()):
         stem = out_dir / "plots" / f"worst_case_{scenario}_{family}"
         worst_case_figure(scenario, family, points, stem)

@@ -481,8 +481,15 @@ class PairedGain:
     seeds: tuple[int, ...]
 
     @property
-    def significant(self) -> bool:
+    def beyond_margin(self) -> bool:
+        """The mean gain exceeds the noise margin, at however many seeds."""
         return self.gain > self.margin
+
+    @property
+    def significant(self) -> bool:
+        """Beyond the margin at :data:`MIN_NOISE_SEEDS` paired seeds or more: what a recommendation
+        needs. Below that a gain beyond the margin is only indicative (docs/design.md §worst-case)."""
+        return self.beyond_margin and len(self.seeds) >= MIN_NOISE_SEEDS
 
     @property
     def slack(self) -> float:
@@ -546,12 +553,13 @@ def binding_gain(point: WorstCasePoint, undefended: WorstCasePoint) -> PairedGai
     return min(gains, key=lambda g: g.slack)
 
 
-def beats_undefended(point: WorstCasePoint, undefended: WorstCasePoint) -> bool:
+def beats_undefended(point: WorstCasePoint, undefended: WorstCasePoint, min_seeds: int = MIN_NOISE_SEEDS) -> bool:
     """The verdict's rule (docs/design.md §worst-case): every attacker that faced ``point`` is
     held, on average over the seeds both ran, below the undefended worst case by more than the
-    noise margin of its paired gains (:func:`paired_gains`, :func:`noise_margin`)."""
+    noise margin of its paired gains (:func:`paired_gains`, :func:`noise_margin`), each measured
+    at ``min_seeds`` paired seeds or more (nothing is recommended on fewer than three)."""
     gain = binding_gain(point, undefended)
-    return gain is not None and gain.significant
+    return gain is not None and gain.beyond_margin and len(gain.seeds) >= min_seeds
 
 
 def labels_only(point: WorstCasePoint) -> bool:
@@ -583,9 +591,10 @@ def _closest(points: list[WorstCasePoint], undefended: WorstCasePoint) -> WorstC
 
 
 def _no_defense_row(scenario: str, family: str, undefended: WorstCasePoint | None,
-                    closest: WorstCasePoint | None, pending: int) -> dict[str, Any]:
+                    closest: WorstCasePoint | None, pending: int, min_seeds: int = MIN_NOISE_SEEDS) -> dict[str, Any]:
     """The verdict row that deploys nothing: the undefended API's worst case, and the closest
-    challenger with its paired gain and margin."""
+    challenger with its paired gain and margin (``too few seeds``: its gain is beyond the margin
+    but measured at fewer seeds than a recommendation needs)."""
     entry = None if undefended is None else undefended.by_attacker[undefended.worst_attacker]
     gain = None if closest is None or undefended is None else binding_gain(closest, undefended)
     return {"scenario": scenario, "attack": family, "deploy": NO_DEFENSE,
@@ -599,7 +608,8 @@ def _no_defense_row(scenario: str, family: str, undefended: WorstCasePoint | Non
             "compared on": None, "closest": None if closest is None else _label(closest),
             **_gain_cells(gain), "points pending": pending,
             "labels-only bound": None if closest is None or not labels_only(closest) else _label(closest),
-            "figures of": None}
+            "figures of": None,
+            "too few seeds": gain is not None and gain.beyond_margin and len(gain.seeds) < min_seeds}
 
 
 def _deploy_row(scenario: str, family: str, best: WorstCasePoint, undefended: WorstCasePoint,
@@ -627,16 +637,18 @@ def _deploy_row(scenario: str, family: str, best: WorstCasePoint, undefended: Wo
     return row
 
 
-def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float = 0.01
-            ) -> list[dict[str, Any]]:
+def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float = 0.01,
+            min_seeds: int = MIN_NOISE_SEEDS) -> list[dict[str, Any]]:
     """Per (scenario, attack family): the defense to deploy, or :data:`NO_DEFENSE`
     (docs/design.md §worst-case). The only place the verdict is decided: every report and
     ``mirage bench run`` / ``report`` print these rows (and :func:`verdict_advice`).
 
     Candidates are the points judged by the whole suite, costing the defender at most
-    ``max_drop``, that beat the undefended worst case beyond the noise (:func:`beats_undefended`).
+    ``max_drop``, that beat the undefended worst case beyond the noise at ``min_seeds`` paired
+    seeds or more (:func:`beats_undefended`: three; fewer only where a test isolates another rule).
     Without one, the row deploys ``none`` and names the closest challenger (the largest gain less
-    margin) with its paired gain. Among candidates, the lowest worst case wins, two points compared
+    margin) with its paired gain, saying when that gain is beyond the margin but rests on too few
+    seeds (``too few seeds``). Among candidates, the lowest worst case wins, two points compared
     on the seeds they share (:func:`deploy_choice`; ``compared on``: the seeds of the binding
     attacker at which the runner-up ran it too); equal worst cases go to the point measured at more
     seeds, then to the cheaper point: defender cost first, then per-query overhead.
@@ -652,7 +664,7 @@ def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float
         undefended = next((p for p in points if p.defense == "none" and p.complete), None)
         pending = sum(not p.complete for p in points)
         within = [p for p in points if p.defense != "none" and p.complete and p.drop <= max_drop + 1e-6]
-        eligible = [] if undefended is None else [p for p in within if beats_undefended(p, undefended)]
+        eligible = [] if undefended is None else [p for p in within if beats_undefended(p, undefended, min_seeds)]
         best = deploy_choice(eligible) if eligible else None
         stand_in = None
         if best is not None and labels_only(best) and best.defense != LABELS_ONLY_DEFENSE:
@@ -662,10 +674,16 @@ def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float
                 best = deploy_choice(eligible) if eligible else None
         if best is None:
             closest = None if undefended is None else _closest(within, undefended)
-            rows.append(_no_defense_row(scenario, family, undefended, closest, pending))
+            rows.append(_no_defense_row(scenario, family, undefended, closest, pending, min_seeds))
         else:
-            rows.append(_deploy_row(scenario, family, best, undefended, eligible, pending, stand_in))
+            rows.append({**_deploy_row(scenario, family, best, undefended, eligible, pending, stand_in),
+                         "too few seeds": False})
     return rows
+
+
+def verdict_table_row(row: dict[str, Any]) -> dict[str, Any]:
+    """A verdict row's table columns: everything but the flags its words are made from."""
+    return {k: v for k, v in row.items() if k != "too few seeds"}
 
 
 NO_DEFENSE_ADVICE = (
@@ -731,6 +749,12 @@ def verdict_advice(row: dict[str, Any], max_drop: float = 0.01) -> str:
                        f"{LABELS_ONLY_DEFENSE}'s own runs here do not beat the undefended worst case "
                        "beyond the noise"))
     cost = f"{100 * max_drop:g} point{'' if abs(max_drop - 0.01) < 1e-9 else 's'}"
+    if row.get("too few seeds"):
+        return (f"{head}none yet. {row['closest']} lowers the worst-case clone below the undefended API's "
+                f"({row['undefended worst case']:.4f}, {row['by attacker']}) by {row['paired gain (pts)']} points on "
+                f"{row['gain on']}, beyond the margin of {row['noise margin (pts)']}, but on fewer than "
+                f"{MIN_NOISE_SEEDS} paired seeds: too few to recommend anything. Run its missing seeds "
+                f"(`mirage bench run … --seed`) before deploying it; meanwhile: {NO_DEFENSE_ADVICE}")
     return (f"{head}none. No defense point costing the defender at most {cost} of accuracy lowers "
             f"the worst-case clone below the undefended API's ({row['undefended worst case']:.4f}, "
             f"{row['by attacker']}) by more than the noise across seeds ({closest}). {NO_DEFENSE_ADVICE}")

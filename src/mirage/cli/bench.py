@@ -102,7 +102,7 @@ def print_verdict(cfg, path: Path) -> None:
     from rich.table import Table
 
     from mirage.bench.results import ResultStore
-    from mirage.bench.summary import verdict, verdict_advice, worst_case_points
+    from mirage.bench.summary import verdict, verdict_advice, verdict_table_row, worst_case_points
 
     suites = {a.display: tuple(sorted(a.variants)) for a in cfg.attacks if a.variants}
     panels = worst_case_points(ResultStore(path).read(), suites) if suites else {}
@@ -112,11 +112,11 @@ def print_verdict(cfg, path: Path) -> None:
     table = Table(title="verdict: the defense to deploy, judged by its worst case over the attacker "
                         "suite (≤ 1 point of defender cost), or none where no defense beats the "
                         "undefended API beyond the noise across seeds")
-    for key in rows[0]:
+    for key in verdict_table_row(rows[0]):
         table.add_column(key)
     for row in rows:
         table.add_row(*("–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-                        for v in row.values()))
+                        for v in verdict_table_row(row).values()))
     wide = Console(width=max(console.width, 200))  # whole rows, also when piped to a log
     wide.print(table)
     for row in rows:
