@@ -33,8 +33,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_mirage_server(config: dict, workdir: Path, name: str, *, timeout: float = 120.0,
-                        env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
+def start_mirage_server(
+    config: dict,
+    workdir: Path,
+    name: str,
+    *,
+    timeout: float = 120.0,
+    env: dict[str, str] | None = None,
+) -> tuple[subprocess.Popen, str]:
     """``mirage serve`` with ``config`` (a dict, written to ``workdir``) on a free loopback port,
     its log in ``workdir``; returns the process and its URL once ``/v2/health/ready`` says 200."""
     import httpx
@@ -44,8 +50,12 @@ def start_mirage_server(config: dict, workdir: Path, name: str, *, timeout: floa
     port = free_port()
     log = workdir / f"serve-{name}.log"
     logfile = open(log, "w")  # noqa: SIM115 — closed with the process
-    proc = subprocess.Popen([sys.executable, "-m", "mirage.serve.runner", "--config", str(path), "--port", str(port)],
-                            stdout=logfile, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mirage.serve.runner", "--config", str(path), "--port", str(port)],
+        stdout=logfile,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, **(env or {})},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -61,8 +71,9 @@ def start_mirage_server(config: dict, workdir: Path, name: str, *, timeout: floa
     raise RuntimeError("server did not become ready")
 
 
-def lenet_checkpoint(directory: Path, seed: int, shape: tuple[int, int, int] = (1, 28, 28),
-                     classes: int = 10) -> Path:
+def lenet_checkpoint(
+    directory: Path, seed: int, shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10
+) -> Path:
     """mirage's LeNet with random weights (seeded) saved as a checkpoint: the served benchmarks'
     victim and surrogate (speed does not depend on the weights)."""
     import torch
@@ -72,8 +83,14 @@ def lenet_checkpoint(directory: Path, seed: int, shape: tuple[int, int, int] = (
     torch.manual_seed(seed)
     channels = shape[0]
     model = create_model("lenet", shape, classes, (0.5,) * channels, (0.25,) * channels)
-    card = ModelCard(architecture="lenet", input_shape=shape, num_classes=classes, mean=(0.5,) * channels,
-                     std=(0.25,) * channels, seed=seed)
+    card = ModelCard(
+        architecture="lenet",
+        input_shape=shape,
+        num_classes=classes,
+        mean=(0.5,) * channels,
+        std=(0.25,) * channels,
+        seed=seed,
+    )
     return save_checkpoint(model, card, directory)
 
 
@@ -96,7 +113,9 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def round_robin(fns: dict[str, Callable[[], Any]], repeats: int, inner: int = 1) -> dict[str, float]:
+def round_robin(
+    fns: dict[str, Callable[[], Any]], repeats: int, inner: int = 1
+) -> dict[str, float]:
     """Median seconds per call of each callable, measured round-robin (a block of ``inner`` calls
     of each per repeat, so caches are warm for the contender being timed and a change in machine
     load hits every contender alike); also the median per-repeat ratio of each to the first one
@@ -112,14 +131,26 @@ def round_robin(fns: dict[str, Callable[[], Any]], repeats: int, inner: int = 1)
             times[name].append((time.perf_counter() - start) / inner)
     first = next(iter(fns))
     out = {name: statistics.median(t) for name, t in times.items()}
-    out.update({f"{name}_ratio": statistics.median(a / b for a, b in zip(times[name], times[first], strict=True))
-                for name in fns})
+    out.update(
+        {
+            f"{name}_ratio": statistics.median(
+                a / b for a, b in zip(times[name], times[first], strict=True)
+            )
+            for name in fns
+        }
+    )
     return out
 
 
-def parser(doc: str | None, *, repeats: int | None = None, batches: list[int] | None = None,
-           threads: bool = True, output: str = "--json", output_default: Path | None = None
-           ) -> argparse.ArgumentParser:
+def parser(
+    doc: str | None,
+    *,
+    repeats: int | None = None,
+    batches: list[int] | None = None,
+    threads: bool = True,
+    output: str = "--json",
+    output_default: Path | None = None,
+) -> argparse.ArgumentParser:
     """An argument parser described by the first line of ``doc`` with the shared arguments:
     ``--epsilon``, the output path (``output``), ``--threads`` unless told not to, and
     ``--repeats`` / ``--batches`` when given a default."""
@@ -131,14 +162,17 @@ def parser(doc: str | None, *, repeats: int | None = None, batches: list[int] | 
     if threads:
         parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--epsilon", type=float, default=0.5, help="the defenses' L1 budget")
-    parser.add_argument(output, type=Path, default=output_default, help="write the numbers as JSON here")
+    parser.add_argument(
+        output, type=Path, default=output_default, help="write the numbers as JSON here"
+    )
     return parser
 
 
 def _git(*args: str) -> str | None:
     try:
-        return subprocess.run(["git", "-C", str(REPO), *args], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "-C", str(REPO), *args], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
 
@@ -171,7 +205,9 @@ def provenance(args: argparse.Namespace | None = None) -> dict[str, Any]:
     }
 
 
-def write_json(path: Path | None, payload: dict[str, Any], args: argparse.Namespace | None = None) -> None:
+def write_json(
+    path: Path | None, payload: dict[str, Any], args: argparse.Namespace | None = None
+) -> None:
     """Write ``payload`` plus a ``provenance`` entry to ``path`` (nothing if ``path`` is None)."""
     if path is None:
         return

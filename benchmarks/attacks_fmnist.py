@@ -62,8 +62,14 @@ def done_keys(path: Path) -> set[tuple[str, int, str, int]]:
     for line in path.read_text().splitlines():
         if line.strip():
             record = json.loads(line)
-            keys.add((record["label"], record["seed"], record["clone_recipe"],
-                      record["clone_training"]["epochs"]))
+            keys.add(
+                (
+                    record["label"],
+                    record["seed"],
+                    record["clone_recipe"],
+                    record["clone_training"]["epochs"],
+                )
+            )
     return keys
 
 
@@ -75,16 +81,32 @@ def run_one(label: str, seed: int, epochs: int, recipe_name: str) -> dict:
     training = recipe(recipe_name).model_copy(update={"epochs": epochs})
     api = InProcessAPI(victim, None, query_budget=budget)
     attack = create_attack(attack_name, **params)
-    result = attack.run(api, budget, attack_data(scenario, attack_name), CloneSpec.like(card, training=training),
-                        seed=seed)
+    result = attack.run(
+        api,
+        budget,
+        attack_data(scenario, attack_name),
+        CloneSpec.like(card, training=training),
+        seed=seed,
+    )
     return {
-        "label": label, "seed": seed, "scenario": scenario_name, "attack": attack_name,
-        "attack_params": params, "defense": "none", "budget": budget,
-        "clone_accuracy": accuracy(result.clone, test), "victim_accuracy": accuracy(victim, test),
-        **result.as_dict(), "history": result.history, "clone_recipe": recipe_name,
+        "label": label,
+        "seed": seed,
+        "scenario": scenario_name,
+        "attack": attack_name,
+        "attack_params": params,
+        "defense": "none",
+        "budget": budget,
+        "clone_accuracy": accuracy(result.clone, test),
+        "victim_accuracy": accuracy(victim, test),
+        **result.as_dict(),
+        "history": result.history,
+        "clone_recipe": recipe_name,
         "clone_training": training.model_dump(),
-        "versions": {"mirage": mirage.__version__, "torch": torch.__version__,
-                     "python": platform.python_version()},
+        "versions": {
+            "mirage": mirage.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
@@ -109,9 +131,15 @@ def main() -> None:
             record = run_one(label, seed, args.epochs, args.recipe)
             with open(args.results, "a") as handle:
                 handle.write(json.dumps(record) + "\n")
-            log.info("%s seed %d: clone %.4f (victim %.4f), %d queries, %.0fs", label, seed,
-                         record["clone_accuracy"], record["victim_accuracy"], record["queries"],
-                         time.perf_counter() - start)
+            log.info(
+                "%s seed %d: clone %.4f (victim %.4f), %d queries, %.0fs",
+                label,
+                seed,
+                record["clone_accuracy"],
+                record["victim_accuracy"],
+                record["queries"],
+                time.perf_counter() - start,
+            )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,18 @@ class UserLeNet(nn.Module):
 
 
 def user_sequential(k: int = K) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 20, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(20, 50, 5), nn.ReLU(),
-                         nn.MaxPool2d(2), nn.Flatten(), nn.Linear(800, 500), nn.ReLU(), nn.Linear(500, k))
+    return nn.Sequential(
+        nn.Conv2d(1, 20, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(20, 50, 5),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(800, 500),
+        nn.ReLU(),
+        nn.Linear(500, k),
+    )
 
 
 def build(kind: str, seed: int) -> nn.Module:
@@ -57,9 +67,12 @@ def build(kind: str, seed: int) -> nn.Module:
 def main() -> None:
     arguments = parser(__doc__, repeats=15, batches=[1, 32, 256])
     arguments.add_argument("--kinds", nargs="+", default=["mirage", "user", "sequential"])
-    arguments.add_argument("--with-jvp", action="store_true",
-                           help="also time GRAD² by torch.func.jvp through the whole surrogate (the route a "
-                                "user's module took before it was walked through its fx graph)")
+    arguments.add_argument(
+        "--with-jvp",
+        action="store_true",
+        help="also time GRAD² by torch.func.jvp through the whole surrogate (the route a "
+        "user's module took before it was walked through its fx graph)",
+    )
     args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -85,20 +98,32 @@ def main() -> None:
             fns[f"{kind}_grad2"] = lambda d=defended, g=grad2: d(g)
             fns[f"{kind}_mad"] = lambda d=defended, m=mad: d(m)
             if args.with_jvp:
-                jvp = create_defense("grad2", epsilon=args.epsilon, surrogate=surrogate, score_method="jvp")
+                jvp = create_defense(
+                    "grad2", epsilon=args.epsilon, surrogate=surrogate, score_method="jvp"
+                )
                 fns[f"{kind}_grad2_jvp"] = lambda d=defended, g=jvp: d(g)
         inner = max(1, 64 // b)
         timed = round_robin(fns, args.repeats, inner=inner)
         for kind in args.kinds:
             base = timed[f"{kind}_undefended_ratio"]
-            row = {"batch": b, "kind": kind, "undefended_ms": 1e3 * timed[f"{kind}_undefended"],
-                   "grad2_over_undefended": timed[f"{kind}_grad2_ratio"] / base,
-                   "mad_over_undefended": timed[f"{kind}_mad_ratio"] / base}
+            row = {
+                "batch": b,
+                "kind": kind,
+                "undefended_ms": 1e3 * timed[f"{kind}_undefended"],
+                "grad2_over_undefended": timed[f"{kind}_grad2_ratio"] / base,
+                "mad_over_undefended": timed[f"{kind}_mad_ratio"] / base,
+            }
             if args.with_jvp:
                 row["grad2_jvp_over_undefended"] = timed[f"{kind}_grad2_jvp_ratio"] / base
-            log.info("B=%-4d %-10s undefended %.3f ms | grad2 %.2fx | mad %.2fx%s", b, kind, row["undefended_ms"],
-                     row["grad2_over_undefended"], row["mad_over_undefended"],
-                     f" | grad2 by jvp {row['grad2_jvp_over_undefended']:.2f}x" if args.with_jvp else "")
+            log.info(
+                "B=%-4d %-10s undefended %.3f ms | grad2 %.2fx | mad %.2fx%s",
+                b,
+                kind,
+                row["undefended_ms"],
+                row["grad2_over_undefended"],
+                row["mad_over_undefended"],
+                f" | grad2 by jvp {row['grad2_jvp_over_undefended']:.2f}x" if args.with_jvp else "",
+            )
             rows.append(row)
     write_json(args.json, {"threads": args.threads, "epsilon": args.epsilon, "rows": rows}, args)
 

@@ -40,11 +40,19 @@ def gated_defense(scenario_name: str):
     (params,) = entry.points(scenario_name)
     scenario = get_scenario(scenario_name)
     victim, card, _ = get_victim(scenario)
-    return victim, resolve_defense(DefenseSpec.from_params(entry.name, params), scenario, victim, card)
+    return victim, resolve_defense(
+        DefenseSpec.from_params(entry.name, params), scenario, victim, card
+    )
 
 
-def run_stream(defense, victim, stream: torch.Tensor, request: int, keys: int = 1,
-               counted: torch.Tensor | None = None) -> dict:
+def run_stream(
+    defense,
+    victim,
+    stream: torch.Tensor,
+    request: int,
+    keys: int = 1,
+    counted: torch.Tensor | None = None,
+) -> dict:
     """Feed ``stream`` in requests round-robin over ``keys`` fresh clients; per client the alarm
     position, and in all the answers served truthfully (not flagged, before the alarm) to the
     queries ``counted`` marks (all by default: not the images an attacker replays, whose labels
@@ -55,24 +63,39 @@ def run_stream(defense, victim, stream: torch.Tensor, request: int, keys: int = 
     truthful = 0
     for i, start in enumerate(range(0, len(stream), request)):
         client = clients[i % keys]
-        x, p = stream[start:start + request], probs[start:start + request]
+        x, p = stream[start : start + request], probs[start : start + request]
         served_truthfully = ~client.observe_stream(client.attacker_like(x, p))
-        truthful += int((served_truthfully & counted[start:start + request]).sum())
+        truthful += int((served_truthfully & counted[start : start + request]).sum())
     alarms = [c.alarm_at for c in clients]
-    return {"queries": len(stream), "keys": keys, "alarmed_keys": sum(a is not None for a in alarms),
-            "first_alarm_at": min((a for a in alarms if a is not None), default=None),
-            "median_alarm_at": (sorted(a for a in alarms if a is not None)[sum(a is not None for a in alarms) // 2]
-                                if any(a is not None for a in alarms) else None),
-            "truthful_answers": truthful, "flagged": sum(c.queries_flagged for c in clients)}
+    return {
+        "queries": len(stream),
+        "keys": keys,
+        "alarmed_keys": sum(a is not None for a in alarms),
+        "first_alarm_at": min((a for a in alarms if a is not None), default=None),
+        "median_alarm_at": (
+            sorted(a for a in alarms if a is not None)[sum(a is not None for a in alarms) // 2]
+            if any(a is not None for a in alarms)
+            else None
+        ),
+        "truthful_answers": truthful,
+        "flagged": sum(c.queries_flagged for c in clients),
+    }
 
 
 def main() -> None:
-    args_parser = parser(__doc__, threads=True, output_default=REPO / "results" / "ood_gate" / "gate_alarm.json")
+    args_parser = parser(
+        __doc__, threads=True, output_default=REPO / "results" / "ood_gate" / "gate_alarm.json"
+    )
     args_parser.add_argument("--request", type=int, default=64)
     args_parser.add_argument("--benign-streams", type=int, default=10)
     args_parser.add_argument("--budget", type=int, default=15_000)
-    args_parser.add_argument("--alarm-rates", type=float, nargs="+", default=[0.1, 0.03],
-                             help="the benign flag rates the alarm tests against (the profile's first)")
+    args_parser.add_argument(
+        "--alarm-rates",
+        type=float,
+        nargs="+",
+        default=[0.1, 0.03],
+        help="the benign flag rates the alarm tests against (the profile's first)",
+    )
     args = args_parser.parse_args()
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
@@ -82,37 +105,59 @@ def main() -> None:
         scenario = get_scenario(name)
         test = load_dataset(scenario.victim_dataset, scenario.data_root).test
         pool = query_pool(scenario).images
-        knockoff = pool[torch.randperm(len(pool), generator=generator)[:args.budget]]
-        benign_orders = [torch.randperm(len(test), generator=generator) for _ in range(args.benign_streams)]
+        knockoff = pool[torch.randperm(len(pool), generator=generator)[: args.budget]]
+        benign_orders = [
+            torch.randperm(len(test), generator=generator) for _ in range(args.benign_streams)
+        ]
         # an attacker holding 100 in-distribution images (the aligned attacker's labelled set)
         # replays them to dilute its stream: that fraction of the budget, shuffled in
         held = test.images[torch.randperm(len(test), generator=generator)[:100]]
         diluted = {}
         for fraction in (0.5, 0.8, 0.9, 0.95):
             n_held = int(args.budget * fraction)
-            mixed = torch.cat([knockoff[:args.budget - n_held], held.repeat(n_held // 100 + 1, 1, 1, 1)[:n_held]])
+            mixed = torch.cat(
+                [knockoff[: args.budget - n_held], held.repeat(n_held // 100 + 1, 1, 1, 1)[:n_held]]
+            )
             is_pool = torch.arange(len(mixed)) < args.budget - n_held
             order = torch.randperm(len(mixed), generator=generator)
-            diluted[f"knockoff_replaying_100_images_{int(fraction * 100)}pct"] = (mixed[order], is_pool[order])
+            diluted[f"knockoff_replaying_100_images_{int(fraction * 100)}pct"] = (
+                mixed[order],
+                is_pool[order],
+            )
         jbda = {}
-        if name == "fmnist-id":  # the JBDA family's own queries (6.4k, against the undefended victim)
+        if (
+            name == "fmnist-id"
+        ):  # the JBDA family's own queries (6.4k, against the undefended victim)
             for attack in ("jbda", "jb-top3"):
-                jbda[attack] = jbda_stream(attack, scenario, victim, get_victim(scenario)[1], 0, 6400)
+                jbda[attack] = jbda_stream(
+                    attack, scenario, victim, get_victim(scenario)[1], 0, 6400
+                )
         out[name] = {}
         for rate in args.alarm_rates:
-            defense = type(profile_defense)(profile_defense.params.model_copy(update={"alarm_rate": rate}))
+            defense = type(profile_defense)(
+                profile_defense.params.model_copy(update={"alarm_rate": rate})
+            )
             result: dict = {"tau": defense.params.tau, "alarm_alpha": defense.params.alarm_alpha}
-            result["benign_test_streams"] = [run_stream(defense, victim, test.images[order], args.request)
-                                             for order in benign_orders]
+            result["benign_test_streams"] = [
+                run_stream(defense, victim, test.images[order], args.request)
+                for order in benign_orders
+            ]
             result["false_alarms"] = sum(b["alarmed_keys"] for b in result["benign_test_streams"])
-            result["knockoff"] = {str(k): run_stream(defense, victim, knockoff, args.request if k == 1 else 1, k)
-                                  for k in (1, 4, 16, 64, 256, 1024)}
+            result["knockoff"] = {
+                str(k): run_stream(defense, victim, knockoff, args.request if k == 1 else 1, k)
+                for k in (1, 4, 16, 64, 256, 1024)
+            }
             for label, (stream, counted) in diluted.items():
                 result[label] = run_stream(defense, victim, stream, args.request, counted=counted)
             for attack, stream in jbda.items():
                 result[attack] = run_stream(defense, victim, stream, args.request)
             out[name][str(rate)] = result
-            print(name, rate, {k: v for k, v in result.items() if k != "benign_test_streams"}, flush=True)
+            print(
+                name,
+                rate,
+                {k: v for k, v in result.items() if k != "benign_test_streams"},
+                flush=True,
+            )
     write_json(args.json, out, args)
 
 

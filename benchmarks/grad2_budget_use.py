@@ -44,7 +44,9 @@ def pool_sample_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def pool_sample(name: str, queries: int, models: Path) -> tuple[Scenario, nn.Module, ModelCard, Tensor, Tensor]:
+def pool_sample(
+    name: str, queries: int, models: Path
+) -> tuple[Scenario, nn.Module, ModelCard, Tensor, Tensor]:
     """Scenario ``name``'s pinned victim (from ``models``), ``queries`` seeded pool images and
     their clean posteriors."""
     os.environ["MIRAGE_MODELS"] = str(models.resolve())  # the sweep's pinned models
@@ -76,7 +78,9 @@ def main() -> None:
             served = defense(x, clean)
             served_top_mass = served.gather(1, top[:, None]).squeeze(1)
             row = {
-                "scenario": name, "epsilon": epsilon, "queries": len(x),
+                "scenario": name,
+                "epsilon": epsilon,
+                "queries": len(x),
                 "effective_l1": float((served - clean).abs().sum(1).mean()),
                 "best_score_is_top1": float((scores.argmax(1) == top).float().mean()),
                 "top1_mass_clean": float(top_mass.mean()),
@@ -84,9 +88,18 @@ def main() -> None:
                 "top1_mass_grew": float((served_top_mass > top_mass + 1e-6).float().mean()),
                 "top1_kept": float((served.argmax(1) == top).float().mean()),
             }
-            log.info("%-9s ε=%-4g L1 %.3f | best score = top-1 %.2f | top-1 mass %.3f -> %.3f (grew %.2f) "
-                     "| top-1 kept %.3f", name, epsilon, row["effective_l1"], row["best_score_is_top1"],
-                     row["top1_mass_clean"], row["top1_mass_served"], row["top1_mass_grew"], row["top1_kept"])
+            log.info(
+                "%-9s ε=%-4g L1 %.3f | best score = top-1 %.2f | top-1 mass %.3f -> %.3f (grew %.2f) "
+                "| top-1 kept %.3f",
+                name,
+                epsilon,
+                row["effective_l1"],
+                row["best_score_is_top1"],
+                row["top1_mass_clean"],
+                row["top1_mass_served"],
+                row["top1_mass_grew"],
+                row["top1_kept"],
+            )
             rows.append(row)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,12 @@ from mirage.data import load_dataset
 from mirage.scenarios import get_scenario, query_pool
 from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims
 
-GATED = {"target": "unlearn", "epsilon_low": 1.0, "epsilon_high": 2.0,
-         "gate": {"score": "neg-energy", "benign_fpr": 0.002}}
+GATED = {
+    "target": "unlearn",
+    "epsilon_low": 1.0,
+    "epsilon_high": 2.0,
+    "gate": {"score": "neg-energy", "benign_fpr": 0.002},
+}
 
 
 def main() -> None:
@@ -37,21 +41,32 @@ def main() -> None:
     victims = resolve_victims(gated_spec, scenario)
     victim = victims.plain
     gated = resolve_defense(gated_spec, scenario, victim, victims.card)
-    plain = resolve_defense(DefenseSpec.from_params("grad2", {"target": "unlearn", "epsilon": 1.0,
-                                                              "preserve_top1": True}),
-                            scenario, victim, victims.card)
+    plain = resolve_defense(
+        DefenseSpec.from_params(
+            "grad2", {"target": "unlearn", "epsilon": 1.0, "preserve_top1": True}
+        ),
+        scenario,
+        victim,
+        victims.card,
+    )
     sources = {"benign": load_dataset("mnist").test.images, "attacker": query_pool(scenario).images}
     rows = []
     for batch in args.batches:
         for name, images in sources.items():
             x = images[:batch]
-            calls = {"undefended": lambda x=x: clean_posteriors(victim, x),
-                     "grad2_gated": lambda x=x: gated(x, clean_posteriors(victim, x)),
-                     "grad2_unlearn_top1": lambda x=x: plain(x, clean_posteriors(victim, x))}
+            calls = {
+                "undefended": lambda x=x: clean_posteriors(victim, x),
+                "grad2_gated": lambda x=x: gated(x, clean_posteriors(victim, x)),
+                "grad2_unlearn_top1": lambda x=x: plain(x, clean_posteriors(victim, x)),
+            }
             timing = round_robin(calls, args.repeats, inner=max(1, 64 // batch))
             flagged = float(gated.attacker_like(x, clean_posteriors(victim, x)).float().mean())
-            row = {"batch": batch, "queries": name, "above_gate": round(flagged, 3),
-                   **{k: round(v, 3) for k, v in timing.items() if k.endswith("_ratio")}}
+            row = {
+                "batch": batch,
+                "queries": name,
+                "above_gate": round(flagged, 3),
+                **{k: round(v, 3) for k, v in timing.items() if k.endswith("_ratio")},
+            }
             rows.append(row)
             print(row, flush=True)
     write_json(args.json, {"rows": rows, "gated_params": GATED, "tau": gated.params.tau}, args)

@@ -50,7 +50,9 @@ def calibrate_confidence(victim: torch.nn.Module, x: torch.Tensor, target: float
 def main() -> None:
     arguments = parser(__doc__, repeats=7, batches=[1, 32, 256])
     arguments.add_argument("--classes", type=int, nargs="+", default=[10, 100])
-    arguments.add_argument("--top1", type=float, default=0.9, help="victim's mean top-1 probability")
+    arguments.add_argument(
+        "--top1", type=float, default=0.9, help="victim's mean top-1 probability"
+    )
     args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(args.threads)
@@ -86,25 +88,53 @@ def main() -> None:
 
             with torch.no_grad():
                 probs = torch.softmax(victim(x), dim=1)
-            agreement = (original_grad2(x, victim, surrogate, v_flat, args.epsilon) - grad2(x, probs)).abs().max()
-            row = {"K": k, "batch": b, "victim_mean_top1": peak, "max_abs_diff_vs_original": float(agreement), "undefended_s": best_of(undefended, args.repeats),
-                   "grad2_s": best_of(defended, args.repeats),
-                   "original_s": best_of(original, max(3, args.repeats // 2))}
+            agreement = (
+                (original_grad2(x, victim, surrogate, v_flat, args.epsilon) - grad2(x, probs))
+                .abs()
+                .max()
+            )
+            row = {
+                "K": k,
+                "batch": b,
+                "victim_mean_top1": peak,
+                "max_abs_diff_vs_original": float(agreement),
+                "undefended_s": best_of(undefended, args.repeats),
+                "grad2_s": best_of(defended, args.repeats),
+                "original_s": best_of(original, max(3, args.repeats // 2)),
+            }
             if mad is not None:
-                row["mad_s"] = best_of(lambda mad=mad, defended=defended: defended(mad), max(3, args.repeats // 2))
+                row["mad_s"] = best_of(
+                    lambda mad=mad, defended=defended: defended(mad), max(3, args.repeats // 2)
+                )
             for key in [name for name in row if name.endswith("_s")]:
                 row[key.replace("_s", "_per_query_ms")] = 1e3 * row[key] / b
             row["grad2_over_undefended"] = row["grad2_s"] / row["undefended_s"]
             row["original_over_grad2"] = row["original_s"] / row["grad2_s"]
             if mad is not None:
                 row["mad_over_undefended"] = row["mad_s"] / row["undefended_s"]
-            log.info("K=%-4d B=%-4d undefended %.3f ms/q | grad2 %.3f ms/q (%.2fx) | original %.3f ms/q "
-                     "(grad2 %.1fx faster)%s", k, b, row["undefended_per_query_ms"], row["grad2_per_query_ms"],
-                     row["grad2_over_undefended"], row["original_per_query_ms"], row["original_over_grad2"],
-                     f" | mad {row['mad_over_undefended']:.2f}x" if mad is not None else "")
+            log.info(
+                "K=%-4d B=%-4d undefended %.3f ms/q | grad2 %.3f ms/q (%.2fx) | original %.3f ms/q "
+                "(grad2 %.1fx faster)%s",
+                k,
+                b,
+                row["undefended_per_query_ms"],
+                row["grad2_per_query_ms"],
+                row["grad2_over_undefended"],
+                row["original_per_query_ms"],
+                row["original_over_grad2"],
+                f" | mad {row['mad_over_undefended']:.2f}x" if mad is not None else "",
+            )
             rows.append(row)
-    write_json(args.json, {"threads": args.threads, "epsilon": args.epsilon, "torch": torch.__version__,
-                           "rows": rows}, args)
+    write_json(
+        args.json,
+        {
+            "threads": args.threads,
+            "epsilon": args.epsilon,
+            "torch": torch.__version__,
+            "rows": rows,
+        },
+        args,
+    )
 
 
 if __name__ == "__main__":

@@ -51,7 +51,9 @@ def describe(scores: Tensor, logits: Tensor, clean: Tensor, epsilon: float) -> d
 
 
 def restricted(v: Direction, name: str) -> Direction:
-    return {key: (t if key == name else torch.zeros(t.shape, dtype=t.dtype)) for key, t in v.items()}
+    return {
+        key: (t if key == name else torch.zeros(t.shape, dtype=t.dtype)) for key, t in v.items()
+    }
 
 
 def measure(surrogate: nn.Module, x: Tensor, clean: Tensor, epsilon: float, seeds: int) -> dict:
@@ -62,8 +64,12 @@ def measure(surrogate: nn.Module, x: Tensor, clean: Tensor, epsilon: float, seed
     out: dict = {"targets": {}, "layers": {}}
     for name, v in targets.items():
         out["targets"][name] = describe(jvp_scores(surrogate, x, v), logits, clean, epsilon)
-    min_ip_scores = torch.cat([jvp_scores(surrogate, xb, min_ip(surrogate, xb, pb))
-                               for xb, pb in zip(x.split(256), clean.split(256), strict=True)])
+    min_ip_scores = torch.cat(
+        [
+            jvp_scores(surrogate, xb, min_ip(surrogate, xb, pb))
+            for xb, pb in zip(x.split(256), clean.split(256), strict=True)
+        ]
+    )
     out["targets"]["min-ip"] = describe(min_ip_scores, logits, clean, epsilon)
     ones = {key: t.contiguous() for key, t in all_ones(surrogate).items()}
     per_layer = {key: jvp_scores(surrogate, x, restricted(ones, key)) for key in ones}
@@ -83,7 +89,12 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
 
-    report = {"torch": torch.__version__, "epsilon": args.epsilon, "queries": args.queries, "scenarios": {}}
+    report = {
+        "torch": torch.__version__,
+        "epsilon": args.epsilon,
+        "queries": args.queries,
+        "scenarios": {},
+    }
     for name in args.scenarios:
         scenario, victim, card, x, clean = pool_sample(name, args.queries, args.models)
         spec = DefenseSpec(name="grad2", params={"epsilon": args.epsilon, "target": "all-ones"})
@@ -92,8 +103,13 @@ def main() -> None:
         report["scenarios"][name] = result
         for group in ("targets", "layers"):
             for key, row in result[group].items():
-                log.info("%-9s %-7s %-14s %s", name, group, key,
-                         " ".join(f"{k} {v:.3f}" for k, v in row.items()))
+                log.info(
+                    "%-9s %-7s %-14s %s",
+                    name,
+                    group,
+                    key,
+                    " ".join(f"{k} {v:.3f}" for k, v in row.items()),
+                )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2))

@@ -25,7 +25,9 @@ from mirage.training.victim import get_victim
 
 
 def main() -> None:
-    args_parser = parser(__doc__, threads=True, output_default=REPO / "results" / "worst_case" / "labelled_only.json")
+    args_parser = parser(
+        __doc__, threads=True, output_default=REPO / "results" / "worst_case" / "labelled_only.json"
+    )
     args_parser.add_argument("--scenario", default="mnist")
     args_parser.add_argument("--labelled", type=int, default=100)
     args_parser.add_argument("--epochs", type=int, nargs="+", default=[30, 300])
@@ -40,7 +42,11 @@ def main() -> None:
         for seed in args.seeds:
             labelled = attacker_labels(scenario, args.labelled, seed)
             spec = CloneSpec.like(card)
-            spec = spec.model_copy(update={"training": spec.training.model_copy(update={"seed": seed, "epochs": epochs})})
+            spec = spec.model_copy(
+                update={
+                    "training": spec.training.model_copy(update={"seed": seed, "epochs": epochs})
+                }
+            )
             targets = torch.nn.functional.one_hot(labelled.labels, card.num_classes).float()
             model, _ = train_clone(spec, labelled.images, targets, card.num_classes)
             out["clone_accuracy"][f"epochs={epochs},seed={seed}"] = accuracy(model, test)

@@ -63,17 +63,25 @@ GATEWAY_ATOL = 1e-4  # the ONNX export's logits differ from torch's in the last 
 
 
 def grad2_spec(epsilon: float, surrogate: Path) -> dict:
-    return {"name": "grad2", "params": {"epsilon": epsilon, "target": "all-ones", "batch_size": 256},
-            "surrogate": str(surrogate)}
+    return {
+        "name": "grad2",
+        "params": {"epsilon": epsilon, "target": "all-ones", "batch_size": 256},
+        "surrogate": str(surrogate),
+    }
 
 
-def start_server(config: dict, workdir: Path, threads: int, timeout: float = 120.0,
-                 name: str | None = None) -> tuple[subprocess.Popen, str]:
+def start_server(
+    config: dict, workdir: Path, threads: int, timeout: float = 120.0, name: str | None = None
+) -> tuple[subprocess.Popen, str]:
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MIRAGE_PROGRESS": "0"}
-    return start_mirage_server(config, workdir, name or config["defense"]["name"], timeout=timeout, env=env)
+    return start_mirage_server(
+        config, workdir, name or config["defense"]["name"], timeout=timeout, env=env
+    )
 
 
-def start_upstream(victim: torch.nn.Module, workdir: Path, threads: int) -> tuple[MLServerProcess | None, str]:
+def start_upstream(
+    victim: torch.nn.Module, workdir: Path, threads: int
+) -> tuple[MLServerProcess | None, str]:
     """MLServer serving ``victim`` exported to ONNX, or ``None`` and why not."""
     executable = mlserver_executable()
     if executable is None:
@@ -84,33 +92,76 @@ def start_upstream(victim: torch.nn.Module, workdir: Path, threads: int) -> tupl
         return None, "onnxscript is not installed: the victim cannot be exported to ONNX"
     path = workdir / "victim.onnx"
     batch = torch.export.Dim("batch", min=1, max=1024)
-    torch.onnx.export(victim, (torch.rand(2, *SHAPE),), str(path), input_names=["images"],
-                      dynamic_shapes=({0: batch},), dynamo=True, verbose=False)
-    server = MLServerProcess(executable, workdir / "mlserver", {
-        "victim": ("runtimes.Onnx", {"uri": str(path), "extra": {"threads": threads}})},
-        env={"OMP_NUM_THREADS": str(threads)})
+    torch.onnx.export(
+        victim,
+        (torch.rand(2, *SHAPE),),
+        str(path),
+        input_names=["images"],
+        dynamic_shapes=({0: batch},),
+        dynamo=True,
+        verbose=False,
+    )
+    server = MLServerProcess(
+        executable,
+        workdir / "mlserver",
+        {"victim": ("runtimes.Onnx", {"uri": str(path), "extra": {"threads": threads}})},
+        env={"OMP_NUM_THREADS": str(threads)},
+    )
     return server.start(), ""
 
 
 def gateway_config(spec: dict, upstream: str, workdir: Path, client: dict) -> dict:
     name = spec["name"]
-    return {"model": {"name": "victim", "upstream": {
-                "url": upstream, "model": "victim", "input_name": "images", "input_shape": list(SHAPE),
-                "output": "logits", "num_classes": K, "timeout_s": 120, "retries": 0}},
-            "defense": spec, "limits": {"max_batch": 256},
-            "storage": {"database": str(workdir / f"gateway-{name}.sqlite")}, "clients": [client]}
+    return {
+        "model": {
+            "name": "victim",
+            "upstream": {
+                "url": upstream,
+                "model": "victim",
+                "input_name": "images",
+                "input_shape": list(SHAPE),
+                "output": "logits",
+                "num_classes": K,
+                "timeout_s": 120,
+                "retries": 0,
+            },
+        },
+        "defense": spec,
+        "limits": {"max_batch": 256},
+        "storage": {"database": str(workdir / f"gateway-{name}.sqlite")},
+        "clients": [client],
+    }
 
 
 def json_request(x: np.ndarray) -> tuple[bytes, dict]:
-    body = {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}]}
+    body = {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.reshape(-1).tolist(),
+            }
+        ]
+    }
     return json.dumps(body).encode(), {"Content-Type": "application/json"}
 
 
 def binary_request(x: np.ndarray) -> tuple[bytes, dict]:
     raw = np.ascontiguousarray(x, dtype="<f4").tobytes()
-    header = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": len(raw)}}],
-                         "parameters": {"binary_data_output": True}}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     return header + raw, {HEADER: str(len(header)), "Content-Type": "application/octet-stream"}
 
 
@@ -122,42 +173,68 @@ def decode(response: httpx.Response) -> np.ndarray:
     if length is None:
         output = json.loads(response.content)["outputs"][0]
         return np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
-    header = json.loads(response.content[:int(length)])
+    header = json.loads(response.content[: int(length)])
     output = header["outputs"][0]
-    return np.frombuffer(response.content, "<f4", count=int(np.prod(output["shape"])),
-                         offset=int(length)).reshape(output["shape"])
+    return np.frombuffer(
+        response.content, "<f4", count=int(np.prod(output["shape"])), offset=int(length)
+    ).reshape(output["shape"])
 
 
 def main() -> None:
-    arguments = parser(__doc__, repeats=10, batches=[1, 32, 256], output="--out",
-                       output_default=Path("results/serve/oip_throughput.json"))
+    arguments = parser(
+        __doc__,
+        repeats=10,
+        batches=[1, 32, 256],
+        output="--out",
+        output_default=Path("results/serve/oip_throughput.json"),
+    )
     args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        victim_dir, surrogate_dir = lenet_checkpoint(workdir / "victim", 0), lenet_checkpoint(workdir / "surrogate", 1)
-        victim, surrogate = load_checkpoint(victim_dir)[0].eval(), load_checkpoint(surrogate_dir)[0].eval()
-        grad2 = create_defense("grad2", epsilon=args.epsilon, target="all-ones", surrogate=surrogate, batch_size=256)
+        victim_dir, surrogate_dir = (
+            lenet_checkpoint(workdir / "victim", 0),
+            lenet_checkpoint(workdir / "surrogate", 1),
+        )
+        victim, surrogate = (
+            load_checkpoint(victim_dir)[0].eval(),
+            load_checkpoint(surrogate_dir)[0].eval(),
+        )
+        grad2 = create_defense(
+            "grad2", epsilon=args.epsilon, target="all-ones", surrogate=surrogate, batch_size=256
+        )
         client = {"name": "bench", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
         servers, upstream, skipped = {}, None, None
         specs = (("none", {"name": "none"}), ("grad2", grad2_spec(args.epsilon, surrogate_dir)))
         try:
             for name, spec in specs:
-                config = {"model": {"name": "victim", "checkpoint": str(victim_dir)}, "defense": spec,
-                          "limits": {"max_batch": 256}, "storage": {"database": str(workdir / f"{name}.sqlite")},
-                          "clients": [client]}
+                config = {
+                    "model": {"name": "victim", "checkpoint": str(victim_dir)},
+                    "defense": spec,
+                    "limits": {"max_batch": 256},
+                    "storage": {"database": str(workdir / f"{name}.sqlite")},
+                    "clients": [client],
+                }
                 servers[name] = start_server(config, workdir, args.threads)
             upstream, skipped = start_upstream(victim, workdir, args.threads)
             if upstream is None:
                 log.warning("no gateway rows: %s", skipped)
             else:
                 for name, spec in specs:
-                    servers[f"gateway-{name}"] = start_server(gateway_config(spec, upstream.url, workdir, client),
-                                                              workdir, args.threads, name=f"gateway-{name}")
-            http = {name: httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}"})
-                    for name, (_, url) in servers.items()}
+                    servers[f"gateway-{name}"] = start_server(
+                        gateway_config(spec, upstream.url, workdir, client),
+                        workdir,
+                        args.threads,
+                        name=f"gateway-{name}",
+                    )
+            http = {
+                name: httpx.Client(
+                    base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}"}
+                )
+                for name, (_, url) in servers.items()
+            }
             if upstream is not None:
                 http["upstream"] = httpx.Client(base_url=upstream.url, timeout=120)
             rows = measure(args, victim, grad2, http)
@@ -172,11 +249,22 @@ def main() -> None:
     summary = targets(rows)
     print(f"{'batch':>5} {'mode':>9} {'defense':>7} {'images/s':>10}")
     for row in rows:
-        print(f"{row['batch']:5d} {row['mode']:>9} {row['defense']:>7} {row['images_per_second']:10.1f}")
+        print(
+            f"{row['batch']:5d} {row['mode']:>9} {row['defense']:>7} {row['images_per_second']:10.1f}"
+        )
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")
-    write_json(args.out, {"threads": args.threads, "epsilon": args.epsilon, "rows": rows, "ratios": summary,
-                          "gateway_skipped": skipped}, args)
+    write_json(
+        args.out,
+        {
+            "threads": args.threads,
+            "epsilon": args.epsilon,
+            "rows": rows,
+            "ratios": summary,
+            "gateway_skipped": skipped,
+        },
+        args,
+    )
     log.info("wrote %s", args.out)
 
 
@@ -198,48 +286,81 @@ def measure(args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client])
         def served(defense: str, mode: str, bodies=bodies):
             server = f"gateway-{defense}" if mode == "gateway" else defense
             content, headers = bodies["binary" if mode == "gateway" else mode]
-            return lambda: decode(http[server].post("/v2/models/victim/infer", content=content, headers=headers))
+            return lambda: decode(
+                http[server].post("/v2/models/victim/infer", content=content, headers=headers)
+            )
 
         def direct(content=bodies["json"][0]):  # MLServer alone: its logits, softmaxed here
-            logits = decode(http["upstream"].post("/v2/models/victim/infer", content=content,
-                                                  headers={"Content-Type": "application/json"}))
+            logits = decode(
+                http["upstream"].post(
+                    "/v2/models/victim/infer",
+                    content=content,
+                    headers={"Content-Type": "application/json"},
+                )
+            )
             return torch.softmax(torch.from_numpy(logits.copy()), 1).numpy()
 
         modes = ("json", "binary", "gateway") if "upstream" in http else ("json", "binary")
         fns = {"inprocess_none": forward, "inprocess_grad2": defended}
-        fns.update({f"{mode}_{defense}": served(defense, mode) for mode in modes for defense in DEFENSES})
+        fns.update(
+            {f"{mode}_{defense}": served(defense, mode) for mode in modes for defense in DEFENSES}
+        )
         if "upstream" in http:
             fns["upstream_none"] = direct
         reference = {"none": forward().numpy(), "grad2": defended().numpy()}
-        for name, fn in fns.items():  # the servers answer what the same model and defense do in process
+        for (
+            name,
+            fn,
+        ) in fns.items():  # the servers answer what the same model and defense do in process
             if not name.startswith("inprocess"):
                 atol = 1e-5 if name.split("_")[0] in ("json", "binary") else GATEWAY_ATOL
-                np.testing.assert_allclose(fn(), reference[name.split("_")[1]], rtol=0, atol=atol, err_msg=name)
+                np.testing.assert_allclose(
+                    fn(), reference[name.split("_")[1]], rtol=0, atol=atol, err_msg=name
+                )
         timed = round_robin(fns, args.repeats, inner=max(1, 64 // b))
         base = timed["inprocess_none_ratio"]
         for name in fns:
             mode, defense = name.split("_")
-            rows.append({"batch": b, "mode": mode, "defense": defense, "seconds": timed[name],
-                         "images_per_second": b / timed[name],
-                         "throughput_over_inprocess_forward": base / timed[f"{name}_ratio"]})
-            log.info("B=%-4d %-9s %-6s %9.1f images/s (%.3f of the in-process forward)", b, mode, defense,
-                     rows[-1]["images_per_second"], rows[-1]["throughput_over_inprocess_forward"])
+            rows.append(
+                {
+                    "batch": b,
+                    "mode": mode,
+                    "defense": defense,
+                    "seconds": timed[name],
+                    "images_per_second": b / timed[name],
+                    "throughput_over_inprocess_forward": base / timed[f"{name}_ratio"],
+                }
+            )
+            log.info(
+                "B=%-4d %-9s %-6s %9.1f images/s (%.3f of the in-process forward)",
+                b,
+                mode,
+                defense,
+                rows[-1]["images_per_second"],
+                rows[-1]["throughput_over_inprocess_forward"],
+            )
     return rows
 
 
 def targets(rows: list[dict]) -> dict[str, float]:
     """The throughput targets' ratios, per batch size: served binary undefended over the in-process forward
     (target ≥ 0.5 at 256) and GRAD² served over undefended served, JSON and binary (≥ 0.8)."""
-    at = {(r["batch"], r["mode"], r["defense"]): r["throughput_over_inprocess_forward"] for r in rows}
+    at = {
+        (r["batch"], r["mode"], r["defense"]): r["throughput_over_inprocess_forward"] for r in rows
+    }
     out = {}
     for b in sorted({r["batch"] for r in rows}):
         out[f"B{b}_binary_none_over_inprocess_forward"] = at[b, "binary", "none"]
         out[f"B{b}_json_none_over_inprocess_forward"] = at[b, "json", "none"]
         for mode in MODES:
             if (b, mode, "none") in at:
-                out[f"B{b}_{mode}_grad2_over_{mode}_none"] = at[b, mode, "grad2"] / at[b, mode, "none"]
+                out[f"B{b}_{mode}_grad2_over_{mode}_none"] = (
+                    at[b, mode, "grad2"] / at[b, mode, "none"]
+                )
         if (b, "gateway", "none") in at:  # what mirage in front costs over MLServer alone
-            out[f"B{b}_gateway_none_over_upstream_none"] = at[b, "gateway", "none"] / at[b, "upstream", "none"]
+            out[f"B{b}_gateway_none_over_upstream_none"] = (
+                at[b, "gateway", "none"] / at[b, "upstream", "none"]
+            )
     return out
 
 

@@ -90,12 +90,19 @@ def innocent_clone(run: Run, i: int):
         model.load_state_dict(load_file(str(path)))
         return model.eval()
     pool = query_pool(run.scenario).images
-    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(7000 + i))[:INNOCENT_QUERIES]
+    pick = torch.randperm(len(pool), generator=torch.Generator().manual_seed(7000 + i))[
+        :INNOCENT_QUERIES
+    ]
     targets = clean_posteriors(run.victim, pool[pick])
     if i % 2:
         targets = targets.argmax(1)
-    fit(model, pool[pick], targets, run.clone_spec.training.model_copy(
-        update={"epochs": INNOCENT_EPOCHS, "seed": 7000 + i}), show_progress=False)
+    fit(
+        model,
+        pool[pick],
+        targets,
+        run.clone_spec.training.model_copy(update={"epochs": INNOCENT_EPOCHS, "seed": 7000 + i}),
+        show_progress=False,
+    )
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file(model.state_dict(), str(path))
@@ -115,17 +122,31 @@ def key_groups(sets) -> list[list[str]]:
 
 def tests_of(model, evidence, watermarks) -> dict:
     tests = name_the_thief(model, evidence, watermarks, groups=key_groups(watermarks))
-    return {t.client: {"p_value": t.p_value, "corrected_p_value": t.corrected_p_value, "named": t.named,
-                       "match_p_value": t.match_p_value, "matches": t.matches, "images": t.images,
-                       "buckets": t.buckets, "expected": round(t.expected, 2), "statistic": "rank",
-                       "score": t.score, "expected_score": round(t.expected_score, 2),
-                       "probability_p_value": t.probability_p_value} for t in tests}
+    return {
+        t.client: {
+            "p_value": t.p_value,
+            "corrected_p_value": t.corrected_p_value,
+            "named": t.named,
+            "match_p_value": t.match_p_value,
+            "matches": t.matches,
+            "images": t.images,
+            "buckets": t.buckets,
+            "expected": round(t.expected, 2),
+            "statistic": "rank",
+            "score": t.score,
+            "expected_score": round(t.expected_score, 2),
+            "probability_p_value": t.probability_p_value,
+        }
+        for t in tests
+    }
 
 
 def prune(model, fraction: float):
     """Global magnitude pruning of the weights (not biases) of every conv and linear layer."""
     pruned = copy.deepcopy(model)
-    weights = [m.weight for m in pruned.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    weights = [
+        m.weight for m in pruned.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)
+    ]
     threshold = torch.cat([w.detach().abs().flatten() for w in weights]).quantile(fraction)
     with torch.no_grad():
         for w in weights:
@@ -149,7 +170,9 @@ class Run:
         self.reference = fourier_features(self.train.images, capped[0]) if capped else None
         self.watermarks: dict[str, KeyedWatermark] = {}
         for c, k in self.keys.items():
-            self.watermarks.update(layered_watermarks(k, c, self.layers, self.card.num_classes, self.reference))
+            self.watermarks.update(
+                layered_watermarks(k, c, self.layers, self.card.num_classes, self.reference)
+            )
         # one evidence set per attack ("<client>/<attack>"): what that thief's own queries left
         self.evidence = Evidence(max_items=4096)
         sweep = load_config("worst_case")
@@ -170,7 +193,9 @@ class Run:
     def carried(self, client: str, images) -> list[float]:
         """The share of ``images`` each of ``client``'s layers carries when the victim answers
         them (on fresh copies of the layers: templates fill as served)."""
-        fresh = layered_watermarks(self.keys[client], client, self.layers, self.card.num_classes, self.reference)
+        fresh = layered_watermarks(
+            self.keys[client], client, self.layers, self.card.num_classes, self.reference
+        )
         served, shares = clean_posteriors(self.victim, images), []
         for watermark in fresh.values():
             served, marks = watermark.apply(images, served)
@@ -182,8 +207,14 @@ class Run:
         layers' as ``session#i``)."""
         for i in range(len(self.layers)):
             self.watermarks[layer_name(session, i)] = self.watermarks[layer_name(client, i)]
-        return create_defense("watermarked", key=self.keys[client], client=session, config=self.layers,
-                              evidence=self.evidence, benign_reference=self.reference)
+        return create_defense(
+            "watermarked",
+            key=self.keys[client],
+            client=session,
+            config=self.layers,
+            evidence=self.evidence,
+            benign_reference=self.reference,
+        )
 
     def steal(self, client: str, variant: str | None, session: str, **params):
         if variant is not None:
@@ -195,18 +226,32 @@ class Run:
             clients = [f"{client}+{i}" for i in range(keys)]
             for c in clients:
                 self.keys.setdefault(c, derive_key(self.secret, c))
-                for name, watermark in layered_watermarks(self.keys[c], c, self.layers, self.card.num_classes,
-                                                          self.reference).items():
+                for name, watermark in layered_watermarks(
+                    self.keys[c], c, self.layers, self.card.num_classes, self.reference
+                ).items():
                     self.watermarks.setdefault(name, watermark)
-            api = [InProcessAPI(self.victim, self.defense(c, f"{c}/{session.partition('/')[2]}"), client=c)
-                   for c in clients]
-        params = tell_restorer(params, "watermarked",
-                               {"client": client, "config": [layer.model_dump() for layer in self.layers]})
+            api = [
+                InProcessAPI(
+                    self.victim, self.defense(c, f"{c}/{session.partition('/')[2]}"), client=c
+                )
+                for c in clients
+            ]
+        params = tell_restorer(
+            params,
+            "watermarked",
+            {"client": client, "config": [layer.model_dump() for layer in self.layers]},
+        )
         attack = create_attack(self.attack, **params)
         seed = self.seed + (100 if client != "alice" else 0)
         clone_spec = self.clone_spec.model_copy(update={"cache": self.own_clones})
-        return attack.run(api, self.budget, attack_data(self.scenario, self.attack), clone_spec,
-                          seed=seed, labelled=attacker_labels(self.scenario, attack.params.align_labels, seed))
+        return attack.run(
+            api,
+            self.budget,
+            attack_data(self.scenario, self.attack),
+            clone_spec,
+            seed=seed,
+            labelled=attacker_labels(self.scenario, attack.params.align_labels, seed),
+        )
 
     def entry(self, model, thief: str | None, **extra) -> dict:
         """The model's tests against every evidence set so far. ``right``: every named set is the
@@ -215,9 +260,15 @@ class Run:
         sets = {s: w for s, w in self.watermarks.items() if "/" in s}
         tests = tests_of(model, self.evidence, sets)
         false = sorted(s for s, t in tests.items() if t["named"] and owner(s) != thief)
-        return {**extra, "clone_accuracy": accuracy(model, self.test), "thief": thief,
-                "named_thief": thief is not None and any(t["named"] for s, t in tests.items() if owner(s) == thief),
-                "falsely_named": false, "tests": tests}
+        return {
+            **extra,
+            "clone_accuracy": accuracy(model, self.test),
+            "thief": thief,
+            "named_thief": thief is not None
+            and any(t["named"] for s, t in tests.items() if owner(s) == thief),
+            "falsely_named": false,
+            "tests": tests,
+        }
 
 
 def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
@@ -230,21 +281,38 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
             return
         start = time.perf_counter()
         row = make()
-        row.update(scenario=scenario, seed=seed, watermark=wm, entry=name,
-                   seconds=round(time.perf_counter() - start, 1), provenance=provenance(args))
+        row.update(
+            scenario=scenario,
+            seed=seed,
+            watermark=wm,
+            entry=name,
+            seconds=round(time.perf_counter() - start, 1),
+            provenance=provenance(args),
+        )
         with args.out.open("a") as out:
             out.write(json.dumps(row) + "\n")
-        summary = row.get("falsely_named") if "models" in row else {
-            c: f"{t['p_value']:.2g}{'*' if t['named'] else ''}" for c, t in row.get("tests", {}).items()}
+        summary = (
+            row.get("falsely_named")
+            if "models" in row
+            else {
+                c: f"{t['p_value']:.2g}{'*' if t['named'] else ''}"
+                for c, t in row.get("tests", {}).items()
+            }
+        )
         log.info("%s seed %d %s: %s", scenario, seed, name, summary)
 
     def defender() -> dict:
-        served = defended_accuracy(run.victim, run.defense("carol", "carol/benign test set"), run.test)
+        served = defended_accuracy(
+            run.victim, run.defense("carol", "carol/benign test set"), run.test
+        )
         pool = query_pool(run.scenario).images[:15000]
-        return {"clean_accuracy": served.clean_accuracy, "watermarked_accuracy": served.defended_accuracy,
-                "cost_points": 100 * (served.clean_accuracy - served.defended_accuracy),
-                **carried_shares("carried_test", run.carried("carol", run.test.images)),
-                **carried_shares("carried_pool", run.carried("carol", pool))}
+        return {
+            "clean_accuracy": served.clean_accuracy,
+            "watermarked_accuracy": served.defended_accuracy,
+            "cost_points": 100 * (served.clean_accuracy - served.defended_accuracy),
+            **carried_shares("carried_test", run.carried("carol", run.test.images)),
+            **carried_shares("carried_pool", run.carried("carol", pool)),
+        }
 
     record("defender", defender)
     # Every attack runs again on a resume (its clone comes from the cache), so that its queries
@@ -256,47 +324,73 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
     for variant in args.attackers:
         clones[variant] = run.steal("alice", variant, f"alice/{run.attack} {variant}")
     for variant, result in clones.items():
-        record(f"{run.attack}/{variant} via alice",
-               lambda result=result: run.entry(result.clone, "alice", queries=result.queries))
+        record(
+            f"{run.attack}/{variant} via alice",
+            lambda result=result: run.entry(result.clone, "alice", queries=result.queries),
+        )
     if only_attacks:
         return
-    vote = run.steal("alice", None, "alice/jitter-and-vote", hard_labels=True, repeats=5, jitter=0.02)
+    vote = run.steal(
+        "alice", None, "alice/jitter-and-vote", hard_labels=True, repeats=5, jitter=0.02
+    )
     record("knockoff/hard-label via bob", lambda: run.entry(bob.clone, "bob", queries=bob.queries))
-    record("removal: jitter-and-vote extraction (5 copies)",
-           lambda: run.entry(vote.clone, "alice", queries=vote.queries))
+    record(
+        "removal: jitter-and-vote extraction (5 copies)",
+        lambda: run.entry(vote.clone, "alice", queries=vote.queries),
+    )
 
     base = clones["hard-label"].clone if "hard-label" in clones else None
     if base is not None:
         for size in (1000, 6000):
+
             def finetune(size=size) -> dict:
                 tuned = copy.deepcopy(base)
-                pick = torch.randperm(len(run.train.images), generator=torch.Generator().manual_seed(seed))[:size]
-                fit(tuned, run.train.images[pick], run.train.labels[pick],
-                    TrainConfig(epochs=10, lr=0.01, schedule="cosine", seed=seed), show_progress=False)
+                pick = torch.randperm(
+                    len(run.train.images), generator=torch.Generator().manual_seed(seed)
+                )[:size]
+                fit(
+                    tuned,
+                    run.train.images[pick],
+                    run.train.labels[pick],
+                    TrainConfig(epochs=10, lr=0.01, schedule="cosine", seed=seed),
+                    show_progress=False,
+                )
                 return run.entry(tuned, "alice", removal=f"fine-tune {size}")
+
             record(f"removal: fine-tune {size} labelled", finetune)
         for fraction in (0.3, 0.6):
-            record(f"removal: prune {int(fraction * 100)}%",
-                   lambda fraction=fraction: run.entry(prune(base, fraction), "alice"))
+            record(
+                f"removal: prune {int(fraction * 100)}%",
+                lambda fraction=fraction: run.entry(prune(base, fraction), "alice"),
+            )
 
         def distill() -> dict:
             student = run.clone_spec.build(run.card.input_shape, run.card.num_classes)
-            pool = query_pool(run.scenario).images[:run.budget]
+            pool = query_pool(run.scenario).images[: run.budget]
             with torch.no_grad():
                 targets = torch.cat([torch.softmax(base(c), 1) for c in pool.split(1024)])
-            fit(student, pool, targets, run.clone_spec.training.model_copy(update={"seed": seed + 7}),
-                show_progress=False)
+            fit(
+                student,
+                pool,
+                targets,
+                run.clone_spec.training.model_copy(update={"seed": seed + 7}),
+                show_progress=False,
+            )
             return run.entry(student, "alice")
+
         record("removal: distill into a fresh model", distill)
 
     def innocents() -> dict:
         models = {}
         for directory in sorted((REPO / "results" / "models" / "victims").iterdir()):
             model, card = load_checkpoint(directory)
-            if tuple(card.input_shape) == tuple(run.card.input_shape) and card.num_classes == run.card.num_classes:
+            if (
+                tuple(card.input_shape) == tuple(run.card.input_shape)
+                and card.num_classes == run.card.num_classes
+            ):
                 models[f"victim {directory.name}"] = model
         cache = paths.clones_dir()
-        for weights in sorted(cache.glob("*.safetensors"))[:args.innocent_clones] if cache else []:
+        for weights in sorted(cache.glob("*.safetensors"))[: args.innocent_clones] if cache else []:
             model = run.clone_spec.build(run.card.input_shape, run.card.num_classes)
             try:
                 model.load_state_dict(load_file(str(weights)))
@@ -304,15 +398,21 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
                 continue
             models[f"clone {weights.stem}"] = model.eval()
         for i in range(args.innocent_distilled):
-            models[f"distilled {i} ({'soft' if i % 2 == 0 else 'hard'} labels)"] = innocent_clone(run, i)
+            models[f"distilled {i} ({'soft' if i % 2 == 0 else 'hard'} labels)"] = innocent_clone(
+                run, i
+            )
         sets = {s: w for s, w in run.watermarks.items() if "/" in s}
         out = {name: tests_of(model, run.evidence, sets) for name, model in models.items()}
         named = sorted(n for n, t in out.items() if any(v["named"] for v in t.values()))
         smallest = min(v["p_value"] for t in out.values() for v in t.values())
-        return {"models": len(out), "falsely_named": named, "smallest_p_value": smallest, "tests": out}
+        return {
+            "models": len(out),
+            "falsely_named": named,
+            "smallest_p_value": smallest,
+            "tests": out,
+        }
 
     record("innocent models", innocents)
-
 
 
 def carried_shares(field: str, shares: list[float]) -> dict:
@@ -348,9 +448,11 @@ def own_test(row: dict) -> dict | None:
     """The test of :func:`own_set` that decides: with layers, the smallest p-value among its
     layers' sets (``own#i``), with ``layer`` added; ``None`` when the set was not tested."""
     own = own_set(row)
-    tests = [({**t, "layer": int(name.partition(LAYER_SEPARATOR)[2] or 0)})
-             for name, t in row.get("tests", {}).items()
-             if own is not None and name.partition(LAYER_SEPARATOR)[0] == own]
+    tests = [
+        ({**t, "layer": int(name.partition(LAYER_SEPARATOR)[2] or 0)})
+        for name, t in row.get("tests", {}).items()
+        if own is not None and name.partition(LAYER_SEPARATOR)[0] == own
+    ]
     return min(tests, key=lambda t: t["p_value"]) if tests else None
 
 
@@ -364,40 +466,66 @@ def table(path: Path) -> str:
         groups.setdefault((r["scenario"], r["seed"], r["watermark"]), []).append(r)
     rows = [r for group in groups.values() for r in group]
     # rows written before the rank score decided were decided by the probability score
-    rank_decided = any(t.get("statistic") == "rank" for r in rows for t in r.get("tests", {}).values()
-                 if isinstance(t, dict))
+    rank_decided = any(
+        t.get("statistic") == "rank"
+        for r in rows
+        for t in r.get("tests", {}).values()
+        if isinstance(t, dict)
+    )
     decision = "**p (rank)** | p (probability)" if rank_decided else "**p (score)**"
     out = []
     for r in rows:
         if r["entry"] == "defender":
-            out.append(f"\n**{r['scenario']}, seed {r['seed']}**, watermark `{r['watermark']}`: defender accuracy "
-                       f"{r['clean_accuracy']:.4f} → {r['watermarked_accuracy']:.4f} ({r['cost_points']:.2f} points); "
-                       f"carried {shares(r, 'carried_test')} of the test set, {shares(r, 'carried_pool')} of "
-                       "the pool\n\n| model | clone acc. | its evidence: images / buckets | argmax matches "
-                       f"(p) | {decision} | named | falsely named |\n|---|---|---|---|---|{'---|' * rank_decided}---|---|")
+            out.append(
+                f"\n**{r['scenario']}, seed {r['seed']}**, watermark `{r['watermark']}`: defender accuracy "
+                f"{r['clean_accuracy']:.4f} → {r['watermarked_accuracy']:.4f} ({r['cost_points']:.2f} points); "
+                f"carried {shares(r, 'carried_test')} of the test set, {shares(r, 'carried_pool')} of "
+                "the pool\n\n| model | clone acc. | its evidence: images / buckets | argmax matches "
+                f"(p) | {decision} | named | falsely named |\n|---|---|---|---|---|{'---|' * rank_decided}---|---|"
+            )
         elif r["entry"] == "innocent models":
-            out.append(f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) | | | | "
-                       f"smallest {r['smallest_p_value']:.2g} | {'| ' * rank_decided}| {len(r['falsely_named'])} |")
+            out.append(
+                f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) | | | | "
+                f"smallest {r['smallest_p_value']:.2g} | {'| ' * rank_decided}| {len(r['falsely_named'])} |"
+            )
         elif (own := own_set(r)) is None or own_test(r) is not None:
             t = own_test(r) or {}
             mass = f" {t.get('probability_p_value', 1):.2g} |" if rank_decided else ""
             layer = f" (layer {t['layer']})" if t.get("layer") else ""
-            out.append(f"| {r['entry']}{layer} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
-                       f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** |{mass} "
-                       f"{'yes' if r['named_thief'] else 'no'} | {', '.join(r['falsely_named']) or 0} |")
+            out.append(
+                f"| {r['entry']}{layer} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
+                f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** |{mass} "
+                f"{'yes' if r['named_thief'] else 'no'} | {', '.join(r['falsely_named']) or 0} |"
+            )
         else:  # a multi-key thief: one evidence set per key it held, "<thief>+i/<attack>"
             client, _, attack = own.partition("/")
-            sets = [t for name, t in sorted(r["tests"].items()) if owner(name) == client and "," not in name
-                    and name.partition(LAYER_SEPARATOR)[0].endswith("/" + attack)]
-            pooled = [t for name, t in r["tests"].items() if "," in name and owner(name) == client
-                      and name.endswith("/" + attack)]
-            group = f" (pooled: {pooled[0]['p_value']:.2g}{'*' if pooled[0]['named'] else ''})" if pooled else ""
+            sets = [
+                t
+                for name, t in sorted(r["tests"].items())
+                if owner(name) == client
+                and "," not in name
+                and name.partition(LAYER_SEPARATOR)[0].endswith("/" + attack)
+            ]
+            pooled = [
+                t
+                for name, t in r["tests"].items()
+                if "," in name and owner(name) == client and name.endswith("/" + attack)
+            ]
+            group = (
+                f" (pooled: {pooled[0]['p_value']:.2g}{'*' if pooled[0]['named'] else ''})"
+                if pooled
+                else ""
+            )
+
             def each(field: str, fmt: str = "", sets=sets) -> str:
                 return ", ".join(f"{t[field]:{fmt}}" for t in sets)
+
             mass = f" {each('probability_p_value', '.2g')} |" if rank_decided else ""
-            out.append(f"| {r['entry']} ({len(sets)} keys) | {r['clone_accuracy']:.4f} | {each('images')} / "
-                       f"{each('buckets')} | {each('matches')} | **{each('p_value', '.2g')}**{group} |{mass} "
-                       f"{sum(t['named'] for t in sets)} of {len(sets)} keys | {', '.join(r['falsely_named']) or 0} |")
+            out.append(
+                f"| {r['entry']} ({len(sets)} keys) | {r['clone_accuracy']:.4f} | {each('images')} / "
+                f"{each('buckets')} | {each('matches')} | **{each('p_value', '.2g')}**{group} |{mass} "
+                f"{sum(t['named'] for t in sets)} of {len(sets)} keys | {', '.join(r['falsely_named']) or 0} |"
+            )
     return "\n".join(out)
 
 
@@ -412,9 +540,12 @@ def summary(path: Path) -> str:
         if r["entry"].startswith(("knockoff/", "jbda/")) and (t := own_test(r)):
             cells.setdefault(r["entry"], {})[(r["scenario"], r["seed"], r["watermark"])] = (
                 f"{t['p_value']:.2g}{'*' if r['named_thief'] else ''} ({t.get('probability_p_value', 1):.2g})"
-                + (f" L{t['layer']}" if t.get("layer") else ""))
-    names = [f"{s} seed {seed}" + ("" if sum(x[:2] == (s, seed) for x in runs) == 1 else f" {w}")
-             for s, seed, w in runs]
+                + (f" L{t['layer']}" if t.get("layer") else "")
+            )
+    names = [
+        f"{s} seed {seed}" + ("" if sum(x[:2] == (s, seed) for x in runs) == 1 else f" {w}")
+        for s, seed, w in runs
+    ]
     out = ["| thief | " + " | ".join(names) + " |", "|---|" + "---|" * len(runs)]
     for entry, by_run in cells.items():
         out.append(f"| {entry} | " + " | ".join(by_run.get(run, "") for run in runs) + " |")
@@ -429,26 +560,46 @@ def fractions(args: argparse.Namespace) -> dict:
         scenario = get_scenario(scenario_name)
         victim, card, _ = get_victim(scenario)
         test = load_dataset(scenario.victim_dataset).test
-        pool = query_pool(scenario).images[:args.budget or 15000]
+        pool = query_pool(scenario).images[: args.budget or 15000]
         clean = defended_accuracy(victim, None, test).defended_accuracy
         pool_answers = clean_posteriors(victim, pool)
         base = WatermarkConfig(**json.loads(args.watermark))
         # the features depend on frequencies and floor, not on bucket_fraction: computed once
-        reference = None if base.density_cap is None else \
-            fourier_features(load_dataset(scenario.victim_dataset).train.images, base)
+        reference = (
+            None
+            if base.density_cap is None
+            else fourier_features(load_dataset(scenario.victim_dataset).train.images, base)
+        )
         for fraction in args.fraction_grid:
             config = WatermarkConfig(**{**base.model_dump(), "bucket_fraction": fraction})
             points = []
             for client in CLIENTS:
                 key = derive_key(SECRET + b"/fractions", client)
-                served = defended_accuracy(victim, create_defense("watermarked", key=key, config=config,
-                                                                  benign_reference=reference), test)
-                marks = KeyedWatermark(key, card.num_classes, config, reference).marks(pool, pool_answers)
-                points.append({"cost_points": 100 * (clean - served.defended_accuracy),
-                               "carried_pool": float(marks.carried.float().mean()),
-                               "pool_buckets": len({b for b, c in zip(marks.buckets, marks.carried, strict=True) if c})})
-            out[f"{scenario_name} {fraction}"] = {"scenario": scenario_name, "bucket_fraction": fraction,
-                                                  "clean_accuracy": clean, "keys": points}
+                served = defended_accuracy(
+                    victim,
+                    create_defense(
+                        "watermarked", key=key, config=config, benign_reference=reference
+                    ),
+                    test,
+                )
+                marks = KeyedWatermark(key, card.num_classes, config, reference).marks(
+                    pool, pool_answers
+                )
+                points.append(
+                    {
+                        "cost_points": 100 * (clean - served.defended_accuracy),
+                        "carried_pool": float(marks.carried.float().mean()),
+                        "pool_buckets": len(
+                            {b for b, c in zip(marks.buckets, marks.carried, strict=True) if c}
+                        ),
+                    }
+                )
+            out[f"{scenario_name} {fraction}"] = {
+                "scenario": scenario_name,
+                "bucket_fraction": fraction,
+                "clean_accuracy": clean,
+                "keys": points,
+            }
             log.info("%s fraction %.2f: %s", scenario_name, fraction, points)
     return out
 
@@ -457,25 +608,52 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--scenario", action="append", default=None)
     parser.add_argument("--seed", type=int, action="append", default=None)
-    parser.add_argument("--attack", choices=("knockoff", "jbda"), default="knockoff",
-                        help="jbda: alice's attackers only (no removal attacks, other thief or innocents)")
+    parser.add_argument(
+        "--attack",
+        choices=("knockoff", "jbda"),
+        default="knockoff",
+        help="jbda: alice's attackers only (no removal attacks, other thief or innocents)",
+    )
     parser.add_argument("--budget", type=int, default=None, help="default: Knockoff 15k, JBDA 6.4k")
     parser.add_argument("--attackers", nargs="+", default=list(ATTACKERS))
     parser.add_argument("--watermark", default="{}", help="WatermarkConfig fields as JSON")
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "ownership" / "ownership.jsonl")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "results" / "ownership" / "ownership.jsonl"
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--innocent-clones", type=int, default=60, help="clones of the cache to test")
-    parser.add_argument("--innocent-distilled", type=int, default=20,
-                        help="clones of the unwatermarked victim trained here (cached) to test as innocents")
-    parser.add_argument("--attacks-only", action="store_true",
-                        help="only alice's attackers: no other thief, removal attacks or innocent models")
-    parser.add_argument("--table", action="store_true", help="print the Markdown tables of --out and exit")
-    parser.add_argument("--summary", action="store_true",
-                        help="print one Markdown table of the attacks' p-values per run of --out and exit")
-    parser.add_argument("--fractions", action="store_true",
-                        help="cost and evidence against bucket_fraction (no clones) -> --fractions-out")
-    parser.add_argument("--fraction-grid", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5])
-    parser.add_argument("--fractions-out", type=Path, default=REPO / "results" / "ownership" / "fractions.json")
+    parser.add_argument(
+        "--innocent-clones", type=int, default=60, help="clones of the cache to test"
+    )
+    parser.add_argument(
+        "--innocent-distilled",
+        type=int,
+        default=20,
+        help="clones of the unwatermarked victim trained here (cached) to test as innocents",
+    )
+    parser.add_argument(
+        "--attacks-only",
+        action="store_true",
+        help="only alice's attackers: no other thief, removal attacks or innocent models",
+    )
+    parser.add_argument(
+        "--table", action="store_true", help="print the Markdown tables of --out and exit"
+    )
+    parser.add_argument(
+        "--summary",
+        action="store_true",
+        help="print one Markdown table of the attacks' p-values per run of --out and exit",
+    )
+    parser.add_argument(
+        "--fractions",
+        action="store_true",
+        help="cost and evidence against bucket_fraction (no clones) -> --fractions-out",
+    )
+    parser.add_argument(
+        "--fraction-grid", type=float, nargs="+", default=[0.05, 0.1, 0.2, 0.3, 0.5]
+    )
+    parser.add_argument(
+        "--fractions-out", type=Path, default=REPO / "results" / "ownership" / "fractions.json"
+    )
     args = parser.parse_args()
     if args.table:
         print(table(args.out))
@@ -486,14 +664,19 @@ def main() -> None:
     if args.fractions:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
         path = args.fractions_out
-        path.write_text(json.dumps({"points": fractions(args), "provenance": provenance(args)}, indent=2))
+        path.write_text(
+            json.dumps({"points": fractions(args), "provenance": provenance(args)}, indent=2)
+        )
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if args.out.exists():
-        done = {(r["scenario"], r["seed"], r["watermark"], r["entry"]) for r in map(json.loads, args.out.open())}
+        done = {
+            (r["scenario"], r["seed"], r["watermark"], r["entry"])
+            for r in map(json.loads, args.out.open())
+        }
 
     for scenario in args.scenario or ["mnist"]:
         for seed in args.seed or [0]:

@@ -35,8 +35,10 @@ WATERMARKS = {
     "fmnist-id": [
         [{"bucket_fraction": 1.0, "density_cap": 1e-4}],
         [{"buckets": "answer", "bucket_fraction": 1.0, "place": "second", "sharpen": 0.1}],
-        [{"bucket_fraction": 1.0, "density_cap": 1e-4},
-         {"buckets": "answer", "bucket_fraction": 1.0, "place": "second", "sharpen": 0.1}],
+        [
+            {"bucket_fraction": 1.0, "density_cap": 1e-4},
+            {"buckets": "answer", "bucket_fraction": 1.0, "place": "second", "sharpen": 0.1},
+        ],
     ],
     "mnist": [[{"buckets": "answer", "bucket_fraction": 1.0, "tie_gap": 0.3, "template": 0.9}]],
 }
@@ -48,12 +50,20 @@ def answer_quality(answers: torch.Tensor, labels: torch.Tensor, bins: int = 15) 
     right = (predicted == labels).float()
     edges = torch.linspace(0, 1, bins + 1)
     which = torch.bucketize(top, edges[1:-1])
-    ece = sum(float((right[which == b].mean() - top[which == b].mean()).abs() * (which == b).float().mean())
-              for b in range(bins) if (which == b).any())
+    ece = sum(
+        float(
+            (right[which == b].mean() - top[which == b].mean()).abs() * (which == b).float().mean()
+        )
+        for b in range(bins)
+        if (which == b).any()
+    )
     truth = torch.nn.functional.one_hot(labels, answers.shape[1]).float()
-    return {"accuracy": float(right.mean()),
-            "nll": float(-answers.gather(1, labels.unsqueeze(1)).clamp_min(1e-12).log().mean()),
-            "brier": float(((answers - truth) ** 2).sum(1).mean()), "ece": ece}
+    return {
+        "accuracy": float(right.mean()),
+        "nll": float(-answers.gather(1, labels.unsqueeze(1)).clamp_min(1e-12).log().mean()),
+        "brier": float(((answers - truth) ** 2).sum(1).mean()),
+        "ece": ece,
+    }
 
 
 def main() -> None:
@@ -75,17 +85,28 @@ def main() -> None:
             reference = fourier_features(data.train.images, capped[0]) if capped else None
             keys = []
             for client in ("alice", "bob", "carol"):
-                watermarks = layered_watermarks(derive_key(SECRET, client), client, layers, card.num_classes,
-                                                reference)
+                watermarks = layered_watermarks(
+                    derive_key(SECRET, client), client, layers, card.num_classes, reference
+                )
                 served, changed = clean, []
                 for watermark in watermarks.values():
                     served, marks = watermark.apply(data.test.images, served)
                     changed.append(float(marks.carried.float().mean()))
-                keys.append({**answer_quality(served, labels), "carried_layers": changed,
-                             "mean_l1": float((served - clean).abs().sum(1).mean())})
+                keys.append(
+                    {
+                        **answer_quality(served, labels),
+                        "carried_layers": changed,
+                        "mean_l1": float((served - clean).abs().sum(1).mean()),
+                    }
+                )
             label = json.dumps(config, separators=(",", ":"))
-            rows[label] = {"keys": keys, **{k: sum(key[k] for key in keys) / len(keys)
-                                            for k in ("accuracy", "nll", "brier", "ece", "mean_l1")}}
+            rows[label] = {
+                "keys": keys,
+                **{
+                    k: sum(key[k] for key in keys) / len(keys)
+                    for k in ("accuracy", "nll", "brier", "ece", "mean_l1")
+                },
+            }
             print(name, label, {k: round(v, 4) for k, v in rows[label].items() if k != "keys"})
         print(name, "clean", {k: round(v, 4) for k, v in rows["clean"].items()})
         out[name] = rows

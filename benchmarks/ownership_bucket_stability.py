@@ -34,7 +34,9 @@ FLOOR = 1e-4
 class PosteriorCells(KeyedWatermark):
     """The same keyed selection, projection and cells, over the victim's log-posteriors."""
 
-    def __init__(self, key: bytes, victim, config: WatermarkConfig, reference: torch.Tensor) -> None:
+    def __init__(
+        self, key: bytes, victim, config: WatermarkConfig, reference: torch.Tensor
+    ) -> None:
         self.victim = victim
         super().__init__(key, 10, config.model_copy(update={"density_cap": None}))
         generator = torch.Generator().manual_seed(int.from_bytes(key[:7], "little"))
@@ -44,8 +46,10 @@ class PosteriorCells(KeyedWatermark):
         self.config = config
         cells = self.cells(None, features=reference)[0]
         unique, counts = torch.unique(cells, dim=0, return_counts=True)
-        self._dense = frozenset(row.tobytes() for row in
-                                unique[counts > config.density_cap * len(reference)].numpy().astype("<i8"))
+        self._dense = frozenset(
+            row.tobytes()
+            for row in unique[counts > config.density_cap * len(reference)].numpy().astype("<i8")
+        )
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return clean_posteriors(self.victim, x).double().clamp_min(FLOOR).log()
@@ -74,8 +78,12 @@ def main() -> None:
     out = {}
     for client in ("alice", "bob", "carol"):
         key = derive_key(SECRET, client)
-        out[client] = {"fourier": stability(KeyedWatermark(key, 10, fourier, fourier_reference), pool),
-                       "posterior": stability(PosteriorCells(key, victim, posterior, posterior_reference), pool)}
+        out[client] = {
+            "fourier": stability(KeyedWatermark(key, 10, fourier, fourier_reference), pool),
+            "posterior": stability(
+                PosteriorCells(key, victim, posterior, posterior_reference), pool
+            ),
+        }
     print(json.dumps({"scenario": args.scenario, "keys": out}))
 
 

@@ -56,9 +56,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--scenario", action="append", default=None)
     parser.add_argument("--epsilon", type=float, nargs="+", default=[0.5, 2.0])
-    parser.add_argument("--out", type=Path, default=REPO / "results" / "ownership" / "grad2_reprogramming.jsonl")
+    parser.add_argument(
+        "--out", type=Path, default=REPO / "results" / "ownership" / "grad2_reprogramming.jsonl"
+    )
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--null-seeds", type=int, default=3, help="undefended clones per thief for the null")
+    parser.add_argument(
+        "--null-seeds", type=int, default=3, help="undefended clones per thief for the null"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -70,12 +74,23 @@ def main() -> None:
         if (scenario, epsilon, entry) in done:
             return
         start = time.perf_counter()
-        row = {"scenario": scenario, "epsilon": epsilon, "entry": entry, **make(),
-               "seconds": round(time.perf_counter() - start, 1), "provenance": provenance(args)}
+        row = {
+            "scenario": scenario,
+            "epsilon": epsilon,
+            "entry": entry,
+            **make(),
+            "seconds": round(time.perf_counter() - start, 1),
+            "provenance": provenance(args),
+        }
         with args.out.open("a") as out:
             out.write(json.dumps(row) + "\n")
-        log.info("%s ε=%s %s: %s", scenario, epsilon, entry,
-                 {k: v for k, v in row.items() if k not in ("provenance", "null")})
+        log.info(
+            "%s ε=%s %s: %s",
+            scenario,
+            epsilon,
+            entry,
+            {k: v for k, v in row.items() if k not in ("provenance", "null")},
+        )
 
     for name in args.scenario or ["mnist"]:
         run_scenario(name, args.epsilon, args.null_seeds, record)
@@ -93,11 +108,20 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
 
     def steal(defense, variant: str, seed: int, clones):
         attack = create_attack("knockoff", **variant_params(variant))
-        return attack.run(InProcessAPI(victim, defense), BUDGET, data, clone_spec.model_copy(update={"cache": clones}),
-                          seed=seed)
+        return attack.run(
+            InProcessAPI(victim, defense),
+            BUDGET,
+            data,
+            clone_spec.model_copy(update={"cache": clones}),
+            seed=seed,
+        )
 
     # the sweeps' clone cache: undefended clones are shared
-    null = [steal(None, variant, seed, paths.clones_dir()).clone for seed in range(null_seeds) for variant in THIEVES]
+    null = [
+        steal(None, variant, seed, paths.clones_dir()).clone
+        for seed in range(null_seeds)
+        for variant in THIEVES
+    ]
     # the surrogate and the behaviour set do not depend on ε: resolved once
     spec = DefenseSpec.from_params("grad2", {"target": "watermark", "watermark": BEHAVIOUR})
     resolved = resolve_params(spec, scenario, victim, card)
@@ -110,19 +134,30 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
         def defender() -> dict:
             served = defended_accuracy(victim, create_defense("grad2", **params), test)
             clean = clean_posteriors(victim, pool, batch_size=1024).argmax(1)
-            moved = InProcessAPI(victim, create_defense("grad2", **params)).query(pool).argmax(1) != clean
-            return {"clean_accuracy": served.clean_accuracy, "defended_accuracy": served.defended_accuracy,
-                    "cost_points": 100 * (served.clean_accuracy - served.defended_accuracy),
-                    "test_top1_moved": 1 - served.top1_agreement, "pool_top1_moved": float(moved.float().mean()),
-                    "effective_l1": served.effective_l1}
+            moved = (
+                InProcessAPI(victim, create_defense("grad2", **params)).query(pool).argmax(1)
+                != clean
+            )
+            return {
+                "clean_accuracy": served.clean_accuracy,
+                "defended_accuracy": served.defended_accuracy,
+                "cost_points": 100 * (served.clean_accuracy - served.defended_accuracy),
+                "test_top1_moved": 1 - served.top1_agreement,
+                "pool_top1_moved": float(moved.float().mean()),
+                "effective_l1": served.effective_l1,
+            }
 
         def thief(variant: str) -> dict:
             result = steal(create_defense("grad2", **params), variant, 0, own_clones)
             tested = verify(result.clone, null, x_w, y_w)
-            return {"clone_accuracy": accuracy(result.clone, test), "statistic": tested.statistic,
-                    "match_rate": tested.match_rate, "p_value": tested.p_value,
-                    "empirical_p_value": tested.empirical_p_value,
-                    "null": {"statistics": list(tested.clean_statistics), "match_rates": null_match}}
+            return {
+                "clone_accuracy": accuracy(result.clone, test),
+                "statistic": tested.statistic,
+                "match_rate": tested.match_rate,
+                "p_value": tested.p_value,
+                "empirical_p_value": tested.empirical_p_value,
+                "null": {"statistics": list(tested.clean_statistics), "match_rates": null_match},
+            }
 
         record(name, epsilon, "defender", defender)
         for variant in THIEVES:
@@ -130,7 +165,6 @@ def run_scenario(name: str, epsilons: list[float], null_seeds: int, record) -> N
 
     for epsilon in epsilons:
         at(epsilon)
-
 
 
 if __name__ == "__main__":

@@ -39,15 +39,20 @@ def main() -> None:
         order = on_test.argsort(dim=1, descending=True)
         right = order[:, 0] == labels
         for m in (2, 3):
-            alternative = torch.zeros(len(labels)) if m == 2 else \
-                torch.stack([order[:, j] == labels for j in (1, 2)], 1).float().mean(1)
+            alternative = (
+                torch.zeros(len(labels))
+                if m == 2
+                else torch.stack([order[:, j] == labels for j in (1, 2)], 1).float().mean(1)
+            )
             for gap in GAPS:
                 test_top, pool_top = on_test.topk(m, dim=1).values, on_pool.topk(m, dim=1).values
                 near = test_top[:, 0] - test_top[:, -1] <= gap
                 pool_near = pool_top[:, 0] - pool_top[:, -1] <= gap
                 cost = 100 * (right.float() - alternative)[near].sum() / len(labels)
-                print(f"{name} p1-p{m} <= {gap}: test {100 * near.float().mean():.2f} % "
-                      f"(cost <= {cost:.2f} points if all carried), pool {100 * pool_near.float().mean():.2f} %")
+                print(
+                    f"{name} p1-p{m} <= {gap}: test {100 * near.float().mean():.2f} % "
+                    f"(cost <= {cost:.2f} points if all carried), pool {100 * pool_near.float().mean():.2f} %"
+                )
 
 
 if __name__ == "__main__":

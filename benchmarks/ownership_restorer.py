@@ -32,26 +32,45 @@ def main() -> None:
 
     def spy(config, clone, images, answers, num_classes, *, seed):
         restored, stats = original(config, clone, images, answers, num_classes, seed=seed)
-        captured.update(images=images, answers=restorer_module.training_targets(answers), restored=restored,
-                        seed=seed)
+        captured.update(
+            images=images,
+            answers=restorer_module.training_targets(answers),
+            restored=restored,
+            seed=seed,
+        )
         return restored, stats
 
     restorer_module.restore_answers = spy
-    run = ownership.Run(argparse.Namespace(watermark=args.watermark, attack="knockoff", budget=None),
-                        args.scenario, args.seed)
+    run = ownership.Run(
+        argparse.Namespace(watermark=args.watermark, attack="knockoff", budget=None),
+        args.scenario,
+        args.seed,
+    )
     run.steal("alice", "restorer", "alice/knockoff restorer")
     images, answers, restored = captured["images"], captured["answers"], captured["restored"]
     # shadow 0's half, as restore_answers draws it
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(captured["seed"] + 4241))
+    order = torch.randperm(
+        len(images), generator=torch.Generator().manual_seed(captured["seed"] + 4241)
+    )
     trained = torch.zeros(len(images), dtype=torch.bool)
     trained[order[: len(images) // 2]] = True
     carried = run.carried(run.watermarks["alice"], images)
     changed = restored.argmax(1) != answers.argmax(1)
     out = {}
-    for name, rows in (("carried, in shadow 0's half", carried & trained), ("carried, not in it", carried & ~trained),
-                       ("not carried", ~carried)):
-        out[name] = {"answers": int(rows.sum()), "top1_changed": round(float(changed[rows].float().mean()), 3)}
-    print(json.dumps({"scenario": args.scenario, "seed": args.seed, "watermark": args.watermark, **out}))
+    for name, rows in (
+        ("carried, in shadow 0's half", carried & trained),
+        ("carried, not in it", carried & ~trained),
+        ("not carried", ~carried),
+    ):
+        out[name] = {
+            "answers": int(rows.sum()),
+            "top1_changed": round(float(changed[rows].float().mean()), 3),
+        }
+    print(
+        json.dumps(
+            {"scenario": args.scenario, "seed": args.seed, "watermark": args.watermark, **out}
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -43,34 +43,54 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--scenario", default="mnist")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--watermark", default='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3}')
-    parser.add_argument("--out", default=str(ownership.REPO / "results" / "ownership" / "tie_dropper.jsonl"))
+    parser.add_argument(
+        "--watermark", default='{"buckets":"answer","bucket_fraction":1.0,"tie_gap":0.3}'
+    )
+    parser.add_argument(
+        "--out", default=str(ownership.REPO / "results" / "ownership" / "tie_dropper.jsonl")
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     config = WatermarkConfig.model_validate_json(args.watermark)
     if config.tie_gap is None:
         raise SystemExit("the dropper needs a watermark with tie_gap")
-    run = ownership.Run(argparse.Namespace(watermark=args.watermark, attack="knockoff", budget=None),
-                        args.scenario, args.seed)
+    run = ownership.Run(
+        argparse.Namespace(watermark=args.watermark, attack="knockoff", budget=None),
+        args.scenario,
+        args.seed,
+    )
     soft = run.steal("alice", "soft", "alice/knockoff soft")
     pool = attack_data(run.scenario, "knockoff").images
-    images = pool[torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))[:run.budget]]
+    images = pool[
+        torch.randperm(len(pool), generator=torch.Generator().manual_seed(args.seed))[: run.budget]
+    ]
     api = InProcessAPI(run.victim, run.defense("alice", "alice/tie-dropper"), client="alice")
     served = torch.cat([api.query(chunk) for chunk in images.split(500)])
     keep = ~could_be_carried(served, config)
-    clone_spec = run.clone_spec.model_copy(update={"training": run.clone_spec.training.model_copy(
-        update={"seed": args.seed})})
-    clone, _ = train_clone(clone_spec, images[keep], served[keep], run.card.num_classes, description="tie-dropper")
-    row = {"scenario": args.scenario, "seed": args.seed, "watermark": config.model_dump_json(),
-           "queries": len(images), "kept": int(keep.sum()),
-           "soft": run.entry(soft.clone, "alice"), "tie-dropper": run.entry(clone.eval(), "alice"),
-           "provenance": ownership.provenance(args)}
+    clone_spec = run.clone_spec.model_copy(
+        update={"training": run.clone_spec.training.model_copy(update={"seed": args.seed})}
+    )
+    clone, _ = train_clone(
+        clone_spec, images[keep], served[keep], run.card.num_classes, description="tie-dropper"
+    )
+    row = {
+        "scenario": args.scenario,
+        "seed": args.seed,
+        "watermark": config.model_dump_json(),
+        "queries": len(images),
+        "kept": int(keep.sum()),
+        "soft": run.entry(soft.clone, "alice"),
+        "tie-dropper": run.entry(clone.eval(), "alice"),
+        "provenance": ownership.provenance(args),
+    }
     with open(args.out, "a") as out:
         out.write(json.dumps(row) + "\n")
     for name, own in (("soft", "alice/knockoff soft"), ("tie-dropper", "alice/tie-dropper")):
         test = row[name]["tests"][own]
-        print(f"{name}: clone accuracy {row[name]['clone_accuracy']:.4f}, p {test['p_value']:.2g}, "
-              f"named {row[name]['named_thief']}")
+        print(
+            f"{name}: clone accuracy {row[name]['clone_accuracy']:.4f}, p {test['p_value']:.2g}, "
+            f"named {row[name]['named_thief']}"
+        )
     print(f"the dropper kept {row['kept']} of {row['queries']} answers")
 
 

@@ -29,7 +29,7 @@ def _greedy_row(batch_probs: Tensor, row: int, scores: Tensor, epsilon: float) -
     a 0-d tensor accumulator compared against Python floats, one ``.item()`` per visited class,
     an ``np.isclose`` exit test, and the final log/clamp/softmax round trip."""
     order = torch.argsort(scores)  # smallest to largest; the original minimises ⟨G^T ỹ, −v⟩
-    order = order.flip(0)          # ... so with +v the receiver is the largest score
+    order = order.flip(0)  # ... so with +v the receiver is the largest score
     pointer = len(order) - 1
     tmp = batch_probs.clone()[row]
     can_give = min(1 - tmp[order[0]].item(), epsilon / 2)
@@ -49,8 +49,14 @@ def _greedy_row(batch_probs: Tensor, row: int, scores: Tensor, epsilon: float) -
     return torch.softmax(torch.log(torch.clamp(tmp, 1e-15, 1)), dim=0).unsqueeze(0)
 
 
-def original_grad2(x: Tensor, victim: nn.Module, surrogate: nn.Module, v_flat: Tensor,
-                   epsilon: float, batch_size: int = 32) -> Tensor:
+def original_grad2(
+    x: Tensor,
+    victim: nn.Module,
+    surrogate: nn.Module,
+    v_flat: Tensor,
+    epsilon: float,
+    batch_size: int = 32,
+) -> Tensor:
     """Served posteriors (B, K) for queries ``x`` the way the original code computed them."""
     served = []
     for xb in x.split(batch_size):
@@ -60,6 +66,7 @@ def original_grad2(x: Tensor, victim: nn.Module, surrogate: nn.Module, v_flat: T
         g = _flat_log_likelihood_gradient(xb, surrogate, y.clone())
         (scores,) = torch.autograd.grad([(g * v_flat).sum()], [y])
         with torch.no_grad():
-            served.append(torch.cat([_greedy_row(y.detach(), i, scores[i], epsilon)
-                                     for i in range(len(xb))]))
+            served.append(
+                torch.cat([_greedy_row(y.detach(), i, scores[i], epsilon) for i in range(len(xb))])
+            )
     return torch.cat(served)

@@ -52,35 +52,63 @@ from _harness import REPO, free_port, lenet_checkpoint, parser, round_robin, wri
 
 SHAPE, K = (1, 28, 28), 10
 HEADER = "Inference-Header-Content-Length"
-KEYS = {"other": "mk_hostile_other", "flooder": "mk_hostile_flooder", "hanger": "mk_hostile_hanger",
-        "metrics": "mk_hostile_metrics"}
+KEYS = {
+    "other": "mk_hostile_other",
+    "flooder": "mk_hostile_flooder",
+    "hanger": "mk_hostile_hanger",
+    "metrics": "mk_hostile_metrics",
+}
 
 
 def config(workdir: Path, name: str, victim: Path, defense: dict) -> dict:
-    clients = [{"name": "other", "key_sha256": hash_key(KEYS["other"])},
-               {"name": "flooder", "key_sha256": hash_key(KEYS["flooder"])},
-               {"name": "hanger", "key_sha256": hash_key(KEYS["hanger"]), "quota": 256}]
-    return {"model": {"name": "victim", "checkpoint": str(victim)}, "defense": defense,
-            "limits": {"max_batch": 256}, "storage": {"database": str(workdir / f"{name}.sqlite")},
-            "access": {"metrics_key_sha256": hash_key(KEYS["metrics"]), "auth_failures": 10**9},
-            "clients": clients}
+    clients = [
+        {"name": "other", "key_sha256": hash_key(KEYS["other"])},
+        {"name": "flooder", "key_sha256": hash_key(KEYS["flooder"])},
+        {"name": "hanger", "key_sha256": hash_key(KEYS["hanger"]), "quota": 256},
+    ]
+    return {
+        "model": {"name": "victim", "checkpoint": str(victim)},
+        "defense": defense,
+        "limits": {"max_batch": 256},
+        "storage": {"database": str(workdir / f"{name}.sqlite")},
+        "access": {"metrics_key_sha256": hash_key(KEYS["metrics"]), "auth_failures": 10**9},
+        "clients": clients,
+    }
 
 
 class Server:
     """A server of one code tree in a subprocess (``nofile``: its descriptor limit)."""
 
-    def __init__(self, tree: Path, cfg: dict, workdir: Path, name: str, nofile: int | None = None) -> None:
+    def __init__(
+        self, tree: Path, cfg: dict, workdir: Path, name: str, nofile: int | None = None
+    ) -> None:
         path = workdir / f"{name}.json"
         path.write_text(json.dumps(cfg))
         self.database = Path(cfg["storage"]["database"])
         port = free_port()
         self.url = f"http://127.0.0.1:{port}"
-        env = {**os.environ, "PYTHONPATH": str(tree / "src"), "OMP_NUM_THREADS": "1", "MIRAGE_PROGRESS": "0"}
+        env = {
+            **os.environ,
+            "PYTHONPATH": str(tree / "src"),
+            "OMP_NUM_THREADS": "1",
+            "MIRAGE_PROGRESS": "0",
+        }
 
         self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 — closed in stop()
-        self.proc = subprocess.Popen([str(REPO / ".venv/bin/python"), "-m", "mirage.serve.runner", "--config",
-                                      str(path), "--port", str(port)], stdout=self.log, stderr=subprocess.STDOUT,
-                                     env=env)
+        self.proc = subprocess.Popen(
+            [
+                str(REPO / ".venv/bin/python"),
+                "-m",
+                "mirage.serve.runner",
+                "--config",
+                str(path),
+                "--port",
+                str(port),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
         if nofile is not None:  # set while it imports, long before it listens
             resource.prlimit(self.proc.pid, resource.RLIMIT_NOFILE, (nofile, nofile))
         deadline = time.monotonic() + 120
@@ -91,7 +119,9 @@ class Server:
             except httpx.HTTPError:
                 pass
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"{name} did not start: {(workdir / f'{name}.log').read_text()[-2000:]}")
+                raise RuntimeError(
+                    f"{name} did not start: {(workdir / f'{name}.log').read_text()[-2000:]}"
+                )
             time.sleep(0.2)
 
     def cpu_seconds(self) -> float:
@@ -105,12 +135,19 @@ class Server:
         return float("nan")
 
     def metric(self, name: str) -> float:
-        text = httpx.get(self.url + "/metrics", headers={"Authorization": f"Bearer {KEYS['metrics']}"}).text
-        return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name))
+        text = httpx.get(
+            self.url + "/metrics", headers={"Authorization": f"Bearer {KEYS['metrics']}"}
+        ).text
+        return sum(
+            float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name)
+        )
 
     def used(self, client: str) -> int:
-        response = httpx.get(self.url + "/v2/models/victim", headers={"Authorization": f"Bearer {KEYS[client]}"},
-                             timeout=30)
+        response = httpx.get(
+            self.url + "/v2/models/victim",
+            headers={"Authorization": f"Bearer {KEYS[client]}"},
+            timeout=30,
+        )
         if response.status_code != 200:
             raise RuntimeError(f"metadata: HTTP {response.status_code} {response.text[:300]}")
         return response.json()["parameters"]["client"]["queries_used"]
@@ -127,25 +164,48 @@ class Server:
 def binary_request(n: int, seed: int = 0) -> tuple[bytes, dict[str, str]]:
     x = np.random.default_rng(seed).random((n, *SHAPE), dtype=np.float32)
     raw = x.astype("<f4").tobytes()
-    header = json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
-                                     "parameters": {"binary_data_size": len(raw)}}],
-                         "parameters": {"binary_data_output": True}}).encode()
+    header = json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "parameters": {"binary_data_size": len(raw)},
+                }
+            ],
+            "parameters": {"binary_data_output": True},
+        }
+    ).encode()
     return header + raw, {HEADER: str(len(header)), "Content-Type": "application/octet-stream"}
 
 
 def json_request(n: int) -> bytes:
     x = np.random.default_rng(0).random((n, *SHAPE), dtype=np.float32)
-    return json.dumps({"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32",
-                                   "data": x.reshape(-1).tolist()}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": list(x.shape),
+                    "datatype": "FP32",
+                    "data": x.reshape(-1).tolist(),
+                }
+            ]
+        }
+    ).encode()
 
 
 def percentiles(times: list[float], failures: int = 0) -> dict:
     if not times:
         return {"p50_ms": None, "p99_ms": None, "n": 0, "failures": failures}
     ordered = sorted(times)
-    return {"p50_ms": round(1000 * statistics.median(ordered), 1),
-            "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
-            "n": len(ordered), "failures": failures}
+    return {
+        "p50_ms": round(1000 * statistics.median(ordered), 1),
+        "p99_ms": round(1000 * ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))], 1),
+        "n": len(ordered),
+        "failures": failures,
+    }
 
 
 def sample(fn: Callable[[], None], seconds: float, pause: float = 0.02) -> dict:
@@ -162,7 +222,9 @@ def sample(fn: Callable[[], None], seconds: float, pause: float = 0.02) -> dict:
     return percentiles(times, failures)
 
 
-def in_background(target: Callable[[threading.Event], None], count: int = 1) -> tuple[threading.Event, list]:
+def in_background(
+    target: Callable[[threading.Event], None], count: int = 1
+) -> tuple[threading.Event, list]:
     stop = threading.Event()
     threads = [threading.Thread(target=target, args=(stop,), daemon=True) for _ in range(count)]
     for thread in threads:
@@ -177,7 +239,9 @@ def finish(stop: threading.Event, threads: list) -> None:
 
 
 def one_image_probe(url: str) -> Callable[[], None]:
-    client = httpx.Client(base_url=url, timeout=10, headers={"Authorization": f"Bearer {KEYS['other']}"})
+    client = httpx.Client(
+        base_url=url, timeout=10, headers={"Authorization": f"Bearer {KEYS['other']}"}
+    )
     content, headers = binary_request(1)
 
     def probe() -> None:
@@ -213,8 +277,9 @@ def flood(server: Server) -> dict:
     content, headers = binary_request(256, 1)
 
     def flooder(stop: threading.Event) -> None:
-        with httpx.Client(base_url=server.url, timeout=60,
-                          headers={"Authorization": f"Bearer {KEYS['flooder']}"}) as http:
+        with httpx.Client(
+            base_url=server.url, timeout=60, headers={"Authorization": f"Bearer {KEYS['flooder']}"}
+        ) as http:
             while not stop.is_set():
                 http.post("/v2/models/victim/infer", content=content, headers=headers)
 
@@ -231,7 +296,9 @@ ATTACKER = "127.0.0.2"
 
 def connect(url: str, timeout: float = 5) -> socket.socket:
     host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=timeout, source_address=(ATTACKER, 0))
+    return socket.create_connection(
+        (host, int(port)), timeout=timeout, source_address=(ATTACKER, 0)
+    )
 
 
 def held(tree: Path, cfg: dict, workdir: Path, name: str) -> dict:
@@ -256,7 +323,10 @@ def held(tree: Path, cfg: dict, workdir: Path, name: str) -> dict:
 
     stop, threads = in_background(trickler, 240)
     time.sleep(3)
-    result = {"live": sample(live_probe(server.url), 5), "infer": sample(one_image_probe(server.url), 5)}
+    result = {
+        "live": sample(live_probe(server.url), 5),
+        "infer": sample(one_image_probe(server.url), 5),
+    }
     finish(stop, threads)
     server.stop()
     return result
@@ -292,8 +362,12 @@ def sqlite_locked(server: Server) -> dict:
     def wrong_key() -> None:
         start = time.monotonic()
         try:
-            response = httpx.post(server.url + "/v2/models/victim/infer", content=b"{}",
-                                  headers={"Authorization": "Bearer wrong"}, timeout=30)
+            response = httpx.post(
+                server.url + "/v2/models/victim/infer",
+                content=b"{}",
+                headers={"Authorization": "Bearer wrong"},
+                timeout=30,
+            )
             login["status"] = response.status_code
         except httpx.HTTPError as error:
             login["status"] = type(error).__name__
@@ -311,17 +385,24 @@ def sqlite_locked(server: Server) -> dict:
 def hang_up(server: Server) -> dict:
     computed = server.metric("mirage_microbatch_queries_sum")
     content, headers = binary_request(256, 2)
-    head = ("POST /v2/models/victim/infer HTTP/1.1\r\nHost: x\r\n"
-            f"Authorization: Bearer {KEYS['hanger']}\r\nContent-Length: {len(content)}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+    head = (
+        "POST /v2/models/victim/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {KEYS['hanger']}\r\nContent-Length: {len(content)}\r\n"
+        + "".join(f"{k}: {v}\r\n" for k, v in headers.items())
+        + "\r\n"
+    ).encode()
     for _ in range(40):  # each hung up right after its body, the next sent once it would have run
         with connect(server.url) as sock:
             sock.sendall(head + content)
         time.sleep(0.3)
     time.sleep(2)
-    return {"requests": 40, "images_sent": 40 * 256, "quota": 256,
-            "computed": int(server.metric("mirage_microbatch_queries_sum") - computed),
-            "charged": server.used("hanger")}
+    return {
+        "requests": 40,
+        "images_sent": 40 * 256,
+        "quota": 256,
+        "computed": int(server.metric("mirage_microbatch_queries_sum") - computed),
+        "charged": server.used("hanger"),
+    }
 
 
 def rss(server: Server) -> dict:
@@ -336,33 +417,63 @@ def rss(server: Server) -> dict:
 
     thread = threading.Thread(target=sampler)
     thread.start()
-    statuses = [httpx.post(server.url + "/v2/models/victim/infer", content=content, timeout=60,
-                           headers={"Authorization": f"Bearer {KEYS['other']}", "Content-Type": "application/json"}
-                           ).status_code for _ in range(5)]
+    statuses = [
+        httpx.post(
+            server.url + "/v2/models/victim/infer",
+            content=content,
+            timeout=60,
+            headers={
+                "Authorization": f"Bearer {KEYS['other']}",
+                "Content-Type": "application/json",
+            },
+        ).status_code
+        for _ in range(5)
+    ]
     stop.set()
     thread.join()
-    return {"body_mb": round(len(content) / 2**20, 2), "statuses": statuses, "baseline_mb": round(baseline, 1),
-            "peak_mb": round(max(peak), 1)}
+    return {
+        "body_mb": round(len(content) / 2**20, 2),
+        "statuses": statuses,
+        "baseline_mb": round(baseline, 1),
+        "peak_mb": round(max(peak), 1),
+    }
 
 
 def throughput(servers: dict[str, Server], repeats: int) -> dict:
     content, headers = binary_request(256, 3)
-    clients = {name: httpx.Client(base_url=s.url, timeout=120, headers={"Authorization": f"Bearer {KEYS['other']}"})
-               for name, s in servers.items()}
+    clients = {
+        name: httpx.Client(
+            base_url=s.url, timeout=120, headers={"Authorization": f"Bearer {KEYS['other']}"}
+        )
+        for name, s in servers.items()
+    }
 
     def call(client: httpx.Client) -> Callable[[], None]:
-        return lambda: client.post("/v2/models/victim/infer", content=content, headers=headers).raise_for_status()
+        return lambda: client.post(
+            "/v2/models/victim/infer", content=content, headers=headers
+        ).raise_for_status()
 
-    seconds = round_robin({name: call(client) for name, client in clients.items()}, repeats, inner=3)
-    return {name: round(256 / seconds[name], 1) for name in servers} | \
-        {f"{name}_vs_{first}": round(seconds[first] / seconds[name], 3)
-         for first in list(servers)[:1] for name in servers}
+    seconds = round_robin(
+        {name: call(client) for name, client in clients.items()}, repeats, inner=3
+    )
+    return {name: round(256 / seconds[name], 1) for name in servers} | {
+        f"{name}_vs_{first}": round(seconds[first] / seconds[name], 3)
+        for first in list(servers)[:1]
+        for name in servers
+    }
 
 
 def main() -> None:
-    arguments = parser(__doc__, repeats=5, threads=False, output="--out",
-                       output_default=Path("results/serve/hostile.json"))
-    arguments.add_argument("--before", default="9cdaf43", help="the commit to compare with (git worktree)")
+    arguments = parser(
+        __doc__,
+        repeats=5,
+        threads=False,
+        output="--out",
+        output_default=Path("results/serve/hostile.json"),
+    )
+    arguments.add_argument(
+        "--before", default="9cdaf43", help="the commit to compare with (git worktree)"
+    )
     args = arguments.parse_args()
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -370,22 +481,44 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         before = workdir / "before"
-        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), args.before],
-                       check=True, capture_output=True)
+        subprocess.run(
+            ["git", "-C", str(REPO), "worktree", "add", "--detach", str(before), args.before],
+            check=True,
+            capture_output=True,
+        )
         try:
             trees = {"before": before, "after": REPO}
-            victim, surrogate = lenet_checkpoint(workdir / "victim", 0), lenet_checkpoint(workdir / "surrogate", 1)
-            grad2 = {"name": "grad2", "params": {"epsilon": args.epsilon, "target": "all-ones", "batch_size": 256},
-                     "surrogate": str(surrogate)}
+            victim, surrogate = (
+                lenet_checkpoint(workdir / "victim", 0),
+                lenet_checkpoint(workdir / "surrogate", 1),
+            )
+            grad2 = {
+                "name": "grad2",
+                "params": {"epsilon": args.epsilon, "target": "all-ones", "batch_size": 256},
+                "surrogate": str(surrogate),
+            }
             results: dict = {}
             for tree_name, tree in trees.items():
                 print(f"[{tree_name}] held connections", flush=True)
-                row = {"held": held(tree, config(workdir, f"{tree_name}-held", victim, {"name": "none"}),
-                                    workdir, f"{tree_name}-held")}
-                server = Server(tree, config(workdir, tree_name, victim, {"name": "none"}), workdir, tree_name)
+                row = {
+                    "held": held(
+                        tree,
+                        config(workdir, f"{tree_name}-held", victim, {"name": "none"}),
+                        workdir,
+                        f"{tree_name}-held",
+                    )
+                }
+                server = Server(
+                    tree, config(workdir, tree_name, victim, {"name": "none"}), workdir, tree_name
+                )
                 try:
-                    for name, scenario in (("flood", flood), ("chunks", chunks), ("sqlite_locked", sqlite_locked),
-                                           ("hang_up", hang_up), ("rss", rss)):
+                    for name, scenario in (
+                        ("flood", flood),
+                        ("chunks", chunks),
+                        ("sqlite_locked", sqlite_locked),
+                        ("hang_up", hang_up),
+                        ("rss", rss),
+                    ):
                         print(f"[{tree_name}] {name}", flush=True)
                         waited = settle(server)
                         row[name] = {**scenario(server), "settled_after_s": waited}
@@ -394,17 +527,25 @@ def main() -> None:
                     server.stop()
                 results[tree_name] = row
             print("throughput", flush=True)
-            servers = {f"{tree_name}_{defense}": Server(tree, config(workdir, f"{tree_name}-{defense}-tp", victim,
-                                                                     spec), workdir, f"{tree_name}-{defense}-tp")
-                       for tree_name, tree in trees.items()
-                       for defense, spec in (("none", {"name": "none"}), ("grad2", grad2))}
+            servers = {
+                f"{tree_name}_{defense}": Server(
+                    tree,
+                    config(workdir, f"{tree_name}-{defense}-tp", victim, spec),
+                    workdir,
+                    f"{tree_name}-{defense}-tp",
+                )
+                for tree_name, tree in trees.items()
+                for defense, spec in (("none", {"name": "none"}), ("grad2", grad2))
+            }
             try:
                 results["throughput_images_per_s"] = throughput(servers, args.repeats)
             finally:
                 for server in servers.values():
                     server.stop()
         finally:
-            subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False)
+            subprocess.run(
+                ["git", "-C", str(REPO), "worktree", "remove", "--force", str(before)], check=False
+            )
     results["before_commit"] = args.before
     print(json.dumps(results, indent=1))
     write_json(args.out, results, args)

@@ -43,7 +43,9 @@ KEYS = {"attacker": "mk_parity_attacker", "probe": "mk_parity_probe"}
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=2000)
-    parser.add_argument("--epochs", type=int, default=10, help="clone training epochs (GRAD2 recipe otherwise)")
+    parser.add_argument(
+        "--epochs", type=int, default=10, help="clone training epochs (GRAD2 recipe otherwise)"
+    )
     parser.add_argument("--epsilon", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe", type=int, default=1024, help="images compared answer by answer")
@@ -58,7 +60,9 @@ def main() -> None:
     test = load_dataset(scenario.victim_dataset).test
     pool = attack_data(scenario, "knockoff")
     clone = CloneSpec.like(card)
-    clone = clone.model_copy(update={"training": clone.training.model_copy(update={"epochs": args.epochs})})
+    clone = clone.model_copy(
+        update={"training": clone.training.model_copy(update={"epochs": args.epochs})}
+    )
     params = {"epsilon": args.epsilon, "target": "all-ones", "batch_size": 256}
 
     def defense():
@@ -70,21 +74,34 @@ def main() -> None:
     local_seconds = time.perf_counter() - start
 
     with tempfile.TemporaryDirectory() as tmp:
-        config = {"model": {"name": "fmnist", "scenario": "fmnist"},
-                  "defense": {"name": "grad2", "params": params, "surrogate": "distilled"},
-                  "limits": {"max_batch": 256},
-                  "storage": {"database": str(Path(tmp) / "parity.sqlite")},
-                  "clients": [{"name": name, "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
-                               "quota": args.budget if name == "attacker" else None}
-                              for name, key in KEYS.items()]}
+        config = {
+            "model": {"name": "fmnist", "scenario": "fmnist"},
+            "defense": {"name": "grad2", "params": params, "surrogate": "distilled"},
+            "limits": {"max_batch": 256},
+            "storage": {"database": str(Path(tmp) / "parity.sqlite")},
+            "clients": [
+                {
+                    "name": name,
+                    "key_sha256": hashlib.sha256(key.encode()).hexdigest(),
+                    "quota": args.budget if name == "attacker" else None,
+                }
+                for name, key in KEYS.items()
+            ],
+        }
         proc, url = start_server(config, Path(tmp))
         try:
             start = time.perf_counter()
             with HTTPPredictionAPI(url, "fmnist", KEYS["attacker"]) as http_api:
-                remote = create_attack("knockoff").run(http_api, args.budget, pool, clone, seed=args.seed)
+                remote = create_attack("knockoff").run(
+                    http_api, args.budget, pool, clone, seed=args.seed
+                )
                 charged = http_api.queries_used
             remote_seconds = time.perf_counter() - start
-            probe = pool.images[torch.randperm(len(pool), generator=torch.Generator().manual_seed(123))[:args.probe]]
+            probe = pool.images[
+                torch.randperm(len(pool), generator=torch.Generator().manual_seed(123))[
+                    : args.probe
+                ]
+            ]
             with HTTPPredictionAPI(url, "fmnist", KEYS["probe"]) as probe_api:
                 served_http = probe_api.query(probe)
             served_local = InProcessAPI(victim, defense(), batch_size=256).query(probe)
@@ -92,15 +109,21 @@ def main() -> None:
             proc.terminate()
             proc.wait(30)
     report = {
-        "budget": args.budget, "epochs": args.epochs, "epsilon": args.epsilon, "seed": args.seed,
+        "budget": args.budget,
+        "epochs": args.epochs,
+        "epsilon": args.epsilon,
+        "seed": args.seed,
         "victim_accuracy": card.test_accuracy,
         "clone_accuracy_inprocess": accuracy(local.clone, test),
         "clone_accuracy_http": accuracy(remote.clone, test),
-        "queries_inprocess": local.queries, "queries_http": remote.queries, "server_charged": charged,
+        "queries_inprocess": local.queries,
+        "queries_http": remote.queries,
+        "server_charged": charged,
         "effective_l1_inprocess": local.effective_l1,
         "probe_max_abs_diff": float((served_http - served_local).abs().max()),
         "probe_images": args.probe,
-        "seconds_inprocess": local_seconds, "seconds_http": remote_seconds,
+        "seconds_inprocess": local_seconds,
+        "seconds_http": remote_seconds,
     }
     log.info("%s", report)
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -57,13 +57,25 @@ def defense_spec(name: str, epsilon: float) -> dict | None:
     return spec
 
 
-def start_server(config: dict, workdir: Path, timeout: float = 300.0) -> tuple[subprocess.Popen, str]:
+def start_server(
+    config: dict, workdir: Path, timeout: float = 300.0
+) -> tuple[subprocess.Popen, str]:
     return start_mirage_server(config, workdir, config["defense"]["name"], timeout=timeout)
 
 
 def encode(images: torch.Tensor) -> bytes:
-    return json.dumps({"inputs": [{"name": "images", "shape": list(images.shape), "datatype": "FP32",
-                                   "data": images.reshape(-1).tolist()}]}).encode()
+    return json.dumps(
+        {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": list(images.shape),
+                    "datatype": "FP32",
+                    "data": images.reshape(-1).tolist(),
+                }
+            ]
+        }
+    ).encode()
 
 
 def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> dict:
@@ -71,15 +83,23 @@ def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> dict
     latencies: list[float] = []
     failures: list[int] = []
     lock = threading.Lock()
-    per_thread = [requests // concurrency + (i < requests % concurrency) for i in range(concurrency)]
+    per_thread = [
+        requests // concurrency + (i < requests % concurrency) for i in range(concurrency)
+    ]
 
     def worker(index: int) -> None:
         mine, bad = [], []
-        with httpx.Client(base_url=url, timeout=120, headers={"Authorization": f"Bearer {KEY}",
-                                                               "Content-Type": "application/json"}) as http:
+        with httpx.Client(
+            base_url=url,
+            timeout=120,
+            headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+        ) as http:
             for i in range(per_thread[index]):
                 start = time.perf_counter()
-                response = http.post("/v2/models/fmnist/infer", content=bodies[(index + i * concurrency) % len(bodies)])
+                response = http.post(
+                    "/v2/models/fmnist/infer",
+                    content=bodies[(index + i * concurrency) % len(bodies)],
+                )
                 mine.append(time.perf_counter() - start)
                 if response.status_code != 200:
                     bad.append(response.status_code)
@@ -97,18 +117,33 @@ def load(url: str, bodies: list[bytes], requests: int, concurrency: int) -> dict
     if failures:
         raise RuntimeError(f"{len(failures)} failed requests: {sorted(set(failures))}")
     lat = np.array(latencies)
-    return {"requests": requests, "wall_seconds": wall, "requests_per_second": requests / wall,
-            "p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3)}
+    return {
+        "requests": requests,
+        "wall_seconds": wall,
+        "requests_per_second": requests / wall,
+        "p50_ms": float(np.percentile(lat, 50) * 1e3),
+        "p99_ms": float(np.percentile(lat, 99) * 1e3),
+    }
 
 
 def main() -> None:
-    arguments = parser(__doc__, threads=False, output="--out", output_default=Path("results/serve/load.json"))
+    arguments = parser(
+        __doc__, threads=False, output="--out", output_default=Path("results/serve/load.json")
+    )
     arguments.add_argument("--defenses", nargs="+", default=["none", "mad", "grad2"])
     arguments.add_argument("--concurrency", type=int, default=8)
-    arguments.add_argument("--requests", type=int, nargs=2, default=[400, 80], metavar=("B1", "B32"),
-                           help="requests per cell at batch 1 and at batch 32")
+    arguments.add_argument(
+        "--requests",
+        type=int,
+        nargs=2,
+        default=[400, 80],
+        metavar=("B1", "B32"),
+        help="requests per cell at batch 1 and at batch 32",
+    )
     arguments.add_argument("--warmup", type=int, default=16)
-    arguments.add_argument("--rounds", type=int, default=3, help="interleaved repetitions (medians reported)")
+    arguments.add_argument(
+        "--rounds", type=int, default=3, help="interleaved repetitions (medians reported)"
+    )
     args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -116,9 +151,11 @@ def main() -> None:
     from mirage.data import load_dataset
 
     pool = load_dataset("mnist")  # the fmnist scenario's query pool
-    images = pool.test.images[:32 * 16]
-    batches = {1: [encode(images[i:i + 1]) for i in range(64)],
-               32: [encode(images[i:i + 32]) for i in range(0, len(images), 32)]}
+    images = pool.test.images[: 32 * 16]
+    batches = {
+        1: [encode(images[i : i + 1]) for i in range(64)],
+        32: [encode(images[i : i + 32]) for i in range(0, len(images), 32)],
+    }
     requests = dict(zip((1, 32), args.requests, strict=True))
     servers, skipped, samples = {}, [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -130,10 +167,15 @@ def main() -> None:
                     log.warning("defense %r is not registered; skipped", name)
                     skipped.append(name)
                     continue
-                config = {"model": {"name": "fmnist", "scenario": "fmnist"}, "defense": spec,
-                          "limits": {"max_batch": 256},
-                          "storage": {"database": str(workdir / f"{name}.sqlite")},
-                          "clients": [{"name": "load", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}]}
+                config = {
+                    "model": {"name": "fmnist", "scenario": "fmnist"},
+                    "defense": spec,
+                    "limits": {"max_batch": 256},
+                    "storage": {"database": str(workdir / f"{name}.sqlite")},
+                    "clients": [
+                        {"name": "load", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
+                    ],
+                }
                 servers[name] = start_server(config, workdir)
             for name, (_, url) in servers.items():
                 for bodies in batches.values():
@@ -142,8 +184,12 @@ def main() -> None:
             for round_ in range(args.rounds):
                 for name, (_, url) in servers.items():
                     for batch, bodies in batches.items():
-                        cell = {"defense": name, "batch": batch, "round": round_,
-                                **load(url, bodies, requests[batch], args.concurrency)}
+                        cell = {
+                            "defense": name,
+                            "batch": batch,
+                            "round": round_,
+                            **load(url, bodies, requests[batch], args.concurrency),
+                        }
                         log.info("%s", cell)
                         samples.append(cell)
         finally:
@@ -154,11 +200,21 @@ def main() -> None:
     for name in servers:
         for batch in batches:
             cells = [c for c in samples if c["defense"] == name and c["batch"] == batch]
-            median = {key: float(np.median([c[key] for c in cells]))
-                      for key in ("requests_per_second", "p50_ms", "p99_ms")}
-            results.append({"defense": name, "batch": batch, "concurrency": args.concurrency,
-                            "rounds": len(cells), "requests_per_round": requests[batch], **median,
-                            "images_per_second": median["requests_per_second"] * batch})
+            median = {
+                key: float(np.median([c[key] for c in cells]))
+                for key in ("requests_per_second", "p50_ms", "p99_ms")
+            }
+            results.append(
+                {
+                    "defense": name,
+                    "batch": batch,
+                    "concurrency": args.concurrency,
+                    "rounds": len(cells),
+                    "requests_per_round": requests[batch],
+                    **median,
+                    "images_per_second": median["requests_per_second"] * batch,
+                }
+            )
     base = {r["batch"]: r for r in results if r["defense"] == "none"}
     for r in results:
         if r["batch"] in base:
@@ -166,14 +222,27 @@ def main() -> None:
             r["throughput_ratio"] = r["requests_per_second"] / b["requests_per_second"]
             r["p50_ratio"] = r["p50_ms"] / b["p50_ms"]
             r["p99_ratio"] = r["p99_ms"] / b["p99_ms"]
-    print(f"{'defense':10} {'batch':>5} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'thr/none':>8} {'p50/none':>8} {'p99/none':>8}")
+    print(
+        f"{'defense':10} {'batch':>5} {'req/s':>8} {'img/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'thr/none':>8} {'p50/none':>8} {'p99/none':>8}"
+    )
     for r in results:
-        print(f"{r['defense']:10} {r['batch']:5d} {r['requests_per_second']:8.1f} {r['images_per_second']:8.1f} "
-              f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r.get('throughput_ratio', float('nan')):8.3f} "
-              f"{r.get('p50_ratio', float('nan')):8.3f} {r.get('p99_ratio', float('nan')):8.3f}")
-    write_json(args.out, {"args": {k: str(v) for k, v in vars(args).items()}, "skipped": skipped,
-                          "torch": torch.__version__, "cells": results, "samples": samples}, args)
+        print(
+            f"{r['defense']:10} {r['batch']:5d} {r['requests_per_second']:8.1f} {r['images_per_second']:8.1f} "
+            f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r.get('throughput_ratio', float('nan')):8.3f} "
+            f"{r.get('p50_ratio', float('nan')):8.3f} {r.get('p99_ratio', float('nan')):8.3f}"
+        )
+    write_json(
+        args.out,
+        {
+            "args": {k: str(v) for k, v in vars(args).items()},
+            "skipped": skipped,
+            "torch": torch.__version__,
+            "cells": results,
+            "samples": samples,
+        },
+        args,
+    )
     log.info("wrote %s", args.out)
 
 

@@ -62,13 +62,21 @@ def victims(args) -> dict[str, tuple[str, dict]]:
     if "plain" in args.part:
         out["plain"] = ("none", {})
     if "ini" in args.part:
-        ini = IniConfig(init="victim", num_train=args.ini_train,
-                        training=INI_VICTIM_TRAINING.model_copy(update={"epochs": args.ini_epochs, "lr": args.ini_lr}))
+        ini = IniConfig(
+            init="victim",
+            num_train=args.ini_train,
+            training=INI_VICTIM_TRAINING.model_copy(
+                update={"epochs": args.ini_epochs, "lr": args.ini_lr}
+            ),
+        )
         out["ini"] = ("ini", ini.model_dump(mode="json"))
     if "dpsgd" in args.part:
         for sigma in args.noise:
-            dp = DpsgdConfig(noise_multiplier=sigma, num_train=args.dp_train,
-                             training=DPSGD_TRAINING.model_copy(update={"epochs": args.dp_epochs}))
+            dp = DpsgdConfig(
+                noise_multiplier=sigma,
+                num_train=args.dp_train,
+                training=DPSGD_TRAINING.model_copy(update={"epochs": args.dp_epochs}),
+            )
             out[f"dpsgd-{sigma:g}"] = ("dpsgd", dp.model_dump(mode="json"))
     return out
 
@@ -102,15 +110,25 @@ def overhead_record(plain, ini, repeats: int = 20) -> dict:
 
 
 def versions() -> dict:
-    return {"mirage": mirage.__version__, "torch": torch.__version__, "python": platform.python_version()}
+    return {
+        "mirage": mirage.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="+", default=["plain", "ini", "dpsgd"], choices=["plain", "ini", "dpsgd"])
+    parser.add_argument(
+        "--part", nargs="+", default=["plain", "ini", "dpsgd"], choices=["plain", "ini", "dpsgd"]
+    )
     parser.add_argument("--attacks", nargs="*", default=list(ATTACKS), choices=list(ATTACKS))
-    parser.add_argument("--dp-attacks", nargs="*", default=["knockoff-mnist", "knockoff-fmnist-id"],
-                        choices=list(ATTACKS))
+    parser.add_argument(
+        "--dp-attacks",
+        nargs="*",
+        default=["knockoff-mnist", "knockoff-fmnist-id"],
+        choices=list(ATTACKS),
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--sub-epochs", type=int, default=5)
@@ -137,30 +155,63 @@ def main() -> None:
     trained = {}
     for victim_label, (method, params) in victims(args).items():
         start = time.perf_counter()
-        model, card, cached = get_defended_victim(get_scenario("fmnist"), method, params, show_progress=False)
+        model, card, cached = get_defended_victim(
+            get_scenario("fmnist"), method, params, show_progress=False
+        )
         trained[victim_label] = (method, params, model, card)
-        log.info("victim %s: test accuracy %.4f (%s, %.0fs)", victim_label, card.test_accuracy,
-                 "cached" if cached else "trained", time.perf_counter() - start)
+        log.info(
+            "victim %s: test accuracy %.4f (%s, %.0fs)",
+            victim_label,
+            card.test_accuracy,
+            "cached" if cached else "trained",
+            time.perf_counter() - start,
+        )
         key = f"victim|{victim_label}|{json.dumps(params, sort_keys=True)}"
         if key not in done(args.results):
-            extra = {k: card.training.get(k) for k in ("epsilon", "delta", "steps", "student_test_accuracy", "history")
-                     if k in card.training}
-            append({"key": key, "kind": "victim", "victim": victim_label, "method": method, "params": params,
-                    "test_accuracy": accuracy(model, test), "train_seconds": card.train_seconds, **extra})
+            extra = {
+                k: card.training.get(k)
+                for k in ("epsilon", "delta", "steps", "student_test_accuracy", "history")
+                if k in card.training
+            }
+            append(
+                {
+                    "key": key,
+                    "kind": "victim",
+                    "victim": victim_label,
+                    "method": method,
+                    "params": params,
+                    "test_accuracy": accuracy(model, test),
+                    "train_seconds": card.train_seconds,
+                    **extra,
+                }
+            )
         if method == "ini":
             key = f"overhead|{victim_label}|{json.dumps(params, sort_keys=True)}"
             if key not in done(args.results):
-                plain, _, _ = get_defended_victim(get_scenario("fmnist"), "none", show_progress=False)
-                append({"key": key, "kind": "overhead", "victim": victim_label,
-                        "batches": overhead_record(plain, model)})
+                plain, _, _ = get_defended_victim(
+                    get_scenario("fmnist"), "none", show_progress=False
+                )
+                append(
+                    {
+                        "key": key,
+                        "kind": "overhead",
+                        "victim": victim_label,
+                        "batches": overhead_record(plain, model),
+                    }
+                )
     # attacks after every victim is trained, attack-major: each attack covers all victims early
     for label, (scenario_name, attack_name, budget, attack_params) in ATTACKS.items():
         for victim_label, (method, params, model, card) in trained.items():
             if label not in (args.dp_attacks if method == "dpsgd" else args.attacks):
                 continue
-            attack_params = {**attack_params, **({"substitute_epochs": args.sub_epochs} if "jb" in attack_name else {})}
-            key = (f"attack|{victim_label}|{json.dumps(params, sort_keys=True)}|{label}|{args.seed}|"
-                   f"{args.epochs}|{json.dumps(attack_params, sort_keys=True)}")
+            attack_params = {
+                **attack_params,
+                **({"substitute_epochs": args.sub_epochs} if "jb" in attack_name else {}),
+            }
+            key = (
+                f"attack|{victim_label}|{json.dumps(params, sort_keys=True)}|{label}|{args.seed}|"
+                f"{args.epochs}|{json.dumps(attack_params, sort_keys=True)}"
+            )
             if key in done(args.results):
                 log.info("skip %s / %s (done)", victim_label, label)
                 continue
@@ -168,16 +219,39 @@ def main() -> None:
             scenario = get_scenario(scenario_name)
             api = InProcessAPI(model, None, query_budget=budget)
             result = create_attack(attack_name, **attack_params).run(
-                api, budget, attack_data(scenario, attack_name), CloneSpec.like(card, training=training),
-                seed=args.seed)
-            record = {"key": key, "kind": "attack", "victim": victim_label, "method": method, "params": params,
-                      "attack_label": label, "scenario": scenario_name, "attack": attack_name,
-                      "attack_params": attack_params, "budget": budget, "seed": args.seed,
-                      "victim_accuracy": accuracy(model, test), "clone_accuracy": accuracy(result.clone, test),
-                      "clone_training": training.model_dump(), **result.as_dict()}
+                api,
+                budget,
+                attack_data(scenario, attack_name),
+                CloneSpec.like(card, training=training),
+                seed=args.seed,
+            )
+            record = {
+                "key": key,
+                "kind": "attack",
+                "victim": victim_label,
+                "method": method,
+                "params": params,
+                "attack_label": label,
+                "scenario": scenario_name,
+                "attack": attack_name,
+                "attack_params": attack_params,
+                "budget": budget,
+                "seed": args.seed,
+                "victim_accuracy": accuracy(model, test),
+                "clone_accuracy": accuracy(result.clone, test),
+                "clone_training": training.model_dump(),
+                **result.as_dict(),
+            }
             append(record)
-            log.info("%s / %s: clone %.4f (victim %.4f), %.0fs", victim_label, label, record["clone_accuracy"],
-                     record["victim_accuracy"], time.perf_counter() - start)
+            log.info(
+                "%s / %s: clone %.4f (victim %.4f), %.0fs",
+                victim_label,
+                label,
+                record["clone_accuracy"],
+                record["victim_accuracy"],
+                time.perf_counter() - start,
+            )
+
 
 if __name__ == "__main__":
     main()

@@ -33,15 +33,24 @@ class MyNet(nn.Module):
     def __init__(self, classes: int = 10) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2))
+            nn.Conv2d(1, 16, 3, padding=1),
+            nn.BatchNorm2d(16),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.BatchNorm2d(32),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        )
         self.head = nn.Linear(32 * 7 * 7, classes)
 
     def forward(self, x):
         return self.head(self.features(x).flatten(1))
 
 
-def write_folder(root: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str]) -> Path:
+def write_folder(
+    root: Path, images: torch.Tensor, labels: torch.Tensor, classes: list[str]
+) -> Path:
     """``root/<class>/<i>.png``, 8-bit grayscale: how a user's data usually arrives."""
     for i, (image, label) in enumerate(zip(images, labels, strict=True)):
         folder = root / classes[int(label)].replace("/", "-")
@@ -66,27 +75,45 @@ def train(net: nn.Module, folder: Path, epochs: int) -> nn.Module:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="3 attackers, 1,500 queries, short clone training")
+    parser.add_argument(
+        "--quick", action="store_true", help="3 attackers, 1,500 queries, short clone training"
+    )
     args = parser.parse_args()
     start = time.perf_counter()
     fmnist = load_dataset("fmnist")
     n_train, n_eval = (6000, 3000) if args.quick else (20000, 10000)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        train_folder = write_folder(root / "train", fmnist.train.images[:n_train], fmnist.train.labels[:n_train],
-                                    fmnist.classes)
-        eval_folder = write_folder(root / "eval", fmnist.test.images[:n_eval], fmnist.test.labels[:n_eval],
-                                   fmnist.classes)
+        train_folder = write_folder(
+            root / "train",
+            fmnist.train.images[:n_train],
+            fmnist.train.labels[:n_train],
+            fmnist.classes,
+        )
+        eval_folder = write_folder(
+            root / "eval", fmnist.test.images[:n_eval], fmnist.test.labels[:n_eval], fmnist.classes
+        )
         net = train(MyNet(), train_folder, epochs=2 if args.quick else 5)
         print(f"your model trained ({time.perf_counter() - start:.0f} s)")
 
         report = mirage.evaluate(
-            net, eval_folder, "grad2",
-            params={"epsilon": 0.5, "target": "unlearn", "preserve_top1": True},  # GRAD² unlearn-top1
-            attackers=("soft", "hard-label", "averaging") if args.quick else mirage.bench.evaluation.DEFAULT_ATTACKERS,
+            net,
+            eval_folder,
+            "grad2",
+            params={
+                "epsilon": 0.5,
+                "target": "unlearn",
+                "preserve_top1": True,
+            },  # GRAD² unlearn-top1
+            attackers=("soft", "hard-label", "averaging")
+            if args.quick
+            else mirage.bench.evaluation.DEFAULT_ATTACKERS,
             budget=1500 if args.quick else 5000,
-            clone_training=recipe("grad2").model_copy(update={"epochs": 8}) if args.quick else "grad2",
-            seeds=(0,) if args.quick else (0, 1, 2))
+            clone_training=recipe("grad2").model_copy(update={"epochs": 8})
+            if args.quick
+            else "grad2",
+            seeds=(0,) if args.quick else (0, 1, 2),
+        )
     print(report.report())
     print(f"done in {time.perf_counter() - start:.0f} s")
 

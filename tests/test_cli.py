@@ -34,14 +34,31 @@ def one_line_error(args: list[str]) -> str:
     return line
 
 
-@pytest.mark.parametrize(("name", "text", "expected"), [
-    ("syntax.toml", SERVE.replace('name = "digits"', "name = "), "syntax.toml: line 2, column 8: invalid value"),
-    ("typo.toml", SERVE.replace("max_batch", "max_btach"),
-     "typo.toml: limits.max_btach: unknown key (did you mean max_batch?)"),
-    ("scenario.toml", SERVE.replace('scenario = "digits"', 'scenario = "digitz"'),
-     "scenario.toml: model.scenario: unknown scenario 'digitz'; known: cifar10, digits, fmnist, fmnist-id, mnist"),
-    ("broken.json", '{"model": {', "broken.json: line 1, column 12: expecting property name enclosed in double quotes"),
-])
+@pytest.mark.parametrize(
+    ("name", "text", "expected"),
+    [
+        (
+            "syntax.toml",
+            SERVE.replace('name = "digits"', "name = "),
+            "syntax.toml: line 2, column 8: invalid value",
+        ),
+        (
+            "typo.toml",
+            SERVE.replace("max_batch", "max_btach"),
+            "typo.toml: limits.max_btach: unknown key (did you mean max_batch?)",
+        ),
+        (
+            "scenario.toml",
+            SERVE.replace('scenario = "digits"', 'scenario = "digitz"'),
+            "scenario.toml: model.scenario: unknown scenario 'digitz'; known: cifar10, digits, fmnist, fmnist-id, mnist",
+        ),
+        (
+            "broken.json",
+            '{"model": {',
+            "broken.json: line 1, column 12: expecting property name enclosed in double quotes",
+        ),
+    ],
+)
 def test_a_bad_serve_config_is_one_line_and_exit_code_2(tmp_path, name, text, expected):
     path = tmp_path / name
     path.write_text(text)
@@ -51,26 +68,41 @@ def test_a_bad_serve_config_is_one_line_and_exit_code_2(tmp_path, name, text, ex
 def test_a_missing_serve_config_is_one_line_and_exit_code_2(tmp_path):
     missing = tmp_path / "nowhere.toml"
     assert one_line_error(["serve", "--config", str(missing)]) == f"error: {missing}: no such file"
-    assert one_line_error(["serve", "--config", str(tmp_path)]) == f"error: {tmp_path}: a directory, not a config file"
+    assert (
+        one_line_error(["serve", "--config", str(tmp_path)])
+        == f"error: {tmp_path}: a directory, not a config file"
+    )
 
 
 def test_a_bad_sweep_config_is_one_line_and_exit_code_2(tmp_path):
     typo = tmp_path / "typo.toml"
-    typo.write_text('name = "x"\nscenarios = ["digits"]\nseeds = [0]\n[[attacks]]\nname = "knockoff"\n'
-                    'budgets = 10\n[[defenses]]\nname = "none"\n')
-    lines = CliRunner().invoke(app, ["bench", "run", "--config", str(typo)]).output.strip().splitlines()
-    assert lines == [f"error: {typo}: attacks[0].budget: missing (required)",
-                     f"error: {typo}: attacks[0].budgets: unknown key (did you mean budget?)"]
+    typo.write_text(
+        'name = "x"\nscenarios = ["digits"]\nseeds = [0]\n[[attacks]]\nname = "knockoff"\n'
+        'budgets = 10\n[[defenses]]\nname = "none"\n'
+    )
+    lines = (
+        CliRunner().invoke(app, ["bench", "run", "--config", str(typo)]).output.strip().splitlines()
+    )
+    assert lines == [
+        f"error: {typo}: attacks[0].budget: missing (required)",
+        f"error: {typo}: attacks[0].budgets: unknown key (did you mean budget?)",
+    ]
     syntax = tmp_path / "syntax.toml"
     syntax.write_text('name = "x"\nseeds = [0,,1]\n')
-    assert one_line_error(["bench", "run", "--config", str(syntax)]).startswith(f"error: {syntax}: line 2, column ")
+    assert one_line_error(["bench", "run", "--config", str(syntax)]).startswith(
+        f"error: {syntax}: line 2, column "
+    )
     assert one_line_error(["bench", "run", "--config", "no-such-profile"]) == (
         "error: no-such-profile: no sweep config 'no-such-profile' (built-in profiles: "
-        "['full', 'quick', 'worst_case'])")
+        "['full', 'quick', 'worst_case'])"
+    )
     scenario = tmp_path / "scenario.toml"
-    scenario.write_text(typo.read_text().replace("budgets", "budget").replace('"digits"', '"digitz"'))
+    scenario.write_text(
+        typo.read_text().replace("budgets", "budget").replace('"digits"', '"digitz"')
+    )
     assert one_line_error(["bench", "status", "--config", str(scenario)]).startswith(
-        f"error: {scenario}: unknown scenarios ['digitz']")
+        f"error: {scenario}: unknown scenarios ['digitz']"
+    )
 
 
 def _command_paths() -> list[list[str]]:
@@ -118,7 +150,9 @@ def test_mirage_defenses_says_required_and_imports_no_scipy_stats(monkeypatch):
     assert "PydanticUndefined" not in output
     assert "oe_model=required, misinformation_model=required" in output and "epsilon=0.5" in output
     # what the listing needs is the registry: scipy.stats (0.6 s) only loads for a stream alarm
-    code = ("import sys; from mirage.cli import app; app(['defenses'], prog_name='mirage', standalone_mode=False); "
-            "sys.exit('scipy.stats' in sys.modules)")
+    code = (
+        "import sys; from mirage.cli import app; app(['defenses'], prog_name='mirage', standalone_mode=False); "
+        "sys.exit('scipy.stats' in sys.modules)"
+    )
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]

@@ -14,8 +14,12 @@ from mirage.data import load_dataset
 from mirage.devices import device_available, resolve_device
 from mirage.training.surrogate import SURROGATE_TRAINING, SurrogateConfig, distil_surrogate
 
-DEVICES = [pytest.param(kind, marks=pytest.mark.skipif(not device_available(kind), reason=f"no {kind} device here"))
-           for kind in ("cpu", "cuda", "mps")]
+DEVICES = [
+    pytest.param(
+        kind, marks=pytest.mark.skipif(not device_available(kind), reason=f"no {kind} device here")
+    )
+    for kind in ("cpu", "cuda", "mps")
+]
 QUICK = recipe("grad2").model_copy(update={"epochs": 3})
 
 
@@ -33,16 +37,26 @@ def test_clones_and_surrogates_train_on_each_device_and_come_back_on_the_cpu(dev
     assert next(clone.parameters()).device.type == "cpu" and not clone.training
     accuracy = float((clone(digits.test.images).argmax(1) == digits.test.labels).float().mean())
     assert accuracy > 0.5, accuracy
-    config = SurrogateConfig(stop_epoch=2, training=SURROGATE_TRAINING.model_copy(update={"epochs": 3}))
+    config = SurrogateConfig(
+        stop_epoch=2, training=SURROGATE_TRAINING.model_copy(update={"epochs": 3})
+    )
     ((surrogate, card),) = distil_surrogate(clone, images, config=config, device=device)
     assert next(surrogate.parameters()).device.type == "cpu" and card.test_accuracy > 0.5
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_evaluate_runs_on_each_device(device, digits):
-    report = mirage.evaluate(torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)), digits, "grad2",
-                             params={"epsilon": 0.5}, attackers=("soft",), budget=200, clone_training=QUICK,
-                             progress=False, device=device)
+    report = mirage.evaluate(
+        torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),
+        digits,
+        "grad2",
+        params={"epsilon": 0.5},
+        attackers=("soft",),
+        budget=200,
+        clone_training=QUICK,
+        progress=False,
+        device=device,
+    )
     assert len(report.records) == 2
 
 
@@ -66,8 +80,12 @@ def test_an_absent_device_is_refused_before_anything_runs(monkeypatch):
 def test_a_cpu_clone_keeps_its_cache_key():
     """Clones cached before devices existed are found again: the CPU adds nothing to the key."""
     plain = CloneSpec(architecture="lenet", training=QUICK)
-    assert _clone_key(plain, "data", 10) == _clone_key(plain.model_copy(update={"device": "cpu"}), "data", 10)
-    assert _clone_key(plain, "data", 10) != _clone_key(plain.model_copy(update={"device": "cuda"}), "data", 10)
+    assert _clone_key(plain, "data", 10) == _clone_key(
+        plain.model_copy(update={"device": "cpu"}), "data", 10
+    )
+    assert _clone_key(plain, "data", 10) != _clone_key(
+        plain.model_copy(update={"device": "cuda"}), "data", 10
+    )
 
 
 def test_a_model_is_copied_to_a_device_and_left_alone_on_the_cpu():
@@ -84,19 +102,41 @@ def test_a_model_is_copied_to_a_device_and_left_alone_on_the_cpu():
 def test_victims_train_on_each_device_and_come_back_on_the_cpu(device):
     from mirage.training.victim import train_model
 
-    model, card = train_model("lenet", {}, "digits", QUICK.model_copy(update={"epochs": 1}), show_progress=False,
-                              device=device)
-    assert next(model.parameters()).device.type == "cpu" and not model.training and card.test_accuracy > 0.3
+    model, card = train_model(
+        "lenet",
+        {},
+        "digits",
+        QUICK.model_copy(update={"epochs": 1}),
+        show_progress=False,
+        device=device,
+    )
+    assert (
+        next(model.parameters()).device.type == "cpu"
+        and not model.training
+        and card.test_accuracy > 0.3
+    )
 
 
 def test_a_sweep_refuses_an_absent_device_before_any_run(tmp_path):
     from mirage.bench.config import SweepConfig
     from mirage.bench.sweep import run_sweep
 
-    config = SweepConfig.model_validate({"name": "t", "scenarios": ["digits"], "defenses": [{"name": "none"}],
-                                         "attacks": [{"name": "knockoff", "budget": 10}]})
+    config = SweepConfig.model_validate(
+        {
+            "name": "t",
+            "scenarios": ["digits"],
+            "defenses": [{"name": "none"}],
+            "attacks": [{"name": "knockoff", "budget": 10}],
+        }
+    )
     ran = []
     with pytest.raises(ValueError, match="unknown device"):
-        run_sweep(config, tmp_path / "r.jsonl", runner=lambda spec, **kw: ran.append(spec), executor="inline",
-                  device="gpu0", show_progress=False)
+        run_sweep(
+            config,
+            tmp_path / "r.jsonl",
+            runner=lambda spec, **kw: ran.append(spec),
+            executor="inline",
+            device="gpu0",
+            show_progress=False,
+        )
     assert not ran and not (tmp_path / "r.jsonl").exists()

@@ -36,21 +36,27 @@ def tracked_files() -> list[str]:
 
 
 def labelled_lines(text: str) -> list[tuple[int, str]]:
-    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
-            if LABEL.search(line)]
+    return [
+        (number, line.strip())
+        for number, line in enumerate(text.splitlines(), 1)
+        if LABEL.search(line)
+    ]
 
 
-@pytest.mark.parametrize("text, labels", [
-    ("Session 13: answer buckets", 1),
-    ("results/ownership/session13_tie_dropper.jsonl", 1),
-    ("benchmarks/run_worst_case_session9.sh", 1),
-    ("(issue 31)", 1),
-    ("issue #12 and Issue-4", 1),
-    ("the issues 16, 18 goal", 1),
-    ("sessions of a client, session_id, an HTTP session", 0),
-    ("clients issue requests; a reissue 3 times", 0),
-    ("the layer session#i of alice/session", 0),
-])
+@pytest.mark.parametrize(
+    "text, labels",
+    [
+        ("Session 13: answer buckets", 1),
+        ("results/ownership/session13_tie_dropper.jsonl", 1),
+        ("benchmarks/run_worst_case_session9.sh", 1),
+        ("(issue 31)", 1),
+        ("issue #12 and Issue-4", 1),
+        ("the issues 16, 18 goal", 1),
+        ("sessions of a client, session_id, an HTTP session", 0),
+        ("clients issue requests; a reissue 3 times", 0),
+        ("the layer session#i of alice/session", 0),
+    ],
+)
 def test_the_pattern_tells_labels_from_words(text, labels):
     assert len(labelled_lines(text)) == labels
 
@@ -69,8 +75,12 @@ def test_no_tracked_file_carries_a_history_label():
         if b"\0" in data:  # binary
             continue
         allowed = EXEMPT_LINES.get(name, ())
-        found += [f"{name}:{number}: {line}"
-                  for number, line in labelled_lines(data.decode("utf-8", errors="replace"))
-                  if not any(snippet in line for snippet in allowed)]
-    assert not found, ("development-history labels; name what the file, section or setting holds "
-                       "instead:\n" + "\n".join(found))
+        found += [
+            f"{name}:{number}: {line}"
+            for number, line in labelled_lines(data.decode("utf-8", errors="replace"))
+            if not any(snippet in line for snippet in allowed)
+        ]
+    assert not found, (
+        "development-history labels; name what the file, section or setting holds "
+        "instead:\n" + "\n".join(found)
+    )

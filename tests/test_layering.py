@@ -16,15 +16,30 @@ SRC = Path(mirage.__file__).parent
 
 # Low -> high. A unit may import its own layer's units and any lower layer's, never a higher one's.
 LAYERS: list[set[str]] = [
-    {"mirage", "registry", "paths", "progress", "devices"},  # utilities (``mirage`` is the root package)
+    {
+        "mirage",
+        "registry",
+        "paths",
+        "progress",
+        "devices",
+    },  # utilities (``mirage`` is the root package)
     {"data", "models"},  # datasets; networks, checkpoints and the generic fit loop
     {"scenarios"},  # a victim, its recipe and the attacker's data
-    {"defenses", "verify", "ownership"},  # query-time defenses; verification of their watermarks; ownership evidence
+    {
+        "defenses",
+        "verify",
+        "ownership",
+    },  # query-time defenses; verification of their watermarks; ownership evidence
     {"api"},  # a defended model behind a query budget
     {"training"},  # victims, surrogates, training-time defenses, the defense resolver
     {"attacks"},  # model stealing and the clone
     {"bench"},  # sweeps, results, reports
-    {"serve", "cli", "protection", "facade"},  # the service, the command line, mirage.protect, the exports
+    {
+        "serve",
+        "cli",
+        "protection",
+        "facade",
+    },  # the service, the command line, mirage.protect, the exports
 ]
 LAYER = {unit: level for level, units in enumerate(LAYERS) for unit in units}
 

@@ -33,7 +33,9 @@ def net(seed: int) -> Net:
 
 def test_import_mirage_loads_nothing_heavy():
     code = "import sys, mirage; print(sorted(m for m in ('torch', 'mirage.defenses', 'pydantic') if m in sys.modules))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout
     assert out.strip() == "[]"
 
 
@@ -45,17 +47,27 @@ def test_every_export_resolves():
         _ = mirage.no_such_thing
 
 
-@pytest.mark.parametrize("defense, params", [
-    ("grad2", {"epsilon": 0.5}), ("grad2", {"epsilon": 0.5, "preserve_top1": True}),
-    ("mad", {"epsilon": 0.4}), ("reverse_sigmoid", {}), ("top_k", {"k": 3}),
-])
+@pytest.mark.parametrize(
+    "defense, params",
+    [
+        ("grad2", {"epsilon": 0.5}),
+        ("grad2", {"epsilon": 0.5, "preserve_top1": True}),
+        ("mad", {"epsilon": 0.4}),
+        ("reverse_sigmoid", {}),
+        ("top_k", {"k": 3}),
+    ],
+)
 def test_protect_answers_as_the_defense_does_on_a_users_module(defense, params):
     model, surrogate = net(0), net(1)
     x = torch.rand(9, 1, 8, 8)
     parts = {"surrogate": surrogate} if defense in ("grad2", "mad") else {}
     api = mirage.protect(model, defense, batch_size=4, **params, **parts)
-    expected = torch.cat([mirage.create_defense(defense, **params, **parts)(chunk, torch.softmax(model(chunk), 1))
-                          for chunk in x.split(4)]).detach()
+    expected = torch.cat(
+        [
+            mirage.create_defense(defense, **params, **parts)(chunk, torch.softmax(model(chunk), 1))
+            for chunk in x.split(4)
+        ]
+    ).detach()
     torch.testing.assert_close(api.predict(x), expected)
     torch.testing.assert_close(api(x), expected)
     torch.testing.assert_close(api.clean(x), torch.softmax(model(x), 1).detach())
@@ -64,21 +76,32 @@ def test_protect_answers_as_the_defense_does_on_a_users_module(defense, params):
 def test_protect_takes_a_surrogate_checkpoint_path_a_preprocess_and_a_plain_callable(tmp_path):
     torch.manual_seed(3)
     surrogate = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
-    card = ModelCard(architecture="lenet", input_shape=(1, 8, 8), num_classes=10, mean=(0.3,), std=(0.3,),
-                     dataset="digits", seed=3)
+    card = ModelCard(
+        architecture="lenet",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        mean=(0.3,),
+        std=(0.3,),
+        dataset="digits",
+        seed=3,
+    )
     path = save_checkpoint(surrogate, card, tmp_path / "surrogate")
     model = net(0)
 
-    def callable_model(x):              # not an nn.Module: the defense needs probabilities only
+    def callable_model(x):  # not an nn.Module: the defense needs probabilities only
         return model(x)
 
-    def preprocess(images):             # (B, H, W) uint8 -> (B, 1, H, W) in [0, 1]
+    def preprocess(images):  # (B, H, W) uint8 -> (B, 1, H, W) in [0, 1]
         return torch.as_tensor(images).float().div(255).unsqueeze(1)
 
     raw = torch.randint(0, 256, (5, 8, 8), dtype=torch.uint8)
-    api = mirage.protect(callable_model, "grad2", epsilon=0.6, surrogate=str(path), preprocess=preprocess)
+    api = mirage.protect(
+        callable_model, "grad2", epsilon=0.6, surrogate=str(path), preprocess=preprocess
+    )
     x = preprocess(raw)
-    expected = mirage.create_defense("grad2", epsilon=0.6, surrogate=surrogate)(x, torch.softmax(model(x), 1).detach())
+    expected = mirage.create_defense("grad2", epsilon=0.6, surrogate=surrogate)(
+        x, torch.softmax(model(x), 1).detach()
+    )
     torch.testing.assert_close(api.predict(raw), expected)
     built = mirage.create_defense("mad", epsilon=0.3, surrogate=surrogate)
     assert mirage.protect(model, built).defense is built
@@ -102,13 +125,25 @@ def test_bench_evaluate_runs_one_protocol_run_on_a_defense_instance(isolated_cac
     from mirage.models.fit import TrainConfig
 
     fast = TrainConfig(epochs=1, batch_size=64)
-    clean = mirage.bench.evaluate(None, scenario="digits", attack="knockoff", budget=150,
-                                  clone_training=fast, eval_size=100)
+    clean = mirage.bench.evaluate(
+        None, scenario="digits", attack="knockoff", budget=150, clone_training=fast, eval_size=100
+    )
     assert clean.queries == 150 and clean.defender_l1 == 0.0
-    assert clean.defender_accuracy == pytest.approx(clean.victim_accuracy) and clean.victim_accuracy > 0.5
-    noisy = mirage.bench.evaluate(mirage.create_defense("random_noise", epsilon=0.8, seed=1), scenario="digits",
-                                  attack="knockoff", budget=150, clone_training=fast, eval_size=100)
-    assert noisy.effective_l1 == pytest.approx(0.8, abs=0.02) and noisy.defender_l1 == pytest.approx(0.8, abs=0.02)
+    assert (
+        clean.defender_accuracy == pytest.approx(clean.victim_accuracy)
+        and clean.victim_accuracy > 0.5
+    )
+    noisy = mirage.bench.evaluate(
+        mirage.create_defense("random_noise", epsilon=0.8, seed=1),
+        scenario="digits",
+        attack="knockoff",
+        budget=150,
+        clone_training=fast,
+        eval_size=100,
+    )
+    assert noisy.effective_l1 == pytest.approx(
+        0.8, abs=0.02
+    ) and noisy.defender_l1 == pytest.approx(0.8, abs=0.02)
     assert 0 <= noisy.clone_accuracy <= 1 and noisy.as_dict()["queries"] == 150
 
 

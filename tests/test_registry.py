@@ -38,7 +38,9 @@ def test_unknown_names_raise_one_error_listing_the_known_ones(kind):
 
 def test_the_error_survives_pickling():  # process-pool and Dask workers send it back
     error = pickle.loads(pickle.dumps(UnknownNameError("scenario", "x", ["b", "a"])))
-    assert type(error) is UnknownNameError and str(error) == "unknown scenario 'x'; known: ['a', 'b']"
+    assert (
+        type(error) is UnknownNameError and str(error) == "unknown scenario 'x'; known: ['a', 'b']"
+    )
 
 
 def test_training_time_defenses_are_registered_like_query_time_ones():
@@ -51,7 +53,9 @@ def test_training_time_defenses_are_registered_like_query_time_ones():
     entry = TRAINING_DEFENSES["dpsgd"]
     assert entry.summary.startswith("DP-SGD") and entry.params.model_fields["noise_multiplier"]
     assert resolve_config("dpsgd", {"noise_multiplier": 2.0}) == entry.params(noise_multiplier=2.0)
-    assert is_training_time("ini") and not is_training_time("none") and not is_training_time("grad2")
+    assert (
+        is_training_time("ini") and not is_training_time("none") and not is_training_time("grad2")
+    )
 
 
 def test_a_defense_repr_is_one_short_line():
@@ -62,8 +66,18 @@ def test_a_defense_repr_is_one_short_line():
     from mirage.models import create_model
 
     surrogate = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.5,))
-    defense = create_defense("grad2", epsilon=0.5, target="unlearn", surrogate=surrogate,
-                             reference_x=torch.rand(50, 1, 8, 8), reference_y=torch.randint(0, 10, (50,)))
+    defense = create_defense(
+        "grad2",
+        epsilon=0.5,
+        target="unlearn",
+        surrogate=surrogate,
+        reference_x=torch.rand(50, 1, 8, 8),
+        reference_y=torch.randint(0, 10, (50,)),
+    )
     text = repr(defense)
     assert "\n" not in text and len(text) < 400, text
-    assert "reference_x=<tensor (50, 1, 8, 8)>" in text and "surrogate=<LeNet>" in text and "epsilon=0.5" in text
+    assert (
+        "reference_x=<tensor (50, 1, 8, 8)>" in text
+        and "surrogate=<LeNet>" in text
+        and "epsilon=0.5" in text
+    )

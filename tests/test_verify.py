@@ -65,7 +65,9 @@ def test_surrogate_early_stop_and_cache(isolated_cache):
     scenario = get_scenario("digits", victim_training=CONFIG)
     victim, card, _ = get_victim(scenario, show_progress=False)
     training = CONFIG.model_copy(update={"epochs": 4})
-    config = SurrogateConfig(kind="distilled", stop_epoch=2, training=training, checkpoints=2, num_queries=300)
+    config = SurrogateConfig(
+        kind="distilled", stop_epoch=2, training=training, checkpoints=2, num_queries=300
+    )
     members, cards, cached = get_surrogate(scenario, victim, card, config)
     assert len(members) == 2 and not cached and all(c.test_accuracy is not None for c in cards)
     again, _, cached = get_surrogate(scenario, victim, card, config)
@@ -78,10 +80,14 @@ def test_surrogate_early_stop_and_cache(isolated_cache):
     b = create_model("lenet", data.input_shape, 10, data.mean, data.std)
     b.load_state_dict(a.state_dict())
     early, _ = train_early_stopped(a, data.train.images[:200], data.train.labels[:200], training, 2)
-    full, _ = train_early_stopped(b, data.train.images[:200], data.train.labels[:200], training, 4, keep_last=4)
+    full, _ = train_early_stopped(
+        b, data.train.images[:200], data.train.labels[:200], training, 4, keep_last=4
+    )
     for name in early[0]:
         torch.testing.assert_close(early[0][name], full[1][name])
-    random_members, _, _ = get_surrogate(scenario, victim, card, SurrogateConfig(kind="random", stop_epoch=0))
+    random_members, _, _ = get_surrogate(
+        scenario, victim, card, SurrogateConfig(kind="random", stop_epoch=0)
+    )
     assert len(random_members) == 1
     with pytest.raises(ValueError):
         SurrogateConfig(stop_epoch=60)
@@ -120,20 +126,46 @@ def test_verify_reads_the_behaviour_a_service_config_serves(tmp_path):
     for seed in range(3):
         torch.manual_seed(seed)
         model = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,))
-        card = ModelCard(architecture="lenet", input_shape=(1, 8, 8), num_classes=10, mean=(0.5,), std=(0.3,),
-                         dataset="digits", seed=seed)
+        card = ModelCard(
+            architecture="lenet",
+            input_shape=(1, 8, 8),
+            num_classes=10,
+            mean=(0.5,),
+            std=(0.3,),
+            dataset="digits",
+            seed=seed,
+        )
         paths.append(str(save_checkpoint(model, card, tmp_path / f"m{seed}")))
     config = tmp_path / "serve.toml"
-    config.write_text('[model]\nname = "digits"\nscenario = "digits"\n[defense]\nname = "grad2"\n'
-                      'params = { target = "watermark", watermark = { source_class = 3, target_class = 5, size = 12 } }\n'
-                      f'[[clients]]\nname = "a"\nkey_sha256 = "{"a" * 64}"\n')
+    config.write_text(
+        '[model]\nname = "digits"\nscenario = "digits"\n[defense]\nname = "grad2"\n'
+        'params = { target = "watermark", watermark = { source_class = 3, target_class = 5, size = 12 } }\n'
+        f'[[clients]]\nname = "a"\nkey_sha256 = "{"a" * 64}"\n'
+    )
     models = ["--suspect", paths[0], "--clean", paths[1], "--clean", paths[2]]
     served = CliRunner().invoke(app, ["verify", *models, "--config", str(config)])
-    explicit = CliRunner().invoke(app, ["verify", *models, "--dataset", "digits", "--source-class", "3",
-                                        "--target-class", "5", "--size", "12"])
+    explicit = CliRunner().invoke(
+        app,
+        [
+            "verify",
+            *models,
+            "--dataset",
+            "digits",
+            "--source-class",
+            "3",
+            "--target-class",
+            "5",
+            "--size",
+            "12",
+        ],
+    )
     assert served.exit_code == 0 and explicit.exit_code == 0, served.output + explicit.output
     assert "12 digits images of class 3 -> 5" in served.output and served.output == explicit.output
-    config.write_text(config.read_text().replace('target = "watermark", watermark = { source_class = 3, '
-                                                 'target_class = 5, size = 12 }', 'target = "all-ones"'))
+    config.write_text(
+        config.read_text().replace(
+            'target = "watermark", watermark = { source_class = 3, target_class = 5, size = 12 }',
+            'target = "all-ones"',
+        )
+    )
     refused = CliRunner().invoke(app, ["verify", *models, "--config", str(config)])
     assert refused.exit_code == 2 and "serves no watermark" in refused.output

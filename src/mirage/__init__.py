@@ -19,10 +19,33 @@ from typing import Any
 __version__ = "0.1.0"
 
 __all__ = [
-    "DefenseSpec", "Evidence", "InProcessAPI", "Protected", "WatermarkConfig", "__version__", "api",
-    "attacks", "bench", "create_attack", "create_defense", "create_model", "defenses", "derive_key",
-    "distil_surrogate", "evaluate", "get_scenario", "list_attacks", "list_defenses", "load_checkpoint",
-    "load_images", "models", "name_the_thief", "ownership", "protect", "resolve_defense", "save_checkpoint",
+    "DefenseSpec",
+    "Evidence",
+    "InProcessAPI",
+    "Protected",
+    "WatermarkConfig",
+    "__version__",
+    "api",
+    "attacks",
+    "bench",
+    "create_attack",
+    "create_defense",
+    "create_model",
+    "defenses",
+    "derive_key",
+    "distil_surrogate",
+    "evaluate",
+    "get_scenario",
+    "list_attacks",
+    "list_defenses",
+    "load_checkpoint",
+    "load_images",
+    "models",
+    "name_the_thief",
+    "ownership",
+    "protect",
+    "resolve_defense",
+    "save_checkpoint",
 ]
 
 
@@ -55,21 +78,27 @@ def __getattr__(name: str) -> Any:
             from mirage.data import folders as module
         case "api":
             import mirage.api as package
+
             return package
         case "attacks":
             import mirage.attacks as package
+
             return package
         case "bench":
             import mirage.bench as package
+
             return package
         case "defenses":
             import mirage.defenses as package
+
             return package
         case "models":
             import mirage.models as package
+
             return package
         case "ownership":
             import mirage.ownership as package
+
             return package
         case _:
             raise AttributeError(f"module 'mirage' has no attribute {name!r}")

@@ -31,12 +31,20 @@ def resolve_device(name: str | torch.device | None = None) -> torch.device:
     try:
         device = torch.device(chosen)
     except (RuntimeError, ValueError):
-        raise ValueError(f"unknown device {str(chosen)!r}: use one of {', '.join(KINDS)} (cuda:N for a GPU)") from None
+        raise ValueError(
+            f"unknown device {str(chosen)!r}: use one of {', '.join(KINDS)} (cuda:N for a GPU)"
+        ) from None
     if device.type not in KINDS:
         raise ValueError(f"device {device} is not supported: use one of {', '.join(KINDS)}")
     if not device_available(device.type):
-        raise ValueError(f"device {device} was asked for (argument or MIRAGE_DEVICE) but this machine has none")
-    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(
+            f"device {device} was asked for (argument or MIRAGE_DEVICE) but this machine has none"
+        )
+    if (
+        device.type == "cuda"
+        and device.index is not None
+        and device.index >= torch.cuda.device_count()
+    ):
         raise ValueError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
     return device
 
@@ -49,7 +57,10 @@ def on_device(model: nn.Module, device: torch.device | None) -> nn.Module:
     if device is None or device.type == "cpu":
         return model
     if next(model.parameters(), None) is None:
-        log.warning("%s has no parameters to move: it runs where its runtime runs, not on %s",
-                    type(model).__name__, device)
+        log.warning(
+            "%s has no parameters to move: it runs where its runtime runs, not on %s",
+            type(model).__name__,
+            device,
+        )
         return model
     return copy.deepcopy(model).to(device).eval()

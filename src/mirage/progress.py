@@ -21,14 +21,21 @@ def progress_enabled(requested: bool = True) -> bool:
 
 
 @contextmanager
-def progress_bar(description: str, total: int, *, enabled: bool = True
-                 ) -> Iterator[Callable[..., None]]:
+def progress_bar(
+    description: str, total: int, *, enabled: bool = True
+) -> Iterator[Callable[..., None]]:
     """Yield ``advance(n, **fields)``; shows a bar with ETA when enabled."""
     if not progress_enabled(enabled):
         yield lambda n=1, **fields: None
         return
-    columns = (TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+    columns = (
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
     with Progress(*columns, transient=False) as progress:
         task = progress.add_task(description, total=total, info="")
 

@@ -33,8 +33,14 @@ class Protected:
     ``defense(x, softmax(model(preprocess(x))))``; the defense (and its surrogate) sees the
     preprocessed batch, the model's own input."""
 
-    def __init__(self, model: Model, defense: Defense, *, preprocess: Callable[[Any], Tensor] | None = None,
-                 batch_size: int = 256) -> None:
+    def __init__(
+        self,
+        model: Model,
+        defense: Defense,
+        *,
+        preprocess: Callable[[Any], Tensor] | None = None,
+        batch_size: int = 256,
+    ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
         self.model = model.eval() if isinstance(model, nn.Module) else model
@@ -45,13 +51,17 @@ class Protected:
     def _inputs(self, x: Any) -> Tensor:
         x = self.preprocess(x) if self.preprocess is not None else x
         if not isinstance(x, Tensor) or x.ndim != 4:
-            raise ValueError(f"the model's input must be a (B, C, H, W) tensor, got "
-                             f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+            raise ValueError(
+                f"the model's input must be a (B, C, H, W) tensor, got "
+                f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}"
+            )
         return x
 
     @torch.no_grad()
     def _clean(self, x: Tensor) -> Tensor:
-        return torch.cat([torch.softmax(self.model(chunk), dim=1) for chunk in x.split(self.batch_size)])
+        return torch.cat(
+            [torch.softmax(self.model(chunk), dim=1) for chunk in x.split(self.batch_size)]
+        )
 
     def clean(self, x: Any) -> Tensor:
         """The undefended probabilities softmax(model(preprocess(x))), (B, K)."""
@@ -61,7 +71,9 @@ class Protected:
         """Defended probabilities (B, K), in chunks of ``batch_size`` (each chunk is one
         request to the defense, as an API's batch would be)."""
         x = self._inputs(x)
-        return torch.cat([self.defense(chunk, self._clean(chunk)) for chunk in x.split(self.batch_size)])
+        return torch.cat(
+            [self.defense(chunk, self._clean(chunk)) for chunk in x.split(self.batch_size)]
+        )
 
     __call__ = predict
 
@@ -69,9 +81,16 @@ class Protected:
         return f"Protected({type(self.model).__name__}, {self.defense!r})"
 
 
-def protect(model: Model, defense: str | Defense = "grad2", *, preprocess: Callable[[Any], Tensor] | None = None,
-            scenario: str | Scenario | None = None, card: ModelCard | None = None, batch_size: int = 256,
-            **params: Any) -> Protected:
+def protect(
+    model: Model,
+    defense: str | Defense = "grad2",
+    *,
+    preprocess: Callable[[Any], Tensor] | None = None,
+    scenario: str | Scenario | None = None,
+    card: ModelCard | None = None,
+    batch_size: int = 256,
+    **params: Any,
+) -> Protected:
     """``model`` behind ``defense`` (a registered name with its ``params``, or a built
     :class:`~mirage.defenses.Defense`). Parts among ``params`` may be declarative
     (docs/design.md §defense-spec): ``surrogate="path/to/checkpoint"``; with ``scenario`` (and
@@ -82,15 +101,19 @@ def protect(model: Model, defense: str | Defense = "grad2", *, preprocess: Calla
             raise TypeError("pass either a built defense or a name with parameters, not both")
         return Protected(model, defense, preprocess=preprocess, batch_size=batch_size)
     if defense == "grad2" and params.get("surrogate") is None and scenario is None:
-        raise ValueError("grad2 needs a surrogate: surrogate=<nn.Module>, a checkpoint path, or with "
-                         "scenario= a kind such as 'distilled' (surrogate=model uses the model itself)")
-    spec = DefenseSpec.from_params(defense, params)   # live parts stay among the parameters
+        raise ValueError(
+            "grad2 needs a surrogate: surrogate=<nn.Module>, a checkpoint path, or with "
+            "scenario= a kind such as 'distilled' (surrogate=model uses the model itself)"
+        )
+    spec = DefenseSpec.from_params(defense, params)  # live parts stay among the parameters
     if spec.training_time:
-        raise ValueError(f"{defense} is a training-time defense: it trains a victim, it cannot protect a given model")
+        raise ValueError(
+            f"{defense} is a training-time defense: it trains a victim, it cannot protect a given model"
+        )
     if isinstance(scenario, str):
         scenario = get_scenario(scenario)
     victim = model if isinstance(model, nn.Module) else None
     resolved = resolve_params(spec, scenario, victim, card)
-    return Protected(model, create_defense(defense, **resolved), preprocess=preprocess,
-                     batch_size=batch_size)
-
+    return Protected(
+        model, create_defense(defense, **resolved), preprocess=preprocess, batch_size=batch_size
+    )

@@ -49,24 +49,54 @@ class Scenario(BaseModel):
     pool_root: str | None = None
 
 
-LENET_VICTIM = TrainConfig(epochs=20, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
-                           weight_decay=5e-4, schedule="cosine", seed=0)
+LENET_VICTIM = TrainConfig(
+    epochs=20,
+    batch_size=128,
+    lr=0.05,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    schedule="cosine",
+    seed=0,
+)
 
 SCENARIOS: dict[str, Scenario] = {
-    "fmnist": Scenario(name="fmnist", victim_dataset="fmnist", pool_dataset="mnist",
-                       victim_training=LENET_VICTIM, reverse_sigmoid_gamma=0.4),
-    "fmnist-id": Scenario(name="fmnist-id", victim_dataset="fmnist", pool_dataset="fmnist",
-                          victim_training=LENET_VICTIM, reverse_sigmoid_gamma=0.4),
-    "mnist": Scenario(name="mnist", victim_dataset="mnist", pool_dataset="fmnist",
-                      victim_training=LENET_VICTIM.model_copy(update={"epochs": 30}),
-                      reverse_sigmoid_gamma=0.2),
-    "digits": Scenario(name="digits", victim_dataset="digits", pool_dataset="digits",
-                       victim_training=LENET_VICTIM.model_copy(update={"epochs": 15}),
-                       arch_kwargs={}),
-    "cifar10": Scenario(name="cifar10", victim_dataset="cifar10", architecture="resnet",
-                        pool_dataset="cifar100",
-                        victim_training=TrainConfig(epochs=100, lr=0.1, augment=True),
-                        reverse_sigmoid_gamma=0.1),
+    "fmnist": Scenario(
+        name="fmnist",
+        victim_dataset="fmnist",
+        pool_dataset="mnist",
+        victim_training=LENET_VICTIM,
+        reverse_sigmoid_gamma=0.4,
+    ),
+    "fmnist-id": Scenario(
+        name="fmnist-id",
+        victim_dataset="fmnist",
+        pool_dataset="fmnist",
+        victim_training=LENET_VICTIM,
+        reverse_sigmoid_gamma=0.4,
+    ),
+    "mnist": Scenario(
+        name="mnist",
+        victim_dataset="mnist",
+        pool_dataset="fmnist",
+        victim_training=LENET_VICTIM.model_copy(update={"epochs": 30}),
+        reverse_sigmoid_gamma=0.2,
+    ),
+    "digits": Scenario(
+        name="digits",
+        victim_dataset="digits",
+        pool_dataset="digits",
+        victim_training=LENET_VICTIM.model_copy(update={"epochs": 15}),
+        arch_kwargs={},
+    ),
+    "cifar10": Scenario(
+        name="cifar10",
+        victim_dataset="cifar10",
+        architecture="resnet",
+        pool_dataset="cifar100",
+        victim_training=TrainConfig(epochs=100, lr=0.1, augment=True),
+        reverse_sigmoid_gamma=0.1,
+    ),
 }
 
 
@@ -94,7 +124,9 @@ def attacker_labels(scenario: Scenario, size: int | None, seed: int) -> ImageDat
     a seeded sample of the victim's training split (the test split scores the clone), or ``None``."""
     if size is None:
         return None
-    return load_dataset(scenario.victim_dataset, scenario.data_root).train.sample(size, seed + 7_741)
+    return load_dataset(scenario.victim_dataset, scenario.data_root).train.sample(
+        size, seed + 7_741
+    )
 
 
 class WatermarkSet(BaseModel):
@@ -119,9 +151,11 @@ def behaviour_set(data: DatasetSplits, watermark: WatermarkSet) -> ImageData:
     """The watermark's images, from ``data``'s training split, with their watermark labels."""
     for which in ("source_class", "target_class"):
         if getattr(watermark, which) >= data.num_classes:
-            raise ValueError(f"watermark {which} {getattr(watermark, which)} is not one of the "
-                             f"{data.num_classes} classes")
-    images = data.train.images[data.train.labels == watermark.source_class][:watermark.size]
+            raise ValueError(
+                f"watermark {which} {getattr(watermark, which)} is not one of the "
+                f"{data.num_classes} classes"
+            )
+    images = data.train.images[data.train.labels == watermark.source_class][: watermark.size]
     return ImageData(images, torch.full((len(images),), watermark.target_class, dtype=torch.int64))
 
 
@@ -143,14 +177,21 @@ def query_pool(scenario: Scenario) -> ImageData:
     same_data = scenario.pool_dataset == scenario.victim_dataset
     if scenario.pool_split == "train" or (same_data and scenario.pool_split == "all"):
         if same_data and scenario.pool_split == "all":
-            log.info("pool %s is the victim's dataset: using its training split only", scenario.pool_dataset)
+            log.info(
+                "pool %s is the victim's dataset: using its training split only",
+                scenario.pool_dataset,
+            )
         return pool.train
     if scenario.pool_split == "test":
         if same_data:
-            raise ValueError("the pool cannot be the victim's own test split (it is the evaluation set)")
+            raise ValueError(
+                "the pool cannot be the victim's own test split (it is the evaluation set)"
+            )
         return pool.test
-    return ImageData(torch.cat([pool.train.images, pool.test.images]),
-                     torch.cat([pool.train.labels, pool.test.labels]))
+    return ImageData(
+        torch.cat([pool.train.images, pool.test.images]),
+        torch.cat([pool.train.labels, pool.test.labels]),
+    )
 
 
 def seed_source(scenario: Scenario) -> ImageData:

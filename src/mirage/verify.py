@@ -53,12 +53,20 @@ def behaviour_statistics(model: nn.Module, x_w: Tensor, y_w: Tensor) -> tuple[fl
     device = next(model.parameters()).device
     log_p = F.log_softmax(model(x_w.to(device)), dim=1).cpu()
     model.train(was_training)
-    return (log_p.gather(1, y_w.view(-1, 1)).mean().item(),
-            (log_p.argmax(1) == y_w).float().mean().item())
+    return (
+        log_p.gather(1, y_w.view(-1, 1)).mean().item(),
+        (log_p.argmax(1) == y_w).float().mean().item(),
+    )
 
 
-def verify(suspect: nn.Module, clean_models: Sequence[nn.Module], x_w: Tensor, y_w: Tensor, *,
-           alpha: float = 0.01) -> Verification:
+def verify(
+    suspect: nn.Module,
+    clean_models: Sequence[nn.Module],
+    x_w: Tensor,
+    y_w: Tensor,
+    *,
+    alpha: float = 0.01,
+) -> Verification:
     """Test whether ``suspect`` carries the behaviour more than the ≥ 2 ``clean_models`` do."""
     if len(clean_models) < 2:
         raise ValueError("need at least two clean models to estimate the null")
@@ -71,7 +79,12 @@ def verify(suspect: nn.Module, clean_models: Sequence[nn.Module], x_w: Tensor, y
     spread = max(values.std().item(), 1e-12) * math.sqrt(1 + 1 / n)
     t = (statistic - values.mean().item()) / spread
     return Verification(
-        statistic=statistic, match_rate=match,
-        clean_statistics=tuple(values.tolist()), clean_match_rates=tuple(c[1] for c in clean),
-        t=t, p_value=float(stats.t.sf(t, df=n - 1)),
-        empirical_p_value=(1 + int((values >= statistic).sum())) / (n + 1), alpha=alpha)
+        statistic=statistic,
+        match_rate=match,
+        clean_statistics=tuple(values.tolist()),
+        clean_match_rates=tuple(c[1] for c in clean),
+        t=t,
+        p_value=float(stats.t.sf(t, df=n - 1)),
+        empirical_p_value=(1 + int((values >= statistic).sum())) / (n + 1),
+        alpha=alpha,
+    )

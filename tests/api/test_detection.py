@@ -39,7 +39,11 @@ def reference_prada(xs, labels, delta, min_distances):
         if d > t:
             growing[c].append(x)
             admitted[c].append(d)
-        if len(distances) >= min_distances and alarm_at is None and shapiro(distances).statistic < delta:
+        if (
+            len(distances) >= min_distances
+            and alarm_at is None
+            and shapiro(distances).statistic < delta
+        ):
             alarm_at = n
     return growing, distances, alarm_at
 
@@ -47,13 +51,17 @@ def reference_prada(xs, labels, delta, min_distances):
 def test_one_query_at_a_time_matches_the_reference():
     rng = np.random.default_rng(0)
     xs = rng.random((300, 1, 4, 4)).astype(np.float32)
-    xs[150:] = xs[:150] + 0.01 * rng.standard_normal((150, 1, 4, 4)).astype(np.float32)  # synthetic half
+    xs[150:] = xs[:150] + 0.01 * rng.standard_normal((150, 1, 4, 4)).astype(
+        np.float32
+    )  # synthetic half
     labels = rng.integers(0, 3, 300)
     config = PradaConfig(delta=0.9, min_distances=20, window=5000, max_stored=5000)
     detector = PradaDetector(config)
     for x, c in zip(xs, labels, strict=True):
         state = detector.observe("a", torch.from_numpy(x[None]), torch.tensor([c]))
-    growing, distances, alarm_at = reference_prada([x.reshape(-1) for x in xs], labels.tolist(), 0.9, 20)
+    growing, distances, alarm_at = reference_prada(
+        [x.reshape(-1) for x in xs], labels.tolist(), 0.9, 20
+    )
     np.testing.assert_allclose(np.array(state.distances), np.array(distances), rtol=1e-5)
     assert {c: len(v) for c, v in state.stored.items()} == {c: len(v) for c, v in growing.items()}
     assert state.alarm_at == alarm_at is not None
@@ -65,7 +73,7 @@ def test_a_single_class_request_equals_its_queries_one_by_one():
     batched, single = PradaDetector(), PradaDetector()
     state = batched.observe("a", x, labels)
     for i in range(64):
-        one = single.observe("a", x[i:i + 1], labels[i:i + 1])
+        one = single.observe("a", x[i : i + 1], labels[i : i + 1])
     assert list(state.distances) == pytest.approx(list(one.distances), rel=1e-5)
     assert len(state.stored[0]) == len(one.stored[0])
 
@@ -74,7 +82,11 @@ def test_memory_is_bounded_and_clients_are_apart():
     detector = PradaDetector(PradaConfig(max_stored=50, window=40, min_distances=10))
     generator = torch.Generator().manual_seed(2)
     for _ in range(10):
-        detector.observe("a", torch.rand(100, 1, 4, 4, generator=generator), torch.randint(0, 4, (100,), generator=generator))
+        detector.observe(
+            "a",
+            torch.rand(100, 1, 4, 4, generator=generator),
+            torch.randint(0, 4, (100,), generator=generator),
+        )
     a = detector.state("a")
     assert sum(len(v) for v in a.stored.values()) == 50 == len(a.order)
     assert len(a.distances) == 40 and a.queries == 1000
@@ -121,10 +133,18 @@ def test_the_api_acts_on_an_alarm_for_that_client_only(digits, victim, action):
 
     detector = PradaDetector(PradaConfig(delta=0.9))
     strong = create_defense("argmax")
-    thief = InProcessAPI(victim, None, detector=detector, client="thief", on_alarm=action,
-                         alarm_defense=strong, batch_size=20)
-    benign = InProcessAPI(victim, None, detector=detector, client="benign", on_alarm=action,
-                          alarm_defense=strong)
+    thief = InProcessAPI(
+        victim,
+        None,
+        detector=detector,
+        client="thief",
+        on_alarm=action,
+        alarm_defense=strong,
+        batch_size=20,
+    )
+    benign = InProcessAPI(
+        victim, None, detector=detector, client="benign", on_alarm=action, alarm_defense=strong
+    )
     thief.query(_jbda_like(digits.test.images[:20]))
     benign.query(digits.test.images)
     assert thief.alarmed and not benign.alarmed

@@ -53,13 +53,16 @@ def test_budget_is_exact_and_a_refused_request_spends_nothing(model):
     assert api.queries_used == 10
 
 
-@pytest.mark.parametrize("bad, message", [
-    (torch.rand(2, 1, 27, 28), "shape"),
-    (torch.rand(0, 1, 28, 28), "empty"),
-    (torch.full((1, 1, 28, 28), float("nan")), "NaN"),
-    (torch.rand(1, 1, 28, 28) + 1.5, r"\[0, 1\]"),
-    (torch.randint(0, 2, (1, 1, 28, 28)), "floating"),
-])
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (torch.rand(2, 1, 27, 28), "shape"),
+        (torch.rand(0, 1, 28, 28), "empty"),
+        (torch.full((1, 1, 28, 28), float("nan")), "NaN"),
+        (torch.rand(1, 1, 28, 28) + 1.5, r"\[0, 1\]"),
+        (torch.randint(0, 2, (1, 1, 28, 28)), "floating"),
+    ],
+)
 def test_invalid_queries_are_refused_without_spending(model, bad, message):
     api = InProcessAPI(model, query_budget=100)
     with pytest.raises(ValueError, match=message):

@@ -23,7 +23,13 @@ def digits():
 def victim(digits):
     torch.manual_seed(0)
     model = create_model("lenet", digits.input_shape, 10, digits.mean, digits.std)
-    fit(model, digits.train.images, digits.train.labels, TrainConfig(epochs=4, lr=0.05), show_progress=False)
+    fit(
+        model,
+        digits.train.images,
+        digits.train.labels,
+        TrainConfig(epochs=4, lr=0.05),
+        show_progress=False,
+    )
     return model.eval()
 
 

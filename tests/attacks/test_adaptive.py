@@ -34,12 +34,24 @@ LOGITS = {
 @pytest.mark.parametrize("answers", ADVERSARIAL.values(), ids=ADVERSARIAL.keys())
 @pytest.mark.parametrize("logits", LOGITS.values(), ids=LOGITS.keys())
 def test_rewards_are_finite_and_bounded(answers, logits):
-    for reward in (certainty_reward(answers), diversity_reward(answers, answers[:0]),
-                   diversity_reward(answers, ADVERSARIAL["mixed"]), loss_reward(answers, logits)):
+    for reward in (
+        certainty_reward(answers),
+        diversity_reward(answers, answers[:0]),
+        diversity_reward(answers, ADVERSARIAL["mixed"]),
+        loss_reward(answers, logits),
+    ):
         assert reward.shape == (6,) and torch.isfinite(reward).all() and (reward >= 0).all()
     assert (certainty_reward(answers) <= 1).all()
-    normalised = MinMaxNormaliser(3)(torch.stack([certainty_reward(answers), diversity_reward(
-        answers, answers[:0]), loss_reward(answers, logits)], 1))
+    normalised = MinMaxNormaliser(3)(
+        torch.stack(
+            [
+                certainty_reward(answers),
+                diversity_reward(answers, answers[:0]),
+                loss_reward(answers, logits),
+            ],
+            1,
+        )
+    )
     assert torch.isfinite(normalised).all() and (normalised >= 0).all() and (normalised <= 1).all()
 
 
@@ -51,7 +63,9 @@ def test_rewards_match_their_definitions():
     # ȳ = (0.5, 0.5, 0): Σ max(0, ỹ − ȳ)
     assert torch.allclose(diversity_reward(answers, recent), torch.tensor([0.3, 0.0, 0.0]))
     # uniform clone: CE = log 3 for every renormalised row
-    assert torch.allclose(loss_reward(answers, logits), torch.full((3,), torch.log(torch.tensor(3.0))))
+    assert torch.allclose(
+        loss_reward(answers, logits), torch.full((3,), torch.log(torch.tensor(3.0)))
+    )
 
 
 def test_gradient_bandit_update_matches_sutton_barto_loop():
@@ -84,7 +98,9 @@ def test_arm_queues_hand_out_each_image_once_from_the_right_arm():
     arms, n = arm_of_labels(labels, [[0, 2], [1]])
     assert n == 2 and arms.tolist() == [0, 1, 1, 0, 0, 0, 0, 1]
     queues = ArmQueues(arms, n, torch.Generator().manual_seed(0))
-    index, acted = queues.take(torch.tensor([0, 0, 1, 0, 0, 0, 0, 0, 1]))  # 7 asks of arm 0 (5 exist)
+    index, acted = queues.take(
+        torch.tensor([0, 0, 1, 0, 0, 0, 0, 0, 1])
+    )  # 7 asks of arm 0 (5 exist)
     assert len(set(index.tolist())) == len(index) == 7
     assert (arms[index] == acted).all()
     assert acted.tolist().count(0) == 5 and acted.tolist().count(1) == 2
@@ -100,7 +116,8 @@ def test_arm_queues_hand_out_each_image_once_from_the_right_arm():
 def test_attack_runs_on_adversarial_answers(kind, reward, victim, digits, clone_spec, served):
     api = InProcessAPI(victim, served(kind))
     result = create_attack("knockoff-adaptive", reward=reward, step_size=16).run(
-        api, 64, digits.train, clone_spec)
+        api, 64, digits.train, clone_spec
+    )
     record = result.history[0]
     assert result.queries == 64 and sum(record["arm_counts"]) == 64
     assert torch.isfinite(torch.tensor(record["final_policy"])).all()
@@ -122,11 +139,14 @@ def test_bandit_learns_which_arm_pays(victim, digits, clone_spec):
 
         def perturb(self, x, probs):
             is_zero = (x.flatten(1)[:, None] == zeros[None]).all(-1).any(-1)
-            return torch.where(is_zero[:, None], torch.eye(10)[0].expand_as(probs), torch.full_like(probs, 0.1))
+            return torch.where(
+                is_zero[:, None], torch.eye(10)[0].expand_as(probs), torch.full_like(probs, 0.1)
+            )
 
     zeros = digits.train.images[digits.train.labels == 0].flatten(1)
     api = InProcessAPI(victim, CertainOnZeros())
     result = create_attack("knockoff-adaptive", reward="certainty", step_size=8, bandit_lr=1.0).run(
-        api, 240, digits.train, clone_spec, seed=0)
+        api, 240, digits.train, clone_spec, seed=0
+    )
     counts = result.history[0]["arm_counts"]
     assert counts[0] > 3 * 240 / 10

@@ -19,15 +19,23 @@ def agreement(thief, victim, images):
 
 def fresh_thief(digits):
     torch.manual_seed(1)
-    return art_thief(create_model("lenet", digits.input_shape, 10, digits.mean, digits.std), lr=0.05)
+    return art_thief(
+        create_model("lenet", digits.input_shape, 10, digits.mean, digits.std), lr=0.05
+    )
 
 
 @pytest.mark.parametrize("attack_class", [KnockoffNets, CopycatCNN])
 def test_art_attack_steals_through_the_adapter(attack_class, victim, digits, served):
     api = InProcessAPI(victim, served("one-hot"), query_budget=400)
     np.random.seed(0)
-    art_attack = attack_class(as_art_classifier(api), batch_size_fit=32, batch_size_query=64,
-                              nb_epochs=15, nb_stolen=400, use_probability=True)
+    art_attack = attack_class(
+        as_art_classifier(api),
+        batch_size_fit=32,
+        batch_size_query=64,
+        nb_epochs=15,
+        nb_stolen=400,
+        use_probability=True,
+    )
     thief = art_attack.extract(digits.train.images.numpy(), thieved_classifier=fresh_thief(digits))
     assert api.queries_used == 400
     assert agreement(thief, victim, digits.test.images) > 0.5  # chance is 0.1

@@ -45,7 +45,8 @@ def test_jacobian_rounds_truncate_to_the_remaining_budget(name, victim, digits, 
 def test_jbda_stops_after_its_rounds(victim, digits, clone_spec):
     api = InProcessAPI(victim)
     result = create_attack("jbda", seed_size=10, rounds=3, substitute_epochs=1).run(
-        api, 1000, digits.train, clone_spec)
+        api, 1000, digits.train, clone_spec
+    )
     assert result.queries == api.queries_used == 80  # 10 * 2**3
 
 
@@ -64,7 +65,9 @@ def test_query_client_refuses_and_spends_nothing(victim):
     assert client.spent == 3 and client.remaining == 2
 
 
-def test_effective_l1_counts_only_the_attack_queries(victim, digits, clone_spec, served, recording_api):
+def test_effective_l1_counts_only_the_attack_queries(
+    victim, digits, clone_spec, served, recording_api
+):
     api = recording_api(victim, served("uniform"))
     api.query(digits.test.images[:7])  # someone else's queries, far from uniform answers
     result = create_attack("knockoff").run(api, 20, digits.train, clone_spec)

@@ -46,11 +46,16 @@ def captured(monkeypatch):
 
 def test_plain_attacker_has_no_active_switches():
     assert Countermeasures().active() == {}
-    assert Countermeasures(hard_labels=True, repeats=3).active() == {"hard_labels": True, "repeats": 3}
+    assert Countermeasures(hard_labels=True, repeats=3).active() == {
+        "hard_labels": True,
+        "repeats": 3,
+    }
 
 
 def test_hard_labels_train_on_one_hot_argmax(victim, digits, clone_spec, captured):
-    create_attack("knockoff", hard_labels=True).run(InProcessAPI(victim), 40, digits.train, clone_spec)
+    create_attack("knockoff", hard_labels=True).run(
+        InProcessAPI(victim), 40, digits.train, clone_spec
+    )
     answers = captured["answers"]
     with torch.no_grad():
         expected = torch.softmax(victim(captured["images"]), 1).argmax(1)
@@ -67,7 +72,9 @@ def test_soft_attacker_trains_on_the_full_answers(victim, digits, clone_spec, ca
 def test_flatten_trains_on_the_top1_and_its_probability_only(victim, digits, clone_spec, captured):
     """flatten: each row keeps its argmax and that probability, the rest spread evenly over the
     other classes (against a per-row loop); it refuses hard labels, which have no probability."""
-    create_attack("knockoff", variant="flattened").run(InProcessAPI(victim), 40, digits.train, clone_spec)
+    create_attack("knockoff", variant="flattened").run(
+        InProcessAPI(victim), 40, digits.train, clone_spec
+    )
     with torch.no_grad():
         clean = torch.softmax(victim(captured["images"]), 1)
     for row, answer in zip(clean, captured["answers"], strict=True):
@@ -80,17 +87,23 @@ def test_flatten_trains_on_the_top1_and_its_probability_only(victim, digits, clo
 
 
 def test_another_architecture(victim, digits, clone_spec):
-    result = create_attack("knockoff", architecture="vgg").run(InProcessAPI(victim), 20, digits.train, clone_spec)
+    result = create_attack("knockoff", architecture="vgg").run(
+        InProcessAPI(victim), 20, digits.train, clone_spec
+    )
     assert isinstance(result.clone, CompactVGG)
     plain = create_attack("knockoff").run(InProcessAPI(victim), 20, digits.train, clone_spec)
     assert isinstance(plain.clone, LeNet)
 
 
 def test_adam_and_augmentation_change_the_training_recipe(victim, digits, clone_spec, captured):
-    spec, _ = apply_countermeasures(Countermeasures(optimizer="adam", augment=True), clone_spec, 100)
+    spec, _ = apply_countermeasures(
+        Countermeasures(optimizer="adam", augment=True), clone_spec, 100
+    )
     assert spec.training.optimizer == "adam" and spec.training.lr == 1e-3 and spec.training.augment
     assert clone_spec.training.optimizer == "sgd" and not clone_spec.training.augment
-    create_attack("knockoff", optimizer="adam", augment=True).run(InProcessAPI(victim), 20, digits.train, clone_spec)
+    create_attack("knockoff", optimizer="adam", augment=True).run(
+        InProcessAPI(victim), 20, digits.train, clone_spec
+    )
     assert captured["spec"].training.optimizer == "adam" and captured["spec"].training.augment
 
 

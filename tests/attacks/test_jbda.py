@@ -13,7 +13,7 @@ from mirage.attacks.jbda import jacobian_step, step_size, targeted_pgd, top_othe
 def extreme_images(n=12):
     x = torch.rand(n, 1, 8, 8)
     x[: n // 3] = 0.0
-    x[n // 3: 2 * n // 3] = 1.0
+    x[n // 3 : 2 * n // 3] = 1.0
     return x
 
 
@@ -59,11 +59,14 @@ def test_top_other_classes_excludes_the_label_brute_force(victim):
 
 
 @pytest.mark.parametrize("name", ["jbda", "jb-self", "jb-top3"])
-def test_every_query_stays_in_the_valid_input_range(name, victim, digits, clone_spec, recording_api):
+def test_every_query_stays_in_the_valid_input_range(
+    name, victim, digits, clone_spec, recording_api
+):
     # a large step makes clipping matter
     api = recording_api(victim)
-    create_attack(name, seed_size=10, rounds=3, step=0.6, tau=1, substitute_epochs=1, pgd_steps=2).run(
-        api, 200, digits.test, clone_spec)
+    create_attack(
+        name, seed_size=10, rounds=3, step=0.6, tau=1, substitute_epochs=1, pgd_steps=2
+    ).run(api, 200, digits.test, clone_spec)
     asked = api.all_asked()
     assert asked.min() >= 0 and asked.max() <= 1
     assert len(asked) == (80 if name != "jb-top3" else 200)
@@ -85,7 +88,8 @@ def test_variants_use_the_label_they_say(victim, digits):
 
 def test_jbda_set_doubles_each_round(victim, digits, clone_spec):
     result = create_attack("jbda", seed_size=5, rounds=4, substitute_epochs=1).run(
-        InProcessAPI(victim), 1000, digits.test, clone_spec)
+        InProcessAPI(victim), 1000, digits.test, clone_spec
+    )
     sizes = [h["set_size"] for h in result.history if "set_size" in h]
     steps = [h["step"] for h in result.history if "step" in h]
     assert sizes == [5, 10, 20, 40, 80] and steps == [0.1] * 4

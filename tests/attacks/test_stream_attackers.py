@@ -31,19 +31,28 @@ def test_the_schedule_puts_floor_of_l_times_f_decoys_in_every_prefix():
     assert decoy_mask(0, 10, decoy_fraction(0.3)).nonzero().flatten().tolist() == [3, 6, 9]
 
 
-@pytest.mark.parametrize(("budget", "repeats", "batch"), [(10, 1, 3), (100, 1, 7), (91, 3, 5), (64, 2, 64)])
+@pytest.mark.parametrize(
+    ("budget", "repeats", "batch"), [(10, 1, 3), (100, 1, 7), (91, 3, 5), (64, 2, 64)]
+)
 def test_decoys_come_from_the_data_sit_at_their_positions_and_spend_the_budget_exactly(
-        victim, digits, recording_api, budget, repeats, batch):
+    victim, digits, recording_api, budget, repeats, batch
+):
     api = recording_api(victim, None)
     pool = digits.train.images[:50]
-    client = QueryClient(api, budget, repeats=repeats, mix_benign=0.3, decoys=pool,
-                         decoy_generator=torch.Generator().manual_seed(5))
+    client = QueryClient(
+        api,
+        budget,
+        repeats=repeats,
+        mix_benign=0.3,
+        decoys=pool,
+        decoy_generator=torch.Generator().manual_seed(5),
+    )
     positions = budget // repeats
     assert client.remaining == positions - positions * 3 // 10
     own = digits.test.images  # the attack's images: none is a pool image
     done = calls = 0
     while client.remaining:
-        x = own[done:done + min(batch, client.remaining)]
+        x = own[done : done + min(batch, client.remaining)]
         assert client.query(x).shape == (len(x), 10)
         done, calls = done + len(x), calls + 1
     assert client.spent == api.queries_used == repeats * positions > budget - repeats  # exact
@@ -53,20 +62,29 @@ def test_decoys_come_from_the_data_sit_at_their_positions_and_spend_the_budget_e
     assert rows_of(sent[is_decoy], pool).all() and not rows_of(sent[~is_decoy], pool).any()
     assert torch.equal(sent[~is_decoy], own[:done])
     assert len(api.asked) == calls  # the decoys travel inside the attack's own requests
-    assert len(set(map(tuple, sent[is_decoy].flatten(1).tolist()))) == min(client.decoys_sent, len(pool))
+    assert len(set(map(tuple, sent[is_decoy].flatten(1).tolist()))) == min(
+        client.decoys_sent, len(pool)
+    )
     images, answers = client.decoy_set()
     assert torch.equal(images, sent[is_decoy]) and answers.shape == (client.decoys_sent, 10)
     with pytest.raises(BudgetExhausted):
         client.query(own[:1])
 
 
-@pytest.mark.parametrize(("attack", "budget"), [("knockoff", 97), ("jbda", 130), ("knockoff-adaptive", 80)])
+@pytest.mark.parametrize(
+    ("attack", "budget"), [("knockoff", 97), ("jbda", 130), ("knockoff-adaptive", 80)]
+)
 def test_a_mixing_attack_spends_exactly_its_budget_and_trains_on_the_decoys_too(
-        victim, digits, clone_spec, recording_api, attack, budget):
+    victim, digits, clone_spec, recording_api, attack, budget
+):
     api = recording_api(victim, None)
-    extra = JBDA_SMALL if attack == "jbda" else {"query_batch_size": 16} if attack == "knockoff" else {}
+    extra = (
+        JBDA_SMALL if attack == "jbda" else {"query_batch_size": 16} if attack == "knockoff" else {}
+    )
     data = digits.test if attack == "jbda" else digits.train
-    result = create_attack(attack, variant="mixing", **extra).run(api, budget, data, clone_spec, seed=0)
+    result = create_attack(attack, variant="mixing", **extra).run(
+        api, budget, data, clone_spec, seed=0
+    )
     decoys = budget * 3 // 10
     assert result.queries == api.queries_used == budget and result.decoys == decoys
     assert result.transfer_size == budget  # the attack's images and the decoys
@@ -80,21 +98,33 @@ def test_several_keys_share_the_budget_round_robin_and_the_l1_adds_up(victim, di
     noisy = create_defense("random_noise", epsilon=0.5, seed=1)
     api = InProcessAPI(victim, noisy, client="thief")
     views = [api, *(api.for_client(f"thief{i}") for i in range(1, 4))]
-    result = create_attack("knockoff", query_batch_size=10).run(views, 97, digits.train, clone_spec, seed=0)
+    result = create_attack("knockoff", query_batch_size=10).run(
+        views, 97, digits.train, clone_spec, seed=0
+    )
     assert result.queries == 97 == sum(v.queries_used for v in views)
-    assert result.queries_per_key == [v.queries_used for v in views] == [30, 27, 20, 20]  # 10 requests
+    assert (
+        result.queries_per_key == [v.queries_used for v in views] == [30, 27, 20, 20]
+    )  # 10 requests
     l1 = sum(v.ledger.l1_sum for v in views) / 97
     assert result.effective_l1 == pytest.approx(l1) and result.effective_l1 > 0
-    assert views[1].model is api.model and views[1].defense is noisy and views[1].ledger is not api.ledger
+    assert (
+        views[1].model is api.model
+        and views[1].defense is noisy
+        and views[1].ledger is not api.ledger
+    )
 
 
 def test_a_shared_prada_detector_sees_a_quarter_of_the_stream_per_key(victim, digits, clone_spec):
     detector = PradaDetector(PradaConfig())
     api = InProcessAPI(victim, None, detector=detector, client="thief")
-    result = create_attack("jbda", variant="multi-key", **JBDA_SMALL).run(api, 320, digits.test, clone_spec, seed=0)
+    result = create_attack("jbda", variant="multi-key", **JBDA_SMALL).run(
+        api, 320, digits.test, clone_spec, seed=0
+    )
     assert result.queries == 320 and result.queries_per_key == [80, 80, 80, 80]
     assert set(detector.clients) == {"thief", "thief+1", "thief+2", "thief+3"}
-    assert [detector.state(name).queries for name in ("thief", "thief+1", "thief+2", "thief+3")] == [80] * 4
+    assert [
+        detector.state(name).queries for name in ("thief", "thief+1", "thief+2", "thief+3")
+    ] == [80] * 4
     assert api.queries_used == 80  # the API it was given is the first key
 
 
@@ -105,7 +135,9 @@ def test_mixing_half_the_stream_hides_jbda_from_prada_on_digits(victim, digits, 
     for mix in (0.0, 0.5):
         detector = PradaDetector(PradaConfig())
         api = InProcessAPI(victim, None, detector=detector, client="thief")
-        result = create_attack("jbda", mix_benign=mix, **JBDA_SMALL).run(api, 320, digits.test, clone_spec, seed=0)
+        result = create_attack("jbda", mix_benign=mix, **JBDA_SMALL).run(
+            api, 320, digits.test, clone_spec, seed=0
+        )
         outcome[mix] = detector.state("thief")
         assert outcome[mix].queries == result.queries == 320
     assert outcome[0.0].alarm_at is not None
@@ -131,6 +163,11 @@ def test_keys_and_decoys_are_validated(victim, digits, clone_spec):
         create_attack("knockoff", mix_benign=1.0)
     with pytest.raises(ValueError, match="decoys"):
         QueryClient(api, 10, mix_benign=0.3)
-    assert ATTACKER_SUITE["mixing"] == {"mix_benign": 0.3} and ATTACKER_SUITE["multi-key"] == {"api_keys": 4}
+    assert ATTACKER_SUITE["mixing"] == {"mix_benign": 0.3} and ATTACKER_SUITE["multi-key"] == {
+        "api_keys": 4
+    }
     assert create_attack("jbda", variant="multi-key").params.active() == {"api_keys": 4}
-    assert create_attack("jbda", variant="multi-key-hard-label").params.active() == {"api_keys": 4, "hard_labels": True}
+    assert create_attack("jbda", variant="multi-key-hard-label").params.active() == {
+        "api_keys": 4,
+        "hard_labels": True,
+    }

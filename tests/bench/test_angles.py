@@ -11,7 +11,7 @@ def reference_angle(model, x, y, t):
         grads = []
         for target in (y[i], t[i]):
             model.zero_grad()
-            (target * torch.log_softmax(model(x[i:i + 1]), 1)[0]).sum().backward()
+            (target * torch.log_softmax(model(x[i : i + 1]), 1)[0]).sum().backward()
             grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
         cos = torch.nn.functional.cosine_similarity(grads[0], grads[1], dim=0)
         out.append(torch.rad2deg(torch.arccos(cos.clamp(-1, 1))))

@@ -136,8 +136,12 @@ def test_the_hard_label_attacker_reuses_the_soft_label_transfer_set(model, cache
     soft_result = create_attack("knockoff", query_batch_size=32).run(soft, 96, pool, clone, seed=0)
     soft.close()
     hard = ReplayingAPI(noisy_api(model), cache)
-    hard_result = create_attack("knockoff", query_batch_size=32, hard_labels=True).run(hard, 96, pool, clone, seed=0)
-    assert hard.replayed == 96 and hard_result.effective_l1 == pytest.approx(soft_result.effective_l1)
+    hard_result = create_attack("knockoff", query_batch_size=32, hard_labels=True).run(
+        hard, 96, pool, clone, seed=0
+    )
+    assert hard.replayed == 96 and hard_result.effective_l1 == pytest.approx(
+        soft_result.effective_l1
+    )
 
 
 def test_the_cache_location_follows_the_environment(monkeypatch, tmp_path):
@@ -185,7 +189,9 @@ def test_a_cached_answer_of_the_wrong_shape_is_not_served(model, cache, caplog):
     assert all(torch.equal(a, b) for a, b in zip(got, expected, strict=True))
 
 
-def test_a_stateless_defense_keeps_the_shared_prefix_without_re_answering_it(model, cache, monkeypatch):
+def test_a_stateless_defense_keeps_the_shared_prefix_without_re_answering_it(
+    model, cache, monkeypatch
+):
     def rounding_api():
         return InProcessAPI(model, create_defense("rounding", decimals=2))
 
@@ -223,6 +229,7 @@ def test_odd_parameter_values_are_fingerprinted_or_refused_clearly():
     from mirage.bench.answers import _describe
 
     assert _describe({"a": np.float32(0.5), "b": np.arange(3)}) == _describe(
-        {"a": 0.5, "b": torch.arange(3)})
+        {"a": 0.5, "b": torch.arange(3)}
+    )
     with pytest.raises(TypeError, match="cannot fingerprint"):
         _describe(object())

@@ -7,16 +7,30 @@ from mirage.models.fit import TrainConfig
 
 @pytest.mark.slow
 def test_one_real_run_on_tiny_digits(isolated_cache):
-    spec = RunSpec(scenario="digits", defense="none", defense_label="none", defense_params={},
-                   attack="knockoff", attack_label="knockoff", attack_params={}, budget=300, seed=0,
-                   clone_training=TrainConfig(epochs=2, batch_size=64), eval_size=200)
+    spec = RunSpec(
+        scenario="digits",
+        defense="none",
+        defense_label="none",
+        defense_params={},
+        attack="knockoff",
+        attack_label="knockoff",
+        attack_params={},
+        budget=300,
+        seed=0,
+        clone_training=TrainConfig(epochs=2, batch_size=64),
+        eval_size=200,
+    )
     result = execute_run(spec)
-    assert result["victim_fingerprint"] == result["served_model_fingerprint"]  # the plain victim served
+    assert (
+        result["victim_fingerprint"] == result["served_model_fingerprint"]
+    )  # the plain victim served
     assert result["queries"] == 300 and result["transfer_size"] == 300
     assert 0 <= result["clone_accuracy"] <= 1 and result["victim_accuracy"] > 0.5
     assert result["effective_l1"] == 0.0 and result["defender_l1"] == 0.0
     assert result["defender_accuracy"] == pytest.approx(result["victim_accuracy"], abs=0.05)
-    assert max(result["angular_deviation"]) < 1.0  # undefended: the served gradient is the clean one
+    assert (
+        max(result["angular_deviation"]) < 1.0
+    )  # undefended: the served gradient is the clean one
     assert result["overhead_ratio"] > 0 and result["worker_peak_rss_mb"] > 50
     assert result["clone_diverged"] is False and result["clone_final_loss"] > 0
 
@@ -29,7 +43,11 @@ def test_clone_health_flags_diverged_and_collapsed_clones():
     clone = torch.nn.Linear(2, 2)
     spread = torch.arange(10)
     assert clone_health(clone, [{"final_loss": 0.5}], spread) == {
-        "clone_final_loss": 0.5, "clone_diverged": False, "clone_majority_fraction": 0.1, "clone_collapsed": False}
+        "clone_final_loss": 0.5,
+        "clone_diverged": False,
+        "clone_majority_fraction": 0.1,
+        "clone_collapsed": False,
+    }
     health = clone_health(clone, [{"final_loss": float("nan")}], spread)
     assert health["clone_final_loss"] is None and health["clone_diverged"] is True
     assert clone_health(clone, [], spread)["clone_diverged"] is False
@@ -42,13 +60,24 @@ def test_clone_health_flags_diverged_and_collapsed_clones():
 
 @pytest.mark.slow
 def test_a_rerun_replays_its_answered_transfer_set_and_gets_the_same_clone(isolated_cache):
-    spec = RunSpec(scenario="digits", defense="random_noise", defense_label="random_noise",
-                   defense_params={"epsilon": 0.5}, attack="knockoff", attack_label="knockoff",
-                   attack_params={}, budget=300, seed=0,
-                   clone_training=TrainConfig(epochs=1, batch_size=64), eval_size=200)
+    spec = RunSpec(
+        scenario="digits",
+        defense="random_noise",
+        defense_label="random_noise",
+        defense_params={"epsilon": 0.5},
+        attack="knockoff",
+        attack_label="knockoff",
+        attack_params={},
+        budget=300,
+        seed=0,
+        clone_training=TrainConfig(epochs=1, batch_size=64),
+        eval_size=200,
+    )
     first = execute_run(spec)
     assert first["answers_replayed"] == 0 and list((isolated_cache / "answers").rglob("*.pt"))
-    assert first["effective_l1_on"] == "queries" and first["effective_l1"] == pytest.approx(0.5, abs=0.01)
+    assert first["effective_l1_on"] == "queries" and first["effective_l1"] == pytest.approx(
+        0.5, abs=0.01
+    )
     second = execute_run(spec)
     assert second["answers_replayed"] == 300
     for key in ("clone_accuracy", "effective_l1", "angular_deviation", "defender_accuracy"):
@@ -56,16 +85,28 @@ def test_a_rerun_replays_its_answered_transfer_set_and_gets_the_same_clone(isola
 
 
 @pytest.mark.slow
-def test_a_run_goes_on_uncached_when_its_server_cannot_be_fingerprinted(isolated_cache, monkeypatch, caplog):
+def test_a_run_goes_on_uncached_when_its_server_cannot_be_fingerprinted(
+    isolated_cache, monkeypatch, caplog
+):
     from mirage.bench import answers
 
     def refuse(api):
         raise TypeError("cannot fingerprint a Widget defense parameter")
 
     monkeypatch.setattr(answers, "server_fingerprint", refuse)
-    spec = RunSpec(scenario="digits", defense="none", defense_label="none", defense_params={},
-                   attack="knockoff", attack_label="knockoff", attack_params={}, budget=100, seed=0,
-                   clone_training=TrainConfig(epochs=1, batch_size=64), eval_size=100)
+    spec = RunSpec(
+        scenario="digits",
+        defense="none",
+        defense_label="none",
+        defense_params={},
+        attack="knockoff",
+        attack_label="knockoff",
+        attack_params={},
+        budget=100,
+        seed=0,
+        clone_training=TrainConfig(epochs=1, batch_size=64),
+        eval_size=100,
+    )
     result = execute_run(spec)
     assert result["queries"] == 100 and result["answers_replayed"] == 0
     assert "answer cache off for this run" in caplog.text
@@ -73,45 +114,82 @@ def test_a_run_goes_on_uncached_when_its_server_cannot_be_fingerprinted(isolated
 
 
 @pytest.mark.slow
-def test_a_training_time_defense_reports_its_l1_and_agreement_against_the_plain_victim(isolated_cache):
+def test_a_training_time_defense_reports_its_l1_and_agreement_against_the_plain_victim(
+    isolated_cache,
+):
     from mirage.api import clean_posteriors
     from mirage.bench.execute import prepare_run, probe_images
     from mirage.data import load_dataset
     from mirage.scenarios import get_scenario, query_pool
 
     tiny = {"noise_multiplier": 1.0, "num_train": 640, "training": {"epochs": 1, "batch_size": 128}}
-    spec = RunSpec(scenario="digits", defense="dpsgd", defense_label="dpsgd", defense_params=tiny,
-                   attack="knockoff", attack_label="knockoff", attack_params={}, budget=100, seed=0,
-                   clone_training=TrainConfig(epochs=1, batch_size=64))
+    spec = RunSpec(
+        scenario="digits",
+        defense="dpsgd",
+        defense_label="dpsgd",
+        defense_params=tiny,
+        attack="knockoff",
+        attack_label="knockoff",
+        attack_params={},
+        budget=100,
+        seed=0,
+        clone_training=TrainConfig(epochs=1, batch_size=64),
+    )
     result = execute_run(spec)
     context = prepare_run(spec)
     assert context.training_time
     served, plain = context.served, context.plain
     probe = probe_images(query_pool(get_scenario("digits")).images, 0)
-    expected = (clean_posteriors(served, probe) - clean_posteriors(plain, probe)).abs().sum(1).mean()
-    assert result["effective_l1"] == pytest.approx(float(expected)) and result["effective_l1"] > 0.05
+    expected = (
+        (clean_posteriors(served, probe) - clean_posteriors(plain, probe)).abs().sum(1).mean()
+    )
+    assert (
+        result["effective_l1"] == pytest.approx(float(expected)) and result["effective_l1"] > 0.05
+    )
     assert result["effective_l1_on"] == "256 pool images"
     test = load_dataset("digits").test.images
-    agreement = (clean_posteriors(served, test).argmax(1) == clean_posteriors(plain, test).argmax(1)).float().mean()
+    agreement = (
+        (clean_posteriors(served, test).argmax(1) == clean_posteriors(plain, test).argmax(1))
+        .float()
+        .mean()
+    )
     assert result["defender_top1_agreement"] == pytest.approx(float(agreement)) and agreement < 1
     assert result["defender_l1"] > 0.05 and max(result["angular_deviation"]) > 1.0
 
 
 def _digits_run(defense, params, attack_params, label="knockoff", attack="knockoff"):
-    return RunSpec(scenario="digits", defense=defense, defense_label=defense, defense_params=params,
-                   attack=attack, attack_label=label, attack_params=attack_params, budget=300, seed=0,
-                   clone_training=TrainConfig(epochs=1, batch_size=64), eval_size=200)
+    return RunSpec(
+        scenario="digits",
+        defense=defense,
+        defense_label=defense,
+        defense_params=params,
+        attack=attack,
+        attack_label=label,
+        attack_params=attack_params,
+        budget=300,
+        seed=0,
+        clone_training=TrainConfig(epochs=1, batch_size=64),
+        eval_size=200,
+    )
 
 
 @pytest.mark.slow
 def test_hard_labels_of_a_top1_kept_defense_train_the_undefended_clone_and_say_so(isolated_cache):
     hard = {"hard_labels": True}
     undefended = execute_run(_digits_run("none", {}, hard))
-    kept = execute_run(_digits_run("grad2", {"epsilon": 1.0, "target": "max-norm", "preserve_top1": True,
-                                             "surrogate": "random"}, hard))
+    kept = execute_run(
+        _digits_run(
+            "grad2",
+            {"epsilon": 1.0, "target": "max-norm", "preserve_top1": True, "surrogate": "random"},
+            hard,
+        )
+    )
     flipped = execute_run(_digits_run("random_noise", {"epsilon": 1.5}, hard))
     assert undefended["clone_from_cache"] is False
-    assert kept["transfer_digest"] == undefended["transfer_digest"] and kept["clone_from_cache"] is True
+    assert (
+        kept["transfer_digest"] == undefended["transfer_digest"]
+        and kept["clone_from_cache"] is True
+    )
     assert kept["clone_accuracy"] == undefended["clone_accuracy"]
     assert kept["effective_l1"] > 0  # its soft answers differ; their argmax does not
     assert flipped["transfer_digest"] != undefended["transfer_digest"]
@@ -125,18 +203,42 @@ def test_the_restorer_is_told_the_defense_and_its_public_parameters_only(isolate
     def told(spec):
         return prepare_run(spec).told(spec.attack_params)["restorer"]
 
-    spec = _digits_run("grad2", {"epsilon": 0.5, "target": "all-ones", "surrogate": "distilled",
-                                 "surrogate_config": {"stop_epoch": 2}}, {"restorer": {"pairs": 100}})
-    assert told(spec) == {"pairs": 100, "defense": "grad2", "defense_params": {"epsilon": 0.5, "target": "all-ones"}}
-    watermark = _digits_run("grad2", {"target": "watermark", "watermark": {"source_class": 3, "target_class": 5}},
-                            {"restorer": {}})
+    spec = _digits_run(
+        "grad2",
+        {
+            "epsilon": 0.5,
+            "target": "all-ones",
+            "surrogate": "distilled",
+            "surrogate_config": {"stop_epoch": 2},
+        },
+        {"restorer": {"pairs": 100}},
+    )
+    assert told(spec) == {
+        "pairs": 100,
+        "defense": "grad2",
+        "defense_params": {"epsilon": 0.5, "target": "all-ones"},
+    }
+    watermark = _digits_run(
+        "grad2",
+        {"target": "watermark", "watermark": {"source_class": 3, "target_class": 5}},
+        {"restorer": {}},
+    )
     assert told(watermark)["defense_params"] == {"target": "watermark"}
-    tiny_dpsgd = {"noise_multiplier": 1.0, "num_train": 640, "training": {"epochs": 1, "batch_size": 128}}
+    tiny_dpsgd = {
+        "noise_multiplier": 1.0,
+        "num_train": 640,
+        "training": {"epochs": 1, "batch_size": 128},
+    }
     training_time = _digits_run("dpsgd", tiny_dpsgd, {"restorer": {}})
     assert told(training_time)["defense"] == "none"
-    result = execute_run(_digits_run("random_noise", {"epsilon": 1.0},
-                                     {"restorer": {"pairs": 100, "epochs": 5, "shadow_epochs": 2}},
-                                     label="knockoff/restorer"))
+    result = execute_run(
+        _digits_run(
+            "random_noise",
+            {"epsilon": 1.0},
+            {"restorer": {"pairs": 100, "epochs": 5, "shadow_epochs": 2}},
+            label="knockoff/restorer",
+        )
+    )
     assert result["restorer"]["pairs"] == 200 and result["queries"] == 300
 
 
@@ -164,8 +266,17 @@ def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_o
     data = ImageData(probe, torch.zeros(len(probe), dtype=torch.int64))
 
     def context(served, training_time):
-        return RunContext(scenario="digits", test=data, pool=data, clone=CloneSpec(), stores=Stores(tmp_path),
-                          served=served, plain=plain, defense=create_defense("none"), training_time=training_time)
+        return RunContext(
+            scenario="digits",
+            test=data,
+            pool=data,
+            clone=CloneSpec(),
+            stores=Stores(tmp_path),
+            served=served,
+            plain=plain,
+            defense=create_defense("none"),
+            training_time=training_time,
+        )
 
     query_time = probe_metrics(context(reloaded, False), fresh, probe)
     assert "effective_l1" not in query_time and max(query_time["angular_deviation"]) < 1.0
@@ -174,7 +285,9 @@ def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_o
 
 
 @pytest.mark.parametrize("switch", [{"api_keys": 2}, {"mix_benign": 0.3}])
-def test_the_stream_attackers_run_in_the_benchmark_with_their_keys_and_decoys(isolated_cache, switch):
+def test_the_stream_attackers_run_in_the_benchmark_with_their_keys_and_decoys(
+    isolated_cache, switch
+):
     """``run_attack`` builds the multi-key attacker's second key as a view (and skips the answer
     cache, which records one API's stream); the mixing attacker goes through the cache like any
     other."""
@@ -189,13 +302,26 @@ def test_the_stream_attackers_run_in_the_benchmark_with_their_keys_and_decoys(is
 
     torch.manual_seed(0)
     model = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
-    card = ModelCard(architecture="lenet", input_shape=(1, 8, 8), num_classes=10, mean=(0.3,), std=(0.3,),
-                     dataset="digits", seed=0)
+    card = ModelCard(
+        architecture="lenet",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        mean=(0.3,),
+        std=(0.3,),
+        dataset="digits",
+        seed=0,
+    )
     training = TrainConfig(epochs=1, batch_size=64)
-    context = RunContext(scenario="digits", test=load_dataset("digits").test, pool=query_pool(get_scenario("digits")),
-                         clone=CloneSpec.like(card, training=training),
-                         stores=Stores(isolated_cache, answers=isolated_cache / "answers"),
-                         served=model, plain=model, defense=create_defense("none"))
+    context = RunContext(
+        scenario="digits",
+        test=load_dataset("digits").test,
+        pool=query_pool(get_scenario("digits")),
+        clone=CloneSpec.like(card, training=training),
+        stores=Stores(isolated_cache, answers=isolated_cache / "answers"),
+        served=model,
+        plain=model,
+        defense=create_defense("none"),
+    )
     stolen = run_attack(context, "knockoff", {**switch, "query_batch_size": 50}, 200, 0)
     result = stolen.result
     assert result.queries == 200 and stolen.replayed == 0

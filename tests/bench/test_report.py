@@ -53,7 +53,11 @@ def test_summaries_from_records(tmp_path, small_config):
     points = points_table(panel)
     # the undefended point once, then the fake grid by cost; seeds 0 and 1 differ by 0.001
     assert [(r["defense"], r["params"]) for r in points] == [
-        ("fake", "epsilon=0.1"), ("fake", "epsilon=0.5"), ("fake", "epsilon=1.0"), ("none", "–")]
+        ("fake", "epsilon=0.1"),
+        ("fake", "epsilon=0.5"),
+        ("fake", "epsilon=1.0"),
+        ("none", "–"),
+    ]
     assert all(r["seeds"] == 2 and abs(r["clone_sd"] - 0.0005) < 1e-9 for r in points)
     assert abs(points[1]["clone_accuracy"] - (0.8005 - 0.15)) < 1e-9
     assert abs(points[1]["vs_undefended"] - (-0.15)) < 1e-9 and points[3]["vs_undefended"] == 0
@@ -84,9 +88,18 @@ def test_report_warns_about_mixed_victims_and_diverged_clones(tmp_path, small_co
     from mirage.bench.report import consistency_warnings
 
     base = {"scenario": "digits", "defense": "none", "clone_diverged": False}
-    assert consistency_warnings([{**base, "victim_fingerprint": "a"}, {**base, "victim_fingerprint": "a"}]) == []
-    warnings = consistency_warnings([{**base, "victim_fingerprint": "a", "clone_collapsed": True},
-                                     {**base, "victim_fingerprint": "b", "clone_diverged": True}])
+    assert (
+        consistency_warnings(
+            [{**base, "victim_fingerprint": "a"}, {**base, "victim_fingerprint": "a"}]
+        )
+        == []
+    )
+    warnings = consistency_warnings(
+        [
+            {**base, "victim_fingerprint": "a", "clone_collapsed": True},
+            {**base, "victim_fingerprint": "b", "clone_diverged": True},
+        ]
+    )
     assert len(warnings) == 4 and "2 different victims" in warnings[0]
     assert "diverged" in warnings[1] and "one class" in warnings[2] and "2 run(s)" in warnings[3]
 
@@ -104,25 +117,52 @@ def test_failed_clones_are_left_out_of_curves_and_references(tmp_path, small_con
 
 
 def test_sweep_cost_sums_run_time_per_scenario_and_keeps_the_memory_peak():
-    records = [{"scenario": "a", "wall_seconds": 1800.0, "worker_peak_rss_mb": 300.0},
-               {"scenario": "a", "wall_seconds": 1800.0},  # recorded before memory was
-               {"scenario": "b", "wall_seconds": 3600.0, "worker_peak_rss_mb": 500.0}]
+    records = [
+        {"scenario": "a", "wall_seconds": 1800.0, "worker_peak_rss_mb": 300.0},
+        {"scenario": "a", "wall_seconds": 1800.0},  # recorded before memory was
+        {"scenario": "b", "wall_seconds": 3600.0, "worker_peak_rss_mb": 500.0},
+    ]
     rows = {row["scenario"]: row for row in sweep_cost_table(records)}
-    assert rows["a"] == {"scenario": "a", "runs": 2, "run_hours": 1.0, "peak_rss_mb": 300.0,
-                         "runs_with_memory": 1}
+    assert rows["a"] == {
+        "scenario": "a",
+        "runs": 2,
+        "run_hours": 1.0,
+        "peak_rss_mb": 300.0,
+        "runs_with_memory": 1,
+    }
     assert rows["all"]["runs"] == 3 and rows["all"]["run_hours"] == 2.0
     assert rows["all"]["peak_rss_mb"] == 500.0
     assert sweep_cost_table([]) == []
 
 
 def test_points_table_abbreviates_nested_parameters():
-    base = {"scenario": "s", "attack_label": "a", "seed": 0, "victim_accuracy": 0.9,
-            "effective_l1": 0.0, "defender_l1": 0.0, "overhead_ratio": 1.0}
-    records = [{**base, "defense": "none", "defense_label": "none", "defense_params": {},
-                "defender_accuracy": 0.9, "clone_accuracy": 0.8},
-               {**base, "defense": "dpsgd", "defense_label": "dpsgd", "defender_accuracy": 0.8,
-                "defense_params": {"noise_multiplier": 1.0, "training": {"epochs": 2}},
-                "clone_accuracy": 0.7}]
+    base = {
+        "scenario": "s",
+        "attack_label": "a",
+        "seed": 0,
+        "victim_accuracy": 0.9,
+        "effective_l1": 0.0,
+        "defender_l1": 0.0,
+        "overhead_ratio": 1.0,
+    }
+    records = [
+        {
+            **base,
+            "defense": "none",
+            "defense_label": "none",
+            "defense_params": {},
+            "defender_accuracy": 0.9,
+            "clone_accuracy": 0.8,
+        },
+        {
+            **base,
+            "defense": "dpsgd",
+            "defense_label": "dpsgd",
+            "defender_accuracy": 0.8,
+            "defense_params": {"noise_multiplier": 1.0, "training": {"epochs": 2}},
+            "clone_accuracy": 0.7,
+        },
+    ]
     rows = {row["defense"]: row for row in points_table(curves(records)[("s", "a")])}
     assert rows["dpsgd"]["params"] == "noise_multiplier=1.0,training={…}"
     assert rows["dpsgd"]["vs_undefended"] == pytest.approx(-0.1)

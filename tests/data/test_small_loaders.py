@@ -22,10 +22,15 @@ def write_cifar10(root, per_batch=4):
     rng = np.random.default_rng(0)
     root.mkdir(parents=True)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
-                 b"labels": rng.integers(0, 10, per_batch).tolist(), b"batch_label": name.encode()}
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072)).astype(np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+            b"batch_label": name.encode(),
+        }
         (root / name).write_bytes(pickle.dumps(batch))
-    (root / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]}))
+    (root / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [f"c{i}".encode() for i in range(10)]})
+    )
     return root
 
 
@@ -34,7 +39,9 @@ def test_cifar10_pickle_layout(tmp_path):
     data = load_cifar10(tmp_path)  # the parent directory works too
     assert data.train.images.shape == (20, 3, 32, 32) and data.test.images.shape == (4, 3, 32, 32)
     assert data.classes[0] == "c0" and data.train.images.max() <= 1
-    raw = pickle.loads((tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes(), encoding="bytes")
+    raw = pickle.loads(
+        (tmp_path / "cifar-10-batches-py" / "data_batch_1").read_bytes(), encoding="bytes"
+    )
     first = torch.from_numpy(raw[b"data"][0].reshape(3, 32, 32)).float() / 255
     assert torch.equal(data.train.images[0], first)  # channel-major layout kept
 
@@ -44,10 +51,18 @@ def test_cifar100_pickle_layout(tmp_path):
     root.mkdir()
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 3)):
-        (root / split).write_bytes(pickle.dumps({b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
-                                                 b"fine_labels": rng.integers(0, 100, n).tolist(),
-                                                 b"coarse_labels": rng.integers(0, 20, n).tolist()}))
-    (root / "meta").write_bytes(pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]}))
+        (root / split).write_bytes(
+            pickle.dumps(
+                {
+                    b"data": rng.integers(0, 256, (n, 3072)).astype(np.uint8),
+                    b"fine_labels": rng.integers(0, 100, n).tolist(),
+                    b"coarse_labels": rng.integers(0, 20, n).tolist(),
+                }
+            )
+        )
+    (root / "meta").write_bytes(
+        pickle.dumps({b"fine_label_names": [f"f{i}".encode() for i in range(100)]})
+    )
     data = load_cifar100(root)
     assert data.num_classes == 100 and len(data.train) == 6 and len(data.test) == 3
 
@@ -83,7 +98,9 @@ def write_folder(root, classes=("ant", "bee", "cat"), per_class=5, size=(20, 14)
     for name in classes:
         (root / name).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(root / name / f"{i}.png")
+            Image.fromarray(rng.integers(0, 256, (*size[::-1], 3), dtype=np.uint8)).save(
+                root / name / f"{i}.png"
+            )
     return root
 
 
@@ -127,8 +144,15 @@ def test_image_folder_keeps_grayscale_and_its_own_size(tmp_path):
     assert len(data.mean) == 1
     every = torch.cat([data.train.images, data.test.images])
     expected = torch.stack([torch.from_numpy(p).float().div(255) for p in pixels.values()])[:, None]
-    assert sorted(every.flatten(1).tolist()) == sorted(expected.flatten(1).tolist())  # the same pixels, exactly
-    assert load_image_folder(tmp_path / "g", channels=3, image_size=16).train.images.shape == (6, 3, 16, 16)
+    assert sorted(every.flatten(1).tolist()) == sorted(
+        expected.flatten(1).tolist()
+    )  # the same pixels, exactly
+    assert load_image_folder(tmp_path / "g", channels=3, image_size=16).train.images.shape == (
+        6,
+        3,
+        16,
+        16,
+    )
 
 
 def test_images_of_several_sizes_need_an_image_size(tmp_path):
@@ -147,7 +171,9 @@ def test_unlabelled_images_from_a_tree_or_an_array(tmp_path):
     array = np.random.default_rng(0).integers(0, 256, (5, 8, 8), dtype=np.uint8)
     np.save(tmp_path / "x.npy", array)
     loaded = load_images(tmp_path / "x.npy")
-    assert loaded.shape == (5, 1, 8, 8) and torch.equal(loaded[:, 0], torch.from_numpy(array).float() / 255)
+    assert loaded.shape == (5, 1, 8, 8) and torch.equal(
+        loaded[:, 0], torch.from_numpy(array).float() / 255
+    )
     np.save(tmp_path / "bad.npy", np.full((2, 1, 4, 4), 2.0, dtype=np.float32))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         load_images(tmp_path / "bad.npy")

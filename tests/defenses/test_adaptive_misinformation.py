@@ -15,7 +15,9 @@ from mirage.training.outlier_exposure import (
     train_outlier_exposure,
 )
 
-CONFIG = TrainConfig(epochs=10, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0, schedule="constant", seed=0)
+CONFIG = TrainConfig(
+    epochs=10, batch_size=64, optimizer="adam", lr=3e-3, weight_decay=0, schedule="constant", seed=0
+)
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -30,24 +32,38 @@ def digits():
     pick = lambda split, lo, hi: split.images[(split.labels >= lo) & (split.labels <= hi)]
     inside = data.train.labels <= 4
     return {
-        "train_x": data.train.images[inside], "train_y": data.train.labels[inside],
-        "test_in": pick(data.test, 0, 4), "test_y": data.test.labels[data.test.labels <= 4],
-        "outliers": pick(data.train, 5, 7), "test_out": pick(data.test, 8, 9),
+        "train_x": data.train.images[inside],
+        "train_y": data.train.labels[inside],
+        "test_in": pick(data.test, 0, 4),
+        "test_y": data.test.labels[data.test.labels <= 4],
+        "outliers": pick(data.train, 5, 7),
+        "test_out": pick(data.test, 8, 9),
     }
 
 
 def mlp(seed: int) -> torch.nn.Module:
     """Any classifier works for both roles; a small MLP keeps the test fast."""
     torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 5))
+    return torch.nn.Sequential(
+        torch.nn.Flatten(), torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 5)
+    )
 
 
 @pytest.fixture(scope="module")
 def models(digits):
     oe, plain, mis = mlp(0), mlp(0), mlp(1)
-    train_outlier_exposure(oe, digits["train_x"], digits["train_y"], digits["outliers"], CONFIG, show_progress=False)
-    train_outlier_exposure(plain, digits["train_x"], digits["train_y"], digits["outliers"], CONFIG, weight=0.0,
-                           show_progress=False)
+    train_outlier_exposure(
+        oe, digits["train_x"], digits["train_y"], digits["outliers"], CONFIG, show_progress=False
+    )
+    train_outlier_exposure(
+        plain,
+        digits["train_x"],
+        digits["train_y"],
+        digits["outliers"],
+        CONFIG,
+        weight=0.0,
+        show_progress=False,
+    )
     train_misinformation(mis, digits["train_x"], digits["train_y"], CONFIG, show_progress=False)
     return oe, plain, mis
 
@@ -59,9 +75,15 @@ def test_losses_match_their_definitions():
     expected = -torch.log(1 - p[torch.arange(6), labels]).mean()
     torch.testing.assert_close(misinformation_loss(logits, labels), expected)
     out = torch.randn(4, 5, dtype=torch.float64)
-    uniform_ce = -(torch.full((4, 5), 0.2, dtype=torch.float64) * torch.log_softmax(out, 1)).sum(1).mean() / 0.2 / 5
-    torch.testing.assert_close(outlier_exposure_loss(logits, labels, out, 0.5),
-                               torch.nn.functional.cross_entropy(logits, labels) + 0.5 * uniform_ce)
+    uniform_ce = (
+        -(torch.full((4, 5), 0.2, dtype=torch.float64) * torch.log_softmax(out, 1)).sum(1).mean()
+        / 0.2
+        / 5
+    )
+    torch.testing.assert_close(
+        outlier_exposure_loss(logits, labels, out, 0.5),
+        torch.nn.functional.cross_entropy(logits, labels) + 0.5 * uniform_ce,
+    )
 
 
 def test_outlier_exposure_separates_unseen_ood_and_keeps_accuracy(digits, models):
@@ -70,7 +92,9 @@ def test_outlier_exposure_separates_unseen_ood_and_keeps_accuracy(digits, models
     assert accuracy > 0.9
     s_in, s_out = max_softmax(oe, digits["test_in"]), max_softmax(oe, digits["test_out"])
     assert auroc(s_in, s_out) > 0.85
-    assert auroc(s_in, s_out) > auroc(max_softmax(plain, digits["test_in"]), max_softmax(plain, digits["test_out"]))
+    assert auroc(s_in, s_out) > auroc(
+        max_softmax(plain, digits["test_in"]), max_softmax(plain, digits["test_out"])
+    )
 
 
 def test_misinformation_model_avoids_the_true_class(digits, models):
@@ -90,7 +114,9 @@ def test_defense_is_the_sigmoid_mix_of_victim_and_misinformation(digits, models)
     tau, nu = 0.9, 50.0
     alpha = 1 / (1 + torch.exp(-nu * (tau - s)))
     expected = (1 - alpha).unsqueeze(1) * y.double() + alpha.unsqueeze(1) * y_mis
-    defense = create_defense("adaptive_misinformation", oe_model=oe, misinformation_model=mis, tau=tau, nu=nu)
+    defense = create_defense(
+        "adaptive_misinformation", oe_model=oe, misinformation_model=mis, tau=tau, nu=nu
+    )
     served = defense(x, y)
     torch.testing.assert_close(served, expected.float())
     # In-distribution answers are mostly kept, OOD answers mostly replaced.

@@ -64,13 +64,26 @@ class Untraceable(Net):
 
 
 def sequential(k: int = K) -> nn.Module:
-    return nn.Sequential(nn.Conv2d(1, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
-                         nn.Linear(5 * 4 * 4, 12), nn.ReLU(), nn.Linear(12, k))
+    return nn.Sequential(
+        nn.Conv2d(1, 5, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(5 * 4 * 4, 12),
+        nn.ReLU(),
+        nn.Linear(12, k),
+    )
 
 
 def user_model(kind: str, k: int = K, seed: int = 0, dtype=torch.float64) -> nn.Module:
     torch.manual_seed(seed)
-    return {"net": Net, "quirky": Quirky, "untraceable": Untraceable, "sequential": sequential}[kind](k).to(dtype).eval()
+    return (
+        {"net": Net, "quirky": Quirky, "untraceable": Untraceable, "sequential": sequential}[kind](
+            k
+        )
+        .to(dtype)
+        .eval()
+    )
 
 
 def per_sample_scores(model, x, v):
@@ -78,9 +91,16 @@ def per_sample_scores(model, x, v):
     params = dict(model.named_parameters())
     rows = []
     for i in range(len(x)):
-        log_p = torch.log_softmax(model(x[i:i + 1]), 1)[0]
-        grads = [torch.autograd.grad(log_p[k], list(params.values()), retain_graph=True) for k in range(len(log_p))]
-        rows.append(torch.stack([sum((g * v[n]).sum() for n, g in zip(params, gs, strict=True)) for gs in grads]))
+        log_p = torch.log_softmax(model(x[i : i + 1]), 1)[0]
+        grads = [
+            torch.autograd.grad(log_p[k], list(params.values()), retain_graph=True)
+            for k in range(len(log_p))
+        ]
+        rows.append(
+            torch.stack(
+                [sum((g * v[n]).sum() for n, g in zip(params, gs, strict=True)) for gs in grads]
+            )
+        )
     return torch.stack(rows).detach() / len(x)
 
 
@@ -93,7 +113,9 @@ def test_grad2_scores_on_user_modules_equal_jvp_and_autograd(kind, target):
     check_direction(model, v)
     fused = SCORE_METHODS["fused"](model, x, v)
     torch.testing.assert_close(fused, SCORE_METHODS["jvp"](model, x, v), rtol=1e-9, atol=1e-12)
-    torch.testing.assert_close(fused, SCORE_METHODS["double-backward"](model, x, v), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        fused, SCORE_METHODS["double-backward"](model, x, v), rtol=1e-9, atol=1e-12
+    )
     torch.testing.assert_close(fused, per_sample_scores(model, x, v), rtol=1e-9, atol=1e-12)
 
 
@@ -107,7 +129,9 @@ def test_grad2_fused_path_needs_no_generic_jvp_on_known_layers(kind, monkeypatch
         raise AssertionError("the fused path fell back to torch.func.jvp")
 
     monkeypatch.setattr(scores, "jvp", refuse)
-    torch.testing.assert_close(SCORE_METHODS["fused"](model, x, all_ones(model)), expected, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        SCORE_METHODS["fused"](model, x, all_ones(model)), expected, rtol=1e-9, atol=1e-12
+    )
 
 
 @pytest.mark.parametrize("kind", ["net", "quirky", "sequential"])
@@ -124,9 +148,13 @@ def reference_last_gram(model, x, weight):
     """G Gᵀ with G = ∂ log p/∂W of the final linear layer, one autograd.grad per class."""
     grams = []
     for i in range(len(x)):
-        log_p = torch.log_softmax(model(x[i:i + 1]), 1)[0]
-        G = torch.stack([torch.autograd.grad(log_p[k], weight, retain_graph=True)[0].flatten()
-                         for k in range(len(log_p))])
+        log_p = torch.log_softmax(model(x[i : i + 1]), 1)[0]
+        G = torch.stack(
+            [
+                torch.autograd.grad(log_p[k], weight, retain_graph=True)[0].flatten()
+                for k in range(len(log_p))
+            ]
+        )
         grams.append(G @ G.T)
     return torch.stack(grams)
 
@@ -140,8 +168,12 @@ def test_mad_last_layer_on_user_modules_equals_autograd(kind, head, named):
     mad = create_defense("mad", epsilon=0.6, surrogate=model, head=head if named else None)
     reference = reference_last_gram(model, x, model.get_submodule(head).weight)
     torch.testing.assert_close(mad.gram(x, y), reference, rtol=1e-9, atol=1e-12)
-    vertex = candidate_objective(reference, y, torch.eye(K, dtype=y.dtype).expand(4, K, K), "cosine").argmax(1)
-    torch.testing.assert_close(mad(x, y), move_to_vertex(y, vertex, mad.vertex_step(y, vertex)), rtol=0, atol=1e-12)
+    vertex = candidate_objective(
+        reference, y, torch.eye(K, dtype=y.dtype).expand(4, K, K), "cosine"
+    ).argmax(1)
+    torch.testing.assert_close(
+        mad(x, y), move_to_vertex(y, vertex, mad.vertex_step(y, vertex)), rtol=0, atol=1e-12
+    )
 
 
 def test_mad_all_layers_on_a_user_module_equals_autograd():
@@ -151,9 +183,15 @@ def test_mad_all_layers_on_a_user_module_equals_autograd():
     params = list(model.parameters())
     grams = []
     for i in range(3):
-        log_p = torch.log_softmax(model(x[i:i + 1]), 1)[0]
-        G = torch.stack([torch.cat([g.flatten() for g in torch.autograd.grad(log_p[k], params, retain_graph=True)])
-                         for k in range(K)])
+        log_p = torch.log_softmax(model(x[i : i + 1]), 1)[0]
+        G = torch.stack(
+            [
+                torch.cat(
+                    [g.flatten() for g in torch.autograd.grad(log_p[k], params, retain_graph=True)]
+                )
+                for k in range(K)
+            ]
+        )
         grams.append(G @ G.T)
     mad = create_defense("mad", epsilon=0.6, surrogate=model, layers="all")
     torch.testing.assert_close(mad.gram(x, y), torch.stack(grams), rtol=1e-8, atol=1e-10)
@@ -173,12 +211,15 @@ class NoLinear(nn.Module):
         return self.conv(x).flatten(1)
 
 
-@pytest.mark.parametrize("model, head, message", [
-    (NoLinear(), None, "has none"),
-    (Scaled(), None, "not the model's logits"),
-    (Net(), "conv1", "must name an nn.Linear"),
-    (Net(), "nope", "no such module"),
-])
+@pytest.mark.parametrize(
+    "model, head, message",
+    [
+        (NoLinear(), None, "has none"),
+        (Scaled(), None, "not the model's logits"),
+        (Net(), "conv1", "must name an nn.Linear"),
+        (Net(), "nope", "no such module"),
+    ],
+)
 def test_mad_last_layer_says_clearly_when_there_is_no_head(model, head, message):
     mad = create_defense("mad", epsilon=0.5, surrogate=model.eval(), head=head)
     with pytest.raises(ValueError, match=message):
@@ -188,14 +229,15 @@ def test_mad_last_layer_says_clearly_when_there_is_no_head(model, head, message)
 @pytest.mark.parametrize("key", sorted(FACTORIES))
 @pytest.mark.parametrize("kind", ["net", "sequential"])
 def test_every_registered_defense_runs_on_a_user_module(key, kind, monkeypatch):
-    monkeypatch.setattr(factories, "tiny_model", lambda k, seed=0: user_model(kind, k, seed, torch.float32))
+    monkeypatch.setattr(
+        factories, "tiny_model", lambda k, seed=0: user_model(kind, k, seed, torch.float32)
+    )
     victim = user_model(kind, K, 9, torch.float32)
     x = torch.rand(5, 1, 8, 8)
     with torch.no_grad():
         probs = torch.softmax(victim(x), 1)
-    served = FACTORIES[key](K)(x, probs)   # Defense.__call__ checks simplex and budget
+    served = FACTORIES[key](K)(x, probs)  # Defense.__call__ checks simplex and budget
     assert served.shape == probs.shape
-
 
 
 class InPlace(Net):
@@ -210,17 +252,21 @@ class InPlace(Net):
 
 
 @pytest.mark.parametrize("walk_fails", [False, True])
-def test_a_graph_the_walk_cannot_take_falls_back_to_jvp_on_the_module(walk_fails, monkeypatch, caplog):
+def test_a_graph_the_walk_cannot_take_falls_back_to_jvp_on_the_module(
+    walk_fails, monkeypatch, caplog
+):
     torch.manual_seed(0)
     model = InPlace().double().eval()
     x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
     v = random_direction(model, 1)
     if walk_fails:
+
         def fail(*args, **kwargs):
             raise RuntimeError("no rule")
 
         monkeypatch.setattr(scores, "_call_jvp", fail)
-    torch.testing.assert_close(SCORE_METHODS["fused"](model, x, v), per_sample_scores(model, x, v),
-                               rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(
+        SCORE_METHODS["fused"](model, x, v), per_sample_scores(model, x, v), rtol=1e-9, atol=1e-12
+    )
     assert ("cannot be walked" in caplog.text) == walk_fails
     assert (scores._graph_of(model) is None) == walk_fails

@@ -38,8 +38,11 @@ def test_check_probs_rejects_bad_rows():
     good = torch.softmax(torch.randn(3, 4), 1)
     check_probs(good)
     cases = [
-        (good[0], "shape"), (good[:0], "at least one row"), (good.clone().fill_(float("nan")), "NaN"),
-        (good * 2, "sum to 1"), (torch.tensor([[1.5, -0.5]]), "negative"),
+        (good[0], "shape"),
+        (good[:0], "at least one row"),
+        (good.clone().fill_(float("nan")), "NaN"),
+        (good * 2, "sum to 1"),
+        (torch.tensor([[1.5, -0.5]]), "negative"),
         (good.to(torch.int64), "floating"),
     ]
     for bad, message in cases:
@@ -78,7 +81,15 @@ def test_register_twice_is_an_error():
 def test_a_defense_declares_its_contract_in_one_place():
     """No contract attribute is spelled outside DefenseContract: no class attributes, instance
     attributes or properties named after its fields (the old spellings included)."""
-    spellings = {"needs_input", "truncating", "keeps_top1", "preserves_top1", "stateful", "epsilon", "budget"}
+    spellings = {
+        "needs_input",
+        "truncating",
+        "keeps_top1",
+        "preserves_top1",
+        "stateful",
+        "epsilon",
+        "budget",
+    }
     for name, entry in DEFENSES.items():
         for cls in entry.cls.__mro__:
             assert not spellings & set(vars(cls)), (name, cls.__name__, spellings & set(vars(cls)))
@@ -101,4 +112,6 @@ def test_the_base_class_checks_the_budget_in_the_contracts_distance():
 
     with pytest.raises(DefenseInvariantError, match="KL .* exceeds budget 0.01"):
         KLOverspend()(None, torch.tensor([[0.9, 0.05, 0.05]]))
-    assert torch.allclose(KLOverspend(epsilon=1.0)(None, torch.tensor([[0.4, 0.3, 0.3]])), torch.full((1, 3), 1 / 3))
+    assert torch.allclose(
+        KLOverspend(epsilon=1.0)(None, torch.tensor([[0.4, 0.3, 0.3]])), torch.full((1, 3), 1 / 3)
+    )

@@ -12,7 +12,10 @@ K = 10
 NEEDS_MODELS = {  # the parts without a default, to build an instance at otherwise default parameters
     "grad2": lambda: {"surrogate": tiny_model(K)},
     "grad2_gated": lambda: {"surrogate": tiny_model(K)},
-    "adaptive_misinformation": lambda: {"oe_model": tiny_model(K, 1), "misinformation_model": tiny_model(K, 2)},
+    "adaptive_misinformation": lambda: {
+        "oe_model": tiny_model(K, 1),
+        "misinformation_model": tiny_model(K, 2),
+    },
     "watermarked": lambda: {"key": b"k" * 32},
 }
 
@@ -42,13 +45,17 @@ def declared_budget(params) -> float | None:
 
 def test_what_the_registry_says_of_each_defense():
     contract = {name: entry.contract for name, entry in DEFENSES.items()}
-    assert contract["mad"].needs_input and contract["mad_argmax"].needs_input  # the old registry said no
+    assert (
+        contract["mad"].needs_input and contract["mad_argmax"].needs_input
+    )  # the old registry said no
     assert contract["grad2"].needs_input and contract["adaptive_misinformation"].needs_input
     assert contract["mad_argmax"].keeps_top1 and contract["argmax"].keeps_top1
     assert not contract["grad2"].keeps_top1 and not contract["modelguard"].keeps_top1
     assert contract["top_k"].truncating and contract["rounding"].truncating
     assert contract["random_noise"].stateful
-    assert not any(contract[n].stateful for n in ("none", "argmax", "top_k", "rounding", "grad2", "mad"))
+    assert not any(
+        contract[n].stateful for n in ("none", "argmax", "top_k", "rounding", "grad2", "mad")
+    )
 
 
 def test_parameters_change_the_contract_where_they_should():

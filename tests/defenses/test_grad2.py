@@ -41,13 +41,23 @@ def test_registered_with_validated_params(setup):
     defense = create_defense("grad2", surrogate=surrogate)
     assert defense.params.target == "all-ones" and defense.contract.budget == 0.5
     assert not defense.contract.keeps_top1
-    for bad in [{}, {"surrogate": "lenet"}, {"surrogate": surrogate, "epsilon": 2.5},
-                {"surrogate": surrogate, "target": "vector"}, {"surrogate": surrogate, "target": "watermark"},
-                {"surrogate": surrogate, "target": "unlearn"},
-                {"surrogate": surrogate, "target": "unlearn", "reference_x": torch.rand(2, 1, 8, 8),
-                 "reference_y": torch.tensor([1, 2, 3])},
-                {"surrogate": surrogate, "batch_size": 0}, {"surrogate": surrogate, "colour": 1},
-                {"surrogate": []}]:
+    for bad in [
+        {},
+        {"surrogate": "lenet"},
+        {"surrogate": surrogate, "epsilon": 2.5},
+        {"surrogate": surrogate, "target": "vector"},
+        {"surrogate": surrogate, "target": "watermark"},
+        {"surrogate": surrogate, "target": "unlearn"},
+        {
+            "surrogate": surrogate,
+            "target": "unlearn",
+            "reference_x": torch.rand(2, 1, 8, 8),
+            "reference_y": torch.tensor([1, 2, 3]),
+        },
+        {"surrogate": surrogate, "batch_size": 0},
+        {"surrogate": surrogate, "colour": 1},
+        {"surrogate": []},
+    ]:
         with pytest.raises(ValidationError):
             create_defense("grad2", **bad)
     with pytest.raises(ValueError):
@@ -57,15 +67,28 @@ def test_registered_with_validated_params(setup):
 @pytest.mark.parametrize("method", ["fused", "jvp", "double-backward"])
 def test_all_ones_is_the_exact_maximiser_of_the_redirected_inner_product(setup, method):
     surrogate, x, probs = setup
-    defense = create_defense("grad2", epsilon=0.4, surrogate=surrogate, score_method=method, batch_size=12)
+    defense = create_defense(
+        "grad2", epsilon=0.4, surrogate=surrogate, score_method=method, batch_size=12
+    )
     served = defense(x, probs)
     v = all_ones(surrogate)
     # an independent optimum: exact redirect on scores obtained by finite inner products ⟨g(e_k), v⟩
-    scores = torch.stack([torch.tensor([inner(surrogate, x[i:i + 1], torch.eye(K)[k:k + 1], v) / len(x)
-                                        for k in range(K)]) for i in range(len(x))])
+    scores = torch.stack(
+        [
+            torch.tensor(
+                [
+                    inner(surrogate, x[i : i + 1], torch.eye(K)[k : k + 1], v) / len(x)
+                    for k in range(K)
+                ]
+            )
+            for i in range(len(x))
+        ]
+    )
     expected = redirect(probs, scores.to(probs), 0.4)
     assert inner(surrogate, x, served, v) >= inner(surrogate, x, probs, v)
-    assert inner(surrogate, x, served, v) == pytest.approx(inner(surrogate, x, expected, v), rel=1e-4, abs=1e-6)
+    assert inner(surrogate, x, served, v) == pytest.approx(
+        inner(surrogate, x, expected, v), rel=1e-4, abs=1e-6
+    )
     assert ((served - probs).abs().sum(1) <= 0.4 + 1e-5).all()
 
 
@@ -73,17 +96,29 @@ def test_targets_increase_their_inner_product(setup):
     surrogate, x, probs = setup
     x_w, y_w = torch.rand(3, 1, 8, 8), torch.tensor([1, 2, 3])
     cases = {
-        "min-ip": ({}, lambda: {k: -t for k, t in log_likelihood_gradient(surrogate, x, probs).items()}),
-        "watermark": ({"watermark_x": x_w, "watermark_y": y_w}, lambda: watermark(surrogate, x_w, y_w)),
+        "min-ip": (
+            {},
+            lambda: {k: -t for k, t in log_likelihood_gradient(surrogate, x, probs).items()},
+        ),
+        "watermark": (
+            {"watermark_x": x_w, "watermark_y": y_w},
+            lambda: watermark(surrogate, x_w, y_w),
+        ),
         "unlearn": ({"reference_x": x_w, "reference_y": y_w}, lambda: unlearn(surrogate, x_w, y_w)),
         "random": ({"seed": 4}, lambda: random_direction(surrogate, 4)),
-        "vector": ({"target_vector": torch.cat([p.detach().flatten() for p in surrogate.parameters()]) ** 2},
-                   lambda: {n: p.detach() ** 2 for n, p in surrogate.named_parameters()}),
+        "vector": (
+            {
+                "target_vector": torch.cat([p.detach().flatten() for p in surrogate.parameters()])
+                ** 2
+            },
+            lambda: {n: p.detach() ** 2 for n, p in surrogate.named_parameters()},
+        ),
         "max-norm": ({}, lambda: {n: p.detach() for n, p in surrogate.named_parameters()}),
     }
     for target, (extra, direction) in cases.items():
-        served = create_defense("grad2", epsilon=0.6, surrogate=surrogate, target=target, batch_size=12,
-                                **extra)(x, probs)
+        served = create_defense(
+            "grad2", epsilon=0.6, surrogate=surrogate, target=target, batch_size=12, **extra
+        )(x, probs)
         v = direction()
         assert inner(surrogate, x, served, v) > inner(surrogate, x, probs, v), target
 
@@ -97,17 +132,31 @@ def test_preserve_top1_keeps_argmax_and_scores_no_higher(setup):
     assert strict_top1_kept(probs, served).all()
     assert not strict_top1_kept(probs, free).all()  # the constraint binds on this batch
     v = all_ones(surrogate)
-    assert inner(surrogate, x, probs, v) <= inner(surrogate, x, served, v) <= inner(surrogate, x, free, v) + 1e-6
+    assert (
+        inner(surrogate, x, probs, v)
+        <= inner(surrogate, x, served, v)
+        <= inner(surrogate, x, free, v) + 1e-6
+    )
 
 
 def test_ensemble_samples_one_member_per_scoring_batch(setup):
     surrogate, x, probs = setup
     other = create_model("lenet", (1, 8, 8), K, (0.5,), (0.3,)).eval()
     served = create_defense("grad2", surrogate=[surrogate, other], batch_size=4, seed=5)(x, probs)
-    picks = [int(torch.randint(2, (1,), generator=g)) for g in [torch.Generator().manual_seed(5)] for _ in range(3)]
+    picks = [
+        int(torch.randint(2, (1,), generator=g))
+        for g in [torch.Generator().manual_seed(5)]
+        for _ in range(3)
+    ]
     members = [surrogate, other]
-    expected = torch.cat([create_defense("grad2", surrogate=members[m], batch_size=4)(x[4 * i:4 * i + 4], probs[4 * i:4 * i + 4])
-                          for i, m in enumerate(picks)])
+    expected = torch.cat(
+        [
+            create_defense("grad2", surrogate=members[m], batch_size=4)(
+                x[4 * i : 4 * i + 4], probs[4 * i : 4 * i + 4]
+            )
+            for i, m in enumerate(picks)
+        ]
+    )
     torch.testing.assert_close(served, expected)
     assert len(set(picks)) == 2  # this seed really mixes members
 

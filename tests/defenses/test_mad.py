@@ -32,7 +32,7 @@ def batch(b: int, k: int, seed: int, shape=(1, 8, 8)):
 
 
 def reference_gram(model, x, layers):
-    G = torch.stack([jacobian_nll(model, x[i:i + 1], layers) for i in range(len(x))])
+    G = torch.stack([jacobian_nll(model, x[i : i + 1], layers) for i in range(len(x))])
     return G @ G.transpose(1, 2)
 
 
@@ -44,12 +44,16 @@ def test_last_layer_closed_form_equals_autograd_reference(k, seed, b):
     model = model64("lenet", k, seed)
     x, y = batch(b, k, seed)
     mad = create_defense("mad", epsilon=0.7, surrogate=model)
-    torch.testing.assert_close(mad.gram(x, y), reference_gram(model, x, "last"), rtol=1e-6, atol=1e-9)
-    G = torch.stack([jacobian_nll(model, x[i:i + 1], "last") for i in range(b)])
+    torch.testing.assert_close(
+        mad.gram(x, y), reference_gram(model, x, "last"), rtol=1e-6, atol=1e-9
+    )
+    G = torch.stack([jacobian_nll(model, x[i : i + 1], "last") for i in range(b)])
     eye = torch.eye(k, dtype=torch.float64)
     ours = candidate_objective(mad.gram(x, y), y, eye.expand(b, k, k), "cosine")
-    theirs = torch.tensor([[objective(eye[j], y[i], G[i].detach()).item() for j in range(k)] for i in range(b)],
-                          dtype=torch.float64)
+    theirs = torch.tensor(
+        [[objective(eye[j], y[i], G[i].detach()).item() for j in range(k)] for i in range(b)],
+        dtype=torch.float64,
+    )
     torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-6)
     torch.testing.assert_close(mad(x, y), original_mad(model, x, y, 0.7), rtol=0, atol=1e-6)
 
@@ -60,7 +64,9 @@ def test_all_layers_gram_equals_per_sample_full_jacobian(arch, shape):
     model = model64(arch, k, 3, shape)
     x, y = batch(3, k, 4, shape)
     mad = create_defense("mad", epsilon=0.6, norm="l2", layers="all", surrogate=model)
-    torch.testing.assert_close(mad.gram(x, y), reference_gram(model, x, "all"), rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(
+        mad.gram(x, y), reference_gram(model, x, "all"), rtol=1e-6, atol=1e-9
+    )
     expected = original_mad(model, x, y, 0.6, norm="l2", layers="all")
     torch.testing.assert_close(mad(x, y), expected, rtol=0, atol=1e-6)
 
@@ -82,7 +88,9 @@ def test_all_layers_works_with_frozen_float32_surrogate():
     x, y = batch(2, 4, 0)
     gram = create_defense("mad", layers="all", surrogate=model).gram(x.float(), y)
     model.requires_grad_(True)
-    torch.testing.assert_close(gram, reference_gram(model, x.float(), "all").double(), rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        gram, reference_gram(model, x.float(), "all").double(), rtol=1e-4, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("eps", [0.01, 0.2, 1.0, 50.0])
@@ -97,7 +105,7 @@ def test_kl_bisection_meets_its_budget_tightly(eps):
     assert (kl <= eps + 1e-12).all()
     inside = alpha < 1
     bumped = y + (alpha + 1e-9).clamp_max(1).unsqueeze(1) * (target - y)
-    assert (distance(y, bumped, "kl")[inside] > eps).all()          # the largest feasible α
+    assert (distance(y, bumped, "kl")[inside] > eps).all()  # the largest feasible α
     assert torch.equal(alpha[~inside], torch.ones_like(alpha[~inside]))
     assert (distance(y, target, "kl")[~inside] <= eps).all()
 
@@ -167,7 +175,7 @@ def test_mad_argmax_greedy_equals_reference_greedy(budget):
     defense = create_defense("mad_argmax", epsilon=2.0, surrogate=model, max_evaluations=budget)
     target = defense.target(x, y)
     for i in range(3):
-        G = jacobian_nll(model, x[i:i + 1], "last").detach()
+        G = jacobian_nll(model, x[i : i + 1], "last").detach()
         torch.testing.assert_close(target[i], reference_greedy(G, y[i], budget), rtol=0, atol=1e-9)
     steps = {1: 1, 30: 3, 1024: k - 1}[budget]
     assert defense.evaluations == sum(k - s for s in range(1, steps + 1))
@@ -225,7 +233,9 @@ def test_invalid_parameters_and_mismatched_surrogate():
 def test_subset_table_is_every_subset():
     from mirage.defenses.mad_argmax import subset_table
 
-    assert {tuple(r) for r in subset_table(4).tolist()} == set(itertools.product([0.0, 1.0], repeat=3))
+    assert {tuple(r) for r in subset_table(4).tolist()} == set(
+        itertools.product([0.0, 1.0], repeat=3)
+    )
 
 
 @settings(max_examples=20, deadline=None)
@@ -237,7 +247,7 @@ def test_cosine_fast_path_picks_the_vertex_of_the_general_objective(k, seed, b):
     features_sq = torch.rand(b, generator=g, dtype=torch.float64) * 5
     probs = torch.softmax(3 * torch.randn(b, k, generator=g, dtype=torch.float64), 1)
     clean = torch.softmax(3 * torch.randn(b, k, generator=g, dtype=torch.float64), 1)
-    features_sq[0] = 0          # G = 0: every vertex ties
-    clean[-1] = probs[-1]       # y = p: every vertex ties
+    features_sq[0] = 0  # G = 0: every vertex ties
+    clean[-1] = probs[-1]  # y = p: every vertex ties
     general = last_layer_vertex_objective(features_sq, probs, clean, "cosine").argmax(1)
     assert torch.equal(last_layer_cosine_vertex(features_sq.sqrt(), probs, clean), general)

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 from mirage.defenses import list_defenses
 from mirage.defenses.base import strict_top1_kept
 
-PROPERTY_SETTINGS = settings(max_examples=15, deadline=None,
-                             suppress_health_check=[HealthCheck.too_slow])
+PROPERTY_SETTINGS = settings(
+    max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
 
 
 def test_every_registered_defense_has_a_factory():
@@ -64,7 +65,9 @@ def test_output_contract(key, batch):
     else:
         assert torch.allclose(sums, torch.ones_like(sums), atol=atol)
     if contract.budget is not None:
-        assert (_distance(probs.double(), served.double(), contract.norm) <= contract.budget + atol).all()
+        assert (
+            _distance(probs.double(), served.double(), contract.norm) <= contract.budget + atol
+        ).all()
     if contract.keeps_top1:
         assert strict_top1_kept(probs, served).all()
 
@@ -87,9 +90,13 @@ def _invalid_inputs(k: int):
     negative[0, 0] = -0.2
     negative[0, 1] += 0.2
     return {
-        "nan": nan, "negative": negative, "unnormalised": good * 1.5,
-        "one-dimensional": good[0], "three-dimensional": good.unsqueeze(0),
-        "empty": good[:0], "infinite": good.clone().fill_(float("inf")),
+        "nan": nan,
+        "negative": negative,
+        "unnormalised": good * 1.5,
+        "one-dimensional": good[0],
+        "three-dimensional": good.unsqueeze(0),
+        "empty": good[:0],
+        "infinite": good.clone().fill_(float("inf")),
     }
 
 

@@ -22,7 +22,9 @@ def instances(k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, to
     g = torch.Generator().manual_seed(seed)
     y = torch.distributions.Dirichlet(torch.full((k,), 0.3, dtype=torch.float64)).sample((n,))
     kind = torch.arange(n) % 5
-    y[kind == 1] = torch.nn.functional.one_hot(torch.randint(k, (int((kind == 1).sum()),), generator=g), k).double()
+    y[kind == 1] = torch.nn.functional.one_hot(
+        torch.randint(k, (int((kind == 1).sum()),), generator=g), k
+    ).double()
     y[kind == 2] = 1.0 / k
     tied = torch.randint(1, 4, (int((kind == 3).sum()), k), generator=g).double()
     y[kind == 3] = tied / tied.sum(1, keepdim=True)
@@ -33,7 +35,9 @@ def instances(k: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, to
     return y / y.sum(1, keepdim=True), scores, eps
 
 
-def lp_optimum(y: np.ndarray, s: np.ndarray, eps: float, margin: float | None = None) -> float | None:
+def lp_optimum(
+    y: np.ndarray, s: np.ndarray, eps: float, margin: float | None = None
+) -> float | None:
     """max ⟨s, ỹ⟩ with ỹ = y + p − q, p, q ≥ 0: Σp = Σq, Σp + Σq ≤ ε, ỹ ≥ 0 (+ top-1 margin)."""
     k = len(y)
     eye = np.eye(k)
@@ -47,10 +51,16 @@ def lp_optimum(y: np.ndarray, s: np.ndarray, eps: float, margin: float | None = 
         c[:, t] = -1
         a_ub.append(np.hstack([c, -c]))  # ỹ_j − ỹ_t ≤ −margin
         b_ub.append(-margin - c @ y)
-    result = linprog(np.r_[-s, s], A_ub=np.vstack(a_ub), b_ub=np.concatenate(b_ub),
-                     A_eq=np.r_[np.ones(k), -np.ones(k)][None], b_eq=[0.0],
-                     bounds=[(0, None)] * (2 * k), method="highs",
-                     options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10})
+    result = linprog(
+        np.r_[-s, s],
+        A_ub=np.vstack(a_ub),
+        b_ub=np.concatenate(b_ub),
+        A_eq=np.r_[np.ones(k), -np.ones(k)][None],
+        b_eq=[0.0],
+        bounds=[(0, None)] * (2 * k),
+        method="highs",
+        options={"primal_feasibility_tolerance": 1e-10, "dual_feasibility_tolerance": 1e-10},
+    )
     if result.status == 2:
         return None
     assert result.status == 0, result.message
@@ -103,7 +113,9 @@ def test_top1_preserving_equals_redirect_when_redirect_already_keeps_top1():
     y, s, eps = instances(10, 200, seed=7)
     plain = redirect(y, s, eps)
     top = y.argmax(1, keepdim=True)
-    keeps = (plain.gather(1, top).squeeze(1) - plain.scatter(1, top, -1.0).max(1).values) >= TOP1_MARGIN
+    keeps = (
+        plain.gather(1, top).squeeze(1) - plain.scatter(1, top, -1.0).max(1).values
+    ) >= TOP1_MARGIN
     preserving, _ = redirect_top1_preserving(y, s, eps)
     assert keeps.any()
     assert torch.allclose((preserving * s).sum(1)[keeps], (plain * s).sum(1)[keeps], atol=1e-9)

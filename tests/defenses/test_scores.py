@@ -17,11 +17,19 @@ def reference_scores(model: nn.Module, x: torch.Tensor, v: dict) -> torch.Tensor
     params = dict(model.named_parameters())
     rows = []
     for i in range(len(x)):
-        log_p = torch.log_softmax(model(x[i:i + 1]), dim=1)[0]
+        log_p = torch.log_softmax(model(x[i : i + 1]), dim=1)[0]
         row = []
         for k in range(len(log_p)):
-            grads = torch.autograd.grad(log_p[k], list(params.values()), retain_graph=True, allow_unused=True)
-            row.append(sum((g * v[name]).sum() for name, g in zip(params, grads, strict=True) if g is not None))
+            grads = torch.autograd.grad(
+                log_p[k], list(params.values()), retain_graph=True, allow_unused=True
+            )
+            row.append(
+                sum(
+                    (g * v[name]).sum()
+                    for name, g in zip(params, grads, strict=True)
+                    if g is not None
+                )
+            )
         rows.append(torch.stack(row))
     return torch.stack(rows).detach() / len(x)
 
@@ -31,9 +39,15 @@ class Odd(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Tanh(),
-                                  nn.MaxPool2d(3, stride=2, padding=1), nn.AvgPool2d(2), nn.Flatten(),
-                                  nn.Linear(16, 6))
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.Tanh(),
+            nn.MaxPool2d(3, stride=2, padding=1),
+            nn.AvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 6),
+        )
 
     def forward(self, x):
         return self.body(x)
@@ -44,7 +58,10 @@ def models():
     odd = Odd()
     odd.body[1].running_mean.uniform_(-0.2, 0.2)
     odd.body[1].running_var.uniform_(0.5, 2)
-    return {"lenet": lenet.eval(), "odd": odd.body.eval()}  # Sequential: fused per layer, fallback inside
+    return {
+        "lenet": lenet.eval(),
+        "odd": odd.body.eval(),
+    }  # Sequential: fused per layer, fallback inside
 
 
 @pytest.mark.parametrize("name", ["lenet", "odd"])
@@ -53,9 +70,12 @@ def test_all_score_paths_match_per_sample_reference(name, target):
     model = models()[name]
     x = torch.rand(5, 1, 8, 8)
     total = sum(p.numel() for p in model.parameters())
-    v = {"all-ones": lambda: all_ones(model), "random": lambda: random_direction(model, 3),
-         "max-norm": lambda: max_norm(model),
-         "vector": lambda: from_vector(model, torch.randn(total))}[target]()
+    v = {
+        "all-ones": lambda: all_ones(model),
+        "random": lambda: random_direction(model, 3),
+        "max-norm": lambda: max_norm(model),
+        "vector": lambda: from_vector(model, torch.randn(total)),
+    }[target]()
     check_direction(model, v)
     expected = reference_scores(model, x, v)
     scale = expected.abs().max()
@@ -69,8 +89,9 @@ def test_tied_maxpool_follows_first_maximum_like_autograd():
     model = models()["lenet"]
     x = torch.zeros(3, 1, 8, 8)  # constant images: every pooling window is a tie
     v = random_direction(model, 1)
-    torch.testing.assert_close(SCORE_METHODS["fused"](model, x, v), reference_scores(model, x, v),
-                               atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        SCORE_METHODS["fused"](model, x, v), reference_scores(model, x, v), atol=1e-6, rtol=1e-4
+    )
 
 
 def test_direction_must_match_parameters():

@@ -42,17 +42,23 @@ def batch_norm_net(tmp_path, monkeypatch):
     return net.eval()
 
 
-def test_a_state_dict_loads_in_eval_mode_with_its_buffers_and_outputs_exactly(tmp_path, monkeypatch):
+def test_a_state_dict_loads_in_eval_mode_with_its_buffers_and_outputs_exactly(
+    tmp_path, monkeypatch
+):
     original = batch_norm_net(tmp_path, monkeypatch)
     path = tmp_path / "net.safetensors"
     save_file(original.state_dict(), str(path))
-    loaded, card = load_model_file("state_dict", path, class_path="bn_models:BatchNormNet", input_shape=(1, 8, 8))
+    loaded, card = load_model_file(
+        "state_dict", path, class_path="bn_models:BatchNormNet", input_shape=(1, 8, 8)
+    )
     assert card.num_classes == 10
     assert not any(m.training for m in loaded.modules())
     saved = original.state_dict()
     assert saved.keys() == loaded.inner.state_dict().keys()
     for name, value in loaded.inner.state_dict().items():
-        assert torch.equal(value, saved[name]), name  # running_mean, running_var, num_batches_tracked
+        assert torch.equal(value, saved[name]), (
+            name
+        )  # running_mean, running_var, num_batches_tracked
     batch = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(loaded(batch), original(batch))
@@ -71,8 +77,12 @@ def test_a_static_batch_export_answers_any_batch(tmp_path):
     """``torch.export.export(model, (torch.zeros(1, …),))`` fixes the batch at 1 (its default,
     what a thief exports); the loaded model answers any batch in chunks of it, exactly."""
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
-                              torch.nn.Linear(4 * 8 * 8, 10)).eval()
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 4, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 8 * 8, 10),
+    ).eval()
     for batch in (1, 3):
         path = tmp_path / f"static-{batch}.pt2"
         torch.export.save(torch.export.export(net, (torch.zeros(batch, 1, 8, 8),)), str(path))

@@ -44,8 +44,16 @@ def test_unknown_architecture_and_bad_shapes():
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_checkpoint_round_trip(tmp_path, name):
     model = create_model(name, (3, 32, 32), 5, [0.1, 0.2, 0.3], [0.3, 0.3, 0.3]).eval()
-    card = ModelCard(architecture=name, input_shape=(3, 32, 32), num_classes=5,
-                     mean=(0.1, 0.2, 0.3), std=(0.3, 0.3, 0.3), dataset="x", seed=4, test_accuracy=0.5)
+    card = ModelCard(
+        architecture=name,
+        input_shape=(3, 32, 32),
+        num_classes=5,
+        mean=(0.1, 0.2, 0.3),
+        std=(0.3, 0.3, 0.3),
+        dataset="x",
+        seed=4,
+        test_accuracy=0.5,
+    )
     save_checkpoint(model, card, tmp_path / "ckpt")
     assert has_checkpoint(tmp_path / "ckpt")
     loaded, loaded_card = load_checkpoint(tmp_path / "ckpt")
@@ -66,7 +74,9 @@ def test_fingerprint_changes_with_any_weight():
 
 def test_incomplete_checkpoint_is_refused(tmp_path):
     model = create_model("lenet", (1, 28, 28), 10, [0.5], [0.5])
-    card = ModelCard(architecture="lenet", input_shape=(1, 28, 28), num_classes=10, mean=(0.5,), std=(0.5,))
+    card = ModelCard(
+        architecture="lenet", input_shape=(1, 28, 28), num_classes=10, mean=(0.5,), std=(0.5,)
+    )
     save_checkpoint(model, card, tmp_path / "c")
     (tmp_path / "c" / "card.json").unlink()
     assert not has_checkpoint(tmp_path / "c")

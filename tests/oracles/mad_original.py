@@ -76,15 +76,23 @@ def closed_form_alpha(y: Tensor, ystar: Tensor, epsilon: float, norm: str) -> Te
     return (epsilon / ((y - ystar).norm(p=p) + 1e-7)).clamp(0.0, 1.0)
 
 
-def original_mad(model: nn.Module, x: Tensor, probs: Tensor, epsilon: float, *, norm: str = "l1",
-                 layers: str = "last", argmax: bool = False) -> Tensor:
+def original_mad(
+    model: nn.Module,
+    x: Tensor,
+    probs: Tensor,
+    epsilon: float,
+    *,
+    norm: str = "l1",
+    layers: str = "last",
+    argmax: bool = False,
+) -> Tensor:
     """The official per-sample loop: for each query, G by K backward calls, vertex (or subset)
     search, closed-form line search. ``x``: (B, C, H, W), ``probs``: (B, K) -> (B, K)."""
     served = []
     for i in range(x.shape[0]):
         y = probs[i]
         with torch.enable_grad():
-            G = jacobian_nll(model, x[i:i + 1], layers)
+            G = jacobian_nll(model, x[i : i + 1], layers)
         with torch.no_grad():
             ystar, _ = oracle_argmax_preserving(G, y) if argmax else oracle_extreme(G, y)
             alpha = closed_form_alpha(y, ystar, epsilon, norm)

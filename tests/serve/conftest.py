@@ -24,45 +24,74 @@ os.environ.setdefault("MIRAGE_PROGRESS", "0")
 
 INPUT_SHAPE = (1, 8, 8)
 NUM_CLASSES = 10
-KEYS = {"alice": "key-alice-0123456789", "bob": "key-bob-0123456789", "carol": "key-carol-0123456789"}
+KEYS = {
+    "alice": "key-alice-0123456789",
+    "bob": "key-bob-0123456789",
+    "carol": "key-carol-0123456789",
+}
 METRICS_KEY = "key-metrics-0123456789"
 
 
 def tiny_checkpoint(directory: Path, seed: int) -> Path:
     torch.manual_seed(seed)
     model = create_model("lenet", INPUT_SHAPE, NUM_CLASSES, (0.3,), (0.3,))
-    card = ModelCard(architecture="lenet", input_shape=INPUT_SHAPE, num_classes=NUM_CLASSES,
-                     mean=(0.3,), std=(0.3,), dataset="digits", seed=seed)
+    card = ModelCard(
+        architecture="lenet",
+        input_shape=INPUT_SHAPE,
+        num_classes=NUM_CLASSES,
+        mean=(0.3,),
+        std=(0.3,),
+        dataset="digits",
+        seed=seed,
+    )
     return save_checkpoint(model, card, directory)
 
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("checkpoints")
-    return {"victim": tiny_checkpoint(root / "victim", 0), "surrogate": tiny_checkpoint(root / "surrogate", 1)}
+    return {
+        "victim": tiny_checkpoint(root / "victim", 0),
+        "surrogate": tiny_checkpoint(root / "surrogate", 1),
+    }
 
 
-def make_config(tmp: Path, checkpoints: dict[str, Path], *, defense: dict | None = None,
-                clients: list[dict] | None = None, limits: dict | None = None,
-                access: dict | None = None, storage: dict | None = None) -> ServeConfig:
+def make_config(
+    tmp: Path,
+    checkpoints: dict[str, Path],
+    *,
+    defense: dict | None = None,
+    clients: list[dict] | None = None,
+    limits: dict | None = None,
+    access: dict | None = None,
+    storage: dict | None = None,
+) -> ServeConfig:
     if clients is None:
-        clients = [{"name": "alice", "quota": 1000}, {"name": "bob", "quota": 1000},
-                   {"name": "carol", "quota": 5, "rate": 1.0, "burst": 3}]
+        clients = [
+            {"name": "alice", "quota": 1000},
+            {"name": "bob", "quota": 1000},
+            {"name": "carol", "quota": 5, "rate": 1.0, "burst": 3},
+        ]
     raw = {
         "model": {"name": "digits", "checkpoint": str(checkpoints["victim"])},
         "defense": defense or {"name": "none"},
         "limits": {"max_batch": 64, "max_payload_bytes": 200_000, **(limits or {})},
         "storage": {"database": str(tmp / "serve.sqlite"), **(storage or {})},
         "access": {"metrics_key_sha256": hash_key(METRICS_KEY), **(access or {})},
-        "clients": [{"key_sha256": hash_key(c.pop("key", KEYS.get(c["name"], f"key-{c['name']}"))), **c}
-                    for c in (dict(c) for c in clients)],
+        "clients": [
+            {"key_sha256": hash_key(c.pop("key", KEYS.get(c["name"], f"key-{c['name']}"))), **c}
+            for c in (dict(c) for c in clients)
+        ],
     }
     return ServeConfig.model_validate(raw)
 
 
 def grad2_defense(checkpoints: dict[str, Path]) -> dict:
-    return {"name": "grad2", "params": {"epsilon": 0.5, "target": "all-ones"},
-            "surrogate": str(checkpoints["surrogate"])}
+    return {
+        "name": "grad2",
+        "params": {"epsilon": 0.5, "target": "all-ones"},
+        "surrogate": str(checkpoints["surrogate"]),
+    }
 
 
 def free_port() -> int:
@@ -85,8 +114,20 @@ class ServerProcess:
     def start(self, timeout: float = 90.0) -> ServerProcess:
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path), "MIRAGE_PROGRESS": "0"}
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "mirage.serve.runner", "--config", str(self.path),
-                                          "--port", str(self.port)], stdout=log, stderr=log, env=env)
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "mirage.serve.runner",
+                    "--config",
+                    str(self.path),
+                    "--port",
+                    str(self.port),
+                ],
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -113,7 +154,9 @@ def redis_binary() -> str:
     path = shutil.which("redis-server")
     if path is None:
         if os.environ.get("MIRAGE_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is missing but MIRAGE_REQUIRE_REDIS=1 (run scripts/bootstrap.sh)")
+            pytest.fail(
+                "redis-server is missing but MIRAGE_REQUIRE_REDIS=1 (run scripts/bootstrap.sh)"
+            )
         pytest.skip("redis-server is not installed (scripts/bootstrap.sh installs it)")
     return path
 
@@ -134,8 +177,21 @@ class RedisServer:
     def start(self) -> RedisServer:
         from mirage.serve.redis_store import wait_for
 
-        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-                "--save", "", "--appendonly", "yes" if self.persistent else "no", "--appendfsync", "always"]
+        args = [
+            self.binary,
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.persistent else "no",
+            "--appendfsync",
+            "always",
+        ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self.url)
         return self
@@ -174,7 +230,12 @@ def stored_counts(config: ServeConfig) -> tuple[dict, tuple[int, int]]:
 
 def body(x: torch.Tensor, **overrides) -> dict:
     """An OIP v2 inference request body for images ``x`` (tensor fields overridable)."""
-    tensor = {"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.reshape(-1).tolist()}
+    tensor = {
+        "name": "images",
+        "shape": list(x.shape),
+        "datatype": "FP32",
+        "data": x.reshape(-1).tolist(),
+    }
     tensor.update(overrides)
     return {"inputs": [tensor]}
 

@@ -63,11 +63,16 @@ def send_and_hang_up(url: str, client: str, n: int, seed: int = 0) -> socket.soc
     """Send a whole inference request of ``n`` images; returns the open socket (close it to hang up)."""
     import json
 
-    content = json.dumps(body(torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)))).encode()
+    content = json.dumps(
+        body(torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)))
+    ).encode()
     host, port = url.removeprefix("http://").split(":")
     sock = socket.create_connection((host, int(port)))
-    sock.sendall(f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[client]}\r\n"
-                 f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n".encode() + content)
+    sock.sendall(
+        f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS[client]}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(content)}\r\n\r\n".encode()
+        + content
+    )
     return sock
 
 
@@ -86,8 +91,11 @@ def wait_until(condition, timeout: float = 10.0) -> None:
 def test_hanging_up_while_queued_computes_and_charges_nothing(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints)
     with counted_server(config, gated=True) as (app, model, url):
-        blocker = threading.Thread(target=lambda: httpx.post(url + URL_INFER, json=body(torch.rand(2, 1, 8, 8)),
-                                                             headers=auth("bob"), timeout=30))
+        blocker = threading.Thread(
+            target=lambda: httpx.post(
+                url + URL_INFER, json=body(torch.rand(2, 1, 8, 8)), headers=auth("bob"), timeout=30
+            )
+        )
         blocker.start()
         wait_until(model.running.is_set)  # the worker is busy with bob's batch
         sockets = [send_and_hang_up(url, "alice", 8, seed) for seed in range(5)]
@@ -103,7 +111,10 @@ def test_hanging_up_while_queued_computes_and_charges_nothing(tmp_path, checkpoi
         time.sleep(0.2)
     usage, rows = ledger(config)
     assert model.images == 2, "the model ran on images whose client had hung up"
-    assert usage["bob"] == (2, 1) and usage.get("alice", (0, 0)) == (0, 0)  # reserved, then released
+    assert usage["bob"] == (2, 1) and usage.get("alice", (0, 0)) == (
+        0,
+        0,
+    )  # reserved, then released
     assert [r["client"] for r in rows] == ["bob"]
 
 
@@ -116,7 +127,12 @@ def test_hanging_up_after_the_model_ran_is_charged_and_marked_undelivered(tmp_pa
         time.sleep(1.0)  # the server sees the hang-up (on loopback, within milliseconds)
         model.gate.set()
         wait_until(lambda: ledger(config)[0].get("alice") == (6, 1))
-        assert httpx.post(url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")).status_code == 200
+        assert (
+            httpx.post(
+                url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")
+            ).status_code
+            == 200
+        )
     usage, rows = ledger(config)
     assert model.images == 7 and usage == {"alice": (7, 2)}
     assert [(r["queries"], r["delivered"]) for r in rows] == [(6, False), (1, True)]
@@ -153,7 +169,9 @@ def test_evidence_is_written_only_for_answered_requests(tmp_path, checkpoints):
         time.sleep(0.3)
         store = EvidenceStore(config.ownership.evidence)
         assert store.clients() == [], "evidence was written for answers nobody received"
-        answered = httpx.post(url + URL_INFER, json=body(torch.rand(32, 1, 8, 8)), headers=auth("bob"), timeout=30)
+        answered = httpx.post(
+            url + URL_INFER, json=body(torch.rand(32, 1, 8, 8)), headers=auth("bob"), timeout=30
+        )
         assert answered.status_code == 200
         assert store.clients() == ["bob"]
         store.close()
@@ -202,12 +220,30 @@ def test_a_locked_sqlite_file_is_a_503_and_freezes_nothing(tmp_path, checkpoints
         lock.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         try:
             results: dict[str, httpx.Response] = {}
-            threads = [threading.Thread(target=lambda: results.__setitem__(
-                           "login", httpx.post(url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)),
-                                               headers={"X-API-Key": "wrong"}, timeout=30))),
-                       threading.Thread(target=lambda: results.__setitem__(
-                           "infer", httpx.post(url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)),
-                                               headers=auth("alice"), timeout=30)))]
+            threads = [
+                threading.Thread(
+                    target=lambda: results.__setitem__(
+                        "login",
+                        httpx.post(
+                            url + URL_INFER,
+                            json=body(torch.rand(1, 1, 8, 8)),
+                            headers={"X-API-Key": "wrong"},
+                            timeout=30,
+                        ),
+                    )
+                ),
+                threading.Thread(
+                    target=lambda: results.__setitem__(
+                        "infer",
+                        httpx.post(
+                            url + URL_INFER,
+                            json=body(torch.rand(1, 1, 8, 8)),
+                            headers=auth("alice"),
+                            timeout=30,
+                        ),
+                    )
+                ),
+            ]
             for thread in threads:
                 thread.start()
             latencies = [live_latency(url) for _ in range(20)]
@@ -220,39 +256,69 @@ def test_a_locked_sqlite_file_is_a_503_and_freezes_nothing(tmp_path, checkpoints
         assert max(latencies) < 0.5, latencies
         for name in ("login", "infer"):
             response = results[name]
-            assert (response.status_code, response.json()["reason"]) == (503, "storage_unavailable"), response.text
+            assert (response.status_code, response.json()["reason"]) == (
+                503,
+                "storage_unavailable",
+            ), response.text
         assert "nothing was charged" in results["infer"].json()["error"]
-        assert (ready.status_code, ready.json()["reason"]) == (503, "not_ready") and "storage" in ready.text
+        assert (ready.status_code, ready.json()["reason"]) == (
+            503,
+            "not_ready",
+        ) and "storage" in ready.text
         time.sleep(1.1)  # the health probe is cached for a second
         assert httpx.get(url + "/v2/health/ready").status_code == 200
-        assert httpx.post(url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")).status_code == 200
+        assert (
+            httpx.post(
+                url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")
+            ).status_code
+            == 200
+        )
     assert ledger(config)[0] == {"alice": (1, 1)}
 
 
 def test_a_stalled_redis_is_a_503_and_readiness_says_so(tmp_path, checkpoints):
     redis = RedisServer(tmp_path / "redis", persistent=True).start()
-    config = make_config(tmp_path, checkpoints, storage={"backend": "redis", "url": redis.url, "timeout_s": 1.0})
+    config = make_config(
+        tmp_path, checkpoints, storage={"backend": "redis", "url": redis.url, "timeout_s": 1.0}
+    )
     try:
         with ServerThread(create_app(config)) as url:
-            assert httpx.post(url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")).status_code == 200
+            assert (
+                httpx.post(
+                    url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")
+                ).status_code
+                == 200
+            )
             redis.proc.send_signal(signal.SIGSTOP)
             try:
                 start = time.monotonic()
-                stalled = httpx.post(url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice"),
-                                     timeout=30)
+                stalled = httpx.post(
+                    url + URL_INFER,
+                    json=body(torch.rand(1, 1, 8, 8)),
+                    headers=auth("alice"),
+                    timeout=30,
+                )
                 seconds = time.monotonic() - start
                 latencies = [live_latency(url) for _ in range(10)]
                 time.sleep(1.1)
                 ready = httpx.get(url + "/v2/health/ready", timeout=10)
             finally:
                 redis.proc.send_signal(signal.SIGCONT)
-            assert (stalled.status_code, stalled.json()["reason"]) == (503, "storage_unavailable"), stalled.text
+            assert (stalled.status_code, stalled.json()["reason"]) == (
+                503,
+                "storage_unavailable",
+            ), stalled.text
             assert "nothing was charged" in stalled.json()["error"] and seconds < 4
             assert max(latencies) < 0.5, latencies
             assert ready.status_code == 503 and "storage" in ready.json()["error"]
             time.sleep(1.1)
             assert httpx.get(url + "/v2/health/ready", timeout=10).status_code == 200
-            assert httpx.post(url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")).status_code == 200
+            assert (
+                httpx.post(
+                    url + URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")
+                ).status_code
+                == 200
+            )
             meta = httpx.get(url + "/v2/models/digits", headers=auth("alice")).json()
             assert meta["parameters"]["client"]["queries_used"] == 2
     finally:
@@ -273,11 +339,18 @@ def test_storage_failures_say_truly_what_was_charged(tmp_path, checkpoints):
 
     one = {"json": body(torch.rand(2, 1, 8, 8)), "headers": auth("alice")}
     with ServerThread(app) as url, httpx.Client(base_url=url, timeout=30) as http:
-        record, release, commit = service.audit.record, service.quotas.release, service.quotas.commit
+        record, release, commit = (
+            service.audit.record,
+            service.quotas.release,
+            service.quotas.commit,
+        )
         service.audit.record = fail
         response = http.post(URL_INFER, **one)
         assert (response.status_code, response.json()["reason"]) == (503, "storage_unavailable")
-        assert "nothing was charged" in response.json()["error"] and "model" not in response.json()["error"]
+        assert (
+            "nothing was charged" in response.json()["error"]
+            and "model" not in response.json()["error"]
+        )
         assert service.quotas.usage().get("alice", (0, 0)) == (0, 0)
 
         service.quotas.release = fail
@@ -301,9 +374,15 @@ def test_redis_without_persistence_is_named_or_refused(tmp_path, checkpoints, ca
     try:
         storage = {"backend": "redis", "url": redis.url}
         with caplog.at_level(logging.WARNING, logger="mirage.serve.service"):
-            create_app(make_config(tmp_path / "a", checkpoints, storage=storage)).state.service.close()
+            create_app(
+                make_config(tmp_path / "a", checkpoints, storage=storage)
+            ).state.service.close()
         assert "PERSISTS NOTHING" in caplog.text
         with pytest.raises(ValueError, match="persists nothing"):
-            create_app(make_config(tmp_path / "b", checkpoints, storage={**storage, "require_persistence": True}))
+            create_app(
+                make_config(
+                    tmp_path / "b", checkpoints, storage={**storage, "require_persistence": True}
+                )
+            )
     finally:
         redis.stop()

@@ -42,7 +42,9 @@ def read_reply(sock: socket.socket, timeout: float = 10.0) -> bytes:
     return b"".join(chunks)
 
 
-def closed_within(sock: socket.socket, seconds: float, *, trickle: bytes = b"") -> tuple[bytes, float]:
+def closed_within(
+    sock: socket.socket, seconds: float, *, trickle: bytes = b""
+) -> tuple[bytes, float]:
     """(everything the server sent, seconds until it closed), sending ``trickle`` one byte every
     50 ms meanwhile; ``seconds`` is never exceeded by more than 1 s."""
     start, received = time.monotonic(), []
@@ -51,7 +53,7 @@ def closed_within(sock: socket.socket, seconds: float, *, trickle: bytes = b"") 
     while time.monotonic() - start < seconds + 1:
         if trickle:
             try:
-                sock.sendall(trickle[position % len(trickle):position % len(trickle) + 1])
+                sock.sendall(trickle[position % len(trickle) : position % len(trickle) + 1])
                 position += 1
             except OSError:
                 pass
@@ -69,8 +71,11 @@ def closed_within(sock: socket.socket, seconds: float, *, trickle: bytes = b"") 
 
 @pytest.fixture
 def served(tmp_path, checkpoints):
-    config = make_config(tmp_path, checkpoints, clients=[{"name": "alice", "quota": 10_000},
-                                                        {"name": "bob", "quota": 10_000}])
+    config = make_config(
+        tmp_path,
+        checkpoints,
+        clients=[{"name": "alice", "quota": 10_000}, {"name": "bob", "quota": 10_000}],
+    )
     with ServerThread(create_app(config)) as url:
         yield url, config
 
@@ -79,10 +84,14 @@ def test_a_trickled_body_after_an_early_answer_does_not_hold_the_connection(serv
     """An early 401 (no key) and a 413 (declared too large) are answered with Connection: close;
     a client that keeps trickling the body is cut within the linger time, not kept for ever."""
     url, _ = served
-    heads = [f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
-             (f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
-             "Content-Length: 100000000\r\n\r\n"),
-             "GET /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n"]
+    heads = [
+        f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+        (
+            f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
+            "Content-Length: 100000000\r\n\r\n"
+        ),
+        "GET /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n\r\n",
+    ]
     for head in heads:
         with connect(url) as sock:
             sock.sendall(head.encode() + b'{"inputs": [')
@@ -99,7 +108,9 @@ def test_an_early_answer_reaches_a_client_that_is_still_sending(served):
     a fresh connection is served."""
     url, _ = served
     with connect(url) as sock:
-        sock.sendall(f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n".encode())
+        sock.sendall(
+            f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 300000\r\n\r\n".encode()
+        )
         for _ in range(30):
             try:
                 sock.sendall(b"0" * 8192)
@@ -134,11 +145,12 @@ def test_a_body_of_one_byte_chunks_is_cut_and_costs_others_nothing(served):
     try:
         for key in [f"Authorization: Bearer {KEYS['alice']}\r\n", ""] * 5:
             with connect(url) as sock:
-                sock.sendall(f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\n{key}Transfer-Encoding: chunked\r\n\r\n"
-                             .encode())
+                sock.sendall(
+                    f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\n{key}Transfer-Encoding: chunked\r\n\r\n".encode()
+                )
                 try:
                     for start in range(0, len(chunks), 6000):
-                        sock.sendall(chunks[start:start + 6000])
+                        sock.sendall(chunks[start : start + 6000])
                 except OSError:
                     pass
                 reply, seconds = closed_within(sock, LINGER_S + 2)
@@ -156,10 +168,14 @@ def test_conflicting_framing_closes_and_the_hidden_request_is_never_answered(ser
     """Content-Length and Transfer-Encoding together (RFC 9112 §6.3): 400 and close, so the
     request hidden after the chunked body is neither answered nor charged."""
     url, config = served
-    hidden = (f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
-              "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
-    smuggled = (f"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
-                f"0\r\n\r\n{hidden}")
+    hidden = (
+        f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
+        "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+    )
+    smuggled = (
+        f"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        f"0\r\n\r\n{hidden}"
+    )
     with connect(url) as sock:
         sock.sendall(smuggled.encode())
         reply = read_reply(sock, 5)
@@ -182,8 +198,13 @@ def test_heads_are_bounded_however_the_bytes_arrive(served):
             reply = read_reply(sock, 5)
         assert reply.split(b" ", 2)[1] in (b"431", b"400"), reply[:200]
     with connect(url) as sock:  # a hundred is fine
-        sock.sendall(("GET /v2/health/live HTTP/1.1\r\nHost: x\r\n" + "".join(f"X-{i}: a\r\n" for i in range(90))
-                      + "Connection: close\r\n\r\n").encode())
+        sock.sendall(
+            (
+                "GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"
+                + "".join(f"X-{i}: a\r\n" for i in range(90))
+                + "Connection: close\r\n\r\n"
+            ).encode()
+        )
         assert read_reply(sock, 5).startswith(b"HTTP/1.1 200")
 
 
@@ -191,10 +212,12 @@ def test_a_unicode_digit_is_a_400_not_a_500(served, caplog):
     url, _ = served
     for header in ("Inference-Header-Content-Length", "Content-Length"):
         with connect(url) as sock:
-            sock.sendall(f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
-                         f"{header}: ²\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-                         .replace("Content-Length: 2\r\n" if header == "Content-Length" else "\0", "")
-                         .encode("utf-8"))
+            sock.sendall(
+                f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
+                f"{header}: ²\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".replace(
+                    "Content-Length: 2\r\n" if header == "Content-Length" else "\0", ""
+                ).encode("utf-8")
+            )
             reply = read_reply(sock, 5)
         assert reply.split(b" ", 2)[1] == b"400", reply[:300]
     assert not [r for r in caplog.records if r.exc_info]
@@ -203,9 +226,12 @@ def test_a_unicode_digit_is_a_400_not_a_500(served, caplog):
 def test_two_key_headers_are_refused_before_any_key_is_checked(served):
     url, _ = served
     with connect(url) as sock:
-        sock.sendall((f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['bob']}\r\n"
-                      f"Authorization: Bearer {KEYS['alice']}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
-                     .encode())
+        sock.sendall(
+            (
+                f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['bob']}\r\n"
+                f"Authorization: Bearer {KEYS['alice']}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ).encode()
+        )
         reply = read_reply(sock, 5)
     assert reply.startswith(b"HTTP/1.1 400") and b"exactly one API key" in reply, reply[:300]
     both = {**auth("alice"), "X-API-Key": KEYS["bob"]}
@@ -217,13 +243,26 @@ def test_x_forwarded_for_is_trusted_only_from_configured_proxies(tmp_path, check
     keys naming 60 addresses get 10 × 401 then 429. From a trusted proxy, each named address has
     its own count, and naming another client's address cannot lock anybody else out."""
     for trusted, expected in (((), (10, 50)), (("127.0.0.1",), (60, 0))):
-        config = make_config(tmp_path / str(len(trusted)), checkpoints,
-                             access={"auth_failures": 10, "auth_window_s": 600, "trusted_proxies": list(trusted)})
+        config = make_config(
+            tmp_path / str(len(trusted)),
+            checkpoints,
+            access={"auth_failures": 10, "auth_window_s": 600, "trusted_proxies": list(trusted)},
+        )
         with ServerThread(create_app(config)) as url, httpx.Client(base_url=url) as http:
-            codes = [http.post(URL_INFER, json=one_image(), headers={"X-API-Key": "wrong", "X-Forwarded-For": f"10.0.0.{i}"})
-                     .status_code for i in range(60)]
+            codes = [
+                http.post(
+                    URL_INFER,
+                    json=one_image(),
+                    headers={"X-API-Key": "wrong", "X-Forwarded-For": f"10.0.0.{i}"},
+                ).status_code
+                for i in range(60)
+            ]
             assert (codes.count(401), codes.count(429)) == expected, codes
-            good = http.post(URL_INFER, json=one_image(), headers={**auth("alice"), "X-Forwarded-For": "10.0.0.1"})
+            good = http.post(
+                URL_INFER,
+                json=one_image(),
+                headers={**auth("alice"), "X-Forwarded-For": "10.0.0.1"},
+            )
             assert good.status_code == (429 if not trusted else 200)
     with pytest.raises(ValueError, match="trusted_proxies"):
         make_config(tmp_path / "bad", checkpoints, access={"trusted_proxies": ["not-an-address"]})
@@ -305,10 +344,15 @@ def test_one_address_cannot_take_every_connection(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints, limits={"max_connections_per_address": 4})
     with ServerThread(create_app(config)) as url:
         host, port = url.removeprefix("http://").split(":")
-        held = [socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0)) for _ in range(4)]
+        held = [
+            socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0))
+            for _ in range(4)
+        ]
         try:
             time.sleep(0.2)
-            with socket.create_connection((host, int(port)), source_address=("127.0.0.2", 0)) as extra:
+            with socket.create_connection(
+                (host, int(port)), source_address=("127.0.0.2", 0)
+            ) as extra:
                 assert read_reply(extra, 5).startswith(b"HTTP/1.1 503")
             assert httpx.get(url + "/v2/health/live").status_code == 200
         finally:

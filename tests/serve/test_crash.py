@@ -18,8 +18,16 @@ URL_INFER = "/v2/models/digits/infer"
 
 
 def body(n: int) -> dict:
-    return {"inputs": [{"name": "images", "shape": [n, 1, 8, 8], "datatype": "FP32",
-                        "data": torch.rand(n * 64).tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": [n, 1, 8, 8],
+                "datatype": "FP32",
+                "data": torch.rand(n * 64).tolist(),
+            }
+        ]
+    }
 
 
 def ledger(config) -> tuple[dict, dict, int]:
@@ -55,7 +63,9 @@ def test_sigkill_mid_burst_leaves_usage_equal_to_the_audit_log(tmp_path, checkpo
         server.start()
         for _trial in range(3):
             stop, answered = threading.Event(), []
-            workers = [threading.Thread(target=burst, args=(server.url, stop, answered)) for _ in range(12)]
+            workers = [
+                threading.Thread(target=burst, args=(server.url, stop, answered)) for _ in range(12)
+            ]
             for w in workers:
                 w.start()
             deadline = time.monotonic() + 20

@@ -54,7 +54,11 @@ def served(tmp_path, checkpoints):
 def test_tritonclient_grpc_gets_the_rest_answers_under_the_same_quota_and_audit(served):
     server, config, address = served
     x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
-    rest = httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=body(torch.from_numpy(x)), headers=auth("alice"))
+    rest = httpx.post(
+        f"{server.url}/v2/models/{MODEL}/infer",
+        json=body(torch.from_numpy(x)),
+        headers=auth("alice"),
+    )
     assert rest.status_code == 200
     expected = np.asarray(rest.json()["outputs"][0]["data"], dtype=np.float32).reshape(4, 10)
 
@@ -62,20 +66,32 @@ def test_tritonclient_grpc_gets_the_rest_answers_under_the_same_quota_and_audit(
     assert client.is_server_live() and client.is_server_ready()
     assert client.is_model_ready(MODEL, headers=_bearer("alice"))
     meta = client.get_model_metadata(MODEL, headers=_bearer("alice"), as_json=True)
-    assert meta["inputs"][0]["shape"] == ["-1", "1", "8", "8"] and meta["outputs"][0]["name"] == "probabilities"
+    assert (
+        meta["inputs"][0]["shape"] == ["-1", "1", "8", "8"]
+        and meta["outputs"][0]["name"] == "probabilities"
+    )
     assert client.get_server_metadata(headers=_bearer("alice")).name == "mirage"
-    result = client.infer(MODEL, _inputs(x), outputs=[grpcclient.InferRequestedOutput("probabilities")],
-                          headers=_bearer("alice"), request_id="r1")
+    result = client.infer(
+        MODEL,
+        _inputs(x),
+        outputs=[grpcclient.InferRequestedOutput("probabilities")],
+        headers=_bearer("alice"),
+        request_id="r1",
+    )
     np.testing.assert_allclose(result.as_numpy("probabilities"), expected, rtol=0, atol=1e-6)
     response = result.get_response()
-    assert response.id == "r1" and response.parameters["queries_used"].int64_param == 8  # 4 REST + 4 gRPC
+    assert (
+        response.id == "r1" and response.parameters["queries_used"].int64_param == 8
+    )  # 4 REST + 4 gRPC
     assert response.parameters["query_budget"].int64_param == 1000
 
     async def asynchronous():
         async with aioclient.InferenceServerClient(address) as client:
             inputs = [aioclient.InferInput("images", list(x.shape), "FP32")]
             inputs[0].set_data_from_numpy(x)
-            answered = await client.infer(MODEL, inputs, headers=_bearer("alice"), model_version="1")
+            answered = await client.infer(
+                MODEL, inputs, headers=_bearer("alice"), model_version="1"
+            )
             return answered.as_numpy("probabilities"), answered.get_response()
 
     probabilities, response = asyncio.run(asynchronous())
@@ -96,18 +112,40 @@ def test_grpc_errors_carry_the_services_reasons_as_grpc_codes(served):
         return caught.value.status()
 
     assert code(lambda: client.infer(MODEL, _inputs(x))) == "StatusCode.UNAUTHENTICATED"
-    assert code(lambda: client.infer(MODEL, _inputs(x), headers={"authorization": "Bearer nope"})) == \
-        "StatusCode.UNAUTHENTICATED"
-    assert code(lambda: client.infer("other", _inputs(x), headers=_bearer("alice"))) == "StatusCode.NOT_FOUND"
-    assert code(lambda: client.infer(MODEL, _inputs(x), headers=_bearer("alice"), model_version="7")) == \
-        "StatusCode.NOT_FOUND"
+    assert (
+        code(lambda: client.infer(MODEL, _inputs(x), headers={"authorization": "Bearer nope"}))
+        == "StatusCode.UNAUTHENTICATED"
+    )
+    assert (
+        code(lambda: client.infer("other", _inputs(x), headers=_bearer("alice")))
+        == "StatusCode.NOT_FOUND"
+    )
+    assert (
+        code(lambda: client.infer(MODEL, _inputs(x), headers=_bearer("alice"), model_version="7"))
+        == "StatusCode.NOT_FOUND"
+    )
     bad = x.copy()
     bad[0, 0, 0, 0] = np.nan
-    assert code(lambda: client.infer(MODEL, _inputs(bad), headers=_bearer("alice"))) == "StatusCode.INVALID_ARGUMENT"
-    assert code(lambda: client.infer(MODEL, _inputs(np.full((2, 1, 8, 7), 0.5, np.float32)),
-                                     headers=_bearer("alice"))) == "StatusCode.INVALID_ARGUMENT"
-    assert code(lambda: client.infer(MODEL, _inputs(np.full((65, 1, 8, 8), 0.5, np.float32)),
-                                     headers=_bearer("alice"))) == "StatusCode.RESOURCE_EXHAUSTED"
+    assert (
+        code(lambda: client.infer(MODEL, _inputs(bad), headers=_bearer("alice")))
+        == "StatusCode.INVALID_ARGUMENT"
+    )
+    assert (
+        code(
+            lambda: client.infer(
+                MODEL, _inputs(np.full((2, 1, 8, 7), 0.5, np.float32)), headers=_bearer("alice")
+            )
+        )
+        == "StatusCode.INVALID_ARGUMENT"
+    )
+    assert (
+        code(
+            lambda: client.infer(
+                MODEL, _inputs(np.full((65, 1, 8, 8), 0.5, np.float32)), headers=_bearer("alice")
+            )
+        )
+        == "StatusCode.RESOURCE_EXHAUSTED"
+    )
     # carol: quota 5, 3 of burst: the second request of 3 images is beyond her rate, the quota after
     assert client.infer(MODEL, _inputs(x[:1].repeat(3, 0)), headers=_bearer("carol")) is not None
     with pytest.raises(InferenceServerException) as caught:
@@ -118,12 +156,21 @@ def test_grpc_errors_carry_the_services_reasons_as_grpc_codes(served):
 def test_a_raw_grpc_call_gets_the_retry_after_and_reason_in_its_trailers(served):
     _, _, address = served
     channel = grpc.insecure_channel(address)
-    infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer",
-                                request_serializer=pb.ModelInferRequest.SerializeToString,
-                                response_deserializer=pb.ModelInferResponse.FromString)
+    infer = channel.unary_unary(
+        "/inference.GRPCInferenceService/ModelInfer",
+        request_serializer=pb.ModelInferRequest.SerializeToString,
+        response_deserializer=pb.ModelInferResponse.FromString,
+    )
     x = np.full((3, 1, 8, 8), 0.5, dtype="<f4")
-    request = pb.ModelInferRequest(model_name=MODEL, inputs=[pb.ModelInferRequest.InferInputTensor(
-        name="images", datatype="FP32", shape=list(x.shape))], raw_input_contents=[x.tobytes()])
+    request = pb.ModelInferRequest(
+        model_name=MODEL,
+        inputs=[
+            pb.ModelInferRequest.InferInputTensor(
+                name="images", datatype="FP32", shape=list(x.shape)
+            )
+        ],
+        raw_input_contents=[x.tobytes()],
+    )
     metadata = (("authorization", f"Bearer {KEYS['carol']}"),)
     assert len(infer(request, metadata=metadata).raw_output_contents[0]) == 3 * 10 * 4
     with pytest.raises(grpc.RpcError) as caught:
@@ -138,21 +185,38 @@ def test_requests_are_validated_before_any_work():
     shape = (1, 8, 8)
 
     def request(**kwargs) -> pb.ModelInferRequest:
-        tensor = {"name": "images", "datatype": "FP32", "shape": [2, 1, 8, 8], **kwargs.pop("tensor", {})}
-        return pb.ModelInferRequest(model_name=MODEL, inputs=[pb.ModelInferRequest.InferInputTensor(**tensor)],
-                                    **kwargs)
+        tensor = {
+            "name": "images",
+            "datatype": "FP32",
+            "shape": [2, 1, 8, 8],
+            **kwargs.pop("tensor", {}),
+        }
+        return pb.ModelInferRequest(
+            model_name=MODEL, inputs=[pb.ModelInferRequest.InferInputTensor(**tensor)], **kwargs
+        )
 
     good = np.full((2, 1, 8, 8), 0.25, dtype="<f4")
-    assert parse_infer_request(request(raw_input_contents=[good.tobytes()]), shape, 64).shape == (2, 1, 8, 8)
-    typed = request(tensor={"contents": pb.InferTensorContents(fp32_contents=good.reshape(-1).tolist())})
+    assert parse_infer_request(request(raw_input_contents=[good.tobytes()]), shape, 64).shape == (
+        2,
+        1,
+        8,
+        8,
+    )
+    typed = request(
+        tensor={"contents": pb.InferTensorContents(fp32_contents=good.reshape(-1).tolist())}
+    )
     np.testing.assert_array_equal(parse_infer_request(typed, shape, 64), good)
-    as_fp64 = request(tensor={"datatype": "FP64"}, raw_input_contents=[good.astype("<f8").tobytes()])
+    as_fp64 = request(
+        tensor={"datatype": "FP64"}, raw_input_contents=[good.astype("<f8").tobytes()]
+    )
     np.testing.assert_array_equal(parse_infer_request(as_fp64, shape, 64), good)
-    for bad, message in ((request(raw_input_contents=[good.tobytes()[:-4]]), "needs 512"),
-                         (request(), "contents hold 0 values"),
-                         (request(tensor={"datatype": "INT8"}, raw_input_contents=[b""]), "datatype"),
-                         (request(raw_input_contents=[good.tobytes(), good.tobytes()]), "one raw_input_contents"),
-                         (request(raw_input_contents=[(good * 5).tobytes()]), r"\[0, 1\]"),
-                         (pb.ModelInferRequest(model_name=MODEL), "exactly one input")):
+    for bad, message in (
+        (request(raw_input_contents=[good.tobytes()[:-4]]), "needs 512"),
+        (request(), "contents hold 0 values"),
+        (request(tensor={"datatype": "INT8"}, raw_input_contents=[b""]), "datatype"),
+        (request(raw_input_contents=[good.tobytes(), good.tobytes()]), "one raw_input_contents"),
+        (request(raw_input_contents=[(good * 5).tobytes()]), r"\[0, 1\]"),
+        (pb.ModelInferRequest(model_name=MODEL), "exactly one input"),
+    ):
         with pytest.raises(Exception, match=message):
             parse_infer_request(bad, shape, 64)

@@ -28,13 +28,24 @@ HEADER = "Inference-Header-Content-Length"
 DTYPES = {"FP16": "<f2", "FP32": "<f4", "FP64": "<f8"}
 
 
-def binary_request(x: np.ndarray, datatype: str = "FP32", *, size: int | None = None, tensor: dict | None = None,
-                   **payload) -> tuple[bytes, dict]:
+def binary_request(
+    x: np.ndarray,
+    datatype: str = "FP32",
+    *,
+    size: int | None = None,
+    tensor: dict | None = None,
+    **payload,
+) -> tuple[bytes, dict]:
     """A request with ``x`` as binary tensor data: (body, headers); ``size`` overrides the
     declared binary_data_size, ``tensor`` other fields of the input, ``payload`` the request's."""
     raw = np.ascontiguousarray(x, dtype=DTYPES.get(datatype, "<f4")).tobytes()
-    spec = {"name": "images", "shape": list(x.shape), "datatype": datatype,
-            "parameters": {"binary_data_size": len(raw) if size is None else size}, **(tensor or {})}
+    spec = {
+        "name": "images",
+        "shape": list(x.shape),
+        "datatype": datatype,
+        "parameters": {"binary_data_size": len(raw) if size is None else size},
+        **(tensor or {}),
+    }
     header = json.dumps({"inputs": [spec], **payload}).encode()
     return header + raw, {HEADER: str(len(header))}
 
@@ -43,24 +54,34 @@ def decode(response: httpx.Response) -> tuple[dict, dict[str, np.ndarray]]:
     """(the JSON header, each output as an array) of an inference response, JSON or binary."""
     length = response.headers.get(HEADER)
     content = response.content
-    header = json.loads(content if length is None else content[:int(length)])
+    header = json.loads(content if length is None else content[: int(length)])
     offset, arrays = int(length or 0), {}
     for output in header["outputs"]:
         size = output.get("parameters", {}).get("binary_data_size")
         if size is None:
-            arrays[output["name"]] = np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+            arrays[output["name"]] = np.asarray(output["data"], dtype=np.float32).reshape(
+                output["shape"]
+            )
         else:
-            arrays[output["name"]] = np.frombuffer(content[offset:offset + size], "<f4").reshape(output["shape"])
+            arrays[output["name"]] = np.frombuffer(content[offset : offset + size], "<f4").reshape(
+                output["shape"]
+            )
             offset += size
-    assert offset == (len(content) if length is not None else 0), "bytes left over after the outputs"
+    assert offset == (len(content) if length is not None else 0), (
+        "bytes left over after the outputs"
+    )
     return header, arrays
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, checkpoints):
-    config = make_config(tmp_path_factory.mktemp("oip"), checkpoints,
-                         clients=[{"name": "alice", "quota": 10**9}, {"name": "dave", "quota": 0}],
-                         access={"auth_failures": 10**9}, limits={"max_batch": 4, "max_payload_bytes": 1 << 20})
+    config = make_config(
+        tmp_path_factory.mktemp("oip"),
+        checkpoints,
+        clients=[{"name": "alice", "quota": 10**9}, {"name": "dave", "quota": 0}],
+        access={"auth_failures": 10**9},
+        limits={"max_batch": 4, "max_payload_bytes": 1 << 20},
+    )
     server = Server(config)
     yield server
     server.close()
@@ -79,7 +100,11 @@ def test_server_metadata_needs_a_key_and_names_the_extension(server):
     http = server.http
     meta = http.get("/v2", headers=auth("alice"))
     assert meta.status_code == 200
-    assert meta.json() == {"name": "mirage", "version": mirage.__version__, "extensions": ["binary_tensor_data"]}
+    assert meta.json() == {
+        "name": "mirage",
+        "version": mirage.__version__,
+        "extensions": ["binary_tensor_data"],
+    }
     assert http.get("/v2").json()["reason"] == "missing_key"
     assert http.get("/v2", headers={"X-API-Key": "wrong"}).status_code == 401
     assert http.get("/v2/health/live").json() == {"live": True}
@@ -89,20 +114,36 @@ def test_server_metadata_needs_a_key_and_names_the_extension(server):
 def test_version_paths(server):
     http, before = server.http, server.state()
     plain = http.get(URL, headers=auth("alice")).json()
-    assert plain["versions"] == ["1"] and plain["platform"] == "pytorch"  # a mirage checkpoint: eager nn.Module
+    assert (
+        plain["versions"] == ["1"] and plain["platform"] == "pytorch"
+    )  # a mirage checkpoint: eager nn.Module
     assert http.get(URL + "/versions/1", headers=auth("alice")).json() == plain
     for path in (URL + "/versions/2", URL + "/versions/2/ready"):
         missing = http.get(path, headers=auth("alice"))
         assert (missing.status_code, missing.json()["reason"]) == (404, "unknown_version"), path
-    assert http.get(URL + "/versions/1/ready", headers=auth("alice")).json() == {"name": "digits", "ready": True}
-    assert http.get(URL + "/versions/2/ready").json() == {"ready": True}  # no key: readiness only, names nothing
-    assert http.get("/v2/models/other/versions/1", headers=auth("alice")).json()["reason"] == "unknown_model"
-    refused = http.post(URL + "/versions/2/infer", json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice"))
+    assert http.get(URL + "/versions/1/ready", headers=auth("alice")).json() == {
+        "name": "digits",
+        "ready": True,
+    }
+    assert http.get(URL + "/versions/2/ready").json() == {
+        "ready": True
+    }  # no key: readiness only, names nothing
+    assert (
+        http.get("/v2/models/other/versions/1", headers=auth("alice")).json()["reason"]
+        == "unknown_model"
+    )
+    refused = http.post(
+        URL + "/versions/2/infer", json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")
+    )
     assert (refused.status_code, refused.json()["reason"]) == (404, "unknown_version")
     assert server.state() == before
-    answered = http.post(URL + "/versions/1/infer", json=body(torch.rand(2, 1, 8, 8)), headers=auth("alice"))
+    answered = http.post(
+        URL + "/versions/1/infer", json=body(torch.rand(2, 1, 8, 8)), headers=auth("alice")
+    )
     assert answered.status_code == 200 and answered.json()["model_version"] == "1"
-    query = http.post(URL + "/infer?version=2", json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice"))
+    query = http.post(
+        URL + "/infer?version=2", json=body(torch.rand(1, 1, 8, 8)), headers=auth("alice")
+    )
     assert query.status_code == 200, "a query string is not a version path"
 
 
@@ -110,45 +151,72 @@ def test_version_paths(server):
 def test_binary_request_answers_as_json_does(server, victim, datatype):
     x = pixels(3, seed=1).astype(DTYPES[datatype])
     content, headers = binary_request(x, datatype, id="binary-1")
-    response = server.http.post(URL + "/infer", content=content, headers={**auth("alice"), **headers})
+    response = server.http.post(
+        URL + "/infer", content=content, headers={**auth("alice"), **headers}
+    )
     assert response.status_code == 200, response.text
-    assert response.headers["content-type"] == "application/json" and HEADER.lower() not in response.headers
+    assert (
+        response.headers["content-type"] == "application/json"
+        and HEADER.lower() not in response.headers
+    )
     header, outputs = decode(response)
     assert header["id"] == "binary-1" and header["outputs"][0]["datatype"] == "FP32"
     expected = InProcessAPI(victim).query(torch.from_numpy(x.astype(np.float32)))
     np.testing.assert_allclose(outputs["probabilities"], expected.numpy(), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("outputs, parameters, binary", [
-    (None, {"binary_data_output": True}, True),
-    ([{"name": "probabilities"}], {"binary_data_output": True}, True),
-    ([{"name": "probabilities", "parameters": {"binary_data": False}}], {"binary_data_output": True}, False),
-    ([{"name": "probabilities", "parameters": {"binary_data": True}}], None, True),
-    ([], None, False),
-    (None, {"binary_data_output": False, "priority": 1, "note": "x"}, False),
-])
+@pytest.mark.parametrize(
+    "outputs, parameters, binary",
+    [
+        (None, {"binary_data_output": True}, True),
+        ([{"name": "probabilities"}], {"binary_data_output": True}, True),
+        (
+            [{"name": "probabilities", "parameters": {"binary_data": False}}],
+            {"binary_data_output": True},
+            False,
+        ),
+        ([{"name": "probabilities", "parameters": {"binary_data": True}}], None, True),
+        ([], None, False),
+        (None, {"binary_data_output": False, "priority": 1, "note": "x"}, False),
+    ],
+)
 @pytest.mark.parametrize("binary_input", [False, True])
-def test_requested_outputs_and_binary_responses(server, victim, outputs, parameters, binary, binary_input):
+def test_requested_outputs_and_binary_responses(
+    server, victim, outputs, parameters, binary, binary_input
+):
     x = pixels(2, seed=2)
-    payload = {"id": "r-7", **({"outputs": outputs} if outputs is not None else {}),
-               **({"parameters": parameters} if parameters is not None else {})}
+    payload = {
+        "id": "r-7",
+        **({"outputs": outputs} if outputs is not None else {}),
+        **({"parameters": parameters} if parameters is not None else {}),
+    }
     if binary_input:
         content, headers = binary_request(x, **payload)
     else:
         content, headers = json.dumps({**body(torch.from_numpy(x)), **payload}).encode(), {}
-    response = server.http.post(URL + "/infer", content=content, headers={**auth("alice"), **headers})
+    response = server.http.post(
+        URL + "/infer", content=content, headers={**auth("alice"), **headers}
+    )
     assert response.status_code == 200, response.text
     assert (HEADER.lower() in response.headers) == binary
-    assert response.headers["content-type"] == ("application/octet-stream" if binary else "application/json")
+    assert response.headers["content-type"] == (
+        "application/octet-stream" if binary else "application/json"
+    )
     header, arrays = decode(response)
     assert header["id"] == "r-7" and header["model_name"] == "digits"
     assert header["parameters"]["query_budget"] == 10**9
     (output,) = header["outputs"]
-    assert ("binary_data_size" in output.get("parameters", {})) == binary and ("data" in output) != binary
+    assert ("binary_data_size" in output.get("parameters", {})) == binary and (
+        "data" in output
+    ) != binary
     if binary:
         assert output["parameters"]["binary_data_size"] == 2 * 10 * 4
-    np.testing.assert_allclose(arrays["probabilities"], InProcessAPI(victim).query(torch.from_numpy(x)).numpy(),
-                               rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        arrays["probabilities"],
+        InProcessAPI(victim).query(torch.from_numpy(x)).numpy(),
+        rtol=0,
+        atol=1e-6,
+    )
 
 
 def malformed_bodies() -> list[tuple[str, bytes, dict, int]]:
@@ -187,26 +255,49 @@ def malformed_bodies() -> list[tuple[str, bytes, dict, int]]:
         ("wrong datatype", *binary_request(x, "INT8"), 400),
         ("datatype UINT8", *binary_request(x.astype(np.uint8), "UINT8", size=128), 400),
         ("both data and binary_data_size", *binary_request(x, tensor={"data": [0.5] * 128}), 400),
-        ("binary bytes but no binary input", json_only() + b"\x00" * 8, header(len(json_only())), 400),
+        (
+            "binary bytes but no binary input",
+            json_only() + b"\x00" * 8,
+            header(len(json_only())),
+            400,
+        ),
         ("NaN in the binary data", *binary_request(nan), 400),
         ("out of range in the binary data", *binary_request(x + 1.5), 400),
         ("wrong shape", *binary_request(pixels(2)[:, :, :, :7]), 400),
         ("parameters not an object", *binary_request(x, tensor={"parameters": [512]}), 400),
-        ("shared memory input", *binary_request(x, tensor={"parameters": {"shared_memory_region": "r",
-                                                                           "binary_data_size": 512}}), 400),
+        (
+            "shared memory input",
+            *binary_request(
+                x, tensor={"parameters": {"shared_memory_region": "r", "binary_data_size": 512}}
+            ),
+            400,
+        ),
         ("request parameters a list", json_only(parameters=[1]), {}, 400),
         ("request parameter an object", json_only(parameters={"a": {"b": 1}}), {}, 400),
         ("request parameter null", json_only(parameters={"a": None}), {}, 400),
-        ("binary_data_output a string", json_only(parameters={"binary_data_output": "true"}), {}, 400),
+        (
+            "binary_data_output a string",
+            json_only(parameters={"binary_data_output": "true"}),
+            {},
+            400,
+        ),
         ("unknown output", json_only(outputs=[{"name": "logits"}]), {}, 400),
         ("output twice", json_only(outputs=[{"name": "probabilities"}] * 2), {}, 400),
         ("output without a name", json_only(outputs=[{"parameters": {}}]), {}, 400),
         ("output name a list", json_only(outputs=[{"name": ["probabilities"]}]), {}, 400),
         ("outputs an object", json_only(outputs={"name": "probabilities"}), {}, 400),
-        ("binary_data a number", json_only(outputs=[{"name": "probabilities", "parameters": {"binary_data": 1}}]),
-         {}, 400),
-        ("classification", json_only(outputs=[{"name": "probabilities", "parameters": {"classification": 3}}]),
-         {}, 400),
+        (
+            "binary_data a number",
+            json_only(outputs=[{"name": "probabilities", "parameters": {"binary_data": 1}}]),
+            {},
+            400,
+        ),
+        (
+            "classification",
+            json_only(outputs=[{"name": "probabilities", "parameters": {"classification": 3}}]),
+            {},
+            400,
+        ),
         ("batch too large", *binary_request(pixels(5)), 413),
         ("gzip", good, {**headers, "Content-Encoding": "gzip"}, 400),
     ]
@@ -216,18 +307,31 @@ def test_malformed_binary_bodies_are_400_and_charge_nothing(server):
     before = server.state()
     assert server.quotas.reservations() == 0
     for case, content, headers, status in malformed_bodies():
-        response = server.http.post(URL + "/infer", content=content, headers={**auth("alice"), **headers})
+        response = server.http.post(
+            URL + "/infer", content=content, headers={**auth("alice"), **headers}
+        )
         assert response.status_code == status, (case, response.text[:300])
         assert set(response.json()) == {"error", "reason"} and response.json()["error"], case
-        assert server.state() == before, f"{case}: a rejected request changed the quota or the audit log"
+        assert server.state() == before, (
+            f"{case}: a rejected request changed the quota or the audit log"
+        )
         assert server.quotas.reservations() == 0, case
-    messages = {case: server.http.post(URL + "/infer", content=content, headers={**auth("alice"), **headers})
-                .json()["error"] for case, content, headers, _ in malformed_bodies()}
+    messages = {
+        case: server.http.post(
+            URL + "/infer", content=content, headers={**auth("alice"), **headers}
+        ).json()["error"]
+        for case, content, headers, _ in malformed_bodies()
+    }
     assert "Inference-Header-Content-Length" in messages["binary without the header"]
     assert "needs 512" in messages["size does not match shape x dtype"]
     assert "unknown output 'logits'" in messages["unknown output"]
     good, headers = binary_request(pixels(2, seed=4))
-    assert server.http.post(URL + "/infer", content=good, headers={**auth("alice"), **headers}).status_code == 200
+    assert (
+        server.http.post(
+            URL + "/infer", content=good, headers={**auth("alice"), **headers}
+        ).status_code
+        == 200
+    )
     (usage, (rows, queries)) = server.state()
     assert usage["alice"][0] - before[0].get("alice", (0, 0))[0] == 2
     assert (rows, queries) == (before[1][0] + 1, before[1][1] + 2)
@@ -237,10 +341,15 @@ def test_body_limits_hold_for_binary_bodies(server):
     # max_batch 4 images of 64 values: a body of 200 kB can be no well-formed request
     content, headers = binary_request(pixels(2))
     padded = content + b"\x00" * 200_000
-    response = server.http.post(URL + "/infer", content=padded, headers={**auth("alice"), **headers})
+    response = server.http.post(
+        URL + "/infer", content=padded, headers={**auth("alice"), **headers}
+    )
     assert (response.status_code, response.json()["reason"]) == (413, "payload_too_large")
-    chunked = server.http.post(URL + "/infer", content=iter([padded[i:i + 50_000] for i in range(0, len(padded), 50_000)]),
-                               headers={**auth("alice"), **headers})
+    chunked = server.http.post(
+        URL + "/infer",
+        content=iter([padded[i : i + 50_000] for i in range(0, len(padded), 50_000)]),
+        headers={**auth("alice"), **headers},
+    )
     assert "content-length" not in chunked.request.headers
     assert (chunked.status_code, chunked.json()["reason"]) == (413, "payload_too_large")
     broke = server.http.post(URL + "/infer", content=content, headers={**auth("dave"), **headers})
@@ -280,7 +389,9 @@ def mutated_binary_requests(draw) -> tuple[bytes, dict]:
         headers = {HEADER: draw(st.integers(-5, len(content) + 5).map(str) | HEADER_TEXT)}
     if draw(st.booleans()):
         cut = draw(st.integers(0, len(content)))
-        content = content[:cut] + draw(st.binary(max_size=16)) + content[cut + draw(st.integers(0, 16)):]
+        content = (
+            content[:cut] + draw(st.binary(max_size=16)) + content[cut + draw(st.integers(0, 16)) :]
+        )
     if draw(st.integers(0, 4)) == 0:
         content = content[:length] + draw(st.binary(max_size=600))
     return content, headers

@@ -31,10 +31,18 @@ WATERMARK = {"bucket_fraction": 0.5, "margin": 0.1}
 
 def ownership_config(tmp_path, checkpoints, **overrides) -> ServeConfig:
     (tmp_path / "secret").write_bytes(SECRET + b"\n")
-    config = make_config(tmp_path, checkpoints, clients=[{"name": "alice", "quota": 100_000},
-                                                        {"name": "bob", "quota": 100_000}])
-    ownership = {"secret_env": None, "secret_file": str(tmp_path / "secret"),
-                 "evidence": str(tmp_path / "evidence.sqlite"), "watermark": WATERMARK, **overrides}
+    config = make_config(
+        tmp_path,
+        checkpoints,
+        clients=[{"name": "alice", "quota": 100_000}, {"name": "bob", "quota": 100_000}],
+    )
+    ownership = {
+        "secret_env": None,
+        "secret_file": str(tmp_path / "secret"),
+        "evidence": str(tmp_path / "evidence.sqlite"),
+        "watermark": WATERMARK,
+        **overrides,
+    }
     return ServeConfig.model_validate({**config.model_dump(mode="json"), "ownership": ownership})
 
 
@@ -59,7 +67,9 @@ class ThiefNet(nn.Module):
         return self.net(x)
 
 
-def train_thief(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int) -> nn.Module:
+def train_thief(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, epochs: int
+) -> nn.Module:
     """The thief's own training loop: Adam on the stolen hard labels."""
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(epochs):
@@ -73,14 +83,16 @@ def train_thief(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, ep
 def train_and_export(images: torch.Tensor, labels: torch.Tensor, path, seed: int) -> None:
     torch.manual_seed(seed)
     model = train_thief(ThiefNet(), images, labels, epochs=150)
-    program = torch.export.export(model, (images[:2],),
-                                  dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},))
+    program = torch.export.export(
+        model, (images[:2],), dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},)
+    )
     torch.export.save(program, str(path))
 
 
 def verify(config_path, suspect, *extra: str) -> dict[str, dict]:
-    result = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(suspect), "--json",
-                                      *extra])
+    result = CliRunner().invoke(
+        app, ["verify", "--config", str(config_path), "--suspect", str(suspect), "--json", *extra]
+    )
     assert result.exit_code == 0, result.output
     return {t["client"]: t for t in json.loads(result.output)}
 
@@ -93,10 +105,16 @@ class Memorised(nn.Module):
         self.answers, self.images = answers, images
 
     def forward(self, x):
-        return self.answers[torch.cdist(x.flatten(1), self.images.flatten(1)).argmin(1)].clamp_min(1e-6).log()
+        return (
+            self.answers[torch.cdist(x.flatten(1), self.images.flatten(1)).argmin(1)]
+            .clamp_min(1e-6)
+            .log()
+        )
 
 
-def answers_in_process(config: ServeConfig, images: torch.Tensor, client: str = "alice") -> torch.Tensor:
+def answers_in_process(
+    config: ServeConfig, images: torch.Tensor, client: str = "alice"
+) -> torch.Tensor:
     """``client``'s answers to ``images`` from the real app in process, 64 images per request."""
     from fastapi.testclient import TestClient
 
@@ -117,7 +135,9 @@ def test_verify_names_the_key_each_hard_label_clone_was_stolen_through(tmp_path,
     server = ServerProcess(config, tmp_path).start()
     images = load_dataset("digits").train.images.float()
     try:
-        stolen = {client: steal_over_http(server.url, client, images) for client in ("alice", "bob")}
+        stolen = {
+            client: steal_over_http(server.url, client, images) for client in ("alice", "bob")
+        }
     finally:
         server.kill()
     for seed, client in enumerate(stolen):
@@ -139,12 +159,22 @@ def test_the_secret_never_comes_from_the_config_and_must_exist(tmp_path, checkpo
     config = ownership_config(tmp_path, checkpoints)
     raw = config.model_dump(mode="json")
     with pytest.raises(ValidationError, match="secret"):
-        ServeConfig.model_validate({**raw, "ownership": {**raw["ownership"], "secret": "in-plain-text"}})
+        ServeConfig.model_validate(
+            {**raw, "ownership": {**raw["ownership"], "secret": "in-plain-text"}}
+        )
     (tmp_path / "secret").write_bytes(b"short")
     with pytest.raises(ValueError, match="shorter than 16 bytes"):
         Service(config)
-    missing = ServeConfig.model_validate({**raw, "ownership": {**raw["ownership"], "secret_file": None,
-                                                               "secret_env": "MIRAGE_TEST_NO_SUCH_SECRET"}})
+    missing = ServeConfig.model_validate(
+        {
+            **raw,
+            "ownership": {
+                **raw["ownership"],
+                "secret_file": None,
+                "secret_env": "MIRAGE_TEST_NO_SUCH_SECRET",
+            },
+        }
+    )
     with pytest.raises(ValueError, match="MIRAGE_TEST_NO_SUCH_SECRET"):
         Service(missing)
 
@@ -156,7 +186,9 @@ def test_served_answers_carry_each_clients_own_watermark(tmp_path, checkpoints):
 
     from mirage.serve.app import create_app
 
-    config = ownership_config(tmp_path, checkpoints, watermark={"bucket_fraction": 1.0, "margin": 0.1})
+    config = ownership_config(
+        tmp_path, checkpoints, watermark={"bucket_fraction": 1.0, "margin": 0.1}
+    )
     images = load_dataset("digits").train.images[:64].float()
     with TestClient(create_app(config)) as http:
         answers = {}
@@ -166,7 +198,12 @@ def test_served_answers_carry_each_clients_own_watermark(tmp_path, checkpoints):
             answers[client] = torch.tensor(reply.json()["outputs"][0]["data"]).view(64, 10)
         metadata = http.get("/v2/models/digits", headers=auth("alice")).text
     assert SECRET.decode() not in metadata and KEYS["alice"] not in metadata
-    marks = {c: KeyedWatermark(derive_key(SECRET, c), 10, WatermarkConfig(bucket_fraction=1.0, margin=0.1)).marks(images) for c in answers}
+    marks = {
+        c: KeyedWatermark(
+            derive_key(SECRET, c), 10, WatermarkConfig(bucket_fraction=1.0, margin=0.1)
+        ).marks(images)
+        for c in answers
+    }
     for client, other in (("alice", "bob"), ("bob", "alice")):
         own = marks[client].carried & ~marks[other].carried
         assert own.any()
@@ -177,16 +214,26 @@ def test_served_answers_carry_each_clients_own_watermark(tmp_path, checkpoints):
 
 def test_evidence_store_is_bounded_deduplicated_and_persistent(tmp_path):
     x = torch.rand(30, 1, 8, 8)
-    marks = Marks(torch.ones(30, dtype=torch.bool), torch.zeros(30, dtype=torch.long),
-                  tuple(f"{i:02x}" for i in range(30)))
+    marks = Marks(
+        torch.ones(30, dtype=torch.bool),
+        torch.zeros(30, dtype=torch.long),
+        tuple(f"{i:02x}" for i in range(30)),
+    )
     store = EvidenceStore(tmp_path / "e.sqlite", max_items=20)
-    assert store.add("alice", x[:10], Marks(marks.carried[:10], marks.labels[:10], marks.buckets[:10])) == 10
-    assert store.add("alice", x, marks) == 10                       # 10 known, 10 more fit
+    assert (
+        store.add("alice", x[:10], Marks(marks.carried[:10], marks.labels[:10], marks.buckets[:10]))
+        == 10
+    )
+    assert store.add("alice", x, marks) == 10  # 10 known, 10 more fit
     assert store.add("alice", x, marks) == 0
     store.close()
     again = EvidenceStore(tmp_path / "e.sqlite", max_items=20)
     images, buckets, ranking = again.items("alice")
-    assert images.shape == (20, 1, 8, 8) and torch.equal(images, x[:20]) and buckets == list(marks.buckets[:20])
+    assert (
+        images.shape == (20, 1, 8, 8)
+        and torch.equal(images, x[:20])
+        and buckets == list(marks.buckets[:20])
+    )
     assert ranking is None and again.items("bob") == (None, [], None)
     again.close()
 
@@ -198,24 +245,36 @@ def test_evidence_store_keeps_rankings_and_upgrades_a_store_written_without_them
 
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:
-        conn.execute("CREATE TABLE evidence (client TEXT NOT NULL, digest TEXT NOT NULL, bucket TEXT NOT NULL, "
-                     "shape TEXT NOT NULL, image BLOB NOT NULL, PRIMARY KEY (client, digest))")
-        conn.execute("INSERT INTO evidence VALUES ('bob', 'd', 'ab', '[1, 2, 2]', ?)",
-                     (torch.zeros(4).numpy().astype("<f4").tobytes(),))
+        conn.execute(
+            "CREATE TABLE evidence (client TEXT NOT NULL, digest TEXT NOT NULL, bucket TEXT NOT NULL, "
+            "shape TEXT NOT NULL, image BLOB NOT NULL, PRIMARY KEY (client, digest))"
+        )
+        conn.execute(
+            "INSERT INTO evidence VALUES ('bob', 'd', 'ab', '[1, 2, 2]', ?)",
+            (torch.zeros(4).numpy().astype("<f4").tobytes(),),
+        )
     store = EvidenceStore(path)
     x = torch.rand(6, 1, 2, 2)
     ranking = torch.stack([torch.randperm(10) for _ in range(6)])
-    marks = Marks(torch.ones(6, dtype=torch.bool), torch.zeros(6, dtype=torch.long), ("cd",) * 6, None, ranking)
+    marks = Marks(
+        torch.ones(6, dtype=torch.bool),
+        torch.zeros(6, dtype=torch.long),
+        ("cd",) * 6,
+        None,
+        ranking,
+    )
     one = Marks(marks.carried[:1], marks.labels[:1], marks.buckets[:1], None, ranking[:1])
     assert store.add("alice", x, marks) == 6 and store.add("bob", x[:1], one) == 1
     images, buckets, kept = store.items("alice")
     assert torch.equal(images, x) and torch.equal(kept, ranking)
     images, buckets, kept = store.items("bob")
-    assert buckets == ["ab", "cd"] and kept is None                  # the old row has no ranking
+    assert buckets == ["ab", "cd"] and kept is None  # the old row has no ranking
     store.close()
 
 
-def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the_store(tmp_path, checkpoints):
+def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the_store(
+    tmp_path, checkpoints
+):
     """Keyed ranks near ties (ranked, tie_gap) through the service: each carried answer's top-1 is
     the victim's j-th class, the store keeps the victim's ranking, and a model that learnt the
     served answers is named from the store alone, while the victim itself is not."""
@@ -228,7 +287,10 @@ def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the
     served = answers_in_process(config, images)
     victim, _ = load_checkpoint(checkpoints["victim"])
     clean = clean_posteriors(victim, images)
-    watermark_of = {c: KeyedWatermark(derive_key(SECRET, c), 10, WatermarkConfig(**watermark)) for c in ("alice", "bob")}
+    watermark_of = {
+        c: KeyedWatermark(derive_key(SECRET, c), 10, WatermarkConfig(**watermark))
+        for c in ("alice", "bob")
+    }
     marks = watermark_of["alice"].marks(images, clean)
     assert 5 < marks.carried.sum() < len(images)
     order = clean.argsort(dim=1, descending=True)
@@ -240,10 +302,15 @@ def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the
     rows = torch.cdist(kept.flatten(1), images.flatten(1)).argmin(1)
     assert torch.equal(ranking, order[rows])
 
-    tests = {t.client: t for t in name_the_thief(Memorised(served, images), store, watermark_of, alpha=1e-3)}
+    tests = {
+        t.client: t
+        for t in name_the_thief(Memorised(served, images), store, watermark_of, alpha=1e-3)
+    }
     assert tests["alice"].named and tests["alice"].p_value <= 2.0 ** -tests["alice"].buckets + 1e-12
     assert not tests["bob"].named
-    assert not any(t.named for t in name_the_thief(Memorised(clean, images), store, watermark_of, alpha=1e-3))
+    assert not any(
+        t.named for t in name_the_thief(Memorised(clean, images), store, watermark_of, alpha=1e-3)
+    )
     store.close()
 
 
@@ -255,46 +322,90 @@ def test_verify_reads_the_suspect_in_the_thiefs_format(tmp_path, checkpoints, fm
     from mirage.defenses import create_defense
     from mirage.models import ModelCard, create_model, save_checkpoint
 
-    config = ownership_config(tmp_path, checkpoints, watermark={"bucket_fraction": 1.0, "margin": 0.1})
+    config = ownership_config(
+        tmp_path, checkpoints, watermark={"bucket_fraction": 1.0, "margin": 0.1}
+    )
     config_path = tmp_path / "serve.json"
     config_path.write_text(json.dumps(config.model_dump(mode="json")))
     digits = load_dataset("digits").train
     images = digits.images.float()
-    clean = torch.nn.functional.one_hot(digits.labels, 10) * 0.9 + 0.01                # a good victim
+    clean = torch.nn.functional.one_hot(digits.labels, 10) * 0.9 + 0.01  # a good victim
     store = EvidenceStore(tmp_path / "evidence.sqlite")
-    defense = create_defense("watermarked", key=derive_key(SECRET, "alice"), client="alice",
-                             config=config.ownership.watermark, evidence=store)
-    labels = defense(images, clean).argmax(1)   # alice's answers
+    defense = create_defense(
+        "watermarked",
+        key=derive_key(SECRET, "alice"),
+        client="alice",
+        config=config.ownership.watermark,
+        evidence=store,
+    )
+    labels = defense(images, clean).argmax(1)  # alice's answers
     store.close()
     torch.manual_seed(0)
-    model = train_thief(create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)), images, labels, epochs=60)
+    model = train_thief(
+        create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)), images, labels, epochs=60
+    )
     example = (images[:2],)
     batch = torch.export.Dim("batch", min=1, max=4096)
     if fmt == "export":
         suspect = tmp_path / "clone.pt2"
-        torch.export.save(torch.export.export(model, example, dynamic_shapes=({0: batch},)), str(suspect))
-    elif fmt == "export-static":  # what torch.export.export(model, (torch.zeros(1, 1, 8, 8),)) gives
+        torch.export.save(
+            torch.export.export(model, example, dynamic_shapes=({0: batch},)), str(suspect)
+        )
+    elif (
+        fmt == "export-static"
+    ):  # what torch.export.export(model, (torch.zeros(1, 1, 8, 8),)) gives
         suspect = tmp_path / "clone-static.pt2"
         torch.export.save(torch.export.export(model, (torch.zeros(1, 1, 8, 8),)), str(suspect))
     elif fmt == "onnx":
         pytest.importorskip("onnxscript")
         suspect = tmp_path / "clone.onnx"
-        torch.onnx.export(model, example, str(suspect), input_names=["images"], dynamic_shapes=({0: batch},),
-                          dynamo=True, verbose=False)
+        torch.onnx.export(
+            model,
+            example,
+            str(suspect),
+            input_names=["images"],
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+        )
     else:
-        card = ModelCard(architecture="lenet", input_shape=(1, 8, 8), num_classes=10, mean=(0.3,), std=(0.3,),
-                         dataset="digits", seed=0)
+        card = ModelCard(
+            architecture="lenet",
+            input_shape=(1, 8, 8),
+            num_classes=10,
+            mean=(0.3,),
+            std=(0.3,),
+            dataset="digits",
+            seed=0,
+        )
         suspect = save_checkpoint(model, card, tmp_path / "clone")
     tests = verify(config_path, suspect)
     assert tests["alice"]["named"] and not tests["bob"]["named"], tests
     if fmt == "checkpoint":  # a group test: one more test, on alice's and bob's pooled evidence
         grouped = verify(config_path, suspect, "--group", "alice,bob")
-        assert set(grouped) == {"alice", "bob", "alice,bob"} and grouped["alice,bob"]["images"] == tests["alice"]["images"]
-        assert grouped["alice"]["corrected_p_value"] == pytest.approx(min(1.0, 3 * tests["alice"]["p_value"]))
-        bad = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(suspect),
-                                       "--group", "alice,mallory"])
+        assert (
+            set(grouped) == {"alice", "bob", "alice,bob"}
+            and grouped["alice,bob"]["images"] == tests["alice"]["images"]
+        )
+        assert grouped["alice"]["corrected_p_value"] == pytest.approx(
+            min(1.0, 3 * tests["alice"]["p_value"])
+        )
+        bad = CliRunner().invoke(
+            app,
+            [
+                "verify",
+                "--config",
+                str(config_path),
+                "--suspect",
+                str(suspect),
+                "--group",
+                "alice,mallory",
+            ],
+        )
         assert bad.exit_code != 0 and "known clients" in bad.output
-    bad = CliRunner().invoke(app, ["verify", "--config", str(config_path), "--suspect", str(tmp_path / "nope.onnx")])
+    bad = CliRunner().invoke(
+        app, ["verify", "--config", str(config_path), "--suspect", str(tmp_path / "nope.onnx")]
+    )
     assert bad.exit_code != 0 and "cannot load the suspect" in bad.output
 
 
@@ -313,11 +424,15 @@ def test_served_watermark_stays_out_of_the_reference_datasets_dense_buckets(tmp_
     assert reply.status_code == 200, reply.text
     served = torch.tensor(reply.json()["outputs"][0]["data"]).view(64, 10)
     key = derive_key(SECRET, "alice")
-    capped = KeyedWatermark(key, 10, WatermarkConfig(**watermark), load_dataset("digits").train.images)
-    uncapped = KeyedWatermark(key, 10, WatermarkConfig(**{**watermark, "density_cap": None})).marks(images)
+    capped = KeyedWatermark(
+        key, 10, WatermarkConfig(**watermark), load_dataset("digits").train.images
+    )
+    uncapped = KeyedWatermark(key, 10, WatermarkConfig(**{**watermark, "density_cap": None})).marks(
+        images
+    )
     marks = capped.marks(images)
     removed = uncapped.carried & ~marks.carried
-    assert removed.any() and marks.carried.any()              # the cap takes some rows away, not all
+    assert removed.any() and marks.carried.any()  # the cap takes some rows away, not all
     assert torch.equal(served[marks.carried].argmax(1), marks.labels[marks.carried])
     # every row it does not carry, those the cap took away included, is the victim's own answer
     victim, _ = load_checkpoint(checkpoints["victim"])
@@ -333,8 +448,10 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
 
     from mirage.ownership import layered_watermarks
 
-    layers = [{"bucket_fraction": 0.5, "margin": 0.1},
-              {"buckets": "answer", "bucket_fraction": 1.0, "place": "second"}]   # the test victim is unsure
+    layers = [
+        {"bucket_fraction": 0.5, "margin": 0.1},
+        {"buckets": "answer", "bucket_fraction": 1.0, "place": "second"},
+    ]  # the test victim is unsure
     config = ownership_config(tmp_path, checkpoints, watermark=layers)
     assert len(config.ownership.watermark) == 2
     config_path = tmp_path / "serve.json"
@@ -343,7 +460,9 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     served = answers_in_process(config, images)
     victim, _ = load_checkpoint(checkpoints["victim"])
     expected = clean_posteriors(victim, images)
-    for watermark in layered_watermarks(derive_key(SECRET, "alice"), "alice", config.ownership.watermark, 10).values():
+    for watermark in layered_watermarks(
+        derive_key(SECRET, "alice"), "alice", config.ownership.watermark, 10
+    ).values():
         expected = watermark.apply(images, expected)[0]
     assert torch.allclose(served, expected, atol=1e-5)
     store = EvidenceStore(config.ownership.evidence)
@@ -352,17 +471,28 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
     # a model that learnt alice's answers is named through each layer, bob through none
     from mirage.ownership import name_the_thief
 
-    watermarks = {name: w for c in ("alice", "bob") for name, w in
-                  layered_watermarks(derive_key(SECRET, c), c, config.ownership.watermark, 10).items()}
+    watermarks = {
+        name: w
+        for c in ("alice", "bob")
+        for name, w in layered_watermarks(
+            derive_key(SECRET, c), c, config.ownership.watermark, 10
+        ).items()
+    }
     store = EvidenceStore(config.ownership.evidence)
     tests = {t.client: t for t in name_the_thief(Memorised(served, images), store, watermarks)}
     store.close()
-    assert tests["alice"].named and tests["alice#1"].named and tests["alice#1"].images > tests["alice"].images
+    assert (
+        tests["alice"].named
+        and tests["alice#1"].named
+        and tests["alice#1"].images > tests["alice"].images
+    )
     assert not any(tests[c].named for c in ("bob", "bob#1"))
     # `mirage verify` tests every layer of every client, and --group pools layer by layer
     innocent = verify(config_path, checkpoints["victim"])
     assert set(innocent) == {"alice", "alice#1", "bob", "bob#1"}
     assert not any(t["named"] for t in innocent.values()), innocent
-    assert innocent["alice#1"]["corrected_p_value"] == pytest.approx(min(1.0, 4 * innocent["alice#1"]["p_value"]))
+    assert innocent["alice#1"]["corrected_p_value"] == pytest.approx(
+        min(1.0, 4 * innocent["alice#1"]["p_value"])
+    )
     grouped = verify(config_path, checkpoints["victim"], "--group", "alice,bob")
     assert set(grouped) == set(innocent) | {"alice,bob", "alice#1,bob#1"}

@@ -12,8 +12,12 @@ from mirage.devices import device_available
 from mirage.serve import service as service_module
 from mirage.serve.service import Service
 
-DEVICES = [pytest.param(kind, marks=pytest.mark.skipif(not device_available(kind), reason=f"no {kind} device here"))
-           for kind in ("cpu", "cuda", "mps")]
+DEVICES = [
+    pytest.param(
+        kind, marks=pytest.mark.skipif(not device_available(kind), reason=f"no {kind} device here")
+    )
+    for kind in ("cpu", "cuda", "mps")
+]
 
 
 def _with_device(config, device):
@@ -26,7 +30,9 @@ def test_the_model_computes_on_the_device_and_answers_as_on_the_cpu(tmp_path, ch
     on_cpu, on_device = Service(config), Service(_with_device(config, device))
     try:
         assert next(on_device.batcher.model.parameters()).device.type == device
-        assert next(on_device.model.parameters()).device.type == "cpu"  # the defense's parts keep theirs
+        assert (
+            next(on_device.model.parameters()).device.type == "cpu"
+        )  # the defense's parts keep theirs
         x = torch.rand(16, *on_cpu.input_shape)
         clean_cpu = torch.softmax(on_cpu.batcher.model(x), 1)
         clean_device = torch.softmax(on_device.batcher.model(x.to(device)), 1).cpu()
@@ -36,7 +42,9 @@ def test_the_model_computes_on_the_device_and_answers_as_on_the_cpu(tmp_path, ch
         on_device.close()
 
 
-def test_an_absent_device_stops_the_service_before_any_model_loads(tmp_path, checkpoints, monkeypatch):
+def test_an_absent_device_stops_the_service_before_any_model_loads(
+    tmp_path, checkpoints, monkeypatch
+):
     absent = next((kind for kind in ("cuda", "mps") if not device_available(kind)), None)
     if absent is None:
         pytest.skip("every device kind is present here")

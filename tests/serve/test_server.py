@@ -35,8 +35,11 @@ URL_INFER = "/v2/models/digits/infer"
 
 
 def test_bad_request_matrix(tmp_path, checkpoints):
-    config = make_config(tmp_path, checkpoints,
-                         clients=[{"name": "alice", "quota": 1000}, {"name": "dave", "quota": 2}])
+    config = make_config(
+        tmp_path,
+        checkpoints,
+        clients=[{"name": "alice", "quota": 1000}, {"name": "dave", "quota": 2}],
+    )
     x = torch.rand(2, 1, 8, 8)
     good = body(x)
     nested = body(x, data=x.tolist())
@@ -45,39 +48,174 @@ def test_bad_request_matrix(tmp_path, checkpoints):
         ("not utf-8", b"\xff\xfe\x00garbage", auth("alice"), 400, "bad_request"),
         ("not an object", json.dumps([1, 2]).encode(), auth("alice"), 400, "bad_request"),
         ("no inputs", json.dumps({"id": "a"}).encode(), auth("alice"), 400, "bad_request"),
-        ("two inputs", json.dumps({"inputs": good["inputs"] * 2}).encode(), auth("alice"), 400, "bad_request"),
-        ("missing data", json.dumps({"inputs": [{"name": "i", "shape": [1, 1, 8, 8], "datatype": "FP32"}]}).encode(),
-         auth("alice"), 400, "bad_request"),
-        ("wrong image shape", json.dumps(body(torch.rand(2, 1, 8, 7))).encode(), auth("alice"), 400, "bad_request"),
-        ("wrong rank", json.dumps(body(x, shape=[2, 64])).encode(), auth("alice"), 400, "bad_request"),
-        ("float shape", json.dumps(body(x, shape=[2.0, 1, 8, 8])).encode(), auth("alice"), 400, "bad_request"),
-        ("empty batch", json.dumps(body(x, shape=[0, 1, 8, 8], data=[])).encode(), auth("alice"), 400, "bad_request"),
-        ("shape/data mismatch", json.dumps(body(x, shape=[3, 1, 8, 8])).encode(), auth("alice"), 400, "bad_request"),
-        ("wrong datatype", json.dumps(body(x, datatype="INT8")).encode(), auth("alice"), 400, "bad_request"),
-        ("strings", json.dumps(body(x, data=["0.5"] * 128)).encode(), auth("alice"), 400, "bad_request"),
-        ("booleans", json.dumps(body(x, data=[True] * 128)).encode(), auth("alice"), 400, "bad_request"),
-        ("nulls", json.dumps(body(x, data=[None] * 128)).encode(), auth("alice"), 400, "bad_request"),
-        ("ragged", json.dumps(body(x, data=[[0.1, 0.2], [0.3]])).encode(), auth("alice"), 400, "bad_request"),
-        ("NaN", json.dumps(body(x, data=[float("nan")] + [0.5] * 127)).encode(), auth("alice"), 400, "bad_request"),
-        ("Infinity", json.dumps(body(x, data=[float("inf")] + [0.5] * 127)).encode(), auth("alice"), 400,
-         "bad_request"),
-        ("1e400", ('{"inputs": [{"name": "i", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [1e400'
-                   + ", 0.5" * 63 + "]}]}").encode(), auth("alice"), 400, "bad_request"),
-        ("out of range", json.dumps(body(x, data=[2.0] * 128)).encode(), auth("alice"), 400, "bad_request"),
-        ("deep nesting", b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", auth("alice"), 400, "bad_request"),
-        ("payload too large", json.dumps(body(x)).encode() + b" " * 200_000, auth("alice"), 413,
-         "payload_too_large"),
-        ("batch too large", json.dumps(body(torch.rand(65, 1, 8, 8), data=[0.5])).encode(), auth("alice"), 413,
-         "batch_too_large"),
+        (
+            "two inputs",
+            json.dumps({"inputs": good["inputs"] * 2}).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "missing data",
+            json.dumps(
+                {"inputs": [{"name": "i", "shape": [1, 1, 8, 8], "datatype": "FP32"}]}
+            ).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "wrong image shape",
+            json.dumps(body(torch.rand(2, 1, 8, 7))).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "wrong rank",
+            json.dumps(body(x, shape=[2, 64])).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "float shape",
+            json.dumps(body(x, shape=[2.0, 1, 8, 8])).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "empty batch",
+            json.dumps(body(x, shape=[0, 1, 8, 8], data=[])).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "shape/data mismatch",
+            json.dumps(body(x, shape=[3, 1, 8, 8])).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "wrong datatype",
+            json.dumps(body(x, datatype="INT8")).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "strings",
+            json.dumps(body(x, data=["0.5"] * 128)).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "booleans",
+            json.dumps(body(x, data=[True] * 128)).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "nulls",
+            json.dumps(body(x, data=[None] * 128)).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "ragged",
+            json.dumps(body(x, data=[[0.1, 0.2], [0.3]])).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "NaN",
+            json.dumps(body(x, data=[float("nan")] + [0.5] * 127)).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "Infinity",
+            json.dumps(body(x, data=[float("inf")] + [0.5] * 127)).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "1e400",
+            (
+                '{"inputs": [{"name": "i", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [1e400'
+                + ", 0.5" * 63
+                + "]}]}"
+            ).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "out of range",
+            json.dumps(body(x, data=[2.0] * 128)).encode(),
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "deep nesting",
+            b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}",
+            auth("alice"),
+            400,
+            "bad_request",
+        ),
+        (
+            "payload too large",
+            json.dumps(body(x)).encode() + b" " * 200_000,
+            auth("alice"),
+            413,
+            "payload_too_large",
+        ),
+        (
+            "batch too large",
+            json.dumps(body(torch.rand(65, 1, 8, 8), data=[0.5])).encode(),
+            auth("alice"),
+            413,
+            "batch_too_large",
+        ),
         ("missing key", json.dumps(good).encode(), {}, 401, "missing_key"),
         ("wrong key", json.dumps(good).encode(), {"X-API-Key": "nope"}, 401, "invalid_key"),
-        ("bad scheme", json.dumps(good).encode(), {"Authorization": "Basic abc"}, 401, "invalid_key"),
-        ("over quota", json.dumps(body(torch.rand(3, 1, 8, 8))).encode(), auth("dave"), 429, "quota_exceeded"),
-        ("nested ok shape but bad key", json.dumps(nested).encode(), {"X-API-Key": "x"}, 401, "invalid_key"),
+        (
+            "bad scheme",
+            json.dumps(good).encode(),
+            {"Authorization": "Basic abc"},
+            401,
+            "invalid_key",
+        ),
+        (
+            "over quota",
+            json.dumps(body(torch.rand(3, 1, 8, 8))).encode(),
+            auth("dave"),
+            429,
+            "quota_exceeded",
+        ),
+        (
+            "nested ok shape but bad key",
+            json.dumps(nested).encode(),
+            {"X-API-Key": "x"},
+            401,
+            "invalid_key",
+        ),
     ]
     with ServerThread(create_app(config)) as url, httpx.Client(base_url=url) as http:
         for name, content, headers, status, reason in cases:
-            response = http.post(URL_INFER, content=content, headers={"Content-Type": "application/json", **headers})
+            response = http.post(
+                URL_INFER, content=content, headers={"Content-Type": "application/json", **headers}
+            )
             assert response.status_code == status, (name, response.text)
             assert response.json()["reason"] == reason, name
             assert response.json()["error"], name
@@ -101,9 +239,16 @@ def test_bad_request_matrix(tmp_path, checkpoints):
 
 
 def test_rate_limit(tmp_path, checkpoints):
-    config = make_config(tmp_path, checkpoints, clients=[{"name": "carol", "quota": 100, "rate": 0.5, "burst": 3}])
-    with ServerThread(create_app(config)) as url, httpx.Client(base_url=url, headers=auth("carol")) as http:
-        statuses = [http.post(URL_INFER, json=body(torch.rand(1, 1, 8, 8))).status_code for _ in range(3)]
+    config = make_config(
+        tmp_path, checkpoints, clients=[{"name": "carol", "quota": 100, "rate": 0.5, "burst": 3}]
+    )
+    with (
+        ServerThread(create_app(config)) as url,
+        httpx.Client(base_url=url, headers=auth("carol")) as http,
+    ):
+        statuses = [
+            http.post(URL_INFER, json=body(torch.rand(1, 1, 8, 8))).status_code for _ in range(3)
+        ]
         refused = http.post(URL_INFER, json=body(torch.rand(1, 1, 8, 8)))
         too_big = http.post(URL_INFER, json=body(torch.rand(4, 1, 8, 8)))
     assert statuses == [200, 200, 200]
@@ -113,18 +258,29 @@ def test_rate_limit(tmp_path, checkpoints):
     assert stored_counts(config) == ({"carol": (3, 3)}, (3, 3))
 
 
-def test_a_batch_beyond_the_clients_headroom_is_429_and_one_beyond_the_limits_is_413(tmp_path, checkpoints):
+def test_a_batch_beyond_the_clients_headroom_is_429_and_one_beyond_the_limits_is_413(
+    tmp_path, checkpoints
+):
     """A body larger than the client's headroom could need, but within what max_batch images can
     need, is refused for the client's quota or rate (429, Retry-After when waiting helps), not as
     too large; too many images or too many bytes for any client stay 413."""
-    config = make_config(tmp_path, checkpoints, clients=[
-        {"name": "carol", "quota": 5, "rate": 1.0, "burst": 3},  # headroom 3: the burst
-        {"name": "erin", "quota": 1000, "rate": 1.0, "burst": 64},
-        {"name": "frank", "quota": 1000, "rate": 1.0, "burst": 10}])
+    config = make_config(
+        tmp_path,
+        checkpoints,
+        clients=[
+            {"name": "carol", "quota": 5, "rate": 1.0, "burst": 3},  # headroom 3: the burst
+            {"name": "erin", "quota": 1000, "rate": 1.0, "burst": 64},
+            {"name": "frank", "quota": 1000, "rate": 1.0, "burst": 10},
+        ],
+    )
     big = json.dumps(body(torch.rand(60, 1, 8, 8))).encode()
     assert body_limit(4, INPUT_SHAPE, 200_000) < len(big) < body_limit(64, INPUT_SHAPE, 200_000)
     json_type = {"Content-Type": "application/json"}
-    with ServerThread(create_app(config)) as url, httpx.Client(base_url=url, headers=json_type) as http:
+    with (
+        ServerThread(create_app(config)) as url,
+        httpx.Client(base_url=url, headers=json_type) as http,
+    ):
+
         def post(content, client):
             return http.post(URL_INFER, content=content, headers=auth(client))
 
@@ -135,7 +291,9 @@ def test_a_batch_beyond_the_clients_headroom_is_429_and_one_beyond_the_limits_is
         assert post(big, "erin").status_code == 200  # 4 tokens left
         rate = post(big, "erin")
     for response in (quota, chunked):
-        assert (response.status_code, response.json()["reason"]) == (429, "quota_exceeded"), response.text
+        assert (response.status_code, response.json()["reason"]) == (429, "quota_exceeded"), (
+            response.text
+        )
         assert "retry-after" not in response.headers
     assert (over_batch.status_code, over_batch.json()["reason"]) == (413, "batch_too_large")
     assert (over_bytes.status_code, over_bytes.json()["reason"]) == (413, "payload_too_large")
@@ -176,10 +334,18 @@ def test_exact_counts_under_concurrency(tmp_path, checkpoints):
     def work(index: int, urls: list[str]) -> None:
         try:
             with httpx.Client(base_url=urls[index % 2], timeout=60) as http:
-                mine = [http.post(URL_INFER, json=body(torch.rand(4, 1, 8, 8)), headers=auth(f"c{index}")).status_code
-                        for _ in range(4)]
-                shared = [http.post(URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("shared")).status_code
-                          for _ in range(4)]
+                mine = [
+                    http.post(
+                        URL_INFER, json=body(torch.rand(4, 1, 8, 8)), headers=auth(f"c{index}")
+                    ).status_code
+                    for _ in range(4)
+                ]
+                shared = [
+                    http.post(
+                        URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers=auth("shared")
+                    ).status_code
+                    for _ in range(4)
+                ]
             results[f"c{index}"], results[f"shared{index}"] = mine, shared
         except Exception as error:  # noqa: BLE001 — reported below
             errors.append(error)
@@ -221,17 +387,35 @@ def test_metrics_endpoint(tmp_path, checkpoints):
     with ServerThread(create_app(config)) as url, httpx.Client(base_url=url) as http:
         sizes = [1, 5, 3]
         for n in sizes:
-            assert http.post(URL_INFER, json=body(torch.rand(n, 1, 8, 8)), headers=auth("bob")).status_code == 200
-        assert http.post(URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers={"X-API-Key": "bad"}).status_code == 401
+            assert (
+                http.post(
+                    URL_INFER, json=body(torch.rand(n, 1, 8, 8)), headers=auth("bob")
+                ).status_code
+                == 200
+            )
+        assert (
+            http.post(
+                URL_INFER, json=body(torch.rand(1, 1, 8, 8)), headers={"X-API-Key": "bad"}
+            ).status_code
+            == 401
+        )
         response = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"})
         assert http.get("/v2/health/live").json() == {"live": True}
         assert http.get("/v2/health/ready").json() == {"ready": True}
-        assert http.get("/v2/models/digits/ready", headers=auth("bob")).json() == {"name": "digits", "ready": True}
+        assert http.get("/v2/models/digits/ready", headers=auth("bob")).json() == {
+            "name": "digits",
+            "ready": True,
+        }
         assert http.get("/v2/models/nope/ready", headers=auth("bob")).status_code == 404
     assert response.headers["content-type"].startswith("text/plain; version=0.0.4")
     text = response.text
-    for name in ("mirage_queries_total", "mirage_request_latency_seconds", "mirage_defense_seconds_total",
-                 "mirage_rejected_requests_total", "mirage_client_queries_used"):
+    for name in (
+        "mirage_queries_total",
+        "mirage_request_latency_seconds",
+        "mirage_defense_seconds_total",
+        "mirage_rejected_requests_total",
+        "mirage_client_queries_used",
+    ):
         assert re.search(rf"^# TYPE {name} (counter|histogram|gauge)$", text, re.MULTILINE), name
     samples = parse_metrics(text)
     assert samples['mirage_queries_total{client="bob",model="digits"}'] == sum(sizes)
@@ -240,10 +424,14 @@ def test_metrics_endpoint(tmp_path, checkpoints):
     assert samples['mirage_client_queries_used{client="bob"}'] == sum(sizes)
     assert samples['mirage_client_queries_used{client="alice"}'] == 0
     assert samples['mirage_defense_seconds_total{model="digits"}'] > 0
-    buckets = [v for k, v in samples.items() if k.startswith("mirage_request_latency_seconds_bucket")]
+    buckets = [
+        v for k, v in samples.items() if k.startswith("mirage_request_latency_seconds_bucket")
+    ]
     assert buckets == sorted(buckets) and buckets[-1] == len(sizes)
     assert samples['mirage_request_latency_seconds_count{model="digits"}'] == len(sizes)
-    assert sum(v for k, v in samples.items() if k.startswith("mirage_microbatch_queries_count")) >= 1
+    assert (
+        sum(v for k, v in samples.items() if k.startswith("mirage_microbatch_queries_count")) >= 1
+    )
 
 
 @pytest.mark.parametrize("defense", ["none", "grad2"])
@@ -257,19 +445,26 @@ def test_http_client_matches_inprocess(tmp_path, checkpoints, defense):
         local = create_defense("grad2", epsilon=0.5, target="all-ones", surrogate=surrogate)
     x = torch.rand(100, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     expected = InProcessAPI(model, local).query(x)
-    with (ServerThread(create_app(config)) as url,
-          HTTPPredictionAPI(url, "digits", KEYS["alice"], batch_size=16) as api):
+    with (
+        ServerThread(create_app(config)) as url,
+        HTTPPredictionAPI(url, "digits", KEYS["alice"], batch_size=16) as api,
+    ):
         served = api.query(x)
         assert (api.num_classes, api.input_shape, api.queries_used) == (10, (1, 8, 8), 100)
         assert api.defense["name"] == defense
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-6)
     if defense == "grad2":
-        assert (served - InProcessAPI(model).query(x)).abs().sum(1).max() > 0.1  # the defense is active
+        assert (served - InProcessAPI(model).query(x)).abs().sum(
+            1
+        ).max() > 0.1  # the defense is active
 
 
 def test_per_client_defense_state(tmp_path, checkpoints):
-    spec = {**grad2_defense(checkpoints), "params": {"epsilon": 0.5, "target": "random", "seed": 7},
-            "seed_per_client": True}
+    spec = {
+        **grad2_defense(checkpoints),
+        "params": {"epsilon": 0.5, "target": "random", "seed": 7},
+        "seed_per_client": True,
+    }
     config = make_config(tmp_path, checkpoints, defense=spec)
     app = create_app(config)
     x = torch.rand(8, 1, 8, 8)
@@ -320,21 +515,29 @@ def test_example_config_and_toml_paths(tmp_path, checkpoints):
     (tmp_path / "cfg" / "serve.toml").write_text(
         f'[model]\nname = "digits"\ncheckpoint = "{checkpoints["victim"]}"\n'
         '[storage]\ndatabase = "db/quotas.sqlite"\n'
-        f'[[clients]]\nname = "alice"\nkey_sha256 = "{"a" * 64}"\nquota = 5\n')
+        f'[[clients]]\nname = "alice"\nkey_sha256 = "{"a" * 64}"\nquota = 5\n'
+    )
     config = load_config(tmp_path / "cfg" / "serve.toml")
     assert config.storage.database == tmp_path / "cfg" / "db" / "quotas.sqlite"
     with pytest.raises(ValueError):
-        load_config_text = '[model]\nname = "x"\n[[clients]]\nname = "a"\nkey_sha256 = "plain-key"\n'
+        load_config_text = (
+            '[model]\nname = "x"\n[[clients]]\nname = "a"\nkey_sha256 = "plain-key"\n'
+        )
         (tmp_path / "bad.toml").write_text(load_config_text)
         load_config(tmp_path / "bad.toml")
 
 
-def test_unlearn_target_draws_its_reference_set_from_the_scenarios_training_data(tmp_path, checkpoints):
+def test_unlearn_target_draws_its_reference_set_from_the_scenarios_training_data(
+    tmp_path, checkpoints
+):
     from mirage.scenarios import ReferenceSet, defender_sample, get_scenario
     from mirage.serve.loading import ServedDefenses
 
-    spec = {**grad2_defense(checkpoints), "params": {"epsilon": 0.5, "target": "unlearn"},
-            "reference_set": {"size": 30, "seed": 2}}  # the earlier key of `reference`
+    spec = {
+        **grad2_defense(checkpoints),
+        "params": {"epsilon": 0.5, "target": "unlearn"},
+        "reference_set": {"size": 30, "seed": 2},
+    }  # the earlier key of `reference`
     with pytest.raises(ValueError, match="reference needs model.scenario"):
         make_config(tmp_path, checkpoints, defense=spec)
     raw = make_config(tmp_path, checkpoints).model_dump(mode="json")
@@ -347,4 +550,6 @@ def test_unlearn_target_draws_its_reference_set_from_the_scenarios_training_data
     assert torch.equal(defenses.prototype.params.reference_x, expected.images)
     assert torch.equal(defenses.prototype.params.reference_y, expected.labels)
     with pytest.raises(ValueError, match="size"):
-        type(config).model_validate({**raw, "defense": {**raw["defense"], "reference_set": {"size": 0}}})
+        type(config).model_validate(
+            {**raw, "defense": {**raw["defense"], "reference_set": {"size": 0}}}
+        )

@@ -55,13 +55,24 @@ def test_both_backends_keep_the_same_promises(store):
     assert store.reconcile(lambda ids: set(), lease=300) == (0, 1)
     assert store.usage() == {"a": (6, 1)} and store.reservations() == 0
     assert [store.auth_failed("10.0.0.1", 60) for _ in range(3)] == [1, 2, 3]
-    assert store.auth_throttled("10.0.0.1", 60, 3) > 50 and store.auth_throttled("10.0.0.1", 60, 4) is None
+    assert (
+        store.auth_throttled("10.0.0.1", 60, 3) > 50
+        and store.auth_throttled("10.0.0.1", 60, 4) is None
+    )
     assert store.auth_throttled("10.0.0.2", 60, 1) is None
 
 
 def body() -> dict:
-    return {"inputs": [{"name": "images", "shape": [1, 1, 8, 8], "datatype": "FP32",
-                        "data": torch.rand(64).tolist()}]}
+    return {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": [1, 1, 8, 8],
+                "datatype": "FP32",
+                "data": torch.rand(64).tolist(),
+            }
+        ]
+    }
 
 
 def drain(urls: list[str], clients: int, stop_after: int | None) -> list[int]:
@@ -73,7 +84,9 @@ def drain(urls: list[str], clients: int, stop_after: int | None) -> list[int]:
     def work(index: int) -> None:
         with httpx.Client(base_url=urls[index % len(urls)], timeout=60) as http:
             while not enough.is_set():
-                status = http.post(URL_INFER, json=body(), headers={"X-API-Key": KEYS["alice"]}).status_code
+                status = http.post(
+                    URL_INFER, json=body(), headers={"X-API-Key": KEYS["alice"]}
+                ).status_code
                 with lock:
                     statuses.append(status)
                     if stop_after is not None and statuses.count(200) >= stop_after:
@@ -92,8 +105,12 @@ def drain(urls: list[str], clients: int, stop_after: int | None) -> list[int]:
 def test_two_replicas_on_one_redis_answer_exactly_the_quota(tmp_path, checkpoints):
     quota = 500
     redis = RedisServer(tmp_path / "redis", persistent=True).start()
-    config = make_config(tmp_path, checkpoints, clients=[{"name": "alice", "quota": quota}],
-                         storage={"backend": "redis", "url": redis.url})
+    config = make_config(
+        tmp_path,
+        checkpoints,
+        clients=[{"name": "alice", "quota": quota}],
+        storage={"backend": "redis", "url": redis.url},
+    )
     replicas = [ServerProcess(config, tmp_path), ServerProcess(config, tmp_path)]
     try:
         for replica in replicas:

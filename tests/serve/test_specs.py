@@ -41,17 +41,22 @@ def write_config(directory: Path, model: str, defense: str) -> Path:
     """A service config file: ``model`` and ``defense`` are the bodies of its tables."""
     digest = hashlib.sha256(KEYS["alice"].encode()).hexdigest()
     path = directory / "serve.toml"
-    path.write_text(f'[model]\nname = "digits"\n{model}\n\n[defense]\n{defense}\n\n'
-                    f'[storage]\ndatabase = "quotas.sqlite"\n\n'
-                    '[access]\ndisclose_defense = true\n\n'
-                    f'[[clients]]\nname = "alice"\nkey_sha256 = "{digest}"\n')
+    path.write_text(
+        f'[model]\nname = "digits"\n{model}\n\n[defense]\n{defense}\n\n'
+        f'[storage]\ndatabase = "quotas.sqlite"\n\n'
+        "[access]\ndisclose_defense = true\n\n"
+        f'[[clients]]\nname = "alice"\nkey_sha256 = "{digest}"\n'
+    )
     return path
 
 
 def serve_and_query(config_path: Path, x: torch.Tensor) -> tuple[torch.Tensor, dict, object]:
     """Start the server from the config file, answer ``x`` over HTTP; (answers, defense metadata, app)."""
     app = create_app(load_config(config_path))
-    with ServerThread(app) as url, HTTPPredictionAPI(url, "digits", KEYS["alice"], batch_size=16) as api:
+    with (
+        ServerThread(app) as url,
+        HTTPPredictionAPI(url, "digits", KEYS["alice"], batch_size=16) as api,
+    ):
         return api.query(x), api.defense, app
 
 
@@ -59,53 +64,87 @@ def probe() -> torch.Tensor:
     return load_dataset("digits").test.images[:48]
 
 
-def test_grad2s_watermark_target_serves_from_a_sweeps_lines_and_the_behaviour_verify_tests(models, tmp_path):
-    params = (f'{{ epsilon = 1.0, target = "watermark", surrogate = "distilled", surrogate_config = {QUICK_SURROGATE}, '
-              'watermark = { source_class = 1, target_class = 8, size = 10 } }')
+def test_grad2s_watermark_target_serves_from_a_sweeps_lines_and_the_behaviour_verify_tests(
+    models, tmp_path
+):
+    params = (
+        f'{{ epsilon = 1.0, target = "watermark", surrogate = "distilled", surrogate_config = {QUICK_SURROGATE}, '
+        "watermark = { source_class = 1, target_class = 8, size = 10 } }"
+    )
     path = write_config(tmp_path, 'scenario = "digits"', f'name = "grad2"\nparams = {params}')
-    behaviour = behaviour_set(load_dataset("digits"), WatermarkSet(source_class=1, target_class=8, size=10))
+    behaviour = behaviour_set(
+        load_dataset("digits"), WatermarkSet(source_class=1, target_class=8, size=10)
+    )
     x = torch.cat([behaviour.images, probe()])
     served, described, app = serve_and_query(path, x)
 
     scenario, spec = get_scenario("digits"), load_config(path).defense
-    sweep_point = DefenseSpec.from_params("grad2", {  # the same lines as a sweep's [[defenses]] point
-        "epsilon": 1.0, "target": "watermark", "surrogate": "distilled",
-        "surrogate_config": {"num_queries": 300, "stop_epoch": 1},
-        "watermark": {"source_class": 1, "target_class": 8, "size": 10}})
+    sweep_point = DefenseSpec.from_params(
+        "grad2",
+        {  # the same lines as a sweep's [[defenses]] point
+            "epsilon": 1.0,
+            "target": "watermark",
+            "surrogate": "distilled",
+            "surrogate_config": {"num_queries": 300, "stop_epoch": 1},
+            "watermark": {"source_class": 1, "target_class": 8, "size": 10},
+        },
+    )
     assert sweep_point == DefenseSpec(**spec.model_dump(exclude={"per_client", "seed_per_client"}))
     defense = app.state.service.defenses.prototype
-    assert torch.equal(defense.params.watermark_x, behaviour.images)  # what `mirage verify` tests for
+    assert torch.equal(
+        defense.params.watermark_x, behaviour.images
+    )  # what `mirage verify` tests for
     assert defense.params.watermark_y.tolist() == [8] * 10
     victims = resolve_victims(spec, scenario)
-    expected = InProcessAPI(victims.plain, resolve_defense(spec, scenario, victims.plain, victims.card)).query(x)
+    expected = InProcessAPI(
+        victims.plain, resolve_defense(spec, scenario, victims.plain, victims.card)
+    ).query(x)
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-6)
     clean = InProcessAPI(victims.plain).query(x)
-    assert (served - clean).abs().sum(1).max() <= 1.0 + 1e-5 and (served - clean).abs().sum(1).mean() > 0.05
+    assert (served - clean).abs().sum(1).max() <= 1.0 + 1e-5 and (served - clean).abs().sum(
+        1
+    ).mean() > 0.05
     assert served[:10, 8].mean() > clean[:10, 8].mean()  # the behaviour's images lean to its label
     assert described["name"] == "grad2" and described["params"]["target"] == "watermark"
     assert described["params"]["watermark_x"] == "<Tensor>"  # secrets are not shown
-    assert described["contract"] == {"needs_input": True, "truncating": False, "keeps_top1": False,
-                                     "stateful": False, "budget": 1.0, "norm": "l1"}
+    assert described["contract"] == {
+        "needs_input": True,
+        "truncating": False,
+        "keeps_top1": False,
+        "stateful": False,
+        "budget": 1.0,
+        "norm": "l1",
+    }
 
 
 def test_adaptive_misinformation_serves_its_two_models_from_a_config(models, tmp_path):
-    path = write_config(tmp_path, 'scenario = "digits"',
-                        f'name = "adaptive_misinformation"\nparams = {{ tau = 0.9, models_config = {QUICK_MODELS} }}')
+    path = write_config(
+        tmp_path,
+        'scenario = "digits"',
+        f'name = "adaptive_misinformation"\nparams = {{ tau = 0.9, models_config = {QUICK_MODELS} }}',
+    )
     x = probe()
     served, described, app = serve_and_query(path, x)
     scenario, spec = get_scenario("digits"), load_config(path).defense
     defense = app.state.service.defenses.prototype
-    assert defense.name == "adaptive_misinformation" and defense.oe_model is not defense.misinformation_model
+    assert (
+        defense.name == "adaptive_misinformation"
+        and defense.oe_model is not defense.misinformation_model
+    )
     victims = resolve_victims(spec, scenario)
     expected = InProcessAPI(victims.plain, resolve_defense(spec, scenario)).query(x)
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-6)
-    assert (served - InProcessAPI(victims.plain).query(x)).abs().sum(1).max() > 0.01  # it mixes something in
+    assert (served - InProcessAPI(victims.plain).query(x)).abs().sum(
+        1
+    ).max() > 0.01  # it mixes something in
     assert described["contract"]["needs_input"] and described["contract"]["budget"] is None
     assert described["params"]["oe_model"] == "<LeNet>"  # a model, not its weights
 
 
 def test_a_training_time_defense_serves_its_victim_from_a_config(models, tmp_path):
-    params = '{ noise_multiplier = 1.0, num_train = 640, training = { epochs = 1, batch_size = 128 } }'
+    params = (
+        "{ noise_multiplier = 1.0, num_train = 640, training = { epochs = 1, batch_size = 128 } }"
+    )
     path = write_config(tmp_path, 'scenario = "digits"', f'name = "dpsgd"\nparams = {params}')
     x = probe()
     served, described, app = serve_and_query(path, x)
@@ -119,19 +158,30 @@ def test_a_training_time_defense_serves_its_victim_from_a_config(models, tmp_pat
 def test_parts_given_as_checkpoints_serve_without_a_scenario(tmp_path):
     for name, seed in (("victim", 0), ("oe", 1), ("mis", 2)):
         tiny_checkpoint(tmp_path / "models" / name, seed)
-    path = write_config(tmp_path, 'checkpoint = "models/victim"',  # relative to the config file
-                        'name = "adaptive_misinformation"\noe_model = "models/oe"\nmisinformation_model = "models/mis"\n'
-                        "params = { tau = 0.95, nu = 50.0 }")
+    path = write_config(
+        tmp_path,
+        'checkpoint = "models/victim"',  # relative to the config file
+        'name = "adaptive_misinformation"\noe_model = "models/oe"\nmisinformation_model = "models/mis"\n'
+        "params = { tau = 0.95, nu = 50.0 }",
+    )
     x = torch.rand(12, 1, 8, 8)
     served, described, _ = serve_and_query(path, x)
     victim, _ = load_checkpoint(tmp_path / "models" / "victim")
-    local = DefenseSpec(name="adaptive_misinformation", params={"tau": 0.95, "nu": 50.0}, oe_model=tmp_path / "models/oe",
-                        misinformation_model=tmp_path / "models/mis")
+    local = DefenseSpec(
+        name="adaptive_misinformation",
+        params={"tau": 0.95, "nu": 50.0},
+        oe_model=tmp_path / "models/oe",
+        misinformation_model=tmp_path / "models/mis",
+    )
     expected = InProcessAPI(victim, resolve_defense(local, None)).query(x)
     torch.testing.assert_close(served, expected, rtol=0, atol=1e-6)
     assert described["name"] == "adaptive_misinformation"
     with pytest.raises(ValueError, match="models_config needs model.scenario"):
-        load_config(write_config(tmp_path, 'checkpoint = "models/victim"', 'name = "adaptive_misinformation"'))
+        load_config(
+            write_config(
+                tmp_path, 'checkpoint = "models/victim"', 'name = "adaptive_misinformation"'
+            )
+        )
     with pytest.raises(ValueError, match="dpsgd' needs model.scenario"):
         load_config(write_config(tmp_path, 'checkpoint = "models/victim"', 'name = "dpsgd"'))
 
@@ -140,12 +190,24 @@ def test_the_keys_of_earlier_service_configs_still_read():
     from mirage.scenarios import ReferenceSet
     from mirage.serve.config import DefenseConfig
 
-    earlier = DefenseConfig.model_validate({"name": "grad2", "params": {"target": "unlearn"},
-                                            "surrogate_training": {"kind": "random", "stop_epoch": 0},
-                                            "reference_set": {"size": 8}, "surrogate_param": "surrogate"})
-    assert (earlier.surrogate, earlier.surrogate_config, earlier.reference) == ("random", {"stop_epoch": 0},
-                                                                                 ReferenceSet(size=8))
-    assert DefenseConfig.model_validate({"name": "grad2", "surrogate_training": {}}).surrogate == "distilled"
+    earlier = DefenseConfig.model_validate(
+        {
+            "name": "grad2",
+            "params": {"target": "unlearn"},
+            "surrogate_training": {"kind": "random", "stop_epoch": 0},
+            "reference_set": {"size": 8},
+            "surrogate_param": "surrogate",
+        }
+    )
+    assert (earlier.surrogate, earlier.surrogate_config, earlier.reference) == (
+        "random",
+        {"stop_epoch": 0},
+        ReferenceSet(size=8),
+    )
+    assert (
+        DefenseConfig.model_validate({"name": "grad2", "surrogate_training": {}}).surrogate
+        == "distilled"
+    )
     with pytest.raises(ValueError, match="at most one"):
         DefenseConfig.model_validate({"name": "grad2", "surrogate": "x", "surrogate_training": {}})
     with pytest.raises(ValueError, match="surrogate_param is gone"):

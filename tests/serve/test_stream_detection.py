@@ -58,7 +58,9 @@ def streams(victim) -> dict[str, list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(0)
     thief = [current]
     for _ in range(STEPS):
-        current = (current + 0.02 * torch.sign(torch.randn(current.shape, generator=generator))).clamp(0, 1)
+        current = (
+            current + 0.02 * torch.sign(torch.randn(current.shape, generator=generator))
+        ).clamp(0, 1)
         thief.append(current)
     order = torch.randperm(len(digits.train.images), generator=torch.Generator().manual_seed(1))
     benign = list(digits.train.images[order[:300]].split(10))
@@ -80,18 +82,24 @@ def in_process(victim, requests: list[torch.Tensor]) -> tuple[int | None, list[f
 def expected(victim, streams) -> int:
     """The thief's alarm in process, after checking that both outcomes are clear-cut."""
     alarm_at, thief_w = in_process(victim, streams["thief"])
-    assert alarm_at is not None and thief_w[0] < PRADA["delta"] - 0.3, thief_w[:3]  # the first test alarms
+    assert alarm_at is not None and thief_w[0] < PRADA["delta"] - 0.3, thief_w[
+        :3
+    ]  # the first test alarms
     assert alarm_at <= PRADA["min_distances"] + 4
     benign_alarm, benign_w = in_process(victim, streams["benign"])
     assert benign_alarm is None and min(benign_w) > PRADA["delta"] + 0.1, min(benign_w)
     return alarm_at
 
 
-def detection_config(tmp_path, checkpoints, *, defense=None, access=None, **detection) -> ServeConfig:
-    config = make_config(tmp_path, checkpoints, defense=defense, access=access,
-                         limits={"microbatch_wait_ms": 20})
-    return ServeConfig.model_validate({**config.model_dump(mode="json"),
-                                       "detection": {"prada": PRADA, **detection}})
+def detection_config(
+    tmp_path, checkpoints, *, defense=None, access=None, **detection
+) -> ServeConfig:
+    config = make_config(
+        tmp_path, checkpoints, defense=defense, access=access, limits={"microbatch_wait_ms": 20}
+    )
+    return ServeConfig.model_validate(
+        {**config.model_dump(mode="json"), "detection": {"prada": PRADA, **detection}}
+    )
 
 
 def answers(response: httpx.Response) -> torch.Tensor:
@@ -116,33 +124,51 @@ def queries_of(event: dict) -> int:
     return int(re.search(r"queries=(\d+)", event["detail"]).group(1))
 
 
-def test_flag_records_the_thief_once_and_nobody_else(tmp_path, checkpoints, victim, streams, expected, caplog):
+def test_flag_records_the_thief_once_and_nobody_else(
+    tmp_path, checkpoints, victim, streams, expected, caplog
+):
     config = detection_config(tmp_path, checkpoints)  # on_alarm = "flag", the defense not disclosed
-    with (caplog.at_level(logging.WARNING, logger="mirage.serve.service"),
-          ServerThread(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as http):
+    with (
+        caplog.at_level(logging.WARNING, logger="mirage.serve.service"),
+        ServerThread(create_app(config)) as url,
+        httpx.Client(base_url=url, timeout=30) as http,
+    ):
         benign = send(http, "bob", streams["benign"])
         thief = send(http, "alice", streams["thief"])
-        again = send(http, "alice", streams["thief"][:3])  # after the alarm: answered, no second event
+        again = send(
+            http, "alice", streams["thief"][:3]
+        )  # after the alarm: answered, no second event
         per_client = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
         aggregate = http.get("/metrics").text
         meta = http.get("/v2/models/digits", headers=auth("alice")).json()
-    for requests, responses in ((streams["thief"], thief), (streams["benign"], benign),
-                                (streams["thief"][:3], again)):
+    for requests, responses in (
+        (streams["thief"], thief),
+        (streams["benign"], benign),
+        (streams["thief"][:3], again),
+    ):
         for x, response in zip(requests, responses, strict=True):  # flag only: the clean answers
-            torch.testing.assert_close(answers(response), clean_posteriors(victim, x), rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                answers(response), clean_posteriors(victim, x), rtol=0, atol=1e-6
+            )
     events = alarm_events(config)
     assert [(e["source"], queries_of(e)) for e in events] == [("alice", expected)]
     assert "on_alarm=flag" in events[0]["detail"]
     assert 'mirage_prada_alarms_total{client="alice",model="digits"} 1.0' in per_client
-    assert 'client="bob"' not in "".join(line for line in per_client.splitlines() if "prada" in line)
-    assert "prada" not in aggregate and 'mirage_requests_total{model="digits"}' in aggregate  # the thief is not told
+    assert 'client="bob"' not in "".join(
+        line for line in per_client.splitlines() if "prada" in line
+    )
+    assert (
+        "prada" not in aggregate and 'mirage_requests_total{model="digits"}' in aggregate
+    )  # the thief is not told
     warnings = [r.getMessage() for r in caplog.records if "PRADA alarm" in r.getMessage()]
     assert len(warnings) == 1 and "client alice" in warnings[0]
     assert "flagged" not in meta["parameters"]["client"]  # not disclosed: the thief is not told
 
 
 def test_refuse_is_a_403_that_charges_nothing(tmp_path, checkpoints, streams, expected):
-    config = detection_config(tmp_path, checkpoints, on_alarm="refuse", access={"disclose_defense": True})
+    config = detection_config(
+        tmp_path, checkpoints, on_alarm="refuse", access={"disclose_defense": True}
+    )
     with ServerThread(create_app(config)) as url, httpx.Client(base_url=url, timeout=30) as http:
         responses = send(http, "alice", streams["thief"])
         statuses = [r.status_code for r in responses]
@@ -152,14 +178,18 @@ def test_refuse_is_a_403_that_charges_nothing(tmp_path, checkpoints, streams, ex
         garbage = http.post(URL_INFER, content=b"{not json", headers=auth("alice"))
         after = stored_counts(config)
         bob = send(http, "bob", streams["benign"][:2])
-        flagged = {name: http.get("/v2/models/digits", headers=auth(name)).json()["parameters"]["client"]
-                   for name in ("alice", "bob")}
+        flagged = {
+            name: http.get("/v2/models/digits", headers=auth(name)).json()["parameters"]["client"]
+            for name in ("alice", "bob")
+        }
         with HTTPPredictionAPI(url, "digits", KEYS["alice"]) as api, pytest.raises(QueryRefused):
             api.query(streams["thief"][0])
         metrics = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
         final = stored_counts(config)
     assert statuses[:answered] == [200] * answered and set(statuses[answered:]) == {403}
-    assert sum(len(x) for x in streams["thief"][:answered]) == expected  # refused from the next request on
+    assert (
+        sum(len(x) for x in streams["thief"][:answered]) == expected
+    )  # refused from the next request on
     for response in (refused, garbage, *responses[answered:]):
         assert (response.status_code, response.json()["reason"]) == (403, "query_stream_refused")
     assert before == after  # nothing reserved, charged or audited
@@ -170,13 +200,20 @@ def test_refuse_is_a_403_that_charges_nothing(tmp_path, checkpoints, streams, ex
     assert flagged["alice"]["on_alarm"] == "refuse"
     assert [queries_of(e) for e in alarm_events(config)] == [expected]
     refusals = len(responses) - answered + 3  # the stream's rest, the two probes and the client's
-    assert f'mirage_rejected_requests_total{{reason="query_stream_refused"}} {float(refusals)}' in metrics
+    assert (
+        f'mirage_rejected_requests_total{{reason="query_stream_refused"}} {float(refusals)}'
+        in metrics
+    )
 
 
-def test_switch_answers_the_alarmed_client_with_the_alarm_defense(tmp_path, checkpoints, victim, streams,
-                                                                   expected):
-    alarm_defense = {"name": "grad2", "params": {"epsilon": 0.5, "target": "all-ones"},
-                     "surrogate": str(checkpoints["surrogate"])}
+def test_switch_answers_the_alarmed_client_with_the_alarm_defense(
+    tmp_path, checkpoints, victim, streams, expected
+):
+    alarm_defense = {
+        "name": "grad2",
+        "params": {"epsilon": 0.5, "target": "all-ones"},
+        "surrogate": str(checkpoints["surrogate"]),
+    }
     config = detection_config(tmp_path, checkpoints, on_alarm="switch", alarm_defense=alarm_defense)
     surrogate, _ = load_checkpoint(checkpoints["surrogate"])
     strong = create_defense("grad2", epsilon=0.5, target="all-ones", surrogate=surrogate)
@@ -213,9 +250,19 @@ def test_switch_keeps_the_ownership_watermark(tmp_path, checkpoints):
 
     secret = b"a-test-secret-of-32-bytes-000000"
     (tmp_path / "secret").write_bytes(secret)
-    config = detection_config(tmp_path, checkpoints, on_alarm="switch", alarm_defense={"name": "argmax"})
-    config = ServeConfig.model_validate({**config.model_dump(mode="json"), "ownership": {
-        "secret_env": None, "secret_file": str(tmp_path / "secret"), "evidence": str(tmp_path / "ev.sqlite")}})
+    config = detection_config(
+        tmp_path, checkpoints, on_alarm="switch", alarm_defense={"name": "argmax"}
+    )
+    config = ServeConfig.model_validate(
+        {
+            **config.model_dump(mode="json"),
+            "ownership": {
+                "secret_env": None,
+                "secret_file": str(tmp_path / "secret"),
+                "evidence": str(tmp_path / "ev.sqlite"),
+            },
+        }
+    )
     service = Service(config)
     try:
         defenses = service.defenses
@@ -240,12 +287,18 @@ def test_detection_config_is_validated(tmp_path, checkpoints):
     assert config(prada={"delta": 0.8}).detection.prada == PradaConfig(delta=0.8)
     cases = [
         ({"on_alarm": "switch"}, "needs detection.alarm_defense"),
-        ({"on_alarm": "refuse", "alarm_defense": {"name": "argmax"}}, "alarm_defense is the defense of"),
+        (
+            {"on_alarm": "refuse", "alarm_defense": {"name": "argmax"}},
+            "alarm_defense is the defense of",
+        ),
         ({"alarm_defense": {"name": "argmax"}}, "alarm_defense is the defense of"),
         ({"on_alarm": "ban"}, "on_alarm"),
         ({"on_alarm": "switch", "alarm_defense": {"name": "ini"}}, "training-time"),
         ({"on_alarm": "switch", "alarm_defense": {"name": "nope"}}, "nope"),
-        ({"on_alarm": "switch", "alarm_defense": {"name": "grad2"}}, "detection.alarm_defense surrogate needs"),
+        (
+            {"on_alarm": "switch", "alarm_defense": {"name": "grad2"}},
+            "detection.alarm_defense surrogate needs",
+        ),
         ({"prada": {"delta": 1.5}}, "delta"),
         ({"prada": {"windows": 10}}, "windows"),
         ({"threshold": 3}, "threshold"),
@@ -258,14 +311,18 @@ def test_detection_config_is_validated(tmp_path, checkpoints):
         f'[model]\nname = "digits"\ncheckpoint = "{checkpoints["victim"]}"\n'
         '[detection]\nprada = { delta = 0.8, window = 100 }\non_alarm = "switch"\n'
         '[detection.alarm_defense]\nname = "grad2"\nsurrogate = "surrogate"\n'
-        f'[[clients]]\nname = "alice"\nkey_sha256 = "{"a" * 64}"\n')
+        f'[[clients]]\nname = "alice"\nkey_sha256 = "{"a" * 64}"\n'
+    )
     loaded = load_config(tmp_path / "cfg" / "serve.toml")
     assert loaded.detection.prada == PradaConfig(delta=0.8, window=100)
-    assert loaded.detection.alarm_defense.surrogate == tmp_path / "cfg" / "surrogate"  # anchored like [defense]
+    assert (
+        loaded.detection.alarm_defense.surrogate == tmp_path / "cfg" / "surrogate"
+    )  # anchored like [defense]
 
 
-def test_gated_grad2s_own_stream_alarm_is_recorded_once_and_scrambles_that_client_only(tmp_path, checkpoints,
-                                                                                      victim):
+def test_gated_grad2s_own_stream_alarm_is_recorded_once_and_scrambles_that_client_only(
+    tmp_path, checkpoints, victim
+):
     from mirage.defenses.grad2_gated import keyed_query_permutations
 
     # the gate is the victim's max softmax at τ = the median over these images: the thief sends
@@ -275,10 +332,20 @@ def test_gated_grad2s_own_stream_alarm_is_recorded_once_and_scrambles_that_clien
     order = msp.argsort()
     tau = float(msp[order[100]])
     thief, benign = pool[order[:60]], pool[order[-60:]]
-    defense = {"name": "grad2_gated", "surrogate": str(checkpoints["surrogate"]),
-               "params": {"tau": tau, "gate_score": "msp", "epsilon_low": 0.3, "epsilon_high": 2.0,
-                          "target": "all-ones", "attacker_answer": "scramble", "alarm_rate": 0.1,
-                          "alarm_alpha": 1e-6}}
+    defense = {
+        "name": "grad2_gated",
+        "surrogate": str(checkpoints["surrogate"]),
+        "params": {
+            "tau": tau,
+            "gate_score": "msp",
+            "epsilon_low": 0.3,
+            "epsilon_high": 2.0,
+            "target": "all-ones",
+            "attacker_answer": "scramble",
+            "alarm_rate": 0.1,
+            "alarm_alpha": 1e-6,
+        },
+    }
     config = make_config(tmp_path, checkpoints, defense=defense)
     with pytest.raises(ValidationError, match="per_client"):
         make_config(tmp_path, checkpoints, defense={**defense, "per_client": False})
@@ -288,11 +355,13 @@ def test_gated_grad2s_own_stream_alarm_is_recorded_once_and_scrambles_that_clien
         per_client = http.get("/metrics", headers={"Authorization": f"Bearer {METRICS_KEY}"}).text
     audit = AuditLog(config.audit_path)
     try:
-        events = [(e["source"], e["detail"]) for e in audit.events() if e["kind"] == "defense_alarm"]
+        events = [
+            (e["source"], e["detail"]) for e in audit.events() if e["kind"] == "defense_alarm"
+        ]
     finally:
         audit.close()
     # every query flagged: the alarm is the first n with P(Binomial(n, 0.1) ≥ n) = 0.1ⁿ < 1e-6
-    expected = next(n for n in range(1, 61) if 0.1 ** n < 1e-6)
+    expected = next(n for n in range(1, 61) if 0.1**n < 1e-6)
     assert events == [("alice", f"queries={expected} defense=grad2_gated")]
     assert 'mirage_defense_alarms_total{client="alice",model="digits"} 1.0' in per_client
     assert 'mirage_defense_alarms_total{client="bob"' not in per_client
@@ -300,4 +369,6 @@ def test_gated_grad2s_own_stream_alarm_is_recorded_once_and_scrambles_that_clien
     sigma = keyed_query_permutations(thief, 10, seed=0)
     for i, served in enumerate(torch.cat(alice)):  # every answer scrambled by its own keyed σ
         torch.testing.assert_close(served[sigma[i]], clean[i], rtol=0, atol=1e-5)
-    assert (torch.cat(bob).argmax(1) == clean_posteriors(victim, benign).argmax(1)).all()  # top-1 kept
+    assert (
+        torch.cat(bob).argmax(1) == clean_posteriors(victim, benign).argmax(1)
+    ).all()  # top-1 kept

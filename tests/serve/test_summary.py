@@ -15,14 +15,25 @@ from mirage.serve.config import ServeConfig
 from mirage.serve.service import Service, _without_credentials
 
 
-def test_the_summary_names_model_defense_parts_ownership_detection_storage_and_grpc(tmp_path, checkpoints):
+def test_the_summary_names_model_defense_parts_ownership_detection_storage_and_grpc(
+    tmp_path, checkpoints
+):
     (tmp_path / "secret").write_bytes(b"a-test-secret-of-32-bytes-000000")
-    raw = make_config(tmp_path, checkpoints, defense=grad2_defense(checkpoints)).model_dump(mode="json")
-    config = ServeConfig.model_validate({
-        **raw, "grpc": {"port": 8101},
-        "ownership": {"secret_env": None, "secret_file": str(tmp_path / "secret"),
-                      "evidence": str(tmp_path / "evidence.sqlite")},
-        "detection": {"on_alarm": "switch", "alarm_defense": {"name": "argmax"}}})
+    raw = make_config(tmp_path, checkpoints, defense=grad2_defense(checkpoints)).model_dump(
+        mode="json"
+    )
+    config = ServeConfig.model_validate(
+        {
+            **raw,
+            "grpc": {"port": 8101},
+            "ownership": {
+                "secret_env": None,
+                "secret_file": str(tmp_path / "secret"),
+                "evidence": str(tmp_path / "evidence.sqlite"),
+            },
+            "detection": {"on_alarm": "switch", "alarm_defense": {"name": "argmax"}},
+        }
+    )
     service = Service(config)
     try:
         summary = service.summary()
@@ -30,12 +41,22 @@ def test_the_summary_names_model_defense_parts_ownership_detection_storage_and_g
         service.close()
     lines = summary.splitlines()
     assert 5 <= len(lines) <= 10, summary
-    for text in (f"model 'digits': checkpoint {checkpoints['victim']}", "input 1×8×8, 10 classes (0, 1, 2, 3, …, 9)",
-                 "device cpu", "defense: grad2 (epsilon=0.5, target=all-ones", "one instance per client",
-                 f"parts: surrogate {checkpoints['surrogate']}", "ownership: on",
-                 f"evidence {tmp_path / 'evidence.sqlite'}", "detection: on, PRADA", "on alarm: switch to argmax",
-                 f"storage: sqlite {tmp_path / 'serve.sqlite'}; audit log {tmp_path / 'serve.sqlite'}",
-                 "grpc: on, 127.0.0.1:8101", "clients: 3", "max_batch 64"):
+    for text in (
+        f"model 'digits': checkpoint {checkpoints['victim']}",
+        "input 1×8×8, 10 classes (0, 1, 2, 3, …, 9)",
+        "device cpu",
+        "defense: grad2 (epsilon=0.5, target=all-ones",
+        "one instance per client",
+        f"parts: surrogate {checkpoints['surrogate']}",
+        "ownership: on",
+        f"evidence {tmp_path / 'evidence.sqlite'}",
+        "detection: on, PRADA",
+        "on alarm: switch to argmax",
+        f"storage: sqlite {tmp_path / 'serve.sqlite'}; audit log {tmp_path / 'serve.sqlite'}",
+        "grpc: on, 127.0.0.1:8101",
+        "clients: 3",
+        "max_batch 64",
+    ):
         assert text in summary, (text, summary)
     assert "seed" not in summary and not any(c.key_sha256 in summary for c in config.clients)
 
@@ -69,7 +90,9 @@ def test_mirage_serve_prints_the_summary(tmp_path, checkpoints, monkeypatch):
     path.write_text(config.model_dump_json())
     started = []
 
-    def serve_forever(application, host, port):  # start and stop the app instead of serving for ever
+    def serve_forever(
+        application, host, port
+    ):  # start and stop the app instead of serving for ever
         with TestClient(application):
             started.append(application.state.service.summary())
 

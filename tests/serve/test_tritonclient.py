@@ -38,9 +38,12 @@ class BearerToken(triton.InferenceServerClientPlugin):
 def served(tmp_path_factory, checkpoints):
     """(client, app, host:port) for a server of the undefended victim; clients alice (a large
     quota) and dave (3 queries)."""
-    config = make_config(tmp_path_factory.mktemp("triton"), checkpoints,
-                         clients=[{"name": "alice", "quota": 10**6}, {"name": "dave", "quota": 3}],
-                         access={"auth_failures": 10**6})
+    config = make_config(
+        tmp_path_factory.mktemp("triton"),
+        checkpoints,
+        clients=[{"name": "alice", "quota": 10**6}, {"name": "dave", "quota": 3}],
+        access={"auth_failures": 10**6},
+    )
     app = create_app(config)
     with ServerThread(app) as url:
         address = url.removeprefix("http://")
@@ -99,18 +102,36 @@ def test_health_and_metadata(served):
 
 @pytest.mark.parametrize("version", ["", "1"], ids=["plain-path", "versioned-path"])
 @pytest.mark.parametrize("binary_in", [True, False], ids=["binary-in", "json-in"])
-@pytest.mark.parametrize("binary_out", [True, False, None], ids=["binary-out", "json-out", "default-out"])
+@pytest.mark.parametrize(
+    "binary_out", [True, False, None], ids=["binary-out", "json-out", "default-out"]
+)
 def test_infer_matches_in_process(served, victim, binary_in, binary_out, version):
     """Every combination of path (plain, /versions/1), body (JSON, binary) and output (JSON,
     binary, the client's default)."""
     client, _, _ = served
     x = images(5, seed=1)
-    outputs = None if binary_out is None else [triton.InferRequestedOutput("probabilities", binary_data=binary_out)]
-    result = client.infer("digits", [infer_input(x, binary=binary_in)], outputs=outputs, request_id="req-1",
-                          model_version=version, headers=auth("alice"))
-    np.testing.assert_allclose(result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6)
+    outputs = (
+        None
+        if binary_out is None
+        else [triton.InferRequestedOutput("probabilities", binary_data=binary_out)]
+    )
+    result = client.infer(
+        "digits",
+        [infer_input(x, binary=binary_in)],
+        outputs=outputs,
+        request_id="req-1",
+        model_version=version,
+        headers=auth("alice"),
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6
+    )
     response = result.get_response()
-    assert response["id"] == "req-1" and response["model_name"] == "digits" and response["model_version"] == "1"
+    assert (
+        response["id"] == "req-1"
+        and response["model_name"] == "digits"
+        and response["model_version"] == "1"
+    )
     (output,) = response["outputs"]
     sent_binary = binary_out is not False  # no outputs: tritonclient asks binary_data_output = true
     assert ("binary_data_size" in output.get("parameters", {})) == sent_binary
@@ -127,7 +148,9 @@ def test_a_headers_dict_reused_after_a_binary_call_gets_a_400_that_says_why(serv
     client.infer("digits", [infer_input(images(2), binary=True)], headers=headers)
     assert "Inference-Header-Content-Length" in headers  # the client's side effect
     with pytest.raises(InferenceServerException) as stale:
-        client.infer("digits", [infer_input(images(2), binary=False)], model_version="1", headers=headers)
+        client.infer(
+            "digits", [infer_input(images(2), binary=False)], model_version="1", headers=headers
+        )
     assert status(stale) == "400" and "stale" in stale.value.message()
 
 
@@ -136,20 +159,28 @@ def test_other_float_datatypes(served, victim, dtype):
     client, _, _ = served
     x = images(3, seed=2, dtype=dtype)
     result = client.infer("digits", [infer_input(x)], headers=auth("alice"))
-    np.testing.assert_allclose(result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6
+    )
 
 
 def test_versions_path_and_requested_outputs(served, victim):
     client, _, _ = served
     x = images(2, seed=3)
     result = client.infer("digits", [infer_input(x)], model_version="1", headers=auth("alice"))
-    np.testing.assert_allclose(result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6
+    )
     with pytest.raises(InferenceServerException) as version:
         client.infer("digits", [infer_input(x)], model_version="3", headers=auth("alice"))
     assert status(version) == "404"
     with pytest.raises(InferenceServerException) as output:
-        client.infer("digits", [infer_input(x)], outputs=[triton.InferRequestedOutput("logits")],
-                     headers=auth("alice"))
+        client.infer(
+            "digits",
+            [infer_input(x)],
+            outputs=[triton.InferRequestedOutput("logits")],
+            headers=auth("alice"),
+        )
     assert status(output) == "400" and "unknown output 'logits'" in output.value.message()
     with pytest.raises(InferenceServerException) as model:
         client.infer("other", [infer_input(x)], headers=auth("alice"))
@@ -158,34 +189,55 @@ def test_versions_path_and_requested_outputs(served, victim):
         client.infer("digits", [infer_input(images(2)[:, :, :7, :])], headers=auth("alice"))
     assert status(shape) == "400"
     with pytest.raises(InferenceServerException) as compressed:
-        client.infer("digits", [infer_input(x)], request_compression_algorithm="gzip", headers=auth("alice"))
+        client.infer(
+            "digits", [infer_input(x)], request_compression_algorithm="gzip", headers=auth("alice")
+        )
     assert status(compressed) == "400" and "uncompressed" in compressed.value.message()
-    accepts_gzip = client.infer("digits", [infer_input(x)], response_compression_algorithm="gzip",
-                                headers=auth("alice"))  # answered uncompressed, which the client reads
-    np.testing.assert_allclose(accepts_gzip.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6)
+    accepts_gzip = client.infer(
+        "digits", [infer_input(x)], response_compression_algorithm="gzip", headers=auth("alice")
+    )  # answered uncompressed, which the client reads
+    np.testing.assert_allclose(
+        accepts_gzip.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6
+    )
 
 
 def test_custom_parameters_pass(served, victim):
     client, _, _ = served
     x = images(1, seed=4)
-    result = client.infer("digits", [infer_input(x)], parameters={"tenant": "blue", "trace": True},
-                          priority=2, timeout=10_000, headers=auth("alice"))
-    np.testing.assert_allclose(result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6)
+    result = client.infer(
+        "digits",
+        [infer_input(x)],
+        parameters={"tenant": "blue", "trace": True},
+        priority=2,
+        timeout=10_000,
+        headers=auth("alice"),
+    )
+    np.testing.assert_allclose(
+        result.as_numpy("probabilities"), expected(victim, x), rtol=0, atol=1e-6
+    )
 
 
 def test_api_keys(served):
     client, app, address = served
     x = images(2, seed=5)
-    for headers, code in [(None, "401"), ({"Authorization": "Bearer wrong"}, "401"), ({"X-API-Key": "nope"}, "401")]:
+    for headers, code in [
+        (None, "401"),
+        ({"Authorization": "Bearer wrong"}, "401"),
+        ({"X-API-Key": "nope"}, "401"),
+    ]:
         with pytest.raises(InferenceServerException) as refused:
             client.infer("digits", [infer_input(x)], headers=headers)
         assert status(refused) == code
     assert client.infer("digits", [infer_input(x)], headers={"X-API-Key": KEYS["alice"]}).as_numpy(
-        "probabilities").shape == (2, 10)
+        "probabilities"
+    ).shape == (2, 10)
     with_plugin = triton.InferenceServerClient(address)  # a client whose plugin carries the key
     with_plugin.register_plugin(BearerToken(KEYS["alice"]))
     try:
-        assert with_plugin.infer("digits", [infer_input(x)]).as_numpy("probabilities").shape == (2, 10)
+        assert with_plugin.infer("digits", [infer_input(x)]).as_numpy("probabilities").shape == (
+            2,
+            10,
+        )
         assert with_plugin.get_model_metadata("digits")["parameters"]["client"]["name"] == "alice"
     finally:
         with_plugin.close()
@@ -212,7 +264,9 @@ def test_grad2_served_through_tritonclient_matches_in_process(tmp_path, checkpoi
     with ServerThread(create_app(config)) as url:
         client = triton.InferenceServerClient(url.removeprefix("http://"))
         try:
-            served = client.infer("digits", [infer_input(x)], headers=auth("bob")).as_numpy("probabilities")
+            served = client.infer("digits", [infer_input(x)], headers=auth("bob")).as_numpy(
+                "probabilities"
+            )
         finally:
             client.close()
     np.testing.assert_allclose(served, expected(victim, x, local), rtol=0, atol=1e-6)

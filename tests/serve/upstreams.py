@@ -42,8 +42,15 @@ class MLServerProcess:
     gRPC gets another free port, metrics are off, inference runs in the server process
     (``parallel_workers = 0``), so killing its pid stops everything it started."""
 
-    def __init__(self, executable: Path, directory: Path, models: dict[str, tuple[str, dict]], *,
-                 port: int | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        executable: Path,
+        directory: Path,
+        models: dict[str, tuple[str, dict]],
+        *,
+        port: int | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.executable, self.directory = executable, directory
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -54,18 +61,40 @@ class MLServerProcess:
         directory.mkdir(parents=True, exist_ok=True)
         for name, (implementation, parameters) in models.items():
             (directory / name).mkdir(exist_ok=True)
-            (directory / name / "model-settings.json").write_text(json.dumps(
-                {"name": name, "implementation": implementation, "parameters": parameters}))
+            (directory / name / "model-settings.json").write_text(
+                json.dumps(
+                    {"name": name, "implementation": implementation, "parameters": parameters}
+                )
+            )
 
     def start(self, timeout: float = 60.0) -> MLServerProcess:
-        (self.directory / "settings.json").write_text(json.dumps({
-            "host": "127.0.0.1", "http_port": self.port, "grpc_port": free_port(), "metrics_endpoint": None,
-            "parallel_workers": 0, "load_models_at_startup": True, "debug": False}))
-        env = {key: value for key, value in os.environ.items() if not key.startswith(("PYTHON", "VIRTUAL_ENV"))}
+        (self.directory / "settings.json").write_text(
+            json.dumps(
+                {
+                    "host": "127.0.0.1",
+                    "http_port": self.port,
+                    "grpc_port": free_port(),
+                    "metrics_endpoint": None,
+                    "parallel_workers": 0,
+                    "load_models_at_startup": True,
+                    "debug": False,
+                }
+            )
+        )
+        env = {
+            key: value
+            for key, value in os.environ.items()
+            if not key.startswith(("PYTHON", "VIRTUAL_ENV"))
+        }
         env.update(PYTHONPATH=str(RUNTIMES), **self.env)
         with open(self.log, "ab") as log:
-            self.proc = subprocess.Popen([str(self.executable), "start", str(self.directory)], cwd=self.directory,
-                                         stdout=log, stderr=log, env=env)
+            self.proc = subprocess.Popen(
+                [str(self.executable), "start", str(self.directory)],
+                cwd=self.directory,
+                stdout=log,
+                stderr=log,
+                env=env,
+            )
         deadline = time.monotonic() + timeout
         name = next(iter(self.models))
         while time.monotonic() < deadline:
@@ -78,7 +107,9 @@ class MLServerProcess:
                 pass
             time.sleep(0.1)
         self.kill()
-        raise RuntimeError(f"MLServer did not become ready in {timeout:g}s: {self.log.read_text()[-3000:]}")
+        raise RuntimeError(
+            f"MLServer did not become ready in {timeout:g}s: {self.log.read_text()[-3000:]}"
+        )
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -135,7 +166,9 @@ class FakeUpstream:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
 
     def start(self) -> FakeUpstream:
         self.thread.start()

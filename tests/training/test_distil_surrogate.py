@@ -26,19 +26,30 @@ from mirage.training.surrogate import (
     distil_surrogate,
 )
 
-QUICK = SurrogateConfig(stop_epoch=4, training=SURROGATE_TRAINING.model_copy(update={"epochs": 6, "batch_size": 64}))
+QUICK = SurrogateConfig(
+    stop_epoch=4, training=SURROGATE_TRAINING.model_copy(update={"epochs": 6, "batch_size": 64})
+)
 
 
 def agreement(surrogate: nn.Module, model: nn.Module, images: torch.Tensor) -> float:
-    return float((clean_posteriors(surrogate, images).argmax(1) == clean_posteriors(model, images).argmax(1))
-                 .float().mean())
+    return float(
+        (clean_posteriors(surrogate, images).argmax(1) == clean_posteriors(model, images).argmax(1))
+        .float()
+        .mean()
+    )
 
 
 def test_a_surrogate_of_a_users_cnn_agrees_with_it(user_model):
     net, data = user_model
     ((surrogate, card),) = distil_surrogate(net, data.train.images, config=QUICK)
-    assert card.architecture == architecture_for((1, 8, 8)) == "lenet" and card.input_shape == (1, 8, 8)
-    assert card.test_accuracy >= 0.8 and card.training["agreement_on"] == round(0.1 * len(data.train))
+    assert card.architecture == architecture_for((1, 8, 8)) == "lenet" and card.input_shape == (
+        1,
+        8,
+        8,
+    )
+    assert card.test_accuracy >= 0.8 and card.training["agreement_on"] == round(
+        0.1 * len(data.train)
+    )
     assert agreement(surrogate, net, data.test.images) >= 0.8  # on images it never saw
     # the same through a prediction API (probabilities, each image one query)
     api = InProcessAPI(net, input_shape=(1, 8, 8))  # a module that does not know its input
@@ -57,7 +68,9 @@ def test_bad_images_are_refused_before_anything_runs(user_model):
             distil_surrogate(net, images, config=QUICK)
 
 
-def test_the_command_distils_from_a_file_and_an_endpoint_and_grad2_serves_it(user_model, tmp_path, monkeypatch):
+def test_the_command_distils_from_a_file_and_an_endpoint_and_grad2_serves_it(
+    user_model, tmp_path, monkeypatch
+):
     from fastapi.testclient import TestClient
 
     from mirage.serve.app import create_app
@@ -65,42 +78,87 @@ def test_the_command_distils_from_a_file_and_an_endpoint_and_grad2_serves_it(use
 
     net, data = user_model
     exported = tmp_path / "net.pt2"
-    torch.export.save(torch.export.export(net, (data.train.images[:2],),
-                                          dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},)),
-                      str(exported))
+    torch.export.save(
+        torch.export.export(
+            net,
+            (data.train.images[:2],),
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=4096)},),
+        ),
+        str(exported),
+    )
     np.save(tmp_path / "images.npy", data.train.images.numpy())
     runner = CliRunner()
     common = ["--images", str(tmp_path / "images.npy"), "--stop-epoch", "4", "--epochs", "6"]
-    result = runner.invoke(app, ["distil-surrogate", "--model", str(exported), "--out", str(tmp_path / "s"), *common])
+    result = runner.invoke(
+        app, ["distil-surrogate", "--model", str(exported), "--out", str(tmp_path / "s"), *common]
+    )
     assert result.exit_code == 0, result.output
     assert "surrogate = " in result.output
     surrogate, _ = load_checkpoint(tmp_path / "s")
     assert agreement(surrogate, net, data.test.images) >= 0.8
 
     key = "mk_distil_test_key"
-    config = ServeConfig.model_validate({
-        "model": {"name": "users", "path": str(exported)},
-        "defense": {"name": "grad2", "params": {"epsilon": 0.5, "target": "all-ones"}, "surrogate": str(tmp_path / "s")},
-        "storage": {"database": str(tmp_path / "serve.sqlite")},
-        "clients": [{"name": "alice", "key_sha256": hash_key(key)}]})
+    config = ServeConfig.model_validate(
+        {
+            "model": {"name": "users", "path": str(exported)},
+            "defense": {
+                "name": "grad2",
+                "params": {"epsilon": 0.5, "target": "all-ones"},
+                "surrogate": str(tmp_path / "s"),
+            },
+            "storage": {"database": str(tmp_path / "serve.sqlite")},
+            "clients": [{"name": "alice", "key_sha256": hash_key(key)}],
+        }
+    )
     x = data.test.images[:4]
-    request = {"inputs": [{"name": "images", "shape": list(x.shape), "datatype": "FP32", "data": x.flatten().tolist()}]}
+    request = {
+        "inputs": [
+            {
+                "name": "images",
+                "shape": list(x.shape),
+                "datatype": "FP32",
+                "data": x.flatten().tolist(),
+            }
+        ]
+    }
     with TestClient(create_app(config)) as client:
-        response = client.post("/v2/models/users/infer", json=request, headers={"Authorization": f"Bearer {key}"})
+        response = client.post(
+            "/v2/models/users/infer", json=request, headers={"Authorization": f"Bearer {key}"}
+        )
     assert response.status_code == 200, response.text
     served = torch.tensor(response.json()["outputs"][0]["data"]).reshape(4, 10)
     clean = clean_posteriors(net, x)
     assert torch.allclose(served.sum(1), torch.ones(4), atol=1e-5)
-    assert 0 < float((served - clean).abs().sum(1).max()) <= 0.5 + 1e-4  # GRAD² moved them, within ε
+    assert (
+        0 < float((served - clean).abs().sum(1).max()) <= 0.5 + 1e-4
+    )  # GRAD² moved them, within ε
 
-    plain = ServeConfig.model_validate({**json.loads(config.model_dump_json()), "defense": {"name": "none"},
-                                        "storage": {"database": str(tmp_path / "plain.sqlite")}})
+    plain = ServeConfig.model_validate(
+        {
+            **json.loads(config.model_dump_json()),
+            "defense": {"name": "none"},
+            "storage": {"database": str(tmp_path / "plain.sqlite")},
+        }
+    )
     with ServerThread(create_app(plain)) as url:
         monkeypatch.setenv("MIRAGE_API_KEY", key)
-        result = runner.invoke(app, ["distil-surrogate", "--url", url, "--model-name", "users",
-                                     "--out", str(tmp_path / "remote"), *common])
+        result = runner.invoke(
+            app,
+            [
+                "distil-surrogate",
+                "--url",
+                url,
+                "--model-name",
+                "users",
+                "--out",
+                str(tmp_path / "remote"),
+                *common,
+            ],
+        )
         assert result.exit_code == 0, result.output
-        used = httpx.get(f"{url}/v2/models/users", headers={"Authorization": f"Bearer {key}"}).json()
+        used = httpx.get(
+            f"{url}/v2/models/users", headers={"Authorization": f"Bearer {key}"}
+        ).json()
     assert used["parameters"]["client"]["queries_used"] == len(data.train)
     remote, _ = load_checkpoint(tmp_path / "remote")
     assert agreement(remote, net, data.test.images) >= 0.8

@@ -27,7 +27,10 @@ def test_epsilon_is_finite_decreases_with_noise_and_checkpoint_is_plain(isolated
         config = DpsgdConfig(noise_multiplier=sigma, num_train=640, training=TINY)
         model, card, cached = get_defended_victim(scenario, "dpsgd", config, show_progress=False)
         assert not cached and type(model).__name__ == "LeNet" and isinstance(model, ImageClassifier)
-        assert card.training["defense"] == "dpsgd" and card.training["config"]["noise_multiplier"] == sigma
+        assert (
+            card.training["defense"] == "dpsgd"
+            and card.training["config"]["noise_multiplier"] == sigma
+        )
         assert math.isfinite(card.training["epsilon"]) and card.training["epsilon"] > 0
         assert card.training["steps"] == 5  # 640 / 128 Poisson batches, one epoch
         directory = defended_victim_dir(scenario, "dpsgd", config)
@@ -40,8 +43,12 @@ def test_epsilon_is_finite_decreases_with_noise_and_checkpoint_is_plain(isolated
         cards[sigma] = card
     eps = [cards[s].training["epsilon"] for s in (0.5, 1.0, 2.0)]
     assert eps[0] > eps[1] > eps[2]
-    _, again, cached = get_defended_victim(scenario, "dpsgd", {"noise_multiplier": 2.0, "num_train": 640,
-                                                                "training": TINY.model_dump()}, show_progress=False)
+    _, again, cached = get_defended_victim(
+        scenario,
+        "dpsgd",
+        {"noise_multiplier": 2.0, "num_train": 640, "training": TINY.model_dump()},
+        show_progress=False,
+    )
     assert cached and again.training["epsilon"] == cards[2.0].training["epsilon"]
 
 

@@ -34,17 +34,41 @@ def tiny_pair(seed=0):
 
 def batch(n=12, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return torch.rand(n, 1, 8, 8, generator=g), torch.randint(0, 10, (n,), generator=g), torch.rand(n, 1, 8, 8, generator=g)
+    return (
+        torch.rand(n, 1, 8, 8, generator=g),
+        torch.randint(0, 10, (n,), generator=g),
+        torch.rand(n, 1, 8, 8, generator=g),
+    )
 
 
 def test_distances_match_loops():
     v, s = torch.randn(5, 4), torch.randn(5, 4) + 3.0
-    l1 = sum(abs((math.log(torch.softmax(s[b], 0)[k]) - sum(math.log(q) for q in torch.softmax(s[b], 0)) / 4)
-                 - (math.log(torch.softmax(v[b], 0)[k]) - sum(math.log(q) for q in torch.softmax(v[b], 0)) / 4))
-             for b in range(5) for k in range(4)) / 20
+    l1 = (
+        sum(
+            abs(
+                (
+                    math.log(torch.softmax(s[b], 0)[k])
+                    - sum(math.log(q) for q in torch.softmax(s[b], 0)) / 4
+                )
+                - (
+                    math.log(torch.softmax(v[b], 0)[k])
+                    - sum(math.log(q) for q in torch.softmax(v[b], 0)) / 4
+                )
+            )
+            for b in range(5)
+            for k in range(4)
+        )
+        / 20
+    )
     assert distance(v, s, "l1").item() == pytest.approx(float(l1), rel=1e-5)
-    kl = sum(float(p * (p.log() - q.log())) for b in range(5)
-             for p, q in zip(torch.softmax(v[b], 0), torch.softmax(s[b], 0), strict=True)) / 5
+    kl = (
+        sum(
+            float(p * (p.log() - q.log()))
+            for b in range(5)
+            for p, q in zip(torch.softmax(v[b], 0), torch.softmax(s[b], 0), strict=True)
+        )
+        / 5
+    )
     assert distance(v, s, "kl").item() == pytest.approx(kl, rel=1e-5)
     assert distance(v, v + 7.0, "l1").item() == pytest.approx(0.0, abs=1e-6)  # shift-invariant
     with pytest.raises(ValueError):
@@ -103,10 +127,17 @@ def test_terms_and_their_victim_gradients_match_torch_func_reference(norm):
         value = fn(v_params)
         torch.testing.assert_close(terms[term], value, rtol=1e-4, atol=1e-7)
         expected = grad(fn)(v_params)
-        got = torch.autograd.grad(terms[term], list(victim.parameters()), retain_graph=True, allow_unused=True,
-                                  materialize_grads=True)
+        got = torch.autograd.grad(
+            terms[term],
+            list(victim.parameters()),
+            retain_graph=True,
+            allow_unused=True,
+            materialize_grads=True,
+        )
         for name, g in zip(names, got, strict=True):
-            torch.testing.assert_close(g, expected[name], rtol=2e-3, atol=1e-8, msg=f"{term} / {name}")
+            torch.testing.assert_close(
+                g, expected[name], rtol=2e-3, atol=1e-8, msg=f"{term} / {name}"
+            )
     assert -1.0 <= terms["grad_cos"].item() <= 1.0
     assert terms["grad_norm"].item() > 0
 
@@ -146,8 +177,16 @@ def test_patch_shuffle_permutes_patches_per_image():
     x = torch.rand(6, 2, 8, 8)
     out = patch_shuffle(x, 4, torch.Generator().manual_seed(0))
     for i in range(6):
-        source = sorted(tuple(x[i, :, r:r + 2, c:c + 2].reshape(-1).tolist()) for r in range(0, 8, 2) for c in range(0, 8, 2))
-        target = sorted(tuple(out[i, :, r:r + 2, c:c + 2].reshape(-1).tolist()) for r in range(0, 8, 2) for c in range(0, 8, 2))
+        source = sorted(
+            tuple(x[i, :, r : r + 2, c : c + 2].reshape(-1).tolist())
+            for r in range(0, 8, 2)
+            for c in range(0, 8, 2)
+        )
+        target = sorted(
+            tuple(out[i, :, r : r + 2, c : c + 2].reshape(-1).tolist())
+            for r in range(0, 8, 2)
+            for c in range(0, 8, 2)
+        )
         assert source == target
     assert not torch.equal(out, x)
     with pytest.raises(ValueError):
@@ -164,15 +203,25 @@ def test_config_rejects_invalid_values():
 def test_victim_step_without_pcgrad_is_a_clipped_step_on_the_summed_loss():
     victim, student = tiny_pair()
     x_in, y_in, x_ood = batch()
-    config = IniConfig(pcgrad=False, max_grad_norm=0.5, beta=0.2,
-                       training=INI_VICTIM_TRAINING.model_copy(update={"momentum": 0.0, "weight_decay": 0.0, "lr": 0.1}))
+    config = IniConfig(
+        pcgrad=False,
+        max_grad_norm=0.5,
+        beta=0.2,
+        training=INI_VICTIM_TRAINING.model_copy(
+            update={"momentum": 0.0, "weight_decay": 0.0, "lr": 0.1}
+        ),
+    )
     before = [p.detach().clone() for p in victim.parameters()]
-    total = sum(weighted_terms(ini_terms(victim, student, x_in, y_in, x_ood, config), config).values())
+    total = sum(
+        weighted_terms(ini_terms(victim, student, x_in, y_in, x_ood, config), config).values()
+    )
     grads = torch.autograd.grad(total, list(victim.parameters()))
     norm = torch.sqrt(sum(g.square().sum() for g in grads))
     scale = min(1.0, 0.5 / (float(norm) + 1e-6))
     optimizer = torch.optim.SGD(victim.parameters(), lr=0.1)
-    victim_step(victim, student, optimizer, x_in, y_in, x_ood, config, torch.Generator().manual_seed(0))
+    victim_step(
+        victim, student, optimizer, x_in, y_in, x_ood, config, torch.Generator().manual_seed(0)
+    )
     for p, b, g in zip(victim.parameters(), before, grads, strict=True):
         torch.testing.assert_close(p.detach(), b - 0.1 * scale * g, rtol=1e-4, atol=1e-6)
     assert all(p.grad is None for p in student.parameters())
@@ -180,8 +229,10 @@ def test_victim_step_without_pcgrad_is_a_clipped_step_on_the_summed_loss():
 
 def test_ini_victim_trains_caches_and_loads_as_plain_model(isolated_cache):
     scenario = get_scenario("digits")
-    config = IniConfig(num_train=384,
-                       training=INI_VICTIM_TRAINING.model_copy(update={"epochs": 3, "batch_size": 32, "lr": 0.1}))
+    config = IniConfig(
+        num_train=384,
+        training=INI_VICTIM_TRAINING.model_copy(update={"epochs": 3, "batch_size": 32, "lr": 0.1}),
+    )
     model, card, cached = get_defended_victim(scenario, "ini", config, show_progress=False)
     assert not cached and isinstance(model, ImageClassifier)
     assert card.training["defense"] == "ini" and len(card.training["history"]) == 3
@@ -193,8 +244,12 @@ def test_ini_victim_trains_caches_and_loads_as_plain_model(isolated_cache):
     assert type(loaded) is type(model)
     test = load_dataset("digits").test.images
     torch.testing.assert_close(loaded(test), model(test))
-    _again, card2, cached2 = get_defended_victim(scenario, "ini", config.model_dump(), show_progress=False)
+    _again, card2, cached2 = get_defended_victim(
+        scenario, "ini", config.model_dump(), show_progress=False
+    )
     assert cached2 and card2.test_accuracy == card.test_accuracy
-    assert defended_victim_dir(scenario, "ini", config.model_copy(update={"gamma": 0.1})) != directory
+    assert (
+        defended_victim_dir(scenario, "ini", config.model_copy(update={"gamma": 0.1})) != directory
+    )
     with pytest.raises(ValueError):
         get_defended_victim(scenario, "nope")

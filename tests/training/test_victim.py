@@ -23,7 +23,7 @@ def test_random_shift_is_a_translation_with_zero_fill():
         padded = torch.nn.functional.pad(x[i], (2, 2, 2, 2))
         for dy in range(5):
             for dx in range(5):
-                found |= torch.equal(padded[:, dy:dy + 6, dx:dx + 6], shifted[i])
+                found |= torch.equal(padded[:, dy : dy + 6, dx : dx + 6], shifted[i])
         assert found
 
 

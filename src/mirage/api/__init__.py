@@ -12,7 +12,16 @@ from mirage.api.evaluate import DefendedAccuracy, accuracy, defended_accuracy
 from mirage.api.inprocess import InProcessAPI, clean_posteriors
 
 __all__ = [
-    "DefendedAccuracy", "InProcessAPI", "PradaConfig", "PradaDetector", "PredictionAPI",
-    "QueryBudgetExceeded", "QueryLedger", "QueryRefused",
-    "accuracy", "check_images", "clean_posteriors", "defended_accuracy",
+    "DefendedAccuracy",
+    "InProcessAPI",
+    "PradaConfig",
+    "PradaDetector",
+    "PredictionAPI",
+    "QueryBudgetExceeded",
+    "QueryLedger",
+    "QueryRefused",
+    "accuracy",
+    "check_images",
+    "clean_posteriors",
+    "defended_accuracy",
 ]

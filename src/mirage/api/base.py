@@ -76,7 +76,9 @@ def check_images(x: Tensor, input_shape: tuple[int, ...], *, max_batch: int | No
     if not isinstance(x, Tensor):
         raise ValueError(f"queries must be a torch.Tensor, got {type(x).__name__}")  # noqa: TRY004
     if x.ndim != 1 + len(input_shape) or tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"queries must have shape (B, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}")
+        raise ValueError(
+            f"queries must have shape (B, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}"
+        )
     if x.shape[0] == 0:
         raise ValueError("empty batch of queries")
     if max_batch is not None and x.shape[0] > max_batch:

@@ -47,20 +47,24 @@ class PradaConfig(BaseModel):
 
     delta: float = Field(0.9, gt=0, lt=1)
     min_distances: int = Field(100, ge=3, description="distances needed before the first test")
-    window: int = Field(500, ge=3, le=5000, description="the test runs on the last `window` distances")
+    window: int = Field(
+        500, ge=3, le=5000, description="the test runs on the last `window` distances"
+    )
     max_stored: int = Field(2000, ge=1, description="stored queries per client (all classes)")
-    check_every: int = Field(1, ge=1, description="test after a request once n new distances came in")
+    check_every: int = Field(
+        1, ge=1, description="test after a request once n new distances came in"
+    )
 
 
 @dataclass
 class ClientStream:
     """One client's PRADA state (bounded: see the module docstring)."""
 
-    stored: dict[int, deque] = field(default_factory=dict)       # class -> stored images (flat)
-    admitted: dict[int, deque] = field(default_factory=dict)     # class -> admitting distances
+    stored: dict[int, deque] = field(default_factory=dict)  # class -> stored images (flat)
+    admitted: dict[int, deque] = field(default_factory=dict)  # class -> admitting distances
     thresholds: dict[int, float] = field(default_factory=dict)
     distances: deque = field(default_factory=deque)
-    order: deque = field(default_factory=deque)                  # classes in order of storing
+    order: deque = field(default_factory=deque)  # classes in order of storing
     queries: int = 0
     since_check: int = 0
     statistic: float | None = None
@@ -92,7 +96,10 @@ class PradaDetector:
         labels = labels.detach().cpu().long()
         for c in labels.unique().tolist():
             self._observe_class(state, int(c), flat[labels == c])
-        if len(state.distances) >= self.config.min_distances and state.since_check >= self.config.check_every:
+        if (
+            len(state.distances) >= self.config.min_distances
+            and state.since_check >= self.config.check_every
+        ):
             state.since_check = 0
             state.statistic = shapiro_w(np.fromiter(state.distances, dtype=np.float64))
             if state.statistic < self.config.delta and state.alarm_at is None:
@@ -124,7 +131,9 @@ class PradaDetector:
                 self._admit(state, c, batch[i], members, before + i)
             state.since_check += 1
 
-    def _admit(self, state: ClientStream, c: int, image: Tensor, members: list[int], column: int) -> None:
+    def _admit(
+        self, state: ClientStream, c: int, image: Tensor, members: list[int], column: int
+    ) -> None:
         """Store ``image`` in G_c (column ``column`` of this batch's distances); evict the client's
         oldest stored query past ``max_stored`` (from whichever class holds it)."""
         state.stored[c].append(image)

@@ -25,8 +25,9 @@ def accuracy(model: nn.Module, data: ImageData, *, batch_size: int = 1024) -> fl
     return float((predictions == data.labels).float().mean())
 
 
-def defended_accuracy(model: nn.Module, defense: Defense | None, data: ImageData, *,
-                      batch_size: int = 256) -> DefendedAccuracy:
+def defended_accuracy(
+    model: nn.Module, defense: Defense | None, data: ImageData, *, batch_size: int = 256
+) -> DefendedAccuracy:
     """Accuracy of argmax ỹ on ``data`` answered through ``defense`` (no query budget)."""
     api = InProcessAPI(model, defense, batch_size=batch_size)
     served = api.query(data.images)

@@ -34,11 +34,19 @@ class InProcessAPI:
             or ``"switch"`` (answer with ``alarm_defense`` from then on).
     """
 
-    def __init__(self, model: nn.Module, defense: Defense | None = None, *,
-                 query_budget: int | None = None, batch_size: int = 256,
-                 detector: PradaDetector | None = None, client: str = "default",
-                 on_alarm: Literal["flag", "refuse", "switch"] = "flag",
-                 alarm_defense: Defense | None = None, input_shape: tuple[int, int, int] | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        defense: Defense | None = None,
+        *,
+        query_budget: int | None = None,
+        batch_size: int = 256,
+        detector: PradaDetector | None = None,
+        client: str = "default",
+        on_alarm: Literal["flag", "refuse", "switch"] = "flag",
+        alarm_defense: Defense | None = None,
+        input_shape: tuple[int, int, int] | None = None,
+    ) -> None:
         if on_alarm == "switch" and alarm_defense is None:
             raise ValueError("on_alarm='switch' needs alarm_defense")
         self.detector, self.client, self.on_alarm = detector, client, on_alarm
@@ -50,7 +58,9 @@ class InProcessAPI:
         self.batch_size = batch_size
         shape = input_shape or getattr(model, "input_shape", None)
         if shape is None:
-            raise ValueError(f"{type(model).__name__} has no input_shape attribute: pass input_shape=(C, H, W)")
+            raise ValueError(
+                f"{type(model).__name__} has no input_shape attribute: pass input_shape=(C, H, W)"
+            )
         self.input_shape: tuple[int, int, int] = tuple(int(s) for s in shape)  # type: ignore[assignment]
         classes = getattr(model, "num_classes", None)
         if classes is None:  # any module: one probe forward (in eval mode) tells K
@@ -100,15 +110,20 @@ class InProcessAPI:
         check_images(x, self.input_shape)
         if self._budget is not None and self.ledger.queries + x.shape[0] > self._budget:
             raise QueryBudgetExceeded(
-                f"request of {x.shape[0]} queries exceeds the remaining budget of {self.queries_left}")
+                f"request of {x.shape[0]} queries exceeds the remaining budget of {self.queries_left}"
+            )
         if self.alarmed and self.on_alarm == "refuse":
-            raise QueryRefused(f"client {self.client!r} is refused: its query stream raised an alarm")
+            raise QueryRefused(
+                f"client {self.client!r} is refused: its query stream raised an alarm"
+            )
         answers = []
         for chunk in x.split(self.batch_size):
             start = time.perf_counter()
             clean = clean_posteriors(self.model, chunk)
             mid = time.perf_counter()
-            defense = self.alarm_defense if self.alarmed and self.on_alarm == "switch" else self.defense
+            defense = (
+                self.alarm_defense if self.alarmed and self.on_alarm == "switch" else self.defense
+            )
             served = clean if defense is None else defense(chunk, clean)
             self.ledger.model_seconds += mid - start
             self.ledger.defense_seconds += time.perf_counter() - mid

@@ -30,13 +30,18 @@ def as_art_classifier(api: PredictionAPI) -> BlackBoxClassifier:
     def predict(x: np.ndarray) -> np.ndarray:
         return api.query(torch.as_tensor(np.asarray(x, dtype=np.float32))).numpy()
 
-    return BlackBoxClassifier(predict, tuple(api.input_shape), int(api.num_classes), clip_values=(0.0, 1.0))
+    return BlackBoxClassifier(
+        predict, tuple(api.input_shape), int(api.num_classes), clip_values=(0.0, 1.0)
+    )
 
 
 def art_thief(model: nn.Module, *, lr: float = 0.01, momentum: float = 0.9) -> PyTorchClassifier:
     """An untrained mirage model as ART's ``thieved_classifier`` (SGD, cross-entropy, inputs in [0, 1])."""
     return PyTorchClassifier(
-        model=model, loss=nn.CrossEntropyLoss(),
+        model=model,
+        loss=nn.CrossEntropyLoss(),
         optimizer=torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum),
-        input_shape=tuple(model.input_shape), nb_classes=int(model.num_classes), clip_values=(0.0, 1.0),
+        input_shape=tuple(model.input_shape),
+        nb_classes=int(model.num_classes),
+        clip_values=(0.0, 1.0),
     )

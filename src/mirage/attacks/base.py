@@ -84,10 +84,19 @@ class QueryClient:
         decoy_generator: seeds the decoys' order.
     """
 
-    def __init__(self, api: PredictionAPI | Sequence[PredictionAPI], budget: int, *, repeats: int = 1,
-                 hard_labels: bool = False, jitter: float = 0.0,
-                 generator: torch.Generator | None = None, mix_benign: float = 0.0,
-                 decoys: Tensor | None = None, decoy_generator: torch.Generator | None = None) -> None:
+    def __init__(
+        self,
+        api: PredictionAPI | Sequence[PredictionAPI],
+        budget: int,
+        *,
+        repeats: int = 1,
+        hard_labels: bool = False,
+        jitter: float = 0.0,
+        generator: torch.Generator | None = None,
+        mix_benign: float = 0.0,
+        decoys: Tensor | None = None,
+        decoy_generator: torch.Generator | None = None,
+    ) -> None:
         if budget < 0:
             raise ValueError(f"budget must be non-negative, got {budget}")
         if repeats < 1:
@@ -105,19 +114,28 @@ class QueryClient:
         if self.mix > 0:
             if decoys is None:
                 raise ValueError("mix_benign > 0 needs decoys: the attacker's own images")
-            self._decoys = DecoyPool(decoys.detach().cpu(), decoy_generator if decoy_generator is not None
-                                     else torch.Generator().manual_seed(1))
+            self._decoys = DecoyPool(
+                decoys.detach().cpu(),
+                decoy_generator
+                if decoy_generator is not None
+                else torch.Generator().manual_seed(1),
+            )
         self.spent = 0
         self.spent_per_key = [0] * len(self.apis)
         self.decoys_sent = 0
         self.decoys_trained = 0  # decoys :meth:`Attack.train_final_clone` added to the transfer set
         self.answers_seconds = 0.0
-        self._sent = 0  # stream positions used: images sent, decoys included (each `repeats` queries)
+        self._sent = (
+            0  # stream positions used: images sent, decoys included (each `repeats` queries)
+        )
         self._requests = 0
         self._decoy_images: list[Tensor] = []
         self._decoy_answers: list[Tensor] = []
-        self._ledger_start = {id(a): (ledger.queries, ledger.l1_sum) for a in self.apis
-                              if (ledger := getattr(a, "ledger", None)) is not None}
+        self._ledger_start = {
+            id(a): (ledger.queries, ledger.l1_sum)
+            for a in self.apis
+            if (ledger := getattr(a, "ledger", None)) is not None
+        }
 
     @property
     def api(self) -> PredictionAPI:
@@ -143,8 +161,10 @@ class QueryClient:
     def query(self, x: Tensor) -> Tensor:
         """x: (B, C, H, W) in [0, 1] -> (B, K) answers as the attacker uses them."""
         if x.shape[0] > self.remaining:
-            raise BudgetExhausted(f"asked for {x.shape[0]} images but only {self.remaining} are left "
-                                  f"({self.spent}/{self.budget} queries spent, repeats={self.repeats})")
+            raise BudgetExhausted(
+                f"asked for {x.shape[0]} images but only {self.remaining} are left "
+                f"({self.spent}/{self.budget} queries spent, repeats={self.repeats})"
+            )
         if x.shape[0] == 0:
             return torch.empty(0, self.num_classes)
         start = time.perf_counter()
@@ -153,9 +173,13 @@ class QueryClient:
         sent = images.repeat_interleave(self.repeats, dim=0) if self.repeats > 1 else images
         if self.jitter > 0 and self.repeats > 1:
             copies = sent.view(images.shape[0], self.repeats, *x.shape[1:])
-            jittered = jitter_images(copies[:, 1:].reshape(-1, *x.shape[1:]), self.jitter, self.generator)
-            sent = torch.cat([copies[:, :1], jittered.view(images.shape[0], self.repeats - 1, *x.shape[1:])],
-                             dim=1).reshape(-1, *x.shape[1:])
+            jittered = jitter_images(
+                copies[:, 1:].reshape(-1, *x.shape[1:]), self.jitter, self.generator
+            )
+            sent = torch.cat(
+                [copies[:, :1], jittered.view(images.shape[0], self.repeats - 1, *x.shape[1:])],
+                dim=1,
+            ).reshape(-1, *x.shape[1:])
         key = self._requests % len(self.apis)
         answers = self.apis[key].query(sent)
         self._requests += 1
@@ -165,7 +189,9 @@ class QueryClient:
         if self.repeats > 1:
             answers = answers.view(images.shape[0], self.repeats, -1).mean(dim=1)
         if self.hard_labels:
-            answers = torch.nn.functional.one_hot(answers.argmax(1), answers.shape[1]).to(answers.dtype)
+            answers = torch.nn.functional.one_hot(answers.argmax(1), answers.shape[1]).to(
+                answers.dtype
+            )
         answers = answers.float()
         if is_decoy is not None:
             self.decoys_sent += int(is_decoy.sum())
@@ -183,7 +209,14 @@ class QueryClient:
             return x, None
         left = self.remaining - x.shape[0]
         # positions [sent, sent + span) surely hold x.shape[0] attack images (decoys ≤ f·span + 1)
-        span = -(-(x.shape[0] + 1) * self.mix.denominator // (self.mix.denominator - self.mix.numerator)) + 1
+        span = (
+            -(
+                -(x.shape[0] + 1)
+                * self.mix.denominator
+                // (self.mix.denominator - self.mix.numerator)
+            )
+            + 1
+        )
         is_decoy = decoy_mask(self._sent, self._sent + span, self.mix)
         end = int(torch.nonzero(torch.cumsum(~is_decoy, 0) == x.shape[0])[0]) + 1
         if left == 0:
@@ -248,10 +281,15 @@ class AttackResult:
 
     def as_dict(self) -> dict[str, Any]:
         return {
-            "queries": self.queries, "budget": self.budget, "transfer_size": self.transfer_size,
-            "effective_l1": self.effective_l1, "attack_seconds": self.wall_seconds,
-            "query_seconds": self.query_seconds, "countermeasures": self.countermeasures,
-            "decoys": self.decoys, "queries_per_key": self.queries_per_key,
+            "queries": self.queries,
+            "budget": self.budget,
+            "transfer_size": self.transfer_size,
+            "effective_l1": self.effective_l1,
+            "attack_seconds": self.wall_seconds,
+            "query_seconds": self.query_seconds,
+            "countermeasures": self.countermeasures,
+            "decoys": self.decoys,
+            "queries_per_key": self.queries_per_key,
         }
 
 
@@ -270,13 +308,23 @@ class Attack(abc.ABC):
     name: ClassVar[str] = ""
     params_type: ClassVar[type[AttackParams]] = AttackParams
     _client: QueryClient | None = None  # the running attack's client, while :meth:`run` runs
-    _labelled: ImageData | None = None  # the align_labels countermeasure's images, while :meth:`run` runs
+    _labelled: ImageData | None = (
+        None  # the align_labels countermeasure's images, while :meth:`run` runs
+    )
 
     def __init__(self, params: AttackParams | None = None, **kwargs: Any) -> None:
         self.params = typed_params(self.name, self.params_type, params, kwargs)
 
-    def run(self, api: PredictionAPI | Sequence[PredictionAPI], budget: int, data: ImageData,
-            clone: CloneSpec, *, seed: int = 0, labelled: ImageData | None = None) -> AttackResult:
+    def run(
+        self,
+        api: PredictionAPI | Sequence[PredictionAPI],
+        budget: int,
+        data: ImageData,
+        clone: CloneSpec,
+        *,
+        seed: int = 0,
+        labelled: ImageData | None = None,
+    ) -> AttackResult:
         """Steal ``api`` with at most ``budget × budget_factor`` queries.
 
         Args:
@@ -298,20 +346,32 @@ class Attack(abc.ABC):
         self._labelled = None
         if self.params.align_labels is not None:
             if labelled is None or len(labelled) < self.params.align_labels:
-                raise ValueError(f"align_labels={self.params.align_labels} needs that many labelled images "
-                                 f"(Attack.run(labelled=...)), got {0 if labelled is None else len(labelled)}")
+                raise ValueError(
+                    f"align_labels={self.params.align_labels} needs that many labelled images "
+                    f"(Attack.run(labelled=...)), got {0 if labelled is None else len(labelled)}"
+                )
             self._labelled = labelled.subset(torch.arange(self.params.align_labels))
         apis = key_apis(api, self.params.api_keys)
         if tuple(data.input_shape) != tuple(apis[0].input_shape):
-            raise ValueError(f"attack data has shape {data.input_shape}, the API takes {apis[0].input_shape}")
+            raise ValueError(
+                f"attack data has shape {data.input_shape}, the API takes {apis[0].input_shape}"
+            )
         clone, total_budget = apply_countermeasures(self.params, clone, budget)
-        clone = clone.model_copy(update={"training": clone.training.model_copy(update={"seed": seed})})
+        clone = clone.model_copy(
+            update={"training": clone.training.model_copy(update={"seed": seed})}
+        )
         mixing = self.params.mix_benign > 0
-        client = QueryClient(apis, total_budget, repeats=self.params.repeats,
-                             hard_labels=self.params.hard_labels, jitter=self.params.jitter,
-                             generator=torch.Generator().manual_seed(seed + 7919),
-                             mix_benign=self.params.mix_benign, decoys=data.images if mixing else None,
-                             decoy_generator=torch.Generator().manual_seed(seed + 104_729) if mixing else None)
+        client = QueryClient(
+            apis,
+            total_budget,
+            repeats=self.params.repeats,
+            hard_labels=self.params.hard_labels,
+            jitter=self.params.jitter,
+            generator=torch.Generator().manual_seed(seed + 7919),
+            mix_benign=self.params.mix_benign,
+            decoys=data.images if mixing else None,
+            decoy_generator=torch.Generator().manual_seed(seed + 104_729) if mixing else None,
+        )
         generator = torch.Generator().manual_seed(seed)
         start = time.perf_counter()
         torch.manual_seed(seed)
@@ -323,15 +383,28 @@ class Attack(abc.ABC):
         if client.spent > total_budget:
             raise BudgetExhausted(f"{self.name} spent {client.spent} > {total_budget} queries")
         return AttackResult(
-            clone=stolen.clone.eval(), queries=client.spent, budget=total_budget,
-            transfer_size=stolen.transfer_size + client.decoys_trained, effective_l1=client.effective_l1(),
-            wall_seconds=time.perf_counter() - start, query_seconds=client.answers_seconds,
-            history=stolen.history, countermeasures=self.params.active(),
-            decoys=client.decoys_sent, queries_per_key=list(client.spent_per_key),
+            clone=stolen.clone.eval(),
+            queries=client.spent,
+            budget=total_budget,
+            transfer_size=stolen.transfer_size + client.decoys_trained,
+            effective_l1=client.effective_l1(),
+            wall_seconds=time.perf_counter() - start,
+            query_seconds=client.answers_seconds,
+            history=stolen.history,
+            countermeasures=self.params.active(),
+            decoys=client.decoys_sent,
+            queries_per_key=list(client.spent_per_key),
         )
 
-    def train_final_clone(self, clone: CloneSpec, images: Tensor, answers: Tensor, num_classes: int,
-                          *, description: str = "clone") -> tuple[nn.Module, dict[str, Any]]:
+    def train_final_clone(
+        self,
+        clone: CloneSpec,
+        images: Tensor,
+        answers: Tensor,
+        num_classes: int,
+        *,
+        description: str = "clone",
+    ) -> tuple[nn.Module, dict[str, Any]]:
         """Train the attack's final clone on its transfer set (images, answers): only on the
         answers whose top probability reaches ``min_confidence`` when that countermeasure is on
         (an attacker against a gate that changes labels on queries it doubts), and through the
@@ -358,19 +431,28 @@ class Attack(abc.ABC):
         if self.params.restorer is not None:
             from mirage.attacks.restorer import restore_answers
 
-            answers, extra["restorer"] = restore_answers(self.params.restorer, clone, images, answers,
-                                                         num_classes, seed=clone.training.seed)
+            answers, extra["restorer"] = restore_answers(
+                self.params.restorer, clone, images, answers, num_classes, seed=clone.training.seed
+            )
         if self.params.flatten:
             answers = flatten_answers(answers)
         model, stats = train_clone(clone, images, answers, num_classes, description=description)
         if self._labelled is not None:
-            model, stats, extra["alignment"] = self._aligned(model, stats, clone, images, answers, num_classes,
-                                                             description)
+            model, stats, extra["alignment"] = self._aligned(
+                model, stats, clone, images, answers, num_classes, description
+            )
         return model, {**stats, **extra}
 
-    def _aligned(self, model: nn.Module, stats: dict[str, Any], clone: CloneSpec, images: Tensor,
-                 answers: Tensor, num_classes: int, description: str
-                 ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+    def _aligned(
+        self,
+        model: nn.Module,
+        stats: dict[str, Any],
+        clone: CloneSpec,
+        images: Tensor,
+        answers: Tensor,
+        num_classes: int,
+        description: str,
+    ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
         """The ``align_labels`` countermeasure (:mod:`mirage.attacks.alignment`): retrain on
         realigned answers when the clone's confusions on the labelled images show a relabelling,
         and keep the clone more accurate on them."""
@@ -379,12 +461,21 @@ class Attack(abc.ABC):
 
         labelled = self._labelled
         sigma = class_alignment(model, labelled, num_classes)
-        report: dict[str, Any] = {"labelled": len(labelled), "sigma": sigma.tolist(),
-                                  "accuracy_before": accuracy(model, labelled), "kept": False}
+        report: dict[str, Any] = {
+            "labelled": len(labelled),
+            "sigma": sigma.tolist(),
+            "accuracy_before": accuracy(model, labelled),
+            "kept": False,
+        }
         if torch.equal(sigma, torch.arange(num_classes)):
             return model, stats, report
-        realigned, realigned_stats = train_clone(clone, images, realign(answers, sigma), num_classes,
-                                                 description=f"{description} (realigned)")
+        realigned, realigned_stats = train_clone(
+            clone,
+            images,
+            realign(answers, sigma),
+            num_classes,
+            description=f"{description} (realigned)",
+        )
         report["accuracy_after"] = accuracy(realigned, labelled)
         if report["accuracy_after"] > report["accuracy_before"]:
             report["kept"] = True
@@ -392,8 +483,9 @@ class Attack(abc.ABC):
         return model, stats, report
 
     @abc.abstractmethod
-    def steal(self, client: QueryClient, data: ImageData, clone: CloneSpec,
-              generator: torch.Generator) -> StolenModel:
+    def steal(
+        self, client: QueryClient, data: ImageData, clone: CloneSpec, generator: torch.Generator
+    ) -> StolenModel:
         """The algorithm: query through ``client`` (never past ``client.remaining``), train a
         clone built by ``clone``. ``generator`` seeds the attack's own random choices."""
 
@@ -406,8 +498,9 @@ _REGISTRY: Registry[Attack] = Registry("attack")
 ATTACKS = _REGISTRY.entries
 
 
-def register_attack(name: str, *, params: type[AttackParams] = AttackParams
-                    ) -> Callable[[type[Attack]], type[Attack]]:
+def register_attack(
+    name: str, *, params: type[AttackParams] = AttackParams
+) -> Callable[[type[Attack]], type[Attack]]:
     """Class decorator: add an attack to the registry under ``name``."""
     return _REGISTRY.register(name, params)
 

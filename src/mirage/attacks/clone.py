@@ -69,19 +69,32 @@ class CloneSpec(BaseModel):
     mean: tuple[float, ...] = (0.5,)
     std: tuple[float, ...] = (0.5,)
     training: TrainConfig = GRAD2_RECIPE
-    restarts: int = Field(1, ge=1, description="clones trained (seeds s, s+1, …); the best fit is kept")
+    restarts: int = Field(
+        1, ge=1, description="clones trained (seeds s, s+1, …); the best fit is kept"
+    )
     loss: Literal["cross-entropy", "gce", "bootstrap"] = "cross-entropy"
     loss_param: float | None = Field(None, gt=0, le=1, description="q of gce, β of bootstrap")
-    device: str = Field("cpu", description="where the clone trains (docs/design.md §devices); it is "
-                                           "returned on the CPU")
-    cache: Path | None = Field(None, exclude=True, description="a folder keeping trained clones by exact "
-                                                               "transfer set (None: none); not part of the recipe")
+    device: str = Field(
+        "cpu",
+        description="where the clone trains (docs/design.md §devices); it is returned on the CPU",
+    )
+    cache: Path | None = Field(
+        None,
+        exclude=True,
+        description="a folder keeping trained clones by exact "
+        "transfer set (None: none); not part of the recipe",
+    )
 
     @classmethod
     def like(cls, card: ModelCard, *, training: TrainConfig | str = "grad2") -> CloneSpec:
         """Same architecture and preprocessing as the victim (the protocol's default attacker)."""
-        return cls(architecture=card.architecture, arch_kwargs=dict(card.arch_kwargs),
-                   mean=tuple(card.mean), std=tuple(card.std), training=recipe(training))
+        return cls(
+            architecture=card.architecture,
+            arch_kwargs=dict(card.arch_kwargs),
+            mean=tuple(card.mean),
+            std=tuple(card.std),
+            training=recipe(training),
+        )
 
     def build(self, input_shape: Sequence[int], num_classes: int) -> ImageClassifier:
         """A freshly initialised clone, seeded by ``training.seed`` (global RNG left untouched)."""
@@ -90,8 +103,9 @@ class CloneSpec(BaseModel):
         std = self.std if len(self.std) == channels else (self.std[0],) * channels
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.training.seed)
-            return create_model(self.architecture, input_shape, num_classes, mean, std,
-                                **self.arch_kwargs)
+            return create_model(
+                self.architecture, input_shape, num_classes, mean, std, **self.arch_kwargs
+            )
 
 
 def recipe(name_or_config: TrainConfig | str) -> TrainConfig:
@@ -138,19 +152,30 @@ def _training_code() -> str:
 
 def transfer_digest(images: Tensor, targets: Tensor) -> str:
     """Exact digest of a transfer set: equal digests mean the clone trains on the same data."""
-    return hashlib.sha256((tensor_digest(images) + tensor_digest(targets)).encode()).hexdigest()[:24]
+    return hashlib.sha256((tensor_digest(images) + tensor_digest(targets)).encode()).hexdigest()[
+        :24
+    ]
 
 
 def _clone_key(spec: CloneSpec, data: str, num_classes: int) -> str:
     # a CPU clone keeps the key it had before devices existed; another device trains another clone
     dumped = spec.model_dump(mode="json", exclude={"device"} if spec.device == "cpu" else None)
-    blob = json.dumps({"spec": dumped, "data": data, "classes": num_classes,
-                       "code": _training_code(), "torch": torch.__version__}, sort_keys=True)
+    blob = json.dumps(
+        {
+            "spec": dumped,
+            "data": data,
+            "classes": num_classes,
+            "code": _training_code(),
+            "torch": torch.__version__,
+        },
+        sort_keys=True,
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _load_cached(root: Path, key: str, spec: CloneSpec, input_shape: Sequence[int],
-                 num_classes: int) -> tuple[ImageClassifier, dict[str, Any]] | None:
+def _load_cached(
+    root: Path, key: str, spec: CloneSpec, input_shape: Sequence[int], num_classes: int
+) -> tuple[ImageClassifier, dict[str, Any]] | None:
     weights, stats = root / f"{key}.safetensors", root / f"{key}.json"
     if not (weights.is_file() and stats.is_file()):
         return None
@@ -193,9 +218,16 @@ def training_targets(answers: Tensor) -> Tensor:
     return torch.where(sums > 0, rows / sums.clamp_min(torch.finfo(rows.dtype).tiny), uniform)
 
 
-def train_clone(spec: CloneSpec, images: Tensor, answers: Tensor, num_classes: int, *,
-                epochs: int | None = None, description: str = "clone",
-                show_progress: bool = True) -> tuple[ImageClassifier, dict[str, Any]]:
+def train_clone(
+    spec: CloneSpec,
+    images: Tensor,
+    answers: Tensor,
+    num_classes: int,
+    *,
+    epochs: int | None = None,
+    description: str = "clone",
+    show_progress: bool = True,
+) -> tuple[ImageClassifier, dict[str, Any]]:
     """Build a fresh clone and fit it on (images (N, C, H, W), answers (N, K)).
 
     ``epochs`` overrides the recipe's (JBDA's per-round substitutes train shorter). With
@@ -203,7 +235,9 @@ def train_clone(spec: CloneSpec, images: Tensor, answers: Tensor, num_classes: i
     whole transfer set) is returned; its stats say which ``restart`` it was, the
     ``transfer_digest`` of the data and whether it came ``from_cache`` (``spec.cache``).
     """
-    config = spec.training if epochs is None else spec.training.model_copy(update={"epochs": epochs})
+    config = (
+        spec.training if epochs is None else spec.training.model_copy(update={"epochs": epochs})
+    )
     spec = spec.model_copy(update={"training": config})
     targets = training_targets(answers)
     data = transfer_digest(images, targets)
@@ -215,22 +249,38 @@ def train_clone(spec: CloneSpec, images: Tensor, answers: Tensor, num_classes: i
     loss = clone_loss(spec)
     candidates = []
     for restart in range(spec.restarts):
-        attempt = spec.model_copy(update={"training": config.model_copy(update={"seed": config.seed + restart})})
+        attempt = spec.model_copy(
+            update={"training": config.model_copy(update={"seed": config.seed + restart})}
+        )
         model = attempt.build(images.shape[1:], num_classes).to(spec.device)
-        stats = fit(model, images, targets, attempt.training, loss=loss, description=description,
-                    show_progress=show_progress)
-        stats.update(transfer_loss=transfer_loss(model, images, targets), restart=restart,
-                     transfer_digest=data)
+        stats = fit(
+            model,
+            images,
+            targets,
+            attempt.training,
+            loss=loss,
+            description=description,
+            show_progress=show_progress,
+        )
+        stats.update(
+            transfer_loss=transfer_loss(model, images, targets),
+            restart=restart,
+            transfer_digest=data,
+        )
         candidates.append((model.cpu().eval(), stats))
-    model, stats = min(candidates, key=lambda c: c[1]["transfer_loss"]
-                       if math.isfinite(c[1]["transfer_loss"]) else math.inf)
+    model, stats = min(
+        candidates,
+        key=lambda c: c[1]["transfer_loss"] if math.isfinite(c[1]["transfer_loss"]) else math.inf,
+    )
     if root is not None:
         _store(root, key, model, stats)
     return model, {**stats, "from_cache": False}
 
 
 @torch.no_grad()
-def transfer_loss(model: nn.Module, images: Tensor, targets: Tensor, batch_size: int = 1024) -> float:
+def transfer_loss(
+    model: nn.Module, images: Tensor, targets: Tensor, batch_size: int = 1024
+) -> float:
     """Mean soft cross-entropy of ``model`` on (images, target rows)."""
     device = next(model.parameters()).device
     total = 0.0

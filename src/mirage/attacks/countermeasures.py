@@ -72,11 +72,15 @@ class RestorerConfig(BaseModel):
     defense_params: dict[str, Any] = Field(default_factory=dict)
     shadows: int = Field(2, ge=1, description="shadow victims the restorer learns from")
     shadow_epochs: int = Field(5, ge=1, description="epochs of each shadow's training")
-    surrogate_epochs: int = Field(1, ge=1, description="the attacker's own surrogate: a shadow "
-                                                       "stopped after this many epochs")
+    surrogate_epochs: int = Field(
+        1, ge=1, description="the attacker's own surrogate: a shadow stopped after this many epochs"
+    )
     pairs: int = Field(4000, ge=16, description="(perturbed, clean) pairs per shadow")
-    features: bool = Field(True, description="the restorer also sees the shadow's logits on the "
-                                             "image (answer + image features), not only the answer")
+    features: bool = Field(
+        True,
+        description="the restorer also sees the shadow's logits on the "
+        "image (answer + image features), not only the answer",
+    )
     epochs: int = Field(40, ge=1, description="restorer training epochs")
     hidden: int = Field(128, ge=8)
 
@@ -103,30 +107,51 @@ class Countermeasures(BaseModel):
     bootstrap_beta: float = Field(0.8, gt=0, le=1)
     restorer: RestorerConfig | None = None
     min_confidence: float | None = Field(None, gt=0, le=1)
-    mix_benign: float = Field(0.0, ge=0, lt=1, description="fraction of the query stream that is "
-                              "benign decoys from the attacker's own data (counted in the budget)")
-    api_keys: int = Field(1, ge=1, le=1000, description="API keys the budget is spread over, "
-                          "requests round-robin (one view per key of an in-process API)")
-    align_labels: int | None = Field(None, ge=1, description="labelled images of the task the attacker "
-                                                             "holds to undo a consistent relabelling")
-    flatten: bool = Field(False, description="train on each answer's top-1 and its probability only, the rest "
-                                             "spread evenly (after the restorer, if any): no dark knowledge")
+    mix_benign: float = Field(
+        0.0,
+        ge=0,
+        lt=1,
+        description="fraction of the query stream that is "
+        "benign decoys from the attacker's own data (counted in the budget)",
+    )
+    api_keys: int = Field(
+        1,
+        ge=1,
+        le=1000,
+        description="API keys the budget is spread over, "
+        "requests round-robin (one view per key of an in-process API)",
+    )
+    align_labels: int | None = Field(
+        None,
+        ge=1,
+        description="labelled images of the task the attacker "
+        "holds to undo a consistent relabelling",
+    )
+    flatten: bool = Field(
+        False,
+        description="train on each answer's top-1 and its probability only, the rest "
+        "spread evenly (after the restorer, if any): no dark knowledge",
+    )
     budget_factor: float = Field(1.0, gt=0)
     restarts: int = Field(1, ge=1)
 
     def active(self) -> dict[str, Any]:
         """The switches that differ from the plain attacker (for labels and logs)."""
         defaults = Countermeasures()
-        return {name: (value.model_dump() if isinstance(value, BaseModel) else value)
-                for name in Countermeasures.model_fields
-                if (value := getattr(self, name)) != getattr(defaults, name)}
+        return {
+            name: (value.model_dump() if isinstance(value, BaseModel) else value)
+            for name in Countermeasures.model_fields
+            if (value := getattr(self, name)) != getattr(defaults, name)
+        }
 
     @model_validator(mode="after")
     def _jitter_needs_repeats(self) -> Countermeasures:
         if self.jitter > 0 and self.repeats < 2:
             raise ValueError("jitter perturbs repeated queries: set repeats ≥ 2 with it")
         if self.flatten and self.hard_labels:
-            raise ValueError("flatten keeps the top-1 probability of soft answers: not with hard_labels")
+            raise ValueError(
+                "flatten keeps the top-1 probability of soft answers: not with hard_labels"
+            )
         return self
 
 
@@ -174,8 +199,9 @@ def variant_params(variant: str) -> dict[str, Any]:
     return {k: (dict(v) if isinstance(v, dict) else v) for k, v in ATTACKER_SUITE[variant].items()}
 
 
-def apply_countermeasures(params: Countermeasures, clone: CloneSpec, budget: int
-                          ) -> tuple[CloneSpec, int]:
+def apply_countermeasures(
+    params: Countermeasures, clone: CloneSpec, budget: int
+) -> tuple[CloneSpec, int]:
     """Return the clone spec and the total query budget after the switches of ``params``.
 
     ``hard_labels``, ``repeats``, ``jitter`` and ``mix_benign`` act on the queries and answers
@@ -205,5 +231,7 @@ def apply_countermeasures(params: Countermeasures, clone: CloneSpec, budget: int
         update.update(loss="bootstrap", loss_param=params.bootstrap_beta)
     total = int(budget * params.budget_factor)
     if total < 1:
-        raise ValueError(f"budget {budget} × budget_factor {params.budget_factor} leaves no queries")
+        raise ValueError(
+            f"budget {budget} × budget_factor {params.budget_factor} leaves no queries"
+        )
     return (clone.model_copy(update=update) if update else clone), total

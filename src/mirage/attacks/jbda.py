@@ -46,10 +46,18 @@ Strategy = Literal["jbda", "jb-self", "jb-top3"]
 class JacobianParams(AttackParams):
     seed_size: int = Field(100, ge=1, description="images in the initial substitute set")
     step: float = Field(0.1, gt=0, description="λ: the augmentation step size")
-    tau: int | None = Field(5, ge=1, description="flip the step's sign every τ rounds (None: never)")
-    rounds: int | None = Field(6, ge=0, description="augmentation rounds (None: until the budget is spent)")
-    kappa: int | None = Field(None, ge=1, description="reservoir: augment only this many random images per round")
-    substitute_epochs: int = Field(20, ge=1, description="epochs of the per-round substitute training")
+    tau: int | None = Field(
+        5, ge=1, description="flip the step's sign every τ rounds (None: never)"
+    )
+    rounds: int | None = Field(
+        6, ge=0, description="augmentation rounds (None: until the budget is spent)"
+    )
+    kappa: int | None = Field(
+        None, ge=1, description="reservoir: augment only this many random images per round"
+    )
+    substitute_epochs: int = Field(
+        20, ge=1, description="epochs of the per-round substitute training"
+    )
     top_k: int = Field(3, ge=1, description="targets per image for jb-top3")
     pgd_steps: int = Field(8, ge=1)
     pgd_alpha: float = Field(0.01, gt=0)
@@ -62,7 +70,9 @@ def step_size(step: float, tau: int | None, round_index: int) -> float:
     return step if tau is None else step * (-1) ** (round_index // tau)
 
 
-def jacobian_step(model: nn.Module, x: Tensor, labels: Tensor, lam: float, batch_size: int) -> Tensor:
+def jacobian_step(
+    model: nn.Module, x: Tensor, labels: Tensor, lam: float, batch_size: int
+) -> Tensor:
     """x: (N, C, H, W), labels: (N,) -> clip(x + λ·sign(∇_x CE(F_A(x), labels)), 0, 1), batched.
 
     The per-image gradient comes from one backward of the summed loss (images are independent in
@@ -77,8 +87,15 @@ def jacobian_step(model: nn.Module, x: Tensor, labels: Tensor, lam: float, batch
     return torch.cat(out) if out else x[:0]
 
 
-def targeted_pgd(model: nn.Module, x: Tensor, targets: Tensor, radius: float, alpha: float,
-                 steps: int, batch_size: int) -> Tensor:
+def targeted_pgd(
+    model: nn.Module,
+    x: Tensor,
+    targets: Tensor,
+    radius: float,
+    alpha: float,
+    steps: int,
+    batch_size: int,
+) -> Tensor:
     """x: (N, C, H, W), targets: (N,) -> x + δ with ‖δ‖_∞ ≤ |radius|, in [0, 1]; ``steps`` signed
     steps of size ``alpha`` descending CE(F_A(x + δ), target) (ascending it if radius < 0)."""
     model.eval()
@@ -98,7 +115,9 @@ def targeted_pgd(model: nn.Module, x: Tensor, targets: Tensor, radius: float, al
 
 
 @torch.no_grad()
-def top_other_classes(model: nn.Module, x: Tensor, labels: Tensor, k: int, batch_size: int) -> Tensor:
+def top_other_classes(
+    model: nn.Module, x: Tensor, labels: Tensor, k: int, batch_size: int
+) -> Tensor:
     """(N, k): the clone's k most likely classes per image, excluding ``labels`` (N,)."""
     model.eval()
     logits = torch.cat([model(xb) for xb in x.split(batch_size)])
@@ -112,7 +131,9 @@ class JacobianAttack(Attack):
     strategy: ClassVar[Strategy] = "jbda"
     params: JacobianParams
 
-    def augment(self, model: nn.Module, x: Tensor, answers: Tensor, lam: float, limit: int) -> Tensor:
+    def augment(
+        self, model: nn.Module, x: Tensor, answers: Tensor, lam: float, limit: int
+    ) -> Tensor:
         """New images (at most ``limit``) from the substitute set (x, answers)."""
         p = self.params
         labels = answers.argmax(1)
@@ -120,9 +141,13 @@ class JacobianAttack(Attack):
             per_image = min(p.top_k, answers.shape[1] - 1)
             n_images = min(len(x), -(-limit // per_image))
             x, labels = x[:n_images], labels[:n_images]
-            targets = top_other_classes(model, x, labels, p.top_k, p.grad_batch_size).reshape(-1)[:limit]
+            targets = top_other_classes(model, x, labels, p.top_k, p.grad_batch_size).reshape(-1)[
+                :limit
+            ]
             sources = x.repeat_interleave(per_image, dim=0)[:limit]
-            return targeted_pgd(model, sources, targets, lam, p.pgd_alpha, p.pgd_steps, p.grad_batch_size)
+            return targeted_pgd(
+                model, sources, targets, lam, p.pgd_alpha, p.pgd_steps, p.grad_batch_size
+            )
         x, labels = x[:limit], labels[:limit]
         if self.strategy == "jb-self":
             with torch.no_grad():
@@ -130,8 +155,9 @@ class JacobianAttack(Attack):
                 labels = torch.cat([model(xb) for xb in x.split(p.grad_batch_size)]).argmax(1)
         return jacobian_step(model, x, labels, lam, p.grad_batch_size)
 
-    def steal(self, client: QueryClient, data: ImageData, clone: CloneSpec,
-              generator: torch.Generator) -> StolenModel:
+    def steal(
+        self, client: QueryClient, data: ImageData, clone: CloneSpec, generator: torch.Generator
+    ) -> StolenModel:
         p = self.params
         n_seed = min(p.seed_size, len(data), client.remaining)
         if n_seed == 0:
@@ -141,21 +167,45 @@ class JacobianAttack(Attack):
         history = [{"round": -1, "set_size": len(x), "queries": client.spent}]
         round_index = 0
         while client.remaining > 0 and (p.rounds is None or round_index < p.rounds):
-            substitute_spec = clone.model_copy(update={"training": clone.training.model_copy(
-                update={"seed": clone.training.seed + 1000 * (round_index + 1)})})
-            substitute, _ = train_clone(substitute_spec, x, y, client.num_classes, epochs=p.substitute_epochs,
-                                        description=f"{self.name} round {round_index}")
+            substitute_spec = clone.model_copy(
+                update={
+                    "training": clone.training.model_copy(
+                        update={"seed": clone.training.seed + 1000 * (round_index + 1)}
+                    )
+                }
+            )
+            substitute, _ = train_clone(
+                substitute_spec,
+                x,
+                y,
+                client.num_classes,
+                epochs=p.substitute_epochs,
+                description=f"{self.name} round {round_index}",
+            )
             lam = step_size(p.step, p.tau, round_index)
             source = torch.arange(len(x))
             if p.kappa is not None and p.kappa < len(x):
-                source = torch.randperm(len(x), generator=generator)[:p.kappa]
+                source = torch.randperm(len(x), generator=generator)[: p.kappa]
             new_x = self.augment(substitute, x[source], y[source], lam, client.remaining)
-            new_y = query_all(client, new_x, p.query_batch_size, f"{self.name} round {round_index} queries")
+            new_y = query_all(
+                client, new_x, p.query_batch_size, f"{self.name} round {round_index} queries"
+            )
             x, y = torch.cat([x, new_x]), torch.cat([y, new_y])
-            history.append({"round": round_index, "step": lam, "set_size": len(x), "queries": client.spent})
-            log.info("%s round %d: λ=%+.3g, |D|=%d, %d queries", self.name, round_index, lam, len(x), client.spent)
+            history.append(
+                {"round": round_index, "step": lam, "set_size": len(x), "queries": client.spent}
+            )
+            log.info(
+                "%s round %d: λ=%+.3g, |D|=%d, %d queries",
+                self.name,
+                round_index,
+                lam,
+                len(x),
+                client.spent,
+            )
             round_index += 1
-        model, stats = self.train_final_clone(clone, x, y, client.num_classes, description=f"{self.name} clone")
+        model, stats = self.train_final_clone(
+            clone, x, y, client.num_classes, description=f"{self.name} clone"
+        )
         history.append({"round": "final", **stats})
         return StolenModel(model, transfer_size=len(x), history=history)
 

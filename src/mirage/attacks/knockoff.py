@@ -46,17 +46,23 @@ class Knockoff(Attack):
 
     params: KnockoffParams
 
-    def steal(self, client: QueryClient, data: ImageData, clone: CloneSpec,
-              generator: torch.Generator) -> StolenModel:
+    def steal(
+        self, client: QueryClient, data: ImageData, clone: CloneSpec, generator: torch.Generator
+    ) -> StolenModel:
         n = min(client.remaining, len(data))
         if n < client.remaining:
-            log.warning("knockoff: pool of %d images is smaller than the %d images the budget allows; "
-                        "using the whole pool", len(data), client.remaining)
+            log.warning(
+                "knockoff: pool of %d images is smaller than the %d images the budget allows; "
+                "using the whole pool",
+                len(data),
+                client.remaining,
+            )
         if n == 0:
             raise ValueError("knockoff: the budget does not cover a single query")
         index = torch.randperm(len(data), generator=generator)[:n]
         images = data.images[index]
         answers = query_all(client, images, self.params.query_batch_size, "knockoff queries")
-        model, stats = self.train_final_clone(clone, images, answers, client.num_classes,
-                                              description="knockoff clone")
+        model, stats = self.train_final_clone(
+            clone, images, answers, client.num_classes, description="knockoff clone"
+        )
         return StolenModel(model, transfer_size=n, history=[{"images": n, **stats}])

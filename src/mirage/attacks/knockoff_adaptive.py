@@ -103,7 +103,9 @@ class GradientBandit:
         advantage = rewards.double() - self.baseline
         chosen = F.one_hot(actions, len(pi)).double()
         step = (advantage[:, None] * (chosen - pi[None])).mean(dim=0)
-        self.preferences = (self.preferences + self.lr * step).clamp(-PREFERENCE_CLIP, PREFERENCE_CLIP)
+        self.preferences = (self.preferences + self.lr * step).clamp(
+            -PREFERENCE_CLIP, PREFERENCE_CLIP
+        )
         self.steps += 1
         self.baseline += (float(rewards.double().mean()) - self.baseline) / self.steps
 
@@ -111,10 +113,14 @@ class GradientBandit:
 class AdaptiveParams(AttackParams):
     reward: Reward = "all"
     groups: list[list[int]] | None = Field(
-        None, description="coarse groups of pool class labels, one arm each (default: one arm per class)")
+        None,
+        description="coarse groups of pool class labels, one arm each (default: one arm per class)",
+    )
     step_size: int = Field(32, ge=1, description="images per bandit step (one API request)")
     bandit_lr: float = Field(0.1, gt=0)
-    diversity_window: int = Field(100, ge=1, description="Δ: answers averaged for the diversity reward")
+    diversity_window: int = Field(
+        100, ge=1, description="Δ: answers averaged for the diversity reward"
+    )
     online_lr: float = Field(0.01, gt=0)
     online_steps: int = Field(1, ge=0)
 
@@ -176,8 +182,9 @@ class KnockoffAdaptive(Attack):
 
     params: AdaptiveParams
 
-    def steal(self, client: QueryClient, data: ImageData, clone: CloneSpec,
-              generator: torch.Generator) -> StolenModel:
+    def steal(
+        self, client: QueryClient, data: ImageData, clone: CloneSpec, generator: torch.Generator
+    ) -> StolenModel:
         p = self.params
         arms, num_arms = arm_of_labels(data.labels, p.groups)
         queues = ArmQueues(arms, num_arms, generator)
@@ -191,7 +198,9 @@ class KnockoffAdaptive(Attack):
             while client.remaining > 0 and queues.available.any():
                 bandit.available = queues.available
                 n = min(p.step_size, client.remaining)
-                actions = torch.multinomial(bandit.policy().float(), n, replacement=True, generator=generator)
+                actions = torch.multinomial(
+                    bandit.policy().float(), n, replacement=True, generator=generator
+                )
                 index, acted = queues.take(actions)
                 if len(index) == 0:
                     continue
@@ -200,10 +209,16 @@ class KnockoffAdaptive(Attack):
                 online.eval()
                 with torch.no_grad():
                     logits = online(x)
-                recent = torch.cat(answers)[-p.diversity_window:] if answers else y[:0]
-                raw = torch.stack([certainty_reward(y), diversity_reward(y, recent), loss_reward(y, logits)], 1)
+                recent = torch.cat(answers)[-p.diversity_window :] if answers else y[:0]
+                raw = torch.stack(
+                    [certainty_reward(y), diversity_reward(y, recent), loss_reward(y, logits)], 1
+                )
                 scaled = normaliser(raw)
-                reward = scaled.sum(1) if p.reward == "all" else scaled[:, ["certainty", "diversity", "loss"].index(p.reward)]
+                reward = (
+                    scaled.sum(1)
+                    if p.reward == "all"
+                    else scaled[:, ["certainty", "diversity", "loss"].index(p.reward)]
+                )
                 bandit.update(acted, reward)
                 online.train()
                 for _ in range(p.online_steps):
@@ -220,9 +235,16 @@ class KnockoffAdaptive(Attack):
             raise ValueError("knockoff-adaptive: the budget does not cover a single query")
         images_t, answers_t = torch.cat(images), torch.cat(answers)
         counts = torch.bincount(torch.cat(chosen), minlength=num_arms)
-        model, stats = self.train_final_clone(clone, images_t, answers_t, client.num_classes,
-                                              description="knockoff-adaptive clone")
-        history = [{"images": len(images_t), "arm_counts": counts.tolist(),
-                    "final_policy": bandit.policy().tolist(),
-                    "mean_reward": float(torch.cat(rewards).mean()), **stats}]
+        model, stats = self.train_final_clone(
+            clone, images_t, answers_t, client.num_classes, description="knockoff-adaptive clone"
+        )
+        history = [
+            {
+                "images": len(images_t),
+                "arm_counts": counts.tolist(),
+                "final_policy": bandit.policy().tolist(),
+                "mean_reward": float(torch.cat(rewards).mean()),
+                **stats,
+            }
+        ]
         return StolenModel(model, transfer_size=len(images_t), history=history)

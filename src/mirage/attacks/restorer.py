@@ -55,11 +55,28 @@ from mirage.training.outlier_exposure import train_misinformation
 
 log = logging.getLogger(__name__)
 
-SECRET_PARAMS = frozenset({
-    "surrogate", "surrogate_config", "reference", "reference_x", "reference_y", "watermark_x",
-    "watermark_y", "watermark", "target_vector", "seed", "oe_model", "misinformation_model",
-    "models_config", "tau", "gate_model", "key", "evidence", "benign_reference",
-})
+SECRET_PARAMS = frozenset(
+    {
+        "surrogate",
+        "surrogate_config",
+        "reference",
+        "reference_x",
+        "reference_y",
+        "watermark_x",
+        "watermark_y",
+        "watermark",
+        "target_vector",
+        "seed",
+        "oe_model",
+        "misinformation_model",
+        "models_config",
+        "tau",
+        "gate_model",
+        "key",
+        "evidence",
+        "benign_reference",
+    }
+)
 """Parameters the attacker never learns: it builds its own (or takes the defaults)."""
 
 REFERENCE_SIZE = 512
@@ -70,8 +87,9 @@ def public_params(params: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in params.items() if k not in SECRET_PARAMS}
 
 
-def tell_restorer(attack_params: dict[str, Any], defense: str, defense_params: dict[str, Any]
-                  ) -> dict[str, Any]:
+def tell_restorer(
+    attack_params: dict[str, Any], defense: str, defense_params: dict[str, Any]
+) -> dict[str, Any]:
     """``attack_params`` with what a Kerckhoffs attacker knows filled in: a ``restorer`` that
     names no defense is told ``defense`` and its public parameters (never its secrets)."""
     params = dict(attack_params)
@@ -79,13 +97,25 @@ def tell_restorer(attack_params: dict[str, Any], defense: str, defense_params: d
     if isinstance(restorer, RestorerConfig):
         restorer = restorer.model_dump()
     if restorer is not None and restorer.get("defense") is None:
-        params["restorer"] = {**restorer, "defense": defense, "defense_params": public_params(defense_params)}
+        params["restorer"] = {
+            **restorer,
+            "defense": defense,
+            "defense_params": public_params(defense_params),
+        }
     return params
 
 
-def attacker_defense(name: str, params: dict[str, Any], shadow: nn.Module, surrogate: nn.Module,
-                     images: Tensor, labels: Tensor, *, seed: int,
-                     fresh_model: Callable[[], nn.Module] | None = None) -> Defense:
+def attacker_defense(
+    name: str,
+    params: dict[str, Any],
+    shadow: nn.Module,
+    surrogate: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    *,
+    seed: int,
+    fresh_model: Callable[[], nn.Module] | None = None,
+) -> Defense:
     """The defense ``name`` with public ``params``, its secret parts replaced by the attacker's:
     ``surrogate`` for GRAD² and MAD, ``images``/``labels`` (the shadow's) as reference or
     behaviour sets, ``shadow`` as the OOD scorer, ``seed`` for every random choice;
@@ -112,24 +142,31 @@ def attacker_defense(name: str, params: dict[str, Any], shadow: nn.Module, surro
     elif grad2_family and target == "watermark":  # its own guess of a behaviour set
         num_classes = int(labels.max()) + 1
         built["watermark_x"] = images[pick[:16]]
-        built["watermark_y"] = torch.randint(0, num_classes, (len(built["watermark_x"]),), generator=generator)
+        built["watermark_y"] = torch.randint(
+            0, num_classes, (len(built["watermark_x"]),), generator=generator
+        )
     elif grad2_family and target == "vector":
         built["target"] = "random"
     if name == "watermarked":  # its own key; it cannot know (or rebuild) a defense underneath
         if params.get("inner") is not None:
             raise ValueError("the restorer cannot simulate a watermark over another defense yet")
-        built["key"] = torch.randint(0, 256, (32,), generator=generator, dtype=torch.uint8).numpy().tobytes()
+        built["key"] = (
+            torch.randint(0, 256, (32,), generator=generator, dtype=torch.uint8).numpy().tobytes()
+        )
         # Under density_cap it cannot know which buckets the defender's data fills, and its own
         # images as the reference would leave nothing carried on an out-of-distribution pool: it
         # simulates the watermark without the cap, so that it sees carried answers everywhere.
-        built["config"] = [layer.model_copy(update={"density_cap": None})
-                           for layer in watermark_layers(built.get("config"))]
+        built["config"] = [
+            layer.model_copy(update={"density_cap": None})
+            for layer in watermark_layers(built.get("config"))
+        ]
     if name == "adaptive_misinformation":
         if fresh_model is None:
             raise ValueError("simulating adaptive_misinformation needs fresh_model")
         misinformation = fresh_model()
-        train_misinformation(misinformation, images, labels, _quick_recipe(epochs=1, seed=seed),
-                             show_progress=False)
+        train_misinformation(
+            misinformation, images, labels, _quick_recipe(epochs=1, seed=seed), show_progress=False
+        )
         built["oe_model"], built["misinformation_model"] = shadow, misinformation.eval()
     return create_defense(name, **built)
 
@@ -153,8 +190,13 @@ class Restorer(nn.Module):
 
     def __init__(self, num_classes: int, features: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(num_classes + features, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
+        self.net = nn.Sequential(
+            nn.Linear(num_classes + features, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, num_classes),
+        )
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 
@@ -166,13 +208,16 @@ class Restorer(nn.Module):
         return log_answers + self.net(inputs)
 
 
-def fit_restorer(perturbed: Tensor, clean: Tensor, features: Tensor | None, config: RestorerConfig,
-                 *, seed: int) -> Restorer:
+def fit_restorer(
+    perturbed: Tensor, clean: Tensor, features: Tensor | None, config: RestorerConfig, *, seed: int
+) -> Restorer:
     """Train a :class:`Restorer` on (perturbed, clean) pairs (N, K), with optional features."""
     num_classes = clean.shape[1]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        restorer = Restorer(num_classes, 0 if features is None else features.shape[1], config.hidden)
+        restorer = Restorer(
+            num_classes, 0 if features is None else features.shape[1], config.hidden
+        )
     optimizer = torch.optim.Adam(restorer.parameters(), lr=1e-3)
     generator = torch.Generator().manual_seed(seed)
     restorer.train()
@@ -191,10 +236,14 @@ CALIBRATION_SIZE = 256
 
 
 def _answer(defense: Defense, x: Tensor, clean: Tensor) -> Tensor:
-    return torch.cat([defense(xb, cb) for xb, cb in zip(x.split(256), clean.split(256), strict=True)])
+    return torch.cat(
+        [defense(xb, cb) for xb, cb in zip(x.split(256), clean.split(256), strict=True)]
+    )
 
 
-def matched_temperature(defense: Defense, x: Tensor, shadow_logits: Tensor, served: Tensor) -> float:
+def matched_temperature(
+    defense: Defense, x: Tensor, shadow_logits: Tensor, served: Tensor
+) -> float:
     """The temperature T at which the shadow, served through the simulated defense, looks like the
     real API: its answers' mean top probability closest to that of the real answers ``served``.
 
@@ -210,8 +259,15 @@ def matched_temperature(defense: Defense, x: Tensor, shadow_logits: Tensor, serv
     return TEMPERATURES[min(range(len(gaps)), key=gaps.__getitem__)]
 
 
-def restore_answers(config: RestorerConfig, clone: CloneSpec, images: Tensor, answers: Tensor,
-                    num_classes: int, *, seed: int) -> tuple[Tensor, dict[str, Any]]:
+def restore_answers(
+    config: RestorerConfig,
+    clone: CloneSpec,
+    images: Tensor,
+    answers: Tensor,
+    num_classes: int,
+    *,
+    seed: int,
+) -> tuple[Tensor, dict[str, Any]]:
     """images (N, C, H, W), answers (N, K) as served -> (restored answers (N, K), stats)."""
     if config.defense is None:
         raise ValueError("the restorer needs the defense's name (RestorerConfig.defense)")
@@ -222,12 +278,24 @@ def restore_answers(config: RestorerConfig, clone: CloneSpec, images: Tensor, an
     shadows, holdouts = [], []
     for s in range(config.shadows):
         order = torch.randperm(len(images), generator=generator)
-        train, held = order[: len(order) // 2], order[len(order) // 2:]
-        spec = clone.model_copy(update={"loss": "cross-entropy", "loss_param": None, "restarts": 1,
-                                        "training": clone.training.model_copy(update={"seed": seed + 101 + s})})
-        shadow, _ = train_clone(spec, images[train], answers[train], num_classes,
-                                epochs=config.shadow_epochs, description=f"shadow {s}",
-                                show_progress=False)
+        train, held = order[: len(order) // 2], order[len(order) // 2 :]
+        spec = clone.model_copy(
+            update={
+                "loss": "cross-entropy",
+                "loss_param": None,
+                "restarts": 1,
+                "training": clone.training.model_copy(update={"seed": seed + 101 + s}),
+            }
+        )
+        shadow, _ = train_clone(
+            spec,
+            images[train],
+            answers[train],
+            num_classes,
+            epochs=config.shadow_epochs,
+            description=f"shadow {s}",
+            show_progress=False,
+        )
         shadows.append(shadow)
         holdouts.append(held[: config.pairs])
     perturbed_rows, clean_rows, feature_rows, temperatures = [], [], [], []
@@ -235,12 +303,24 @@ def restore_answers(config: RestorerConfig, clone: CloneSpec, images: Tensor, an
         x = images[held]
         clean_logits = _logits(shadow, x)
         surrogate = clone.build(images.shape[1:], num_classes)
-        fit(surrogate, x, torch.softmax(clean_logits, dim=1),
+        fit(
+            surrogate,
+            x,
+            torch.softmax(clean_logits, dim=1),
             _quick_recipe(config.surrogate_epochs, seed + 211 + s),
-            description=f"shadow {s} surrogate", show_progress=False)
-        defense = attacker_defense(config.defense, config.defense_params, shadow, surrogate.eval(), x,
-                                   clean_logits.argmax(1), seed=seed + 307 + s,
-                                   fresh_model=lambda: clone.build(images.shape[1:], num_classes))
+            description=f"shadow {s} surrogate",
+            show_progress=False,
+        )
+        defense = attacker_defense(
+            config.defense,
+            config.defense_params,
+            shadow,
+            surrogate.eval(),
+            x,
+            clean_logits.argmax(1),
+            seed=seed + 307 + s,
+            fresh_model=lambda: clone.build(images.shape[1:], num_classes),
+        )
         temperature = matched_temperature(defense, x, clean_logits, answers)
         temperatures.append(temperature)
         clean = torch.softmax(clean_logits / temperature, dim=1)
@@ -249,15 +329,22 @@ def restore_answers(config: RestorerConfig, clone: CloneSpec, images: Tensor, an
         if config.features:
             feature_rows.append(_logits(shadows[(s + 1) % len(shadows)], x))
     features = torch.cat(feature_rows) if config.features else None
-    restorer = fit_restorer(torch.cat(perturbed_rows), torch.cat(clean_rows), features, config, seed=seed)
+    restorer = fit_restorer(
+        torch.cat(perturbed_rows), torch.cat(clean_rows), features, config, seed=seed
+    )
     with torch.no_grad():
         real_features = _logits(shadows[0], images) if config.features else None
         restored = torch.softmax(restorer(answers, real_features), dim=1)
-    stats = {"shadows": config.shadows, "pairs": sum(len(h) for h in holdouts),
-             "simulated_l1": float((torch.cat(perturbed_rows) - torch.cat(clean_rows)).abs().sum(1).mean()),
-             "restored_change_l1": float((restored - answers).abs().sum(1).mean()),
-             "restored_top1_changed": float((restored.argmax(1) != labels).float().mean()),
-             "shadow_temperatures": temperatures,
-             "seconds": time.perf_counter() - start}
+    stats = {
+        "shadows": config.shadows,
+        "pairs": sum(len(h) for h in holdouts),
+        "simulated_l1": float(
+            (torch.cat(perturbed_rows) - torch.cat(clean_rows)).abs().sum(1).mean()
+        ),
+        "restored_change_l1": float((restored - answers).abs().sum(1).mean()),
+        "restored_top1_changed": float((restored.argmax(1) != labels).float().mean()),
+        "shadow_temperatures": temperatures,
+        "seconds": time.perf_counter() - start,
+    }
     log.info("restorer (%s): %s", config.defense, stats)
     return restored, stats

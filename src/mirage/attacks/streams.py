@@ -63,7 +63,9 @@ class DecoyPool:
     def take(self, n: int) -> Tensor:
         """The next ``n`` decoys: (n, C, H, W)."""
         while len(self._order) < n:
-            self._order = torch.cat([self._order, torch.randperm(len(self.images), generator=self.generator)])
+            self._order = torch.cat(
+                [self._order, torch.randperm(len(self.images), generator=self.generator)]
+            )
         index, self._order = self._order[:n], self._order[n:]
         return self.images[index]
 
@@ -85,14 +87,20 @@ def key_apis(api: PredictionAPI | Sequence[PredictionAPI], keys: int = 1) -> lis
     if keys > 1 and len(apis) == 1:
         for_client = getattr(apis[0], "for_client", None)
         if for_client is None:
-            raise TypeError(f"api_keys={keys} needs one API per key: {type(apis[0]).__name__} cannot make "
-                            f"views for other clients, pass a sequence of {keys} APIs instead")
+            raise TypeError(
+                f"api_keys={keys} needs one API per key: {type(apis[0]).__name__} cannot make "
+                f"views for other clients, pass a sequence of {keys} APIs instead"
+            )
         base = getattr(apis[0], "client", "default")
         apis += [for_client(f"{base}+{i}") for i in range(1, keys)]
     elif keys > 1 and len(apis) != keys:
         raise ValueError(f"api_keys={keys} but {len(apis)} APIs were given")
     first = apis[0]
     for other in apis[1:]:
-        if tuple(other.input_shape) != tuple(first.input_shape) or int(other.num_classes) != int(first.num_classes):
-            raise ValueError("the APIs of one attacker must serve the same model (input shape and classes)")
+        if tuple(other.input_shape) != tuple(first.input_shape) or int(other.num_classes) != int(
+            first.num_classes
+        ):
+            raise ValueError(
+                "the APIs of one attacker must serve the same model (input shape and classes)"
+            )
     return apis

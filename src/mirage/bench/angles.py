@@ -9,8 +9,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
 
-def angular_deviation(model: nn.Module, x: Tensor, clean: Tensor, served: Tensor, *,
-                      chunk: int = 32) -> Tensor:
+def angular_deviation(
+    model: nn.Module, x: Tensor, clean: Tensor, served: Tensor, *, chunk: int = 32
+) -> Tensor:
     """Degrees, shape (N,), for each query's per-sample gradient w.r.t. all of ``model``'s
     parameters. Truncated rows (sum < 1) are renormalised first."""
     params = {k: v.detach() for k, v in model.named_parameters()}

@@ -116,12 +116,18 @@ class Stream:
 
     chain: list[str] = field(default_factory=list)
     answers: list[Tensor] = field(default_factory=list)
-    ledgers: list[tuple[int, float, int]] = field(default_factory=list)  # (queries, l1 sum, top-1 kept)
+    ledgers: list[tuple[int, float, int]] = field(
+        default_factory=list
+    )  # (queries, l1 sum, top-1 kept)
 
     def to_file(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        payload = {"format": FORMAT_VERSION, "chain": self.chain, "answers": self.answers,
-                   "ledgers": self.ledgers}
+        payload = {
+            "format": FORMAT_VERSION,
+            "chain": self.chain,
+            "answers": self.answers,
+            "ledgers": self.ledgers,
+        }
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
             temporary = Path(handle.name)
         try:
@@ -136,8 +142,9 @@ class Stream:
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if payload.get("format") != FORMAT_VERSION:
             raise ValueError(f"format {payload.get('format')!r}, expected {FORMAT_VERSION}")
-        stream = cls(list(payload["chain"]), list(payload["answers"]),
-                     [tuple(e) for e in payload["ledgers"]])
+        stream = cls(
+            list(payload["chain"]), list(payload["answers"]), [tuple(e) for e in payload["ledgers"]]
+        )
         if not len(stream.chain) == len(stream.answers) == len(stream.ledgers):
             raise ValueError("chain, answers and ledgers differ in length")
         return stream
@@ -174,8 +181,10 @@ class ReplayingAPI:
 
     def __init__(self, api: InProcessAPI, cache: AnswerCache) -> None:
         if api.query_budget is not None:
-            raise ValueError("ReplayingAPI wraps an API without a query budget "
-                             "(the attack's QueryClient enforces its own)")
+            raise ValueError(
+                "ReplayingAPI wraps an API without a query budget "
+                "(the attack's QueryClient enforces its own)"
+            )
         self.api = api
         self.cache = cache
         self.server = server_fingerprint(api)
@@ -207,7 +216,9 @@ class ReplayingAPI:
         if not self._live:
             if self._candidates is None:
                 self._candidates = self.cache.candidates(self.server, link)
-            self._candidates = [s for s in self._candidates if len(s.chain) > step and s.chain[step] == link]
+            self._candidates = [
+                s for s in self._candidates if len(s.chain) > step and s.chain[step] == link
+            ]
             cached = self._candidates[0].answers[step] if self._candidates else None
             if cached is not None and cached.shape == (x.shape[0], self.num_classes):
                 answers, entry = cached.clone(), self._candidates[0].ledgers[step]
@@ -216,14 +227,22 @@ class ReplayingAPI:
                 self.replayed += x.shape[0]
             else:
                 if cached is not None:
-                    log.warning("answer cache: a cached answer has shape %s for a request of %d "
-                                "images; answering live", tuple(cached.shape), x.shape[0])
+                    log.warning(
+                        "answer cache: a cached answer has shape %s for a request of %d "
+                        "images; answering live",
+                        tuple(cached.shape),
+                        x.shape[0],
+                    )
                 self._go_live()
         if answers is None:
             before = (self.api.ledger.queries, self.api.ledger.l1_sum, self.api.ledger.top1_kept)
             answers = self.api.query(x)
             after = self.api.ledger
-            entry = (after.queries - before[0], after.l1_sum - before[1], after.top1_kept - before[2])
+            entry = (
+                after.queries - before[0],
+                after.l1_sum - before[1],
+                after.top1_kept - before[2],
+            )
         self._stream.chain.append(link)
         self._stream.answers.append(answers.clone())
         self._stream.ledgers.append(entry)
@@ -236,8 +255,11 @@ class ReplayingAPI:
         """Bring a stateful defense to the state the replayed requests would have left it in."""
         self._live = True
         if self._replayed_images:
-            log.info("answer cache: stream diverged after %d cached requests; a stateful defense "
-                     "re-answers them", len(self._replayed_images))
+            log.info(
+                "answer cache: stream diverged after %d cached requests; a stateful defense "
+                "re-answers them",
+                len(self._replayed_images),
+            )
             for images in self._replayed_images:
                 self.api.query(images)
             self.replayed = 0

@@ -46,26 +46,32 @@ class AttackSpec(_Strict):
     budget: int = Field(gt=0)
     params: dict[str, Any] = Field(default_factory=dict)
     defenses: list[str] | None = Field(
-        None, description="defense labels this attack runs against (default: all)")
+        None, description="defense labels this attack runs against (default: all)"
+    )
     reference_for: str | None = Field(
-        None, description="draw this attack's undefended clone as a reference line on the plots "
-                          "of the named attack (e.g. the hard-label attacker for knockoff)")
+        None,
+        description="draw this attack's undefended clone as a reference line on the plots "
+        "of the named attack (e.g. the hard-label attacker for knockoff)",
+    )
     variants: list[str] = Field(
         default_factory=list,
         description="attackers of the suite (mirage.attacks.ATTACKER_SUITE) to run, each as its own "
-                    "attack labelled '<label>/<variant>' with its switches added to ``params``; the "
-                    "report judges each defense by the worst case over them. Empty: this attack "
-                    "as given")
+        "attack labelled '<label>/<variant>' with its switches added to ``params``; the "
+        "report judges each defense by the worst case over them. Empty: this attack "
+        "as given",
+    )
     extra_variants: list[str] = Field(
         default_factory=list,
         description="attackers beyond the suite, each labelled '<label>/<variant>' like a variant: "
-                    "a sweep runs them where told to (e.g. `--attack knockoff/aligned --defense …`, "
-                    "against the defenses they answer); a point's worst case counts them where "
-                    "they ran but never waits for them")
+        "a sweep runs them where told to (e.g. `--attack knockoff/aligned --defense …`, "
+        "against the defenses they answer); a point's worst case counts them where "
+        "they ran but never waits for them",
+    )
     extra_defenses: dict[str, list[str]] = Field(
         default_factory=dict,
         description="attacker beyond the suite -> the defense labels it runs against (the defenses "
-                    "it answers); an extra not named here runs against every defense")
+        "it answers); an extra not named here runs against every defense",
+    )
 
     @property
     def display(self) -> str:
@@ -77,7 +83,9 @@ class AttackSpec(_Strict):
 
         unknown = [v for v in [*self.variants, *self.extra_variants] if v not in ATTACKER_SUITE]
         if unknown:
-            raise ValueError(f"unknown attacker variants {unknown}; known: {sorted(ATTACKER_SUITE)}")
+            raise ValueError(
+                f"unknown attacker variants {unknown}; known: {sorted(ATTACKER_SUITE)}"
+            )
         stray = sorted(set(self.extra_defenses) - set(self.extra_variants))
         if stray:
             raise ValueError(f"extra_defenses names attackers that are not extra_variants: {stray}")
@@ -97,8 +105,10 @@ class AttackSpec(_Strict):
             return [(self.display, dict(self.params), None)]
         from mirage.attacks.countermeasures import variant_params
 
-        return [(f"{self.display}/{v}", {**self.params, **variant_params(v)}, v)
-                for v in [*self.variants, *self.extra_variants]]
+        return [
+            (f"{self.display}/{v}", {**self.params, **variant_params(v)}, v)
+            for v in [*self.variants, *self.extra_variants]
+        ]
 
 
 class UserScenario(_Strict):
@@ -107,13 +117,22 @@ class UserScenario(_Strict):
     their model, or else a victim of the standard family trained on the data's non-test share;
     optionally the attacker's own unlabelled pool. Paths are relative to the config file."""
 
-    data: str = Field(description="a labelled image folder (root/<class>/<image>) or a .npz of images, labels")
-    model: str | None = Field(None, description="the served model: .pt2, .onnx, a safetensors state dict "
-                                                "(with model_class) or a mirage checkpoint folder")
+    data: str = Field(
+        description="a labelled image folder (root/<class>/<image>) or a .npz of images, labels"
+    )
+    model: str | None = Field(
+        None,
+        description="the served model: .pt2, .onnx, a safetensors state dict "
+        "(with model_class) or a mirage checkpoint folder",
+    )
     model_class: str | None = Field(None, description="module:Class building a state dict's module")
-    pool: str | None = Field(None, description="the attacker's own unlabelled images (a folder or .npy)")
+    pool: str | None = Field(
+        None, description="the attacker's own unlabelled images (a folder or .npy)"
+    )
     split_seed: int = 0
-    base: Path | None = Field(None, exclude=True, description="where relative paths start (the config's folder)")
+    base: Path | None = Field(
+        None, exclude=True, description="where relative paths start (the config's folder)"
+    )
 
     def path(self, value: str) -> Path:
         """``value`` resolved against the config's folder."""
@@ -127,24 +146,32 @@ class SweepConfig(_Strict):
     defenses: list[DefenseGrid]
     attacks: list[AttackSpec]
     seeds: list[int] = Field(default_factory=lambda: [0])
-    clone_training: TrainConfig = TrainConfig(epochs=30, batch_size=128, lr=0.1, momentum=0.9,
-                                              nesterov=True, schedule="cosine")
+    clone_training: TrainConfig = TrainConfig(
+        epochs=30, batch_size=128, lr=0.1, momentum=0.9, nesterov=True, schedule="cosine"
+    )
     scenario_attacks: dict[str, list[str]] = Field(
         default_factory=dict,
-        description="optional: scenario -> attack labels to run there (default: all attacks)")
-    eval_size: int | None = Field(None, gt=0, description="defender accuracy on the first N test images")
+        description="optional: scenario -> attack labels to run there (default: all attacks)",
+    )
+    eval_size: int | None = Field(
+        None, gt=0, description="defender accuracy on the first N test images"
+    )
     models_dir: str | None = Field(
-        None, description="keep the models this sweep trains (victims, surrogates, detectors) here, "
-                          "relative to the results file's directory, instead of $MIRAGE_MODELS: "
-                          "committed with the results, they let a resumed sweep on another machine use "
-                          "the very same weights (training is not bit-reproducible across CPUs)")
+        None,
+        description="keep the models this sweep trains (victims, surrogates, detectors) here, "
+        "relative to the results file's directory, instead of $MIRAGE_MODELS: "
+        "committed with the results, they let a resumed sweep on another machine use "
+        "the very same weights (training is not bit-reproducible across CPUs)",
+    )
     victim_epochs: dict[str, int] = Field(
         default_factory=dict,
-        description="optional: scenario -> victim training epochs (a cheaper, separately cached victim)")
+        description="optional: scenario -> victim training epochs (a cheaper, separately cached victim)",
+    )
     user_scenarios: dict[str, UserScenario] = Field(
         default_factory=dict,
         description="scenarios of the user's own, by name (listed in scenarios like the built-in ones): "
-                    "their images, their model, their attacker's pool")
+        "their images, their model, their attacker's pool",
+    )
 
     @model_validator(mode="after")
     def _unique_labels(self) -> SweepConfig:
@@ -153,23 +180,33 @@ class SweepConfig(_Strict):
             raise ValueError(f"attack labels must be unique, got {labels}")
         unknown = set(self.victim_epochs) - set(self.scenarios)
         if unknown or any(e < 1 for e in self.victim_epochs.values()):
-            raise ValueError(f"victim_epochs must map this sweep's scenarios to epochs ≥ 1, got {self.victim_epochs}")
+            raise ValueError(
+                f"victim_epochs must map this sweep's scenarios to epochs ≥ 1, got {self.victim_epochs}"
+            )
         labels = {d.display for d in self.defenses}
         for attack in self.attacks:
             unknown = sorted({d for ds in attack.extra_defenses.values() for d in ds} - labels)
             if unknown:
-                raise ValueError(f"{attack.display}: extra_defenses names defenses not in this sweep: {unknown}")
+                raise ValueError(
+                    f"{attack.display}: extra_defenses names defenses not in this sweep: {unknown}"
+                )
         from mirage.scenarios import SCENARIOS
 
         if clash := sorted(set(self.user_scenarios) & set(SCENARIOS)):
-            raise ValueError(f"user_scenarios {clash} would hide the built-in scenarios of the same name")
+            raise ValueError(
+                f"user_scenarios {clash} would hide the built-in scenarios of the same name"
+            )
         if unknown := sorted(set(self.scenarios) - set(SCENARIOS) - set(self.user_scenarios)):
-            raise ValueError(f"unknown scenarios {unknown}: built-in ones are {sorted(SCENARIOS)}; "
-                             "define your own under [user_scenarios.<name>]")
+            raise ValueError(
+                f"unknown scenarios {unknown}: built-in ones are {sorted(SCENARIOS)}; "
+                "define your own under [user_scenarios.<name>]"
+            )
         for defense in self.defenses:
             unknown = set(defense.scenario_grid) - set(self.scenarios)
             if unknown:
-                raise ValueError(f"{defense.display}: scenario_grid names scenarios not in this sweep: {sorted(unknown)}")
+                raise ValueError(
+                    f"{defense.display}: scenario_grid names scenarios not in this sweep: {sorted(unknown)}"
+                )
         return self
 
 
@@ -184,5 +221,11 @@ def load_config(path_or_profile: str | Path) -> SweepConfig:
     with open(path, "rb") as handle:
         config = SweepConfig.model_validate(tomllib.load(handle))
     base = path.resolve().parent
-    return config.model_copy(update={"user_scenarios": {
-        name: user.model_copy(update={"base": base}) for name, user in config.user_scenarios.items()}})
+    return config.model_copy(
+        update={
+            "user_scenarios": {
+                name: user.model_copy(update={"base": base})
+                for name, user in config.user_scenarios.items()
+            }
+        }
+    )

@@ -69,30 +69,53 @@ class Evaluation:
         return asdict(self)
 
 
-def evaluate(defense: Defense | None, *, scenario: str | Scenario = "digits", attack: str = "knockoff",
-             budget: int = 1000, seed: int = 0, attack_params: dict[str, Any] | None = None,
-             clone_training: TrainConfig | str = "grad2", eval_size: int | None = None,
-             victim: nn.Module | None = None, card: ModelCard | None = None) -> Evaluation:
+def evaluate(
+    defense: Defense | None,
+    *,
+    scenario: str | Scenario = "digits",
+    attack: str = "knockoff",
+    budget: int = 1000,
+    seed: int = 0,
+    attack_params: dict[str, Any] | None = None,
+    clone_training: TrainConfig | str = "grad2",
+    eval_size: int | None = None,
+    victim: nn.Module | None = None,
+    card: ModelCard | None = None,
+) -> Evaluation:
     """Attack ``scenario``'s victim behind ``defense`` (``None``: undefended) with ``attack`` and
     ``budget`` queries, seeded by ``seed``, by the run protocol
     (:func:`~mirage.bench.protocol.run_attack`); the defender's accuracy is measured on a copy of
     the defense as it was before the attack (a stateful defense's answers do not depend on it)."""
-    
+
     scenario = get_scenario(scenario) if isinstance(scenario, str) else scenario
     stores = Stores.models_only()
     if victim is not None and card is None:
         raise ValueError("a given victim needs its card (the clone is built like it)")
     context = scenario_context(scenario, "none", {}, stores, clone_training=clone_training)
     if victim is not None:
-        context = dataclasses.replace(context, served=victim, plain=victim, card=card,
-                                      clone=CloneSpec.like(card, training=clone_training))
-    context = dataclasses.replace(context, defense=defense, defense_name="none" if defense is None else defense.name,
-                                  public_params=plain_params(defense))
+        context = dataclasses.replace(
+            context,
+            served=victim,
+            plain=victim,
+            card=card,
+            clone=CloneSpec.like(card, training=clone_training),
+        )
+    context = dataclasses.replace(
+        context,
+        defense=defense,
+        defense_name="none" if defense is None else defense.name,
+        public_params=plain_params(defense),
+    )
     stolen = run_attack(context, attack, attack_params or {}, budget, seed)
     defender = context.defender_metrics(eval_size)
-    return Evaluation(clone_accuracy=stolen.clone["clone_accuracy"], defender_accuracy=defender["defender_accuracy"],
-                      victim_accuracy=defender["victim_accuracy"], defender_l1=defender["defender_l1"],
-                      effective_l1=stolen.result.effective_l1, queries=stolen.result.queries)
+    return Evaluation(
+        clone_accuracy=stolen.clone["clone_accuracy"],
+        defender_accuracy=defender["defender_accuracy"],
+        victim_accuracy=defender["victim_accuracy"],
+        defender_l1=defender["defender_l1"],
+        effective_l1=stolen.result.effective_l1,
+        queries=stolen.result.queries,
+    )
 
 
 # -- anything a user brings ----------------------------------------------------------------------
@@ -124,26 +147,37 @@ class UserSplit:
         return self.test.input_shape
 
 
-def split_user_data(data: Any, *, seed: int = 0, test_fraction: float = 0.2,
-                    sample_fraction: float = 0.1) -> UserSplit:
+def split_user_data(
+    data: Any, *, seed: int = 0, test_fraction: float = 0.2, sample_fraction: float = 0.1
+) -> UserSplit:
     """``data`` as a :class:`UserSplit`: an image folder (``root/<class>/<image>``, loaded at its
     own size and channels), an :class:`~mirage.data.ImageData`, a
     :class:`~mirage.data.DatasetSplits` (its splits joined), ``(images, labels)`` as tensors or
     arrays (images (N, C, H, W) in [0, 1], or uint8), or a torch ``Dataset`` of (image, label)."""
     images, labels = _labelled(data)
     if images.ndim != 4 or labels.shape != (len(images),):
-        raise ValueError(f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
-                         f"{tuple(labels.shape)}")
+        raise ValueError(
+            f"need images (N, C, H, W) and labels (N,), got {tuple(images.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
     if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise ValueError("pixel values must be finite and in [0, 1]")
     if len(images) < 50:
         raise ValueError(f"{len(images)} images are too few to split into test, pool and sample")
     order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
     n_test, n_sample = round(test_fraction * len(images)), round(sample_fraction * len(images))
-    part = {"test": order[:n_test], "sample": order[n_test:n_test + n_sample], "pool": order[n_test + n_sample:]}
+    part = {
+        "test": order[:n_test],
+        "sample": order[n_test : n_test + n_sample],
+        "pool": order[n_test + n_sample :],
+    }
     whole = ImageData(images.float().contiguous(), labels.long())
-    return UserSplit(test=whole.subset(part["test"]), pool=whole.subset(part["pool"]),
-                     sample=whole.subset(part["sample"]), classes=int(labels.max()) + 1)
+    return UserSplit(
+        test=whole.subset(part["test"]),
+        pool=whole.subset(part["pool"]),
+        sample=whole.subset(part["sample"]),
+        classes=int(labels.max()) + 1,
+    )
 
 
 def _labelled(data: Any) -> tuple[Tensor, Tensor]:
@@ -155,19 +189,27 @@ def _labelled(data: Any) -> tuple[Tensor, Tensor]:
     if isinstance(data, str | Path):
         data = load_image_folder(Path(data), test_fraction=0.0)
     if isinstance(data, DatasetSplits):
-        return torch.cat([data.train.images, data.test.images]), torch.cat([data.train.labels, data.test.labels])
+        return torch.cat([data.train.images, data.test.images]), torch.cat(
+            [data.train.labels, data.test.labels]
+        )
     if isinstance(data, ImageData):
         return data.images, data.labels
     if isinstance(data, tuple) and len(data) == 2:
-        images, labels = (torch.as_tensor(np.asarray(v)) if not isinstance(v, Tensor) else v for v in data)
+        images, labels = (
+            torch.as_tensor(np.asarray(v)) if not isinstance(v, Tensor) else v for v in data
+        )
         if images.dtype == torch.uint8:
             images = images.float() / 255
         return images.float(), labels.long()
     if isinstance(data, torch.utils.data.Dataset):
         pairs = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
-        return torch.stack([torch.as_tensor(x) for x, _ in pairs]).float(), torch.tensor([int(y) for _, y in pairs])
-    raise TypeError(f"cannot read labelled images from {type(data).__name__}: give an image folder, ImageData, "
-                    "DatasetSplits, (images, labels) or a torch Dataset")
+        return torch.stack([torch.as_tensor(x) for x, _ in pairs]).float(), torch.tensor(
+            [int(y) for _, y in pairs]
+        )
+    raise TypeError(
+        f"cannot read labelled images from {type(data).__name__}: give an image folder, ImageData, "
+        "DatasetSplits, (images, labels) or a torch Dataset"
+    )
 
 
 @dataclass
@@ -186,23 +228,64 @@ class ModelEvaluation:
     def report(self) -> str:
         """The result as Markdown: each attacker's clone per defense, the worst case, the cost and
         the verdict in words."""
-        lines = ["| defense | attacker | seed | clone accuracy | defender accuracy | note |", "|---|---|---|---|---|---|"]
+        lines = [
+            "| defense | attacker | seed | clone accuracy | defender accuracy | note |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in self.records:
-            note = "collapsed" if r.get("clone_collapsed") else "diverged" if r.get("clone_diverged") else ""
-            lines.append(f"| {r['defense']} | {r['attacker']} | {r['seed']} | {r['clone_accuracy']:.4f} | "
-                         f"{r['defender_accuracy']:.4f} | {note} |")
-        worst = [f"- {p.defense}: worst case {p.worst:.4f} ({p.worst_attacker}), defender cost "
-                 f"{100 * p.drop:.2f} points" + (f", overhead {p.overhead_ratio:.2f}×" if p.overhead_ratio else "")
-                 for p in self.points]
-        return "\n".join(["## Runs", "", *lines, "", "## Worst case", "", *worst, "", "## Verdict", "", self.advice, ""])
+            note = (
+                "collapsed"
+                if r.get("clone_collapsed")
+                else "diverged"
+                if r.get("clone_diverged")
+                else ""
+            )
+            lines.append(
+                f"| {r['defense']} | {r['attacker']} | {r['seed']} | {r['clone_accuracy']:.4f} | "
+                f"{r['defender_accuracy']:.4f} | {note} |"
+            )
+        worst = [
+            f"- {p.defense}: worst case {p.worst:.4f} ({p.worst_attacker}), defender cost "
+            f"{100 * p.drop:.2f} points"
+            + (f", overhead {p.overhead_ratio:.2f}×" if p.overhead_ratio else "")
+            for p in self.points
+        ]
+        return "\n".join(
+            [
+                "## Runs",
+                "",
+                *lines,
+                "",
+                "## Worst case",
+                "",
+                *worst,
+                "",
+                "## Verdict",
+                "",
+                self.advice,
+                "",
+            ]
+        )
 
 
-def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None, *,
-                   params: dict[str, Any] | None = None, attack: str = "knockoff",
-                   attackers: tuple[str, ...] = DEFAULT_ATTACKERS, budget: int = 2000, seeds: tuple[int, ...] = (0,),
-                   clone_training: TrainConfig | str = "grad2", surrogate: nn.Module | None = None,
-                   baseline: nn.Module | None = None, pool: Any = None, split_seed: int = 0,
-                   progress: bool = True, device: str | None = None) -> ModelEvaluation:
+def evaluate_model(
+    model: nn.Module | Any,
+    data: Any,
+    defense: str | None = None,
+    *,
+    params: dict[str, Any] | None = None,
+    attack: str = "knockoff",
+    attackers: tuple[str, ...] = DEFAULT_ATTACKERS,
+    budget: int = 2000,
+    seeds: tuple[int, ...] = (0,),
+    clone_training: TrainConfig | str = "grad2",
+    surrogate: nn.Module | None = None,
+    baseline: nn.Module | None = None,
+    pool: Any = None,
+    split_seed: int = 0,
+    progress: bool = True,
+    device: str | None = None,
+) -> ModelEvaluation:
     """Judge ``model`` behind ``defense`` against the attacker suite on the user's own ``data``
     (docs/design.md §evaluate); also the undefended model, against the same attackers and seeds,
     so the verdict compares them (:func:`mirage.bench.summary.verdict`).
@@ -233,17 +316,25 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
 
     remote = not isinstance(model, nn.Module) and callable(getattr(model, "query", None))
     given = None
-    if isinstance(getattr(model, "defense", None), Defense) and hasattr(model, "predict"):  # a Protected model
+    if isinstance(getattr(model, "defense", None), Defense) and hasattr(
+        model, "predict"
+    ):  # a Protected model
         if defense is not None or model.preprocess is not None:
-            raise ValueError("a Protected model brings its own defense (and no preprocess): pass defense=None")
+            raise ValueError(
+                "a Protected model brings its own defense (and no preprocess): pass defense=None"
+            )
         model, given = model.model, model.defense
     if remote and defense is not None:
         raise ValueError("a served endpoint answers with its own defense: pass defense=None")
-    served_defense = (model.defense or {}).get("name") if remote else None  # disclosed by the server, or None
+    served_defense = (
+        (model.defense or {}).get("name") if remote else None
+    )  # disclosed by the server, or None
     for attacker in attackers:
         if "restorer" in variant_params(attacker) and remote and served_defense is None:
-            raise ValueError(f"the {attacker} attacker simulates the served defense, which this endpoint does not "
-                             "disclose: leave it out, or serve with access.disclose_defense = true")
+            raise ValueError(
+                f"the {attacker} attacker simulates the served defense, which this endpoint does not "
+                "disclose: leave it out, or serve with access.disclose_defense = true"
+            )
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACKS)}")
     if budget < 1 or not seeds:
@@ -255,16 +346,40 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
     split = split_user_data(data, seed=split_seed)
     if pool is not None:
         if attack == "knockoff-adaptive":
-            raise ValueError("knockoff-adaptive groups the pool by its labels: an unlabelled pool cannot serve it")
+            raise ValueError(
+                "knockoff-adaptive groups the pool by its labels: an unlabelled pool cannot serve it"
+            )
         split = _with_pool(split, pool)
     mean, std = channel_stats(split.pool.images)
-    clone_spec = CloneSpec(architecture=architecture_for(split.input_shape), mean=mean, std=std,
-                           training=recipe(clone_training), device=str(device))
-    contexts = _contexts(model, remote, given, defense, params, split, surrogate, baseline, served_defense, device,
-                         clone_spec)
+    clone_spec = CloneSpec(
+        architecture=architecture_for(split.input_shape),
+        mean=mean,
+        std=std,
+        training=recipe(clone_training),
+        device=str(device),
+    )
+    contexts = _contexts(
+        model,
+        remote,
+        given,
+        defense,
+        params,
+        split,
+        surrogate,
+        baseline,
+        served_defense,
+        device,
+        clone_spec,
+    )
     plan = len(contexts) * len(attackers) * len(seeds)
-    log.info("evaluate: %d clones to train (%s attack, %d queries each, %s on %s)", plan, attack, budget,
-             clone_spec.architecture, split.input_shape)
+    log.info(
+        "evaluate: %d clones to train (%s attack, %d queries each, %s on %s)",
+        plan,
+        attack,
+        budget,
+        clone_spec.architecture,
+        split.input_shape,
+    )
     records, clones, failed = [], {}, []
     with progress_bar("clones", plan, enabled=progress) as advance:
         for context in contexts:
@@ -276,36 +391,93 @@ def evaluate_model(model: nn.Module | Any, data: Any, defense: str | None = None
                     clones[(context.defense_name, attacker, seed)] = clone
                     if record["clone_collapsed"] or record["clone_diverged"]:
                         failed.append(record)
-                        log.warning("the %s clone against %s (seed %d) %s: flagged, not counted", attacker,
-                                    context.defense_name, seed, "diverged" if record["clone_diverged"] else "collapsed")
+                        log.warning(
+                            "the %s clone against %s (seed %d) %s: flagged, not counted",
+                            attacker,
+                            context.defense_name,
+                            seed,
+                            "diverged" if record["clone_diverged"] else "collapsed",
+                        )
                     advance(1, clone=record["clone_accuracy"])
     panels = worst_case_points(records, {attack: tuple(attackers)})
     (row,) = verdict(panels) if panels else ({"deploy": "none"},)
-    advice = verdict_advice(row) if panels else "No attacker produced a healthy clone: nothing can be judged."
-    return ModelEvaluation(records=records, points=panels.get((USER_SCENARIO, attack), []), verdict=row,
-                           advice=advice, clones=clones, failed=failed)
+    advice = (
+        verdict_advice(row)
+        if panels
+        else "No attacker produced a healthy clone: nothing can be judged."
+    )
+    return ModelEvaluation(
+        records=records,
+        points=panels.get((USER_SCENARIO, attack), []),
+        verdict=row,
+        advice=advice,
+        clones=clones,
+        failed=failed,
+    )
 
 
-def _contexts(model: Any, remote: bool, given: Defense | None, defense: str | None, params: dict[str, Any],
-              split: UserSplit, surrogate: nn.Module | None, baseline: nn.Module | None,
-              served_defense: str | None, device: torch.device, clone: CloneSpec) -> list[RunContext]:
+def _contexts(
+    model: Any,
+    remote: bool,
+    given: Defense | None,
+    defense: str | None,
+    params: dict[str, Any],
+    split: UserSplit,
+    surrogate: nn.Module | None,
+    baseline: nn.Module | None,
+    served_defense: str | None,
+    device: torch.device,
+    clone: CloneSpec,
+) -> list[RunContext]:
     """The run contexts of an evaluation: the undefended model (when the model, or a baseline, is
     at hand) and the defended one, all on the user's split."""
-    data = {"test": split.test, "pool": split.pool, "seeds": split.pool, "labelled": split.attacker_labelled,
-            "clone": clone, "stores": Stores.models_only(), "scenario": USER_SCENARIO}
+    data = {
+        "test": split.test,
+        "pool": split.pool,
+        "seeds": split.pool,
+        "labelled": split.attacker_labelled,
+        "clone": clone,
+        "stores": Stores.models_only(),
+        "scenario": USER_SCENARIO,
+    }
     plain = _as_classifier(baseline if remote else model, split)
     contexts = [] if plain is None else [RunContext(**data, served=plain, plain=plain)]
     if remote:
-        public = {k: v for k, v in ((model.defense or {}).get("params") or {}).items() if _public(v)}
-        contexts.append(RunContext(**data, endpoint=model, plain=plain, defense_name=served_defense or "served",
-                                   public_params=public))
+        public = {
+            k: v for k, v in ((model.defense or {}).get("params") or {}).items() if _public(v)
+        }
+        contexts.append(
+            RunContext(
+                **data,
+                endpoint=model,
+                plain=plain,
+                defense_name=served_defense or "served",
+                public_params=public,
+            )
+        )
     elif given is not None:
-        contexts.append(RunContext(**data, served=plain, plain=plain, defense=given, defense_name=given.name,
-                                   public_params=plain_params(given)))
+        contexts.append(
+            RunContext(
+                **data,
+                served=plain,
+                plain=plain,
+                defense=given,
+                defense_name=given.name,
+                public_params=plain_params(given),
+            )
+        )
     elif defense is not None:
         built = _build_defense(plain, defense, params, split, surrogate, device)
-        contexts.append(RunContext(**data, served=plain, plain=plain, defense=built, defense_name=defense,
-                                   public_params={k: v for k, v in params.items() if _public(v)}))
+        contexts.append(
+            RunContext(
+                **data,
+                served=plain,
+                plain=plain,
+                defense=built,
+                defense_name=defense,
+                public_params={k: v for k, v in params.items() if _public(v)},
+            )
+        )
     return contexts
 
 
@@ -315,13 +487,20 @@ def _with_pool(split: UserSplit, pool: Any) -> UserSplit:
 
     images = load_images(pool) if isinstance(pool, str | Path) else torch.as_tensor(pool).float()
     if images.ndim != 4 or tuple(images.shape[1:]) != split.input_shape:
-        raise ValueError(f"the attacker's pool must be images {split.input_shape} like the data's, got "
-                         f"{tuple(images.shape[1:])}")
+        raise ValueError(
+            f"the attacker's pool must be images {split.input_shape} like the data's, got "
+            f"{tuple(images.shape[1:])}"
+        )
     if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
         raise ValueError("the attacker's pool must hold pixel values in [0, 1]")
     unlabelled = ImageData(images.contiguous(), torch.full((len(images),), -1, dtype=torch.int64))
-    return UserSplit(test=split.test, pool=unlabelled, sample=split.sample, classes=split.classes,
-                     labelled=split.pool)
+    return UserSplit(
+        test=split.test,
+        pool=unlabelled,
+        sample=split.sample,
+        classes=split.classes,
+        labelled=split.pool,
+    )
 
 
 def _as_classifier(model: nn.Module | None, split: UserSplit) -> nn.Module | None:
@@ -336,24 +515,39 @@ def _as_classifier(model: nn.Module | None, split: UserSplit) -> nn.Module | Non
     with torch.no_grad():
         logits = model(split.test.images[:2])
     if logits.ndim != 2 or logits.shape[1] < split.classes:
-        raise ValueError(f"the model answers shape {tuple(logits.shape)} for 2 images of {split.classes} classes")
+        raise ValueError(
+            f"the model answers shape {tuple(logits.shape)} for 2 images of {split.classes} classes"
+        )
     return model
 
 
-def _one_run(context: RunContext, attack: str, attacker: str, seed: int, budget: int, overhead: float | None
-             ) -> tuple[dict[str, Any], nn.Module]:
+def _one_run(
+    context: RunContext, attack: str, attacker: str, seed: int, budget: int, overhead: float | None
+) -> tuple[dict[str, Any], nn.Module]:
     """One attacker at one seed against one context: the run record (the sweeps' fields) and the clone."""
     from mirage.attacks.countermeasures import variant_params
 
     attack_params = variant_params(attacker)
     stolen = run_attack(context, attack, attack_params, budget, seed)
-    metrics = RunMetrics(**context.defender_metrics(), **stolen.clone, effective_l1=stolen.result.effective_l1,
-                         overhead_ratio=overhead)
+    metrics = RunMetrics(
+        **context.defender_metrics(),
+        **stolen.clone,
+        effective_l1=stolen.result.effective_l1,
+        overhead_ratio=overhead,
+    )
     record = {
-        "scenario": USER_SCENARIO, "attack_label": attack, "attack_family": attack, "attacker": attacker,
-        "attack_params": context.told(attack_params), "defense": context.defense_name,
-        "defense_label": context.defense_name, "defense_params": context.public_params, "seed": seed,
-        "budget": budget, **metrics.as_record()}
+        "scenario": USER_SCENARIO,
+        "attack_label": attack,
+        "attack_family": attack,
+        "attacker": attacker,
+        "attack_params": context.told(attack_params),
+        "defense": context.defense_name,
+        "defense_label": context.defense_name,
+        "defense_params": context.public_params,
+        "seed": seed,
+        "budget": budget,
+        **metrics.as_record(),
+    }
     return record, stolen.result.clone
 
 
@@ -374,16 +568,26 @@ def _check_params(defense: str, params: dict[str, Any]) -> None:
         raise ValueError(f"unknown defense {defense!r}; known: {sorted(DEFENSES)}")
     fields = DEFENSES[defense].params.model_fields
     if unknown := sorted(set(params) - set(fields)):
-        raise ValueError(f"defense {defense} has no parameter {', '.join(unknown)}; it has {sorted(fields)}")
+        raise ValueError(
+            f"defense {defense} has no parameter {', '.join(unknown)}; it has {sorted(fields)}"
+        )
     for key, value in params.items():
         try:
             TypeAdapter(Annotated[fields[key].annotation, fields[key]]).validate_python(value)
         except ValidationError as error:
-            raise ValueError(f"defense {defense}: {key} = {value!r}: {error.errors()[0]['msg']}") from None
+            raise ValueError(
+                f"defense {defense}: {key} = {value!r}: {error.errors()[0]['msg']}"
+            ) from None
 
 
-def _build_defense(model: nn.Module, defense: str, params: dict[str, Any], split: UserSplit,
-                   surrogate: nn.Module | None, device: torch.device) -> Defense:
+def _build_defense(
+    model: nn.Module,
+    defense: str,
+    params: dict[str, Any],
+    split: UserSplit,
+    surrogate: nn.Module | None,
+    device: torch.device,
+) -> Defense:
     """``defense`` with ``params``, its parts from the user's data (docs/design.md §evaluate)."""
     from mirage.defenses import DEFENSES, create_defense
     from mirage.training.surrogate import distil_surrogate
@@ -394,7 +598,10 @@ def _build_defense(model: nn.Module, defense: str, params: dict[str, Any], split
         params["reference_x"], params["reference_y"] = split.sample.images, split.sample.labels
     if "surrogate" in fields and params.get("surrogate") is None:
         if surrogate is None:
-            log.info("distilling a surrogate from the model on the defender's %d sample images", len(split.sample))
+            log.info(
+                "distilling a surrogate from the model on the defender's %d sample images",
+                len(split.sample),
+            )
             ((surrogate, _),) = distil_surrogate(model, split.sample.images, device=device)
         params["surrogate"] = surrogate
     return create_defense(defense, **params)
@@ -402,8 +609,16 @@ def _build_defense(model: nn.Module, defense: str, params: dict[str, Any], split
 
 # -- a user's scenario in a sweep ----------------------------------------------------------------
 
-def user_context(name: str, user: UserScenario, defense: str, params: dict[str, Any], stores: Stores, *,
-                 clone_training: TrainConfig | str = "grad2") -> RunContext:
+
+def user_context(
+    name: str,
+    user: UserScenario,
+    defense: str,
+    params: dict[str, Any],
+    stores: Stores,
+    *,
+    clone_training: TrainConfig | str = "grad2",
+) -> RunContext:
     """The run context of a sweep's user scenario (docs/design.md §evaluate): the user's data split
     as :func:`evaluate_model` splits it, their model (or a victim of the standard family trained
     on the data's non-test share and kept in ``stores.models``), ``defense`` with ``params``, its
@@ -416,40 +631,67 @@ def user_context(name: str, user: UserScenario, defense: str, params: dict[str, 
     from mirage.training.surrogate import architecture_for
 
     if is_training_time(defense):
-        raise ValueError(f"{name}: the training-time defense {defense} retrains a victim mirage trains; "
-                         "a user scenario serves the user's own model")
+        raise ValueError(
+            f"{name}: the training-time defense {defense} retrains a victim mirage trains; "
+            "a user scenario serves the user's own model"
+        )
     spec = DefenseSpec.from_params(defense, params)
     parts = spec.parts()
     for part in ("watermark", "misinformation", "gate"):
         if getattr(parts, part) is not None:
-            raise ValueError(f"{name}: {defense}'s {part} is not built from a user scenario's data yet; "
-                             "give it as checkpoints or use a built-in scenario")
+            raise ValueError(
+                f"{name}: {defense}'s {part} is not built from a user scenario's data yet; "
+                "give it as checkpoints or use a built-in scenario"
+            )
     split = split_user_data(_user_data(user.path(user.data)), seed=user.split_seed)
     if user.pool is not None:
         split = _with_pool(split, user.path(user.pool))
-    model = (user_model(user, split) if user.model is not None else user_victim(name, split, stores))
+    model = user_model(user, split) if user.model is not None else user_victim(name, split, stores)
     plain_values = dict(spec.params)
     if parts.reference is not None:
         reference = split.sample.sample(parts.reference.size, parts.reference.seed)
-        plain_values["reference_x"], plain_values["reference_y"] = reference.images, reference.labels
+        plain_values["reference_x"], plain_values["reference_y"] = (
+            reference.images,
+            reference.labels,
+        )
     surrogate = None
     if isinstance(parts.surrogate, str) and parts.surrogate != "distilled":
-        raise ValueError(f"{name}: a {parts.surrogate} surrogate needs a built-in scenario; a user scenario "
-                         "distils one from the model (surrogate = \"distilled\") or loads a checkpoint")
+        raise ValueError(
+            f"{name}: a {parts.surrogate} surrogate needs a built-in scenario; a user scenario "
+            'distils one from the model (surrogate = "distilled") or loads a checkpoint'
+        )
     if parts.surrogate is not None and not isinstance(parts.surrogate, str):
         from mirage.training.resolve import resolve_params
 
-        surrogate = resolve_params(DefenseSpec.from_params(defense, {"surrogate": params["surrogate"]}), None)[
-            "surrogate"]
-    built = (create_defense("none") if defense == "none"
-             else _build_defense(model, defense, plain_values, split, surrogate, torch.device("cpu")))
+        surrogate = resolve_params(
+            DefenseSpec.from_params(defense, {"surrogate": params["surrogate"]}), None
+        )["surrogate"]
+    built = (
+        create_defense("none")
+        if defense == "none"
+        else _build_defense(model, defense, plain_values, split, surrogate, torch.device("cpu"))
+    )
     mean, std = channel_stats(split.pool.images)
-    clone = CloneSpec(architecture=architecture_for(split.input_shape), mean=mean, std=std,
-                      training=recipe(clone_training))
-    return RunContext(scenario=name, test=split.test, pool=split.pool, seeds=split.pool,
-                      labelled=split.attacker_labelled, clone=clone, stores=stores, served=model, plain=model,
-                      defense=built, defense_name=defense,
-                      public_params={k: v for k, v in spec.params.items() if _public(v)})
+    clone = CloneSpec(
+        architecture=architecture_for(split.input_shape),
+        mean=mean,
+        std=std,
+        training=recipe(clone_training),
+    )
+    return RunContext(
+        scenario=name,
+        test=split.test,
+        pool=split.pool,
+        seeds=split.pool,
+        labelled=split.attacker_labelled,
+        clone=clone,
+        stores=stores,
+        served=model,
+        plain=model,
+        defense=built,
+        defense_name=defense,
+        public_params={k: v for k, v in spec.params.items() if _public(v)},
+    )
 
 
 def _user_data(path: Path) -> Any:
@@ -467,12 +709,22 @@ def user_model(user: UserScenario, split: UserSplit) -> nn.Module:
     from mirage.models.formats import format_of, load_model_file
 
     path = user.path(user.model)
-    model, _ = load_model_file(format_of(path), path, input_shape=split.input_shape, class_path=user.model_class)
+    model, _ = load_model_file(
+        format_of(path), path, input_shape=split.input_shape, class_path=user.model_class
+    )
     return _as_classifier(model, split)
 
 
-USER_VICTIM = TrainConfig(epochs=20, batch_size=128, lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                          schedule="cosine", seed=0)
+USER_VICTIM = TrainConfig(
+    epochs=20,
+    batch_size=128,
+    lr=0.05,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    schedule="cosine",
+    seed=0,
+)
 """How a user scenario without a model gets one: the built-in scenarios' LeNet recipe."""
 
 
@@ -493,16 +745,32 @@ def user_victim(name: str, split: UserSplit, stores: Stores) -> nn.Module:
     from mirage.training.surrogate import architecture_for
     from mirage.training.victim import config_key
 
-    train = ImageData(torch.cat([split.sample.images, split.attacker_labelled.images]),
-                      torch.cat([split.sample.labels, split.attacker_labelled.labels]))
+    train = ImageData(
+        torch.cat([split.sample.images, split.attacker_labelled.images]),
+        torch.cat([split.sample.labels, split.attacker_labelled.labels]),
+    )
     architecture = architecture_for(split.input_shape)
-    key = config_key("user-victim", {"images": tensor_digest(train.images), "labels": tensor_digest(train.labels),
-                                     "architecture": architecture, "training": USER_VICTIM.model_dump()})
+    key = config_key(
+        "user-victim",
+        {
+            "images": tensor_digest(train.images),
+            "labels": tensor_digest(train.labels),
+            "architecture": architecture,
+            "training": USER_VICTIM.model_dump(),
+        },
+    )
     directory = stores.models / "victims" / f"user-{name}-{architecture}-{key}"
     if has_checkpoint(directory):
         return load_checkpoint(directory)[0].eval()
-    log.warning("no model given for scenario %s: training a %s victim on its %d non-test images (%d epochs), kept "
-                "in %s", name, architecture, len(train), USER_VICTIM.epochs, directory)
+    log.warning(
+        "no model given for scenario %s: training a %s victim on its %d non-test images (%d epochs), kept "
+        "in %s",
+        name,
+        architecture,
+        len(train),
+        USER_VICTIM.epochs,
+        directory,
+    )
     mean, std = stats(train.images)
     torch.manual_seed(USER_VICTIM.seed)
     model = create_model(architecture, split.input_shape, split.classes, mean, std)
@@ -510,8 +778,16 @@ def user_victim(name: str, split: UserSplit, stores: Stores) -> nn.Module:
     model.eval()
     from mirage.api import accuracy
 
-    card = ModelCard(architecture=architecture, input_shape=split.input_shape, num_classes=split.classes,
-                     mean=mean, std=std, dataset=f"user:{name}", test_accuracy=accuracy(model, split.test),
-                     seed=USER_VICTIM.seed, training=USER_VICTIM.model_dump())
+    card = ModelCard(
+        architecture=architecture,
+        input_shape=split.input_shape,
+        num_classes=split.classes,
+        mean=mean,
+        std=std,
+        dataset=f"user:{name}",
+        test_accuracy=accuracy(model, split.test),
+        seed=USER_VICTIM.seed,
+        training=USER_VICTIM.model_dump(),
+    )
     save_checkpoint(model, card, directory)
     return model

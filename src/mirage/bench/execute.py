@@ -55,8 +55,10 @@ def run_scenario(spec: RunSpec) -> Scenario:
     scenario = get_scenario(spec.scenario)
     if spec.victim_epochs is None:
         return scenario
-    return get_scenario(spec.scenario,
-                        victim_training=scenario.victim_training.model_copy(update={"epochs": spec.victim_epochs}))
+    return get_scenario(
+        spec.scenario,
+        victim_training=scenario.victim_training.model_copy(update={"epochs": spec.victim_epochs}),
+    )
 
 
 class ScenarioContexts:
@@ -70,16 +72,28 @@ class ScenarioContexts:
         self._built: OrderedDict[tuple, RunContext] = OrderedDict()
 
     def get(self, spec: RunSpec) -> RunContext:
-        key = (spec.scenario, spec.victim_epochs, spec.user_scenario, spec.defense,
-               json.dumps(spec.defense_params, sort_keys=True))
+        key = (
+            spec.scenario,
+            spec.victim_epochs,
+            spec.user_scenario,
+            spec.defense,
+            json.dumps(spec.defense_params, sort_keys=True),
+        )
         if key not in self._built:
             if spec.user_scenario is not None:
                 from mirage.bench.evaluation import user_context
 
-                built = user_context(spec.scenario, spec.user_scenario, spec.defense, spec.defense_params,
-                                     self.stores)
+                built = user_context(
+                    spec.scenario,
+                    spec.user_scenario,
+                    spec.defense,
+                    spec.defense_params,
+                    self.stores,
+                )
             else:
-                built = scenario_context(run_scenario(spec), spec.defense, spec.defense_params, self.stores)
+                built = scenario_context(
+                    run_scenario(spec), spec.defense, spec.defense_params, self.stores
+                )
             self._built[key] = built
             while len(self._built) > self.keep:
                 self._built.popitem(last=False)
@@ -107,7 +121,9 @@ def probe_images(pool: Tensor, seed: int) -> Tensor:
     return pool[order[:OVERHEAD_BATCH]]
 
 
-def probe_metrics(context: RunContext, fresh_clone: torch.nn.Module, probe: Tensor) -> dict[str, Any]:
+def probe_metrics(
+    context: RunContext, fresh_clone: torch.nn.Module, probe: Tensor
+) -> dict[str, Any]:
     """The angular deviation of the attacker's gradient on ``ANGLE_SAMPLES`` probe images, clean
     = what the undefended API answers (the plain victim), served = the whole defended pipeline;
     and, for a training-time defense, the effective L1 against the plain victim on the probe (its
@@ -117,14 +133,20 @@ def probe_metrics(context: RunContext, fresh_clone: torch.nn.Module, probe: Tens
     clean = clean_posteriors(context.plain, head)
     served = context.fresh_defense()(head, clean_posteriors(context.served, head))
     metrics: dict[str, Any] = {
-        "angular_deviation": [round(float(a), 2) for a in angular_deviation(fresh_clone, head, clean, served)]}
+        "angular_deviation": [
+            round(float(a), 2) for a in angular_deviation(fresh_clone, head, clean, served)
+        ]
+    }
     if context.training_time:
-        metrics["effective_l1"] = distance_to_plain(clean_posteriors(context.served, probe),
-                                                    clean_posteriors(context.plain, probe))["l1"]
+        metrics["effective_l1"] = distance_to_plain(
+            clean_posteriors(context.served, probe), clean_posteriors(context.plain, probe)
+        )["l1"]
     return metrics
 
 
-def execute_run(spec: RunSpec, stores: Stores | None = None, device: str | None = None) -> dict[str, Any]:
+def execute_run(
+    spec: RunSpec, stores: Stores | None = None, device: str | None = None
+) -> dict[str, Any]:
     """Run one (scenario, defense point, attack, budget, seed) with ``stores`` (default: where the
     environment says, :meth:`Stores.from_environment`), its clone trained on ``device``
     (:func:`mirage.devices.resolve_device`), and return its metrics
@@ -136,18 +158,23 @@ def execute_run(spec: RunSpec, stores: Stores | None = None, device: str | None 
     context = prepare_run(spec, stores)
     card = context.card
     clone = context.clone.model_copy(update={"training": spec.clone_training, "device": device})
-    stolen = run_attack(context, spec.attack, spec.attack_params, spec.budget, spec.seed, clone=clone)
+    stolen = run_attack(
+        context, spec.attack, spec.attack_params, spec.budget, spec.seed, clone=clone
+    )
     result = stolen.result
     final = result.history[-1] if result.history else {}
     probe = probe_images(context.pool.images, spec.seed)
     probes = probe_metrics(context, clone.build(context.input_shape, context.num_classes), probe)
     l1 = probes.pop("effective_l1", None)
-    l1 = ({"effective_l1": result.effective_l1, "effective_l1_on": "queries"} if l1 is None
-          else {"effective_l1": l1, "effective_l1_on": f"{len(probe)} pool images"})
+    l1 = (
+        {"effective_l1": result.effective_l1, "effective_l1_on": "queries"}
+        if l1 is None
+        else {"effective_l1": l1, "effective_l1_on": f"{len(probe)} pool images"}
+    )
     metrics = RunMetrics(
         **context.defender_metrics(spec.eval_size),
         victim_test_accuracy=None if card is None else card.test_accuracy,
-        victim_fingerprint=weights_fingerprint(context.plain),       # the scenario's plain victim
+        victim_fingerprint=weights_fingerprint(context.plain),  # the scenario's plain victim
         served_model_fingerprint=weights_fingerprint(context.served),  # differs for ini, dpsgd
         **stolen.clone,
         **l1,
@@ -162,7 +189,11 @@ def execute_run(spec: RunSpec, stores: Stores | None = None, device: str | None 
         attack_seconds=result.wall_seconds,
         wall_seconds=time.perf_counter() - start,
         worker_peak_rss_mb=peak_rss_mb(),
-        versions={"mirage": mirage.__version__, "torch": torch.__version__, "python": platform.python_version()},
+        versions={
+            "mirage": mirage.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        },
         device=device,
     )
     return metrics.as_record()

@@ -27,19 +27,22 @@ def run_inline(fn: Runner, specs: Sequence[Any]) -> Iterator[tuple[Any, dict[str
         yield spec, fn(spec)
 
 
-def run_process_pool(fn: Runner, specs: Sequence[Any], *, workers: int = 1,
-                     threads_per_worker: int | None = None) -> Iterator[tuple[Any, dict[str, Any]]]:
+def run_process_pool(
+    fn: Runner, specs: Sequence[Any], *, workers: int = 1, threads_per_worker: int | None = None
+) -> Iterator[tuple[Any, dict[str, Any]]]:
     threads = threads_per_worker or max(1, (os.cpu_count() or 1) // workers)
     context = multiprocessing.get_context("spawn")
-    with futures.ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                     initializer=_init_worker, initargs=(threads,)) as pool:
+    with futures.ProcessPoolExecutor(
+        max_workers=workers, mp_context=context, initializer=_init_worker, initargs=(threads,)
+    ) as pool:
         pending = {pool.submit(fn, spec): spec for spec in specs}
         for future in futures.as_completed(pending):
             yield pending[future], future.result()
 
 
-def run_dask(fn: Runner, specs: Sequence[Any], *, scheduler: str | Any
-             ) -> Iterator[tuple[Any, dict[str, Any]]]:
+def run_dask(
+    fn: Runner, specs: Sequence[Any], *, scheduler: str | Any
+) -> Iterator[tuple[Any, dict[str, Any]]]:
     """``scheduler``: a ``tcp://host:port`` address or a ``distributed`` Client/cluster object."""
     from distributed import Client, as_completed
 

@@ -21,8 +21,12 @@ def _save(fig, stem: Path) -> list[Path]:
     paths = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
     with matplotlib.rc_context({"svg.hashsalt": "mirage"}):
         for path in paths:
-            fig.savefig(path, dpi=130, bbox_inches="tight",
-                        metadata={"Date": None} if path.suffix == ".svg" else {"Software": None})
+            fig.savefig(
+                path,
+                dpi=130,
+                bbox_inches="tight",
+                metadata={"Date": None} if path.suffix == ".svg" else {"Software": None},
+            )
     plt.close(fig)
     return paths
 
@@ -31,23 +35,33 @@ ZOOM_DROP = 0.05
 MARKERS = "os^Dv<>PX*"
 
 
-def tradeoff_figure(scenario: str, attack: str, panel: dict[str, Curve],
-                    refs: dict[str, float], stem: Path) -> list[Path]:
+def tradeoff_figure(
+    scenario: str, attack: str, panel: dict[str, Curve], refs: dict[str, float], stem: Path
+) -> list[Path]:
     """Clone accuracy vs defender accuracy (all of it, and zoomed on the first ``ZOOM_DROP`` of
     the defender's loss, where a deployable defense lives) and vs effective L1."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
     colors = plt.get_cmap("tab20").colors
     victim = max((p["victim_accuracy"] for c in panel.values() for p in c.points), default=None)
     for i, (name, curve) in enumerate(sorted(n for n in panel.items() if n[0] != "none")):
-        style = {"marker": MARKERS[i % len(MARKERS)], "ms": 4, "color": colors[i % len(colors)], "label": name}
+        style = {
+            "marker": MARKERS[i % len(MARKERS)],
+            "ms": 4,
+            "color": colors[i % len(colors)],
+            "label": name,
+        }
         for ax, key in zip(axes, ("defender_accuracy", "defender_accuracy", "effective_l1")):
             x, y = curve.xy(key)
             ax.plot(x, y, **style)
     for ax in axes:
         for ref_name, value in sorted(refs.items()):
-            ax.axhline(value, color="k" if ref_name == "undefended" else "tab:gray",
-                       ls="--" if ref_name == "undefended" else ":", lw=1,
-                       label=f"{ref_name} clone")
+            ax.axhline(
+                value,
+                color="k" if ref_name == "undefended" else "tab:gray",
+                ls="--" if ref_name == "undefended" else ":",
+                lw=1,
+                label=f"{ref_name} clone",
+            )
         ax.set_ylabel("clone accuracy")
         ax.grid(alpha=0.3)
     axes[0].set_xlabel("defender accuracy")
@@ -55,8 +69,12 @@ def tradeoff_figure(scenario: str, attack: str, panel: dict[str, Curve],
     axes[1].set_xlabel(f"defender accuracy (within {ZOOM_DROP * 100:.0f} points of the victim)")
     if victim is not None:
         axes[1].set_xlim(victim + 0.005, victim - ZOOM_DROP)
-        shown = [p["clone_accuracy"] for c in panel.values() for p in c.points
-                 if p["defender_accuracy"] >= victim - ZOOM_DROP] + list(refs.values())
+        shown = [
+            p["clone_accuracy"]
+            for c in panel.values()
+            for p in c.points
+            if p["defender_accuracy"] >= victim - ZOOM_DROP
+        ] + list(refs.values())
         axes[1].set_ylim(min(shown) - 0.01, max(shown) + 0.01)
     else:
         axes[1].invert_xaxis()
@@ -89,7 +107,9 @@ def overhead_figure(rows: list[dict[str, Any]], stem: Path) -> list[Path]:
     return _save(fig, stem)
 
 
-def worst_case_figure(scenario: str, family: str, points: list[WorstCasePoint], stem: Path) -> list[Path]:
+def worst_case_figure(
+    scenario: str, family: str, points: list[WorstCasePoint], stem: Path
+) -> list[Path]:
     """Clone accuracy vs defender accuracy per defense point: the soft-label attacker (hollow) and
     the worst case over the suite (filled), joined by a line — how much of a defense's effect the
     strongest attacker takes back. A worst case still missing an attacker is drawn grey."""
@@ -101,8 +121,15 @@ def worst_case_figure(scenario: str, family: str, points: list[WorstCasePoint], 
         if p.soft is not None:
             ax.plot([x, x], [p.soft, p.worst], color=color, lw=1)
             ax.plot(x, p.soft, marker=MARKERS[i % len(MARKERS)], mfc="none", color=color, ms=7)
-        ax.plot(x, p.worst, marker=MARKERS[i % len(MARKERS)], color=color if p.complete else "0.6", ms=7,
-                ls="none", label=f"{p.defense}{'' if p.complete else ' (incomplete)'}")
+        ax.plot(
+            x,
+            p.worst,
+            marker=MARKERS[i % len(MARKERS)],
+            color=color if p.complete else "0.6",
+            ms=7,
+            ls="none",
+            label=f"{p.defense}{'' if p.complete else ' (incomplete)'}",
+        )
     ax.set_xlabel("defender accuracy")
     ax.set_ylabel("clone accuracy (hollow: soft-label, filled: worst case)")
     ax.invert_xaxis()
@@ -112,22 +139,42 @@ def worst_case_figure(scenario: str, family: str, points: list[WorstCasePoint], 
     return _save(fig, stem)
 
 
-def verdict_figure(panels: dict[tuple[str, str], list[WorstCasePoint]], stem: Path,
-                   max_drop: float = 0.01) -> list[Path]:
+def verdict_figure(
+    panels: dict[tuple[str, str], list[WorstCasePoint]], stem: Path, max_drop: float = 0.01
+) -> list[Path]:
     """One panel per (scenario, attack family): each defense within ``max_drop`` of defender cost,
     its soft-label clone (light) and its worst case over the suite (dark), the undefended worst
     case as a dashed line. Incomplete worst cases are hatched."""
     keys = sorted(panels)
-    fig, axes = plt.subplots(1, len(keys), figsize=(5.2 * len(keys), 0.32 * max(
-        (len(panels[k]) for k in keys), default=3) + 1.6), squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(keys),
+        figsize=(5.2 * len(keys), 0.32 * max((len(panels[k]) for k in keys), default=3) + 1.6),
+        squeeze=False,
+        layout="constrained",
+    )
     for ax, key in zip(axes[0], keys, strict=True):
-        points = sorted((p for p in panels[key] if p.drop <= max_drop + 1e-6),
-                        key=lambda p: -p.worst)
+        points = sorted(
+            (p for p in panels[key] if p.drop <= max_drop + 1e-6), key=lambda p: -p.worst
+        )
         names = [p.defense for p in points]
         y = np.arange(len(points))
-        ax.barh(y + 0.2, [p.soft or 0 for p in points], 0.4, color="tab:blue", alpha=0.35, label="soft-label")
-        ax.barh(y - 0.2, [p.worst for p in points], 0.4, color="tab:blue",
-                hatch=None, label="worst case")
+        ax.barh(
+            y + 0.2,
+            [p.soft or 0 for p in points],
+            0.4,
+            color="tab:blue",
+            alpha=0.35,
+            label="soft-label",
+        )
+        ax.barh(
+            y - 0.2,
+            [p.worst for p in points],
+            0.4,
+            color="tab:blue",
+            hatch=None,
+            label="worst case",
+        )
         for yi, p in zip(y, points, strict=True):
             if not p.complete:
                 ax.barh(yi - 0.2, p.worst, 0.4, color="white", edgecolor="tab:blue", hatch="//")
@@ -140,5 +187,7 @@ def verdict_figure(panels: dict[tuple[str, str], list[WorstCasePoint]], stem: Pa
         ax.set_title(f"{key[0]} — {key[1]}", fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower right")
-    fig.suptitle(f"Clone accuracy at ≤ {max_drop * 100:.0f} point of defender cost: soft-label vs worst-case attacker")
+    fig.suptitle(
+        f"Clone accuracy at ≤ {max_drop * 100:.0f} point of defender cost: soft-label vs worst-case attacker"
+    )
     return _save(fig, stem)

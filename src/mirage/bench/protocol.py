@@ -110,7 +110,9 @@ class RunContext:
     labelled: ImageData | None = None
     card: ModelCard | None = None
     training_time: bool = False
-    _defender: dict[int | None, dict[str, Any]] = dataclasses.field(default_factory=dict, init=False, repr=False)
+    _defender: dict[int | None, dict[str, Any]] = dataclasses.field(
+        default_factory=dict, init=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         if (self.served is None) == (self.endpoint is None):
@@ -158,21 +160,39 @@ class RunContext:
         return self._defender[eval_size]
 
     def _measure_defender(self, eval_size: int | None) -> dict[str, Any]:
-        data = self.test if eval_size is None else self.test.subset(torch.arange(min(eval_size, len(self.test))))
+        data = (
+            self.test
+            if eval_size is None
+            else self.test.subset(torch.arange(min(eval_size, len(self.test))))
+        )
         if self.endpoint is not None:
             served = self.endpoint.query(data.images)
             defended = float((served.argmax(1) == data.labels).float().mean())
             clean = defended if self.plain is None else accuracy(self.plain, data)
-            return {"victim_accuracy": clean, "defender_accuracy": defended, "defender_l1": None,
-                    "defender_top1_agreement": None}
+            return {
+                "victim_accuracy": clean,
+                "defender_accuracy": defended,
+                "defender_l1": None,
+                "defender_top1_agreement": None,
+            }
         result = defended_accuracy(self.served, self.fresh_defense(), data)
         if not self.training_time:
-            return {"victim_accuracy": result.clean_accuracy, "defender_accuracy": result.defended_accuracy,
-                    "defender_l1": result.effective_l1, "defender_top1_agreement": result.top1_agreement}
+            return {
+                "victim_accuracy": result.clean_accuracy,
+                "defender_accuracy": result.defended_accuracy,
+                "defender_l1": result.effective_l1,
+                "defender_top1_agreement": result.top1_agreement,
+            }
         # the plain model's accuracy on the same images, and the served answers' distance from it
-        return {"victim_accuracy": accuracy(self.plain, data), "defender_accuracy": result.defended_accuracy,
-                **distance_to_plain(clean_posteriors(self.served, data.images),
-                                    clean_posteriors(self.plain, data.images), prefix="defender_")}
+        return {
+            "victim_accuracy": accuracy(self.plain, data),
+            "defender_accuracy": result.defended_accuracy,
+            **distance_to_plain(
+                clean_posteriors(self.served, data.images),
+                clean_posteriors(self.plain, data.images),
+                prefix="defender_",
+            ),
+        }
 
     def overhead(self, images: Tensor) -> float | None:
         """(forward + defense) / forward of the served model on ``images`` (``None`` without a
@@ -200,8 +220,15 @@ def split_defense(name: str, params: dict[str, Any]) -> tuple[DefenseSpec, Defen
     return DefenseSpec(), DefenseSpec.from_params(name, params)
 
 
-def scenario_context(scenario: Scenario, defense: str, params: dict[str, Any], stores: Stores, *,
-                     clone_training: Any = "grad2", show_progress: bool = False) -> RunContext:
+def scenario_context(
+    scenario: Scenario,
+    defense: str,
+    params: dict[str, Any],
+    stores: Stores,
+    *,
+    clone_training: Any = "grad2",
+    show_progress: bool = False,
+) -> RunContext:
     """The run context of ``scenario``'s victim behind ``defense`` with ``params``: the victims
     and the defense's parts trained or loaded from ``stores.models``, the scenario's test set,
     query pool, seed images and (for the label-aligning attacker) its training split, and the
@@ -211,10 +238,21 @@ def scenario_context(scenario: Scenario, defense: str, params: dict[str, Any], s
     built = resolve_defense(query, scenario, victims.served, victims.card, models=stores.models)
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     return RunContext(
-        scenario=scenario.name, test=data.test, pool=query_pool(scenario), seeds=seed_source(scenario),
-        labelled=data.train, clone=CloneSpec.like(victims.card, training=clone_training), stores=stores,
-        served=victims.served, plain=victims.plain, defense=built, defense_name=query.name,
-        public_params=dict(query.params), card=victims.card, training_time=victims.training_time)
+        scenario=scenario.name,
+        test=data.test,
+        pool=query_pool(scenario),
+        seeds=seed_source(scenario),
+        labelled=data.train,
+        clone=CloneSpec.like(victims.card, training=clone_training),
+        stores=stores,
+        served=victims.served,
+        plain=victims.plain,
+        defense=built,
+        defense_name=query.name,
+        public_params=dict(query.params),
+        card=victims.card,
+        training_time=victims.training_time,
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,8 +264,15 @@ class Stolen:
     clone: dict[str, Any]
 
 
-def run_attack(context: RunContext, attack: str, attack_params: dict[str, Any], budget: int, seed: int, *,
-               clone: CloneSpec | None = None) -> Stolen:
+def run_attack(
+    context: RunContext,
+    attack: str,
+    attack_params: dict[str, Any],
+    budget: int,
+    seed: int,
+    *,
+    clone: CloneSpec | None = None,
+) -> Stolen:
     """The run (docs/design.md §protocol): ``attack`` with ``attack_params`` and ``budget`` queries
     against ``context``'s defended API, seeded by ``seed``, its clone built by ``clone`` (default
     the context's) and judged on the defender's test set.
@@ -239,19 +284,30 @@ def run_attack(context: RunContext, attack: str, attack_params: dict[str, Any], 
     runner = create_attack(attack, **context.told(attack_params))
     api = context.api()
     replaying = None
-    if context.stores.answers is not None and runner.params.api_keys == 1 and isinstance(api, InProcessAPI):
+    if (
+        context.stores.answers is not None
+        and runner.params.api_keys == 1
+        and isinstance(api, InProcessAPI)
+    ):
         try:
             api = replaying = ReplayingAPI(api, AnswerCache(context.stores.answers))
         except (TypeError, ValueError) as error:  # e.g. a parameter it cannot fingerprint
             log.warning("answer cache off for this run: %s", error)
     wanted = runner.params.align_labels
-    labelled = (None if wanted is None or context.labelled is None
-                else context.labelled.sample(wanted, seed + ALIGNMENT_SEED_OFFSET))
+    labelled = (
+        None
+        if wanted is None or context.labelled is None
+        else context.labelled.sample(wanted, seed + ALIGNMENT_SEED_OFFSET)
+    )
     spec = (clone or context.clone).model_copy(update={"cache": context.stores.clones})
-    result = runner.run(api, budget, context.attack_images(attack), spec, seed=seed, labelled=labelled)
+    result = runner.run(
+        api, budget, context.attack_images(attack), spec, seed=seed, labelled=labelled
+    )
     if replaying is not None:
         replaying.close()
-    return Stolen(result, 0 if replaying is None else replaying.replayed, clone_metrics(result, context.test))
+    return Stolen(
+        result, 0 if replaying is None else replaying.replayed, clone_metrics(result, context.test)
+    )
 
 
 class RunMetrics(BaseModel):
@@ -305,7 +361,9 @@ class RunMetrics(BaseModel):
 COLLAPSE_MAJORITY = 0.9
 
 
-def clone_health(clone: nn.Module, history: list[dict[str, Any]], predictions: Tensor) -> dict[str, Any]:
+def clone_health(
+    clone: nn.Module, history: list[dict[str, Any]], predictions: Tensor
+) -> dict[str, Any]:
     """Did the clone's training fail? A clone at chance accuracy means something else when its
     weights are NaN (diverged) or it answers one class for nearly every image (collapsed, its
     loss stalled near log K): an attacker sees either and retrains, so the report flags them.
@@ -315,10 +373,12 @@ def clone_health(clone: nn.Module, history: list[dict[str, Any]], predictions: T
     loss_diverged = final_loss is not None and not math.isfinite(final_loss)
     weights_diverged = not all(bool(torch.isfinite(w).all()) for w in clone.parameters())
     majority = float(predictions.bincount().max()) / len(predictions)
-    return {"clone_final_loss": None if final_loss is None or loss_diverged else final_loss,
-            "clone_diverged": loss_diverged or weights_diverged,
-            "clone_majority_fraction": majority,
-            "clone_collapsed": majority >= COLLAPSE_MAJORITY}
+    return {
+        "clone_final_loss": None if final_loss is None or loss_diverged else final_loss,
+        "clone_diverged": loss_diverged or weights_diverged,
+        "clone_majority_fraction": majority,
+        "clone_collapsed": majority >= COLLAPSE_MAJORITY,
+    }
 
 
 def clone_metrics(result: AttackResult, test: ImageData) -> dict[str, Any]:
@@ -326,18 +386,23 @@ def clone_metrics(result: AttackResult, test: ImageData) -> dict[str, Any]:
     (:func:`clone_health`), the queries spent and the transfer set's size and digest."""
     predictions = clean_posteriors(result.clone, test.images).argmax(1)
     final = result.history[-1] if result.history else {}
-    return {"clone_accuracy": float((predictions == test.labels).float().mean()),
-            **clone_health(result.clone, result.history, predictions),
-            "queries": result.queries, "transfer_digest": final.get("transfer_digest"),
-            "transfer_size": result.transfer_size}
+    return {
+        "clone_accuracy": float((predictions == test.labels).float().mean()),
+        **clone_health(result.clone, result.history, predictions),
+        "queries": result.queries,
+        "transfer_digest": final.get("transfer_digest"),
+        "transfer_size": result.transfer_size,
+    }
 
 
 def distance_to_plain(served: Tensor, plain: Tensor, *, prefix: str = "") -> dict[str, float]:
     """Mean ‖ỹ − y‖₁ and top-1 agreement of served answers ``served`` against the plain victim's
     ``plain`` (both (N, K)): for a training-time defense, the L1 and agreement a query-time
     defense's ledger would report."""
-    return {f"{prefix}l1": float((served - plain).abs().sum(1).mean()),
-            f"{prefix}top1_agreement": float((served.argmax(1) == plain.argmax(1)).float().mean())}
+    return {
+        f"{prefix}l1": float((served - plain).abs().sum(1).mean()),
+        f"{prefix}top1_agreement": float((served.argmax(1) == plain.argmax(1)).float().mean()),
+    }
 
 
 def measure_overhead(victim: nn.Module, defense: Defense, x: Tensor, *, repeats: int = 3) -> float:
@@ -361,4 +426,6 @@ def peak_rss_mb() -> float | None:
     except ImportError:  # Windows
         return None
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
+    return (
+        peak / 2**20 if sys.platform == "darwin" else peak / 2**10
+    )  # bytes on macOS, KiB on Linux

@@ -105,13 +105,15 @@ def render_markdown(title: str, sections: list[Section]) -> str:
     return "\n".join(out)
 
 
-STYLE = ("body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
-         "line-height:1.4}table{border-collapse:collapse;font-size:12px;margin:.6em 0}"
-         "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}"
-         "th{background:#f3f3f3;white-space:normal}td:first-child{white-space:normal;text-align:left;"
-         "max-width:22em}td.text{white-space:normal;text-align:left;min-width:10em}.scroll{overflow-x:auto;max-width:100%}img{max-width:100%}"
-         "section.verdict{border:2px solid #2a6;padding:0 1em;border-radius:6px;margin:1em 0}"
-         ".warning{color:#a40}")
+STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;"
+    "line-height:1.4}table{border-collapse:collapse;font-size:12px;margin:.6em 0}"
+    "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right;white-space:nowrap}"
+    "th{background:#f3f3f3;white-space:normal}td:first-child{white-space:normal;text-align:left;"
+    "max-width:22em}td.text{white-space:normal;text-align:left;min-width:10em}.scroll{overflow-x:auto;max-width:100%}img{max-width:100%}"
+    "section.verdict{border:2px solid #2a6;padding:0 1em;border-radius:6px;margin:1em 0}"
+    ".warning{color:#a40}"
+)
 
 
 WARNING = "> **Warning:** "
@@ -123,7 +125,9 @@ def _inline_html(text: str) -> str:
     escaped = html.escape(text.removeprefix(WARNING))
     escaped = re.sub(r"`([^`]+)`", r"<code>\1</code>", escaped)
     escaped = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", escaped)
-    return f"<span class='warning'><strong>Warning:</strong> {escaped}</span>" if warning else escaped
+    return (
+        f"<span class='warning'><strong>Warning:</strong> {escaped}</span>" if warning else escaped
+    )
 
 
 def render_html(title: str, sections: list[Section]) -> str:
@@ -135,13 +139,17 @@ def render_html(title: str, sections: list[Section]) -> str:
             part.append(f"<h{section.level}>{html.escape(section.title)}</h{section.level}>")
         part += [f"<p>{_inline_html(t)}</p>" for t in section.text]
         if section.image:
-            part.append(f'<img src="{html.escape(section.image)}" alt="{html.escape(section.title)}">')
+            part.append(
+                f'<img src="{html.escape(section.image)}" alt="{html.escape(section.title)}">'
+            )
         if section.table is not None:
             part.append(_html_table(section.table))
         body.append("".join(part) + "</section>")
-    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
-            f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>")
+    return (
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+        f"<meta name='viewport' content='width=device-width,initial-scale=1'>"
+        f"<style>{STYLE}</style></head><body>{''.join(body)}</body></html>"
+    )
 
 
 def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
@@ -154,27 +162,37 @@ def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
             victims.setdefault(r["scenario"], set()).add(r["victim_fingerprint"])
     for scenario, prints in sorted(victims.items()):
         if len(prints) > 1:
-            warnings.append(f"{scenario}: runs come from {len(prints)} different victims "
-                            f"({', '.join(sorted(prints))})")
+            warnings.append(
+                f"{scenario}: runs come from {len(prints)} different victims "
+                f"({', '.join(sorted(prints))})"
+            )
     diverged = [r for r in records if r.get("clone_diverged")]
     if diverged:
-        warnings.append(f"{len(diverged)} run(s) trained a clone whose loss or weights diverged "
-                        "(marked in the table of all runs); an attacker would notice and retrain")
+        warnings.append(
+            f"{len(diverged)} run(s) trained a clone whose loss or weights diverged "
+            "(marked in the table of all runs); an attacker would notice and retrain"
+        )
     collapsed = [r for r in records if r.get("clone_collapsed") and not r.get("clone_diverged")]
     if collapsed:
-        warnings.append(f"{len(collapsed)} run(s) trained a clone that answers one class for nearly every "
-                        "image (clone_collapsed in the table of all runs): its training stalled, which "
-                        "an attacker would notice and retrain; check such a point across seeds")
+        warnings.append(
+            f"{len(collapsed)} run(s) trained a clone that answers one class for nearly every "
+            "image (clone_collapsed in the table of all runs): its training stalled, which "
+            "an attacker would notice and retrain; check such a point across seeds"
+        )
     counted = counted_runs(records)
     left_out = len(records) - len(counted)
     if left_out:
-        warnings.append(f"the {left_out} run(s) with a failed clone are left out of the curves and tables "
-                        "(an attacker's `restarts` countermeasure measures them)")
+        warnings.append(
+            f"the {left_out} run(s) with a failed clone are left out of the curves and tables "
+            "(an attacker's `restarts` countermeasure measures them)"
+        )
     counted_collapses = sum(bool(r.get("clone_collapsed")) for r in counted)
     if counted_collapses:
-        warnings.append(f"{counted_collapses} collapsed run(s) count: their point's clone collapsed at "
-                        f"every seed, {PERSISTENT_COLLAPSE_SEEDS} or more, which is that attacker's "
-                        "outcome rather than a stalled training")
+        warnings.append(
+            f"{counted_collapses} collapsed run(s) count: their point's clone collapsed at "
+            f"every seed, {PERSISTENT_COLLAPSE_SEEDS} or more, which is that attacker's "
+            "outcome rather than a stalled training"
+        )
     return warnings
 
 
@@ -195,10 +213,13 @@ VERDICT_TEXT = (
     "which does that at no perturbation cost, judged by its own runs where it was measured "
     "(`labels-only bound`: that point, or the closest; `figures of`: the point whose figures stand "
     "for `argmax` where it was not). Suite: {suite}. A worst case still missing an attacker is a "
-    "lower bound (≥) and never recommended.{extra}")
+    "lower bound (≥) and never recommended.{extra}"
+)
 
 
-def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: Path) -> list[Section]:
+def suite_sections(
+    config: SweepConfig, records: list[dict[str, Any]], out_dir: Path
+) -> list[Section]:
     """The verdict and one worst-case section per (scenario, attack family), when the sweep has
     an attacker suite; nothing otherwise."""
     suites = {a.display: tuple(sorted(a.variants)) for a in config.attacks if a.variants}
@@ -209,27 +230,51 @@ def suite_sections(config: SweepConfig, records: list[dict[str, Any]], out_dir: 
     verdict_figure(panels, out_dir / "plots" / "verdict")
     suite_names = sorted({v for variants in suites.values() for v in variants})
     extra_names = sorted({v for a in config.attacks for v in a.extra_variants})
-    extra = (f" Beyond the suite, counted where they ran (the defenses they answer): {', '.join(extra_names)}."
-             if extra_names else "")
-    sections = [Section("Verdict: which defense to deploy",
-                        [VERDICT_TEXT.format(suite=", ".join(suite_names), extra=extra),
-                         *map(verdict_advice, rows)],
-                        "plots/verdict.png", [verdict_table_row(row) for row in rows])]
+    extra = (
+        f" Beyond the suite, counted where they ran (the defenses they answer): {', '.join(extra_names)}."
+        if extra_names
+        else ""
+    )
+    sections = [
+        Section(
+            "Verdict: which defense to deploy",
+            [
+                VERDICT_TEXT.format(suite=", ".join(suite_names), extra=extra),
+                *map(verdict_advice, rows),
+            ],
+            "plots/verdict.png",
+            [verdict_table_row(row) for row in rows],
+        )
+    ]
     for (scenario, family), points in sorted(panels.items()):
         stem = out_dir / "plots" / f"worst_case_{scenario}_{family}"
         worst_case_figure(scenario, family, points, stem)
         change = ranking_changes(points)
-        sections.append(Section(
-            f"{scenario} — {family}: every defense by its worst case",
-            ["Defender drop in points of accuracy; clones as mean over seeds (± spread); "
-             "`=undef.`: the run's transfer set is exactly the undefended API's (equal digest), "
-             "so it trained the undefended clone.",
-             f"Order within 1 point of cost, soft-label attacker: {', '.join(change['soft order']) or '–'}; "
-             f"worst case: {', '.join(change['worst-case order']) or '–'} "
-             f"({change['changed place']} defenses change place)."],
-            f"plots/{stem.name}.png", worst_case_table(points)))
-        sections.append(Section(f"{scenario} — {family}: best operating point within a cost, "
-                                "soft-label vs worst case", [], None, worst_case_best_within(points), level=3))
+        sections.append(
+            Section(
+                f"{scenario} — {family}: every defense by its worst case",
+                [
+                    "Defender drop in points of accuracy; clones as mean over seeds (± spread); "
+                    "`=undef.`: the run's transfer set is exactly the undefended API's (equal digest), "
+                    "so it trained the undefended clone.",
+                    f"Order within 1 point of cost, soft-label attacker: {', '.join(change['soft order']) or '–'}; "
+                    f"worst case: {', '.join(change['worst-case order']) or '–'} "
+                    f"({change['changed place']} defenses change place).",
+                ],
+                f"plots/{stem.name}.png",
+                worst_case_table(points),
+            )
+        )
+        sections.append(
+            Section(
+                f"{scenario} — {family}: best operating point within a cost, "
+                "soft-label vs worst case",
+                [],
+                None,
+                worst_case_best_within(points),
+                level=3,
+            )
+        )
     return sections
 
 
@@ -240,10 +285,16 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
     reference_of = {a.display: a.reference_for for a in config.attacks if a.reference_for}
     panels = curves(records)
     refs = references(records, reference_of)
-    sections = [Section("", [
-        f"{len(records)} runs from `{Path(results).name}`. Clone and defender accuracy on the "
-        "victim's test set; effective L1 = mean ‖ỹ − y‖₁ served to the attacker; overhead = "
-        "per-query time of the defended API over the undefended forward, measured in the same run."])]
+    sections = [
+        Section(
+            "",
+            [
+                f"{len(records)} runs from `{Path(results).name}`. Clone and defender accuracy on the "
+                "victim's test set; effective L1 = mean ‖ỹ − y‖₁ served to the attacker; overhead = "
+                "per-query time of the defended API over the undefended forward, measured in the same run."
+            ],
+        )
+    ]
     sections += suite_sections(config, records, out_dir)
     warnings = consistency_warnings(records)
     if warnings:
@@ -253,44 +304,98 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
             continue
         stem = out_dir / "plots" / f"tradeoff_{scenario}_{attack.replace('/', '_')}"
         tradeoff_figure(scenario, attack, panel, refs.get((scenario, attack), {}), stem)
-        ref_rows = [{"reference": k, "clone_accuracy": v} for k, v in sorted(refs.get((scenario, attack), {}).items())]
+        ref_rows = [
+            {"reference": k, "clone_accuracy": v}
+            for k, v in sorted(refs.get((scenario, attack), {}).items())
+        ]
         sections += [
             Section(f"{scenario} — {attack}", [], f"plots/{stem.name}.png", ref_rows),
-            Section(f"{scenario} — {attack}: clone accuracy at equal cost (interpolated)", [], None,
-                    tradeoff_table(panel), level=3),
-            Section(f"{scenario} — {attack}: best operating point within a cost", [], None,
-                    best_within_table(panel), level=3),
-            Section(f"{scenario} — {attack}: every point (mean and spread over seeds)", [], None,
-                    points_table(panel), level=3),
+            Section(
+                f"{scenario} — {attack}: clone accuracy at equal cost (interpolated)",
+                [],
+                None,
+                tradeoff_table(panel),
+                level=3,
+            ),
+            Section(
+                f"{scenario} — {attack}: best operating point within a cost",
+                [],
+                None,
+                best_within_table(panel),
+                level=3,
+            ),
+            Section(
+                f"{scenario} — {attack}: every point (mean and spread over seeds)",
+                [],
+                None,
+                points_table(panel),
+                level=3,
+            ),
         ]
 
     angles: dict[str, dict[str, list[float]]] = {}
     for r in records:
         if r.get("angular_deviation") and r["defense"] != "none":
-            angles.setdefault(r["scenario"], {}).setdefault(r["defense_label"], []).extend(r["angular_deviation"])
+            angles.setdefault(r["scenario"], {}).setdefault(r["defense_label"], []).extend(
+                r["angular_deviation"]
+            )
     for i, (scenario, series) in enumerate(sorted(angles.items())):
         stem = out_dir / "plots" / f"angular_deviation_{scenario}"
         angular_deviation_figure(series, f"{scenario}: clean vs served gradient", stem)
-        sections.append(Section("Angular deviation of the attacker's gradient" if i == 0 else "",
-                                [], f"plots/{stem.name}.png"))
+        sections.append(
+            Section(
+                "Angular deviation of the attacker's gradient" if i == 0 else "",
+                [],
+                f"plots/{stem.name}.png",
+            )
+        )
 
     overhead = overhead_table(records)
     if overhead:
         overhead_figure(overhead, out_dir / "plots" / "overhead")
-    sections.append(Section("Per-query overhead", [], "plots/overhead.png" if overhead else None, overhead))
-    sections.append(Section("Cost of the sweep", [
-        "Compute as the sum of run wall times (the sweep's wall time is about this over the "
-        "number of workers), without the models trained before dispatch (victims, "
-        "surrogates, training-time defenses); peak RSS is the largest any worker reached by "
-        "the end of a run."], None, sweep_cost_table(records)))
-    run_rows = [{k: r.get(k) for k in ("scenario", "defense_label", "defense_params", "attack_label",
-                                        "budget", "seed", "victim_accuracy", "defender_accuracy",
-                                        "clone_accuracy", "clone_diverged", "clone_collapsed",
-                                        "effective_l1", "overhead_ratio", "wall_seconds")}
-                for r in records]
+    sections.append(
+        Section("Per-query overhead", [], "plots/overhead.png" if overhead else None, overhead)
+    )
+    sections.append(
+        Section(
+            "Cost of the sweep",
+            [
+                "Compute as the sum of run wall times (the sweep's wall time is about this over the "
+                "number of workers), without the models trained before dispatch (victims, "
+                "surrogates, training-time defenses); peak RSS is the largest any worker reached by "
+                "the end of a run."
+            ],
+            None,
+            sweep_cost_table(records),
+        )
+    )
+    run_rows = [
+        {
+            k: r.get(k)
+            for k in (
+                "scenario",
+                "defense_label",
+                "defense_params",
+                "attack_label",
+                "budget",
+                "seed",
+                "victim_accuracy",
+                "defender_accuracy",
+                "clone_accuracy",
+                "clone_diverged",
+                "clone_collapsed",
+                "effective_l1",
+                "overhead_ratio",
+                "wall_seconds",
+            )
+        }
+        for r in records
+    ]
     sections.append(Section("All runs", [], None, run_rows))
     out_dir.mkdir(parents=True, exist_ok=True)
     title = f"mirage benchmark — {config.name}"
-    (out_dir / "report.md").write_text(render_markdown(title.replace(config.name, f"`{config.name}`"), sections))
+    (out_dir / "report.md").write_text(
+        render_markdown(title.replace(config.name, f"`{config.name}`"), sections)
+    )
     (out_dir / "report.html").write_text(render_html(title, sections))
     return out_dir / "report.md"

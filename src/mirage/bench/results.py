@@ -39,11 +39,15 @@ class ResultStore:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:
-                log.warning("%s:%d: ignoring an incomplete line (interrupted write)", self.path, number)
+                log.warning(
+                    "%s:%d: ignoring an incomplete line (interrupted write)", self.path, number
+                )
                 continue
             if (run_id := record.get("run_id")) is not None:
                 if run_id in seen:
-                    log.warning("%s:%d: ignoring a second record of run %s", self.path, number, run_id)
+                    log.warning(
+                        "%s:%d: ignoring a second record of run %s", self.path, number, run_id
+                    )
                     continue
                 seen.add(run_id)
             records.append(record)
@@ -60,10 +64,16 @@ class ResultStore:
             fcntl.flock(handle, fcntl.LOCK_EX)  # released when the file closes
             handle.seek(0)
             run_id = record.get("run_id")
-            if run_id is not None and any(r.get("run_id") == run_id
-                                          for r in self._parse(handle.read().decode(errors="replace"))):
-                log.warning("%s: run %s is recorded already (another sweep on this file?); "
-                            "keeping the first record", self.path, run_id)
+            if run_id is not None and any(
+                r.get("run_id") == run_id
+                for r in self._parse(handle.read().decode(errors="replace"))
+            ):
+                log.warning(
+                    "%s: run %s is recorded already (another sweep on this file?); "
+                    "keeping the first record",
+                    self.path,
+                    run_id,
+                )
                 return False
             handle.seek(0, os.SEEK_END)
             if handle.tell() > 0:

@@ -40,8 +40,9 @@ class RunSpec(BaseModel):
     def run_id(self) -> str:
         # labels name a run, they do not define it: a run keeps its id when relabelled (the soft
         # attacker of a suite is the plain attack of an earlier sweep)
-        fields = self.model_dump(mode="json", exclude={"defense_label", "attack_label", "attack_family",
-                                                       "attacker"})
+        fields = self.model_dump(
+            mode="json", exclude={"defense_label", "attack_label", "attack_family", "attacker"}
+        )
         for optional in ("victim_epochs", "user_scenario"):
             if fields[optional] is None:  # runs recorded before the field existed keep their id
                 del fields[optional]
@@ -50,8 +51,10 @@ class RunSpec(BaseModel):
 
     def describe(self) -> str:
         params = ",".join(f"{k}={v}" for k, v in sorted(self.defense_params.items()))
-        return (f"{self.scenario} | {self.defense_label}({params}) | {self.attack_label}"
-                f"@{self.budget} | seed {self.seed}")
+        return (
+            f"{self.scenario} | {self.defense_label}({params}) | {self.attack_label}"
+            f"@{self.budget} | seed {self.seed}"
+        )
 
 
 def expand(config: SweepConfig) -> list[RunSpec]:
@@ -67,14 +70,25 @@ def expand(config: SweepConfig) -> list[RunSpec]:
                         continue
                     for params in defense.points(scenario):
                         for seed in config.seeds:
-                            runs.append(RunSpec(
-                                scenario=scenario, defense=defense.name, defense_label=defense.display,
-                                defense_params=params, attack=attack.name, attack_label=label,
-                                attack_params=attack_params, budget=attack.budget, seed=seed,
-                                clone_training=config.clone_training.model_copy(update={"seed": seed}),
-                                eval_size=config.eval_size,
-                                victim_epochs=config.victim_epochs.get(scenario),
-                                attack_family=attack.display if attacker else None, attacker=attacker,
-                                user_scenario=config.user_scenarios.get(scenario),
-                            ))
+                            runs.append(
+                                RunSpec(
+                                    scenario=scenario,
+                                    defense=defense.name,
+                                    defense_label=defense.display,
+                                    defense_params=params,
+                                    attack=attack.name,
+                                    attack_label=label,
+                                    attack_params=attack_params,
+                                    budget=attack.budget,
+                                    seed=seed,
+                                    clone_training=config.clone_training.model_copy(
+                                        update={"seed": seed}
+                                    ),
+                                    eval_size=config.eval_size,
+                                    victim_epochs=config.victim_epochs.get(scenario),
+                                    attack_family=attack.display if attacker else None,
+                                    attacker=attacker,
+                                    user_scenario=config.user_scenarios.get(scenario),
+                                )
+                            )
     return runs

@@ -40,10 +40,19 @@ class Curve:
 
 
 def _mean_over_seeds(records: list[dict[str, Any]]) -> dict[str, Any]:
-    keys = ("clone_accuracy", "defender_accuracy", "victim_accuracy", "effective_l1", "defender_l1",
-            "overhead_ratio")
-    out = {k: float(np.mean([r[k] for r in records if r.get(k) is not None]))
-           for k in keys if any(r.get(k) is not None for r in records)}
+    keys = (
+        "clone_accuracy",
+        "defender_accuracy",
+        "victim_accuracy",
+        "effective_l1",
+        "defender_l1",
+        "overhead_ratio",
+    )
+    out = {
+        k: float(np.mean([r[k] for r in records if r.get(k) is not None]))
+        for k in keys
+        if any(r.get(k) is not None for r in records)
+    }
     out["defense_params"] = records[0]["defense_params"]
     out["seeds"] = sorted(r["seed"] for r in records)
     out["clone_accuracy_std"] = float(np.std([r["clone_accuracy"] for r in records]))
@@ -60,8 +69,12 @@ def failed_clone(record: dict[str, Any]) -> bool:
 
 
 def _run_group(record: dict[str, Any]) -> tuple:
-    return (record.get("scenario"), record.get("attack_label"), record.get("defense_label"),
-            tuple(sorted((k, str(v)) for k, v in (record.get("defense_params") or {}).items())))
+    return (
+        record.get("scenario"),
+        record.get("attack_label"),
+        record.get("defense_label"),
+        tuple(sorted((k, str(v)) for k, v in (record.get("defense_params") or {}).items())),
+    )
 
 
 def persistently_collapsed(records: list[dict[str, Any]]) -> set[tuple]:
@@ -75,14 +88,22 @@ def persistently_collapsed(records: list[dict[str, Any]]) -> set[tuple]:
             seeds[group].add(r.get("seed"))
         else:
             not_collapsed.add(group)
-    return {g for g, s in seeds.items() if g not in not_collapsed and len(s) >= PERSISTENT_COLLAPSE_SEEDS}
+    return {
+        g
+        for g, s in seeds.items()
+        if g not in not_collapsed and len(s) >= PERSISTENT_COLLAPSE_SEEDS
+    }
 
 
 def counted_runs(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The runs the summaries use: those with a healthy clone, plus every run of a group that
     collapsed at every seed (:func:`persistently_collapsed`); a diverged run never counts."""
     persistent = persistently_collapsed(records)
-    return [r for r in records if not failed_clone(r) or (not r.get("clone_diverged") and _run_group(r) in persistent)]
+    return [
+        r
+        for r in records
+        if not failed_clone(r) or (not r.get("clone_diverged") and _run_group(r) in persistent)
+    ]
 
 
 def curves(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[str, Curve]]:
@@ -125,11 +146,16 @@ def best_within(cost: np.ndarray, clone: np.ndarray, limit: float) -> float | No
 def _costs(curve: Curve) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(defender-accuracy drop, clone accuracy, effective L1) of a curve's points."""
     pts = curve.points
-    return (np.array([p["victim_accuracy"] - p["defender_accuracy"] for p in pts]),
-            np.array([p["clone_accuracy"] for p in pts]), np.array([p["effective_l1"] for p in pts]))
+    return (
+        np.array([p["victim_accuracy"] - p["defender_accuracy"] for p in pts]),
+        np.array([p["clone_accuracy"] for p in pts]),
+        np.array([p["effective_l1"] for p in pts]),
+    )
 
 
-def _cost_table(panel: dict[str, Curve], at, prefix: str, drop_fmt: str, l1_fmt: str) -> list[dict[str, Any]]:
+def _cost_table(
+    panel: dict[str, Curve], at, prefix: str, drop_fmt: str, l1_fmt: str
+) -> list[dict[str, Any]]:
     """One row per defense: ``at(cost, clone, level)`` at each defender-accuracy drop and L1 level."""
     rows = []
     for name, curve in sorted(panel.items()):
@@ -137,7 +163,12 @@ def _cost_table(panel: dict[str, Curve], at, prefix: str, drop_fmt: str, l1_fmt:
             continue
         drop, clone, l1 = _costs(curve)
         row: dict[str, Any] = {"defense": name}
-        row.update({f"{prefix}@{drop_fmt}{int(d * 100)}": at(np.maximum(drop, 0), clone, d) for d in ACCURACY_DROPS})
+        row.update(
+            {
+                f"{prefix}@{drop_fmt}{int(d * 100)}": at(np.maximum(drop, 0), clone, d)
+                for d in ACCURACY_DROPS
+            }
+        )
         row.update({f"{prefix}@{l1_fmt}{level}": at(l1, clone, level) for level in L1_LEVELS})
         rows.append(row)
     return rows
@@ -164,14 +195,26 @@ def points_table(panel: dict[str, Curve]) -> list[dict[str, Any]]:
     rows = []
     for name, curve in sorted(panel.items()):
         own = [p for p in curve.points if not p.get("origin")]
-        for p in sorted(own, key=lambda q: (q.get("effective_l1", 0.0), -q.get("defender_accuracy", 0.0))):
-            rows.append({"defense": name,
-                         "params": ",".join(f"{k}={'{…}' if isinstance(v, dict) else v}"
-                                            for k, v in sorted(p["defense_params"].items())
-                                            if k != "surrogate_config") or "–",
-                         "seeds": len(p["seeds"]), "defender_accuracy": p.get("defender_accuracy"),
-                         "effective_l1": p.get("effective_l1"), "clone_accuracy": p["clone_accuracy"],
-                         "clone_sd": p["clone_accuracy_std"], "vs_undefended": _paired_change(p, undefended)})
+        for p in sorted(
+            own, key=lambda q: (q.get("effective_l1", 0.0), -q.get("defender_accuracy", 0.0))
+        ):
+            rows.append(
+                {
+                    "defense": name,
+                    "params": ",".join(
+                        f"{k}={'{…}' if isinstance(v, dict) else v}"
+                        for k, v in sorted(p["defense_params"].items())
+                        if k != "surrogate_config"
+                    )
+                    or "–",
+                    "seeds": len(p["seeds"]),
+                    "defender_accuracy": p.get("defender_accuracy"),
+                    "effective_l1": p.get("effective_l1"),
+                    "clone_accuracy": p["clone_accuracy"],
+                    "clone_sd": p["clone_accuracy_std"],
+                    "vs_undefended": _paired_change(p, undefended),
+                }
+            )
     return rows
 
 
@@ -182,7 +225,9 @@ def _paired_change(point: dict[str, Any], undefended: dict[int, float]) -> float
     return float(np.mean([point["clone_by_seed"][s] - undefended[s] for s in shared]))
 
 
-def references(records: list[dict[str, Any]], reference_of: dict[str, str]) -> dict[tuple[str, str], dict[str, float]]:
+def references(
+    records: list[dict[str, Any]], reference_of: dict[str, str]
+) -> dict[tuple[str, str], dict[str, float]]:
     """(scenario, attack) -> {"undefended": acc, "<reference attack>": acc} from the ``none`` runs."""
     refs: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in counted_runs(records):
@@ -201,8 +246,10 @@ def overhead_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in records:
         if r.get("overhead_ratio") is not None:
             by_defense[r["defense_label"]].append(r["overhead_ratio"])
-    return [{"defense": d, "overhead_ratio_median": float(np.median(v)), "runs": len(v)}
-            for d, v in sorted(by_defense.items())]
+    return [
+        {"defense": d, "overhead_ratio_median": float(np.median(v)), "runs": len(v)}
+        for d, v in sorted(by_defense.items())
+    ]
 
 
 def sweep_cost_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -216,12 +263,17 @@ def sweep_cost_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
     def row(name: str, rows: list[dict[str, Any]]) -> dict[str, Any]:
         memory = [r["worker_peak_rss_mb"] for r in rows if r.get("worker_peak_rss_mb") is not None]
-        return {"scenario": name, "runs": len(rows),
-                "run_hours": sum(r.get("wall_seconds", 0.0) for r in rows) / 3600,
-                "peak_rss_mb": max(memory) if memory else None,
-                "runs_with_memory": len(memory)}
+        return {
+            "scenario": name,
+            "runs": len(rows),
+            "run_hours": sum(r.get("wall_seconds", 0.0) for r in rows) / 3600,
+            "peak_rss_mb": max(memory) if memory else None,
+            "runs_with_memory": len(memory),
+        }
 
-    return [row(name, groups[name]) for name in sorted(set(groups) - {"all"}) + ["all"] if groups[name]]
+    return [
+        row(name, groups[name]) for name in sorted(set(groups) - {"all"}) + ["all"] if groups[name]
+    ]
 
 
 # --- The worst case over an attacker suite (sweeps whose attacks list ``variants``) -------------
@@ -239,8 +291,14 @@ def _point_key(record: dict[str, Any]) -> tuple[str, str]:
 
 def json_params(params: dict[str, Any]) -> str:
     """A defense point's parameters as a short, stable label (nested recipes abbreviated)."""
-    return ",".join(f"{k}={'{…}' if isinstance(v, dict) else v}" for k, v in sorted(params.items())
-                    if k != "surrogate_config") or "–"
+    return (
+        ",".join(
+            f"{k}={'{…}' if isinstance(v, dict) else v}"
+            for k, v in sorted(params.items())
+            if k != "surrogate_config"
+        )
+        or "–"
+    )
 
 
 @dataclass
@@ -281,8 +339,9 @@ class WorstCasePoint:
         return self.by_attacker.get("soft", {}).get("clone")
 
 
-def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str, ...]] | None = None
-                      ) -> dict[tuple[str, str], list[WorstCasePoint]]:
+def worst_case_points(
+    records: list[dict[str, Any]], suites: dict[str, tuple[str, ...]] | None = None
+) -> dict[tuple[str, str], list[WorstCasePoint]]:
     """(scenario, attack family) -> its defense points judged by every attacker of the suite.
 
     ``suites``: attack family -> the attackers its sweep runs (the config's ``variants``); without
@@ -306,7 +365,9 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
         family = attack_family(r)
         seen[(r["scenario"], family)].add(r["attacker"])
         if r["defense"] == "none" and r.get("transfer_digest"):
-            undefended_digest[(r["scenario"], family, r["attacker"], r["seed"])] = r["transfer_digest"]
+            undefended_digest[(r["scenario"], family, r["attacker"], r["seed"])] = r[
+                "transfer_digest"
+            ]
         if id(r) in counted:
             grouped[(r["scenario"], family, *_point_key(r))].append(r)
     panels: dict[tuple[str, str], list[WorstCasePoint]] = defaultdict(list)
@@ -315,26 +376,44 @@ def worst_case_points(records: list[dict[str, Any]], suites: dict[str, tuple[str
         for attacker in sorted({r["attacker"] for r in group}):
             runs = [r for r in group if r["attacker"] == attacker]
             clones = [r["clone_accuracy"] for r in runs]
-            same = [r.get("transfer_digest") is not None and r.get("transfer_digest")
-                    == undefended_digest.get((scenario, family, attacker, r["seed"])) for r in runs]
-            by_attacker[attacker] = {"clone": float(np.mean(clones)), "sd": float(np.std(clones)),
-                                     "seeds": sorted(r["seed"] for r in runs),
-                                     "by_seed": {r["seed"]: r["clone_accuracy"] for r in runs},
-                                     "collapsed": all(r.get("clone_collapsed") for r in runs),
-                                     "hard_labels": all(hard_label_run(r) for r in runs),
-                                     "same_as_undefended": defense != "none" and all(same),
-                                     "identical_seeds": sorted(r["seed"] for r, s in zip(runs, same, strict=True)
-                                                               if s and defense != "none")}
-        l1 = [r["effective_l1"] for r in group if r.get("attacker") == "soft" and r.get("effective_l1") is not None]
+            same = [
+                r.get("transfer_digest") is not None
+                and r.get("transfer_digest")
+                == undefended_digest.get((scenario, family, attacker, r["seed"]))
+                for r in runs
+            ]
+            by_attacker[attacker] = {
+                "clone": float(np.mean(clones)),
+                "sd": float(np.std(clones)),
+                "seeds": sorted(r["seed"] for r in runs),
+                "by_seed": {r["seed"]: r["clone_accuracy"] for r in runs},
+                "collapsed": all(r.get("clone_collapsed") for r in runs),
+                "hard_labels": all(hard_label_run(r) for r in runs),
+                "same_as_undefended": defense != "none" and all(same),
+                "identical_seeds": sorted(
+                    r["seed"] for r, s in zip(runs, same, strict=True) if s and defense != "none"
+                ),
+            }
+        l1 = [
+            r["effective_l1"]
+            for r in group
+            if r.get("attacker") == "soft" and r.get("effective_l1") is not None
+        ]
         overhead = [r["overhead_ratio"] for r in group if r.get("overhead_ratio") is not None]
-        panels[(scenario, family)].append(WorstCasePoint(
-            scenario=scenario, family=family, defense=defense, params=params,
-            victim_accuracy=float(np.mean([r["victim_accuracy"] for r in group])),
-            defender_accuracy=float(np.mean([r["defender_accuracy"] for r in group])),
-            effective_l1=float(np.mean(l1)) if l1 else None,
-            overhead_ratio=float(np.median(overhead)) if overhead else None,
-            by_attacker=by_attacker,
-            suite=tuple((suites or {}).get(family) or sorted(seen[(scenario, family)]))))
+        panels[(scenario, family)].append(
+            WorstCasePoint(
+                scenario=scenario,
+                family=family,
+                defense=defense,
+                params=params,
+                victim_accuracy=float(np.mean([r["victim_accuracy"] for r in group])),
+                defender_accuracy=float(np.mean([r["defender_accuracy"] for r in group])),
+                effective_l1=float(np.mean(l1)) if l1 else None,
+                overhead_ratio=float(np.median(overhead)) if overhead else None,
+                by_attacker=by_attacker,
+                suite=tuple((suites or {}).get(family) or sorted(seen[(scenario, family)])),
+            )
+        )
     return dict(panels)
 
 
@@ -366,12 +445,16 @@ def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
     undefended API's, so is the clone). A worst case still missing attackers reads ``≥ x``."""
     rows = []
     for p in sorted(points, key=lambda q: (q.defense != "none", q.worst if q.complete else 2.0)):
-        row: dict[str, Any] = {"defense": p.defense if p.params == "–" else f"{p.defense} ({p.params})",
-                               "defender drop (pts)": f"{100 * p.drop:.2f}",
-                               "soft clone": p.soft,
-                               "worst clone": f"{p.worst:.4f}" if p.complete else f"≥ {p.worst:.4f}",
-                               "worst attacker": p.worst_attacker,
-                               "recovered vs soft (pts)": None if p.soft is None else f"{100 * (p.worst - p.soft):+.1f}"}
+        row: dict[str, Any] = {
+            "defense": p.defense if p.params == "–" else f"{p.defense} ({p.params})",
+            "defender drop (pts)": f"{100 * p.drop:.2f}",
+            "soft clone": p.soft,
+            "worst clone": f"{p.worst:.4f}" if p.complete else f"≥ {p.worst:.4f}",
+            "worst attacker": p.worst_attacker,
+            "recovered vs soft (pts)": None
+            if p.soft is None
+            else f"{100 * (p.worst - p.soft):+.1f}",
+        }
         for attacker in p.suite:
             entry = p.by_attacker.get(attacker)
             row[attacker] = "pending" if entry is None else _attacker_cell(entry)
@@ -381,7 +464,9 @@ def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
     return rows
 
 
-def worst_case_best_within(points: list[WorstCasePoint], drops=ACCURACY_DROPS) -> list[dict[str, Any]]:
+def worst_case_best_within(
+    points: list[WorstCasePoint], drops=ACCURACY_DROPS
+) -> list[dict[str, Any]]:
     """Per defense: the lowest clone within a defender drop of 1/2/5 points, by the soft-label
     attacker and by the worst case over the suite (its complete points only; the undefended
     point qualifies, as in :func:`best_within`)."""
@@ -423,8 +508,13 @@ def _n_seeds(point: WorstCasePoint) -> int:
 def _deploy_key(point: WorstCasePoint, other: WorstCasePoint) -> tuple:
     """The verdict's order of ``point`` against ``other``: worst case on their shared seeds, then
     `none` first, then more seeds, then the lower defender cost, then the lower overhead."""
-    return (round(worst_on_seeds(point, other), 9), point.defense != "none", -_n_seeds(point), point.drop,
-            math.inf if point.overhead_ratio is None else point.overhead_ratio)
+    return (
+        round(worst_on_seeds(point, other), 9),
+        point.defense != "none",
+        -_n_seeds(point),
+        point.drop,
+        math.inf if point.overhead_ratio is None else point.overhead_ratio,
+    )
 
 
 def _compared_on(best: WorstCasePoint, eligible: list[WorstCasePoint]) -> str:
@@ -434,7 +524,10 @@ def _compared_on(best: WorstCasePoint, eligible: list[WorstCasePoint]) -> str:
         return "own seeds"
     runner_up = min(others, key=lambda p: _deploy_key(p, best))
     theirs = runner_up.by_attacker.get(best.worst_attacker, {}).get("seeds", ())
-    return ",".join(str(s) for s in best.by_attacker[best.worst_attacker]["seeds"] if s in theirs) or "own seeds"
+    return (
+        ",".join(str(s) for s in best.by_attacker[best.worst_attacker]["seeds"] if s in theirs)
+        or "own seeds"
+    )
 
 
 def deploy_choice(points: list[WorstCasePoint]) -> WorstCasePoint:
@@ -520,7 +613,9 @@ def noise_margin(gains: list[float]) -> float:
     n = len(gains)
     if n < MIN_NOISE_SEEDS:
         return FEW_SEEDS_MARGIN
-    bound = float(student_t.ppf(MARGIN_CONFIDENCE, n - 1)) * float(np.std(gains, ddof=1)) / math.sqrt(n)
+    bound = (
+        float(student_t.ppf(MARGIN_CONFIDENCE, n - 1)) * float(np.std(gains, ddof=1)) / math.sqrt(n)
+    )
     return max(MARGIN_FLOOR, bound)
 
 
@@ -539,8 +634,11 @@ def paired_gains(point: WorstCasePoint, undefended: WorstCasePoint) -> dict[str,
     for attacker, entry in sorted(point.by_attacker.items()):
         seeds = [s for s in entry["seeds"] if s in reference]
         per_seed = [reference[s] - entry["by_seed"][s] for s in seeds]
-        gains[attacker] = (PairedGain(attacker, float(np.mean(per_seed)), noise_margin(per_seed), tuple(seeds))
-                           if seeds else None)
+        gains[attacker] = (
+            PairedGain(attacker, float(np.mean(per_seed)), noise_margin(per_seed), tuple(seeds))
+            if seeds
+            else None
+        )
     return gains
 
 
@@ -553,7 +651,9 @@ def binding_gain(point: WorstCasePoint, undefended: WorstCasePoint) -> PairedGai
     return min(gains, key=lambda g: g.slack)
 
 
-def beats_undefended(point: WorstCasePoint, undefended: WorstCasePoint, min_seeds: int = MIN_NOISE_SEEDS) -> bool:
+def beats_undefended(
+    point: WorstCasePoint, undefended: WorstCasePoint, min_seeds: int = MIN_NOISE_SEEDS
+) -> bool:
     """The verdict's rule (docs/design.md §worst-case): every attacker that faced ``point`` is
     held, on average over the seeds both ran, below the undefended worst case by more than the
     noise margin of its paired gains (:func:`paired_gains`, :func:`noise_margin`), each measured
@@ -578,9 +678,11 @@ def _label(point: WorstCasePoint) -> str:
 
 
 def _gain_cells(gain: PairedGain | None) -> dict[str, Any]:
-    return {"paired gain (pts)": None if gain is None else f"{100 * gain.gain:+.2f}",
-            "noise margin (pts)": None if gain is None else f"{100 * gain.margin:.2f}",
-            "gain on": None if gain is None else f"{gain.attacker} @ {','.join(map(str, gain.seeds))}"}
+    return {
+        "paired gain (pts)": None if gain is None else f"{100 * gain.gain:+.2f}",
+        "noise margin (pts)": None if gain is None else f"{100 * gain.margin:.2f}",
+        "gain on": None if gain is None else f"{gain.attacker} @ {','.join(map(str, gain.seeds))}",
+    }
 
 
 def _closest(points: list[WorstCasePoint], undefended: WorstCasePoint) -> WorstCasePoint | None:
@@ -590,55 +692,102 @@ def _closest(points: list[WorstCasePoint], undefended: WorstCasePoint) -> WorstC
     return max(measured, key=lambda p: gains[id(p)].slack, default=None)
 
 
-def _no_defense_row(scenario: str, family: str, undefended: WorstCasePoint | None,
-                    closest: WorstCasePoint | None, pending: int, min_seeds: int = MIN_NOISE_SEEDS) -> dict[str, Any]:
+def _no_defense_row(
+    scenario: str,
+    family: str,
+    undefended: WorstCasePoint | None,
+    closest: WorstCasePoint | None,
+    pending: int,
+    min_seeds: int = MIN_NOISE_SEEDS,
+) -> dict[str, Any]:
     """The verdict row that deploys nothing: the undefended API's worst case, and the closest
     challenger with its paired gain and margin (``too few seeds``: its gain is beyond the margin
     but measured at fewer seeds than a recommendation needs)."""
     entry = None if undefended is None else undefended.by_attacker[undefended.worst_attacker]
     gain = None if closest is None or undefended is None else binding_gain(closest, undefended)
-    return {"scenario": scenario, "attack": family, "deploy": NO_DEFENSE,
-            "worst-case clone": None if undefended is None else undefended.worst,
-            "by attacker": None if entry is None else undefended.worst_attacker + (
-                f" ± {entry['sd']:.3f}" if len(entry["seeds"]) > 1 else ""),
-            "soft clone": None if undefended is None else undefended.soft,
-            "undefended worst case": None if undefended is None else undefended.worst,
-            "defender cost (pts)": "0.00", "overhead": None,
-            "seeds": None if undefended is None else ",".join(map(str, _seeds(undefended))),
-            "compared on": None, "closest": None if closest is None else _label(closest),
-            **_gain_cells(gain), "points pending": pending,
-            "labels-only bound": None if closest is None or not labels_only(closest) else _label(closest),
-            "figures of": None,
-            "too few seeds": gain is not None and gain.beyond_margin and len(gain.seeds) < min_seeds}
+    return {
+        "scenario": scenario,
+        "attack": family,
+        "deploy": NO_DEFENSE,
+        "worst-case clone": None if undefended is None else undefended.worst,
+        "by attacker": None
+        if entry is None
+        else undefended.worst_attacker
+        + (f" ± {entry['sd']:.3f}" if len(entry["seeds"]) > 1 else ""),
+        "soft clone": None if undefended is None else undefended.soft,
+        "undefended worst case": None if undefended is None else undefended.worst,
+        "defender cost (pts)": "0.00",
+        "overhead": None,
+        "seeds": None if undefended is None else ",".join(map(str, _seeds(undefended))),
+        "compared on": None,
+        "closest": None if closest is None else _label(closest),
+        **_gain_cells(gain),
+        "points pending": pending,
+        "labels-only bound": None
+        if closest is None or not labels_only(closest)
+        else _label(closest),
+        "figures of": None,
+        "too few seeds": gain is not None and gain.beyond_margin and len(gain.seeds) < min_seeds,
+    }
 
 
-def _deploy_row(scenario: str, family: str, best: WorstCasePoint, undefended: WorstCasePoint,
-                eligible: list[WorstCasePoint], pending: int, stand_in: WorstCasePoint | None = None
-                ) -> dict[str, Any]:
+def _deploy_row(
+    scenario: str,
+    family: str,
+    best: WorstCasePoint,
+    undefended: WorstCasePoint,
+    eligible: list[WorstCasePoint],
+    pending: int,
+    stand_in: WorstCasePoint | None = None,
+) -> dict[str, Any]:
     """The verdict row that deploys ``best``. ``stand_in``: a labels-only point (:func:`labels_only`)
     that the verdict judged as :data:`LABELS_ONLY_DEFENSE` — with ``best`` that defense measured on
     its own runs, or, where ``stand_in is best`` (that defense not measured), deployed in its place
     with the stand-in's figures (``figures of``; no perturbation: no defender cost, no overhead)."""
     worst_entry = best.by_attacker[best.worst_attacker]
-    row = {"scenario": scenario, "attack": family, "deploy": _label(best),
-           "worst-case clone": best.worst,
-           "by attacker": best.worst_attacker + (
-               f" ± {worst_entry['sd']:.3f}" if len(worst_entry["seeds"]) > 1 else ""),
-           "soft clone": best.soft, "undefended worst case": undefended.worst,
-           "defender cost (pts)": f"{100 * best.drop:.2f}", "overhead": best.overhead_ratio,
-           "seeds": ",".join(map(str, _seeds(best))), "compared on": _compared_on(best, eligible),
-           "closest": None, **_gain_cells(binding_gain(best, undefended)), "points pending": pending,
-           "labels-only bound": (_label(stand_in) if stand_in is not None
-                                 else _label(best) if labels_only(best) else None),
-           "figures of": None}
+    row = {
+        "scenario": scenario,
+        "attack": family,
+        "deploy": _label(best),
+        "worst-case clone": best.worst,
+        "by attacker": best.worst_attacker
+        + (f" ± {worst_entry['sd']:.3f}" if len(worst_entry["seeds"]) > 1 else ""),
+        "soft clone": best.soft,
+        "undefended worst case": undefended.worst,
+        "defender cost (pts)": f"{100 * best.drop:.2f}",
+        "overhead": best.overhead_ratio,
+        "seeds": ",".join(map(str, _seeds(best))),
+        "compared on": _compared_on(best, eligible),
+        "closest": None,
+        **_gain_cells(binding_gain(best, undefended)),
+        "points pending": pending,
+        "labels-only bound": (
+            _label(stand_in)
+            if stand_in is not None
+            else _label(best)
+            if labels_only(best)
+            else None
+        ),
+        "figures of": None,
+    }
     if stand_in is best:
-        row.update({"deploy": LABELS_ONLY_DEFENSE, "soft clone": None, "defender cost (pts)": "0.00",
-                    "overhead": None, "figures of": _label(best)})
+        row.update(
+            {
+                "deploy": LABELS_ONLY_DEFENSE,
+                "soft clone": None,
+                "defender cost (pts)": "0.00",
+                "overhead": None,
+                "figures of": _label(best),
+            }
+        )
     return row
 
 
-def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float = 0.01,
-            min_seeds: int = MIN_NOISE_SEEDS) -> list[dict[str, Any]]:
+def verdict(
+    panels: dict[tuple[str, str], list[WorstCasePoint]],
+    max_drop: float = 0.01,
+    min_seeds: int = MIN_NOISE_SEEDS,
+) -> list[dict[str, Any]]:
     """Per (scenario, attack family): the defense to deploy, or :data:`NO_DEFENSE`
     (docs/design.md §worst-case). The only place the verdict is decided: every report and
     ``mirage bench run`` / ``report`` print these rows (and :func:`verdict_advice`).
@@ -663,21 +812,35 @@ def verdict(panels: dict[tuple[str, str], list[WorstCasePoint]], max_drop: float
     for (scenario, family), points in sorted(panels.items()):
         undefended = next((p for p in points if p.defense == "none" and p.complete), None)
         pending = sum(not p.complete for p in points)
-        within = [p for p in points if p.defense != "none" and p.complete and p.drop <= max_drop + 1e-6]
-        eligible = [] if undefended is None else [p for p in within if beats_undefended(p, undefended, min_seeds)]
+        within = [
+            p for p in points if p.defense != "none" and p.complete and p.drop <= max_drop + 1e-6
+        ]
+        eligible = (
+            []
+            if undefended is None
+            else [p for p in within if beats_undefended(p, undefended, min_seeds)]
+        )
         best = deploy_choice(eligible) if eligible else None
         stand_in = None
         if best is not None and labels_only(best) and best.defense != LABELS_ONLY_DEFENSE:
             stand_in = best
-            if any(p.defense == LABELS_ONLY_DEFENSE for p in within):  # measured: judged by its own runs
-                eligible = [p for p in eligible if p.defense == LABELS_ONLY_DEFENSE or not labels_only(p)]
+            if any(
+                p.defense == LABELS_ONLY_DEFENSE for p in within
+            ):  # measured: judged by its own runs
+                eligible = [
+                    p for p in eligible if p.defense == LABELS_ONLY_DEFENSE or not labels_only(p)
+                ]
                 best = deploy_choice(eligible) if eligible else None
         if best is None:
             closest = None if undefended is None else _closest(within, undefended)
             rows.append(_no_defense_row(scenario, family, undefended, closest, pending, min_seeds))
         else:
-            rows.append({**_deploy_row(scenario, family, best, undefended, eligible, pending, stand_in),
-                         "too few seeds": False})
+            rows.append(
+                {
+                    **_deploy_row(scenario, family, best, undefended, eligible, pending, stand_in),
+                    "too few seeds": False,
+                }
+            )
     return rows
 
 
@@ -690,11 +853,16 @@ NO_DEFENSE_ADVICE = (
     "No answer perturbation helps in this scenario. Serve the plain model and protect it otherwise: "
     "per-client quotas and rate limits (`mirage serve`'s API keys), query-stream detection (PRADA, "
     "the service's `detection` section), and ownership evidence — a watermark in the answers, "
-    "tested on a suspect clone with `mirage verify`.")
+    "tested on a suspect clone with `mirage verify`."
+)
 
-LABELS_ONLY_BOUND = "the hard-label attacker trained on exactly the undefended API's answers (=undef.)"
-LABELS_ONLY_EFFECT = (f"its effect is that of answering labels only, which {LABELS_ONLY_DEFENSE} does at no "
-                      "perturbation cost")
+LABELS_ONLY_BOUND = (
+    "the hard-label attacker trained on exactly the undefended API's answers (=undef.)"
+)
+LABELS_ONLY_EFFECT = (
+    f"its effect is that of answering labels only, which {LABELS_ONLY_DEFENSE} does at no "
+    "perturbation cost"
+)
 
 
 def _labels_only_words(row: dict[str, Any]) -> str:
@@ -705,10 +873,14 @@ def _labels_only_words(row: dict[str, Any]) -> str:
     if bound == deploy:  # the labels-only defense itself, on its own runs
         return f" Its worst case is {LABELS_ONLY_BOUND}: the effect of answering labels only."
     if deploy == LABELS_ONLY_DEFENSE:
-        return (f" The lowest worst case beyond the noise, {bound}'s, is {LABELS_ONLY_BOUND}: "
-                f"{LABELS_ONLY_EFFECT}; {LABELS_ONLY_DEFENSE} is judged by its own runs here.")
-    return (f" {bound}'s lower worst case is {LABELS_ONLY_BOUND}: {LABELS_ONLY_EFFECT}; judged by "
-            f"{LABELS_ONLY_DEFENSE}'s own runs here, it does not come first.")
+        return (
+            f" The lowest worst case beyond the noise, {bound}'s, is {LABELS_ONLY_BOUND}: "
+            f"{LABELS_ONLY_EFFECT}; {LABELS_ONLY_DEFENSE} is judged by its own runs here."
+        )
+    return (
+        f" {bound}'s lower worst case is {LABELS_ONLY_BOUND}: {LABELS_ONLY_EFFECT}; judged by "
+        f"{LABELS_ONLY_DEFENSE}'s own runs here, it does not come first."
+    )
 
 
 def verdict_advice(row: dict[str, Any], max_drop: float = 0.01) -> str:
@@ -718,53 +890,75 @@ def verdict_advice(row: dict[str, Any], max_drop: float = 0.01) -> str:
     that its effect is that of answering labels only, which :data:`LABELS_ONLY_DEFENSE` does at no
     perturbation cost."""
     head = f"{row['scenario']} × {row['attack']}: "
-    if row["figures of"] is not None:  # the labels-only defense, not measured: a point stands for it
+    if (
+        row["figures of"] is not None
+    ):  # the labels-only defense, not measured: a point stands for it
         stand_in = row["figures of"]
-        return (f"{head}deploy {row['deploy']}: serve top-1 labels only. {stand_in}'s worst case, "
-                f"{row['worst-case clone']:.4f} ({row['by attacker']}), is {LABELS_ONLY_BOUND}: "
-                f"{LABELS_ONLY_EFFECT} ({row['deploy']} has not faced the whole suite here; its hard-label "
-                f"clone is this one by construction). {stand_in} beats the undefended API's "
-                f"worst case ({row['undefended worst case']:.4f}) on every attacker beyond the noise "
-                f"across seeds; by the least on {row['gain on']}: {row['paired gain (pts)']} points "
-                f"against a margin of {row['noise margin (pts)']}. Defender cost 0.00 points: "
-                f"{row['deploy']} keeps every top-1.")
+        return (
+            f"{head}deploy {row['deploy']}: serve top-1 labels only. {stand_in}'s worst case, "
+            f"{row['worst-case clone']:.4f} ({row['by attacker']}), is {LABELS_ONLY_BOUND}: "
+            f"{LABELS_ONLY_EFFECT} ({row['deploy']} has not faced the whole suite here; its hard-label "
+            f"clone is this one by construction). {stand_in} beats the undefended API's "
+            f"worst case ({row['undefended worst case']:.4f}) on every attacker beyond the noise "
+            f"across seeds; by the least on {row['gain on']}: {row['paired gain (pts)']} points "
+            f"against a margin of {row['noise margin (pts)']}. Defender cost 0.00 points: "
+            f"{row['deploy']} keeps every top-1."
+        )
     if row["deploy"] != NO_DEFENSE:
-        return (f"{head}deploy {row['deploy']}. Its worst case, {row['worst-case clone']:.4f} "
-                f"({row['by attacker']}), beats the undefended API's ({row['undefended worst case']:.4f}) "
-                f"on every attacker beyond the noise across seeds; by the least on {row['gain on']}: "
-                f"{row['paired gain (pts)']} points against a margin of {row['noise margin (pts)']}. "
-                f"Defender cost {row['defender cost (pts)']} points.{_labels_only_words(row)}")
+        return (
+            f"{head}deploy {row['deploy']}. Its worst case, {row['worst-case clone']:.4f} "
+            f"({row['by attacker']}), beats the undefended API's ({row['undefended worst case']:.4f}) "
+            f"on every attacker beyond the noise across seeds; by the least on {row['gain on']}: "
+            f"{row['paired gain (pts)']} points against a margin of {row['noise margin (pts)']}. "
+            f"Defender cost {row['defender cost (pts)']} points.{_labels_only_words(row)}"
+        )
     if row["undefended worst case"] is None:
-        return (f"{head}none. The undefended API has not faced the whole suite in these runs (no "
-                "complete `none` point), so no defense can be shown to beat it.")
-    closest = ("none was measured at the undefended API's seeds" if row["closest"] is None else
-               f"closest: {row['closest']}, {row['paired gain (pts)']} points on {row['gain on']} "
-               f"against a margin of {row['noise margin (pts)']}")
+        return (
+            f"{head}none. The undefended API has not faced the whole suite in these runs (no "
+            "complete `none` point), so no defense can be shown to beat it."
+        )
+    closest = (
+        "none was measured at the undefended API's seeds"
+        if row["closest"] is None
+        else f"closest: {row['closest']}, {row['paired gain (pts)']} points on {row['gain on']} "
+        f"against a margin of {row['noise margin (pts)']}"
+    )
     if row["labels-only bound"] == LABELS_ONLY_DEFENSE:
         closest += f"; its worst case is {LABELS_ONLY_BOUND}"
     elif row["labels-only bound"] is not None:
         within_noise = float(row["paired gain (pts)"]) <= float(row["noise margin (pts)"])
-        closest += (f"; its worst case is {LABELS_ONLY_BOUND}: {LABELS_ONLY_EFFECT}, and "
-                    + ("that is within the noise here" if within_noise else
-                       f"{LABELS_ONLY_DEFENSE}'s own runs here do not beat the undefended worst case "
-                       "beyond the noise"))
+        closest += f"; its worst case is {LABELS_ONLY_BOUND}: {LABELS_ONLY_EFFECT}, and " + (
+            "that is within the noise here"
+            if within_noise
+            else f"{LABELS_ONLY_DEFENSE}'s own runs here do not beat the undefended worst case "
+            "beyond the noise"
+        )
     cost = f"{100 * max_drop:g} point{'' if abs(max_drop - 0.01) < 1e-9 else 's'}"
     if row.get("too few seeds"):
-        return (f"{head}none yet. {row['closest']} lowers the worst-case clone below the undefended API's "
-                f"({row['undefended worst case']:.4f}, {row['by attacker']}) by {row['paired gain (pts)']} points on "
-                f"{row['gain on']}, beyond the margin of {row['noise margin (pts)']}, but on fewer than "
-                f"{MIN_NOISE_SEEDS} paired seeds: too few to recommend anything. Run its missing seeds "
-                f"(`mirage bench run … --seed`) before deploying it; meanwhile: {NO_DEFENSE_ADVICE}")
-    return (f"{head}none. No defense point costing the defender at most {cost} of accuracy lowers "
-            f"the worst-case clone below the undefended API's ({row['undefended worst case']:.4f}, "
-            f"{row['by attacker']}) by more than the noise across seeds ({closest}). {NO_DEFENSE_ADVICE}")
+        return (
+            f"{head}none yet. {row['closest']} lowers the worst-case clone below the undefended API's "
+            f"({row['undefended worst case']:.4f}, {row['by attacker']}) by {row['paired gain (pts)']} points on "
+            f"{row['gain on']}, beyond the margin of {row['noise margin (pts)']}, but on fewer than "
+            f"{MIN_NOISE_SEEDS} paired seeds: too few to recommend anything. Run its missing seeds "
+            f"(`mirage bench run … --seed`) before deploying it; meanwhile: {NO_DEFENSE_ADVICE}"
+        )
+    return (
+        f"{head}none. No defense point costing the defender at most {cost} of accuracy lowers "
+        f"the worst-case clone below the undefended API's ({row['undefended worst case']:.4f}, "
+        f"{row['by attacker']}) by more than the noise across seeds ({closest}). {NO_DEFENSE_ADVICE}"
+    )
 
 
 def ranking_changes(points: list[WorstCasePoint], max_drop: float = 0.01) -> dict[str, Any]:
     """How the order of the defenses (≤ ``max_drop`` cost, complete points) changes between the
     soft-label attacker and the worst case: both orders and how many defenses changed place."""
-    eligible = [p for p in points if p.complete and p.soft is not None and p.drop <= max_drop + 1e-6]
+    eligible = [
+        p for p in points if p.complete and p.soft is not None and p.drop <= max_drop + 1e-6
+    ]
     soft = [p.defense for p in sorted(eligible, key=lambda p: p.soft)]
     worst = [p.defense for p in sorted(eligible, key=lambda p: p.worst)]
-    return {"soft order": soft, "worst-case order": worst,
-            "changed place": sum(a != b for a, b in zip(soft, worst, strict=True))}
+    return {
+        "soft order": soft,
+        "worst-case order": worst,
+        "changed place": sum(a != b for a, b in zip(soft, worst, strict=True)),
+    }

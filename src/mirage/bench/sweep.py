@@ -42,8 +42,12 @@ def sweep_status(config: SweepConfig, store: ResultStore) -> SweepStatus:
     records = {r["run_id"]: r for r in store.read() if "run_id" in r}
     pending = [run for run in runs if run.run_id not in records]
     finished = [records[run.run_id] for run in runs if run.run_id in records]
-    return SweepStatus(total=len(runs), done=len(finished), pending=pending,
-                       seconds_done=sum(r.get("wall_seconds", 0.0) for r in finished))
+    return SweepStatus(
+        total=len(runs),
+        done=len(finished),
+        pending=pending,
+        seconds_done=sum(r.get("wall_seconds", 0.0) for r in finished),
+    )
 
 
 @dataclass(frozen=True)
@@ -60,34 +64,52 @@ class RunFilter:
     extra_labels: frozenset[str] = frozenset()
 
     @classmethod
-    def of(cls, config: SweepConfig, *, scenarios=(), attacks=(), defenses=(), seeds=()) -> RunFilter:
+    def of(
+        cls, config: SweepConfig, *, scenarios=(), attacks=(), defenses=(), seeds=()
+    ) -> RunFilter:
         """A filter for ``config``, which says which attack labels are beyond its suites."""
         extras = frozenset(f"{a.display}/{v}" for a in config.attacks for v in a.extra_variants)
-        return cls(frozenset(scenarios), frozenset(attacks), frozenset(defenses), frozenset(seeds), extras)
+        return cls(
+            frozenset(scenarios), frozenset(attacks), frozenset(defenses), frozenset(seeds), extras
+        )
 
     def validate(self, config: SweepConfig) -> None:
-        known = {"scenario": set(config.scenarios),
-                 "attack": {a.display for a in config.attacks}
-                 | {label for a in config.attacks for label, _, _ in a.expanded()},
-                 "defense": {d.display for d in config.defenses}}
+        known = {
+            "scenario": set(config.scenarios),
+            "attack": {a.display for a in config.attacks}
+            | {label for a in config.attacks for label, _, _ in a.expanded()},
+            "defense": {d.display for d in config.defenses},
+        }
         known["seed"] = set(config.seeds)
-        for kind, wanted in (("scenario", self.scenarios), ("attack", self.attacks),
-                             ("defense", self.defenses), ("seed", self.seeds)):
+        for kind, wanted in (
+            ("scenario", self.scenarios),
+            ("attack", self.attacks),
+            ("defense", self.defenses),
+            ("seed", self.seeds),
+        ):
             unknown = wanted - known[kind]
             if unknown:
-                raise ValueError(f"no {kind} {sorted(unknown)} in sweep {config.name!r} "
-                                 f"(it has {sorted(known[kind])})")
+                raise ValueError(
+                    f"no {kind} {sorted(unknown)} in sweep {config.name!r} "
+                    f"(it has {sorted(known[kind])})"
+                )
 
     def __call__(self, run: RunSpec) -> bool:
-        return ((not self.scenarios or run.scenario in self.scenarios)
-                and (not self.attacks or run.attack_label in self.attacks
-                     or (run.attack_family in self.attacks and run.attack_label not in self.extra_labels))
-                and (not self.defenses or run.defense_label in self.defenses)
-                and (not self.seeds or run.seed in self.seeds))
+        return (
+            (not self.scenarios or run.scenario in self.scenarios)
+            and (
+                not self.attacks
+                or run.attack_label in self.attacks
+                or (run.attack_family in self.attacks and run.attack_label not in self.extra_labels)
+            )
+            and (not self.defenses or run.defense_label in self.defenses)
+            and (not self.seeds or run.seed in self.seeds)
+        )
 
 
-def import_records(config: SweepConfig, source: ResultStore, target: ResultStore,
-                   only: RunFilter | None = None) -> int:
+def import_records(
+    config: SweepConfig, source: ResultStore, target: ResultStore, only: RunFilter | None = None
+) -> int:
     """Copy into ``target`` the records of ``source`` that are runs of ``config`` (same run id:
     the same scenario, defense point, attack parameters, budget, seed and clone recipe) and that
     ``target`` lacks, relabelled as ``config`` names them and marked ``imported_from``; returns
@@ -100,8 +122,14 @@ def import_records(config: SweepConfig, source: ResultStore, target: ResultStore
         run = runs.get(record.get("run_id", ""))
         if run is None or run.run_id in have:
             continue
-        target.append({**record, **run.model_dump(mode="json"), "run_id": run.run_id,
-                       "imported_from": str(source.path)})
+        target.append(
+            {
+                **record,
+                **run.model_dump(mode="json"),
+                "run_id": run.run_id,
+                "imported_from": str(source.path),
+            }
+        )
         have.add(run.run_id)
         count += 1
     return count
@@ -112,7 +140,12 @@ def prepare_shared_models(pending: list[RunSpec], preparer: Callable[[RunSpec], 
     ``pending``, in this process; returns how many it prepared."""
     seen: set[tuple] = set()
     for run in pending:
-        key = (run.scenario, run.victim_epochs, run.defense, json.dumps(run.defense_params, sort_keys=True))
+        key = (
+            run.scenario,
+            run.victim_epochs,
+            run.defense,
+            json.dumps(run.defense_params, sort_keys=True),
+        )
         if key not in seen:
             seen.add(key)
             preparer(run)
@@ -128,12 +161,21 @@ def sweep_stores(config: SweepConfig, results: str | Path, stores: Stores | None
     return stores
 
 
-def run_sweep(config: SweepConfig, results: str | Path, *,
-              runner: Callable[..., dict[str, Any]] | None = None,
-              preparer: Callable[..., Any] | None = None, executor: str = "local",
-              workers: int = 1, scheduler: Any = None, limit: int | None = None,
-              only: RunFilter | None = None, show_progress: bool = True,
-              stores: Stores | None = None, device: str | None = None) -> SweepStatus:
+def run_sweep(
+    config: SweepConfig,
+    results: str | Path,
+    *,
+    runner: Callable[..., dict[str, Any]] | None = None,
+    preparer: Callable[..., Any] | None = None,
+    executor: str = "local",
+    workers: int = 1,
+    scheduler: Any = None,
+    limit: int | None = None,
+    only: RunFilter | None = None,
+    show_progress: bool = True,
+    stores: Stores | None = None,
+    device: str | None = None,
+) -> SweepStatus:
     """Execute every pending run of ``config``; returns the status after the sweep.
 
     ``executor``: ``inline`` (this process), ``local`` (process pool of ``workers``) or ``dask``
@@ -164,17 +206,43 @@ def run_sweep(config: SweepConfig, results: str | Path, *,
         only.validate(config)
         pending = [run for run in pending if only(run)]
     pending = pending[:limit] if limit is not None else pending
-    log.info("sweep %s: %d runs, %d done, %d to run now", config.name, status.total, status.done, len(pending))
-    _execute(pending, store, runner, preparer, executor=executor, workers=workers, scheduler=scheduler,
-             title=f"sweep {config.name}", show_progress=show_progress)
+    log.info(
+        "sweep %s: %d runs, %d done, %d to run now",
+        config.name,
+        status.total,
+        status.done,
+        len(pending),
+    )
+    _execute(
+        pending,
+        store,
+        runner,
+        preparer,
+        executor=executor,
+        workers=workers,
+        scheduler=scheduler,
+        title=f"sweep {config.name}",
+        show_progress=show_progress,
+    )
     return sweep_status(config, store)
 
 
-def _execute(pending: list[RunSpec], store: ResultStore, runner: Callable[[RunSpec], dict[str, Any]],
-             preparer: Callable[[RunSpec], Any] | None, *, executor: str, workers: int, scheduler: Any,
-             title: str, show_progress: bool) -> None:
+def _execute(
+    pending: list[RunSpec],
+    store: ResultStore,
+    runner: Callable[[RunSpec], dict[str, Any]],
+    preparer: Callable[[RunSpec], Any] | None,
+    *,
+    executor: str,
+    workers: int,
+    scheduler: Any,
+    title: str,
+    show_progress: bool,
+) -> None:
     if executor != "inline" and preparer is not None and pending:
-        log.info("prepared the models of %d defense points", prepare_shared_models(pending, preparer))
+        log.info(
+            "prepared the models of %d defense points", prepare_shared_models(pending, preparer)
+        )
     if executor == "inline":
         stream = run_inline(runner, pending)
     elif executor == "local":
@@ -189,6 +257,15 @@ def _execute(pending: list[RunSpec], store: ResultStore, runner: Callable[[RunSp
     with progress_bar(title, total=len(pending), enabled=show_progress) as advance:
         for spec, result in stream:
             finished = datetime.now(UTC).isoformat(timespec="seconds")
-            store.append({"run_id": spec.run_id, **spec.model_dump(mode="json"), **result, "finished": finished})
-            log.info("done %s -> clone %.4f", spec.describe(), result.get("clone_accuracy", float("nan")))
+            store.append(
+                {
+                    "run_id": spec.run_id,
+                    **spec.model_dump(mode="json"),
+                    **result,
+                    "finished": finished,
+                }
+            )
+            log.info(
+                "done %s -> clone %.4f", spec.describe(), result.get("clone_accuracy", float("nan"))
+            )
             advance(1, elapsed=time.perf_counter() - start)

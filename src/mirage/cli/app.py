@@ -9,8 +9,11 @@ import typer
 from rich.console import Console
 from rich.logging import RichHandler
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Defenses against model stealing, and a benchmark to judge them.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Defenses against model stealing, and a benchmark to judge them.",
+)
 console = Console()
 options = {"verbose": False}
 """The root options of the running command (``mirage -v …``: tracebacks are shown)."""
@@ -19,5 +22,8 @@ options = {"verbose": False}
 @app.callback()
 def main(verbose: Annotated[bool, typer.Option("--verbose", "-v")] = False) -> None:
     options["verbose"] = verbose
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False)])
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(message)s",
+        handlers=[RichHandler(console=console, show_path=False)],
+    )

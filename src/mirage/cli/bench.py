@@ -20,15 +20,25 @@ def builtin_profiles() -> list[str]:
     return sorted(path.stem for path in PROFILES_DIR.glob("*.toml"))
 
 
-bench = typer.Typer(no_args_is_help=True, help=(
-    "Sweeps of defenses × budgets × attacks, and their report. --config takes a built-in profile "
-    f"({', '.join(builtin_profiles())}) or a TOML file of your own.\n\n"
-    "Example: mirage bench run --config quick && mirage bench report --config quick"))
+bench = typer.Typer(
+    no_args_is_help=True,
+    help=(
+        "Sweeps of defenses × budgets × attacks, and their report. --config takes a built-in profile "
+        f"({', '.join(builtin_profiles())}) or a TOML file of your own.\n\n"
+        "Example: mirage bench run --config quick && mirage bench report --config quick"
+    ),
+)
 app.add_typer(bench, name="bench")
 
-ProfileOption = Annotated[str, typer.Option(
-    "--config", "-c", help=f"built-in profile ({', '.join(builtin_profiles())}) or a TOML file")]
-ResultsOption = Annotated[Path | None, typer.Option(help="results JSONL (default: results/<name>/results.jsonl)")]
+ProfileOption = Annotated[
+    str,
+    typer.Option(
+        "--config", "-c", help=f"built-in profile ({', '.join(builtin_profiles())}) or a TOML file"
+    ),
+]
+ResultsOption = Annotated[
+    Path | None, typer.Option(help="results JSONL (default: results/<name>/results.jsonl)")
+]
 
 
 def load_sweep(config: str):
@@ -51,18 +61,34 @@ def run(
     results: ResultsOption = None,
     executor: Annotated[str, typer.Option(help="inline, local (process pool) or dask")] = "inline",
     workers: Annotated[int, typer.Option(help="process-pool workers")] = 1,
-    scheduler: Annotated[str | None, typer.Option(help="dask scheduler address, tcp://host:port")] = None,
+    scheduler: Annotated[
+        str | None, typer.Option(help="dask scheduler address, tcp://host:port")
+    ] = None,
     limit: Annotated[int | None, typer.Option(help="run at most this many pending runs")] = None,
-    scenario: Annotated[list[str] | None, typer.Option(help="only these scenarios (repeatable)")] = None,
-    attack: Annotated[list[str] | None, typer.Option(help="only these attack labels (repeatable)")] = None,
-    defense: Annotated[list[str] | None, typer.Option(help="only these defense labels (repeatable)")] = None,
+    scenario: Annotated[
+        list[str] | None, typer.Option(help="only these scenarios (repeatable)")
+    ] = None,
+    attack: Annotated[
+        list[str] | None, typer.Option(help="only these attack labels (repeatable)")
+    ] = None,
+    defense: Annotated[
+        list[str] | None, typer.Option(help="only these defense labels (repeatable)")
+    ] = None,
     seed: Annotated[list[int] | None, typer.Option(help="only these seeds (repeatable)")] = None,
     report: Annotated[bool, typer.Option(help="write the report when the sweep ends")] = True,
-    answers: Annotated[str | None, typer.Option(
-        help="where answered transfer sets are cached ('off': not at all); default $MIRAGE_ANSWERS "
-             "or $MIRAGE_CACHE/answers. Dask workers read their own MIRAGE_ANSWERS")] = None,
-    device: Annotated[str | None, typer.Option(
-        help="where clones train: cpu, cuda, cuda:N, mps (default $MIRAGE_DEVICE, else the CPU)")] = None,
+    answers: Annotated[
+        str | None,
+        typer.Option(
+            help="where answered transfer sets are cached ('off': not at all); default $MIRAGE_ANSWERS "
+            "or $MIRAGE_CACHE/answers. Dask workers read their own MIRAGE_ANSWERS"
+        ),
+    ] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="where clones train: cpu, cuda, cuda:N, mps (default $MIRAGE_DEVICE, else the CPU)"
+        ),
+    ] = None,
 ) -> None:
     """Run every pending run of a sweep; finished runs are skipped, so this resumes.
 
@@ -76,15 +102,28 @@ def run(
     path = _results_path(cfg.name, results)
     if scheduler:
         executor = "dask"
-    only = RunFilter.of(cfg, scenarios=scenario or (), attacks=attack or (), defenses=defense or (),
-                        seeds=seed or ())
+    only = RunFilter.of(
+        cfg,
+        scenarios=scenario or (),
+        attacks=attack or (),
+        defenses=defense or (),
+        seeds=seed or (),
+    )
     try:
         only.validate(cfg)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     try:
-        status = run_sweep(cfg, path, executor=executor, workers=workers, scheduler=scheduler,
-                           limit=limit, only=only, device=device)
+        status = run_sweep(
+            cfg,
+            path,
+            executor=executor,
+            workers=workers,
+            scheduler=scheduler,
+            limit=limit,
+            only=only,
+            device=device,
+        )
     except ValueError as error:
         if "device" not in str(error):
             raise
@@ -109,14 +148,20 @@ def print_verdict(cfg, path: Path) -> None:
     if not panels:
         return
     rows = verdict(panels)
-    table = Table(title="verdict: the defense to deploy, judged by its worst case over the attacker "
-                        "suite (≤ 1 point of defender cost), or none where no defense beats the "
-                        "undefended API beyond the noise across seeds")
+    table = Table(
+        title="verdict: the defense to deploy, judged by its worst case over the attacker "
+        "suite (≤ 1 point of defender cost), or none where no defense beats the "
+        "undefended API beyond the noise across seeds"
+    )
     for key in verdict_table_row(rows[0]):
         table.add_column(key)
     for row in rows:
-        table.add_row(*("–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
-                        for v in verdict_table_row(row).values()))
+        table.add_row(
+            *(
+                "–" if v is None else f"{v:.4f}" if isinstance(v, float) else str(v)
+                for v in verdict_table_row(row).values()
+            )
+        )
     wide = Console(width=max(console.width, 200))  # whole rows, also when piped to a log
     wide.print(table)
     for row in rows:
@@ -124,10 +169,14 @@ def print_verdict(cfg, path: Path) -> None:
 
 
 @bench.command("import")
-def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="results JSONL of an earlier sweep")],
-            results: ResultsOption = None,
-            attack: Annotated[list[str] | None, typer.Option(help="only these attack labels (repeatable)")] = None,
-            ) -> None:
+def import_(
+    config: ProfileOption,
+    source: Annotated[Path, typer.Option(help="results JSONL of an earlier sweep")],
+    results: ResultsOption = None,
+    attack: Annotated[
+        list[str] | None, typer.Option(help="only these attack labels (repeatable)")
+    ] = None,
+) -> None:
     """Copy the runs of an earlier sweep that are runs of this one (same run id) into its results.
 
     Example: mirage bench import --config full --source results/quick/results.jsonl"""
@@ -146,8 +195,11 @@ def import_(config: ProfileOption, source: Annotated[Path, typer.Option(help="re
 
 
 @bench.command("status")
-def status(config: ProfileOption = "quick", results: ResultsOption = None,
-           workers: Annotated[int, typer.Option(min=1, help="workers the sweep runs with")] = 1) -> None:
+def status(
+    config: ProfileOption = "quick",
+    results: ResultsOption = None,
+    workers: Annotated[int, typer.Option(min=1, help="workers the sweep runs with")] = 1,
+) -> None:
     """Runs done and left, and an ETA: the finished runs' mean wall time × runs left / workers.
 
     Example: mirage bench status --config worst_case --workers 4"""
@@ -163,8 +215,11 @@ def status(config: ProfileOption = "quick", results: ResultsOption = None,
 
 
 @bench.command("report")
-def report(config: ProfileOption = "quick", results: ResultsOption = None,
-           out: Annotated[Path | None, typer.Option(help="output directory")] = None) -> None:
+def report(
+    config: ProfileOption = "quick",
+    results: ResultsOption = None,
+    out: Annotated[Path | None, typer.Option(help="output directory")] = None,
+) -> None:
     """Write plots (PNG+SVG), report.md and report.html from the results.
 
     Example: mirage bench report --config quick --out report/"""

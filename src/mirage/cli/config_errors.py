@@ -21,8 +21,14 @@ from pydantic import BaseModel, ValidationError
 
 from mirage.cli.app import options
 
-CONFIG_ERRORS = (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, json.JSONDecodeError, ValidationError,
-                 ValueError)
+CONFIG_ERRORS = (
+    OSError,
+    UnicodeDecodeError,
+    tomllib.TOMLDecodeError,
+    json.JSONDecodeError,
+    ValidationError,
+    ValueError,
+)
 """What reading, parsing, validating or acting on a config file raises for a problem of the file."""
 
 
@@ -36,11 +42,16 @@ def config_errors(path: str | Path, model: type[BaseModel] | None = None) -> Ite
         if options["verbose"]:
             raise
         for where, message in problems(error, model):
-            typer.echo(f"error: {path}: {where}: {message}" if where else f"error: {path}: {message}", err=True)
+            typer.echo(
+                f"error: {path}: {where}: {message}" if where else f"error: {path}: {message}",
+                err=True,
+            )
         raise typer.Exit(2) from None
 
 
-def problems(error: BaseException, model: type[BaseModel] | None = None) -> list[tuple[str | None, str]]:
+def problems(
+    error: BaseException, model: type[BaseModel] | None = None
+) -> list[tuple[str | None, str]]:
     """(key path or place in the file, message) of each problem ``error`` reports."""
     if isinstance(error, ValidationError):
         found: dict[str | None, str] = {}
@@ -51,7 +62,7 @@ def problems(error: BaseException, model: type[BaseModel] | None = None) -> list
     if isinstance(error, tomllib.TOMLDecodeError):
         text = str(error)
         if match := re.search(r"\s*\((at line \d+, column \d+|at end of document)\)$", text):
-            return [(match.group(1).removeprefix("at "), _first_lower(text[:match.start()]))]
+            return [(match.group(1).removeprefix("at "), _first_lower(text[: match.start()]))]
         return [(None, f"not valid TOML: {text}")]
     if isinstance(error, json.JSONDecodeError):
         return [(f"line {error.lineno}, column {error.colno}", _first_lower(error.msg))]
@@ -66,19 +77,33 @@ def problems(error: BaseException, model: type[BaseModel] | None = None) -> list
     return [(None, str(error))]
 
 
-def _validation_problem(item: dict[str, Any], model: type[BaseModel] | None) -> tuple[str | None, str]:
+def _validation_problem(
+    item: dict[str, Any], model: type[BaseModel] | None
+) -> tuple[str | None, str]:
     loc = [step for step in item["loc"] if isinstance(step, int) or _is_key(step)]
-    path = "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in loc).lstrip(".") or None
+    path = (
+        "".join(f"[{step}]" if isinstance(step, int) else f".{step}" for step in loc).lstrip(".")
+        or None
+    )
     if item["type"] == "extra_forbidden":
         known = _keys_at(model, loc[:-1]) if model is not None else []
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
-        return path, "unknown key" + (f" (did you mean {close[0]}?)" if close else
-                                      f" (known: {', '.join(known)})" if known else "")
+        return path, "unknown key" + (
+            f" (did you mean {close[0]}?)"
+            if close
+            else f" (known: {', '.join(known)})"
+            if known
+            else ""
+        )
     message = item["msg"].removeprefix("Value error, ").removeprefix("Assertion failed, ")
     value = item.get("input")
     if item["type"] == "missing":
         message = "missing (required)"
-    elif isinstance(value, str | int | float | bool) and len(repr(value)) <= 60 and repr(value) not in message:
+    elif (
+        isinstance(value, str | int | float | bool)
+        and len(repr(value)) <= 60
+        and repr(value) not in message
+    ):
         message += f", got {value!r}"
     return path, message
 
@@ -122,7 +147,9 @@ def _mapping(annotation: Any) -> bool:
     """Whether the annotation is (or may be) a ``dict``."""
     if typing.get_origin(annotation) is dict:
         return True
-    return isinstance(annotation, types.UnionType) and any(_mapping(a) for a in typing.get_args(annotation))
+    return isinstance(annotation, types.UnionType) and any(
+        _mapping(a) for a in typing.get_args(annotation)
+    )
 
 
 def _is_model(value: Any) -> bool:

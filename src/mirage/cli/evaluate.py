@@ -24,27 +24,46 @@ from mirage.cli.sources import (
 
 @app.command("evaluate")
 def evaluate_command(
-    data: Annotated[Path, typer.Option(help="your labelled images: root/<class>/<image> (own size and channels)")],
+    data: Annotated[
+        Path,
+        typer.Option(help="your labelled images: root/<class>/<image> (own size and channels)"),
+    ],
     model: ModelFile = None,
     url: EndpointUrl = None,
     model_name: EndpointModel = None,
     key_env: KeyEnv = DEFAULT_KEY_ENV,
-    defense: Annotated[str, typer.Option(help="the defense to judge against the undefended model")] = "grad2",
-    param: Annotated[list[str], typer.Option("--param", "-p", help="defense parameter key=value (repeatable)")]
-    = [],  # noqa: B006
+    defense: Annotated[
+        str, typer.Option(help="the defense to judge against the undefended model")
+    ] = "grad2",
+    param: Annotated[
+        list[str], typer.Option("--param", "-p", help="defense parameter key=value (repeatable)")
+    ] = [],  # noqa: B006
     class_path: ClassPath = None,
-    attack: Annotated[str, typer.Option(help="knockoff (the pool) or jbda, jb-self, jb-top3 (seed images)")]
-    = "knockoff",
-    attackers: Annotated[str, typer.Option(help="comma-separated attackers of the suite (mirage attacks)")]
-    = "soft,hard-label,averaging,restorer,noise-robust",
+    attack: Annotated[
+        str, typer.Option(help="knockoff (the pool) or jbda, jb-self, jb-top3 (seed images)")
+    ] = "knockoff",
+    attackers: Annotated[
+        str, typer.Option(help="comma-separated attackers of the suite (mirage attacks)")
+    ] = "soft,hard-label,averaging,restorer,noise-robust",
     budget: Annotated[int, typer.Option(help="queries per attacker")] = 2000,
-    seeds: Annotated[str, typer.Option(help="comma-separated seeds (3 or more for a verdict under 2 points)")] = "0",
-    pool: Annotated[Path | None, typer.Option(help="the attacker's own unlabelled images (a folder or .npy): an "
-                                                   "out-of-distribution attacker (default: a share of --data)")]
-    = None,
+    seeds: Annotated[
+        str, typer.Option(help="comma-separated seeds (3 or more for a verdict under 2 points)")
+    ] = "0",
+    pool: Annotated[
+        Path | None,
+        typer.Option(
+            help="the attacker's own unlabelled images (a folder or .npy): an "
+            "out-of-distribution attacker (default: a share of --data)"
+        ),
+    ] = None,
     report: Annotated[Path | None, typer.Option(help="write the Markdown report here")] = None,
-    device: Annotated[str | None, typer.Option(help="where clones and the surrogate train: cpu, cuda, mps "
-                                                    "(default: $MIRAGE_DEVICE, else cpu)")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="where clones and the surrogate train: cpu, cuda, mps "
+            "(default: $MIRAGE_DEVICE, else cpu)"
+        ),
+    ] = None,
 ) -> None:
     """Attack your model, undefended and behind DEFENSE, with every attacker, and say whether the
     defense helps (the worst-case verdict of the sweeps). With --url the endpoint is judged
@@ -57,11 +76,19 @@ def evaluate_command(
     from mirage.data.folders import load_image_folder
 
     if model is None and url is None:
-        raise typer.BadParameter("give --model (a file), --url (an endpoint), or both (the model as the baseline)")
+        raise typer.BadParameter(
+            "give --model (a file), --url (an endpoint), or both (the model as the baseline)"
+        )
     images = load_image_folder(data, test_fraction=0.0)
     net = None if model is None else model_file(model, class_path, images.train.input_shape)
-    common = {"attack": attack, "attackers": tuple(a.strip() for a in attackers.split(",") if a.strip()),
-              "budget": budget, "seeds": tuple(int(s) for s in seeds.split(",")), "device": device, "pool": pool}
+    common = {
+        "attack": attack,
+        "attackers": tuple(a.strip() for a in attackers.split(",") if a.strip()),
+        "budget": budget,
+        "seeds": tuple(int(s) for s in seeds.split(",")),
+        "device": device,
+        "pool": pool,
+    }
     if url is None:
         result = evaluate_model(net, images, defense, params=parse_params(param), **common)
     else:

@@ -23,12 +23,16 @@ from mirage.cli.sources import (
 
 @app.command("train-surrogate")
 def train_surrogate(
-    scenario: Annotated[str, typer.Option(help="scenario whose victim the surrogate imitates")] = "fmnist",
+    scenario: Annotated[
+        str, typer.Option(help="scenario whose victim the surrogate imitates")
+    ] = "fmnist",
     kind: Annotated[str, typer.Option(help="distilled | random | defender")] = "distilled",
     stop_epoch: Annotated[int, typer.Option(help="E: stop after E epochs ...")] = 10,
     epochs: Annotated[int, typer.Option(help="... of an N-epoch cosine schedule")] = 50,
     checkpoints: Annotated[int, typer.Option(help="keep the last C epochs as an ensemble")] = 1,
-    num_queries: Annotated[int | None, typer.Option(help="pool images to distil on (default all)")] = None,
+    num_queries: Annotated[
+        int | None, typer.Option(help="pool images to distil on (default all)")
+    ] = None,
     seed: Annotated[int, typer.Option()] = 1,
     retrain: Annotated[bool, typer.Option(help="ignore the cached surrogate")] = False,
 ) -> None:
@@ -46,34 +50,57 @@ def train_surrogate(
 
     chosen = get_scenario(scenario)
     victim, card, _ = get_victim(chosen)
-    config = SurrogateConfig(kind=kind, stop_epoch=stop_epoch, checkpoints=checkpoints, num_queries=num_queries,
-                             training=SURROGATE_TRAINING.model_copy(update={"epochs": epochs, "seed": seed}))
+    config = SurrogateConfig(
+        kind=kind,
+        stop_epoch=stop_epoch,
+        checkpoints=checkpoints,
+        num_queries=num_queries,
+        training=SURROGATE_TRAINING.model_copy(update={"epochs": epochs, "seed": seed}),
+    )
     _, cards, cached = get_surrogate(chosen, victim, card, config, retrain=retrain)
     accuracies = ", ".join(f"{c.test_accuracy:.4f}" for c in cards)
-    console.print(f"surrogate [bold]{kind}[/] for {chosen.name} ({'cached' if cached else 'trained'}): "
-                  f"epoch {stop_epoch} of {epochs}, test accuracy {accuracies}")
+    console.print(
+        f"surrogate [bold]{kind}[/] for {chosen.name} ({'cached' if cached else 'trained'}): "
+        f"epoch {stop_epoch} of {epochs}, test accuracy {accuracies}"
+    )
     console.print(f"checkpoint: {surrogate_dir(chosen, config, card)}")
 
 
 @app.command("distil-surrogate")
 def distil_surrogate_command(
-    images: Annotated[Path, typer.Option(help="the defender's own unlabelled images: a folder (any tree of image "
-                                              "files) or a .npy array (N, C, H, W) in [0, 1] or uint8")],
-    out: Annotated[Path, typer.Option(help="the checkpoint directory to write (a member-i/ per snapshot if more)")],
+    images: Annotated[
+        Path,
+        typer.Option(
+            help="the defender's own unlabelled images: a folder (any tree of image "
+            "files) or a .npy array (N, C, H, W) in [0, 1] or uint8"
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(help="the checkpoint directory to write (a member-i/ per snapshot if more)"),
+    ],
     model: ModelFile = None,
     class_path: ClassPath = None,
     url: EndpointUrl = None,
     model_name: EndpointModel = None,
     key_env: KeyEnv = DEFAULT_KEY_ENV,
-    architecture: Annotated[str | None, typer.Option(help="lenet | vgg | resnet (default: by input size)")] = None,
-    image_size: Annotated[int | None, typer.Option(help="resize the images (default: their own size)")] = None,
-    channels: Annotated[int | None, typer.Option(help="1 or 3 (default: 1 if every image is grayscale)")] = None,
+    architecture: Annotated[
+        str | None, typer.Option(help="lenet | vgg | resnet (default: by input size)")
+    ] = None,
+    image_size: Annotated[
+        int | None, typer.Option(help="resize the images (default: their own size)")
+    ] = None,
+    channels: Annotated[
+        int | None, typer.Option(help="1 or 3 (default: 1 if every image is grayscale)")
+    ] = None,
     stop_epoch: Annotated[int, typer.Option(help="E: stop after E epochs ...")] = 10,
     epochs: Annotated[int, typer.Option(help="... of an N-epoch cosine schedule")] = 50,
     checkpoints: Annotated[int, typer.Option(help="keep the last C epochs as an ensemble")] = 1,
     seed: Annotated[int, typer.Option()] = 1,
-    device: Annotated[str | None, typer.Option(help="where it trains: cpu, cuda, mps (default: $MIRAGE_DEVICE, "
-                                                    "else cpu)")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(help="where it trains: cpu, cuda, mps (default: $MIRAGE_DEVICE, else cpu)"),
+    ] = None,
 ) -> None:
     """Distil a GRAD²/MAD surrogate from any model on your own unlabelled images, so the service
     can defend a model mirage did not train: serve it with \\[defense] surrogate = "OUT".
@@ -87,20 +114,29 @@ def distil_surrogate_command(
     if (model is None) == (url is None):
         raise typer.BadParameter("give exactly one of --model (a file) and --url (an endpoint)")
     pixels = load_images(images, image_size=image_size, channels=channels)
-    config = SurrogateConfig(stop_epoch=stop_epoch, checkpoints=checkpoints,
-                             training=SURROGATE_TRAINING.model_copy(update={"epochs": epochs, "seed": seed}))
+    config = SurrogateConfig(
+        stop_epoch=stop_epoch,
+        checkpoints=checkpoints,
+        training=SURROGATE_TRAINING.model_copy(update={"epochs": epochs, "seed": seed}),
+    )
     if model is not None:
         source = model_file(model, class_path, pixels.shape[1:])
-        members = distil_surrogate(source, pixels, architecture=architecture, config=config, device=device)
+        members = distil_surrogate(
+            source, pixels, architecture=architecture, config=config, device=device
+        )
     else:
         with endpoint(url, model_name, key_env) as api:
-            members = distil_surrogate(api, pixels, architecture=architecture, config=config, device=device)
+            members = distil_surrogate(
+                api, pixels, architecture=architecture, config=config, device=device
+            )
     dirs = [out] if len(members) == 1 else [out / f"member-{i}" for i in range(len(members))]
     for (member, card), directory in zip(members, dirs, strict=True):
         save_checkpoint(member, card, directory)
     agreements = ", ".join(f"{card.test_accuracy:.4f}" for _, card in members)
-    console.print(f"surrogate [bold]{members[0][1].architecture}[/] distilled on {len(pixels)} images: top-1 "
-                  f"agreement with the model {agreements} on held-out images")
+    console.print(
+        f"surrogate [bold]{members[0][1].architecture}[/] distilled on {len(pixels)} images: top-1 "
+        f"agreement with the model {agreements} on held-out images"
+    )
     line = f'"{dirs[0]}"' if len(dirs) == 1 else "[" + ", ".join(f'"{d}"' for d in dirs) + "]"
     console.print(f"serve it with: \\[defense] surrogate = {line}")
 
@@ -108,25 +144,49 @@ def distil_surrogate_command(
 # Help texts are rich markup: a literal square bracket is escaped (\\[ownership]), or rich eats it.
 @app.command("verify")
 def verify_command(
-    suspect: Annotated[Path, typer.Option(
-        help="the suspect model: a torch.export archive (.pt2), an ONNX file (.onnx) or a mirage "
-             "checkpoint directory")],
-    clean: Annotated[list[Path] | None, typer.Option(
-        help="GRAD² soft-label test: checkpoint directories of ≥ 2 clean models (without them: the "
-             "ownership test of --config's \\[ownership] keys)")] = None,
-    config: Annotated[Path | None, typer.Option(
-        help="the service config: its \\[ownership] keys and evidence, or the GRAD² watermark its "
-             "defense serves", exists=True, dir_okay=False)] = None,
+    suspect: Annotated[
+        Path,
+        typer.Option(
+            help="the suspect model: a torch.export archive (.pt2), an ONNX file (.onnx) or a mirage "
+            "checkpoint directory"
+        ),
+    ],
+    clean: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="GRAD² soft-label test: checkpoint directories of ≥ 2 clean models (without them: the "
+            "ownership test of --config's \\[ownership] keys)"
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            help="the service config: its \\[ownership] keys and evidence, or the GRAD² watermark its "
+            "defense serves",
+            exists=True,
+            dir_okay=False,
+        ),
+    ] = None,
     dataset: Annotated[str, typer.Option(help="dataset holding the behaviour images")] = "fmnist",
     source_class: Annotated[int, typer.Option(help="behaviour: images of this class ...")] = 1,
     target_class: Annotated[int, typer.Option(help="... labelled as this class")] = 8,
-    size: Annotated[int, typer.Option(help="number of behaviour images (first of the train split)")] = 20,
-    alpha: Annotated[float | None, typer.Option(
-        help="significance (default 1e-6 for the ownership test, after correcting for every client; "
-             "0.01 for the GRAD² test)")] = None,
-    group: Annotated[list[str] | None, typer.Option(
-        help="clients believed one party, comma-separated (e.g. one account's keys): one more test of "
-             "their pooled evidence; repeatable")] = None,
+    size: Annotated[
+        int, typer.Option(help="number of behaviour images (first of the train split)")
+    ] = 20,
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help="significance (default 1e-6 for the ownership test, after correcting for every client; "
+            "0.01 for the GRAD² test)"
+        ),
+    ] = None,
+    group: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="clients believed one party, comma-separated (e.g. one account's keys): one more test of "
+            "their pooled evidence; repeatable"
+        ),
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
 ) -> None:
     """Is a suspect model stolen, and through which API key? Without --clean: the exact test of
@@ -139,16 +199,29 @@ def verify_command(
     try:
         model = load_model_file(format_of(suspect), suspect)[0]
     except (OSError, ValueError, RuntimeError) as error:
-        raise typer.BadParameter(f"cannot load the suspect {suspect}: {error}", param_hint="--suspect") from error
+        raise typer.BadParameter(
+            f"cannot load the suspect {suspect}: {error}", param_hint="--suspect"
+        ) from error
     if not clean:
         groups = [g.split(",") for g in group or []]
         _verify_ownership(model, config, 1e-6 if alpha is None else alpha, groups, as_json)
         return
-    _verify_behaviour(model, clean, config, dataset, source_class, target_class, size,
-                      0.01 if alpha is None else alpha, as_json)
+    _verify_behaviour(
+        model,
+        clean,
+        config,
+        dataset,
+        source_class,
+        target_class,
+        size,
+        0.01 if alpha is None else alpha,
+        as_json,
+    )
 
 
-def _verify_ownership(model, config: Path | None, alpha: float, groups: list[list[str]], as_json: bool) -> None:
+def _verify_ownership(
+    model, config: Path | None, alpha: float, groups: list[list[str]], as_json: bool
+) -> None:
     import json
 
     from mirage.ownership import derive_key, layer_name, layered_watermarks, name_the_thief
@@ -156,22 +229,34 @@ def _verify_ownership(model, config: Path | None, alpha: float, groups: list[lis
     from mirage.serve.evidence import EvidenceStore
 
     if config is None:
-        raise typer.BadParameter("the ownership test needs --config (a service config with [ownership])")
+        raise typer.BadParameter(
+            "the ownership test needs --config (a service config with [ownership])"
+        )
     served = load_config(config)
     if served.ownership is None:
-        raise typer.BadParameter(f"{config} has no [ownership] section (or give --clean for the GRAD² test)")
+        raise typer.BadParameter(
+            f"{config} has no [ownership] section (or give --clean for the GRAD² test)"
+        )
     try:
         secret = served.ownership.secret()
     except ValueError as error:
         raise typer.BadParameter(str(error), param_hint="--config") from error
     if not served.ownership.evidence.exists():
-        raise typer.BadParameter(f"no evidence at {served.ownership.evidence}: the service has not answered yet")
+        raise typer.BadParameter(
+            f"no evidence at {served.ownership.evidence}: the service has not answered yet"
+        )
     num_classes = int(model.num_classes)
     layers = served.ownership.watermark
-    watermarks = {name: watermark for c in served.clients
-                  for name, watermark in layered_watermarks(derive_key(secret, c.name), c.name, layers,
-                                                            num_classes).items()}
-    groups = [[layer_name(c, i) for c in g] for g in groups for i in range(len(layers))]  # one per layer
+    watermarks = {
+        name: watermark
+        for c in served.clients
+        for name, watermark in layered_watermarks(
+            derive_key(secret, c.name), c.name, layers, num_classes
+        ).items()
+    }
+    groups = [
+        [layer_name(c, i) for c in g] for g in groups for i in range(len(layers))
+    ]  # one per layer
     evidence = EvidenceStore(served.ownership.evidence, served.ownership.max_items)
     try:
         tests = name_the_thief(model, evidence, watermarks, groups=groups, alpha=alpha)
@@ -184,15 +269,26 @@ def _verify_ownership(model, config: Path | None, alpha: float, groups: list[lis
         return
     for t in tests:
         verdict = "[bold red]named[/]" if t.named else "not named"
-        console.print(f"{t.client}: {t.images} evidence images in {t.buckets} buckets; argmax matches "
-                      f"{t.matches} ({t.expected:.1f} by chance, p {t.match_p_value:.3g}); probability "
-                      f"score p {t.probability_p_value:.3g}; rank score {t.score} ({t.expected_score:.1f} "
-                      f"by chance): p {t.p_value:.3g}, corrected "
-                      f"for {len(tests)} tests {t.corrected_p_value:.3g} -> {verdict} at alpha {alpha:g}")
+        console.print(
+            f"{t.client}: {t.images} evidence images in {t.buckets} buckets; argmax matches "
+            f"{t.matches} ({t.expected:.1f} by chance, p {t.match_p_value:.3g}); probability "
+            f"score p {t.probability_p_value:.3g}; rank score {t.score} ({t.expected_score:.1f} "
+            f"by chance): p {t.p_value:.3g}, corrected "
+            f"for {len(tests)} tests {t.corrected_p_value:.3g} -> {verdict} at alpha {alpha:g}"
+        )
 
 
-def _verify_behaviour(model, clean: list[Path], config: Path | None, dataset: str, source_class: int,
-                      target_class: int, size: int, alpha: float, as_json: bool) -> None:
+def _verify_behaviour(
+    model,
+    clean: list[Path],
+    config: Path | None,
+    dataset: str,
+    source_class: int,
+    target_class: int,
+    size: int,
+    alpha: float,
+    as_json: bool,
+) -> None:
     import json
 
     from mirage.data import load_dataset
@@ -204,7 +300,9 @@ def _verify_behaviour(model, clean: list[Path], config: Path | None, dataset: st
         if config is not None:
             dataset, watermark = served_watermark(config)
         else:
-            watermark = WatermarkSet(source_class=source_class, target_class=target_class, size=size)
+            watermark = WatermarkSet(
+                source_class=source_class, target_class=target_class, size=size
+            )
         behaviour = behaviour_set(load_dataset(dataset), watermark)
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
@@ -214,12 +312,16 @@ def _verify_behaviour(model, clean: list[Path], config: Path | None, dataset: st
         print(json.dumps({**result.__dict__, "watermarked": result.watermarked}, indent=2))
         return
     verdict = "[bold red]watermarked[/]" if result.watermarked else "[bold green]not watermarked[/]"
-    console.print(f"behaviour: {len(x_w)} {dataset} images of class {watermark.source_class} -> "
-                  f"{watermark.target_class}")
-    console.print(f"statistic (mean log p) {result.statistic:.4f} vs clean "
-                  f"{sum(result.clean_statistics) / len(result.clean_statistics):.4f}; match rate "
-                  f"{result.match_rate:.2f}; t {result.t:.2f}; p {result.p_value:.3g} "
-                  f"(empirical {result.empirical_p_value:.3g}) -> {verdict} at alpha {alpha}")
+    console.print(
+        f"behaviour: {len(x_w)} {dataset} images of class {watermark.source_class} -> "
+        f"{watermark.target_class}"
+    )
+    console.print(
+        f"statistic (mean log p) {result.statistic:.4f} vs clean "
+        f"{sum(result.clean_statistics) / len(result.clean_statistics):.4f}; match rate "
+        f"{result.match_rate:.2f}; t {result.t:.2f}; p {result.p_value:.3g} "
+        f"(empirical {result.empirical_p_value:.3g}) -> {verdict} at alpha {alpha}"
+    )
 
 
 def served_watermark(path: Path):
@@ -231,5 +333,7 @@ def served_watermark(path: Path):
     settings = load_config(path)
     watermark = settings.defense.parts().watermark
     if watermark is None:
-        raise ValueError(f"{path}: its defense serves no watermark (grad2 with target = 'watermark')")
+        raise ValueError(
+            f"{path}: its defense serves no watermark (grad2 with target = 'watermark')"
+        )
     return get_scenario(settings.model.scenario).victim_dataset, watermark

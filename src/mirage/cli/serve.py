@@ -18,10 +18,18 @@ def serve(
     config: Annotated[Path, typer.Option("--config", "-c", help="TOML or JSON service config")],
     host: Annotated[str, typer.Option(help="address to bind")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port")] = 8000,
-    device: Annotated[str | None, typer.Option(
-        help="where the model's forward pass runs: cpu, cuda, cuda:N, mps (overrides model.device)")] = None,
-    grpc_port: Annotated[int | None, typer.Option(
-        help="also serve the Open Inference Protocol over gRPC on this port (overrides grpc.port)")] = None,
+    device: Annotated[
+        str | None,
+        typer.Option(
+            help="where the model's forward pass runs: cpu, cuda, cuda:N, mps (overrides model.device)"
+        ),
+    ] = None,
+    grpc_port: Annotated[
+        int | None,
+        typer.Option(
+            help="also serve the Open Inference Protocol over gRPC on this port (overrides grpc.port)"
+        ),
+    ] = None,
 ) -> None:
     """Serve the configured model behind its defense (Open Inference Protocol V2 + /metrics).
 
@@ -34,9 +42,15 @@ def serve(
     with config_errors(config, ServeConfig):  # one line per problem, exit code 2
         settings = with_grpc(load_config(config), host, grpc_port)
         if device is not None:
-            settings = settings.model_copy(update={"model": settings.model.model_copy(update={"device": device})})
-        application = create_app(settings, announce=lambda summary: console.print(summary, markup=False,
-                                                                                  highlight=False, soft_wrap=True))
+            settings = settings.model_copy(
+                update={"model": settings.model.model_copy(update={"device": device})}
+            )
+        application = create_app(
+            settings,
+            announce=lambda summary: console.print(
+                summary, markup=False, highlight=False, soft_wrap=True
+            ),
+        )
     log.info("serving %r on http://%s:%d", settings.model.name, host, port)
     serve_forever(application, host, port)
 

@@ -12,11 +12,17 @@ from mirage.cli.app import app, console
 
 @app.command("train-victim-defended")
 def train_victim_defended(
-    scenario: Annotated[str, typer.Option(help="scenario name (fmnist, mnist, digits, ...)")] = "fmnist",
+    scenario: Annotated[
+        str, typer.Option(help="scenario name (fmnist, mnist, digits, ...)")
+    ] = "fmnist",
     method: Annotated[str, typer.Option(help="training-time defense: ini, dpsgd or none")] = "ini",
     noise: Annotated[float | None, typer.Option(help="DP-SGD noise multiplier σ")] = None,
-    param: Annotated[list[str] | None, typer.Option(
-        help="KEY=VALUE config entry (VALUE as JSON, e.g. gamma=0.3, init='\"victim\"'); repeatable")] = None,
+    param: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="KEY=VALUE config entry (VALUE as JSON, e.g. gamma=0.3, init='\"victim\"'); repeatable"
+        ),
+    ] = None,
     retrain: Annotated[bool, typer.Option(help="ignore the cached checkpoint")] = False,
 ) -> None:
     """Train the scenario's victim with InI or DP-SGD (cached by config) and print its accuracy.
@@ -44,8 +50,14 @@ def train_victim_defended(
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     _, card, cached = get_defended_victim(chosen, method, config, retrain=retrain)
-    extra = f", ε = {card.training['epsilon']:.3f} (δ = {card.training['delta']:g})" if method == "dpsgd" else ""
-    console.print(f"{method} victim [bold]{chosen.name}[/] ({'cached' if cached else 'trained'}): "
-                  f"test accuracy [bold]{card.test_accuracy:.4f}[/]{extra}")
+    extra = (
+        f", ε = {card.training['epsilon']:.3f} (δ = {card.training['delta']:g})"
+        if method == "dpsgd"
+        else ""
+    )
+    console.print(
+        f"{method} victim [bold]{chosen.name}[/] ({'cached' if cached else 'trained'}): "
+        f"test accuracy [bold]{card.test_accuracy:.4f}[/]{extra}"
+    )
     if method != "none":
         console.print(f"checkpoint: {defended_victim_dir(chosen, method, config)}")

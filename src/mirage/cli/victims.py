@@ -12,7 +12,9 @@ from mirage.cli.app import app, console
 
 @app.command("train-victim")
 def train_victim(
-    scenario: Annotated[str, typer.Option(help="scenario name (fmnist, fmnist-id, mnist, ...)")] = "fmnist",
+    scenario: Annotated[
+        str, typer.Option(help="scenario name (fmnist, fmnist-id, mnist, ...)")
+    ] = "fmnist",
     retrain: Annotated[bool, typer.Option(help="ignore the cached checkpoint")] = False,
     data_root: Annotated[str | None, typer.Option(help="directory of the victim's dataset")] = None,
 ) -> None:
@@ -25,9 +27,11 @@ def train_victim(
     chosen = get_scenario(scenario, **({"data_root": data_root} if data_root else {}))
     _, card, cached = get_victim(chosen, retrain=retrain)
     source = "cached" if cached else "trained"
-    console.print(f"victim [bold]{chosen.name}[/] ({card.architecture} on {card.dataset}, {source}): "
-                  f"test accuracy [bold]{card.test_accuracy:.4f}[/], "
-                  f"train time {card.train_seconds:.0f}s, seed {card.seed}")
+    console.print(
+        f"victim [bold]{chosen.name}[/] ({card.architecture} on {card.dataset}, {source}): "
+        f"test accuracy [bold]{card.test_accuracy:.4f}[/], "
+        f"train time {card.train_seconds:.0f}s, seed {card.seed}"
+    )
     console.print(f"checkpoint: {victim_dir(chosen)}")
 
 
@@ -54,10 +58,16 @@ def default_of(field) -> str:
 
 def describe_contract(contract) -> str:
     """``DefenseContract`` in a few words: ``needs x, keeps top-1, L1 ≤ 0.5, stateful``."""
-    words = [word for flag, word in ((contract.needs_input, "needs x"), (contract.truncating, "truncating"),
-                                     (contract.keeps_top1, "keeps top-1")) if flag]
+    words = [
+        word
+        for flag, word in (
+            (contract.needs_input, "needs x"),
+            (contract.truncating, "truncating"),
+            (contract.keeps_top1, "keeps top-1"),
+        )
+        if flag
+    ]
     if contract.budget is not None:
         words.append(f"{contract.norm.upper()} ≤ {contract.budget:g}")
     words.append("stateful" if contract.stateful else "stateless")
     return ", ".join(words)
-

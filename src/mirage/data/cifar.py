@@ -56,8 +56,15 @@ def _to_images(batch: dict, label_key: bytes, path: Path, num_classes: int) -> I
         raise CorruptDatasetError(f"{path}: missing b'data' or {label_key!r}")
     data = np.asarray(data)
     labels = np.asarray(labels, dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-        raise CorruptDatasetError(f"{path}: data {data.shape}/{data.dtype} and {len(labels)} labels")
+    if (
+        data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != 3072
+        or len(labels) != len(data)
+    ):
+        raise CorruptDatasetError(
+            f"{path}: data {data.shape}/{data.dtype} and {len(labels)} labels"
+        )
     if labels.min(initial=0) < 0 or labels.max(initial=0) >= num_classes:
         raise CorruptDatasetError(f"{path}: labels outside 0..{num_classes - 1}")
     x = torch.from_numpy(data.reshape(-1, 3, 32, 32).copy()).float().div_(255.0)

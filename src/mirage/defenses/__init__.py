@@ -28,6 +28,14 @@ for _module in pkgutil.iter_modules(__path__):
         importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
-    "DEFENSES", "Defense", "DefenseContract", "DefenseInvariantError", "DefenseParams", "check_probs",
-    "create_defense", "list_defenses", "redirect", "register_defense",
+    "DEFENSES",
+    "Defense",
+    "DefenseContract",
+    "DefenseInvariantError",
+    "DefenseParams",
+    "check_probs",
+    "create_defense",
+    "list_defenses",
+    "redirect",
+    "register_defense",
 ]

@@ -33,7 +33,7 @@ def last_layer_gram_from_norms(features_sq: Tensor, probs: Tensor) -> Tensor:
     -> (B, K, K)."""
     k = probs.shape[1]
     eye = torch.eye(k, dtype=probs.dtype, device=probs.device)
-    centred = eye.unsqueeze(0) - probs.unsqueeze(1)           # row k: e_k − p, (B, K, K)
+    centred = eye.unsqueeze(0) - probs.unsqueeze(1)  # row k: e_k − p, (B, K, K)
     return centred @ centred.transpose(1, 2) * features_sq.view(-1, 1, 1)
 
 
@@ -44,13 +44,18 @@ def _check_supported(model: nn.Module) -> list[nn.Module]:
         if not own:
             continue
         if not isinstance(module, GRAM_LAYERS):
-            raise ValueError(f"layers='all' supports {[c.__name__ for c in GRAM_LAYERS]}; "  # noqa: TRY004
-                             f"module {name!r} is {type(module).__name__} (use layers='last')")
+            raise ValueError(  # noqa: TRY004
+                f"layers='all' supports {[c.__name__ for c in GRAM_LAYERS]}; "
+                f"module {name!r} is {type(module).__name__} (use layers='last')"
+            )
         if isinstance(module, nn.BatchNorm2d) and module.training:
             raise ValueError("layers='all' needs BatchNorm in eval mode (per-sample Jacobians)")
-        if isinstance(module, nn.Conv2d) and (module.groups != 1 or module.padding_mode != "zeros"
-                                              or isinstance(module.padding, str)):
-            raise ValueError(f"layers='all': conv {name!r} must use groups=1 and numeric zero padding")
+        if isinstance(module, nn.Conv2d) and (
+            module.groups != 1 or module.padding_mode != "zeros" or isinstance(module.padding, str)
+        ):
+            raise ValueError(
+                f"layers='all': conv {name!r} must use groups=1 and numeric zero padding"
+            )
         layers.append(module)
     return layers
 
@@ -61,31 +66,40 @@ def _layer_gram(module: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
     if isinstance(module, nn.Linear):
         if a.ndim != 2:
             raise ValueError("layers='all': Linear layers must see (B, features) inputs")
-        d = delta.transpose(0, 1)                                         # (B, K, O)
+        d = delta.transpose(0, 1)  # (B, K, O)
         dd = d @ d.transpose(1, 2)
         scale = a.pow(2).sum(1) + (1.0 if module.bias is not None else 0.0)
         return dd * scale.view(-1, 1, 1)
     if isinstance(module, nn.Conv2d):
         k, b = delta.shape[:2]
-        unfolded = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
-                            stride=module.stride)                         # (B, C·kh·kw, T)
+        unfolded = F.unfold(
+            a,
+            module.kernel_size,
+            dilation=module.dilation,
+            padding=module.padding,
+            stride=module.stride,
+        )  # (B, C·kh·kw, T)
         d = delta.reshape(k, b, module.out_channels, -1).transpose(0, 1)  # (B, K, O, T)
         c, t = unfolded.shape[1:]
         o = module.out_channels
         if t * t * (c + k * o) + k * k * o * t < k * o * c * t:
             # Ghost product: Σ_{t,t'} (UᵀU)_{tt'} ⟨δ_k,t, δ_l,t'⟩ without per-sample gradients.
-            patches = unfolded.transpose(1, 2) @ unfolded                 # (B, T, T)
-            mixed = (d.flatten(1, 2) @ patches).view(b, k, o * t)         # δ_k P
+            patches = unfolded.transpose(1, 2) @ unfolded  # (B, T, T)
+            mixed = (d.flatten(1, 2) @ patches).view(b, k, o * t)  # δ_k P
             gram = mixed @ d.flatten(2).transpose(1, 2)
         else:
-            grads = (d.flatten(1, 2) @ unfolded.transpose(1, 2)).view(b, k, -1)  # per-sample weight grads
+            grads = (d.flatten(1, 2) @ unfolded.transpose(1, 2)).view(
+                b, k, -1
+            )  # per-sample weight grads
             gram = grads @ grads.transpose(1, 2)
         if module.bias is not None:
-            bias = d.sum(-1)                                              # (B, K, O)
+            bias = d.sum(-1)  # (B, K, O)
             gram = gram + bias @ bias.transpose(1, 2)
         return gram
     # BatchNorm2d in eval mode: out = γ·x̂ + β.
-    xhat = (a - module.running_mean.view(1, -1, 1, 1)) / torch.sqrt(module.running_var.view(1, -1, 1, 1) + module.eps)
+    xhat = (a - module.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
+        module.running_var.view(1, -1, 1, 1) + module.eps
+    )
     gram = torch.zeros(a.shape[0], delta.shape[0], delta.shape[0], dtype=a.dtype, device=a.device)
     if module.weight is not None:
         gamma = torch.einsum("kbchw,bchw->bkc", delta, xhat)
@@ -101,8 +115,13 @@ REPLICATE_MAX_ROWS = 64
 repeated K times (cheap for small B, where a vmapped backward is dominated by overhead)."""
 
 
-def full_network_gram(model: nn.Module, x: Tensor, *, num_classes: int | None = None,
-                      replicate_max_rows: int = REPLICATE_MAX_ROWS) -> tuple[Tensor, Tensor]:
+def full_network_gram(
+    model: nn.Module,
+    x: Tensor,
+    *,
+    num_classes: int | None = None,
+    replicate_max_rows: int = REPLICATE_MAX_ROWS,
+) -> tuple[Tensor, Tensor]:
     """Per-sample M = G Gᵀ over ALL parameters, G = ∂ log p_S(·|x_i)/∂θ (K×P per sample).
 
     ``x``: (B, C, H, W) -> (M (B, K, K), surrogate probabilities (B, K)). One forward and one
@@ -137,8 +156,10 @@ def full_network_gram(model: nn.Module, x: Tensor, *, num_classes: int | None = 
             wanted = [outputs[m] for m in layers]
             if replicate:
                 picked = log_probs.view(b, k, k).diagonal(dim1=1, dim2=2).sum()
-                deltas = [d.view(b, k, *d.shape[1:]).transpose(0, 1)
-                          for d in torch.autograd.grad(picked, wanted)]
+                deltas = [
+                    d.view(b, k, *d.shape[1:]).transpose(0, 1)
+                    for d in torch.autograd.grad(picked, wanted)
+                ]
                 for m in layers:
                     inputs[m] = inputs[m].view(b, k, *inputs[m].shape[1:])[:, 0]
                 log_probs = log_probs.view(b, k, k)[:, 0]

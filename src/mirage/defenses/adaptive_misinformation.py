@@ -38,7 +38,9 @@ class AdaptiveMisinformationParams(DefenseParams):
     @classmethod
     def _module(cls, value: Any) -> Any:
         if not isinstance(value, nn.Module):
-            raise ValueError("adaptive_misinformation needs oe_model and misinformation_model (nn.Module)")  # noqa: TRY004 (pydantic)
+            raise ValueError(  # noqa: TRY004 (pydantic)
+                "adaptive_misinformation needs oe_model and misinformation_model (nn.Module)"
+            )
         return value
 
 
@@ -67,6 +69,8 @@ class AdaptiveMisinformation(Defense):
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         alpha, misinformation = self.mixing(x)
         if misinformation.shape != probs.shape:
-            raise ValueError(f"misinformation model gives {tuple(misinformation.shape)}, probs are {tuple(probs.shape)}")
+            raise ValueError(
+                f"misinformation model gives {tuple(misinformation.shape)}, probs are {tuple(probs.shape)}"
+            )
         y = probs.double()
         return ((1 - alpha).unsqueeze(1) * y + alpha.unsqueeze(1) * misinformation).to(probs.dtype)

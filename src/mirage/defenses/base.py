@@ -86,15 +86,18 @@ def distance(clean: Tensor, served: Tensor, norm: Norm) -> Tensor:
     return (torch.xlogy(clean, clean) - torch.xlogy(clean, served)).sum(1)
 
 
-def check_probs(probs: Tensor, num_classes: int | None = None, *, name: str = "probs",
-                atol: float = INPUT_ATOL) -> None:
+def check_probs(
+    probs: Tensor, num_classes: int | None = None, *, name: str = "probs", atol: float = INPUT_ATOL
+) -> None:
     """Raise ``ValueError`` unless ``probs`` is a non-empty (B, K) float batch of simplex rows."""
     if not isinstance(probs, Tensor):
         raise ValueError(f"{name} must be a torch.Tensor, got {type(probs).__name__}")  # noqa: TRY004
     if probs.ndim != 2:
         raise ValueError(f"{name} must have shape (B, K), got {tuple(probs.shape)}")
     if probs.shape[0] == 0 or probs.shape[1] < 2:
-        raise ValueError(f"{name} must have at least one row and two classes, got {tuple(probs.shape)}")
+        raise ValueError(
+            f"{name} must have at least one row and two classes, got {tuple(probs.shape)}"
+        )
     if not probs.is_floating_point():
         raise ValueError(f"{name} must be floating point, got {probs.dtype}")
     if num_classes is not None and probs.shape[1] != num_classes:
@@ -179,32 +182,51 @@ class Defense(abc.ABC):
     def check_output(self, clean: Tensor, served: Tensor) -> None:
         contract, atol = self.contract, output_atol(served.dtype)
         if served.shape != clean.shape:
-            raise DefenseInvariantError(f"{self.name}: output shape {tuple(served.shape)} != {tuple(clean.shape)}")
+            raise DefenseInvariantError(
+                f"{self.name}: output shape {tuple(served.shape)} != {tuple(clean.shape)}"
+            )
         # Every scalar the contract needs, fetched with one host sync (NaN fails each comparison).
         low, high = torch.aminmax(served)
         low_sum, high_sum = torch.aminmax(served.sum(dim=1))
-        used = low if contract.budget is None else (
-            distance(clean, served, "l1") if contract.norm == "l1"
-            else distance(clean.double(), served.double(), contract.norm)).max().to(low)
-        low, high, low_sum, high_sum, used = torch.stack([low, high, low_sum, high_sum, used]).tolist()
+        used = (
+            low
+            if contract.budget is None
+            else (
+                distance(clean, served, "l1")
+                if contract.norm == "l1"
+                else distance(clean.double(), served.double(), contract.norm)
+            )
+            .max()
+            .to(low)
+        )
+        low, high, low_sum, high_sum, used = torch.stack(
+            [low, high, low_sum, high_sum, used]
+        ).tolist()
         if not (low >= -atol and high <= 1 + atol):
-            raise DefenseInvariantError(f"{self.name}: output entries outside [0, 1] or NaN/inf "
-                                        f"(min {low:.6g}, max {high:.6g})")
+            raise DefenseInvariantError(
+                f"{self.name}: output entries outside [0, 1] or NaN/inf "
+                f"(min {low:.6g}, max {high:.6g})"
+            )
         if not high_sum <= 1 + atol or (not contract.truncating and not low_sum >= 1 - atol):
-            raise DefenseInvariantError(f"{self.name}: output rows not on the "
-                                        f"{'sub-' if contract.truncating else ''}simplex "
-                                        f"(row sums in [{low_sum:.6g}, {high_sum:.6g}])")
+            raise DefenseInvariantError(
+                f"{self.name}: output rows not on the "
+                f"{'sub-' if contract.truncating else ''}simplex "
+                f"(row sums in [{low_sum:.6g}, {high_sum:.6g}])"
+            )
         if contract.budget is not None and not used <= contract.budget + atol:
-            raise DefenseInvariantError(f"{self.name}: {contract.norm.upper()} {used:.6g} exceeds "
-                                        f"budget {contract.budget}")
+            raise DefenseInvariantError(
+                f"{self.name}: {contract.norm.upper()} {used:.6g} exceeds budget {contract.budget}"
+            )
         if contract.keeps_top1 and not strict_top1_kept(clean, served).all():
             raise DefenseInvariantError(f"{self.name}: promised to keep top-1 but did not")
 
     def __repr__(self) -> str:
         """One line: scalar parameters as they are, tensors by shape, modules by class (a reference
         set or a surrogate would otherwise print thousands of numbers)."""
-        fields = ", ".join(f"{name}={_short_repr(getattr(self.params, name))}"
-                           for name in type(self.params).model_fields)
+        fields = ", ".join(
+            f"{name}={_short_repr(getattr(self.params, name))}"
+            for name in type(self.params).model_fields
+        )
         return f"{type(self).__name__}({fields})"
 
 
@@ -213,7 +235,9 @@ def _short_repr(value: Any) -> str:
         return f"<tensor {tuple(value.shape)}>"
     if isinstance(value, torch.nn.Module):
         return f"<{type(value).__name__}>"
-    if isinstance(value, list | tuple) and any(isinstance(v, torch.Tensor | torch.nn.Module) for v in value):
+    if isinstance(value, list | tuple) and any(
+        isinstance(v, torch.Tensor | torch.nn.Module) for v in value
+    ):
         return f"<{len(value)} × {type(value[0]).__name__}>"
     return repr(value)
 
@@ -233,8 +257,9 @@ _REGISTRY: Registry[Defense] = Registry("defense", entry=DefenseEntry)
 DEFENSES: dict[str, DefenseEntry] = _REGISTRY.entries  # type: ignore[assignment]
 
 
-def register_defense(name: str, *, params: type[DefenseParams] = DefenseParams
-                     ) -> Callable[[type[Defense]], type[Defense]]:
+def register_defense(
+    name: str, *, params: type[DefenseParams] = DefenseParams
+) -> Callable[[type[Defense]], type[Defense]]:
     """Class decorator: add a defense to the registry under ``name``."""
     return _REGISTRY.register(name, params)
 

@@ -38,9 +38,15 @@ from mirage.defenses.targets import TargetName, min_ip, static_target
 class Grad2Params(DefenseParams):
     epsilon: float = Field(0.5, ge=0, le=2, description="per-query L1 budget")
     target: TargetName = "all-ones"
-    surrogate: Any = Field(None, validate_default=True, description="nn.Module, or a sequence of them (one sampled per batch)")
+    surrogate: Any = Field(
+        None,
+        validate_default=True,
+        description="nn.Module, or a sequence of them (one sampled per batch)",
+    )
     target_vector: Any = Field(None, description="flat (P,) tensor for target='vector'")
-    watermark_x: Any = Field(None, description="(M, C, H, W) behaviour images for target='watermark'")
+    watermark_x: Any = Field(
+        None, description="(M, C, H, W) behaviour images for target='watermark'"
+    )
     watermark_y: Any = Field(None, description="(M,) behaviour labels for target='watermark'")
     reference_x: Any = Field(None, description="(M, C, H, W) defender images for target='unlearn'")
     reference_y: Any = Field(None, description="(M,) their true labels for target='unlearn'")
@@ -54,7 +60,9 @@ class Grad2Params(DefenseParams):
     @classmethod
     def _surrogates(cls, value: Any) -> Any:
         if value is None:
-            raise ValueError("grad2 needs a surrogate (an nn.Module or a non-empty sequence of them)")
+            raise ValueError(
+                "grad2 needs a surrogate (an nn.Module or a non-empty sequence of them)"
+            )
         members = list(value) if isinstance(value, Sequence) else [value]
         if not members or not all(isinstance(m, nn.Module) for m in members):
             raise ValueError("surrogate must be an nn.Module or a non-empty sequence of nn.Module")
@@ -87,13 +95,19 @@ class Grad2(Defense):
         """An ensemble of surrogates samples its member per scoring batch from a generator that
         advances: stateful."""
         ensemble = isinstance(params.surrogate, Sequence) and len(params.surrogate) > 1
-        return DefenseContract(needs_input=True, keeps_top1=params.preserve_top1, stateful=ensemble,
-                               budget=params.epsilon)
+        return DefenseContract(
+            needs_input=True,
+            keeps_top1=params.preserve_top1,
+            stateful=ensemble,
+            budget=params.epsilon,
+        )
 
     def __init__(self, params: Grad2Params | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         surrogate = self.params.surrogate
-        self.surrogates: list[nn.Module] = list(surrogate) if isinstance(surrogate, Sequence) else [surrogate]
+        self.surrogates: list[nn.Module] = (
+            list(surrogate) if isinstance(surrogate, Sequence) else [surrogate]
+        )
         for member in self.surrogates:
             member.eval()
         self._generator = torch.Generator().manual_seed(self.params.seed)
@@ -106,9 +120,16 @@ class Grad2(Defense):
             return min_ip(model, x, probs)
         if member not in self._targets:
             p = self.params
-            v = static_target(p.target, model, seed=p.seed, vector=p.target_vector,
-                              watermark_x=p.watermark_x, watermark_y=p.watermark_y,
-                              reference_x=p.reference_x, reference_y=p.reference_y)
+            v = static_target(
+                p.target,
+                model,
+                seed=p.seed,
+                vector=p.target_vector,
+                watermark_x=p.watermark_x,
+                watermark_y=p.watermark_y,
+                reference_x=p.reference_x,
+                reference_y=p.reference_y,
+            )
             check_direction(model, v)
             self._targets[member] = v
         return self._targets[member]
@@ -117,9 +138,14 @@ class Grad2(Defense):
         """Per-class scores a (B, K) for the whole query batch, in scoring batches."""
         score = SCORE_METHODS[self.params.score_method]
         chunks = []
-        for xb, pb in zip(x.split(self.params.batch_size), probs.split(self.params.batch_size), strict=True):
-            member = (int(torch.randint(len(self.surrogates), (1,), generator=self._generator))
-                      if len(self.surrogates) > 1 else 0)
+        for xb, pb in zip(
+            x.split(self.params.batch_size), probs.split(self.params.batch_size), strict=True
+        ):
+            member = (
+                int(torch.randint(len(self.surrogates), (1,), generator=self._generator))
+                if len(self.surrogates) > 1
+                else 0
+            )
             model = self.surrogates[member]
             device = next(model.parameters()).device
             xb = xb.to(device)
@@ -129,9 +155,12 @@ class Grad2(Defense):
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         scores = self.scores(x, probs)
         if scores.shape != probs.shape:
-            raise ValueError(f"surrogate gives {scores.shape[1]} classes, the API serves {probs.shape[1]}")
+            raise ValueError(
+                f"surrogate gives {scores.shape[1]} classes, the API serves {probs.shape[1]}"
+            )
         if self.params.preserve_top1:
-            served, _ = redirect_top1_preserving(probs, scores, self.params.epsilon,
-                                                 margin=self.params.top1_margin)
+            served, _ = redirect_top1_preserving(
+                probs, scores, self.params.epsilon, margin=self.params.top1_margin
+            )
             return served
         return redirect(probs, scores, self.params.epsilon)

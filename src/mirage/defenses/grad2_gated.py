@@ -67,13 +67,17 @@ AttackerAnswer = Literal["redirect", "permute", "scramble"]
 
 class GatedGrad2Params(DefenseParams):
     epsilon_low: float = Field(0.5, ge=0, le=2, description="L1 budget below the gate (top-1 kept)")
-    epsilon_high: float = Field(2.0, ge=0, le=2, description="L1 budget above the gate (labels may change)")
+    epsilon_high: float = Field(
+        2.0, ge=0, le=2, description="L1 budget above the gate (labels may change)"
+    )
     tau: float = Field(0.5, description="attacker-like when the gate score is below τ")
     gate_score: GateName = "msp"
     gate_model: Any = Field(None, description="nn.Module scoring the gate (all gates but msp)")
     attacker_answer: AttackerAnswer = Field(
-        "redirect", description="above the gate: GRAD² redirection, or the posterior moved by a keyed derangement "
-                    "(permute) or by a permutation keyed on the query (scramble)")
+        "redirect",
+        description="above the gate: GRAD² redirection, or the posterior moved by a keyed derangement "
+        "(permute) or by a permutation keyed on the query (scramble)",
+    )
     target: TargetName = "all-ones"
     surrogate: Any = None
     reference_x: Any = None
@@ -85,8 +89,14 @@ class GatedGrad2Params(DefenseParams):
     batch_size: int = Field(256, ge=1)
     seed: int = 0
     alarm_rate: float | None = Field(
-        None, gt=0, lt=1, description="per-client alarm: the flag rate a benign client stays under (None: no alarm)")
-    alarm_alpha: float = Field(1e-9, gt=0, lt=1, description="the alarm's false-positive level per client stream")
+        None,
+        gt=0,
+        lt=1,
+        description="per-client alarm: the flag rate a benign client stays under (None: no alarm)",
+    )
+    alarm_alpha: float = Field(
+        1e-9, gt=0, lt=1, description="the alarm's false-positive level per client stream"
+    )
 
     @field_validator("gate_model")
     @classmethod
@@ -102,11 +112,26 @@ class GatedGrad2Params(DefenseParams):
         return self
 
     def branch(self, *, high: bool) -> Grad2Params:
-        shared = {k: getattr(self, k) for k in ("target", "surrogate", "reference_x", "reference_y",
-                                                 "watermark_x", "watermark_y", "target_vector",
-                                                 "top1_margin", "batch_size", "seed")}
-        return Grad2Params(epsilon=self.epsilon_high if high else self.epsilon_low,
-                           preserve_top1=not high, **shared)
+        shared = {
+            k: getattr(self, k)
+            for k in (
+                "target",
+                "surrogate",
+                "reference_x",
+                "reference_y",
+                "watermark_x",
+                "watermark_y",
+                "target_vector",
+                "top1_margin",
+                "batch_size",
+                "seed",
+            )
+        }
+        return Grad2Params(
+            epsilon=self.epsilon_high if high else self.epsilon_low,
+            preserve_top1=not high,
+            **shared,
+        )
 
 
 @torch.no_grad()
@@ -153,7 +178,9 @@ def keyed_query_permutations(x: Tensor, num_classes: int, seed: int) -> Tensor:
     jittered copy) draws a fresh one."""
     flat = x.reshape(len(x), -1).double()
     generator = torch.Generator().manual_seed(seed)
-    projection = torch.randn(flat.shape[1] + 1, num_classes, generator=generator, dtype=torch.float64)
+    projection = torch.randn(
+        flat.shape[1] + 1, num_classes, generator=generator, dtype=torch.float64
+    )
     scores = flat @ projection[1:].to(flat.device) + projection[0].to(flat.device)
     return torch.frac(scores.abs() * 65536.0).argsort(1)
 
@@ -168,7 +195,9 @@ def permuted_answer(probs: Tensor, permutation: Tensor, epsilon: float) -> Tenso
     else:
         target.scatter_(1, permutation, probs)
     distance = (target - probs).abs().sum(1, keepdim=True)
-    step = torch.where(distance > epsilon, epsilon / distance.clamp_min(1e-12), torch.ones_like(distance))
+    step = torch.where(
+        distance > epsilon, epsilon / distance.clamp_min(1e-12), torch.ones_like(distance)
+    )
     return probs + step * (target - probs)
 
 
@@ -180,9 +209,12 @@ class GatedGrad2(Defense):
     def contract_for(cls, params: GatedGrad2Params) -> DefenseContract:
         """Stateful as GRAD² is (with a surrogate ensemble); the budget is the larger branch's."""
         ensemble = isinstance(params.surrogate, Sequence) and len(params.surrogate) > 1
-        return DefenseContract(needs_input=True, keeps_top1=False,
-                               stateful=ensemble or params.alarm_rate is not None,
-                               budget=max(params.epsilon_low, params.epsilon_high))
+        return DefenseContract(
+            needs_input=True,
+            keeps_top1=False,
+            stateful=ensemble or params.alarm_rate is not None,
+            budget=max(params.epsilon_low, params.epsilon_high),
+        )
 
     def __init__(self, params: GatedGrad2Params | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
@@ -222,7 +254,9 @@ class GatedGrad2(Defense):
 
     def attacker_like(self, x: Tensor, probs: Tensor) -> Tensor:
         """(B,) bool: the rows the gate sends to the label-changing branch."""
-        return gate_scores(self.params.gate_score, x, probs, self.params.gate_model) < self.params.tau
+        return (
+            gate_scores(self.params.gate_score, x, probs, self.params.gate_model) < self.params.tau
+        )
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         high = self.attacker_like(x, probs)
@@ -241,8 +275,11 @@ class GatedGrad2(Defense):
             served[~high] = self.low(x[~high], probs[~high])
         if high.any():
             if self.params.attacker_answer == "permute":
-                served[high] = permuted_answer(probs[high], self.permutation(probs.shape[1]).to(probs.device),
-                                               self.params.epsilon_high)
+                served[high] = permuted_answer(
+                    probs[high],
+                    self.permutation(probs.shape[1]).to(probs.device),
+                    self.params.epsilon_high,
+                )
             elif self.params.attacker_answer == "scramble":
                 permutations = keyed_query_permutations(x[high], probs.shape[1], self.params.seed)
                 served[high] = permuted_answer(probs[high], permutations, self.params.epsilon_high)

@@ -49,7 +49,7 @@ from mirage.defenses.base import (
 
 log = logging.getLogger(__name__)
 
-MAX_EPSILON = {"l1": 2.0, "l2": 2.0 ** 0.5}
+MAX_EPSILON = {"l1": 2.0, "l2": 2.0**0.5}
 
 
 class MADParams(DefenseParams):
@@ -61,8 +61,11 @@ class MADParams(DefenseParams):
     oracle: Literal["extreme", "random"] = "extreme"
     surrogate: Any = Field(None, description="nn.Module; None: randomly initialised `architecture`")
     architecture: str = "lenet"
-    head: str | None = Field(None, description="layers='last': the surrogate's final nn.Linear, by module name "
-                                               "(None: mirage's `classifier`, else the last nn.Linear run)")
+    head: str | None = Field(
+        None,
+        description="layers='last': the surrogate's final nn.Linear, by module name "
+        "(None: mirage's `classifier`, else the last nn.Linear run)",
+    )
     seed: int = 0
     kl_steps: int = Field(60, ge=1, description="bisection steps for the KL budget")
 
@@ -95,14 +98,16 @@ def objective_from_terms(cmc: Tensor, cmy: Tensor, ymy: Tensor, objective: str) 
 def candidate_objective(gram: Tensor, clean: Tensor, candidates: Tensor, objective: str) -> Tensor:
     """MAD objective of candidates ``(B, S, K)`` for clean rows ``(B, K)`` given M ``(B, K, K)``
     -> (B, S)."""
-    my = gram @ clean.unsqueeze(2)                                   # (B, K, 1)
+    my = gram @ clean.unsqueeze(2)  # (B, K, 1)
     cmy = (candidates @ my).squeeze(2)
     cmc = ((candidates @ gram) * candidates).sum(2)
     ymy = (clean.unsqueeze(1) @ my).squeeze(2)
     return objective_from_terms(cmc, cmy, ymy, objective)
 
 
-def last_layer_vertex_objective(features_sq: Tensor, probs: Tensor, clean: Tensor, objective: str) -> Tensor:
+def last_layer_vertex_objective(
+    features_sq: Tensor, probs: Tensor, clean: Tensor, objective: str
+) -> Tensor:
     """Objective at every vertex e_k for the last layer, O(BK): with M = ‖h‖²(I−1pᵀ)(I−p1ᵀ),
     ‖Gᵀe_k‖² = ‖h‖²‖e_k − p‖², ⟨Gᵀe_k, Gᵀy⟩ = ‖h‖²⟨e_k − p, y − p⟩, ‖Gᵀy‖² = ‖h‖²‖y − p‖².
     ``features_sq``: ‖h‖² (B,), ``probs``: surrogate p (B, K), ``clean``: y (B, K) -> (B, K)."""
@@ -122,9 +127,13 @@ def last_layer_cosine_vertex(features_norm: Tensor, probs: Tensor, clean: Tensor
     G = 0 (‖h‖ = 0) — as when y = p — every score is 0 and, like the general path, the first
     vertex is taken."""
     residual = clean - probs
-    along = residual - (probs * residual).sum(1, keepdim=True)                 # ⟨e_k − p, y − p⟩
+    along = residual - (probs * residual).sum(1, keepdim=True)  # ⟨e_k − p, y − p⟩
     length_sq = torch.add(probs.square().sum(1, keepdim=True), probs, alpha=-2).add_(1)
-    scale = length_sq.clamp_min_(torch.finfo(probs.dtype).tiny).rsqrt_().mul_(features_norm.unsqueeze(1))
+    scale = (
+        length_sq.clamp_min_(torch.finfo(probs.dtype).tiny)
+        .rsqrt_()
+        .mul_(features_norm.unsqueeze(1))
+    )
     return (along * scale).argmin(1)
 
 
@@ -134,7 +143,9 @@ def move_to_vertex(clean: Tensor, vertex: Tensor, alpha: Tensor) -> Tensor:
     return (clean * (1 - alpha)).scatter_add_(1, vertex.unsqueeze(1), alpha)
 
 
-def head_features(model: nn.Module, x: Tensor, head: str | None = None) -> tuple[Tensor, Tensor, str]:
+def head_features(
+    model: nn.Module, x: Tensor, head: str | None = None
+) -> tuple[Tensor, Tensor, str]:
     """(input h of the head, logits, the head's name) from one forward of any ``model``, with a
     forward hook on the head: the ``nn.Linear`` named ``head``, or else the last ``nn.Linear``
     the forward runs (MAD keeps the name found and hooks only it from then on).
@@ -144,19 +155,24 @@ def head_features(model: nn.Module, x: Tensor, head: str | None = None) -> tuple
     if head is not None:
         if not isinstance(modules.get(head), nn.Linear):
             found = modules.get(head)
-            raise ValueError(f"head {head!r} must name an nn.Linear of the surrogate, got "
-                             f"{type(found).__name__ if found is not None else 'no such module'}")
+            raise ValueError(
+                f"head {head!r} must name an nn.Linear of the surrogate, got "
+                f"{type(found).__name__ if found is not None else 'no such module'}"
+            )
         candidates = {head: modules[head]}
     else:
         candidates = {name: m for name, m in modules.items() if isinstance(m, nn.Linear)}
         if not candidates:
-            raise ValueError(f"MAD layers='last' needs a final nn.Linear; {type(model).__name__} has none "
-                             "(pass head=<module name>, or use layers='all')")
+            raise ValueError(
+                f"MAD layers='last' needs a final nn.Linear; {type(model).__name__} has none "
+                "(pass head=<module name>, or use layers='all')"
+            )
     calls: list[tuple[str, Tensor, Tensor]] = []
 
     def hook(name: str):
         def keep(module: nn.Module, args: tuple[Tensor, ...], out: Tensor) -> None:
             calls.append((name, args[0], out))
+
         return keep
 
     handles = [m.register_forward_hook(hook(name)) for name, m in candidates.items()]
@@ -166,13 +182,20 @@ def head_features(model: nn.Module, x: Tensor, head: str | None = None) -> tuple
         for handle in handles:
             handle.remove()
     if not calls:
-        raise ValueError(f"the forward of {type(model).__name__} never ran {head or 'an nn.Linear'!r}")
+        raise ValueError(
+            f"the forward of {type(model).__name__} never ran {head or 'an nn.Linear'!r}"
+        )
     name, features, out = calls[-1]
-    if features.ndim != 2 or not isinstance(logits, Tensor) or (
-            out is not logits and (out.shape != logits.shape or not torch.equal(out, logits))):
-        raise ValueError(f"MAD layers='last': the output of nn.Linear {name!r} is not the model's logits "
-                         f"(or it does not see flat (B, H) features); pass head=<module name> or use "
-                         "layers='all'")
+    if (
+        features.ndim != 2
+        or not isinstance(logits, Tensor)
+        or (out is not logits and (out.shape != logits.shape or not torch.equal(out, logits)))
+    ):
+        raise ValueError(
+            f"MAD layers='last': the output of nn.Linear {name!r} is not the model's logits "
+            f"(or it does not see flat (B, H) features); pass head=<module name> or use "
+            "layers='all'"
+        )
     return features, logits, name
 
 
@@ -184,16 +207,22 @@ class MAD(Defense):
     def contract_for(cls, params: MADParams) -> DefenseContract:
         """The budget is dist_norm(y, ỹ) ≤ ε. Only the surrogate's Jacobian needs the images, and
         only the random-oracle ablation draws from a generator that advances per request."""
-        return DefenseContract(needs_input=params.jacobian == "surrogate" and params.oracle == "extreme",
-                               stateful=params.oracle == "random", budget=params.epsilon, norm=params.norm)
+        return DefenseContract(
+            needs_input=params.jacobian == "surrogate" and params.oracle == "extreme",
+            stateful=params.oracle == "random",
+            budget=params.epsilon,
+            norm=params.norm,
+        )
 
     def __init__(self, params: MADParams | None = None, **kwargs: Any) -> None:
         super().__init__(params, **kwargs)
         p = self.params
         self.surrogate: nn.Module | None = p.surrogate.eval() if p.surrogate is not None else None
         self.generator = torch.Generator().manual_seed(p.seed)
-        self._dtype = next(p.surrogate.parameters()).dtype if p.surrogate is not None else torch.float32
-        self._head: str | None = None   # the head found on the first call (head_features)
+        self._dtype = (
+            next(p.surrogate.parameters()).dtype if p.surrogate is not None else torch.float32
+        )
+        self._head: str | None = None  # the head found on the first call (head_features)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         y = probs.double()
@@ -209,7 +238,9 @@ class MAD(Defense):
             return torch.eye(k, dtype=torch.float64, device=y.device).expand(b, k, k)
         if self.params.layers == "last":
             features, logits = self._last_layer(x, k)
-            return last_layer_gram_from_norms(features.square().sum(1), torch.softmax(logits, dim=1))
+            return last_layer_gram_from_norms(
+                features.square().sum(1), torch.softmax(logits, dim=1)
+            )
         model = self._surrogate(x, k)
         gram, surrogate_probs = full_network_gram(model, x.to(self._dtype), num_classes=k)
         self._check_classes(surrogate_probs, k)
@@ -225,7 +256,9 @@ class MAD(Defense):
             probs = torch.softmax(logits, dim=1)
             if self.params.objective == "cosine":
                 return last_layer_cosine_vertex(torch.linalg.vector_norm(features, dim=1), probs, y)
-            return last_layer_vertex_objective(features.square().sum(1), probs, y, self.params.objective).argmax(1)
+            return last_layer_vertex_objective(
+                features.square().sum(1), probs, y, self.params.objective
+            ).argmax(1)
         vertices = torch.eye(k, dtype=y.dtype, device=y.device).expand(b, k, k)
         return candidate_objective(self.gram(x, y), y, vertices, self.params.objective).argmax(1)
 
@@ -239,9 +272,9 @@ class MAD(Defense):
         if norm == "kl":
             return self.step(y, nn.functional.one_hot(vertex, y.shape[1]).to(y.dtype))
         y_k = y.gather(1, vertex.unsqueeze(1)).squeeze(1)
-        if norm == "l1":                                   # ‖e_k − y‖₁ = 2 (1 − y_k)
+        if norm == "l1":  # ‖e_k − y‖₁ = 2 (1 − y_k)
             length = (1 - y_k).mul_(2)
-        else:                                              # ‖e_k − y‖₂² = 1 − 2 y_k + ‖y‖²
+        else:  # ‖e_k − y‖₂² = 1 − 2 y_k + ‖y‖²
             length = torch.add(y.square().sum(1), y_k, alpha=-2).add_(1).clamp_min_(0).sqrt_()
         return (eps / length.clamp_min(1e-300)).clamp_max_(1)
 
@@ -257,7 +290,9 @@ class MAD(Defense):
                 features = model.features(x)
                 logits = model.classifier(features)
             else:
-                features, logits, self._head = head_features(model, x, self.params.head or self._head)
+                features, logits, self._head = head_features(
+                    model, x, self.params.head or self._head
+                )
         self._check_classes(logits, k)
         return features.double(), logits.double()
 
@@ -266,7 +301,9 @@ class MAD(Defense):
         eps, norm = self.params.epsilon, self.params.norm
         if norm in ("l1", "l2"):
             length = distance(y, target, norm)
-            return torch.where(length > eps, eps / length.clamp_min(1e-300), torch.ones_like(length))
+            return torch.where(
+                length > eps, eps / length.clamp_min(1e-300), torch.ones_like(length)
+            )
         low = torch.zeros(y.shape[0], dtype=y.dtype, device=y.device)
         high = torch.ones_like(low)
         done = distance(y, target, "kl") <= eps
@@ -287,11 +324,19 @@ class MAD(Defense):
             channels = x.shape[1]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.params.seed)
-                self.surrogate = create_model(self.params.architecture, tuple(x.shape[1:]), num_classes,
-                                              [0.0] * channels, [1.0] * channels).eval()
+                self.surrogate = create_model(
+                    self.params.architecture,
+                    tuple(x.shape[1:]),
+                    num_classes,
+                    [0.0] * channels,
+                    [1.0] * channels,
+                ).eval()
             self._dtype = next(self.surrogate.parameters()).dtype
-            log.info("MAD: randomly initialised %s surrogate (seed %d)", self.params.architecture,
-                     self.params.seed)
+            log.info(
+                "MAD: randomly initialised %s surrogate (seed %d)",
+                self.params.architecture,
+                self.params.seed,
+            )
         return self.surrogate
 
     @staticmethod

@@ -55,7 +55,7 @@ class MADArgmax(MAD):
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         y = probs.double()
-        target = self.target(x, y)                       # not a vertex: the general step
+        target = self.target(x, y)  # not a vertex: the general step
         return torch.lerp(y, target, self.step(y, target).unsqueeze(1)).to(probs.dtype)
 
     def target(self, x: Tensor | None, y: Tensor) -> Tensor:
@@ -67,18 +67,23 @@ class MADArgmax(MAD):
     def _candidates(self, members: Tensor, top: Tensor) -> Tensor:
         """members: (B, S, K) 0/1 with the top class set -> normalised candidates."""
         c = members.clone()
-        c.scatter_add_(2, top.view(-1, 1, 1).expand(-1, c.shape[1], 1),
-                       torch.full_like(c[..., :1], self.params.top1_margin))
+        c.scatter_add_(
+            2,
+            top.view(-1, 1, 1).expand(-1, c.shape[1], 1),
+            torch.full_like(c[..., :1], self.params.top1_margin),
+        )
         return c / c.sum(2, keepdim=True)
 
     def _exhaustive(self, gram: Tensor, y: Tensor) -> Tensor:
         b, k = y.shape
         top = y.argmax(1)
         classes = torch.arange(k, device=y.device).expand(b, k)
-        others = classes[classes != top.unsqueeze(1)].view(b, k - 1)          # (B, K−1)
-        table = subset_table(k).to(y)                                         # (S, K−1)
+        others = classes[classes != top.unsqueeze(1)].view(b, k - 1)  # (B, K−1)
+        table = subset_table(k).to(y)  # (S, K−1)
         members = torch.zeros(b, table.shape[0], k, dtype=y.dtype, device=y.device)
-        members.scatter_(2, others.unsqueeze(1).expand(-1, table.shape[0], -1), table.expand(b, -1, -1))
+        members.scatter_(
+            2, others.unsqueeze(1).expand(-1, table.shape[0], -1), table.expand(b, -1, -1)
+        )
         members.scatter_(2, top.view(-1, 1, 1).expand(-1, table.shape[0], 1), 1.0)
         candidates = self._candidates(members, top)
         values = candidate_objective(gram, y, candidates, self.params.objective)
@@ -89,7 +94,7 @@ class MADArgmax(MAD):
         b, k = y.shape
         top = y.argmax(1)
         rows = torch.arange(b, device=y.device)
-        fixed = torch.nn.functional.one_hot(top, k).to(y.dtype)              # (B, K)
+        fixed = torch.nn.functional.one_hot(top, k).to(y.dtype)  # (B, K)
         eye = torch.eye(k, dtype=y.dtype, device=y.device)
         best_value = torch.full((b,), float("-inf"), dtype=y.dtype, device=y.device)
         best = self._candidates(fixed.unsqueeze(1), top)[:, 0]
@@ -97,10 +102,10 @@ class MADArgmax(MAD):
         for size in range(1, k):  # S has `size` members; grow by one class per step
             if evaluations >= self.params.max_evaluations:
                 break
-            members = (fixed.unsqueeze(1) + eye).clamp_max(1)                 # (B, K, K): add class j
+            members = (fixed.unsqueeze(1) + eye).clamp_max(1)  # (B, K, K): add class j
             candidates = self._candidates(members, top)
             values = candidate_objective(gram, y, candidates, self.params.objective)
-            values = values.masked_fill(fixed.bool(), float("-inf"))           # j already in S
+            values = values.masked_fill(fixed.bool(), float("-inf"))  # j already in S
             pick = values.argmax(1)
             improved = values[rows, pick] > best_value
             best = torch.where(improved.unsqueeze(1), candidates[rows, pick], best)

@@ -32,12 +32,15 @@ class ModelGuardW(Defense):
 
     @classmethod
     def contract_for(cls, params: ModelGuardParams) -> DefenseContract:
-        return DefenseContract(keeps_top1=params.preserve_top1, stateful=False, budget=params.epsilon)
+        return DefenseContract(
+            keeps_top1=params.preserve_top1, stateful=False, budget=params.epsilon
+        )
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
         scores = -torch.log(probs.double().clamp_min(LOG_CLAMP))
         if self.params.preserve_top1:
-            served, _ = redirect_top1_preserving(probs, scores.to(probs.dtype), self.params.epsilon,
-                                                 margin=TOP1_MARGIN)
+            served, _ = redirect_top1_preserving(
+                probs, scores.to(probs.dtype), self.params.epsilon, margin=TOP1_MARGIN
+            )
             return served
         return redirect(probs, scores.to(probs.dtype), self.params.epsilon)

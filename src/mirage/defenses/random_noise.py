@@ -39,7 +39,9 @@ class RandomNoise(Defense):
 
     @classmethod
     def contract_for(cls, params: RandomNoiseParams) -> DefenseContract:
-        return DefenseContract(budget=params.epsilon, stateful=True)  # its generator advances per call
+        return DefenseContract(
+            budget=params.epsilon, stateful=True
+        )  # its generator advances per call
 
     def __init__(self, params: RandomNoiseParams | None = None, **kwargs) -> None:
         super().__init__(params, **kwargs)
@@ -58,18 +60,23 @@ class RandomNoise(Defense):
         # Score: the chosen class first; donors ordered from the most probable down.
         scores = -probs.double()
         scores[torch.arange(b), chosen] = 2.0
-        budget = torch.full((b, 1), self.params.epsilon / 2, dtype=torch.float64, device=probs.device)
+        budget = torch.full(
+            (b, 1), self.params.epsilon / 2, dtype=torch.float64, device=probs.device
+        )
         return move_mass_to_best(probs.double(), scores, budget).to(probs.dtype)
 
     def _logit(self, probs: Tensor) -> Tensor:
         y = probs.double()
         z = torch.logit(y.clamp(LOGIT_CLAMP, 1 - LOGIT_CLAMP))
-        noise = (torch.rand(y.shape, generator=self.generator, dtype=torch.float64) * 2 - 1)
+        noise = torch.rand(y.shape, generator=self.generator, dtype=torch.float64) * 2 - 1
         noisy = torch.sigmoid(z + self.params.noise_scale * noise.to(y.device))
         candidate = noisy / noisy.sum(dim=1, keepdim=True)
         distance = (candidate - y).abs().sum(dim=1, keepdim=True)
-        step = torch.where(distance > self.params.epsilon,
-                           self.params.epsilon / distance.clamp_min(1e-300), torch.ones_like(distance))
+        step = torch.where(
+            distance > self.params.epsilon,
+            self.params.epsilon / distance.clamp_min(1e-300),
+            torch.ones_like(distance),
+        )
         # Shrink the step by a hair so float rounding can never cross the budget.
         served = y + step * (1 - 1e-9) * (candidate - y)
         return (served / served.sum(dim=1, keepdim=True)).to(probs.dtype)

@@ -22,7 +22,9 @@ def as_row_budget(epsilon: float | Tensor, probs: Tensor) -> Tensor:
     """Broadcast a scalar or per-row budget to a (B, 1) tensor, checking its range."""
     eps = torch.as_tensor(epsilon, dtype=probs.dtype, device=probs.device)
     if eps.ndim > 1 or (eps.ndim == 1 and eps.shape[0] != probs.shape[0]):
-        raise ValueError(f"epsilon must be a scalar or have shape ({probs.shape[0]},), got {tuple(eps.shape)}")
+        raise ValueError(
+            f"epsilon must be a scalar or have shape ({probs.shape[0]},), got {tuple(eps.shape)}"
+        )
     if not torch.isfinite(eps).all() or (eps < 0).any() or (eps > 2).any():
         raise ValueError("epsilon must lie in [0, 2] (the L1 diameter of the simplex)")
     return eps.reshape(-1, 1).expand(probs.shape[0], 1)
@@ -78,8 +80,15 @@ def _fill_value(amount: Tensor, sizes: Tensor, values: Tensor) -> Tensor:
     return (values * torch.minimum((amount.unsqueeze(-1) - before).clamp_min(0), sizes)).sum(-1)
 
 
-def _top1_inner(u: Tensor, y_top: Tensor, s_top: Tensor, y_rest: Tensor, s_rest: Tensor,
-                eps: Tensor, margin: float) -> tuple[Tensor, Tensor, Tensor]:
+def _top1_inner(
+    u: Tensor,
+    y_top: Tensor,
+    s_top: Tensor,
+    y_rest: Tensor,
+    s_rest: Tensor,
+    eps: Tensor,
+    margin: float,
+) -> tuple[Tensor, Tensor, Tensor]:
     """Best objective with the top class's final mass fixed to ``u`` (B, J).
 
     The other K−1 classes (``y_rest``, ``s_rest``: (B, K−1), sorted by score, descending) are
@@ -91,8 +100,8 @@ def _top1_inner(u: Tensor, y_top: Tensor, s_top: Tensor, y_rest: Tensor, s_rest:
     q_cross = max_m min(room[0, m) − F − d, drainable[m, K−1)) and decreasing after (concave);
     the optimum is q_cross clipped to the feasible [q_lo, q_hi]. Returns (value, q*, min L1 cost).
     """
-    cap_level = (u - margin).unsqueeze(-1)                       # (B, J, 1)
-    y = y_rest.unsqueeze(1)                                      # (B, 1, K-1)
+    cap_level = (u - margin).unsqueeze(-1)  # (B, J, 1)
+    y = y_rest.unsqueeze(1)  # (B, 1, K-1)
     s = s_rest.unsqueeze(1)
     room = (cap_level - y).clamp_min(0)
     over = (y - cap_level).clamp_min(0)
@@ -101,22 +110,28 @@ def _top1_inner(u: Tensor, y_top: Tensor, s_top: Tensor, y_rest: Tensor, s_rest:
     d = y_top.unsqueeze(1) - u
     min_cost = (u - y_top.unsqueeze(1)).abs() + torch.maximum(2 * forced + d, -d)
     zero = torch.zeros_like(room[..., :1])
-    room_prefix = torch.cat([zero, room.cumsum(-1)], -1)                       # room in [0, m)
-    drain_suffix = torch.cat([drainable.flip(-1).cumsum(-1).flip(-1), zero], -1)  # drainable in [m, L)
+    room_prefix = torch.cat([zero, room.cumsum(-1)], -1)  # room in [0, m)
+    drain_suffix = torch.cat(
+        [drainable.flip(-1).cumsum(-1).flip(-1), zero], -1
+    )  # drainable in [m, L)
     q_cross = torch.minimum(room_prefix - (forced + d).unsqueeze(-1), drain_suffix).max(-1).values
     budget_left = eps.unsqueeze(1) - (u - y_top.unsqueeze(1)).abs()
     q_lo = (-d - forced).clamp_min(0)
-    q_hi = torch.minimum(torch.minimum((budget_left - d) / 2 - forced, drain_suffix[..., 0]),
-                         room_prefix[..., -1] - forced - d)
+    q_hi = torch.minimum(
+        torch.minimum((budget_left - d) / 2 - forced, drain_suffix[..., 0]),
+        room_prefix[..., -1] - forced - d,
+    )
     q_star = torch.minimum(q_cross, q_hi).maximum(q_lo)
-    gain = (_fill_value(forced + d + q_star, room, s.expand_as(room))
-            - _fill_value(q_star, drainable.flip(-1), s.flip(-1).expand_as(room)))
+    gain = _fill_value(forced + d + q_star, room, s.expand_as(room)) - _fill_value(
+        q_star, drainable.flip(-1), s.flip(-1).expand_as(room)
+    )
     value = s_top.unsqueeze(1) * u + (s * y).sum(-1) - (s * over).sum(-1) + gain
     return value, q_star, min_cost
 
 
-def redirect_top1_preserving(probs: Tensor, scores: Tensor, epsilon: float | Tensor, *,
-                             margin: float = TOP1_MARGIN) -> tuple[Tensor, Tensor]:
+def redirect_top1_preserving(
+    probs: Tensor, scores: Tensor, epsilon: float | Tensor, *, margin: float = TOP1_MARGIN
+) -> tuple[Tensor, Tensor]:
     """Argmax-preserving redirection (mirage, beyond GRAD²): per row, maximise ⟨s, ỹ⟩ over
     Δ_K ∩ {‖ỹ − y‖₁ ≤ ε} ∩ {ỹ_t ≥ ỹ_j + margin ∀ j ≠ t}, t = argmax y (first index on ties).
 
@@ -143,7 +158,9 @@ def redirect_top1_preserving(probs: Tensor, scores: Tensor, epsilon: float | Ten
     k = y.shape[1]
     top = y.argmax(1, keepdim=True)
     y_top, s_top = y.gather(1, top).squeeze(1), s.gather(1, top).squeeze(1)
-    order = torch.argsort(s.scatter(1, top, float("-inf")), dim=1, descending=True, stable=True)[:, :k - 1]
+    order = torch.argsort(s.scatter(1, top, float("-inf")), dim=1, descending=True, stable=True)[
+        :, : k - 1
+    ]
     y_rest, s_rest = y.gather(1, order), s.gather(1, order)
     spread = (s.max(1).values - s.min(1).values).unsqueeze(1)
     steep = 10.0 * k * (spread + 1.0)
@@ -155,16 +172,24 @@ def redirect_top1_preserving(probs: Tensor, scores: Tensor, epsilon: float | Ten
     lo = torch.maximum((1 + (k - 1) * margin) / k * torch.ones_like(y_top), y_top - eps / 2)
     hi = torch.minimum(torch.ones_like(y_top), y_top + eps / 2)
     lo = torch.minimum(lo, hi)
-    ratio = (5 ** 0.5 - 1) / 2
+    ratio = (5**0.5 - 1) / 2
     inner_lo, inner_hi = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
-    f_lo, f_hi = objective(inner_lo.unsqueeze(1)).squeeze(1), objective(inner_hi.unsqueeze(1)).squeeze(1)
-    for _ in range(_GOLDEN_STEPS):  # golden-section search: one evaluation per step, all rows at once
+    f_lo, f_hi = (
+        objective(inner_lo.unsqueeze(1)).squeeze(1),
+        objective(inner_hi.unsqueeze(1)).squeeze(1),
+    )
+    for _ in range(
+        _GOLDEN_STEPS
+    ):  # golden-section search: one evaluation per step, all rows at once
         right = f_lo < f_hi
         lo = torch.where(right, inner_lo, lo)
         hi = torch.where(right, hi, inner_hi)
         probe = torch.where(right, lo + ratio * (hi - lo), hi - ratio * (hi - lo))
         f_probe = objective(probe.unsqueeze(1)).squeeze(1)
-        inner_lo, inner_hi = torch.where(right, inner_hi, probe), torch.where(right, probe, inner_lo)
+        inner_lo, inner_hi = (
+            torch.where(right, inner_hi, probe),
+            torch.where(right, probe, inner_lo),
+        )
         f_lo, f_hi = torch.where(right, f_hi, f_probe), torch.where(right, f_probe, f_lo)
     u = ((lo + hi) / 2).unsqueeze(1)
     _, q_star, min_cost = _top1_inner(u, y_top, s_top, y_rest, s_rest, eps, margin)
@@ -174,7 +199,9 @@ def redirect_top1_preserving(probs: Tensor, scores: Tensor, epsilon: float | Ten
     drainable = torch.minimum(y_rest, cap_level).clamp_min(0).flip(1)
     pour = over.sum(1, keepdim=True) + (y_top.unsqueeze(1) - u) + q_star
     poured = torch.minimum((pour - (room.cumsum(1) - room)).clamp_min(0), room)
-    drained = torch.minimum((q_star - (drainable.cumsum(1) - drainable)).clamp_min(0), drainable).flip(1)
+    drained = torch.minimum(
+        (q_star - (drainable.cumsum(1) - drainable)).clamp_min(0), drainable
+    ).flip(1)
     rest = (y_rest - over + poured - drained).clamp_min(0)
     served = torch.empty_like(y).scatter_(1, order, rest).scatter_(1, top, u)
     capacity_ok = (k - 1) * cap_level.squeeze(1) >= 1 - u.squeeze(1) - 1e-12

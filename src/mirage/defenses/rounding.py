@@ -27,6 +27,6 @@ class Rounding(Defense):
         return DefenseContract(truncating=True, stateful=False)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
-        scale = 10.0 ** self.params.decimals
+        scale = 10.0**self.params.decimals
         # A hair of slack so values like 0.29999999 (meant as 0.3) are not floored to 0.29.
         return (torch.floor(probs.double() * scale + 1e-9) / scale).clamp(0, 1).to(probs.dtype)

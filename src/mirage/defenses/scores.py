@@ -42,10 +42,14 @@ def check_direction(model: nn.Module, v: Direction) -> None:
     names = {name: p.shape for name, p in model.named_parameters()}
     if set(v) != set(names):
         missing, extra = sorted(set(names) - set(v)), sorted(set(v) - set(names))
-        raise ValueError(f"direction does not match the surrogate's parameters (missing {missing}, extra {extra})")
+        raise ValueError(
+            f"direction does not match the surrogate's parameters (missing {missing}, extra {extra})"
+        )
     for name, shape in names.items():
         if v[name].shape != shape:
-            raise ValueError(f"direction {name!r} has shape {tuple(v[name].shape)}, expected {tuple(shape)}")
+            raise ValueError(
+                f"direction {name!r} has shape {tuple(v[name].shape)}, expected {tuple(shape)}"
+            )
 
 
 def jvp_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:
@@ -72,9 +76,14 @@ def double_backward_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:
         log_p = F.log_softmax(model(x), dim=1)
         weights = torch.zeros_like(log_p, requires_grad=True)
         objective = (weights * log_p).sum() / x.shape[0]
-        grads = torch.autograd.grad(objective, [p for _, p in named], create_graph=True, allow_unused=True)
-        inner = sum((g * v[name].to(g)).sum() for (name, _), g in zip(named, grads, strict=True)
-                    if g is not None)
+        grads = torch.autograd.grad(
+            objective, [p for _, p in named], create_graph=True, allow_unused=True
+        )
+        inner = sum(
+            (g * v[name].to(g)).sum()
+            for (name, _), g in zip(named, grads, strict=True)
+            if g is not None
+        )
         (scores,) = torch.autograd.grad(inner, weights)
     return scores.detach()
 
@@ -82,24 +91,36 @@ def double_backward_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:
 def _is_ones(t: Tensor | None) -> bool:
     """O(1) test for the all-ones direction as built by :func:`mirage.defenses.targets.all_ones`
     (a broadcast scalar 1, every stride 0); any other tensor takes the general path."""
-    return (t is not None and t.numel() > 0 and all(s == 0 for s in t.stride())
-            and t[(0,) * t.ndim].item() == 1)
+    return (
+        t is not None
+        and t.numel() > 0
+        and all(s == 0 for s in t.stride())
+        and t[(0,) * t.ndim].item() == 1
+    )
 
 
-def _linear_like(op, x: Tensor, dx: Tensor | None, weight: Tensor, bias: Tensor | None,
-                 v_weight: Tensor, v_bias: Tensor | None, ones_op) -> tuple[Tensor, Tensor]:
+def _linear_like(
+    op,
+    x: Tensor,
+    dx: Tensor | None,
+    weight: Tensor,
+    bias: Tensor | None,
+    v_weight: Tensor,
+    v_bias: Tensor | None,
+    ones_op,
+) -> tuple[Tensor, Tensor]:
     """Primal and tangent of op(x, W) + b along (dx, V_W, V_b), one batched call for W."""
     if dx is None:
         y, dy = op(x, weight), None
     else:
         both = op(torch.cat([x, dx]), weight)
-        y, dy = both[:len(x)], both[len(x):]
+        y, dy = both[: len(x)], both[len(x) :]
     extra = ones_op(x) if _is_ones(v_weight) else op(x, v_weight)
     dy = extra if dy is None else dy + extra
     if bias is not None:
         y = y + bias.view(1, -1, *([1] * (y.ndim - 2)))
         if v_bias is not None and dy.stride(1) == 0 and _is_ones(v_bias):
-            dy = (dy[:, :1] + 1).expand_as(dy)   # all-ones on a first layer: still one channel
+            dy = (dy[:, :1] + 1).expand_as(dy)  # all-ones on a first layer: still one channel
         elif v_bias is not None:
             dy = dy + v_bias.view(1, -1, *([1] * (dy.ndim - 2)))
     return y, dy
@@ -108,7 +129,11 @@ def _linear_like(op, x: Tensor, dx: Tensor | None, weight: Tensor, bias: Tensor 
 def _tiled_pool(module: nn.MaxPool2d, x: Tensor) -> tuple[int, int] | None:
     """(kh, kw) when the pooling windows tile the input exactly (kernel = stride, no padding)."""
     pair = nn.modules.utils._pair
-    kernel, stride, padding = pair(module.kernel_size), pair(module.stride or module.kernel_size), pair(module.padding)
+    kernel, stride, padding = (
+        pair(module.kernel_size),
+        pair(module.stride or module.kernel_size),
+        pair(module.padding),
+    )
     if kernel != stride or padding != (0, 0) or x.ndim != 4:
         return None
     if x.shape[2] % kernel[0] or x.shape[3] % kernel[1]:
@@ -116,7 +141,9 @@ def _tiled_pool(module: nn.MaxPool2d, x: Tensor) -> tuple[int, int] | None:
     return kernel
 
 
-def _tiled_max_pool(x: Tensor, dx: Tensor | None, kernel: tuple[int, int]) -> tuple[Tensor, Tensor | None]:
+def _tiled_max_pool(
+    x: Tensor, dx: Tensor | None, kernel: tuple[int, int]
+) -> tuple[Tensor, Tensor | None]:
     """Max-pool with non-overlapping windows as a max over the kh·kw strided views (no copies);
     the tangent follows the first maximum, like ``max_pool2d``'s indices: it is taken from the
     last view to the first wherever the view attains the maximum, so the first such view wins."""
@@ -134,8 +161,9 @@ def _tiled_max_pool(x: Tensor, dx: Tensor | None, kernel: tuple[int, int]) -> tu
     return y, dy
 
 
-def _tangent(module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, prefix: str
-             ) -> tuple[Tensor, Tensor | None]:
+def _tangent(
+    module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, prefix: str
+) -> tuple[Tensor, Tensor | None]:
     """(module(x), d module(x)) along input tangent ``dx`` (None = 0) and parameter tangent ``v``."""
     from mirage.models.base import ImageClassifier, Normalize
 
@@ -165,20 +193,27 @@ def _tangent(module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, pref
 
         def ones_op(inp: Tensor) -> Tensor:
             box = torch.ones(1, 1, *module.kernel_size, dtype=inp.dtype, device=inp.device)
-            return F.conv2d(inp.sum(1, keepdim=True), box, None, **conv).expand(-1, module.out_channels, -1, -1)
+            return F.conv2d(inp.sum(1, keepdim=True), box, None, **conv).expand(
+                -1, module.out_channels, -1, -1
+            )
 
         return _linear_like(op, x, dx, module.weight, module.bias, p("weight"), p("bias"), ones_op)
     if isinstance(module, nn.Linear):
+
         def ones_linear(inp: Tensor) -> Tensor:
             return inp.sum(-1, keepdim=True).expand(*inp.shape[:-1], module.out_features)
 
-        return _linear_like(F.linear, x, dx, module.weight, module.bias, p("weight"), p("bias"), ones_linear)
+        return _linear_like(
+            F.linear, x, dx, module.weight, module.bias, p("weight"), p("bias"), ones_linear
+        )
     if isinstance(module, nn.ReLU):
         return F.relu(x), None if dx is None else torch.where(x > 0, dx, 0.0)
     if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation == 1:
         if tiled := _tiled_pool(module, x):
             return _tiled_max_pool(x, dx, tiled)
-        y, index = F.max_pool2d(x, module.kernel_size, module.stride, module.padding, return_indices=True)
+        y, index = F.max_pool2d(
+            x, module.kernel_size, module.stride, module.padding, return_indices=True
+        )
         if dx is None:
             return y, None
         return y, dx.flatten(2).gather(2, index.flatten(2)).view_as(y)
@@ -190,14 +225,19 @@ def _tangent(module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, pref
         try:
             return _graph_tangent(graph, module, x, dx, v, prefix)
         except Exception as error:  # noqa: BLE001 (a call the walk cannot take: the generic route)
-            log.warning("GRAD² fused scores: %s's graph cannot be walked (%s: %s); using torch.func.jvp on it",
-                        type(module).__name__, type(error).__name__, error)
+            log.warning(
+                "GRAD² fused scores: %s's graph cannot be walked (%s: %s); using torch.func.jvp on it",
+                type(module).__name__,
+                type(error).__name__,
+                error,
+            )
             _GRAPHS[module] = None
     return _module_jvp(module, x, dx, v, prefix)
 
 
-def _module_jvp(module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, prefix: str
-                ) -> tuple[Tensor, Tensor]:
+def _module_jvp(
+    module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, prefix: str
+) -> tuple[Tensor, Tensor]:
     """The generic route: ``torch.func.jvp`` through ``module`` alone."""
     params = {name: t.detach() for name, t in module.named_parameters()}
     buffers = {name: b.detach() for name, b in module.named_buffers()}
@@ -215,7 +255,9 @@ class _Leaves(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         from mirage.models.base import ImageClassifier, Normalize
 
-        return isinstance(m, ImageClassifier | Normalize) or super().is_leaf_module(m, qualified_name)
+        return isinstance(m, ImageClassifier | Normalize) or super().is_leaf_module(
+            m, qualified_name
+        )
 
 
 _GRAPHS: weakref.WeakKeyDictionary[nn.Module, fx.Graph | None] = weakref.WeakKeyDictionary()
@@ -235,9 +277,24 @@ def _graph_of(module: nn.Module) -> fx.Graph | None:
 
 
 _RELU = {F.relu, torch.relu, "relu"}
-_SHAPE_OPS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze, torch.permute, torch.transpose,
-              "flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose", "contiguous",
-              "view_as", "reshape_as"}
+_SHAPE_OPS = {
+    torch.flatten,
+    torch.reshape,
+    torch.squeeze,
+    torch.unsqueeze,
+    torch.permute,
+    torch.transpose,
+    "flatten",
+    "view",
+    "reshape",
+    "squeeze",
+    "unsqueeze",
+    "permute",
+    "transpose",
+    "contiguous",
+    "view_as",
+    "reshape_as",
+}
 _IDENTITY = {F.dropout, F.dropout2d}
 _NO_TANGENT = {"size", "dim", "numel", getattr, len}
 
@@ -252,15 +309,20 @@ class _PendingReLU:
 def _is_pool(node: fx.Node, module: nn.Module) -> bool:
     if node.op == "call_module":
         return isinstance(module.get_submodule(str(node.target)), nn.MaxPool2d)
-    return node.op == "call_function" and node.target is F.max_pool2d and not node.kwargs.get("return_indices")
+    return (
+        node.op == "call_function"
+        and node.target is F.max_pool2d
+        and not node.kwargs.get("return_indices")
+    )
 
 
 def _relu(x: Tensor, dx: Tensor | None) -> tuple[Tensor, Tensor | None]:
     return F.relu(x), None if dx is None else torch.where(x > 0, dx, 0.0)
 
 
-def _graph_tangent(graph: fx.Graph, module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction,
-                   prefix: str) -> tuple[Tensor, Tensor | None]:
+def _graph_tangent(
+    graph: fx.Graph, module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, prefix: str
+) -> tuple[Tensor, Tensor | None]:
     """(module(x), tangent) by walking the traced graph of a user's module: known modules and
     functions by their fused rule, every other call by ``torch.func.jvp`` on that call alone."""
     env: dict[fx.Node, tuple[Any, Any]] = {}
@@ -290,8 +352,10 @@ def _graph_tangent(graph: fx.Graph, module: nn.Module, x: Tensor, dx: Tensor | N
         elif op == "get_attr":
             value = _fetch(module, str(target))
             direction = v.get(prefix + str(target)) if isinstance(value, nn.Parameter) else None
-            env[node] = (value.detach() if isinstance(value, Tensor) else value,
-                         None if direction is None else direction.to(value))
+            env[node] = (
+                value.detach() if isinstance(value, Tensor) else value,
+                None if direction is None else direction.to(value),
+            )
         elif op == "output":
             out = node.args[0]
             return primal(out), tangent(out)
@@ -302,7 +366,9 @@ def _graph_tangent(graph: fx.Graph, module: nn.Module, x: Tensor, dx: Tensor | N
                 pooled, d_pooled = _tangent(sub, source.x, source.dx, v, f"{prefix}{target}.")
                 env[node] = _relu(pooled, d_pooled)
             else:
-                env[node] = _tangent(sub, primal(node.args[0]), tangent(node.args[0]), v, f"{prefix}{target}.")
+                env[node] = _tangent(
+                    sub, primal(node.args[0]), tangent(node.args[0]), v, f"{prefix}{target}."
+                )
         elif op in ("call_function", "call_method"):
             key = target if op == "call_function" else str(target)
             first = node.args[0] if node.args else None
@@ -312,31 +378,46 @@ def _graph_tangent(graph: fx.Graph, module: nn.Module, x: Tensor, dx: Tensor | N
                     env[node] = (_PendingReLU(primal(first), tangent(first)), None)
                 else:
                     env[node] = _relu(primal(first), tangent(first))
-            elif key is F.max_pool2d and not node.kwargs.get("return_indices") and isinstance(first, fx.Node):
-                pool = nn.MaxPool2d(*[primal(a) for a in node.args[1:]],
-                                    **{k: primal(a) for k, a in node.kwargs.items() if k != "return_indices"})
+            elif (
+                key is F.max_pool2d
+                and not node.kwargs.get("return_indices")
+                and isinstance(first, fx.Node)
+            ):
+                pool = nn.MaxPool2d(
+                    *[primal(a) for a in node.args[1:]],
+                    **{k: primal(a) for k, a in node.kwargs.items() if k != "return_indices"},
+                )
                 source = env[first][0]
                 if isinstance(source, _PendingReLU):
                     env[node] = _relu(*_tangent(pool, source.x, source.dx, v, ""))
                 else:
                     env[node] = _tangent(pool, primal(first), tangent(first), v, "")
-            elif key in _IDENTITY and not node.kwargs.get("training", node.args[2] if len(node.args) > 2 else True):
+            elif key in _IDENTITY and not node.kwargs.get(
+                "training", node.args[2] if len(node.args) > 2 else True
+            ):
                 env[node] = (primal(first), tangent(first))
             elif key in _NO_TANGENT:
                 env[node] = (_apply(node, key, primal, lambda a: None)[0], None)
-            elif key in _SHAPE_OPS and isinstance(first, fx.Node) and not any(
-                    tangent(a) is not None for a in [*node.args[1:], *node.kwargs.values()]):
-                env[node] = _apply(node, key, primal, lambda a, f=first: tangent(a) if a is f else primal(a))
+            elif (
+                key in _SHAPE_OPS
+                and isinstance(first, fx.Node)
+                and not any(tangent(a) is not None for a in [*node.args[1:], *node.kwargs.values()])
+            ):
+                env[node] = _apply(
+                    node, key, primal, lambda a, f=first: tangent(a) if a is f else primal(a)
+                )
             else:
                 env[node] = _call_jvp(node, key, primal, tangent)
         else:
             raise ValueError(f"unsupported graph node {node.format_node()}")
-        for finished in done_with.get(node, ()):   # free activations early, as a Sequential does
+        for finished in done_with.get(node, ()):  # free activations early, as a Sequential does
             env.pop(finished, None)
     raise ValueError("graph without output")
 
 
-_LAST_USES: weakref.WeakKeyDictionary[fx.Graph, dict[fx.Node, list[fx.Node]]] = weakref.WeakKeyDictionary()
+_LAST_USES: weakref.WeakKeyDictionary[fx.Graph, dict[fx.Node, list[fx.Node]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _last_uses(graph: fx.Graph) -> dict[fx.Node, list[fx.Node]]:
@@ -361,10 +442,15 @@ def _fetch(module: nn.Module, target: str) -> Any:
 
 def _apply(node: fx.Node, key: Any, primal, other) -> tuple[Any, Any]:
     """A shape op on the primal and, the same way, on the tangent of its first argument."""
+
     def call(arg_of):
         args = [arg_of(a) for a in node.args]
         kwargs = {k: arg_of(a) for k, a in node.kwargs.items()}
-        return getattr(args[0], key)(*args[1:], **kwargs) if isinstance(key, str) else key(*args, **kwargs)
+        return (
+            getattr(args[0], key)(*args[1:], **kwargs)
+            if isinstance(key, str)
+            else key(*args, **kwargs)
+        )
 
     first = node.args[0]
     return call(primal), None if other(first) is None else call(other)
@@ -382,7 +468,11 @@ def _call_jvp(node: fx.Node, key: Any, primal, tangent) -> tuple[Any, Any]:
         for i, t in zip(moving, inputs, strict=True):
             leaves[i] = t
         args, kwargs = tree_unflatten(leaves, spec)
-        return getattr(args[0], key)(*args[1:], **kwargs) if isinstance(key, str) else key(*args, **kwargs)
+        return (
+            getattr(args[0], key)(*args[1:], **kwargs)
+            if isinstance(key, str)
+            else key(*args, **kwargs)
+        )
 
     if not moving:
         return call(), None
@@ -402,4 +492,8 @@ def fused_jvp_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:
     return d_log_probs / x.shape[0]
 
 
-SCORE_METHODS = {"fused": fused_jvp_scores, "jvp": jvp_scores, "double-backward": double_backward_scores}
+SCORE_METHODS = {
+    "fused": fused_jvp_scores,
+    "jvp": jvp_scores,
+    "double-backward": double_backward_scores,
+}

@@ -31,8 +31,10 @@ BATCH_DEPENDENT = {"min-ip"}
 
 def all_ones(model: nn.Module) -> Direction:
     """v = 1 as broadcast scalars (no memory; lets the fused JVP use its all-ones shortcut)."""
-    return {name: torch.ones((), dtype=p.dtype, device=p.device).expand(p.shape)
-            for name, p in model.named_parameters()}
+    return {
+        name: torch.ones((), dtype=p.dtype, device=p.device).expand(p.shape)
+        for name, p in model.named_parameters()
+    }
 
 
 def max_norm(model: nn.Module) -> Direction:
@@ -41,8 +43,10 @@ def max_norm(model: nn.Module) -> Direction:
 
 def random_direction(model: nn.Module, seed: int) -> Direction:
     generator = torch.Generator().manual_seed(seed)
-    return {name: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
-            for name, p in model.named_parameters()}
+    return {
+        name: torch.randn(p.shape, generator=generator, dtype=p.dtype).to(p.device)
+        for name, p in model.named_parameters()
+    }
 
 
 def from_vector(model: nn.Module, vector: Tensor) -> Direction:
@@ -54,8 +58,10 @@ def from_vector(model: nn.Module, vector: Tensor) -> Direction:
     if not torch.isfinite(vector).all():
         raise ValueError("target vector contains NaN or infinite values")
     pieces = vector.split([p.numel() for p in model.parameters()])
-    return {name: piece.reshape(p.shape).to(p) for (name, p), piece in
-            zip(model.named_parameters(), pieces, strict=True)}
+    return {
+        name: piece.reshape(p.shape).to(p)
+        for (name, p), piece in zip(model.named_parameters(), pieces, strict=True)
+    }
 
 
 def log_likelihood_gradient(model: nn.Module, x: Tensor, targets: Tensor) -> Direction:
@@ -65,8 +71,10 @@ def log_likelihood_gradient(model: nn.Module, x: Tensor, targets: Tensor) -> Dir
     with torch.enable_grad():
         objective = -soft_cross_entropy(model(x), targets)
         grads = torch.autograd.grad(objective, [p for _, p in named], allow_unused=True)
-    return {name: (g if g is not None else torch.zeros_like(p)).detach()
-            for (name, p), g in zip(named, grads, strict=True)}
+    return {
+        name: (g if g is not None else torch.zeros_like(p)).detach()
+        for (name, p), g in zip(named, grads, strict=True)
+    }
 
 
 def min_ip(model: nn.Module, x: Tensor, probs: Tensor) -> Direction:
@@ -87,12 +95,23 @@ def unlearn(model: nn.Module, x_ref: Tensor, y_ref: Tensor) -> Direction:
     ``x_ref`` (M, C, H, W) with its true labels ``y_ref`` (M,)."""
     if len(x_ref) == 0 or len(x_ref) != len(y_ref):
         raise ValueError("the reference set needs as many labels as images (at least one)")
-    return {name: -g for name, g in log_likelihood_gradient(model, x_ref, torch.as_tensor(y_ref)).items()}
+    return {
+        name: -g
+        for name, g in log_likelihood_gradient(model, x_ref, torch.as_tensor(y_ref)).items()
+    }
 
 
-def static_target(name: TargetName, model: nn.Module, *, seed: int = 0, vector: Tensor | None = None,
-                  watermark_x: Tensor | None = None, watermark_y: Tensor | None = None,
-                  reference_x: Tensor | None = None, reference_y: Tensor | None = None) -> Direction:
+def static_target(
+    name: TargetName,
+    model: nn.Module,
+    *,
+    seed: int = 0,
+    vector: Tensor | None = None,
+    watermark_x: Tensor | None = None,
+    watermark_y: Tensor | None = None,
+    reference_x: Tensor | None = None,
+    reference_y: Tensor | None = None,
+) -> Direction:
     """Build a target that does not depend on the query batch."""
     if name == "all-ones":
         return all_ones(model)
@@ -121,6 +140,17 @@ def behaviour_accuracy(model: nn.Module, x_w: Tensor, y_w: Tensor) -> float:
         return (model(x_w).argmax(1) == y_w).float().mean().item()
 
 
-__all__ = ["BATCH_DEPENDENT", "TargetName", "all_ones", "behaviour_accuracy", "from_vector",
-           "log_likelihood_gradient", "max_norm", "min_ip", "random_direction", "static_target",
-           "unlearn", "watermark"]
+__all__ = [
+    "BATCH_DEPENDENT",
+    "TargetName",
+    "all_ones",
+    "behaviour_accuracy",
+    "from_vector",
+    "log_likelihood_gradient",
+    "max_norm",
+    "min_ip",
+    "random_direction",
+    "static_target",
+    "unlearn",
+    "watermark",
+]

@@ -30,10 +30,15 @@ class WatermarkedParams(DefenseParams):
     key: bytes = Field(description="this client's watermark key (mirage.ownership.derive_key)")
     client: str = Field("default", description="whose queries these are, in the evidence")
     config: tuple[WatermarkConfig, ...] = Field(
-        (WatermarkConfig(),), description="the watermark, or its layers in the order they are applied")
+        (WatermarkConfig(),),
+        description="the watermark, or its layers in the order they are applied",
+    )
     evidence: Any = Field(None, description="an Evidence that records the carried queries")
-    benign_reference: Any = Field(None, description="the defender's benign images (B, C, H, W) or their "
-                                                    "fourier_features (B, F), for config.density_cap")
+    benign_reference: Any = Field(
+        None,
+        description="the defender's benign images (B, C, H, W) or their "
+        "fourier_features (B, F), for config.density_cap",
+    )
 
     @field_validator("config", mode="before")
     @classmethod
@@ -45,7 +50,9 @@ class WatermarkedParams(DefenseParams):
         capped = capped_layers(self.config)
         if self.benign_reference is None:
             if capped:
-                raise ValueError("config.density_cap needs benign_reference (the defender's benign images)")
+                raise ValueError(
+                    "config.density_cap needs benign_reference (the defender's benign images)"
+                )
             return self
         value = self.benign_reference
         for layer in capped:  # checks, on one row
@@ -63,7 +70,9 @@ class WatermarkedParams(DefenseParams):
     @classmethod
     def _evidence(cls, value: Any) -> Any:
         if value is not None and not callable(getattr(value, "add", None)):
-            raise ValueError("evidence must have add(client, x, marks), like mirage.ownership.Evidence")
+            raise ValueError(
+                "evidence must have add(client, x, marks), like mirage.ownership.Evidence"
+            )
         return value
 
 
@@ -77,7 +86,11 @@ class Watermarked(Defense):
 
     @classmethod
     def contract_for(cls, params: WatermarkedParams) -> DefenseContract:
-        inner = params.inner.contract if isinstance(params.inner, Defense) else DefenseContract(stateful=False)
+        inner = (
+            params.inner.contract
+            if isinstance(params.inner, Defense)
+            else DefenseContract(stateful=False)
+        )
         # templates are answers kept from earlier queries: then an answer depends on them
         stateful = inner.stateful or any(layer.template is not None for layer in params.config)
         return DefenseContract(needs_input=True, truncating=inner.truncating, stateful=stateful)
@@ -86,8 +99,9 @@ class Watermarked(Defense):
         """The layers for ``num_classes``-way answers, by evidence set, in the order applied."""
         if num_classes not in self._watermarks:
             p = self.params
-            self._watermarks[num_classes] = layered_watermarks(p.key, p.client, p.config, num_classes,
-                                                               p.benign_reference)
+            self._watermarks[num_classes] = layered_watermarks(
+                p.key, p.client, p.config, num_classes, p.benign_reference
+            )
         return self._watermarks[num_classes]
 
     @property
@@ -113,6 +127,7 @@ class Watermarked(Defense):
         return served
 
     def __repr__(self) -> str:
-        return (f"Watermarked(inner={self.params.inner!r}, client={self.params.client!r}, "
-                f"config={self.params.config!r})")
-
+        return (
+            f"Watermarked(inner={self.params.inner!r}, client={self.params.client!r}, "
+            f"config={self.params.config!r})"
+        )

@@ -21,15 +21,31 @@ from mirage.registry import UnknownNameError
 MODELS: dict[str, type[ImageClassifier]] = {"lenet": LeNet, "vgg": CompactVGG, "resnet": ResNet}
 
 
-def create_model(name: str, input_shape: Sequence[int], num_classes: int,
-                 mean: Sequence[float], std: Sequence[float], **kwargs) -> ImageClassifier:
+def create_model(
+    name: str,
+    input_shape: Sequence[int],
+    num_classes: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    **kwargs,
+) -> ImageClassifier:
     if name not in MODELS:
         raise UnknownNameError("architecture", name, MODELS)
     return MODELS[name](tuple(input_shape), num_classes, tuple(mean), tuple(std), **kwargs)
 
 
 __all__ = [
-    "MODELS", "CompactVGG", "ImageClassifier", "LeNet", "ModelCard", "Normalize", "ResNet",
-    "create_model", "has_checkpoint", "load_checkpoint", "save_checkpoint", "tensor_digest",
+    "MODELS",
+    "CompactVGG",
+    "ImageClassifier",
+    "LeNet",
+    "ModelCard",
+    "Normalize",
+    "ResNet",
+    "create_model",
+    "has_checkpoint",
+    "load_checkpoint",
+    "save_checkpoint",
+    "tensor_digest",
     "weights_fingerprint",
 ]

@@ -16,7 +16,9 @@ from torch import Tensor, nn
 class Normalize(nn.Module):
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer(
+            "mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1)
+        )
         self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -29,8 +31,13 @@ class ImageClassifier(nn.Module):
     body: nn.Module
     feature_dim: int
 
-    def __init__(self, input_shape: Sequence[int], num_classes: int,
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        input_shape: Sequence[int],
+        num_classes: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
@@ -56,12 +63,15 @@ class ImageClassifier(nn.Module):
 @torch.no_grad()
 def clean_posteriors(model: nn.Module, x: Tensor, *, batch_size: int = 1024) -> Tensor:
     """softmax(model(x)) in eval mode, chunked; returns CPU float32 (N, K)."""
-    weight = next(model.parameters(), None)   # none in a wrapped ONNX session (§model-formats)
+    weight = next(model.parameters(), None)  # none in a wrapped ONNX session (§model-formats)
     device = weight.device if weight is not None else torch.device("cpu")
     was_training = model.training
     model.eval()
     try:
-        out = [torch.softmax(model(chunk.to(device)).float(), dim=1).cpu() for chunk in x.split(batch_size)]
+        out = [
+            torch.softmax(model(chunk.to(device)).float(), dim=1).cpu()
+            for chunk in x.split(batch_size)
+        ]
     finally:
         model.train(was_training)
     return torch.cat(out)

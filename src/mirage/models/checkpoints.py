@@ -31,9 +31,13 @@ class ModelCard(BaseModel):
     seed: int | None = None
     training: dict[str, Any] = Field(default_factory=dict)
     train_seconds: float | None = None
-    versions: dict[str, str] = Field(default_factory=lambda: {
-        "mirage": mirage.__version__, "torch": torch.__version__, "python": platform.python_version(),
-    })
+    versions: dict[str, str] = Field(
+        default_factory=lambda: {
+            "mirage": mirage.__version__,
+            "torch": torch.__version__,
+            "python": platform.python_version(),
+        }
+    )
     created: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
 
 
@@ -59,8 +63,14 @@ def tensor_digest(tensor: torch.Tensor) -> str:
 def build_from_card(card: ModelCard) -> ImageClassifier:
     from mirage.models import create_model
 
-    return create_model(card.architecture, card.input_shape, card.num_classes, card.mean, card.std,
-                        **card.arch_kwargs)
+    return create_model(
+        card.architecture,
+        card.input_shape,
+        card.num_classes,
+        card.mean,
+        card.std,
+        **card.arch_kwargs,
+    )
 
 
 def save_checkpoint(model: ImageClassifier, card: ModelCard, directory: str | Path) -> Path:
@@ -76,7 +86,9 @@ def save_checkpoint(model: ImageClassifier, card: ModelCard, directory: str | Pa
     return directory
 
 
-def load_checkpoint(directory: str | Path, device: str | torch.device = "cpu") -> tuple[ImageClassifier, ModelCard]:
+def load_checkpoint(
+    directory: str | Path, device: str | torch.device = "cpu"
+) -> tuple[ImageClassifier, ModelCard]:
     directory = Path(directory)
     if not (directory / CARD).is_file() or not (directory / WEIGHTS).is_file():
         raise FileNotFoundError(f"{directory}: no complete checkpoint ({WEIGHTS} + {CARD})")

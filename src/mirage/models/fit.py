@@ -45,10 +45,12 @@ class TrainConfig(BaseModel):
     seed: int = 0
 
 
-MAD_RECIPE = TrainConfig(epochs=30, lr=0.1, momentum=0.5, nesterov=False, weight_decay=5e-4,
-                         schedule="step")
-GRAD2_RECIPE = TrainConfig(epochs=30, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4,
-                           schedule="cosine")
+MAD_RECIPE = TrainConfig(
+    epochs=30, lr=0.1, momentum=0.5, nesterov=False, weight_decay=5e-4, schedule="step"
+)
+GRAD2_RECIPE = TrainConfig(
+    epochs=30, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="cosine"
+)
 
 
 def soft_cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
@@ -72,22 +74,34 @@ def random_shift(x: Tensor, generator: torch.Generator, pad: int = 2) -> Tensor:
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     if config.optimizer == "adam":
         return torch.optim.Adam(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                           nesterov=config.nesterov and config.momentum > 0,
-                           weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        nesterov=config.nesterov and config.momentum > 0,
+        weight_decay=config.weight_decay,
+    )
 
 
 def make_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps: int):
     if config.schedule == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(steps, 1))
     if config.schedule == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(steps * 2 // 3, 1), gamma=0.1)
+        return torch.optim.lr_scheduler.StepLR(
+            optimizer, step_size=max(steps * 2 // 3, 1), gamma=0.1
+        )
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
 
 
-def train_loop(model: nn.Module, n: int, config: TrainConfig,
-               batch_loss: Callable[[Tensor, torch.Generator], Tensor], *,
-               description: str = "training", show_progress: bool = True) -> dict[str, float]:
+def train_loop(
+    model: nn.Module,
+    n: int,
+    config: TrainConfig,
+    batch_loss: Callable[[Tensor, torch.Generator], Tensor],
+    *,
+    description: str = "training",
+    show_progress: bool = True,
+) -> dict[str, float]:
     """The shared optimisation loop: ``config.epochs`` seeded passes over ``n`` items in
     batches; ``batch_loss(index, generator)`` returns the loss of one batch of item indices.
     Returns the final loss and the wall time."""
@@ -97,7 +111,9 @@ def train_loop(model: nn.Module, n: int, config: TrainConfig,
     schedule = make_schedule(optimizer, config, config.epochs * steps_per_epoch)
     model.train()
     start, last_loss = time.perf_counter(), float("nan")
-    with progress_bar(description, total=config.epochs * steps_per_epoch, enabled=show_progress) as advance:
+    with progress_bar(
+        description, total=config.epochs * steps_per_epoch, enabled=show_progress
+    ) as advance:
         for _ in range(config.epochs):
             for index in torch.randperm(n, generator=generator).split(config.batch_size):
                 loss = batch_loss(index, generator)
@@ -111,9 +127,16 @@ def train_loop(model: nn.Module, n: int, config: TrainConfig,
     return {"final_loss": last_loss, "seconds": time.perf_counter() - start}
 
 
-def fit(model: nn.Module, images: Tensor, targets: Tensor, config: TrainConfig, *,
-        loss: Callable[[Tensor, Tensor], Tensor] = soft_cross_entropy,
-        description: str = "training", show_progress: bool = True) -> dict[str, float]:
+def fit(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    config: TrainConfig,
+    *,
+    loss: Callable[[Tensor, Tensor], Tensor] = soft_cross_entropy,
+    description: str = "training",
+    show_progress: bool = True,
+) -> dict[str, float]:
     """Train ``model`` in place on (images, targets) minimising ``loss(logits, targets)`` (default:
     the soft-label cross-entropy); returns the final loss and the wall time.
 
@@ -131,5 +154,6 @@ def fit(model: nn.Module, images: Tensor, targets: Tensor, config: TrainConfig, 
             x = random_shift(x, generator)
         return loss(model(x.to(device)), targets[index].to(device))
 
-    return train_loop(model, len(images), config, batch_loss, description=description,
-                      show_progress=show_progress)
+    return train_loop(
+        model, len(images), config, batch_loss, description=description, show_progress=show_progress
+    )

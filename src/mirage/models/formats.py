@@ -30,13 +30,22 @@ class ExternalModel(nn.Module):
     ``train``/``eval`` reach ``inner`` only when it is an ordinary module: an exported program's
     module has no modes (torch raises), and an ONNX session none either."""
 
-    def __init__(self, inner: nn.Module | Any, input_shape: Sequence[int], num_classes: int | None = None,
-                 *, has_modes: bool = True, batch: int | None = None) -> None:
+    def __init__(
+        self,
+        inner: nn.Module | Any,
+        input_shape: Sequence[int],
+        num_classes: int | None = None,
+        *,
+        has_modes: bool = True,
+        batch: int | None = None,
+    ) -> None:
         super().__init__()
         if len(input_shape) != 3:
             raise ValueError(f"input_shape must be (C, H, W), got {tuple(input_shape)}")
         self.inner = inner
-        self.batch = batch  # a batch size the file fixes (torch.export's default): calls go in chunks of it
+        self.batch = (
+            batch  # a batch size the file fixes (torch.export's default): calls go in chunks of it
+        )
         self._has_modes = has_modes and isinstance(inner, nn.Module)
         self.input_shape = tuple(int(s) for s in input_shape)
         self.num_classes = self._probe_num_classes() if num_classes is None else int(num_classes)
@@ -54,17 +63,21 @@ class ExternalModel(nn.Module):
             for module, mode in modes:
                 module.training = mode
         if logits.ndim != 2 or logits.shape[1] < 2:
-            raise ValueError(f"the model must map (B, C, H, W) images to (B, K) logits, got {tuple(logits.shape)}")
+            raise ValueError(
+                f"the model must map (B, C, H, W) images to (B, K) logits, got {tuple(logits.shape)}"
+            )
         return int(logits.shape[1])
 
     def forward(self, x: Tensor) -> Tensor:
         if self.batch is None or len(x) == self.batch:
             return self.inner(x)
         out = []
-        for chunk in x.split(self.batch):  # the last one padded with zero images, their answers dropped
+        for chunk in x.split(
+            self.batch
+        ):  # the last one padded with zero images, their answers dropped
             pad = self.batch - len(chunk)
             full = torch.cat([chunk, chunk.new_zeros(pad, *chunk.shape[1:])]) if pad else chunk
-            out.append(self.inner(full)[:len(chunk)])
+            out.append(self.inner(full)[: len(chunk)])
         return torch.cat(out)
 
     def train(self, mode: bool = True) -> ExternalModel:
@@ -83,7 +96,9 @@ class OnnxSession:
         self.session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         inputs = self.session.get_inputs()
         if len(inputs) != 1:
-            raise ValueError(f"{path}: an ONNX classifier takes one input, this one takes {len(inputs)}")
+            raise ValueError(
+                f"{path}: an ONNX classifier takes one input, this one takes {len(inputs)}"
+            )
         self.input = inputs[0]
 
     def input_shape(self) -> tuple[int, int, int] | None:
@@ -112,7 +127,9 @@ def import_class(path: str) -> type[nn.Module]:
     return found
 
 
-def _exported_input(program: torch.export.ExportedProgram) -> tuple[tuple[int, int, int] | None, int | None]:
+def _exported_input(
+    program: torch.export.ExportedProgram,
+) -> tuple[tuple[int, int, int] | None, int | None]:
     """(C, H, W) of an exported program's input when it fixes them, and its batch size when that
     is static (``torch.export.export(model, (torch.zeros(1, …),))`` without dynamic shapes)."""
     for node in program.graph.nodes:
@@ -123,9 +140,15 @@ def _exported_input(program: torch.export.ExportedProgram) -> tuple[tuple[int, i
     return None, None
 
 
-def load_model_file(format: Format, path: str | Path, *, input_shape: Sequence[int] | None = None,
-                    class_path: str | None = None, kwargs: dict[str, Any] | None = None,
-                    dataset: str = "") -> tuple[nn.Module, ModelCard]:
+def load_model_file(
+    format: Format,
+    path: str | Path,
+    *,
+    input_shape: Sequence[int] | None = None,
+    class_path: str | None = None,
+    kwargs: dict[str, Any] | None = None,
+    dataset: str = "",
+) -> tuple[nn.Module, ModelCard]:
     """The model at ``path`` in ``format``, in eval mode, and its card. ``input_shape`` (C, H, W)
     is read from an export or ONNX file when it fixes it; a state dict needs it, or the class's
     ``input_shape`` attribute. ``class_path`` and ``kwargs`` build a state dict's module."""
@@ -145,7 +168,9 @@ def load_model_file(format: Format, path: str | Path, *, input_shape: Sequence[i
         inner, has_modes = session, False
     elif format == "state_dict":
         if class_path is None:
-            raise ValueError("a state dict needs the class of its module (model.class = 'package.module:Class')")
+            raise ValueError(
+                "a state dict needs the class of its module (model.class = 'package.module:Class')"
+            )
         from safetensors.torch import load_file
 
         inner = import_class(class_path)(**(kwargs or {}))
@@ -154,14 +179,24 @@ def load_model_file(format: Format, path: str | Path, *, input_shape: Sequence[i
         shape = input_shape or getattr(inner, "input_shape", None)
         has_modes, batch = True, None
     else:
-        raise ValueError(f"unknown model format {format!r}; known: checkpoint, {', '.join(SUFFIXES.values())}")
+        raise ValueError(
+            f"unknown model format {format!r}; known: checkpoint, {', '.join(SUFFIXES.values())}"
+        )
     if shape is None:
-        raise ValueError(f"{path}: give the model's input_shape (C, H, W); the {format} file does not fix it")
+        raise ValueError(
+            f"{path}: give the model's input_shape (C, H, W); the {format} file does not fix it"
+        )
     model = ExternalModel(inner, shape, has_modes=has_modes, batch=batch).eval()
     channels = model.input_shape[0]
-    card = ModelCard(architecture=f"{format}:{class_path or path.name}", input_shape=model.input_shape,
-                     num_classes=model.num_classes, mean=(0.0,) * channels, std=(1.0,) * channels,
-                     dataset=dataset, training={"source": str(path), "format": format})
+    card = ModelCard(
+        architecture=f"{format}:{class_path or path.name}",
+        input_shape=model.input_shape,
+        num_classes=model.num_classes,
+        mean=(0.0,) * channels,
+        std=(1.0,) * channels,
+        dataset=dataset,
+        training={"source": str(path), "format": format},
+    )
     return model, card
 
 

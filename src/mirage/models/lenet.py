@@ -13,16 +13,22 @@ from mirage.models.base import ImageClassifier
 
 
 class LeNet(ImageClassifier):
-    def __init__(self, input_shape, num_classes, mean, std, *, width: int = 1,
-                 padding: int | None = None) -> None:
+    def __init__(
+        self, input_shape, num_classes, mean, std, *, width: int = 1, padding: int | None = None
+    ) -> None:
         super().__init__(input_shape, num_classes, mean, std)
         channels = input_shape[0]
         if padding is None:
             padding = 2 if min(input_shape[1:]) < 20 else 0
         self.body = nn.Sequential(
-            nn.Conv2d(channels, 20 * width, 5, padding=padding), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(20 * width, 50 * width, 5, padding=padding), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(channels, 20 * width, 5, padding=padding),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(20 * width, 50 * width, 5, padding=padding),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
             nn.Flatten(),
-            nn.LazyLinear(500 * width), nn.ReLU(),
+            nn.LazyLinear(500 * width),
+            nn.ReLU(),
         )
         self._finish()

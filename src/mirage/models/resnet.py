@@ -28,13 +28,17 @@ class BasicBlock(nn.Module):
 
 
 class ResNet(ImageClassifier):
-    def __init__(self, input_shape, num_classes, mean, std, *, depth: int = 20, width: int = 16) -> None:
+    def __init__(
+        self, input_shape, num_classes, mean, std, *, depth: int = 20, width: int = 16
+    ) -> None:
         super().__init__(input_shape, num_classes, mean, std)
         if (depth - 2) % 6:
             raise ValueError(f"CIFAR ResNet depth must be 6n+2, got {depth}")
         blocks = (depth - 2) // 6
         layers: list[nn.Module] = [
-            nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(),
+            nn.Conv2d(input_shape[0], width, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(width),
+            nn.ReLU(),
         ]
         channels = width
         for stage, out_channels in enumerate((width, 2 * width, 4 * width)):

@@ -23,7 +23,20 @@ from mirage.ownership.watermark import (
     watermark_layers,
 )
 
-__all__ = ["Evidence", "KeyedWatermark", "Marks", "OwnershipTest", "WatermarkConfig", "derive_key",
-           "fourier_features", "layer_key",
-           "layer_name", "layered_watermarks", "match_pvalue", "name_the_thief", "verify_key", "verify_keys",
-           "watermark_layers"]
+__all__ = [
+    "Evidence",
+    "KeyedWatermark",
+    "Marks",
+    "OwnershipTest",
+    "WatermarkConfig",
+    "derive_key",
+    "fourier_features",
+    "layer_key",
+    "layer_name",
+    "layered_watermarks",
+    "match_pvalue",
+    "name_the_thief",
+    "verify_key",
+    "verify_keys",
+    "watermark_layers",
+]

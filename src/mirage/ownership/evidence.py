@@ -16,7 +16,9 @@ from mirage.ownership.watermark import Marks
 
 
 def image_digest(image: Tensor) -> str:
-    return hashlib.sha256(image.detach().float().contiguous().numpy().astype("<f4").tobytes()).hexdigest()
+    return hashlib.sha256(
+        image.detach().float().contiguous().numpy().astype("<f4").tobytes()
+    ).hexdigest()
 
 
 class Evidence:
@@ -57,8 +59,11 @@ class Evidence:
             kept = list(self._items.get(client, {}).values())
         if not kept:
             return None, [], None
-        return (torch.stack([image for image, _, _ in kept]), [bucket for _, bucket, _ in kept],
-                stack_rankings([ranking for _, _, ranking in kept]))
+        return (
+            torch.stack([image for image, _, _ in kept]),
+            [bucket for _, bucket, _ in kept],
+            stack_rankings([ranking for _, _, ranking in kept]),
+        )
 
 
 def stack_rankings(rankings: list[Tensor | None]) -> Tensor | None:

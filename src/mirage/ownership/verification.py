@@ -46,10 +46,14 @@ is an exact convolution."""
 def rank_scores(probs: Tensor) -> Tensor:
     """(M, K) posteriors -> (M, K) int64: for each class, how many classes have a strictly smaller
     probability (the decision's score, a function of the suspect's outputs only)."""
-    return torch.searchsorted(probs.sort(dim=1).values.contiguous(), probs.contiguous(), right=False)
+    return torch.searchsorted(
+        probs.sort(dim=1).values.contiguous(), probs.contiguous(), right=False
+    )
 
 
-def exact_tail(scores: Tensor, buckets: list[str], labels: Mapping[str, int]) -> tuple[int, float, float]:
+def exact_tail(
+    scores: Tensor, buckets: list[str], labels: Mapping[str, int]
+) -> tuple[int, float, float]:
     """(observed statistic s, its null mean, exact P(S ≥ s)) for ``S = Σ_i scores[i, y_{b(i)}]``
     with per-bucket labels ``y_b`` iid uniform over the K columns. ``scores``: (M, K) non-negative
     integers fixed before the labels are looked at (a function of the suspect's outputs only)."""
@@ -73,22 +77,28 @@ def exact_tail(scores: Tensor, buckets: list[str], labels: Mapping[str, int]) ->
     for v in per_bucket.values():
         nxt = np.zeros_like(null)
         for shift in np.minimum(v, observed):
-            nxt[shift:] += null[:len(null) - shift] / k
-            nxt[-1] += null[len(null) - shift:].sum() / k if shift else 0.0
+            nxt[shift:] += null[: len(null) - shift] / k
+            nxt[-1] += null[len(null) - shift :].sum() / k if shift else 0.0
         null = nxt
     return observed, mean, float(min(1.0, null[-1]))
 
 
-def match_pvalue(predictions: Tensor, buckets: list[str], labels: Mapping[str, int], num_classes: int
-                 ) -> tuple[int, float, float]:
+def match_pvalue(
+    predictions: Tensor, buckets: list[str], labels: Mapping[str, int], num_classes: int
+) -> tuple[int, float, float]:
     """(matches, expected matches, exact P(S ≥ matches)) of argmax ``predictions`` (M,) against the
     keyed ``labels`` of their ``buckets``: :func:`exact_tail` of the one-hot predictions."""
     if len(predictions) != len(buckets):
         raise ValueError("one bucket per prediction")
-    if len(predictions) and not (0 <= int(predictions.min()) and int(predictions.max()) < num_classes):
+    if len(predictions) and not (
+        0 <= int(predictions.min()) and int(predictions.max()) < num_classes
+    ):
         raise ValueError(f"predictions must be classes of {num_classes}")
-    one_hot = torch.nn.functional.one_hot(predictions.long(), num_classes) if len(predictions) else \
-        torch.zeros(0, num_classes, dtype=torch.long)
+    one_hot = (
+        torch.nn.functional.one_hot(predictions.long(), num_classes)
+        if len(predictions)
+        else torch.zeros(0, num_classes, dtype=torch.long)
+    )
     return exact_tail(one_hot, buckets, labels)
 
 
@@ -119,19 +129,34 @@ class OwnershipTest:
         return self.corrected_p_value <= self.alpha
 
 
-def verify_key(suspect: nn.Module, watermark: KeyedWatermark, images: Tensor | None, buckets: list[str],
-               *, ranking: Tensor | None = None, client: str = "", tests: int = 1,
-               alpha: float = 1e-6) -> OwnershipTest:
+def verify_key(
+    suspect: nn.Module,
+    watermark: KeyedWatermark,
+    images: Tensor | None,
+    buckets: list[str],
+    *,
+    ranking: Tensor | None = None,
+    client: str = "",
+    tests: int = 1,
+    alpha: float = 1e-6,
+) -> OwnershipTest:
     """The exact test of ``suspect`` against one key's evidence (``tests``: how many clients are
     tested in all, for the correction). With keyed ranks (``watermark.config.ranked``),
     ``ranking`` (M, K) gives each evidence image's classes in the served answer's decreasing
     order, and the null is uniform over the keyed ranks given it."""
-    return verify_keys(suspect, [(watermark, images, buckets, ranking)], client=client, tests=tests, alpha=alpha)
+    return verify_keys(
+        suspect, [(watermark, images, buckets, ranking)], client=client, tests=tests, alpha=alpha
+    )
 
 
-def verify_keys(suspect: nn.Module,
-                parts: Sequence[tuple[KeyedWatermark, Tensor | None, list[str], Tensor | None]], *,
-                client: str = "", tests: int = 1, alpha: float = 1e-6) -> OwnershipTest:
+def verify_keys(
+    suspect: nn.Module,
+    parts: Sequence[tuple[KeyedWatermark, Tensor | None, list[str], Tensor | None]],
+    *,
+    client: str = "",
+    tests: int = 1,
+    alpha: float = 1e-6,
+) -> OwnershipTest:
     """One exact test of ``suspect`` against the union of several keys' evidence, each part
     (watermark, images, buckets, ranking) as :func:`verify_key` takes it: a thief that spread its
     queries over several API keys left a share of its evidence with each, and their sum is one
@@ -144,10 +169,16 @@ def verify_keys(suspect: nn.Module,
         raise ValueError("verify_keys needs at least one key's evidence")
     k, choices = parts[0][0].num_classes, parts[0][0].choices
     if any((w.num_classes, w.choices) != (k, choices) for w, *_ in parts):
-        raise ValueError("the keys of one test must share their number of classes and of keyed choices")
+        raise ValueError(
+            "the keys of one test must share their number of classes and of keyed choices"
+        )
     all_probs, all_candidates, all_buckets, labels = [], [], [], {}
     for part, (watermark, images, buckets, ranking) in enumerate(parts):
-        probs = clean_posteriors(suspect, images, batch_size=512) if images is not None else torch.zeros(0, k)
+        probs = (
+            clean_posteriors(suspect, images, batch_size=512)
+            if images is not None
+            else torch.zeros(0, k)
+        )
         if probs.shape[1] != k:
             raise ValueError(f"the suspect answers {probs.shape[1]} classes, the watermark has {k}")
         all_probs.append(probs)
@@ -164,15 +195,32 @@ def verify_keys(suspect: nn.Module,
     matches, expected, match_p = test(torch.nn.functional.one_hot(probs.argmax(1), k))
     mass, expected_mass, mass_p = test((probs * RESOLUTION).round().long())
     score, expected_score, p = test(rank_scores(probs))
-    return OwnershipTest(client=client, images=len(all_buckets), buckets=len(labels), matches=matches,
-                         expected=expected, match_p_value=match_p, probability_score=mass,
-                         expected_probability_score=expected_mass, probability_p_value=mass_p, score=score,
-                         expected_score=expected_score, p_value=p, corrected_p_value=min(1.0, p * tests),
-                         alpha=alpha)
+    return OwnershipTest(
+        client=client,
+        images=len(all_buckets),
+        buckets=len(labels),
+        matches=matches,
+        expected=expected,
+        match_p_value=match_p,
+        probability_score=mass,
+        expected_probability_score=expected_mass,
+        probability_p_value=mass_p,
+        score=score,
+        expected_score=expected_score,
+        p_value=p,
+        corrected_p_value=min(1.0, p * tests),
+        alpha=alpha,
+    )
 
 
-def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[str, KeyedWatermark], *,
-                   groups: Sequence[Sequence[str]] = (), alpha: float = 1e-6) -> list[OwnershipTest]:
+def name_the_thief(
+    suspect: nn.Module,
+    evidence: Evidence,
+    watermarks: Mapping[str, KeyedWatermark],
+    *,
+    groups: Sequence[Sequence[str]] = (),
+    alpha: float = 1e-6,
+) -> list[OwnershipTest]:
     """Test ``suspect`` against every client's key and evidence (with keyed ranks, the served
     rankings the evidence kept), and against each of ``groups`` (clients the defender believes
     one party, e.g. one account's keys: one test of their pooled evidence, named
@@ -189,6 +237,10 @@ def name_the_thief(suspect: nn.Module, evidence: Evidence, watermarks: Mapping[s
     def parts(clients: Sequence[str]) -> list:
         return [(watermarks[c], *evidence_of[c]) for c in clients]
 
-    tests = [verify_keys(suspect, parts([c]), client=c, tests=count, alpha=alpha) for c in watermarks]
-    tests += [verify_keys(suspect, parts(g), client=",".join(g), tests=count, alpha=alpha) for g in groups]
+    tests = [
+        verify_keys(suspect, parts([c]), client=c, tests=count, alpha=alpha) for c in watermarks
+    ]
+    tests += [
+        verify_keys(suspect, parts(g), client=",".join(g), tests=count, alpha=alpha) for g in groups
+    ]
     return sorted(tests, key=lambda t: (t.p_value, t.client))

@@ -117,7 +117,11 @@ def layer_key(key: bytes, layer: int) -> bytes:
     layer 0 (a single watermark is layer 0), HMAC-SHA256(key, domain ‖ layer) above, independent."""
     if layer < 0:
         raise ValueError("layers are numbered from 0")
-    return key if layer == 0 else hmac.new(key, DOMAIN + b"layer\x00" + str(layer).encode(), hashlib.sha256).digest()
+    return (
+        key
+        if layer == 0
+        else hmac.new(key, DOMAIN + b"layer\x00" + str(layer).encode(), hashlib.sha256).digest()
+    )
 
 
 LAYER_SEPARATOR = "#"
@@ -129,7 +133,9 @@ def layer_name(client: str, layer: int) -> str:
 
 
 def _prf(key: bytes, purpose: bytes, message: bytes) -> int:
-    return int.from_bytes(hmac.new(key, DOMAIN + purpose + b"\x00" + message, hashlib.sha256).digest()[:8], "little")
+    return int.from_bytes(
+        hmac.new(key, DOMAIN + purpose + b"\x00" + message, hashlib.sha256).digest()[:8], "little"
+    )
 
 
 class WatermarkConfig(BaseModel):
@@ -143,49 +149,94 @@ class WatermarkConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bucket_fraction: float = Field(0.1, gt=0, le=1, description="probability that a bucket is selected")
-    margin: float = Field(0.2, ge=0, lt=0.5, description="distance from every cell face, in cell sides")
-    frequencies: int = Field(2, ge=1, le=8, description="largest |u|, |v| of the Fourier magnitudes")
+    bucket_fraction: float = Field(
+        0.1, gt=0, le=1, description="probability that a bucket is selected"
+    )
+    margin: float = Field(
+        0.2, ge=0, lt=0.5, description="distance from every cell face, in cell sides"
+    )
+    frequencies: int = Field(
+        2, ge=1, le=8, description="largest |u|, |v| of the Fourier magnitudes"
+    )
     dims: int = Field(6, ge=1, le=32, description="dimensions of the keyed projection")
     step: float = Field(0.1, gt=0, description="side of a cell")
-    floor: float = Field(0.1, ge=0, lt=1, description="intensity subtracted (clipped at 0) before the transform")
-    sharpen: float = Field(0.0, ge=0, lt=1, description="share of a carried answer's mass moved to the keyed label")
+    floor: float = Field(
+        0.1, ge=0, lt=1, description="intensity subtracted (clipped at 0) before the transform"
+    )
+    sharpen: float = Field(
+        0.0, ge=0, lt=1, description="share of a carried answer's mass moved to the keyed label"
+    )
     density_cap: float | None = Field(
-        None, ge=0, lt=1, description="largest share of the reference images a selectable bucket may hold "
-                                      "(None: any bucket may be selected)")
+        None,
+        ge=0,
+        lt=1,
+        description="largest share of the reference images a selectable bucket may hold "
+        "(None: any bucket may be selected)",
+    )
     evidence_margin: float | None = Field(
-        None, ge=0, lt=0.5, description="distance from every face a carried query needs to be kept as evidence "
-                                        "(at least margin; None: margin)")
+        None,
+        ge=0,
+        lt=0.5,
+        description="distance from every face a carried query needs to be kept as evidence "
+        "(at least margin; None: margin)",
+    )
     ranked: int | None = Field(
-        None, ge=3, le=64, description="keyed labels relative to the served answer's ranking: its j-th class "
-                                       "with j keyed in 2 … ranked (None: a keyed class, uniform over all)")
+        None,
+        ge=3,
+        le=64,
+        description="keyed labels relative to the served answer's ranking: its j-th class "
+        "with j keyed in 2 … ranked (None: a keyed class, uniform over all)",
+    )
     tie_gap: float | None = Field(
-        None, gt=0, le=1, description="carry only answers whose top and m-th probabilities differ by at most "
-                                      "this, m = ranked or 2 (None: any answer)")
+        None,
+        gt=0,
+        le=1,
+        description="carry only answers whose top and m-th probabilities differ by at most "
+        "this, m = ranked or 2 (None: any answer)",
+    )
     template: float | None = Field(
-        None, gt=0.5, lt=1, description="serve a carried answer as a recent uncarried answer of the keyed class "
-                                        "whose top probability reaches this (None: the swap)")
+        None,
+        gt=0.5,
+        lt=1,
+        description="serve a carried answer as a recent uncarried answer of the keyed class "
+        "whose top probability reaches this (None: the swap)",
+    )
     buckets: Literal["fourier", "answer"] = Field(
-        "fourier", description="a bucket is a cell of the image's Fourier magnitudes (margin, frequencies, dims, "
-                               "step, floor, density_cap, evidence_margin apply), or the served answer's two "
-                               "most probable classes, unordered")
+        "fourier",
+        description="a bucket is a cell of the image's Fourier magnitudes (margin, frequencies, dims, "
+        "step, floor, density_cap, evidence_margin apply), or the served answer's two "
+        "most probable classes, unordered",
+    )
     place: Literal["top", "second"] = Field(
-        "top", description="where the keyed label goes in a carried answer: its top-1, or (answer buckets) "
-                           "its runner-up, the top-1 kept")
+        "top",
+        description="where the keyed label goes in a carried answer: its top-1, or (answer buckets) "
+        "its runner-up, the top-1 kept",
+    )
 
     @model_validator(mode="after")
     def _evidence_inside_carried(self) -> WatermarkConfig:
         if self.evidence_margin is not None and self.evidence_margin < self.margin:
-            raise ValueError(f"evidence_margin ({self.evidence_margin}) must be at least margin ({self.margin}): "
-                             "evidence is kept only from queries that carried the watermark")
-        if self.buckets == "answer" and (self.density_cap is not None or self.evidence_margin is not None):
-            raise ValueError("density_cap and evidence_margin act on Fourier cells: buckets = 'fourier'")
+            raise ValueError(
+                f"evidence_margin ({self.evidence_margin}) must be at least margin ({self.margin}): "
+                "evidence is kept only from queries that carried the watermark"
+            )
+        if self.buckets == "answer" and (
+            self.density_cap is not None or self.evidence_margin is not None
+        ):
+            raise ValueError(
+                "density_cap and evidence_margin act on Fourier cells: buckets = 'fourier'"
+            )
         if self.buckets == "answer" and self.ranked is not None:
-            raise ValueError("answer buckets key a class outside the bucket's pair: not with ranked")
-        if self.place == "second" and (self.buckets != "answer" or self.template is not None
-                                       or self.tie_gap is not None):
-            raise ValueError("a keyed runner-up (place = 'second') keys a class outside the answer's top two: "
-                             "buckets = 'answer', without template or tie_gap")
+            raise ValueError(
+                "answer buckets key a class outside the bucket's pair: not with ranked"
+            )
+        if self.place == "second" and (
+            self.buckets != "answer" or self.template is not None or self.tie_gap is not None
+        ):
+            raise ValueError(
+                "a keyed runner-up (place = 'second') keys a class outside the answer's top two: "
+                "buckets = 'answer', without template or tie_gap"
+            )
         return self
 
     @property
@@ -217,18 +268,23 @@ class Marks:
         return self.carried if self.evidence is None else self.evidence
 
 
-def watermark_layers(config: WatermarkConfig | dict | Sequence[WatermarkConfig | dict] | None
-                     ) -> tuple[WatermarkConfig, ...]:
+def watermark_layers(
+    config: WatermarkConfig | dict | Sequence[WatermarkConfig | dict] | None,
+) -> tuple[WatermarkConfig, ...]:
     """One watermark config, or a sequence of them (layers, the first applied first), as a tuple
     of at least one layer (``None``: the default config)."""
     if config is None or isinstance(config, WatermarkConfig | dict):
         config = [config or {}]
-    layers = tuple(c if isinstance(c, WatermarkConfig) else WatermarkConfig.model_validate(c) for c in config)
+    layers = tuple(
+        c if isinstance(c, WatermarkConfig) else WatermarkConfig.model_validate(c) for c in config
+    )
     if not layers:
         raise ValueError("a watermark needs at least one layer")
     if len({(layer.frequencies, layer.floor) for layer in capped_layers(layers)}) > 1:
-        raise ValueError("the layers with density_cap must share frequencies and floor "
-                         "(one set of reference features)")
+        raise ValueError(
+            "the layers with density_cap must share frequencies and floor "
+            "(one set of reference features)"
+        )
     return layers
 
 
@@ -241,7 +297,12 @@ def capped_layers(layers: Sequence[WatermarkConfig]) -> list[WatermarkConfig]:
 def frequency_pairs(frequencies: int) -> list[tuple[int, int]]:
     """The (u, v) of the Fourier magnitudes: ``0 < (u, v)``, ``|u|, |v| ≤ frequencies``, one of
     each ± pair (the magnitudes of a real image are symmetric)."""
-    return [(u, v) for u in range(frequencies + 1) for v in range(-frequencies, frequencies + 1) if u > 0 or v > 0]
+    return [
+        (u, v)
+        for u in range(frequencies + 1)
+        for v in range(-frequencies, frequencies + 1)
+        if u > 0 or v > 0
+    ]
 
 
 def fourier_features(x: Tensor, config: WatermarkConfig) -> Tensor:
@@ -250,7 +311,9 @@ def fourier_features(x: Tensor, config: WatermarkConfig) -> Tensor:
     from the grey image (clipped at 0)."""
     f = config.frequencies
     if x.ndim != 4 or min(x.shape[2:]) < 2 * f + 1:
-        raise ValueError(f"images must be (B, C, H, W) with H, W ≥ {2 * f + 1}, got {tuple(x.shape)}")
+        raise ValueError(
+            f"images must be (B, C, H, W) with H, W ≥ {2 * f + 1}, got {tuple(x.shape)}"
+        )
     pairs = frequency_pairs(f)
     if len(x) == 0:
         return torch.zeros(0, len(pairs), dtype=torch.float64)
@@ -269,13 +332,17 @@ def reference_features(reference: Tensor, config: WatermarkConfig) -> Tensor:
     """The defender's benign reference as (B, F) features: images (B, C, H, W) in [0, 1] are
     transformed (:func:`fourier_features`), features are checked and returned as float64."""
     if not (isinstance(reference, Tensor) and reference.is_floating_point() and len(reference)):
-        raise ValueError("the reference must be a non-empty float tensor: images in [0, 1] or their features")
+        raise ValueError(
+            "the reference must be a non-empty float tensor: images in [0, 1] or their features"
+        )
     if reference.ndim == 4:
         return fourier_features(reference, config)
     width = len(frequency_pairs(config.frequencies))
     if reference.ndim != 2 or reference.shape[1] != width:
-        raise ValueError(f"the reference features must be (B, {width}) for frequencies = {config.frequencies} "
-                         f"(or give the images, (B, C, H, W)), got {tuple(reference.shape)}")
+        raise ValueError(
+            f"the reference features must be (B, {width}) for frequencies = {config.frequencies} "
+            f"(or give the images, (B, C, H, W)), got {tuple(reference.shape)}"
+        )
     return reference.double()
 
 
@@ -287,7 +354,9 @@ def answer_pair(bucket: str) -> tuple[int, int]:
     raw = bytes.fromhex(bucket)
     if not raw.startswith(ANSWER_TAG) or len(raw) != len(ANSWER_TAG) + 16:
         raise ValueError(f"{bucket!r} is not an answer bucket")
-    return int.from_bytes(raw[-16:-8], "little", signed=True), int.from_bytes(raw[-8:], "little", signed=True)
+    return int.from_bytes(raw[-16:-8], "little", signed=True), int.from_bytes(
+        raw[-8:], "little", signed=True
+    )
 
 
 def served_ranking(answers: Tensor) -> Tensor:
@@ -301,8 +370,13 @@ class KeyedWatermark:
     the defender's benign images (B, C, H, W) or their :func:`fourier_features`, needed (only)
     to select buckets under ``config.density_cap``; verification needs only :meth:`label_of`."""
 
-    def __init__(self, key: bytes, num_classes: int, config: WatermarkConfig | None = None,
-                 reference: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        num_classes: int,
+        config: WatermarkConfig | None = None,
+        reference: Tensor | None = None,
+    ) -> None:
         if not isinstance(key, bytes) or len(key) < 16:
             raise ValueError("the watermark key must be at least 16 bytes")
         if num_classes < 2:
@@ -310,15 +384,24 @@ class KeyedWatermark:
         self.key, self.num_classes = key, int(num_classes)
         self.config = config or WatermarkConfig()
         if self.config.ranked is not None and self.config.ranked > self.num_classes:
-            raise ValueError(f"ranked ({self.config.ranked}) must be at most the number of classes ({num_classes})")
+            raise ValueError(
+                f"ranked ({self.config.ranked}) must be at most the number of classes ({num_classes})"
+            )
         if self.config.buckets == "answer" and self.num_classes < 3:
-            raise ValueError("answer buckets need at least 3 classes: the label is none of the bucket's two")
-        self.choices = (self.num_classes - 2 if self.config.buckets == "answer" else self.num_classes) \
-            if self.config.ranked is None else self.config.ranked - 1
+            raise ValueError(
+                "answer buckets need at least 3 classes: the label is none of the bucket's two"
+            )
+        self.choices = (
+            (self.num_classes - 2 if self.config.buckets == "answer" else self.num_classes)
+            if self.config.ranked is None
+            else self.config.ranked - 1
+        )
         f = self.config.frequencies
         self.frequencies = frequency_pairs(f)
         generator = torch.Generator().manual_seed(_prf(key, b"projection", b"") >> 1)
-        projection = torch.randn(len(self.frequencies), self.config.dims, generator=generator, dtype=torch.float64)
+        projection = torch.randn(
+            len(self.frequencies), self.config.dims, generator=generator, dtype=torch.float64
+        )
         self.projection = projection / projection.norm(dim=0, keepdim=True)
         self.dither = torch.rand(self.config.dims, generator=generator, dtype=torch.float64)
         self._buckets: dict[bytes, tuple[bool, int]] = {}
@@ -326,7 +409,11 @@ class KeyedWatermark:
         self._templates = torch.zeros(self.num_classes, TEMPLATES, self.num_classes)
         self._template_count = torch.zeros(self.num_classes, dtype=torch.long)
         self._template_generator = torch.Generator().manual_seed(_prf(key, b"template", b"") >> 1)
-        self._dense = None if reference is None or self.config.density_cap is None else self.dense_cells(reference)
+        self._dense = (
+            None
+            if reference is None or self.config.density_cap is None
+            else self.dense_cells(reference)
+        )
 
     def dense_cells(self, reference: Tensor) -> frozenset[bytes]:
         """The cells holding more than ``density_cap`` of the ``reference`` images (at most
@@ -347,7 +434,9 @@ class KeyedWatermark:
     def cells(self, x: Tensor | None, *, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(cell coordinates (B, dims) int64, margin (B,): distance to the nearest face in sides)
         of images ``x``, or of their precomputed ``features``."""
-        z = (self.features(x) if features is None else features) @ self.projection / self.config.step + self.dither
+        z = (
+            self.features(x) if features is None else features
+        ) @ self.projection / self.config.step + self.dither
         inside = z - z.floor()
         return z.floor().long(), torch.minimum(inside, 1 - inside).min(dim=1).values
 
@@ -358,8 +447,10 @@ class KeyedWatermark:
             selected = _prf(self.key, b"select", cell) < self.config.bucket_fraction * 2.0**64
             if self.config.density_cap is not None:
                 if self._dense is None:
-                    raise ValueError("density_cap needs the defender's reference images: "
-                                     "KeyedWatermark(..., reference=images)")
+                    raise ValueError(
+                        "density_cap needs the defender's reference images: "
+                        "KeyedWatermark(..., reference=images)"
+                    )
                 selected = selected and cell not in self._dense
             known = self._buckets[cell] = (selected, _prf(self.key, b"label", cell) % self.choices)
         return known
@@ -369,8 +460,12 @@ class KeyedWatermark:
         runs only for rows inside their cell by ``margin`` (a few percent), once per bucket.
         Keyed ranks, ``tie_gap`` and answer buckets need the ``served`` answers (B, K)."""
         config = self.config
-        if served is None and (config.ranked is not None or config.tie_gap is not None or config.buckets == "answer"):
-            raise ValueError("keyed ranks, tie_gap and answer buckets read the served answers: marks(x, served)")
+        if served is None and (
+            config.ranked is not None or config.tie_gap is not None or config.buckets == "answer"
+        ):
+            raise ValueError(
+                "keyed ranks, tie_gap and answer buckets read the served answers: marks(x, served)"
+            )
         if config.buckets == "answer":  # every row is "inside" its bucket: the answer has no faces
             cells = served.topk(2, dim=1).indices.sort(dim=1).values
             margin = torch.full((len(x),), 0.5, dtype=torch.float64)
@@ -380,7 +475,9 @@ class KeyedWatermark:
         if config.tie_gap is not None:
             top = served.topk(config.tie_rank, dim=1).values
             eligible &= top[:, 0] - top[:, -1] <= config.tie_gap
-        if config.place == "second":  # the top-1 must stay on top: (1 − s)(p₁ − p₂) > s, a rule of the answer
+        if (
+            config.place == "second"
+        ):  # the top-1 must stay on top: (1 − s)(p₁ − p₂) > s, a rule of the answer
             top = served.topk(2, dim=1).values
             eligible &= (1 - config.sharpen) * (top[:, 0] - top[:, 1]) > config.sharpen
         carried = torch.zeros(len(x), dtype=torch.bool)
@@ -395,9 +492,13 @@ class KeyedWatermark:
         ranking = None if config.ranked is None else served_ranking(served)
         rows = torch.nonzero(carried).flatten()
         if len(rows):  # the keyed index, as a class
-            candidates = self.candidates([buckets[r] for r in rows.tolist()], None if ranking is None else ranking[rows])
+            candidates = self.candidates(
+                [buckets[r] for r in rows.tolist()], None if ranking is None else ranking[rows]
+            )
             labels[rows] = candidates.gather(1, labels[rows].unsqueeze(1)).squeeze(1)
-        return Marks(carried, labels, tuple(buckets), carried & (margin >= config.kept_margin), ranking)
+        return Marks(
+            carried, labels, tuple(buckets), carried & (margin >= config.kept_margin), ranking
+        )
 
     def label_of(self, bucket: str) -> int:
         """The keyed label of a bucket id (as :class:`Marks` gives it), as an index into that
@@ -416,9 +517,11 @@ class KeyedWatermark:
             if rows == 0:  # no evidence: nothing to index
                 return torch.zeros(0, self.choices, dtype=torch.long)
             if ranking is None or ranking.shape != (rows, self.num_classes):
-                raise ValueError(f"keyed ranks need the served answers' ranking, ({rows}, {self.num_classes}), "
-                                 "of the evidence")
-            return ranking[:, 1:self.config.ranked]
+                raise ValueError(
+                    f"keyed ranks need the served answers' ranking, ({rows}, {self.num_classes}), "
+                    "of the evidence"
+                )
+            return ranking[:, 1 : self.config.ranked]
         if self.config.buckets == "answer":
             outside = torch.ones(rows, self.num_classes, dtype=torch.bool)
             if rows:
@@ -432,7 +535,9 @@ class KeyedWatermark:
         label's (a no-op where they coincide), then ``sharpen`` of the mass moved to it. Returns
         the new answers and the marks."""
         if served.shape != (len(x), self.num_classes):
-            raise ValueError(f"served must be ({len(x)}, {self.num_classes}), got {tuple(served.shape)}")
+            raise ValueError(
+                f"served must be ({len(x)}, {self.num_classes}), got {tuple(served.shape)}"
+            )
         marks = self.marks(x, served)
         if self.config.template is not None:
             self._keep_templates(served[~marks.carried])
@@ -447,7 +552,9 @@ class KeyedWatermark:
         out[rows, top] = served[rows, label]
         if self.config.sharpen > 0:
             share = self.config.sharpen
-            out[rows] = (1 - share) * out[rows] + share * F.one_hot(label, self.num_classes).to(out.dtype)
+            out[rows] = (1 - share) * out[rows] + share * F.one_hot(label, self.num_classes).to(
+                out.dtype
+            )
         if self.config.template is not None:
             known = self._template_count[label] > 0
             if known.any():
@@ -473,19 +580,32 @@ class KeyedWatermark:
         confident = answers[answers.max(dim=1).values >= self.config.template].detach().float()
         cls = confident.argmax(dim=1)
         per_class = F.one_hot(cls, self.num_classes)
-        rank = (per_class.cumsum(dim=0) - 1).gather(1, cls.unsqueeze(1)).squeeze(1)   # order within its class
-        latest = rank >= per_class.sum(dim=0)[cls] - TEMPLATES                          # one write per slot
+        rank = (
+            (per_class.cumsum(dim=0) - 1).gather(1, cls.unsqueeze(1)).squeeze(1)
+        )  # order within its class
+        latest = rank >= per_class.sum(dim=0)[cls] - TEMPLATES  # one write per slot
         slot = (self._template_count[cls] + rank) % TEMPLATES
         self._templates[cls[latest], slot[latest]] = confident[latest]
         self._template_count += per_class.sum(dim=0)
 
 
-def layered_watermarks(key: bytes, client: str, config: WatermarkConfig | Sequence[WatermarkConfig], num_classes: int,
-                       reference: Tensor | None = None) -> dict[str, KeyedWatermark]:
+def layered_watermarks(
+    key: bytes,
+    client: str,
+    config: WatermarkConfig | Sequence[WatermarkConfig],
+    num_classes: int,
+    reference: Tensor | None = None,
+) -> dict[str, KeyedWatermark]:
     """``client``'s watermark layers by evidence set (:func:`layer_name`), in the order they are
     applied, each with its :func:`layer_key`: what the service answers with and what
     verification tests. ``reference``: the defender's benign images or their features, for the
     layers with ``density_cap``."""
-    return {layer_name(client, i): KeyedWatermark(layer_key(key, i), num_classes, layer,
-                                                  reference if layer.density_cap is not None else None)
-            for i, layer in enumerate(watermark_layers(config))}
+    return {
+        layer_name(client, i): KeyedWatermark(
+            layer_key(key, i),
+            num_classes,
+            layer,
+            reference if layer.density_cap is not None else None,
+        )
+        for i, layer in enumerate(watermark_layers(config))
+    }

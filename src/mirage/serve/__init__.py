@@ -10,8 +10,16 @@ from mirage.serve.auth import hash_key, new_key
 from mirage.serve.client import HTTPPredictionAPI, ServerError
 from mirage.serve.config import ClientConfig, ServeConfig, load_config
 
-__all__ = ["ClientConfig", "HTTPPredictionAPI", "ServeConfig", "ServerError", "create_app",
-           "hash_key", "load_config", "new_key"]
+__all__ = [
+    "ClientConfig",
+    "HTTPPredictionAPI",
+    "ServeConfig",
+    "ServerError",
+    "create_app",
+    "hash_key",
+    "load_config",
+    "new_key",
+]
 
 
 def __getattr__(name: str):

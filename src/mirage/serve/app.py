@@ -53,7 +53,9 @@ def create_app(config: ServeConfig, *, announce: Callable[[str], None] | None = 
         service.batcher.start()
         grpc = None
         try:
-            if config.grpc is not None:  # the gRPC binding, on this event loop (docs/design.md §grpc)
+            if (
+                config.grpc is not None
+            ):  # the gRPC binding, on this event loop (docs/design.md §grpc)
                 from mirage.serve.grpc_service import grpc_server
 
                 grpc = grpc_server(service, config.grpc.host, config.grpc.port)
@@ -66,8 +68,14 @@ def create_app(config: ServeConfig, *, announce: Callable[[str], None] | None = 
                 await grpc.stop(grace=1)
             service.close()
 
-    app = FastAPI(title="mirage defended prediction service", lifespan=lifespan,
-                  docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
+    app = FastAPI(
+        title="mirage defended prediction service",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        redirect_slashes=False,
+    )
     app.state.service = service
 
     @app.exception_handler(ServeError)
@@ -78,7 +86,13 @@ def create_app(config: ServeConfig, *, announce: Callable[[str], None] | None = 
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, error: Exception) -> JSONResponse:
-        log.error("unexpected %s on %s %s: %s", type(error).__name__, request.method, request.url.path, error)
+        log.error(
+            "unexpected %s on %s %s: %s",
+            type(error).__name__,
+            request.method,
+            request.url.path,
+            error,
+        )
         return await serve_error(request, InternalError("internal server error"))
 
     @app.exception_handler(StarletteHTTPException)
@@ -110,7 +124,9 @@ def create_app(config: ServeConfig, *, announce: Callable[[str], None] | None = 
     @app.get("/v2/models/{name}/versions/{version}/ready")
     async def model_ready(name: str, request: Request) -> dict:
         if "authorization" not in request.headers and "x-api-key" not in request.headers:
-            return {"ready": await _ready(service)}  # readiness only: neither confirms nor names the model
+            return {
+                "ready": await _ready(service)
+            }  # readiness only: neither confirms nor names the model
         await service.authenticate(request)
         service.check_model(name, request.path_params.get("version"))
         return {"name": name, "ready": await _ready(service)}
@@ -126,7 +142,9 @@ def create_app(config: ServeConfig, *, announce: Callable[[str], None] | None = 
     @app.get("/metrics")
     async def metrics(request: Request) -> Response:
         per_client = await service.metrics_access(request)
-        return Response(await service.storage(service.render_metrics, per_client), media_type=CONTENT_TYPE)
+        return Response(
+            await service.storage(service.render_metrics, per_client), media_type=CONTENT_TYPE
+        )
 
     return app
 

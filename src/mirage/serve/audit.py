@@ -45,11 +45,17 @@ def image_hashes(images: np.ndarray) -> list[str]:
 
 
 class AuditLog(SQLiteStore):
-    def __init__(self, path: str | Path, *, timeout: float = 60.0, events_retention_days: float | None = None) -> None:
+    def __init__(
+        self, path: str | Path, *, timeout: float = 60.0, events_retention_days: float | None = None
+    ) -> None:
         super().__init__(path, SCHEMA, timeout=timeout)
-        self.events_retention_s = None if events_retention_days is None else events_retention_days * 86400
+        self.events_retention_s = (
+            None if events_retention_days is None else events_retention_days * 86400
+        )
         self._events_written = 0
-        with self.transaction() as conn:  # a log written before reservations or delivery were recorded
+        with (
+            self.transaction() as conn
+        ):  # a log written before reservations or delivery were recorded
             columns = {row[1] for row in conn.execute("PRAGMA table_info(audit)")}
             if "reservation" not in columns:
                 conn.execute("ALTER TABLE audit ADD COLUMN reservation TEXT")
@@ -59,9 +65,18 @@ class AuditLog(SQLiteStore):
             conn.execute("CREATE INDEX IF NOT EXISTS events_time ON events (time)")
         self.expire_events()
 
-    def record(self, *, client: str, model: str, request_id: str | None, images: np.ndarray,
-               served: np.ndarray, reservation: str | None = None, settle: bool = False,
-               delivered: bool = True) -> None:
+    def record(
+        self,
+        *,
+        client: str,
+        model: str,
+        request_id: str | None,
+        images: np.ndarray,
+        served: np.ndarray,
+        reservation: str | None = None,
+        settle: bool = False,
+        delivered: bool = True,
+    ) -> None:
         """images: (B, C, H, W); served: (B, K) as computed for the client; ``reservation``: the
         charge it answers (docs/design.md §reservations). ``settle``: the quota store shares this
         file, so the reservation is committed in the same transaction. ``delivered``: false for
@@ -73,25 +88,42 @@ class AuditLog(SQLiteStore):
             conn.execute(
                 "INSERT INTO audit (time, client, model, request_id, queries, input_sha256, served, reservation, "
                 "delivered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (time.time(), client, model, request_id, len(images), json.dumps(image_hashes(images)),
-                 json.dumps(served.tolist()), reservation, int(delivered)))
+                (
+                    time.time(),
+                    client,
+                    model,
+                    request_id,
+                    len(images),
+                    json.dumps(image_hashes(images)),
+                    json.dumps(served.tolist()),
+                    reservation,
+                    int(delivered),
+                ),
+            )
 
     def answered(self, reservations: list[str]) -> set[str]:
         """The reservations among ``reservations`` whose answer is in the log."""
         found: set[str] = set()
         conn = self.connection()
         for start in range(0, len(reservations), 500):
-            chunk = reservations[start:start + 500]
+            chunk = reservations[start : start + 500]
             marks = ",".join("?" * len(chunk))
-            found |= {r for (r,) in conn.execute(f"SELECT reservation FROM audit WHERE reservation IN ({marks})", chunk)}
+            found |= {
+                r
+                for (r,) in conn.execute(
+                    f"SELECT reservation FROM audit WHERE reservation IN ({marks})", chunk
+                )
+            }
         return found
 
     def record_event(self, kind: str, *, source: str, detail: str) -> None:
         """A security event: ``auth_failed`` or ``auth_throttled`` from the address ``source``, or
         ``prada_alarm`` for the client named by ``source`` (docs/design.md §detection)."""
         with self.transaction() as conn:
-            conn.execute("INSERT INTO events (time, kind, source, detail) VALUES (?, ?, ?, ?)",
-                         (time.time(), kind, source[:256], detail[:512]))
+            conn.execute(
+                "INSERT INTO events (time, kind, source, detail) VALUES (?, ?, ?, ?)",
+                (time.time(), kind, source[:256], detail[:512]),
+            )
         self._events_written += 1
         if self._events_written % 1000 == 0:
             self.expire_events()
@@ -102,10 +134,14 @@ class AuditLog(SQLiteStore):
         if self.events_retention_s is None:
             return 0
         with self.transaction() as conn:
-            return conn.execute("DELETE FROM events WHERE time < ?", (time.time() - self.events_retention_s,)).rowcount
+            return conn.execute(
+                "DELETE FROM events WHERE time < ?", (time.time() - self.events_retention_s,)
+            ).rowcount
 
     def events(self) -> list[dict]:
-        rows = self.connection().execute("SELECT time, kind, source, detail FROM events ORDER BY id")
+        rows = self.connection().execute(
+            "SELECT time, kind, source, detail FROM events ORDER BY id"
+        )
         return [{"time": t, "kind": k, "source": s, "detail": d} for t, k, s, d in rows]
 
     def rows(self, client: str | None = None) -> list[dict]:
@@ -114,13 +150,28 @@ class AuditLog(SQLiteStore):
         if client is not None:
             query, args = query + " WHERE client = ?", (client,)
         out = []
-        for t, c, m, rid, n, hashes, served, delivered in self.connection().execute(query + " ORDER BY id", args):
-            out.append({"time": t, "client": c, "model": m, "request_id": rid, "queries": n,
-                        "input_sha256": json.loads(hashes), "served": json.loads(served),
-                        "delivered": bool(delivered)})
+        for t, c, m, rid, n, hashes, served, delivered in self.connection().execute(
+            query + " ORDER BY id", args
+        ):
+            out.append(
+                {
+                    "time": t,
+                    "client": c,
+                    "model": m,
+                    "request_id": rid,
+                    "queries": n,
+                    "input_sha256": json.loads(hashes),
+                    "served": json.loads(served),
+                    "delivered": bool(delivered),
+                }
+            )
         return out
 
     def count(self) -> tuple[int, int]:
         """(rows, total queries) in the log."""
-        rows, queries = self.connection().execute("SELECT COUNT(*), COALESCE(SUM(queries), 0) FROM audit").fetchone()
+        rows, queries = (
+            self.connection()
+            .execute("SELECT COUNT(*), COALESCE(SUM(queries), 0) FROM audit")
+            .fetchone()
+        )
         return int(rows), int(queries)

@@ -32,8 +32,12 @@ def presented_key(headers: Headers) -> str:
     a proxy or the server would read is not the client's to leave open."""
     authorization, x_api_key = headers.getlist("authorization"), headers.getlist("x-api-key")
     if len(authorization) + len(x_api_key) > 1:
-        raise BadRequest("send exactly one API key header: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
-    return key_from_headers(authorization[0] if authorization else None, x_api_key[0] if x_api_key else None)
+        raise BadRequest(
+            "send exactly one API key header: 'Authorization: Bearer <key>' or 'X-API-Key: <key>'"
+        )
+    return key_from_headers(
+        authorization[0] if authorization else None, x_api_key[0] if x_api_key else None
+    )
 
 
 def key_from_headers(authorization: str | None, x_api_key: str | None) -> str:

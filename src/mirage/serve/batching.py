@@ -71,9 +71,18 @@ class MicroBatcher:
             back in its :class:`Answer` (``None``: no served watermark).
     """
 
-    def __init__(self, model: nn.Module, defense_for: Callable[[str], Defense | None], *,
-                 max_images: int = 256, max_wait: float = 0.002, metrics: Metrics | None = None,
-                 model_name: str = "model", workers: int = 1, evidence: Any = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        defense_for: Callable[[str], Defense | None],
+        *,
+        max_images: int = 256,
+        max_wait: float = 0.002,
+        metrics: Metrics | None = None,
+        model_name: str = "model",
+        workers: int = 1,
+        evidence: Any = None,
+    ) -> None:
         self.model = model.eval()
         self.defense_for = defense_for
         self.max_images = max_images
@@ -98,8 +107,10 @@ class MicroBatcher:
         if self.alive:
             return
         self._stopping = False
-        self._threads = [threading.Thread(target=self._run, name=f"mirage-microbatcher-{i}", daemon=True)
-                         for i in range(self.workers)]
+        self._threads = [
+            threading.Thread(target=self._run, name=f"mirage-microbatcher-{i}", daemon=True)
+            for i in range(self.workers)
+        ]
         for thread in self._threads:
             thread.start()
 
@@ -168,7 +179,9 @@ class MicroBatcher:
         """The head job of the least recently served client whose head fits ``room`` images (any
         size when it is the batch's first): a client that was just served waits behind every
         other that has work, and one that has been idle goes first."""
-        fitting = [client for client, jobs in self._pending.items() if first or len(jobs[0].x) <= room]
+        fitting = [
+            client for client, jobs in self._pending.items() if first or len(jobs[0].x) <= room
+        ]
         if not fitting:
             return None
         client = min(fitting, key=lambda name: self._last_served.get(name, -1))
@@ -178,8 +191,12 @@ class MicroBatcher:
             del self._pending[client]
         self._turns += 1
         self._last_served[client] = self._turns
-        if len(self._last_served) > MAX_REMEMBERED_CLIENTS:  # forget idle clients: they go first anyway
-            self._last_served = {name: turn for name, turn in self._last_served.items() if name in self._pending}
+        if (
+            len(self._last_served) > MAX_REMEMBERED_CLIENTS
+        ):  # forget idle clients: they go first anyway
+            self._last_served = {
+                name: turn for name, turn in self._last_served.items() if name in self._pending
+            }
         return job
 
     def _answer(self, jobs: list[Job]) -> None:
@@ -191,8 +208,12 @@ class MicroBatcher:
             clean = clean_posteriors(self.model, x)
             self.metrics.inc("mirage_model_seconds_total", time.perf_counter() - start, **labels)
         except Exception as error:
-            if isinstance(error, UpstreamError):  # a gateway's upstream (docs/design.md §gateway): no traceback
-                log.info("the upstream failed on a micro-batch of %d images: %s", len(x), error.message)
+            if isinstance(
+                error, UpstreamError
+            ):  # a gateway's upstream (docs/design.md §gateway): no traceback
+                log.info(
+                    "the upstream failed on a micro-batch of %d images: %s", len(x), error.message
+                )
             else:
                 log.exception("model forward pass failed")
             for job in jobs:
@@ -207,18 +228,33 @@ class MicroBatcher:
             groups.setdefault(job.key, []).append(index)
         with self._defense_lock:
             for key, members in groups.items():
-                self._defend(key, [jobs[i] for i in members], [offsets[i] for i in members], x, clean)
+                self._defend(
+                    key, [jobs[i] for i in members], [offsets[i] for i in members], x, clean
+                )
 
-    def _defend(self, key: str, jobs: list[Job], offsets: list[int], x: Tensor, clean: Tensor) -> None:
+    def _defend(
+        self, key: str, jobs: list[Job], offsets: list[int], x: Tensor, clean: Tensor
+    ) -> None:
         """One defense call for ``jobs`` (all of instance ``key``); each gets its rows and the
         evidence records of its rows."""
-        rows = torch.cat([torch.arange(offset, offset + len(job.x)) for offset, job in zip(offsets, jobs, strict=True)])
-        collecting = self.evidence.collecting() if self.evidence is not None else contextlib.nullcontext([])
+        rows = torch.cat(
+            [
+                torch.arange(offset, offset + len(job.x))
+                for offset, job in zip(offsets, jobs, strict=True)
+            ]
+        )
+        collecting = (
+            self.evidence.collecting() if self.evidence is not None else contextlib.nullcontext([])
+        )
         try:
             start = time.perf_counter()
             with collecting as records:
                 defense = self.defense_for(key)
-                served = clean[rows] if defense is None else defense(x[rows], clean[rows]).detach().float().cpu()
+                served = (
+                    clean[rows]
+                    if defense is None
+                    else defense(x[rows], clean[rows]).detach().float().cpu()
+                )
             seconds = time.perf_counter() - start
             self.metrics.inc("mirage_defense_seconds_total", seconds, model=self.model_name)
             self.metrics.observe("mirage_defense_batch_seconds", seconds, model=self.model_name)

@@ -54,20 +54,36 @@ class HTTPPredictionAPI:
     them, and the server's per-key quotas and detectors each see one key's share.
     """
 
-    def __init__(self, url: str, model: str, api_key: str, *, batch_size: int | None = None,
-                 timeout: float = 120.0, max_rate_retries: int = 20,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        api_key: str,
+        *,
+        batch_size: int | None = None,
+        timeout: float = 120.0,
+        max_rate_retries: int = 20,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.model = model
         self.max_rate_retries = max_rate_retries
-        self._http = httpx.Client(base_url=url.rstrip("/"), timeout=timeout, transport=transport,
-                                  headers={"Authorization": f"Bearer {api_key}"})
+        self._http = httpx.Client(
+            base_url=url.rstrip("/"),
+            timeout=timeout,
+            transport=transport,
+            headers={"Authorization": f"Bearer {api_key}"},
+        )
         meta = self.metadata()
         params = meta["parameters"]
         self.num_classes: int = int(params["num_classes"])
         self.input_shape: tuple[int, int, int] = tuple(meta["inputs"][0]["shape"][1:])  # type: ignore[assignment]
         self.classes: list[str] = list(params["classes"])
-        self.defense: dict[str, Any] | None = params.get("defense")  # None unless the server discloses it
-        self.batch_size = min(batch_size or params["limits"]["max_batch"], params["limits"]["max_batch"])
+        self.defense: dict[str, Any] | None = params.get(
+            "defense"
+        )  # None unless the server discloses it
+        self.batch_size = min(
+            batch_size or params["limits"]["max_batch"], params["limits"]["max_batch"]
+        )
         self._budget: int | None = params["client"]["quota"]
         self._used: int = int(params["client"]["queries_used"])
         self.queries_sent = 0
@@ -104,8 +120,16 @@ class HTTPPredictionAPI:
         return None if self._budget is None else self._budget - self._used
 
     def _post(self, chunk: Tensor) -> Tensor:
-        body = {"inputs": [{"name": "images", "shape": list(chunk.shape), "datatype": "FP32",
-                            "data": chunk.reshape(-1).tolist()}]}
+        body = {
+            "inputs": [
+                {
+                    "name": "images",
+                    "shape": list(chunk.shape),
+                    "datatype": "FP32",
+                    "data": chunk.reshape(-1).tolist(),
+                }
+            ]
+        }
         for attempt in range(self.max_rate_retries + 1):
             response = self._http.post(f"/v2/models/{self.model}/infer", json=body)
             if response.status_code == 429 and attempt < self.max_rate_retries:
@@ -118,7 +142,9 @@ class HTTPPredictionAPI:
             answer = response.json()
             self._used = int(answer["parameters"]["queries_used"])
             output = answer["outputs"][0]
-            return torch.from_numpy(np.asarray(output["data"], dtype=np.float32).reshape(output["shape"]))
+            return torch.from_numpy(
+                np.asarray(output["data"], dtype=np.float32).reshape(output["shape"])
+            )
         raise AssertionError("unreachable")
 
     def query(self, x: Tensor) -> Tensor:
@@ -126,7 +152,9 @@ class HTTPPredictionAPI:
         check_images(x, self.input_shape)
         left = self.queries_left
         if left is not None and x.shape[0] > left:
-            raise QueryBudgetExceeded(f"request of {x.shape[0]} queries exceeds the remaining budget of {left}")
+            raise QueryBudgetExceeded(
+                f"request of {x.shape[0]} queries exceeds the remaining budget of {left}"
+            )
         x = x.detach().float().cpu().contiguous()
         answers = [self._post(chunk) for chunk in x.split(self.batch_size)]
         self.queries_sent += x.shape[0]

@@ -95,27 +95,63 @@ class UpstreamConfig(_Strict):
     environment variable ``headers_env`` names, and a URL carrying credentials is refused."""
 
     url: str = Field(description="the upstream's base URL, http(s)://host:port[/prefix]")
-    model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="the upstream's model name")
-    version: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
-                                description="the upstream model's version (its /versions/{v} paths)")
-    input_name: str = Field(min_length=1, max_length=256, description="the name of the upstream's input tensor")
+    model: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="the upstream's model name"
+    )
+    version: str | None = Field(
+        None,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="the upstream model's version (its /versions/{v} paths)",
+    )
+    input_name: str = Field(
+        min_length=1, max_length=256, description="the name of the upstream's input tensor"
+    )
     input_shape: tuple[int, int, int] = Field(description="(C, H, W) of the images")
     output: Literal["probabilities", "logits"] = Field(
-        "probabilities", description="what the upstream answers: probabilities (checked) or logits (softmaxed)")
-    output_name: str | None = Field(None, min_length=1, max_length=256,
-                                    description="the upstream output to read (default: its only one)")
-    num_classes: int | None = Field(None, ge=2, description="K; default: read from one probe at start")
-    binary: bool = Field(False, description="send and ask for binary tensor data (the extension) upstream")
-    timeout_s: float = Field(5.0, gt=0, le=600, description="seconds one attempt may take, from connecting to "
-                             "the answer's last byte")
-    deadline_s: float | None = Field(None, gt=0, le=3600, description="seconds the whole call may take, retries "
-                                     "included (default: timeout_s × (retries + 1))")
-    retries: int = Field(2, ge=0, le=10, description="retries after a connection error, a timeout or a 5xx")
-    backoff_s: float = Field(0.05, ge=0, le=5, description="wait before the first retry, doubled at each")
-    max_batch: int | None = Field(None, ge=1, description="images per upstream request (default: the micro-batch)")
+        "probabilities",
+        description="what the upstream answers: probabilities (checked) or logits (softmaxed)",
+    )
+    output_name: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="the upstream output to read (default: its only one)",
+    )
+    num_classes: int | None = Field(
+        None, ge=2, description="K; default: read from one probe at start"
+    )
+    binary: bool = Field(
+        False, description="send and ask for binary tensor data (the extension) upstream"
+    )
+    timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=600,
+        description="seconds one attempt may take, from connecting to the answer's last byte",
+    )
+    deadline_s: float | None = Field(
+        None,
+        gt=0,
+        le=3600,
+        description="seconds the whole call may take, retries "
+        "included (default: timeout_s × (retries + 1))",
+    )
+    retries: int = Field(
+        2, ge=0, le=10, description="retries after a connection error, a timeout or a 5xx"
+    )
+    backoff_s: float = Field(
+        0.05, ge=0, le=5, description="wait before the first retry, doubled at each"
+    )
+    max_batch: int | None = Field(
+        None, ge=1, description="images per upstream request (default: the micro-batch)"
+    )
     headers_env: dict[str, str] = Field(
-        default_factory=dict, description="header name -> the environment variable holding its value")
-    ready_cache_s: float = Field(1.0, ge=0, le=60, description="how long an upstream readiness probe is reused")
+        default_factory=dict,
+        description="header name -> the environment variable holding its value",
+    )
+    ready_cache_s: float = Field(
+        1.0, ge=0, le=60, description="how long an upstream readiness probe is reused"
+    )
 
     @field_validator("url")
     @classmethod
@@ -124,10 +160,14 @@ class UpstreamConfig(_Strict):
 
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"model.upstream.url must be http(s)://host[:port][/prefix], got {url[:80]!r}")
+            raise ValueError(
+                f"model.upstream.url must be http(s)://host[:port][/prefix], got {url[:80]!r}"
+            )
         if parts.username is not None or parts.password is not None:
-            raise ValueError("model.upstream.url must not carry credentials: read them from the environment "
-                             "with model.upstream.headers_env")
+            raise ValueError(
+                "model.upstream.url must not carry credentials: read them from the environment "
+                "with model.upstream.headers_env"
+            )
         if parts.query or parts.fragment:
             raise ValueError("model.upstream.url takes no query string or fragment")
         return url.rstrip("/")
@@ -139,25 +179,38 @@ class UpstreamConfig(_Strict):
 
         for name, variable in headers.items():
             if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9-]{0,63}", name):
-                raise ValueError(f"model.upstream.headers_env: {name[:64]!r} is not an HTTP header name")
-            if name.lower() in ("content-type", "content-length", "inference-header-content-length", "host"):
+                raise ValueError(
+                    f"model.upstream.headers_env: {name[:64]!r} is not an HTTP header name"
+                )
+            if name.lower() in (
+                "content-type",
+                "content-length",
+                "inference-header-content-length",
+                "host",
+            ):
                 raise ValueError(f"model.upstream.headers_env: the gateway sets {name} itself")
             if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,127}", variable):
-                raise ValueError(f"model.upstream.headers_env[{name!r}] must name an environment variable, "
-                                 f"got {variable[:64]!r} (never the secret itself)")
+                raise ValueError(
+                    f"model.upstream.headers_env[{name!r}] must name an environment variable, "
+                    f"got {variable[:64]!r} (never the secret itself)"
+                )
         return headers
 
     @field_validator("input_shape")
     @classmethod
     def _shape(cls, shape: tuple[int, int, int]) -> tuple[int, int, int]:
         if min(shape) < 1:
-            raise ValueError(f"model.upstream.input_shape must be positive (C, H, W), got {list(shape)}")
+            raise ValueError(
+                f"model.upstream.input_shape must be positive (C, H, W), got {list(shape)}"
+            )
         return shape
 
     @property
     def call_deadline_s(self) -> float:
         """Seconds one upstream call may take, retries included."""
-        return self.deadline_s if self.deadline_s is not None else self.timeout_s * (self.retries + 1)
+        return (
+            self.deadline_s if self.deadline_s is not None else self.timeout_s * (self.retries + 1)
+        )
 
     def headers(self) -> dict[str, str]:
         """The configured headers with their values from the environment, or ``ValueError``
@@ -168,8 +221,10 @@ class UpstreamConfig(_Strict):
         for name, variable in self.headers_env.items():
             value = os.environ.get(variable)
             if not value:
-                raise ValueError(f"model.upstream.headers_env: the environment variable {variable} "
-                                 f"(header {name}) is not set")
+                raise ValueError(
+                    f"model.upstream.headers_env: the environment variable {variable} "
+                    f"(header {name}) is not set"
+                )
             values[name] = value
         return values
 
@@ -187,20 +242,37 @@ class ModelConfig(_Strict):
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="name in /v2/models/{name}")
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", description="name in /v2/models/{name}"
+    )
     checkpoint: Path | None = Field(None, description="a save_checkpoint directory")
     scenario: str | None = Field(None, description="serve this scenario's cached victim instead")
-    path: Path | None = Field(None, description="a model file: .pt2 (torch.export), .onnx, .safetensors (+ class)")
+    path: Path | None = Field(
+        None, description="a model file: .pt2 (torch.export), .onnx, .safetensors (+ class)"
+    )
     format: Format | None = Field(None, description="the format of path (default: from its suffix)")
-    class_path: str | None = Field(None, alias="class", description="state_dict: 'package.module:Class'")
-    kwargs: dict[str, Any] = Field(default_factory=dict, description="state_dict: the class's constructor arguments")
-    input_shape: tuple[int, int, int] | None = Field(None, description="(C, H, W), when the file does not fix it")
-    dataset: str = Field("", description="the dataset the model was trained on (for its class names)")
+    class_path: str | None = Field(
+        None, alias="class", description="state_dict: 'package.module:Class'"
+    )
+    kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="state_dict: the class's constructor arguments"
+    )
+    input_shape: tuple[int, int, int] | None = Field(
+        None, description="(C, H, W), when the file does not fix it"
+    )
+    dataset: str = Field(
+        "", description="the dataset the model was trained on (for its class names)"
+    )
     classes: list[str] | None = Field(None, description="class names (default: the dataset's)")
-    upstream: UpstreamConfig | None = Field(None, description="an upstream OIP V2 endpoint (a gateway)")
-    device: str | None = Field(None, description="where the model's forward pass runs: cpu, cuda (cuda:N) or mps "
-                                                 "(docs/design.md §devices; default $MIRAGE_DEVICE, else the CPU); "
-                                                 "answers and the defense stay on the CPU")
+    upstream: UpstreamConfig | None = Field(
+        None, description="an upstream OIP V2 endpoint (a gateway)"
+    )
+    device: str | None = Field(
+        None,
+        description="where the model's forward pass runs: cpu, cuda (cuda:N) or mps "
+        "(docs/design.md §devices; default $MIRAGE_DEVICE, else the CPU); "
+        "answers and the defense stay on the CPU",
+    )
 
     @field_validator("scenario")
     @classmethod
@@ -215,9 +287,16 @@ class ModelConfig(_Strict):
     def _one_source(self) -> ModelConfig:
         sources = (self.checkpoint, self.scenario, self.path, self.upstream)
         if sum(source is not None for source in sources) != 1:
-            raise ValueError("give exactly one of model.checkpoint, model.scenario, model.path and model.upstream")
-        if self.path is None and (self.format not in (None, "checkpoint") or self.class_path or self.kwargs
-                                  or self.input_shape or self.dataset):
+            raise ValueError(
+                "give exactly one of model.checkpoint, model.scenario, model.path and model.upstream"
+            )
+        if self.path is None and (
+            self.format not in (None, "checkpoint")
+            or self.class_path
+            or self.kwargs
+            or self.input_shape
+            or self.dataset
+        ):
             raise ValueError("format, class, kwargs, input_shape and dataset describe model.path")
         fmt = self.file_format
         if (fmt == "state_dict") != (self.class_path is not None):
@@ -244,7 +323,9 @@ class DefenseConfig(DefenseSpec):
 
     per_client: bool = Field(True, description="one defense instance (and its state) per client")
     seed_per_client: bool = Field(
-        False, description="derive params.seed from the client name (a per-client coordinated target)")
+        False,
+        description="derive params.seed from the client name (a per-client coordinated target)",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -255,20 +336,31 @@ class DefenseConfig(DefenseSpec):
         if "surrogate_training" in data:
             training = dict(data.pop("surrogate_training") or {})
             if data.get("surrogate") is not None:
-                raise ValueError("give at most one of defense.surrogate and defense.surrogate_training")
-            data["surrogate"], data["surrogate_config"] = training.pop("kind", "distilled"), training
+                raise ValueError(
+                    "give at most one of defense.surrogate and defense.surrogate_training"
+                )
+            data["surrogate"], data["surrogate_config"] = (
+                training.pop("kind", "distilled"),
+                training,
+            )
         if "reference_set" in data:
             data["reference"] = data.pop("reference_set")
         if data.pop("surrogate_param", "surrogate") != "surrogate":
-            raise ValueError("surrogate_param is gone: the surrogate is the defense's `surrogate` parameter")
+            raise ValueError(
+                "surrogate_param is gone: the surrogate is the defense's `surrogate` parameter"
+            )
         return data
 
     @model_validator(mode="after")
     def _seeded(self) -> DefenseConfig:
-        if self.seed_per_client and (self.training_time or "seed" not in DEFENSES[self.name].params.model_fields):
+        if self.seed_per_client and (
+            self.training_time or "seed" not in DEFENSES[self.name].params.model_fields
+        ):
             raise ValueError(f"seed_per_client: defense {self.name!r} has no seed")
         if self.params.get("alarm_rate") is not None and not self.per_client:
-            raise ValueError("params.alarm_rate judges each client's stream: it needs per_client = true")
+            raise ValueError(
+                "params.alarm_rate judges each client's stream: it needs per_client = true"
+            )
         return self
 
 
@@ -281,24 +373,47 @@ class LimitsConfig(_Strict):
     max_payload_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     max_batch: int = Field(256, ge=1, description="images per request")
     microbatch_images: int = Field(256, ge=1, description="images the worker joins into one batch")
-    microbatch_wait_ms: float = Field(2.0, ge=0, description="how long the worker waits for more requests")
-    body_timeout_s: float = Field(10.0, gt=0, description="seconds a request body may take to arrive")
-    header_timeout_s: float = Field(10.0, gt=0, description="seconds the request line and headers may take "
-                                    "to arrive, from the connection's start or its previous response")
-    max_connections: int = Field(1024, ge=1, description="open connections; more are closed at once (also "
-                                 "capped below the process's file-descriptor limit)")
+    microbatch_wait_ms: float = Field(
+        2.0, ge=0, description="how long the worker waits for more requests"
+    )
+    body_timeout_s: float = Field(
+        10.0, gt=0, description="seconds a request body may take to arrive"
+    )
+    header_timeout_s: float = Field(
+        10.0,
+        gt=0,
+        description="seconds the request line and headers may take "
+        "to arrive, from the connection's start or its previous response",
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="open connections; more are closed at once (also "
+        "capped below the process's file-descriptor limit)",
+    )
     max_connections_per_address: int = Field(
-        64, ge=1, description="open connections from one client address (trusted proxies are exempt: they "
-                              "limit their own clients); more are closed at once")
+        64,
+        ge=1,
+        description="open connections from one client address (trusted proxies are exempt: they "
+        "limit their own clients); more are closed at once",
+    )
     max_headers: int = Field(100, ge=8, le=10_000, description="header fields per request")
-    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1 << 20,
-                                  description="bytes of the request line and headers")
+    max_header_bytes: int = Field(
+        16 * 1024, ge=1024, le=1 << 20, description="bytes of the request line and headers"
+    )
     min_chunk_bytes: int = Field(
-        256, ge=0, description="a body arriving in more than 256 pieces must average at least this many bytes "
-                               "per piece (a body of 1-byte chunks costs the server a parse per byte)")
+        256,
+        ge=0,
+        description="a body arriving in more than 256 pieces must average at least this many bytes "
+        "per piece (a body of 1-byte chunks costs the server a parse per byte)",
+    )
     model_workers: int | None = Field(
-        None, ge=1, le=64, description="threads that run the model's forward passes at once (default: 1 for a "
-                                       "local model, 4 for an upstream, whose calls wait on the network)")
+        None,
+        ge=1,
+        le=64,
+        description="threads that run the model's forward passes at once (default: 1 for a "
+        "local model, 4 for an upstream, whose calls wait on the network)",
+    )
 
 
 class StorageConfig(_Strict):
@@ -307,20 +422,39 @@ class StorageConfig(_Strict):
     §shared-state). The audit log is SQLite either way."""
 
     backend: Literal["sqlite", "redis"] = "sqlite"
-    url: str | None = Field(None, pattern=r"^(redis|rediss|unix)://", description="the Redis server, for backend = 'redis'")
+    url: str | None = Field(
+        None,
+        pattern=r"^(redis|rediss|unix)://",
+        description="the Redis server, for backend = 'redis'",
+    )
     prefix: str = Field("mirage:", max_length=64, description="prefix of every Redis key")
     database: Path = Path("mirage-serve.sqlite")
-    audit: Path | None = Field(None, description="SQLite file of the audit log (default: the database)")
+    audit: Path | None = Field(
+        None, description="SQLite file of the audit log (default: the database)"
+    )
     reservation_lease_s: float = Field(
-        300.0, gt=0, description="a reservation older than this is an orphan even if its owner's pid runs")
-    timeout_s: float = Field(5.0, gt=0, le=120, description="seconds one storage call may take (a locked SQLite "
-                             "file, a stalled Redis); then the request is a 503 and readiness says why")
+        300.0,
+        gt=0,
+        description="a reservation older than this is an orphan even if its owner's pid runs",
+    )
+    timeout_s: float = Field(
+        5.0,
+        gt=0,
+        le=120,
+        description="seconds one storage call may take (a locked SQLite "
+        "file, a stalled Redis); then the request is a 503 and readiness says why",
+    )
     require_persistence: bool = Field(
-        False, description="backend = 'redis': refuse to start when the server persists nothing (neither AOF "
-                           "nor RDB snapshots), since a restart would give every quota back; else a warning")
+        False,
+        description="backend = 'redis': refuse to start when the server persists nothing (neither AOF "
+        "nor RDB snapshots), since a restart would give every quota back; else a warning",
+    )
     events_retention_days: float | None = Field(
-        30.0, gt=0, description="security events (failed logins, alarms) older than this are deleted; "
-                                "None keeps them. Answered requests are billing records and are kept")
+        30.0,
+        gt=0,
+        description="security events (failed logins, alarms) older than this are deleted; "
+        "None keeps them. Answered requests are billing records and are kept",
+    )
 
     @model_validator(mode="after")
     def _backend(self) -> StorageConfig:
@@ -333,15 +467,26 @@ class AccessConfig(_Strict):
     """What needs a key, and how failed authentication is throttled (docs/design.md §access)."""
 
     metrics_key_sha256: str | None = Field(
-        None, pattern=r"^[0-9a-f]{64}$",
-        description="SHA-256 of the bearer token /metrics asks for; without one, /metrics is aggregate-only")
-    disclose_defense: bool = Field(False, description="model metadata names the defense, its scalar "
-                                   "parameters (never seeds or keys) and its contract")
-    auth_failures: int = Field(10, ge=1, description="failed authentications per source address and window")
-    auth_window_s: float = Field(60.0, gt=0, description="the window, in seconds; then 429 until it ends")
+        None,
+        pattern=r"^[0-9a-f]{64}$",
+        description="SHA-256 of the bearer token /metrics asks for; without one, /metrics is aggregate-only",
+    )
+    disclose_defense: bool = Field(
+        False,
+        description="model metadata names the defense, its scalar "
+        "parameters (never seeds or keys) and its contract",
+    )
+    auth_failures: int = Field(
+        10, ge=1, description="failed authentications per source address and window"
+    )
+    auth_window_s: float = Field(
+        60.0, gt=0, description="the window, in seconds; then 429 until it ends"
+    )
     trusted_proxies: tuple[str, ...] = Field(
-        (), description="addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For names the "
-                        "client; from anybody else the header is ignored (default: nobody)")
+        (),
+        description="addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For names the "
+        "client; from anybody else the header is ignored (default: nobody)",
+    )
 
     @field_validator("trusted_proxies")
     @classmethod
@@ -352,7 +497,9 @@ class AccessConfig(_Strict):
             try:
                 ipaddress.ip_network(proxy, strict=False)
             except ValueError:
-                raise ValueError(f"access.trusted_proxies: {proxy[:64]!r} is not an address or network") from None
+                raise ValueError(
+                    f"access.trusted_proxies: {proxy[:64]!r} is not an address or network"
+                ) from None
         return proxies
 
 
@@ -362,14 +509,23 @@ class OwnershipConfig(_Strict):
     variable ``secret_env`` — never from this file, never served, at least 16 bytes."""
 
     secret_env: str | None = Field("MIRAGE_OWNERSHIP_SECRET", pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
-    secret_file: Path | None = Field(None, description="a file holding the secret (read as bytes, stripped)")
-    evidence: Path = Field(Path("mirage-evidence.sqlite"), description="SQLite file of the carried queries")
+    secret_file: Path | None = Field(
+        None, description="a file holding the secret (read as bytes, stripped)"
+    )
+    evidence: Path = Field(
+        Path("mirage-evidence.sqlite"), description="SQLite file of the carried queries"
+    )
     max_items: int = Field(4096, ge=1, le=1_000_000, description="evidence kept per client")
     watermark: tuple[WatermarkConfig, ...] = Field(
-        (WatermarkConfig(),), description="the watermark (a table), or its layers in the order applied "
-                                          "(an array of tables), each with its own key and evidence set")
-    reference: str | None = Field(None, description="the dataset whose training images stand for benign "
-                                  "queries, for watermark.density_cap (a mirage dataset name)")
+        (WatermarkConfig(),),
+        description="the watermark (a table), or its layers in the order applied "
+        "(an array of tables), each with its own key and evidence set",
+    )
+    reference: str | None = Field(
+        None,
+        description="the dataset whose training images stand for benign "
+        "queries, for watermark.density_cap (a mirage dataset name)",
+    )
 
     @field_validator("watermark", mode="before")
     @classmethod
@@ -379,8 +535,10 @@ class OwnershipConfig(_Strict):
     @model_validator(mode="after")
     def _cap_needs_reference(self) -> OwnershipConfig:
         if capped_layers(self.watermark) and self.reference is None:
-            raise ValueError("ownership.watermark.density_cap needs ownership.reference, the dataset of "
-                             "benign images it keeps the watermark away from")
+            raise ValueError(
+                "ownership.watermark.density_cap needs ownership.reference, the dataset of "
+                "benign images it keeps the watermark away from"
+            )
         return self
 
     def secret(self) -> bytes:
@@ -391,7 +549,9 @@ class OwnershipConfig(_Strict):
             try:
                 secret = self.secret_file.read_bytes().strip()
             except OSError as error:
-                raise ValueError(f"ownership.secret_file: cannot read {self.secret_file} ({error.strerror})") from error
+                raise ValueError(
+                    f"ownership.secret_file: cannot read {self.secret_file} ({error.strerror})"
+                ) from error
             where = f"the file {self.secret_file}"
         elif self.secret_env is not None:
             secret = os.environ.get(self.secret_env, "").encode()
@@ -399,7 +559,9 @@ class OwnershipConfig(_Strict):
         else:
             raise ValueError("ownership needs secret_file or secret_env")
         if len(secret) < 16:
-            raise ValueError(f"ownership: the secret in {where} is missing or shorter than 16 bytes")
+            raise ValueError(
+                f"ownership: the secret in {where} is missing or shorter than 16 bytes"
+            )
         return secret
 
 
@@ -412,27 +574,39 @@ class DetectionConfig(_Strict):
 
     prada: PradaConfig = PradaConfig()
     on_alarm: Literal["flag", "refuse", "switch"] = "flag"
-    alarm_defense: DefenseConfig | None = Field(None, description="on_alarm = 'switch': the alarmed client's defense")
+    alarm_defense: DefenseConfig | None = Field(
+        None, description="on_alarm = 'switch': the alarmed client's defense"
+    )
 
     @model_validator(mode="after")
     def _action(self) -> DetectionConfig:
         if self.on_alarm == "switch" and self.alarm_defense is None:
-            raise ValueError("detection.on_alarm = 'switch' needs detection.alarm_defense (a defense spec)")
+            raise ValueError(
+                "detection.on_alarm = 'switch' needs detection.alarm_defense (a defense spec)"
+            )
         if self.on_alarm != "switch" and self.alarm_defense is not None:
-            raise ValueError(f"detection.alarm_defense is the defense of on_alarm = 'switch', "
-                             f"not of {self.on_alarm!r}")
+            raise ValueError(
+                f"detection.alarm_defense is the defense of on_alarm = 'switch', "
+                f"not of {self.on_alarm!r}"
+            )
         if self.alarm_defense is not None and self.alarm_defense.training_time:
-            raise ValueError(f"detection.alarm_defense {self.alarm_defense.name!r} is a training-time defense; "
-                             "an alarm can only switch to a query-time one")
+            raise ValueError(
+                f"detection.alarm_defense {self.alarm_defense.name!r} is a training-time defense; "
+                "an alarm can only switch to a query-time one"
+            )
         return self
 
 
 class ClientConfig(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
-    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$", description="SHA-256 hex digest of the API key")
+    key_sha256: str = Field(
+        pattern=r"^[0-9a-f]{64}$", description="SHA-256 hex digest of the API key"
+    )
     quota: int | None = Field(None, ge=0, description="total queries (images) ever answered")
     rate: float | None = Field(None, gt=0, description="token-bucket refill, queries per second")
-    burst: int | None = Field(None, ge=1, description="token-bucket capacity (default: max(rate, 1))")
+    burst: int | None = Field(
+        None, ge=1, description="token-bucket capacity (default: max(rate, 1))"
+    )
 
     @property
     def bucket_capacity(self) -> float | None:
@@ -444,8 +618,8 @@ class ClientConfig(_Strict):
 class GrpcConfig(_Strict):
     """The Open Inference Protocol over gRPC beside REST (docs/design.md §grpc)::
 
-        [grpc]
-        port = 8001
+    [grpc]
+    port = 8001
     """
 
     port: int = Field(ge=1, le=65535, description="TCP port of the gRPC endpoint")
@@ -454,7 +628,9 @@ class GrpcConfig(_Strict):
 
 class ServeConfig(_Strict):
     model: ModelConfig
-    grpc: GrpcConfig | None = Field(None, description="also serve OIP V2 over gRPC (mirage serve --grpc-port)")
+    grpc: GrpcConfig | None = Field(
+        None, description="also serve OIP V2 over gRPC (mirage serve --grpc-port)"
+    )
     defense: DefenseConfig = DefenseConfig()
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig = StorageConfig()
@@ -478,16 +654,22 @@ class ServeConfig(_Strict):
     def _scenario_for_the_parts(self) -> ServeConfig:
         if self.model.scenario is None:
             if self.defense.training_time:
-                raise ValueError(f"training-time defense {self.defense.name!r} needs model.scenario "
-                                 "(whose victim it retrains); or serve its checkpoint with defense none")
+                raise ValueError(
+                    f"training-time defense {self.defense.name!r} needs model.scenario "
+                    "(whose victim it retrains); or serve its checkpoint with defense none"
+                )
             if needed := self.defense.parts().needing_a_scenario():
-                raise ValueError(f"defense {', '.join(needed)} {'needs' if len(needed) == 1 else 'need'} "
-                                 "model.scenario, whose data and victim they come from (or give checkpoints)")
+                raise ValueError(
+                    f"defense {', '.join(needed)} {'needs' if len(needed) == 1 else 'need'} "
+                    "model.scenario, whose data and victim they come from (or give checkpoints)"
+                )
             alarm = self.detection.alarm_defense if self.detection is not None else None
             if alarm is not None and (needed := alarm.parts().needing_a_scenario()):
-                raise ValueError(f"detection.alarm_defense {', '.join(needed)} "
-                                 f"{'needs' if len(needed) == 1 else 'need'} model.scenario, whose data and "
-                                 "victim they come from (or give checkpoints)")
+                raise ValueError(
+                    f"detection.alarm_defense {', '.join(needed)} "
+                    f"{'needs' if len(needed) == 1 else 'need'} model.scenario, whose data and "
+                    "victim they come from (or give checkpoints)"
+                )
         return self
 
     @property
@@ -496,6 +678,7 @@ class ServeConfig(_Strict):
 
     def resolve(self, base: Path) -> ServeConfig:
         """Return a copy with relative paths taken relative to ``base``."""
+
         def fix(path: Path | None) -> Path | None:
             if path is None:
                 return None
@@ -504,17 +687,32 @@ class ServeConfig(_Strict):
 
         detection = self.detection
         if detection is not None and detection.alarm_defense is not None:
-            detection = detection.model_copy(update={"alarm_defense": detection.alarm_defense.anchored(base)})
-        return self.model_copy(update={
-            "detection": detection,
-            "model": self.model.model_copy(update={"checkpoint": fix(self.model.checkpoint),
-                                                   "path": fix(self.model.path)}),
-            "defense": self.defense.anchored(base),
-            "storage": self.storage.model_copy(update={"database": fix(self.storage.database),
-                                                       "audit": fix(self.storage.audit)}),
-            "ownership": None if self.ownership is None else self.ownership.model_copy(update={
-                "evidence": fix(self.ownership.evidence), "secret_file": fix(self.ownership.secret_file)}),
-        })
+            detection = detection.model_copy(
+                update={"alarm_defense": detection.alarm_defense.anchored(base)}
+            )
+        return self.model_copy(
+            update={
+                "detection": detection,
+                "model": self.model.model_copy(
+                    update={"checkpoint": fix(self.model.checkpoint), "path": fix(self.model.path)}
+                ),
+                "defense": self.defense.anchored(base),
+                "storage": self.storage.model_copy(
+                    update={
+                        "database": fix(self.storage.database),
+                        "audit": fix(self.storage.audit),
+                    }
+                ),
+                "ownership": None
+                if self.ownership is None
+                else self.ownership.model_copy(
+                    update={
+                        "evidence": fix(self.ownership.evidence),
+                        "secret_file": fix(self.ownership.secret_file),
+                    }
+                ),
+            }
+        )
 
 
 def load_config(path: str | Path) -> ServeConfig:

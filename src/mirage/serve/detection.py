@@ -31,8 +31,9 @@ class StreamWatch:
     before the next one. ``on_alarm(client, state)`` is called once per client, from the thread
     that observed the request that raised the alarm."""
 
-    def __init__(self, config: DetectionConfig,
-                 on_alarm: Callable[[str, ClientStream], None] | None = None) -> None:
+    def __init__(
+        self, config: DetectionConfig, on_alarm: Callable[[str, ClientStream], None] | None = None
+    ) -> None:
         self.config = config
         self.detector = PradaDetector(config.prada)
         self.on_alarm = on_alarm
@@ -50,8 +51,11 @@ class StreamWatch:
             lock = self._locks.setdefault(client, threading.Lock())
         with lock:
             before = self.alarmed(client)
-            state = self.detector.observe(client, torch.from_numpy(np.ascontiguousarray(images)),
-                                          torch.from_numpy(np.asarray(served)).argmax(1))
+            state = self.detector.observe(
+                client,
+                torch.from_numpy(np.ascontiguousarray(images)),
+                torch.from_numpy(np.asarray(served)).argmax(1),
+            )
             if state.alarmed and not before and self.on_alarm is not None:
                 self.on_alarm(client, state)
         return state

@@ -109,7 +109,9 @@ class StorageUnavailable(ServeError):
 
     reason = "storage_unavailable"
 
-    def __init__(self, message: str, *, retry_after: float | None = None, settled: bool = True) -> None:
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, settled: bool = True
+    ) -> None:
         super().__init__(message, retry_after=retry_after)
         self.settled = settled
 
@@ -193,20 +195,34 @@ def http_status(error: ServeError) -> int:
 def from_http_status(status: int, message: str) -> ServeError:
     """The typed error for an HTTP error the framework raised itself (an unknown route: 404, a
     wrong method: 405; anything else is a bad request)."""
-    return {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}.get(status, BadRequest)(message)
+    return {404: NotFound, 405: MethodNotAllowed, 413: PayloadTooLarge}.get(status, BadRequest)(
+        message
+    )
 
 
 def error_response(error: ServeError) -> tuple[dict[str, str], int, dict[str, str] | None]:
     """(JSON body, HTTP status, headers) of a rejection: ``{"error", "reason"}``, the status of
     :func:`http_status`, and ``Retry-After`` when the client may retry later."""
-    headers = {"Retry-After": str(max(1, math.ceil(error.retry_after)))} if error.retry_after else None
+    headers = (
+        {"Retry-After": str(max(1, math.ceil(error.retry_after)))} if error.retry_after else None
+    )
     return {"error": error.message, "reason": error.reason}, http_status(error), headers
 
 
-GRPC_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-               405: "UNIMPLEMENTED", 408: "DEADLINE_EXCEEDED", 413: "RESOURCE_EXHAUSTED",
-               429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 502: "UNAVAILABLE", 503: "UNAVAILABLE",
-               504: "DEADLINE_EXCEEDED"}
+GRPC_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    408: "DEADLINE_EXCEEDED",
+    413: "RESOURCE_EXHAUSTED",
+    429: "RESOURCE_EXHAUSTED",
+    500: "INTERNAL",
+    502: "UNAVAILABLE",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
 """The gRPC status code name of each HTTP status above (the OIP gRPC binding's errors), so the one
 table of :data:`HTTP_STATUS` decides both."""
 

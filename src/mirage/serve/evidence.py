@@ -56,12 +56,28 @@ class EvidenceStore(SQLiteStore):
             return []
         images = x[rows].detach().float().contiguous()
         if marks.ranking is not None and marks.ranking.shape[1] > np.iinfo(RANKING).max:
-            raise ValueError(f"the evidence store keeps rankings of at most {np.iinfo(RANKING).max} classes")
-        rankings = [None] * len(rows) if marks.ranking is None else \
-            [ranking.numpy().astype(RANKING).tobytes() for ranking in marks.ranking[rows]]
-        return [(row, (client, image_digest(image), marks.buckets[row], json.dumps(list(image.shape)),
-                       image.numpy().astype("<f4").tobytes(), ranking))
-                for row, image, ranking in zip(rows, images, rankings, strict=True)]
+            raise ValueError(
+                f"the evidence store keeps rankings of at most {np.iinfo(RANKING).max} classes"
+            )
+        rankings = (
+            [None] * len(rows)
+            if marks.ranking is None
+            else [ranking.numpy().astype(RANKING).tobytes() for ranking in marks.ranking[rows]]
+        )
+        return [
+            (
+                row,
+                (
+                    client,
+                    image_digest(image),
+                    marks.buckets[row],
+                    json.dumps(list(image.shape)),
+                    image.numpy().astype("<f4").tobytes(),
+                    ranking,
+                ),
+            )
+            for row, image, ranking in zip(rows, images, rankings, strict=True)
+        ]
 
     def write(self, records: list[Record]) -> int:
         """Keep ``records`` (one request's carried rows: a few at most), each evidence set up to
@@ -72,11 +88,14 @@ class EvidenceStore(SQLiteStore):
             for record in records:
                 client = record[0]
                 if client not in held:
-                    (held[client],) = conn.execute("SELECT COUNT(*) FROM evidence WHERE client = ?",
-                                                   (client,)).fetchone()
+                    (held[client],) = conn.execute(
+                        "SELECT COUNT(*) FROM evidence WHERE client = ?", (client,)
+                    ).fetchone()
                 if held[client] >= self.max_items:
                     continue
-                new = conn.execute("INSERT OR IGNORE INTO evidence VALUES (?, ?, ?, ?, ?, ?)", record).rowcount
+                new = conn.execute(
+                    "INSERT OR IGNORE INTO evidence VALUES (?, ?, ?, ?, ?, ?)", record
+                ).rowcount
                 held[client] += new
                 added += new
         return added
@@ -86,18 +105,34 @@ class EvidenceStore(SQLiteStore):
         return self.write([record for _, record in self.records(client, x, marks)])
 
     def clients(self) -> list[str]:
-        return [c for (c,) in self.connection().execute("SELECT DISTINCT client FROM evidence ORDER BY client")]
+        return [
+            c
+            for (c,) in self.connection().execute(
+                "SELECT DISTINCT client FROM evidence ORDER BY client"
+            )
+        ]
 
     def items(self, client: str) -> tuple[Tensor | None, list[str], Tensor | None]:
-        rows = self.connection().execute(
-            "SELECT bucket, shape, image, ranking FROM evidence WHERE client = ? ORDER BY rowid",
-            (client,)).fetchall()
+        rows = (
+            self.connection()
+            .execute(
+                "SELECT bucket, shape, image, ranking FROM evidence WHERE client = ? ORDER BY rowid",
+                (client,),
+            )
+            .fetchall()
+        )
         if not rows:
             return None, [], None
-        images = [torch.from_numpy(np.frombuffer(blob, dtype="<f4").reshape(json.loads(shape)).copy())
-                  for _, shape, blob, _ in rows]
-        rankings = [None if blob is None else torch.from_numpy(np.frombuffer(blob, dtype=RANKING).astype(np.int64))
-                    for *_, blob in rows]
+        images = [
+            torch.from_numpy(np.frombuffer(blob, dtype="<f4").reshape(json.loads(shape)).copy())
+            for _, shape, blob, _ in rows
+        ]
+        rankings = [
+            None
+            if blob is None
+            else torch.from_numpy(np.frombuffer(blob, dtype=RANKING).astype(np.int64))
+            for *_, blob in rows
+        ]
         return torch.stack(images), [bucket for bucket, *_ in rows], stack_rankings(rankings)
 
 
@@ -115,7 +150,9 @@ class DeferredEvidence:
     def add(self, client: str, x: Tensor, marks: Marks) -> int:
         collected = getattr(self._local, "records", None)
         if collected is None:
-            raise RuntimeError("served evidence is collected per micro-batch: call the defense inside collecting()")
+            raise RuntimeError(
+                "served evidence is collected per micro-batch: call the defense inside collecting()"
+            )
         records = self.store.records(client, x, marks)
         collected.extend(records)
         return len(records)

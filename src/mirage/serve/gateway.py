@@ -51,7 +51,9 @@ from mirage.serve.protocol import DATATYPES, HEADER_LENGTH, byte_count
 
 log = logging.getLogger(__name__)
 
-PROB_TOLERANCE = 1e-3  # |row sum − 1| and how far below 0 or above 1 an entry may be (FP16 rounding)
+PROB_TOLERANCE = (
+    1e-3  # |row sum − 1| and how far below 0 or above 1 an entry may be (FP16 rounding)
+)
 LOG_FLOOR = float(np.log(np.finfo(np.float32).tiny))  # log of the smallest normal float32, ≈ −87.3
 READY_TIMEOUT_S = 1.0  # the readiness probe's timeout (or timeout_s, when shorter)
 EXCERPT = 200  # characters of an upstream body quoted in the log (never to the gateway's clients)
@@ -66,12 +68,17 @@ class UpstreamClient:
     def __init__(self, config: UpstreamConfig) -> None:
         self.config = config
         headers = config.headers()
-        base = f"/v2/models/{config.model}" + (f"/versions/{config.version}" if config.version else "")
+        base = f"/v2/models/{config.model}" + (
+            f"/versions/{config.version}" if config.version else ""
+        )
         self.infer_path, self.ready_path = base + "/infer", base + "/ready"
         limits = httpx.Limits(max_connections=4, max_keepalive_connections=4)
-        self._http = httpx.Client(base_url=config.url, headers=headers, timeout=config.timeout_s, limits=limits)
-        self._probe = httpx.Client(base_url=config.url, headers=headers,
-                                   timeout=min(READY_TIMEOUT_S, config.timeout_s))
+        self._http = httpx.Client(
+            base_url=config.url, headers=headers, timeout=config.timeout_s, limits=limits
+        )
+        self._probe = httpx.Client(
+            base_url=config.url, headers=headers, timeout=min(READY_TIMEOUT_S, config.timeout_s)
+        )
         self._ready_lock = threading.Lock()
         self._ready_at = -math.inf
         self._ready_reason: str | None = None
@@ -106,7 +113,11 @@ class UpstreamClient:
 
     def _encode(self, images: np.ndarray) -> tuple[bytes, dict[str, str]]:
         config = self.config
-        tensor: dict[str, Any] = {"name": config.input_name, "shape": list(images.shape), "datatype": "FP32"}
+        tensor: dict[str, Any] = {
+            "name": config.input_name,
+            "shape": list(images.shape),
+            "datatype": "FP32",
+        }
         payload: dict[str, Any] = {"inputs": [tensor]}
         if config.output_name is not None:
             output: dict[str, Any] = {"name": config.output_name}
@@ -121,9 +132,14 @@ class UpstreamClient:
         raw = np.ascontiguousarray(images, dtype="<f4").tobytes()
         tensor["parameters"] = {"binary_data_size": len(raw)}
         header = json.dumps(payload).encode()
-        return header + raw, {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+        return header + raw, {
+            "Content-Type": "application/octet-stream",
+            HEADER_LENGTH: str(len(header)),
+        }
 
-    def _post(self, content: bytes, headers: dict[str, str], limit: int) -> tuple[httpx.Headers, bytes]:
+    def _post(
+        self, content: bytes, headers: dict[str, str], limit: int
+    ) -> tuple[httpx.Headers, bytes]:
         """The upstream's 200 answer (its headers and body), after at most ``retries`` retries of
         a connection error, a timeout or a 5xx; anything else raises the typed error of the last
         attempt. Each attempt ends ``timeout_s`` after it starts, however slowly the answer
@@ -140,44 +156,63 @@ class UpstreamClient:
             try:
                 status, answer_headers, answer = self._attempt(content, headers, limit, deadline)
             except httpx.TimeoutException as failure:
-                error = UpstreamTimeout(f"the upstream model did not answer within {config.timeout_s:g}s "
-                                        f"({type(failure).__name__})")
+                error = UpstreamTimeout(
+                    f"the upstream model did not answer within {config.timeout_s:g}s "
+                    f"({type(failure).__name__})"
+                )
                 detail = str(failure)
             except httpx.TransportError as failure:
-                error = UpstreamUnreachable(f"cannot reach the upstream model server ({type(failure).__name__})")
+                error = UpstreamUnreachable(
+                    f"cannot reach the upstream model server ({type(failure).__name__})"
+                )
                 detail = str(failure)
             else:
                 if status == 200:
                     return answer_headers, answer
                 error = UpstreamError(f"the upstream model answered HTTP {status}")
                 detail, retry = _excerpt(answer), status >= 500  # a 4xx would be refused again
-            log.warning("the %s failed (attempt %d of %d): %s: %s", self.where, attempt + 1, attempts,
-                        error.message, detail[:EXCERPT])
+            log.warning(
+                "the %s failed (attempt %d of %d): %s: %s",
+                self.where,
+                attempt + 1,
+                attempts,
+                error.message,
+                detail[:EXCERPT],
+            )
             if not retry:
                 raise error
         if error is None:  # pragma: no cover — the first attempt always starts
-            raise UpstreamTimeout(f"the upstream call's deadline of {config.call_deadline_s:g}s passed")
+            raise UpstreamTimeout(
+                f"the upstream call's deadline of {config.call_deadline_s:g}s passed"
+            )
         tries = f" (after {attempt + 1} attempts)" if attempt else ""
         raise type(error)(error.message + tries)
 
-    def _attempt(self, content: bytes, headers: dict[str, str], limit: int,
-                 deadline: float) -> tuple[int, httpx.Headers, bytes]:
+    def _attempt(
+        self, content: bytes, headers: dict[str, str], limit: int, deadline: float
+    ) -> tuple[int, httpx.Headers, bytes]:
         """One request upstream, its answer streamed in: at most ``limit`` bytes (declared or
         sent; more is an :class:`UpstreamInvalidAnswer`, never retried), and ``timeout_s`` (or
         what is left of the call's ``deadline``) from start to the last byte."""
         ends = min(time.monotonic() + self.config.timeout_s, deadline)
         timeout = httpx.Timeout(max(0.001, ends - time.monotonic()))
-        with self._http.stream("POST", self.infer_path, content=content, headers=headers, timeout=timeout) as response:
+        with self._http.stream(
+            "POST", self.infer_path, content=content, headers=headers, timeout=timeout
+        ) as response:
             declared = byte_count(response.headers.get("content-length"))
             if declared is not None and declared > limit:
-                raise self._invalid(f"its answer of {declared} bytes exceeds the {limit} bytes its shape allows")
+                raise self._invalid(
+                    f"its answer of {declared} bytes exceeds the {limit} bytes its shape allows"
+                )
             chunks, size = [], 0
             for chunk in response.iter_bytes():
                 size += len(chunk)
                 if size > limit:
                     raise self._invalid(f"its answer exceeds the {limit} bytes its shape allows")
                 if time.monotonic() > ends:
-                    raise httpx.ReadTimeout(f"the answer was still arriving after {self.config.timeout_s:g}s")
+                    raise httpx.ReadTimeout(
+                        f"the answer was still arriving after {self.config.timeout_s:g}s"
+                    )
                 chunks.append(chunk)
             return response.status_code, response.headers, b"".join(chunks)
 
@@ -188,48 +223,77 @@ class UpstreamClient:
         length = headers.get(HEADER_LENGTH)
         if length is not None:
             if byte_count(length) is None or int(length) > len(content):
-                raise self._invalid(f"its {HEADER_LENGTH} header does not fit a body of {len(content)} bytes",
-                                    f"header {length[:40]!r}")
-            header, binary = content[:int(length)], memoryview(content)[int(length):]
+                raise self._invalid(
+                    f"its {HEADER_LENGTH} header does not fit a body of {len(content)} bytes",
+                    f"header {length[:40]!r}",
+                )
+            header, binary = content[: int(length)], memoryview(content)[int(length) :]
         else:
             header, binary = content, memoryview(b"")
         try:
             payload = json.loads(header)
         except (ValueError, RecursionError) as failure:
-            raise self._invalid(f"its body is not valid JSON ({type(failure).__name__})",
-                                f"{str(failure)[:EXCERPT]}; it begins {bytes(header[:60])!r}") from None
+            raise self._invalid(
+                f"its body is not valid JSON ({type(failure).__name__})",
+                f"{str(failure)[:EXCERPT]}; it begins {bytes(header[:60])!r}",
+            ) from None
         outputs = payload.get("outputs") if isinstance(payload, dict) else None
-        if not isinstance(outputs, list) or not outputs or not all(isinstance(o, dict) for o in outputs):
+        if (
+            not isinstance(outputs, list)
+            or not outputs
+            or not all(isinstance(o, dict) for o in outputs)
+        ):
             raise self._invalid("it has no 'outputs' list of tensor objects")
         index = self._output_index(outputs)
         tensor = outputs[index]
         shape, datatype = tensor.get("shape"), tensor.get("datatype")
-        if (not isinstance(shape, list) or len(shape) != 2
-                or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
-            raise self._invalid(f"output {index} has a shape that is not [B, K]", f"shape {str(shape)[:60]}")
-        if shape[0] != batch or shape[1] < 2 or (self.num_classes is not None and shape[1] != self.num_classes):
+        if (
+            not isinstance(shape, list)
+            or len(shape) != 2
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)
+        ):
+            raise self._invalid(
+                f"output {index} has a shape that is not [B, K]", f"shape {str(shape)[:60]}"
+            )
+        if (
+            shape[0] != batch
+            or shape[1] < 2
+            or (self.num_classes is not None and shape[1] != self.num_classes)
+        ):
             classes = self.num_classes if self.num_classes is not None else "K ≥ 2"
-            raise self._invalid(f"output {index} has shape {shape} for {batch} images, not [{batch}, {classes}]")
+            raise self._invalid(
+                f"output {index} has shape {shape} for {batch} images, not [{batch}, {classes}]"
+            )
         if not isinstance(datatype, str) or datatype not in DATATYPES:
-            raise self._invalid(f"output {index} has a datatype not among {sorted(DATATYPES)}",
-                                f"datatype {str(datatype)[:40]!r}")
+            raise self._invalid(
+                f"output {index} has a datatype not among {sorted(DATATYPES)}",
+                f"datatype {str(datatype)[:40]!r}",
+            )
         count = math.prod(shape)
         size = _binary_size(tensor)
         if size is not None:
             offset = sum(max(_binary_size(other) or 0, 0) for other in outputs[:index])
             dtype = DATATYPES[datatype]
             if size != count * dtype.itemsize or offset + size > len(binary):
-                raise self._invalid(f"output {index} declares {size} bytes of binary tensor data "
-                                    f"for shape {shape} of {datatype} ({count * dtype.itemsize} needed), and "
-                                    f"{len(binary) - offset} follow its JSON header")
-            return np.frombuffer(binary, dtype=dtype, count=count, offset=offset).astype(np.float64).reshape(shape)
+                raise self._invalid(
+                    f"output {index} declares {size} bytes of binary tensor data "
+                    f"for shape {shape} of {datatype} ({count * dtype.itemsize} needed), and "
+                    f"{len(binary) - offset} follow its JSON header"
+                )
+            return (
+                np.frombuffer(binary, dtype=dtype, count=count, offset=offset)
+                .astype(np.float64)
+                .reshape(shape)
+            )
         data = tensor.get("data")
         if not isinstance(data, list):
             raise self._invalid(f"output {index} has neither 'data' nor binary_data_size")
         try:
             values = np.array(data, dtype=np.float64)
         except (ValueError, TypeError, OverflowError):
-            raise self._invalid(f"output {index} holds 'data' that is not a list of numbers") from None
+            raise self._invalid(
+                f"output {index} holds 'data' that is not a list of numbers"
+            ) from None
         if values.size != count:
             raise self._invalid(f"output {index} holds {values.size} values for shape {shape}")
         return values.reshape(shape)
@@ -239,8 +303,10 @@ class UpstreamClient:
         wanted = self.config.output_name
         if wanted is None:
             if len(outputs) != 1:
-                raise self._invalid(f"it has {len(outputs)} outputs; set model.upstream.output_name",
-                                    f"outputs {names}")
+                raise self._invalid(
+                    f"it has {len(outputs)} outputs; set model.upstream.output_name",
+                    f"outputs {names}",
+                )
             return 0
         if wanted not in names:
             raise self._invalid(f"it has no output {wanted!r}", f"outputs {names}")
@@ -259,18 +325,30 @@ class UpstreamClient:
         sums = values.sum(axis=1)
         low, high = values.min(), values.max()
         worst = int(np.argmax(np.abs(sums - 1)))
-        if low < -PROB_TOLERANCE or high > 1 + PROB_TOLERANCE or abs(sums[worst] - 1) > PROB_TOLERANCE:
-            raise self._invalid(f"its output is not a probability vector per image (row {worst} sums to "
-                                f"{sums[worst]:.6g}; values in [{low:.6g}, {high:.6g}]); if the upstream answers "
-                                "logits, set model.upstream.output = 'logits'")
+        if (
+            low < -PROB_TOLERANCE
+            or high > 1 + PROB_TOLERANCE
+            or abs(sums[worst] - 1) > PROB_TOLERANCE
+        ):
+            raise self._invalid(
+                f"its output is not a probability vector per image (row {worst} sums to "
+                f"{sums[worst]:.6g}; values in [{low:.6g}, {high:.6g}]); if the upstream answers "
+                "logits, set model.upstream.output = 'logits'"
+            )
         return np.maximum(np.log(np.clip(values, 0, 1)), LOG_FLOOR).astype(np.float32)
 
     def _invalid(self, what: str, detail: str = "") -> UpstreamInvalidAnswer:
         """The error for an answer the gateway cannot serve; ``detail`` (what the answer held) goes
         to the log only."""
-        log.warning("the %s answered something the gateway cannot serve: %s%s", self.where, what,
-                    f" ({detail})" if detail else "")
-        return UpstreamInvalidAnswer(f"the upstream model answered something the gateway cannot serve: {what}")
+        log.warning(
+            "the %s answered something the gateway cannot serve: %s%s",
+            self.where,
+            what,
+            f" ({detail})" if detail else "",
+        )
+        return UpstreamInvalidAnswer(
+            f"the upstream model answered something the gateway cannot serve: {what}"
+        )
 
     # -- readiness -----------------------------------------------------------------------------
 
@@ -325,7 +403,7 @@ def _binary_size(tensor: dict[str, Any]) -> int | None:
 
 
 def _excerpt(body: bytes) -> str:
-    text = body[:4 * EXCERPT].decode("utf-8", "replace").strip().replace("\n", " ")
+    text = body[: 4 * EXCERPT].decode("utf-8", "replace").strip().replace("\n", " ")
     return text[:EXCERPT] + ("…" if len(text) > EXCERPT else "") if text else "(empty body)"
 
 
@@ -341,18 +419,30 @@ class UpstreamModel(ExternalModel):
             super().__init__(client, config.input_shape, config.num_classes, has_modes=False)
         except UpstreamError as error:
             client.close()
-            raise ValueError(f"cannot read the number of classes from the upstream ({error.message}); start it "
-                             "first, or give model.upstream.num_classes") from error
+            raise ValueError(
+                f"cannot read the number of classes from the upstream ({error.message}); start it "
+                "first, or give model.upstream.num_classes"
+            ) from error
         client.num_classes = self.num_classes
         self.client = client
 
     def card(self) -> ModelCard:
         """What the service records of the victim: an upstream, not a file or a checkpoint."""
         config, channels = self.client.config, self.input_shape[0]
-        return ModelCard(architecture=f"upstream:{config.model}", input_shape=self.input_shape,
-                         num_classes=self.num_classes, mean=(0.0,) * channels, std=(1.0,) * channels,
-                         training={"source": config.url, "format": "upstream", "model": config.model,
-                                   "version": config.version, "output": config.output})
+        return ModelCard(
+            architecture=f"upstream:{config.model}",
+            input_shape=self.input_shape,
+            num_classes=self.num_classes,
+            mean=(0.0,) * channels,
+            std=(1.0,) * channels,
+            training={
+                "source": config.url,
+                "format": "upstream",
+                "model": config.model,
+                "version": config.version,
+                "output": config.output,
+            },
+        )
 
     def readiness(self) -> str | None:
         return self.client.readiness()

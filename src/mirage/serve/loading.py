@@ -40,16 +40,27 @@ def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | No
         model, card = load_checkpoint(source.checkpoint)
         return model.eval(), card, None
     if source.path is not None:
-        model, card = load_model_file(source.file_format, source.path, input_shape=source.input_shape,
-                                      class_path=source.class_path, kwargs=source.kwargs, dataset=source.dataset)
+        model, card = load_model_file(
+            source.file_format,
+            source.path,
+            input_shape=source.input_shape,
+            class_path=source.class_path,
+            kwargs=source.kwargs,
+            dataset=source.dataset,
+        )
         return model.eval(), card, None
     scenario = get_scenario(source.scenario)
     victims = resolve_victims(config.defense, scenario)
     return victims.served.eval(), victims.card, scenario
 
 
-PLATFORMS = {"checkpoint": "pytorch", "export": "pytorch_torch_export", "onnx": "onnxruntime_onnx",
-             "state_dict": "pytorch", "upstream": "mirage_gateway"}
+PLATFORMS = {
+    "checkpoint": "pytorch",
+    "export": "pytorch_torch_export",
+    "onnx": "onnxruntime_onnx",
+    "state_dict": "pytorch",
+    "upstream": "mirage_gateway",
+}
 
 
 def platform(source: ModelConfig) -> str:
@@ -100,9 +111,18 @@ class ServedDefenses:
     are keyed ``key(client, alarmed=True)``, the alarm defense's key plus ``ALARM``, so the
     micro-batcher never mixes an alarmed client's requests with anyone else's."""
 
-    def __init__(self, spec: DefenseConfig, scenario: Scenario | None, model: nn.Module, card: ModelCard, *,
-                 ownership: OwnershipConfig | None = None, evidence: Any = None,
-                 alarm: DefenseConfig | None = None, benign_reference: Tensor | None = None) -> None:
+    def __init__(
+        self,
+        spec: DefenseConfig,
+        scenario: Scenario | None,
+        model: nn.Module,
+        card: ModelCard,
+        *,
+        ownership: OwnershipConfig | None = None,
+        evidence: Any = None,
+        alarm: DefenseConfig | None = None,
+        benign_reference: Tensor | None = None,
+    ) -> None:
         self.spec, self.ownership, self.evidence = spec, ownership, evidence
         self._secret = ownership.secret() if ownership is not None else None
         # the reference's Fourier features do not depend on the key: computed once for all clients
@@ -110,14 +130,27 @@ class ServedDefenses:
         self._reference = benign_reference
         capped = [] if ownership is None else capped_layers(ownership.watermark)
         if self._reference is None and capped:
-            self._reference = fourier_features(load_dataset(ownership.reference).train.images, capped[0])
+            self._reference = fourier_features(
+                load_dataset(ownership.reference).train.images, capped[0]
+            )
         self.query_time = spec.name != "none" and not spec.training_time
         self.enabled = self.query_time or ownership is not None
         self.params = resolve_params(spec, scenario, model, card) if self.query_time else {}
         self.prototype = self._inner(None) if self.query_time else None
         self._instances: dict[str, Defense] = {}
-        self.alarm = None if alarm is None else ServedDefenses(alarm, scenario, model, card, ownership=ownership,
-                                                               evidence=evidence, benign_reference=self._reference)
+        self.alarm = (
+            None
+            if alarm is None
+            else ServedDefenses(
+                alarm,
+                scenario,
+                model,
+                card,
+                ownership=ownership,
+                evidence=evidence,
+                benign_reference=self._reference,
+            )
+        )
 
     def _inner(self, client: str | None) -> Defense | None:
         if not self.query_time:
@@ -133,9 +166,15 @@ class ServedDefenses:
         inner = self._inner(client)
         if self.ownership is None:
             return inner
-        return create_defense("watermarked", inner=inner, key=derive_key(self._secret, client), client=client,
-                              config=self.ownership.watermark, evidence=self.evidence,
-                              benign_reference=self._reference)
+        return create_defense(
+            "watermarked",
+            inner=inner,
+            key=derive_key(self._secret, client),
+            client=client,
+            config=self.ownership.watermark,
+            evidence=self.evidence,
+            benign_reference=self._reference,
+        )
 
     def key(self, client: str, *, alarmed: bool = False) -> str:
         """The micro-batcher's key of ``client``'s defense instance; ``alarmed``: of its alarm
@@ -163,9 +202,21 @@ class ServedDefenses:
             if "seed" in name or "key" in name:
                 continue  # never disclosed: they would let a client predict the perturbation
             value = getattr(defense.params, name)
-            params[name] = value if isinstance(value, str | int | float | bool | None) else f"<{type(value).__name__}>"
+            params[name] = (
+                value
+                if isinstance(value, str | int | float | bool | None)
+                else f"<{type(value).__name__}>"
+            )
         if self.spec.training_time:
-            params = {k: v for k, v in self.spec.params.items() if "seed" not in k and "key" not in k}
-        return {"name": self.spec.name, "params": params, "contract": dataclasses.asdict(defense.contract),
-                "training_time": self.spec.training_time, "per_client": self.spec.per_client,
-                "seed_per_client": self.spec.seed_per_client, "watermarked": self.ownership is not None}
+            params = {
+                k: v for k, v in self.spec.params.items() if "seed" not in k and "key" not in k
+            }
+        return {
+            "name": self.spec.name,
+            "params": params,
+            "contract": dataclasses.asdict(defense.contract),
+            "training_time": self.spec.training_time,
+            "per_client": self.spec.per_client,
+            "seed_per_client": self.spec.seed_per_client,
+            "watermarked": self.ownership is not None,
+        }

@@ -22,17 +22,49 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 SERIES: dict[str, tuple[str, str, tuple[str, ...], tuple[float, ...] | None]] = {
     "mirage_requests_total": ("counter", "Answered inference requests.", ("client", "model"), None),
     "mirage_queries_total": ("counter", "Answered queries (images).", ("client", "model"), None),
-    "mirage_rejected_requests_total": ("counter", "Rejected requests by reason.", ("reason",), None),
-    "mirage_prada_alarms_total": ("counter", "Clients whose query stream raised PRADA's alarm.",
-                                  ("client", "model"), None),
-    "mirage_defense_alarms_total": ("counter", "Clients whose defense raised its own stream alarm.",
-                                    ("client", "model"), None),
-    "mirage_model_seconds_total": ("counter", "Seconds spent in the victim's forward pass.", ("model",), None),
+    "mirage_rejected_requests_total": (
+        "counter",
+        "Rejected requests by reason.",
+        ("reason",),
+        None,
+    ),
+    "mirage_prada_alarms_total": (
+        "counter",
+        "Clients whose query stream raised PRADA's alarm.",
+        ("client", "model"),
+        None,
+    ),
+    "mirage_defense_alarms_total": (
+        "counter",
+        "Clients whose defense raised its own stream alarm.",
+        ("client", "model"),
+        None,
+    ),
+    "mirage_model_seconds_total": (
+        "counter",
+        "Seconds spent in the victim's forward pass.",
+        ("model",),
+        None,
+    ),
     "mirage_defense_seconds_total": ("counter", "Seconds spent in the defense.", ("model",), None),
-    "mirage_request_latency_seconds": ("histogram", "Latency of answered inference requests.", ("model",),
-                                       LATENCY_BUCKETS),
-    "mirage_defense_batch_seconds": ("histogram", "Defense time per micro-batch.", ("model",), LATENCY_BUCKETS),
-    "mirage_microbatch_queries": ("histogram", "Queries (images) per micro-batch.", ("model",), BATCH_BUCKETS),
+    "mirage_request_latency_seconds": (
+        "histogram",
+        "Latency of answered inference requests.",
+        ("model",),
+        LATENCY_BUCKETS,
+    ),
+    "mirage_defense_batch_seconds": (
+        "histogram",
+        "Defense time per micro-batch.",
+        ("model",),
+        LATENCY_BUCKETS,
+    ),
+    "mirage_microbatch_queries": (
+        "histogram",
+        "Queries (images) per micro-batch.",
+        ("model",),
+        BATCH_BUCKETS,
+    ),
 }
 PUBLIC = ("mirage_requests_total", "mirage_queries_total")
 """The series ``/metrics`` shows without the token: answered requests and queries, summed."""
@@ -56,7 +88,10 @@ def _public(registry: CollectorRegistry) -> list[Metric]:
     """The :data:`PUBLIC` series, each summed over its ``client`` label."""
     families = []
     for family in registry.collect():
-        if not any(sample.name in PUBLIC for sample in family.samples) and f"{family.name}_total" not in PUBLIC:
+        if (
+            not any(sample.name in PUBLIC for sample in family.samples)
+            and f"{family.name}_total" not in PUBLIC
+        ):
             continue
         summed: dict[tuple, float] = {}
         for sample in family.samples:
@@ -79,7 +114,9 @@ class Metrics:
             if kind == "counter":
                 self._series[name] = Counter(name, text, labels, registry=self.registry)
             else:
-                self._series[name] = Histogram(name, text, labels, buckets=buckets, registry=self.registry)
+                self._series[name] = Histogram(
+                    name, text, labels, buckets=buckets, registry=self.registry
+                )
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
         self._series[name].labels(**labels).inc(value)
@@ -90,7 +127,9 @@ class Metrics:
     def counter(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
 
-    def render(self, gauges: dict[str, dict[tuple, float]] | None = None, *, aggregate: bool = False) -> str:
+    def render(
+        self, gauges: dict[str, dict[tuple, float]] | None = None, *, aggregate: bool = False
+    ) -> str:
         """The exposition, with ``gauges`` ({name: {((label, value), …): value}}) appended;
         ``aggregate``: only the :data:`PUBLIC` series, summed over their ``client`` label, and no
         gauges."""

@@ -49,7 +49,11 @@ from mirage.serve.errors import (
     RequestTimeout,
 )
 
-DATATYPES = {"FP16": np.dtype("<f2"), "FP32": np.dtype("<f4"), "FP64": np.dtype("<f8")}  # OIP → little-endian
+DATATYPES = {
+    "FP16": np.dtype("<f2"),
+    "FP32": np.dtype("<f4"),
+    "FP64": np.dtype("<f8"),
+}  # OIP → little-endian
 MAX_STRING = 256  # characters of the request id, the tensor names and string parameters
 MAX_PARAMETERS = 64  # keys of one `parameters` object
 BYTES_PER_VALUE = 32  # a float32 written by json.dumps, its separator and a share of brackets
@@ -58,8 +62,12 @@ HEADER_LENGTH = "Inference-Header-Content-Length"  # binary tensor data extensio
 EXTENSIONS = ("binary_tensor_data",)  # what GET /v2 announces: only what is implemented
 VERSIONS = ("1",)  # the served model's versions (one)
 OUTPUTS = ("probabilities",)  # the model's outputs, in response order
-UNSUPPORTED = {"shared_memory_region": "shared-memory", "shared_memory_byte_size": "shared-memory",
-               "shared_memory_offset": "shared-memory", "classification": "classification"}
+UNSUPPORTED = {
+    "shared_memory_region": "shared-memory",
+    "shared_memory_byte_size": "shared-memory",
+    "shared_memory_offset": "shared-memory",
+    "classification": "classification",
+}
 
 
 def byte_count(text: str | None) -> int | None:
@@ -84,7 +92,9 @@ async def read_body(request: Request, limit: int, timeout: float | None = None) 
     hangs up raises :class:`ClientGone` (logged without a traceback)."""
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
     if encoding not in ("", "identity"):
-        raise BadRequest(f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed")
+        raise BadRequest(
+            f"Content-Encoding {encoding[:40]!r} is not supported: send the body uncompressed"
+        )
     declared = request.headers.get("content-length")
     if declared is not None:
         if byte_count(declared) is None:
@@ -125,8 +135,9 @@ class InferRequest:
     outputs: tuple[tuple[str, bool], ...]
 
 
-def parse_infer_request(body: bytes, input_shape: tuple[int, ...], max_batch: int,
-                        header_length: str | None = None) -> InferRequest:
+def parse_infer_request(
+    body: bytes, input_shape: tuple[int, ...], max_batch: int, header_length: str | None = None
+) -> InferRequest:
     """Validate an OIP V2 inference body. ``header_length`` is the request's
     ``Inference-Header-Content-Length`` header: with it, the body is that many bytes of JSON
     followed by binary tensor data (extension §"Binary Tensor Request"); without it, JSON only."""
@@ -143,14 +154,22 @@ def parse_infer_request(body: bytes, input_shape: tuple[int, ...], max_batch: in
     _supported(tensor_parameters, "the input tensor")
     if "binary_data_size" in tensor_parameters:
         if "data" in tensor:
-            raise BadRequest("the input tensor has both 'data' and parameters.binary_data_size; give one")
-        images = _binary_pixels(binary, tensor_parameters["binary_data_size"], shape, tensor["datatype"])
+            raise BadRequest(
+                "the input tensor has both 'data' and parameters.binary_data_size; give one"
+            )
+        images = _binary_pixels(
+            binary, tensor_parameters["binary_data_size"], shape, tensor["datatype"]
+        )
     else:
         if len(binary):
-            raise BadRequest(f"{len(binary)} bytes follow the JSON header ({HEADER_LENGTH}) but no input "
-                             "tensor has parameters.binary_data_size")
+            raise BadRequest(
+                f"{len(binary)} bytes follow the JSON header ({HEADER_LENGTH}) but no input "
+                "tensor has parameters.binary_data_size"
+            )
         if "data" not in tensor:
-            raise BadRequest("the input tensor lacks 'data' (or parameters.binary_data_size with binary data)")
+            raise BadRequest(
+                "the input tensor lacks 'data' (or parameters.binary_data_size with binary data)"
+            )
         images = _pixels(tensor["data"], shape)
     outputs = _requested_outputs(payload.get("outputs"), binary_output)
     return InferRequest(images.astype(np.float32), request_id, outputs)
@@ -162,7 +181,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
         return body, memoryview(b"")
     length = byte_count(header_length)
     if length is None:
-        raise BadRequest(f"invalid {HEADER_LENGTH} header: {header_length[:40]!r} is not a byte count")
+        raise BadRequest(
+            f"invalid {HEADER_LENGTH} header: {header_length[:40]!r} is not a byte count"
+        )
     if length > len(body):
         raise BadRequest(f"{HEADER_LENGTH} is {length} bytes but the body has only {len(body)}")
     return body[:length], memoryview(body)[length:]
@@ -172,11 +193,15 @@ def _json_object(header: bytes, *, binary_hint: bool) -> dict[str, Any]:
     try:
         payload = json.loads(header)
     except (ValueError, RecursionError) as error:
-        hint = (f"; binary tensor data needs the {HEADER_LENGTH} header" if binary_hint
-                else f" in its first {HEADER_LENGTH} bytes; if the whole body is JSON, drop that header (a "
-                     "stale one: tritonclient writes it into the headers dict of an earlier binary call)")
-        raise BadRequest(f"the request body is not valid JSON{hint} "
-                         f"({type(error).__name__}: {str(error)[:200]})") from None
+        hint = (
+            f"; binary tensor data needs the {HEADER_LENGTH} header"
+            if binary_hint
+            else f" in its first {HEADER_LENGTH} bytes; if the whole body is JSON, drop that header (a "
+            "stale one: tritonclient writes it into the headers dict of an earlier binary call)"
+        )
+        raise BadRequest(
+            f"the request body is not valid JSON{hint} ({type(error).__name__}: {str(error)[:200]})"
+        ) from None
     if not isinstance(payload, dict):
         raise BadRequest("the request body must be a JSON object with an 'inputs' list")
     return payload
@@ -196,8 +221,10 @@ def _parameters(value: Any, what: str) -> dict[str, Any]:
         if isinstance(item, str):
             _bounded_string(item, f"{what}[{key[:40]!r}]")
         elif not isinstance(item, bool | int | float):
-            raise BadRequest(f"{what}[{key[:40]!r}] must be a string, a number or a boolean, "
-                             f"got {type(item).__name__}")
+            raise BadRequest(
+                f"{what}[{key[:40]!r}] must be a string, a number or a boolean, "
+                f"got {type(item).__name__}"
+            )
     return value
 
 
@@ -213,8 +240,10 @@ def _supported(parameters: dict[str, Any], what: str) -> None:
     something the client did not ask for."""
     for key in parameters:
         if key in UNSUPPORTED:
-            raise BadRequest(f"{what} asks for the {UNSUPPORTED[key]} extension ({key!r}), which this "
-                             f"server does not implement; it implements {list(EXTENSIONS)}")
+            raise BadRequest(
+                f"{what} asks for the {UNSUPPORTED[key]} extension ({key!r}), which this "
+                f"server does not implement; it implements {list(EXTENSIONS)}"
+            )
 
 
 def _input_tensor(payload: dict[str, Any]) -> dict[str, Any]:
@@ -235,8 +264,11 @@ def _input_tensor(payload: dict[str, Any]) -> dict[str, Any]:
 
 def _batch_shape(shape: Any, input_shape: tuple[int, ...], max_batch: int) -> list[int]:
     expected = f"[B, {', '.join(map(str, input_shape))}]"
-    if (not isinstance(shape, list) or len(shape) != 1 + len(input_shape)
-            or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) != 1 + len(input_shape)
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in shape)
+    ):
         raise BadRequest(f"shape must be {expected}, got {shape!r}")
     if tuple(shape[1:]) != tuple(input_shape) or shape[0] < 1:
         raise BadRequest(f"shape must be {expected} with B ≥ 1, got {shape}")
@@ -255,17 +287,24 @@ def _numbers(data: Any, shape: list[int]) -> list:
         if depth + 1 >= len(shape):
             raise BadRequest(f"'data' is nested deeper than shape {shape}")
         width = len(flat[0])
-        if (len(flat) != math.prod(shape[:depth + 1]) or width not in (shape[depth + 1], math.prod(shape[depth + 1:]))
-                or not all(isinstance(row, list) and len(row) == width for row in flat)):
+        if (
+            len(flat) != math.prod(shape[: depth + 1])
+            or width not in (shape[depth + 1], math.prod(shape[depth + 1 :]))
+            or not all(isinstance(row, list) and len(row) == width for row in flat)
+        ):
             raise BadRequest(f"'data' is a ragged or malformed nested list for shape {shape}")
         flat = [value for row in flat for value in row]
         depth += 1
     if depth and len(flat) != math.prod(shape):
         raise BadRequest(f"'data' is a ragged or malformed nested list for shape {shape}")
     if not set(map(type, flat)) <= {float, int}:  # one C-level pass; a bool is not an int here
-        raise BadRequest("'data' must hold only numbers (no strings, booleans, nulls or nested objects)")
+        raise BadRequest(
+            "'data' must hold only numbers (no strings, booleans, nulls or nested objects)"
+        )
     if len(flat) != math.prod(shape):
-        raise BadRequest(f"'data' holds {len(flat)} numbers but shape {shape} needs {math.prod(shape)}")
+        raise BadRequest(
+            f"'data' holds {len(flat)} numbers but shape {shape} needs {math.prod(shape)}"
+        )
     return flat
 
 
@@ -285,16 +324,24 @@ def _binary_pixels(binary: memoryview, size: Any, shape: list[int], datatype: st
     ``binary_data_size`` must be what ``shape`` × ``datatype`` needs and exactly what the body
     holds after the JSON header."""
     if not isinstance(size, int) or isinstance(size, bool) or size < 0:
-        raise BadRequest(f"parameters.binary_data_size must be a non-negative integer, got {str(size)[:40]!r}")
+        raise BadRequest(
+            f"parameters.binary_data_size must be a non-negative integer, got {str(size)[:40]!r}"
+        )
     dtype = DATATYPES[datatype]
     count = math.prod(shape)
     if size != count * dtype.itemsize:
-        raise BadRequest(f"parameters.binary_data_size is {size} bytes but shape {shape} of {datatype} "
-                         f"needs {count * dtype.itemsize}")
+        raise BadRequest(
+            f"parameters.binary_data_size is {size} bytes but shape {shape} of {datatype} "
+            f"needs {count * dtype.itemsize}"
+        )
     if len(binary) != size:
-        raise BadRequest(f"the body holds {len(binary)} bytes of binary tensor data after its "
-                         f"{HEADER_LENGTH} bytes of JSON, but binary_data_size says {size}")
-    return _in_range(np.frombuffer(binary, dtype=dtype, count=count).reshape(shape), "the binary tensor data")
+        raise BadRequest(
+            f"the body holds {len(binary)} bytes of binary tensor data after its "
+            f"{HEADER_LENGTH} bytes of JSON, but binary_data_size says {size}"
+        )
+    return _in_range(
+        np.frombuffer(binary, dtype=dtype, count=count).reshape(shape), "the binary tensor data"
+    )
 
 
 def _in_range(images: np.ndarray, what: str) -> np.ndarray:
@@ -319,17 +366,27 @@ def _requested_outputs(value: Any, binary_default: bool) -> tuple[tuple[str, boo
             raise BadRequest("each requested output must be an object with a 'name'")
         name = _bounded_string(item["name"], "a requested output's 'name'")
         if name not in OUTPUTS:
-            raise BadRequest(f"unknown output {name[:64]!r}; the model's outputs are {list(OUTPUTS)}")
+            raise BadRequest(
+                f"unknown output {name[:64]!r}; the model's outputs are {list(OUTPUTS)}"
+            )
         if name in outputs:
             raise BadRequest(f"output {name!r} is requested twice")
         parameters = _parameters(item.get("parameters"), f"the parameters of output {name!r}")
         _supported(parameters, f"output {name!r}")
-        outputs[name] = _flag(parameters, "binary_data", binary_default, f"output {name!r}'s parameter")
+        outputs[name] = _flag(
+            parameters, "binary_data", binary_default, f"output {name!r}'s parameter"
+        )
     return tuple(outputs.items())
 
 
-def infer_response(model: str, request: InferRequest, served: np.ndarray, *, queries_used: int,
-                   query_budget: int | None) -> tuple[bytes, dict[str, str]]:
+def infer_response(
+    model: str,
+    request: InferRequest,
+    served: np.ndarray,
+    *,
+    queries_used: int,
+    query_budget: int | None,
+) -> tuple[bytes, dict[str, str]]:
     """The body and headers of the inference response (§"Inference", ``$inference_response``)
     for served probabilities (B, K), with the client's usage in ``parameters``. An output sent as
     binary has ``parameters.binary_data_size`` and its little-endian float32 bytes follow the
@@ -345,14 +402,21 @@ def infer_response(model: str, request: InferRequest, served: np.ndarray, *, que
         else:
             tensor["data"] = served.reshape(-1).tolist()
         tensors.append(tensor)
-    header = json.dumps({
-        "model_name": model, "model_version": VERSIONS[0], "id": request.id,
-        "parameters": {"queries_used": queries_used, "query_budget": query_budget},
-        "outputs": tensors,
-    }).encode()
+    header = json.dumps(
+        {
+            "model_name": model,
+            "model_version": VERSIONS[0],
+            "id": request.id,
+            "parameters": {"queries_used": queries_used, "query_budget": query_budget},
+            "outputs": tensors,
+        }
+    ).encode()
     if not blobs:
         return header, {"Content-Type": "application/json"}
-    return b"".join([header, *blobs]), {"Content-Type": "application/octet-stream", HEADER_LENGTH: str(len(header))}
+    return b"".join([header, *blobs]), {
+        "Content-Type": "application/octet-stream",
+        HEADER_LENGTH: str(len(header)),
+    }
 
 
 def server_metadata() -> dict[str, Any]:
@@ -360,15 +424,30 @@ def server_metadata() -> dict[str, Any]:
     return {"name": "mirage", "version": __version__, "extensions": list(EXTENSIONS)}
 
 
-def model_metadata(model: str, input_shape: tuple[int, int, int], classes: list[str], *, platform: str,
-                   defense: dict[str, Any], limits: dict[str, Any], client: dict[str, Any]) -> dict[str, Any]:
+def model_metadata(
+    model: str,
+    input_shape: tuple[int, int, int],
+    classes: list[str],
+    *,
+    platform: str,
+    defense: dict[str, Any],
+    limits: dict[str, Any],
+    client: dict[str, Any],
+) -> dict[str, Any]:
     """The model metadata response (§"Model Metadata"); ``platform`` says what the served model
     is (docs/design.md §model-formats); mirage's own facts go in ``parameters``."""
     c, h, w = input_shape
     return {
-        "name": model, "versions": list(VERSIONS), "platform": platform,
+        "name": model,
+        "versions": list(VERSIONS),
+        "platform": platform,
         "inputs": [{"name": "images", "datatype": "FP32", "shape": [-1, c, h, w]}],
         "outputs": [{"name": OUTPUTS[0], "datatype": "FP32", "shape": [-1, len(classes)]}],
-        "parameters": {"classes": classes, "num_classes": len(classes), "defense": defense,
-                       "limits": limits, "client": client},
+        "parameters": {
+            "classes": classes,
+            "num_classes": len(classes),
+            "defense": defense,
+            "limits": limits,
+            "client": client,
+        },
     }

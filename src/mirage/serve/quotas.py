@@ -52,21 +52,31 @@ MAX_AUTH_SOURCES = 10_000
 dropped first). Redis keeps each in a key that expires with its window."""
 
 
-def room_for(client: ClientConfig, used: int, tokens: float | None, updated: float | None,
-             now: float) -> int | None:
+def room_for(
+    client: ClientConfig, used: int, tokens: float | None, updated: float | None, now: float
+) -> int | None:
     """How many queries ``client`` could be charged at ``now`` given its stored usage and token
     bucket (``None``: no limit); raises :class:`QuotaExceeded` or :class:`RateLimited` when it
     is none. One rule for every store (SQLite, Redis)."""
     room = None if client.quota is None else client.quota - used
     if room is not None and room < 1:
-        raise QuotaExceeded(f"client {client.name!r}: the quota of {client.quota} queries is used up")
+        raise QuotaExceeded(
+            f"client {client.name!r}: the quota of {client.quota} queries is used up"
+        )
     capacity = client.bucket_capacity
     if capacity is not None:
-        level = capacity if tokens is None else min(capacity, float(tokens) + max(0.0, now - float(updated)) * client.rate)
+        level = (
+            capacity
+            if tokens is None
+            else min(capacity, float(tokens) + max(0.0, now - float(updated)) * client.rate)
+        )
         if level < 1:
             wait = (1 - level) / client.rate
-            raise RateLimited(f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
-                              f"reached; retry in {wait:.3f}s", retry_after=wait)
+            raise RateLimited(
+                f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
+                f"reached; retry in {wait:.3f}s",
+                retry_after=wait,
+            )
         room = int(level) if room is None else min(room, int(level))
     return room
 
@@ -126,7 +136,9 @@ class SQLiteStore:
     def connection(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
         if conn is None:
-            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            conn = sqlite3.connect(
+                self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False
+            )
             conn.execute("PRAGMA journal_mode=WAL")
             conn.execute("PRAGMA synchronous=NORMAL")
             self._local.conn = conn
@@ -184,32 +196,47 @@ class QuotaStore(SQLiteStore):
         if n < 1:
             raise ValueError("a charge needs at least one query")
         with self.transaction() as conn:
-            row = conn.execute("SELECT queries, tokens, updated FROM usage WHERE client = ?",
-                               (client.name,)).fetchone()
+            row = conn.execute(
+                "SELECT queries, tokens, updated FROM usage WHERE client = ?", (client.name,)
+            ).fetchone()
             used, tokens, updated = row if row is not None else (0, None, None)
             if client.quota is not None and used + n > client.quota:
-                raise QuotaExceeded(f"client {client.name!r}: {n} queries requested but only "
-                                    f"{max(0, client.quota - used)} of the quota of {client.quota} remain")
+                raise QuotaExceeded(
+                    f"client {client.name!r}: {n} queries requested but only "
+                    f"{max(0, client.quota - used)} of the quota of {client.quota} remain"
+                )
             now = self._clock()
             capacity = client.bucket_capacity
             if capacity is not None:
                 if n > capacity:
-                    raise RateLimited(f"a request of {n} queries exceeds the rate-limit burst of "
-                                      f"{capacity:g}; send smaller batches")
-                tokens = capacity if tokens is None else min(capacity, tokens + max(0.0, now - updated) * client.rate)
+                    raise RateLimited(
+                        f"a request of {n} queries exceeds the rate-limit burst of "
+                        f"{capacity:g}; send smaller batches"
+                    )
+                tokens = (
+                    capacity
+                    if tokens is None
+                    else min(capacity, tokens + max(0.0, now - updated) * client.rate)
+                )
                 if tokens < n:
                     wait = (n - tokens) / client.rate
-                    raise RateLimited(f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
-                                      f"reached; retry in {wait:.3f}s", retry_after=wait)
+                    raise RateLimited(
+                        f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
+                        f"reached; retry in {wait:.3f}s",
+                        retry_after=wait,
+                    )
                 tokens -= n
             conn.execute(
                 "INSERT INTO usage (client, queries, requests, tokens, updated) VALUES (?, ?, 1, ?, ?) "
                 "ON CONFLICT(client) DO UPDATE SET queries = queries + excluded.queries, "
                 "requests = requests + 1, tokens = excluded.tokens, updated = excluded.updated",
-                (client.name, n, tokens, now))
+                (client.name, n, tokens, now),
+            )
             reservation = uuid.uuid4().hex
-            conn.execute("INSERT INTO reservations (id, client, queries, owner, created) VALUES (?, ?, ?, ?, ?)",
-                         (reservation, client.name, n, self.owner, now))
+            conn.execute(
+                "INSERT INTO reservations (id, client, queries, owner, created) VALUES (?, ?, ?, ?, ?)",
+                (reservation, client.name, n, self.owner, now),
+            )
         return used + n, reservation
 
     def commit(self, reservation: str) -> None:
@@ -221,31 +248,45 @@ class QuotaStore(SQLiteStore):
         """Undo a reserved charge whose request was not answered (once, however often called)."""
         capacity = client.bucket_capacity
         with self.transaction() as conn:
-            row = conn.execute("DELETE FROM reservations WHERE id = ? RETURNING queries", (reservation,)).fetchone()
+            row = conn.execute(
+                "DELETE FROM reservations WHERE id = ? RETURNING queries", (reservation,)
+            ).fetchone()
             if row is not None:
                 conn.execute(
                     "UPDATE usage SET queries = queries - ?, requests = requests - 1, "
                     "tokens = CASE WHEN tokens IS NULL THEN NULL ELSE MIN(tokens + ?, ?) END WHERE client = ?",
-                    (row[0], row[0], capacity if capacity is not None else 0.0, client.name))
+                    (row[0], row[0], capacity if capacity is not None else 0.0, client.name),
+                )
 
     def reconcile(self, answered, *, lease: float) -> tuple[int, int]:
         """Settle the reservations of processes that are gone (crashed, killed): a charge whose
         answer is in the audit log (``answered(ids)`` returns those ids) is kept, any other is
         released, so usage equals the audit log again. Returns (kept, released)."""
         now = self._clock()
-        rows = self.connection().execute("SELECT id, queries, client, owner, created FROM reservations").fetchall()
+        rows = (
+            self.connection()
+            .execute("SELECT id, queries, client, owner, created FROM reservations")
+            .fetchall()
+        )
         orphans = [r for r in rows if owner_gone(r[3], r[4], self.owner, lease=lease, now=now)]
         done = answered([r[0] for r in orphans]) if orphans else set()
         kept = released = 0
         with self.transaction() as conn:
             for reservation, queries, client, _, _ in orphans:
-                if conn.execute("DELETE FROM reservations WHERE id = ? RETURNING id", (reservation,)).fetchone() is None:
+                if (
+                    conn.execute(
+                        "DELETE FROM reservations WHERE id = ? RETURNING id", (reservation,)
+                    ).fetchone()
+                    is None
+                ):
                     continue  # settled meanwhile
                 if reservation in done:
                     kept += 1
                 else:
-                    conn.execute("UPDATE usage SET queries = queries - ?, requests = requests - 1 WHERE client = ?",
-                                 (queries, client))
+                    conn.execute(
+                        "UPDATE usage SET queries = queries - ?, requests = requests - 1 WHERE client = ?",
+                        (queries, client),
+                    )
                     released += 1
         return kept, released
 
@@ -262,16 +303,22 @@ class QuotaStore(SQLiteStore):
         """How many queries ``client`` could be charged now (``None``: no limit), read without
         charging. Raises :class:`QuotaExceeded` or :class:`RateLimited` when it is none, so a
         request that cannot be served is refused before its body is read."""
-        row = self.connection().execute("SELECT queries, tokens, updated FROM usage WHERE client = ?",
-                                        (client.name,)).fetchone()
+        row = (
+            self.connection()
+            .execute("SELECT queries, tokens, updated FROM usage WHERE client = ?", (client.name,))
+            .fetchone()
+        )
         used, tokens, updated = row if row is not None else (0, None, None)
         return room_for(client, used, tokens, updated, self._clock())
 
     def auth_throttled(self, source: str, window: float, limit: int) -> float | None:
         """Seconds until ``source`` may try a key again (it failed ``limit`` times in its current
         fixed window of ``window`` seconds), or ``None`` if it may now."""
-        row = self.connection().execute("SELECT start, failures FROM auth_failures WHERE source = ?",
-                                        (source,)).fetchone()
+        row = (
+            self.connection()
+            .execute("SELECT start, failures FROM auth_failures WHERE source = ?", (source,))
+            .fetchone()
+        )
         if row is None or row[1] < limit:
             return None
         left = row[0] + window - self._clock()
@@ -284,16 +331,29 @@ class QuotaStore(SQLiteStore):
         now = self._clock()
         with self.transaction() as conn:
             conn.execute("DELETE FROM auth_failures WHERE start <= ?", (now - window,))
-            conn.execute("DELETE FROM auth_failures WHERE source IN (SELECT source FROM auth_failures "
-                         "ORDER BY start DESC LIMIT -1 OFFSET ?)", (MAX_AUTH_SOURCES - 1,))
-            row = conn.execute("SELECT start, failures FROM auth_failures WHERE source = ?", (source,)).fetchone()
-            start, failures = (now, 1) if row is None or now - row[0] >= window else (row[0], row[1] + 1)
-            conn.execute("INSERT OR REPLACE INTO auth_failures (source, start, failures) VALUES (?, ?, ?)",
-                         (source, start, failures))
+            conn.execute(
+                "DELETE FROM auth_failures WHERE source IN (SELECT source FROM auth_failures "
+                "ORDER BY start DESC LIMIT -1 OFFSET ?)",
+                (MAX_AUTH_SOURCES - 1,),
+            )
+            row = conn.execute(
+                "SELECT start, failures FROM auth_failures WHERE source = ?", (source,)
+            ).fetchone()
+            start, failures = (
+                (now, 1) if row is None or now - row[0] >= window else (row[0], row[1] + 1)
+            )
+            conn.execute(
+                "INSERT OR REPLACE INTO auth_failures (source, start, failures) VALUES (?, ?, ?)",
+                (source, start, failures),
+            )
         return failures
 
     def used(self, client_name: str) -> int:
-        row = self.connection().execute("SELECT queries FROM usage WHERE client = ?", (client_name,)).fetchone()
+        row = (
+            self.connection()
+            .execute("SELECT queries FROM usage WHERE client = ?", (client_name,))
+            .fetchone()
+        )
         return int(row[0]) if row else 0
 
     def usage(self) -> dict[str, tuple[int, int]]:

@@ -71,8 +71,13 @@ class RedisQuotaStore:
     """Quotas, rate limits, reservations and failed-authentication counts in Redis."""
 
     def __init__(self, url: str, *, prefix: str = "mirage:", timeout: float = 5.0) -> None:
-        self.redis = redis.Redis.from_url(url, decode_responses=True, socket_timeout=timeout,
-                                          socket_connect_timeout=timeout, health_check_interval=30)
+        self.redis = redis.Redis.from_url(
+            url,
+            decode_responses=True,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            health_check_interval=30,
+        )
         self.redis.ping()
         self.prefix = prefix
         self.owner = new_owner()
@@ -93,9 +98,16 @@ class RedisQuotaStore:
 
     def headroom(self, client: ClientConfig) -> int | None:
         """As :meth:`QuotaStore.headroom <mirage.serve.quotas.QuotaStore.headroom>`."""
-        queries, tokens, updated = self.redis.hmget(self._usage_key(client.name), "queries", "tokens", "updated")
-        return room_for(client, int(queries or 0), None if tokens is None else float(tokens),
-                        None if updated is None else float(updated), self._now())
+        queries, tokens, updated = self.redis.hmget(
+            self._usage_key(client.name), "queries", "tokens", "updated"
+        )
+        return room_for(
+            client,
+            int(queries or 0),
+            None if tokens is None else float(tokens),
+            None if updated is None else float(updated),
+            self._now(),
+        )
 
     def reserve(self, client: ClientConfig, n: int) -> tuple[int, str]:
         """As :meth:`QuotaStore.reserve <mirage.serve.quotas.QuotaStore.reserve>`, in one script."""
@@ -105,19 +117,34 @@ class RedisQuotaStore:
         reservation = uuid.uuid4().hex
         status, used, extra = self._reserve(
             keys=[self._usage_key(client.name), self._reservations],
-            args=[n, -1 if client.quota is None else client.quota, -1 if capacity is None else capacity,
-                  client.rate or 0, reservation, self.owner, client.name])
+            args=[
+                n,
+                -1 if client.quota is None else client.quota,
+                -1 if capacity is None else capacity,
+                client.rate or 0,
+                reservation,
+                self.owner,
+                client.name,
+            ],
+        )
         used = int(used)
         if status == 1:
-            raise QuotaExceeded(f"client {client.name!r}: {n} queries requested but only "
-                                f"{max(0, client.quota - used)} of the quota of {client.quota} remain")
+            raise QuotaExceeded(
+                f"client {client.name!r}: {n} queries requested but only "
+                f"{max(0, client.quota - used)} of the quota of {client.quota} remain"
+            )
         if status == 2:
-            raise RateLimited(f"a request of {n} queries exceeds the rate-limit burst of {capacity:g}; "
-                              "send smaller batches")
+            raise RateLimited(
+                f"a request of {n} queries exceeds the rate-limit burst of {capacity:g}; "
+                "send smaller batches"
+            )
         if status == 3:
             wait = float(extra)
-            raise RateLimited(f"client {client.name!r}: rate limit of {client.rate:g} queries/s reached; "
-                              f"retry in {wait:.3f}s", retry_after=wait)
+            raise RateLimited(
+                f"client {client.name!r}: rate limit of {client.rate:g} queries/s reached; "
+                f"retry in {wait:.3f}s",
+                retry_after=wait,
+            )
         return used, reservation
 
     def commit(self, reservation: str) -> None:
@@ -125,8 +152,10 @@ class RedisQuotaStore:
 
     def release(self, client: ClientConfig, reservation: str) -> None:
         capacity = client.bucket_capacity
-        self._release(keys=[self._usage_key(client.name), self._reservations],
-                      args=[reservation, -1 if capacity is None else capacity])
+        self._release(
+            keys=[self._usage_key(client.name), self._reservations],
+            args=[reservation, -1 if capacity is None else capacity],
+        )
 
     def charge(self, client: ClientConfig, n: int) -> int:
         used, reservation = self.reserve(client, n)
@@ -138,17 +167,25 @@ class RedisQuotaStore:
         audited, else released by the script (which settles each reservation once, whichever
         replica gets there first)."""
         now = self._now()
-        records = {rid: json.loads(raw) for rid, raw in self.redis.hgetall(self._reservations).items()}
-        orphans = {rid: r for rid, r in records.items()
-                   if owner_gone(r["owner"], float(r["created"]), self.owner, lease=lease, now=now)}
+        records = {
+            rid: json.loads(raw) for rid, raw in self.redis.hgetall(self._reservations).items()
+        }
+        orphans = {
+            rid: r
+            for rid, r in records.items()
+            if owner_gone(r["owner"], float(r["created"]), self.owner, lease=lease, now=now)
+        }
         done = answered(list(orphans)) if orphans else set()
         kept = released = 0
         for rid, record in orphans.items():
             if rid in done:
                 kept += self.redis.hdel(self._reservations, rid)
             else:
-                released += int(self._release(keys=[self._usage_key(record["client"]), self._reservations],
-                                              args=[rid, -1]))
+                released += int(
+                    self._release(
+                        keys=[self._usage_key(record["client"]), self._reservations], args=[rid, -1]
+                    )
+                )
         return kept, released
 
     def reservations(self) -> int:
@@ -167,8 +204,14 @@ class RedisQuotaStore:
             config = self.redis.config_get("appendonly") | self.redis.config_get("save")
         except redis.ResponseError:
             return "unknown (CONFIG GET refused)"
-        kinds = [kind for kind, on in (("aof", config.get("appendonly") == "yes"),
-                                       ("rdb", bool((config.get("save") or "").strip()))) if on]
+        kinds = [
+            kind
+            for kind, on in (
+                ("aof", config.get("appendonly") == "yes"),
+                ("rdb", bool((config.get("save") or "").strip())),
+            )
+            if on
+        ]
         return "+".join(kinds) or None
 
     def auth_throttled(self, source: str, window: float, limit: int) -> float | None:
@@ -180,7 +223,11 @@ class RedisQuotaStore:
         return int(ttl) / 1000
 
     def auth_failed(self, source: str, window: float) -> int:
-        return int(self._auth_failed(keys=[f"{self.prefix}authfail:{source}"], args=[math.ceil(window * 1000)]))
+        return int(
+            self._auth_failed(
+                keys=[f"{self.prefix}authfail:{source}"], args=[math.ceil(window * 1000)]
+            )
+        )
 
     def used(self, client_name: str) -> int:
         return int(self.redis.hget(self._usage_key(client_name), "queries") or 0)

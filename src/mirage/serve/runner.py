@@ -65,17 +65,27 @@ class GuardedConnection(h11.Connection):
         elif isinstance(event, h11.Data) and self.our_state is not h11.DONE:
             self.pieces += 1
             self.body_bytes += len(event.data)
-            if self.pieces > FRAGMENT_GRACE and self.body_bytes < self.pieces * self.limits.min_chunk_bytes:
-                raise self._reject(400, f"the body arrives in {self.pieces} pieces averaging fewer "
-                                        f"than {self.limits.min_chunk_bytes} bytes")
+            if (
+                self.pieces > FRAGMENT_GRACE
+                and self.body_bytes < self.pieces * self.limits.min_chunk_bytes
+            ):
+                raise self._reject(
+                    400,
+                    f"the body arrives in {self.pieces} pieces averaging fewer "
+                    f"than {self.limits.min_chunk_bytes} bytes",
+                )
         return event
 
     def send(self, event: Any) -> bytes | None:
         """As h11's, but a response that starts before the request's body was read says
         ``Connection: close``: the connection ends with it (see :class:`LingeringTransport`)."""
         if isinstance(event, h11.Response) and self.their_state is h11.SEND_BODY:
-            event = h11.Response(status_code=event.status_code, reason=event.reason, http_version=event.http_version,
-                                 headers=[*event.headers, (b"connection", b"close")])
+            event = h11.Response(
+                status_code=event.status_code,
+                reason=event.reason,
+                http_version=event.http_version,
+                headers=[*event.headers, (b"connection", b"close")],
+            )
         return super().send(event)
 
     def _check_head(self, event: h11.Request) -> None:
@@ -104,12 +114,18 @@ class LingeringTransport:
         return getattr(self._transport, name)
 
     def write(self, data: bytes) -> None:
-        if not self._protocol.lingering:  # once lingering, the answer is sent and the write side shut
+        if (
+            not self._protocol.lingering
+        ):  # once lingering, the answer is sent and the write side shut
             self._transport.write(data)
 
     def close(self) -> None:
         protocol, transport = self._protocol, self._transport
-        if transport.is_closing() or protocol.lingering or protocol.conn.their_state is not h11.SEND_BODY:
+        if (
+            transport.is_closing()
+            or protocol.lingering
+            or protocol.conn.their_state is not h11.SEND_BODY
+        ):
             transport.close()
             return
         protocol.lingering = True
@@ -165,13 +181,17 @@ class GuardedH11Protocol(H11Protocol):
                 return False
         except ValueError:
             return False
-        mine = sum(1 for other in self.connections if other.client is not None and other.client[0] == host)
+        mine = sum(
+            1 for other in self.connections if other.client is not None and other.client[0] == host
+        )
         return mine > self.limits.max_connections_per_address
 
     def _arm(self) -> None:
         if self._header_timer is not None:
             self._header_timer.cancel()
-        self._header_timer = self.loop.call_later(self.limits.header_timeout_s, self._headers_overdue)
+        self._header_timer = self.loop.call_later(
+            self.limits.header_timeout_s, self._headers_overdue
+        )
 
     def _headers_overdue(self) -> None:
         if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
@@ -189,9 +209,14 @@ class GuardedH11Protocol(H11Protocol):
         """Refuse the request that broke h11's rules or :class:`GuardedConnection`'s, with the
         rejection's own status and message, and close."""
         status, why = self.conn.rejection or (400, "invalid HTTP request")
-        if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):  # else the app's answer is on its way
+        if self.conn.our_state in (
+            h11.IDLE,
+            h11.SEND_RESPONSE,
+        ):  # else the app's answer is on its way
             self.transport.write(_plain_response(status, why))
-        if self.cycle is not None and not self.cycle.response_complete:  # the app's request ends here
+        if (
+            self.cycle is not None and not self.cycle.response_complete
+        ):  # the app's request ends here
             self.cycle.disconnected = True
             self.cycle.message_event.set()
         self.transport.close()
@@ -209,9 +234,15 @@ class GuardedH11Protocol(H11Protocol):
 
 def _plain_response(status: int, text: str) -> bytes:
     body = text.encode()
-    reason = {400: "Bad Request", 431: "Request Header Fields Too Large", 503: "Service Unavailable"}[status]
-    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
-            f"content-length: {len(body)}\r\nconnection: close\r\n\r\n").encode() + body
+    reason = {
+        400: "Bad Request",
+        431: "Request Header Fields Too Large",
+        503: "Service Unavailable",
+    }[status]
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
 
 
 def connection_cap(limits: LimitsConfig) -> int:
@@ -263,8 +294,11 @@ class RepeatLimit(logging.Filter):
 def limit_repeated_logs(burst: int = 5, interval: float = 60.0) -> RepeatLimit:
     """Put one :class:`RepeatLimit` on asyncio's, uvicorn's and every mirage logger."""
     limit = RepeatLimit(burst, interval)
-    names = ["asyncio", "uvicorn.error"] + [name for name in logging.root.manager.loggerDict
-                                            if name == "mirage" or name.startswith("mirage.")]
+    names = ["asyncio", "uvicorn.error"] + [
+        name
+        for name in logging.root.manager.loggerDict
+        if name == "mirage" or name.startswith("mirage.")
+    ]
     for name in names:
         logger = logging.getLogger(name)
         if not any(isinstance(f, RepeatLimit) for f in logger.filters):
@@ -279,14 +313,27 @@ def uvicorn_settings(app: FastAPI) -> dict[str, Any]:
     service = getattr(app.state, "service", None)
     limits = service.config.limits if service is not None else LimitsConfig()
     proxies = service.config.access.trusted_proxies if service is not None else ()
-    protocol = type("GuardedH11", (GuardedH11Protocol,),
-                    {"limits": limits, "max_connections": connection_cap(limits),
-                     "trusted": tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies)})
-    return {"http": protocol, "proxy_headers": bool(proxies), "forwarded_allow_ips": list(proxies) or None,
-            "h11_max_incomplete_event_size": limits.max_header_bytes, "access_log": False}
+    protocol = type(
+        "GuardedH11",
+        (GuardedH11Protocol,),
+        {
+            "limits": limits,
+            "max_connections": connection_cap(limits),
+            "trusted": tuple(ipaddress.ip_network(proxy, strict=False) for proxy in proxies),
+        },
+    )
+    return {
+        "http": protocol,
+        "proxy_headers": bool(proxies),
+        "forwarded_allow_ips": list(proxies) or None,
+        "h11_max_incomplete_event_size": limits.max_header_bytes,
+        "access_log": False,
+    }
 
 
-def serve_forever(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info") -> None:
+def serve_forever(
+    app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, log_level: str = "info"
+) -> None:
     limit_repeated_logs()
     uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_settings(app))
 
@@ -294,12 +341,17 @@ def serve_forever(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, *, lo
 class ServerThread:
     """``with ServerThread(app) as url:`` — uvicorn on 127.0.0.1, a free port, a daemon thread."""
 
-    def __init__(self, app: FastAPI, *, host: str = "127.0.0.1", startup_timeout: float = 30.0) -> None:
+    def __init__(
+        self, app: FastAPI, *, host: str = "127.0.0.1", startup_timeout: float = 30.0
+    ) -> None:
         self.app = app
         self.host = host
         self.startup_timeout = startup_timeout
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5,
-                                                    **uvicorn_settings(app)))
+        self.server = uvicorn.Server(
+            uvicorn.Config(
+                app, log_level="warning", timeout_graceful_shutdown=5, **uvicorn_settings(app)
+            )
+        )
         self.thread: threading.Thread | None = None
         self.url = ""
 
@@ -308,7 +360,9 @@ class ServerThread:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, 0))
         port = sock.getsockname()[1]
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.server.run, kwargs={"sockets": [sock]}, daemon=True
+        )
         self.thread.start()
         deadline = time.monotonic() + self.startup_timeout
         while not self.server.started:
@@ -341,7 +395,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", required=True)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--grpc-port", type=int, default=None, help="also serve OIP V2 over gRPC on this port")
+    parser.add_argument(
+        "--grpc-port", type=int, default=None, help="also serve OIP V2 over gRPC on this port"
+    )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)
     config = with_grpc(load_config(args.config), args.host, args.grpc_port)

@@ -86,12 +86,17 @@ def open_store(config: ServeConfig) -> QuotaStore | RedisQuotaStore:
         if kept is None:
             if storage.require_persistence:
                 store.close()
-                raise ValueError(f"the Redis server at {storage.url} persists nothing (appendonly no, no save "
-                                 "points): a restart would give every quota back. Turn on AOF or RDB, or set "
-                                 "storage.require_persistence = false")
-            log.warning("THE REDIS SERVER AT %s PERSISTS NOTHING (appendonly no, no save points): a restart gives "
-                        "every client its quota back and forgets every charge. Turn on appendonly, or set "
-                        "storage.require_persistence = true to refuse such a server", storage.url)
+                raise ValueError(
+                    f"the Redis server at {storage.url} persists nothing (appendonly no, no save "
+                    "points): a restart would give every quota back. Turn on AOF or RDB, or set "
+                    "storage.require_persistence = false"
+                )
+            log.warning(
+                "THE REDIS SERVER AT %s PERSISTS NOTHING (appendonly no, no save points): a restart gives "
+                "every client its quota back and forgets every charge. Turn on appendonly, or set "
+                "storage.require_persistence = true to refuse such a server",
+                storage.url,
+            )
         return store
     return QuotaStore(storage.database, timeout=storage.timeout_s)
 
@@ -120,18 +125,34 @@ class StorageCalls:
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="mirage-storage")
         self.errors = storage_errors()
 
-    async def __call__(self, fn: Callable[..., T], *args: Any, on_late: Callable[[T], None] | None = None,
-                       **kwargs: Any) -> T:
+    async def __call__(
+        self,
+        fn: Callable[..., T],
+        *args: Any,
+        on_late: Callable[[T], None] | None = None,
+        **kwargs: Any,
+    ) -> T:
         """``fn(*args, **kwargs)`` in the pool; its result, or :class:`StorageUnavailable`.
         ``on_late``: called with the result should the call finish after the backstop gave up."""
-        future = asyncio.get_running_loop().run_in_executor(self.pool, functools.partial(fn, *args, **kwargs))
+        future = asyncio.get_running_loop().run_in_executor(
+            self.pool, functools.partial(fn, *args, **kwargs)
+        )
         try:
             return await asyncio.wait_for(asyncio.shield(future), 2 * self.timeout + 1)
         except TimeoutError:
-            if on_late is not None:  # the done callback runs on the event loop: the late call goes to the pool
-                future.add_done_callback(lambda done: done.cancelled() or done.exception() is not None
-                                         or self.pool.submit(on_late, done.result()))
-            raise StorageUnavailable(f"storage did not answer within {self.timeout:g}s", settled=False) from None
+            if (
+                on_late is not None
+            ):  # the done callback runs on the event loop: the late call goes to the pool
+                future.add_done_callback(
+                    lambda done: (
+                        done.cancelled()
+                        or done.exception() is not None
+                        or self.pool.submit(on_late, done.result())
+                    )
+                )
+            raise StorageUnavailable(
+                f"storage did not answer within {self.timeout:g}s", settled=False
+            ) from None
         except self.errors as error:
             raise StorageUnavailable(f"storage failed ({type(error).__name__})") from error
 
@@ -145,10 +166,14 @@ class Service:
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         # an absent device is an error before anything loads (docs/design.md §devices)
-        self.device = None if config.model.upstream is not None else resolve_device(config.model.device)
+        self.device = (
+            None if config.model.upstream is not None else resolve_device(config.model.device)
+        )
         model, card, scenario = load_model(config)
         self.model = model
-        self.upstream = model if isinstance(model, UpstreamModel) else None  # a gateway (docs/design.md §gateway)
+        self.upstream = (
+            model if isinstance(model, UpstreamModel) else None
+        )  # a gateway (docs/design.md §gateway)
         self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment]
         self.classes = class_names(config, card)
         storage = config.storage
@@ -156,36 +181,62 @@ class Service:
         if config.ownership is not None:
             from mirage.serve.evidence import DeferredEvidence, EvidenceStore
 
-            self.evidence = DeferredEvidence(EvidenceStore(config.ownership.evidence, config.ownership.max_items,
-                                                           timeout=storage.timeout_s))
+            self.evidence = DeferredEvidence(
+                EvidenceStore(
+                    config.ownership.evidence, config.ownership.max_items, timeout=storage.timeout_s
+                )
+            )
         detection = config.detection
-        self.defenses = ServedDefenses(config.defense, scenario, model, card, ownership=config.ownership,
-                                       evidence=self.evidence,
-                                       alarm=detection.alarm_defense if detection is not None else None)
+        self.defenses = ServedDefenses(
+            config.defense,
+            scenario,
+            model,
+            card,
+            ownership=config.ownership,
+            evidence=self.evidence,
+            alarm=detection.alarm_defense if detection is not None else None,
+        )
         self.watch = StreamWatch(detection, self._alarm) if detection is not None else None
         self._defense_alarms: set[str] = set()
         self.keys = KeyRing(config.clients)
         self.quotas = open_store(config)
-        self.audit = AuditLog(config.audit_path, timeout=storage.timeout_s,
-                              events_retention_days=storage.events_retention_days)
+        self.audit = AuditLog(
+            config.audit_path,
+            timeout=storage.timeout_s,
+            events_retention_days=storage.events_retention_days,
+        )
         self.storage = StorageCalls(storage.timeout_s)
         self._one_file = storage.backend == "sqlite" and config.audit_path == storage.database
-        kept, released = self.quotas.reconcile(self.audit.answered, lease=storage.reservation_lease_s)
+        kept, released = self.quotas.reconcile(
+            self.audit.answered, lease=storage.reservation_lease_s
+        )
         if kept or released:
-            log.warning("settled the reservations of a process that is gone: %d kept (answered), "
-                        "%d released (unanswered)", kept, released)
+            log.warning(
+                "settled the reservations of a process that is gone: %d kept (answered), "
+                "%d released (unanswered)",
+                kept,
+                released,
+            )
         self.reconciled = (kept, released)
-        self._unreleased: list[tuple[ClientConfig, str]] = []  # charges to settle once storage recovers
+        self._unreleased: list[
+            tuple[ClientConfig, str]
+        ] = []  # charges to settle once storage recovers
         self._unreleased_lock = threading.Lock()
         self._health: tuple[float, str | None] = (-math.inf, None)
         self._health_lock = asyncio.Lock()
         self.metrics = Metrics()
         limits = config.limits
         workers = limits.model_workers or (4 if self.upstream is not None else 1)
-        self.batcher = MicroBatcher(on_device(self.model, self.device), self.defenses,
-                                    max_images=limits.microbatch_images,
-                                    max_wait=limits.microbatch_wait_ms / 1000, metrics=self.metrics,
-                                    model_name=config.model.name, workers=workers, evidence=self.evidence)
+        self.batcher = MicroBatcher(
+            on_device(self.model, self.device),
+            self.defenses,
+            max_images=limits.microbatch_images,
+            max_wait=limits.microbatch_wait_ms / 1000,
+            metrics=self.metrics,
+            model_name=config.model.name,
+            workers=workers,
+            evidence=self.evidence,
+        )
 
     def summary(self) -> str:
         """What this service serves and how, in a few lines for the operator at start (logged at
@@ -196,26 +247,45 @@ class Service:
         limits = config.limits
         shape = "×".join(map(str, self.input_shape))
         device = "the upstream's" if self.device is None else self.device
-        model = (f"model {config.model.name!r}: {self._model_source()}; input {shape}, {len(self.classes)} classes "
-                 f"({_few(self.classes)}); device {device}")
+        model = (
+            f"model {config.model.name!r}: {self._model_source()}; input {shape}, {len(self.classes)} classes "
+            f"({_few(self.classes)}); device {device}"
+        )
         lines = [model, *self._defense_summary()]
         ownership = config.ownership
-        lines.append("ownership: off" if ownership is None else
-                     f"ownership: on, {len(ownership.watermark)} watermark layer(s); evidence {ownership.evidence} "
-                     f"(at most {ownership.max_items} per client)")
+        lines.append(
+            "ownership: off"
+            if ownership is None
+            else f"ownership: on, {len(ownership.watermark)} watermark layer(s); evidence {ownership.evidence} "
+            f"(at most {ownership.max_items} per client)"
+        )
         detection = config.detection
         if detection is None:
             lines.append("detection: off")
         else:
-            switch = f" to {detection.alarm_defense.name}" if detection.alarm_defense is not None else ""
-            lines.append(f"detection: on, PRADA (delta {detection.prada.delta:g}); on alarm: "
-                         f"{detection.on_alarm}{switch}")
+            switch = (
+                f" to {detection.alarm_defense.name}" if detection.alarm_defense is not None else ""
+            )
+            lines.append(
+                f"detection: on, PRADA (delta {detection.prada.delta:g}); on alarm: "
+                f"{detection.on_alarm}{switch}"
+            )
         storage = config.storage
-        where = f"redis {_without_credentials(storage.url)}" if storage.backend == "redis" else f"sqlite {storage.database}"
+        where = (
+            f"redis {_without_credentials(storage.url)}"
+            if storage.backend == "redis"
+            else f"sqlite {storage.database}"
+        )
         lines.append(f"storage: {where}; audit log {config.audit_path}")
-        lines.append("grpc: off" if config.grpc is None else f"grpc: on, {config.grpc.host}:{config.grpc.port}")
-        lines.append(f"clients: {len(config.clients)}; limits: max_batch {limits.max_batch}, max_payload_bytes "
-                     f"{limits.max_payload_bytes}")
+        lines.append(
+            "grpc: off"
+            if config.grpc is None
+            else f"grpc: on, {config.grpc.host}:{config.grpc.port}"
+        )
+        lines.append(
+            f"clients: {len(config.clients)}; limits: max_batch {limits.max_batch}, max_payload_bytes "
+            f"{limits.max_payload_bytes}"
+        )
         return "\n".join(lines)
 
     def _model_source(self) -> str:
@@ -228,21 +298,28 @@ class Service:
             return f"checkpoint {source.checkpoint}"
         if source.path is not None:
             return f"{source.file_format} file {source.path}"
-        retrained = f" trained with {self.config.defense.name}" if self.config.defense.training_time else ""
+        retrained = (
+            f" trained with {self.config.defense.name}" if self.config.defense.training_time else ""
+        )
         return f"scenario {source.scenario!r} (its victim{retrained})"
 
     def _defense_summary(self) -> list[str]:
         """The defense line and, for a query-time defense, its parts' line."""
         spec = self.config.defense
         described = self.defenses.describe()
-        public = {k: v for k, v in described["params"].items()
-                  if v is not None and not (isinstance(v, str) and v.startswith("<") and v.endswith(">"))}
+        public = {
+            k: v
+            for k, v in described["params"].items()
+            if v is not None and not (isinstance(v, str) and v.startswith("<") and v.endswith(">"))
+        }
         params = ", ".join(f"{k}={v}" for k, v in public.items())
         if spec.name == "none":
             return ["defense: none (the model's answers as they are)"]
         if spec.training_time:
-            return [f"defense: {spec.name}, training-time (the served victim was trained with it)"
-                    + (f"; {params}" if params else "")]
+            return [
+                f"defense: {spec.name}, training-time (the served victim was trained with it)"
+                + (f"; {params}" if params else "")
+            ]
         sharing = "one instance per client" if spec.per_client else "one shared instance"
         if spec.seed_per_client:
             sharing += ", seeded per client"
@@ -252,18 +329,26 @@ class Service:
         if isinstance(parts.surrogate, str):
             found.append(f"surrogate {parts.surrogate} (trained for the scenario)")
         elif isinstance(parts.surrogate, list):
-            found.append(f"surrogate ensemble of {len(parts.surrogate)}: {', '.join(map(str, parts.surrogate))}")
+            found.append(
+                f"surrogate ensemble of {len(parts.surrogate)}: {', '.join(map(str, parts.surrogate))}"
+            )
         elif parts.surrogate is not None:
             found.append(f"surrogate {parts.surrogate}")
         if parts.gate is not None:
-            found.append(f"gate {parts.gate.score}, tau {resolved['tau']:.6g} (benign FPR {parts.gate.benign_fpr:g})")
+            found.append(
+                f"gate {parts.gate.score}, tau {resolved['tau']:.6g} (benign FPR {parts.gate.benign_fpr:g})"
+            )
         if parts.reference is not None:
             found.append(f"reference set of {parts.reference.size} images")
         if parts.watermark is not None:
-            found.append(f"watermark set: {parts.watermark.size} images of class {parts.watermark.source_class} "
-                         f"-> {parts.watermark.target_class}")
+            found.append(
+                f"watermark set: {parts.watermark.size} images of class {parts.watermark.source_class} "
+                f"-> {parts.watermark.target_class}"
+            )
         if isinstance(parts.misinformation, tuple):
-            found.append(f"detector {parts.misinformation[0]}, misinformation model {parts.misinformation[1]}")
+            found.append(
+                f"detector {parts.misinformation[0]}, misinformation model {parts.misinformation[1]}"
+            )
         elif parts.misinformation is not None:
             found.append("detector and misinformation model trained for the scenario")
         if found:
@@ -292,7 +377,9 @@ class Service:
         if digest is None or not hmac.compare_digest(hash_key(key), digest):
             raise InvalidKey("invalid metrics token")
 
-    async def _checked(self, source: str, headers: Headers, what: str, check: Callable[[str], T]) -> T:
+    async def _checked(
+        self, source: str, headers: Headers, what: str, check: Callable[[str], T]
+    ) -> T:
         """``check(key)`` on the presented key. A source address that failed
         ``access.auth_failures`` times in its window gets 429 until the window ends; every failure
         up to there is written to the audit log, the one that starts the throttle as
@@ -301,60 +388,91 @@ class Service:
         access = self.config.access
         key = presented_key(headers)
         if (wait := await self._auth_wait(source)) is not None:
-            raise AuthThrottled(f"too many failed authentications from {source}; retry in {wait:.0f}s",
-                                retry_after=wait)
+            raise AuthThrottled(
+                f"too many failed authentications from {source}; retry in {wait:.0f}s",
+                retry_after=wait,
+            )
         try:
             return check(key)
         except (MissingKey, InvalidKey) as error:
-            failures = await self._nothing_charged(self.quotas.auth_failed, source, access.auth_window_s)
-            if failures > access.auth_failures:  # concurrent failures passed the check above together
+            failures = await self._nothing_charged(
+                self.quotas.auth_failed, source, access.auth_window_s
+            )
+            if (
+                failures > access.auth_failures
+            ):  # concurrent failures passed the check above together
                 wait = await self._auth_wait(source) or access.auth_window_s
-                raise AuthThrottled(f"too many failed authentications from {source}; retry in {wait:.0f}s",
-                                    retry_after=wait) from None
+                raise AuthThrottled(
+                    f"too many failed authentications from {source}; retry in {wait:.0f}s",
+                    retry_after=wait,
+                ) from None
             kind = "auth_failed" if failures < access.auth_failures else "auth_throttled"
-            await self._nothing_charged(self.audit.record_event, kind, source=source,
-                                        detail=f"{error.reason}: {what[:200]}")
+            await self._nothing_charged(
+                self.audit.record_event, kind, source=source, detail=f"{error.reason}: {what[:200]}"
+            )
             raise
 
     async def _auth_wait(self, source: str) -> float | None:
         access = self.config.access
-        return await self._nothing_charged(self.quotas.auth_throttled, source, access.auth_window_s,
-                                           access.auth_failures)
+        return await self._nothing_charged(
+            self.quotas.auth_throttled, source, access.auth_window_s, access.auth_failures
+        )
 
     def check_model(self, name: str, version: str | None = None) -> None:
         """The model of a path, and its version on a ``/versions/{v}`` path (OIP V2 REST)."""
         if name != self.config.model.name:
             raise UnknownModel(f"unknown model {name[:64]!r}")
         if version is not None and version not in VERSIONS:
-            raise UnknownVersion(f"model {name!r} has no version {version[:64]!r}; its versions are {list(VERSIONS)}")
+            raise UnknownVersion(
+                f"model {name!r} has no version {version[:64]!r}; its versions are {list(VERSIONS)}"
+            )
 
     async def metadata(self, client: ClientConfig) -> dict[str, Any]:
         limits = self.config.limits
         used = await self.storage(self.quotas.used, client.name)
         return model_metadata(
-            self.config.model.name, self.input_shape, self.classes, platform=platform(self.config.model),
+            self.config.model.name,
+            self.input_shape,
+            self.classes,
+            platform=platform(self.config.model),
             defense=self.defenses.describe() if self.config.access.disclose_defense else None,
             limits={"max_batch": limits.max_batch, "max_payload_bytes": limits.max_payload_bytes},
-            client=self._client_metadata(client, used))
+            client=self._client_metadata(client, used),
+        )
 
     def _client_metadata(self, client: ClientConfig, used: int) -> dict[str, Any]:
         """The client's quota and limits; whether its query stream is flagged only when the
         defense is disclosed (``access.disclose_defense``): by default an attacker is not told."""
-        meta = {"name": client.name, "quota": client.quota, "queries_used": used,
-                "rate": client.rate, "burst": client.bucket_capacity}
+        meta = {
+            "name": client.name,
+            "quota": client.quota,
+            "queries_used": used,
+            "rate": client.rate,
+            "burst": client.bucket_capacity,
+        }
         if self.watch is not None and self.config.access.disclose_defense:
-            meta.update(flagged=self.watch.alarmed(client.name), on_alarm=self.watch.config.on_alarm)
+            meta.update(
+                flagged=self.watch.alarmed(client.name), on_alarm=self.watch.config.on_alarm
+            )
         return meta
 
     def _alarm(self, client: str, state: ClientStream) -> None:
         """A client's first PRADA alarm: one audit event, the metric, a warning."""
         detection = self.watch.config
-        detail = (f"queries={state.alarm_at} W={state.statistic:.4f} delta={detection.prada.delta} "
-                  f"on_alarm={detection.on_alarm}")
+        detail = (
+            f"queries={state.alarm_at} W={state.statistic:.4f} delta={detection.prada.delta} "
+            f"on_alarm={detection.on_alarm}"
+        )
         self.audit.record_event("prada_alarm", source=client, detail=detail)
         self.metrics.inc("mirage_prada_alarms_total", client=client, model=self.config.model.name)
-        log.warning("PRADA alarm for client %s after %d queries (Shapiro-Wilk W %.4f < delta %s); on_alarm=%s",
-                    client, state.alarm_at, state.statistic, detection.prada.delta, detection.on_alarm)
+        log.warning(
+            "PRADA alarm for client %s after %d queries (Shapiro-Wilk W %.4f < delta %s); on_alarm=%s",
+            client,
+            state.alarm_at,
+            state.statistic,
+            detection.prada.delta,
+            detection.on_alarm,
+        )
 
     def _new_defense_alarm(self, key: str) -> int | None:
         """Where the defense instance of ``key`` raised its own stream alarm (``Defense.stream_alarm``,
@@ -368,12 +486,17 @@ class Service:
 
     def _record_defense_alarm(self, client: str, position: int) -> None:
         """A client's first defense alarm: one audit event, the metric, a warning."""
-        self.audit.record_event("defense_alarm", source=client,
-                                detail=f"queries={position} defense={self.config.defense.name}")
+        self.audit.record_event(
+            "defense_alarm",
+            source=client,
+            detail=f"queries={position} defense={self.config.defense.name}",
+        )
         self.metrics.inc("mirage_defense_alarms_total", client=client, model=self.config.model.name)
         log.warning("the defense raised a stream alarm for client %s at query %d", client, position)
 
-    async def infer(self, name: str, request: Request, version: str | None = None) -> tuple[bytes, dict[str, str]]:
+    async def infer(
+        self, name: str, request: Request, version: str | None = None
+    ) -> tuple[bytes, dict[str, str]]:
         """The response body and headers to one REST inference request (JSON or binary tensor
         data): :meth:`admit`, the body read within what ``max_batch`` images can need, then
         :meth:`answer`.
@@ -387,12 +510,27 @@ class Service:
         client = await self.authenticate(request)
         alarmed, _ = await self.admit(client, name, version)
         limits = self.config.limits
-        body = await read_body(request, body_limit(limits.max_batch, self.input_shape, limits.max_payload_bytes),
-                               limits.body_timeout_s)
-        parsed = await asyncio.to_thread(parse_infer_request, body, self.input_shape, limits.max_batch,
-                                         request.headers.get(HEADER_LENGTH))
-        served, used = await self.answer(client, name, parsed.images, parsed.id, alarmed=alarmed,
-                                         hung_up=lambda: _hung_up(request), start=start)
+        body = await read_body(
+            request,
+            body_limit(limits.max_batch, self.input_shape, limits.max_payload_bytes),
+            limits.body_timeout_s,
+        )
+        parsed = await asyncio.to_thread(
+            parse_infer_request,
+            body,
+            self.input_shape,
+            limits.max_batch,
+            request.headers.get(HEADER_LENGTH),
+        )
+        served, used = await self.answer(
+            client,
+            name,
+            parsed.images,
+            parsed.id,
+            alarmed=alarmed,
+            hung_up=lambda: _hung_up(request),
+            start=start,
+        )
         return infer_response(name, parsed, served, queries_used=used, query_budget=client.quota)
 
     async def admit(self, client: ClientConfig, name: str, version: str | None) -> tuple[bool, int]:
@@ -402,13 +540,24 @@ class Service:
         self.check_model(name, version)
         alarmed = self.watch is not None and self.watch.alarmed(client.name)
         if alarmed and self.watch.config.on_alarm == "refuse":
-            raise QueryStreamRefused(f"client {client.name!r} is refused: its query stream raised an alarm")
+            raise QueryStreamRefused(
+                f"client {client.name!r} is refused: its query stream raised an alarm"
+            )
         limits = self.config.limits
         room = await self._nothing_charged(self.quotas.headroom, client)
         return alarmed, limits.max_batch if room is None else min(limits.max_batch, room)
 
-    async def answer(self, client: ClientConfig, name: str, images: np.ndarray, request_id: str | None, *,
-                     alarmed: bool, hung_up: Callable[[], Awaitable[Any]], start: float) -> tuple[np.ndarray, int]:
+    async def answer(
+        self,
+        client: ClientConfig,
+        name: str,
+        images: np.ndarray,
+        request_id: str | None,
+        *,
+        alarmed: bool,
+        hung_up: Callable[[], Awaitable[Any]],
+        start: float,
+    ) -> tuple[np.ndarray, int]:
         """The served answers (B, K) to a client's validated images (B, C, H, W) float32, and its
         queries used, whatever the transport; ``hung_up()`` returns once the client is gone.
 
@@ -418,25 +567,47 @@ class Service:
         when the client hung up meanwhile (its audit row says ``delivered = 0``). Ownership
         evidence is written only for a request that is answered and charged."""
         n = len(images)
-        used, reservation = await self._nothing_charged(self.quotas.reserve, client, n,
-                                                        on_late=lambda done: self._release_later(client, done[1]))
+        used, reservation = await self._nothing_charged(
+            self.quotas.reserve,
+            client,
+            n,
+            on_late=lambda done: self._release_later(client, done[1]),
+        )
         key = self.defenses.key(client.name, alarmed=alarmed)
         try:
-            answer, gone = await self._computed(hung_up, self.batcher.submit(key, torch.from_numpy(images), client.name))
+            answer, gone = await self._computed(
+                hung_up, self.batcher.submit(key, torch.from_numpy(images), client.name)
+            )
             served = answer.served.numpy()
-            await self.storage(self.audit.record, client=client.name, model=name, request_id=request_id,
-                               images=images, served=served, reservation=reservation, settle=self._one_file,
-                               delivered=not gone)
+            await self.storage(
+                self.audit.record,
+                client=client.name,
+                model=name,
+                request_id=request_id,
+                images=images,
+                served=served,
+                reservation=reservation,
+                settle=self._one_file,
+                delivered=not gone,
+            )
         except BaseException as error:  # noqa: BLE001 — every failure releases, then re-raises (a typed error)
             raise await self._unanswered(client, reservation, n, error) from None
         if not self._one_file:
             try:
                 await self.storage(self.quotas.commit, reservation)
-            except StorageUnavailable as error:  # the audit row stands: the charge is kept when reconciled
-                log.warning("could not commit the reservation of client %s (%s); its answer is audited, so the "
-                            "charge stands and is settled as kept", client.name, error.message)
+            except (
+                StorageUnavailable
+            ) as error:  # the audit row stands: the charge is kept when reconciled
+                log.warning(
+                    "could not commit the reservation of client %s (%s); its answer is audited, so the "
+                    "charge stands and is settled as kept",
+                    client.name,
+                    error.message,
+                )
         if gone:
-            log.info("client %s hung up after its %d images ran; charged, not delivered", client.name, n)
+            log.info(
+                "client %s hung up after its %d images ran; charged, not delivered", client.name, n
+            )
             raise ClientGone("the client hung up after its images ran; charged")
         if answer.evidence:
             await self._write_evidence(client.name, answer.evidence)
@@ -447,7 +618,9 @@ class Service:
         labels = {"model": name, "client": client.name}
         self.metrics.inc("mirage_requests_total", **labels)
         self.metrics.inc("mirage_queries_total", n, **labels)
-        self.metrics.observe("mirage_request_latency_seconds", time.perf_counter() - start, model=name)
+        self.metrics.observe(
+            "mirage_request_latency_seconds", time.perf_counter() - start, model=name
+        )
         return served, used
 
     async def _nothing_charged(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
@@ -455,10 +628,14 @@ class Service:
         try:
             return await self.storage(fn, *args, **kwargs)
         except StorageUnavailable as error:
-            raise StorageUnavailable(f"{error.message}; the request was not answered and nothing was charged",
-                                     retry_after=1) from None
+            raise StorageUnavailable(
+                f"{error.message}; the request was not answered and nothing was charged",
+                retry_after=1,
+            ) from None
 
-    async def _computed(self, hung_up: Callable[[], Awaitable[Any]], future: Future) -> tuple[Answer, bool]:
+    async def _computed(
+        self, hung_up: Callable[[], Awaitable[Any]], future: Future
+    ) -> tuple[Answer, bool]:
         """The job's answer, and whether the client hung up meanwhile. A client that hangs up
         before a worker took its job has the job dropped (:class:`ClientGone`, nothing computed);
         once the job runs, it runs to the end."""
@@ -467,7 +644,9 @@ class Service:
         try:
             await asyncio.wait({answer, gone}, return_when=asyncio.FIRST_COMPLETED)
             if not answer.done() and future.cancel():
-                raise ClientGone("the client hung up before its images ran; nothing was computed or charged")
+                raise ClientGone(
+                    "the client hung up before its images ran; nothing was computed or charged"
+                )
             return await answer, gone.done()
         except asyncio.CancelledError:
             future.cancel()
@@ -475,10 +654,14 @@ class Service:
         finally:
             gone.cancel()
 
-    async def _unanswered(self, client: ClientConfig, reservation: str, n: int, error: BaseException) -> BaseException:
+    async def _unanswered(
+        self, client: ClientConfig, reservation: str, n: int, error: BaseException
+    ) -> BaseException:
         """Release the reservation of a request that will not be answered, and the error to
         raise, whose message says truly what was charged."""
-        unknown = isinstance(error, StorageUnavailable) and not error.settled  # the audit write may yet land
+        unknown = (
+            isinstance(error, StorageUnavailable) and not error.settled
+        )  # the audit write may yet land
         if unknown:
             self._hold(client, reservation)  # settled against the audit log later
         else:
@@ -486,28 +669,44 @@ class Service:
                 await asyncio.shield(self.storage(self.quotas.release, client, reservation))
             except StorageUnavailable as failure:
                 unknown = True
-                log.warning("could not release the reservation of client %s (%s); retried when storage recovers",
-                            client.name, failure.message)
+                log.warning(
+                    "could not release the reservation of client %s (%s); retried when storage recovers",
+                    client.name,
+                    failure.message,
+                )
                 self._hold(client, reservation)
-        held = (f"its charge of {n} queries is held as a reservation and settled against the audit log once "
-                "storage recovers (released unless the answer was recorded)")
+        held = (
+            f"its charge of {n} queries is held as a reservation and settled against the audit log once "
+            "storage recovers (released unless the answer was recorded)"
+        )
         if isinstance(error, ClientGone):
             log.info("client %s hung up; its %d queries were released", client.name, n)
             return error
         if isinstance(error, StorageUnavailable):
-            return StorageUnavailable(f"{error.message} while recording the answer; the request was not answered "
-                                      f"and {held if unknown else 'nothing was charged'}", retry_after=1)
+            return StorageUnavailable(
+                f"{error.message} while recording the answer; the request was not answered "
+                f"and {held if unknown else 'nothing was charged'}",
+                retry_after=1,
+            )
         if unknown:
-            return StorageUnavailable(f"the request failed ({_short(error)}) and storage failed too; {held}",
-                                      retry_after=1)
+            return StorageUnavailable(
+                f"the request failed ({_short(error)}) and storage failed too; {held}",
+                retry_after=1,
+            )
         if isinstance(error, UpstreamError):  # a gateway's upstream failed: 502 or 504, not 500
-            log.warning("the upstream failed for client %s; its %d queries were released: %s",
-                        client.name, n, error.message)
+            log.warning(
+                "the upstream failed for client %s; its %d queries were released: %s",
+                client.name,
+                n,
+                error.message,
+            )
             return type(error)(f"{error.message}; the queries were not charged")
         if isinstance(error, Exception):
             log.error("inference failed for client %s", client.name, exc_info=error)
-            return InferenceFailed(f"the model or defense failed ({type(error).__name__}); "
-                                   "the queries were not charged")
+            return InferenceFailed(
+                f"the model or defense failed ({type(error).__name__}); "
+                "the queries were not charged"
+            )
         return error
 
     def _hold(self, client: ClientConfig, reservation: str) -> None:
@@ -528,7 +727,12 @@ class Service:
         try:
             await self.storage(self.evidence.store.write, records)
         except StorageUnavailable as error:
-            log.warning("could not keep %d evidence rows of client %s: %s", len(records), client, error.message)
+            log.warning(
+                "could not keep %d evidence rows of client %s: %s",
+                len(records),
+                client,
+                error.message,
+            )
 
     async def _observe(self, client: str, images: Any, served: Any) -> None:
         """Feed an answered (and audited) request to the detector, in a worker thread that runs
@@ -537,7 +741,9 @@ class Service:
         try:
             await asyncio.to_thread(self.watch.observe, client, images, served)
         except Exception:
-            log.exception("the query-stream detector failed for client %s; its answer stands", client)
+            log.exception(
+                "the query-stream detector failed for client %s; its answer stands", client
+            )
 
     def render_metrics(self, per_client: bool) -> str:
         if not per_client:
@@ -545,8 +751,12 @@ class Service:
         usage = self.quotas.usage()
         names = [c.name for c in self.config.clients]
         gauges = {
-            "mirage_client_queries_used": {(("client", c),): usage.get(c, (0, 0))[0] for c in names},
-            "mirage_client_requests_used": {(("client", c),): usage.get(c, (0, 0))[1] for c in names},
+            "mirage_client_queries_used": {
+                (("client", c),): usage.get(c, (0, 0))[0] for c in names
+            },
+            "mirage_client_requests_used": {
+                (("client", c),): usage.get(c, (0, 0))[1] for c in names
+            },
         }
         return self.metrics.render(gauges)
 
@@ -625,7 +835,11 @@ async def _hung_up(request: Request) -> None:
 
 def _few(names: list[str], shown: int = 4) -> str:
     """``0, 1, 2, …, 9``: the first names and the last."""
-    return ", ".join(names) if len(names) <= shown + 1 else f"{', '.join(names[:shown])}, …, {names[-1]}"
+    return (
+        ", ".join(names)
+        if len(names) <= shown + 1
+        else f"{', '.join(names[:shown])}, …, {names[-1]}"
+    )
 
 
 def _without_credentials(url: str | None) -> str:

@@ -31,8 +31,16 @@ from mirage.scenarios import Scenario
 
 log = logging.getLogger(__name__)
 
-DPSGD_TRAINING = TrainConfig(epochs=10, batch_size=256, lr=0.5, momentum=0.9, nesterov=False,
-                             weight_decay=0.0, schedule="cosine", seed=0)
+DPSGD_TRAINING = TrainConfig(
+    epochs=10,
+    batch_size=256,
+    lr=0.5,
+    momentum=0.9,
+    nesterov=False,
+    weight_decay=0.0,
+    schedule="cosine",
+    seed=0,
+)
 
 
 class DpsgdConfig(BaseModel):
@@ -45,11 +53,19 @@ class DpsgdConfig(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1, description="δ of the reported (ε, δ)")
     accountant: Literal["rdp", "prv", "gdp"] = "rdp"
     training: TrainConfig = DPSGD_TRAINING
-    num_train: int | None = Field(None, ge=1, description="subsample of the training set (all if None)")
+    num_train: int | None = Field(
+        None, ge=1, description="subsample of the training set (all if None)"
+    )
 
 
-def train_dpsgd(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, config: DpsgdConfig,
-                *, show_progress: bool = True) -> dict:
+def train_dpsgd(
+    model: ImageClassifier,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: DpsgdConfig,
+    *,
+    show_progress: bool = True,
+) -> dict:
     """Train ``model`` in place with DP-SGD; returns ε, δ, steps and wall time."""
     from opacus import PrivacyEngine
     from opacus.validators import ModuleValidator
@@ -59,16 +75,22 @@ def train_dpsgd(model: ImageClassifier, images: torch.Tensor, labels: torch.Tens
         raise ValueError(f"model is not DP-SGD compatible: {errors}")
     tc = config.training
     generator = torch.Generator().manual_seed(tc.seed)
-    loader = DataLoader(TensorDataset(images, labels), batch_size=tc.batch_size, shuffle=True,
-                        generator=generator)
+    loader = DataLoader(
+        TensorDataset(images, labels), batch_size=tc.batch_size, shuffle=True, generator=generator
+    )
     optimizer = make_optimizer(model, tc)
     engine = PrivacyEngine(accountant=config.accountant)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
         private, dp_optimizer, dp_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader,
-            noise_multiplier=config.noise_multiplier, max_grad_norm=config.max_grad_norm,
-            poisson_sampling=True, noise_generator=torch.Generator().manual_seed(tc.seed + 1))
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=config.noise_multiplier,
+            max_grad_norm=config.max_grad_norm,
+            poisson_sampling=True,
+            noise_generator=torch.Generator().manual_seed(tc.seed + 1),
+        )
     steps = len(dp_loader)
     schedule = make_schedule(optimizer, tc, tc.epochs * steps)
     start, last = time.perf_counter(), float("nan")
@@ -85,17 +107,29 @@ def train_dpsgd(model: ImageClassifier, images: torch.Tensor, labels: torch.Tens
                 schedule.step()
                 last = float(loss.detach())
                 advance(1, loss=last)
-            log.info("DP-SGD epoch %d/%d: loss %.4f, ε = %.3f", epoch + 1, tc.epochs, last,
-                     engine.get_epsilon(config.delta))
+            log.info(
+                "DP-SGD epoch %d/%d: loss %.4f, ε = %.3f",
+                epoch + 1,
+                tc.epochs,
+                last,
+                engine.get_epsilon(config.delta),
+            )
     epsilon = float(engine.get_epsilon(config.delta))
     if hasattr(private, "_close"):
         private._close()
-    return {"epsilon": epsilon, "delta": config.delta, "steps": tc.epochs * steps,
-            "sample_rate": 1 / steps, "final_loss": last, "seconds": time.perf_counter() - start}
+    return {
+        "epsilon": epsilon,
+        "delta": config.delta,
+        "steps": tc.epochs * steps,
+        "sample_rate": 1 / steps,
+        "final_loss": last,
+        "seconds": time.perf_counter() - start,
+    }
 
 
-def train_dpsgd_victim(scenario: Scenario, config: DpsgdConfig, *, show_progress: bool = True
-                       ) -> tuple[ImageClassifier, ModelCard]:
+def train_dpsgd_victim(
+    scenario: Scenario, config: DpsgdConfig, *, show_progress: bool = True
+) -> tuple[ImageClassifier, ModelCard]:
     """Train the scenario's victim with DP-SGD (no caching; see :mod:`mirage.training.registry`)."""
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     train = data.train.sample(config.num_train, config.training.seed)
@@ -103,8 +137,14 @@ def train_dpsgd_victim(scenario: Scenario, config: DpsgdConfig, *, show_progress
     def build() -> ImageClassifier:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.training.seed)
-            return create_model(scenario.architecture, data.input_shape, data.num_classes, data.mean,
-                                data.std, **scenario.arch_kwargs)
+            return create_model(
+                scenario.architecture,
+                data.input_shape,
+                data.num_classes,
+                data.mean,
+                data.std,
+                **scenario.arch_kwargs,
+            )
 
     working = build()
     stats = train_dpsgd(working, train.images, train.labels, config, show_progress=show_progress)
@@ -114,10 +154,16 @@ def train_dpsgd_victim(scenario: Scenario, config: DpsgdConfig, *, show_progress
     if not math.isfinite(stats["epsilon"]):
         raise RuntimeError(f"the accountant returned ε = {stats['epsilon']}")
     card = ModelCard(
-        architecture=scenario.architecture, arch_kwargs=scenario.arch_kwargs,
-        input_shape=data.input_shape, num_classes=data.num_classes, mean=data.mean, std=data.std,
-        dataset=scenario.victim_dataset, test_accuracy=accuracy(model, data.test),
-        seed=config.training.seed, train_seconds=stats["seconds"],
+        architecture=scenario.architecture,
+        arch_kwargs=scenario.arch_kwargs,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        mean=data.mean,
+        std=data.std,
+        dataset=scenario.victim_dataset,
+        test_accuracy=accuracy(model, data.test),
+        seed=config.training.seed,
+        train_seconds=stats["seconds"],
         training={"defense": "dpsgd", "config": config.model_dump(mode="json"), **stats},
     )
     return model, card

@@ -68,10 +68,26 @@ from mirage.scenarios import Scenario
 
 log = logging.getLogger(__name__)
 
-INI_VICTIM_TRAINING = TrainConfig(epochs=50, batch_size=128, lr=0.1, momentum=0.5, nesterov=False,
-                                  weight_decay=1e-3, schedule="step", seed=0)
-INI_STUDENT_TRAINING = TrainConfig(epochs=50, batch_size=128, lr=0.1, momentum=0.5, nesterov=False,
-                                   weight_decay=5e-4, schedule="constant", seed=1)
+INI_VICTIM_TRAINING = TrainConfig(
+    epochs=50,
+    batch_size=128,
+    lr=0.1,
+    momentum=0.5,
+    nesterov=False,
+    weight_decay=1e-3,
+    schedule="step",
+    seed=0,
+)
+INI_STUDENT_TRAINING = TrainConfig(
+    epochs=50,
+    batch_size=128,
+    lr=0.1,
+    momentum=0.5,
+    nesterov=False,
+    weight_decay=5e-4,
+    schedule="constant",
+    seed=1,
+)
 
 TERMS = ("benign", "dist_in", "dist_ood", "grad_cos", "grad_norm")
 
@@ -88,7 +104,9 @@ class IniConfig(BaseModel):
     distance: Literal["l1", "kl"] = "l1"
     grad_norm: Literal["mean-abs", "l2"] = "mean-abs"
     pcgrad: bool = True
-    max_grad_norm: float | None = Field(10.0, gt=0, description="clip V's summed gradient (no PCGrad)")
+    max_grad_norm: float | None = Field(
+        10.0, gt=0, description="clip V's summed gradient (no PCGrad)"
+    )
     student_steps: int = Field(1, ge=0, description="student updates per victim step (0: frozen)")
     training: TrainConfig = INI_VICTIM_TRAINING
     student_training: TrainConfig = INI_STUDENT_TRAINING
@@ -127,8 +145,14 @@ def flat(tensors: tuple[Tensor, ...] | list[Tensor]) -> Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-def ini_terms(victim: nn.Module, student: nn.Module, x_in: Tensor, y_in: Tensor, x_ood: Tensor,
-              config: IniConfig) -> dict[str, Tensor]:
+def ini_terms(
+    victim: nn.Module,
+    student: nn.Module,
+    x_in: Tensor,
+    y_in: Tensor,
+    x_ood: Tensor,
+    config: IniConfig,
+) -> dict[str, Tensor]:
     """The five InI loss terms (unweighted, as scalars differentiable w.r.t. θ_V).
 
     x_in: (B, C, H, W), y_in: (B,), x_ood: (B', C, H, W). Returns ``benign`` = CE(V(x), y),
@@ -162,8 +186,13 @@ def ini_terms(victim: nn.Module, student: nn.Module, x_in: Tensor, y_in: Tensor,
 
 def weighted_terms(terms: dict[str, Tensor], config: IniConfig) -> dict[str, Tensor]:
     """The signed, weighted terms that sum to the InI loss (zero-weight terms dropped)."""
-    weights = {"benign": 1.0, "dist_in": -config.beta, "dist_ood": config.gamma,
-               "grad_cos": config.delta, "grad_norm": config.epsilon_g}
+    weights = {
+        "benign": 1.0,
+        "dist_in": -config.beta,
+        "dist_ood": config.gamma,
+        "grad_cos": config.delta,
+        "grad_norm": config.epsilon_g,
+    }
     return {k: w * terms[k] for k, w in weights.items() if w != 0}
 
 
@@ -200,7 +229,11 @@ def patch_shuffle(x: Tensor, grid: int, generator: torch.Generator) -> Tensor:
     if h % grid or w % grid:
         raise ValueError(f"image size {h}x{w} is not divisible by the patch grid {grid}")
     ph, pw = h // grid, w // grid
-    patches = x.reshape(b, c, grid, ph, grid, pw).permute(0, 2, 4, 1, 3, 5).reshape(b, grid * grid, c, ph, pw)
+    patches = (
+        x.reshape(b, c, grid, ph, grid, pw)
+        .permute(0, 2, 4, 1, 3, 5)
+        .reshape(b, grid * grid, c, ph, pw)
+    )
     order = torch.rand(b, grid * grid, generator=generator).argsort(dim=1)
     shuffled = patches.gather(1, order.view(b, -1, 1, 1, 1).expand_as(patches))
     return shuffled.reshape(b, grid, grid, c, ph, pw).permute(0, 3, 1, 4, 2, 5).reshape(b, c, h, w)
@@ -227,20 +260,37 @@ class _Cycle:
 
     def next(self) -> Tensor:
         if not self._batches:
-            self._batches = list(torch.randperm(len(self.data), generator=self.generator).split(self.batch_size))
+            self._batches = list(
+                torch.randperm(len(self.data), generator=self.generator).split(self.batch_size)
+            )
         return self.data[self._batches.pop()]
 
 
-def victim_step(victim: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer,
-                x_in: Tensor, y_in: Tensor, x_ood: Tensor, config: IniConfig,
-                generator: torch.Generator) -> dict[str, float]:
+def victim_step(
+    victim: nn.Module,
+    student: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x_in: Tensor,
+    y_in: Tensor,
+    x_ood: Tensor,
+    config: IniConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
     """One InI update of θ_V; returns the unweighted term values."""
     params = [p for p in victim.parameters() if p.requires_grad]
     terms = ini_terms(victim, student, x_in, y_in, x_ood, config)
     weighted = list(weighted_terms(terms, config).values())
     if config.pcgrad and len(weighted) > 1:
-        grads = torch.stack([flat(torch.autograd.grad(t, params, retain_graph=True, allow_unused=True,
-                                                      materialize_grads=True)) for t in weighted])
+        grads = torch.stack(
+            [
+                flat(
+                    torch.autograd.grad(
+                        t, params, retain_graph=True, allow_unused=True, materialize_grads=True
+                    )
+                )
+                for t in weighted
+            ]
+        )
         merged = pcgrad(grads, generator)
         offsets = torch.tensor([0] + [p.numel() for p in params]).cumsum(0).tolist()
         for p, lo, hi in zip(params, offsets[:-1], offsets[1:], strict=True):
@@ -257,7 +307,9 @@ def victim_step(victim: nn.Module, student: nn.Module, optimizer: torch.optim.Op
     return {k: float(v.detach()) for k, v in terms.items()}
 
 
-def student_step(victim: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor) -> float:
+def student_step(
+    victim: nn.Module, student: nn.Module, optimizer: torch.optim.Optimizer, x: Tensor
+) -> float:
     """The attacker's move: one soft-label CE step of S towards V's posteriors on x."""
     with torch.no_grad():
         targets = torch.softmax(victim(x), dim=1)
@@ -268,8 +320,16 @@ def student_step(victim: nn.Module, student: nn.Module, optimizer: torch.optim.O
     return float(loss.detach())
 
 
-def train_ini(victim: ImageClassifier, student: ImageClassifier, train: ImageData, ood: Tensor,
-              config: IniConfig, *, ood_transform: bool, show_progress: bool = True) -> dict:
+def train_ini(
+    victim: ImageClassifier,
+    student: ImageClassifier,
+    train: ImageData,
+    ood: Tensor,
+    config: IniConfig,
+    *,
+    ood_transform: bool,
+    show_progress: bool = True,
+) -> dict:
     """Run InI training in place on ``victim`` (and ``student``); returns per-epoch term means."""
     tc = config.training
     generator = torch.Generator().manual_seed(tc.seed)
@@ -290,8 +350,16 @@ def train_ini(victim: ImageClassifier, student: ImageClassifier, train: ImageDat
         for epoch in range(tc.epochs):
             sums = dict.fromkeys(TERMS, 0.0)
             for index in torch.randperm(len(train), generator=generator).split(tc.batch_size):
-                values = victim_step(victim, student, optimizer, train.images[index], train.labels[index],
-                                     draw_ood(), config, generator)
+                values = victim_step(
+                    victim,
+                    student,
+                    optimizer,
+                    train.images[index],
+                    train.labels[index],
+                    draw_ood(),
+                    config,
+                    generator,
+                )
                 schedule.step()
                 for _ in range(config.student_steps):
                     student_step(victim, student, s_optimizer, draw_ood())
@@ -305,8 +373,9 @@ def train_ini(victim: ImageClassifier, student: ImageClassifier, train: ImageDat
     return {"history": history, "seconds": time.perf_counter() - start}
 
 
-def train_ini_victim(scenario: Scenario, config: IniConfig, *, show_progress: bool = True,
-                     models: Path | None = None) -> tuple[ImageClassifier, ModelCard]:
+def train_ini_victim(
+    scenario: Scenario, config: IniConfig, *, show_progress: bool = True, models: Path | None = None
+) -> tuple[ImageClassifier, ModelCard]:
     """Train the scenario's victim with InI (no caching; see :mod:`mirage.training.registry`);
     with ``init = "victim"`` it starts from the plain victim kept under ``models``."""
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
@@ -315,8 +384,14 @@ def train_ini_victim(scenario: Scenario, config: IniConfig, *, show_progress: bo
     def build(seed: int) -> ImageClassifier:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return create_model(scenario.architecture, data.input_shape, data.num_classes, data.mean,
-                                data.std, **scenario.arch_kwargs)
+            return create_model(
+                scenario.architecture,
+                data.input_shape,
+                data.num_classes,
+                data.mean,
+                data.std,
+                **scenario.arch_kwargs,
+            )
 
     victim = build(config.training.seed)
     if config.init == "victim":
@@ -325,15 +400,31 @@ def train_ini_victim(scenario: Scenario, config: IniConfig, *, show_progress: bo
         plain, _, _ = get_victim(scenario, show_progress=show_progress, models=models)
         victim.load_state_dict(plain.state_dict())
     student = build(config.student_training.seed)
-    stats = train_ini(victim, student, train, ood_source(config, train), config,
-                      ood_transform=config.ood == "patch-shuffle", show_progress=show_progress)
+    stats = train_ini(
+        victim,
+        student,
+        train,
+        ood_source(config, train),
+        config,
+        ood_transform=config.ood == "patch-shuffle",
+        show_progress=show_progress,
+    )
     card = ModelCard(
-        architecture=scenario.architecture, arch_kwargs=scenario.arch_kwargs,
-        input_shape=data.input_shape, num_classes=data.num_classes, mean=data.mean, std=data.std,
-        dataset=scenario.victim_dataset, test_accuracy=accuracy(victim, data.test),
-        seed=config.training.seed, train_seconds=stats["seconds"],
-        training={"defense": "ini", "config": config.model_dump(mode="json"),
-                  "student_test_accuracy": accuracy(student, data.test),
-                  "history": stats["history"]},
+        architecture=scenario.architecture,
+        arch_kwargs=scenario.arch_kwargs,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        mean=data.mean,
+        std=data.std,
+        dataset=scenario.victim_dataset,
+        test_accuracy=accuracy(victim, data.test),
+        seed=config.training.seed,
+        train_seconds=stats["seconds"],
+        training={
+            "defense": "ini",
+            "config": config.model_dump(mode="json"),
+            "student_test_accuracy": accuracy(student, data.test),
+            "history": stats["history"],
+        },
     )
     return victim, card

@@ -40,20 +40,29 @@ class MisinformationConfig(BaseModel):
 def _fresh(scenario: Scenario, seed: int) -> ImageClassifier:
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     torch.manual_seed(seed)
-    return create_model(scenario.architecture, data.input_shape, data.num_classes, data.mean,
-                        data.std, **scenario.arch_kwargs)
+    return create_model(
+        scenario.architecture,
+        data.input_shape,
+        data.num_classes,
+        data.mean,
+        data.std,
+        **scenario.arch_kwargs,
+    )
 
 
-def get_misinformation_models(scenario: Scenario, config: MisinformationConfig | None = None, *,
-                              models: Path | None = None) -> tuple[nn.Module, nn.Module]:
+def get_misinformation_models(
+    scenario: Scenario, config: MisinformationConfig | None = None, *, models: Path | None = None
+) -> tuple[nn.Module, nn.Module]:
     """``(oe_model, misinformation_model)`` for the scenario, trained once and kept under
     ``models`` (default :func:`mirage.paths.models_dir`)."""
     from mirage.training.ini import patch_shuffle
     from mirage.training.outlier_exposure import train_misinformation, train_outlier_exposure
 
     config = config or MisinformationConfig()
-    key = config_key("adaptive-misinformation", {"scenario": scenario.model_dump(mode="json"),
-                                                 "config": config.model_dump(mode="json")})
+    key = config_key(
+        "adaptive-misinformation",
+        {"scenario": scenario.model_dump(mode="json"), "config": config.model_dump(mode="json")},
+    )
     root = (models or paths.models_dir()) / "adaptive_misinformation" / f"{scenario.name}-{key}"
     if has_checkpoint(root / "oe") and has_checkpoint(root / "mis"):
         return load_checkpoint(root / "oe")[0], load_checkpoint(root / "mis")[0]
@@ -64,14 +73,27 @@ def get_misinformation_models(scenario: Scenario, config: MisinformationConfig |
     for name in ("oe", "mis"):
         model = _fresh(scenario, config.training.seed)
         if name == "oe":
-            train_outlier_exposure(model, data.train.images, data.train.labels, outliers,
-                                   config.training, weight=config.oe_weight)
+            train_outlier_exposure(
+                model,
+                data.train.images,
+                data.train.labels,
+                outliers,
+                config.training,
+                weight=config.oe_weight,
+            )
         else:
             train_misinformation(model, data.train.images, data.train.labels, config.training)
-        card = ModelCard(architecture=scenario.architecture, arch_kwargs=scenario.arch_kwargs,
-                         input_shape=data.input_shape, num_classes=data.num_classes, mean=data.mean,
-                         std=data.std, dataset=scenario.victim_dataset, seed=config.training.seed,
-                         training={"adaptive_misinformation": name, **config.model_dump(mode="json")})
+        card = ModelCard(
+            architecture=scenario.architecture,
+            arch_kwargs=scenario.arch_kwargs,
+            input_shape=data.input_shape,
+            num_classes=data.num_classes,
+            mean=data.mean,
+            std=data.std,
+            dataset=scenario.victim_dataset,
+            seed=config.training.seed,
+            training={"adaptive_misinformation": name, **config.model_dump(mode="json")},
+        )
         save_checkpoint(model.eval(), card, root / name)
         models[name] = model.eval()
     return models["oe"], models["mis"]

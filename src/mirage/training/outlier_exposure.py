@@ -18,7 +18,9 @@ from torch import Tensor, nn
 from mirage.models.fit import TrainConfig, fit, random_shift, train_loop
 
 
-def outlier_exposure_loss(logits_in: Tensor, labels: Tensor, logits_out: Tensor, weight: float) -> Tensor:
+def outlier_exposure_loss(
+    logits_in: Tensor, labels: Tensor, logits_out: Tensor, weight: float
+) -> Tensor:
     """CE(in) + λ·CE(out, uniform). logits: (B, K), (M, K); labels: (B,)."""
     uniform_ce = -torch.log_softmax(logits_out, dim=1).mean(dim=1).mean()
     return nn.functional.cross_entropy(logits_in, labels) + weight * uniform_ce
@@ -30,9 +32,16 @@ def misinformation_loss(logits: Tensor, labels: Tensor) -> Tensor:
     return (torch.logsumexp(logits, 1) - torch.logsumexp(others, 1)).mean()
 
 
-def train_outlier_exposure(model: nn.Module, images: Tensor, labels: Tensor, outliers: Tensor,
-                           config: TrainConfig, *, weight: float = 0.5,
-                           show_progress: bool = True) -> dict[str, float]:
+def train_outlier_exposure(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    outliers: Tensor,
+    config: TrainConfig,
+    *,
+    weight: float = 0.5,
+    show_progress: bool = True,
+) -> dict[str, float]:
     """Train ``model`` in place with Outlier Exposure. ``images``: (N, C, H, W) in [0, 1],
     ``labels``: (N,) int, ``outliers``: (M, C, H, W) auxiliary outlier images; every step pairs
     a batch of in-distribution images with an equally large random batch of outliers."""
@@ -46,17 +55,38 @@ def train_outlier_exposure(model: nn.Module, images: Tensor, labels: Tensor, out
         if config.augment:
             x_in, x_out = random_shift(x_in, generator), random_shift(x_out, generator)
         logits = model(torch.cat([x_in, x_out]).to(device))
-        return outlier_exposure_loss(logits[:len(index)], labels[index].to(device), logits[len(index):], weight)
+        return outlier_exposure_loss(
+            logits[: len(index)], labels[index].to(device), logits[len(index) :], weight
+        )
 
-    return train_loop(model, len(images), config, step, description="outlier exposure",
-                      show_progress=show_progress)
+    return train_loop(
+        model,
+        len(images),
+        config,
+        step,
+        description="outlier exposure",
+        show_progress=show_progress,
+    )
 
 
-def train_misinformation(model: nn.Module, images: Tensor, labels: Tensor, config: TrainConfig, *,
-                         show_progress: bool = True) -> dict[str, float]:
+def train_misinformation(
+    model: nn.Module,
+    images: Tensor,
+    labels: Tensor,
+    config: TrainConfig,
+    *,
+    show_progress: bool = True,
+) -> dict[str, float]:
     """Train ``model`` in place to minimise −log(1 − p_y): the misinformation model F̂."""
-    return fit(model, images, labels, config, loss=misinformation_loss, description="misinformation",
-               show_progress=show_progress)
+    return fit(
+        model,
+        images,
+        labels,
+        config,
+        loss=misinformation_loss,
+        description="misinformation",
+        show_progress=show_progress,
+    )
 
 
 @torch.no_grad()

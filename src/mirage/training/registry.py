@@ -52,8 +52,9 @@ class TrainingDefense(abc.ABC):
         self.params = params
 
     @abc.abstractmethod
-    def train(self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
-              ) -> tuple[ImageClassifier, ModelCard]:
+    def train(
+        self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
+    ) -> tuple[ImageClassifier, ModelCard]:
         """Train the defended victim (no caching: :func:`get_defended_victim` caches); a model it
         starts from (the plain victim) is kept under ``models``."""
 
@@ -62,8 +63,9 @@ _REGISTRY: Registry[TrainingDefense] = Registry("training-time defense")
 TRAINING_DEFENSES = _REGISTRY.entries
 
 
-def register_training_defense(name: str, *, params: type[BaseModel] = NoConfig
-                              ) -> Callable[[type[TrainingDefense]], type[TrainingDefense]]:
+def register_training_defense(
+    name: str, *, params: type[BaseModel] = NoConfig
+) -> Callable[[type[TrainingDefense]], type[TrainingDefense]]:
     """Class decorator: add a training-time defense to the registry under ``name``."""
     return _REGISTRY.register(name, params)
 
@@ -72,19 +74,27 @@ def register_training_defense(name: str, *, params: type[BaseModel] = NoConfig
 class PlainVictim(TrainingDefense):
     """The plain victim."""
 
-    def train(self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
-              ) -> tuple[ImageClassifier, ModelCard]:
-        return train_model(scenario.architecture, scenario.arch_kwargs, scenario.victim_dataset,
-                           scenario.victim_training, data_root=scenario.data_root,
-                           description=f"victim {scenario.name}", show_progress=show_progress)
+    def train(
+        self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
+    ) -> tuple[ImageClassifier, ModelCard]:
+        return train_model(
+            scenario.architecture,
+            scenario.arch_kwargs,
+            scenario.victim_dataset,
+            scenario.victim_training,
+            data_root=scenario.data_root,
+            description=f"victim {scenario.name}",
+            show_progress=show_progress,
+        )
 
 
 @register_training_defense("ini", params=IniConfig)
 class Ini(TrainingDefense):
     """InI: joint training against a student clone (Guo et al. 2023)."""
 
-    def train(self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
-              ) -> tuple[ImageClassifier, ModelCard]:
+    def train(
+        self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
+    ) -> tuple[ImageClassifier, ModelCard]:
         return train_ini_victim(scenario, self.params, show_progress=show_progress, models=models)
 
 
@@ -92,8 +102,9 @@ class Ini(TrainingDefense):
 class Dpsgd(TrainingDefense):
     """DP-SGD with Opacus (Abadi et al. 2016)."""
 
-    def train(self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
-              ) -> tuple[ImageClassifier, ModelCard]:
+    def train(
+        self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
+    ) -> tuple[ImageClassifier, ModelCard]:
         return train_dpsgd_victim(scenario, self.params, show_progress=show_progress)
 
 
@@ -119,20 +130,37 @@ def resolve_config(method: str, params: BaseModel | dict[str, Any] | None = None
     return entry.params(**(params or {}))
 
 
-def defended_victim_dir(scenario: Scenario, method: str, config: BaseModel, models: Path | None = None) -> Path:
-    key = config_key(f"victim-{method}", {
-        "dataset": scenario.victim_dataset, "architecture": scenario.architecture,
-        "arch_kwargs": scenario.arch_kwargs, "data_root": scenario.data_root,
-        # init="victim" starts from the plain victim, whose recipe is the scenario's
-        "plain_training": scenario.victim_training.model_dump(),
-        "config": config.model_dump(mode="json"),
-    })
-    return (models or paths.models_dir()) / "victims" / f"{scenario.victim_dataset}-{scenario.architecture}-{method}-{key}"
+def defended_victim_dir(
+    scenario: Scenario, method: str, config: BaseModel, models: Path | None = None
+) -> Path:
+    key = config_key(
+        f"victim-{method}",
+        {
+            "dataset": scenario.victim_dataset,
+            "architecture": scenario.architecture,
+            "arch_kwargs": scenario.arch_kwargs,
+            "data_root": scenario.data_root,
+            # init="victim" starts from the plain victim, whose recipe is the scenario's
+            "plain_training": scenario.victim_training.model_dump(),
+            "config": config.model_dump(mode="json"),
+        },
+    )
+    return (
+        (models or paths.models_dir())
+        / "victims"
+        / f"{scenario.victim_dataset}-{scenario.architecture}-{method}-{key}"
+    )
 
 
-def get_defended_victim(scenario: Scenario, method: str, params: BaseModel | dict[str, Any] | None = None,
-                        *, retrain: bool = False, show_progress: bool = True, models: Path | None = None
-                        ) -> tuple[ImageClassifier, ModelCard, bool]:
+def get_defended_victim(
+    scenario: Scenario,
+    method: str,
+    params: BaseModel | dict[str, Any] | None = None,
+    *,
+    retrain: bool = False,
+    show_progress: bool = True,
+    models: Path | None = None,
+) -> tuple[ImageClassifier, ModelCard, bool]:
     """Return ``(model, card, from_cache)``: the scenario's victim trained with ``method``, kept
     under ``models`` (default :func:`mirage.paths.models_dir`)."""
     config = resolve_config(method, params)
@@ -142,8 +170,18 @@ def get_defended_victim(scenario: Scenario, method: str, params: BaseModel | dic
     if has_checkpoint(directory) and not retrain:
         model, card = load_checkpoint(directory)
         return model, card, True
-    model, card = _REGISTRY.get(method).cls(config).train(scenario, show_progress=show_progress, models=models)
+    model, card = (
+        _REGISTRY.get(method)
+        .cls(config)
+        .train(scenario, show_progress=show_progress, models=models)
+    )
     save_checkpoint(model, card, directory)
-    log.info("%s victim %s: test accuracy %.4f in %.0fs -> %s", method, scenario.name,
-             card.test_accuracy, card.train_seconds, directory)
+    log.info(
+        "%s victim %s: test accuracy %.4f in %.0fs -> %s",
+        method,
+        scenario.name,
+        card.test_accuracy,
+        card.train_seconds,
+        directory,
+    )
     return model, card, False

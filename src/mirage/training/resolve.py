@@ -64,9 +64,16 @@ from mirage.training.victim import get_victim
 SurrogateKind = Literal["distilled", "random", "defender"]
 Checkpoints = Path | list[Path]
 
-FILLS = {"surrogate": "surrogate", "surrogate_config": "surrogate", "reference": "reference_x",
-         "watermark": "watermark_x", "models_config": "oe_model", "oe_model": "oe_model",
-         "misinformation_model": "misinformation_model", "gate": "gate_score"}
+FILLS = {
+    "surrogate": "surrogate",
+    "surrogate_config": "surrogate",
+    "reference": "reference_x",
+    "watermark": "watermark_x",
+    "models_config": "oe_model",
+    "oe_model": "oe_model",
+    "misinformation_model": "misinformation_model",
+    "gate": "gate_score",
+}
 """Each part, and the defense parameter it fills: a defense takes the parts of its parameters.
 Declarative values under these keys among the parameters are lifted into the spec's parts."""
 PART_KEYS = tuple(FILLS)
@@ -110,10 +117,17 @@ class Parts:
 
     def needing_a_scenario(self) -> list[str]:
         """The parts drawn from a scenario's data or victim (not from checkpoints)."""
-        return [name for name, value in (("surrogate", self.surrogate), ("reference", self.reference),
-                                         ("watermark", self.watermark), ("models_config", self.misinformation),
-                                         ("gate", self.gate))
-                if value is not None and not isinstance(value, Path | list | tuple)]
+        return [
+            name
+            for name, value in (
+                ("surrogate", self.surrogate),
+                ("reference", self.reference),
+                ("watermark", self.watermark),
+                ("models_config", self.misinformation),
+                ("gate", self.gate),
+            )
+            if value is not None and not isinstance(value, Path | list | tuple)
+        ]
 
 
 class DefenseSpec(BaseModel):
@@ -125,19 +139,35 @@ class DefenseSpec(BaseModel):
 
     name: str = "none"
     params: dict[str, Any] = Field(
-        default_factory=dict, description="the defense's parameters (a training-time defense's config)")
+        default_factory=dict,
+        description="the defense's parameters (a training-time defense's config)",
+    )
     surrogate: SurrogateKind | Checkpoints | None = Field(
-        None, description="a surrogate kind trained for the scenario, or checkpoint dir(s) (a list: an ensemble)")
+        None,
+        description="a surrogate kind trained for the scenario, or checkpoint dir(s) (a list: an ensemble)",
+    )
     surrogate_config: dict[str, Any] = Field(
-        default_factory=dict, description="SurrogateConfig fields besides the kind")
-    reference: ReferenceSet | None = Field(None, description="grad2 target='unlearn': its reference set")
-    watermark: WatermarkSet | None = Field(None, description="grad2 target='watermark': its behaviour set")
+        default_factory=dict, description="SurrogateConfig fields besides the kind"
+    )
+    reference: ReferenceSet | None = Field(
+        None, description="grad2 target='unlearn': its reference set"
+    )
+    watermark: WatermarkSet | None = Field(
+        None, description="grad2 target='watermark': its behaviour set"
+    )
     models_config: MisinformationConfig | None = Field(
-        None, description="adaptive_misinformation: how its detector and misinformation model are trained")
-    oe_model: Path | None = Field(None, description="adaptive_misinformation: the detector's checkpoint dir")
+        None,
+        description="adaptive_misinformation: how its detector and misinformation model are trained",
+    )
+    oe_model: Path | None = Field(
+        None, description="adaptive_misinformation: the detector's checkpoint dir"
+    )
     misinformation_model: Path | None = Field(
-        None, description="adaptive_misinformation: the misinformation model's checkpoint dir")
-    gate: GateSpec | None = Field(None, description="grad2_gated: its gate score and benign false-positive rate")
+        None, description="adaptive_misinformation: the misinformation model's checkpoint dir"
+    )
+    gate: GateSpec | None = Field(
+        None, description="grad2_gated: its gate score and benign false-positive rate"
+    )
 
     @classmethod
     def from_params(cls, name: str, params: dict[str, Any]) -> DefenseSpec:
@@ -151,7 +181,9 @@ class DefenseSpec(BaseModel):
         if not isinstance(data, dict) or is_training_time(data.get("name", "none")):
             return data
         params = dict(data.get("params") or {})
-        lifted = {key: params.pop(key) for key in PART_KEYS if key in params and _declarative(params[key])}
+        lifted = {
+            key: params.pop(key) for key in PART_KEYS if key in params and _declarative(params[key])
+        }
         if both := sorted(key for key in lifted if data.get(key) not in (None, {})):
             raise ValueError(f"{both} given both among params and beside them")
         return {**data, "params": params, **lifted} if lifted else data
@@ -177,12 +209,17 @@ class DefenseSpec(BaseModel):
                 raise ValueError(f"{part} is the {part} set of target={wanted!r} only")
         if self.surrogate_config:
             if not isinstance(self.parts().surrogate, str):
-                raise ValueError("surrogate_config configures a trained surrogate: name its kind "
-                                 "(surrogate = 'distilled' | 'random' | 'defender')")
+                raise ValueError(
+                    "surrogate_config configures a trained surrogate: name its kind "
+                    "(surrogate = 'distilled' | 'random' | 'defender')"
+                )
             SurrogateConfig(kind=self.parts().surrogate, **self.surrogate_config)
         if (self.oe_model is None) != (self.misinformation_model is None) or (
-                self.oe_model is not None and self.models_config is not None):
-            raise ValueError("give both oe_model and misinformation_model checkpoints, or models_config")
+            self.oe_model is not None and self.models_config is not None
+        ):
+            raise ValueError(
+                "give both oe_model and misinformation_model checkpoints, or models_config"
+            )
         return self
 
     @property
@@ -194,7 +231,11 @@ class DefenseSpec(BaseModel):
         """The parts this spec resolves to, with the defaults a defense gets when none is named."""
         if self.training_time:
             return Parts(None, None, None, None)
-        fields, params, target = DEFENSES[self.name].params.model_fields, self.params, self._target()
+        fields, params, target = (
+            DEFENSES[self.name].params.model_fields,
+            self.params,
+            self._target(),
+        )
         surrogate = self.surrogate
         if surrogate is None and params.get("surrogate") is None:
             surrogate = DEFAULT_SURROGATE.get(self.name)
@@ -204,8 +245,11 @@ class DefenseSpec(BaseModel):
         if target == "watermark" and params.get("watermark_x") is None:
             watermark = self.watermark or WatermarkSet()
         if "oe_model" in fields and params.get("oe_model") is None:
-            misinformation = ((self.oe_model, self.misinformation_model) if self.oe_model is not None
-                              else self.models_config or MisinformationConfig())
+            misinformation = (
+                (self.oe_model, self.misinformation_model)
+                if self.oe_model is not None
+                else self.models_config or MisinformationConfig()
+            )
         gate = None
         if "gate_score" in fields and params.get("tau") is None:
             gate = self.gate or GateSpec()
@@ -218,6 +262,7 @@ class DefenseSpec(BaseModel):
 
     def anchored(self, base: Path) -> DefenseSpec:
         """A copy whose relative checkpoint paths are taken relative to ``base`` (``~`` expanded)."""
+
         def fix(path: Any) -> Any:
             if isinstance(path, list):
                 return [fix(p) for p in path]
@@ -226,8 +271,12 @@ class DefenseSpec(BaseModel):
             path = path.expanduser()
             return path if path.is_absolute() else base / path
 
-        return self.model_copy(update={key: fix(getattr(self, key))
-                                       for key in ("surrogate", "oe_model", "misinformation_model")})
+        return self.model_copy(
+            update={
+                key: fix(getattr(self, key))
+                for key in ("surrogate", "oe_model", "misinformation_model")
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -243,20 +292,32 @@ class Victims:
     training_time: bool
 
 
-def resolve_victims(spec: DefenseSpec, scenario: Scenario, *, show_progress: bool = False,
-                    models: Path | None = None) -> Victims:
+def resolve_victims(
+    spec: DefenseSpec,
+    scenario: Scenario,
+    *,
+    show_progress: bool = False,
+    models: Path | None = None,
+) -> Victims:
     """The plain victim and the served one for ``spec`` (trained, or loaded from ``models``:
     default :func:`mirage.paths.models_dir`)."""
     plain, plain_card, _ = get_victim(scenario, show_progress=show_progress, models=models)
     if not spec.training_time:
         return Victims(plain, plain, plain_card, training_time=False)
-    served, card, _ = get_defended_victim(scenario, spec.name, spec.params, show_progress=show_progress,
-                                          models=models)
+    served, card, _ = get_defended_victim(
+        scenario, spec.name, spec.params, show_progress=show_progress, models=models
+    )
     return Victims(plain, served, card, training_time=True)
 
 
-def resolve_params(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Module | None = None,
-                   card: ModelCard | None = None, *, models: Path | None = None) -> dict[str, Any]:
+def resolve_params(
+    spec: DefenseSpec,
+    scenario: Scenario | None,
+    victim: nn.Module | None = None,
+    card: ModelCard | None = None,
+    *,
+    models: Path | None = None,
+) -> dict[str, Any]:
     """``spec.params`` with every part replaced by the object it names: trained or loaded from
     ``models`` (default :func:`mirage.paths.models_dir`) for ``scenario`` (whose victim is
     ``victim``, with ``card``), or loaded from checkpoints. ``scenario`` may be ``None`` when every
@@ -265,31 +326,45 @@ def resolve_params(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Modu
         raise ValueError(f"{spec.name} is a training-time defense: resolve_victims builds it")
     parts = spec.parts()
     if scenario is None and (needed := parts.needing_a_scenario()):
-        live = {"reference": "reference_x=<your labelled images (M, C, H, W)> and reference_y=<their labels (M,)>",
-                "surrogate": "surrogate=<an nn.Module or a checkpoint path> (mirage distil-surrogate makes one)",
-                "watermark": "watermark_x= and watermark_y=<your behaviour set>"}
+        live = {
+            "reference": "reference_x=<your labelled images (M, C, H, W)> and reference_y=<their labels (M,)>",
+            "surrogate": "surrogate=<an nn.Module or a checkpoint path> (mirage distil-surrogate makes one)",
+            "watermark": "watermark_x= and watermark_y=<your behaviour set>",
+        }
         options = "; ".join(live[part] for part in needed if part in live)
-        raise ValueError(f"{spec.name}: {', '.join(needed)} {'needs' if len(needed) == 1 else 'need'} a "
-                         "scenario, whose data and victim they come from, or give "
-                         + (options or "checkpoints") + " (mirage.evaluate builds them from your data)")
+        raise ValueError(
+            f"{spec.name}: {', '.join(needed)} {'needs' if len(needed) == 1 else 'need'} a "
+            "scenario, whose data and victim they come from, or give "
+            + (options or "checkpoints")
+            + " (mirage.evaluate builds them from your data)"
+        )
     params = dict(spec.params)
     if parts.surrogate is not None:
         params["surrogate"] = _surrogate(spec, parts.surrogate, scenario, victim, card, models)
     if parts.reference is not None:
-        params["reference_x"], params["reference_y"] = _labelled(defender_sample(scenario, parts.reference))
+        params["reference_x"], params["reference_y"] = _labelled(
+            defender_sample(scenario, parts.reference)
+        )
     if parts.watermark is not None:
-        params["watermark_x"], params["watermark_y"] = _labelled(defender_watermark(scenario, parts.watermark))
+        params["watermark_x"], params["watermark_y"] = _labelled(
+            defender_watermark(scenario, parts.watermark)
+        )
     if isinstance(parts.misinformation, tuple):
-        params["oe_model"], params["misinformation_model"] = (_load(p) for p in parts.misinformation)
+        params["oe_model"], params["misinformation_model"] = (
+            _load(p) for p in parts.misinformation
+        )
     elif parts.misinformation is not None:
         params["oe_model"], params["misinformation_model"] = get_misinformation_models(
-            scenario, parts.misinformation, models=models)
+            scenario, parts.misinformation, models=models
+        )
     if parts.gate is not None:
         params.update(_gate(parts.gate, scenario, victim, models))
     return params
 
 
-def _gate(gate: GateSpec, scenario: Scenario, victim: nn.Module | None, models: Path | None) -> dict[str, Any]:
+def _gate(
+    gate: GateSpec, scenario: Scenario, victim: nn.Module | None, models: Path | None
+) -> dict[str, Any]:
     """``gate``, ``gate_model`` and ``tau`` of ``grad2_gated`` for ``scenario``'s victim."""
     import torch
 
@@ -297,18 +372,32 @@ def _gate(gate: GateSpec, scenario: Scenario, victim: nn.Module | None, models: 
 
     if victim is None:
         raise ValueError("a gate is calibrated on the victim's answers: pass the victim")
-    model = (get_misinformation_models(scenario, gate.models_config or MisinformationConfig(), models=models)[0]
-             if gate.score == "oe-msp" else victim)
+    model = (
+        get_misinformation_models(
+            scenario, gate.models_config or MisinformationConfig(), models=models
+        )[0]
+        if gate.score == "oe-msp"
+        else victim
+    )
     images = defender_sample(scenario, gate.calibration).images
     with torch.no_grad():
         probs = torch.cat([torch.softmax(victim.eval()(chunk), 1) for chunk in images.split(1024)])
     scores = gate_scores(gate.score, images, probs, model)
-    return {"gate_score": gate.score, "gate_model": None if gate.score == "msp" else model,
-            "tau": benign_threshold(scores, gate.benign_fpr)}
+    return {
+        "gate_score": gate.score,
+        "gate_model": None if gate.score == "msp" else model,
+        "tau": benign_threshold(scores, gate.benign_fpr),
+    }
 
 
-def resolve_defense(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Module | None = None,
-                    card: ModelCard | None = None, *, models: Path | None = None) -> Defense:
+def resolve_defense(
+    spec: DefenseSpec,
+    scenario: Scenario | None,
+    victim: nn.Module | None = None,
+    card: ModelCard | None = None,
+    *,
+    models: Path | None = None,
+) -> Defense:
     """The live query-time defense of ``spec`` (``none`` for a training-time defense), its parts
     from ``models`` (:func:`resolve_params`)."""
     if spec.training_time:
@@ -316,16 +405,23 @@ def resolve_defense(spec: DefenseSpec, scenario: Scenario | None, victim: nn.Mod
     return create_defense(spec.name, **resolve_params(spec, scenario, victim, card, models=models))
 
 
-def _surrogate(spec: DefenseSpec, source: SurrogateKind | Checkpoints, scenario: Scenario | None,
-               victim: nn.Module | None, card: ModelCard | None, models: Path | None) -> nn.Module | list[nn.Module]:
+def _surrogate(
+    spec: DefenseSpec,
+    source: SurrogateKind | Checkpoints,
+    scenario: Scenario | None,
+    victim: nn.Module | None,
+    card: ModelCard | None,
+    models: Path | None,
+) -> nn.Module | list[nn.Module]:
     if isinstance(source, Path):
         return _load(source)
     if isinstance(source, Sequence) and not isinstance(source, str):
         return [_load(p) for p in source]
     if victim is None or card is None:
         raise ValueError(f"a {source} surrogate is trained for a victim: pass it and its card")
-    members, _, _ = get_surrogate(scenario, victim, card, SurrogateConfig(kind=source, **spec.surrogate_config),
-                                  models=models)
+    members, _, _ = get_surrogate(
+        scenario, victim, card, SurrogateConfig(kind=source, **spec.surrogate_config), models=models
+    )
     return members if len(members) > 1 else members[0]
 
 

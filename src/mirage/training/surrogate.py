@@ -41,8 +41,16 @@ from mirage.training.victim import config_key
 
 log = logging.getLogger(__name__)
 
-SURROGATE_TRAINING = TrainConfig(epochs=50, batch_size=128, lr=0.05, momentum=0.9, nesterov=True,
-                                 weight_decay=5e-4, schedule="cosine", seed=1)
+SURROGATE_TRAINING = TrainConfig(
+    epochs=50,
+    batch_size=128,
+    lr=0.05,
+    momentum=0.9,
+    nesterov=True,
+    weight_decay=5e-4,
+    schedule="cosine",
+    seed=1,
+)
 
 
 class SurrogateConfig(BaseModel):
@@ -50,22 +58,34 @@ class SurrogateConfig(BaseModel):
 
     kind: Literal["distilled", "random", "defender"] = "distilled"
     stop_epoch: int = Field(10, ge=0, description="E: stop after this many epochs")
-    training: TrainConfig = Field(SURROGATE_TRAINING, description="N = training.epochs sets the schedule")
-    num_queries: int | None = Field(None, ge=1, description="pool images to distil on (all if None)")
+    training: TrainConfig = Field(
+        SURROGATE_TRAINING, description="N = training.epochs sets the schedule"
+    )
+    num_queries: int | None = Field(
+        None, ge=1, description="pool images to distil on (all if None)"
+    )
     checkpoints: int = Field(1, ge=1, description="snapshots from the last epochs (ensemble)")
     architecture: str | None = None
 
     @model_validator(mode="after")
     def _epochs(self) -> SurrogateConfig:
         if self.stop_epoch > self.training.epochs:
-            raise ValueError(f"stop_epoch {self.stop_epoch} exceeds the schedule's {self.training.epochs} epochs")
+            raise ValueError(
+                f"stop_epoch {self.stop_epoch} exceeds the schedule's {self.training.epochs} epochs"
+            )
         if self.kind != "random" and self.checkpoints > max(self.stop_epoch, 1):
             raise ValueError("cannot keep more checkpoints than trained epochs")
         return self
 
 
-def train_early_stopped(model: nn.Module, images: Tensor, targets: Tensor, config: TrainConfig,
-                        stop_epoch: int, keep_last: int = 1) -> tuple[list[dict[str, Tensor]], float]:
+def train_early_stopped(
+    model: nn.Module,
+    images: Tensor,
+    targets: Tensor,
+    config: TrainConfig,
+    stop_epoch: int,
+    keep_last: int = 1,
+) -> tuple[list[dict[str, Tensor]], float]:
     """Train with ``config``'s N-epoch schedule but stop after ``stop_epoch`` epochs; return the
     state dicts after the last ``keep_last`` epochs (oldest first) and the wall time."""
     generator = torch.Generator().manual_seed(config.seed)
@@ -85,7 +105,13 @@ def train_early_stopped(model: nn.Module, images: Tensor, targets: Tensor, confi
             loss.backward()
             optimizer.step()
             schedule.step()
-        log.info("surrogate epoch %d/%d (of %d): loss %.4f", epoch + 1, stop_epoch, config.epochs, loss.item())
+        log.info(
+            "surrogate epoch %d/%d (of %d): loss %.4f",
+            epoch + 1,
+            stop_epoch,
+            config.epochs,
+            loss.item(),
+        )
         if epoch >= stop_epoch - keep_last:
             snapshots.append({k: v.detach().cpu().clone() for k, v in model.state_dict().items()})
     model.eval()
@@ -94,70 +120,124 @@ def train_early_stopped(model: nn.Module, images: Tensor, targets: Tensor, confi
     return snapshots, time.perf_counter() - start
 
 
-def surrogate_dir(scenario: Scenario, config: SurrogateConfig, victim_card: ModelCard,
-                  models: Path | None = None) -> Path:
+def surrogate_dir(
+    scenario: Scenario, config: SurrogateConfig, victim_card: ModelCard, models: Path | None = None
+) -> Path:
     # "pool": distillation data = scenarios.query_pool (before, in-distribution scenarios
     # also distilled on the victim's test split); a new value retires surrogates cached before.
-    key = config_key("surrogate", {"scenario": scenario.model_dump(), "config": config.model_dump(),
-                                   "victim_created": victim_card.created, "pool": "query_pool"})
+    key = config_key(
+        "surrogate",
+        {
+            "scenario": scenario.model_dump(),
+            "config": config.model_dump(),
+            "victim_created": victim_card.created,
+            "pool": "query_pool",
+        },
+    )
     return (models or paths.models_dir()) / "surrogates" / f"{scenario.name}-{config.kind}-{key}"
 
 
-def train_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCard,
-                    config: SurrogateConfig) -> list[tuple[nn.Module, ModelCard]]:
+def train_surrogate(
+    scenario: Scenario, victim: nn.Module, victim_card: ModelCard, config: SurrogateConfig
+) -> list[tuple[nn.Module, ModelCard]]:
     """Train the surrogate(s) described by ``config`` for ``scenario`` (no caching)."""
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     architecture = config.architecture or scenario.architecture
     torch.manual_seed(config.training.seed)
-    model = create_model(architecture, data.input_shape, data.num_classes, data.mean, data.std,
-                         **scenario.arch_kwargs)
+    model = create_model(
+        architecture,
+        data.input_shape,
+        data.num_classes,
+        data.mean,
+        data.std,
+        **scenario.arch_kwargs,
+    )
     if config.kind == "random":
         images = targets = None
         snapshots, seconds = [{k: v.detach().clone() for k, v in model.state_dict().items()}], 0.0
     else:
         if config.kind == "distilled":
-            images = query_pool(scenario).images  # never the victim's test split (the evaluation set)
+            images = query_pool(
+                scenario
+            ).images  # never the victim's test split (the evaluation set)
             if config.num_queries is not None:
-                pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.training.seed))
-                images = images[pick[:config.num_queries]]
+                pick = torch.randperm(
+                    len(images), generator=torch.Generator().manual_seed(config.training.seed)
+                )
+                images = images[pick[: config.num_queries]]
             targets = clean_posteriors(victim, images)
         else:
             images, targets = data.train.images, data.train.labels
-        snapshots, seconds = train_early_stopped(model, images, targets, config.training,
-                                                 config.stop_epoch, config.checkpoints)
+        snapshots, seconds = train_early_stopped(
+            model, images, targets, config.training, config.stop_epoch, config.checkpoints
+        )
     members = []
     for state in snapshots:
-        member = create_model(architecture, data.input_shape, data.num_classes, data.mean, data.std,
-                              **scenario.arch_kwargs)
+        member = create_model(
+            architecture,
+            data.input_shape,
+            data.num_classes,
+            data.mean,
+            data.std,
+            **scenario.arch_kwargs,
+        )
         member.load_state_dict(state)
         member.eval()
-        card = ModelCard(architecture=architecture, arch_kwargs=scenario.arch_kwargs,
-                         input_shape=data.input_shape, num_classes=data.num_classes, mean=data.mean,
-                         std=data.std, dataset=scenario.victim_dataset,
-                         test_accuracy=accuracy(member, data.test), seed=config.training.seed,
-                         training={"surrogate": config.model_dump(mode="json")}, train_seconds=seconds)
+        card = ModelCard(
+            architecture=architecture,
+            arch_kwargs=scenario.arch_kwargs,
+            input_shape=data.input_shape,
+            num_classes=data.num_classes,
+            mean=data.mean,
+            std=data.std,
+            dataset=scenario.victim_dataset,
+            test_accuracy=accuracy(member, data.test),
+            seed=config.training.seed,
+            training={"surrogate": config.model_dump(mode="json")},
+            train_seconds=seconds,
+        )
         members.append((member, card))
     return members
 
 
-def get_surrogate(scenario: Scenario, victim: nn.Module, victim_card: ModelCard,
-                  config: SurrogateConfig | None = None, *, retrain: bool = False, models: Path | None = None
-                  ) -> tuple[list[nn.Module], list[ModelCard], bool]:
+def get_surrogate(
+    scenario: Scenario,
+    victim: nn.Module,
+    victim_card: ModelCard,
+    config: SurrogateConfig | None = None,
+    *,
+    retrain: bool = False,
+    models: Path | None = None,
+) -> tuple[list[nn.Module], list[ModelCard], bool]:
     """Return ``(members, cards, from_cache)``; one member unless ``config.checkpoints`` > 1;
     kept under ``models`` (default :func:`mirage.paths.models_dir`)."""
     config = config or SurrogateConfig()
     directory = surrogate_dir(scenario, config, victim_card, models)
-    member_dirs = [directory / f"member-{i}" for i in range(config.checkpoints if config.kind != "random" else 1)]
+    member_dirs = [
+        directory / f"member-{i}"
+        for i in range(config.checkpoints if config.kind != "random" else 1)
+    ]
     if not retrain and all(has_checkpoint(d) for d in member_dirs):
         loaded = [load_checkpoint(d) for d in member_dirs]
         return [m for m, _ in loaded], [c for _, c in loaded], True
-    log.warning("no cached %s surrogate for scenario %s in %s: training it now (%d of %d epochs)", config.kind,
-                scenario.name, directory.parent, config.stop_epoch, config.training.epochs)
+    log.warning(
+        "no cached %s surrogate for scenario %s in %s: training it now (%d of %d epochs)",
+        config.kind,
+        scenario.name,
+        directory.parent,
+        config.stop_epoch,
+        config.training.epochs,
+    )
     members = train_surrogate(scenario, victim, victim_card, config)
     for (model, card), d in zip(members, member_dirs, strict=True):
         save_checkpoint(model, card, d)
-    log.info("surrogate %s/%s: test accuracy %s -> %s", scenario.name, config.kind,
-             [round(c.test_accuracy or 0, 4) for _, c in members], directory)
+    log.info(
+        "surrogate %s/%s: test accuracy %s -> %s",
+        scenario.name,
+        config.kind,
+        [round(c.test_accuracy or 0, 4) for _, c in members],
+        directory,
+    )
     return [m for m, _ in members], [c for _, c in members], False
 
 
@@ -168,9 +248,16 @@ def architecture_for(input_shape: tuple[int, int, int]) -> str:
     return "lenet" if max(input_shape[1:]) <= 32 else "vgg"
 
 
-def distil_surrogate(model: nn.Module | PredictionAPI, images: Tensor, *, architecture: str | None = None,
-                     config: SurrogateConfig | None = None, holdout: float = 0.1, batch_size: int = 256,
-                     device: str | torch.device | None = None) -> list[tuple[nn.Module, ModelCard]]:
+def distil_surrogate(
+    model: nn.Module | PredictionAPI,
+    images: Tensor,
+    *,
+    architecture: str | None = None,
+    config: SurrogateConfig | None = None,
+    holdout: float = 0.1,
+    batch_size: int = 256,
+    device: str | torch.device | None = None,
+) -> list[tuple[nn.Module, ModelCard]]:
     """A GRAD²/MAD surrogate of any model, from its answers on the defender's own unlabelled
     ``images`` (N, C, H, W) in [0, 1] (docs/design.md §grad2-surrogate).
 
@@ -193,31 +280,60 @@ def distil_surrogate(model: nn.Module | PredictionAPI, images: Tensor, *, archit
         raise ValueError("distil on at least 10 images, holding out a share in (0, 1) of them")
     architecture = architecture or architecture_for(tuple(images.shape[1:]))
     targets = _answers(model, images, batch_size)
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(config.training.seed))
-    held = order[:max(1, round(holdout * len(images)))]
-    train = order[len(held):]
+    order = torch.randperm(
+        len(images), generator=torch.Generator().manual_seed(config.training.seed)
+    )
+    held = order[: max(1, round(holdout * len(images)))]
+    train = order[len(held) :]
     if config.num_queries is not None:
-        train = train[:config.num_queries]
+        train = train[: config.num_queries]
     input_shape, num_classes = tuple(images.shape[1:]), targets.shape[1]
     mean, std = channel_stats(images[train])
     torch.manual_seed(config.training.seed)
     student = create_model(architecture, input_shape, num_classes, mean, std).to(device)
-    snapshots, seconds = train_early_stopped(student, images[train], targets[train], config.training,
-                                             config.stop_epoch, config.checkpoints)
+    snapshots, seconds = train_early_stopped(
+        student,
+        images[train],
+        targets[train],
+        config.training,
+        config.stop_epoch,
+        config.checkpoints,
+    )
     members = []
     for state in snapshots:
         member = create_model(architecture, input_shape, num_classes, mean, std)
         member.load_state_dict(state)
         member.eval()
-        agreement = float((clean_posteriors(member, images[held]).argmax(1) == targets[held].argmax(1)).float().mean())
-        card = ModelCard(architecture=architecture, input_shape=input_shape, num_classes=num_classes, mean=mean,
-                         std=std, dataset="", test_accuracy=agreement, seed=config.training.seed,
-                         training={"surrogate": config.model_dump(mode="json"), "distilled_on": len(train),
-                                   "agreement_on": len(held), "source": type(model).__name__},
-                         train_seconds=seconds)
+        agreement = float(
+            (clean_posteriors(member, images[held]).argmax(1) == targets[held].argmax(1))
+            .float()
+            .mean()
+        )
+        card = ModelCard(
+            architecture=architecture,
+            input_shape=input_shape,
+            num_classes=num_classes,
+            mean=mean,
+            std=std,
+            dataset="",
+            test_accuracy=agreement,
+            seed=config.training.seed,
+            training={
+                "surrogate": config.model_dump(mode="json"),
+                "distilled_on": len(train),
+                "agreement_on": len(held),
+                "source": type(model).__name__,
+            },
+            train_seconds=seconds,
+        )
         members.append((member, card))
-    log.info("distilled a %s surrogate on %d answers: top-1 agreement %s on %d held-out images",
-             architecture, len(train), [round(c.test_accuracy, 4) for _, c in members], len(held))
+    log.info(
+        "distilled a %s surrogate on %d answers: top-1 agreement %s on %d held-out images",
+        architecture,
+        len(train),
+        [round(c.test_accuracy, 4) for _, c in members],
+        len(held),
+    )
     return members
 
 
@@ -227,6 +343,10 @@ def _answers(model: nn.Module | PredictionAPI, images: Tensor, batch_size: int) 
     if isinstance(model, nn.Module):
         return clean_posteriors(model, images, batch_size=batch_size)
     answers = torch.cat([model.query(chunk).float().cpu() for chunk in images.split(batch_size)])
-    if answers.ndim != 2 or not torch.isfinite(answers).all() or (answers.sum(1) - 1).abs().max() > 1e-3:
+    if (
+        answers.ndim != 2
+        or not torch.isfinite(answers).all()
+        or (answers.sum(1) - 1).abs().max() > 1e-3
+    ):
         raise ValueError("the prediction API did not answer a probability vector per image")
     return answers

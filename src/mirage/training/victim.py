@@ -41,12 +41,24 @@ def victim_dir(scenario: Scenario, models: Path | None = None) -> Path:
         "training": scenario.victim_training.model_dump(),
         "data_root": scenario.data_root,
     }
-    return (models or paths.models_dir()) / "victims" / f"{scenario.victim_dataset}-{scenario.architecture}-{config_key('victim', config)}"
+    return (
+        (models or paths.models_dir())
+        / "victims"
+        / f"{scenario.victim_dataset}-{scenario.architecture}-{config_key('victim', config)}"
+    )
 
 
-def train_model(architecture: str, arch_kwargs: dict, dataset: str, training: TrainConfig, *,
-                data_root: str | None = None, description: str = "victim",
-                show_progress: bool = True, device: str | None = None) -> tuple[ImageClassifier, ModelCard]:
+def train_model(
+    architecture: str,
+    arch_kwargs: dict,
+    dataset: str,
+    training: TrainConfig,
+    *,
+    data_root: str | None = None,
+    description: str = "victim",
+    show_progress: bool = True,
+    device: str | None = None,
+) -> tuple[ImageClassifier, ModelCard]:
     """Train a fresh model on a dataset's training split and evaluate it on its test split. It
     trains on ``device`` (:func:`mirage.devices.resolve_device`: the argument, ``$MIRAGE_DEVICE``
     or the CPU) and is returned on the CPU."""
@@ -55,36 +67,71 @@ def train_model(architecture: str, arch_kwargs: dict, dataset: str, training: Tr
     device = resolve_device(device)
     data = load_dataset(dataset, data_root)
     torch.manual_seed(training.seed)
-    model = create_model(architecture, data.input_shape, data.num_classes, data.mean, data.std,
-                         **arch_kwargs)
-    stats = fit(model.to(device), data.train.images, data.train.labels, training,
-                description=description, show_progress=show_progress)
+    model = create_model(
+        architecture, data.input_shape, data.num_classes, data.mean, data.std, **arch_kwargs
+    )
+    stats = fit(
+        model.to(device),
+        data.train.images,
+        data.train.labels,
+        training,
+        description=description,
+        show_progress=show_progress,
+    )
     model = model.cpu().eval()
     card = ModelCard(
-        architecture=architecture, arch_kwargs=arch_kwargs, input_shape=data.input_shape,
-        num_classes=data.num_classes, mean=data.mean, std=data.std, dataset=dataset,
-        test_accuracy=accuracy(model, data.test), seed=training.seed,
-        training=training.model_dump(), train_seconds=stats["seconds"],
+        architecture=architecture,
+        arch_kwargs=arch_kwargs,
+        input_shape=data.input_shape,
+        num_classes=data.num_classes,
+        mean=data.mean,
+        std=data.std,
+        dataset=dataset,
+        test_accuracy=accuracy(model, data.test),
+        seed=training.seed,
+        training=training.model_dump(),
+        train_seconds=stats["seconds"],
     )
     return model, card
 
 
-def get_victim(scenario: Scenario, *, retrain: bool = False, show_progress: bool = True,
-               models: Path | None = None) -> tuple[ImageClassifier, ModelCard, bool]:
+def get_victim(
+    scenario: Scenario,
+    *,
+    retrain: bool = False,
+    show_progress: bool = True,
+    models: Path | None = None,
+) -> tuple[ImageClassifier, ModelCard, bool]:
     """Return ``(model, card, from_cache)`` for the scenario's victim, kept under ``models``
     (default :func:`mirage.paths.models_dir`)."""
     directory = victim_dir(scenario, models)
     if has_checkpoint(directory) and not retrain:
         model, card = load_checkpoint(directory)
         return model, card, True
-    log.warning("no cached victim for scenario %s in %s: training it now (%s, %d epochs; the progress bar "
-                "shows the time left). MIRAGE_MODELS names another folder of trained models (the sweeps pin "
-                "theirs in results/models)", scenario.name, directory.parent, scenario.architecture,
-                scenario.victim_training.epochs)
-    model, card = train_model(scenario.architecture, scenario.arch_kwargs, scenario.victim_dataset,
-                              scenario.victim_training, data_root=scenario.data_root,
-                              description=f"victim {scenario.name}", show_progress=show_progress)
+    log.warning(
+        "no cached victim for scenario %s in %s: training it now (%s, %d epochs; the progress bar "
+        "shows the time left). MIRAGE_MODELS names another folder of trained models (the sweeps pin "
+        "theirs in results/models)",
+        scenario.name,
+        directory.parent,
+        scenario.architecture,
+        scenario.victim_training.epochs,
+    )
+    model, card = train_model(
+        scenario.architecture,
+        scenario.arch_kwargs,
+        scenario.victim_dataset,
+        scenario.victim_training,
+        data_root=scenario.data_root,
+        description=f"victim {scenario.name}",
+        show_progress=show_progress,
+    )
     save_checkpoint(model, card, directory)
-    log.info("victim %s: test accuracy %.4f in %.0fs -> %s", scenario.name,
-             card.test_accuracy, card.train_seconds, directory)
+    log.info(
+        "victim %s: test accuracy %.4f in %.0fs -> %s",
+        scenario.name,
+        card.test_accuracy,
+        card.train_seconds,
+        directory,
+    )
     return model, card, False

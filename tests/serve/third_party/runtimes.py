@@ -24,8 +24,17 @@ def _images(payload: InferenceRequest) -> np.ndarray:
 
 def _response(name: str, output: str, values: np.ndarray) -> InferenceResponse:
     values = np.ascontiguousarray(values, dtype=np.float32)
-    return InferenceResponse(model_name=name, outputs=[
-        ResponseOutput(name=output, shape=list(values.shape), datatype="FP32", data=values.reshape(-1).tolist())])
+    return InferenceResponse(
+        model_name=name,
+        outputs=[
+            ResponseOutput(
+                name=output,
+                shape=list(values.shape),
+                datatype="FP32",
+                data=values.reshape(-1).tolist(),
+            )
+        ],
+    )
 
 
 class Linear(MLModel):
@@ -53,8 +62,9 @@ class Onnx(MLModel):
         threads = (self.settings.parameters.extra or {}).get("threads")
         if threads:
             options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
-        self.session = onnxruntime.InferenceSession(self.settings.parameters.uri, options,
-                                                    providers=["CPUExecutionProvider"])
+        self.session = onnxruntime.InferenceSession(
+            self.settings.parameters.uri, options, providers=["CPUExecutionProvider"]
+        )
         self.input_name = self.session.get_inputs()[0].name
         return True
 
