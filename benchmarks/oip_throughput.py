@@ -26,6 +26,14 @@ the client talking JSON to MLServer directly (no mirage), to show what the gatew
 MLServer's venv or onnxscript (for the export) the gateway rows are skipped, and the JSON says
 why (``gateway_skipped``).
 
+The gRPC rows: the same two servers also answer the protocol's gRPC binding (``[grpc] port``,
+docs/design.md §grpc); the client is Triton's own ``tritonclient.grpc`` sending raw FP32 contents.
+``--model-workers`` sets the servers' ``limits.model_workers`` (1 by default); ``--no-gateway``
+leaves MLServer out::
+
+    MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/oip_throughput.py --no-gateway --model-workers 2 \
+        --out results/serve/oip_throughput_workers2.json
+
 The throughput targets: served binary undefended at batch 256 ≥ 0.5× the in-process forward, and
 GRAD² served ≥ 0.8× undefended served.
 """
@@ -48,7 +56,15 @@ import torch
 from mirage.defenses import create_defense
 from mirage.models import load_checkpoint
 
-from _harness import REPO, lenet_checkpoint, parser, round_robin, start_mirage_server, write_json
+from _harness import (
+    REPO,
+    free_port,
+    lenet_checkpoint,
+    parser,
+    round_robin,
+    start_mirage_server,
+    write_json,
+)
 
 sys.path.insert(0, str(REPO / "tests" / "serve"))  # the tests' MLServer launcher
 from upstreams import MLServerProcess, mlserver_executable
@@ -57,7 +73,7 @@ log = logging.getLogger("oip_throughput")
 SHAPE, K = (1, 28, 28), 10
 KEY = "mk_oip_throughput_key"
 HEADER = "Inference-Header-Content-Length"
-MODES = ("inprocess", "json", "binary", "gateway")
+MODES = ("inprocess", "json", "binary", "grpc", "gateway")
 DEFENSES = ("none", "grad2")
 GATEWAY_ATOL = 1e-4  # the ONNX export's logits differ from torch's in the last float32 bits
 
@@ -188,6 +204,12 @@ def main() -> None:
         output="--out",
         output_default=Path("results/serve/oip_throughput.json"),
     )
+    arguments.add_argument(
+        "--model-workers", type=int, default=1, help="the servers' limits.model_workers"
+    )
+    arguments.add_argument(
+        "--no-gateway", action="store_true", help="leave MLServer and the gateway rows out"
+    )
     args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -206,19 +228,25 @@ def main() -> None:
             "grad2", epsilon=args.epsilon, target="all-ones", surrogate=surrogate, batch_size=256
         )
         client = {"name": "bench", "key_sha256": hashlib.sha256(KEY.encode()).hexdigest()}
-        servers, upstream, skipped = {}, None, None
+        servers, upstream, skipped, grpc_addresses = {}, None, None, {}
         specs = (("none", {"name": "none"}), ("grad2", grad2_spec(args.epsilon, surrogate_dir)))
         try:
             for name, spec in specs:
                 config = {
                     "model": {"name": "victim", "checkpoint": str(victim_dir)},
                     "defense": spec,
-                    "limits": {"max_batch": 256},
+                    "limits": {"max_batch": 256, "model_workers": args.model_workers},
                     "storage": {"database": str(workdir / f"{name}.sqlite")},
+                    "grpc": {"port": free_port()},
                     "clients": [client],
                 }
                 servers[name] = start_server(config, workdir, args.threads)
-            upstream, skipped = start_upstream(victim, workdir, args.threads)
+                grpc_addresses[name] = f"127.0.0.1:{config['grpc']['port']}"
+            upstream, skipped = (
+                (None, "--no-gateway")
+                if args.no_gateway
+                else start_upstream(victim, workdir, args.threads)
+            )
             if upstream is None:
                 log.warning("no gateway rows: %s", skipped)
             else:
@@ -237,7 +265,13 @@ def main() -> None:
             }
             if upstream is not None:
                 http["upstream"] = httpx.Client(base_url=upstream.url, timeout=120)
-            rows = measure(args, victim, grad2, http)
+            import tritonclient.grpc as grpcclient
+
+            grpc_clients = {
+                name: grpcclient.InferenceServerClient(address)
+                for name, address in grpc_addresses.items()
+            }
+            rows = measure(args, victim, grad2, http, grpc_clients)
             for session in http.values():
                 session.close()
         finally:
@@ -258,6 +292,7 @@ def main() -> None:
         args.out,
         {
             "threads": args.threads,
+            "model_workers": args.model_workers,
             "epsilon": args.epsilon,
             "rows": rows,
             "ratios": summary,
@@ -268,7 +303,11 @@ def main() -> None:
     log.info("wrote %s", args.out)
 
 
-def measure(args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client]) -> list[dict]:
+def measure(
+    args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client], grpc_clients: dict
+) -> list[dict]:
+    import tritonclient.grpc as grpcclient
+
     rows = []
     generator = torch.Generator().manual_seed(0)
     for b in args.batches:
@@ -300,11 +339,21 @@ def measure(args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client])
             )
             return torch.softmax(torch.from_numpy(logits.copy()), 1).numpy()
 
+        def over_grpc(defense: str, array=array):
+            tensor = grpcclient.InferInput("images", list(array.shape), "FP32")
+            tensor.set_data_from_numpy(array)
+            client = grpc_clients[defense]
+            headers = {"authorization": f"Bearer {KEY}"}
+            return lambda: client.infer("victim", [tensor], headers=headers).as_numpy(
+                "probabilities"
+            )
+
         modes = ("json", "binary", "gateway") if "upstream" in http else ("json", "binary")
         fns = {"inprocess_none": forward, "inprocess_grad2": defended}
         fns.update(
             {f"{mode}_{defense}": served(defense, mode) for mode in modes for defense in DEFENSES}
         )
+        fns.update({f"grpc_{defense}": over_grpc(defense) for defense in DEFENSES})
         if "upstream" in http:
             fns["upstream_none"] = direct
         reference = {"none": forward().numpy(), "grad2": defended().numpy()}
@@ -313,7 +362,7 @@ def measure(args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client])
             fn,
         ) in fns.items():  # the servers answer what the same model and defense do in process
             if not name.startswith("inprocess"):
-                atol = 1e-5 if name.split("_")[0] in ("json", "binary") else GATEWAY_ATOL
+                atol = 1e-5 if name.split("_")[0] in ("json", "binary", "grpc") else GATEWAY_ATOL
                 np.testing.assert_allclose(
                     fn(), reference[name.split("_")[1]], rtol=0, atol=atol, err_msg=name
                 )
@@ -352,6 +401,7 @@ def targets(rows: list[dict]) -> dict[str, float]:
     for b in sorted({r["batch"] for r in rows}):
         out[f"B{b}_binary_none_over_inprocess_forward"] = at[b, "binary", "none"]
         out[f"B{b}_json_none_over_inprocess_forward"] = at[b, "json", "none"]
+        out[f"B{b}_grpc_none_over_inprocess_forward"] = at[b, "grpc", "none"]
         for mode in MODES:
             if (b, mode, "none") in at:
                 out[f"B{b}_{mode}_grad2_over_{mode}_none"] = (
