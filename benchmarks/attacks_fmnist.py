@@ -5,7 +5,8 @@ Table 1 row "FashionMNIST (LeNet)": victim 92.0, jbda 38.7, jbself 45.8, jbtop3 
 Appends one JSON line per run to ``results/attacks/fmnist.jsonl`` and skips runs already there
 (keyed by label, seed, clone recipe and epochs), so an interrupted run resumes::
 
-    MIRAGE_PROGRESS=0 nohup .venv/bin/python benchmarks/attacks_fmnist.py > results/attacks/fmnist.log 2>&1 &
+    MIRAGE_PROGRESS=0 nohup .venv/bin/python benchmarks/attacks_fmnist.py \\
+        > results/attacks/fmnist.log 2>&1 &
     .venv/bin/python benchmarks/attacks_fmnist.py --only knockoff-mnist --seeds 0 1
 
 Clone training follows the MAD paper (SGD lr 0.1, momentum 0.5, 30 epochs, LeNet = the victim's

@@ -1,8 +1,8 @@
-"""The out-of-distribution gate as a per-client stream detector (``grad2_gated``'s ``alarm_rate``), measured
-without a clone: after how many queries each attacker's stream alarms, how many of its answers
-were true labels by then (queries the gate let through before the alarm), false alarms on benign
-streams (each a shuffle of the whole test set: 2,000 images on mnist, 10,000 on fmnist-id), what
-spreading the budget over many API keys buys (each key is its own stream), and what replaying a
+"""The out-of-distribution gate as a per-client stream detector (``grad2_gated``'s ``alarm_rate``),
+measured without a clone: after how many queries each attacker's stream alarms, how many of its
+answers were true labels by then (queries the gate let through before the alarm), false alarms on
+benign streams (each a shuffle of the whole test set: 2,000 images on mnist, 10,000 on fmnist-id),
+what spreading the budget over many API keys buys (each key is its own stream), and what replaying a
 few in-distribution images to dilute the stream buys.
 
 The defense is built from the ``worst_case`` profile's point ``grad2-gated-scramble-alarm`` by the

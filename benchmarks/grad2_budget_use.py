@@ -89,8 +89,8 @@ def main() -> None:
                 "top1_kept": float((served.argmax(1) == top).float().mean()),
             }
             log.info(
-                "%-9s ε=%-4g L1 %.3f | best score = top-1 %.2f | top-1 mass %.3f -> %.3f (grew %.2f) "
-                "| top-1 kept %.3f",
+                "%-9s ε=%-4g L1 %.3f | best score = top-1 %.2f "
+                "| top-1 mass %.3f -> %.3f (grew %.2f) | top-1 kept %.3f",
                 name,
                 epsilon,
                 row["effective_l1"],

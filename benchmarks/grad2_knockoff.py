@@ -9,7 +9,8 @@ images of class ``--wm-source`` labelled ``--wm-target``). Reports clone accurac
 accuracy under each defense, and the verification statistic / p-value of every clone against the
 clean clones (leave-one-out for the clean ones). Writes JSON to ``--out``::
 
-    MIRAGE_PROGRESS=0 nohup .venv/bin/python benchmarks/grad2_knockoff.py > results/grad2/knockoff.log 2>&1 &
+    MIRAGE_PROGRESS=0 nohup .venv/bin/python benchmarks/grad2_knockoff.py \\
+        > results/grad2/knockoff.log 2>&1 &
 """
 
 from __future__ import annotations

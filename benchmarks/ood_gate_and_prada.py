@@ -1,6 +1,6 @@
-"""The out-of-distribution gate's measurements that need no clone: how well each out-of-distribution score separates the
-victim's test set from each attacker's queries (AUROC), and PRADA's queries-until-alarm per
-attacker stream and false alarms on benign streams.
+"""The out-of-distribution gate's measurements that need no clone: how well each
+out-of-distribution score separates the victim's test set from each attacker's queries (AUROC),
+and PRADA's queries-until-alarm per attacker stream and false alarms on benign streams.
 
 Scores (higher = more in-distribution): the victim's max softmax (MSP), max logit, negative
 energy (logsumexp of the logits), and the MSP of the outlier-exposure detector adaptive
@@ -60,7 +60,8 @@ def scores(victim, oe, x) -> dict[str, np.ndarray]:
 
 
 def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
-    """P(score of a test image > score of an attacker query): 1 separates perfectly, 0.5 not at all."""
+    """P(score of a test image > score of an attacker query): 1 separates perfectly, 0.5 not at
+    all."""
     return float(
         roc_auc_score(np.r_[np.ones(len(inside)), np.zeros(len(outside))], np.r_[inside, outside])
     )

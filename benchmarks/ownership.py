@@ -179,7 +179,8 @@ class Run:
         self.clone_spec = CloneSpec.like(self.card, training=sweep.clone_training)
         self.attack = args.attack
         self.budget = args.budget or {"knockoff": 15000, "jbda": 6400}[args.attack]
-        # this benchmark's clones (of watermarked APIs) apart from the sweeps' (of unwatermarked ones)
+        # this benchmark's clones (of watermarked APIs) apart from the sweeps' (of
+        # unwatermarked ones)
         self.own_clones = None if paths.clones_dir() is None else paths.clones_dir() / "ownership"
         self.test = load_dataset(self.scenario.victim_dataset).test
 
@@ -316,7 +317,8 @@ def evaluate(args: argparse.Namespace, run: Run, done: set) -> None:
 
     record("defender", defender)
     # Every attack runs again on a resume (its clone comes from the cache), so that its queries
-    # reach the evidence before any entry is tested against it. bob, a thief with another key, first.
+    # reach the evidence before any entry is tested against it. bob, a thief with another key,
+    # first.
     # JBDA (whose queries are its own synthetic images): alice's attackers only.
     only_attacks = args.attacks_only or run.attack != "knockoff"
     bob = None if only_attacks else run.steal("bob", "hard-label", "bob/knockoff hard-label")
@@ -428,7 +430,8 @@ def owner(evidence_set: str) -> str:
 
 
 def own_set(row: dict) -> str | None:
-    """The evidence set of the attack that made this entry's model (removals: the hard-label one)."""
+    """The evidence set of the attack that made this entry's model (removals: the hard-label
+    one)."""
     entry = row["entry"]
     for attack in ("knockoff", "jbda"):
         if entry.startswith(f"{attack}/"):
@@ -477,24 +480,28 @@ def table(path: Path) -> str:
     for r in rows:
         if r["entry"] == "defender":
             out.append(
-                f"\n**{r['scenario']}, seed {r['seed']}**, watermark `{r['watermark']}`: defender accuracy "
-                f"{r['clean_accuracy']:.4f} → {r['watermarked_accuracy']:.4f} ({r['cost_points']:.2f} points); "
-                f"carried {shares(r, 'carried_test')} of the test set, {shares(r, 'carried_pool')} of "
-                "the pool\n\n| model | clone acc. | its evidence: images / buckets | argmax matches "
-                f"(p) | {decision} | named | falsely named |\n|---|---|---|---|---|{'---|' * rank_decided}---|---|"
+                f"\n**{r['scenario']}, seed {r['seed']}**, watermark `{r['watermark']}`: "
+                f"defender accuracy {r['clean_accuracy']:.4f} → {r['watermarked_accuracy']:.4f} "
+                f"({r['cost_points']:.2f} points); carried {shares(r, 'carried_test')} of the "
+                f"test set, {shares(r, 'carried_pool')} of the pool\n\n| model | clone acc. "
+                "| its evidence: images / buckets | argmax matches "
+                f"(p) | {decision} | named | falsely named |\n"
+                f"|---|---|---|---|---|{'---|' * rank_decided}---|---|"
             )
         elif r["entry"] == "innocent models":
             out.append(
-                f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) | | | | "
-                f"smallest {r['smallest_p_value']:.2g} | {'| ' * rank_decided}| {len(r['falsely_named'])} |"
+                f"| {r['models']} innocent models (pinned victims; clones of unwatermarked APIs) "
+                f"| | | | smallest {r['smallest_p_value']:.2g} | {'| ' * rank_decided}"
+                f"| {len(r['falsely_named'])} |"
             )
         elif (own := own_set(r)) is None or own_test(r) is not None:
             t = own_test(r) or {}
             mass = f" {t.get('probability_p_value', 1):.2g} |" if rank_decided else ""
             layer = f" (layer {t['layer']})" if t.get("layer") else ""
             out.append(
-                f"| {r['entry']}{layer} | {r['clone_accuracy']:.4f} | {t.get('images')} / {t.get('buckets')} | "
-                f"{t.get('matches')} ({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** |{mass} "
+                f"| {r['entry']}{layer} | {r['clone_accuracy']:.4f} "
+                f"| {t.get('images')} / {t.get('buckets')} | {t.get('matches')} "
+                f"({t.get('match_p_value', 1):.2g}) | **{t.get('p_value', 1):.2g}** |{mass} "
                 f"{'yes' if r['named_thief'] else 'no'} | {', '.join(r['falsely_named']) or 0} |"
             )
         else:  # a multi-key thief: one evidence set per key it held, "<thief>+i/<attack>"
@@ -522,9 +529,11 @@ def table(path: Path) -> str:
 
             mass = f" {each('probability_p_value', '.2g')} |" if rank_decided else ""
             out.append(
-                f"| {r['entry']} ({len(sets)} keys) | {r['clone_accuracy']:.4f} | {each('images')} / "
-                f"{each('buckets')} | {each('matches')} | **{each('p_value', '.2g')}**{group} |{mass} "
-                f"{sum(t['named'] for t in sets)} of {len(sets)} keys | {', '.join(r['falsely_named']) or 0} |"
+                f"| {r['entry']} ({len(sets)} keys) | {r['clone_accuracy']:.4f} "
+                f"| {each('images')} / {each('buckets')} | {each('matches')} "
+                f"| **{each('p_value', '.2g')}**{group} |{mass} "
+                f"{sum(t['named'] for t in sets)} of {len(sets)} keys "
+                f"| {', '.join(r['falsely_named']) or 0} |"
             )
     return "\n".join(out)
 
@@ -539,7 +548,8 @@ def summary(path: Path) -> str:
     for r in rows:
         if r["entry"].startswith(("knockoff/", "jbda/")) and (t := own_test(r)):
             cells.setdefault(r["entry"], {})[(r["scenario"], r["seed"], r["watermark"])] = (
-                f"{t['p_value']:.2g}{'*' if r['named_thief'] else ''} ({t.get('probability_p_value', 1):.2g})"
+                f"{t['p_value']:.2g}{'*' if r['named_thief'] else ''} "
+                f"({t.get('probability_p_value', 1):.2g})"
                 + (f" L{t['layer']}" if t.get("layer") else "")
             )
     names = [

@@ -51,7 +51,8 @@ def main() -> None:
                 cost = 100 * (right.float() - alternative)[near].sum() / len(labels)
                 print(
                     f"{name} p1-p{m} <= {gap}: test {100 * near.float().mean():.2f} % "
-                    f"(cost <= {cost:.2f} points if all carried), pool {100 * pool_near.float().mean():.2f} %"
+                    f"(cost <= {cost:.2f} points if all carried), "
+                    f"pool {100 * pool_near.float().mean():.2f} %"
                 )
 
 

@@ -6,7 +6,8 @@ watermark and, if so, whether its feature shadow (shadow 0) trained on that imag
 that undid only the images its shadow never saw would be weakened by memorisation; one that
 undoes carried answers either way is cleaning labels.
 
-    python benchmarks/ownership_restorer.py --scenario mnist --watermark '{"bucket_fraction":0.5,"density_cap":1e-4}'
+    python benchmarks/ownership_restorer.py --scenario mnist \\
+        --watermark '{"bucket_fraction":0.5,"density_cap":1e-4}'
 """
 
 from __future__ import annotations

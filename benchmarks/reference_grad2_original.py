@@ -2,11 +2,12 @@
 github.com/mmazeika/model-stealing-defenses, ``method_gradient_redirection``), kept only as the
 speed comparison point for ``benchmarks/grad2_overhead.py``.
 
-What it reproduces, per batch of 32 queries: a victim forward; the surrogate's flattened
-gradient G^T ỹ with ``create_graph=True``; the inner product with the target direction and a
-second backward to get ∂/∂ỹ; then, for every row, a Python greedy loop that reads probabilities
-one ``.item()`` at a time, giving mass min(1 − ỹ_c, ε/2) to the best class and taking it from the
-worst classes first, then re-normalises through softmax(log(clamp(ỹ))). (The original minimises ⟨G^T ỹ, −v⟩; here we maximise ⟨G^T ỹ, v⟩, the same.)
+What it reproduces, per batch of 32 queries: a victim forward; the surrogate's flattened gradient
+G^T ỹ with ``create_graph=True``; the inner product with the target direction and a second backward
+to get ∂/∂ỹ; then, for every row, a Python greedy loop that reads probabilities one ``.item()`` at a
+time, giving mass min(1 − ỹ_c, ε/2) to the best class and taking it from the worst classes first,
+then re-normalises through softmax(log(clamp(ỹ))). (The original minimises ⟨G^T ỹ, −v⟩; here we
+maximise ⟨G^T ỹ, v⟩, the same.)
 """
 
 from __future__ import annotations

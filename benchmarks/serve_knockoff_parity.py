@@ -7,7 +7,8 @@ at ε with the scenario's distilled surrogate), runs ``create_attack("knockoff")
 reports both clone accuracies, the largest difference between the answers served to a probe
 client over HTTP and in-process, and the queries the server charged. Writes JSON to ``--out``::
 
-    MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/serve_knockoff_parity.py --out results/serve/knockoff_parity.json
+    MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/serve_knockoff_parity.py \\
+        --out results/serve/knockoff_parity.json
 """
 
 from __future__ import annotations

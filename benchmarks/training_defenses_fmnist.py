@@ -18,8 +18,8 @@ runs already there, so an interrupted run resumes::
 
     MIRAGE_PROGRESS=0 nohup .venv/bin/python benchmarks/training_defenses_fmnist.py --part ini \\
         > results/training_defenses/ini.log 2>&1 &
-    MIRAGE_PROGRESS=0 nohup .venv/bin/python benchmarks/training_defenses_fmnist.py --part plain dpsgd \\
-        > results/training_defenses/plain_dpsgd.log 2>&1 &
+    MIRAGE_PROGRESS=0 nohup .venv/bin/python benchmarks/training_defenses_fmnist.py \\
+        --part plain dpsgd > results/training_defenses/plain_dpsgd.log 2>&1 &
 """
 
 from __future__ import annotations

@@ -50,7 +50,10 @@ def one_line_error(args: list[str]) -> str:
         (
             "scenario.toml",
             SERVE.replace('scenario = "digits"', 'scenario = "digitz"'),
-            "scenario.toml: model.scenario: unknown scenario 'digitz'; known: cifar10, digits, fmnist, fmnist-id, mnist",
+            (
+                "scenario.toml: model.scenario: unknown scenario 'digitz'; "
+                "known: cifar10, digits, fmnist, fmnist-id, mnist"
+            ),
         ),
         (
             "broken.json",
@@ -151,7 +154,8 @@ def test_mirage_defenses_says_required_and_imports_no_scipy_stats(monkeypatch):
     assert "oe_model=required, misinformation_model=required" in output and "epsilon=0.5" in output
     # what the listing needs is the registry: scipy.stats (0.6 s) only loads for a stream alarm
     code = (
-        "import sys; from mirage.cli import app; app(['defenses'], prog_name='mirage', standalone_mode=False); "
+        "import sys; from mirage.cli import app; "
+        "app(['defenses'], prog_name='mirage', standalone_mode=False); "
         "sys.exit('scipy.stats' in sys.modules)"
     )
     run = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True)

@@ -32,7 +32,10 @@ def net(seed: int) -> Net:
 
 
 def test_import_mirage_loads_nothing_heavy():
-    code = "import sys, mirage; print(sorted(m for m in ('torch', 'mirage.defenses', 'pydantic') if m in sys.modules))"
+    code = (
+        "import sys, mirage; "
+        "print(sorted(m for m in ('torch', 'mirage.defenses', 'pydantic') if m in sys.modules))"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout
@@ -148,7 +151,8 @@ def test_bench_evaluate_runs_one_protocol_run_on_a_defense_instance(isolated_cac
 
 
 def test_a_missing_part_names_the_parameters_that_fill_it():
-    """GRAD² unlearn without a scenario: the error names reference_x/reference_y, not only scenarios."""
+    """GRAD² unlearn without a scenario: the error names reference_x/reference_y, not only
+    scenarios."""
     from mirage.models import create_model
 
     model = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.5,))

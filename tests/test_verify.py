@@ -139,7 +139,8 @@ def test_verify_reads_the_behaviour_a_service_config_serves(tmp_path):
     config = tmp_path / "serve.toml"
     config.write_text(
         '[model]\nname = "digits"\nscenario = "digits"\n[defense]\nname = "grad2"\n'
-        'params = { target = "watermark", watermark = { source_class = 3, target_class = 5, size = 12 } }\n'
+        'params = { target = "watermark", '
+        "watermark = { source_class = 3, target_class = 5, size = 12 } }\n"
         f'[[clients]]\nname = "a"\nkey_sha256 = "{"a" * 64}"\n'
     )
     models = ["--suspect", paths[0], "--clean", paths[1], "--clean", paths[2]]

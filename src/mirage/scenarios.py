@@ -120,8 +120,8 @@ def defender_sample(scenario: Scenario, reference: ReferenceSet = DEFAULT_REFERE
 
 
 def attacker_labels(scenario: Scenario, size: int | None, seed: int) -> ImageData | None:
-    """The labelled images of the label-aligning attacker (the ``align_labels`` countermeasure):
-    a seeded sample of the victim's training split (the test split scores the clone), or ``None``."""
+    """The labelled images of the label-aligning attacker (the ``align_labels`` countermeasure): a
+    seeded sample of the victim's training split (the test split scores the clone), or ``None``."""
     if size is None:
         return None
     return load_dataset(scenario.victim_dataset, scenario.data_root).train.sample(

@@ -12,7 +12,8 @@ from mirage.models import CompactVGG, LeNet
 
 
 class CountingNoise(Defense):
-    """Test double: the i-th answered row is y + (−1)^i · 0.05 on classes 0/1 (zero mean in pairs)."""
+    """Test double: the i-th answered row is y + (−1)^i · 0.05 on classes 0/1 (zero mean in
+    pairs)."""
 
     name = "counting-noise-test"
 

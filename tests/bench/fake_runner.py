@@ -1,4 +1,5 @@
-"""A stand-in for ``execute_run`` in sweep tests: deterministic numbers from the spec, optional delay."""
+"""A stand-in for ``execute_run`` in sweep tests: deterministic numbers from the spec, optional
+delay."""
 
 import os
 import time

@@ -14,7 +14,8 @@ from mirage.bench.runs import expand
 from mirage.bench.sweep import run_sweep
 from mirage.data import load_dataset
 
-CONFIG = """
+CONFIG = (
+    """
 name = "mine"
 scenarios = ["my-digits"]
 seeds = [0]
@@ -30,13 +31,15 @@ name = "none"
 [[defenses]]
 name = "grad2"
 grid = {{ epsilon = [0.5] }}
-params = {{ target = "unlearn", preserve_top1 = true, surrogate = "distilled", reference = {{ size = 64 }} }}
+params = {{ target = "unlearn", preserve_top1 = true, surrogate = "distilled", """
+    """reference = {{ size = 64 }} }}
 
 [[attacks]]
 name = "knockoff"
 budget = 200
 variants = ["soft", "hard-label"]
 """
+)
 
 
 def _digits_file(folder):

@@ -129,7 +129,7 @@ def test_three_seeds_of_consistent_five_point_paired_gains_are_recommended():
     assert the_verdict(base + erratic)["deploy"] == NO_DEFENSE
 
 
-def test_a_labels_only_defense_ten_points_below_the_undefended_worst_case_is_recommended_as_argmax():
+def test_labels_only_defense_ten_points_below_undefended_worst_case_is_recommended_as_argmax():
     # the undefended soft clone is 10 points above its hard-label clone at every seed; the defense
     # keeps the top-1, so its hard-label runs have the undefended transfer sets (equal digests)
     seeds = (0, 1, 2)
@@ -199,7 +199,8 @@ def test_where_argmax_was_measured_a_labels_only_point_is_judged_by_its_runs():
     words = verdict_advice(row)
     assert words.startswith("digits × knockoff: deploy argmax. Its worst case, 0.8733")
     assert "top1's, is the hard-label attacker" in words and "answering labels only" in words
-    # argmax's own runs within the noise (0.5 points): the labels-only point stands or falls with them
+    # argmax's own runs within the noise (0.5 points): the labels-only point stands or falls with
+    # them
     weak = argmax([0.945, 0.955, 0.945])
     row = the_verdict(base + top1 + weak)
     assert (

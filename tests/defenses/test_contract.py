@@ -9,7 +9,8 @@ from factories import FACTORIES, registered_name, tiny_model
 from mirage.defenses import DEFENSES, DefenseContract, create_defense
 
 K = 10
-NEEDS_MODELS = {  # the parts without a default, to build an instance at otherwise default parameters
+# the parts without a default, to build an instance at otherwise default parameters
+NEEDS_MODELS = {
     "grad2": lambda: {"surrogate": tiny_model(K)},
     "grad2_gated": lambda: {"surrogate": tiny_model(K)},
     "adaptive_misinformation": lambda: {

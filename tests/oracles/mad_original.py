@@ -23,7 +23,8 @@ from torch import Tensor, nn
 
 
 def jacobian_nll(model: nn.Module, x_i: Tensor, layers: str) -> Tensor:
-    """G (K×D) for ONE query ``x_i`` (1, C, H, W): row k = ∂(−log p_k)/∂w, one autograd.grad per k."""
+    """G (K×D) for ONE query ``x_i`` (1, C, H, W): row k = ∂(−log p_k)/∂w, one autograd.grad per
+    k."""
     params = [model.classifier.weight] if layers == "last" else [p for p in model.parameters()]
     logits = model(x_i)
     nlls = -F.log_softmax(logits, dim=1).mean(dim=0)

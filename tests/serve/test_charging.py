@@ -60,7 +60,8 @@ def counted_server(config, *, gated: bool = False):
 
 
 def send_and_hang_up(url: str, client: str, n: int, seed: int = 0) -> socket.socket:
-    """Send a whole inference request of ``n`` images; returns the open socket (close it to hang up)."""
+    """Send a whole inference request of ``n`` images; returns the open socket (close it to hang
+    up)."""
     import json
 
     content = json.dumps(

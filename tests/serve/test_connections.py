@@ -146,7 +146,10 @@ def test_a_body_of_one_byte_chunks_is_cut_and_costs_others_nothing(served):
         for key in [f"Authorization: Bearer {KEYS['alice']}\r\n", ""] * 5:
             with connect(url) as sock:
                 sock.sendall(
-                    f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\n{key}Transfer-Encoding: chunked\r\n\r\n".encode()
+                    (
+                        f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\n"
+                        f"{key}Transfer-Encoding: chunked\r\n\r\n"
+                    ).encode()
                 )
                 try:
                     for start in range(0, len(chunks), 6000):
@@ -173,7 +176,8 @@ def test_conflicting_framing_closes_and_the_hidden_request_is_never_answered(ser
         "Content-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
     )
     smuggled = (
-        f"POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n"
+        "POST /v2/health/live HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n"
+        "Transfer-Encoding: chunked\r\n\r\n"
         f"0\r\n\r\n{hidden}"
     )
     with connect(url) as sock:
@@ -229,7 +233,8 @@ def test_two_key_headers_are_refused_before_any_key_is_checked(served):
         sock.sendall(
             (
                 f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['bob']}\r\n"
-                f"Authorization: Bearer {KEYS['alice']}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                f"Authorization: Bearer {KEYS['alice']}\r\n"
+                "Content-Length: 0\r\nConnection: close\r\n\r\n"
             ).encode()
         )
         reply = read_reply(sock, 5)

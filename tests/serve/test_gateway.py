@@ -41,7 +41,8 @@ def mlserver() -> Path:
     if executable is None:
         if os.environ.get("MIRAGE_REQUIRE_MLSERVER") == "1":
             pytest.fail(
-                "MLServer's venv is missing but MIRAGE_REQUIRE_MLSERVER=1 (run scripts/bootstrap.sh)"
+                "MLServer's venv is missing but MIRAGE_REQUIRE_MLSERVER=1 "
+                "(run scripts/bootstrap.sh)"
             )
         pytest.skip(
             "MLServer's venv (.venv-mlserver, or $MIRAGE_MLSERVER_VENV) is missing: "
@@ -519,7 +520,8 @@ GARBAGE = {  # name: (answer for n images, what the 502 says)
 
 @pytest.fixture
 def scripted(tmp_path, checkpoints):
-    """A scripted upstream and a gateway in front of it (retries 2, backoff 10 ms, timeout 0.5 s)."""
+    """A scripted upstream and a gateway in front of it (retries 2, backoff 10 ms, timeout
+    0.5 s)."""
     state = {"answer": lambda request: probs_json(uniform(1))}
     fake = FakeUpstream(lambda request: state["answer"](request)).start()
     config = gateway(

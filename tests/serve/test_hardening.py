@@ -213,7 +213,8 @@ def test_a_client_hanging_up_mid_body_logs_no_traceback(tmp_path, checkpoints, c
             with socket.create_connection((host, int(port))) as sock:
                 sock.sendall(
                     (
-                        f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEYS['alice']}\r\n"
+                        f"POST {URL_INFER} HTTP/1.1\r\nHost: x\r\n"
+                        f"Authorization: Bearer {KEYS['alice']}\r\n"
                         'Content-Length: 5000\r\n\r\n{"inputs"'
                     ).encode()
                 )

@@ -181,7 +181,8 @@ def test_the_secret_never_comes_from_the_config_and_must_exist(tmp_path, checkpo
 
 def test_served_answers_carry_each_clients_own_watermark(tmp_path, checkpoints):
     """In process: alice's and bob's answers to the same images differ exactly on their own carried
-    rows, where the top-1 is their own keyed label; nothing else changes and the key is not shown."""
+    rows, where the top-1 is their own keyed label; nothing else changes and the key is not
+    shown."""
     from fastapi.testclient import TestClient
 
     from mirage.serve.app import create_app
@@ -246,8 +247,9 @@ def test_evidence_store_keeps_rankings_and_upgrades_a_store_written_without_them
     path = tmp_path / "old.sqlite"
     with sqlite3.connect(path) as conn:
         conn.execute(
-            "CREATE TABLE evidence (client TEXT NOT NULL, digest TEXT NOT NULL, bucket TEXT NOT NULL, "
-            "shape TEXT NOT NULL, image BLOB NOT NULL, PRIMARY KEY (client, digest))"
+            "CREATE TABLE evidence (client TEXT NOT NULL, digest TEXT NOT NULL, "
+            "bucket TEXT NOT NULL, shape TEXT NOT NULL, image BLOB NOT NULL, "
+            "PRIMARY KEY (client, digest))"
         )
         conn.execute(
             "INSERT INTO evidence VALUES ('bob', 'd', 'ab', '[1, 2, 2]', ?)",

@@ -151,9 +151,8 @@ def test_bad_request_matrix(tmp_path, checkpoints):
         (
             "1e400",
             (
-                '{"inputs": [{"name": "i", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [1e400'
-                + ", 0.5" * 63
-                + "]}]}"
+                '{"inputs": [{"name": "i", "shape": [1, 1, 8, 8], "datatype": "FP32", '
+                '"data": [1e400' + ", 0.5" * 63 + "]}]}"
             ).encode(),
             auth("alice"),
             400,

@@ -28,7 +28,8 @@ QUICK_MODELS = "{ training = { epochs = 1, batch_size = 128, lr = 0.05, seed = 0
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    """A private model cache for the module: the digits victim is trained once, by the first test."""
+    """A private model cache for the module: the digits victim is trained once, by the first
+    test."""
     root = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MIRAGE_CACHE", str(root))
@@ -51,7 +52,8 @@ def write_config(directory: Path, model: str, defense: str) -> Path:
 
 
 def serve_and_query(config_path: Path, x: torch.Tensor) -> tuple[torch.Tensor, dict, object]:
-    """Start the server from the config file, answer ``x`` over HTTP; (answers, defense metadata, app)."""
+    """Start the server from the config file, answer ``x`` over HTTP; (answers, defense metadata,
+    app)."""
     app = create_app(load_config(config_path))
     with (
         ServerThread(app) as url,
@@ -68,7 +70,8 @@ def test_grad2s_watermark_target_serves_from_a_sweeps_lines_and_the_behaviour_ve
     models, tmp_path
 ):
     params = (
-        f'{{ epsilon = 1.0, target = "watermark", surrogate = "distilled", surrogate_config = {QUICK_SURROGATE}, '
+        '{ epsilon = 1.0, target = "watermark", surrogate = "distilled", '
+        f"surrogate_config = {QUICK_SURROGATE}, "
         "watermark = { source_class = 1, target_class = 8, size = 10 } }"
     )
     path = write_config(tmp_path, 'scenario = "digits"', f'name = "grad2"\nparams = {params}')
@@ -121,7 +124,8 @@ def test_adaptive_misinformation_serves_its_two_models_from_a_config(models, tmp
     path = write_config(
         tmp_path,
         'scenario = "digits"',
-        f'name = "adaptive_misinformation"\nparams = {{ tau = 0.9, models_config = {QUICK_MODELS} }}',
+        'name = "adaptive_misinformation"\n'
+        f"params = {{ tau = 0.9, models_config = {QUICK_MODELS} }}",
     )
     x = probe()
     served, described, app = serve_and_query(path, x)
@@ -161,7 +165,8 @@ def test_parts_given_as_checkpoints_serve_without_a_scenario(tmp_path):
     path = write_config(
         tmp_path,
         'checkpoint = "models/victim"',  # relative to the config file
-        'name = "adaptive_misinformation"\noe_model = "models/oe"\nmisinformation_model = "models/mis"\n'
+        'name = "adaptive_misinformation"\noe_model = "models/oe"\n'
+        'misinformation_model = "models/mis"\n'
         "params = { tau = 0.95, nu = 50.0 }",
     )
     x = torch.rand(12, 1, 8, 8)

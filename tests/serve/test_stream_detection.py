@@ -68,7 +68,8 @@ def streams(victim) -> dict[str, list[torch.Tensor]]:
 
 
 def in_process(victim, requests: list[torch.Tensor]) -> tuple[int | None, list[float]]:
-    """PRADA in process on the victim's predictions: (the alarm's query count, W after each test)."""
+    """PRADA in process on the victim's predictions: (the alarm's query count, W after each
+    test)."""
     detector = PradaDetector(PradaConfig(**PRADA))
     statistics = []
     for x in requests:

@@ -21,8 +21,8 @@ class InProcessAPI:
     """``api.query(x)`` answers with ``defense(x, softmax(model(x)))``.
 
     Args:
-        model: the victim, taking images in [0, 1]: any module; one without ``input_shape`` (C, H, W)
-            needs ``input_shape=``, and one without ``num_classes`` is probed once.
+        model: the victim, taking images in [0, 1]: any module; one without ``input_shape``
+            (C, H, W) needs ``input_shape=``, and one without ``num_classes`` is probed once.
         defense: any registered defense (``None`` serves clean posteriors).
         query_budget: maximum number of images answered in total; a request that would exceed it
             raises :class:`QueryBudgetExceeded` and spends nothing.
@@ -110,7 +110,8 @@ class InProcessAPI:
         check_images(x, self.input_shape)
         if self._budget is not None and self.ledger.queries + x.shape[0] > self._budget:
             raise QueryBudgetExceeded(
-                f"request of {x.shape[0]} queries exceeds the remaining budget of {self.queries_left}"
+                f"request of {x.shape[0]} queries exceeds the remaining budget of "
+                f"{self.queries_left}"
             )
         if self.alarmed and self.on_alarm == "refuse":
             raise QueryRefused(

@@ -1,10 +1,10 @@
 """Model-stealing attacks (docs/design.md §attacks). Every attack module here registers itself on
 import.
 
-``create_attack(name, **params)`` builds one; ``list_attacks()`` lists them. ``CloneSpec`` says
-how the clone is built and trained; :mod:`mirage.attacks.countermeasures` lists the switches every
-attack accepts, :mod:`mirage.attacks.streams` the decoys and keys of a detector's attacker. :mod:`mirage.attacks.art` (imported on demand) adapts an API to the
-adversarial-robustness-toolbox.
+``create_attack(name, **params)`` builds one; ``list_attacks()`` lists them. ``CloneSpec`` says how
+the clone is built and trained; :mod:`mirage.attacks.countermeasures` lists the switches every
+attack accepts, :mod:`mirage.attacks.streams` the decoys and keys of a detector's attacker.
+:mod:`mirage.attacks.art` (imported on demand) adapts an API to the adversarial-robustness-toolbox.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ steal a mirage-defended model, with mirage's query accounting and budget still i
 
     victim = as_art_classifier(InProcessAPI(model, create_defense("grad2", ...), query_budget=5000))
     thief = art_thief(create_model("lenet", ...))
-    stolen = KnockoffNets(victim, nb_stolen=5000, use_probability=True).extract(x_pool, thieved_classifier=thief)
+    stolen = KnockoffNets(victim, nb_stolen=5000, use_probability=True).extract(
+        x_pool, thieved_classifier=thief
+    )
 
 Note: ART's ``PyTorchClassifier.fit`` reduces probability targets to their argmax for
 ``CrossEntropyLoss``, so ART's extraction attacks train their thief on hard labels even with
@@ -36,7 +38,8 @@ def as_art_classifier(api: PredictionAPI) -> BlackBoxClassifier:
 
 
 def art_thief(model: nn.Module, *, lr: float = 0.01, momentum: float = 0.9) -> PyTorchClassifier:
-    """An untrained mirage model as ART's ``thieved_classifier`` (SGD, cross-entropy, inputs in [0, 1])."""
+    """An untrained mirage model as ART's ``thieved_classifier`` (SGD, cross-entropy,
+    inputs in [0, 1])."""
     return PyTorchClassifier(
         model=model,
         loss=nn.CrossEntropyLoss(),

@@ -65,7 +65,8 @@ class QueryClient:
     small augmentations). With ``hard_labels`` the attacker keeps only the argmax of the
     (averaged) answer, as a one-hot row.
 
-    Against a query-stream detector (docs/design.md §countermeasures, :mod:`mirage.attacks.streams`):
+    Against a query-stream detector (docs/design.md §countermeasures,
+    :mod:`mirage.attacks.streams`):
 
     * ``mix_benign`` f: a fraction f of the images sent are decoys from ``decoys`` (the attacker's
       own natural images), interleaved with the attack's images inside each request at the
@@ -229,7 +230,8 @@ class QueryClient:
         return images, is_decoy
 
     def decoy_set(self) -> tuple[Tensor, Tensor]:
-        """The decoys sent so far and their answers (as the attacker uses them): (D, C, H, W), (D, K)."""
+        """The decoys sent so far and their answers (as the attacker uses them):
+        (D, C, H, W), (D, K)."""
         if not self._decoy_images:
             return torch.empty(0, *self.input_shape), torch.empty(0, self.num_classes)
         return torch.cat(self._decoy_images), torch.cat(self._decoy_answers)
@@ -507,8 +509,9 @@ def register_attack(
 
 def create_attack(name: str, *, variant: str | None = None, **params: Any) -> Attack:
     """``create_attack("jbda", rounds=6, hard_labels=True)``: build a registered attack by name;
-    ``variant`` names an attacker of the suite (:data:`~mirage.attacks.countermeasures.ATTACKER_SUITE`)
-    whose switches apply first (explicit ``params`` override them)."""
+    ``variant`` names an attacker of the suite
+    (:data:`~mirage.attacks.countermeasures.ATTACKER_SUITE`) whose switches apply first (explicit
+    ``params`` override them)."""
     if variant is not None:
         params = {**variant_params(variant), **params}
     return _REGISTRY.create(name, **params)

@@ -24,10 +24,11 @@ or soft bootstrapping, the cross-entropy against β·t + (1 − β)·p_θ with p
 al., ICLR 2015 workshop).
 
 Training is deterministic given the data, the spec and the seed, so clones are cached exactly
-(``CloneSpec.cache``: a folder, which the run protocol sets from its stores): the key is the digest of the very images and targets trained on, the spec
-and the code that trains. Two runs whose transfer sets are provably equal — the hard-label answers
-of a top-1-kept defense and of the undefended API — train one clone, and the equality is the
-matching digest, recorded in the clone's stats (``transfer_digest``), never assumed.
+(``CloneSpec.cache``: a folder, which the run protocol sets from its stores): the key is the digest
+of the very images and targets trained on, the spec and the code that trains. Two runs whose
+transfer sets are provably equal — the hard-label answers of a top-1-kept defense and of the
+undefended API — train one clone, and the equality is the matching digest, recorded in the clone's
+stats (``transfer_digest``), never assumed.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""What a defense-aware attacker does about a defense (docs/design.md §countermeasures), each a switch.
+"""What a defense-aware attacker does about a defense (docs/design.md §countermeasures), each a
+switch.
 
 Every attack's parameters inherit these fields, so any attack can be combined with any of them:
 

@@ -24,11 +24,11 @@ What mirage's attacker knows and builds (``RestorerConfig``):
 * **calibration**: a shadow is much less confident than the victim after a few epochs, so its
   logits are divided by the temperature at which its simulated answers look like the real ones
   (mean top probability; :func:`matched_temperature`) — a statistic of what the attacker sees;
-* **the restorer**: a residual two-hidden-layer MLP from log ỹ (and, with ``features``, the logits of a
-  *different* shadow on the same image — the image features; never the shadow being restored,
+* **the restorer**: a residual two-hidden-layer MLP from log ỹ (and, with ``features``, the logits
+  of a *different* shadow on the same image — the image features; never the shadow being restored,
   whose logits would give the answer away) to the clean posterior, trained with the soft
-  cross-entropy on ``pairs`` (perturbed, clean) pairs per shadow drawn from the half that shadow
-  did not train on.
+  cross-entropy on ``pairs`` (perturbed, clean) pairs per shadow drawn from the half that shadow did
+  not train on.
 
 Cut for two CPU cores, against the paper: no meta-classifier detecting *which* defense is on
 (the attacker is told), an MLP instead of a generative model, two shadows of five epochs instead

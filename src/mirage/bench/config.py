@@ -55,8 +55,8 @@ class AttackSpec(_Strict):
     )
     variants: list[str] = Field(
         default_factory=list,
-        description="attackers of the suite (mirage.attacks.ATTACKER_SUITE) to run, each as its own "
-        "attack labelled '<label>/<variant>' with its switches added to ``params``; the "
+        description="attackers of the suite (mirage.attacks.ATTACKER_SUITE) to run, each as its "
+        "own attack labelled '<label>/<variant>' with its switches added to ``params``; the "
         "report judges each defense by the worst case over them. Empty: this attack "
         "as given",
     )
@@ -165,12 +165,13 @@ class SweepConfig(_Strict):
     )
     victim_epochs: dict[str, int] = Field(
         default_factory=dict,
-        description="optional: scenario -> victim training epochs (a cheaper, separately cached victim)",
+        description="optional: scenario -> victim training epochs (a cheaper, separately cached "
+        "victim)",
     )
     user_scenarios: dict[str, UserScenario] = Field(
         default_factory=dict,
-        description="scenarios of the user's own, by name (listed in scenarios like the built-in ones): "
-        "their images, their model, their attacker's pool",
+        description="scenarios of the user's own, by name (listed in scenarios like the built-in "
+        "ones): their images, their model, their attacker's pool",
     )
 
     @model_validator(mode="after")
@@ -181,7 +182,8 @@ class SweepConfig(_Strict):
         unknown = set(self.victim_epochs) - set(self.scenarios)
         if unknown or any(e < 1 for e in self.victim_epochs.values()):
             raise ValueError(
-                f"victim_epochs must map this sweep's scenarios to epochs ≥ 1, got {self.victim_epochs}"
+                f"victim_epochs must map this sweep's scenarios to epochs ≥ 1, "
+                f"got {self.victim_epochs}"
             )
         labels = {d.display for d in self.defenses}
         for attack in self.attacks:
@@ -205,7 +207,8 @@ class SweepConfig(_Strict):
             unknown = set(defense.scenario_grid) - set(self.scenarios)
             if unknown:
                 raise ValueError(
-                    f"{defense.display}: scenario_grid names scenarios not in this sweep: {sorted(unknown)}"
+                    f"{defense.display}: scenario_grid names scenarios not in this sweep: "
+                    f"{sorted(unknown)}"
                 )
         return self
 

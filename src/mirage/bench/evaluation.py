@@ -4,8 +4,12 @@
 a defense built from their data — against the attacker suite, and gives the worst-case verdict of
 the sweeps (:func:`mirage.bench.summary.verdict`) from the same kind of run records::
 
-    report = mirage.evaluate(net, "my-images/", "grad2", params={"epsilon": 0.5, "target": "unlearn",
-                                                               "preserve_top1": True})
+    report = mirage.evaluate(
+        net,
+        "my-images/",
+        "grad2",
+        params={"epsilon": 0.5, "target": "unlearn", "preserve_top1": True},
+    )
     print(report.advice)
 
 :func:`evaluate` is one run of the protocol (docs/design.md §protocol) on a scenario's victim
@@ -332,8 +336,8 @@ def evaluate_model(
     for attacker in attackers:
         if "restorer" in variant_params(attacker) and remote and served_defense is None:
             raise ValueError(
-                f"the {attacker} attacker simulates the served defense, which this endpoint does not "
-                "disclose: leave it out, or serve with access.disclose_defense = true"
+                f"the {attacker} attacker simulates the served defense, which this endpoint "
+                "does not disclose: leave it out, or serve with access.disclose_defense = true"
             )
     if attack not in ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; known: {sorted(ATTACKS)}")
@@ -347,7 +351,8 @@ def evaluate_model(
     if pool is not None:
         if attack == "knockoff-adaptive":
             raise ValueError(
-                "knockoff-adaptive groups the pool by its labels: an unlabelled pool cannot serve it"
+                "knockoff-adaptive groups the pool by its labels: an unlabelled pool cannot "
+                "serve it"
             )
         split = _with_pool(split, pool)
     mean, std = channel_stats(split.pool.images)
@@ -524,7 +529,8 @@ def _as_classifier(model: nn.Module | None, split: UserSplit) -> nn.Module | Non
 def _one_run(
     context: RunContext, attack: str, attacker: str, seed: int, budget: int, overhead: float | None
 ) -> tuple[dict[str, Any], nn.Module]:
-    """One attacker at one seed against one context: the run record (the sweeps' fields) and the clone."""
+    """One attacker at one seed against one context: the run record (the sweeps' fields) and the
+    clone."""
     from mirage.attacks.countermeasures import variant_params
 
     attack_params = variant_params(attacker)
@@ -763,8 +769,8 @@ def user_victim(name: str, split: UserSplit, stores: Stores) -> nn.Module:
     if has_checkpoint(directory):
         return load_checkpoint(directory)[0].eval()
     log.warning(
-        "no model given for scenario %s: training a %s victim on its %d non-test images (%d epochs), kept "
-        "in %s",
+        "no model given for scenario %s: training a %s victim on its %d non-test images "
+        "(%d epochs), kept in %s",
         name,
         architecture,
         len(train),

@@ -188,6 +188,7 @@ def verdict_figure(
         ax.grid(axis="x", alpha=0.3)
     axes[0][0].legend(fontsize=7, loc="lower right")
     fig.suptitle(
-        f"Clone accuracy at ≤ {max_drop * 100:.0f} point of defender cost: soft-label vs worst-case attacker"
+        f"Clone accuracy at ≤ {max_drop * 100:.0f} point of defender cost: "
+        "soft-label vs worst-case attacker"
     )
     return _save(fig, stem)

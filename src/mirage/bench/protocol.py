@@ -147,7 +147,8 @@ class RunContext:
         return tell_restorer(attack_params, self.defense_name, self.public_params)
 
     def attack_images(self, attack: str) -> ImageData:
-        """The attacker's own images for ``attack``: seed images for the JBDA family, else the pool."""
+        """The attacker's own images for ``attack``: seed images for the JBDA family, else the
+        pool."""
         return self.seeds if attack in SEED_ATTACKS and self.seeds is not None else self.pool
 
     def defender_metrics(self, eval_size: int | None = None) -> dict[str, Any]:

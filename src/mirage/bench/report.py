@@ -89,7 +89,10 @@ def _html_table(rows: list[dict[str, Any]]) -> str:
     keys = list(dict.fromkeys(k for r in rows for k in r))
     head = "".join(f"<th>{html.escape(k)}</th>" for k in keys)
     body = "".join("<tr>" + "".join(_html_cell(r.get(k)) for k in keys) + "</tr>" for r in rows)
-    return f"<div class='scroll'><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>"
+    return (
+        f"<div class='scroll'><table><thead><tr>{head}</tr></thead>"
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 def render_markdown(title: str, sections: list[Section]) -> str:
@@ -198,22 +201,22 @@ def consistency_warnings(records: list[dict[str, Any]]) -> list[str]:
 
 VERDICT_TEXT = (
     "Each defense is judged by the strongest attacker of the suite: for every defense point, the "
-    "highest clone accuracy any attacker reached (mean over its seeds). A point is recommended only "
-    "if it costs the defender at most 1 point of accuracy and holds every attacker below the "
+    "highest clone accuracy any attacker reached (mean over its seeds). A point is recommended "
+    "only if it costs the defender at most 1 point of accuracy and holds every attacker below the "
     "undefended API's worst case (every attacker run against `none`, the hard-label one included) "
     "by more than the noise: per seed both ran, the undefended worst case minus the point's clone "
-    "(also where the attacker got exactly the undefended answers, `=undef.`), whose mean must exceed "
-    "max(1 point, one-sided 95 % t bound) at 3 paired seeds or more and 2 points below 3 "
+    "(also where the attacker got exactly the undefended answers, `=undef.`), whose mean must "
+    "exceed max(1 point, one-sided 95 % t bound) at 3 paired seeds or more and 2 points below 3 "
     "(`paired gain`, `noise margin`, `gain on`: the attacker and seeds where the point beats it by "
     "the least). Without such a point the verdict is `none` (`closest`: the nearest miss). Among "
     "several, the lowest worst case, two points compared on the seeds they share per attacker "
     "(`compared on`: the binding attacker's seeds shared with the runner-up), ties to more seeds, "
-    "then to the cheaper point. Where the winner's worst case is the hard-label attacker on exactly "
-    "the undefended answers, its effect is that of answering labels only: the pick is `argmax`, "
-    "which does that at no perturbation cost, judged by its own runs where it was measured "
-    "(`labels-only bound`: that point, or the closest; `figures of`: the point whose figures stand "
-    "for `argmax` where it was not). Suite: {suite}. A worst case still missing an attacker is a "
-    "lower bound (≥) and never recommended.{extra}"
+    "then to the cheaper point. Where the winner's worst case is the hard-label attacker on "
+    "exactly the undefended answers, its effect is that of answering labels only: the pick is "
+    "`argmax`, which does that at no perturbation cost, judged by its own runs where it was "
+    "measured (`labels-only bound`: that point, or the closest; `figures of`: the point whose "
+    "figures stand for `argmax` where it was not). Suite: {suite}. A worst case still missing an "
+    "attacker is a lower bound (≥) and never recommended.{extra}"
 )
 
 
@@ -231,7 +234,8 @@ def suite_sections(
     suite_names = sorted({v for variants in suites.values() for v in variants})
     extra_names = sorted({v for a in config.attacks for v in a.extra_variants})
     extra = (
-        f" Beyond the suite, counted where they ran (the defenses they answer): {', '.join(extra_names)}."
+        " Beyond the suite, counted where they ran (the defenses they answer): "
+        f"{', '.join(extra_names)}."
         if extra_names
         else ""
     )
@@ -255,9 +259,10 @@ def suite_sections(
                 f"{scenario} — {family}: every defense by its worst case",
                 [
                     "Defender drop in points of accuracy; clones as mean over seeds (± spread); "
-                    "`=undef.`: the run's transfer set is exactly the undefended API's (equal digest), "
-                    "so it trained the undefended clone.",
-                    f"Order within 1 point of cost, soft-label attacker: {', '.join(change['soft order']) or '–'}; "
+                    "`=undef.`: the run's transfer set is exactly the undefended API's "
+                    "(equal digest), so it trained the undefended clone.",
+                    "Order within 1 point of cost, soft-label attacker: "
+                    f"{', '.join(change['soft order']) or '–'}; "
                     f"worst case: {', '.join(change['worst-case order']) or '–'} "
                     f"({change['changed place']} defenses change place).",
                 ],
@@ -279,7 +284,8 @@ def suite_sections(
 
 
 def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) -> Path:
-    """Write plots, ``report.md`` and ``report.html`` into ``out_dir``; returns the Markdown path."""
+    """Write plots, ``report.md`` and ``report.html`` into ``out_dir``; returns the Markdown
+    path."""
     out_dir = Path(out_dir)
     records = ResultStore(results).read()
     reference_of = {a.display: a.reference_for for a in config.attacks if a.reference_for}
@@ -289,9 +295,10 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
         Section(
             "",
             [
-                f"{len(records)} runs from `{Path(results).name}`. Clone and defender accuracy on the "
-                "victim's test set; effective L1 = mean ‖ỹ − y‖₁ served to the attacker; overhead = "
-                "per-query time of the defended API over the undefended forward, measured in the same run."
+                f"{len(records)} runs from `{Path(results).name}`. Clone and defender accuracy "
+                "on the victim's test set; effective L1 = mean ‖ỹ − y‖₁ served to the attacker; "
+                "overhead = per-query time of the defended API over the undefended forward, "
+                "measured in the same run."
             ],
         )
     ]
@@ -360,10 +367,10 @@ def build_report(config: SweepConfig, results: str | Path, out_dir: str | Path) 
         Section(
             "Cost of the sweep",
             [
-                "Compute as the sum of run wall times (the sweep's wall time is about this over the "
-                "number of workers), without the models trained before dispatch (victims, "
-                "surrogates, training-time defenses); peak RSS is the largest any worker reached by "
-                "the end of a run."
+                "Compute as the sum of run wall times (the sweep's wall time is about this over "
+                "the number of workers), without the models trained before dispatch (victims, "
+                "surrogates, training-time defenses); peak RSS is the largest any worker reached "
+                "by the end of a run."
             ],
             None,
             sweep_cost_table(records),

@@ -1,5 +1,5 @@
-"""Turn run records into the protocol's summaries (docs/design.md §summaries): per-defense trade-off curves,
-clone accuracy interpolated at fixed defender-accuracy drops and at fixed effective L1, the
+"""Turn run records into the protocol's summaries (docs/design.md §summaries): per-defense trade-off
+curves, clone accuracy interpolated at fixed defender-accuracy drops and at fixed effective L1, the
 reference clones, and the per-query overhead.
 
 Runs whose clone training failed — diverged (NaN) or collapsed to one class — are left out of the
@@ -156,7 +156,8 @@ def _costs(curve: Curve) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _cost_table(
     panel: dict[str, Curve], at, prefix: str, drop_fmt: str, l1_fmt: str
 ) -> list[dict[str, Any]]:
-    """One row per defense: ``at(cost, clone, level)`` at each defender-accuracy drop and L1 level."""
+    """One row per defense: ``at(cost, clone, level)`` at each defender-accuracy drop and L1
+    level."""
     rows = []
     for name, curve in sorted(panel.items()):
         if name == "none":
@@ -228,7 +229,8 @@ def _paired_change(point: dict[str, Any], undefended: dict[int, float]) -> float
 def references(
     records: list[dict[str, Any]], reference_of: dict[str, str]
 ) -> dict[tuple[str, str], dict[str, float]]:
-    """(scenario, attack) -> {"undefended": acc, "<reference attack>": acc} from the ``none`` runs."""
+    """(scenario, attack) -> {"undefended": acc, "<reference attack>": acc} from the ``none``
+    runs."""
     refs: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for r in counted_runs(records):
         if r["defense"] != "none":
@@ -241,7 +243,8 @@ def references(
 
 
 def overhead_table(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per defense label: median (defended / undefended) per-query time, measured within each run."""
+    """Per defense label: median (defended / undefended) per-query time, measured within each
+    run."""
     by_defense: dict[str, list[float]] = defaultdict(list)
     for r in records:
         if r.get("overhead_ratio") is not None:
@@ -353,8 +356,8 @@ def worst_case_points(
     seeds; ``seeds`` and the spread (``sd``) are kept beside it. A run whose transfer set is the
     very one the same attacker got from the undefended API at the same seed (equal
     ``transfer_digest``; in practice a hard-label run against a point that keeps the top-1) is
-    marked ``same_as_undefended`` (at every seed it ran; ``identical_seeds``: the seeds where it is);
-    ``hard_labels``: the attacker trains on top-1 labels only (:func:`hard_label_run`)."""
+    marked ``same_as_undefended`` (at every seed it ran; ``identical_seeds``: the seeds where it
+    is); ``hard_labels``: the attacker trains on top-1 labels only (:func:`hard_label_run`)."""
     seen: dict[tuple[str, str], set[str]] = defaultdict(set)
     grouped: dict[tuple[str, str, str, str], list[dict[str, Any]]] = defaultdict(list)
     undefended_digest: dict[tuple[str, str, str, int], str] = {}
@@ -487,8 +490,8 @@ def worst_case_best_within(
 
 def worst_on_seeds(point: WorstCasePoint, other: WorstCasePoint) -> float:
     """``point``'s worst case with each attacker's clone averaged over the seeds at which ``other``
-    ran that attacker too (over all its seeds where they share none), so that two points measured
-    at different seeds are compared on the seeds they share: a lucky single seed cannot beat three."""
+    ran that attacker too (over all its seeds where they share none), so that two points measured at
+    different seeds are compared on the seeds they share: a lucky single seed cannot beat three."""
     clones = []
     for attacker, entry in point.by_attacker.items():
         theirs = other.by_attacker.get(attacker, {}).get("seeds", ())
@@ -581,7 +584,8 @@ class PairedGain:
     @property
     def significant(self) -> bool:
         """Beyond the margin at :data:`MIN_NOISE_SEEDS` paired seeds or more: what a recommendation
-        needs. Below that a gain beyond the margin is only indicative (docs/design.md §worst-case)."""
+        needs. Below that a gain beyond the margin is only indicative
+        (docs/design.md §worst-case)."""
         return self.beyond_margin and len(self.seeds) >= MIN_NOISE_SEEDS
 
     @property
@@ -740,10 +744,11 @@ def _deploy_row(
     pending: int,
     stand_in: WorstCasePoint | None = None,
 ) -> dict[str, Any]:
-    """The verdict row that deploys ``best``. ``stand_in``: a labels-only point (:func:`labels_only`)
-    that the verdict judged as :data:`LABELS_ONLY_DEFENSE` — with ``best`` that defense measured on
-    its own runs, or, where ``stand_in is best`` (that defense not measured), deployed in its place
-    with the stand-in's figures (``figures of``; no perturbation: no defender cost, no overhead)."""
+    """The verdict row that deploys ``best``. ``stand_in``: a labels-only point
+    (:func:`labels_only`) that the verdict judged as :data:`LABELS_ONLY_DEFENSE` — with ``best``
+    that defense measured on its own runs, or, where ``stand_in is best`` (that defense not
+    measured), deployed in its place with the stand-in's figures (``figures of``; no perturbation:
+    no defender cost, no overhead)."""
     worst_entry = best.by_attacker[best.worst_attacker]
     row = {
         "scenario": scenario,
@@ -850,10 +855,10 @@ def verdict_table_row(row: dict[str, Any]) -> dict[str, Any]:
 
 
 NO_DEFENSE_ADVICE = (
-    "No answer perturbation helps in this scenario. Serve the plain model and protect it otherwise: "
-    "per-client quotas and rate limits (`mirage serve`'s API keys), query-stream detection (PRADA, "
-    "the service's `detection` section), and ownership evidence — a watermark in the answers, "
-    "tested on a suspect clone with `mirage verify`."
+    "No answer perturbation helps in this scenario. Serve the plain model and protect it "
+    "otherwise: per-client quotas and rate limits (`mirage serve`'s API keys), query-stream "
+    "detection (PRADA, the service's `detection` section), and ownership evidence — a watermark in "
+    "the answers, tested on a suspect clone with `mirage verify`."
 )
 
 LABELS_ONLY_BOUND = (
@@ -897,8 +902,8 @@ def verdict_advice(row: dict[str, Any], max_drop: float = 0.01) -> str:
         return (
             f"{head}deploy {row['deploy']}: serve top-1 labels only. {stand_in}'s worst case, "
             f"{row['worst-case clone']:.4f} ({row['by attacker']}), is {LABELS_ONLY_BOUND}: "
-            f"{LABELS_ONLY_EFFECT} ({row['deploy']} has not faced the whole suite here; its hard-label "
-            f"clone is this one by construction). {stand_in} beats the undefended API's "
+            f"{LABELS_ONLY_EFFECT} ({row['deploy']} has not faced the whole suite here; its "
+            f"hard-label clone is this one by construction). {stand_in} beats the undefended API's "
             f"worst case ({row['undefended worst case']:.4f}) on every attacker beyond the noise "
             f"across seeds; by the least on {row['gain on']}: {row['paired gain (pts)']} points "
             f"against a margin of {row['noise margin (pts)']}. Defender cost 0.00 points: "
@@ -907,8 +912,9 @@ def verdict_advice(row: dict[str, Any], max_drop: float = 0.01) -> str:
     if row["deploy"] != NO_DEFENSE:
         return (
             f"{head}deploy {row['deploy']}. Its worst case, {row['worst-case clone']:.4f} "
-            f"({row['by attacker']}), beats the undefended API's ({row['undefended worst case']:.4f}) "
-            f"on every attacker beyond the noise across seeds; by the least on {row['gain on']}: "
+            f"({row['by attacker']}), beats the undefended API's "
+            f"({row['undefended worst case']:.4f}) on every attacker beyond the noise across "
+            f"seeds; by the least on {row['gain on']}: "
             f"{row['paired gain (pts)']} points against a margin of {row['noise margin (pts)']}. "
             f"Defender cost {row['defender cost (pts)']} points.{_labels_only_words(row)}"
         )
@@ -936,16 +942,18 @@ def verdict_advice(row: dict[str, Any], max_drop: float = 0.01) -> str:
     cost = f"{100 * max_drop:g} point{'' if abs(max_drop - 0.01) < 1e-9 else 's'}"
     if row.get("too few seeds"):
         return (
-            f"{head}none yet. {row['closest']} lowers the worst-case clone below the undefended API's "
-            f"({row['undefended worst case']:.4f}, {row['by attacker']}) by {row['paired gain (pts)']} points on "
-            f"{row['gain on']}, beyond the margin of {row['noise margin (pts)']}, but on fewer than "
+            f"{head}none yet. {row['closest']} lowers the worst-case clone below the undefended "
+            f"API's ({row['undefended worst case']:.4f}, {row['by attacker']}) by "
+            f"{row['paired gain (pts)']} points on {row['gain on']}, beyond the margin of "
+            f"{row['noise margin (pts)']}, but on fewer than "
             f"{MIN_NOISE_SEEDS} paired seeds: too few to recommend anything. Run its missing seeds "
             f"(`mirage bench run … --seed`) before deploying it; meanwhile: {NO_DEFENSE_ADVICE}"
         )
     return (
         f"{head}none. No defense point costing the defender at most {cost} of accuracy lowers "
         f"the worst-case clone below the undefended API's ({row['undefended worst case']:.4f}, "
-        f"{row['by attacker']}) by more than the noise across seeds ({closest}). {NO_DEFENSE_ADVICE}"
+        f"{row['by attacker']}) by more than the noise across seeds ({closest}). "
+        f"{NO_DEFENSE_ADVICE}"
     )
 
 

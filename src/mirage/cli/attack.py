@@ -66,8 +66,8 @@ def attack(
         str | None,
         typer.Option(
             help="an attacker of the suite: soft, hard-label, averaging, restorer, noise-robust, "
-            "confident-only, mixing (30 % benign decoys), multi-key (4 API keys, in-process views), "
-            "aligned (100 labelled images of the victim's training split) "
+            "confident-only, mixing (30 % benign decoys), multi-key (4 API keys, in-process "
+            "views), aligned (100 labelled images of the victim's training split) "
             "(`mirage attacks` lists their switches; the restorer is told the defense's name and "
             "public parameters)"
         ),
@@ -89,7 +89,8 @@ def attack(
     defense_params = parse_params(param)
     if epsilon is not None:
         defense_params["epsilon"] = epsilon
-    try:  # the same declarative parts as a sweep's: surrogate = "distilled", reference, watermark, ...
+    # the same declarative parts as a sweep's: surrogate = "distilled", reference, watermark, ...
+    try:
         DefenseSpec.from_params(defense, defense_params)
         attack_params = parse_params(attack_param)
         if variant is not None:
@@ -158,7 +159,8 @@ def _alignment(report: dict) -> str:
         return f"no (identity on {report['labelled']} labelled images)"
     return (
         f"{'yes' if report['kept'] else 'no'} (σ = {report['sigma']}: "
-        f"{report['accuracy_before']:.2f} → {report['accuracy_after']:.2f} on {report['labelled']} labelled)"
+        f"{report['accuracy_before']:.2f} → {report['accuracy_after']:.2f} "
+        f"on {report['labelled']} labelled)"
     )
 
 

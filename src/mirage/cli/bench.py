@@ -23,8 +23,8 @@ def builtin_profiles() -> list[str]:
 bench = typer.Typer(
     no_args_is_help=True,
     help=(
-        "Sweeps of defenses × budgets × attacks, and their report. --config takes a built-in profile "
-        f"({', '.join(builtin_profiles())}) or a TOML file of your own.\n\n"
+        "Sweeps of defenses × budgets × attacks, and their report. --config takes a built-in "
+        f"profile ({', '.join(builtin_profiles())}) or a TOML file of your own.\n\n"
         "Example: mirage bench run --config quick && mirage bench report --config quick"
     ),
 )
@@ -79,8 +79,8 @@ def run(
     answers: Annotated[
         str | None,
         typer.Option(
-            help="where answered transfer sets are cached ('off': not at all); default $MIRAGE_ANSWERS "
-            "or $MIRAGE_CACHE/answers. Dask workers read their own MIRAGE_ANSWERS"
+            help="where answered transfer sets are cached ('off': not at all); default "
+            "$MIRAGE_ANSWERS or $MIRAGE_CACHE/answers. Dask workers read their own MIRAGE_ANSWERS"
         ),
     ] = None,
     device: Annotated[

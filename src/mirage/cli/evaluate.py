@@ -69,8 +69,10 @@ def evaluate_command(
     defense helps (the worst-case verdict of the sweeps). With --url the endpoint is judged
     black-box as it answers, and --model, if given, is its undefended baseline.
 
-    Examples: mirage evaluate --model net.pt2 --data my-images/ --defense grad2 -p epsilon=0.5 -p target=unlearn
-              mirage evaluate --url http://127.0.0.1:8000 --model-name mine --data my-images/ --model net.pt2
+    Examples: mirage evaluate --model net.pt2 --data my-images/ --defense grad2 \\
+                  -p epsilon=0.5 -p target=unlearn
+              mirage evaluate --url http://127.0.0.1:8000 --model-name mine --data my-images/ \\
+                  --model net.pt2
     """
     from mirage.bench.evaluation import evaluate_model
     from mirage.data.folders import load_image_folder

@@ -1,5 +1,5 @@
-"""GRAD² commands: ``train-surrogate`` (cached like victims), ``distil-surrogate`` (from any model on
-the user's own images) and ``verify`` (watermark test)."""
+"""GRAD² commands: ``train-surrogate`` (cached like victims), ``distil-surrogate`` (from any model
+on the user's own images) and ``verify`` (watermark test)."""
 
 from __future__ import annotations
 
@@ -38,7 +38,8 @@ def train_surrogate(
 ) -> None:
     """Train (or reuse the cached) GRAD² surrogate of a scenario's victim.
 
-    Example: mirage train-surrogate --scenario digits --kind distilled --stop-epoch 10 --epochs 50"""
+    Example: mirage train-surrogate --scenario digits --kind distilled --stop-epoch 10 --epochs 50
+    """
     from mirage.scenarios import get_scenario
     from mirage.training.surrogate import (
         SURROGATE_TRAINING,
@@ -147,22 +148,22 @@ def verify_command(
     suspect: Annotated[
         Path,
         typer.Option(
-            help="the suspect model: a torch.export archive (.pt2), an ONNX file (.onnx) or a mirage "
-            "checkpoint directory"
+            help="the suspect model: a torch.export archive (.pt2), an ONNX file (.onnx) or a "
+            "mirage checkpoint directory"
         ),
     ],
     clean: Annotated[
         list[Path] | None,
         typer.Option(
-            help="GRAD² soft-label test: checkpoint directories of ≥ 2 clean models (without them: the "
-            "ownership test of --config's \\[ownership] keys)"
+            help="GRAD² soft-label test: checkpoint directories of ≥ 2 clean models (without "
+            "them: the ownership test of --config's \\[ownership] keys)"
         ),
     ] = None,
     config: Annotated[
         Path | None,
         typer.Option(
-            help="the service config: its \\[ownership] keys and evidence, or the GRAD² watermark its "
-            "defense serves",
+            help="the service config: its \\[ownership] keys and evidence, or the GRAD² watermark "
+            "its defense serves",
             exists=True,
             dir_okay=False,
         ),
@@ -176,15 +177,15 @@ def verify_command(
     alpha: Annotated[
         float | None,
         typer.Option(
-            help="significance (default 1e-6 for the ownership test, after correcting for every client; "
-            "0.01 for the GRAD² test)"
+            help="significance (default 1e-6 for the ownership test, after correcting for every "
+            "client; 0.01 for the GRAD² test)"
         ),
     ] = None,
     group: Annotated[
         list[str] | None,
         typer.Option(
-            help="clients believed one party, comma-separated (e.g. one account's keys): one more test of "
-            "their pooled evidence; repeatable"
+            help="clients believed one party, comma-separated (e.g. one account's keys): one more "
+            "test of their pooled evidence; repeatable"
         ),
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,

@@ -21,13 +21,15 @@ def serve(
     device: Annotated[
         str | None,
         typer.Option(
-            help="where the model's forward pass runs: cpu, cuda, cuda:N, mps (overrides model.device)"
+            help="where the model's forward pass runs: cpu, cuda, cuda:N, mps "
+            "(overrides model.device)"
         ),
     ] = None,
     grpc_port: Annotated[
         int | None,
         typer.Option(
-            help="also serve the Open Inference Protocol over gRPC on this port (overrides grpc.port)"
+            help="also serve the Open Inference Protocol over gRPC on this port "
+            "(overrides grpc.port)"
         ),
     ] = None,
 ) -> None:

@@ -30,8 +30,8 @@ EndpointUrl = Annotated[
     str | None,
     typer.Option(
         "--url",
-        help="… or an Open Inference Protocol V2 endpoint, e.g. http://127.0.0.1:8000 (every image one "
-        "query, charged to the key)",
+        help="… or an Open Inference Protocol V2 endpoint, e.g. http://127.0.0.1:8000 (every image "
+        "one query, charged to the key)",
     ),
 ]
 EndpointModel = Annotated[

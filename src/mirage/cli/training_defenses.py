@@ -20,7 +20,8 @@ def train_victim_defended(
     param: Annotated[
         list[str] | None,
         typer.Option(
-            help="KEY=VALUE config entry (VALUE as JSON, e.g. gamma=0.3, init='\"victim\"'); repeatable"
+            help="KEY=VALUE config entry (VALUE as JSON, e.g. gamma=0.3, init='\"victim\"'); "
+            "repeatable"
         ),
     ] = None,
     retrain: Annotated[bool, typer.Option(help="ignore the cached checkpoint")] = False,

@@ -113,7 +113,8 @@ def load_images(
 ) -> Tensor:
     """Unlabelled images (N, C, H, W) in [0, 1]: every image file under a folder (recursively,
     sorted by path), or a ``.npy`` array, (N, C, H, W) or (N, H, W), of floats in [0, 1] or
-    uint8. What a defender distils a surrogate on (:func:`mirage.training.surrogate.distil_surrogate`)."""
+    uint8. What a defender distils a surrogate on
+    (:func:`mirage.training.surrogate.distil_surrogate`)."""
     source = Path(source)
     if source.suffix == ".npy":
         array = np.load(source, allow_pickle=False)

@@ -9,10 +9,11 @@ MAD's objective only ever needs inner products of columns Gᵀa, where G (K×D) 
 ``last``: w = the final linear layer's weight W (K×H). With features h and probabilities p,
 ∂ log p_k/∂W = (e_k − p) hᵀ, hence M = ‖h‖² (I − 1pᵀ − p1ᵀ + ‖p‖² 11ᵀ): one forward, no backward.
 
-``all``: w = every parameter. One forward with hooks that keep each layer's input a and output,
-then ONE backward batched over the K classes (``is_grads_batched``; for small batches, one
-backward of the batch repeated K times) that gives the K output gradients δ_k of every layer; the per-layer Gram is assembled without a per-sample, per-class
-parameter gradient wherever a layer allows it (Opacus-style "ghost" products):
+``all``: w = every parameter. One forward with hooks that keep each layer's input a and output, then
+ONE backward batched over the K classes (``is_grads_batched``; for small batches, one backward of
+the batch repeated K times) that gives the K output gradients δ_k of every layer; the per-layer Gram
+is assembled without a per-sample, per-class parameter gradient wherever a layer allows it
+(Opacus-style "ghost" products):
 Linear: M = (δ δᵀ)(‖a‖² + 1 for the bias); Conv2d: per layer the cheaper of explicit per-sample
 gradients from the unfolded input U and the ghost product Σ_{t,t'} (UᵀU)_{tt'} ⟨δ_k,t, δ_l,t'⟩;
 BatchNorm2d (eval): explicit per-channel gradients.

@@ -70,7 +70,8 @@ class AdaptiveMisinformation(Defense):
         alpha, misinformation = self.mixing(x)
         if misinformation.shape != probs.shape:
             raise ValueError(
-                f"misinformation model gives {tuple(misinformation.shape)}, probs are {tuple(probs.shape)}"
+                f"misinformation model gives {tuple(misinformation.shape)}, "
+                f"probs are {tuple(probs.shape)}"
             )
         y = probs.double()
         return ((1 - alpha).unsqueeze(1) * y + alpha.unsqueeze(1) * misinformation).to(probs.dtype)

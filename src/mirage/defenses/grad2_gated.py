@@ -75,8 +75,8 @@ class GatedGrad2Params(DefenseParams):
     gate_model: Any = Field(None, description="nn.Module scoring the gate (all gates but msp)")
     attacker_answer: AttackerAnswer = Field(
         "redirect",
-        description="above the gate: GRAD² redirection, or the posterior moved by a keyed derangement "
-        "(permute) or by a permutation keyed on the query (scramble)",
+        description="above the gate: GRAD² redirection, or the posterior moved by a keyed "
+        "derangement (permute) or by a permutation keyed on the query (scramble)",
     )
     target: TargetName = "all-ones"
     surrogate: Any = None

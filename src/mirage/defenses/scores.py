@@ -43,7 +43,8 @@ def check_direction(model: nn.Module, v: Direction) -> None:
     if set(v) != set(names):
         missing, extra = sorted(set(names) - set(v)), sorted(set(v) - set(names))
         raise ValueError(
-            f"direction does not match the surrogate's parameters (missing {missing}, extra {extra})"
+            "direction does not match the surrogate's parameters "
+            f"(missing {missing}, extra {extra})"
         )
     for name, shape in names.items():
         if v[name].shape != shape:
@@ -164,7 +165,8 @@ def _tiled_max_pool(
 def _tangent(
     module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, prefix: str
 ) -> tuple[Tensor, Tensor | None]:
-    """(module(x), d module(x)) along input tangent ``dx`` (None = 0) and parameter tangent ``v``."""
+    """(module(x), d module(x)) along input tangent ``dx`` (None = 0) and parameter tangent
+    ``v``."""
     from mirage.models.base import ImageClassifier, Normalize
 
     def p(name: str) -> Tensor | None:
@@ -177,7 +179,8 @@ def _tangent(
     if isinstance(module, nn.Sequential):
         children = list(module.named_children())
         for i in range(len(children) - 1):
-            # max-pool commutes with ReLU (monotone), primal and tangent alike: pool first, 4x less work
+            # max-pool commutes with ReLU (monotone), primal and tangent alike: pool first,
+            # 4x less work
             if isinstance(children[i][1], nn.ReLU) and isinstance(children[i + 1][1], nn.MaxPool2d):
                 children[i], children[i + 1] = children[i + 1], children[i]
         for name, child in children:
@@ -226,7 +229,8 @@ def _tangent(
             return _graph_tangent(graph, module, x, dx, v, prefix)
         except Exception as error:  # noqa: BLE001 (a call the walk cannot take: the generic route)
             log.warning(
-                "GRAD² fused scores: %s's graph cannot be walked (%s: %s); using torch.func.jvp on it",
+                "GRAD² fused scores: %s's graph cannot be walked (%s: %s); "
+                "using torch.func.jvp on it",
                 type(module).__name__,
                 type(error).__name__,
                 error,
@@ -250,7 +254,8 @@ def _module_jvp(
 
 
 class _Leaves(fx.Tracer):
-    """Keeps torch.nn's layers and mirage's own classifier pieces whole: :func:`_tangent` knows them."""
+    """Keeps torch.nn's layers and mirage's own classifier pieces whole: :func:`_tangent` knows
+    them."""
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
         from mirage.models.base import ImageClassifier, Normalize

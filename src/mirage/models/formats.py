@@ -52,7 +52,8 @@ class ExternalModel(nn.Module):
 
     def _probe_num_classes(self) -> int:
         """K from one forward pass of a zero image, in eval mode and without gradients: in training
-        mode a batch-norm layer would move its running statistics. Each module's mode is restored."""
+        mode a batch-norm layer would move its running statistics. Each module's mode is
+        restored."""
         modes = [(m, m.training) for m in self.inner.modules()] if self._has_modes else []
         for module, _ in modes:
             module.training = False
@@ -64,7 +65,8 @@ class ExternalModel(nn.Module):
                 module.training = mode
         if logits.ndim != 2 or logits.shape[1] < 2:
             raise ValueError(
-                f"the model must map (B, C, H, W) images to (B, K) logits, got {tuple(logits.shape)}"
+                "the model must map (B, C, H, W) images to (B, K) logits, "
+                f"got {tuple(logits.shape)}"
             )
         return int(logits.shape[1])
 

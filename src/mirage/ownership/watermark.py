@@ -128,7 +128,8 @@ LAYER_SEPARATOR = "#"
 
 
 def layer_name(client: str, layer: int) -> str:
-    """The evidence set of ``client``'s layer ``layer``: ``client`` for layer 0, ``client#i`` above."""
+    """The evidence set of ``client``'s layer ``layer``: ``client`` for layer 0, ``client#i``
+    above."""
     return client if layer == 0 else f"{client}{LAYER_SEPARATOR}{layer}"
 
 
@@ -203,22 +204,22 @@ class WatermarkConfig(BaseModel):
     )
     buckets: Literal["fourier", "answer"] = Field(
         "fourier",
-        description="a bucket is a cell of the image's Fourier magnitudes (margin, frequencies, dims, "
-        "step, floor, density_cap, evidence_margin apply), or the served answer's two "
+        description="a bucket is a cell of the image's Fourier magnitudes (margin, frequencies, "
+        "dims, step, floor, density_cap, evidence_margin apply), or the served answer's two "
         "most probable classes, unordered",
     )
     place: Literal["top", "second"] = Field(
         "top",
-        description="where the keyed label goes in a carried answer: its top-1, or (answer buckets) "
-        "its runner-up, the top-1 kept",
+        description="where the keyed label goes in a carried answer: its top-1, or (answer "
+        "buckets) its runner-up, the top-1 kept",
     )
 
     @model_validator(mode="after")
     def _evidence_inside_carried(self) -> WatermarkConfig:
         if self.evidence_margin is not None and self.evidence_margin < self.margin:
             raise ValueError(
-                f"evidence_margin ({self.evidence_margin}) must be at least margin ({self.margin}): "
-                "evidence is kept only from queries that carried the watermark"
+                f"evidence_margin ({self.evidence_margin}) must be at least margin "
+                f"({self.margin}): evidence is kept only from queries that carried the watermark"
             )
         if self.buckets == "answer" and (
             self.density_cap is not None or self.evidence_margin is not None
@@ -385,7 +386,8 @@ class KeyedWatermark:
         self.config = config or WatermarkConfig()
         if self.config.ranked is not None and self.config.ranked > self.num_classes:
             raise ValueError(
-                f"ranked ({self.config.ranked}) must be at most the number of classes ({num_classes})"
+                f"ranked ({self.config.ranked}) must be at most the number of classes "
+                f"({num_classes})"
             )
         if self.config.buckets == "answer" and self.num_classes < 3:
             raise ValueError(

@@ -86,8 +86,8 @@ class AuditLog(SQLiteStore):
             if settle:
                 conn.execute("DELETE FROM reservations WHERE id = ?", (reservation,))
             conn.execute(
-                "INSERT INTO audit (time, client, model, request_id, queries, input_sha256, served, reservation, "
-                "delivered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO audit (time, client, model, request_id, queries, input_sha256, "
+                "served, reservation, delivered) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     time.time(),
                     client,
@@ -145,7 +145,10 @@ class AuditLog(SQLiteStore):
         return [{"time": t, "kind": k, "source": s, "detail": d} for t, k, s, d in rows]
 
     def rows(self, client: str | None = None) -> list[dict]:
-        query = "SELECT time, client, model, request_id, queries, input_sha256, served, delivered FROM audit"
+        query = (
+            "SELECT time, client, model, request_id, queries, input_sha256, served, delivered "
+            "FROM audit"
+        )
         args: tuple = ()
         if client is not None:
             query, args = query + " WHERE client = ?", (client,)

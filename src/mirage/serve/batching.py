@@ -152,8 +152,8 @@ class MicroBatcher:
                 self._answer(jobs)
 
     def _next_batch(self) -> list[Job] | None:
-        """The next batch, filled from the least recently served clients (``None``: stopping). Waits up to
-        ``max_wait`` after the first job for more, while they fit."""
+        """The next batch, filled from the least recently served clients (``None``: stopping). Waits
+        up to ``max_wait`` after the first job for more, while they fit."""
         with self._cond:
             while not self._pending:
                 if self._stopping:

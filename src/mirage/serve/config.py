@@ -6,10 +6,12 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
 
     [model]
     name = "fmnist"
-    scenario = "fmnist"              # or checkpoint = "path/to/checkpoint-dir", or path = "model.onnx",
+    scenario = "fmnist"              # or checkpoint = "path/to/checkpoint-dir",
+                                     # or path = "model.onnx",
                                      # or a [model.upstream] table (docs/design.md §gateway)
 
-    [defense]                        # a defense spec: the same lines as a sweep's [[defenses]] point
+    [defense]                        # a defense spec: the same lines as a sweep's
+                                     # [[defenses]] point
     name = "grad2"
     params = { epsilon = 0.5, target = "all-ones" }
     surrogate = "path/to/surrogate-checkpoint-dir"   # or "distilled" (trained for model.scenario)
@@ -19,19 +21,22 @@ stored only as SHA-256 hex digests (``mirage serve-key`` prints a fresh key and 
     max_batch = 256
 
     [storage]
-    database = "serve.sqlite"        # quotas and audit log; with backend = "redis" the audit log only
+    database = "serve.sqlite"        # quotas and audit log; with backend = "redis"
+                                     # the audit log only
     # backend = "redis"              # shared state for several replicas …
     # url = "redis://127.0.0.1:6379/0"
 
-    [ownership]                      # a keyed hard-label watermark per client (docs/design.md §ownership)
+    [ownership]                      # a keyed hard-label watermark per client
+                                     # (docs/design.md §ownership)
     secret_env = "MIRAGE_OWNERSHIP_SECRET"   # the server secret: an environment variable …
     # secret_file = "/run/secrets/mirage"    # … or a file; never in this config
     evidence = "evidence.sqlite"     # the carried queries, at most max_items per client
     watermark = { bucket_fraction = 0.1 }
-    # watermark = { bucket_fraction = 1.0, density_cap = 1e-4 }   # not in buckets benign data fills …
+    # watermark = { bucket_fraction = 1.0, density_cap = 1e-4 } # not in buckets benign data fills …
     # reference = "fmnist"           # … judged on this dataset's training images
-    # watermark = [{ bucket_fraction = 1.0, density_cap = 1e-4 },                   # layers: a top-1 …
-    #              { buckets = "answer", bucket_fraction = 1.0, place = "second", sharpen = 0.1 }]  # … and a keyed runner-up
+    # layers: a top-1 … and a keyed runner-up
+    # watermark = [{ bucket_fraction = 1.0, density_cap = 1e-4 },
+    #              { buckets = "answer", bucket_fraction = 1.0, place = "second", sharpen = 0.1 }]
 
     [detection]                      # per-client query-stream detection (docs/design.md §detection)
     prada = { delta = 0.9 }          # PRADA's knobs (mirage.api.PradaConfig)
@@ -288,7 +293,8 @@ class ModelConfig(_Strict):
         sources = (self.checkpoint, self.scenario, self.path, self.upstream)
         if sum(source is not None for source in sources) != 1:
             raise ValueError(
-                "give exactly one of model.checkpoint, model.scenario, model.path and model.upstream"
+                "give exactly one of model.checkpoint, model.scenario, model.path and "
+                "model.upstream"
             )
         if self.path is None and (
             self.format not in (None, "checkpoint")
@@ -446,8 +452,9 @@ class StorageConfig(_Strict):
     )
     require_persistence: bool = Field(
         False,
-        description="backend = 'redis': refuse to start when the server persists nothing (neither AOF "
-        "nor RDB snapshots), since a restart would give every quota back; else a warning",
+        description="backend = 'redis': refuse to start when the server persists nothing "
+        "(neither AOF nor RDB snapshots), since a restart would give every quota back; else a "
+        "warning",
     )
     events_retention_days: float | None = Field(
         30.0,
@@ -469,7 +476,8 @@ class AccessConfig(_Strict):
     metrics_key_sha256: str | None = Field(
         None,
         pattern=r"^[0-9a-f]{64}$",
-        description="SHA-256 of the bearer token /metrics asks for; without one, /metrics is aggregate-only",
+        description="SHA-256 of the bearer token /metrics asks for; without one, /metrics is "
+        "aggregate-only",
     )
     disclose_defense: bool = Field(
         False,
@@ -484,8 +492,8 @@ class AccessConfig(_Strict):
     )
     trusted_proxies: tuple[str, ...] = Field(
         (),
-        description="addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For names the "
-        "client; from anybody else the header is ignored (default: nobody)",
+        description="addresses (or CIDR networks) of reverse proxies whose X-Forwarded-For names "
+        "the client; from anybody else the header is ignored (default: nobody)",
     )
 
     @field_validator("trusted_proxies")

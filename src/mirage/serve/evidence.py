@@ -101,7 +101,8 @@ class EvidenceStore(SQLiteStore):
         return added
 
     def add(self, client: str, x: Tensor, marks: Marks) -> int:
-        """Keep ``client``'s evidence rows of ``x`` (``marks.kept``, while it has fewer than ``max_items``)."""
+        """Keep ``client``'s evidence rows of ``x`` (``marks.kept``, while it has fewer than
+        ``max_items``)."""
         return self.write([record for _, record in self.records(client, x, marks)])
 
     def clients(self) -> list[str]:
@@ -116,7 +117,8 @@ class EvidenceStore(SQLiteStore):
         rows = (
             self.connection()
             .execute(
-                "SELECT bucket, shape, image, ranking FROM evidence WHERE client = ? ORDER BY rowid",
+                "SELECT bucket, shape, image, ranking FROM evidence WHERE client = ? "
+                "ORDER BY rowid",
                 (client,),
             )
             .fetchall()

@@ -107,8 +107,8 @@ class UpstreamClient:
 
     def _answer_limit(self, batch: int) -> int:
         """The most bytes an answer for ``batch`` images may take: JSON at ``BYTES_PER_VALUE`` per
-        probability (K from the config or the probe, else ``PROBE_CLASSES``) plus ``ANSWER_OVERHEAD``.
-        A larger answer is refused as it streams in, never buffered whole."""
+        probability (K from the config or the probe, else ``PROBE_CLASSES``) plus
+        ``ANSWER_OVERHEAD``. A larger answer is refused as it streams in, never buffered whole."""
         return ANSWER_OVERHEAD + batch * (self.num_classes or PROBE_CLASSES) * BYTES_PER_VALUE
 
     def _encode(self, images: np.ndarray) -> tuple[bytes, dict[str, str]]:

@@ -182,7 +182,8 @@ def parse_infer_request(
     if request.raw_input_contents:
         if len(request.raw_input_contents) != 1 or len(typed):
             raise BadRequest(
-                "give the input either as one raw_input_contents entry or as typed contents, not both"
+                "give the input either as one raw_input_contents entry or as typed contents, "
+                "not both"
             )
         raw = request.raw_input_contents[0]
         if len(raw) != count * dtype.itemsize:

@@ -196,8 +196,9 @@ def _json_object(header: bytes, *, binary_hint: bool) -> dict[str, Any]:
         hint = (
             f"; binary tensor data needs the {HEADER_LENGTH} header"
             if binary_hint
-            else f" in its first {HEADER_LENGTH} bytes; if the whole body is JSON, drop that header (a "
-            "stale one: tritonclient writes it into the headers dict of an earlier binary call)"
+            else f" in its first {HEADER_LENGTH} bytes; if the whole body is JSON, drop that "
+            "header (a stale one: tritonclient writes it into the headers dict of an earlier "
+            "binary call)"
         )
         raise BadRequest(
             f"the request body is not valid JSON{hint} ({type(error).__name__}: {str(error)[:200]})"

@@ -227,14 +227,16 @@ class QuotaStore(SQLiteStore):
                     )
                 tokens -= n
             conn.execute(
-                "INSERT INTO usage (client, queries, requests, tokens, updated) VALUES (?, ?, 1, ?, ?) "
+                "INSERT INTO usage (client, queries, requests, tokens, updated) "
+                "VALUES (?, ?, 1, ?, ?) "
                 "ON CONFLICT(client) DO UPDATE SET queries = queries + excluded.queries, "
                 "requests = requests + 1, tokens = excluded.tokens, updated = excluded.updated",
                 (client.name, n, tokens, now),
             )
             reservation = uuid.uuid4().hex
             conn.execute(
-                "INSERT INTO reservations (id, client, queries, owner, created) VALUES (?, ?, ?, ?, ?)",
+                "INSERT INTO reservations (id, client, queries, owner, created) "
+                "VALUES (?, ?, ?, ?, ?)",
                 (reservation, client.name, n, self.owner, now),
             )
         return used + n, reservation
@@ -254,7 +256,8 @@ class QuotaStore(SQLiteStore):
             if row is not None:
                 conn.execute(
                     "UPDATE usage SET queries = queries - ?, requests = requests - 1, "
-                    "tokens = CASE WHEN tokens IS NULL THEN NULL ELSE MIN(tokens + ?, ?) END WHERE client = ?",
+                    "tokens = CASE WHEN tokens IS NULL THEN NULL ELSE MIN(tokens + ?, ?) END "
+                    "WHERE client = ?",
                     (row[0], row[0], capacity if capacity is not None else 0.0, client.name),
                 )
 
@@ -284,7 +287,8 @@ class QuotaStore(SQLiteStore):
                     kept += 1
                 else:
                     conn.execute(
-                        "UPDATE usage SET queries = queries - ?, requests = requests - 1 WHERE client = ?",
+                        "UPDATE usage SET queries = queries - ?, requests = requests - 1 "
+                        "WHERE client = ?",
                         (queries, client),
                     )
                     released += 1

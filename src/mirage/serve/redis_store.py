@@ -22,7 +22,8 @@ from mirage.serve.errors import QuotaExceeded, RateLimited
 from mirage.serve.quotas import new_owner, owner_gone, room_for
 
 RESERVE = """
-local n, quota, capacity, rate = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local n, quota, capacity, rate =
+  tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1e6
 local used = tonumber(redis.call('HGET', KEYS[1], 'queries') or '0')
@@ -40,7 +41,8 @@ if capacity >= 0 then
 end
 redis.call('HINCRBY', KEYS[1], 'queries', n)
 redis.call('HINCRBY', KEYS[1], 'requests', 1)
-redis.call('HSET', KEYS[2], ARGV[5], cjson.encode({client = ARGV[7], queries = n, owner = ARGV[6], created = now}))
+redis.call('HSET', KEYS[2], ARGV[5],
+  cjson.encode({client = ARGV[7], queries = n, owner = ARGV[6], created = now}))
 return {0, used + n, tostring(now)}
 """
 
@@ -55,7 +57,10 @@ redis.call('HINCRBY', KEYS[1], 'requests', -1)
 local capacity = tonumber(ARGV[2])
 if capacity >= 0 then
   local tokens = redis.call('HGET', KEYS[1], 'tokens')
-  if tokens then redis.call('HSET', KEYS[1], 'tokens', tostring(math.min(capacity, tonumber(tokens) + r.queries))) end
+  if tokens then
+    redis.call('HSET', KEYS[1], 'tokens',
+      tostring(math.min(capacity, tonumber(tokens) + r.queries)))
+  end
 end
 return 1
 """

@@ -92,9 +92,9 @@ def open_store(config: ServeConfig) -> QuotaStore | RedisQuotaStore:
                     "storage.require_persistence = false"
                 )
             log.warning(
-                "THE REDIS SERVER AT %s PERSISTS NOTHING (appendonly no, no save points): a restart gives "
-                "every client its quota back and forgets every charge. Turn on appendonly, or set "
-                "storage.require_persistence = true to refuse such a server",
+                "THE REDIS SERVER AT %s PERSISTS NOTHING (appendonly no, no save points): a "
+                "restart gives every client its quota back and forgets every charge. Turn on "
+                "appendonly, or set storage.require_persistence = true to refuse such a server",
                 storage.url,
             )
         return store
@@ -248,16 +248,16 @@ class Service:
         shape = "×".join(map(str, self.input_shape))
         device = "the upstream's" if self.device is None else self.device
         model = (
-            f"model {config.model.name!r}: {self._model_source()}; input {shape}, {len(self.classes)} classes "
-            f"({_few(self.classes)}); device {device}"
+            f"model {config.model.name!r}: {self._model_source()}; input {shape}, "
+            f"{len(self.classes)} classes ({_few(self.classes)}); device {device}"
         )
         lines = [model, *self._defense_summary()]
         ownership = config.ownership
         lines.append(
             "ownership: off"
             if ownership is None
-            else f"ownership: on, {len(ownership.watermark)} watermark layer(s); evidence {ownership.evidence} "
-            f"(at most {ownership.max_items} per client)"
+            else f"ownership: on, {len(ownership.watermark)} watermark layer(s); "
+            f"evidence {ownership.evidence} (at most {ownership.max_items} per client)"
         )
         detection = config.detection
         if detection is None:
@@ -283,8 +283,8 @@ class Service:
             else f"grpc: on, {config.grpc.host}:{config.grpc.port}"
         )
         lines.append(
-            f"clients: {len(config.clients)}; limits: max_batch {limits.max_batch}, max_payload_bytes "
-            f"{limits.max_payload_bytes}"
+            f"clients: {len(config.clients)}; limits: max_batch {limits.max_batch}, "
+            f"max_payload_bytes {limits.max_payload_bytes}"
         )
         return "\n".join(lines)
 
@@ -330,24 +330,27 @@ class Service:
             found.append(f"surrogate {parts.surrogate} (trained for the scenario)")
         elif isinstance(parts.surrogate, list):
             found.append(
-                f"surrogate ensemble of {len(parts.surrogate)}: {', '.join(map(str, parts.surrogate))}"
+                f"surrogate ensemble of {len(parts.surrogate)}: "
+                f"{', '.join(map(str, parts.surrogate))}"
             )
         elif parts.surrogate is not None:
             found.append(f"surrogate {parts.surrogate}")
         if parts.gate is not None:
             found.append(
-                f"gate {parts.gate.score}, tau {resolved['tau']:.6g} (benign FPR {parts.gate.benign_fpr:g})"
+                f"gate {parts.gate.score}, tau {resolved['tau']:.6g} "
+                f"(benign FPR {parts.gate.benign_fpr:g})"
             )
         if parts.reference is not None:
             found.append(f"reference set of {parts.reference.size} images")
         if parts.watermark is not None:
             found.append(
-                f"watermark set: {parts.watermark.size} images of class {parts.watermark.source_class} "
-                f"-> {parts.watermark.target_class}"
+                f"watermark set: {parts.watermark.size} images of class "
+                f"{parts.watermark.source_class} -> {parts.watermark.target_class}"
             )
         if isinstance(parts.misinformation, tuple):
             found.append(
-                f"detector {parts.misinformation[0]}, misinformation model {parts.misinformation[1]}"
+                f"detector {parts.misinformation[0]}, "
+                f"misinformation model {parts.misinformation[1]}"
             )
         elif parts.misinformation is not None:
             found.append("detector and misinformation model trained for the scenario")
@@ -366,7 +369,8 @@ class Service:
 
     async def metrics_access(self, request: Request) -> bool:
         """Whether ``/metrics`` may show per-client series: only with the configured bearer token.
-        No token: liveness counters only; a wrong one: 401, a failed authentication like any other."""
+        No token: liveness counters only; a wrong one: 401, a failed authentication like any
+        other."""
         if "authorization" not in request.headers and "x-api-key" not in request.headers:
             return False
         await self._checked(_source(request), request.headers, _what(request), self._metrics_token)
@@ -466,7 +470,8 @@ class Service:
         self.audit.record_event("prada_alarm", source=client, detail=detail)
         self.metrics.inc("mirage_prada_alarms_total", client=client, model=self.config.model.name)
         log.warning(
-            "PRADA alarm for client %s after %d queries (Shapiro-Wilk W %.4f < delta %s); on_alarm=%s",
+            "PRADA alarm for client %s after %d queries (Shapiro-Wilk W %.4f < delta %s); "
+            "on_alarm=%s",
             client,
             state.alarm_at,
             state.statistic,
@@ -475,8 +480,9 @@ class Service:
         )
 
     def _new_defense_alarm(self, key: str) -> int | None:
-        """Where the defense instance of ``key`` raised its own stream alarm (``Defense.stream_alarm``,
-        e.g. gated GRAD²'s ``alarm_rate``) if it did and nobody has recorded it yet."""
+        """Where the defense instance of ``key`` raised its own stream alarm
+        (``Defense.stream_alarm``, e.g. gated GRAD²'s ``alarm_rate``) if it did and nobody has
+        recorded it yet."""
         defense = self.defenses(key)
         position = None if defense is None else defense.stream_alarm
         if position is None or key in self._defense_alarms:
@@ -599,8 +605,8 @@ class Service:
                 StorageUnavailable
             ) as error:  # the audit row stands: the charge is kept when reconciled
                 log.warning(
-                    "could not commit the reservation of client %s (%s); its answer is audited, so the "
-                    "charge stands and is settled as kept",
+                    "could not commit the reservation of client %s (%s); its answer is audited, "
+                    "so the charge stands and is settled as kept",
                     client.name,
                     error.message,
                 )
@@ -670,14 +676,15 @@ class Service:
             except StorageUnavailable as failure:
                 unknown = True
                 log.warning(
-                    "could not release the reservation of client %s (%s); retried when storage recovers",
+                    "could not release the reservation of client %s (%s); "
+                    "retried when storage recovers",
                     client.name,
                     failure.message,
                 )
                 self._hold(client, reservation)
         held = (
-            f"its charge of {n} queries is held as a reservation and settled against the audit log once "
-            "storage recovers (released unless the answer was recorded)"
+            f"its charge of {n} queries is held as a reservation and settled against the audit "
+            "log once storage recovers (released unless the answer was recorded)"
         )
         if isinstance(error, ClientGone):
             log.info("client %s hung up; its %d queries were released", client.name, n)

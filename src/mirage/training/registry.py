@@ -1,7 +1,9 @@
 """Training-time defenses by name (docs/design.md §training-defenses): the victim itself differs,
 the query-time defense is ``none``. The benchmark sweeps them next to the inference-time defenses::
 
-    model, card, cached = get_defended_victim(get_scenario("fmnist"), "dpsgd", {"noise_multiplier": 1.0})
+    model, card, cached = get_defended_victim(
+        get_scenario("fmnist"), "dpsgd", {"noise_multiplier": 1.0}
+    )
 
 Registered like the query-time defenses, in a :class:`mirage.registry.Registry` with typed
 parameters: ``none`` (the plain victim of :func:`mirage.training.victim.get_victim`), ``ini``

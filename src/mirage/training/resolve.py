@@ -24,7 +24,7 @@ Parts may be written beside ``params`` or among them, as a sweep's ``[[defenses]
 so the same lines configure a sweep, the service's ``[defense]`` and ``mirage attack --param``::
 
     name = "grad2"
-    params = { epsilon = 0.5, target = "watermark", watermark = { source_class = 1, target_class = 8 } }
+    params = {epsilon = 0.5, target = "watermark", watermark = {source_class = 1, target_class = 8}}
 
 A training-time defense (``ini``, ``dpsgd``) names a victim instead (:func:`resolve_victims`); its
 query-time defense is ``none``.
@@ -144,7 +144,8 @@ class DefenseSpec(BaseModel):
     )
     surrogate: SurrogateKind | Checkpoints | None = Field(
         None,
-        description="a surrogate kind trained for the scenario, or checkpoint dir(s) (a list: an ensemble)",
+        description="a surrogate kind trained for the scenario, or checkpoint dir(s) "
+        "(a list: an ensemble)",
     )
     surrogate_config: dict[str, Any] = Field(
         default_factory=dict, description="SurrogateConfig fields besides the kind"
@@ -157,7 +158,8 @@ class DefenseSpec(BaseModel):
     )
     models_config: MisinformationConfig | None = Field(
         None,
-        description="adaptive_misinformation: how its detector and misinformation model are trained",
+        description="adaptive_misinformation: how its detector and misinformation model are "
+        "trained",
     )
     oe_model: Path | None = Field(
         None, description="adaptive_misinformation: the detector's checkpoint dir"
@@ -261,7 +263,8 @@ class DefenseSpec(BaseModel):
         return self.params.get("target", fields["target"].default if "target" in fields else None)
 
     def anchored(self, base: Path) -> DefenseSpec:
-        """A copy whose relative checkpoint paths are taken relative to ``base`` (``~`` expanded)."""
+        """A copy whose relative checkpoint paths are taken relative to ``base`` (``~``
+        expanded)."""
 
         def fix(path: Any) -> Any:
             if isinstance(path, list):
@@ -327,8 +330,10 @@ def resolve_params(
     parts = spec.parts()
     if scenario is None and (needed := parts.needing_a_scenario()):
         live = {
-            "reference": "reference_x=<your labelled images (M, C, H, W)> and reference_y=<their labels (M,)>",
-            "surrogate": "surrogate=<an nn.Module or a checkpoint path> (mirage distil-surrogate makes one)",
+            "reference": "reference_x=<your labelled images (M, C, H, W)> and "
+            "reference_y=<their labels (M,)>",
+            "surrogate": "surrogate=<an nn.Module or a checkpoint path> "
+            "(mirage distil-surrogate makes one)",
             "watermark": "watermark_x= and watermark_y=<your behaviour set>",
         }
         options = "; ".join(live[part] for part in needed if part in live)

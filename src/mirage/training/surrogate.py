@@ -2,9 +2,9 @@
 
 Kinds:
 - ``distilled``: same architecture as the victim, trained on the victim's clean posteriors over
-  query-like data (the scenario's query pool, without the victim's test split) and **stopped early** — epoch E of an N-epoch cosine
-  schedule (default 10 of 50): a partly trained model resembles the attacker's clone better than
-  a converged one.
+  query-like data (the scenario's query pool, without the victim's test split) and **stopped early**
+  — epoch E of an N-epoch cosine schedule (default 10 of 50): a partly trained model resembles the
+  attacker's clone better than a converged one.
 - ``random``: randomly initialised (transfers badly; kept as the paper's baseline).
 - ``defender``: trained on the defender's own labelled training data, same early stop.
 

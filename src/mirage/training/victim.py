@@ -33,7 +33,8 @@ def config_key(kind: str, config: dict) -> str:
 
 
 def victim_dir(scenario: Scenario, models: Path | None = None) -> Path:
-    """Where ``scenario``'s victim is kept under ``models`` (default :func:`mirage.paths.models_dir`)."""
+    """Where ``scenario``'s victim is kept under ``models`` (default
+    :func:`mirage.paths.models_dir`)."""
     config = {
         "dataset": scenario.victim_dataset,
         "architecture": scenario.architecture,
@@ -110,8 +111,8 @@ def get_victim(
         return model, card, True
     log.warning(
         "no cached victim for scenario %s in %s: training it now (%s, %d epochs; the progress bar "
-        "shows the time left). MIRAGE_MODELS names another folder of trained models (the sweeps pin "
-        "theirs in results/models)",
+        "shows the time left). MIRAGE_MODELS names another folder of trained models (the sweeps "
+        "pin theirs in results/models)",
         scenario.name,
         directory.parent,
         scenario.architecture,
