@@ -124,3 +124,60 @@ def test_max_norm_scores_of_a_bias_free_relu_net_are_its_centred_logits_times_de
     expected = depth * (z - (torch.softmax(z, 1) * z).sum(1, keepdim=True)) / len(x)
     got = SCORE_METHODS[method](model, x, max_norm(model))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def production_models():
+    """ResNet-18, ResNet-50 and a ViT at toy widths on 3×8×8: batch norm with moved running
+    statistics, residual adds, layer norm, attention and GELU."""
+    torch.manual_seed(0)
+    nets = {
+        "resnet18": create_model("resnet18", (3, 8, 8), 10, (0.5,) * 3, (0.3,) * 3, width=4),
+        "resnet50": create_model("resnet50", (3, 8, 8), 10, (0.5,) * 3, (0.3,) * 3, width=2),
+        "vit": create_model(
+            "vit", (3, 8, 8), 10, (0.5,) * 3, (0.3,) * 3, patch=4, dim=16, depth=2, heads=2
+        ),
+    }
+    for net in nets.values():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.2, 0.2)
+                module.running_var.uniform_(0.5, 2)
+    return {name: net.eval() for name, net in nets.items()}
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vit"])
+@pytest.mark.parametrize("target", ["all-ones", "random"])
+def test_score_paths_match_the_reference_on_resnets_and_a_vit(name, target):
+    model = production_models()[name]
+    x = torch.rand(3, 3, 8, 8)
+    v = all_ones(model) if target == "all-ones" else random_direction(model, 3)
+    expected = reference_scores(model, x, v)
+    scale = expected.abs().max()
+    for method, score in SCORE_METHODS.items():
+        torch.testing.assert_close(
+            score(model, x, v), expected, atol=1e-5 * scale + 1e-7, rtol=1e-4, msg=method
+        )
+
+
+class Tokens(nn.Module):
+    """A linear layer on a sequence of tokens (B, T, D) with T equal to its output width: a bias
+    added along the wrong axis would still broadcast, silently."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.mix = nn.Linear(8, 8)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.mix(x.view(-1, 8, 8))).flatten(1))
+
+
+@pytest.mark.parametrize("target", ["all-ones", "random"])
+def test_a_linear_layer_on_tokens_adds_its_bias_along_the_features(target):
+    torch.manual_seed(0)
+    model = Tokens().eval()
+    x = torch.rand(4, 1, 8, 8)
+    v = all_ones(model) if target == "all-ones" else random_direction(model, 3)
+    expected = reference_scores(model, x, v)
+    for method, score in SCORE_METHODS.items():
+        torch.testing.assert_close(score(model, x, v), expected, atol=1e-6, rtol=1e-4, msg=method)

@@ -109,8 +109,11 @@ def _linear_like(
     v_weight: Tensor,
     v_bias: Tensor | None,
     ones_op,
+    channel_dim: int = 1,
 ) -> tuple[Tensor, Tensor]:
-    """Primal and tangent of op(x, W) + b along (dx, V_W, V_b), one batched call for W."""
+    """Primal and tangent of op(x, W) + b along (dx, V_W, V_b), one batched call for W; the bias
+    runs along ``channel_dim`` of the output (1 for a convolution, -1 for a linear layer, whose
+    input may be a sequence of tokens (B, T, D))."""
     if dx is None:
         y, dy = op(x, weight), None
     else:
@@ -119,11 +122,14 @@ def _linear_like(
     extra = ones_op(x) if _is_ones(v_weight) else op(x, v_weight)
     dy = extra if dy is None else dy + extra
     if bias is not None:
-        y = y + bias.view(1, -1, *([1] * (y.ndim - 2)))
-        if v_bias is not None and dy.stride(1) == 0 and _is_ones(v_bias):
-            dy = (dy[:, :1] + 1).expand_as(dy)  # all-ones on a first layer: still one channel
+        along = [1] * y.ndim
+        along[channel_dim] = -1
+        y = y + bias.view(along)
+        if v_bias is not None and dy.stride(channel_dim) == 0 and _is_ones(v_bias):
+            # all-ones on a first layer: still one channel
+            dy = (dy.narrow(channel_dim, 0, 1) + 1).expand_as(dy)
         elif v_bias is not None:
-            dy = dy + v_bias.view(1, -1, *([1] * (dy.ndim - 2)))
+            dy = dy + v_bias.view(along)
     return y, dy
 
 
@@ -207,7 +213,15 @@ def _tangent(
             return inp.sum(-1, keepdim=True).expand(*inp.shape[:-1], module.out_features)
 
         return _linear_like(
-            F.linear, x, dx, module.weight, module.bias, p("weight"), p("bias"), ones_linear
+            F.linear,
+            x,
+            dx,
+            module.weight,
+            module.bias,
+            p("weight"),
+            p("bias"),
+            ones_linear,
+            channel_dim=-1,
         )
     if isinstance(module, nn.ReLU):
         return F.relu(x), None if dx is None else torch.where(x > 0, dx, 0.0)

@@ -14,11 +14,19 @@ from mirage.models.checkpoints import (
     weights_fingerprint,
 )
 from mirage.models.lenet import LeNet
-from mirage.models.resnet import ResNet
+from mirage.models.resnet import ResNet, ResNet18, ResNet50
 from mirage.models.vgg import CompactVGG
+from mirage.models.vit import ViT
 from mirage.registry import UnknownNameError
 
-MODELS: dict[str, type[ImageClassifier]] = {"lenet": LeNet, "vgg": CompactVGG, "resnet": ResNet}
+MODELS: dict[str, type[ImageClassifier]] = {
+    "lenet": LeNet,
+    "vgg": CompactVGG,
+    "resnet": ResNet,
+    "resnet18": ResNet18,
+    "resnet50": ResNet50,
+    "vit": ViT,
+}
 
 
 def create_model(

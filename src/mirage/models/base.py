@@ -49,8 +49,11 @@ class ImageClassifier(nn.Module):
 
     def _finish(self) -> None:
         """Call at the end of a subclass ``__init__``: infers the feature size, adds the head."""
+        training = self.body.training
+        self.body.eval()  # a probe: batch norm neither learns from it nor needs a batch
         with torch.no_grad():
             self.feature_dim = int(self.body(torch.zeros(1, *self.input_shape)).shape[1])
+        self.body.train(training)
         self.classifier = nn.Linear(self.feature_dim, self.num_classes)
 
     def features(self, x: Tensor) -> Tensor:
