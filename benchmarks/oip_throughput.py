@@ -284,7 +284,8 @@ def main() -> None:
     print(f"{'batch':>5} {'mode':>9} {'defense':>7} {'images/s':>10}")
     for row in rows:
         print(
-            f"{row['batch']:5d} {row['mode']:>9} {row['defense']:>7} {row['images_per_second']:10.1f}"
+            f"{row['batch']:5d} {row['mode']:>9} {row['defense']:>7} "
+            f"{row['images_per_second']:10.1f}"
         )
     for key, value in summary.items():
         print(f"{key}: {value:.3f}")
@@ -392,8 +393,8 @@ def measure(
 
 
 def targets(rows: list[dict]) -> dict[str, float]:
-    """The throughput targets' ratios, per batch size: served binary undefended over the in-process forward
-    (target ≥ 0.5 at 256) and GRAD² served over undefended served, JSON and binary (≥ 0.8)."""
+    """The throughput targets' ratios, per batch size: served binary undefended over the in-process
+    forward (target ≥ 0.5 at 256) and GRAD² served over undefended served, per transport (≥ 0.8)."""
     at = {
         (r["batch"], r["mode"], r["defense"]): r["throughput_over_inprocess_forward"] for r in rows
     }

@@ -7,7 +7,8 @@ as a subprocess on 127.0.0.1 with the Fashion-MNIST LeNet victim, then ``--concu
 threads send a fixed number of pre-encoded OIP V2 requests of batch 1 and of batch 32. Reports
 requests/s, images/s and p50/p99 latency per cell (medians over ``--rounds`` interleaved rounds:
 all servers run at once and are measured in turn, so a busy machine slows every defense alike),
-and each as a ratio to the undefended server at the same batch size, all from one run. Writes JSON to ``--out``::
+and each as a ratio to the undefended server at the same batch size, all from one run. Writes JSON
+to ``--out``::
 
     MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/serve_load.py --out results/serve/load.json
 """
@@ -228,7 +229,8 @@ def main() -> None:
     )
     for r in results:
         print(
-            f"{r['defense']:10} {r['batch']:5d} {r['requests_per_second']:8.1f} {r['images_per_second']:8.1f} "
+            f"{r['defense']:10} {r['batch']:5d} {r['requests_per_second']:8.1f} "
+            f"{r['images_per_second']:8.1f} "
             f"{r['p50_ms']:8.2f} {r['p99_ms']:8.2f} {r.get('throughput_ratio', float('nan')):8.3f} "
             f"{r.get('p50_ratio', float('nan')):8.3f} {r.get('p99_ratio', float('nan')):8.3f}"
         )
