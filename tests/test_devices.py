@@ -29,6 +29,7 @@ def digits():
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_clones_and_surrogates_train_on_each_device_and_come_back_on_the_cpu(device, digits):
     images, labels = digits.train.images, digits.train.labels
     answers = torch.nn.functional.one_hot(labels, 10).float()
@@ -45,6 +46,7 @@ def test_clones_and_surrogates_train_on_each_device_and_come_back_on_the_cpu(dev
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.slow
 def test_evaluate_runs_on_each_device(device, digits):
     report = mirage.evaluate(
         torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)),

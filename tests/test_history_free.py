@@ -61,6 +61,7 @@ def test_the_pattern_tells_labels_from_words(text, labels):
     assert len(labelled_lines(text)) == labels
 
 
+@pytest.mark.slow
 def test_no_tracked_file_carries_a_history_label():
     found = []
     for name in tracked_files():

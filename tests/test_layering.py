@@ -10,6 +10,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import mirage
 
 SRC = Path(mirage.__file__).parent
@@ -134,6 +136,7 @@ def test_every_unit_has_a_layer():
     assert not missing, f"place these units in LAYERS: {missing}"
 
 
+@pytest.mark.slow
 def test_imports_point_down():
     upward = upward_imports(import_edges())
     report = "\n".join(f"  {source} -> {target}  ({where})" for source, target, where in upward)
@@ -141,6 +144,7 @@ def test_imports_point_down():
     assert not upward, f"imports from a higher layer:\n{report}"
 
 
+@pytest.mark.slow
 def test_no_package_cycles():
     edges = import_edges()
     cycles = package_cycles(edges)

@@ -60,6 +60,7 @@ def test_every_export_resolves():
         ("top_k", {"k": 3}),
     ],
 )
+@pytest.mark.slow
 def test_protect_answers_as_the_defense_does_on_a_users_module(defense, params):
     model, surrogate = net(0), net(1)
     x = torch.rand(9, 1, 8, 8)

@@ -35,6 +35,7 @@ def digits_models():
     return clean, marked, x_w, y_w
 
 
+@pytest.mark.slow
 def test_watermarked_model_is_flagged_and_clean_one_is_not(digits_models):
     clean, marked, x_w, y_w = digits_models
     result = verify(marked, clean[:3], x_w, y_w)

@@ -113,6 +113,7 @@ def test_arm_queues_hand_out_each_image_once_from_the_right_arm():
 
 @pytest.mark.parametrize("kind", ["one-hot", "uniform", "zeros"])
 @pytest.mark.parametrize("reward", ["certainty", "diversity", "loss", "all"])
+@pytest.mark.slow
 def test_attack_runs_on_adversarial_answers(kind, reward, victim, digits, clone_spec, served):
     api = InProcessAPI(victim, served(kind))
     result = create_attack("knockoff-adaptive", reward=reward, step_size=16).run(

@@ -49,6 +49,7 @@ def test_realign_moves_class_a_to_sigma_a():
         torch.testing.assert_close(moved[:, sigma[a]], answers[:, a])
 
 
+@pytest.mark.slow
 def test_the_aligned_attacker_undoes_a_permuting_defense(victim, digits, clone_spec):
     # every query flagged: the served answer is the victim's posterior under a keyed derangement
     permuting = create_defense(
@@ -86,6 +87,7 @@ def test_the_aligned_attacker_undoes_a_permuting_defense(victim, digits, clone_s
         )
 
 
+@pytest.mark.slow
 def test_against_an_honest_api_the_alignment_is_the_identity_and_changes_nothing(
     victim, digits, clone_spec
 ):

@@ -227,6 +227,7 @@ def _restore(victim, digits, clone_spec, defense_name, defense):
     return clean, served, restored, stats
 
 
+@pytest.mark.slow
 def test_the_restorer_learns_the_identity_against_no_defense(victim, digits, clone_spec):
     clean, _, restored, stats = _restore(victim, digits, clone_spec, "none", None)
     assert stats["simulated_l1"] < 1e-6
@@ -234,6 +235,7 @@ def test_the_restorer_learns_the_identity_against_no_defense(victim, digits, clo
     assert float((restored - clean).abs().sum(1).mean()) < 0.25
 
 
+@pytest.mark.slow
 def test_the_restorer_undoes_part_of_random_noise(victim, digits, clone_spec):
     defense = create_defense("random_noise", epsilon=1.0, seed=5)
     clean, served, restored, stats = _restore(victim, digits, clone_spec, "random_noise", defense)
@@ -246,6 +248,7 @@ def test_the_restorer_undoes_part_of_random_noise(victim, digits, clone_spec):
     assert top1_after >= top1_before - 0.01, (top1_before, top1_after)
 
 
+@pytest.mark.slow
 def test_restorer_attack_runs_end_to_end_and_reports_its_cost(victim, digits, clone_spec):
     api = InProcessAPI(victim, create_defense("random_noise", epsilon=1.0))
     attack = create_attack(

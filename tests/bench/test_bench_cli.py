@@ -1,3 +1,5 @@
+import pytest
+
 """``mirage bench``: status divides the ETA by the workers; run honours --answers."""
 
 import json
@@ -38,6 +40,7 @@ def test_status_eta_is_the_mean_run_time_times_runs_left_over_workers(tmp_path):
     assert "30 min" in one.output and "15 min" in two.output  # 3 runs left × 10 min
 
 
+@pytest.mark.slow
 def test_run_with_answers_off_caches_nothing(tmp_path, isolated_cache, monkeypatch):
     monkeypatch.delenv("MIRAGE_ANSWERS", raising=False)
     config = write_config(tmp_path)

@@ -107,6 +107,7 @@ def test_a_collapsed_clone_is_flagged_never_counted_as_protection():
     assert report.verdict["deploy"] == "none" and "collapsed" in report.report()
 
 
+@pytest.mark.slow
 def test_the_example_runs_as_ci_runs_it():
     """examples/evaluate_your_model.py --quick: a user's CNN on an image folder of Fashion-MNIST
     PNGs, GRAD² unlearn-top1 from the user's data, three attackers, the verdict printed."""
@@ -124,6 +125,7 @@ def test_the_example_runs_as_ci_runs_it():
     assert np.isfinite(float(result.stdout.rsplit("done in ", 1)[1].split()[0]))
 
 
+@pytest.mark.slow
 def test_the_command_evaluates_a_model_file_on_an_image_folder(user_model, tmp_path):
     from PIL import Image
     from typer.testing import CliRunner
@@ -172,6 +174,7 @@ def test_the_command_evaluates_a_model_file_on_an_image_folder(user_model, tmp_p
     )
 
 
+@pytest.mark.slow
 def test_a_served_endpoint_is_judged_black_box_against_its_baseline(
     user_model, tmp_path, monkeypatch
 ):

@@ -66,6 +66,7 @@ def test_summaries_from_records(tmp_path, small_config):
     assert {r["defense"] for r in overhead_table(records)} == {"none", "fake"}
 
 
+@pytest.mark.slow
 def test_report_files(tmp_path, small_config):
     results = tmp_path / "r.jsonl"
     run_sweep(small_config, results, runner=fake_run, executor="inline", show_progress=False)

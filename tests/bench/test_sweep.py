@@ -99,6 +99,7 @@ def test_limit_and_status(tmp_path, small_config):
     assert status.done == 3 and len(status.pending) == 7 and status.eta_seconds is not None
 
 
+@pytest.mark.slow
 def test_process_pool_executor(tmp_path, small_config):
     results = tmp_path / "r.jsonl"
     status = run_sweep(
@@ -108,6 +109,7 @@ def test_process_pool_executor(tmp_path, small_config):
     assert len(ResultStore(results).read()) == 10
 
 
+@pytest.mark.slow
 def test_pool_sweep_prepares_each_shared_model_once_in_this_process(tmp_path, small_config):
     prepared = []
 
@@ -194,6 +196,7 @@ def test_dask_local_cluster(tmp_path, small_config):
     assert status.done == 10
 
 
+@pytest.mark.slow
 def test_killed_sweep_resumes_without_losing_or_redoing_runs(tmp_path, small_config):
     config_path = tmp_path / "c.json"
     config_path.write_text(small_config.model_dump_json())

@@ -67,6 +67,7 @@ def lp_optimum(
     return float(s @ y - result.fun)
 
 
+@pytest.mark.slow
 def test_redirect_matches_linprog_on_1000_instances():
     total = 0
     for k, n in GROUPS.items():
@@ -83,6 +84,7 @@ def test_redirect_matches_linprog_on_1000_instances():
     assert total >= 1000
 
 
+@pytest.mark.slow
 def test_top1_preserving_matches_constrained_linprog():
     total = infeasible = 0
     for k, n in GROUPS.items():

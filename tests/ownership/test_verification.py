@@ -92,6 +92,7 @@ def test_one_image_per_bucket_is_the_binomial_tail():
     assert p < 1e-6
 
 
+@pytest.mark.slow
 def test_the_null_is_valid_for_models_that_never_saw_the_key():
     """Random keys against fixed predictions: P(p ≤ α) ≤ α (discrete, hence conservative)."""
     rng = np.random.default_rng(1)

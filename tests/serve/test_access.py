@@ -9,6 +9,7 @@ import http.client
 import threading
 
 import httpx
+import pytest
 import torch
 from conftest import KEYS, METRICS_KEY, grad2_defense, make_config
 
@@ -87,6 +88,7 @@ def test_readiness_without_a_key_does_not_name_the_model(tmp_path, checkpoints):
         assert http.get("/v2/models/digits").status_code == 401
 
 
+@pytest.mark.slow
 def test_two_thousand_wrong_keys_are_throttled_within_the_first_fifty(tmp_path, checkpoints):
     """8 connections send 250 wrong keys each; in the order the answers come, at most the first
     fifty are 401s, exactly ``auth_failures`` of them, and every other is a 429 with Retry-After."""

@@ -119,6 +119,7 @@ def test_hanging_up_while_queued_computes_and_charges_nothing(tmp_path, checkpoi
     assert [r["client"] for r in rows] == ["bob"]
 
 
+@pytest.mark.slow
 def test_hanging_up_after_the_model_ran_is_charged_and_marked_undelivered(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints)
     with counted_server(config, gated=True) as (_, model, url):
@@ -139,6 +140,7 @@ def test_hanging_up_after_the_model_ran_is_charged_and_marked_undelivered(tmp_pa
     assert [(r["queries"], r["delivered"]) for r in rows] == [(6, False), (1, True)]
 
 
+@pytest.mark.slow
 def test_forty_hang_ups_get_no_free_work(tmp_path, checkpoints):
     """The hostile probe's case: a client with quota 256 sends 40 requests of 64 images and hangs
     up after each body. Whatever ran is charged; nothing runs past the quota."""
@@ -155,6 +157,7 @@ def test_forty_hang_ups_get_no_free_work(tmp_path, checkpoints):
     assert sum(r["queries"] for r in rows) == charged  # every charge audited
 
 
+@pytest.mark.slow
 def test_evidence_is_written_only_for_answered_requests(tmp_path, checkpoints):
     config = ownership_config(tmp_path, checkpoints)
     with counted_server(config) as (app, model, url):
@@ -214,6 +217,7 @@ def live_latency(url: str) -> float:
     return time.monotonic() - start
 
 
+@pytest.mark.slow
 def test_a_locked_sqlite_file_is_a_503_and_freezes_nothing(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints, storage={"timeout_s": 1.0})
     with ServerThread(create_app(config)) as url:
@@ -277,6 +281,7 @@ def test_a_locked_sqlite_file_is_a_503_and_freezes_nothing(tmp_path, checkpoints
     assert ledger(config)[0] == {"alice": (1, 1)}
 
 
+@pytest.mark.slow
 def test_a_stalled_redis_is_a_503_and_readiness_says_so(tmp_path, checkpoints):
     redis = RedisServer(tmp_path / "redis", persistent=True).start()
     config = make_config(
@@ -326,6 +331,7 @@ def test_a_stalled_redis_is_a_503_and_readiness_says_so(tmp_path, checkpoints):
         redis.stop()
 
 
+@pytest.mark.slow
 def test_storage_failures_say_truly_what_was_charged(tmp_path, checkpoints):
     """A full disk when the answer is recorded: 503 'nothing was charged', and nothing is. If the
     release fails too: the charge is said to be held, and readiness settles it once storage

@@ -243,6 +243,7 @@ def test_two_key_headers_are_refused_before_any_key_is_checked(served):
     assert httpx.post(url + URL_INFER, json=one_image(), headers=both).status_code == 400
 
 
+@pytest.mark.slow
 def test_x_forwarded_for_is_trusted_only_from_configured_proxies(tmp_path, checkpoints):
     """By default the throttle counts the peer's address whatever X-Forwarded-For says: 60 wrong
     keys naming 60 addresses get 10 × 401 then 429. From a trusted proxy, each named address has
@@ -273,6 +274,7 @@ def test_x_forwarded_for_is_trusted_only_from_configured_proxies(tmp_path, check
         make_config(tmp_path / "bad", checkpoints, access={"trusted_proxies": ["not-an-address"]})
 
 
+@pytest.mark.slow
 def test_failed_authentication_counts_are_bounded_and_expire(tmp_path):
     now = [1000.0]
     store = QuotaStore(tmp_path / "q.sqlite", clock=lambda: now[0])

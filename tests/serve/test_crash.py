@@ -8,6 +8,7 @@ import threading
 import time
 
 import httpx
+import pytest
 import torch
 from conftest import KEYS, ServerProcess, make_config
 
@@ -55,6 +56,7 @@ def burst(url: str, stop: threading.Event, answered: list[int]) -> None:
                 answered.append(4)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_burst_leaves_usage_equal_to_the_audit_log(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints, clients=[{"name": "alice", "quota": 10**9}])
     server = ServerProcess(config, tmp_path)

@@ -113,6 +113,7 @@ def infer(url: str, x: torch.Tensor, client: str = "alice", **kwargs) -> httpx.R
 # -- against MLServer ----------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_gateway_serves_the_upstreams_probabilities(tmp_path, checkpoints, upstream, weights):
     """The real server (a subprocess) in front of MLServer: the answers are MLServer's
     probabilities (JSON and binary to mirage's client), K read from one probe at start, an
@@ -252,6 +253,7 @@ def test_mlserver_refuses_binary_tensor_data_and_the_gateway_says_502(
         assert used(url) == 0
 
 
+@pytest.mark.slow
 def test_upstream_killed_is_a_quick_502_charges_nothing_and_readiness_follows(
     tmp_path, checkpoints, weights
 ):
@@ -544,6 +546,7 @@ def scripted(tmp_path, checkpoints):
     fake.stop()
 
 
+@pytest.mark.slow
 def test_garbage_from_the_upstream_is_a_502_that_says_what_and_charges_nothing(scripted):
     fake, state, url = scripted
     x = torch.rand(3, *INPUT_SHAPE)
@@ -588,6 +591,7 @@ def test_retries_on_5xx_never_on_4xx(scripted, caplog):
     )  # one retry, charged once
 
 
+@pytest.mark.slow
 def test_a_slow_upstream_is_a_504(scripted):
     fake, state, url = scripted
 
@@ -748,6 +752,7 @@ def test_a_huge_upstream_answer_is_refused_as_it_streams(scripted):
     assert used(url) == 0
 
 
+@pytest.mark.slow
 def test_a_dripping_upstream_is_cut_at_the_deadline(tmp_path, checkpoints):
     """An answer dripping one byte every 50 ms never trips a between-bytes timeout; the attempt's
     own deadline (timeout_s) and the call's (deadline_s) cut it."""

@@ -51,6 +51,7 @@ def served(tmp_path, checkpoints):
     server.kill()
 
 
+@pytest.mark.slow
 def test_tritonclient_grpc_gets_the_rest_answers_under_the_same_quota_and_audit(served):
     server, config, address = served
     x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
@@ -101,6 +102,7 @@ def test_tritonclient_grpc_gets_the_rest_answers_under_the_same_quota_and_audit(
     assert usage["alice"] == (12, 3) and (rows, queries) == (3, 12)  # every transport in one ledger
 
 
+@pytest.mark.slow
 def test_grpc_errors_carry_the_services_reasons_as_grpc_codes(served):
     _, _, address = served
     client = grpcclient.InferenceServerClient(address)
@@ -153,6 +155,7 @@ def test_grpc_errors_carry_the_services_reasons_as_grpc_codes(served):
     assert caught.value.status() == "StatusCode.RESOURCE_EXHAUSTED"
 
 
+@pytest.mark.slow
 def test_a_raw_grpc_call_gets_the_retry_after_and_reason_in_its_trailers(served):
     _, _, address = served
     channel = grpc.insecure_channel(address)

@@ -181,6 +181,7 @@ def test_a_body_over_what_the_model_can_take_is_413_from_the_header(server):
     assert response.startswith(b"HTTP/1.1 413") and seconds < 5, response[:200]
 
 
+@pytest.mark.slow
 def test_a_stalled_body_is_cut(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints, limits={"body_timeout_s": 1.0})
     with ServerThread(create_app(config)) as url:
@@ -192,6 +193,7 @@ def test_a_stalled_body_is_cut(tmp_path, checkpoints):
     assert response.startswith(b"HTTP/1.1 408") and seconds < 5, response[:200]
 
 
+@pytest.mark.slow
 def test_stalled_headers_are_cut(tmp_path, checkpoints):
     config = make_config(tmp_path, checkpoints, limits={"header_timeout_s": 1.0})
     with ServerThread(create_app(config)) as url:
@@ -274,6 +276,7 @@ def mutated_requests(draw) -> bytes:
 
 @FUZZ
 @given(content=mutated_requests())
+@pytest.mark.slow
 def test_fuzz_request_structures(server, content):
     before = server.state()
     response = server.send("POST", URL_INFER, content, auth("alice"))
@@ -324,6 +327,7 @@ PATHS = st.sampled_from(
     ),
     content=st.binary(max_size=300) | mutated_requests(),
 )
+@pytest.mark.slow
 def test_fuzz_routes_headers_and_bytes(server, method, path, key, scheme, headers, content):
     before = server.state()
     request_headers = {"Authorization": (scheme + key).strip(), **headers}

@@ -63,6 +63,7 @@ def save(model: Net, fmt: str, directory) -> dict:
 
 @pytest.mark.parametrize("fmt", ["export", "onnx", "state_dict"])
 @pytest.mark.parametrize("defense", ["none", "grad2"])
+@pytest.mark.slow
 def test_each_format_serves_what_the_model_answers_in_process(tmp_path, checkpoints, fmt, defense):
     model = user_net()
     table = {"name": "digits", **save(model, fmt, tmp_path)}
@@ -92,6 +93,7 @@ def test_each_format_serves_what_the_model_answers_in_process(tmp_path, checkpoi
 
 
 @pytest.mark.parametrize("fmt", ["export", "onnx", "state_dict"])
+@pytest.mark.slow
 def test_loaded_models_know_their_shape_and_classes(tmp_path, fmt):
     model = user_net()
     table = save(model, fmt, tmp_path)

@@ -303,6 +303,7 @@ def malformed_bodies() -> list[tuple[str, bytes, dict, int]]:
     ]
 
 
+@pytest.mark.slow
 def test_malformed_binary_bodies_are_400_and_charge_nothing(server):
     before = server.state()
     assert server.quotas.reservations() == 0
@@ -399,6 +400,7 @@ def mutated_binary_requests(draw) -> tuple[bytes, dict]:
 
 @settings(FUZZ, max_examples=300)
 @given(request=mutated_binary_requests())
+@pytest.mark.slow
 def test_fuzz_binary_bodies(server, request):
     content, headers = request
     before = server.state()

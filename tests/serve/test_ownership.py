@@ -317,6 +317,7 @@ def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the
 
 
 @pytest.mark.parametrize("fmt", ["export", "export-static", "onnx", "checkpoint"])
+@pytest.mark.slow
 def test_verify_reads_the_suspect_in_the_thiefs_format(tmp_path, checkpoints, fmt):
     """The evidence a served watermark leaves (written through the service's own store), a clone
     that learnt alice's answers saved as .pt2 (also with torch.export's default static batch of

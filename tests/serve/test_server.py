@@ -34,6 +34,7 @@ from mirage.serve.runner import ServerThread
 URL_INFER = "/v2/models/digits/infer"
 
 
+@pytest.mark.slow
 def test_bad_request_matrix(tmp_path, checkpoints):
     config = make_config(
         tmp_path,
@@ -321,6 +322,7 @@ def test_quota_survives_restart(tmp_path, checkpoints):
     assert stored_counts(config) == ({"alice": (10, 2)}, (2, 10))
 
 
+@pytest.mark.slow
 def test_exact_counts_under_concurrency(tmp_path, checkpoints):
     """32 concurrent clients on two servers sharing one SQLite file: no lost or double count."""
     threads, per_client_quota, shared_quota = 32, 12, 50

@@ -102,6 +102,7 @@ def drain(urls: list[str], clients: int, stop_after: int | None) -> list[int]:
     return statuses
 
 
+@pytest.mark.slow
 def test_two_replicas_on_one_redis_answer_exactly_the_quota(tmp_path, checkpoints):
     quota = 500
     redis = RedisServer(tmp_path / "redis", persistent=True).start()

@@ -66,6 +66,7 @@ def probe() -> torch.Tensor:
     return load_dataset("digits").test.images[:48]
 
 
+@pytest.mark.slow
 def test_grad2s_watermark_target_serves_from_a_sweeps_lines_and_the_behaviour_verify_tests(
     models, tmp_path
 ):
@@ -145,6 +146,7 @@ def test_adaptive_misinformation_serves_its_two_models_from_a_config(models, tmp
     assert described["params"]["oe_model"] == "<LeNet>"  # a model, not its weights
 
 
+@pytest.mark.slow
 def test_a_training_time_defense_serves_its_victim_from_a_config(models, tmp_path):
     params = (
         "{ noise_multiplier = 1.0, num_train = 640, training = { epochs = 1, batch_size = 128 } }"

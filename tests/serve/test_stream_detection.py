@@ -125,6 +125,7 @@ def queries_of(event: dict) -> int:
     return int(re.search(r"queries=(\d+)", event["detail"]).group(1))
 
 
+@pytest.mark.slow
 def test_flag_records_the_thief_once_and_nobody_else(
     tmp_path, checkpoints, victim, streams, expected, caplog
 ):
@@ -166,6 +167,7 @@ def test_flag_records_the_thief_once_and_nobody_else(
     assert "flagged" not in meta["parameters"]["client"]  # not disclosed: the thief is not told
 
 
+@pytest.mark.slow
 def test_refuse_is_a_403_that_charges_nothing(tmp_path, checkpoints, streams, expected):
     config = detection_config(
         tmp_path, checkpoints, on_alarm="refuse", access={"disclose_defense": True}
@@ -207,6 +209,7 @@ def test_refuse_is_a_403_that_charges_nothing(tmp_path, checkpoints, streams, ex
     )
 
 
+@pytest.mark.slow
 def test_switch_answers_the_alarmed_client_with_the_alarm_defense(
     tmp_path, checkpoints, victim, streams, expected
 ):
@@ -321,6 +324,7 @@ def test_detection_config_is_validated(tmp_path, checkpoints):
     )  # anchored like [defense]
 
 
+@pytest.mark.slow
 def test_gated_grad2s_own_stream_alarm_is_recorded_once_and_scrambles_that_client_only(
     tmp_path, checkpoints, victim
 ):

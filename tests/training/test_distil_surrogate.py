@@ -39,6 +39,7 @@ def agreement(surrogate: nn.Module, model: nn.Module, images: torch.Tensor) -> f
     )
 
 
+@pytest.mark.slow
 def test_a_surrogate_of_a_users_cnn_agrees_with_it(user_model):
     net, data = user_model
     ((surrogate, card),) = distil_surrogate(net, data.train.images, config=QUICK)
@@ -68,6 +69,7 @@ def test_bad_images_are_refused_before_anything_runs(user_model):
             distil_surrogate(net, images, config=QUICK)
 
 
+@pytest.mark.slow
 def test_the_command_distils_from_a_file_and_an_endpoint_and_grad2_serves_it(
     user_model, tmp_path, monkeypatch
 ):

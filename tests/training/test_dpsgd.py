@@ -20,6 +20,7 @@ from mirage.training.registry import (
 TINY = DPSGD_TRAINING.model_copy(update={"epochs": 1, "batch_size": 128})
 
 
+@pytest.mark.slow
 def test_epsilon_is_finite_decreases_with_noise_and_checkpoint_is_plain(isolated_cache):
     scenario = get_scenario("digits")
     cards = {}
@@ -52,6 +53,7 @@ def test_epsilon_is_finite_decreases_with_noise_and_checkpoint_is_plain(isolated
     assert cached and again.training["epsilon"] == cards[2.0].training["epsilon"]
 
 
+@pytest.mark.slow
 def test_epsilon_matches_an_independent_rdp_accountant():
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 

@@ -227,6 +227,7 @@ def test_victim_step_without_pcgrad_is_a_clipped_step_on_the_summed_loss():
     assert all(p.grad is None for p in student.parameters())
 
 
+@pytest.mark.slow
 def test_ini_victim_trains_caches_and_loads_as_plain_model(isolated_cache):
     scenario = get_scenario("digits")
     config = IniConfig(

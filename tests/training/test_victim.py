@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from mirage.models.fit import TrainConfig, fit, random_shift, soft_cross_entropy
@@ -27,6 +28,7 @@ def test_random_shift_is_a_translation_with_zero_fill():
         assert found
 
 
+@pytest.mark.slow
 def test_victim_training_is_deterministic_and_cached(isolated_cache):
     scenario = get_scenario("digits", victim_training=TINY)
     model, card, cached = get_victim(scenario, show_progress=False)
