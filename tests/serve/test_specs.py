@@ -17,6 +17,7 @@ from mirage.data import load_dataset
 from mirage.models import load_checkpoint
 from mirage.scenarios import WatermarkSet, behaviour_set, get_scenario
 from mirage.serve.app import create_app
+from mirage.serve.loading import prepare
 from mirage.serve.client import HTTPPredictionAPI
 from mirage.serve.config import load_config
 from mirage.serve.runner import ServerThread
@@ -54,7 +55,9 @@ def write_config(directory: Path, model: str, defense: str) -> Path:
 def serve_and_query(config_path: Path, x: torch.Tensor) -> tuple[torch.Tensor, dict, object]:
     """Start the server from the config file, answer ``x`` over HTTP; (answers, defense metadata,
     app)."""
-    app = create_app(load_config(config_path))
+    config = load_config(config_path)
+    prepare(config)  # the service never trains: the operator's `mirage prepare` first
+    app = create_app(config)
     with (
         ServerThread(app) as url,
         HTTPPredictionAPI(url, "digits", KEYS["alice"], batch_size=16) as api,

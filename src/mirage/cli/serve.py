@@ -1,4 +1,5 @@
-"""``mirage serve``: run the defended prediction service; ``mirage serve-key``: make an API key."""
+"""``mirage serve``: run the defended prediction service; ``mirage prepare``: train what it serves;
+``mirage serve-key``: make an API key."""
 
 from __future__ import annotations
 
@@ -55,6 +56,24 @@ def serve(
         )
     log.info("serving %r on http://%s:%d", settings.model.name, host, port)
     serve_forever(application, host, port)
+
+
+@app.command("prepare")
+def prepare(
+    config: Annotated[Path, typer.Option("--config", "-c", help="TOML or JSON service config")],
+) -> None:
+    """Train (or load) what a service config serves from a scenario — the victim, a training-time
+    defense's victim, surrogates, detectors — and keep it in the model store ($MIRAGE_MODELS), so
+    `mirage serve`, which never trains, starts at once.
+
+    Example: mirage prepare --config examples/serve.toml"""
+    from mirage.cli.config_errors import config_errors
+    from mirage.serve.config import ServeConfig, load_config
+    from mirage.serve.loading import prepare as prepare_models
+
+    with config_errors(config, ServeConfig):
+        for line in prepare_models(load_config(config)):
+            console.print(f"prepared {line}", markup=False, highlight=False)
 
 
 @app.command("serve-key")

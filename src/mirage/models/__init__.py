@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from mirage.models.base import ImageClassifier, Normalize
 from mirage.models.checkpoints import (
     ModelCard,
+    ModelNotPrepared,
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -48,6 +49,7 @@ __all__ = [
     "ImageClassifier",
     "LeNet",
     "ModelCard",
+    "ModelNotPrepared",
     "Normalize",
     "ResNet",
     "create_model",

@@ -101,3 +101,15 @@ def load_checkpoint(
 def has_checkpoint(directory: str | Path) -> bool:
     directory = Path(directory)
     return (directory / CARD).is_file() and (directory / WEIGHTS).is_file()
+
+
+class ModelNotPrepared(FileNotFoundError):
+    """A trained model (victim, surrogate, detector) that is not in the model store, asked for
+    where nothing may train (the service: ``mirage prepare`` trains and keeps it first)."""
+
+    def __init__(self, what: str, directory: Path | str) -> None:
+        super().__init__(
+            f"{what} is not trained yet (looked in {directory}); the service never trains: run "
+            "`mirage prepare --config <the serve config>` once, or point MIRAGE_MODELS at trained "
+            "models (the sweeps' are pinned in results/models)"
+        )

@@ -26,10 +26,14 @@ SHARED = "*"
 ALARM = "\x00alarm"  # suffix of an alarmed client's key (never in a client name)
 
 
-def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | None]:
+def load_model(
+    config: ServeConfig, *, train: bool = False
+) -> tuple[nn.Module, ModelCard, Scenario | None]:
     """The served model, its card, and the scenario it comes from (``None`` for a checkpoint, a
-    file or an upstream).
-    With a scenario, a training-time defense's victim is served in place of the plain one."""
+    file or an upstream). With a scenario, a training-time defense's victim is served in place of
+    the plain one. The service never trains (``train=False``): a scenario's victim that is not
+    kept yet is a :class:`~mirage.models.ModelNotPrepared` naming ``mirage prepare``
+    (:func:`prepare`, docs/design.md §service)."""
     source = config.model
     if source.upstream is not None:
         from mirage.serve.gateway import UpstreamModel
@@ -50,7 +54,7 @@ def load_model(config: ServeConfig) -> tuple[nn.Module, ModelCard, Scenario | No
         )
         return model.eval(), card, None
     scenario = get_scenario(source.scenario)
-    victims = resolve_victims(config.defense, scenario)
+    victims = resolve_victims(config.defense, scenario, train=train, show_progress=train)
     return victims.served.eval(), victims.card, scenario
 
 
@@ -122,6 +126,7 @@ class ServedDefenses:
         evidence: Any = None,
         alarm: DefenseConfig | None = None,
         benign_reference: Tensor | None = None,
+        train: bool = False,
     ) -> None:
         self.spec, self.ownership, self.evidence = spec, ownership, evidence
         self._secret = ownership.secret() if ownership is not None else None
@@ -135,7 +140,9 @@ class ServedDefenses:
             )
         self.query_time = spec.name != "none" and not spec.training_time
         self.enabled = self.query_time or ownership is not None
-        self.params = resolve_params(spec, scenario, model, card) if self.query_time else {}
+        self.params = (
+            resolve_params(spec, scenario, model, card, train=train) if self.query_time else {}
+        )
         self.prototype = self._inner(None) if self.query_time else None
         self._instances: dict[str, Defense] = {}
         self.alarm = (
@@ -149,6 +156,7 @@ class ServedDefenses:
                 ownership=ownership,
                 evidence=evidence,
                 benign_reference=self._reference,
+                train=train,
             )
         )
 
@@ -220,3 +228,23 @@ class ServedDefenses:
             "seed_per_client": self.spec.seed_per_client,
             "watermarked": self.ownership is not None,
         }
+
+
+def prepare(config: ServeConfig) -> list[str]:
+    """Train (or load) everything ``config`` serves from a scenario — the victim, a training-time
+    defense's victim, the defense's and the alarm defense's parts — and keep it in the model store,
+    so the service, which never trains, starts from it; returns what it prepared, in words."""
+    model, card, scenario = load_model(config, train=True)
+    detection = config.detection
+    ServedDefenses(
+        config.defense,
+        scenario,
+        model,
+        card,
+        alarm=detection.alarm_defense if detection is not None else None,
+        train=True,
+    )
+    prepared = [f"model {config.model.name}: {type(model).__name__}"]
+    if scenario is not None:
+        prepared.append(f"scenario {scenario.name}: victim and the parts of {config.defense.name}")
+    return prepared

@@ -19,6 +19,7 @@ from mirage.data import load_dataset
 from mirage.models import (
     ImageClassifier,
     ModelCard,
+    ModelNotPrepared,
     create_model,
     has_checkpoint,
     load_checkpoint,
@@ -51,10 +52,15 @@ def _fresh(scenario: Scenario, seed: int) -> ImageClassifier:
 
 
 def get_misinformation_models(
-    scenario: Scenario, config: MisinformationConfig | None = None, *, models: Path | None = None
+    scenario: Scenario,
+    config: MisinformationConfig | None = None,
+    *,
+    models: Path | None = None,
+    train: bool = True,
 ) -> tuple[nn.Module, nn.Module]:
     """``(oe_model, misinformation_model)`` for the scenario, trained once and kept under
-    ``models`` (default :func:`mirage.paths.models_dir`)."""
+    ``models`` (default :func:`mirage.paths.models_dir`); ``train=False`` refuses to train them
+    (:class:`~mirage.models.ModelNotPrepared`)."""
     from mirage.training.ini import patch_shuffle
     from mirage.training.outlier_exposure import train_misinformation, train_outlier_exposure
 
@@ -66,6 +72,8 @@ def get_misinformation_models(
     root = (models or paths.models_dir()) / "adaptive_misinformation" / f"{scenario.name}-{key}"
     if has_checkpoint(root / "oe") and has_checkpoint(root / "mis"):
         return load_checkpoint(root / "oe")[0], load_checkpoint(root / "mis")[0]
+    if not train:
+        raise ModelNotPrepared(f"the misinformation detector of scenario {scenario.name}", root)
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     generator = torch.Generator().manual_seed(config.training.seed)
     outliers = patch_shuffle(data.train.images, config.patch_grid, generator)

@@ -26,6 +26,7 @@ from mirage import paths
 from mirage.models import (
     ImageClassifier,
     ModelCard,
+    ModelNotPrepared,
     has_checkpoint,
     load_checkpoint,
     save_checkpoint,
@@ -162,16 +163,22 @@ def get_defended_victim(
     retrain: bool = False,
     show_progress: bool = True,
     models: Path | None = None,
+    train: bool = True,
 ) -> tuple[ImageClassifier, ModelCard, bool]:
     """Return ``(model, card, from_cache)``: the scenario's victim trained with ``method``, kept
-    under ``models`` (default :func:`mirage.paths.models_dir`)."""
+    under ``models`` (default :func:`mirage.paths.models_dir`); ``train=False`` refuses to train
+    one that is not kept (:class:`~mirage.models.ModelNotPrepared`)."""
     config = resolve_config(method, params)
     if method == "none":
-        return get_victim(scenario, retrain=retrain, show_progress=show_progress, models=models)
+        return get_victim(
+            scenario, retrain=retrain, show_progress=show_progress, models=models, train=train
+        )
     directory = defended_victim_dir(scenario, method, config, models)
     if has_checkpoint(directory) and not retrain:
         model, card = load_checkpoint(directory)
         return model, card, True
+    if not train:
+        raise ModelNotPrepared(f"the {method} victim of scenario {scenario.name}", directory)
     model, card = (
         _REGISTRY.get(method)
         .cls(config)

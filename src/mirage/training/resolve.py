@@ -301,14 +301,17 @@ def resolve_victims(
     *,
     show_progress: bool = False,
     models: Path | None = None,
+    train: bool = True,
 ) -> Victims:
     """The plain victim and the served one for ``spec`` (trained, or loaded from ``models``:
-    default :func:`mirage.paths.models_dir`)."""
-    plain, plain_card, _ = get_victim(scenario, show_progress=show_progress, models=models)
+    default :func:`mirage.paths.models_dir`; ``train=False``: loaded or refused)."""
+    plain, plain_card, _ = get_victim(
+        scenario, show_progress=show_progress, models=models, train=train
+    )
     if not spec.training_time:
         return Victims(plain, plain, plain_card, training_time=False)
     served, card, _ = get_defended_victim(
-        scenario, spec.name, spec.params, show_progress=show_progress, models=models
+        scenario, spec.name, spec.params, show_progress=show_progress, models=models, train=train
     )
     return Victims(plain, served, card, training_time=True)
 
@@ -320,11 +323,13 @@ def resolve_params(
     card: ModelCard | None = None,
     *,
     models: Path | None = None,
+    train: bool = True,
 ) -> dict[str, Any]:
     """``spec.params`` with every part replaced by the object it names: trained or loaded from
     ``models`` (default :func:`mirage.paths.models_dir`) for ``scenario`` (whose victim is
     ``victim``, with ``card``), or loaded from checkpoints. ``scenario`` may be ``None`` when every
-    part is a checkpoint."""
+    part is a checkpoint. ``train=False`` loads and never trains
+    (:class:`~mirage.models.ModelNotPrepared`)."""
     if spec.training_time:
         raise ValueError(f"{spec.name} is a training-time defense: resolve_victims builds it")
     parts = spec.parts()
@@ -345,7 +350,9 @@ def resolve_params(
         )
     params = dict(spec.params)
     if parts.surrogate is not None:
-        params["surrogate"] = _surrogate(spec, parts.surrogate, scenario, victim, card, models)
+        params["surrogate"] = _surrogate(
+            spec, parts.surrogate, scenario, victim, card, models, train
+        )
     if parts.reference is not None:
         params["reference_x"], params["reference_y"] = _labelled(
             defender_sample(scenario, parts.reference)
@@ -360,15 +367,19 @@ def resolve_params(
         )
     elif parts.misinformation is not None:
         params["oe_model"], params["misinformation_model"] = get_misinformation_models(
-            scenario, parts.misinformation, models=models
+            scenario, parts.misinformation, models=models, train=train
         )
     if parts.gate is not None:
-        params.update(_gate(parts.gate, scenario, victim, models))
+        params.update(_gate(parts.gate, scenario, victim, models, train))
     return params
 
 
 def _gate(
-    gate: GateSpec, scenario: Scenario, victim: nn.Module | None, models: Path | None
+    gate: GateSpec,
+    scenario: Scenario,
+    victim: nn.Module | None,
+    models: Path | None,
+    train: bool = True,
 ) -> dict[str, Any]:
     """``gate``, ``gate_model`` and ``tau`` of ``grad2_gated`` for ``scenario``'s victim."""
     import torch
@@ -379,7 +390,7 @@ def _gate(
         raise ValueError("a gate is calibrated on the victim's answers: pass the victim")
     model = (
         get_misinformation_models(
-            scenario, gate.models_config or MisinformationConfig(), models=models
+            scenario, gate.models_config or MisinformationConfig(), models=models, train=train
         )[0]
         if gate.score == "oe-msp"
         else victim
@@ -417,6 +428,7 @@ def _surrogate(
     victim: nn.Module | None,
     card: ModelCard | None,
     models: Path | None,
+    train: bool = True,
 ) -> nn.Module | list[nn.Module]:
     if isinstance(source, Path):
         return _load(source)
@@ -425,7 +437,12 @@ def _surrogate(
     if victim is None or card is None:
         raise ValueError(f"a {source} surrogate is trained for a victim: pass it and its card")
     members, _, _ = get_surrogate(
-        scenario, victim, card, SurrogateConfig(kind=source, **spec.surrogate_config), models=models
+        scenario,
+        victim,
+        card,
+        SurrogateConfig(kind=source, **spec.surrogate_config),
+        models=models,
+        train=train,
     )
     return members if len(members) > 1 else members[0]
 

@@ -28,7 +28,14 @@ from mirage import paths
 from mirage.api import PredictionAPI, accuracy, clean_posteriors
 from mirage.data import load_dataset
 from mirage.data.base import channel_stats
-from mirage.models import ModelCard, create_model, has_checkpoint, load_checkpoint, save_checkpoint
+from mirage.models import (
+    ModelCard,
+    ModelNotPrepared,
+    create_model,
+    has_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+)
 from mirage.models.fit import (
     TrainConfig,
     make_optimizer,
@@ -208,9 +215,11 @@ def get_surrogate(
     *,
     retrain: bool = False,
     models: Path | None = None,
+    train: bool = True,
 ) -> tuple[list[nn.Module], list[ModelCard], bool]:
     """Return ``(members, cards, from_cache)``; one member unless ``config.checkpoints`` > 1;
-    kept under ``models`` (default :func:`mirage.paths.models_dir`)."""
+    kept under ``models`` (default :func:`mirage.paths.models_dir`); ``train=False`` refuses to
+    train what is not kept (:class:`~mirage.models.ModelNotPrepared`)."""
     config = config or SurrogateConfig()
     directory = surrogate_dir(scenario, config, victim_card, models)
     member_dirs = [
@@ -220,6 +229,10 @@ def get_surrogate(
     if not retrain and all(has_checkpoint(d) for d in member_dirs):
         loaded = [load_checkpoint(d) for d in member_dirs]
         return [m for m, _ in loaded], [c for _, c in loaded], True
+    if not train:
+        raise ModelNotPrepared(
+            f"the {config.kind} surrogate of scenario {scenario.name}", directory
+        )
     log.warning(
         "no cached %s surrogate for scenario %s in %s: training it now (%d of %d epochs)",
         config.kind,

@@ -15,6 +15,7 @@ from mirage.data import load_dataset
 from mirage.models import (
     ImageClassifier,
     ModelCard,
+    ModelNotPrepared,
     create_model,
     has_checkpoint,
     load_checkpoint,
@@ -102,13 +103,17 @@ def get_victim(
     retrain: bool = False,
     show_progress: bool = True,
     models: Path | None = None,
+    train: bool = True,
 ) -> tuple[ImageClassifier, ModelCard, bool]:
     """Return ``(model, card, from_cache)`` for the scenario's victim, kept under ``models``
-    (default :func:`mirage.paths.models_dir`)."""
+    (default :func:`mirage.paths.models_dir`); one not kept yet is trained, or with ``train=False``
+    refused (:class:`~mirage.models.ModelNotPrepared`)."""
     directory = victim_dir(scenario, models)
     if has_checkpoint(directory) and not retrain:
         model, card = load_checkpoint(directory)
         return model, card, True
+    if not train:
+        raise ModelNotPrepared(f"the victim of scenario {scenario.name}", directory)
     log.warning(
         "no cached victim for scenario %s in %s: training it now (%s, %d epochs; the progress bar "
         "shows the time left). MIRAGE_MODELS names another folder of trained models (the sweeps "
