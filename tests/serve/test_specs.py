@@ -17,9 +17,9 @@ from mirage.data import load_dataset
 from mirage.models import load_checkpoint
 from mirage.scenarios import WatermarkSet, behaviour_set, get_scenario
 from mirage.serve.app import create_app
-from mirage.serve.loading import prepare
 from mirage.serve.client import HTTPPredictionAPI
 from mirage.serve.config import load_config
+from mirage.serve.loading import prepare
 from mirage.serve.runner import ServerThread
 from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims
 
