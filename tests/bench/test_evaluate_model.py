@@ -82,6 +82,7 @@ def test_a_users_module_is_judged_against_the_undefended_one(user_model):
         budget=400,
         clone_training=QUICK,
         progress=False,
+        seeds=(0,),
     )
     assert {(r["defense"], r["attacker"]) for r in report.records} == {
         (d, a) for d in ("none", "reverse_sigmoid") for a in ("soft", "hard-label")
@@ -93,7 +94,13 @@ def test_a_users_module_is_judged_against_the_undefended_one(user_model):
     with pytest.raises(ValueError, match="input_shape"):
         mirage.InProcessAPI(net)
     again = mirage.evaluate(
-        protected, data, attackers=("soft",), budget=200, clone_training=QUICK, progress=False
+        protected,
+        data,
+        attackers=("soft",),
+        budget=200,
+        clone_training=QUICK,
+        progress=False,
+        seeds=(0,),
     )
     assert {r["defense"] for r in again.records} == {"none", "reverse_sigmoid"}
 
@@ -101,7 +108,13 @@ def test_a_users_module_is_judged_against_the_undefended_one(user_model):
 def test_a_collapsed_clone_is_flagged_never_counted_as_protection():
     data = load_dataset("digits")
     report = mirage.evaluate(
-        OneClass(), data, attackers=("soft",), budget=200, clone_training=QUICK, progress=False
+        OneClass(),
+        data,
+        attackers=("soft",),
+        budget=200,
+        clone_training=QUICK,
+        progress=False,
+        seeds=(0,),
     )
     assert report.failed and all(r["clone_collapsed"] for r in report.failed)
     assert report.verdict["deploy"] == "none" and "collapsed" in report.report()
@@ -152,6 +165,8 @@ def test_the_command_evaluates_a_model_file_on_an_image_folder(user_model, tmp_p
         app,
         [
             "evaluate",
+            "--seeds",
+            "0",
             "--model",
             str(exported),
             "--data",
@@ -222,6 +237,8 @@ def test_a_served_endpoint_is_judged_black_box_against_its_baseline(
             app,
             [
                 "evaluate",
+                "--seeds",
+                "0",
                 "--url",
                 url,
                 "--model-name",
@@ -273,6 +290,7 @@ def test_an_out_of_distribution_attacker_brings_its_own_pool(user_model, tmp_pat
         clone_training=QUICK,
         progress=False,
         pool=tmp_path / "pool.npy",
+        seeds=(0,),
     )
     assert {r["attacker"] for r in report.records} == {"soft", "aligned"}
     assert all(r["queries"] <= 150 for r in report.records)

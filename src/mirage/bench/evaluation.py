@@ -281,7 +281,7 @@ def evaluate_model(
     attack: str = "knockoff",
     attackers: tuple[str, ...] = DEFAULT_ATTACKERS,
     budget: int = 2000,
-    seeds: tuple[int, ...] = (0,),
+    seeds: tuple[int, ...] = (0, 1, 2),
     clone_training: TrainConfig | str = "grad2",
     surrogate: nn.Module | None = None,
     baseline: nn.Module | None = None,

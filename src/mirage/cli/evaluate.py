@@ -47,8 +47,9 @@ def evaluate_command(
     ] = "soft,hard-label,averaging,restorer,noise-robust",
     budget: Annotated[int, typer.Option(help="queries per attacker")] = 2000,
     seeds: Annotated[
-        str, typer.Option(help="comma-separated seeds (3 or more for a verdict under 2 points)")
-    ] = "0",
+        str,
+        typer.Option(help="comma-separated seeds (a defense is recommended only on 3 or more)"),
+    ] = "0,1,2",
     pool: Annotated[
         Path | None,
         typer.Option(
