@@ -159,3 +159,32 @@ def test_a_missing_part_names_the_parameters_that_fill_it():
     model = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.5,))
     with pytest.raises(ValueError, match=r"reference_x=.*reference_y="):
         mirage.protect(model, "grad2", epsilon=0.5, target="unlearn", surrogate=model)
+
+
+def test_bench_evaluate_on_a_given_victim_neither_loads_nor_trains_the_scenarios(isolated_cache):
+    from mirage.models import ModelCard, create_model
+    from mirage.models.fit import TrainConfig
+
+    torch.manual_seed(0)
+    victim = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
+    card = ModelCard(
+        architecture="lenet",
+        input_shape=(1, 8, 8),
+        num_classes=10,
+        mean=(0.3,),
+        std=(0.3,),
+        dataset="digits",
+        seed=0,
+    )
+    with pytest.raises(ValueError, match="needs its card"):
+        mirage.bench.evaluate(None, scenario="digits", victim=victim)
+    result = mirage.bench.evaluate(
+        mirage.create_defense("random_noise", epsilon=0.5, seed=1),
+        scenario="digits",
+        budget=100,
+        clone_training=TrainConfig(epochs=1, batch_size=64),
+        victim=victim,
+        card=card,
+    )
+    assert result.queries == 100 and result.effective_l1 == pytest.approx(0.5, abs=0.02)
+    assert not (isolated_cache / "victims").exists()  # the scenario's victim was never trained

@@ -95,15 +95,14 @@ def evaluate(
     stores = Stores.models_only()
     if victim is not None and card is None:
         raise ValueError("a given victim needs its card (the clone is built like it)")
-    context = scenario_context(scenario, "none", {}, stores, clone_training=clone_training)
-    if victim is not None:
-        context = dataclasses.replace(
-            context,
-            served=victim,
-            plain=victim,
-            card=card,
-            clone=CloneSpec.like(card, training=clone_training),
-        )
+    context = scenario_context(
+        scenario,
+        "none",
+        {},
+        stores,
+        clone_training=clone_training,
+        victim=None if victim is None else (victim, card),
+    )
     context = dataclasses.replace(
         context,
         defense=defense,

@@ -45,7 +45,7 @@ from mirage.defenses import Defense
 from mirage.models import ModelCard
 from mirage.scenarios import Scenario, query_pool, seed_source
 from mirage.training.registry import is_training_time
-from mirage.training.resolve import DefenseSpec, resolve_defense, resolve_victims
+from mirage.training.resolve import DefenseSpec, Victims, resolve_defense, resolve_victims
 
 log = logging.getLogger(__name__)
 
@@ -229,13 +229,23 @@ def scenario_context(
     *,
     clone_training: Any = "grad2",
     show_progress: bool = False,
+    victim: tuple[nn.Module, ModelCard] | None = None,
 ) -> RunContext:
     """The run context of ``scenario``'s victim behind ``defense`` with ``params``: the victims
     and the defense's parts trained or loaded from ``stores.models``, the scenario's test set,
     query pool, seed images and (for the label-aligning attacker) its training split, and the
-    protocol's default clone (:meth:`~mirage.attacks.CloneSpec.like` the victim)."""
+    protocol's default clone (:meth:`~mirage.attacks.CloneSpec.like` the victim). ``victim``:
+    (a model, its card) served instead of the scenario's, which is then neither loaded nor
+    trained (a query-time defense only)."""
     method, query = split_defense(defense, params)
-    victims = resolve_victims(method, scenario, models=stores.models, show_progress=show_progress)
+    if victim is None:
+        victims = resolve_victims(
+            method, scenario, models=stores.models, show_progress=show_progress
+        )
+    elif method.name != "none":
+        raise ValueError(f"{defense} is a training-time defense: it retrains the scenario's victim")
+    else:
+        victims = Victims(victim[0], victim[0], victim[1], training_time=False)
     built = resolve_defense(query, scenario, victims.served, victims.card, models=stores.models)
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     return RunContext(
