@@ -223,3 +223,41 @@ def test_requests_are_validated_before_any_work():
     ):
         with pytest.raises(Exception, match=message):
             parse_infer_request(bad, shape, 64)
+
+
+@pytest.mark.slow
+def test_a_grpc_call_cancelled_while_queued_computes_and_charges_nothing(tmp_path, checkpoints):
+    """A client that gives up (its deadline passes) before a worker takes its images is a client
+    that hung up: the job is dropped and its reservation released, as over REST."""
+    import threading
+    import time
+
+    from test_charging import counted_server, ledger, wait_until
+
+    config = make_config(tmp_path, checkpoints).model_copy(
+        update={"grpc": GrpcConfig(port=free_port())}
+    )
+    with counted_server(config, gated=True) as (app, model, url):
+        blocker = threading.Thread(
+            target=lambda: httpx.post(
+                url + f"/v2/models/{MODEL}/infer",
+                json=body(torch.rand(2, 1, 8, 8)),
+                headers=auth("bob"),
+                timeout=30,
+            )
+        )
+        blocker.start()
+        wait_until(model.running.is_set)  # the worker is busy with bob's batch
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{config.grpc.port}")
+        x = np.full((4, 1, 8, 8), 0.5, dtype=np.float32)
+        with pytest.raises(InferenceServerException) as caught:
+            client.infer(MODEL, _inputs(x), headers=_bearer("alice"), client_timeout=1.0)
+        assert caught.value.status() == "StatusCode.DEADLINE_EXCEEDED"
+        wait_until(lambda: app.state.service.quotas.reservations() == 1)  # bob's only
+        model.gate.set()
+        blocker.join(30)
+        wait_until(lambda: app.state.service.batcher.queued() == 0)
+        time.sleep(0.2)
+    usage, rows = ledger(config)
+    assert model.images == 2, "the model ran on images whose client had given up"
+    assert usage.get("alice", (0, 0)) == (0, 0) and [r["client"] for r in rows] == ["bob"]

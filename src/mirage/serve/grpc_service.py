@@ -136,6 +136,9 @@ class InferenceServicer:
             served, used = await asyncio.shield(work)
         except asyncio.CancelledError:  # the client cancelled: the service decides what is charged
             gone.set()
+            work.add_done_callback(
+                _settled
+            )  # its outcome (answered, or ClientGone) goes to the log
             raise
         parameters = {"queries_used": pb.InferParameter(int64_param=used)}
         if client.quota is not None:
@@ -154,6 +157,12 @@ class InferenceServicer:
             ],
             raw_output_contents=[blob] * len(outputs),
         )
+
+
+def _settled(work: asyncio.Future) -> None:
+    """Read the outcome of a call whose client cancelled, so asyncio never reports it unread."""
+    if not work.cancelled() and (error := work.exception()) is not None:
+        log.info("a cancelled gRPC call ended with %s", type(error).__name__)
 
 
 def parse_infer_request(
