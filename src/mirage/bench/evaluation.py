@@ -310,12 +310,10 @@ def evaluate_model(
     worst case, as in the sweeps. Clones and the surrogate train on ``device``
     (:func:`mirage.devices.resolve_device`: the argument, ``$MIRAGE_DEVICE`` or the CPU); the
     model and the defense answer on the CPU."""
-    from mirage.attacks.clone import recipe
     from mirage.attacks.countermeasures import variant_params
     from mirage.bench.summary import verdict, verdict_advice, worst_case_points
     from mirage.devices import resolve_device
     from mirage.progress import progress_bar
-    from mirage.training.surrogate import architecture_for
 
     remote = not isinstance(model, nn.Module) and callable(getattr(model, "query", None))
     given = None
@@ -354,14 +352,7 @@ def evaluate_model(
                 "serve it"
             )
         split = _with_pool(split, pool)
-    mean, std = channel_stats(split.pool.images)
-    clone_spec = CloneSpec(
-        architecture=architecture_for(split.input_shape),
-        mean=mean,
-        std=std,
-        training=recipe(clone_training),
-        device=str(device),
-    )
+    clone_spec = split_clone(split, clone_training, device=str(device))
     contexts = _contexts(
         model,
         remote,
@@ -420,6 +411,43 @@ def evaluate_model(
     )
 
 
+def split_clone(
+    split: UserSplit, clone_training: TrainConfig | str, device: str = "cpu"
+) -> CloneSpec:
+    """The clone an attacker trains on a user's data (docs/design.md §evaluate): the standard
+    family sized to the input (:func:`~mirage.training.surrogate.architecture_for`), normalised by
+    the attacker's pool's own statistics, trained with ``clone_training`` on ``device``."""
+    from mirage.attacks.clone import recipe
+    from mirage.training.surrogate import architecture_for
+
+    mean, std = channel_stats(split.pool.images)
+    return CloneSpec(
+        architecture=architecture_for(split.input_shape),
+        mean=mean,
+        std=std,
+        training=recipe(clone_training),
+        device=device,
+    )
+
+
+def split_context(
+    scenario: str, split: UserSplit, clone: CloneSpec, stores: Stores, **target: Any
+) -> RunContext:
+    """A run context on a user's split: its test set, its attacker pool (also the seed images),
+    the labelled images the label-aligning attacker holds, and ``target`` (the served model or
+    endpoint, the defense and what the attacker is told of it)."""
+    return RunContext(
+        scenario=scenario,
+        test=split.test,
+        pool=split.pool,
+        seeds=split.pool,
+        labelled=split.attacker_labelled,
+        clone=clone,
+        stores=stores,
+        **target,
+    )
+
+
 def _contexts(
     model: Any,
     remote: bool,
@@ -435,24 +463,18 @@ def _contexts(
 ) -> list[RunContext]:
     """The run contexts of an evaluation: the undefended model (when the model, or a baseline, is
     at hand) and the defended one, all on the user's split."""
-    data = {
-        "test": split.test,
-        "pool": split.pool,
-        "seeds": split.pool,
-        "labelled": split.attacker_labelled,
-        "clone": clone,
-        "stores": Stores.models_only(),
-        "scenario": USER_SCENARIO,
-    }
+
+    def context(**target: Any) -> RunContext:
+        return split_context(USER_SCENARIO, split, clone, Stores.models_only(), **target)
+
     plain = _as_classifier(baseline if remote else model, split)
-    contexts = [] if plain is None else [RunContext(**data, served=plain, plain=plain)]
+    contexts = [] if plain is None else [context(served=plain, plain=plain)]
     if remote:
         public = {
             k: v for k, v in ((model.defense or {}).get("params") or {}).items() if _public(v)
         }
         contexts.append(
-            RunContext(
-                **data,
+            context(
                 endpoint=model,
                 plain=plain,
                 defense_name=served_defense or "served",
@@ -461,8 +483,7 @@ def _contexts(
         )
     elif given is not None:
         contexts.append(
-            RunContext(
-                **data,
+            context(
                 served=plain,
                 plain=plain,
                 defense=given,
@@ -473,8 +494,7 @@ def _contexts(
     elif defense is not None:
         built = _build_defense(plain, defense, params, split, surrogate, device)
         contexts.append(
-            RunContext(
-                **data,
+            context(
                 served=plain,
                 plain=plain,
                 defense=built,
@@ -629,11 +649,9 @@ def user_context(
     on the data's non-test share and kept in ``stores.models``), ``defense`` with ``params``, its
     parts built from the defender's sample (a distilled surrogate, the reference set), and the
     clone :func:`~mirage.training.surrogate.architecture_for` the input."""
-    from mirage.attacks.clone import recipe
     from mirage.defenses import create_defense
     from mirage.training.registry import is_training_time
     from mirage.training.resolve import DefenseSpec
-    from mirage.training.surrogate import architecture_for
 
     if is_training_time(defense):
         raise ValueError(
@@ -676,21 +694,11 @@ def user_context(
         if defense == "none"
         else _build_defense(model, defense, plain_values, split, surrogate, torch.device("cpu"))
     )
-    mean, std = channel_stats(split.pool.images)
-    clone = CloneSpec(
-        architecture=architecture_for(split.input_shape),
-        mean=mean,
-        std=std,
-        training=recipe(clone_training),
-    )
-    return RunContext(
-        scenario=name,
-        test=split.test,
-        pool=split.pool,
-        seeds=split.pool,
-        labelled=split.attacker_labelled,
-        clone=clone,
-        stores=stores,
+    return split_context(
+        name,
+        split,
+        split_clone(split, clone_training),
+        stores,
         served=model,
         plain=model,
         defense=built,
@@ -720,35 +728,16 @@ def user_model(user: UserScenario, split: UserSplit) -> nn.Module:
     return _as_classifier(model, split)
 
 
-USER_VICTIM = TrainConfig(
-    epochs=20,
-    batch_size=128,
-    lr=0.05,
-    momentum=0.9,
-    nesterov=True,
-    weight_decay=5e-4,
-    schedule="cosine",
-    seed=0,
-)
-"""How a user scenario without a model gets one: the built-in scenarios' LeNet recipe."""
-
-
 def user_victim(name: str, split: UserSplit, stores: Stores) -> nn.Module:
-    """A victim of the standard family for the input, trained with :data:`USER_VICTIM` on the
-    data's non-test share (the defender's sample and the in-distribution pool), kept in
-    ``stores.models`` by the data's digest and the recipe."""
-    from mirage.data.base import channel_stats as stats
-    from mirage.models import (
-        ModelCard,
-        create_model,
-        has_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-        tensor_digest,
-    )
-    from mirage.models.fit import fit
+    """A victim of the standard family for the input, trained with the built-in scenarios' LeNet
+    recipe (:data:`~mirage.scenarios.LENET_VICTIM`) on the data's non-test share (the defender's
+    sample and the in-distribution pool), kept in ``stores.models`` by the data's digest and the
+    recipe."""
+    from mirage.data import DatasetSplits
+    from mirage.models import has_checkpoint, load_checkpoint, save_checkpoint, tensor_digest
+    from mirage.scenarios import LENET_VICTIM
     from mirage.training.surrogate import architecture_for
-    from mirage.training.victim import config_key
+    from mirage.training.victim import config_key, train_classifier
 
     train = ImageData(
         torch.cat([split.sample.images, split.attacker_labelled.images]),
@@ -761,7 +750,7 @@ def user_victim(name: str, split: UserSplit, stores: Stores) -> nn.Module:
             "images": tensor_digest(train.images),
             "labels": tensor_digest(train.labels),
             "architecture": architecture,
-            "training": USER_VICTIM.model_dump(),
+            "training": LENET_VICTIM.model_dump(),
         },
     )
     directory = stores.models / "victims" / f"user-{name}-{architecture}-{key}"
@@ -773,26 +762,20 @@ def user_victim(name: str, split: UserSplit, stores: Stores) -> nn.Module:
         name,
         architecture,
         len(train),
-        USER_VICTIM.epochs,
+        LENET_VICTIM.epochs,
         directory,
     )
-    mean, std = stats(train.images)
-    torch.manual_seed(USER_VICTIM.seed)
-    model = create_model(architecture, split.input_shape, split.classes, mean, std)
-    fit(model, train.images, train.labels, USER_VICTIM, description=f"victim {name}")
-    model.eval()
-    from mirage.api import accuracy
-
-    card = ModelCard(
-        architecture=architecture,
-        input_shape=split.input_shape,
-        num_classes=split.classes,
+    mean, std = channel_stats(train.images)
+    data = DatasetSplits(
+        name=f"user:{name}",
+        train=train,
+        test=split.test,
+        classes=[str(k) for k in range(split.classes)],
         mean=mean,
         std=std,
-        dataset=f"user:{name}",
-        test_accuracy=accuracy(model, split.test),
-        seed=USER_VICTIM.seed,
-        training=USER_VICTIM.model_dump(),
+    )
+    model, card = train_classifier(
+        architecture, {}, data, LENET_VICTIM, dataset=data.name, description=f"victim {name}"
     )
     save_checkpoint(model, card, directory)
     return model

@@ -126,8 +126,13 @@ class RunContext:
 
     @property
     def num_classes(self) -> int:
-        """The classes the target answers (its card's, or one probe of the API)."""
-        return self.card.num_classes if self.card is not None else self.api().num_classes
+        """The classes the target answers: its card's, the endpoint's, or one probe of the served
+        model (no defense copied for it)."""
+        if self.card is not None:
+            return self.card.num_classes
+        if self.endpoint is not None:
+            return self.endpoint.num_classes
+        return InProcessAPI(self.served, input_shape=self.input_shape).num_classes
 
     def fresh_defense(self) -> Defense | None:
         """A copy of the defense as built, in the state no request has changed."""

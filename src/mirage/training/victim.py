@@ -11,7 +11,7 @@ import torch
 
 from mirage import paths
 from mirage.api.evaluate import accuracy
-from mirage.data import load_dataset
+from mirage.data import DatasetSplits, load_dataset
 from mirage.models import (
     ImageClassifier,
     ModelCard,
@@ -61,13 +61,38 @@ def train_model(
     show_progress: bool = True,
     device: str | None = None,
 ) -> tuple[ImageClassifier, ModelCard]:
-    """Train a fresh model on a dataset's training split and evaluate it on its test split. It
-    trains on ``device`` (:func:`mirage.devices.resolve_device`: the argument, ``$MIRAGE_DEVICE``
-    or the CPU) and is returned on the CPU."""
+    """Train a fresh model on a registered dataset's training split and evaluate it on its test
+    split (:func:`train_classifier`)."""
+    return train_classifier(
+        architecture,
+        arch_kwargs,
+        load_dataset(dataset, data_root),
+        training,
+        dataset=dataset,
+        description=description,
+        show_progress=show_progress,
+        device=device,
+    )
+
+
+def train_classifier(
+    architecture: str,
+    arch_kwargs: dict,
+    data: DatasetSplits,
+    training: TrainConfig,
+    *,
+    dataset: str,
+    description: str = "victim",
+    show_progress: bool = True,
+    device: str | None = None,
+) -> tuple[ImageClassifier, ModelCard]:
+    """Train a fresh ``architecture`` on ``data``'s training split with ``training`` and evaluate
+    it on its test split; its card names ``dataset``. It trains on ``device``
+    (:func:`mirage.devices.resolve_device`: the argument, ``$MIRAGE_DEVICE`` or the CPU) and is
+    returned on the CPU, in eval mode."""
     from mirage.devices import resolve_device
 
     device = resolve_device(device)
-    data = load_dataset(dataset, data_root)
     torch.manual_seed(training.seed)
     model = create_model(
         architecture, data.input_shape, data.num_classes, data.mean, data.std, **arch_kwargs
