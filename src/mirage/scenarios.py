@@ -119,13 +119,25 @@ def defender_sample(scenario: Scenario, reference: ReferenceSet = DEFAULT_REFERE
     return train.sample(reference.size, reference.seed)
 
 
+ALIGNMENT_SEED_OFFSET = 7_741
+"""The label-aligning attacker's labelled sample is drawn with the run's seed plus this (so it is
+not the pool's own draw)."""
+
+
+def aligned_sample(labelled: ImageData | None, size: int | None, seed: int) -> ImageData | None:
+    """The labelled images the label-aligning attacker holds (the ``align_labels``
+    countermeasure): ``size`` of ``labelled`` drawn with the run's ``seed``, or ``None``."""
+    if size is None or labelled is None:
+        return None
+    return labelled.sample(size, seed + ALIGNMENT_SEED_OFFSET)
+
+
 def attacker_labels(scenario: Scenario, size: int | None, seed: int) -> ImageData | None:
-    """The labelled images of the label-aligning attacker (the ``align_labels`` countermeasure): a
-    seeded sample of the victim's training split (the test split scores the clone), or ``None``."""
+    """:func:`aligned_sample` of the victim's training split (the test split scores the clone)."""
     if size is None:
         return None
-    return load_dataset(scenario.victim_dataset, scenario.data_root).train.sample(
-        size, seed + 7_741
+    return aligned_sample(
+        load_dataset(scenario.victim_dataset, scenario.data_root).train, size, seed
     )
 
 

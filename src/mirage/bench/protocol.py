@@ -43,15 +43,11 @@ from mirage.bench.answers import AnswerCache, ReplayingAPI, answers_dir
 from mirage.data import ImageData, load_dataset
 from mirage.defenses import Defense
 from mirage.models import ModelCard
-from mirage.scenarios import Scenario, query_pool, seed_source
+from mirage.scenarios import Scenario, aligned_sample, query_pool, seed_source
 from mirage.training.registry import is_training_time
 from mirage.training.resolve import DefenseSpec, Victims, resolve_defense, resolve_victims
 
 log = logging.getLogger(__name__)
-
-ALIGNMENT_SEED_OFFSET = 7_741
-"""The label-aligning attacker's labelled sample is drawn with the run's seed plus this (so it is
-not the pool's own draw)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -309,12 +305,7 @@ def run_attack(
             api = replaying = ReplayingAPI(api, AnswerCache(context.stores.answers))
         except (TypeError, ValueError) as error:  # e.g. a parameter it cannot fingerprint
             log.warning("answer cache off for this run: %s", error)
-    wanted = runner.params.align_labels
-    labelled = (
-        None
-        if wanted is None or context.labelled is None
-        else context.labelled.sample(wanted, seed + ALIGNMENT_SEED_OFFSET)
-    )
+    labelled = aligned_sample(context.labelled, runner.params.align_labels, seed)
     spec = (clone or context.clone).model_copy(update={"cache": context.stores.clones})
     result = runner.run(
         api, budget, context.attack_images(attack), spec, seed=seed, labelled=labelled
