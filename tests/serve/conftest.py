@@ -103,7 +103,10 @@ def free_port() -> int:
 class ServerProcess:
     """``python -m mirage.serve.runner`` on 127.0.0.1 in a subprocess (killable, restartable)."""
 
-    def __init__(self, config: ServeConfig, directory: Path, port: int | None = None) -> None:
+    def __init__(
+        self, config: ServeConfig, directory: Path, port: int | None = None, *, workers: int = 1
+    ) -> None:
+        self.workers = workers
         self.path = directory / f"serve-{id(self)}.json"
         self.path.write_text(json.dumps(config.model_dump(mode="json")))
         self.port = port or free_port()
@@ -123,6 +126,8 @@ class ServerProcess:
                     str(self.path),
                     "--port",
                     str(self.port),
+                    "--workers",
+                    str(self.workers),
                 ],
                 stdout=log,
                 stderr=log,

@@ -33,14 +33,22 @@ def serve(
             "(overrides grpc.port)"
         ),
     ] = None,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="processes serving the one port, each with the model, sharing quotas, audit and "
+            "evidence through the storage (Redis or the SQLite files)",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the configured model behind its defense (Open Inference Protocol V2 + /metrics).
 
-    Example: mirage serve --config examples/serve.toml --port 8000 --grpc-port 8001 --device cuda"""
+    Example: mirage serve --config examples/serve.toml --port 8000 --grpc-port 8001 --workers 2"""
     from mirage.cli.config_errors import config_errors
     from mirage.serve.app import create_app
     from mirage.serve.config import ServeConfig, load_config
-    from mirage.serve.runner import serve_forever, with_grpc
+    from mirage.serve.runner import serve_forever, serve_workers, with_grpc
 
     with config_errors(config, ServeConfig):  # one line per problem, exit code 2
         settings = with_grpc(load_config(config), host, grpc_port)
@@ -48,6 +56,8 @@ def serve(
             settings = settings.model_copy(
                 update={"model": settings.model.model_copy(update={"device": device})}
             )
+        if workers > 1:  # each worker loads the model; one that cannot says why and exits 2
+            raise typer.Exit(serve_workers(settings, host, port, workers=workers))
         application = create_app(
             settings,
             announce=lambda summary: console.print(

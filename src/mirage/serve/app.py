@@ -42,10 +42,16 @@ from mirage.serve.service import Service
 log = logging.getLogger(__name__)
 
 
-def create_app(config: ServeConfig, *, announce: Callable[[str], None] | None = None) -> FastAPI:
+def create_app(
+    config: ServeConfig,
+    *,
+    announce: Callable[[str], None] | None = None,
+    shared_port: bool = False,
+) -> FastAPI:
     """Build the service (model, surrogates and defense loaded now) and its FastAPI app.
     ``announce``: who is told :meth:`Service.summary` once the service has started (default:
-    this module's log, at INFO; ``mirage serve`` prints it)."""
+    this module's log, at INFO; ``mirage serve`` prints it). ``shared_port``: the gRPC port is
+    shared with other worker processes (``SO_REUSEPORT``, docs/design.md §workers)."""
     service = Service(config)
 
     @asynccontextmanager
@@ -58,7 +64,9 @@ def create_app(config: ServeConfig, *, announce: Callable[[str], None] | None = 
             ):  # the gRPC binding, on this event loop (docs/design.md §grpc)
                 from mirage.serve.grpc_service import grpc_server
 
-                grpc = grpc_server(service, config.grpc.host, config.grpc.port)
+                grpc = grpc_server(
+                    service, config.grpc.host, config.grpc.port, reuse_port=shared_port
+                )
                 await grpc.start()
                 log.info("OIP V2 over gRPC on %s:%d", config.grpc.host, config.grpc.port)
             (announce or _log_summary)(service.summary())

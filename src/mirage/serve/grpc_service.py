@@ -261,9 +261,12 @@ METHODS = {
 }
 
 
-def grpc_server(service: Service, host: str, port: int) -> grpc.aio.Server:
+def grpc_server(
+    service: Service, host: str, port: int, *, reuse_port: bool = False
+) -> grpc.aio.Server:
     """An asyncio gRPC server (not started) answering the protocol on ``host:port`` for
-    ``service``; messages are capped at what ``limits.max_payload_bytes`` allows REST bodies."""
+    ``service``; messages are capped at what ``limits.max_payload_bytes`` allows REST bodies.
+    The port is this process's alone unless ``reuse_port`` (worker processes sharing it)."""
     servicer = InferenceServicer(service)
     handlers = {
         name: grpc.unary_unary_rpc_method_handler(
@@ -278,7 +281,7 @@ def grpc_server(service: Service, host: str, port: int) -> grpc.aio.Server:
         options=[
             ("grpc.max_receive_message_length", cap),
             ("grpc.max_send_message_length", -1),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ]
     )
     server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(SERVICE_NAME, handlers)])

@@ -338,6 +338,157 @@ def serve_forever(
     uvicorn.run(app, host=host, port=port, log_level=log_level, **uvicorn_settings(app))
 
 
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (not yet listening), inheritable by worker processes."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def _port_is_free(host: str, port: int) -> None:
+    """Raise ``OSError`` when ``host:port`` is taken: with ``SO_REUSEPORT`` the workers' gRPC
+    servers would otherwise share it silently with whatever holds it."""
+    bind_socket(host, port).close()
+
+
+def serve_workers(
+    config: ServeConfig,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    *,
+    workers: int,
+    log_level: str = "info",
+) -> int:
+    """Serve ``config`` from ``workers`` processes behind one port (docs/design.md §workers);
+    returns the exit code.
+
+    The socket is bound here and inherited by each worker (``spawn``), which loads the model
+    itself and runs its own event loop, micro-batcher, defense and, with ``[grpc]``, a gRPC server
+    on the shared gRPC port (``SO_REUSEPORT``): the kernel spreads connections over them. Quotas,
+    rate limits, reservations, the audit log and ownership evidence live in the storage every
+    worker opens (the SQLite files, or Redis), so they stay exact whichever worker answers. What a
+    process keeps in memory (a stateful defense's and the stream detector's per-client history,
+    the ``/metrics`` request counters) is per worker, as with replicas (§shared-state). Each
+    worker gets ``cpu_count // workers`` torch threads. A worker that dies after it served is
+    started again; one that dies before it was ready (a model it cannot load, storage it cannot
+    reach) stops them all, with its exit code. SIGINT or SIGTERM stops every worker
+    gracefully."""
+    import multiprocessing
+    import os
+    import signal
+
+    if workers < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
+    if config.grpc is not None:
+        _port_is_free(config.grpc.host, config.grpc.port)
+    sock = bind_socket(host, port)
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    payload = config.model_dump(mode="json")
+    stopping = threading.Event()
+
+    def start(index: int) -> tuple[Any, Any]:
+        ready = context.Event()
+        process = context.Process(
+            target=_worker,
+            args=(payload, sock, index, threads, log_level, ready),
+            name=f"mirage-worker-{index}",
+        )
+        process.start()
+        return process, ready
+
+    previous = {
+        sig: signal.signal(sig, lambda *_: stopping.set())
+        for sig in (signal.SIGINT, signal.SIGTERM)
+    }
+    running = [start(i) for i in range(workers)]
+    log.info("%d workers serving http://%s:%d", workers, host, port)
+    code = 0
+    try:
+        while not stopping.wait(0.2):
+            for index, (process, ready) in enumerate(running):
+                if process.is_alive():
+                    continue
+                if not ready.is_set():
+                    log.error(
+                        "worker %d exited with code %s while starting; stopping",
+                        index,
+                        process.exitcode,
+                    )
+                    code = process.exitcode or 1
+                    stopping.set()
+                    break
+                log.warning(
+                    "worker %d (pid %s) exited with code %s; starting another",
+                    index,
+                    process.pid,
+                    process.exitcode,
+                )
+                running[index] = start(index)
+    finally:
+        for process, _ in running:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: uvicorn's graceful shutdown
+        for process, _ in running:
+            process.join(30)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        sock.close()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return code
+
+
+def _worker(
+    payload: dict, sock: socket.socket, index: int, threads: int, log_level: str, ready: Any
+) -> None:
+    """One worker of :func:`serve_workers`: build the service from the config, serve the
+    inherited socket until SIGTERM, and set ``ready`` once it accepts requests. A service that
+    cannot start (a model not prepared, storage unreachable) says why in one line and exits
+    with code 2."""
+    import sys
+
+    import torch
+
+    from mirage.serve.app import create_app
+    from mirage.serve.errors import ServeError
+
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format=f"%(asctime)s worker {index} %(levelname)s %(name)s: %(message)s",
+    )
+    torch.set_num_threads(threads)
+    config = ServeConfig.model_validate(payload)
+    try:
+        app = create_app(config, shared_port=True, announce=_print if index == 0 else log.debug)
+    except (ServeError, OSError, ValueError) as error:
+        print(f"error: worker {index}: {error}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    limit_repeated_logs()
+    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, **uvicorn_settings(app)))
+
+    def announce_ready() -> None:
+        while not server.started and not server.should_exit:
+            time.sleep(0.05)
+        if server.started:
+            ready.set()
+
+    threading.Thread(target=announce_ready, daemon=True).start()
+    server.run(sockets=[sock])
+
+
+def _print(text: str) -> None:
+    print(text, flush=True)
+
+
 class ServerThread:
     """``with ServerThread(app) as url:`` — uvicorn on 127.0.0.1, a free port, a daemon thread."""
 
@@ -399,8 +550,15 @@ def main(argv: list[str] | None = None) -> None:
         "--grpc-port", type=int, default=None, help="also serve OIP V2 over gRPC on this port"
     )
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument("--workers", type=int, default=1, help="processes behind the one port")
     args = parser.parse_args(argv)
     config = with_grpc(load_config(args.config), args.host, args.grpc_port)
+    if args.workers > 1:
+        raise SystemExit(
+            serve_workers(
+                config, args.host, args.port, workers=args.workers, log_level=args.log_level
+            )
+        )
     serve_forever(create_app(config), args.host, args.port, log_level=args.log_level)
 
 
