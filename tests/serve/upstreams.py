@@ -1,7 +1,7 @@
 """Upstream OIP V2 servers for the gateway (docs/design.md §gateway): MLServer, a real
-third-party server, in its own venv, and a tiny scriptable one in a thread for the failures a
-real server will not produce on demand. Used by tests/serve/test_gateway.py and
-benchmarks/oip_throughput.py."""
+third-party server, in its own venv (REST and gRPC), and tiny scriptable ones in threads, REST
+(:class:`FakeUpstream`) and gRPC (:class:`FakeGrpcUpstream`), for the failures a real server will
+not produce on demand. Used by tests/serve/test_gateway.py and benchmarks/oip_throughput.py."""
 
 from __future__ import annotations
 
@@ -13,10 +13,14 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable
+from concurrent import futures
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import grpc
 import httpx
+
+from mirage.serve.oip import grpc_predict_v2_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
 RUNTIMES = Path(__file__).resolve().parent / "third_party"  # runtimes.py: MLServer's side
@@ -39,8 +43,9 @@ def mlserver_executable() -> Path | None:
 class MLServerProcess:
     """``mlserver start`` on 127.0.0.1 and a free port, in ``directory``, serving ``models``:
     ``{name: (implementation, parameters)}``, e.g. ``{"linear": ("runtimes.Linear", {"uri": …})}``.
-    gRPC gets another free port, metrics are off, inference runs in the server process
-    (``parallel_workers = 0``), so killing its pid stops everything it started."""
+    gRPC gets another free port (``grpc_url``, the same across restarts), metrics are off,
+    inference runs in the server process (``parallel_workers = 0``), so killing its pid stops
+    everything it started."""
 
     def __init__(
         self,
@@ -54,6 +59,8 @@ class MLServerProcess:
         self.executable, self.directory = executable, directory
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.grpc_port = free_port()
+        self.grpc_url = f"grpc://127.0.0.1:{self.grpc_port}"
         self.models = models
         self.env = env or {}
         self.log = directory / f"mlserver-{self.port}.log"
@@ -73,7 +80,7 @@ class MLServerProcess:
                 {
                     "host": "127.0.0.1",
                     "http_port": self.port,
-                    "grpc_port": free_port(),
+                    "grpc_port": self.grpc_port,
                     "metrics_endpoint": None,
                     "parallel_workers": 0,
                     "load_models_at_startup": True,
@@ -178,6 +185,68 @@ class FakeUpstream:
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(5)
+
+    def count(self) -> int:
+        with self.lock:
+            return len(self.requests)
+
+
+class FakeGrpcUpstream:
+    """A scriptable ``inference.GRPCInferenceService`` on 127.0.0.1 in a thread pool:
+    ``answer(request, context)`` returns the ``ModelInferResponse`` for each ``ModelInfer`` (or
+    aborts the call with a status); each request and its metadata are kept in ``requests``;
+    ``ready`` sets what ``ServerReady`` and ``ModelReady`` answer. Stops with ``stop()``."""
+
+    SERVICE = "inference.GRPCInferenceService"
+
+    def __init__(
+        self, answer: Callable[[pb.ModelInferRequest, grpc.ServicerContext], pb.ModelInferResponse]
+    ) -> None:
+        self.answer = answer
+        self.ready = True
+        self.requests: list[tuple[pb.ModelInferRequest, dict[str, str]]] = []
+        self.ready_calls: list[tuple[str, object]] = []
+        self.lock = threading.Lock()
+
+        def infer(request: pb.ModelInferRequest, context: grpc.ServicerContext):
+            with self.lock:
+                self.requests.append((request, dict(context.invocation_metadata())))
+            return self.answer(request, context)
+
+        def server_ready(request: pb.ServerReadyRequest, context: grpc.ServicerContext):
+            with self.lock:
+                self.ready_calls.append(("ServerReady", request))
+            return pb.ServerReadyResponse(ready=self.ready)
+
+        def model_ready(request: pb.ModelReadyRequest, context: grpc.ServicerContext):
+            with self.lock:
+                self.ready_calls.append(("ModelReady", request))
+            return pb.ModelReadyResponse(ready=self.ready)
+
+        def unary(function: Callable, request: type, response: type) -> grpc.RpcMethodHandler:
+            return grpc.unary_unary_rpc_method_handler(
+                function, request.FromString, response.SerializeToString
+            )
+
+        handler = grpc.method_handlers_generic_handler(
+            self.SERVICE,
+            {
+                "ModelInfer": unary(infer, pb.ModelInferRequest, pb.ModelInferResponse),
+                "ServerReady": unary(server_ready, pb.ServerReadyRequest, pb.ServerReadyResponse),
+                "ModelReady": unary(model_ready, pb.ModelReadyRequest, pb.ModelReadyResponse),
+            },
+        )
+        self.server = grpc.server(futures.ThreadPoolExecutor(8))
+        self.server.add_generic_rpc_handlers((handler,))
+        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.url = f"grpc://127.0.0.1:{self.port}"
+
+    def start(self) -> FakeGrpcUpstream:
+        self.server.start()
+        return self
+
+    def stop(self) -> None:
+        self.server.stop(0).wait(5)
 
     def count(self) -> int:
         with self.lock:

@@ -73,21 +73,34 @@ from mirage.ownership import WatermarkConfig, watermark_layers
 from mirage.ownership.watermark import capped_layers
 from mirage.training.resolve import DefenseSpec
 
+# HTTP/2 headers that gRPC sets itself or drops, never call metadata
+GRPC_HEADERS = frozenset(
+    {
+        "te",
+        "user-agent",
+        "connection",
+        "keep-alive",
+        "upgrade",
+        "transfer-encoding",
+        "proxy-connection",
+    }
+)
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
 class UpstreamConfig(_Strict):
-    """The victim as an upstream Open Inference Protocol V2 REST endpoint (Triton, KServe,
-    MLServer): mirage forwards the images, reads the upstream's output and defends it
+    """The victim as an upstream Open Inference Protocol V2 endpoint (Triton, KServe, MLServer),
+    over REST or gRPC: mirage forwards the images, reads the upstream's output and defends it
     (docs/design.md §gateway)::
 
         [model]
         name = "fmnist"
 
         [model.upstream]
-        url = "http://127.0.0.1:8080"
+        url = "http://127.0.0.1:8080"    # REST; or "grpc://127.0.0.1:8081" for its gRPC port
         model = "fmnist"                 # and version = "1" for its /versions/1 paths
         input_name = "images"
         input_shape = [1, 28, 28]
@@ -96,10 +109,16 @@ class UpstreamConfig(_Strict):
         retries = 2                      # deadline_s bounds the whole call
         headers_env = { Authorization = "UPSTREAM_AUTH" }   # the value comes from $UPSTREAM_AUTH
 
-    No secret belongs here: a header the upstream needs (a token) is read at start from the
-    environment variable ``headers_env`` names, and a URL carrying credentials is refused."""
+    The URL's scheme picks the protocol: ``http``/``https`` for REST, ``grpc`` for the
+    protocol's ``inference.GRPCInferenceService`` (plaintext, ``host:port``, no path), which always
+    gets raw FP32 tensors (``binary`` is REST's choice) and the headers as call metadata under
+    lower-cased names. No secret belongs here: a header the upstream needs (a token) is read at
+    start from the environment variable ``headers_env`` names, and a URL carrying credentials is
+    refused."""
 
-    url: str = Field(description="the upstream's base URL, http(s)://host:port[/prefix]")
+    url: str = Field(
+        description="the upstream's base URL, http(s)://host:port[/prefix] or grpc://host:port"
+    )
     model: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$", description="the upstream's model name"
     )
@@ -126,7 +145,9 @@ class UpstreamConfig(_Strict):
         None, ge=2, description="K; default: read from one probe at start"
     )
     binary: bool = Field(
-        False, description="send and ask for binary tensor data (the extension) upstream"
+        False,
+        description="send and ask for binary tensor data (the REST extension) upstream; "
+        "a grpc:// upstream always gets raw tensors",
     )
     timeout_s: float = Field(
         5.0,
@@ -164,9 +185,15 @@ class UpstreamConfig(_Strict):
         from urllib.parse import urlsplit
 
         parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        if parts.scheme == "grpcs":
             raise ValueError(
-                f"model.upstream.url must be http(s)://host[:port][/prefix], got {url[:80]!r}"
+                "model.upstream.url: grpcs:// (gRPC over TLS) is not supported; use grpc:// "
+                "on a private network, or https:// for REST over TLS"
+            )
+        if parts.scheme not in ("http", "https", "grpc") or not parts.hostname:
+            raise ValueError(
+                "model.upstream.url must be http(s)://host[:port][/prefix] or grpc://host:port, "
+                f"got {url[:80]!r}"
             )
         if parts.username is not None or parts.password is not None:
             raise ValueError(
@@ -175,6 +202,15 @@ class UpstreamConfig(_Strict):
             )
         if parts.query or parts.fragment:
             raise ValueError("model.upstream.url takes no query string or fragment")
+        if parts.scheme == "grpc":
+            try:
+                port = parts.port
+            except ValueError:
+                port = None
+            if port is None or parts.path.strip("/"):
+                raise ValueError(
+                    f"model.upstream.url must be grpc://host:port (no path), got {url[:80]!r}"
+                )
         return url.rstrip("/")
 
     @field_validator("headers_env")
@@ -209,6 +245,29 @@ class UpstreamConfig(_Strict):
                 f"model.upstream.input_shape must be positive (C, H, W), got {list(shape)}"
             )
         return shape
+
+    @model_validator(mode="after")
+    def _grpc_metadata(self) -> UpstreamConfig:
+        """A gRPC upstream gets the headers as call metadata: names gRPC reserves (``grpc-…``),
+        binary ones (``…-bin``) and those its HTTP/2 transport sets or drops are refused."""
+        if self.protocol == "grpc":
+            for name in self.headers_env:
+                lower = name.lower()
+                if lower.startswith("grpc-") or lower.endswith("-bin") or lower in GRPC_HEADERS:
+                    raise ValueError(
+                        f"model.upstream.headers_env: {name} cannot be sent as gRPC metadata"
+                    )
+        return self
+
+    @property
+    def protocol(self) -> Literal["rest", "grpc"]:
+        """How the upstream is called: ``grpc`` for a grpc:// URL, else ``rest``."""
+        return "grpc" if self.url.startswith("grpc://") else "rest"
+
+    @property
+    def grpc_target(self) -> str:
+        """The ``host:port`` a gRPC channel connects to (a grpc:// URL's network location)."""
+        return self.url.removeprefix("grpc://")
 
     @property
     def call_deadline_s(self) -> float:
