@@ -40,9 +40,11 @@ def start_mirage_server(
     *,
     timeout: float = 120.0,
     env: dict[str, str] | None = None,
+    workers: int = 1,
 ) -> tuple[subprocess.Popen, str]:
-    """``mirage serve`` with ``config`` (a dict, written to ``workdir``) on a free loopback port,
-    its log in ``workdir``; returns the process and its URL once ``/v2/health/ready`` says 200."""
+    """``mirage serve`` with ``config`` (a dict, written to ``workdir``) on a free loopback port
+    (from ``workers`` processes), its log in ``workdir``; returns the process and its URL once
+    ``/v2/health/ready`` says 200."""
     import httpx
 
     path = workdir / f"serve-{name}.json"
@@ -51,7 +53,17 @@ def start_mirage_server(
     log = workdir / f"serve-{name}.log"
     logfile = open(log, "w")  # noqa: SIM115 — closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mirage.serve.runner", "--config", str(path), "--port", str(port)],
+        [
+            sys.executable,
+            "-m",
+            "mirage.serve.runner",
+            "--config",
+            str(path),
+            "--port",
+            str(port),
+            "--workers",
+            str(workers),
+        ],
         stdout=logfile,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},
@@ -76,22 +88,33 @@ def lenet_checkpoint(
 ) -> Path:
     """mirage's LeNet with random weights (seeded) saved as a checkpoint: the served benchmarks'
     victim and surrogate (speed does not depend on the weights)."""
+    return model_checkpoint(directory, seed, "lenet", shape, classes)
+
+
+def model_checkpoint(
+    directory: Path,
+    seed: int,
+    architecture: str,
+    shape: tuple[int, int, int],
+    classes: int = 10,
+) -> Path:
+    """A registered ``architecture`` with random weights (seeded) saved as a checkpoint."""
     import torch
 
     from mirage.models import ModelCard, create_model, save_checkpoint
 
     torch.manual_seed(seed)
     channels = shape[0]
-    model = create_model("lenet", shape, classes, (0.5,) * channels, (0.25,) * channels)
+    model = create_model(architecture, shape, classes, (0.5,) * channels, (0.25,) * channels)
     card = ModelCard(
-        architecture="lenet",
+        architecture=architecture,
         input_shape=shape,
         num_classes=classes,
         mean=(0.5,) * channels,
         std=(0.25,) * channels,
         seed=seed,
     )
-    return save_checkpoint(model, card, directory)
+    return save_checkpoint(model.eval(), card, directory)
 
 
 def use_test_oracles() -> None:

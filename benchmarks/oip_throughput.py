@@ -34,6 +34,18 @@ leaves MLServer out::
     MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/oip_throughput.py --no-gateway --model-workers 2 \
         --out results/serve/oip_throughput_workers2.json
 
+``--architecture resnet18`` serves a CIFAR-style ResNet-18 at 3×32×32 instead (victim and
+surrogate, random weights). ``--server-workers N`` starts each server as N processes behind one
+port (``mirage serve --workers``, docs/design.md §workers), and ``--clients C`` makes each timed
+call of a served contender C concurrent requests (C × batch images), so that more than one
+worker has work::
+
+    MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/oip_throughput.py --no-gateway \
+        --architecture resnet18 --batches 1 32 256 --repeats 3 \
+        --out results/serve/oip_throughput_resnet18.json
+    MIRAGE_PROGRESS=0 .venv/bin/python benchmarks/oip_throughput.py --no-gateway \
+        --server-workers 2 --clients 2 --out results/serve/oip_throughput_processes2.json
+
 The throughput targets: served binary undefended at batch 256 ≥ 0.5× the in-process forward, and
 GRAD² served ≥ 0.8× undefended served.
 """
@@ -47,6 +59,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -59,7 +72,7 @@ from mirage.models import load_checkpoint
 from _harness import (
     REPO,
     free_port,
-    lenet_checkpoint,
+    model_checkpoint,
     parser,
     round_robin,
     start_mirage_server,
@@ -70,7 +83,8 @@ sys.path.insert(0, str(REPO / "tests" / "serve"))  # the tests' MLServer launche
 from upstreams import MLServerProcess, mlserver_executable
 
 log = logging.getLogger("oip_throughput")
-SHAPE, K = (1, 28, 28), 10
+K = 10
+SHAPES = {"lenet": (1, 28, 28), "resnet18": (3, 32, 32)}
 KEY = "mk_oip_throughput_key"
 HEADER = "Inference-Header-Content-Length"
 MODES = ("inprocess", "json", "binary", "grpc", "gateway")
@@ -87,16 +101,28 @@ def grad2_spec(epsilon: float, surrogate: Path) -> dict:
 
 
 def start_server(
-    config: dict, workdir: Path, threads: int, timeout: float = 120.0, name: str | None = None
+    config: dict,
+    workdir: Path,
+    threads: int,
+    timeout: float = 120.0,
+    name: str | None = None,
+    workers: int = 1,
 ) -> tuple[subprocess.Popen, str]:
+    """A mirage server from ``workers`` processes with ``threads`` torch threads each (the
+    supervisor gives each worker cpu_count // workers; OMP_NUM_THREADS caps that)."""
     env = {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "MIRAGE_PROGRESS": "0"}
     return start_mirage_server(
-        config, workdir, name or config["defense"]["name"], timeout=timeout, env=env
+        config,
+        workdir,
+        name or config["defense"]["name"],
+        timeout=timeout,
+        env=env,
+        workers=workers,
     )
 
 
 def start_upstream(
-    victim: torch.nn.Module, workdir: Path, threads: int
+    victim: torch.nn.Module, workdir: Path, threads: int, shape: tuple[int, int, int]
 ) -> tuple[MLServerProcess | None, str]:
     """MLServer serving ``victim`` exported to ONNX, or ``None`` and why not."""
     executable = mlserver_executable()
@@ -110,7 +136,7 @@ def start_upstream(
     batch = torch.export.Dim("batch", min=1, max=1024)
     torch.onnx.export(
         victim,
-        (torch.rand(2, *SHAPE),),
+        (torch.rand(2, *shape),),
         str(path),
         input_names=["images"],
         dynamic_shapes=({0: batch},),
@@ -126,7 +152,9 @@ def start_upstream(
     return server.start(), ""
 
 
-def gateway_config(spec: dict, upstream: str, workdir: Path, client: dict) -> dict:
+def gateway_config(
+    spec: dict, upstream: str, workdir: Path, client: dict, shape: tuple[int, int, int]
+) -> dict:
     name = spec["name"]
     return {
         "model": {
@@ -135,7 +163,7 @@ def gateway_config(spec: dict, upstream: str, workdir: Path, client: dict) -> di
                 "url": upstream,
                 "model": "victim",
                 "input_name": "images",
-                "input_shape": list(SHAPE),
+                "input_shape": list(shape),
                 "output": "logits",
                 "num_classes": K,
                 "timeout_s": 120,
@@ -210,15 +238,31 @@ def main() -> None:
     arguments.add_argument(
         "--no-gateway", action="store_true", help="leave MLServer and the gateway rows out"
     )
+    arguments.add_argument(
+        "--architecture", choices=sorted(SHAPES), default="lenet", help="the served network"
+    )
+    arguments.add_argument(
+        "--server-workers",
+        type=int,
+        default=1,
+        help="processes per server (mirage serve --workers)",
+    )
+    arguments.add_argument(
+        "--clients",
+        type=int,
+        default=1,
+        help="concurrent requests per timed call (one client each)",
+    )
     args = arguments.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
+        shape = SHAPES[args.architecture]
         victim_dir, surrogate_dir = (
-            lenet_checkpoint(workdir / "victim", 0),
-            lenet_checkpoint(workdir / "surrogate", 1),
+            model_checkpoint(workdir / "victim", 0, args.architecture, shape, K),
+            model_checkpoint(workdir / "surrogate", 1, args.architecture, shape, K),
         )
         victim, surrogate = (
             load_checkpoint(victim_dir)[0].eval(),
@@ -240,19 +284,21 @@ def main() -> None:
                     "grpc": {"port": free_port()},
                     "clients": [client],
                 }
-                servers[name] = start_server(config, workdir, args.threads)
+                servers[name] = start_server(
+                    config, workdir, args.threads, workers=args.server_workers, timeout=300
+                )
                 grpc_addresses[name] = f"127.0.0.1:{config['grpc']['port']}"
             upstream, skipped = (
                 (None, "--no-gateway")
                 if args.no_gateway
-                else start_upstream(victim, workdir, args.threads)
+                else start_upstream(victim, workdir, args.threads, shape)
             )
             if upstream is None:
                 log.warning("no gateway rows: %s", skipped)
             else:
                 for name, spec in specs:
                     servers[f"gateway-{name}"] = start_server(
-                        gateway_config(spec, upstream.url, workdir, client),
+                        gateway_config(spec, upstream.url, workdir, client, shape),
                         workdir,
                         args.threads,
                         name=f"gateway-{name}",
@@ -271,7 +317,7 @@ def main() -> None:
                 name: grpcclient.InferenceServerClient(address)
                 for name, address in grpc_addresses.items()
             }
-            rows = measure(args, victim, grad2, http, grpc_clients)
+            rows = measure(args, victim, grad2, http, grpc_clients, shape)
             for session in http.values():
                 session.close()
         finally:
@@ -293,7 +339,11 @@ def main() -> None:
         args.out,
         {
             "threads": args.threads,
+            "architecture": args.architecture,
+            "input_shape": list(shape),
             "model_workers": args.model_workers,
+            "server_workers": args.server_workers,
+            "clients": args.clients,
             "epsilon": args.epsilon,
             "rows": rows,
             "ratios": summary,
@@ -305,14 +355,23 @@ def main() -> None:
 
 
 def measure(
-    args, victim: torch.nn.Module, grad2, http: dict[str, httpx.Client], grpc_clients: dict
+    args,
+    victim: torch.nn.Module,
+    grad2,
+    http: dict[str, httpx.Client],
+    grpc_clients: dict,
+    shape: tuple[int, int, int],
 ) -> list[dict]:
+    """Seconds per timed call of each contender, and images/s: a served contender's call is
+    ``args.clients`` concurrent requests of ``b`` images (``b × clients`` images), the in-process
+    ones a call each."""
     import tritonclient.grpc as grpcclient
 
+    pool = ThreadPoolExecutor(args.clients)
     rows = []
     generator = torch.Generator().manual_seed(0)
     for b in args.batches:
-        x = torch.rand(b, *SHAPE, generator=generator)
+        x = torch.rand(b, *shape, generator=generator)
         array = x.numpy()
         bodies = {"json": json_request(array), "binary": binary_request(array)}
 
@@ -352,9 +411,18 @@ def measure(
         modes = ("json", "binary", "gateway") if "upstream" in http else ("json", "binary")
         fns = {"inprocess_none": forward, "inprocess_grad2": defended}
         fns.update(
-            {f"{mode}_{defense}": served(defense, mode) for mode in modes for defense in DEFENSES}
+            {
+                f"{mode}_{defense}": concurrently(pool, served(defense, mode), args.clients)
+                for mode in modes
+                for defense in DEFENSES
+            }
         )
-        fns.update({f"grpc_{defense}": over_grpc(defense) for defense in DEFENSES})
+        fns.update(
+            {
+                f"grpc_{defense}": concurrently(pool, over_grpc(defense), args.clients)
+                for defense in DEFENSES
+            }
+        )
         if "upstream" in http:
             fns["upstream_none"] = direct
         reference = {"none": forward().numpy(), "grad2": defended().numpy()}
@@ -371,14 +439,17 @@ def measure(
         base = timed["inprocess_none_ratio"]
         for name in fns:
             mode, defense = name.split("_")
+            images = b if mode == "inprocess" else b * args.clients
             rows.append(
                 {
                     "batch": b,
                     "mode": mode,
                     "defense": defense,
                     "seconds": timed[name],
-                    "images_per_second": b / timed[name],
-                    "throughput_over_inprocess_forward": base / timed[f"{name}_ratio"],
+                    "images_per_second": images / timed[name],
+                    "throughput_over_inprocess_forward": (images / b)
+                    * base
+                    / timed[f"{name}_ratio"],
                 }
             )
             log.info(
@@ -390,6 +461,19 @@ def measure(
                 rows[-1]["throughput_over_inprocess_forward"],
             )
     return rows
+
+
+def concurrently(pool: ThreadPoolExecutor, fn, clients: int):
+    """``fn`` called by ``clients`` threads at once, returning the first answer (one client: a
+    plain call)."""
+    if clients == 1:
+        return fn
+
+    def call():
+        answers = [future.result() for future in [pool.submit(fn) for _ in range(clients)]]
+        return answers[0]
+
+    return call
 
 
 def targets(rows: list[dict]) -> dict[str, float]:
