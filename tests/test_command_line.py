@@ -97,7 +97,7 @@ def test_a_bad_sweep_config_is_one_line_and_exit_code_2(tmp_path):
     )
     assert one_line_error(["bench", "run", "--config", "no-such-profile"]) == (
         "error: no-such-profile: no sweep config 'no-such-profile' (built-in profiles: "
-        "['full', 'quick', 'worst_case'])"
+        "['cifar10', 'full', 'quick', 'worst_case'])"
     )
     scenario = tmp_path / "scenario.toml"
     scenario.write_text(

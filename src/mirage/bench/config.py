@@ -173,6 +173,12 @@ class SweepConfig(_Strict):
         description="scenarios of the user's own, by name (listed in scenarios like the built-in "
         "ones): their images, their model, their attacker's pool",
     )
+    data_roots: dict[str, str] = Field(
+        default_factory=dict,
+        description="optional: dataset -> the directory of your copy, for the datasets mirage "
+        "cannot install (cifar10, cifar100: the python-version pickle batches); a machine's "
+        "paths, not part of a run's identity",
+    )
 
     @model_validator(mode="after")
     def _unique_labels(self) -> SweepConfig:
@@ -192,8 +198,11 @@ class SweepConfig(_Strict):
                 raise ValueError(
                     f"{attack.display}: extra_defenses names defenses not in this sweep: {unknown}"
                 )
+        from mirage.data import DATASETS
         from mirage.scenarios import SCENARIOS
 
+        if unknown := sorted(set(self.data_roots) - set(DATASETS)):
+            raise ValueError(f"data_roots names unknown datasets {unknown}: {sorted(DATASETS)}")
         if clash := sorted(set(self.user_scenarios) & set(SCENARIOS)):
             raise ValueError(
                 f"user_scenarios {clash} would hide the built-in scenarios of the same name"

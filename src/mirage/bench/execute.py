@@ -51,14 +51,20 @@ OVERHEAD_BATCH = 256
 
 
 def run_scenario(spec: RunSpec) -> Scenario:
-    """The run's scenario, with the sweep's victim-epochs override (a separately kept victim)."""
+    """The run's scenario, with the sweep's victim-epochs override (a separately kept victim) and
+    its data roots (where this machine keeps the victim's and the pool's datasets)."""
     scenario = get_scenario(spec.scenario)
-    if spec.victim_epochs is None:
-        return scenario
-    return get_scenario(
-        spec.scenario,
-        victim_training=scenario.victim_training.model_copy(update={"epochs": spec.victim_epochs}),
-    )
+    overrides: dict = {}
+    if spec.victim_epochs is not None:
+        overrides["victim_training"] = scenario.victim_training.model_copy(
+            update={"epochs": spec.victim_epochs}
+        )
+    roots = spec.data_roots or {}
+    if scenario.victim_dataset in roots:
+        overrides["data_root"] = roots[scenario.victim_dataset]
+    if scenario.pool_dataset in roots:
+        overrides["pool_root"] = roots[scenario.pool_dataset]
+    return get_scenario(spec.scenario, **overrides) if overrides else scenario
 
 
 class ScenarioContexts:
@@ -75,6 +81,7 @@ class ScenarioContexts:
         key = (
             spec.scenario,
             spec.victim_epochs,
+            json.dumps(spec.data_roots, sort_keys=True),
             spec.user_scenario,
             spec.defense,
             json.dumps(spec.defense_params, sort_keys=True),

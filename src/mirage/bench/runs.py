@@ -30,6 +30,7 @@ class RunSpec(BaseModel):
     attack_family: str | None = None
     attacker: str | None = None
     user_scenario: UserScenario | None = None
+    data_roots: dict[str, str] | None = None  # where this machine keeps the data: not identity
 
     @classmethod
     def from_record(cls, record: dict[str, Any]) -> RunSpec:
@@ -41,7 +42,8 @@ class RunSpec(BaseModel):
         # labels name a run, they do not define it: a run keeps its id when relabelled (the soft
         # attacker of a suite is the plain attack of an earlier sweep)
         fields = self.model_dump(
-            mode="json", exclude={"defense_label", "attack_label", "attack_family", "attacker"}
+            mode="json",
+            exclude={"defense_label", "attack_label", "attack_family", "attacker", "data_roots"},
         )
         for optional in ("victim_epochs", "user_scenario"):
             if fields[optional] is None:  # runs recorded before the field existed keep their id
@@ -89,6 +91,7 @@ def expand(config: SweepConfig) -> list[RunSpec]:
                                     attack_family=attack.display if attacker else None,
                                     attacker=attacker,
                                     user_scenario=config.user_scenarios.get(scenario),
+                                    data_roots=config.data_roots or None,
                                 )
                             )
     return runs

@@ -260,7 +260,7 @@ def _execute(
             store.append(
                 {
                     "run_id": spec.run_id,
-                    **spec.model_dump(mode="json"),
+                    **spec.model_dump(mode="json", exclude={"data_roots"}),  # local paths
                     **result,
                     "finished": finished,
                 }

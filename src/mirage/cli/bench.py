@@ -51,6 +51,30 @@ def load_sweep(config: str):
         return load_config(config)
 
 
+def with_data_roots(config, pairs: list[str]):
+    """``config`` with ``--data-root DATASET=DIR`` pairs over its ``data_roots`` (a malformed
+    pair or an unknown dataset is a usage error)."""
+    from pydantic import ValidationError
+
+    from mirage.bench.config import SweepConfig
+
+    if not pairs:
+        return config
+    roots = dict(config.data_roots)
+    for pair in pairs:
+        name, sep, directory = pair.partition("=")
+        if not sep or not name or not directory:
+            raise typer.BadParameter(
+                f"expected DATASET=DIR, got {pair!r}", param_hint="--data-root"
+            )
+        roots[name] = str(Path(directory).expanduser())
+    try:
+        return SweepConfig.model_validate({**config.model_dump(), "data_roots": roots})
+    except ValidationError as error:
+        message = error.errors()[0]["msg"].removeprefix("Value error, ")
+        raise typer.BadParameter(message, param_hint="--data-root") from None
+
+
 def _results_path(name: str, results: Path | None) -> Path:
     return results or Path("results") / name / "results.jsonl"
 
@@ -89,16 +113,24 @@ def run(
             help="where clones train: cpu, cuda, cuda:N, mps (default $MIRAGE_DEVICE, else the CPU)"
         ),
     ] = None,
+    data_root: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="DATASET=DIR: where your copy of a dataset is (repeatable; overrides the "
+            "config's data_roots), e.g. cifar10=~/data/cifar-10-batches-py"
+        ),
+    ] = None,
 ) -> None:
     """Run every pending run of a sweep; finished runs are skipped, so this resumes.
 
-    Example: mirage bench run --config quick --seed 0 --device cuda"""
+    Example: mirage bench run --config cifar10 --data-root cifar10=DIR --data-root cifar100=DIR
+    --device cuda"""
     from mirage.bench.report import build_report
     from mirage.bench.sweep import RunFilter, run_sweep
 
     if answers is not None:
         os.environ["MIRAGE_ANSWERS"] = answers  # inherited by pool workers
-    cfg = load_sweep(config)
+    cfg = with_data_roots(load_sweep(config), data_root or [])
     path = _results_path(cfg.name, results)
     if scheduler:
         executor = "dask"
