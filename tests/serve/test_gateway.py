@@ -6,7 +6,10 @@ numpy softmax-linear runtime whose weights the test writes, so the expected prob
 computed here in numpy. MLServer 1.7.1 does not implement the binary tensor data extension, so
 binary requests upstream are checked against mirage's own server (tested with tritonclient) and
 a scripted numpy endpoint; the scripted endpoint also produces the failures (slow, garbage, 5xx,
-4xx) a real server will not produce on demand. Every network wait is bounded (≤ 2 s per call).
+4xx) a real server will not produce on demand. A grpc:// upstream is MLServer's gRPC port (its
+answers equal those over REST) and a scripted ``grpc.server`` for the failures (UNAVAILABLE,
+DEADLINE_EXCEEDED, INVALID_ARGUMENT, a hang, wrong answers). Every network wait is bounded (≤ 2 s
+per call).
 """
 
 from __future__ import annotations
@@ -16,12 +19,13 @@ import os
 import time
 from pathlib import Path
 
+import grpc
 import httpx
 import numpy as np
 import pytest
 import torch
 from conftest import INPUT_SHAPE, KEYS, ServerProcess, auth, body, make_config
-from upstreams import FakeUpstream, MLServerProcess, mlserver_executable
+from upstreams import FakeGrpcUpstream, FakeUpstream, MLServerProcess, mlserver_executable
 
 from mirage.api import InProcessAPI
 from mirage.defenses import create_defense
@@ -30,6 +34,7 @@ from mirage.serve.app import create_app
 from mirage.serve.client import HTTPPredictionAPI
 from mirage.serve.config import ModelConfig, ServeConfig
 from mirage.serve.gateway import LOG_FLOOR, UpstreamModel
+from mirage.serve.oip import grpc_predict_v2_pb2 as pb
 from mirage.serve.runner import ServerThread
 
 HEADER = "Inference-Header-Content-Length"
@@ -674,6 +679,21 @@ def test_probabilities_become_finite_logits_that_softmax_back(checkpoints):
         ({"retries": -1}, "retries"),
         ({"input_shape": [1, 8]}, "input_shape"),
         ({"token": "x"}, "Extra inputs are not permitted"),
+        ({"url": "grpcs://127.0.0.1:8081"}, "grpcs:// .* is not supported"),
+        ({"url": "grpc://127.0.0.1"}, "grpc://host:port"),
+        ({"url": "grpc://127.0.0.1:8081/v2"}, "no path"),
+        (
+            {"url": "grpc://127.0.0.1:8081", "headers_env": {"grpc-timeout": "T"}},
+            "cannot be sent as gRPC metadata",
+        ),
+        (
+            {"url": "grpc://127.0.0.1:8081", "headers_env": {"Token-Bin": "T"}},
+            "cannot be sent as gRPC metadata",
+        ),
+        (
+            {"url": "grpc://127.0.0.1:8081", "headers_env": {"TE": "T"}},
+            "cannot be sent as gRPC metadata",
+        ),
     ],
 )
 def test_the_upstream_table_says_what_is_wrong(upstream, message):
@@ -816,3 +836,340 @@ def test_the_upstreams_answer_is_never_quoted_to_clients(scripted, caplog):
         response = infer(url, torch.rand(1, *INPUT_SHAPE))
         assert response.status_code == 502 and "hunter2" not in response.text, response.text
     assert "hunter2" in caplog.text  # the operator's log keeps it
+
+
+# -- a gRPC upstream ----------------------------------------------------------------------------
+
+
+def test_a_grpc_upstream_answers_what_the_same_upstream_answers_over_rest(
+    tmp_path, checkpoints, upstream, weights
+):
+    """MLServer's gRPC port behind one gateway and its REST port behind another: the same images
+    get the same answers (numpy's), K read from one probe at start, the version asked for, and
+    readiness from ServerReady and ModelReady; logits over gRPC are softmaxed as over REST."""
+    x = torch.rand(20, *INPUT_SHAPE)
+    served = {}
+    for name, url in (("rest", upstream.url), ("grpc", upstream.grpc_url)):
+        (tmp_path / name).mkdir()
+        config = gateway(
+            tmp_path / name, checkpoints, {"url": url, "model": "linear", "version": "1"}
+        )
+        with ServerThread(create_app(config)) as gateway_url:
+            assert httpx.get(f"{gateway_url}/v2/health/ready", timeout=5).status_code == 200
+            response = infer(gateway_url, x)
+            assert response.status_code == 200, response.text
+            served[name] = np.asarray(response.json()["outputs"][0]["data"]).reshape(20, K)
+            assert used(gateway_url) == 20
+    np.testing.assert_array_equal(served["grpc"], served["rest"])
+    np.testing.assert_allclose(served["grpc"], expected(x, weights[1]), rtol=0, atol=1e-6)
+    (tmp_path / "logits").mkdir()
+    config = gateway(
+        tmp_path / "logits",
+        checkpoints,
+        {"url": upstream.grpc_url, "model": "linear-logits", "output": "logits"},
+    )
+    with ServerThread(create_app(config)) as gateway_url:
+        response = infer(gateway_url, x[:5])
+        assert response.status_code == 200, response.text
+        logits = np.asarray(response.json()["outputs"][0]["data"]).reshape(5, K)
+    np.testing.assert_allclose(logits, expected(x[:5], weights[1]), rtol=0, atol=1e-6)
+
+
+def grpc_probs(rows: np.ndarray, form: str = "raw", **output) -> pb.ModelInferResponse:
+    """An answer holding ``rows`` as ``raw_output_contents`` (FP32) or typed ``fp32``/``fp64``
+    contents; ``output`` overrides the output tensor's fields."""
+    datatype = "FP64" if form == "fp64" else "FP32"
+    tensor = pb.ModelInferResponse.InferOutputTensor(
+        name="probs", datatype=datatype, shape=list(rows.shape)
+    )
+    response = pb.ModelInferResponse(model_name="linear")
+    if form == "fp32":
+        tensor.contents.fp32_contents.extend(rows.reshape(-1).tolist())
+    elif form == "fp64":
+        tensor.contents.fp64_contents.extend(rows.reshape(-1).tolist())
+    else:
+        response.raw_output_contents.append(rows.astype("<f4").tobytes())
+    for key, value in output.items():
+        if key == "shape":
+            del tensor.shape[:]
+            tensor.shape.extend(value)
+        else:
+            setattr(tensor, key, value)
+    response.outputs.append(tensor)
+    return response
+
+
+def grpc_linear(w: np.ndarray, form: str = "raw"):
+    """A numpy softmax-linear ModelInfer: raw FP32 images in, ``form`` out."""
+
+    def answer(request: pb.ModelInferRequest, context) -> pb.ModelInferResponse:
+        x = np.frombuffer(request.raw_input_contents[0], "<f4").reshape(request.inputs[0].shape)
+        return grpc_probs(expected(torch.from_numpy(x.copy()), w), form)
+
+    return answer
+
+
+@pytest.fixture
+def grpc_scripted(tmp_path, checkpoints):
+    """A scripted gRPC upstream and ``start(**upstream)``, which starts a gateway in front of it
+    (retries 2, backoff 10 ms, timeout 0.5 s, no readiness cache, unless overridden) and returns
+    its URL."""
+    state = {"answer": lambda request, context: grpc_probs(uniform(1))}
+    fake = FakeGrpcUpstream(lambda request, context: state["answer"](request, context)).start()
+    threads = []
+
+    def start(**upstream) -> str:
+        config = gateway(
+            tmp_path,
+            checkpoints,
+            {
+                "url": fake.url,
+                "model": "linear",
+                "num_classes": K,
+                "retries": 2,
+                "backoff_s": 0.01,
+                "timeout_s": 0.5,
+                "ready_cache_s": 0,
+                **upstream,
+            },
+        )
+        threads.append(ServerThread(create_app(config)))
+        return threads[-1].start()
+
+    yield fake, state, start
+    for thread in threads:
+        thread.stop()
+    fake.stop()
+
+
+@pytest.mark.parametrize("form", ["raw", "fp32", "fp64"])
+def test_a_grpc_request_carries_raw_fp32_and_either_answer_form_is_read(
+    grpc_scripted, weights, monkeypatch, form
+):
+    """The request: one FP32 input as ``raw_input_contents``, the model's name and version, the
+    output asked for by name, the header as lower-cased call metadata. The answer is read from
+    ``raw_output_contents`` or typed FP32 or FP64 contents."""
+    fake, state, start = grpc_scripted
+    state["answer"] = grpc_linear(weights[1], form)
+    monkeypatch.setenv("MIRAGE_TEST_UPSTREAM_AUTH", "Bearer token-1")
+    url = start(
+        version="3",
+        output_name="probs",
+        headers_env={"Authorization": "MIRAGE_TEST_UPSTREAM_AUTH"},
+    )
+    x = torch.rand(7, *INPUT_SHAPE)
+    response = infer(url, x)
+    assert response.status_code == 200, response.text
+    np.testing.assert_allclose(
+        np.asarray(response.json()["outputs"][0]["data"]).reshape(7, K),
+        expected(x, weights[1]),
+        rtol=0,
+        atol=1e-6,
+    )
+    ((request, metadata),) = fake.requests
+    assert (request.model_name, request.model_version) == ("linear", "3")
+    (tensor,) = request.inputs
+    assert (tensor.name, tensor.datatype, list(tensor.shape)) == (
+        "images",
+        "FP32",
+        [7, *INPUT_SHAPE],
+    )
+    assert not tensor.HasField("contents") and [o.name for o in request.outputs] == ["probs"]
+    np.testing.assert_array_equal(
+        np.frombuffer(request.raw_input_contents[0], "<f4"), x.numpy().reshape(-1)
+    )
+    assert metadata["authorization"] == "Bearer token-1"
+
+
+def test_grpc_unavailable_is_retried_and_invalid_argument_is_not(grpc_scripted, caplog):
+    """UNAVAILABLE once, then an answer: 200, charged once. UNAVAILABLE each time: 502
+    ``upstream_unreachable`` after 3 attempts. INVALID_ARGUMENT: 502 ``upstream_error`` at once.
+    The upstream's details go to the log, never to the gateway's client."""
+    fake, state, start = grpc_scripted
+    url = start()
+    x = torch.rand(2, *INPUT_SHAPE)
+    failures = iter([grpc.StatusCode.UNAVAILABLE])
+
+    def flaky(request, context):
+        code = next(failures, None)
+        if code is not None:
+            context.abort(code, "warming up")
+        return grpc_probs(uniform(2))
+
+    state["answer"] = flaky
+    response = infer(url, x)
+    assert response.status_code == 200 and fake.count() == 2 and used(url) == 2, response.text
+
+    def abort(code: grpc.StatusCode, details: str):
+        def answer(request, context):
+            context.abort(code, details)
+
+        return answer
+
+    state["answer"] = abort(grpc.StatusCode.UNAVAILABLE, "overloaded")
+    response = infer(url, x)
+    assert (response.status_code, response.json()["reason"]) == (502, "upstream_unreachable")
+    assert "after 3 attempts" in response.json()["error"] and fake.count() == 5
+    state["answer"] = abort(grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'images'")
+    response = infer(url, x)
+    assert (response.status_code, response.json()["reason"]) == (502, "upstream_error")
+    assert "gRPC INVALID_ARGUMENT" in response.json()["error"] and fake.count() == 6
+    assert "overloaded" not in response.text and "unknown input" not in response.text
+    assert "overloaded" in caplog.text and "unknown input" in caplog.text
+    assert fake.url not in response.text and used(url) == 2
+
+
+def test_grpc_deadline_exceeded_is_retried_then_a_504(grpc_scripted):
+    fake, state, start = grpc_scripted
+    url = start()
+
+    def expired(request, context):
+        context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "queue timeout")
+
+    state["answer"] = expired
+    response = infer(url, torch.rand(2, *INPUT_SHAPE))
+    assert (response.status_code, response.json()["reason"]) == (504, "upstream_timeout")
+    assert "after 3 attempts" in response.json()["error"] and fake.count() == 3
+    assert used(url) == 0
+
+
+def test_a_grpc_upstream_that_hangs_is_cut_at_deadline_s(grpc_scripted):
+    """Each attempt's gRPC deadline is timeout_s, or what is left of deadline_s: a hang is a 504
+    by deadline_s, after 2 attempts."""
+    fake, state, start = grpc_scripted
+    url = start(timeout_s=0.3, deadline_s=0.5)
+
+    def hang(request, context):
+        while context.is_active():
+            time.sleep(0.01)
+        return grpc_probs(uniform(1))
+
+    state["answer"] = hang
+    begun = time.monotonic()
+    response = infer(url, torch.rand(1, *INPUT_SHAPE))
+    seconds = time.monotonic() - begun
+    assert (response.status_code, response.json()["reason"]) == (504, "upstream_timeout")
+    assert "within 0.3s" in response.json()["error"] and fake.count() == 2
+    assert 0.5 <= seconds < 1.5, seconds
+    assert used(url) == 0
+
+
+def short_raw(n: int) -> pb.ModelInferResponse:
+    response = grpc_probs(uniform(n))
+    response.raw_output_contents[0] = b"\0" * 4
+    return response
+
+
+def typed_count(n: int) -> pb.ModelInferResponse:
+    response = grpc_probs(uniform(n), "fp32")
+    del response.outputs[0].contents.fp32_contents[K:]
+    return response
+
+
+def huge(n: int) -> pb.ModelInferResponse:
+    response = grpc_probs(uniform(n))
+    response.parameters["padding"].string_param = "x" * 200_000
+    return response
+
+
+def two_outputs(n: int) -> pb.ModelInferResponse:
+    response = grpc_probs(uniform(n))
+    response.outputs.append(response.outputs[0])
+    response.raw_output_contents.append(response.raw_output_contents[0])
+    return response
+
+
+GRPC_GARBAGE = {  # name: (answer for n images, what the 502 says)
+    "wrong size": (short_raw, "4 bytes of raw_output_contents"),
+    "wrong batch": (lambda n: grpc_probs(uniform(n + 1)), "shape"),
+    "wrong classes": (lambda n: grpc_probs(uniform(n, K - 1), "fp32"), "shape"),
+    "flat shape": (lambda n: grpc_probs(uniform(n), shape=[n * K]), "not [B, K]"),
+    "typed count": (typed_count, f"holds {K} values"),
+    "no values": (lambda n: grpc_probs(uniform(n), "fp32", datatype="FP16"), "no values"),
+    "integers": (lambda n: grpc_probs(uniform(n), datatype="INT64"), "datatype"),
+    "nan": (lambda n: grpc_probs(np.full((n, K), np.nan)), "NaN"),
+    "unnormalised": (lambda n: grpc_probs(2 * uniform(n), "fp64"), "not a probability vector"),
+    "no outputs": (lambda n: pb.ModelInferResponse(model_name="linear"), "no outputs"),
+    "two outputs": (two_outputs, "output_name"),
+    "huge": (huge, "exceeds"),
+}
+
+
+def test_wrong_answers_from_a_grpc_upstream_are_502s_never_retried(grpc_scripted):
+    """The same checks as over REST: each wrong answer is a 502 ``upstream_invalid_answer`` that
+    says what is wrong, tried once, charging nothing (an answer past its shape's size, too)."""
+    fake, state, start = grpc_scripted
+    url = start()
+    x = torch.rand(3, *INPUT_SHAPE)
+    for name, (make, says) in GRPC_GARBAGE.items():
+        state["answer"] = lambda request, context, make=make: make(3)
+        before = fake.count()
+        response = infer(url, x)
+        assert (response.status_code, response.json()["reason"]) == (
+            502,
+            "upstream_invalid_answer",
+        ), (name, response.text)
+        assert says in response.json()["error"], (name, response.text)
+        assert fake.count() == before + 1, f"{name}: an answer is never retried"
+    assert used(url) == 0
+    state["answer"] = lambda request, context: grpc_probs(uniform(3))
+    assert infer(url, x).status_code == 200 and used(url) == 3
+
+
+def test_an_answer_past_what_the_grpc_channel_receives_is_a_502(grpc_scripted, monkeypatch):
+    """gRPC itself refuses an answer over ``GRPC_MAX_ANSWER`` bytes (here 20 kB, below the
+    shape's limit): a 502 ``upstream_invalid_answer``, never retried."""
+    import mirage.serve.gateway
+
+    monkeypatch.setattr(mirage.serve.gateway, "GRPC_MAX_ANSWER", 20_000)
+    fake, state, start = grpc_scripted
+    url = start()
+    padded = grpc_probs(uniform(2))
+    padded.parameters["padding"].string_param = "x" * 30_000
+    state["answer"] = lambda request, context: padded
+    response = infer(url, torch.rand(2, *INPUT_SHAPE))
+    assert (response.status_code, response.json()["reason"]) == (502, "upstream_invalid_answer")
+    assert "exceeds the 20000 bytes gRPC receives" in response.json()["error"]
+    assert fake.count() == 1 and used(url) == 0
+
+
+def test_grpc_readiness_asks_server_ready_and_model_ready(grpc_scripted):
+    fake, _, start = grpc_scripted
+    url = start(version="2")
+    assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
+    assert [call for call, _ in fake.ready_calls] == ["ServerReady", "ModelReady"]
+    assert (fake.ready_calls[1][1].name, fake.ready_calls[1][1].version) == ("linear", "2")
+    fake.ready = False
+    response = httpx.get(f"{url}/v2/models/digits/ready", timeout=5)
+    assert (response.status_code, response.json()["reason"]) == (503, "not_ready")
+    assert "not ready" in response.json()["error"] and fake.url not in response.json()["error"]
+    fake.ready = True
+    assert httpx.get(f"{url}/v2/health/ready", timeout=5).status_code == 200
+
+
+def test_a_grpc_upstream_that_goes_away_and_comes_back(grpc_scripted):
+    """A stopped upstream: a quick 502 ``upstream_unreachable`` and not ready; started again on
+    the same port, the channel reconnects within a second: ready, and answers."""
+    fake, state, start = grpc_scripted
+    url = start(timeout_s=1.0)
+    x = torch.rand(2, *INPUT_SHAPE)
+    state["answer"] = lambda request, context: grpc_probs(uniform(2))
+    assert infer(url, x).status_code == 200
+    fake.stop()
+    begun = time.monotonic()
+    response = infer(url, x)
+    assert (response.status_code, response.json()["reason"]) == (502, "upstream_unreachable")
+    assert time.monotonic() - begun < 1.0
+    ready = httpx.get(f"{url}/v2/health/ready", timeout=5)
+    assert ready.status_code == 503 and "cannot be reached" in ready.json()["error"]
+    back = FakeGrpcUpstream(lambda request, context: grpc_probs(uniform(2)), port=fake.port)
+    back.start()
+    try:
+        deadline = time.monotonic() + 3
+        while httpx.get(f"{url}/v2/health/ready", timeout=5).status_code != 200:
+            assert time.monotonic() < deadline, "the gateway did not reconnect"
+            time.sleep(0.05)
+        assert time.monotonic() - begun < 2.5
+        assert infer(url, x).status_code == 200 and used(url) == 4
+    finally:
+        back.stop()

@@ -195,12 +195,16 @@ class FakeGrpcUpstream:
     """A scriptable ``inference.GRPCInferenceService`` on 127.0.0.1 in a thread pool:
     ``answer(request, context)`` returns the ``ModelInferResponse`` for each ``ModelInfer`` (or
     aborts the call with a status); each request and its metadata are kept in ``requests``;
-    ``ready`` sets what ``ServerReady`` and ``ModelReady`` answer. Stops with ``stop()``."""
+    ``ready`` sets what ``ServerReady`` and ``ModelReady`` answer. It binds ``port`` (default: a
+    free one). Stops with ``stop()``."""
 
     SERVICE = "inference.GRPCInferenceService"
 
     def __init__(
-        self, answer: Callable[[pb.ModelInferRequest, grpc.ServicerContext], pb.ModelInferResponse]
+        self,
+        answer: Callable[[pb.ModelInferRequest, grpc.ServicerContext], pb.ModelInferResponse],
+        *,
+        port: int = 0,
     ) -> None:
         self.answer = answer
         self.ready = True
@@ -238,7 +242,7 @@ class FakeGrpcUpstream:
         )
         self.server = grpc.server(futures.ThreadPoolExecutor(8))
         self.server.add_generic_rpc_handlers((handler,))
-        self.port = self.server.add_insecure_port("127.0.0.1:0")
+        self.port = self.server.add_insecure_port(f"127.0.0.1:{port}")
         self.url = f"grpc://127.0.0.1:{self.port}"
 
     def start(self) -> FakeGrpcUpstream:

@@ -167,10 +167,10 @@ class UpstreamClient:
         request = self.transport.encode(images)
         try:
             outputs = self._call(request, self._answer_limit(len(images)))
-            values = self._values(outputs, len(images))
+            logits = self._logits(self._values(outputs, len(images)))
         except InvalidAnswer as invalid:
             raise self._invalid(invalid.what, invalid.detail) from None
-        return torch.from_numpy(self._logits(values))
+        return torch.from_numpy(logits)
 
     def _answer_limit(self, batch: int) -> int:
         """The most bytes an answer for ``batch`` images may take: JSON at ``BYTES_PER_VALUE`` per
@@ -284,11 +284,11 @@ class UpstreamClient:
         """float32 logits of the checked output: the output itself (``logits``) or the
         logarithm of the probabilities, clamped at ``LOG_FLOOR``."""
         if not np.isfinite(values).all():
-            raise self._invalid("its output holds NaN or infinite values")
+            raise InvalidAnswer("its output holds NaN or infinite values")
         if self.config.output == "logits":
             logits = values.astype(np.float32)
             if not np.isfinite(logits).all():
-                raise self._invalid("its logits overflow float32")
+                raise InvalidAnswer("its logits overflow float32")
             return logits
         sums = values.sum(axis=1)
         low, high = values.min(), values.max()
@@ -298,7 +298,7 @@ class UpstreamClient:
             or high > 1 + PROB_TOLERANCE
             or abs(sums[worst] - 1) > PROB_TOLERANCE
         ):
-            raise self._invalid(
+            raise InvalidAnswer(
                 f"its output is not a probability vector per image (row {worst} sums to "
                 f"{sums[worst]:.6g}; values in [{low:.6g}, {high:.6g}]); if the upstream answers "
                 "logits, set model.upstream.output = 'logits'"
