@@ -21,6 +21,8 @@ BatchNorm2d (eval): explicit per-channel gradients.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,7 +41,7 @@ def last_layer_gram_from_norms(features_sq: Tensor, probs: Tensor) -> Tensor:
 
 
 def _check_supported(model: nn.Module) -> list[nn.Module]:
-    layers = []
+    layers: list[nn.Module] = []
     for name, module in model.named_modules():
         own = [p for p in module.parameters(recurse=False)]
         if not own:
@@ -73,6 +75,7 @@ def _layer_gram(module: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
         return dd * scale.view(-1, 1, 1)
     if isinstance(module, nn.Conv2d):
         k, b = delta.shape[:2]
+        assert not isinstance(module.padding, str)  # _check_supported refuses string padding
         unfolded = F.unfold(
             a,
             module.kernel_size,
@@ -98,9 +101,11 @@ def _layer_gram(module: nn.Module, a: Tensor, delta: Tensor) -> Tensor:
             gram = gram + bias @ bias.transpose(1, 2)
         return gram
     # BatchNorm2d in eval mode: out = γ·x̂ + β.
-    xhat = (a - module.running_mean.view(1, -1, 1, 1)) / torch.sqrt(
-        module.running_var.view(1, -1, 1, 1) + module.eps
-    )
+    assert isinstance(module, nn.BatchNorm2d)  # _check_supported lets only GRAM_LAYERS through
+    mean, var = module.running_mean, module.running_var
+    if mean is None or var is None:
+        raise ValueError("layers='all' needs BatchNorm with running statistics")
+    xhat = (a - mean.view(1, -1, 1, 1)) / torch.sqrt(var.view(1, -1, 1, 1) + module.eps)
     gram = torch.zeros(a.shape[0], delta.shape[0], delta.shape[0], dtype=a.dtype, device=a.device)
     if module.weight is not None:
         gamma = torch.einsum("kbchw,bchw->bkc", delta, xhat)
@@ -149,7 +154,11 @@ def full_network_gram(
                 with torch.no_grad():
                     k = model(x[:1]).shape[1]
             replicate = k is not None and b * k <= replicate_max_rows
-            x_in = x.detach().repeat_interleave(k, dim=0) if replicate else x.detach()
+            x_in = (
+                x.detach().repeat_interleave(k, dim=0)
+                if replicate and k is not None
+                else x.detach()
+            )
             log_probs = torch.log_softmax(model(x_in.requires_grad_(True)), dim=1)
             if replicate and log_probs.shape[1] != k:
                 raise ValueError(f"surrogate has {log_probs.shape[1]} classes but probs have {k}")
@@ -157,7 +166,7 @@ def full_network_gram(
             wanted = [outputs[m] for m in layers]
             if replicate:
                 picked = log_probs.view(b, k, k).diagonal(dim1=1, dim2=2).sum()
-                deltas = [
+                deltas: Sequence[Tensor] = [
                     d.view(b, k, *d.shape[1:]).transpose(0, 1)
                     for d in torch.autograd.grad(picked, wanted)
                 ]

@@ -45,7 +45,7 @@ class AdaptiveMisinformationParams(DefenseParams):
 
 
 @register_defense("adaptive_misinformation", params=AdaptiveMisinformationParams)
-class AdaptiveMisinformation(Defense):
+class AdaptiveMisinformation(Defense[AdaptiveMisinformationParams]):
     """Adaptive Misinformation (CVPR 2020): mix in a misinformation model on OOD-looking queries."""
 
     @classmethod
@@ -67,7 +67,7 @@ class AdaptiveMisinformation(Defense):
         return alpha, misinformation
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
-        alpha, misinformation = self.mixing(x)
+        alpha, misinformation = self.mixing(self._input(x))
         if misinformation.shape != probs.shape:
             raise ValueError(
                 f"misinformation model gives {tuple(misinformation.shape)}, "

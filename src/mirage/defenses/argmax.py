@@ -10,7 +10,7 @@ from mirage.defenses.base import Defense, DefenseContract, DefenseParams, regist
 
 
 @register_defense("argmax")
-class Argmax(Defense):
+class Argmax(Defense[DefenseParams]):
     """Argmax: serve only the top-1 label, as a one-hot row."""
 
     @classmethod

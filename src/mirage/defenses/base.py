@@ -14,7 +14,7 @@ the default parameters. Adding a defense is one file::
         epsilon: float = Field(0.5, ge=0, le=2)
 
     @register_defense("mine", params=MyParams)
-    class Mine(Defense):
+    class Mine(Defense[MyParams]):
         @classmethod
         def contract_for(cls, params: MyParams) -> DefenseContract:
             return DefenseContract(budget=params.epsilon, stateful=False)
@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Generic, Literal, TypeVar, cast
 
 import torch
 from pydantic import BaseModel, ConfigDict
@@ -53,6 +53,9 @@ class DefenseParams(BaseModel):
     """Typed, validated parameters of a defense. Unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True, frozen=True)
+
+
+P = TypeVar("P", bound=DefenseParams)
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,9 @@ def strict_top1_kept(clean: Tensor, served: Tensor) -> Tensor:
     return top_value.squeeze(1) > others.max(dim=1).values
 
 
-class Defense(abc.ABC):
-    """Base class of all inference-time defenses.
+class Defense(abc.ABC, Generic[P]):
+    """Base class of all inference-time defenses, generic in its parameters' type ``P``
+    (``class Mine(Defense[MyParams])``: ``self.params`` is a ``MyParams``).
 
     A subclass declares what it promises in :meth:`contract_for`, from its parameters; the base
     class enforces it (:attr:`contract`) on every call.
@@ -134,13 +138,16 @@ class Defense(abc.ABC):
 
     name: ClassVar[str] = ""
     params_type: ClassVar[type[DefenseParams]] = DefenseParams
+    params: P
 
-    def __init__(self, params: DefenseParams | None = None, **kwargs: Any) -> None:
-        self.params = typed_params(self.name, self.params_type, params, kwargs)
+    def __init__(self, params: P | None = None, **kwargs: Any) -> None:
+        # register_defense sets params_type to the class's P (a ClassVar cannot say so), and
+        # typed_params checks the instance against it
+        self.params = cast(P, typed_params(self.name, self.params_type, params, kwargs))
         self._contract = type(self).contract_for(self.params)
 
     @classmethod
-    def contract_for(cls, params: DefenseParams) -> DefenseContract:
+    def contract_for(cls, params: P) -> DefenseContract:
         """The contract of an instance with these parameters: the one place a defense declares
         it. The default promises nothing and is stateful."""
         return DefenseContract()
@@ -165,8 +172,7 @@ class Defense(abc.ABC):
     def __call__(self, x: Tensor | None, probs: Tensor) -> Tensor:
         check_probs(probs)
         if self.contract.needs_input:
-            if x is None:
-                raise ValueError(f"defense {self.name!r} needs the query images x")
+            x = self._input(x)
             if x.shape[0] != probs.shape[0]:
                 raise ValueError(f"x has {x.shape[0]} rows but probs has {probs.shape[0]}")
             if not torch.isfinite(x).all():
@@ -174,6 +180,12 @@ class Defense(abc.ABC):
         served = self.perturb(x, probs)
         self.check_output(probs, served)
         return served
+
+    def _input(self, x: Tensor | None) -> Tensor:
+        """``x``, which a defense whose contract ``needs_input`` cannot do without."""
+        if x is None:
+            raise ValueError(f"defense {self.name!r} needs the query images x")
+        return x
 
     @abc.abstractmethod
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:

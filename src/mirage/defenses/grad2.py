@@ -87,7 +87,7 @@ def _check_labelled_set(x: Any, y: Any, prefix: str) -> None:
 
 
 @register_defense("grad2", params=Grad2Params)
-class Grad2(Defense):
+class Grad2(Defense[Grad2Params]):
     """GRAD² gradient redirection (ICML 2022): steer the clone's gradient along a target v."""
 
     @classmethod
@@ -153,7 +153,7 @@ class Grad2(Defense):
         return torch.cat(chunks)
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
-        scores = self.scores(x, probs)
+        scores = self.scores(self._input(x), probs)
         if scores.shape != probs.shape:
             raise ValueError(
                 f"surrogate gives {scores.shape[1]} classes, the API serves {probs.shape[1]}"

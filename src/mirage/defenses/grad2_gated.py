@@ -139,6 +139,8 @@ def gate_scores(gate: GateName, x: Tensor | None, probs: Tensor, model: nn.Modul
     """(B,) gate scores, higher = more in-distribution."""
     if gate == "msp":
         return probs.max(1).values
+    if x is None or model is None:
+        raise ValueError(f"gate {gate!r} needs the query images and a gate model")
     model.eval()
     logits = model(x.to(next(model.parameters()).dtype)).to(probs.dtype)
     if gate == "oe-msp":
@@ -202,7 +204,7 @@ def permuted_answer(probs: Tensor, permutation: Tensor, epsilon: float) -> Tenso
 
 
 @register_defense("grad2_gated", params=GatedGrad2Params)
-class GatedGrad2(Defense):
+class GatedGrad2(Defense[GatedGrad2Params]):
     """GRAD² with an out-of-distribution gate: top-1-keeping below it, label-changing above."""
 
     @classmethod
@@ -259,6 +261,7 @@ class GatedGrad2(Defense):
         )
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
+        x = self._input(x)
         high = self.attacker_like(x, probs)
         if self.params.alarm_rate is None:
             return self._serve(x, probs, high)
@@ -269,7 +272,7 @@ class GatedGrad2(Defense):
             self.queries_seen, self.queries_flagged, self.alarm_at = before
             raise
 
-    def _serve(self, x: Tensor | None, probs: Tensor, high: Tensor) -> Tensor:
+    def _serve(self, x: Tensor, probs: Tensor, high: Tensor) -> Tensor:
         served = torch.empty_like(probs)
         if (~high).any():
             served[~high] = self.low(x[~high], probs[~high])

@@ -200,7 +200,7 @@ def head_features(
 
 
 @register_defense("mad", params=MADParams)
-class MAD(Defense):
+class MAD(Defense[MADParams]):
     """MAD (ICLR 2020): move towards the simplex vertex of largest angular gradient deviation."""
 
     @classmethod
@@ -241,6 +241,7 @@ class MAD(Defense):
             return last_layer_gram_from_norms(
                 features.square().sum(1), torch.softmax(logits, dim=1)
             )
+        x = self._input(x)
         model = self._surrogate(x, k)
         gram, surrogate_probs = full_network_gram(model, x.to(self._dtype), num_classes=k)
         self._check_classes(surrogate_probs, k)
@@ -283,6 +284,7 @@ class MAD(Defense):
         the head, the final ``nn.Linear`` whose output must be the logits (docs/design.md §mad)."""
         from mirage.models.base import ImageClassifier
 
+        x = self._input(x)
         model = self._surrogate(x, k)
         x = x if x.dtype == self._dtype else x.to(self._dtype)
         with torch.inference_mode():
@@ -315,9 +317,7 @@ class MAD(Defense):
             high = torch.where(feasible, high, mid)
         return low
 
-    def _surrogate(self, x: Tensor | None, num_classes: int) -> nn.Module:
-        if x is None:
-            raise ValueError(f"defense {self.name!r} needs the query images x")
+    def _surrogate(self, x: Tensor, num_classes: int) -> nn.Module:
         if self.surrogate is None:
             from mirage.models import create_model
 

@@ -45,8 +45,10 @@ def subset_table(k: int) -> Tensor:
 class MADArgmax(MAD):
     """MAD-argmax (ICLR 2020): MAD over top-1-preserving candidates; keeps the top-1 label."""
 
+    params: MADArgmaxParams
+
     @classmethod
-    def contract_for(cls, params: MADArgmaxParams) -> DefenseContract:
+    def contract_for(cls, params: MADParams) -> DefenseContract:
         return dataclasses.replace(super().contract_for(params), keeps_top1=True)
 
     def __init__(self, params: MADArgmaxParams | None = None, **kwargs: Any) -> None:

@@ -27,7 +27,7 @@ class ModelGuardParams(DefenseParams):
 
 
 @register_defense("modelguard", params=ModelGuardParams)
-class ModelGuardW(Defense):
+class ModelGuardW(Defense[ModelGuardParams]):
     """ModelGuard-W: maximise CE(ỹ, y) within the L1 budget via the exact redirection step."""
 
     @classmethod

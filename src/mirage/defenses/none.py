@@ -9,7 +9,7 @@ from mirage.defenses.base import Defense, DefenseContract, DefenseParams, regist
 
 
 @register_defense("none")
-class NoDefense(Defense):
+class NoDefense(Defense[DefenseParams]):
     """No defense: ỹ = y."""
 
     @classmethod

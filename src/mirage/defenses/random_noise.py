@@ -34,7 +34,7 @@ class RandomNoiseParams(DefenseParams):
 
 
 @register_defense("random_noise", params=RandomNoiseParams)
-class RandomNoise(Defense):
+class RandomNoise(Defense[RandomNoiseParams]):
     """Random noise within an L1 budget: a random non-argmax class gains ε/2, or logit noise."""
 
     @classmethod

@@ -26,7 +26,7 @@ class ReverseSigmoidParams(DefenseParams):
 
 
 @register_defense("reverse_sigmoid", params=ReverseSigmoidParams)
-class ReverseSigmoid(Defense):
+class ReverseSigmoid(Defense[ReverseSigmoidParams]):
     """Reverse sigmoid: ỹ ∝ max(y − β(σ(γ·logit y) − ½), 0) (Lee et al., 2019)."""
 
     @classmethod

@@ -19,7 +19,7 @@ class RoundingParams(DefenseParams):
 
 
 @register_defense("rounding", params=RoundingParams)
-class Rounding(Defense):
+class Rounding(Defense[RoundingParams]):
     """Rounding: floor every probability to ``decimals`` decimal places."""
 
     @classmethod

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -66,8 +67,15 @@ def jvp_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:
         return F.log_softmax(functional_call(model, (p, buffers), (x,)), dim=1)
 
     with torch.no_grad():
-        _, tangent = jvp(log_probs, (params,), (tangents,))
+        _, tangent = _jvp(log_probs, (params,), (tangents,))
     return tangent / x.shape[0]
+
+
+def _jvp(func: Callable[..., Any], primals: Any, tangents: Any) -> tuple[Any, Any]:
+    """``torch.func.jvp`` (no ``has_aux``): (output, tangent). Its annotation also allows the
+    triple of ``has_aux=True``."""
+    out = jvp(func, primals, tangents)
+    return out[0], out[1]
 
 
 def double_backward_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:
@@ -85,6 +93,8 @@ def double_backward_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:
             for (name, _), g in zip(named, grads, strict=True)
             if g is not None
         )
+        if not isinstance(inner, Tensor):
+            raise ValueError("no parameter of the surrogate gets a gradient")  # noqa: TRY004
         (scores,) = torch.autograd.grad(inner, weights)
     return scores.detach()
 
@@ -179,8 +189,8 @@ def _tangent(
         return v.get(prefix + name)
 
     if isinstance(module, ImageClassifier):
-        for child in ("normalize", "body", "classifier"):
-            x, dx = _tangent(getattr(module, child), x, dx, v, f"{prefix}{child}.")
+        for part in ("normalize", "body", "classifier"):
+            x, dx = _tangent(getattr(module, part), x, dx, v, f"{prefix}{part}.")
         return x, dx
     if isinstance(module, nn.Sequential):
         children = list(module.named_children())
@@ -195,18 +205,25 @@ def _tangent(
     if isinstance(module, Normalize):
         return module(x), None if dx is None else dx / module.std
     if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
-        conv = {"stride": module.stride, "padding": module.padding, "dilation": module.dilation}
+        stride, padding, dilation = module.stride, module.padding, module.dilation
 
         def op(inp: Tensor, w: Tensor) -> Tensor:
-            return F.conv2d(inp, w, None, **conv)
+            return F.conv2d(inp, w, None, stride=stride, padding=padding, dilation=dilation)
 
         def ones_op(inp: Tensor) -> Tensor:
             box = torch.ones(1, 1, *module.kernel_size, dtype=inp.dtype, device=inp.device)
-            return F.conv2d(inp.sum(1, keepdim=True), box, None, **conv).expand(
-                -1, module.out_channels, -1, -1
-            )
+            return F.conv2d(
+                inp.sum(1, keepdim=True),
+                box,
+                None,
+                stride=stride,
+                padding=padding,
+                dilation=dilation,
+            ).expand(-1, module.out_channels, -1, -1)
 
-        return _linear_like(op, x, dx, module.weight, module.bias, p("weight"), p("bias"), ones_op)
+        return _linear_like(
+            op, x, dx, module.weight, module.bias, v[prefix + "weight"], p("bias"), ones_op
+        )
     if isinstance(module, nn.Linear):
 
         def ones_linear(inp: Tensor) -> Tensor:
@@ -218,7 +235,7 @@ def _tangent(
             dx,
             module.weight,
             module.bias,
-            p("weight"),
+            v[prefix + "weight"],
             p("bias"),
             ones_linear,
             channel_dim=-1,
@@ -264,7 +281,7 @@ def _module_jvp(
     def call(ps: Direction, inp: Tensor) -> Tensor:
         return functional_call(module, (ps, buffers), (inp,))
 
-    return jvp(call, (params, x), (tangents, torch.zeros_like(x) if dx is None else dx))
+    return _jvp(call, (params, x), (tangents, torch.zeros_like(x) if dx is None else dx))
 
 
 class _Leaves(fx.Tracer):
@@ -495,7 +512,7 @@ def _call_jvp(node: fx.Node, key: Any, primal, tangent) -> tuple[Any, Any]:
 
     if not moving:
         return call(), None
-    return jvp(call, tuple(values[i] for i in moving), tuple(tangent(flat[i]) for i in moving))
+    return _jvp(call, tuple(values[i] for i in moving), tuple(tangent(flat[i]) for i in moving))
 
 
 def fused_jvp_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:

@@ -16,7 +16,7 @@ class TopKParams(DefenseParams):
 
 
 @register_defense("top_k", params=TopKParams)
-class TopK(Defense):
+class TopK(Defense[TopKParams]):
     """Top-k: keep the k largest probabilities, zero the others (no renormalisation)."""
 
     @classmethod

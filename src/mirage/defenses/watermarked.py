@@ -77,7 +77,7 @@ class WatermarkedParams(DefenseParams):
 
 
 @register_defense("watermarked", params=WatermarkedParams)
-class Watermarked(Defense):
+class Watermarked(Defense[WatermarkedParams]):
     """``inner`` with the keyed watermark of ``key`` on top."""
 
     def __init__(self, params: WatermarkedParams | None = None, **kwargs: Any) -> None:
@@ -118,6 +118,7 @@ class Watermarked(Defense):
         return type(self)(self.params.model_copy(update={"inner": fresh}))
 
     def perturb(self, x: Tensor | None, probs: Tensor) -> Tensor:
+        x = self._input(x)
         inner = self.params.inner
         served = probs if inner is None else inner(x, probs)
         for evidence_set, watermark in self.watermarks(probs.shape[1]).items():

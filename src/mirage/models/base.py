@@ -14,6 +14,9 @@ from torch import Tensor, nn
 
 
 class Normalize(nn.Module):
+    mean: Tensor
+    std: Tensor
+
     def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
         super().__init__()
         self.register_buffer(
