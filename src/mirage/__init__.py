@@ -14,6 +14,7 @@ name below is imported on first use (docs/design.md §layers: the exports are th
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
 __version__ = "0.2.0"
@@ -50,6 +51,8 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    module: ModuleType
+    package: ModuleType
     match name:
         case "protect" | "Protected":
             from mirage import protection as module
