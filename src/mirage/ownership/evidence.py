@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import threading
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -19,6 +20,13 @@ def image_digest(image: Tensor) -> str:
     return hashlib.sha256(
         image.detach().float().contiguous().numpy().astype("<f4").tobytes()
     ).hexdigest()
+
+
+class EvidenceItems(Protocol):
+    """What verification reads from evidence (:func:`~mirage.ownership.name_the_thief`): an
+    :class:`Evidence`, or the service's SQLite store (``mirage.serve.evidence.EvidenceStore``)."""
+
+    def items(self, client: str) -> tuple[Tensor | None, list[str], Tensor | None]: ...
 
 
 class Evidence:
@@ -68,6 +76,7 @@ class Evidence:
 
 def stack_rankings(rankings: list[Tensor | None]) -> Tensor | None:
     """(M, K) from M rankings (K,), or ``None`` when any is missing (uniform labels need none)."""
-    if not rankings or any(r is None for r in rankings):
+    present = [r for r in rankings if r is not None]
+    if not rankings or len(present) != len(rankings):
         return None
-    return torch.stack(rankings).long()
+    return torch.stack(present).long()

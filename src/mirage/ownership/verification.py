@@ -35,7 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from mirage.models.base import clean_posteriors
-from mirage.ownership.evidence import Evidence
+from mirage.ownership.evidence import EvidenceItems
 from mirage.ownership.watermark import KeyedWatermark
 
 RESOLUTION = 16
@@ -215,7 +215,7 @@ def verify_keys(
 
 def name_the_thief(
     suspect: nn.Module,
-    evidence: Evidence,
+    evidence: EvidenceItems,
     watermarks: Mapping[str, KeyedWatermark],
     *,
     groups: Sequence[Sequence[str]] = (),

@@ -422,10 +422,13 @@ class KeyedWatermark:
         1 / density_cap of them, or one per image when the cap is 0). ``reference``: the images
         (B, C, H, W), or their :func:`fourier_features` (B, F), which do not depend on the key and
         so can be computed once for every client."""
+        cap = self.config.density_cap
+        if cap is None:
+            raise ValueError("dense cells are those over density_cap, and the config sets none")
         reference = reference_features(reference, self.config)
         cells = self.cells(None, features=reference)[0]
         unique, counts = torch.unique(cells, dim=0, return_counts=True)
-        dense = unique[counts > self.config.density_cap * len(reference)]
+        dense = unique[counts > cap * len(reference)]
         return frozenset(row.tobytes() for row in dense.numpy().astype("<i8"))
 
     def features(self, x: Tensor) -> Tensor:
@@ -436,9 +439,11 @@ class KeyedWatermark:
     def cells(self, x: Tensor | None, *, features: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(cell coordinates (B, dims) int64, margin (B,): distance to the nearest face in sides)
         of images ``x``, or of their precomputed ``features``."""
-        z = (
-            self.features(x) if features is None else features
-        ) @ self.projection / self.config.step + self.dither
+        if features is None:
+            if x is None:
+                raise ValueError("cells of what: give the images x or their features")
+            features = self.features(x)
+        z = features @ self.projection / self.config.step + self.dither
         inside = z - z.floor()
         return z.floor().long(), torch.minimum(inside, 1 - inside).min(dim=1).values
 
@@ -469,17 +474,20 @@ class KeyedWatermark:
                 "keyed ranks, tie_gap and answer buckets read the served answers: marks(x, served)"
             )
         if config.buckets == "answer":  # every row is "inside" its bucket: the answer has no faces
+            assert served is not None  # checked above
             cells = served.topk(2, dim=1).indices.sort(dim=1).values
             margin = torch.full((len(x),), 0.5, dtype=torch.float64)
         else:
             cells, margin = self.cells(x)
         eligible = margin >= config.margin
         if config.tie_gap is not None:
+            assert served is not None  # checked above
             top = served.topk(config.tie_rank, dim=1).values
             eligible &= top[:, 0] - top[:, -1] <= config.tie_gap
         if (
             config.place == "second"
         ):  # the top-1 must stay on top: (1 − s)(p₁ − p₂) > s, a rule of the answer
+            assert served is not None  # place = "second" comes with answer buckets
             top = served.topk(2, dim=1).values
             eligible &= (1 - config.sharpen) * (top[:, 0] - top[:, 1]) > config.sharpen
         carried = torch.zeros(len(x), dtype=torch.bool)
@@ -491,7 +499,10 @@ class KeyedWatermark:
             selected, label = self._bucket(cell)
             if selected:
                 carried[row], labels[row], buckets[row] = True, label, cell.hex()
-        ranking = None if config.ranked is None else served_ranking(served)
+        ranking = None
+        if config.ranked is not None:
+            assert served is not None  # checked above
+            ranking = served_ranking(served)
         rows = torch.nonzero(carried).flatten()
         if len(rows):  # the keyed index, as a class
             candidates = self.candidates(
@@ -579,7 +590,9 @@ class KeyedWatermark:
     def _keep_templates(self, answers: Tensor) -> None:
         """Remember the uncarried ``answers`` whose top probability reaches ``config.template``,
         per top class (the latest ``TEMPLATES`` of each)."""
-        confident = answers[answers.max(dim=1).values >= self.config.template].detach().float()
+        template = self.config.template
+        assert template is not None  # called only when the config keeps templates
+        confident = answers[answers.max(dim=1).values >= template].detach().float()
         cls = confident.argmax(dim=1)
         per_class = F.one_hot(cls, self.num_classes)
         rank = (
