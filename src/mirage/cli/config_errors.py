@@ -18,6 +18,7 @@ from typing import Any
 
 import typer
 from pydantic import BaseModel, ValidationError
+from pydantic_core import ErrorDetails
 
 from mirage.cli.app import options
 
@@ -78,7 +79,7 @@ def problems(
 
 
 def _validation_problem(
-    item: dict[str, Any], model: type[BaseModel] | None
+    item: ErrorDetails, model: type[BaseModel] | None
 ) -> tuple[str | None, str]:
     loc = [step for step in item["loc"] if isinstance(step, int) or _is_key(step)]
     path = (

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -84,7 +84,7 @@ def evaluate_command(
         )
     images = load_image_folder(data, test_fraction=0.0)
     net = None if model is None else model_file(model, class_path, images.train.input_shape)
-    common = {
+    common: dict[str, Any] = {
         "attack": attack,
         "attackers": tuple(a.strip() for a in attackers.split(",") if a.strip()),
         "budget": budget,

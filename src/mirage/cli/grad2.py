@@ -126,6 +126,7 @@ def distil_surrogate_command(
             source, pixels, architecture=architecture, config=config, device=device
         )
     else:
+        assert url is not None  # exactly one of model and url, checked above
         with endpoint(url, model_name, key_env) as api:
             members = distil_surrogate(
                 api, pixels, architecture=architecture, config=config, device=device
@@ -337,4 +338,6 @@ def served_watermark(path: Path):
         raise ValueError(
             f"{path}: its defense serves no watermark (grad2 with target = 'watermark')"
         )
+    if settings.model.scenario is None:
+        raise ValueError(f"{path}: its watermark set is drawn from model.scenario's data: give one")
     return get_scenario(settings.model.scenario).victim_dataset, watermark

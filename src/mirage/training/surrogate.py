@@ -29,6 +29,7 @@ from mirage.api import PredictionAPI, accuracy, clean_posteriors
 from mirage.data import load_dataset
 from mirage.data.base import channel_stats
 from mirage.models import (
+    ImageClassifier,
     ModelCard,
     ModelNotPrepared,
     create_model,
@@ -146,7 +147,7 @@ def surrogate_dir(
 
 def train_surrogate(
     scenario: Scenario, victim: nn.Module, victim_card: ModelCard, config: SurrogateConfig
-) -> list[tuple[nn.Module, ModelCard]]:
+) -> list[tuple[ImageClassifier, ModelCard]]:
     """Train the surrogate(s) described by ``config`` for ``scenario`` (no caching)."""
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     architecture = config.architecture or scenario.architecture
@@ -254,7 +255,7 @@ def get_surrogate(
     return [m for m, _ in members], [c for _, c in members], False
 
 
-def architecture_for(input_shape: tuple[int, int, int]) -> str:
+def architecture_for(input_shape: tuple[int, ...]) -> str:
     """The registered architecture mirage builds to imitate a model of this input, whether a
     surrogate of a user's model (:func:`distil_surrogate`) or a clone (docs/design.md
     §grad2-surrogate): LeNet up to 32×32 pixels, the compact VGG above."""
@@ -270,7 +271,7 @@ def distil_surrogate(
     holdout: float = 0.1,
     batch_size: int = 256,
     device: str | torch.device | None = None,
-) -> list[tuple[nn.Module, ModelCard]]:
+) -> list[tuple[ImageClassifier, ModelCard]]:
     """A GRAD²/MAD surrogate of any model, from its answers on the defender's own unlabelled
     ``images`` (N, C, H, W) in [0, 1] (docs/design.md §grad2-surrogate).
 
@@ -312,7 +313,7 @@ def distil_surrogate(
         config.stop_epoch,
         config.checkpoints,
     )
-    members = []
+    members, agreements = [], []
     for state in snapshots:
         member = create_model(architecture, input_shape, num_classes, mean, std)
         member.load_state_dict(state)
@@ -340,11 +341,12 @@ def distil_surrogate(
             train_seconds=seconds,
         )
         members.append((member, card))
+        agreements.append(agreement)
     log.info(
         "distilled a %s surrogate on %d answers: top-1 agreement %s on %d held-out images",
         architecture,
         len(train),
-        [round(c.test_accuracy, 4) for _, c in members],
+        [round(a, 4) for a in agreements],
         len(held),
     )
     return members
