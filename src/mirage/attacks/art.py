@@ -21,6 +21,7 @@ from art.estimators.classification import BlackBoxClassifier, PyTorchClassifier
 from torch import nn
 
 from mirage.api.base import PredictionAPI
+from mirage.models.base import ImageClassifier
 
 
 def as_art_classifier(api: PredictionAPI) -> BlackBoxClassifier:
@@ -37,7 +38,9 @@ def as_art_classifier(api: PredictionAPI) -> BlackBoxClassifier:
     )
 
 
-def art_thief(model: nn.Module, *, lr: float = 0.01, momentum: float = 0.9) -> PyTorchClassifier:
+def art_thief(
+    model: ImageClassifier, *, lr: float = 0.01, momentum: float = 0.9
+) -> PyTorchClassifier:
     """An untrained mirage model as ART's ``thieved_classifier`` (SGD, cross-entropy,
     inputs in [0, 1])."""
     return PyTorchClassifier(

@@ -38,6 +38,7 @@ from mirage.attacks.clone import CloneSpec, train_clone, training_targets
 from mirage.attacks.countermeasures import Countermeasures, apply_countermeasures, variant_params
 from mirage.attacks.streams import DecoyPool, decoy_fraction, decoy_mask, decoys_before, key_apis
 from mirage.data.base import ImageData
+from mirage.models.base import ImageClassifier
 from mirage.models.fit import random_shift
 from mirage.registry import Registry, typed_params
 
@@ -441,27 +442,27 @@ class Attack(abc.ABC):
         model, stats = train_clone(clone, images, answers, num_classes, description=description)
         if self._labelled is not None:
             model, stats, extra["alignment"] = self._aligned(
-                model, stats, clone, images, answers, num_classes, description
+                model, stats, clone, images, answers, num_classes, description, self._labelled
             )
         return model, {**stats, **extra}
 
     def _aligned(
         self,
-        model: nn.Module,
+        model: ImageClassifier,
         stats: dict[str, Any],
         clone: CloneSpec,
         images: Tensor,
         answers: Tensor,
         num_classes: int,
         description: str,
-    ) -> tuple[nn.Module, dict[str, Any], dict[str, Any]]:
+        labelled: ImageData,
+    ) -> tuple[ImageClassifier, dict[str, Any], dict[str, Any]]:
         """The ``align_labels`` countermeasure (:mod:`mirage.attacks.alignment`): retrain on
         realigned answers when the clone's confusions on the labelled images show a relabelling,
         and keep the clone more accurate on them."""
         from mirage.api.evaluate import accuracy
         from mirage.attacks.alignment import class_alignment, realign
 
-        labelled = self._labelled
         sigma = class_alignment(model, labelled, num_classes)
         report: dict[str, Any] = {
             "labelled": len(labelled),

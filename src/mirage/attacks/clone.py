@@ -254,7 +254,7 @@ def train_clone(
             update={"training": config.model_copy(update={"seed": config.seed + restart})}
         )
         model = attempt.build(images.shape[1:], num_classes).to(spec.device)
-        stats = fit(
+        fitted: dict[str, Any] = fit(
             model,
             images,
             targets,
@@ -263,12 +263,12 @@ def train_clone(
             description=description,
             show_progress=show_progress,
         )
-        stats.update(
+        fitted.update(
             transfer_loss=transfer_loss(model, images, targets),
             restart=restart,
             transfer_digest=data,
         )
-        candidates.append((model.cpu().eval(), stats))
+        candidates.append((model.cpu().eval(), fitted))
     model, stats = min(
         candidates,
         key=lambda c: c[1]["transfer_loss"] if math.isfinite(c[1]["transfer_loss"]) else math.inf,

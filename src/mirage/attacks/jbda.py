@@ -26,7 +26,7 @@ ours cannot. Its jb-top-k PGD does not clip to [0, 1]; ours does.
 from __future__ import annotations
 
 import logging
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -164,7 +164,7 @@ class JacobianAttack(Attack):
             raise ValueError(f"{self.name}: the budget does not cover a single query")
         x = data.images[torch.randperm(len(data), generator=generator)[:n_seed]]
         y = query_all(client, x, p.query_batch_size, f"{self.name} seed queries")
-        history = [{"round": -1, "set_size": len(x), "queries": client.spent}]
+        history: list[dict[str, Any]] = [{"round": -1, "set_size": len(x), "queries": client.spent}]
         round_index = 0
         while client.remaining > 0 and (p.rounds is None or round_index < p.rounds):
             substitute_spec = clone.model_copy(

@@ -192,7 +192,10 @@ class KnockoffAdaptive(Attack):
         normaliser = MinMaxNormaliser(3)
         online = clone.build(client.input_shape, client.num_classes)
         optimizer = torch.optim.SGD(online.parameters(), lr=p.online_lr, momentum=0.9)
-        images, answers, chosen, rewards = [], [], [], []
+        images: list[Tensor] = []
+        answers: list[Tensor] = []
+        chosen: list[Tensor] = []
+        rewards: list[Tensor] = []
         total = min(client.remaining, len(data))
         with progress_bar("knockoff-adaptive queries", total=total) as advance:
             while client.remaining > 0 and queues.available.any():

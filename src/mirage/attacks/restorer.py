@@ -190,15 +190,14 @@ class Restorer(nn.Module):
 
     def __init__(self, num_classes: int, features: int, hidden: int) -> None:
         super().__init__()
-        self.net = nn.Sequential(
+        first, second, last = (
             nn.Linear(num_classes + features, hidden),
-            nn.ReLU(),
             nn.Linear(hidden, hidden),
-            nn.ReLU(),
             nn.Linear(hidden, num_classes),
         )
-        nn.init.zeros_(self.net[-1].weight)
-        nn.init.zeros_(self.net[-1].bias)
+        self.net = nn.Sequential(first, nn.ReLU(), second, nn.ReLU(), last)
+        nn.init.zeros_(last.weight)
+        nn.init.zeros_(last.bias)
 
     def forward(self, answers: Tensor, features: Tensor | None = None) -> Tensor:
         log_answers = answers.clamp_min(1e-6).log()
