@@ -47,9 +47,9 @@ def _read_images(paths: list[Path], image_size: int | None, channels: int | None
     opened = []
     for path in paths:
         try:
-            with Image.open(path) as image:
-                image.load()
-                opened.append(image.copy())
+            with Image.open(path) as file:
+                file.load()
+                opened.append(file.copy())
         except (UnidentifiedImageError, OSError, SyntaxError) as err:
             raise CorruptDatasetError(f"{path}: cannot be decoded as an image ({err})") from err
     if channels is None:
@@ -67,7 +67,7 @@ def _read_images(paths: list[Path], image_size: int | None, channels: int | None
     for image in opened:
         image = image.convert("L" if channels == 1 else "RGB")
         if image_size is not None:
-            image = image.resize((image_size, image_size), Image.BILINEAR)
+            image = image.resize((image_size, image_size), Image.Resampling.BILINEAR)
         array = np.asarray(image, dtype=np.uint8)
         arrays.append(array[..., None] if channels == 1 else array)
     return np.stack(arrays)

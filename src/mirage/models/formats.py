@@ -131,7 +131,7 @@ def import_class(path: str) -> type[nn.Module]:
 
 def _exported_input(
     program: torch.export.ExportedProgram,
-) -> tuple[tuple[int, int, int] | None, int | None]:
+) -> tuple[tuple[int, ...] | None, int | None]:
     """(C, H, W) of an exported program's input when it fixes them, and its batch size when that
     is static (``torch.export.export(model, (torch.zeros(1, …),))`` without dynamic shapes)."""
     for node in program.graph.nodes:
@@ -157,6 +157,7 @@ def load_model_file(
     path = Path(path)
     if format == "checkpoint":
         return load_checkpoint(path)
+    inner: nn.Module | OnnxSession
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such {format} file")
     if format == "export":

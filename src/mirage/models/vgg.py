@@ -6,7 +6,7 @@ from torch import nn
 
 from mirage.models.base import ImageClassifier
 
-CONFIGS = {
+CONFIGS: dict[str, list[int | str]] = {
     "vgg-s": [32, "M", 64, "M", 128, 128, "M"],
     "vgg-m": [64, "M", 128, "M", 256, 256, "M", 512, 512, "M"],
 }
@@ -18,7 +18,7 @@ class CompactVGG(ImageClassifier):
         layers: list[nn.Module] = []
         channels = input_shape[0]
         for item in CONFIGS[config]:
-            if item == "M":
+            if isinstance(item, str):  # "M"
                 layers.append(nn.MaxPool2d(2))
             else:
                 layers += [nn.Conv2d(channels, item, 3, padding=1), nn.BatchNorm2d(item), nn.ReLU()]
