@@ -296,8 +296,8 @@ def victim_step(
         for p, lo, hi in zip(params, offsets[:-1], offsets[1:], strict=True):
             p.grad = merged[lo:hi].view_as(p).clone()
     else:
-        grads = torch.autograd.grad(torch.stack(weighted).sum(), params)
-        for p, g in zip(params, grads, strict=True):
+        summed = torch.autograd.grad(torch.stack(weighted).sum(), params)
+        for p, g in zip(params, summed, strict=True):
             p.grad = g
         if config.max_grad_norm is not None:
             nn.utils.clip_grad_norm_(params, config.max_grad_norm)

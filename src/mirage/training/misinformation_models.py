@@ -77,7 +77,7 @@ def get_misinformation_models(
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     generator = torch.Generator().manual_seed(config.training.seed)
     outliers = patch_shuffle(data.train.images, config.patch_grid, generator)
-    models = {}
+    trained = {}
     for name in ("oe", "mis"):
         model = _fresh(scenario, config.training.seed)
         if name == "oe":
@@ -103,5 +103,5 @@ def get_misinformation_models(
             training={"adaptive_misinformation": name, **config.model_dump(mode="json")},
         )
         save_checkpoint(model.eval(), card, root / name)
-        models[name] = model.eval()
-    return models["oe"], models["mis"]
+        trained[name] = model.eval()
+    return trained["oe"], trained["mis"]

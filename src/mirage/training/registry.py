@@ -18,7 +18,7 @@ import abc
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -44,14 +44,18 @@ class NoConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class TrainingDefense(abc.ABC):
+C = TypeVar("C", bound=BaseModel)
+
+
+class TrainingDefense(abc.ABC, Generic[C]):
     """A training-time defense: the scenario's victim, trained differently. Registered by name
-    with typed parameters like the query-time defenses (:class:`mirage.registry.Registry`)."""
+    with typed parameters like the query-time defenses (:class:`mirage.registry.Registry`),
+    generic in their type ``C``."""
 
     name: ClassVar[str] = ""
     params_type: ClassVar[type[BaseModel]] = NoConfig
 
-    def __init__(self, params: BaseModel) -> None:
+    def __init__(self, params: C) -> None:
         self.params = params
 
     @abc.abstractmethod
@@ -74,7 +78,7 @@ def register_training_defense(
 
 
 @register_training_defense("none")
-class PlainVictim(TrainingDefense):
+class PlainVictim(TrainingDefense[NoConfig]):
     """The plain victim."""
 
     def train(
@@ -92,7 +96,7 @@ class PlainVictim(TrainingDefense):
 
 
 @register_training_defense("ini", params=IniConfig)
-class Ini(TrainingDefense):
+class Ini(TrainingDefense[IniConfig]):
     """InI: joint training against a student clone (Guo et al. 2023)."""
 
     def train(
@@ -102,7 +106,7 @@ class Ini(TrainingDefense):
 
 
 @register_training_defense("dpsgd", params=DpsgdConfig)
-class Dpsgd(TrainingDefense):
+class Dpsgd(TrainingDefense[DpsgdConfig]):
     """DP-SGD with Opacus (Abadi et al. 2016)."""
 
     def train(

@@ -249,7 +249,7 @@ class DefenseSpec(BaseModel):
         if "oe_model" in fields and params.get("oe_model") is None:
             misinformation = (
                 (self.oe_model, self.misinformation_model)
-                if self.oe_model is not None
+                if self.oe_model is not None and self.misinformation_model is not None
                 else self.models_config or MisinformationConfig()
             )
         gate = None
@@ -348,6 +348,11 @@ def resolve_params(
             + (options or "checkpoints")
             + " (mirage.evaluate builds them from your data)"
         )
+
+    def drawn_from() -> Scenario:
+        assert scenario is not None  # the parts needing one were checked above
+        return scenario
+
     params = dict(spec.params)
     if parts.surrogate is not None:
         params["surrogate"] = _surrogate(
@@ -355,11 +360,11 @@ def resolve_params(
         )
     if parts.reference is not None:
         params["reference_x"], params["reference_y"] = _labelled(
-            defender_sample(scenario, parts.reference)
+            defender_sample(drawn_from(), parts.reference)
         )
     if parts.watermark is not None:
         params["watermark_x"], params["watermark_y"] = _labelled(
-            defender_watermark(scenario, parts.watermark)
+            defender_watermark(drawn_from(), parts.watermark)
         )
     if isinstance(parts.misinformation, tuple):
         params["oe_model"], params["misinformation_model"] = (
@@ -367,10 +372,10 @@ def resolve_params(
         )
     elif parts.misinformation is not None:
         params["oe_model"], params["misinformation_model"] = get_misinformation_models(
-            scenario, parts.misinformation, models=models, train=train
+            drawn_from(), parts.misinformation, models=models, train=train
         )
     if parts.gate is not None:
-        params.update(_gate(parts.gate, scenario, victim, models, train))
+        params.update(_gate(parts.gate, drawn_from(), victim, models, train))
     return params
 
 
@@ -436,6 +441,8 @@ def _surrogate(
         return [_load(p) for p in source]
     if victim is None or card is None:
         raise ValueError(f"a {source} surrogate is trained for a victim: pass it and its card")
+    if scenario is None:
+        raise ValueError(f"a {source} surrogate is trained on a scenario's data: pass it")
     members, _, _ = get_surrogate(
         scenario,
         victim,

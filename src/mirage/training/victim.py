@@ -84,7 +84,7 @@ def train_classifier(
     dataset: str,
     description: str = "victim",
     show_progress: bool = True,
-    device: str | None = None,
+    device: str | torch.device | None = None,
 ) -> tuple[ImageClassifier, ModelCard]:
     """Train a fresh ``architecture`` on ``data``'s training split with ``training`` and evaluate
     it on its test split; its card names ``dataset``. It trains on ``device``
