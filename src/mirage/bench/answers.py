@@ -234,7 +234,7 @@ class ReplayingAPI:
                         x.shape[0],
                     )
                 self._go_live()
-        if answers is None:
+        if answers is None or entry is None:  # set together: both or neither
             before = (self.api.ledger.queries, self.api.ledger.l1_sum, self.api.ledger.top1_kept)
             answers = self.api.query(x)
             after = self.api.ledger

@@ -185,15 +185,15 @@ class SweepConfig(_Strict):
         labels = [label for a in self.attacks for label, _, _ in a.expanded()]
         if len(labels) != len(set(labels)):
             raise ValueError(f"attack labels must be unique, got {labels}")
-        unknown = set(self.victim_epochs) - set(self.scenarios)
-        if unknown or any(e < 1 for e in self.victim_epochs.values()):
+        unmapped = set(self.victim_epochs) - set(self.scenarios)
+        if unmapped or any(e < 1 for e in self.victim_epochs.values()):
             raise ValueError(
                 f"victim_epochs must map this sweep's scenarios to epochs ≥ 1, "
                 f"got {self.victim_epochs}"
             )
-        labels = {d.display for d in self.defenses}
+        displays = {d.display for d in self.defenses}
         for attack in self.attacks:
-            unknown = sorted({d for ds in attack.extra_defenses.values() for d in ds} - labels)
+            unknown = sorted({d for ds in attack.extra_defenses.values() for d in ds} - displays)
             if unknown:
                 raise ValueError(
                     f"{attack.display}: extra_defenses names defenses not in this sweep: {unknown}"
@@ -213,11 +213,11 @@ class SweepConfig(_Strict):
                 "define your own under [user_scenarios.<name>]"
             )
         for defense in self.defenses:
-            unknown = set(defense.scenario_grid) - set(self.scenarios)
-            if unknown:
+            outside = set(defense.scenario_grid) - set(self.scenarios)
+            if outside:
                 raise ValueError(
                     f"{defense.display}: scenario_grid names scenarios not in this sweep: "
-                    f"{sorted(unknown)}"
+                    f"{sorted(outside)}"
                 )
         return self
 

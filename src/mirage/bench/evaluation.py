@@ -32,7 +32,7 @@ import dataclasses
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor, nn
@@ -101,7 +101,7 @@ def evaluate(
         {},
         stores,
         clone_training=clone_training,
-        victim=None if victim is None else (victim, card),
+        victim=None if victim is None or card is None else (victim, card),
     )
     context = dataclasses.replace(
         context,
@@ -287,7 +287,7 @@ def evaluate_model(
     pool: Any = None,
     split_seed: int = 0,
     progress: bool = True,
-    device: str | None = None,
+    device: str | torch.device | None = None,
 ) -> ModelEvaluation:
     """Judge ``model`` behind ``defense`` against the attacker suite on the user's own ``data``
     (docs/design.md §evaluate); also the undefended model, against the same attackers and seeds,
@@ -328,7 +328,7 @@ def evaluate_model(
     if remote and defense is not None:
         raise ValueError("a served endpoint answers with its own defense: pass defense=None")
     served_defense = (
-        (model.defense or {}).get("name") if remote else None
+        (model.defense or {}).get("name") if remote and not isinstance(model, nn.Module) else None
     )  # disclosed by the server, or None
     for attacker in attackers:
         if "restorer" in variant_params(attacker) and remote and served_defense is None:
@@ -492,6 +492,8 @@ def _contexts(
             )
         )
     elif defense is not None:
+        if plain is None:
+            raise ValueError(f"defense {defense} is built for a model: give one")
         built = _build_defense(plain, defense, params, split, surrogate, device)
         contexts.append(
             context(
@@ -527,6 +529,10 @@ def _with_pool(split: UserSplit, pool: Any) -> UserSplit:
     )
 
 
+@overload
+def _as_classifier(model: nn.Module, split: UserSplit) -> nn.Module: ...
+@overload
+def _as_classifier(model: None, split: UserSplit) -> None: ...
 def _as_classifier(model: nn.Module | None, split: UserSplit) -> nn.Module | None:
     """A user's module in eval mode, knowing its input shape, checked against the data's classes."""
     if model is None:
@@ -598,7 +604,8 @@ def _check_params(defense: str, params: dict[str, Any]) -> None:
         )
     for key, value in params.items():
         try:
-            TypeAdapter(Annotated[fields[key].annotation, fields[key]]).validate_python(value)
+            annotated: Any = Annotated[fields[key].annotation, fields[key]]  # built at run time
+            TypeAdapter(annotated).validate_python(value)
         except ValidationError as error:
             raise ValueError(
                 f"defense {defense}: {key} = {value!r}: {error.errors()[0]['msg']}"
@@ -721,6 +728,8 @@ def user_model(user: UserScenario, split: UserSplit) -> nn.Module:
     """The user's model file, in eval mode, checked against the data's shape and classes."""
     from mirage.models.formats import format_of, load_model_file
 
+    if user.model is None:
+        raise ValueError("this user scenario names no model file")
     path = user.path(user.model)
     model, _ = load_model_file(
         format_of(path), path, input_shape=split.input_shape, class_path=user.model_class

@@ -136,9 +136,12 @@ def probe_metrics(
     and, for a training-time defense, the effective L1 against the plain victim on the probe (its
     ledger compared the served victim with itself, L1 0; a query-time defense's comes from the
     attack's ledger)."""
+    plain, model, defense = context.plain, context.served, context.fresh_defense()
+    if plain is None or model is None or defense is None:
+        raise ValueError("probe metrics need the plain victim, the served model and its defense")
     head = probe[:ANGLE_SAMPLES]
-    clean = clean_posteriors(context.plain, head)
-    served = context.fresh_defense()(head, clean_posteriors(context.served, head))
+    clean = clean_posteriors(plain, head)
+    served = defense(head, clean_posteriors(model, head))
     metrics: dict[str, Any] = {
         "angular_deviation": [
             round(float(a), 2) for a in angular_deviation(fresh_clone, head, clean, served)
@@ -146,7 +149,7 @@ def probe_metrics(
     }
     if context.training_time:
         metrics["effective_l1"] = distance_to_plain(
-            clean_posteriors(context.served, probe), clean_posteriors(context.plain, probe)
+            clean_posteriors(model, probe), clean_posteriors(plain, probe)
         )["l1"]
     return metrics
 
@@ -163,6 +166,9 @@ def execute_run(
     start = time.perf_counter()
     device = str(resolve_device(device))
     context = prepare_run(spec, stores)
+    plain, served = context.plain, context.served
+    if plain is None or served is None:
+        raise ValueError("a sweep's run serves its model in this process")
     card = context.card
     clone = context.clone.model_copy(update={"training": spec.clone_training, "device": device})
     stolen = run_attack(
@@ -181,8 +187,8 @@ def execute_run(
     metrics = RunMetrics(
         **context.defender_metrics(spec.eval_size),
         victim_test_accuracy=None if card is None else card.test_accuracy,
-        victim_fingerprint=weights_fingerprint(context.plain),  # the scenario's plain victim
-        served_model_fingerprint=weights_fingerprint(context.served),  # differs for ini, dpsgd
+        victim_fingerprint=weights_fingerprint(plain),  # the scenario's plain victim
+        served_model_fingerprint=weights_fingerprint(served),  # differs for ini, dpsgd
         **stolen.clone,
         **l1,
         **({"decoys": result.decoys} if result.decoys else {}),

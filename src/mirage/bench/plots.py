@@ -41,7 +41,7 @@ def tradeoff_figure(
     """Clone accuracy vs defender accuracy (all of it, and zoomed on the first ``ZOOM_DROP`` of
     the defender's loss, where a deployable defense lives) and vs effective L1."""
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap
     victim = max((p["victim_accuracy"] for c in panel.values() for p in c.points), default=None)
     for i, (name, curve) in enumerate(sorted(n for n in panel.items() if n[0] != "none")):
         style = {
@@ -90,7 +90,7 @@ def angular_deviation_figure(angles: dict[str, list[float]], title: str, stem: P
     fig, ax = plt.subplots(figsize=(6, 3.8))
     bins = np.linspace(0, 180, 37)
     for name, values in sorted(angles.items()):
-        ax.hist(values, bins=bins, histtype="step", lw=1.4, label=name, density=True)
+        ax.hist(values, bins=bins.tolist(), histtype="step", lw=1.4, label=name, density=True)
     ax.set_xlabel("angular deviation θ (degrees)")
     ax.set_ylabel("density")
     ax.set_title(title)
@@ -114,7 +114,7 @@ def worst_case_figure(
     the worst case over the suite (filled), joined by a line — how much of a defense's effect the
     strongest attacker takes back. A worst case still missing an attacker is drawn grey."""
     fig, ax = plt.subplots(figsize=(7.5, 4.6))
-    colors = plt.get_cmap("tab20").colors
+    colors = plt.get_cmap("tab20").colors  # type: ignore[attr-defined]  # a ListedColormap
     for i, p in enumerate(sorted(points, key=lambda q: q.defense)):
         color = colors[i % len(colors)]
         x = p.defender_accuracy

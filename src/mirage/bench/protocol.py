@@ -116,6 +116,11 @@ class RunContext:
         if self.endpoint is not None and self.defense is not None:
             raise ValueError("an endpoint answers with its own defense")
 
+    def _served(self) -> nn.Module:
+        """``served``, which a context without an endpoint has (:meth:`__post_init__`)."""
+        assert self.served is not None
+        return self.served
+
     @property
     def input_shape(self) -> tuple[int, int, int]:
         return self.test.input_shape
@@ -128,7 +133,7 @@ class RunContext:
             return self.card.num_classes
         if self.endpoint is not None:
             return self.endpoint.num_classes
-        return InProcessAPI(self.served, input_shape=self.input_shape).num_classes
+        return InProcessAPI(self._served(), input_shape=self.input_shape).num_classes
 
     def fresh_defense(self) -> Defense | None:
         """A copy of the defense as built, in the state no request has changed."""
@@ -139,7 +144,7 @@ class RunContext:
         copy of the defense, without a query budget (the attack's client keeps its own)."""
         if self.endpoint is not None:
             return self.endpoint
-        return InProcessAPI(self.served, self.fresh_defense(), input_shape=self.input_shape)
+        return InProcessAPI(self._served(), self.fresh_defense(), input_shape=self.input_shape)
 
     def told(self, attack_params: dict[str, Any]) -> dict[str, Any]:
         """``attack_params`` with what a Kerckhoffs attacker knows filled in: the restorer is told
@@ -177,7 +182,7 @@ class RunContext:
                 "defender_l1": None,
                 "defender_top1_agreement": None,
             }
-        result = defended_accuracy(self.served, self.fresh_defense(), data)
+        result = defended_accuracy(self._served(), self.fresh_defense(), data)
         if not self.training_time:
             return {
                 "victim_accuracy": result.clean_accuracy,
@@ -186,11 +191,13 @@ class RunContext:
                 "defender_top1_agreement": result.top1_agreement,
             }
         # the plain model's accuracy on the same images, and the served answers' distance from it
+        if self.plain is None:
+            raise ValueError("a training-time defense is measured against the plain victim")
         return {
             "victim_accuracy": accuracy(self.plain, data),
             "defender_accuracy": result.defended_accuracy,
             **distance_to_plain(
-                clean_posteriors(self.served, data.images),
+                clean_posteriors(self._served(), data.images),
                 clean_posteriors(self.plain, data.images),
                 prefix="defender_",
             ),
@@ -201,7 +208,7 @@ class RunContext:
         defense in this process)."""
         if self.served is None or self.defense is None:
             return None
-        return measure_overhead(self.served, self.fresh_defense(), images)
+        return measure_overhead(self.served, copy.deepcopy(self.defense), images)
 
 
 def plain_params(defense: Defense | None) -> dict[str, Any]:

@@ -48,7 +48,7 @@ def _mean_over_seeds(records: list[dict[str, Any]]) -> dict[str, Any]:
         "defender_l1",
         "overhead_ratio",
     )
-    out = {
+    out: dict[str, Any] = {
         k: float(np.mean([r[k] for r in records if r.get(k) is not None]))
         for k in keys
         if any(r.get(k) is not None for r in records)
@@ -80,7 +80,7 @@ def _run_group(record: dict[str, Any]) -> tuple:
 def persistently_collapsed(records: list[dict[str, Any]]) -> set[tuple]:
     """The (scenario, attack, defense, params) groups whose clone collapsed (without diverging)
     at every seed they ran, at :data:`PERSISTENT_COLLAPSE_SEEDS` seeds or more."""
-    seeds: dict[tuple, set[int]] = defaultdict(set)
+    seeds: dict[tuple, set[int | None]] = defaultdict(set)
     not_collapsed: set[tuple] = set()  # groups with a healthy or a diverged run
     for r in records:
         group = _run_group(r)
@@ -428,7 +428,7 @@ def hard_label_run(record: dict[str, Any]) -> bool:
         return bool(params.get("hard_labels"))
     from mirage.attacks.countermeasures import ATTACKER_SUITE
 
-    return bool(ATTACKER_SUITE.get(record.get("attacker"), {}).get("hard_labels"))
+    return bool(ATTACKER_SUITE.get(record.get("attacker", ""), {}).get("hard_labels"))
 
 
 def _attacker_cell(entry: dict[str, Any]) -> str:
@@ -650,9 +650,10 @@ def binding_gain(point: WorstCasePoint, undefended: WorstCasePoint) -> PairedGai
     """The attacker on which ``point`` beats the undefended worst case by the least (gain less
     margin); ``None`` if some attacker shares no seed with the undefended API."""
     gains = list(paired_gains(point, undefended).values())
-    if not gains or any(g is None for g in gains):
+    measured = [g for g in gains if g is not None]
+    if not gains or len(measured) != len(gains):
         return None
-    return min(gains, key=lambda g: g.slack)
+    return min(measured, key=lambda g: g.slack)
 
 
 def beats_undefended(
@@ -692,8 +693,9 @@ def _gain_cells(gain: PairedGain | None) -> dict[str, Any]:
 def _closest(points: list[WorstCasePoint], undefended: WorstCasePoint) -> WorstCasePoint | None:
     """The point that comes nearest to beating the undefended API (largest gain less margin)."""
     gains = {id(p): binding_gain(p, undefended) for p in points}
-    measured = [p for p in points if gains[id(p)] is not None]
-    return max(measured, key=lambda p: gains[id(p)].slack, default=None)
+    slack = {i: gain.slack for i, gain in gains.items() if gain is not None}
+    measured = [p for p in points if id(p) in slack]
+    return max(measured, key=lambda p: slack[id(p)], default=None)
 
 
 def _no_defense_row(
@@ -715,7 +717,7 @@ def _no_defense_row(
         "deploy": NO_DEFENSE,
         "worst-case clone": None if undefended is None else undefended.worst,
         "by attacker": None
-        if entry is None
+        if entry is None or undefended is None
         else undefended.worst_attacker
         + (f" ± {entry['sd']:.3f}" if len(entry["seeds"]) > 1 else ""),
         "soft clone": None if undefended is None else undefended.soft,
@@ -836,7 +838,7 @@ def verdict(
                     p for p in eligible if p.defense == LABELS_ONLY_DEFENSE or not labels_only(p)
                 ]
                 best = deploy_choice(eligible) if eligible else None
-        if best is None:
+        if best is None or undefended is None:  # no undefended point: nothing is eligible
             closest = None if undefended is None else _closest(within, undefended)
             rows.append(_no_defense_row(scenario, family, undefended, closest, pending, min_seeds))
         else:
@@ -963,7 +965,12 @@ def ranking_changes(points: list[WorstCasePoint], max_drop: float = 0.01) -> dic
     eligible = [
         p for p in points if p.complete and p.soft is not None and p.drop <= max_drop + 1e-6
     ]
-    soft = [p.defense for p in sorted(eligible, key=lambda p: p.soft)]
+
+    def soft_clone(point: WorstCasePoint) -> float:
+        assert point.soft is not None  # eligible points have one
+        return point.soft
+
+    soft = [p.defense for p in sorted(eligible, key=soft_clone)]
     worst = [p.defense for p in sorted(eligible, key=lambda p: p.worst)]
     return {
         "soft order": soft,

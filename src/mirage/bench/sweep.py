@@ -74,7 +74,7 @@ class RunFilter:
         )
 
     def validate(self, config: SweepConfig) -> None:
-        known = {
+        known: dict[str, set[Any]] = {
             "scenario": set(config.scenarios),
             "attack": {a.display for a in config.attacks}
             | {label for a in config.attacks for label, _, _ in a.expanded()},
@@ -188,9 +188,9 @@ def run_sweep(
     (:func:`mirage.devices.resolve_device`; checked here, before any run).
     """
     if runner is None:
-        from mirage.bench.execute import execute_run as runner
-        from mirage.bench.execute import prepare_run
+        from mirage.bench.execute import execute_run, prepare_run
 
+        runner = execute_run
         preparer = preparer or prepare_run
     stores = sweep_stores(config, results, stores)
     if device is not None:
