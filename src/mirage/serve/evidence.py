@@ -163,7 +163,8 @@ class DeferredEvidence:
     def collecting(self) -> Iterator[list[tuple[int, Record]]]:
         """``with evidence.collecting() as records:`` — (row of the defense's batch, record) of
         every ``add`` in this thread meanwhile."""
-        self._local.records = records = []
+        records: list[tuple[int, Record]] = []
+        self._local.records = records
         try:
             yield records
         finally:

@@ -397,7 +397,7 @@ class RestTransport:
         try:
             status, headers, answer = self._post(*request, limit, ends)
         except httpx.TimeoutException as failure:
-            error = UpstreamTimeout(
+            error: UpstreamError = UpstreamTimeout(
                 f"the upstream model did not answer within {config.timeout_s:g}s "
                 f"({type(failure).__name__})"
             )

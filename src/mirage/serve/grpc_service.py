@@ -251,7 +251,8 @@ async def _abort(service: Service, context: grpc.aio.ServicerContext, error: Ser
     await context.abort(getattr(grpc.StatusCode, grpc_status(error)), error.message)
 
 
-METHODS = {
+# the generated message classes (their protobuf base is untyped here)
+METHODS: dict[str, tuple[type[Any], type[Any]]] = {
     "ServerLive": (pb.ServerLiveRequest, pb.ServerLiveResponse),
     "ServerReady": (pb.ServerReadyRequest, pb.ServerReadyResponse),
     "ModelReady": (pb.ModelReadyRequest, pb.ModelReadyResponse),

@@ -35,17 +35,20 @@ def load_model(
     kept yet is a :class:`~mirage.models.ModelNotPrepared` naming ``mirage prepare``
     (:func:`prepare`, docs/design.md §service)."""
     source = config.model
+    model: nn.Module
     if source.upstream is not None:
         from mirage.serve.gateway import UpstreamModel
 
-        model = UpstreamModel(source.upstream)
-        return model.eval(), model.card(), None
+        upstream = UpstreamModel(source.upstream)
+        return upstream.eval(), upstream.card(), None
     if source.checkpoint is not None:
         model, card = load_checkpoint(source.checkpoint)
         return model.eval(), card, None
     if source.path is not None:
+        file_format = source.file_format
+        assert file_format is not None  # that of the path
         model, card = load_model_file(
-            source.file_format,
+            file_format,
             source.path,
             input_shape=source.input_shape,
             class_path=source.class_path,
@@ -53,6 +56,7 @@ def load_model(
             dataset=source.dataset,
         )
         return model.eval(), card, None
+    assert source.scenario is not None  # the one source left (ModelConfig checks there is one)
     scenario = get_scenario(source.scenario)
     victims = resolve_victims(config.defense, scenario, train=train, show_progress=train)
     return victims.served.eval(), victims.card, scenario
@@ -135,6 +139,7 @@ class ServedDefenses:
         self._reference = benign_reference
         capped = [] if ownership is None else capped_layers(ownership.watermark)
         if self._reference is None and capped:
+            assert ownership is not None and ownership.reference is not None  # OwnershipConfig
             self._reference = fourier_features(
                 load_dataset(ownership.reference).train.images, capped[0]
             )
@@ -144,7 +149,7 @@ class ServedDefenses:
             resolve_params(spec, scenario, model, card, train=train) if self.query_time else {}
         )
         self.prototype = self._inner(None) if self.query_time else None
-        self._instances: dict[str, Defense] = {}
+        self._instances: dict[str, Defense | None] = {}
         self.alarm = (
             None
             if alarm is None
@@ -172,7 +177,7 @@ class ServedDefenses:
 
     def _build(self, client: str) -> Defense | None:
         inner = self._inner(client)
-        if self.ownership is None:
+        if self.ownership is None or self._secret is None:  # a secret with every ownership
             return inner
         return create_defense(
             "watermarked",

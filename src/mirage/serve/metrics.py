@@ -109,20 +109,23 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
-        self._series: dict[str, Counter | Histogram] = {}
+        self._counters: dict[str, Counter] = {}
+        self._histograms: dict[str, Histogram] = {}
         for name, (kind, text, labels, buckets) in SERIES.items():
             if kind == "counter":
-                self._series[name] = Counter(name, text, labels, registry=self.registry)
-            else:
-                self._series[name] = Histogram(
+                self._counters[name] = Counter(name, text, labels, registry=self.registry)
+            elif buckets is not None:
+                self._histograms[name] = Histogram(
                     name, text, labels, buckets=buckets, registry=self.registry
                 )
+            else:
+                raise ValueError(f"histogram {name} needs its buckets")
 
     def inc(self, name: str, value: float = 1.0, **labels: str) -> None:
-        self._series[name].labels(**labels).inc(value)
+        self._counters[name].labels(**labels).inc(value)
 
     def observe(self, name: str, value: float, **labels: str) -> None:
-        self._series[name].labels(**labels).observe(value)
+        self._histograms[name].labels(**labels).observe(value)
 
     def counter(self, name: str, **labels: str) -> float:
         return self.registry.get_sample_value(name, labels) or 0.0
@@ -135,7 +138,7 @@ class Metrics:
         gauges."""
         if aggregate:
             return generate_latest(_Collected(_public(self.registry))).decode()
-        families = []
+        families: list[Metric] = []
         for name, series in (gauges or {}).items():
             family = None
             for key, value in sorted(series.items()):

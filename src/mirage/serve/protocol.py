@@ -49,7 +49,7 @@ from mirage.serve.errors import (
     RequestTimeout,
 )
 
-DATATYPES = {
+DATATYPES: dict[str, np.dtype] = {
     "FP16": np.dtype("<f2"),
     "FP32": np.dtype("<f4"),
     "FP64": np.dtype("<f8"),
@@ -431,7 +431,7 @@ def model_metadata(
     classes: list[str],
     *,
     platform: str,
-    defense: dict[str, Any],
+    defense: dict[str, Any] | None,
     limits: dict[str, Any],
     client: dict[str, Any],
 ) -> dict[str, Any]:

@@ -63,15 +63,15 @@ def room_for(
         raise QuotaExceeded(
             f"client {client.name!r}: the quota of {client.quota} queries is used up"
         )
-    capacity = client.bucket_capacity
-    if capacity is not None:
+    capacity, rate = client.bucket_capacity, client.rate
+    if capacity is not None and rate is not None:  # a capacity comes with a rate
         level = (
             capacity
-            if tokens is None
-            else min(capacity, float(tokens) + max(0.0, now - float(updated)) * client.rate)
+            if tokens is None or updated is None  # stored together
+            else min(capacity, float(tokens) + max(0.0, now - float(updated)) * rate)
         )
         if level < 1:
-            wait = (1 - level) / client.rate
+            wait = (1 - level) / rate
             raise RateLimited(
                 f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
                 f"reached; retry in {wait:.3f}s",
@@ -206,8 +206,8 @@ class QuotaStore(SQLiteStore):
                     f"{max(0, client.quota - used)} of the quota of {client.quota} remain"
                 )
             now = self._clock()
-            capacity = client.bucket_capacity
-            if capacity is not None:
+            capacity, rate = client.bucket_capacity, client.rate
+            if capacity is not None and rate is not None:  # a capacity comes with a rate
                 if n > capacity:
                     raise RateLimited(
                         f"a request of {n} queries exceeds the rate-limit burst of "
@@ -216,10 +216,10 @@ class QuotaStore(SQLiteStore):
                 tokens = (
                     capacity
                     if tokens is None
-                    else min(capacity, tokens + max(0.0, now - updated) * client.rate)
+                    else min(capacity, tokens + max(0.0, now - updated) * rate)
                 )
                 if tokens < n:
-                    wait = (n - tokens) / client.rate
+                    wait = (n - tokens) / rate
                     raise RateLimited(
                         f"client {client.name!r}: rate limit of {client.rate:g} queries/s "
                         f"reached; retry in {wait:.3f}s",

@@ -136,7 +136,7 @@ class RedisQuotaStore:
         if status == 1:
             raise QuotaExceeded(
                 f"client {client.name!r}: {n} queries requested but only "
-                f"{max(0, client.quota - used)} of the quota of {client.quota} remain"
+                f"{max(0, (client.quota or 0) - used)} of the quota of {client.quota} remain"
             )
         if status == 2:
             raise RateLimited(
@@ -222,7 +222,9 @@ class RedisQuotaStore:
     def auth_throttled(self, source: str, window: float, limit: int) -> float | None:
         key = f"{self.prefix}authfail:{source}"
         with self.redis.pipeline(transaction=False) as pipe:
-            count, ttl = pipe.get(key).pttl(key).execute()
+            pipe.get(key)
+            pipe.pttl(key)
+            count, ttl = pipe.execute()
         if count is None or int(count) < limit or ttl is None or int(ttl) <= 0:
             return None
         return int(ttl) / 1000

@@ -76,7 +76,7 @@ class GuardedConnection(h11.Connection):
                 )
         return event
 
-    def send(self, event: Any) -> bytes | None:
+    def send(self, event: Any) -> bytes | None:  # type: ignore[override]  # h11's overloads
         """As h11's, but a response that starts before the request's body was read says
         ``Connection: close``: the connection ends with it (see :class:`LingeringTransport`)."""
         if isinstance(event, h11.Response) and self.their_state is h11.SEND_BODY:
@@ -150,6 +150,7 @@ class GuardedH11Protocol(H11Protocol):
 
     The body itself has the app's deadline, ``limits.body_timeout_s``."""
 
+    conn: GuardedConnection
     limits = LimitsConfig()
     max_connections = LimitsConfig().max_connections
     trusted: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...] = ()
@@ -181,9 +182,8 @@ class GuardedH11Protocol(H11Protocol):
                 return False
         except ValueError:
             return False
-        mine = sum(
-            1 for other in self.connections if other.client is not None and other.client[0] == host
-        )
+        peers = (getattr(other, "client", None) for other in self.connections)
+        mine = sum(1 for peer in peers if peer is not None and peer[0] == host)
         return mine > self.limits.max_connections_per_address
 
     def _arm(self) -> None:

@@ -81,6 +81,8 @@ def open_store(config: ServeConfig) -> QuotaStore | RedisQuotaStore:
     if storage.backend == "redis":
         from mirage.serve.redis_store import RedisQuotaStore
 
+        assert storage.url is not None  # the config requires it for redis
+
         store = RedisQuotaStore(storage.url, prefix=storage.prefix, timeout=storage.timeout_s)
         kept = store.persistence()
         if kept is None:
@@ -174,7 +176,8 @@ class Service:
         self.upstream = (
             model if isinstance(model, UpstreamModel) else None
         )  # a gateway (docs/design.md §gateway)
-        self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment]
+        # every served model (ImageClassifier, ExternalModel, UpstreamModel) has an input_shape
+        self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment, arg-type]
         self.classes = class_names(config, card)
         storage = config.storage
         self.evidence = None
@@ -462,6 +465,7 @@ class Service:
 
     def _alarm(self, client: str, state: ClientStream) -> None:
         """A client's first PRADA alarm: one audit event, the metric, a warning."""
+        assert self.watch is not None  # the watch calls this
         detection = self.watch.config
         detail = (
             f"queries={state.alarm_at} W={state.statistic:.4f} delta={detection.prada.delta} "
@@ -545,7 +549,7 @@ class Service:
         stream raised an alarm and how many images it may still send (at most ``max_batch``)."""
         self.check_model(name, version)
         alarmed = self.watch is not None and self.watch.alarmed(client.name)
-        if alarmed and self.watch.config.on_alarm == "refuse":
+        if alarmed and self.watch is not None and self.watch.config.on_alarm == "refuse":
             raise QueryStreamRefused(
                 f"client {client.name!r} is refused: its query stream raised an alarm"
             )
@@ -621,9 +625,8 @@ class Service:
             await self._observe(client.name, images, served)
         if (position := self._new_defense_alarm(key)) is not None:
             await self.storage(self._record_defense_alarm, client.name, position)
-        labels = {"model": name, "client": client.name}
-        self.metrics.inc("mirage_requests_total", **labels)
-        self.metrics.inc("mirage_queries_total", n, **labels)
+        self.metrics.inc("mirage_requests_total", model=name, client=client.name)
+        self.metrics.inc("mirage_queries_total", n, model=name, client=client.name)
         self.metrics.observe(
             "mirage_request_latency_seconds", time.perf_counter() - start, model=name
         )
@@ -731,6 +734,7 @@ class Service:
     async def _write_evidence(self, client: str, records: list) -> None:
         """Keep an answered, charged request's watermark evidence; a failure is logged (the answer
         stands)."""
+        assert self.evidence is not None  # answers carry evidence only when it is kept
         try:
             await self.storage(self.evidence.store.write, records)
         except StorageUnavailable as error:
@@ -745,6 +749,7 @@ class Service:
         """Feed an answered (and audited) request to the detector, in a worker thread that runs
         to the end even if this request is cancelled, so an alarm is always recorded. A detector
         failure is logged; the answer stands (it is charged)."""
+        assert self.watch is not None  # called only with a detector
         try:
             await asyncio.to_thread(self.watch.observe, client, images, served)
         except Exception:
@@ -757,7 +762,7 @@ class Service:
             return self.metrics.render(aggregate=True)
         usage = self.quotas.usage()
         names = [c.name for c in self.config.clients]
-        gauges = {
+        gauges: dict[str, dict[tuple, float]] = {
             "mirage_client_queries_used": {
                 (("client", c),): usage.get(c, (0, 0))[0] for c in names
             },
