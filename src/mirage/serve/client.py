@@ -76,7 +76,7 @@ class HTTPPredictionAPI:
         meta = self.metadata()
         params = meta["parameters"]
         self.num_classes: int = int(params["num_classes"])
-        self.input_shape: tuple[int, int, int] = tuple(meta["inputs"][0]["shape"][1:])  # type: ignore[assignment]
+        self.input_shape: tuple[int, int, int] = tuple(meta["inputs"][0]["shape"][1:])
         self.classes: list[str] = list(params["classes"])
         self.defense: dict[str, Any] | None = params.get(
             "defense"

@@ -177,7 +177,7 @@ class Service:
             model if isinstance(model, UpstreamModel) else None
         )  # a gateway (docs/design.md §gateway)
         # every served model (ImageClassifier, ExternalModel, UpstreamModel) has an input_shape
-        self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[assignment, arg-type]
+        self.input_shape: tuple[int, int, int] = tuple(model.input_shape)  # type: ignore[arg-type]
         self.classes = class_names(config, card)
         storage = config.storage
         self.evidence = None
