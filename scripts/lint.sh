@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# The linter: bash scripts/lint.sh [ruff check args] — ruff (pinned in constraints.txt) with the
-# configuration in pyproject.toml: the format check first, then the lint rules (E501 included).
+# The linter: bash scripts/lint.sh [ruff check args] — ruff and mypy (both pinned in
+# constraints.txt) with the configuration in pyproject.toml: the format check first, then the lint
+# rules (E501 included), then the type check of src/mirage ([tool.mypy]).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$MIRAGE_ROOT"
 "$MIRAGE_VENV/bin/ruff" format --check src tests benchmarks examples
-exec "$MIRAGE_VENV/bin/ruff" check src tests benchmarks "$@"
+"$MIRAGE_VENV/bin/ruff" check src tests benchmarks "$@"
+exec "$MIRAGE_VENV/bin/mypy"
