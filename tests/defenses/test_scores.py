@@ -181,3 +181,23 @@ def test_a_linear_layer_on_tokens_adds_its_bias_along_the_features(target):
     expected = reference_scores(model, x, v)
     for method, score in SCORE_METHODS.items():
         torch.testing.assert_close(score(model, x, v), expected, atol=1e-6, rtol=1e-4, msg=method)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "resnet50", "vit"])
+def test_the_fused_path_has_a_rule_for_every_layer_and_call_of_resnets_and_a_vit(name, monkeypatch):
+    """Batch norm, residual adds, layer norm, attention (matrix products, softmax, indexing) and
+    GELU each have a fused rule: no call falls back to torch.func.jvp, and the scores still match
+    the reference."""
+    from mirage.defenses import scores
+
+    model = production_models()[name]
+    x = torch.rand(3, 3, 8, 8)
+    v = random_direction(model, 3)
+    expected = reference_scores(model, x, v)
+
+    def no_fallback(*args, **kwargs):
+        raise AssertionError("a layer or call fell back to torch.func.jvp")
+
+    monkeypatch.setattr(scores, "_jvp", no_fallback)
+    got = scores.fused_jvp_scores(model, x, v)
+    torch.testing.assert_close(got, expected, atol=1e-5 * expected.abs().max() + 1e-7, rtol=1e-4)

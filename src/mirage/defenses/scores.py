@@ -10,13 +10,17 @@ surrogate's log-softmax along v (``torch.func.jvp``): the cost of about two forw
 :func:`double_backward_scores` is the original code's route (grad w.r.t. θ with
 ``create_graph=True``, then grad of ⟨·, v⟩ w.r.t. ỹ). Both use the full network.
 
-:func:`fused_jvp_scores` is the same forward-mode product written out layer by layer for the
-common layers (conv, linear, ReLU, max-pool, flatten, normalisation): the primal and tangent
-passes share one batched call per layer, the input's tangent is zero (the first layer's
-``conv(dx, W)`` is skipped), and for an all-ones direction ``conv(x, 1)`` / ``x·1ᵀ`` reduce to a
-channel sum and a box filter. A user's own module is traced once with ``torch.fx`` and walked
-node by node with the same rules (docs/design.md §any-module). Unknown submodules and calls fall
-back to ``torch.func.jvp`` on that submodule or call, so any network works.
+:func:`fused_jvp_scores` is the same forward-mode product written out layer by layer, one rule per
+layer type in :data:`MODULE_RULES` (conv, linear, ReLU, max- and average-pool, flatten, batch norm
+in eval mode, layer norm, GELU, mirage's normalisation; registered with :func:`module_rule`, as
+Opacus registers its per-sample gradient rules) and one per call in :data:`FUNCTION_RULES`
+(residual adds, products, matrix products, softmax, concatenation; :func:`function_rule`): the
+primal and tangent passes share one batched call per layer, the input's tangent is zero (the first
+layer's ``conv(dx, W)`` is skipped), and for an all-ones direction ``conv(x, 1)`` / ``x·1ᵀ`` reduce
+to a channel sum and a box filter. A user's own module is traced once with ``torch.fx`` and walked
+node by node with the same rules (docs/design.md §any-module). A layer or call without a rule falls
+back to ``torch.func.jvp`` on that layer or call alone, so any network works; mirage's LeNet,
+ResNet-18, ResNet-50 and ViT need no fallback (tested).
 
 A target ``v`` is a dict ``{parameter name: tensor}`` shaped like ``model.named_parameters()``.
 """
@@ -24,6 +28,7 @@ A target ``v`` is a dict ``{parameter name: tensor}`` shaped like ``model.named_
 from __future__ import annotations
 
 import logging
+import operator
 import weakref
 from collections.abc import Callable
 from typing import Any
@@ -33,6 +38,8 @@ import torch.nn.functional as F
 from torch import Tensor, fx, nn
 from torch.func import functional_call, jvp
 from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from mirage.models.base import ImageClassifier, Normalize
 
 Direction = dict[str, Tensor]
 log = logging.getLogger(__name__)
@@ -178,83 +185,43 @@ def _tiled_max_pool(
     return y, dy
 
 
+ModuleRule = Callable[[Any, Tensor, "Tensor | None", Direction, str], "Tangent | None"]
+Tangent = tuple[Tensor, "Tensor | None"]
+MODULE_RULES: dict[type, ModuleRule] = {}
+"""The fused forward-mode rules by layer type (looked up along the class's MRO): ``rule(module, x,
+dx, v, prefix)`` gives (module(x), its tangent along input tangent ``dx`` (``None`` = 0) and the
+parameter tangent ``v``), or ``None`` when the module's settings are outside the rule (then the
+traced graph, or ``torch.func.jvp``, takes it)."""
+
+
+def module_rule(*types: type) -> Callable[[ModuleRule], ModuleRule]:
+    """Register a fused rule for layers of ``types`` (Opacus registers its per-sample gradient
+    rules the same way)."""
+
+    def register(rule: ModuleRule) -> ModuleRule:
+        for kind in types:
+            MODULE_RULES[kind] = rule
+        return rule
+
+    return register
+
+
+def _rule_for(module: nn.Module) -> ModuleRule | None:
+    for kind in type(module).__mro__:
+        if (rule := MODULE_RULES.get(kind)) is not None:
+            return rule
+    return None
+
+
 def _tangent(
     module: nn.Module, x: Tensor, dx: Tensor | None, v: Direction, prefix: str
 ) -> tuple[Tensor, Tensor | None]:
     """(module(x), d module(x)) along input tangent ``dx`` (None = 0) and parameter tangent
-    ``v``."""
-    from mirage.models.base import ImageClassifier, Normalize
-
-    def p(name: str) -> Tensor | None:
-        return v.get(prefix + name)
-
-    if isinstance(module, ImageClassifier):
-        for part in ("normalize", "body", "classifier"):
-            x, dx = _tangent(getattr(module, part), x, dx, v, f"{prefix}{part}.")
-        return x, dx
-    if isinstance(module, nn.Sequential):
-        children = list(module.named_children())
-        for i in range(len(children) - 1):
-            # max-pool commutes with ReLU (monotone), primal and tangent alike: pool first,
-            # 4x less work
-            if isinstance(children[i][1], nn.ReLU) and isinstance(children[i + 1][1], nn.MaxPool2d):
-                children[i], children[i + 1] = children[i + 1], children[i]
-        for name, child in children:
-            x, dx = _tangent(child, x, dx, v, f"{prefix}{name}.")
-        return x, dx
-    if isinstance(module, Normalize):
-        return module(x), None if dx is None else dx / module.std
-    if isinstance(module, nn.Conv2d) and module.groups == 1 and module.padding_mode == "zeros":
-        stride, padding, dilation = module.stride, module.padding, module.dilation
-
-        def op(inp: Tensor, w: Tensor) -> Tensor:
-            return F.conv2d(inp, w, None, stride=stride, padding=padding, dilation=dilation)
-
-        def ones_op(inp: Tensor) -> Tensor:
-            box = torch.ones(1, 1, *module.kernel_size, dtype=inp.dtype, device=inp.device)
-            return F.conv2d(
-                inp.sum(1, keepdim=True),
-                box,
-                None,
-                stride=stride,
-                padding=padding,
-                dilation=dilation,
-            ).expand(-1, module.out_channels, -1, -1)
-
-        return _linear_like(
-            op, x, dx, module.weight, module.bias, v[prefix + "weight"], p("bias"), ones_op
-        )
-    if isinstance(module, nn.Linear):
-
-        def ones_linear(inp: Tensor) -> Tensor:
-            return inp.sum(-1, keepdim=True).expand(*inp.shape[:-1], module.out_features)
-
-        return _linear_like(
-            F.linear,
-            x,
-            dx,
-            module.weight,
-            module.bias,
-            v[prefix + "weight"],
-            p("bias"),
-            ones_linear,
-            channel_dim=-1,
-        )
-    if isinstance(module, nn.ReLU):
-        return F.relu(x), None if dx is None else torch.where(x > 0, dx, 0.0)
-    if isinstance(module, nn.MaxPool2d) and not module.ceil_mode and module.dilation == 1:
-        if tiled := _tiled_pool(module, x):
-            return _tiled_max_pool(x, dx, tiled)
-        y, index = F.max_pool2d(
-            x, module.kernel_size, module.stride, module.padding, return_indices=True
-        )
-        if dx is None:
-            return y, None
-        return y, dx.flatten(2).gather(2, index.flatten(2)).view_as(y)
-    if isinstance(module, nn.Flatten):
-        return module(x), None if dx is None else module(dx)
-    if isinstance(module, nn.Dropout | nn.Identity) and not module.training:
-        return x, dx
+    ``v``: the module's rule, else its traced graph walked node by node, else ``torch.func.jvp``
+    on it."""
+    rule = _rule_for(module)
+    if rule is not None and (out := rule(module, x, dx, v, prefix)) is not None:
+        return out
     if (graph := _graph_of(module)) is not None:
         try:
             return _graph_tangent(graph, module, x, dx, v, prefix)
@@ -268,6 +235,162 @@ def _tangent(
             )
             _GRAPHS[module] = None
     return _module_jvp(module, x, dx, v, prefix)
+
+
+@module_rule(ImageClassifier)
+def _classifier(module, x, dx, v, prefix):
+    for part in ("normalize", "body", "classifier"):
+        x, dx = _tangent(getattr(module, part), x, dx, v, f"{prefix}{part}.")
+    return x, dx
+
+
+@module_rule(Normalize)
+def _normalize(module, x, dx, v, prefix):
+    return module(x), None if dx is None else dx / module.std
+
+
+@module_rule(nn.Sequential)
+def _sequential(module, x, dx, v, prefix):
+    children = list(module.named_children())
+    for i in range(len(children) - 1):
+        # max-pool commutes with ReLU (monotone), primal and tangent alike: pool first, 4x less work
+        if isinstance(children[i][1], nn.ReLU) and isinstance(children[i + 1][1], nn.MaxPool2d):
+            children[i], children[i + 1] = children[i + 1], children[i]
+    for name, child in children:
+        x, dx = _tangent(child, x, dx, v, f"{prefix}{name}.")
+    return x, dx
+
+
+@module_rule(nn.Conv2d)
+def _conv2d(module, x, dx, v, prefix):
+    if module.groups != 1 or module.padding_mode != "zeros":
+        return None
+    stride, padding, dilation = module.stride, module.padding, module.dilation
+
+    def op(inp: Tensor, w: Tensor) -> Tensor:
+        return F.conv2d(inp, w, None, stride=stride, padding=padding, dilation=dilation)
+
+    def ones_op(inp: Tensor) -> Tensor:
+        box = torch.ones(1, 1, *module.kernel_size, dtype=inp.dtype, device=inp.device)
+        return F.conv2d(
+            inp.sum(1, keepdim=True), box, None, stride=stride, padding=padding, dilation=dilation
+        ).expand(-1, module.out_channels, -1, -1)
+
+    return _linear_like(
+        op, x, dx, module.weight, module.bias, v[prefix + "weight"], v.get(prefix + "bias"), ones_op
+    )
+
+
+@module_rule(nn.Linear)
+def _linear(module, x, dx, v, prefix):
+    def ones_linear(inp: Tensor) -> Tensor:
+        return inp.sum(-1, keepdim=True).expand(*inp.shape[:-1], module.out_features)
+
+    return _linear_like(
+        F.linear,
+        x,
+        dx,
+        module.weight,
+        module.bias,
+        v[prefix + "weight"],
+        v.get(prefix + "bias"),
+        ones_linear,
+        channel_dim=-1,
+    )
+
+
+@module_rule(nn.ReLU)
+def _relu_module(module, x, dx, v, prefix):
+    return _relu(x, dx)
+
+
+@module_rule(nn.MaxPool2d)
+def _max_pool(module, x, dx, v, prefix):
+    if module.ceil_mode or module.dilation != 1:
+        return None
+    if tiled := _tiled_pool(module, x):
+        return _tiled_max_pool(x, dx, tiled)
+    y, index = F.max_pool2d(
+        x, module.kernel_size, module.stride, module.padding, return_indices=True
+    )
+    if dx is None:
+        return y, None
+    return y, dx.flatten(2).gather(2, index.flatten(2)).view_as(y)
+
+
+@module_rule(nn.Flatten, nn.AdaptiveAvgPool2d, nn.AvgPool2d)
+def _linear_map(module, x, dx, v, prefix):
+    """A parameter-free linear map: the tangent goes through it as the input does."""
+    return module(x), None if dx is None else module(dx)
+
+
+@module_rule(nn.Dropout, nn.Identity)
+def _identity(module, x, dx, v, prefix):
+    return None if module.training else (x, dx)
+
+
+def _add(dy: Tensor | None, term: Tensor | None) -> Tensor | None:
+    return term if dy is None else dy if term is None else dy + term
+
+
+@module_rule(nn.BatchNorm2d)
+def _batch_norm(module, x, dx, v, prefix):
+    """Eval-mode batch norm, y = x̂·γ + β with x̂ = (x − μ)/√(σ² + ε) from the running statistics:
+    dy = dx·γ/√(σ² + ε) + x̂·v_γ + v_β."""
+    if module.training or module.running_mean is None or module.running_var is None:
+        return None
+    shape = (1, -1, 1, 1)
+    inv = (module.running_var + module.eps).rsqrt().view(shape)
+    x_hat = (x - module.running_mean.view(shape)) * inv
+    y, dy = x_hat, None if dx is None else dx * inv
+    if module.weight is not None:
+        y = y * module.weight.view(shape) + module.bias.view(shape)
+        dy = None if dy is None else dy * module.weight.view(shape)
+        if (v_weight := v.get(prefix + "weight")) is not None:
+            dy = _add(dy, x_hat * v_weight.view(shape))
+        if (v_bias := v.get(prefix + "bias")) is not None:
+            dy = _add(dy, v_bias.view(shape).expand_as(y))
+    return y, dy
+
+
+@module_rule(nn.LayerNorm)
+def _layer_norm(module, x, dx, v, prefix):
+    """y = x̂·γ + β over the last dimensions, x̂ = (x − mean)/√(var + ε):
+    dx̂ = (dx − mean(dx) − x̂·mean(x̂·dx)) / √(var + ε)."""
+    dims = tuple(range(-len(module.normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    inv = (x.var(dims, unbiased=False, keepdim=True) + module.eps).rsqrt()
+    x_hat = (x - mean) * inv
+    dx_hat = (
+        None
+        if dx is None
+        else (dx - dx.mean(dims, keepdim=True) - x_hat * (x_hat * dx).mean(dims, keepdim=True))
+        * inv
+    )
+    if not module.elementwise_affine:
+        return x_hat, dx_hat
+    y = x_hat * module.weight
+    dy = None if dx_hat is None else dx_hat * module.weight
+    if (v_weight := v.get(prefix + "weight")) is not None:
+        dy = _add(dy, x_hat * v_weight)
+    if module.bias is not None:
+        y = y + module.bias
+        if (v_bias := v.get(prefix + "bias")) is not None:
+            dy = _add(dy, v_bias.expand_as(y))
+    return y, dy
+
+
+@module_rule(nn.GELU)
+def _gelu(module, x, dx, v, prefix):
+    """GELU(x) = x·Φ(x): dy = dx·(Φ(x) + x·φ(x)) (the exact, erf form)."""
+    if module.approximate != "none":
+        return None
+    y = F.gelu(x)
+    if dx is None:
+        return y, None
+    cdf = 0.5 * (1 + torch.erf(x * 0.5**0.5))
+    pdf = torch.exp(-0.5 * x * x) * (2 * torch.pi) ** -0.5
+    return y, dx * (cdf + x * pdf)
 
 
 def _module_jvp(
@@ -289,8 +412,6 @@ class _Leaves(fx.Tracer):
     them."""
 
     def is_leaf_module(self, m: nn.Module, qualified_name: str) -> bool:
-        from mirage.models.base import ImageClassifier, Normalize
-
         return isinstance(m, ImageClassifier | Normalize) or super().is_leaf_module(
             m, qualified_name
         )
@@ -312,6 +433,98 @@ def _graph_of(module: nn.Module) -> fx.Graph | None:
     return _GRAPHS[module]
 
 
+FunctionRule = Callable[[list, dict, list, dict], "Tangent | None"]
+FUNCTION_RULES: dict[Any, FunctionRule] = {}
+"""The fused rules of calls in a traced graph, by target (a function, or a method's name):
+``rule(args, kwargs, d_args, d_kwargs)`` with the primal arguments and their tangents (``None``
+where an argument carries none) gives (the call's value, its tangent), or ``None`` when the call
+is outside the rule (then ``torch.func.jvp`` takes that call)."""
+
+
+def function_rule(*targets: Any) -> Callable[[FunctionRule], FunctionRule]:
+    def register(rule: FunctionRule) -> FunctionRule:
+        for target in targets:
+            FUNCTION_RULES[target] = rule
+        return rule
+
+    return register
+
+
+def _broadcast(tangent: Tensor | None, shape: torch.Size) -> Tensor | None:
+    if tangent is None or tangent.shape == shape:
+        return tangent
+    return tangent.expand(shape)
+
+
+@function_rule(operator.add, torch.add, "add")
+def _sum(args, kwargs, d_args, d_kwargs):
+    if kwargs or len(args) != 2:
+        return None
+    y = args[0] + args[1]
+    return y, _broadcast(_add(d_args[0], d_args[1]), y.shape) if isinstance(y, Tensor) else None
+
+
+@function_rule(operator.sub, torch.sub, "sub")
+def _difference(args, kwargs, d_args, d_kwargs):
+    if kwargs or len(args) != 2:
+        return None
+    y = args[0] - args[1]
+    minus = None if d_args[1] is None else -d_args[1]
+    return y, _broadcast(_add(d_args[0], minus), y.shape) if isinstance(y, Tensor) else None
+
+
+@function_rule(operator.mul, torch.mul, "mul")
+def _product(args, kwargs, d_args, d_kwargs):
+    if kwargs or len(args) != 2:
+        return None
+    (a, b), (da, db) = args, d_args
+    y = a * b
+    dy = _add(None if da is None else da * b, None if db is None else a * db)
+    return y, _broadcast(dy, y.shape) if isinstance(y, Tensor) else None
+
+
+@function_rule(operator.truediv, torch.div, "div")
+def _quotient(args, kwargs, d_args, d_kwargs):
+    if kwargs or len(args) != 2 or d_args[1] is not None:
+        return None  # a moving divisor: the generic route
+    y = args[0] / args[1]
+    return y, None if d_args[0] is None else d_args[0] / args[1]
+
+
+@function_rule(operator.matmul, torch.matmul, "matmul")
+def _matrix_product(args, kwargs, d_args, d_kwargs):
+    if kwargs or len(args) != 2:
+        return None
+    (a, b), (da, db) = args, d_args
+    return a @ b, _add(None if da is None else da @ b, None if db is None else a @ db)
+
+
+@function_rule(torch.softmax, F.softmax, "softmax")
+def _softmax(args, kwargs, d_args, d_kwargs):
+    """s = softmax(x): ds = s·(dx − Σ s·dx) along ``dim``."""
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+    if dim is None or set(kwargs) - {"dim"} or len(args) > 2 or d_args[0] is None:
+        return None
+    s = torch.softmax(args[0], dim=dim)
+    dx = d_args[0]
+    return s, s * (dx - (s * dx).sum(dim, keepdim=True))
+
+
+@function_rule(torch.cat)
+def _concatenate(args, kwargs, d_args, d_kwargs):
+    dim = kwargs.get("dim", args[1] if len(args) > 1 else 0)
+    if set(kwargs) - {"dim"} or not isinstance(args[0], list | tuple):
+        return None
+    parts, d_parts = args[0], d_args[0]
+    y = torch.cat(parts, dim=dim)
+    if all(d is None for d in d_parts):
+        return y, None
+    return y, torch.cat(
+        [torch.zeros_like(p) if d is None else d for p, d in zip(parts, d_parts, strict=True)],
+        dim=dim,
+    )
+
+
 _RELU = {F.relu, torch.relu, "relu"}
 _SHAPE_OPS = {
     torch.flatten,
@@ -330,6 +543,8 @@ _SHAPE_OPS = {
     "contiguous",
     "view_as",
     "reshape_as",
+    "expand",
+    operator.getitem,
 }
 _IDENTITY = {F.dropout, F.dropout2d}
 _NO_TANGENT = {"size", "dim", "numel", getattr, len}
@@ -443,7 +658,7 @@ def _graph_tangent(
                     node, key, primal, lambda a, f=first: tangent(a) if a is f else primal(a)
                 )
             else:
-                env[node] = _call_jvp(node, key, primal, tangent)
+                env[node] = _call_rule(node, key, primal, tangent)
         else:
             raise ValueError(f"unsupported graph node {node.format_node()}")
         for finished in done_with.get(node, ()):  # free activations early, as a Sequential does
@@ -490,6 +705,35 @@ def _apply(node: fx.Node, key: Any, primal, other) -> tuple[Any, Any]:
 
     first = node.args[0]
     return call(primal), None if other(first) is None else call(other)
+
+
+def _call_rule(node: fx.Node, key: Any, primal, tangent) -> tuple[Any, Any]:
+    """A call by its fused rule (:data:`FUNCTION_RULES`) when it has one that takes it, else by
+    :func:`_call_jvp`."""
+    rule = FUNCTION_RULES.get(key) if _hashable(key) else None
+    if rule is not None:
+        args = [_tree(primal, a) for a in node.args]
+        kwargs = {k: _tree(primal, a) for k, a in node.kwargs.items()}
+        d_args = [_tree(tangent, a) for a in node.args]
+        d_kwargs = {k: _tree(tangent, a) for k, a in node.kwargs.items()}
+        if (out := rule(args, kwargs, d_args, d_kwargs)) is not None:
+            return out
+    return _call_jvp(node, key, primal, tangent)
+
+
+def _hashable(key: Any) -> bool:
+    try:
+        hash(key)
+    except TypeError:
+        return False
+    return True
+
+
+def _tree(of: Callable[[Any], Any], arg: Any) -> Any:
+    """``of`` applied to a call argument, through lists and tuples (``torch.cat``'s tensors)."""
+    if isinstance(arg, list | tuple):
+        return type(arg)(of(a) for a in arg)
+    return of(arg)
 
 
 def _call_jvp(node: fx.Node, key: Any, primal, tangent) -> tuple[Any, Any]:

@@ -64,7 +64,7 @@ class Tokens(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         patches = self.embed(x).flatten(2).transpose(1, 2)
-        return torch.cat([self.cls.expand(len(x), -1, -1), patches], dim=1) + self.position
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), patches], dim=1) + self.position
 
 
 class ClassToken(nn.Module):
