@@ -28,10 +28,10 @@ from mirage.data import load_dataset
 from mirage.defenses import create_defense
 from mirage.models import create_model
 from mirage.models.fit import GRAD2_RECIPE, fit
+from mirage.ownership.behaviour import verify
 from mirage.scenarios import get_scenario
 from mirage.training.surrogate import SurrogateConfig, get_surrogate
 from mirage.training.victim import get_victim
-from mirage.verify import verify
 
 log = logging.getLogger("grad2_knockoff")
 

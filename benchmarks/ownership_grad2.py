@@ -7,11 +7,11 @@ within an L1 budget ε. At ε = 0.5 the top-1 rarely moves, so a hard-label thie
 victim's labels; at ε = 2 (the whole simplex) the redirection may put any label on top. Per
 scenario and ε: the defender's accuracy and how many answers' top-1 moved (test set, thief's
 pool), then Knockoff 15k through the defense by the soft and the hard-label thief (the
-worst_case profile's clone recipe, seed 0), each clone tested with ``mirage.verify`` (the
-behaviour's log-likelihood against undefended clones, soft and hard-label, of ``--null-seeds``
-seeds; a Student-t p-value) and its match rate on the behaviour set. The keyed watermark's
-figures for the same thieves are in ownership.jsonl. One JSON line per entry of
-results/ownership/grad2_reprogramming.jsonl; a re-run skips what is there.
+worst_case profile's clone recipe, seed 0), each clone tested with
+``mirage.ownership.behaviour`` (the behaviour's log-likelihood against undefended clones, soft
+and hard-label, of ``--null-seeds`` seeds; a Student-t p-value) and its match rate on the
+behaviour set. The keyed watermark's figures for the same thieves are in ownership.jsonl. One
+JSON line per entry of results/ownership/grad2_reprogramming.jsonl; a re-run skips what is there.
 
     python benchmarks/ownership_grad2.py --scenario mnist --scenario fmnist-id
 """
@@ -41,10 +41,10 @@ from mirage.bench.config import load_config
 from mirage.data import load_dataset
 from mirage.defenses import create_defense
 from mirage.models.base import clean_posteriors
+from mirage.ownership.behaviour import verify
 from mirage.scenarios import get_scenario, query_pool
 from mirage.training.resolve import DefenseSpec, resolve_params
 from mirage.training.victim import get_victim
-from mirage.verify import verify
 
 log = logging.getLogger("ownership_grad2")
 BEHAVIOUR = {"source_class": 1, "target_class": 8, "size": 20}

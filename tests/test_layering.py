@@ -29,9 +29,8 @@ LAYERS: list[set[str]] = [
     {"scenarios"},  # a victim, its recipe and the attacker's data
     {
         "defenses",
-        "verify",
         "ownership",
-    },  # query-time defenses; verification of their watermarks; ownership evidence
+    },  # query-time defenses; ownership evidence (keyed watermarks, GRAD²'s behaviour test)
     {"api"},  # a defended model behind a query budget
     {"training"},  # victims, surrogates, training-time defenses, the defense resolver
     {"attacks"},  # model stealing and the clone

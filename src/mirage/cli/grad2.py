@@ -226,7 +226,7 @@ def _verify_ownership(
 ) -> None:
     import json
 
-    from mirage.ownership import derive_key, layer_name, layered_watermarks, name_the_thief
+    from mirage.ownership import verify_clients
     from mirage.serve.config import load_config
     from mirage.serve.evidence import EvidenceStore
 
@@ -247,21 +247,17 @@ def _verify_ownership(
         raise typer.BadParameter(
             f"no evidence at {served.ownership.evidence}: the service has not answered yet"
         )
-    num_classes = int(model.num_classes)
-    layers = served.ownership.watermark
-    watermarks = {
-        name: watermark
-        for c in served.clients
-        for name, watermark in layered_watermarks(
-            derive_key(secret, c.name), c.name, layers, num_classes
-        ).items()
-    }
-    groups = [
-        [layer_name(c, i) for c in g] for g in groups for i in range(len(layers))
-    ]  # one per layer
     evidence = EvidenceStore(served.ownership.evidence, served.ownership.max_items)
     try:
-        tests = name_the_thief(model, evidence, watermarks, groups=groups, alpha=alpha)
+        tests = verify_clients(
+            model,
+            secret,
+            [c.name for c in served.clients],
+            served.ownership.watermark,
+            evidence,
+            groups=groups,
+            alpha=alpha,
+        )
     except ValueError as error:
         raise typer.BadParameter(str(error)) from error
     finally:
@@ -295,8 +291,8 @@ def _verify_behaviour(
 
     from mirage.data import load_dataset
     from mirage.models import load_checkpoint
+    from mirage.ownership.behaviour import verify
     from mirage.scenarios import WatermarkSet, behaviour_set
-    from mirage.verify import verify
 
     try:
         if config is not None:

@@ -6,7 +6,7 @@ surrogate's ``named_parameters()``.
   attacker's training (the *coordinated* defense, the default).
 - ``min-ip``: v = −g(y), against the clean batch gradient (uncoordinated, untargeted).
 - ``watermark``: v = ∇_θ (1/M) Σ_w log p_θ(y_w|x_w) for a behaviour set {(x_w, y_w)} — the clone
-  learns that behaviour (reprogramming; verified later by :mod:`mirage.verify`).
+  learns that behaviour (reprogramming; verified later by :mod:`mirage.ownership.behaviour`).
 - ``unlearn``: v = −∇_θ (1/M) Σ_m log p_θ(y_m|x_m) on a labelled reference set of the defender's
   own data — one fixed direction (coordinated, like all-ones) that lowers the likelihood of the
   true labels (untargeted, like min-ip). mirage's, not the paper's: on a LeNet the all-ones

@@ -1,13 +1,15 @@
 """Ownership evidence that reaches hard-label clones and names the API key that leaked
 (docs/design.md §ownership): a keyed watermark on a small, jitter-stable fraction of queries
 (:mod:`.watermark`), the bounded evidence it leaves (:mod:`.evidence`), and a test with an exact
-null (:mod:`.verification`)."""
+null (:mod:`.verification`); and the test of GRAD²'s reprogrammed behaviour against clean models
+(:mod:`.behaviour`)."""
 
 from mirage.ownership.evidence import Evidence
 from mirage.ownership.verification import (
     OwnershipTest,
     match_pvalue,
     name_the_thief,
+    verify_clients,
     verify_key,
     verify_keys,
 )
@@ -36,6 +38,7 @@ __all__ = [
     "layered_watermarks",
     "match_pvalue",
     "name_the_thief",
+    "verify_clients",
     "verify_key",
     "verify_keys",
     "watermark_layers",

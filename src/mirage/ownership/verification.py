@@ -36,7 +36,14 @@ from torch import Tensor, nn
 
 from mirage.models.base import clean_posteriors
 from mirage.ownership.evidence import EvidenceItems
-from mirage.ownership.watermark import KeyedWatermark
+from mirage.ownership.watermark import (
+    KeyedWatermark,
+    WatermarkConfig,
+    derive_key,
+    layer_name,
+    layered_watermarks,
+    watermark_layers,
+)
 
 RESOLUTION = 16
 """The probability statistic's scores are round(RESOLUTION · p(k | x)): integers, so that the null
@@ -244,3 +251,34 @@ def name_the_thief(
         verify_keys(suspect, parts(g), client=",".join(g), tests=count, alpha=alpha) for g in groups
     ]
     return sorted(tests, key=lambda t: (t.p_value, t.client))
+
+
+def verify_clients(
+    suspect: nn.Module,
+    secret: bytes,
+    clients: Sequence[str],
+    layers: WatermarkConfig | Sequence[WatermarkConfig],
+    evidence: EvidenceItems,
+    *,
+    groups: Sequence[Sequence[str]] = (),
+    alpha: float = 1e-6,
+) -> list[OwnershipTest]:
+    """What ``mirage verify`` runs: ``suspect`` tested against every layer of every client's
+    watermark, each key derived from the service's ``secret`` as the service derives it, on the
+    ``evidence`` the service kept, and against each of ``groups`` (client names; pooled layer by
+    layer). See :func:`name_the_thief`."""
+    if not hasattr(suspect, "num_classes"):
+        raise ValueError(
+            "the suspect must say its number of classes (num_classes), as mirage's loaders do"
+        )
+    layers = watermark_layers(layers)
+    num_classes: int = suspect.num_classes  # type: ignore[assignment]  # a loader's int
+    watermarks = {
+        name: watermark
+        for client in clients
+        for name, watermark in layered_watermarks(
+            derive_key(secret, client), client, layers, num_classes
+        ).items()
+    }
+    pooled = [[layer_name(c, i) for c in group] for group in groups for i in range(len(layers))]
+    return name_the_thief(suspect, evidence, watermarks, groups=pooled, alpha=alpha)

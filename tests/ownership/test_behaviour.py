@@ -10,7 +10,7 @@ import torch
 from mirage.data import load_dataset
 from mirage.models import create_model
 from mirage.models.fit import TrainConfig, fit
-from mirage.verify import behaviour_statistics, verify
+from mirage.ownership.behaviour import behaviour_statistics, verify
 
 CONFIG = TrainConfig(epochs=2, batch_size=64, lr=0.05, seed=0)
 
