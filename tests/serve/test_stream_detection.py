@@ -271,7 +271,8 @@ def test_switch_keeps_the_ownership_watermark(tmp_path, checkpoints):
     try:
         defenses = service.defenses
         normal, alarmed = defenses.key("alice"), defenses.key("alice", alarmed=True)
-        assert normal == "alice" and alarmed not in {normal, defenses.key("bob", alarmed=True)}
+        assert normal.client == "alice" and not normal.alarm
+        assert alarmed not in {normal, defenses.key("bob", alarmed=True)}
         plain, switched = defenses(normal), defenses(alarmed)
         assert switched is defenses(alarmed) and switched is not plain
         for wrapper in (plain, switched):

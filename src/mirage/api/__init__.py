@@ -1,5 +1,6 @@
 """Prediction APIs: the interface attacks use, the in-process implementation, evaluation."""
 
+from mirage.api.alarm import AlarmAction, AlarmPolicy
 from mirage.api.base import (
     PredictionAPI,
     QueryBudgetExceeded,
@@ -12,6 +13,8 @@ from mirage.api.evaluate import DefendedAccuracy, accuracy, defended_accuracy
 from mirage.api.inprocess import InProcessAPI, clean_posteriors
 
 __all__ = [
+    "AlarmAction",
+    "AlarmPolicy",
     "DefendedAccuracy",
     "InProcessAPI",
     "PradaConfig",

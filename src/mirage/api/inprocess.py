@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import copy
 import time
-from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
-from mirage.api.base import QueryBudgetExceeded, QueryLedger, QueryRefused, check_images
+from mirage.api.alarm import AlarmAction, AlarmPolicy
+from mirage.api.base import QueryBudgetExceeded, QueryLedger, check_images
 from mirage.api.detection import PradaDetector
 from mirage.defenses.base import Defense
 from mirage.models.base import clean_posteriors
@@ -31,7 +31,8 @@ class InProcessAPI:
             client ``client`` (several APIs may share one detector, one client each).
         on_alarm: once the detector has alarmed for this client: ``"flag"`` (answer as before;
             :attr:`alarmed` says so), ``"refuse"`` (raise :class:`QueryRefused`, nothing spent)
-            or ``"switch"`` (answer with ``alarm_defense`` from then on).
+            or ``"switch"`` (answer with ``alarm_defense`` from then on): the service's
+            :class:`~mirage.api.alarm.AlarmPolicy`.
     """
 
     def __init__(
@@ -43,12 +44,11 @@ class InProcessAPI:
         batch_size: int = 256,
         detector: PradaDetector | None = None,
         client: str = "default",
-        on_alarm: Literal["flag", "refuse", "switch"] = "flag",
+        on_alarm: AlarmAction = "flag",
         alarm_defense: Defense | None = None,
         input_shape: tuple[int, int, int] | None = None,
     ) -> None:
-        if on_alarm == "switch" and alarm_defense is None:
-            raise ValueError("on_alarm='switch' needs alarm_defense")
+        self.alarm_policy = AlarmPolicy(on_alarm, has_alarm_defense=alarm_defense is not None)
         self.detector, self.client, self.on_alarm = detector, client, on_alarm
         self.alarm_defense = alarm_defense
         if query_budget is not None and query_budget < 0:
@@ -113,17 +113,14 @@ class InProcessAPI:
                 f"request of {x.shape[0]} queries exceeds the remaining budget of "
                 f"{self.queries_left}"
             )
-        if self.alarmed and self.on_alarm == "refuse":
-            raise QueryRefused(
-                f"client {self.client!r} is refused: its query stream raised an alarm"
-            )
+        self.alarm_policy.admit(self.client, self.alarmed)
         answers = []
         for chunk in x.split(self.batch_size):
             start = time.perf_counter()
             clean = clean_posteriors(self.model, chunk)
             mid = time.perf_counter()
             defense = (
-                self.alarm_defense if self.alarmed and self.on_alarm == "switch" else self.defense
+                self.alarm_defense if self.alarm_policy.switched(self.alarmed) else self.defense
             )
             served = clean if defense is None else defense(chunk, clean)
             self.ledger.model_seconds += mid - start

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,7 +51,7 @@ class Answer:
 
 @dataclass
 class Job:
-    key: str
+    key: Hashable
     x: Tensor
     client: str = ""
     future: Future = field(default_factory=Future)
@@ -74,7 +74,7 @@ class MicroBatcher:
     def __init__(
         self,
         model: nn.Module,
-        defense_for: Callable[[str], Defense | None],
+        defense_for: Callable[[Any], Defense | None],
         *,
         max_images: int = 256,
         max_wait: float = 0.002,
@@ -128,7 +128,7 @@ class MicroBatcher:
             if job.future.set_running_or_notify_cancel():
                 job.future.set_exception(RuntimeError("the micro-batcher stopped"))
 
-    def submit(self, key: str, x: Tensor, client: str = "") -> Future:
+    def submit(self, key: Hashable, x: Tensor, client: str = "") -> Future:
         """Queue ``x`` (B, C, H, W) of ``client`` for the defense instance ``key``; the future
         yields an :class:`Answer`. Cancel it to drop the job if no worker has taken it yet."""
         if not self.alive:
@@ -223,7 +223,7 @@ class MicroBatcher:
         for job in jobs:
             offsets.append(offset)
             offset += len(job.x)
-        groups: dict[str, list[int]] = {}
+        groups: dict[Hashable, list[int]] = {}
         for index, job in enumerate(jobs):
             groups.setdefault(job.key, []).append(index)
         with self._defense_lock:
@@ -233,7 +233,7 @@ class MicroBatcher:
                 )
 
     def _defend(
-        self, key: str, jobs: list[Job], offsets: list[int], x: Tensor, clean: Tensor
+        self, key: Hashable, jobs: list[Job], offsets: list[int], x: Tensor, clean: Tensor
     ) -> None:
         """One defense call for ``jobs`` (all of instance ``key``); each gets its rows and the
         evidence records of its rows."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import zlib
-from typing import Any
+from typing import Any, NamedTuple
 
 from torch import Tensor, nn
 
@@ -22,8 +22,16 @@ from mirage.scenarios import Scenario, get_scenario
 from mirage.serve.config import DefenseConfig, ModelConfig, OwnershipConfig, ServeConfig
 from mirage.training.resolve import resolve_params, resolve_victims
 
-SHARED = "*"
-ALARM = "\x00alarm"  # suffix of an alarmed client's key (never in a client name)
+
+class InstanceKey(NamedTuple):
+    """Which defense instance answers a job (the micro-batcher's key): ``client``'s own, or
+    ``SHARED`` for a defense every client shares; ``alarm``: of the alarm defense."""
+
+    client: str
+    alarm: bool = False
+
+
+SHARED = "*"  # never a client name (the config's name pattern has no '*')
 
 
 def load_model(
@@ -116,7 +124,7 @@ class ServedDefenses:
     ``alarm``: the defense a client is switched to once its query stream raised the detector's
     alarm (``detection.on_alarm = "switch"``, docs/design.md §detection), held as a second
     ``ServedDefenses`` (resolved by the same resolver, watermarked the same way). Its instances
-    are keyed ``key(client, alarmed=True)``, the alarm defense's key plus ``ALARM``, so the
+    are keyed ``key(client, alarmed=True)`` (an :class:`InstanceKey` with ``alarm`` set), so the
     micro-batcher never mixes an alarmed client's requests with anyone else's."""
 
     def __init__(
@@ -189,23 +197,25 @@ class ServedDefenses:
             benign_reference=self._reference,
         )
 
-    def key(self, client: str, *, alarmed: bool = False) -> str:
+    def key(self, client: str, *, alarmed: bool = False) -> InstanceKey:
         """The micro-batcher's key of ``client``'s defense instance; ``alarmed``: of its alarm
         defense (when there is one)."""
         if alarmed and self.alarm is not None:
-            return self.alarm.key(client) + ALARM
-        return client if self.spec.per_client or self.ownership is not None else SHARED
+            return self.alarm.key(client)._replace(alarm=True)
+        return InstanceKey(client if self.spec.per_client or self.ownership is not None else SHARED)
 
-    def __call__(self, key: str) -> Defense | None:
-        if self.alarm is not None and key.endswith(ALARM):
-            return self.alarm(key.removesuffix(ALARM))
+    def __call__(self, key: InstanceKey) -> Defense | None:
+        if key.alarm:
+            if self.alarm is None:
+                raise ValueError(f"no alarm defense for {key}")
+            return self.alarm(key._replace(alarm=False))
         if not self.enabled:
             return None
-        if key == SHARED:
+        if key.client == SHARED:
             return self.prototype
-        if key not in self._instances:
-            self._instances[key] = self._build(key)
-        return self._instances[key]
+        if key.client not in self._instances:
+            self._instances[key.client] = self._build(key.client)
+        return self._instances[key.client]
 
     def describe(self) -> dict[str, Any]:
         """The defense as metadata shows it: name, scalar parameters, contract, client sharing."""

@@ -31,6 +31,8 @@ import torch
 from fastapi import Request
 from starlette.datastructures import Headers
 
+from mirage.api.alarm import AlarmPolicy
+from mirage.api.base import QueryRefused
 from mirage.api.detection import ClientStream
 from mirage.devices import on_device, resolve_device
 from mirage.serve.audit import AuditLog
@@ -52,7 +54,13 @@ from mirage.serve.errors import (
     UpstreamError,
 )
 from mirage.serve.gateway import UpstreamModel
-from mirage.serve.loading import ServedDefenses, class_names, load_model, platform
+from mirage.serve.loading import (
+    InstanceKey,
+    ServedDefenses,
+    class_names,
+    load_model,
+    platform,
+)
 from mirage.serve.metrics import Metrics
 from mirage.serve.protocol import (
     HEADER_LENGTH,
@@ -200,7 +208,14 @@ class Service:
             alarm=detection.alarm_defense if detection is not None else None,
         )
         self.watch = StreamWatch(detection, self._alarm) if detection is not None else None
-        self._defense_alarms: set[str] = set()
+        self.alarm_policy = (
+            AlarmPolicy()
+            if detection is None
+            else AlarmPolicy(
+                detection.on_alarm, has_alarm_defense=detection.alarm_defense is not None
+            )
+        )
+        self._defense_alarms: set[InstanceKey] = set()
         self.keys = KeyRing(config.clients)
         self.quotas = open_store(config)
         self.audit = AuditLog(
@@ -483,7 +498,7 @@ class Service:
             detection.on_alarm,
         )
 
-    def _new_defense_alarm(self, key: str) -> int | None:
+    def _new_defense_alarm(self, key: InstanceKey) -> int | None:
         """Where the defense instance of ``key`` raised its own stream alarm
         (``Defense.stream_alarm``, e.g. gated GRAD²'s ``alarm_rate``) if it did and nobody has
         recorded it yet."""
@@ -549,10 +564,10 @@ class Service:
         stream raised an alarm and how many images it may still send (at most ``max_batch``)."""
         self.check_model(name, version)
         alarmed = self.watch is not None and self.watch.alarmed(client.name)
-        if alarmed and self.watch is not None and self.watch.config.on_alarm == "refuse":
-            raise QueryStreamRefused(
-                f"client {client.name!r} is refused: its query stream raised an alarm"
-            )
+        try:
+            self.alarm_policy.admit(client.name, alarmed)
+        except QueryRefused as refused:
+            raise QueryStreamRefused(str(refused)) from None
         limits = self.config.limits
         room = await self._nothing_charged(self.quotas.headroom, client)
         return alarmed, limits.max_batch if room is None else min(limits.max_batch, room)
@@ -583,7 +598,7 @@ class Service:
             n,
             on_late=lambda done: self._release_later(client, done[1]),
         )
-        key = self.defenses.key(client.name, alarmed=alarmed)
+        key = self.defenses.key(client.name, alarmed=self.alarm_policy.switched(alarmed))
         try:
             answer, gone = await self._computed(
                 hung_up, self.batcher.submit(key, torch.from_numpy(images), client.name)
