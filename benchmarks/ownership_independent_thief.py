@@ -27,6 +27,7 @@ skipped when present (resumable)::
 
     .venv/bin/python benchmarks/ownership_independent_thief.py --seeds 0 1 2
     .venv/bin/python benchmarks/ownership_independent_thief.py --table
+    .venv/bin/python benchmarks/ownership_independent_thief.py --seeds 0 1 2 --labels-only
 """
 
 from __future__ import annotations
@@ -163,6 +164,11 @@ def main() -> None:
     arguments.add_argument("--gap", type=float, default=0.3, help="near-tie: top-2 gap at most")
     arguments.add_argument("--threads", type=int, default=1)
     arguments.add_argument("--table", action="store_true", help="print the table and stop")
+    arguments.add_argument(
+        "--labels-only",
+        action="store_true",
+        help="print how often the victim's label on each seed's queries is the true one, and stop",
+    )
     args = arguments.parse_args()
     if args.table:
         return table()
@@ -170,6 +176,13 @@ def main() -> None:
     scenario = get_scenario("fmnist-id")
     victim = get_victim(scenario, train=False)[0].eval()
     pool, test = query_pool(scenario), load_dataset(scenario.victim_dataset).test
+    if args.labels_only:
+        for seed in args.seeds:
+            order = torch.randperm(len(pool.images), generator=torch.Generator().manual_seed(seed))
+            mine = order[:QUERIES]
+            truth = clean_posteriors(victim, pool.images[mine]).argmax(1) == pool.labels[mine]
+            print(f"seed {seed}: the victim's label is the true one on {truth.float().mean():.4f}")
+        return None
     done = set()
     if OUT.exists():
         done = {(r["seed"], r["model"]) for r in map(json.loads, OUT.read_text().splitlines())}
