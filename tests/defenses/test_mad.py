@@ -251,3 +251,25 @@ def test_cosine_fast_path_picks_the_vertex_of_the_general_objective(k, seed, b):
     clean[-1] = probs[-1]  # y = p: every vertex ties
     general = last_layer_vertex_objective(features_sq, probs, clean, "cosine").argmax(1)
     assert torch.equal(last_layer_cosine_vertex(features_sq.sqrt(), probs, clean), general)
+
+
+@pytest.mark.parametrize(
+    ("arch", "kwargs"),
+    [
+        ("resnet18", {"width": 4}),
+        ("resnet50", {"width": 2}),
+        ("vit", {"patch": 4, "dim": 16, "depth": 2, "heads": 2}),
+    ],
+)
+def test_last_layer_gram_on_resnets_and_a_vit_equals_the_autograd_reference(arch, kwargs):
+    """MAD's head hook (the last layer's closed form) on networks with batch norm, residual adds,
+    layer norm and attention equals the official code's per-class autograd Jacobians."""
+    torch.manual_seed(0)
+    shape = (3, 8, 8)
+    model = create_model(arch, shape, 6, [0.4] * 3, [0.3] * 3, **kwargs).double().eval()
+    x, y = batch(3, 6, 0, shape)
+    mad = create_defense("mad", epsilon=0.7, surrogate=model)
+    torch.testing.assert_close(
+        mad.gram(x, y), reference_gram(model, x, "last"), rtol=1e-6, atol=1e-9
+    )
+    torch.testing.assert_close(mad(x, y), original_mad(model, x, y, 0.7), rtol=0, atol=1e-6)
