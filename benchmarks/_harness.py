@@ -33,6 +33,23 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def runner_command(
+    config: Path, port: int, *, workers: int = 1, python: str = sys.executable
+) -> list[str]:
+    """The command that serves ``config`` on ``port`` (``python -m mirage.serve.runner``)."""
+    return [
+        python,
+        "-m",
+        "mirage.serve.runner",
+        "--config",
+        str(config),
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+    ]
+
+
 def start_mirage_server(
     config: dict,
     workdir: Path,
@@ -53,17 +70,7 @@ def start_mirage_server(
     log = workdir / f"serve-{name}.log"
     logfile = open(log, "w")  # noqa: SIM115 — closed with the process
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mirage.serve.runner",
-            "--config",
-            str(path),
-            "--port",
-            str(port),
-            "--workers",
-            str(workers),
-        ],
+        runner_command(path, port, workers=workers),
         stdout=logfile,
         stderr=subprocess.STDOUT,
         env={**os.environ, **(env or {})},

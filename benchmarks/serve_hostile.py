@@ -48,7 +48,15 @@ import torch
 
 from mirage.serve.auth import hash_key
 
-from _harness import REPO, free_port, lenet_checkpoint, parser, round_robin, write_json
+from _harness import (
+    REPO,
+    free_port,
+    lenet_checkpoint,
+    parser,
+    round_robin,
+    runner_command,
+    write_json,
+)
 
 SHAPE, K = (1, 28, 28), 10
 HEADER = "Inference-Header-Content-Length"
@@ -96,15 +104,7 @@ class Server:
 
         self.log = open(workdir / f"{name}.log", "w")  # noqa: SIM115 — closed in stop()
         self.proc = subprocess.Popen(
-            [
-                str(REPO / ".venv/bin/python"),
-                "-m",
-                "mirage.serve.runner",
-                "--config",
-                str(path),
-                "--port",
-                str(port),
-            ],
+            runner_command(path, port, python=str(REPO / ".venv/bin/python")),
             stdout=self.log,
             stderr=subprocess.STDOUT,
             env=env,

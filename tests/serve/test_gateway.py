@@ -525,6 +525,18 @@ GARBAGE = {  # name: (answer for n images, what the 502 says)
 }
 
 
+SCRIPTED = {
+    "model": "linear",
+    "num_classes": K,
+    "retries": 2,
+    "backoff_s": 0.01,
+    "timeout_s": 0.5,
+    "ready_cache_s": 0,
+}
+"""The scripted upstreams' gateway settings: 2 retries 10 ms apart, 0.5 s per attempt, readiness
+probed afresh each time."""
+
+
 @pytest.fixture
 def scripted(tmp_path, checkpoints):
     """A scripted upstream and a gateway in front of it (retries 2, backoff 10 ms, timeout
@@ -534,15 +546,7 @@ def scripted(tmp_path, checkpoints):
     config = gateway(
         tmp_path,
         checkpoints,
-        {
-            "url": fake.url,
-            "model": "linear",
-            "num_classes": K,
-            "retries": 2,
-            "backoff_s": 0.01,
-            "timeout_s": 0.5,
-            "ready_cache_s": 0,
-        },
+        {"url": fake.url, **SCRIPTED},
     )
     thread = ServerThread(create_app(config))
     url = thread.start()
@@ -791,15 +795,7 @@ def test_a_dripping_upstream_is_cut_at_the_deadline(tmp_path, checkpoints):
     config = gateway(
         tmp_path,
         checkpoints,
-        {
-            "url": fake.url,
-            "model": "linear",
-            "num_classes": K,
-            "retries": 2,
-            "backoff_s": 0.01,
-            "timeout_s": 0.5,
-            "deadline_s": 1.2,
-        },
+        {"url": fake.url, **SCRIPTED, "ready_cache_s": 1.0, "deadline_s": 1.2},
     )
     try:
         with ServerThread(create_app(config)) as url:
@@ -922,16 +918,7 @@ def grpc_scripted(tmp_path, checkpoints):
         config = gateway(
             tmp_path,
             checkpoints,
-            {
-                "url": fake.url,
-                "model": "linear",
-                "num_classes": K,
-                "retries": 2,
-                "backoff_s": 0.01,
-                "timeout_s": 0.5,
-                "ready_cache_s": 0,
-                **upstream,
-            },
+            {"url": fake.url, **SCRIPTED, **upstream},
         )
         threads.append(ServerThread(create_app(config)))
         return threads[-1].start()
