@@ -275,8 +275,9 @@ def out_of_distribution(seeds: list[int]) -> None:
     """``mnist``: the MNIST-digit victim served through the README's out-of-distribution
     watermark (answer buckets and templates) to alice; the thief sends 15k Fashion-MNIST images
     through alice's key and trains its own clone on the argmax; an innocent trains the same way on
-    the *unwatermarked* victim's argmax of the same images. Each is tested against alice's and
-    bob's keys on alice's evidence with the exact test (α = 1e-6 after correcting for 2 keys)."""
+    the *unwatermarked* victim's argmax of the same images; bob, an honest client, sends 5k other
+    images through his own key. Each model is tested against alice's and bob's keys, each on that
+    client's evidence, with the exact test (α = 1e-6 after correcting for 2 keys)."""
     from mirage.defenses import create_defense
     from mirage.ownership import (
         Evidence,
@@ -309,6 +310,18 @@ def out_of_distribution(seeds: list[int]) -> None:
         served = torch.cat(
             [defense(xs, cs) for xs, cs in zip(x.split(256), clean.split(256), strict=True)]
         )
+        # bob, an honest client with his own key, sends 5k other images: his evidence set is
+        # where a clone made through alice's key must never be named
+        bob = create_defense(
+            "watermarked",
+            key=derive_key(SECRET, "bob"),
+            client="bob",
+            config=config,
+            evidence=evidence,
+        )
+        others = pool.images[order[QUERIES : QUERIES + 5000]]
+        for xs in others.split(256):
+            bob(xs, clean_posteriors(victim, xs))
         probe = create_defense(
             "watermarked", key=derive_key(SECRET, "probe"), client="probe", config=config
         )
