@@ -860,7 +860,9 @@ NO_DEFENSE_ADVICE = (
     "No answer perturbation helps in this scenario. Serve the plain model and protect it "
     "otherwise: per-client quotas and rate limits (`mirage serve`'s API keys), query-stream "
     "detection (PRADA, the service's `detection` section), and ownership evidence — a watermark in "
-    "the answers, tested on a suspect clone with `mirage verify`."
+    "the answers, tested on a suspect clone with `mirage verify`. That evidence names a thief "
+    "whose clone memorises its answers; an in-distribution thief with an ordinary, early-stopped "
+    "recipe escapes it (results/ownership/README.md)."
 )
 
 LABELS_ONLY_BOUND = (
