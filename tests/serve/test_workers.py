@@ -106,7 +106,8 @@ def test_two_workers_on_one_port_answer_exactly_the_quota_over_rest_and_grpc(tmp
 def test_a_killed_worker_is_replaced_while_the_other_serves(tmp_path, checkpoints):
     server = ServerProcess(make_config(tmp_path, checkpoints), tmp_path, workers=2).start()
     try:
-        wait_for(lambda: len(workers_of(server.proc.pid)) == 2)
+        # both ready: a worker killed before it is ready stops the server (it could not start)
+        wait_for(lambda: server.log.read_text().count(" ready (pid ") == 2)
         first, second = workers_of(server.proc.pid)
         os.kill(first, signal.SIGKILL)  # a connection it had accepted would be reset: none here
         wait_for(lambda: first not in workers_of(server.proc.pid))

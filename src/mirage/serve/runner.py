@@ -454,6 +454,7 @@ def _worker(
     inherited socket until SIGTERM, and set ``ready`` once it accepts requests. A service that
     cannot start (a model not prepared, storage unreachable) says why in one line and exits
     with code 2."""
+    import os
     import sys
 
     import torch
@@ -480,6 +481,7 @@ def _worker(
             time.sleep(0.05)
         if server.started:
             ready.set()
+            print(f"worker {index} ready (pid {os.getpid()})", flush=True)
 
     threading.Thread(target=announce_ready, daemon=True).start()
     server.run(sockets=[sock])
