@@ -254,3 +254,59 @@ def test_ini_victim_trains_caches_and_loads_as_plain_model(isolated_cache):
     )
     with pytest.raises(ValueError):
         get_defended_victim(scenario, "nope")
+
+
+def test_a_killed_ini_training_resumes_to_the_weights_of_an_uninterrupted_one(tmp_path):
+    """Kill after the first of three epochs (the progress file is written, then the second epoch
+    raises); a second call resumes from the file and must end bit-identical to one uninterrupted
+    run, student, history and all, with the progress file's epoch count as its history."""
+    from mirage.data.base import ImageData
+    from mirage.training import ini as ini_module
+
+    x, y, _ = batch(n=40, seed=3)
+    train = ImageData(x, y)
+    ood = batch(n=56, seed=4)[2]  # 4 OOD batches a cycle, 6 drawn an epoch: the cycle straddles
+    config = IniConfig(
+        training=INI_VICTIM_TRAINING.model_copy(update={"epochs": 3, "batch_size": 16}),
+        patch_grid=2,
+    )
+
+    def run(progress_file=None, fail_in_epoch=None):
+        victim, student = tiny_pair(seed=5)
+        calls = {"n": 0}
+        real_step = ini_module.victim_step
+
+        def step(*args, **kwargs):
+            calls["n"] += 1
+            if fail_in_epoch is not None and calls["n"] > 3 * (fail_in_epoch - 1):
+                raise KeyboardInterrupt
+            return real_step(*args, **kwargs)
+
+        ini_module.victim_step = step
+        try:
+            stats = ini_module.train_ini(
+                victim,
+                student,
+                train,
+                ood,
+                config,
+                ood_transform=True,
+                show_progress=False,
+                progress_file=progress_file,
+            )
+        finally:
+            ini_module.victim_step = real_step
+        return victim, student, stats
+
+    reference_victim, reference_student, reference = run()
+    progress = tmp_path / "ini-progress.pt"
+    with pytest.raises(KeyboardInterrupt):
+        run(progress, fail_in_epoch=2)
+    assert len(torch.load(progress, weights_only=True)["history"]) == 1
+    victim, student, resumed = run(progress)
+    assert resumed["history"] == reference["history"]
+    for model, expected in ((victim, reference_victim), (student, reference_student)):
+        for (name, got), want in zip(
+            model.state_dict().items(), expected.state_dict().values(), strict=True
+        ):
+            assert torch.equal(got, want), name

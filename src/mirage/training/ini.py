@@ -329,8 +329,15 @@ def train_ini(
     *,
     ood_transform: bool,
     show_progress: bool = True,
+    progress_file: Path | None = None,
 ) -> dict:
-    """Run InI training in place on ``victim`` (and ``student``); returns per-epoch term means."""
+    """Run InI training in place on ``victim`` (and ``student``); returns per-epoch term means.
+
+    With ``progress_file`` the whole training state (both models, both optimizers, the schedule,
+    the random generator and the OOD cycle) is written there after every epoch, atomically, and a
+    run that finds the file resumes after its last finished epoch: a killed run loses at most one
+    epoch and ends with the weights an uninterrupted run would have had.
+    """
     tc = config.training
     generator = torch.Generator().manual_seed(tc.seed)
     steps = math.ceil(len(train) / tc.batch_size)
@@ -343,11 +350,30 @@ def train_ini(
         x = ood_batches.next()
         return patch_shuffle(x, config.patch_grid, generator) if ood_transform else x
 
-    history, start = [], time.perf_counter()
+    parts = {
+        "victim": victim,
+        "student": student,
+        "optimizer": optimizer,
+        "student_optimizer": s_optimizer,
+        "schedule": schedule,
+    }
+    history: list[dict] = []
+    done_epochs, earlier_seconds = 0, 0.0
+    if progress_file is not None and progress_file.exists():
+        saved = torch.load(progress_file, weights_only=True)
+        for name, part in parts.items():
+            part.load_state_dict(saved[name])
+        generator.set_state(saved["generator"])
+        ood_batches._batches = list(saved["ood_batches"])
+        history, done_epochs = saved["history"], len(saved["history"])
+        earlier_seconds = saved["seconds"]
+        log.info("InI: resuming after epoch %d/%d from %s", done_epochs, tc.epochs, progress_file)
+    start = time.perf_counter()
     victim.train()
     student.train()
     with progress_bar("InI victim", total=tc.epochs * steps, enabled=show_progress) as advance:
-        for epoch in range(tc.epochs):
+        advance(done_epochs * steps)
+        for epoch in range(done_epochs, tc.epochs):
             sums = dict.fromkeys(TERMS, 0.0)
             for index in torch.randperm(len(train), generator=generator).split(tc.batch_size):
                 values = victim_step(
@@ -368,16 +394,34 @@ def train_ini(
                 advance(1, loss=values["benign"])
             history.append({"epoch": epoch + 1, **{k: round(v, 6) for k, v in sums.items()}})
             log.info("InI epoch %d/%d: %s", epoch + 1, tc.epochs, history[-1])
+            if progress_file is not None:
+                state = {name: part.state_dict() for name, part in parts.items()}
+                state.update(
+                    generator=generator.get_state(),
+                    ood_batches=list(ood_batches._batches),
+                    history=history,
+                    seconds=earlier_seconds + time.perf_counter() - start,
+                )
+                progress_file.parent.mkdir(parents=True, exist_ok=True)
+                partial = progress_file.with_suffix(".tmp")
+                torch.save(state, partial)
+                partial.replace(progress_file)
     victim.eval()
     student.eval()
-    return {"history": history, "seconds": time.perf_counter() - start}
+    return {"history": history, "seconds": earlier_seconds + time.perf_counter() - start}
 
 
 def train_ini_victim(
-    scenario: Scenario, config: IniConfig, *, show_progress: bool = True, models: Path | None = None
+    scenario: Scenario,
+    config: IniConfig,
+    *,
+    show_progress: bool = True,
+    models: Path | None = None,
+    progress_file: Path | None = None,
 ) -> tuple[ImageClassifier, ModelCard]:
     """Train the scenario's victim with InI (no caching; see :mod:`mirage.training.registry`);
-    with ``init = "victim"`` it starts from the plain victim kept under ``models``."""
+    with ``init = "victim"`` it starts from the plain victim kept under ``models``; a killed run
+    resumes from ``progress_file`` (:func:`train_ini`)."""
     data = load_dataset(scenario.victim_dataset, scenario.data_root)
     train = data.train.sample(config.num_train, config.training.seed)
 
@@ -408,6 +452,7 @@ def train_ini_victim(
         config,
         ood_transform=config.ood == "patch-shuffle",
         show_progress=show_progress,
+        progress_file=progress_file,
     )
     card = ModelCard(
         architecture=scenario.architecture,

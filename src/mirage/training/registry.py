@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
@@ -60,10 +61,16 @@ class TrainingDefense(abc.ABC, Generic[C]):
 
     @abc.abstractmethod
     def train(
-        self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
+        self,
+        scenario: Scenario,
+        *,
+        show_progress: bool = True,
+        models: Path | None = None,
+        progress_dir: Path | None = None,
     ) -> tuple[ImageClassifier, ModelCard]:
         """Train the defended victim (no caching: :func:`get_defended_victim` caches); a model it
-        starts from (the plain victim) is kept under ``models``."""
+        starts from (the plain victim) is kept under ``models``; a training that can resume keeps
+        its progress in ``progress_dir`` (deleted once the victim is saved)."""
 
 
 _REGISTRY: Registry[TrainingDefense] = Registry("training-time defense")
@@ -82,7 +89,12 @@ class PlainVictim(TrainingDefense[NoConfig]):
     """The plain victim."""
 
     def train(
-        self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
+        self,
+        scenario: Scenario,
+        *,
+        show_progress: bool = True,
+        models: Path | None = None,
+        progress_dir: Path | None = None,
     ) -> tuple[ImageClassifier, ModelCard]:
         return train_model(
             scenario.architecture,
@@ -100,9 +112,20 @@ class Ini(TrainingDefense[IniConfig]):
     """InI: joint training against a student clone (Guo et al. 2023)."""
 
     def train(
-        self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
+        self,
+        scenario: Scenario,
+        *,
+        show_progress: bool = True,
+        models: Path | None = None,
+        progress_dir: Path | None = None,
     ) -> tuple[ImageClassifier, ModelCard]:
-        return train_ini_victim(scenario, self.params, show_progress=show_progress, models=models)
+        return train_ini_victim(
+            scenario,
+            self.params,
+            show_progress=show_progress,
+            models=models,
+            progress_file=None if progress_dir is None else progress_dir / "ini-progress.pt",
+        )
 
 
 @register_training_defense("dpsgd", params=DpsgdConfig)
@@ -110,7 +133,12 @@ class Dpsgd(TrainingDefense[DpsgdConfig]):
     """DP-SGD with Opacus (Abadi et al. 2016)."""
 
     def train(
-        self, scenario: Scenario, *, show_progress: bool = True, models: Path | None = None
+        self,
+        scenario: Scenario,
+        *,
+        show_progress: bool = True,
+        models: Path | None = None,
+        progress_dir: Path | None = None,
     ) -> tuple[ImageClassifier, ModelCard]:
         return train_dpsgd_victim(scenario, self.params, show_progress=show_progress)
 
@@ -183,12 +211,14 @@ def get_defended_victim(
         return model, card, True
     if not train:
         raise ModelNotPrepared(f"the {method} victim of scenario {scenario.name}", directory)
+    progress_dir = directory.with_name(directory.name + ".progress")
     model, card = (
         _REGISTRY.get(method)
         .cls(config)
-        .train(scenario, show_progress=show_progress, models=models)
+        .train(scenario, show_progress=show_progress, models=models, progress_dir=progress_dir)
     )
     save_checkpoint(model, card, directory)
+    shutil.rmtree(progress_dir, ignore_errors=True)
     log.info(
         "%s victim %s: test accuracy %.4f in %.0fs -> %s",
         method,
