@@ -51,7 +51,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -266,6 +266,40 @@ class _Cycle:
         return self.data[self._batches.pop()]
 
 
+def _save_progress(
+    path: Path,
+    parts: dict[str, Any],
+    generator: torch.Generator,
+    ood_batches: _Cycle,
+    history: list[dict],
+    seconds: float,
+) -> None:
+    """Write the training state atomically (a temporary file renamed over ``path``)."""
+    state = {name: part.state_dict() for name, part in parts.items()}
+    state.update(
+        generator=generator.get_state(),
+        ood_batches=list(ood_batches._batches),
+        history=history,
+        seconds=seconds,
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".tmp")
+    torch.save(state, partial)
+    partial.replace(path)
+
+
+def _load_progress(
+    path: Path, parts: dict[str, Any], generator: torch.Generator, ood_batches: _Cycle
+) -> tuple[list[dict], float]:
+    """Restore the state :func:`_save_progress` wrote; returns the epoch history and seconds."""
+    saved = torch.load(path, weights_only=True)
+    for name, part in parts.items():
+        part.load_state_dict(saved[name])
+    generator.set_state(saved["generator"])
+    ood_batches._batches = list(saved["ood_batches"])
+    return saved["history"], saved["seconds"]
+
+
 def victim_step(
     victim: nn.Module,
     student: nn.Module,
@@ -358,16 +392,11 @@ def train_ini(
         "schedule": schedule,
     }
     history: list[dict] = []
-    done_epochs, earlier_seconds = 0, 0.0
+    earlier_seconds = 0.0
     if progress_file is not None and progress_file.exists():
-        saved = torch.load(progress_file, weights_only=True)
-        for name, part in parts.items():
-            part.load_state_dict(saved[name])
-        generator.set_state(saved["generator"])
-        ood_batches._batches = list(saved["ood_batches"])
-        history, done_epochs = saved["history"], len(saved["history"])
-        earlier_seconds = saved["seconds"]
-        log.info("InI: resuming after epoch %d/%d from %s", done_epochs, tc.epochs, progress_file)
+        history, earlier_seconds = _load_progress(progress_file, parts, generator, ood_batches)
+        log.info("InI: resuming after epoch %d/%d from %s", len(history), tc.epochs, progress_file)
+    done_epochs = len(history)
     start = time.perf_counter()
     victim.train()
     student.train()
@@ -395,17 +424,8 @@ def train_ini(
             history.append({"epoch": epoch + 1, **{k: round(v, 6) for k, v in sums.items()}})
             log.info("InI epoch %d/%d: %s", epoch + 1, tc.epochs, history[-1])
             if progress_file is not None:
-                state = {name: part.state_dict() for name, part in parts.items()}
-                state.update(
-                    generator=generator.get_state(),
-                    ood_batches=list(ood_batches._batches),
-                    history=history,
-                    seconds=earlier_seconds + time.perf_counter() - start,
-                )
-                progress_file.parent.mkdir(parents=True, exist_ok=True)
-                partial = progress_file.with_suffix(".tmp")
-                torch.save(state, partial)
-                partial.replace(progress_file)
+                seconds = earlier_seconds + time.perf_counter() - start
+                _save_progress(progress_file, parts, generator, ood_batches, history, seconds)
     victim.eval()
     student.eval()
     return {"history": history, "seconds": earlier_seconds + time.perf_counter() - start}
