@@ -57,3 +57,26 @@ def user_model():
             loss.backward()
             optimizer.step()
     return net.eval(), data
+
+
+@pytest.fixture
+def digits_lenet():
+    """A factory: ``digits_lenet(seed)`` -> a random 8×8 LeNet for scikit-learn digits (eval
+    mode) and its card."""
+    from mirage.models import ModelCard, create_model
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
+        card = ModelCard(
+            architecture="lenet",
+            input_shape=(1, 8, 8),
+            num_classes=10,
+            mean=(0.3,),
+            std=(0.3,),
+            dataset="digits",
+            seed=seed,
+        )
+        return model, card
+
+    return build

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import mirage
-from mirage.models import ModelCard, create_model, save_checkpoint
+from mirage.models import create_model, save_checkpoint
 
 
 class Net(nn.Module):
@@ -77,18 +77,10 @@ def test_protect_answers_as_the_defense_does_on_a_users_module(defense, params):
     torch.testing.assert_close(api.clean(x), torch.softmax(model(x), 1).detach())
 
 
-def test_protect_takes_a_surrogate_checkpoint_path_a_preprocess_and_a_plain_callable(tmp_path):
-    torch.manual_seed(3)
-    surrogate = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
-    card = ModelCard(
-        architecture="lenet",
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        mean=(0.3,),
-        std=(0.3,),
-        dataset="digits",
-        seed=3,
-    )
+def test_protect_takes_a_surrogate_checkpoint_path_a_preprocess_and_a_plain_callable(
+    tmp_path, digits_lenet
+):
+    surrogate, card = digits_lenet(seed=3)
     path = save_checkpoint(surrogate, card, tmp_path / "surrogate")
     model = net(0)
 
@@ -154,28 +146,18 @@ def test_bench_evaluate_runs_one_protocol_run_on_a_defense_instance(isolated_cac
 def test_a_missing_part_names_the_parameters_that_fill_it():
     """GRAD² unlearn without a scenario: the error names reference_x/reference_y, not only
     scenarios."""
-    from mirage.models import create_model
 
     model = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.5,))
     with pytest.raises(ValueError, match=r"reference_x=.*reference_y="):
         mirage.protect(model, "grad2", epsilon=0.5, target="unlearn", surrogate=model)
 
 
-def test_bench_evaluate_on_a_given_victim_neither_loads_nor_trains_the_scenarios(isolated_cache):
-    from mirage.models import ModelCard, create_model
+def test_bench_evaluate_on_a_given_victim_neither_loads_nor_trains_the_scenarios(
+    isolated_cache, digits_lenet
+):
     from mirage.models.fit import TrainConfig
 
-    torch.manual_seed(0)
-    victim = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
-    card = ModelCard(
-        architecture="lenet",
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        mean=(0.3,),
-        std=(0.3,),
-        dataset="digits",
-        seed=0,
-    )
+    victim, card = digits_lenet(seed=0)
     with pytest.raises(ValueError, match="needs its card"):
         mirage.bench.evaluate(None, scenario="digits", victim=victim)
     result = mirage.bench.evaluate(

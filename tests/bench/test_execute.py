@@ -286,31 +286,19 @@ def test_the_probe_l1_is_measured_for_training_time_defenses_only_whatever_the_o
 
 @pytest.mark.parametrize("switch", [{"api_keys": 2}, {"mix_benign": 0.3}])
 def test_the_stream_attackers_run_in_the_benchmark_with_their_keys_and_decoys(
-    isolated_cache, switch
+    isolated_cache, switch, digits_lenet
 ):
     """``run_attack`` builds the multi-key attacker's second key as a view (and skips the answer
     cache, which records one API's stream); the mixing attacker goes through the cache like any
     other."""
-    import torch
 
     from mirage.attacks import CloneSpec
     from mirage.bench.protocol import RunContext, Stores, run_attack
     from mirage.data import load_dataset
     from mirage.defenses import create_defense
-    from mirage.models import ModelCard, create_model
     from mirage.scenarios import get_scenario, query_pool
 
-    torch.manual_seed(0)
-    model = create_model("lenet", (1, 8, 8), 10, (0.3,), (0.3,)).eval()
-    card = ModelCard(
-        architecture="lenet",
-        input_shape=(1, 8, 8),
-        num_classes=10,
-        mean=(0.3,),
-        std=(0.3,),
-        dataset="digits",
-        seed=0,
-    )
+    model, card = digits_lenet(seed=0)
     training = TrainConfig(epochs=1, batch_size=64)
     context = RunContext(
         scenario="digits",
