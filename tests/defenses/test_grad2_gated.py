@@ -6,7 +6,7 @@ import torch
 
 from mirage.defenses import DEFENSES, create_defense
 from mirage.defenses.base import strict_top1_kept
-from mirage.defenses.grad2_gated import benign_threshold, gate_scores, keyed_query_permutations
+from mirage.defenses.grad2 import benign_threshold, gate_scores, keyed_query_permutations
 from mirage.models import create_model
 
 
@@ -293,7 +293,7 @@ def test_a_benign_stream_never_alarms_and_each_key_is_its_own_stream(nets):
 
 
 def test_a_request_that_fails_leaves_the_stream_as_it_was(nets, monkeypatch):
-    import mirage.defenses.grad2_gated as module
+    import mirage.defenses.grad2.gated as module
 
     gated = create_defense(
         "grad2_gated",
