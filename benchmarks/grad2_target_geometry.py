@@ -26,9 +26,9 @@ import torch
 from grad2_budget_use import pool_sample, pool_sample_parser
 from torch import Tensor, nn
 
+from mirage.defenses.grad2.scores import Direction, jvp_scores
+from mirage.defenses.grad2.targets import all_ones, max_norm, min_ip, random_direction
 from mirage.defenses.redirect import redirect
-from mirage.defenses.scores import Direction, jvp_scores
-from mirage.defenses.targets import all_ones, max_norm, min_ip, random_direction
 from mirage.training.resolve import DefenseSpec, resolve_defense
 
 log = logging.getLogger("grad2_target_geometry")

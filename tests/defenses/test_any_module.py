@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from factories import FACTORIES
 from torch import nn
 
-from mirage.defenses import create_defense, scores
-from mirage.defenses.mad import candidate_objective, move_to_vertex
-from mirage.defenses.scores import SCORE_METHODS, check_direction
-from mirage.defenses.targets import all_ones, random_direction
+from mirage.defenses import create_defense
+from mirage.defenses.grad2 import scores
+from mirage.defenses.grad2.scores import SCORE_METHODS, check_direction
+from mirage.defenses.grad2.targets import all_ones, random_direction
+from mirage.defenses.mad.defense import candidate_objective, move_to_vertex
 
 K = 6
 

@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from mirage.defenses import DEFENSES, create_defense, redirect
 from mirage.defenses.base import strict_top1_kept
-from mirage.defenses.targets import (
+from mirage.defenses.grad2.targets import (
     all_ones,
     log_likelihood_gradient,
     random_direction,

@@ -6,7 +6,7 @@ import torch
 
 from mirage.defenses import DEFENSES, create_defense
 from mirage.defenses.base import strict_top1_kept
-from mirage.defenses.grad2_gated import benign_threshold, gate_scores, keyed_query_permutations
+from mirage.defenses.grad2 import benign_threshold, gate_scores, keyed_query_permutations
 from mirage.models import create_model
 
 
@@ -293,7 +293,7 @@ def test_a_benign_stream_never_alarms_and_each_key_is_its_own_stream(nets):
 
 
 def test_a_request_that_fails_leaves_the_stream_as_it_was(nets, monkeypatch):
-    import mirage.defenses.grad2_gated as module
+    import mirage.defenses.grad2.gated as module
 
     gated = create_defense(
         "grad2_gated",
@@ -339,3 +339,27 @@ def test_a_watermark_over_the_alarmed_gate_gives_each_new_client_its_own_stream(
     assert fresh.params.key == marked.params.key and fresh.params.inner is not inner
     plain = create_defense("watermarked", key=b"k" * 32, inner=create_defense("top_k", k=3))
     assert plain.for_new_client() is plain
+
+
+def test_the_gated_repr_is_one_line_without_tensors_or_modules(nets):
+    """Its reference set, gate model and surrogate ensemble print by shape and class."""
+    surrogate, victim = nets
+    gated = create_defense(
+        "grad2_gated",
+        gate_score="max-logit",
+        gate_model=victim,
+        surrogate=[surrogate, victim],
+        target="unlearn",
+        reference_x=torch.rand(20, 1, 8, 8),
+        reference_y=torch.randint(0, 10, (20,)),
+        attacker_answer="scramble",
+    )
+    text = repr(gated)
+    assert "\n" not in text and len(text) < 500 and "tensor([" not in text, text
+    assert (
+        text.startswith("GatedGrad2(")
+        and "gate_model=<LeNet>" in text
+        and "surrogate=<2 × LeNet>" in text
+        and "reference_x=<tensor (20, 1, 8, 8)>" in text
+        and "attacker_answer='scramble'" in text
+    )

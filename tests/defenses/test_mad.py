@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mirage.defenses import create_defense
-from mirage.defenses.mad import candidate_objective, distance
+from mirage.defenses.base import distance
+from mirage.defenses.mad.defense import candidate_objective
 from mirage.models import create_model
 
 from oracles.mad_original import jacobian_nll, objective, original_mad
@@ -73,7 +74,7 @@ def test_all_layers_gram_equals_per_sample_full_jacobian(arch, shape):
 
 @pytest.mark.parametrize("replicate_max_rows", [0, 10_000])
 def test_both_batching_strategies_of_the_full_gram_agree_with_the_reference(replicate_max_rows):
-    from mirage.defenses._jacobians import full_network_gram
+    from mirage.defenses.mad.gram import full_network_gram
 
     model = model64("lenet", 4, 5)
     x, _ = batch(3, 4, 6)
@@ -231,7 +232,7 @@ def test_invalid_parameters_and_mismatched_surrogate():
 
 
 def test_subset_table_is_every_subset():
-    from mirage.defenses.mad_argmax import subset_table
+    from mirage.defenses.mad.argmax import subset_table
 
     assert {tuple(r) for r in subset_table(4).tolist()} == set(
         itertools.product([0.0, 1.0], repeat=3)
@@ -241,7 +242,7 @@ def test_subset_table_is_every_subset():
 @settings(max_examples=20, deadline=None)
 @given(k=st.integers(3, 12), seed=st.integers(0, 10_000), b=st.integers(1, 16))
 def test_cosine_fast_path_picks_the_vertex_of_the_general_objective(k, seed, b):
-    from mirage.defenses.mad import last_layer_cosine_vertex, last_layer_vertex_objective
+    from mirage.defenses.mad.defense import last_layer_cosine_vertex, last_layer_vertex_objective
 
     g = torch.Generator().manual_seed(seed)
     features_sq = torch.rand(b, generator=g, dtype=torch.float64) * 5

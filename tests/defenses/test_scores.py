@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from mirage.defenses.scores import SCORE_METHODS, check_direction
-from mirage.defenses.targets import all_ones, from_vector, max_norm, random_direction
+from mirage.defenses.grad2.scores import SCORE_METHODS, check_direction
+from mirage.defenses.grad2.targets import all_ones, from_vector, max_norm, random_direction
 from mirage.models import create_model
 
 
@@ -188,7 +188,7 @@ def test_the_fused_path_has_a_rule_for_every_layer_and_call_of_resnets_and_a_vit
     """Batch norm, residual adds, layer norm, attention (matrix products, softmax, indexing) and
     GELU each have a fused rule: no call falls back to torch.func.jvp, and the scores still match
     the reference."""
-    from mirage.defenses import scores
+    from mirage.defenses.grad2 import scores
 
     model = production_models()[name]
     x = torch.rand(3, 3, 8, 8)

@@ -329,7 +329,7 @@ def test_detection_config_is_validated(tmp_path, checkpoints):
 def test_gated_grad2s_own_stream_alarm_is_recorded_once_and_scrambles_that_client_only(
     tmp_path, checkpoints, victim
 ):
-    from mirage.defenses.grad2_gated import keyed_query_permutations
+    from mirage.defenses.grad2 import keyed_query_permutations
 
     # the gate is the victim's max softmax at τ = the median over these images: the thief sends
     # the 60 least confident, the benign client the 60 most confident (none of them flagged)

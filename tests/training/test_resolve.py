@@ -187,7 +187,7 @@ def test_a_training_time_spec_names_a_victim_and_no_query_time_defense():
 
 
 def test_the_gate_is_calibrated_on_the_defenders_data_at_its_false_positive_rate():
-    from mirage.defenses.grad2_gated import gate_scores
+    from mirage.defenses.grad2 import gate_scores
 
     scenario = get_scenario("digits")
     victim, surrogate = lenet(1), lenet(2)

@@ -1,4 +1,6 @@
-"""Inference-time defenses. Every module in this package registers itself on import.
+"""Inference-time defenses. Every module and subpackage here registers its defenses on import:
+``grad2`` (GRAD² and its gated form, docs/design.md §grad2) and ``mad`` (MAD and MAD-argmax,
+docs/design.md §mad) are subpackages; the others are one module each.
 
 ``create_defense(name, **params)`` builds one; ``list_defenses()`` lists them; ``redirect`` is the
 exact redirection solver.

@@ -389,7 +389,7 @@ def _gate(
     """``gate``, ``gate_model`` and ``tau`` of ``grad2_gated`` for ``scenario``'s victim."""
     import torch
 
-    from mirage.defenses.grad2_gated import benign_threshold, gate_scores
+    from mirage.defenses.grad2 import benign_threshold, gate_scores
 
     if victim is None:
         raise ValueError("a gate is calibrated on the victim's answers: pass the victim")

@@ -21,7 +21,7 @@ from pydantic import Field, model_validator
 from torch import Tensor
 
 from mirage.defenses.base import DefenseContract, register_defense
-from mirage.defenses.mad import MAD, MADParams, candidate_objective
+from mirage.defenses.mad.defense import MAD, MADParams, candidate_objective
 
 
 class MADArgmaxParams(MADParams):

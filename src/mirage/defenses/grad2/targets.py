@@ -22,7 +22,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from mirage.defenses.scores import Direction
+from mirage.defenses.grad2.scores import Direction
 from mirage.models.fit import soft_cross_entropy
 
 TargetName = Literal["all-ones", "min-ip", "watermark", "unlearn", "max-norm", "random", "vector"]

@@ -10,7 +10,7 @@ Heuristic of the paper (section 4.1, "MAD"): evaluate the objective at every ver
 simplex, take the best y*, then ỹ = (1 − α) y + α y* with the largest feasible α — closed form
 α = min(1, ε/‖y* − y‖_p) for L1/L2, bisection on KL(y ‖ ỹ) (the official code's ``kl``).
 
-The objective only needs M = G Gᵀ (K×K): ⟨Gᵀa, Gᵀb⟩ = aᵀMb (:mod:`mirage.defenses._jacobians`).
+The objective only needs M = G Gᵀ (K×K): ⟨Gᵀa, Gᵀb⟩ = aᵀMb (:mod:`mirage.defenses.mad.gram`).
 ``layers="last"`` (official default: the final linear layer's weight) has the closed form
 M = ‖h‖²(I − 1pᵀ − p1ᵀ + ‖p‖²11ᵀ) from the surrogate's features h and probabilities p — one
 forward, no backward. On a module that is not a mirage classifier, h is the input of the final
@@ -37,7 +37,6 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
-from mirage.defenses._jacobians import full_network_gram, last_layer_gram_from_norms
 from mirage.defenses.base import (
     Defense,
     DefenseContract,
@@ -46,6 +45,7 @@ from mirage.defenses.base import (
     distance,
     register_defense,
 )
+from mirage.defenses.mad.gram import full_network_gram, last_layer_gram_from_norms
 
 log = logging.getLogger(__name__)
 

@@ -107,8 +107,9 @@ def double_backward_scores(model: nn.Module, x: Tensor, v: Direction) -> Tensor:
 
 
 def _is_ones(t: Tensor | None) -> bool:
-    """O(1) test for the all-ones direction as built by :func:`mirage.defenses.targets.all_ones`
-    (a broadcast scalar 1, every stride 0); any other tensor takes the general path."""
+    """O(1) test for the all-ones direction as built by
+    :func:`mirage.defenses.grad2.targets.all_ones` (a broadcast scalar 1, every stride 0); any other
+    tensor takes the general path."""
     return (
         t is not None
         and t.numel() > 0

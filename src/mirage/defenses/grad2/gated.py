@@ -57,9 +57,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
-from mirage.defenses.grad2 import Grad2, Grad2Params
+from mirage.defenses.grad2.defense import Grad2, Grad2Params
+from mirage.defenses.grad2.targets import TargetName
 from mirage.defenses.redirect import TOP1_MARGIN
-from mirage.defenses.targets import TargetName
 
 GateName = Literal["msp", "oe-msp", "max-logit", "neg-energy"]
 AttackerAnswer = Literal["redirect", "permute", "scramble"]

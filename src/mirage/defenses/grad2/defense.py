@@ -3,7 +3,7 @@ Efficient Model Stealing Defenses with Gradient Redirection", ICML 2022; docs/de
 
 For each scoring batch X (N queries) the defense computes per-class scores
 a_ik = (1/N)⟨∇_θ log p_θ(k|x_i), v⟩ on a surrogate θ (one forward-mode JVP,
-:mod:`mirage.defenses.scores`) and serves, per query, the exact maximiser of ⟨a_i, ỹ_i⟩ over
+:mod:`mirage.defenses.grad2.scores`) and serves, per query, the exact maximiser of ⟨a_i, ỹ_i⟩ over
 Δ_K ∩ {‖ỹ_i − y_i‖₁ ≤ ε} (:func:`mirage.defenses.redirect.redirect`), so the attacker's update
 g(ỹ) is pushed along v. With ``preserve_top1`` the maximiser is restricted to points keeping y's
 top-1 class strictly (defender accuracy unchanged).
@@ -30,9 +30,9 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from mirage.defenses.base import Defense, DefenseContract, DefenseParams, register_defense
+from mirage.defenses.grad2.scores import SCORE_METHODS, Direction, check_direction
+from mirage.defenses.grad2.targets import TargetName, min_ip, static_target
 from mirage.defenses.redirect import TOP1_MARGIN, redirect, redirect_top1_preserving
-from mirage.defenses.scores import SCORE_METHODS, Direction, check_direction
-from mirage.defenses.targets import TargetName, min_ip, static_target
 
 
 class Grad2Params(DefenseParams):
