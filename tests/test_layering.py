@@ -24,7 +24,8 @@ LAYERS: list[set[str]] = [
         "paths",
         "progress",
         "devices",
-    },  # utilities (``mirage`` is the root package)
+        "storage",
+    },  # utilities (``mirage`` is the root package; ``storage``: SQLite files)
     {"data", "models"},  # datasets; networks, checkpoints and the generic fit loop
     {"scenarios"},  # a victim, its recipe and the attacker's data
     {

@@ -21,9 +21,9 @@ from conftest import KEYS, RedisServer, auth, body, make_config, stored
 from test_ownership import ownership_config
 from torch import nn
 
+from mirage.ownership import EvidenceStore
 from mirage.serve.app import create_app
 from mirage.serve.batching import MicroBatcher
-from mirage.serve.evidence import EvidenceStore
 from mirage.serve.runner import ServerThread
 
 URL_INFER = "/v2/models/digits/infer"

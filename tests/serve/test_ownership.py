@@ -19,10 +19,8 @@ from mirage.cli import app
 from mirage.data import load_dataset
 from mirage.models import load_checkpoint
 from mirage.models.base import clean_posteriors
-from mirage.ownership import KeyedWatermark, WatermarkConfig, derive_key
-from mirage.ownership.watermark import Marks
+from mirage.ownership import EvidenceStore, KeyedWatermark, WatermarkConfig, derive_key
 from mirage.serve.config import ServeConfig
-from mirage.serve.evidence import EvidenceStore
 from mirage.serve.service import Service
 
 SECRET = b"a-test-secret-of-32-bytes-000000"
@@ -211,67 +209,6 @@ def test_served_answers_carry_each_clients_own_watermark(tmp_path, checkpoints):
         assert torch.equal(answers[client][own].argmax(1), marks[client].labels[own])
     neither = ~marks["alice"].carried & ~marks["bob"].carried
     assert torch.allclose(answers["alice"][neither], answers["bob"][neither])
-
-
-def test_evidence_store_is_bounded_deduplicated_and_persistent(tmp_path):
-    x = torch.rand(30, 1, 8, 8)
-    marks = Marks(
-        torch.ones(30, dtype=torch.bool),
-        torch.zeros(30, dtype=torch.long),
-        tuple(f"{i:02x}" for i in range(30)),
-    )
-    store = EvidenceStore(tmp_path / "e.sqlite", max_items=20)
-    assert (
-        store.add("alice", x[:10], Marks(marks.carried[:10], marks.labels[:10], marks.buckets[:10]))
-        == 10
-    )
-    assert store.add("alice", x, marks) == 10  # 10 known, 10 more fit
-    assert store.add("alice", x, marks) == 0
-    store.close()
-    again = EvidenceStore(tmp_path / "e.sqlite", max_items=20)
-    images, buckets, ranking = again.items("alice")
-    assert (
-        images.shape == (20, 1, 8, 8)
-        and torch.equal(images, x[:20])
-        and buckets == list(marks.buckets[:20])
-    )
-    assert ranking is None and again.items("bob") == (None, [], None)
-    again.close()
-
-
-def test_evidence_store_keeps_rankings_and_upgrades_a_store_written_without_them(tmp_path):
-    """A store from before keyed ranks (no ranking column) opens, keeps its rows and then keeps
-    the served rankings of new ones, exactly; a client whose rows lack one gets no ranking."""
-    import sqlite3
-
-    path = tmp_path / "old.sqlite"
-    with sqlite3.connect(path) as conn:
-        conn.execute(
-            "CREATE TABLE evidence (client TEXT NOT NULL, digest TEXT NOT NULL, "
-            "bucket TEXT NOT NULL, shape TEXT NOT NULL, image BLOB NOT NULL, "
-            "PRIMARY KEY (client, digest))"
-        )
-        conn.execute(
-            "INSERT INTO evidence VALUES ('bob', 'd', 'ab', '[1, 2, 2]', ?)",
-            (torch.zeros(4).numpy().astype("<f4").tobytes(),),
-        )
-    store = EvidenceStore(path)
-    x = torch.rand(6, 1, 2, 2)
-    ranking = torch.stack([torch.randperm(10) for _ in range(6)])
-    marks = Marks(
-        torch.ones(6, dtype=torch.bool),
-        torch.zeros(6, dtype=torch.long),
-        ("cd",) * 6,
-        None,
-        ranking,
-    )
-    one = Marks(marks.carried[:1], marks.labels[:1], marks.buckets[:1], None, ranking[:1])
-    assert store.add("alice", x, marks) == 6 and store.add("bob", x[:1], one) == 1
-    images, buckets, kept = store.items("alice")
-    assert torch.equal(images, x) and torch.equal(kept, ranking)
-    images, buckets, kept = store.items("bob")
-    assert buckets == ["ab", "cd"] and kept is None  # the old row has no ranking
-    store.close()
 
 
 def test_served_keyed_ranks_put_the_victims_jth_class_on_top_and_verify_from_the_store(

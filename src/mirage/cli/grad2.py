@@ -226,9 +226,8 @@ def _verify_ownership(
 ) -> None:
     import json
 
-    from mirage.ownership import verify_clients
+    from mirage.ownership import EvidenceStore, verify_clients
     from mirage.serve.config import load_config
-    from mirage.serve.evidence import EvidenceStore
 
     if config is None:
         raise typer.BadParameter(

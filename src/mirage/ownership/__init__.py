@@ -1,10 +1,10 @@
 """Ownership evidence that reaches hard-label clones and names the API key that leaked
 (docs/design.md §ownership): a keyed watermark on a small, jitter-stable fraction of queries
-(:mod:`.watermark`), the bounded evidence it leaves (:mod:`.evidence`), and a test with an exact
-null (:mod:`.verification`); and the test of GRAD²'s reprogrammed behaviour against clean models
-(:mod:`.behaviour`)."""
+(:mod:`.watermark`), the bounded evidence it leaves, in memory or in SQLite (:mod:`.evidence`),
+and a test with an exact null (:mod:`.verification`); and the test of GRAD²'s reprogrammed
+behaviour against clean models (:mod:`.behaviour`)."""
 
-from mirage.ownership.evidence import Evidence
+from mirage.ownership.evidence import Evidence, EvidenceStore
 from mirage.ownership.verification import (
     OwnershipTest,
     match_pvalue,
@@ -27,6 +27,7 @@ from mirage.ownership.watermark import (
 
 __all__ = [
     "Evidence",
+    "EvidenceStore",
     "KeyedWatermark",
     "Marks",
     "OwnershipTest",

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mirage.serve.quotas import SQLiteStore
+from mirage.storage import SQLiteStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit (

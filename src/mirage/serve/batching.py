@@ -11,6 +11,10 @@ gateway's upstream calls wait on the network), while the defense instances are c
 thread at a time, so lazily created and stateful instances need no locking of their own.
 Requests hand a job over and wait on a :class:`concurrent.futures.Future`; a job whose future
 was cancelled before a worker took it (its client hung up) is dropped without running.
+
+A served watermark's evidence (docs/design.md §ownership) is collected per defense call
+(:class:`DeferredEvidence`) and handed to each job with its answer; the service writes it to the
+store only once the request is answered and charged.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +34,8 @@ from torch import Tensor, nn
 
 from mirage.api.inprocess import clean_posteriors
 from mirage.defenses.base import Defense
+from mirage.ownership.evidence import EvidenceStore, Record
+from mirage.ownership.watermark import Marks
 from mirage.serve.errors import UpstreamError
 from mirage.serve.metrics import Metrics
 
@@ -39,11 +45,43 @@ MAX_REMEMBERED_CLIENTS = 100_000
 """Clients whose last turn the scheduler remembers; idle ones are forgotten past this."""
 
 
+class DeferredEvidence:
+    """The evidence a served watermark hands over, held instead of written (docs/design.md
+    §ownership): the micro-batcher collects each defense call's records (:meth:`collecting`) and
+    gives every request its own, and the service writes them (:meth:`EvidenceStore.write`) only
+    once that request was answered and charged — never for a client that hung up, was refused or
+    whose answer failed."""
+
+    def __init__(self, store: EvidenceStore) -> None:
+        self.store = store
+        self._local = threading.local()
+
+    def add(self, client: str, x: Tensor, marks: Marks) -> int:
+        collected = getattr(self._local, "records", None)
+        if collected is None:
+            raise RuntimeError(
+                "served evidence is collected per micro-batch: call the defense inside collecting()"
+            )
+        records = self.store.records(client, x, marks)
+        collected.extend(records)
+        return len(records)
+
+    @contextlib.contextmanager
+    def collecting(self) -> Iterator[list[tuple[int, Record]]]:
+        """``with evidence.collecting() as records:`` — (row of the defense's batch, record) of
+        every ``add`` in this thread meanwhile."""
+        records: list[tuple[int, Record]] = []
+        self._local.records = records
+        try:
+            yield records
+        finally:
+            self._local.records = None
+
+
 @dataclass
 class Answer:
     """A job's served probabilities (B, K) and the evidence records its defense handed over
-    (see :class:`mirage.serve.evidence.DeferredEvidence`), for the service to write once the
-    request is charged."""
+    (see :class:`DeferredEvidence`), for the service to write once the request is charged."""
 
     served: Tensor
     evidence: list = field(default_factory=list)
@@ -67,7 +105,7 @@ class MicroBatcher:
         max_images: stop collecting once a batch holds this many images.
         max_wait: seconds to wait for more jobs after the first one arrives.
         workers: threads taking batches (forward passes overlap; defenses do not).
-        evidence: a :class:`~mirage.serve.evidence.DeferredEvidence` whose records each job gets
+        evidence: a :class:`DeferredEvidence` whose records each job gets
             back in its :class:`Answer` (``None``: no served watermark).
     """
 

@@ -35,9 +35,10 @@ from mirage.api.alarm import AlarmPolicy
 from mirage.api.base import QueryRefused
 from mirage.api.detection import ClientStream
 from mirage.devices import on_device, resolve_device
+from mirage.ownership import EvidenceStore
 from mirage.serve.audit import AuditLog
 from mirage.serve.auth import KeyRing, hash_key, presented_key
-from mirage.serve.batching import Answer, MicroBatcher
+from mirage.serve.batching import Answer, DeferredEvidence, MicroBatcher
 from mirage.serve.config import ClientConfig, ServeConfig
 from mirage.serve.detection import StreamWatch
 from mirage.serve.errors import (
@@ -190,8 +191,6 @@ class Service:
         storage = config.storage
         self.evidence = None
         if config.ownership is not None:
-            from mirage.serve.evidence import DeferredEvidence, EvidenceStore
-
             self.evidence = DeferredEvidence(
                 EvidenceStore(
                     config.ownership.evidence, config.ownership.max_items, timeout=storage.timeout_s
