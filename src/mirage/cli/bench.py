@@ -175,7 +175,7 @@ def print_verdict(cfg, path: Path) -> None:
     from mirage.bench.results import ResultStore
     from mirage.bench.summary import verdict, verdict_advice, verdict_table_row, worst_case_points
 
-    suites = {a.display: tuple(sorted(a.variants)) for a in cfg.attacks if a.variants}
+    suites = cfg.suites
     panels = worst_case_points(ResultStore(path).read(), suites) if suites else {}
     if not panels:
         return
