@@ -1,13 +1,20 @@
 """The leaderboard page (``mirage bench leaderboard``): its tables are the summary's worst cases and
-the verdict, and the checked-in page is the one the committed results give."""
+the verdict, the checked-in page is the one the committed results give, and it renders in headless
+Chromium."""
 
+import os
+import re
+import shutil
+import subprocess
 from html.parser import HTMLParser
 from pathlib import Path
 
+import pytest
+from PIL import Image, ImageStat
 from test_verdict_noise import SUITE, defended, record, undefended
 from typer.testing import CliRunner
 
-from mirage.bench.config import SweepConfig
+from mirage.bench.config import SweepConfig, load_config
 from mirage.bench.leaderboard import Source, build_leaderboard
 from mirage.bench.results import ResultStore
 from mirage.bench.summary import point_label, verdict, verdict_advice, worst_case_points
@@ -15,6 +22,9 @@ from mirage.cli import app
 
 ROOT = Path(__file__).resolve().parents[2]
 PAGE = ROOT / "results" / "leaderboard.html"
+WORST_CASE_RESULTS = ROOT / "results" / "worst_case" / "results.jsonl"
+WINDOW = (1400, 1000)
+VERDICT_GREEN = (0x22, 0xAA, 0x66)  # the report's verdict box, border #2a6
 
 # Hand-made suite runs (scenario digits, knockoff × hard-label and soft): the undefended API's
 # worst case is its soft clone, 0.90 ± 0.008 over seeds 0-2; B holds every attacker about 19
@@ -159,3 +169,74 @@ def test_the_checked_in_page_is_the_one_the_committed_results_give(tmp_path, mon
     assert out.read_text() == PAGE.read_text(), (
         "results/leaderboard.html is out of date: rebuild it with `mirage bench leaderboard`"
     )
+    # self-contained: no script, stylesheet, image or frame to fetch, no address
+    assert not re.search(r"<(script|link|img|iframe)\b|\bsrc=|://", PAGE.read_text())
+
+
+def chromium_binary() -> str:
+    """The chromium binary. scripts/bootstrap.sh installs it for the test command, so with
+    MIRAGE_REQUIRE_CHROMIUM=1 (set by .ci/run) its absence fails the test instead of skipping
+    it."""
+    path = shutil.which("chromium")
+    if path is None:
+        if os.environ.get("MIRAGE_REQUIRE_CHROMIUM") == "1":
+            pytest.fail("chromium is missing but MIRAGE_REQUIRE_CHROMIUM=1 (run scripts/test.sh)")
+        pytest.skip("chromium is not installed (scripts/test.sh installs it)")
+    return path
+
+
+def test_a_missing_chromium_fails_where_it_is_required(monkeypatch):
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    monkeypatch.setenv("MIRAGE_REQUIRE_CHROMIUM", "1")  # as .ci/run sets it
+    with pytest.raises(pytest.fail.Exception, match="MIRAGE_REQUIRE_CHROMIUM"):
+        chromium_binary()
+    monkeypatch.delenv("MIRAGE_REQUIRE_CHROMIUM")
+    with pytest.raises(pytest.skip.Exception):
+        chromium_binary()
+
+
+def headless(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """Headless Chromium (its new headless mode) on the checked-in page, with a profile of its
+    own."""
+    command = [
+        chromium_binary(),
+        "--headless",
+        "--no-sandbox",  # root in containers
+        "--disable-gpu",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        *args,
+        PAGE.as_uri(),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.mark.slow
+def test_the_checked_in_page_renders_in_headless_chromium(tmp_path):
+    shot = tmp_path / "leaderboard.png"
+    headless(tmp_path, f"--screenshot={shot}")
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.size == WINDOW
+        pixels = image.convert("RGB")
+    grey = pixels.convert("L")
+    assert ImageStat.Stat(grey).stddev[0] > 20  # not a blank page
+    colours = {colour: count for count, colour in pixels.getcolors(WINDOW[0] * WINDOW[1])}
+    assert colours.get(VERDICT_GREEN, 0) > 2 * WINDOW[0]  # the verdict box, with its stylesheet
+    assert sum(count for count, value in grey.getcolors() if value < 80) > 5000  # text
+
+    dom = Page(headless(tmp_path, "--dump-dom").stdout)
+    config = load_config("worst_case")
+    panels = worst_case_points(ResultStore(WORST_CASE_RESULTS).read(), config.suites)
+    rows = verdict(panels)
+    verdict_table, *tables = dom.tables
+    assert [row[1:4] for row in verdict_table[1:]] == [
+        [r["scenario"], r["attack"], r["deploy"]] for r in rows
+    ]
+    assert [len(table) - 1 for table in tables] == [
+        len(panels[(r["scenario"], r["attack"])]) for r in rows
+    ]
+    text = "".join(dom.text)
+    assert all(verdict_advice(r).replace("`", "") in text for r in rows)
