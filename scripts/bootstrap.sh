@@ -7,6 +7,8 @@
 #   - MLServer (the gateway tests' third-party upstream) in a venv of its own at
 #     $MIRAGE_MLSERVER_VENV (default: <repo>/.venv-mlserver), pinned by
 #     tests/serve/third_party/mlserver-requirements.txt: it does not install beside our pins.
+#   - chromium from the Debian package (the test that renders results/leaderboard.html headless);
+#     MLServer and chromium only for the test command (MIRAGE_TEST_SERVERS=1).
 # A second run installs nothing: each venv carries a stamp of the files that pin it.
 set -euo pipefail
 
@@ -69,6 +71,15 @@ if [ "${MIRAGE_TEST_SERVERS:-0}" = 1 ] && [ "$(cat "$mlserver_stamp" 2>/dev/null
   [ -x "$MIRAGE_MLSERVER_VENV/bin/python" ] || "$PYTHON" -m venv "$MIRAGE_MLSERVER_VENV"
   "$MIRAGE_MLSERVER_VENV/bin/pip" install -q --disable-pip-version-check -r "$mlserver_pins"
   echo "$mlserver_want" > "$mlserver_stamp"
+fi
+
+# 6. chromium (Debian package): tests/bench/test_leaderboard.py renders the leaderboard page in
+#    headless Chromium. Only the test command needs it (scripts/test.sh sets MIRAGE_TEST_SERVERS=1).
+if [ "${MIRAGE_TEST_SERVERS:-0}" = 1 ] && ! command -v chromium >/dev/null 2>&1; then
+  say "installing the Debian package chromium"
+  as_root apt-get install -y -qq --no-install-recommends chromium >/dev/null 2>&1 || {
+    as_root apt-get update -qq >/dev/null &&
+      as_root apt-get install -y -qq --no-install-recommends chromium >/dev/null; }
 fi
 
 export PATH="$MIRAGE_VENV/bin:$PATH"

@@ -180,6 +180,12 @@ class SweepConfig(_Strict):
         "paths, not part of a run's identity",
     )
 
+    @property
+    def suites(self) -> dict[str, tuple[str, ...]]:
+        """Attack family -> the attackers of its suite (the attacks with ``variants``), as
+        :func:`mirage.bench.summary.worst_case_points` takes them; empty without a suite."""
+        return {a.display: tuple(sorted(a.variants)) for a in self.attacks if a.variants}
+
     @model_validator(mode="after")
     def _unique_labels(self) -> SweepConfig:
         labels = [label for a in self.attacks for label, _, _ in a.expanded()]

@@ -225,7 +225,7 @@ def suite_sections(
 ) -> list[Section]:
     """The verdict and one worst-case section per (scenario, attack family), when the sweep has
     an attacker suite; nothing otherwise."""
-    suites = {a.display: tuple(sorted(a.variants)) for a in config.attacks if a.variants}
+    suites = config.suites
     panels = worst_case_points(records, suites) if suites else {}
     if not panels:
         return []

@@ -449,7 +449,7 @@ def worst_case_table(points: list[WorstCasePoint]) -> list[dict[str, Any]]:
     rows = []
     for p in sorted(points, key=lambda q: (q.defense != "none", q.worst if q.complete else 2.0)):
         row: dict[str, Any] = {
-            "defense": p.defense if p.params == "–" else f"{p.defense} ({p.params})",
+            "defense": point_label(p),
             "defender drop (pts)": f"{100 * p.drop:.2f}",
             "soft clone": p.soft,
             "worst clone": f"{p.worst:.4f}" if p.complete else f"≥ {p.worst:.4f}",
@@ -500,12 +500,13 @@ def worst_on_seeds(point: WorstCasePoint, other: WorstCasePoint) -> float:
     return max(clones)
 
 
-def _seeds(point: WorstCasePoint) -> list[int]:
+def point_seeds(point: WorstCasePoint) -> list[int]:
+    """Every seed at which some attacker ran against ``point``."""
     return sorted({s for entry in point.by_attacker.values() for s in entry["seeds"]})
 
 
 def _n_seeds(point: WorstCasePoint) -> int:
-    return len(_seeds(point))
+    return len(point_seeds(point))
 
 
 def _deploy_key(point: WorstCasePoint, other: WorstCasePoint) -> tuple:
@@ -678,7 +679,8 @@ def labels_only(point: WorstCasePoint) -> bool:
     return bool(entry.get("hard_labels") and entry.get("same_as_undefended"))
 
 
-def _label(point: WorstCasePoint) -> str:
+def point_label(point: WorstCasePoint) -> str:
+    """A defense point as the verdict and the tables name it: ``defense (params)``."""
     return point.defense if point.params == "–" else f"{point.defense} ({point.params})"
 
 
@@ -724,14 +726,14 @@ def _no_defense_row(
         "undefended worst case": None if undefended is None else undefended.worst,
         "defender cost (pts)": "0.00",
         "overhead": None,
-        "seeds": None if undefended is None else ",".join(map(str, _seeds(undefended))),
+        "seeds": None if undefended is None else ",".join(map(str, point_seeds(undefended))),
         "compared on": None,
-        "closest": None if closest is None else _label(closest),
+        "closest": None if closest is None else point_label(closest),
         **_gain_cells(gain),
         "points pending": pending,
         "labels-only bound": None
         if closest is None or not labels_only(closest)
-        else _label(closest),
+        else point_label(closest),
         "figures of": None,
         "too few seeds": gain is not None and gain.beyond_margin and len(gain.seeds) < min_seeds,
     }
@@ -755,7 +757,7 @@ def _deploy_row(
     row = {
         "scenario": scenario,
         "attack": family,
-        "deploy": _label(best),
+        "deploy": point_label(best),
         "worst-case clone": best.worst,
         "by attacker": best.worst_attacker
         + (f" ± {worst_entry['sd']:.3f}" if len(worst_entry["seeds"]) > 1 else ""),
@@ -763,15 +765,15 @@ def _deploy_row(
         "undefended worst case": undefended.worst,
         "defender cost (pts)": f"{100 * best.drop:.2f}",
         "overhead": best.overhead_ratio,
-        "seeds": ",".join(map(str, _seeds(best))),
+        "seeds": ",".join(map(str, point_seeds(best))),
         "compared on": _compared_on(best, eligible),
         "closest": None,
         **_gain_cells(binding_gain(best, undefended)),
         "points pending": pending,
         "labels-only bound": (
-            _label(stand_in)
+            point_label(stand_in)
             if stand_in is not None
-            else _label(best)
+            else point_label(best)
             if labels_only(best)
             else None
         ),
@@ -784,7 +786,7 @@ def _deploy_row(
                 "soft clone": None,
                 "defender cost (pts)": "0.00",
                 "overhead": None,
-                "figures of": _label(best),
+                "figures of": point_label(best),
             }
         )
     return row

@@ -1,4 +1,5 @@
-"""``mirage bench run|status|report``: the benchmark sweep, its progress and its report."""
+"""``mirage bench run|import|status|report|leaderboard``: the benchmark sweep, its progress, its
+report and the leaderboard page."""
 
 from __future__ import annotations
 
@@ -175,7 +176,7 @@ def print_verdict(cfg, path: Path) -> None:
     from mirage.bench.results import ResultStore
     from mirage.bench.summary import verdict, verdict_advice, verdict_table_row, worst_case_points
 
-    suites = {a.display: tuple(sorted(a.variants)) for a in cfg.attacks if a.variants}
+    suites = cfg.suites
     panels = worst_case_points(ResultStore(path).read(), suites) if suites else {}
     if not panels:
         return
@@ -261,3 +262,49 @@ def report(
     path = _results_path(cfg.name, results)
     console.print(f"report: {build_report(cfg, path, out or path.parent)}")
     print_verdict(cfg, path)
+
+
+LEADERBOARD = Path("results") / "leaderboard.html"
+
+
+@bench.command("leaderboard")
+def leaderboard(
+    config: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--config",
+            "-c",
+            help="a sweep with an attacker suite: built-in profile or TOML file (repeatable; "
+            "default worst_case)",
+        ),
+    ] = None,
+    results: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="results JSONL of each --config, in order (default: results/<name>/results.jsonl)"
+        ),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="the HTML page to write")] = LEADERBOARD,
+) -> None:
+    """Write one static HTML page that ranks every defense point by its worst-case clone, per
+    scenario × attack, under the verdict: soft-label and worst-case clone, the attacker that
+    reached it, seeds and spread, defender cost and overhead, and where each row comes from.
+
+    Example: mirage bench leaderboard --config worst_case --out results/leaderboard.html"""
+    from mirage.bench.leaderboard import Source, build_leaderboard
+
+    configs = config or ["worst_case"]
+    if results and len(results) != len(configs):
+        raise typer.BadParameter(
+            f"give one --results per --config ({len(configs)}), or none", param_hint="--results"
+        )
+    paths: list[Path | None] = list(results) if results else [None] * len(configs)
+    sources = []
+    for name, path in zip(configs, paths, strict=True):
+        sweep = load_sweep(name)
+        sources.append(Source(name, sweep, _results_path(sweep.name, path)))
+    try:
+        page = build_leaderboard(sources, out)
+    except ValueError as error:
+        raise typer.BadParameter(str(error), param_hint="--config") from error
+    console.print(f"leaderboard: {page}")
