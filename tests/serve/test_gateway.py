@@ -239,23 +239,32 @@ def test_logits_upstream_and_a_wrong_declaration(tmp_path, checkpoints, upstream
 
 
 def test_mlserver_refuses_binary_tensor_data_and_the_gateway_says_502(
-    tmp_path, checkpoints, upstream
+    tmp_path, checkpoints, upstream, caplog
 ):
     """MLServer 1.7.1 does not implement the binary tensor data extension: it answers 500, which
-    the gateway retries and then maps to a 502, charging nothing. MLServer sometimes resets the
-    connection the retry goes out on, so the last attempt's reason is ``upstream_error`` (its 500
-    again) or ``upstream_unreachable`` (the reset); the first attempt's 500 is in the log."""
+    the gateway retries and then maps to a 502 ``upstream_error``, charging nothing. MLServer
+    resets the connection its 500 went out on, so the gateway sends no request on it again:
+    every attempt of every request gets the 500, none a connection error."""
     config = gateway(
         tmp_path,
         checkpoints,
-        {"url": upstream.url, "model": "linear", "num_classes": K, "binary": True, "retries": 1},
+        {
+            "url": upstream.url,
+            "model": "linear",
+            "num_classes": K,
+            "binary": True,
+            "retries": 1,
+            "backoff_s": 0,  # the retry goes out before MLServer's reset can arrive
+        },
     )
     with ServerThread(create_app(config)) as url:
-        response = infer(url, torch.rand(2, *INPUT_SHAPE))
-        assert response.status_code == 502
-        assert response.json()["reason"] in ("upstream_error", "upstream_unreachable")
-        assert "after 2 attempts" in response.json()["error"]
+        for _ in range(5):
+            response = infer(url, torch.rand(2, *INPUT_SHAPE))
+            assert (response.status_code, response.json()["reason"]) == (502, "upstream_error")
+            assert "HTTP 500 (after 2 attempts)" in response.json()["error"]
         assert used(url) == 0
+    attempts = [r.getMessage() for r in caplog.records if "failed (attempt" in r.getMessage()]
+    assert len(attempts) == 10 and all("answered HTTP 500" in a for a in attempts), attempts
 
 
 @pytest.mark.slow
@@ -598,6 +607,10 @@ def test_retries_on_5xx_never_on_4xx(scripted, caplog):
     assert (
         response.status_code == 200 and fake.count() == 6 and used(url) == 2
     )  # one retry, charged once
+    assert infer(url, x).status_code == 200
+    failed, retried, next_one = (request["connection"] for request in fake.requests[-3:])
+    # a 5xx's connection is closed (an upstream may reset it: MLServer does); a 200's is kept
+    assert retried != failed and next_one == retried
 
 
 @pytest.mark.slow
