@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from mirage.serve.oip import grpc_predict_v2_pb2 as pb
 from mirage.serve.runner import ServerThread
 
 HEADER = "Inference-Header-Content-Length"
+ROOT = Path(__file__).resolve().parents[2]
 D, K = int(np.prod(INPUT_SHAPE)), 10
 
 
@@ -317,6 +321,67 @@ def test_upstream_killed_is_a_quick_502_charges_nothing_and_readiness_follows(
     finally:
         server.kill()
         upstream.kill()
+
+
+def run_the_gateway_example(*args: str) -> list[str]:
+    """examples/gateway_in_front_of_your_server.py as CI runs it; its printed lines, checked:
+    the defended answers differ from the upstream's within GRAD²'s L1 budget of 0.5 and keep
+    every top-1 label, bob's request past his quota is a 429, and the gateway is stopped."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gateway_in_front_of_your_server.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MIRAGE_PROGRESS": "0"},
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    summary = re.search(
+        r"^over 200 test images: the defended answer differs on (\d+) "
+        r"\(L1 mean ([\d.]+), max ([\d.]+)\); top-1 kept on 200/200;",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert summary is not None, lines
+    differ, mean, largest = int(summary[1]), float(summary[2]), float(summary[3])
+    assert differ > 0 and 0 < mean <= largest <= 0.5 + 1e-3, lines
+    assert any(
+        line.startswith(
+            "bob (quota 4 images): 2 requests of 2 answered, the next refused: HTTP 429"
+        )
+        for line in lines
+    ), lines
+    assert lines[-1].startswith("servers stopped; done in"), lines
+    (gateway_url,) = [
+        line.split()[2].rstrip(":") for line in lines if line.startswith("gateway at")
+    ]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(gateway_url + "/v2/health/live", timeout=2)
+    return lines
+
+
+@pytest.mark.slow
+def test_the_gateway_example_runs_as_ci_runs_it():
+    """The example starts MLServer itself (from the venv mlserver() finds) and stops it."""
+    mlserver()
+    lines = run_the_gateway_example()
+    (upstream_url,) = [
+        line.removeprefix("your server: MLServer at ").split(",")[0]
+        for line in lines
+        if line.startswith("your server: MLServer at ")
+    ]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(upstream_url + "/v2/health/live", timeout=2)
+
+
+@pytest.mark.slow
+def test_the_gateway_example_in_front_of_a_server_already_running(upstream):
+    """--upstream: the example starts no server of its own and leaves the running one up."""
+    lines = run_the_gateway_example("--upstream", upstream.url, "--model", "linear")
+    assert lines[0] == f"your server: {upstream.url}, model 'linear'"
+    assert httpx.get(upstream.url + "/v2/health/live", timeout=2).status_code == 200
 
 
 # -- binary tensor data upstream -----------------------------------------------------------------
