@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,6 +41,7 @@ from mirage.serve.oip import grpc_predict_v2_pb2 as pb
 from mirage.serve.runner import ServerThread
 
 HEADER = "Inference-Header-Content-Length"
+ROOT = Path(__file__).resolve().parents[2]
 D, K = int(np.prod(INPUT_SHAPE)), 10
 
 
@@ -239,23 +243,32 @@ def test_logits_upstream_and_a_wrong_declaration(tmp_path, checkpoints, upstream
 
 
 def test_mlserver_refuses_binary_tensor_data_and_the_gateway_says_502(
-    tmp_path, checkpoints, upstream
+    tmp_path, checkpoints, upstream, caplog
 ):
     """MLServer 1.7.1 does not implement the binary tensor data extension: it answers 500, which
-    the gateway retries and then maps to a 502, charging nothing. MLServer sometimes resets the
-    connection the retry goes out on, so the last attempt's reason is ``upstream_error`` (its 500
-    again) or ``upstream_unreachable`` (the reset); the first attempt's 500 is in the log."""
+    the gateway retries and then maps to a 502 ``upstream_error``, charging nothing. MLServer
+    resets the connection its 500 went out on, so the gateway sends no request on it again:
+    every attempt of every request gets the 500, none a connection error."""
     config = gateway(
         tmp_path,
         checkpoints,
-        {"url": upstream.url, "model": "linear", "num_classes": K, "binary": True, "retries": 1},
+        {
+            "url": upstream.url,
+            "model": "linear",
+            "num_classes": K,
+            "binary": True,
+            "retries": 1,
+            "backoff_s": 0,  # the retry goes out before MLServer's reset can arrive
+        },
     )
     with ServerThread(create_app(config)) as url:
-        response = infer(url, torch.rand(2, *INPUT_SHAPE))
-        assert response.status_code == 502
-        assert response.json()["reason"] in ("upstream_error", "upstream_unreachable")
-        assert "after 2 attempts" in response.json()["error"]
+        for _ in range(5):
+            response = infer(url, torch.rand(2, *INPUT_SHAPE))
+            assert (response.status_code, response.json()["reason"]) == (502, "upstream_error")
+            assert "HTTP 500 (after 2 attempts)" in response.json()["error"]
         assert used(url) == 0
+    attempts = [r.getMessage() for r in caplog.records if "failed (attempt" in r.getMessage()]
+    assert len(attempts) == 10 and all("answered HTTP 500" in a for a in attempts), attempts
 
 
 @pytest.mark.slow
@@ -308,6 +321,67 @@ def test_upstream_killed_is_a_quick_502_charges_nothing_and_readiness_follows(
     finally:
         server.kill()
         upstream.kill()
+
+
+def run_the_gateway_example(*args: str) -> list[str]:
+    """examples/gateway_in_front_of_your_server.py as CI runs it; its printed lines, checked:
+    the defended answers differ from the upstream's within GRAD²'s L1 budget of 0.5 and keep
+    every top-1 label, bob's request past his quota is a 429, and the gateway is stopped."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "gateway_in_front_of_your_server.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MIRAGE_PROGRESS": "0"},
+        cwd=ROOT,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    summary = re.search(
+        r"^over 200 test images: the defended answer differs on (\d+) "
+        r"\(L1 mean ([\d.]+), max ([\d.]+)\); top-1 kept on 200/200;",
+        result.stdout,
+        re.MULTILINE,
+    )
+    assert summary is not None, lines
+    differ, mean, largest = int(summary[1]), float(summary[2]), float(summary[3])
+    assert differ > 0 and 0 < mean <= largest <= 0.5 + 1e-3, lines
+    assert any(
+        line.startswith(
+            "bob (quota 4 images): 2 requests of 2 answered, the next refused: HTTP 429"
+        )
+        for line in lines
+    ), lines
+    assert lines[-1].startswith("servers stopped; done in"), lines
+    (gateway_url,) = [
+        line.split()[2].rstrip(":") for line in lines if line.startswith("gateway at")
+    ]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(gateway_url + "/v2/health/live", timeout=2)
+    return lines
+
+
+@pytest.mark.slow
+def test_the_gateway_example_runs_as_ci_runs_it():
+    """The example starts MLServer itself (from the venv mlserver() finds) and stops it."""
+    mlserver()
+    lines = run_the_gateway_example()
+    (upstream_url,) = [
+        line.removeprefix("your server: MLServer at ").split(",")[0]
+        for line in lines
+        if line.startswith("your server: MLServer at ")
+    ]
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(upstream_url + "/v2/health/live", timeout=2)
+
+
+@pytest.mark.slow
+def test_the_gateway_example_in_front_of_a_server_already_running(upstream):
+    """--upstream: the example starts no server of its own and leaves the running one up."""
+    lines = run_the_gateway_example("--upstream", upstream.url, "--model", "linear")
+    assert lines[0] == f"your server: {upstream.url}, model 'linear'"
+    assert httpx.get(upstream.url + "/v2/health/live", timeout=2).status_code == 200
 
 
 # -- binary tensor data upstream -----------------------------------------------------------------
@@ -598,6 +672,10 @@ def test_retries_on_5xx_never_on_4xx(scripted, caplog):
     assert (
         response.status_code == 200 and fake.count() == 6 and used(url) == 2
     )  # one retry, charged once
+    assert infer(url, x).status_code == 200
+    failed, retried, next_one = (request["connection"] for request in fake.requests[-3:])
+    # a 5xx's connection is closed (an upstream may reset it: MLServer does); a 200's is kept
+    assert retried != failed and next_one == retried
 
 
 @pytest.mark.slow

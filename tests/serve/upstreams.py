@@ -127,8 +127,9 @@ class MLServerProcess:
 
 class FakeUpstream:
     """A scriptable OIP V2 endpoint on 127.0.0.1 in a daemon thread: ``answer(request)`` returns
-    ``(status, headers, body)`` for each inference request, whose method, path, headers and body
-    are kept in ``requests``; ``ready`` sets the answer to ``…/ready``. Stops with ``stop()``."""
+    ``(status, headers, body)`` for each inference request, whose path, headers, body and
+    connection (the client's address and port) are kept in ``requests``; ``ready`` sets the
+    answer to ``…/ready``. Stops with ``stop()``."""
 
     def __init__(self, answer: Callable[[dict], tuple[int, dict, bytes]]) -> None:
         self.answer = answer
@@ -161,7 +162,12 @@ class FakeUpstream:
 
             def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-                request = {"path": self.path, "headers": dict(self.headers), "body": body}
+                request = {
+                    "path": self.path,
+                    "headers": dict(self.headers),
+                    "body": body,
+                    "connection": self.client_address,
+                }
                 with upstream.lock:
                     upstream.requests.append(request)
                 status, headers, content = upstream.answer(request)

@@ -17,7 +17,8 @@ carries one attempt and the readiness probe, and reads an answer into :class:`An
   (the extension's ``Inference-Header-Content-Length``, FP32 little-endian, and
   ``binary_data_output``); answers are read either way, whatever was asked, streamed in and
   refused past the size their shape allows (an upstream cannot make the gateway buffer a huge
-  answer). A connection error, a timeout or a 5xx is retried; a 4xx never is. One synchronous
+  answer). A connection error, a timeout or a 5xx is retried; a 4xx never is. The connection a
+  5xx came on is closed, so its retry goes out on a fresh one. One synchronous
   ``httpx`` client with keep-alive connections serves the forward passes; the readiness probe
   has its own.
 - :class:`GrpcTransport` (``grpc://``) calls the protocol's ``inference.GRPCInferenceService``
@@ -434,6 +435,8 @@ class RestTransport:
                         f"the answer was still arriving after {self.config.timeout_s:g}s"
                     )
                 chunks.append(chunk)
+            if response.status_code >= 500:
+                _discard_connection(response)
             return response.status_code, response.headers, b"".join(chunks)
 
     def _outputs(self, headers: httpx.Headers, content: bytes) -> list[AnswerTensor]:
@@ -662,6 +665,16 @@ def _binary_size(tensor: dict[str, Any]) -> int | None:
         return None
     size = parameters["binary_data_size"]
     return size if isinstance(size, int) and not isinstance(size, bool) and size >= 0 else -1
+
+
+def _discard_connection(response: httpx.Response) -> None:
+    """Close the connection that carried ``response`` (httpx's ``network_stream`` extension), so
+    that the pool opens a fresh one for the next request instead of reusing it. After a 5xx an
+    upstream may close its side a moment later (MLServer 1.7.1 resets the connection its 500
+    went out on): a retry sent on it would fail as a connection error."""
+    stream = response.extensions.get("network_stream")
+    if stream is not None:
+        stream.close()
 
 
 def _excerpt(body: bytes) -> str:
