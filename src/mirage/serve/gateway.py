@@ -304,7 +304,8 @@ class UpstreamClient:
                 f"{sums[worst]:.6g}; values in [{low:.6g}, {high:.6g}]); if the upstream answers "
                 "logits, set model.upstream.output = 'logits'"
             )
-        return np.maximum(np.log(np.clip(values, 0, 1)), LOG_FLOOR).astype(np.float32)
+        with np.errstate(divide="ignore"):  # log 0 = -inf, floored to LOG_FLOOR
+            return np.maximum(np.log(np.clip(values, 0, 1)), LOG_FLOOR).astype(np.float32)
 
     def _invalid(self, what: str, detail: str = "") -> UpstreamInvalidAnswer:
         """The error for an answer the gateway cannot serve; ``detail`` (what the answer held) goes
