@@ -1,6 +1,7 @@
 """Faithful re-implementation of the original GRAD² code path (Mazeika et al., ICML 2022,
-github.com/mmazeika/model-stealing-defenses, ``method_gradient_redirection``), kept only as the
-speed comparison point for ``benchmarks/grad2_overhead.py``.
+github.com/mmazeika/model-stealing-defenses, ``method_gradient_redirection``). Used by
+``tests/defenses/test_grad2_original.py`` (equality with mirage's GRAD², all-ones target) and
+``benchmarks/grad2_overhead.py`` (speed).
 
 What it reproduces, per batch of 32 queries: a victim forward; the surrogate's flattened gradient
 G^T ỹ with ``create_graph=True``; the inner product with the target direction and a second backward
