@@ -1,9 +1,12 @@
-"""What the overhead benchmarks share: timers, the common command-line arguments, JSON output
-with provenance, and access to the test oracles (the slow originals in ``tests/oracles/``).
+"""What the performance benchmarks share: timers, the common command-line arguments, JSON output
+with provenance, loopback servers, and access to the test oracles (the slow originals in
+``tests/oracles/``).
 
-Scripts in this directory import it as ``_harness`` (Python puts a script's own directory first
-on ``sys.path``). Timing is in one process and one run, so every ratio compares contenders under
-the same machine load (docs/design.md §overhead).
+Every benchmark in this directory imports it as ``_harness`` (Python puts a script's own
+directory first on ``sys.path``); the scripts of ``experiments/`` import it for ``provenance``,
+``parser`` and ``write_json`` after putting this directory on ``sys.path``. Timing is in one
+process and one run, so every ratio compares contenders under the same machine load
+(docs/design.md §overhead).
 """
 
 from __future__ import annotations

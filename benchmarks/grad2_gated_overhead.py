@@ -2,7 +2,7 @@
 1, 32 and 256, measured round-robin in one process and one run (ratios only).
 
 The pinned ``mnist`` victim and its distilled surrogate (results/models/), the gate of
-``benchmarks/configs/grad2_gated.toml`` (negative energy, τ at 0.2 % benign false positives).
+``experiments/grad2_gated/config.toml`` (negative energy, τ at 0.2 % benign false positives).
 Batches: benign (MNIST test images, almost all below the gate's τ: top-1-keeping branch),
 attacker (the Fashion-MNIST Knockoff pool, ~86 % above it: label-changing branch) and plain GRAD²
 unlearn-top1 at ε = 1 for comparison::

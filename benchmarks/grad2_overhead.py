@@ -4,7 +4,7 @@ Times, in one run and one process (``--threads`` intra-op threads, best of ``--r
 - undefended: victim forward + softmax;
 - GRAD²: victim forward + ``create_defense("grad2", target="all-ones", surrogate=LeNet)`` —
   one forward-mode JVP through the full surrogate + the exact vectorised redirect;
-- the original method (``reference_grad2_original.py``): double backward per batch of 32 and a
+- the original method (``tests/oracles/grad2_original.py``): double backward per batch of 32 and a
   per-row Python greedy loop;
 - MAD, if registered, for side-by-side cost.
 at batch 1, 32, 256 for K = 10 (LeNet, 1×28×28) and K = 100 (LeNet, 3×32×32). Weights are random
@@ -25,8 +25,11 @@ import torch
 from mirage.defenses import DEFENSES, create_defense
 from mirage.models import create_model
 
+import _harness
 from _harness import best_of, parser, write_json
-from reference_grad2_original import original_grad2
+
+_harness.use_test_oracles()
+from oracles.grad2_original import original_grad2
 
 log = logging.getLogger("grad2_overhead")
 SETTINGS = {10: (1, 28, 28), 100: (3, 32, 32)}

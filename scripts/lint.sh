@@ -5,6 +5,6 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/bootstrap.sh"
 cd "$MIRAGE_ROOT"
-"$MIRAGE_VENV/bin/ruff" format --check src tests benchmarks examples
-"$MIRAGE_VENV/bin/ruff" check src tests benchmarks "$@"
+"$MIRAGE_VENV/bin/ruff" format --check src tests benchmarks experiments examples
+"$MIRAGE_VENV/bin/ruff" check src tests benchmarks experiments "$@"
 exec "$MIRAGE_VENV/bin/mypy"

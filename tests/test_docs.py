@@ -1,5 +1,6 @@
-"""The design document the code cites: every ``docs/design.md §<anchor>`` in src/, tests/ and
-benchmarks/ names an anchor that exists, and no module cites the old, unpublished SPEC."""
+"""The design document the code cites: every ``docs/design.md §<anchor>`` in src/, tests/,
+benchmarks/ and experiments/ names an anchor that exists, and no module cites the old, unpublished
+SPEC."""
 
 import re
 from pathlib import Path
@@ -11,7 +12,9 @@ CITATION = re.compile(r"docs/design\.md\s+§([A-Za-z0-9-]+)")
 
 def sources() -> list[Path]:
     return sorted(
-        p for folder in ("src", "tests", "benchmarks") for p in (ROOT / folder).rglob("*.py")
+        p
+        for folder in ("src", "tests", "benchmarks", "experiments")
+        for p in (ROOT / folder).rglob("*.py")
     )
 
 

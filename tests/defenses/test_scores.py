@@ -108,8 +108,9 @@ def test_direction_must_match_parameters():
 def test_max_norm_scores_of_a_bias_free_relu_net_are_its_centred_logits_times_depth(method):
     """A bias-free ReLU/max-pool network is positively homogeneous of degree L (its weight
     layers) in θ, so along v = θ: d/dt log softmax f((1+t)θ) = L·(z − Σ_j p_j z_j). This is why
-    max-norm — and the all-ones target, nearly (benchmarks/grad2_target_geometry.py) — only
-    sharpens the answers of such a network."""
+    max-norm — and the all-ones target, nearly
+    (experiments/grad2_sharpening/grad2_target_geometry.py) — only sharpens the answers of such a
+    network."""
     torch.manual_seed(0)
     model = create_model("lenet", (1, 8, 8), 10, (0.5,), (0.3,)).eval()
     x = torch.rand(6, 1, 8, 8)

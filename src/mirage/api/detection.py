@@ -41,7 +41,7 @@ from torch import Tensor
 
 class PradaConfig(BaseModel):
     """PRADA's knobs. ``delta``: the Shapiro–Wilk threshold δ (lower W = less normal); set it on
-    benign streams so that they never alarm (``benchmarks/prada_detection.py``)."""
+    benign streams so that they never alarm (``experiments/ood_gate/ood_gate_and_prada.py``)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

@@ -11,7 +11,8 @@ surrogate's ``named_parameters()``.
   own data — one fixed direction (coordinated, like all-ones) that lowers the likelihood of the
   true labels (untargeted, like min-ip). mirage's, not the paper's: on a LeNet the all-ones
   target is nearly the surrogate's confidence direction (its scores correlate 0.96 with the
-  logits, ``benchmarks/grad2_target_geometry.py``), so it only sharpens the answers.
+  logits, ``experiments/grad2_sharpening/grad2_target_geometry.py``), so it only sharpens the
+  answers.
 - ``max-norm``: v = θ; ``random``: seeded Gaussian; ``vector``: any user-supplied flat vector.
 """
 
