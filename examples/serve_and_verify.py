@@ -17,7 +17,7 @@ it changes many answers. Production settings and what they cost are in results/o
 What this does and does not show: this thief memorises its transfer set (150 epochs). A thief
 whose ordinary recipe (early stopping, augmentation) ignores a minority of odd labels, and who
 queries the victim's own data, is not named in distribution. See results/ownership/README.md,
-"A thief with its own recipe".
+section 3, "Thieves mirage did not write".
 """
 
 from __future__ import annotations
