@@ -80,3 +80,30 @@ def digits_lenet():
         return model, card
 
     return build
+
+
+@pytest.fixture
+def run_example():
+    """``run_example(name, *args, timeout=300)``: run ``examples/<name>`` as CI runs it (this
+    Python, the repository as working directory, no progress bars) and return its stdout after
+    checking it exited 0 (the failure shows its stderr's tail)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+
+    def run(name: str, *args: str, timeout: int = 300) -> str:
+        result = subprocess.run(
+            [sys.executable, str(root / "examples" / name), *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "MIRAGE_PROGRESS": "0"},
+            cwd=root,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    return run

@@ -4,9 +4,6 @@ the sweeps' verdict; and the example script CI runs."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -121,21 +118,12 @@ def test_a_collapsed_clone_is_flagged_never_counted_as_protection():
 
 
 @pytest.mark.slow
-def test_the_example_runs_as_ci_runs_it():
+def test_the_example_runs_as_ci_runs_it(run_example):
     """examples/evaluate_your_model.py --quick: a user's CNN on an image folder of Fashion-MNIST
     PNGs, GRAD² unlearn-top1 from the user's data, three attackers, the verdict printed."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "evaluate_your_model.py"), "--quick"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MIRAGE_PROGRESS": "0"},
-        cwd=ROOT,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "## Verdict" in result.stdout and "yours × knockoff" in result.stdout
-    assert np.isfinite(float(result.stdout.rsplit("done in ", 1)[1].split()[0]))
+    stdout = run_example("evaluate_your_model.py", "--quick")
+    assert "## Verdict" in stdout and "yours × knockoff" in stdout
+    assert np.isfinite(float(stdout.rsplit("done in ", 1)[1].split()[0]))
 
 
 @pytest.mark.slow

@@ -130,28 +130,7 @@ def test_a_sweep_serves_the_users_own_exported_model_unchanged(
 
 
 @pytest.mark.slow
-def test_the_sweep_example_runs_as_ci_runs_it(tmp_path, isolated_cache):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    env = {**os.environ, "MIRAGE_PROGRESS": "0"}
-    done = subprocess.run(
-        [
-            sys.executable,
-            str(root / "examples" / "sweep_your_data.py"),
-            "--out",
-            str(tmp_path),
-            "--quick",
-        ],
-        check=False,
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "36/36 runs" in done.stdout and "my-digits × knockoff:" in done.stdout
+def test_the_sweep_example_runs_as_ci_runs_it(tmp_path, isolated_cache, run_example):
+    stdout = run_example("sweep_your_data.py", "--out", str(tmp_path), "--quick", timeout=600)
+    assert "36/36 runs" in stdout and "my-digits × knockoff:" in stdout
     assert (tmp_path / "report.md").is_file() and list((tmp_path / "models" / "victims").iterdir())

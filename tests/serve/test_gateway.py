@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -323,25 +321,18 @@ def test_upstream_killed_is_a_quick_502_charges_nothing_and_readiness_follows(
         upstream.kill()
 
 
-def run_the_gateway_example(*args: str) -> list[str]:
+EXAMPLE = "gateway_in_front_of_your_server.py"
+
+
+def check_the_gateway_example(stdout: str) -> list[str]:
     """examples/gateway_in_front_of_your_server.py as CI runs it; its printed lines, checked:
     the defended answers differ from the upstream's within GRAD²'s L1 budget of 0.5 and keep
     every top-1 label, bob's request past his quota is a 429, and the gateway is stopped."""
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "examples" / "gateway_in_front_of_your_server.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MIRAGE_PROGRESS": "0"},
-        cwd=ROOT,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = stdout.splitlines()
     summary = re.search(
         r"^over 200 test images: the defended answer differs on (\d+) "
         r"\(L1 mean ([\d.]+), max ([\d.]+)\); top-1 kept on 200/200;",
-        result.stdout,
+        stdout,
         re.MULTILINE,
     )
     assert summary is not None, lines
@@ -363,10 +354,10 @@ def run_the_gateway_example(*args: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_the_gateway_example_runs_as_ci_runs_it():
+def test_the_gateway_example_runs_as_ci_runs_it(run_example):
     """The example starts MLServer itself (from the venv mlserver() finds) and stops it."""
     mlserver()
-    lines = run_the_gateway_example()
+    lines = check_the_gateway_example(run_example(EXAMPLE))
     (upstream_url,) = [
         line.removeprefix("your server: MLServer at ").split(",")[0]
         for line in lines
@@ -377,9 +368,10 @@ def test_the_gateway_example_runs_as_ci_runs_it():
 
 
 @pytest.mark.slow
-def test_the_gateway_example_in_front_of_a_server_already_running(upstream):
+def test_the_gateway_example_in_front_of_a_server_already_running(upstream, run_example):
     """--upstream: the example starts no server of its own and leaves the running one up."""
-    lines = run_the_gateway_example("--upstream", upstream.url, "--model", "linear")
+    stdout = run_example(EXAMPLE, "--upstream", upstream.url, "--model", "linear")
+    lines = check_the_gateway_example(stdout)
     assert lines[0] == f"your server: {upstream.url}, model 'linear'"
     assert httpx.get(upstream.url + "/v2/health/live", timeout=2).status_code == 200
 

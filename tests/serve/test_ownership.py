@@ -439,25 +439,9 @@ def test_layered_watermark_is_served_recorded_per_layer_and_verified(tmp_path, c
 
 
 @pytest.mark.slow
-def test_the_serve_and_verify_example_runs_as_ci_runs_it():
+def test_the_serve_and_verify_example_runs_as_ci_runs_it(run_example):
     """examples/serve_and_verify.py: your exported model served with [ownership], a thief's
     clone over HTTP named by mirage verify through its own key only, an innocent named by none."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    root = Path(__file__).resolve().parents[2]
-    result = subprocess.run(
-        [sys.executable, str(root / "examples" / "serve_and_verify.py")],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "MIRAGE_PROGRESS": "0"},
-        cwd=root,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    lines = result.stdout.splitlines()
+    lines = run_example("serve_and_verify.py").splitlines()
     assert any(line.startswith("alice's clone: named ['alice']") for line in lines), lines
     assert any(line.startswith("a model of the true labels: named nobody") for line in lines), lines
